@@ -1,0 +1,194 @@
+"""Block-by-block calibration: capture block inputs, collect per-Linear statistics, run blocks.
+
+Only one block's activations (the inputs of every calibration batch) and one block's
+statistics live beyond the model weights; blocks can stay on the CPU and visit the GPU one
+at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .saliency import LayerStats
+
+__all__ = ["capture_block_inputs", "collect_stats", "forward_block", "plan_groups", "to_device"]
+
+
+class _StopForward(Exception):
+    """Ends a forward pass once what we need has been recorded."""
+
+
+def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors inside nested tuples/lists/dicts; floating tensors also to ``dtype``."""
+    if isinstance(obj, Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block: records what the block would receive, passes x through."""
+
+    def __init__(self, index: int, last: int, store: dict) -> None:
+        super().__init__()
+        self.index, self.last, self.store = index, last, store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.store["hidden"] = hidden_states
+        self.store.setdefault("kwargs", []).append(kwargs)
+        if args:
+            raise TypeError("decoder blocks called with extra positional args are not supported")
+        if self.index == self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: Iterable[Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[list[Tensor], list[list[dict]]]:
+    """Run the model up to its blocks for every batch of token ids.
+
+    Returns ``(inputs, kwargs)``: ``inputs[b]`` is the hidden state entering block 0 for batch b
+    (on ``device`` in ``dtype``), ``kwargs[b][i]`` what block i receives besides it (masks,
+    position embeddings: they differ per block in models with sliding-window layers).
+    Blocks are replaced by recorders, so only embeddings and position code run.
+    """
+    originals = list(blocks)
+    store: dict = {}
+    last = len(originals) - 1
+    for i in range(len(originals)):
+        blocks[i] = _Recorder(i, last, store)
+    inputs, kwargs = [], []
+    model_device = next(model.parameters()).device
+    try:
+        model.to(device)
+        for ids in batches:
+            store.clear()
+            with contextlib.suppress(_StopForward):
+                model(input_ids=ids.to(device), use_cache=False)
+            inputs.append(store["hidden"].to(dtype))
+            kwargs.append([to_device(kw, device, dtype) for kw in store["kwargs"]])
+    finally:
+        model.to(model_device)
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return inputs, kwargs
+
+
+@torch.no_grad()
+def plan_groups(
+    block: nn.Module, targets: dict[str, nn.Module], x: Tensor, kwargs: dict
+) -> list[list[str]]:
+    """Target names grouped for true-sequential quantization, in execution order.
+
+    Consecutive Linears that read the same input tensor (q/k/v, gate/up) form one group.
+    """
+    order: list[tuple[str, int]] = []
+    alive: list[Tensor] = []  # keep inputs alive so their id() stays unique during the pass
+
+    def hook(name):
+        def record(_module, args):
+            alive.append(args[0])
+            order.append((name, id(args[0])))
+
+        return record
+
+    local = {m: n for n, m in targets.items()}
+    handles = [m.register_forward_pre_hook(hook(local[m])) for m in targets.values()]
+    try:
+        block(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen, last_input = set(), None
+    for name, key in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and key == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = key
+    missing = [n for n in targets if n not in seen]
+    if missing:
+        groups.append(missing)  # never called on calibration data; quantize them last
+    return groups
+
+
+@torch.no_grad()
+def collect_stats(
+    block: nn.Module,
+    targets: dict[str, nn.Module],
+    inputs: list[Tensor],
+    kwargs: list[dict],
+    with_hessian: bool,
+    stop_after: str | None = None,
+) -> dict[str, LayerStats]:
+    """Statistics of the inputs of ``targets`` over all calibration batches.
+
+    Linears fed the same tensor share one LayerStats (q/k/v: one Hessian, not three). With
+    ``stop_after`` the block's forward ends right after that Linear has run.
+    """
+    stats: dict[str, LayerStats] = {}
+    shared: dict[int, LayerStats] = {}
+    alive: list[Tensor] = []
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            if name not in stats:
+                owner = shared.get(id(x))
+                if owner is None:
+                    owner = LayerStats.empty(x.shape[-1], with_hessian, device=x.device)
+                    owner.add(x)
+                    shared[id(x)] = owner
+                    alive.append(x)
+                stats[name] = owner
+            elif shared.get(id(x)) is not stats[name]:
+                stats[name].add(x)
+                shared[id(x)] = stats[name]
+                alive.append(x)
+            if name == stop_after:
+                raise _StopForward
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    try:
+        for x, kw in zip(inputs, kwargs, strict=True):
+            shared.clear()
+            alive.clear()
+            with contextlib.suppress(_StopForward):
+                block(x, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, inputs: list[Tensor], kwargs: list[dict]) -> list[Tensor]:
+    """Outputs of ``block`` for every batch (they become the next block's inputs)."""
+    outputs = []
+    for x, kw in zip(inputs, kwargs, strict=True):
+        out = block(x, **kw)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs

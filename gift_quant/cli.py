@@ -1,0 +1,194 @@
+"""Command line: ``python -m gift_quant {quantize,eval,...}``. The only module that prints.
+
+With ``--json`` every command prints its result as one JSON object on the last stdout line;
+progress bars and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("gift_quant")
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", help="model directory, .gguf file or hub id (default: embedded SmolLM2)"
+    )
+    p.add_argument("--recipe", help="recipe YAML (recipes/*.yaml); default: the built-in defaults")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value, e.g. --set quant.bits=3 (repeatable)",
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gift_quant",
+        description="Quantization recovery: GPTQ/RTN + FP16 salient columns, GIFT-SW, export.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate, pick salient columns, quantize, export")
+    _recipe_args(q)
+    q.add_argument("--out", required=True, help="export directory to create (must not exist)")
+    _common(q)
+
+    e = sub.add_parser("eval", help="perplexity of an export directory or an FP model")
+    e.add_argument("dir", nargs="?", help="export directory written by quantize/recover")
+    e.add_argument("--model", help="evaluate an unquantized model instead (dir, .gguf or hub id)")
+    e.add_argument(
+        "--text", action="append", default=[], help="text source(s); default wiki-heldout"
+    )
+    e.add_argument("--seq-len", type=int, help="window length (default from the recipe: 512)")
+    e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens per text")
+    e.add_argument("--batch-size", type=int, help="windows per forward pass")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    _common(e)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _load_recipe(args):
+    from .recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.insert(0, f"model.name_or_path={json.dumps(args.model)}")
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_quantize(args) -> dict:
+    from .evaluate import bits_report
+    from .export import save_quantized
+    from .modeling import load_model
+    from .quantize import quantize_model
+
+    recipe = _load_recipe(args)
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(
+            f"{out} already exists; choose a new --out directory or remove it first"
+        )
+    t0 = time.perf_counter()
+    model, tok = load_model(recipe.model)
+    log.info(
+        "loaded %s in %.1fs",
+        recipe.model.name_or_path or "SmolLM2-135M-Instruct (embedded)",
+        time.perf_counter() - t0,
+    )
+    report = quantize_model(model, tok, recipe, progress=not args.quiet)
+    result = {
+        "command": "quantize",
+        "out": str(out),
+        "model": recipe.model.name_or_path or "embedded:SmolLM2-135M-Instruct",
+        **{k: v for k, v in report.to_dict().items() if k != "layers"},
+        **bits_report(model),
+    }
+    save_quantized(
+        model,
+        out,
+        tokenizer=tok,
+        recipe=recipe,
+        report={**result, "layers": report.to_dict()["layers"]},
+        checkpoint_format=recipe.export.checkpoint_format,
+    )
+    result["seconds_wall"] = time.perf_counter() - t0
+    return result
+
+
+def cmd_eval(args) -> dict:
+    import torch
+
+    from .data import eval_windows, load_documents, tokenize_documents
+    from .evaluate import perplexity
+    from .load import load_quantized
+    from .modeling import load_model, resolve_device
+    from .recipe import EvalConfig, ModelConfig, load_recipe
+
+    if bool(args.dir) == bool(args.model):
+        raise ValueError("give an export directory or --model, not both and not neither")
+    defaults = EvalConfig()
+    recipe_eval = defaults
+    device = resolve_device(args.device)
+    if args.dir:
+        from transformers import AutoTokenizer
+
+        model = load_quantized(args.dir, device=device)
+        tok = AutoTokenizer.from_pretrained(args.dir)
+        recipe_file = Path(args.dir) / "recipe.yaml"
+        if recipe_file.is_file():
+            recipe_eval = load_recipe(recipe_file).eval
+        name = args.dir
+    else:
+        model, tok = load_model(ModelConfig(name_or_path=args.model))
+        name = args.model
+    texts = args.text or list(recipe_eval.text)
+    seq_len = args.seq_len or recipe_eval.seq_len
+    max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
+    dtype = getattr(torch, args.dtype or recipe_eval.dtype)
+    results = []
+    for text in texts:
+        windows = eval_windows(tokenize_documents(tok, load_documents(text)), seq_len, max_tokens)
+        r = perplexity(
+            model,
+            windows,
+            batch_size=args.batch_size or recipe_eval.batch_size,
+            device=device,
+            dtype=dtype,
+            progress=not args.quiet,
+            desc=f"ppl {text}",
+        )
+        log.info(
+            "%s on %s: perplexity %.3f over %d tokens", name, text, r["perplexity"], r["tokens"]
+        )
+        results.append({"text": text, **r})
+    out = {"command": "eval", "model": name, "seq_len": seq_len, "results": results}
+    if len(results) == 1:
+        out.update({k: results[0][k] for k in ("perplexity", "tokens")})
+    return out
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            if not isinstance(value, list | dict):
+                print(f"{key}: {value}")
+    return 0

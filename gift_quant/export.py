@@ -1,0 +1,252 @@
+"""Write mixed-precision checkpoints: GPTQ tensors + FP16 salient columns, atomically.
+
+Layout of an export directory (format ``gift_quant.mixed``, version 1):
+
+    config.json               model config + quantization_config (quant_method "gift_quant")
+    quantize_config.json      the GPTQ block for GPTQ readers (bits, group_size, sym, format)
+    model.safetensors         GPTQ v1/v2 tensors of every quantized Linear (qweight, qzeros,
+                              scales, g_idx, bias) and every other tensor in the model dtype;
+                              large models: model-0000i-of-0000n.safetensors + index json
+    salient.safetensors       <module>.salient_idx int32 [k] (sorted) and
+                              <module>.salient_weight fp16 [out, k]; kept apart from the GPTQ
+                              file so stock GPTQ loaders cannot silently drop them
+    tokenizer files, recipe.yaml, report.json
+
+Zero-points: ``checkpoint_format "gptq"`` (v1) stores z - 1, the universally read convention;
+it is written for symmetric grids, where z = 2**(bits-1) and nothing can overflow.
+Asymmetric grids are written as ``"gptq_v2"`` (z as is) because a true zero-point of 0 would
+wrap around in v1. ``export.checkpoint_format`` can force either; forcing v1 on a layer with a
+zero-point of 0 is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .modules import MixedLinear
+from .quant.packing import pack_cols, unpack_cols
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SALIENT_FILE",
+    "atomic_directory",
+    "gptq_block",
+    "save_quantized",
+    "zeros_to_file",
+]
+
+FORMAT = "gift_quant.mixed"
+FORMAT_VERSION = 1
+QUANT_METHOD = "gift_quant"
+SALIENT_FILE = "salient.safetensors"
+MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GPTQ_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class atomic_directory:
+    """Context manager: write into a hidden sibling, rename onto ``target`` only on success.
+
+    ``target`` must not exist (nothing is ever overwritten); on any error the partial sibling
+    is removed and ``target`` is untouched.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        if self.target.exists():
+            raise FileExistsError(
+                f"{self.target} already exists; choose a new --out directory or remove it first"
+            )
+        if not self.target.parent.is_dir():
+            raise FileNotFoundError(f"parent directory {self.target.parent} does not exist")
+        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                os.rename(self.tmp, self.target)  # atomic on one filesystem
+            except OSError:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def resolve_checkpoint_format(requested: str, layers: dict[str, MixedLinear]) -> str:
+    if requested != "auto":
+        return requested
+    return "gptq" if all(layer.sym for layer in layers.values()) else "gptq_v2"
+
+
+def zeros_to_file(
+    qzeros: torch.Tensor, bits: int, checkpoint_format: str, name: str = ""
+) -> torch.Tensor:
+    """True zero-points (packed) -> the file convention (v1 stores z - 1)."""
+    if checkpoint_format == "gptq_v2":
+        return qzeros
+    z = unpack_cols(qzeros, bits)
+    if bool((z == 0).any()):
+        raise ValueError(
+            f"{name}: a zero-point of 0 cannot be stored in GPTQ v1 (it wraps to 2**bits); "
+            f"use export.checkpoint_format=gptq_v2 (or auto)"
+        )
+    return pack_cols(z - 1, bits)
+
+
+def zeros_from_file(qzeros: torch.Tensor, bits: int, checkpoint_format: str) -> torch.Tensor:
+    """The file convention -> true zero-points (packed). v1 readers add 1 (mod 2**bits)."""
+    if checkpoint_format == "gptq_v2":
+        return qzeros
+    return pack_cols((unpack_cols(qzeros, bits) + 1) & ((1 << bits) - 1), bits)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, MixedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MixedLinear)}
+
+
+def gptq_block(layers: dict[str, MixedLinear], checkpoint_format: str) -> dict:
+    """The portable GPTQ config block (DEPENDENCIES-AND-FORMAT.md §6.6)."""
+    first = next(iter(layers.values()))
+    desc_act = any(_desc_act(layer) for layer in layers.values())
+    return {
+        "quant_method": "gptq",
+        "bits": first.bits,
+        "group_size": first.group_size,
+        "desc_act": desc_act,
+        "sym": first.sym,
+        "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,
+        "pack_dtype": "int32",
+        "lm_head": False,
+        "meta": {"quantizer": [f"gift_quant:{__version__}"]},
+    }
+
+
+def _desc_act(layer: MixedLinear) -> bool:
+    g = layer.in_features if layer.group_size == -1 else layer.group_size
+    trivial = torch.arange(layer.in_features, dtype=torch.int32) // g
+    return not torch.equal(layer.g_idx.cpu(), trivial)
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    recipe=None,
+    report: dict | None = None,
+    checkpoint_format: str = "auto",
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Export a model whose target Linears are MixedLinear (see module docstring)."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized (MixedLinear) layers to export")
+    fmt = resolve_checkpoint_format(checkpoint_format, layers)
+    main: dict[str, torch.Tensor] = {}
+    salient: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for field in GPTQ_FIELDS:
+            t = getattr(layer, field)
+            if field == "qzeros":
+                t = zeros_to_file(t, layer.bits, fmt, name)
+            main[f"{name}.{field}"] = t
+        if layer.bias is not None:
+            main[f"{name}.bias"] = layer.bias
+        salient[f"{name}.salient_idx"] = layer.salient_idx
+        salient[f"{name}.salient_weight"] = layer.salient_weight
+    skip = {id(t) for layer in layers.values() for t in layer.buffers()}
+    seen_storage: dict[int, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in skip:
+            continue
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr in seen_storage:  # tied weights (lm_head = embed_tokens): stored once
+            continue
+        seen_storage[ptr] = key
+        main[key] = t
+    main = {k: v.detach().cpu().contiguous() for k, v in main.items()}
+    salient = {k: v.detach().cpu().contiguous() for k, v in salient.items()}
+
+    qcfg = {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checkpoint_format": fmt,
+        "pack_dtype": "int32",
+        "salient_file": SALIENT_FILE,
+        "gift_quant_version": __version__,
+        "modules": {
+            name: {
+                "bits": layer.bits,
+                "group_size": layer.group_size,
+                "sym": layer.sym,
+                "num_salient": layer.num_salient,
+                "in_features": layer.in_features,
+                "out_features": layer.out_features,
+                "bias": layer.bias is not None,
+            }
+            for name, layer in layers.items()
+        },
+    }
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    with atomic_directory(out_dir) as tmp:
+        _save_sharded(main, tmp, header, max_shard_bytes)
+        save_file(salient, tmp / SALIENT_FILE, metadata=header)
+        config = model.config.to_dict()
+        config["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        gptq = gptq_block(layers, fmt)
+        gptq["meta"]["salient_file"] = SALIENT_FILE
+        (tmp / "quantize_config.json").write_text(json.dumps(gptq, indent=2) + "\n")
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _save_sharded(
+    tensors: dict[str, torch.Tensor], out: Path, header: dict, max_bytes: int
+) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / MODEL_FILE, metadata=header)
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata=header)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,41 @@
+"""The torch reference of the mixed-precision matmul: the spec, the CPU path, the test oracle.
+
+    y = x @ dequant(W_q)^T + x[..., S] @ W_S^T (+ bias)
+
+``dequant`` reads the GPTQ tensors as stored (§6): codes unpacked from ``qweight``
+[K*b/32, N], true zero-points unpacked from ``qzeros`` [G, N*b/32], fp16 ``scales`` [G, N],
+``g_idx`` [K]. Salient columns hold zero-point codes, so they dequantize to exactly 0 and the
+FP16 columns ``salient_weight`` [N, k] at ``salient_idx`` [k] add their own product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..quant.packing import unpack_cols, unpack_rows
+
+__all__ = ["dequantize_weight", "dequant_matmul"]
+
+
+def dequantize_weight(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
+) -> Tensor:
+    """W^T as [K, N] in ``dtype`` (salient columns are 0)."""
+    codes = unpack_rows(qweight, bits)  # [K, N]
+    zeros = unpack_cols(qzeros, bits)  # [G, N]
+    g = g_idx.long()
+    return (codes - zeros[g]).to(dtype) * scales[g].to(dtype)
+
+
+def dequant_matmul(x: Tensor, layer) -> Tensor:
+    """Reference forward of a mixed layer (any object with the GPTQ + salient tensors)."""
+    wt = dequantize_weight(
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype
+    )
+    y = x @ wt
+    if layer.salient_idx.numel():
+        y = y + x[..., layer.salient_idx] @ layer.salient_weight.to(x.dtype).t()
+    if layer.bias is not None:
+        y = y + layer.bias.to(x.dtype)
+    return y

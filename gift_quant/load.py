@@ -1,0 +1,283 @@
+"""Read mixed-precision exports (and plain GPTQ checkpoints) back into MixedLinear models.
+
+Everything is validated from the files' headers before the model is built: a missing or
+truncated file, a missing salient tensor, a wrong shape or dtype, an unknown format version --
+each is a :class:`CheckpointError` naming the file and the tensor. Only JSON and safetensors
+are read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from .export import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MODEL_FILE,
+    QUANT_METHOD,
+    zeros_from_file,
+)
+from .kernels import Backend
+from .modeling import cast_params, set_module
+from .modules import MixedLinear
+
+__all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_quantized"]
+
+_DTYPE_NAMES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "I32": torch.int32,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or inconsistent; the message names it."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint directory holds, read from its JSON files and safetensors headers."""
+
+    path: Path
+    config: dict
+    kind: str  # "gift_quant" or "gptq" (a plain GPTQ checkpoint: no salient columns)
+    checkpoint_format: str  # "gptq" (v1, zeros stored minus 1) or "gptq_v2"
+    modules: dict[str, dict]  # name -> bits, group_size, sym, num_salient, in/out_features, bias
+    tensors: dict[str, tuple[str, list[int], str]] = field(
+        default_factory=dict
+    )  # name -> file, shape, dtype
+    salient_file: str | None = None
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({f for f, _, _ in self.tensors.values()})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _headers(path: Path) -> dict[str, tuple[list[int], str]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {
+                k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()
+            }
+    except Exception as exc:  # safetensors raises its own error type for bad headers
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file, truncated or corrupt ({exc})"
+        ) from exc
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Validate a checkpoint directory from its metadata alone and describe it."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory; give an export directory")
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{root}: no config.json; this is not a model directory (empty or partial?)"
+        )
+    config = _read_json(cfg_path)
+    qcfg = config.get("quantization_config")
+    if not isinstance(qcfg, dict):
+        raise CheckpointError(
+            f"{cfg_path}: no quantization_config; this is not a quantized checkpoint "
+            f"(evaluate it with --model instead)"
+        )
+    method = qcfg.get("quant_method")
+    if method == QUANT_METHOD:
+        if qcfg.get("format") != FORMAT:
+            raise CheckpointError(f"{cfg_path}: format {qcfg.get('format')!r} is not {FORMAT!r}")
+        version = qcfg.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise CheckpointError(f"{cfg_path}: invalid format_version {version!r}")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{cfg_path}: format_version {version} is newer than this gift_quant reads "
+                f"({FORMAT_VERSION}); upgrade gift_quant"
+            )
+        modules = qcfg.get("modules")
+        if not isinstance(modules, dict) or not modules:
+            raise CheckpointError(f"{cfg_path}: quantization_config has no modules")
+    elif method == "gptq":
+        modules = {}
+    else:
+        raise CheckpointError(
+            f"{cfg_path}: unsupported quant_method {method!r} (gift_quant or gptq)"
+        )
+    fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+    if method == "gptq" and fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{cfg_path}: GPTQ format {fmt!r} is not supported (gptq, gptq_v2)")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{cfg_path}: checkpoint_format {fmt!r} is not gptq or gptq_v2")
+
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [MODEL_FILE]
+    tensors = {}
+    for name in files:
+        for key, (shape, dtype) in _headers(root / name).items():
+            tensors[key] = (name, shape, dtype)
+    info = CheckpointInfo(root, config, method, fmt, modules, tensors)
+
+    if method == "gptq":  # plain GPTQ: every module with a qweight, one global grid
+        bits, group = int(qcfg["bits"]), int(qcfg.get("group_size", -1))
+        for key, (_, shape, _) in tensors.items():
+            if key.endswith(".qweight"):
+                mod = key[: -len(".qweight")]
+                modules[mod] = {
+                    "bits": bits,
+                    "group_size": group,
+                    "sym": bool(qcfg.get("sym", True)),
+                    "num_salient": 0,
+                    "in_features": shape[0] * 32 // bits,
+                    "out_features": shape[1],
+                    "bias": f"{mod}.bias" in tensors,
+                }
+    else:
+        info.salient_file = qcfg.get("salient_file", "salient.safetensors")
+        salient_path = root / info.salient_file
+        if not salient_path.is_file():
+            raise CheckpointError(
+                f"{salient_path} is missing: it holds the FP16 salient columns, without which "
+                f"the model is incomplete; re-export the checkpoint"
+            )
+        for key, (shape, dtype) in _headers(salient_path).items():
+            tensors[key] = (info.salient_file, shape, dtype)
+    for name, spec in modules.items():
+        _check_module(info, name, spec)
+    return info
+
+
+def _check_module(info: CheckpointInfo, name: str, spec: dict) -> None:
+    bits, group, K, N, k = (
+        spec["bits"],
+        spec["group_size"],
+        spec["in_features"],
+        spec["out_features"],
+        spec["num_salient"],
+    )
+    G = 1 if group == -1 else K // group
+    expected = {
+        "qweight": ([K * bits // 32, N], "I32"),
+        "qzeros": ([G, N * bits // 32], "I32"),
+        "scales": ([G, N], "F16"),
+        "g_idx": ([K], "I32"),
+    }
+    if info.kind == QUANT_METHOD:
+        expected["salient_idx"] = ([k], "I32")
+        expected["salient_weight"] = ([N, k], "F16")
+    if spec.get("bias"):
+        expected["bias"] = ([N], None)
+    for field_name, (shape, dtype) in expected.items():
+        key = f"{name}.{field_name}"
+        if key not in info.tensors:
+            where = info.salient_file if field_name.startswith("salient") else ", ".join(info.files)
+            raise CheckpointError(f"{info.path / where}: tensor {key!r} is missing")
+        file, got_shape, got_dtype = info.tensors[key]
+        if got_shape != shape or (dtype is not None and got_dtype != dtype):
+            raise CheckpointError(
+                f"{info.path / file}: tensor {key!r} is {got_dtype}{got_shape}, "
+                f"expected {dtype or 'float'}{shape}"
+            )
+
+
+def load_quantized(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    backend: Backend | str = Backend.AUTO,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Build the model of an export directory with MixedLinear layers (eval mode).
+
+    ``dtype`` is the dtype of the unquantized tensors (default: as stored); scales and salient
+    columns stay fp16, codes stay int32.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    info = inspect_checkpoint(path)
+    root = info.path
+    cfg_dict = dict(info.config)
+    qcfg = cfg_dict.pop("quantization_config")
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError(f"{root / 'config.json'}: no model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    stored = _stored_dtype(info)
+    with no_init_weights():  # parameters are allocated but not initialised: all get assigned
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=stored, trust_remote_code=trust_remote_code
+        )
+    for name, spec in info.modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(
+                f"{root}: module {name!r} does not exist in {model_type}"
+            ) from exc
+        layer = MixedLinear(
+            spec["in_features"],
+            spec["out_features"],
+            bits=spec["bits"],
+            group_size=spec["group_size"],
+            num_salient=spec["num_salient"],
+            bias=spec["bias"],
+            sym=spec["sym"],
+            dtype=stored,
+            device="meta",
+            backend=backend,
+        )
+        set_module(model, name, layer)
+
+    state = {}
+    for file in info.files:
+        state.update(load_file(root / file))
+    if info.salient_file:
+        state.update(load_file(root / info.salient_file))
+    for name, spec in info.modules.items():
+        key = f"{name}.qzeros"
+        state[key] = zeros_from_file(state[key], spec["bits"], info.checkpoint_format)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{root}: tensors not in the model: {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{root}: tensors missing from the checkpoint: {missing[:5]}")
+    model.config.quantization_config = qcfg
+    cast_params(model, dtype or stored)
+    return model.to(device).eval()
+
+
+def _stored_dtype(info: CheckpointInfo) -> torch.dtype:
+    """dtype of the unquantized floating tensors (the model dtype at export)."""
+    for key, (_, _, dtype) in info.tensors.items():
+        if dtype in ("F16", "BF16", "F32") and not key.endswith((".scales", ".salient_weight")):
+            return _DTYPE_NAMES[dtype]
+    return torch.float16

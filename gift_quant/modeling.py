@@ -1,0 +1,174 @@
+"""Loading Hugging Face causal LMs and finding their decoder blocks and target Linears.
+
+Architecture knowledge is structural: the decoder blocks are the largest ``nn.ModuleList`` of
+same-type modules that hold Linears; the targets are the Linears inside them that match the
+recipe's include/exclude regexes. No per-family files.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modules import MixedLinear
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "cast_params",
+    "decoder_blocks",
+    "find_targets",
+    "load_gguf",
+    "load_model",
+    "resolve_device",
+    "set_module",
+]
+
+LINEARS = (nn.Linear, MixedLinear)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device={spec!r} but no CUDA device is visible; use cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype; "auto" = bfloat16 (fast on CPUs with AMX/AVX512-BF16 and on GPUs)."""
+    if name == "auto":
+        return torch.bfloat16
+    return DTYPES[name]
+
+
+def load_gguf(directory: Path | str, filename: str, dtype: torch.dtype = torch.float32):
+    """A plain (dequantized) transformers model and tokenizer from a GGUF file.
+
+    transformers dequantizes GGUF tensors but leaves a ``gguf`` quantizer flag that blocks
+    ``save_pretrained`` and dtype casts; rebuild a plain model from the config and copy the
+    weights in (bit-identical logits).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=filename, dtype=torch.float32
+    )
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    return model.to(dtype).eval(), tok
+
+
+def load_model(cfg, dtype: torch.dtype | None = None):
+    """Load the model and tokenizer named by a ``ModelConfig``.
+
+    ``name_or_path`` is "" (embedded default), a directory, a ``.gguf`` file, or a hub id.
+    Returns ``(model, tokenizer)`` on the CPU in eval mode, in ``dtype`` (default: cfg.dtype).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import assets
+
+    dtype = dtype or DTYPES[cfg.dtype]
+    name = cfg.name_or_path
+    if not name:
+        path = assets.default_model_dir()
+        name = str(path)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or cfg.gguf_file:
+        gguf = path if path.suffix == ".gguf" else path / cfg.gguf_file
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist")
+        return load_gguf(gguf.parent, gguf.name, dtype=dtype)
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r}: no config.json there; give a Hugging Face model directory, "
+            f"a .gguf file, a hub id, or nothing for the embedded default"
+        )
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as exc:
+        if looks_local:
+            raise
+        raise OSError(
+            f"could not load {name!r} from the hub (offline, or not a causal LM); "
+            f"download it first or give a local directory"
+        ) from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's decoder blocks: ``(qualified name, ModuleList)``.
+
+    The ModuleList with the most parameters and buffers among those whose children all share
+    one type and contain at least one ``nn.Linear`` (or an already quantized MixedLinear).
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, LINEARS) for m in module[0].modules()):
+            continue
+        size = sum(t.numel() for t in [*module.parameters(), *module.buffers()])
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__}: found no ModuleList of decoder blocks holding Linears"
+        )
+    return best[1], best[2]
+
+
+def find_targets(
+    block: nn.Module, prefix: str, include: tuple[str, ...], exclude: tuple[str, ...]
+) -> dict[str, nn.Linear]:
+    """Linears inside ``block`` whose full name (``prefix.sub.name``) matches ``include`` and
+    not ``exclude`` (``re.search``), in module order."""
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    targets = {}
+    for sub, module in block.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        full = f"{prefix}.{sub}"
+        if any(p.search(full) for p in inc) and not any(p.search(full) for p in exc):
+            targets[full] = module
+    return targets
+
+
+def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters (and MixedLinear biases) to ``dtype`` in place.
+
+    Unlike ``model.to(dtype)`` this leaves buffers alone: rotary ``inv_freq`` stays float32 as
+    ``from_pretrained(dtype=...)`` leaves it, and MixedLinear keeps its stored format.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for m in model.modules():
+        if isinstance(m, MixedLinear) and m.bias is not None:
+            m.bias = m.bias.to(dtype)
+    return model
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,219 @@
+"""The quantize stage: calibrate block by block, rank salient columns, quantize, swap modules.
+
+``quantize_model`` replaces every target Linear by a :class:`~gift_quant.modules.MixedLinear`
+(GPTQ tensors + FP16 salient columns). The inputs of block i are the outputs of the already
+quantized blocks before it (GPTQ's sequential scheme); with ``calib.true_sequential`` the same
+holds inside a block, group by group (q/k/v, then o, then gate/up, then down).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import capture_block_inputs, collect_stats, forward_block, plan_groups
+from .data import calibration_windows, load_documents, tokenize_documents
+from .modeling import (
+    cast_params,
+    decoder_blocks,
+    find_targets,
+    resolve_device,
+    resolve_dtype,
+    set_module,
+)
+from .modules import MixedLinear
+from .quant import QUANTIZERS, check_shape
+from .quant.grid import Grid
+from .saliency import LayerStats, column_scores, salient_budget, select_salient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayerReport", "QuantizeReport", "quantize_linear", "quantize_model"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    num_salient: int
+    storage_bits: int
+    gptq_loss: float  # GPTQ's proxy loss (0 for RTN)
+    rel_error: float | None  # ||X(W - W_q)^T||^2 / ||X W^T||^2 from the Hessian (None without one)
+    seconds: float
+
+
+@dataclass
+class QuantizeReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    calib_tokens: int = 0
+    seconds_calibration: float = 0.0
+    seconds_total: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average stored bits per weight of the target Linears (scales, zeros, salient incl.)."""
+        weights = sum(r.in_features * r.out_features for r in self.layers)
+        return sum(r.storage_bits for r in self.layers) / max(weights, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "bits_per_weight": self.bits_per_weight,
+            "num_layers": len(self.layers),
+            "num_salient_total": sum(r.num_salient for r in self.layers),
+            "calib_tokens": self.calib_tokens,
+            "seconds_calibration": self.seconds_calibration,
+            "seconds_total": self.seconds_total,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+@torch.no_grad()
+def quantize_linear(
+    name: str, linear: nn.Linear, stats: LayerStats | None, recipe, device: torch.device
+) -> tuple[MixedLinear, LayerReport]:
+    """Quantize one Linear (weights read in their storage dtype) into a MixedLinear on the CPU."""
+    t0 = time.perf_counter()
+    W = linear.weight.detach().to(device)
+    N, K = W.shape
+    q = recipe.quant
+    k = salient_budget(name, K, N, recipe.saliency, q)
+    if k:
+        if stats is None:
+            raise ValueError(f"{name}: ranking salient columns needs calibration statistics")
+        scores = column_scores(W, stats, recipe.saliency.norms, Grid.from_config(q), q.group_size)
+        salient = select_salient(scores, k)
+    else:
+        salient = torch.zeros(0, dtype=torch.int64, device=device)
+    hessian = stats.hessian if stats is not None else None
+    qw = QUANTIZERS.get(q.method)(W, hessian, salient, q)
+    rel_error = None
+    if hessian is not None:
+        D = W.float() - qw.dequantize()
+        Wf = W.float()
+        rel_error = float((D @ hessian * D).sum() / (Wf @ hessian * Wf).sum().clamp(min=1e-30))
+    bias = linear.bias.detach().cpu() if linear.bias is not None else None
+    qw_cpu = dataclasses.replace(
+        qw, **{k: v.cpu() for k, v in vars(qw).items() if torch.is_tensor(v)}
+    )
+    layer = MixedLinear.from_quantized(qw_cpu, bias, dtype=linear.weight.dtype)
+    report = LayerReport(
+        name=name,
+        in_features=K,
+        out_features=N,
+        num_salient=k,
+        storage_bits=layer.storage_bits(),
+        gptq_loss=qw.loss,
+        rel_error=rel_error,
+        seconds=time.perf_counter() - t0,
+    )
+    return layer, report
+
+
+def _dense(layer: MixedLinear, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """A plain Linear computing what ``layer`` computes (up to summation order); calibration
+    passes use it to avoid unpacking the codes on every call."""
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    dense.weight.data = layer.dequantize(torch.float32).to(device=device, dtype=dtype)
+    if layer.bias is not None:
+        dense.bias.data = layer.bias.to(device=device, dtype=dtype)
+    return dense
+
+
+def _validate(model: nn.Module, recipe) -> tuple[str, nn.ModuleList, list[dict[str, nn.Linear]]]:
+    """Find every target and check shapes and budgets before any heavy work starts."""
+    blocks_name, blocks = decoder_blocks(model)
+    per_block = []
+    for i, block in enumerate(blocks):
+        targets = find_targets(
+            block, f"{blocks_name}.{i}", recipe.model.include, recipe.model.exclude
+        )
+        for name, linear in targets.items():
+            N, K = linear.weight.shape
+            check_shape(K, N, recipe.quant.group_size, name)
+            salient_budget(name, K, N, recipe.saliency, recipe.quant)
+        per_block.append(targets)
+    if not any(per_block):
+        raise ValueError(
+            f"no target Linears matched model.include={list(recipe.model.include)} "
+            f"model.exclude={list(recipe.model.exclude)} inside {blocks_name}"
+        )
+    return blocks_name, blocks, per_block
+
+
+def quantize_model(model: nn.Module, tokenizer, recipe, progress: bool = True) -> QuantizeReport:
+    """Quantize ``model`` in place (its target Linears become MixedLinear) and report."""
+    t_start = time.perf_counter()
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.calib.dtype, device)
+    blocks_name, blocks, per_block = _validate(model, recipe)
+    needs_hessian = recipe.quant.method == "gptq"
+    needs_calib = needs_hessian or any(
+        salient_budget(n, lin.in_features, lin.out_features, recipe.saliency, recipe.quant)
+        for targets in per_block
+        for n, lin in targets.items()
+    )
+    report = QuantizeReport()
+    inputs: list = []
+    kwargs: list = []
+    if needs_calib:
+        c = recipe.calib
+        log.info("calibration: %d windows x %d tokens from %s", c.num_samples, c.seq_len, c.source)
+        tokens = tokenize_documents(tokenizer, load_documents(c.source))
+        windows = calibration_windows(tokens, c.num_samples, c.seq_len, c.seed)
+        report.calib_tokens = windows.numel()
+        inputs, kwargs = capture_block_inputs(
+            model, blocks, list(windows.split(c.batch_size)), device, dtype
+        )
+    bar = tqdm(
+        range(len(blocks)), desc=f"{recipe.quant.method} w{recipe.quant.bits}", disable=not progress
+    )
+    for i in bar:
+        block, targets = blocks[i], per_block[i]
+        prefix = f"{blocks_name}.{i}."
+        block_kwargs = [kw[i] for kw in kwargs]
+        work = cast_params(copy.deepcopy(block).to(device), dtype) if needs_calib else None
+        work_targets = {n: work.get_submodule(n[len(prefix) :]) for n in targets} if work else {}
+        if needs_calib and recipe.calib.true_sequential:
+            groups = plan_groups(work, work_targets, inputs[0], block_kwargs[0])
+        else:
+            groups = [list(targets)]
+        for group in groups:
+            t0 = time.perf_counter()
+            stats: dict[str, LayerStats] = {}
+            if needs_calib:
+                stats = collect_stats(
+                    work,
+                    {n: work_targets[n] for n in group},
+                    inputs,
+                    block_kwargs,
+                    with_hessian=needs_hessian,
+                    stop_after=group[-1] if len(groups) > 1 else None,
+                )
+            report.seconds_calibration += time.perf_counter() - t0
+            for name in group:
+                layer, layer_report = quantize_linear(
+                    name, targets[name], stats.get(name), recipe, device
+                )
+                set_module(block, name[len(prefix) :], layer)
+                if work is not None:  # later passes see the quantized layer (as a dense copy)
+                    set_module(work, name[len(prefix) :], _dense(layer, device, dtype))
+                report.layers.append(layer_report)
+            del stats
+        if work is not None:
+            t0 = time.perf_counter()
+            inputs = forward_block(work, inputs, block_kwargs)
+            report.seconds_calibration += time.perf_counter() - t0
+            del work
+        errs = [r.rel_error for r in report.layers[-len(targets) :] if r.rel_error is not None]
+        if errs:
+            bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}")
+    report.seconds_total = time.perf_counter() - t_start
+    return report

