@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["Backend", "dequant_matmul", "resolve_backend"]
+__all__ = ["Backend", "base_matmul", "dequant_matmul", "resolve_backend"]
 
 
 class Backend(StrEnum):
@@ -44,3 +44,13 @@ def dequant_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> T
 
         return triton_ops.dequant_matmul(x, layer)
     return reference.dequant_matmul(x, layer)
+
+
+def base_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:
+    """x @ dequant(W_q)^T without the salient product or bias; differentiable in ``x``
+    (the training form adds noise and trainable salient columns around it)."""
+    if resolve_backend(backend, x) is Backend.TRITON:
+        from . import triton_ops
+
+        return triton_ops.base_matmul(x, layer)
+    return reference.base_matmul(x, layer)

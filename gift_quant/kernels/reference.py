@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..quant.packing import unpack_cols, unpack_rows
 
-__all__ = ["dequantize_weight", "dequant_matmul"]
+__all__ = ["base_matmul", "dequantize_weight", "dequant_matmul"]
 
 
 def dequantize_weight(
@@ -28,12 +28,17 @@ def dequantize_weight(
     return (codes - zeros[g]).to(dtype) * scales[g].to(dtype)
 
 
-def dequant_matmul(x: Tensor, layer) -> Tensor:
-    """Reference forward of a mixed layer (any object with the GPTQ + salient tensors)."""
+def base_matmul(x: Tensor, layer) -> Tensor:
+    """``x @ dequant(W_q)^T`` only (no salient product, no bias); differentiable in ``x``."""
     wt = dequantize_weight(
         layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype
     )
-    y = x @ wt
+    return x @ wt
+
+
+def dequant_matmul(x: Tensor, layer) -> Tensor:
+    """Reference forward of a mixed layer (any object with the GPTQ + salient tensors)."""
+    y = base_matmul(x, layer)
     if layer.salient_idx.numel():
         y = y + x[..., layer.salient_idx] @ layer.salient_weight.to(x.dtype).t()
     if layer.bias is not None:
