@@ -2,6 +2,30 @@
 
 GPTQ/RTN with FP16 salient columns, GIFT-SW fine-tuning of those columns, mixed-precision
 safetensors export, and a torch/Triton dequant-matmul.
+
+Importing the package registers the ``gift_quant`` quantizer with transformers, so
+``AutoModelForCausalLM.from_pretrained(export_dir)`` loads an export.
 """
 
 __version__ = "0.1.0"
+
+from . import hf as _hf  # noqa: E402,F401  (registers the transformers quantizer)
+from .export import save_quantized  # noqa: E402
+from .kernels import Backend, dequant_matmul  # noqa: E402
+from .load import inspect_checkpoint, load_quantized  # noqa: E402
+from .modules import MixedLinear  # noqa: E402
+from .quantize import quantize_model  # noqa: E402
+from .recipe import Recipe, load_recipe  # noqa: E402
+
+__all__ = [
+    "Backend",
+    "MixedLinear",
+    "Recipe",
+    "__version__",
+    "dequant_matmul",
+    "inspect_checkpoint",
+    "load_quantized",
+    "load_recipe",
+    "quantize_model",
+    "save_quantized",
+]

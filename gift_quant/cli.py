@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     _common(e)
+
+    x = sub.add_parser("export", help="re-export an export directory in another view")
+    x.add_argument("dir", help="export directory (or a plain GPTQ checkpoint)")
+    x.add_argument(
+        "--format",
+        choices=["mixed", "gptq+lora"],
+        default="gptq+lora",
+        help="mixed: gift_quant format; gptq+lora: plain GPTQ checkpoint + PEFT adapter (engines)",
+    )
+    x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto")
+    x.add_argument("--out", required=True, help="directory to create (must not exist)")
+    _common(x)
+
+    i = sub.add_parser("inspect", help="per-layer bits, salient columns, sizes and load time")
+    i.add_argument("dir", help="export directory (or a plain GPTQ checkpoint)")
+    _common(i)
     return parser
 
 
@@ -173,7 +189,87 @@ def cmd_eval(args) -> dict:
     return out
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval}
+def cmd_export(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from .engine_view import save_gptq_lora
+    from .export import save_quantized
+    from .load import load_quantized
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(
+            f"{out} already exists; choose a new --out directory or remove it first"
+        )
+    model = load_quantized(args.dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.dir)
+    except (OSError, ValueError):
+        tok = None
+    if args.format == "gptq+lora":
+        save_gptq_lora(model, out, tokenizer=tok, checkpoint_format=args.checkpoint_format)
+    else:
+        save_quantized(model, out, tokenizer=tok, checkpoint_format=args.checkpoint_format)
+    return {"command": "export", "format": args.format, "out": str(out)}
+
+
+def cmd_inspect(args) -> dict:
+    from .load import inspect_checkpoint, load_quantized
+
+    info = inspect_checkpoint(args.dir)
+    t0 = time.perf_counter()
+    model = load_quantized(args.dir)
+    load_seconds = time.perf_counter() - t0
+    layers = []
+    for name in info.modules:
+        layer = model.get_submodule(name)
+        n_weights = layer.in_features * layer.out_features
+        layers.append(
+            {
+                "name": name,
+                "shape": [layer.out_features, layer.in_features],
+                "bits": layer.bits,
+                "group_size": layer.group_size,
+                "num_salient": layer.num_salient,
+                "bits_per_weight": layer.storage_bits() / n_weights,
+            }
+        )
+    q_bits = sum(model.get_submodule(n).storage_bits() for n in info.modules)
+    q_weights = sum(x["shape"][0] * x["shape"][1] for x in layers)
+    n_params = q_weights + sum(p.numel() for n, p in model.named_parameters())
+    files = {f.name: f.stat().st_size for f in sorted(info.path.iterdir()) if f.is_file()}
+    disk = sum(v for k, v in files.items() if k.endswith(".safetensors"))
+    result = {
+        "command": "inspect",
+        "dir": str(info.path),
+        "kind": info.kind,
+        "checkpoint_format": info.checkpoint_format,
+        "num_layers": len(layers),
+        "bits_per_weight": q_bits / max(q_weights, 1),
+        "weights_bytes_on_disk": disk,
+        "fp16_bytes": 2 * n_params,
+        "compression": 2 * n_params / max(disk, 1),
+        "load_seconds": load_seconds,
+        "files": files,
+        "layers": layers,
+    }
+    if not args.json:
+        print(f"{'layer':48s} {'shape':>12s} {'bits':>4s} {'group':>5s} {'k':>4s} {'bits/w':>7s}")
+        for x in layers:
+            shape = "x".join(map(str, x["shape"]))
+            print(
+                f"{x['name']:48s} {shape:>12s} {x['bits']:4d} {x['group_size']:5d} "
+                f"{x['num_salient']:4d} {x['bits_per_weight']:7.3f}"
+            )
+    return result
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "inspect": cmd_inspect,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,8 @@ from .quant.packing import pack_cols, unpack_cols
 
 __all__ = [
     "FORMAT",
+    "checkpoint_tensors",
+    "write_model_files",
     "FORMAT_VERSION",
     "SALIENT_FILE",
     "atomic_directory",
@@ -142,6 +144,61 @@ def _desc_act(layer: MixedLinear) -> bool:
     return not torch.equal(layer.g_idx.cpu(), trivial)
 
 
+def checkpoint_tensors(
+    model: nn.Module, checkpoint_format: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(main, salient) tensors of a model with MixedLinear layers, on the CPU.
+
+    main: GPTQ tensors of every MixedLinear (zeros in the file convention) and every other
+    parameter/buffer of the state dict (tied tensors once); salient: salient_idx/weight.
+    """
+    layers = quantized_layers(model)
+    main: dict[str, torch.Tensor] = {}
+    salient: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for field in GPTQ_FIELDS:
+            t = getattr(layer, field)
+            if field == "qzeros":
+                t = zeros_to_file(t, layer.bits, checkpoint_format, name)
+            main[f"{name}.{field}"] = t
+        if layer.bias is not None:
+            main[f"{name}.bias"] = layer.bias
+        salient[f"{name}.salient_idx"] = layer.salient_idx
+        salient[f"{name}.salient_weight"] = layer.salient_weight
+    skip = {id(t) for layer in layers.values() for t in layer.buffers()}
+    seen_storage: set[int] = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in skip:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:  # tied weights (lm_head = embed_tokens): stored once
+            continue
+        seen_storage.add(ptr)
+        main[key] = t
+
+    def cpu(d):
+        return {k: v.detach().cpu().contiguous() for k, v in d.items()}
+
+    return cpu(main), cpu(salient)
+
+
+def write_model_files(
+    tmp: Path, model: nn.Module, main: dict, quantization_config: dict, tokenizer, max_shard_bytes
+) -> None:
+    """Weights (sharded when large), config.json with ``quantization_config``, generation
+    config and tokenizer into ``tmp``."""
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    _save_sharded(main, tmp, header, max_shard_bytes)
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | Path,
@@ -157,31 +214,7 @@ def save_quantized(
     if not layers:
         raise ValueError("the model has no quantized (MixedLinear) layers to export")
     fmt = resolve_checkpoint_format(checkpoint_format, layers)
-    main: dict[str, torch.Tensor] = {}
-    salient: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for field in GPTQ_FIELDS:
-            t = getattr(layer, field)
-            if field == "qzeros":
-                t = zeros_to_file(t, layer.bits, fmt, name)
-            main[f"{name}.{field}"] = t
-        if layer.bias is not None:
-            main[f"{name}.bias"] = layer.bias
-        salient[f"{name}.salient_idx"] = layer.salient_idx
-        salient[f"{name}.salient_weight"] = layer.salient_weight
-    skip = {id(t) for layer in layers.values() for t in layer.buffers()}
-    seen_storage: dict[int, str] = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) in skip:
-            continue
-        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if ptr in seen_storage:  # tied weights (lm_head = embed_tokens): stored once
-            continue
-        seen_storage[ptr] = key
-        main[key] = t
-    main = {k: v.detach().cpu().contiguous() for k, v in main.items()}
-    salient = {k: v.detach().cpu().contiguous() for k, v in salient.items()}
-
+    main, salient = checkpoint_tensors(model, fmt)
     qcfg = {
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
@@ -205,19 +238,11 @@ def save_quantized(
     }
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     with atomic_directory(out_dir) as tmp:
-        _save_sharded(main, tmp, header, max_shard_bytes)
+        write_model_files(tmp, model, main, qcfg, tokenizer, max_shard_bytes)
         save_file(salient, tmp / SALIENT_FILE, metadata=header)
-        config = model.config.to_dict()
-        config["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gptq = gptq_block(layers, fmt)
         gptq["meta"]["salient_file"] = SALIENT_FILE
         (tmp / "quantize_config.json").write_text(json.dumps(gptq, indent=2) + "\n")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         if recipe is not None:
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if report is not None:

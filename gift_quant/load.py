@@ -265,7 +265,9 @@ def load_quantized(
         state[key] = zeros_from_file(state[key], spec["bits"], info.checkpoint_format)
         if info.kind == "gptq":  # a plain GPTQ layer is a mixed layer without salient columns
             state[f"{name}.salient_idx"] = torch.zeros(0, dtype=torch.int32)
-            state[f"{name}.salient_weight"] = torch.zeros(spec["out_features"], 0, dtype=torch.float16)
+            state[f"{name}.salient_weight"] = torch.zeros(
+                spec["out_features"], 0, dtype=torch.float16
+            )
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{root}: tensors not in the model: {result.unexpected_keys[:5]}")

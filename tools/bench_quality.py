@@ -1,7 +1,7 @@
 """Quality table on the real SmolLM2-135M: held-out Wikipedia perplexity of RTN and GPTQ with and
 without salient columns, the owq/quik presets, and gptqmodel's GPTQ as the peer.
 
-    python tools/bench_quality.py [--rows all|ours|peer] [--out benchmarks/results/quality_smollm2.json]
+    python tools/bench_quality.py [--rows all|ours|peer] [--out FILE.json]
 
 Protocol (ASSETS.md "Peer anchor"): every Linear of every decoder block quantized; the same 128
 calibration windows of 512 tokens (seed 0) from Wikipedia articles 0-79 for every row; perplexity
@@ -45,12 +45,30 @@ def our_rows() -> list[tuple[str, list[str]]]:
             for frac in (0.0, 0.03):
                 label = f"{method} w{bits}g64" + (" +3% gift" if frac else "")
                 rows.append(
-                    (label, [f"quant.method={method}", f"quant.bits={bits}", "quant.group_size=64",
-                             f"saliency.fraction={frac}", "saliency.metric=gift"])
+                    (
+                        label,
+                        [
+                            f"quant.method={method}",
+                            f"quant.bits={bits}",
+                            "quant.group_size=64",
+                            f"saliency.fraction={frac}",
+                            "saliency.metric=gift",
+                        ],
+                    )
                 )
     for metric in ("owq", "quik"):
-        rows.append((f"gptq w3g64 +3% {metric}", ["quant.method=gptq", "quant.bits=3",
-                     "quant.group_size=64", "saliency.fraction=0.03", f"saliency.metric={metric}"]))
+        rows.append(
+            (
+                f"gptq w3g64 +3% {metric}",
+                [
+                    "quant.method=gptq",
+                    "quant.bits=3",
+                    "quant.group_size=64",
+                    "saliency.fraction=0.03",
+                    f"saliency.metric={metric}",
+                ],
+            )
+        )
     return rows
 
 
@@ -104,11 +122,15 @@ def main() -> None:
             shutil.rmtree(export, ignore_errors=True)
             save_quantized(model, export, tokenizer=tok, recipe=recipe)
             del model
-            score(label, load_quantized(export, dtype=torch.float32), {
-                "bits_per_weight": rep.bits_per_weight,
-                "seconds_quantize": rep.seconds_total,
-                "calib_dtype": "bfloat16",
-            })
+            score(
+                label,
+                load_quantized(export, dtype=torch.float32),
+                {
+                    "bits_per_weight": rep.bits_per_weight,
+                    "seconds_quantize": rep.seconds_total,
+                    "calib_dtype": "bfloat16",
+                },
+            )
 
     if args.rows in ("all", "peer"):
         from safetensors.torch import save_file
@@ -123,9 +145,24 @@ def main() -> None:
                 continue
             dest = work / f"gptqmodel-w{bits}"
             shutil.rmtree(dest, ignore_errors=True)
-            cmd = [sys.executable, str(ROOT / "tools/peer_gptqmodel.py"), "--model",
-                   str(default_model_dir()), "--windows", str(wfile), "--bits", str(bits),
-                   "--group-size", "64", "--dtype", "bfloat16", "--batch-size", "8", "--out", str(dest)]
+            cmd = [
+                sys.executable,
+                str(ROOT / "tools/peer_gptqmodel.py"),
+                "--model",
+                str(default_model_dir()),
+                "--windows",
+                str(wfile),
+                "--bits",
+                str(bits),
+                "--group-size",
+                "64",
+                "--dtype",
+                "bfloat16",
+                "--batch-size",
+                "8",
+                "--out",
+                str(dest),
+            ]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
@@ -135,9 +172,19 @@ def main() -> None:
             peer["seconds_subprocess"] = time.perf_counter() - t0
             m = load_quantized(dest, dtype=torch.float32)
             layers = [mod for mod in m.modules() if hasattr(mod, "storage_bits")]
-            bpw = sum(x.storage_bits() for x in layers) / sum(x.in_features * x.out_features for x in layers)
-            score(label, m, {"bits_per_weight": bpw, "seconds_quantize": peer["seconds_quantize"],
-                             "calib_dtype": peer["dtype"], "peer": peer})
+            bpw = sum(x.storage_bits() for x in layers) / sum(
+                x.in_features * x.out_features for x in layers
+            )
+            score(
+                label,
+                m,
+                {
+                    "bits_per_weight": bpw,
+                    "seconds_quantize": peer["seconds_quantize"],
+                    "calib_dtype": peer["dtype"],
+                    "peer": peer,
+                },
+            )
 
     print_table(results)
 
@@ -153,8 +200,9 @@ def print_table(results: dict) -> None:
     for bits in (4, 3, 2):
         ours, peer = rows.get(f"gptq w{bits}g64"), rows.get(f"gptqmodel w{bits}g64")
         if ours and peer:
-            print(f"w{bits}g64: ours/gptqmodel perplexity {ours['perplexity'] / peer['perplexity']:.3f}, "
-                  f"quantize time {ours['seconds_quantize'] / peer['seconds_quantize']:.2f}x")
+            ppl = ours["perplexity"] / peer["perplexity"]
+            secs = ours["seconds_quantize"] / peer["seconds_quantize"]
+            print(f"w{bits}g64: ours/gptqmodel perplexity {ppl:.3f}, quantize time {secs:.2f}x")
 
 
 if __name__ == "__main__":

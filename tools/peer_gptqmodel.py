@@ -41,7 +41,9 @@ def main() -> None:
     ids = load_file(args.windows)["input_ids"]
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     t0 = time.perf_counter()
-    cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False)
+    cfg = QuantizeConfig(
+        bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False
+    )
     model = GPTQModel.load(args.model, cfg, device="cpu", dtype=getattr(torch, args.dtype))
     t1 = time.perf_counter()
     model.quantize(calibration, batch_size=args.batch_size)
