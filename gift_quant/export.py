@@ -88,6 +88,11 @@ class atomic_directory:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def safetensors_header() -> dict[str, str]:
+    """File-level metadata: "format": "pt" is what transformers/accelerate require to load."""
+    return {"format": "pt", "gift_quant_format": FORMAT, "gift_quant_version": __version__}
+
+
 def resolve_checkpoint_format(requested: str, layers: dict[str, MixedLinear]) -> str:
     if requested != "auto":
         return requested
@@ -187,7 +192,7 @@ def write_model_files(
 ) -> None:
     """Weights (sharded when large), config.json with ``quantization_config``, generation
     config and tokenizer into ``tmp``."""
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    header = safetensors_header()
     _save_sharded(main, tmp, header, max_shard_bytes)
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config
@@ -236,7 +241,7 @@ def save_quantized(
             for name, layer in layers.items()
         },
     }
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    header = safetensors_header()
     with atomic_directory(out_dir) as tmp:
         write_model_files(tmp, model, main, qcfg, tokenizer, max_shard_bytes)
         save_file(salient, tmp / SALIENT_FILE, metadata=header)
