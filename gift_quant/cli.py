@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="export directory to create (must not exist)")
     _common(q)
 
+    r = sub.add_parser(
+        "recover", help="quantize, GIFT-SW fine-tune, export, evaluate (the main job)"
+    )
+    _recipe_args(r)
+    r.add_argument("--out", default="runs/recover", help="output directory (a rerun resumes it)")
+    _common(r)
+
     e = sub.add_parser("eval", help="perplexity of an export directory or an FP model")
     e.add_argument("dir", nargs="?", help="export directory written by quantize/recover")
     e.add_argument("--model", help="evaluate an unquantized model instead (dir, .gguf or hub id)")
@@ -89,13 +96,14 @@ def _setup_logging(quiet: bool) -> None:
     )
 
 
-def _load_recipe(args):
-    from .recipe import load_recipe
+def _load_recipe(args, default: str | None = None):
+    from .recipe import find_recipe, load_recipe
 
     overrides = list(args.overrides)
     if args.model:
         overrides.insert(0, f"model.name_or_path={json.dumps(args.model)}")
-    return load_recipe(args.recipe, overrides)
+    name = args.recipe or default
+    return load_recipe(find_recipe(name) if name else None, overrides)
 
 
 def cmd_quantize(args) -> dict:
@@ -137,6 +145,16 @@ def cmd_quantize(args) -> dict:
     return result
 
 
+def cmd_recover(args) -> dict:
+    from .pipeline import recover, report_table
+
+    recipe = _load_recipe(args, default="quickstart")
+    report = recover(recipe, args.out, progress=not args.quiet)
+    if not args.json:
+        print(report_table(report))
+    return report
+
+
 def cmd_eval(args) -> dict:
     import torch
 
@@ -154,9 +172,12 @@ def cmd_eval(args) -> dict:
     if args.dir:
         from transformers import AutoTokenizer
 
-        model = load_quantized(args.dir, device=device)
-        tok = AutoTokenizer.from_pretrained(args.dir)
-        recipe_file = Path(args.dir) / "recipe.yaml"
+        from .pipeline import final_model_dir
+
+        model_dir = final_model_dir(Path(args.dir))  # a recover output dir holds it in model/
+        model = load_quantized(model_dir, device=device)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        recipe_file = model_dir / "recipe.yaml"
         if recipe_file.is_file():
             recipe_eval = load_recipe(recipe_file).eval
         name = args.dir
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
-    else:
+    elif args.command != "recover":
         for key, value in result.items():
             if not isinstance(value, list | dict):
                 print(f"{key}: {value}")

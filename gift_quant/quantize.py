@@ -35,7 +35,13 @@ from .saliency import LayerStats, column_scores, salient_budget, select_salient
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerReport", "QuantizeReport", "quantize_linear", "quantize_model"]
+__all__ = [
+    "LayerReport",
+    "QuantizeReport",
+    "quantize_linear",
+    "quantize_model",
+    "select_salient_columns",
+]
 
 
 @dataclass
@@ -77,15 +83,24 @@ class QuantizeReport:
 
 @torch.no_grad()
 def quantize_linear(
-    name: str, linear: nn.Linear, stats: LayerStats | None, recipe, device: torch.device
+    name: str,
+    linear: nn.Linear,
+    stats: LayerStats | None,
+    recipe,
+    device: torch.device,
+    salient: torch.Tensor | None = None,
 ) -> tuple[MixedLinear, LayerReport]:
-    """Quantize one Linear (weights read in their storage dtype) into a MixedLinear on the CPU."""
+    """Quantize one Linear (weights read in their storage dtype) into a MixedLinear on the CPU.
+
+    ``salient`` forces the salient columns (pre mode keeps the ones it trained)."""
     t0 = time.perf_counter()
     W = linear.weight.detach().to(device)
     N, K = W.shape
     q = recipe.quant
-    k = salient_budget(name, K, N, recipe.saliency, q)
-    if k:
+    k = salient_budget(name, K, N, recipe.saliency, q) if salient is None else salient.numel()
+    if salient is not None:
+        salient = torch.sort(salient.to(device).long()).values
+    elif k:
         if stats is None:
             raise ValueError(f"{name}: ranking salient columns needs calibration statistics")
         scores = column_scores(W, stats, recipe.saliency.norms, Grid.from_config(q), q.group_size)
@@ -148,8 +163,24 @@ def _validate(model: nn.Module, recipe) -> tuple[str, nn.ModuleList, list[dict[s
     return blocks_name, blocks, per_block
 
 
-def quantize_model(model: nn.Module, tokenizer, recipe, progress: bool = True) -> QuantizeReport:
-    """Quantize ``model`` in place (its target Linears become MixedLinear) and report."""
+def _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype):
+    c = recipe.calib
+    log.info("calibration: %d windows x %d tokens from %s", c.num_samples, c.seq_len, c.source)
+    tokens = tokenize_documents(tokenizer, load_documents(c.source))
+    windows = calibration_windows(tokens, c.num_samples, c.seq_len, c.seed)
+    return capture_block_inputs(model, blocks, list(windows.split(c.batch_size)), device, dtype)
+
+
+def quantize_model(
+    model: nn.Module,
+    tokenizer,
+    recipe,
+    progress: bool = True,
+    salient: dict[str, torch.Tensor] | None = None,
+) -> QuantizeReport:
+    """Quantize ``model`` in place (its target Linears become MixedLinear) and report.
+
+    ``salient`` (name -> column indices) replaces the saliency ranking for those layers."""
     t_start = time.perf_counter()
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.calib.dtype, device)
@@ -164,14 +195,8 @@ def quantize_model(model: nn.Module, tokenizer, recipe, progress: bool = True) -
     inputs: list = []
     kwargs: list = []
     if needs_calib:
-        c = recipe.calib
-        log.info("calibration: %d windows x %d tokens from %s", c.num_samples, c.seq_len, c.source)
-        tokens = tokenize_documents(tokenizer, load_documents(c.source))
-        windows = calibration_windows(tokens, c.num_samples, c.seq_len, c.seed)
-        report.calib_tokens = windows.numel()
-        inputs, kwargs = capture_block_inputs(
-            model, blocks, list(windows.split(c.batch_size)), device, dtype
-        )
+        inputs, kwargs = _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype)
+        report.calib_tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
     bar = tqdm(
         range(len(blocks)), desc=f"{recipe.quant.method} w{recipe.quant.bits}", disable=not progress
     )
@@ -199,8 +224,9 @@ def quantize_model(model: nn.Module, tokenizer, recipe, progress: bool = True) -
                 )
             report.seconds_calibration += time.perf_counter() - t0
             for name in group:
+                forced = None if salient is None else salient.get(name)
                 layer, layer_report = quantize_linear(
-                    name, targets[name], stats.get(name), recipe, device
+                    name, targets[name], stats.get(name), recipe, device, forced
                 )
                 set_module(block, name[len(prefix) :], layer)
                 if work is not None:  # later passes see the quantized layer (as a dense copy)
@@ -217,3 +243,35 @@ def quantize_model(model: nn.Module, tokenizer, recipe, progress: bool = True) -
             bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}")
     report.seconds_total = time.perf_counter() - t_start
     return report
+
+
+@torch.no_grad()
+def select_salient_columns(
+    model: nn.Module, tokenizer, recipe, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Salient columns of every target of the unquantized model (what pre mode trains).
+
+    The same metric and budget as quantization, with statistics from the FP model's own
+    activations (nothing is quantized, so blocks feed their FP outputs forward)."""
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.calib.dtype, device)
+    blocks_name, blocks, per_block = _validate(model, recipe)
+    inputs, kwargs = _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype)
+    grid = Grid.from_config(recipe.quant)
+    chosen: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(len(blocks)), desc="select salient", disable=not progress):
+        prefix = f"{blocks_name}.{i}."
+        block_kwargs = [kw[i] for kw in kwargs]
+        work = cast_params(copy.deepcopy(blocks[i]).to(device), dtype)
+        work_targets = {n: work.get_submodule(n[len(prefix) :]) for n in per_block[i]}
+        stats = collect_stats(work, work_targets, inputs, block_kwargs, with_hessian=False)
+        for name, linear in per_block[i].items():
+            N, K = linear.weight.shape
+            k = salient_budget(name, K, N, recipe.saliency, recipe.quant)
+            W = linear.weight.detach().to(device)
+            scores = column_scores(
+                W, stats[name], recipe.saliency.norms, grid, recipe.quant.group_size
+            )
+            chosen[name] = select_salient(scores, k).cpu()
+        inputs = forward_block(work, inputs, block_kwargs)
+    return chosen

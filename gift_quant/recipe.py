@@ -29,6 +29,7 @@ __all__ = [
     "RecipeError",
     "SaliencyConfig",
     "TrainConfig",
+    "find_recipe",
     "load_recipe",
 ]
 
@@ -242,9 +243,85 @@ class QuantConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """GIFT-SW fine-tuning of the salient columns (filled in by the training stage)."""
+    """Recovery fine-tuning (GIFT-SW and the baselines), METHOD.md §1.4-1.6, §5.4.
 
-    steps: int = 0
+    Args:
+        method: "gift" (salient columns train, Gaussian/uniform noise on the frozen rest),
+            "lora" (a LoRA adapter on the same frozen quantized model, rank matched to the
+            salient columns' trainable parameter count unless lora_rank is given), "none".
+        mode: "post" (quantize, then train: the paper's Table 2 setting) or "pre" (train the
+            FP model with b_noise-bit noise, then quantize).
+        noise: "normal" (N(0, (delta/2)^2) per row), "uniform" (U(-delta/2, delta/2)), or
+            "none" (plain salient fine-tuning).
+        b_noise: bits of the symmetric per-row grid whose step delta sets the noise; 0 = auto:
+            4 in post mode (the paper's choice), quant.bits in pre mode.
+        data: training text: "wiki" (embedded articles 0-79), a .txt / .jsonl file (chat
+            records with "messages" or "prompt"/"response" train on assistant tokens only),
+            or "hf:<name>[:<config>[:<split>]]".
+        steps: optimizer steps; batch_size x grad_accum windows of seq_len tokens per step.
+        lr, weight_decay, warmup_ratio, max_grad_norm: AdamW + cosine schedule with warm-up.
+        dtype: compute dtype ("auto" = bfloat16; master weights are always float32).
+        grad_checkpointing: recompute block activations in backward (less memory).
+        kd_weight: weight of the KL term toward the FP model's next-token distribution
+            (0 = plain cross-entropy; loss = (1 - w) CE + w T^2 KL); kd_temperature: T.
+        lora_rank, lora_alpha: 0 = matched rank, alpha = rank (scaling 1).
+        eval_every: held-out perplexity every N steps (0 = only at the end), on eval_tokens.
+        save_every: checkpoint every N steps (0 = never; resume needs checkpoints).
+        seed: data order and noise.
+        log_every: metrics JSON line every N steps.
+    """
+
+    method: str = "gift"
+    mode: str = "post"
+    noise: str = "normal"
+    b_noise: int = 0
+    data: str = "wiki"
+    steps: int = 500
+    batch_size: int = 4
+    grad_accum: int = 32
+    seq_len: int = 512
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    dtype: str = "auto"
+    grad_checkpointing: bool = False
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    eval_every: int = 0
+    eval_tokens: int = 16384
+    save_every: int = 50
+    seed: int = 0
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("train.method", self.method, ("gift", "lora", "none"))
+        _check_choice("train.mode", self.mode, ("post", "pre"))
+        _check_choice("train.noise", self.noise, ("normal", "uniform", "none"))
+        _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.b_noise not in (0, *range(2, 9)):
+            raise RecipeError(f"train.b_noise must be 0 (auto) or 2..8, got {self.b_noise}")
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        if self.steps < 0:
+            raise RecipeError(f"train.steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise RecipeError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.kd_weight <= 1:
+            raise RecipeError(f"train.kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.data == "wiki-heldout":
+            raise RecipeError("train.data='wiki-heldout' would train on the evaluation articles")
+        if self.mode == "pre" and self.method != "gift":
+            raise RecipeError("train.mode=pre is GIFT-SW on the FP model; use train.method=gift")
+
+    def noise_bits(self, quant_bits: int) -> int:
+        if self.b_noise:
+            return self.b_noise
+        return 4 if self.mode == "post" else quant_bits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,6 +386,36 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def _shipped_recipes():
+    """recipes/ of a source checkout, or the copy a wheel installs as gift_quant.recipes."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir():
+        return checkout
+    from importlib import resources
+
+    return resources.files("gift_quant.recipes")
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a shipped recipe (``quickstart``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = _shipped_recipes()
+    stem = path.name.removesuffix(".yaml")
+    candidate = shipped / f"{stem}.yaml"
+    if candidate.is_file():
+        return Path(str(candidate))
+    names = sorted(
+        p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml")
+    )
+    close = difflib.get_close_matches(stem, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(
+        f"recipe {str(name)!r} is neither a file nor a shipped recipe{hint} (shipped: {names})"
+    )
 
 
 def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -408,8 +515,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
-            return math.inf
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise RecipeError(f"{name} expects a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

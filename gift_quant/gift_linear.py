@@ -1,0 +1,249 @@
+"""``GiftLinear``: the training form of a Linear for GIFT-SW (METHOD.md §1.4, §5.4).
+
+Only the salient columns train (fp32 master weights [N, k]). The rest stays frozen: either the
+packed quantized base of a MixedLinear ("post" mode: codes, scales and zeros never change), or
+a dense FP weight with the salient columns zeroed ("pre" mode). In training mode Gaussian (or
+uniform) noise with per-row scale delta_i/2 is added to the frozen non-salient weights at every
+forward pass; the noise is regenerated from its seed in backward, so it is never stored.
+
+    y = x @ (W_base + noise)^T + x[..., S] @ W_S^T + bias
+
+In eval mode there is no noise and W_S is rounded to the export dtype (fp16), so the module
+computes exactly what its export (:meth:`to_mixed`) computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import Backend, base_matmul, resolve_backend
+from .kernels.reference import dequantize_weight
+from .modules import MixedLinear
+from .noise import noise_step, sample_noise
+
+__all__ = ["GiftLinear", "attach_gift", "detach_gift"]
+
+EXPORT_DTYPE = torch.float16
+
+
+class _FrozenNoisyMatmul(torch.autograd.Function):
+    """x @ (W_base + noise)^T with gradient for x only; W and the noise are rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: GiftLinear, seed: int) -> Tensor:
+        ctx.layer, ctx.seed = layer, seed
+        return x @ layer.frozen_weight_t(x.dtype, seed)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        wt = ctx.layer.frozen_weight_t(grad_y.dtype, ctx.seed)
+        return grad_y @ wt.t(), None, None
+
+
+class GiftLinear(nn.Module):
+    """Frozen base + noise + trainable salient columns. Build with :meth:`from_mixed` (post)
+    or :meth:`from_dense` (pre)."""
+
+    def __init__(
+        self,
+        base: MixedLinear | Tensor,
+        salient_idx: Tensor,
+        salient_weight: Tensor,
+        bias: Tensor | None,
+        *,
+        noise: str = "normal",
+        delta: Tensor | None = None,
+        backend: Backend | str = Backend.AUTO,
+    ) -> None:
+        super().__init__()
+        if isinstance(base, MixedLinear):
+            self.base = base
+            self.register_buffer("base_weight", None)
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            self.base = None
+            w = base.detach().clone()
+            w[:, salient_idx.long()] = 0
+            self.register_buffer("base_weight", w)
+            self.out_features, self.in_features = w.shape
+        self.register_buffer("salient_idx", salient_idx.to(torch.int32).clone())
+        self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if noise != "none" and delta is None:
+            raise ValueError("noise needs the per-row step delta")
+        self.noise = noise
+        self.register_buffer("delta", None if delta is None else delta.float().clone())
+        keep = torch.ones(self.in_features, dtype=torch.bool, device=salient_idx.device)
+        keep[salient_idx.long()] = False
+        self.register_buffer("keep", keep, persistent=False)
+        self.backend = Backend(backend)
+        self.noise_seed = 0  # set by the trainer before every forward pass
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_mixed(cls, layer: MixedLinear, noise: str, bits: int) -> GiftLinear:
+        """Post mode: train the salient columns of a quantized layer; delta from the
+        ``bits``-bit grid of its dequantized non-salient weights."""
+        delta = None
+        if noise != "none":
+            delta = noise_step(layer.dequantize(torch.float32), layer.salient_idx, bits)
+        return cls(
+            layer,
+            layer.salient_idx,
+            layer.salient_weight.float(),
+            layer.bias,
+            noise=noise,
+            delta=delta,
+            backend=layer.backend,
+        )
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, salient_idx: Tensor, noise: str, bits: int
+    ) -> GiftLinear:
+        """Pre mode: train the salient columns of an FP layer; delta from the ``bits``-bit grid
+        (the bit width it will be quantized to) of its non-salient weights."""
+        W = linear.weight.detach()
+        delta = noise_step(W, salient_idx, bits) if noise != "none" else None
+        return cls(
+            W, salient_idx, W.float()[:, salient_idx.long()], linear.bias, noise=noise, delta=delta
+        )
+
+    def to_mixed(self) -> MixedLinear:
+        """The trained post-mode layer: the same packed base, salient columns rounded to fp16."""
+        if self.base is None:
+            raise TypeError("a pre-mode GiftLinear has a dense base; use to_linear()")
+        self.base.salient_weight = self.salient_weight.detach().to(EXPORT_DTYPE)
+        return self.base
+
+    def to_linear(self) -> nn.Linear:
+        """The trained pre-mode layer as a plain Linear (salient columns in place)."""
+        if self.base_weight is None:
+            raise TypeError("a post-mode GiftLinear has a packed base; use to_mixed()")
+        w = self.base_weight.clone()
+        w[:, self.salient_idx.long()] = self.salient_weight.detach().to(w.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        lin.weight.data = w
+        if self.bias is not None:
+            lin.bias.data = self.bias.to(w.dtype)
+        return lin
+
+    # ------------------------------------------------------------------ forward
+
+    def frozen_weight_t(self, dtype: torch.dtype, seed: int | None) -> Tensor:
+        """(W_base + noise)^T as [K, N] in ``dtype``; salient columns are 0; no noise if seed
+        is None."""
+        if self.base is not None:
+            b = self.base
+            wt = dequantize_weight(b.qweight, b.qzeros, b.scales, b.g_idx, b.bits, dtype)
+        else:
+            wt = self.base_weight.to(dtype).t()
+        if seed is None:
+            return wt
+        noise = sample_noise(
+            (self.out_features, self.in_features), self.delta, self.noise, seed, wt.device, dtype
+        )
+        return wt + (noise * self.keep.to(dtype)).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        noisy = self.training and self.noise != "none"
+        seed = self.noise_seed if noisy else None
+        if self.training and (
+            self.base is None or resolve_backend(self.backend, x) is Backend.TORCH
+        ):
+            # one product with the noise folded into the rebuilt weight; nothing [N, K] is kept
+            y = _FrozenNoisyMatmul.apply(x, self, seed)
+        elif self.base is None:
+            y = x @ self.base_weight.to(x.dtype).t()
+        else:  # eval (exactly MixedLinear's product), or training on a kernel backend
+            y = base_matmul(x, self.base, self.backend)
+            if noisy:
+                y = y + _FrozenNoise.apply(x, self, seed)
+        w_s = self.salient_weight if self.training else self.salient_weight.to(EXPORT_DTYPE)
+        if self.salient_idx.numel():
+            y = y + x[..., self.salient_idx] @ w_s.to(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        kind = "packed" if self.base is not None else "dense"
+        return (
+            f"in={self.in_features}, out={self.out_features}, base={kind}, "
+            f"salient={self.salient_idx.numel()}, noise={self.noise}"
+        )
+
+
+class _FrozenNoise(torch.autograd.Function):
+    """x @ noise^T alone (for kernel backends whose base product is a separate launch)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: GiftLinear, seed: int) -> Tensor:
+        ctx.layer, ctx.seed = layer, seed
+        return x @ _noise_t(layer, seed, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad_y @ _noise_t(ctx.layer, ctx.seed, grad_y.dtype).t(), None, None
+
+
+def _noise_t(layer: GiftLinear, seed: int, dtype: torch.dtype) -> Tensor:
+    noise = sample_noise(
+        (layer.out_features, layer.in_features),
+        layer.delta,
+        layer.noise,
+        seed,
+        layer.delta.device,
+        dtype,
+    )
+    return (noise * layer.keep.to(dtype)).t()
+
+
+def attach_gift(model: nn.Module, noise: str, bits: int, salient: dict[str, Tensor] | None = None):
+    """Swap the model's trainable layers for GiftLinear and freeze everything else.
+
+    Post mode (``salient`` None): every MixedLinear. Pre mode: every nn.Linear named in
+    ``salient`` (name -> salient column indices). Returns {name: GiftLinear}.
+    """
+    from .modeling import set_module
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name, module in list(model.named_modules()):
+        if salient is None and isinstance(module, MixedLinear):
+            layers[name] = GiftLinear.from_mixed(module, noise, bits)
+        elif salient is not None and name in salient:
+            layers[name] = GiftLinear.from_dense(
+                module, salient[name].to(module.weight.device), noise, bits
+            )
+    if not layers:
+        raise ValueError(
+            "no layer to train: quantize the model first (post mode) or give salient columns"
+        )
+    for name, layer in layers.items():
+        set_module(model, name, layer)
+    return layers
+
+
+def detach_gift(model: nn.Module) -> None:
+    """Swap every GiftLinear back: MixedLinear (post) or nn.Linear (pre), trained columns in."""
+    from .modeling import set_module
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GiftLinear):
+            set_module(
+                model, name, module.to_mixed() if module.base is not None else module.to_linear()
+            )

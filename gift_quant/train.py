@@ -1,0 +1,213 @@
+"""The recovery training loop: AdamW + cosine warm-up, gradient accumulation, optional
+distillation, periodic held-out evaluation, exact resume from checkpoints, JSON-lines metrics.
+
+It trains whatever parameters of the model require grad -- the GIFT-SW salient columns or a
+LoRA adapter -- and knows nothing else about them, except that GiftLinear layers take a noise
+seed before every forward pass. Seeds and batches are functions of (seed, step, micro-step), so
+a resumed run repeats the uninterrupted one bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .gift_linear import GiftLinear
+from .modules import MixedLinear
+from .train_data import IGNORE, TrainBatch, build_train_data
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainReport", "train"]
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    resumed_from: int = 0
+    tokens: int = 0
+    trainable_params: int = 0
+    seconds: float = 0.0
+    seconds_per_step: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_rss_mb: float = 0.0
+    final_loss: float = float("nan")
+    evals: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def noise_seed(seed: int, step: int, micro: int, layer: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, micro-step, layer)."""
+    return (((seed * 1_000_003 + step) * 1_009 + micro) * 100_003 + layer) % (2**62)
+
+
+def _frozen_to(model: nn.Module, dtype: torch.dtype) -> list:
+    """Cast frozen parameters (and mixed-layer biases) to the compute dtype; trainable ones stay
+    fp32. Returns what :func:`_restore` needs to put the original tensors back untouched."""
+    saved = []
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            saved.append((p, "data", p.data))
+            p.data = p.data.to(dtype)
+    for m in model.modules():
+        if isinstance(m, MixedLinear | GiftLinear) and m.bias is not None and m.bias.dtype != dtype:
+            saved.append((m, "bias", m.bias))
+            m.bias = m.bias.to(dtype)
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for owner, attr, original in saved:
+        device = getattr(owner, attr).device
+        setattr(owner, attr, original.to(device))
+
+
+def _loss(logits: torch.Tensor, batch: TrainBatch, teacher_logits, kd_weight: float, T: float):
+    """(loss, ce) -- CE over label tokens, mixed with T^2 KL(teacher || student) if asked."""
+    logits = logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    mask = labels != IGNORE
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+    )
+    if teacher_logits is None or kd_weight == 0:
+        return ce, ce
+    t = teacher_logits[:, :-1].float()[mask] / T
+    s = logits[mask] / T
+    kl = (
+        F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        * T
+        * T
+    )
+    return (1 - kd_weight) * ce + kd_weight * kl, ce
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    cfg,
+    out_dir: str | Path,
+    *,
+    fingerprint: dict,
+    teacher: nn.Module | None = None,
+    eval_fn=None,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> TrainReport:
+    """Train the parameters of ``model`` that require grad, per a TrainConfig ``cfg``.
+
+    Frozen tensors run in the compute dtype during training and get their original values
+    (and dtype) back at the end, so nothing but the trained parameters changes.
+
+    ``out_dir`` receives ``checkpoints/`` and ``metrics.jsonl``; an existing checkpoint whose
+    fingerprint matches is resumed. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every``
+    steps and at the end. ``teacher`` (frozen, eval mode) enables distillation.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    report = TrainReport(trainable_params=sum(p.numel() for p in params))
+    originals = _frozen_to(model, dtype)
+    model.to(device)
+    gift = [m for m in model.modules() if isinstance(m, GiftLinear)]
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max(cfg.steps, 1))
+    data = build_train_data(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+    ckpt_root = out / "checkpoints"
+    start = 0
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        start = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
+        log.info("resuming from %s (step %d of %d)", latest, start, cfg.steps)
+    report.resumed_from = start
+    metrics = (out / "metrics.jsonl").open("a")
+
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress
+    )
+    loss_val = float("nan")
+    for step in bar:
+        t_step = time.perf_counter()
+        tokens = 0
+        loss_sum = ce_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = data.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+            for i, m in enumerate(gift):
+                m.noise_seed = noise_seed(cfg.seed, step, micro, i)
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            teacher_logits = None
+            if teacher is not None and cfg.kd_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            batch.labels = batch.labels.to(device)
+            loss, ce = _loss(logits, batch, teacher_logits, cfg.kd_weight, cfg.kd_temperature)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss) / cfg.grad_accum
+            ce_sum += float(ce) / cfg.grad_accum
+            tokens += batch.num_label_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t_step
+        report.tokens += tokens
+        loss_val = loss_sum
+        row = {
+            "step": step + 1,
+            "loss": loss_sum,
+            "ce": ce_sum,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "seconds": dt,
+            "tokens_per_s": tokens / dt,
+        }
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{tokens / dt:.0f}")
+        done = step + 1 == cfg.steps
+        if eval_fn is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+            model.eval()
+            row["eval"] = eval_fn(model)
+            report.evals.append({"step": step + 1, **row["eval"]})
+            model.train()
+        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or done or "eval" in row):
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or done):
+            save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, fingerprint)
+    metrics.close()
+    model.eval()
+    _restore(originals)
+    ran = cfg.steps - start
+    report.steps = cfg.steps
+    report.seconds = time.perf_counter() - t0
+    report.seconds_per_step = report.seconds / ran if ran else 0.0
+    report.tokens_per_second = report.tokens / report.seconds if ran else 0.0
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.final_loss = loss_val
+    return report

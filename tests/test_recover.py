@@ -1,0 +1,162 @@
+"""GIFT-SW training and the recover pipeline on tiny models: resume, modes, baselines, data."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+from gift_quant.load import load_quantized
+from gift_quant.pipeline import recover
+
+TRAIN = [
+    "train.steps=6",
+    "train.batch_size=2",
+    "train.grad_accum=2",
+    "train.seq_len=32",
+    "train.save_every=3",
+    "train.lr=1e-3",
+    "calib.true_sequential=false",
+]
+
+
+def run(path, out, *overrides):
+    return recover(tiny_recipe(path, *TRAIN, *overrides), out, progress=False)
+
+
+def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
+    report = run(tiny_model_dirs("llama"), tmp_path / "run")
+    assert report["perplexity_quantized"] > 0 and report["perplexity_recovered"] > 0
+    assert report["train"]["steps"] == 6 and report["train"]["trainable_params"] > 0
+    out = tmp_path / "run"
+    for name in (
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+        "quantized/config.json",
+        "model/config.json",
+        "model/salient.safetensors",
+        "train/metrics.jsonl",
+    ):
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "train/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    # only the salient columns changed between the quantized start and the recovered model
+    q = load_file(out / "quantized/model.safetensors")
+    m = load_file(out / "model/model.safetensors")
+    assert q.keys() == m.keys() and all(torch.equal(q[k], m[k]) for k in q)
+    qs, ms = (
+        load_file(out / "quantized/salient.safetensors"),
+        load_file(out / "model/salient.safetensors"),
+    )
+    changed = [k for k in qs if k.endswith("salient_weight") and not torch.equal(qs[k], ms[k])]
+    assert len(changed) == 14
+
+
+def test_rerun_resumes_and_refuses_another_recipe(tiny_model_dirs, tmp_path):
+    path = tiny_model_dirs("llama")
+    first = run(path, tmp_path / "run")
+    again = run(path, tmp_path / "run")  # every stage is done: nothing recomputed
+    assert again["perplexity_recovered"] == first["perplexity_recovered"]
+    with pytest.raises(ValueError, match="different recipe"):
+        run(path, tmp_path / "run", "train.lr=2e-3")
+
+
+def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypatch):
+    import gift_quant.train as train_mod
+
+    path = tiny_model_dirs("llama")
+    run(path, tmp_path / "straight")
+    real = train_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:  # killed right after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(path, tmp_path / "killed")
+    assert not (tmp_path / "killed/model").exists()
+    resumed = run(path, tmp_path / "killed")
+    assert resumed["train"]["resumed_from"] == 3
+    a = load_file(tmp_path / "straight/model/salient.safetensors")
+    b = load_file(tmp_path / "killed/model/salient.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca = load_file(tmp_path / "straight/train/checkpoints/step-000006/trainable.safetensors")
+    cb = load_file(tmp_path / "killed/train/checkpoints/step-000006/trainable.safetensors")
+    assert all(torch.equal(ca[k], cb[k]) for k in ca), "fp32 master weights bit-identical"
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["train.noise=none"],
+        ["train.noise=uniform"],
+        ["train.kd_weight=0.5"],
+        ["train.mode=pre"],
+        ["train.method=lora"],
+    ],
+    ids=["salient-ft", "uniform", "distill", "pre", "lora"],
+)
+def test_recovery_variants(tiny_model_dirs, tmp_path, variant):
+    pytest.importorskip("peft") if "lora" in variant[0] else None
+    report = run(tiny_model_dirs("qwen2"), tmp_path / "run", *variant)
+    assert report["perplexity_recovered"] > 0 and report["train"]["trainable_params"] > 0
+
+
+def test_chat_data_trains_on_assistant_tokens_only(tiny_model_dirs, tiny_tokenizer, tmp_path):
+    from gift_quant.train_data import IGNORE, build_train_data
+
+    tok = tiny_tokenizer
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "Name a city."},
+                {"role": "assistant", "content": "Paris is a city."},
+            ]
+        },
+        {"prompt": "What is water?", "response": "Water is a liquid."},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    data = build_train_data(str(path), tok, 48, seed=0)
+    batch = data.batch(0, 2)
+    for ids, labels, mask in zip(batch.input_ids, batch.labels, batch.attention_mask, strict=True):
+        kept = tok.decode(ids[labels != IGNORE])
+        assert kept.endswith("<eos>") and ("Paris" in kept or "liquid" in kept)
+        assert "Name a city" not in kept and "What is water" not in kept
+        assert (labels[mask == 0] == IGNORE).all()
+
+
+def test_eval_reads_the_recover_output(tiny_model_dirs, tmp_path, capsys):
+    from gift_quant.cli import main
+
+    run(tiny_model_dirs("llama"), tmp_path / "run")
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "run"),
+                "--max-tokens",
+                "512",
+                "--seq-len",
+                "64",
+                "--json",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] == 8 * 63 and out["perplexity"] > 1
+    model = load_quantized(tmp_path / "run/model")
+    assert sum(1 for m in model.modules() if type(m).__name__ == "MixedLinear") == 14
