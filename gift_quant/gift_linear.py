@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import Backend, base_matmul, resolve_backend
-from .kernels.reference import dequantize_weight
+from .kernels.reference import dequantize_codes
+from .quant.packing import unpack_cols, unpack_rows
 from .modules import MixedLinear
 from .noise import noise_step, sample_noise
 
@@ -81,6 +82,7 @@ class GiftLinear(nn.Module):
         self.register_buffer("keep", keep, persistent=False)
         self.backend = Backend(backend)
         self.noise_seed = 0  # set by the trainer before every forward pass
+        self._codes = self._zeros = None  # unpacked base codes for the torch path (lazy)
 
     # ------------------------------------------------------------------ construction
 
@@ -145,7 +147,11 @@ class GiftLinear(nn.Module):
         is None."""
         if self.base is not None:
             b = self.base
-            wt = dequantize_weight(b.qweight, b.qzeros, b.scales, b.g_idx, b.bits, dtype)
+            if self._codes is None or self._codes.device != b.qweight.device:
+                # frozen: unpack once into uint8 codes (integers, not a float copy)
+                self._codes = unpack_rows(b.qweight, b.bits).to(torch.uint8)
+                self._zeros = unpack_cols(b.qzeros, b.bits)
+            wt = dequantize_codes(self._codes, self._zeros, b.scales, b.g_idx, dtype)
         else:
             wt = self.base_weight.to(dtype).t()
         if seed is None:

@@ -15,17 +15,31 @@ from torch import Tensor
 
 from ..quant.packing import unpack_cols, unpack_rows
 
-__all__ = ["base_matmul", "dequantize_weight", "dequant_matmul"]
+__all__ = ["base_matmul", "dequantize_codes", "dequantize_weight", "dequant_matmul"]
 
 
 def dequantize_weight(
     qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, dtype: torch.dtype
 ) -> Tensor:
     """W^T as [K, N] in ``dtype`` (salient columns are 0)."""
-    codes = unpack_rows(qweight, bits)  # [K, N]
-    zeros = unpack_cols(qzeros, bits)  # [G, N]
-    g = g_idx.long()
-    return (codes - zeros[g]).to(dtype) * scales[g].to(dtype)
+    codes, zeros = unpack_rows(qweight, bits), unpack_cols(qzeros, bits)
+    return dequantize_codes(codes, zeros, scales, g_idx, dtype)
+
+
+def dequantize_codes(
+    codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``scales[g] * (codes - zeros[g])`` for codes [K, N], zeros/scales [G, N], g = g_idx[k]."""
+    K, N = codes.shape
+    G = zeros.shape[0]
+    if K % G == 0:
+        g = K // G
+        if torch.equal(g_idx, torch.arange(K, device=g_idx.device, dtype=g_idx.dtype) // g):
+            # contiguous groups: broadcast instead of gathering [K, N] zeros and scales
+            q = codes.reshape(G, g, N) - zeros.reshape(G, 1, N)
+            return (q.to(dtype) * scales.reshape(G, 1, N).to(dtype)).reshape(K, N)
+    gi = g_idx.long()
+    return (codes - zeros[gi]).to(dtype) * scales[gi].to(dtype)
 
 
 def base_matmul(x: Tensor, layer) -> Tensor:

@@ -44,12 +44,15 @@ def unpack_rows(packed: Tensor, bits: int) -> Tensor:
     R, N = packed.shape
     if bits not in (2, 3, 4, 8) or R % bits:
         raise ValueError(f"packed rows {R} is not a multiple of bits={bits}")
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # no value straddles a word: one broadcast shift
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        out = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [R, 32/bits, N]
+        return out.reshape(R * 32 // bits, N)
     words = (packed.to(torch.int64) & _MASK32).reshape(R // bits, bits, N)
     out = torch.empty(R // bits, 32, N, dtype=torch.int64, device=packed.device)
-    mask = (1 << bits) - 1
-    for j in range(32):
-        s = j * bits
-        w, off = divmod(s, 32)
+    for j in range(32):  # 3 bits: values straddle words; per-value shifts
+        w, off = divmod(j * bits, 32)
         v = words[:, w] >> off
         if off + bits > 32:
             v = v | (words[:, w + 1] << (32 - off))

@@ -1,0 +1,344 @@
+"""Decode-path split-K GEMV (M <= 8): y = x @ dequant(W)^T + x[:, S] @ W_S^T (+ bias).
+
+One launch does everything (KERNELS.md §5, §7.2): programs ``pid_k < n_split`` stream an even
+share of the packed weights (as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for 3
+bits), dequantize with inline PTX (one lop3 + one fma per two weights) and dot with packed x
+pairs in f16x2/bf16x2; the remaining programs are the salient K-slices (x gathered by index,
+fp32 dot with W_S^T). Each program adds its fp32 partial into a zeroed workspace with relaxed
+atomics; the last program of a column block (a counter, acq_rel) adds the bias, casts, writes
+y, and zeroes the workspace and the counter again, so nothing else is launched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_ptx import deqdot_asm, plan
+
+# ------------------------------------------------------------------------------------------
+# 1. configuration (measured on the H200: docs/KERNELS-NOTES.md)
+
+MAX_M = 8
+TARGET_PROGRAMS = 1536  # one-warp programs per launch (about 12 per SM)
+K_PER_PROGRAM = 320  # at most about this many input columns per program
+
+
+def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
+    """Tile and split for one call; BLOCK_K shrinks with M to bound the x-pair registers."""
+    block_m = triton.next_power_of_2(M)
+    block_k = {1: 128, 2: 64}.get(block_m, 32)
+    while group % block_k or K % block_k:
+        block_k //= 2
+    block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
+    n_blocks = triton.cdiv(N, block_n)
+    n_split = max(triton.cdiv(TARGET_PROGRAMS, n_blocks), triton.cdiv(K, K_PER_PROGRAM))
+    n_split = min(K // block_k, n_split)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        n_split=n_split,
+        num_warps=1,
+        num_stages=1,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# 2. kernel
+
+
+@triton.jit
+def _xpairs(x32_ptr, xbase, rmask, BITS: tl.constexpr, NSTEPS: tl.constexpr, EVEN_M: tl.constexpr):
+    """Packed x pairs (x[lo_k], x[hi_k]) of every plan step for one row: NSTEPS x [RU, 1]."""
+    DK: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 1)
+    out = ()
+    for i in tl.static_range(NSTEPS):
+        # input column (inside the unit) of the lo half of step i; the hi half is lo_k + DK
+        lo_k = (8 * (i // 4) + i % 4) if BITS == 4 else (i if BITS == 2 else 2 * i)
+        if EVEN_M:
+            a = tl.load(x32_ptr + xbase + lo_k // 2)
+            b = tl.load(x32_ptr + xbase + (lo_k + DK) // 2)
+        else:
+            a = tl.load(x32_ptr + xbase + lo_k // 2, mask=rmask, other=0)
+            b = tl.load(x32_ptr + xbase + (lo_k + DK) // 2, mask=rmask, other=0)
+        if DK == 1:  # the pair is one int32 word of x as is
+            v = a
+        else:
+            lo = (a & 0xFFFF) if lo_k % 2 == 0 else ((a >> 16) & 0xFFFF)
+            hi = (b << 16) if (lo_k + DK) % 2 == 0 else (b & -65536)
+            v = lo | hi
+        out = out + (v[:, None],)
+    return out
+
+
+@triton.jit
+def _half(v, lo: tl.constexpr, BF16: tl.constexpr):
+    """fp32 value of the low/high half of packed pairs (interpreter path only)."""
+    h = (v & 0xFFFF) if lo else ((v >> 16) & 0xFFFF)
+    if BF16:
+        return (h << 16).to(tl.float32, bitcast=True)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _code(words, i: tl.constexpr, hi: tl.constexpr, BITS: tl.constexpr):
+    """Code of step i's lo/hi half, read with plain shifts (interpreter path only)."""
+    if BITS == 3:
+        if i == 15:
+            s0: tl.constexpr = 15 + 16 * hi
+            c = ((words[0] >> s0) & 1) | ((words[1] >> (s0 - 1)) & 2)
+            c = c | ((words[2] >> (s0 - 2)) & 4)
+        else:
+            c = (words[i // 5] >> (3 * (i % 5) + 16 * hi)) & 7
+    elif BITS == 4:
+        c = (words[i // 4] >> (4 * (i % 4) + 16 * hi)) & 15
+    else:
+        c = (words[0] >> (2 * i + 16 * hi)) & 3
+    return c
+
+
+@triton.jit
+def _unit_dot(
+    words,
+    z,
+    xp,
+    BITS: tl.constexpr,
+    BF16: tl.constexpr,
+    NSTEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    ASM: tl.constexpr,
+    CONSTR: tl.constexpr,
+):
+    """Per row m: sum over the unit of (code - z) * x, as BLOCK_M [RU, BLOCK_N] fp32."""
+    if USE_ASM:
+        MANT: tl.constexpr = 7 if BF16 else 10
+        EXP: tl.constexpr = 134 if BF16 else 25
+        NPOS: tl.constexpr = (MANT - BITS) // BITS + 1
+        consts = ()
+        for i in tl.static_range(NPOS):  # -(2**(MANT - p) + z) in both halves, p = i * BITS
+            c = ((z << (i * BITS)) + (0x8000 | ((EXP - i * BITS) << MANT))) * 65537
+            consts = consts + (c[None, :],)
+        return tl.inline_asm_elementwise(
+            ASM, CONSTR, words + consts + xp, dtype=(tl.float32,) * BLOCK_M, is_pure=True, pack=1
+        )
+    zf = z.to(tl.float32)[None, :]
+    out = ()
+    for m in tl.static_range(BLOCK_M):
+        d = tl.zeros(words[0].shape, tl.float32)
+        for i in tl.static_range(NSTEPS):
+            xv = xp[m * NSTEPS + i]
+            lo = _code(words, i, 0, BITS).to(tl.float32) - zf
+            hi = _code(words, i, 1, BITS).to(tl.float32) - zf
+            d += lo * _half(xv, True, BF16) + hi * _half(xv, False, BF16)
+        out = out + (d,)
+    return out
+
+
+@triton.jit
+def _gemv_kernel(
+    # pointers
+    x_ptr,
+    x32_ptr,
+    q_ptr,
+    sz_ptr,
+    wst_ptr,
+    sidx_ptr,
+    bias_ptr,
+    ws_ptr,
+    cnt_ptr,
+    y_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    NSAL,
+    N_SPLIT,
+    N_SAL_PROGS,
+    # meta
+    BITS: tl.constexpr,
+    BF16: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SAL_PER_PROG: tl.constexpr,
+    SAL_CHUNK: tl.constexpr,
+    STAGES: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    ASM: tl.constexpr,
+    CONSTR: tl.constexpr,
+):
+    """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
+    sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
+    bias [N]; ws [M, N] fp32 zeros; cnt [cdiv(N, BLOCK_N)] int32 zeros; y [M, N] like x."""
+    UNIT_W: tl.constexpr = 3 if BITS == 3 else (2 if BITS == 4 else 1)
+    UNIT_K: tl.constexpr = 32 if BITS == 3 else 16
+    NSTEPS: tl.constexpr = 16 if BITS == 3 else 8
+    RU: tl.constexpr = BLOCK_K // UNIT_K
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if pid_k < N_SPLIT:
+        n_kb = K // BLOCK_K
+        for j in tl.range(
+            pid_k * n_kb // N_SPLIT, (pid_k + 1) * n_kb // N_SPLIT, num_stages=STAGES
+        ):
+            kb = j * BLOCK_K
+            units = kb // UNIT_K + tl.arange(0, RU)
+            words = ()
+            for t in tl.static_range(UNIT_W):
+                ptrs = q_ptr + (units * UNIT_W + t)[:, None] * N + offs_n[None, :]
+                if EVEN_N:
+                    w = tl.load(ptrs, eviction_policy="evict_first")
+                else:
+                    w = tl.load(ptrs, mask=nmask[None, :], other=0, eviction_policy="evict_first")
+                words = words + (w,)
+            if EVEN_N:
+                sz = tl.load(sz_ptr + (kb // GROUP) * N + offs_n)
+            else:
+                sz = tl.load(sz_ptr + (kb // GROUP) * N + offs_n, mask=nmask, other=0)
+            scale = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            ubase = kb // 2 + tl.arange(0, RU) * (UNIT_K // 2)
+            xp = ()
+            for m in tl.static_range(BLOCK_M):
+                xp = xp + _xpairs(x32_ptr, m * (K // 2) + ubase, m < M, BITS, NSTEPS, EVEN_M)
+            d = _unit_dot(
+                words, (sz >> 16) & 0xFFFF, xp, BITS, BF16, NSTEPS, BLOCK_M, USE_ASM, ASM, CONSTR
+            )
+            for m in tl.static_range(BLOCK_M):
+                part = scale * tl.sum(d[m], axis=0)
+                acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+    else:
+        j0 = (pid_k - N_SPLIT) * SAL_PER_PROG
+        for jj in tl.static_range(0, SAL_PER_PROG, SAL_CHUNK):
+            offs_j = j0 + jj + tl.arange(0, SAL_CHUNK)
+            jmask = offs_j < NSAL
+            sid = tl.load(sidx_ptr + offs_j, mask=jmask, other=0)
+            w = tl.load(
+                wst_ptr + offs_j[:, None] * N + offs_n[None, :],
+                mask=jmask[:, None] & nmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                xs = tl.load(x_ptr + m * K + sid, mask=jmask & (m < M), other=0.0)
+                part = tl.sum(xs.to(tl.float32)[:, None] * w, axis=0)
+                acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+    # split-K reduction through the self-cleaning workspace
+    omask = (offs_m[:, None] < M) & nmask[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.atomic_add(ws_ptrs, acc, mask=omask, sem="relaxed")
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    if done == N_SPLIT + N_SAL_PROGS - 1:
+        out = tl.load(ws_ptrs, mask=omask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            y_ptr + offs_m[:, None] * N + offs_n[None, :],
+            out.to(y_ptr.dtype.element_ty),
+            mask=omask,
+        )
+        tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=omask)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+
+
+# ------------------------------------------------------------------------------------------
+# 3. launcher
+
+SAL_PER_PROG, SAL_CHUNK = 64, 32
+
+
+def gemv(
+    x: Tensor,
+    q: Tensor,
+    sz: Tensor,
+    wst: Tensor | None,
+    sidx: Tensor | None,
+    bias: Tensor | None,
+    ws: Tensor,
+    cnt: Tensor,
+    *,
+    bits: int,
+    group: int,
+    config: dict | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias); M <= MAX_M; see the kernel."""
+    M, K = x.shape
+    N = sz.shape[1]
+    assert 1 <= M <= MAX_M and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16)
+    assert q.dtype == torch.int32 and q.is_contiguous() and q.shape[1] == N
+    assert sz.dtype == torch.int32 and sz.is_contiguous() and K % group == 0
+    cfg = config or gemv_config(M, N, K, bits, group)
+    assert K % cfg["BLOCK_K"] == 0 and group % cfg["BLOCK_K"] == 0
+    nsal = 0 if sidx is None else sidx.numel()
+    n_sal_progs = triton.cdiv(nsal, SAL_PER_PROG)
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    assert ws.numel() >= M * N and cnt.numel() >= n_blocks
+    bf16 = x.dtype == torch.bfloat16
+    kind = "bf16" if bf16 else "f16"
+    asm, constr = deqdot_asm(bits, kind, cfg["BLOCK_M"])
+    assert len(plan(bits, kind).positions) == (7 - bits if bf16 else 10 - bits) // bits + 1
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
+    assert y.shape == (M, N) and y.dtype == x.dtype and y.is_contiguous()
+    grid = (n_blocks, cfg["n_split"] + n_sal_progs)
+    with on_device(x.device):
+        _gemv_kernel[grid](
+            x,
+            x.view(torch.int32),
+            q,
+            sz,
+            wst if nsal else sz,
+            sidx if nsal else sz,
+            bias if bias is not None else sz,
+            ws,
+            cnt,
+            y,
+            M,
+            N,
+            K,
+            nsal,
+            cfg["n_split"],
+            n_sal_progs,
+            BITS=bits,
+            BF16=bf16,
+            GROUP=group,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            EVEN_M=M == cfg["BLOCK_M"],
+            EVEN_N=N % cfg["BLOCK_N"] == 0,
+            HAS_BIAS=bias is not None,
+            SAL_PER_PROG=SAL_PER_PROG,
+            SAL_CHUNK=SAL_CHUNK,
+            STAGES=cfg["num_stages"],
+            USE_ASM=not interpreting(),
+            ASM=asm,
+            CONSTR=constr,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+    return y
+
+
+def interpreting() -> bool:
+    """True under the Triton interpreter (CPU tests): no inline PTX there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(device: torch.device):
+    """``torch.cuda.device`` for CUDA tensors; nothing for the interpreter's CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

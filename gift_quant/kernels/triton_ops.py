@@ -1,0 +1,248 @@
+"""Triton backend of ``dequant_matmul`` / ``base_matmul``: layouts, dispatch by M, custom ops.
+
+Importing this module raises ImportError where Triton is missing (``triton_available``).
+
+* Layout (cached on the layer as ``layer._triton_cache``, rebuilt when a buffer's storage or
+  version changes): the codes as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for
+  3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
+  position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
+  8 bits, widths not multiples of 64) run the torch reference.
+* Dispatch by M = rows of x: split-K GEMV (M <= GEMV_MAX_M), tensor-core split-K GEMM, or
+  dequantize + cuBLAS (M >= CUBLAS_MIN_M). Thresholds measured on the H200
+  (docs/KERNELS-NOTES.md).
+* ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
+  torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
+  through the same tiles (no dense copy of W is kept).
+* The kernels share one zero-initialised fp32 workspace per device that every launch leaves
+  zeroed; calls on one device must not overlap in time (one stream), and the first call of a
+  shape must happen before CUDA-graph capture (it compiles and may grow the workspace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("the Triton backend needs the triton package") from exc
+
+from ..quant.packing import unpack_cols, unpack_rows
+from . import reference
+from .triton_gemm import dequantize, gemm, gemm_backward
+from .triton_gemv import gemv
+from .triton_ptx import pack_3bit
+
+__all__ = ["base_matmul", "dequant_matmul", "prepare", "route"]
+
+GEMV_MAX_M = 4
+CUBLAS_MIN_M = 128
+_WS_MIN_FLOATS = 1 << 22
+
+
+@dataclass
+class Prepared:
+    """Kernel-side tensors of one MixedLinear."""
+
+    key: tuple
+    q: Tensor
+    sz: Tensor
+    wst: Tensor | None
+    sidx: Tensor | None
+    sal_pos: Tensor | None
+    bits: int
+    group: int
+    K: int
+    N: int
+
+
+_SOURCES = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
+
+
+def _key(layer) -> tuple:
+    tensors = [getattr(layer, name) for name in _SOURCES]
+    return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+
+
+def prepare(layer) -> Prepared | None:
+    """The cached kernel layout of ``layer``, or None where the kernels do not apply."""
+    if torch.compiler.is_compiling():
+        return getattr(layer, "_triton_cache", None) or None
+    key = _key(layer)
+    cache = getattr(layer, "_triton_cache", None)
+    if cache is not None and (cache is False or cache.key == key):
+        return cache or None
+    prepared = _build(layer, key)
+    layer._triton_cache = prepared if prepared is not None else False
+    return prepared
+
+
+def _build(layer, key: tuple) -> Prepared | None:
+    K, N, bits = layer.in_features, layer.out_features, layer.bits
+    group = K if layer.group_size == -1 else layer.group_size
+    trivial = torch.arange(K, device=layer.g_idx.device, dtype=torch.int32) // group
+    if bits not in (2, 3, 4) or N % 64 or K % 32 or group % 32 or K % group:
+        return None
+    if not torch.equal(layer.g_idx, trivial):  # act-order: the reference handles it
+        return None
+    q = layer.qweight if bits != 3 else pack_3bit(unpack_rows(layer.qweight, 3))
+    zeros = unpack_cols(layer.qzeros, bits)
+    sz = (layer.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF) | (zeros << 16)
+    k = layer.salient_idx.numel()
+    wst = sidx = sal_pos = None
+    if k:
+        wst = layer.salient_weight.to(torch.float16).t().contiguous()
+        sidx = layer.salient_idx.to(torch.int32).contiguous()
+        sal_pos = torch.full((K,), -1, dtype=torch.int32, device=q.device)
+        sal_pos[sidx.long()] = torch.arange(k, dtype=torch.int32, device=q.device)
+    return Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
+
+
+def route(M: int) -> str:
+    """Which kernel serves M rows: "gemv", "gemm" or "cublas" (dequantize + cuBLAS)."""
+    return "gemv" if M <= GEMV_MAX_M else "gemm" if M < CUBLAS_MIN_M else "cublas"
+
+
+_workspaces: dict[int, tuple[Tensor, Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int) -> tuple[Tensor, Tensor]:
+    idx = device.index if device.index is not None else 0
+    ws = _workspaces.get(idx) if device.type == "cuda" else None
+    if ws is None or ws[0].numel() < floats:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the Triton workspace must grow; run this shape once before capturing a CUDA graph"
+            )
+        n = max(_WS_MIN_FLOATS, floats)
+        ws = (
+            torch.zeros(n, dtype=torch.float32, device=device),
+            torch.zeros(1 << 16, dtype=torch.int32, device=device),
+        )
+        if device.type == "cuda":
+            _workspaces[idx] = ws
+    return ws
+
+
+def _run(
+    x: Tensor,
+    q: Tensor,
+    sz: Tensor,
+    wst: Tensor | None,
+    sidx: Tensor | None,
+    sal_pos: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group: int,
+) -> Tensor:
+    K, N = x.shape[-1], sz.shape[1]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], N)
+    kind = route(M)
+    if kind == "cublas":
+        w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x.dtype)
+        y = torch.addmm(bias.to(x.dtype), x2, w) if bias is not None else x2 @ w
+    else:
+        ws, cnt = _workspace(x.device, M * N)
+        fn = gemv if kind == "gemv" else gemm
+        y = fn(x2, q, sz, wst, sidx, bias, ws, cnt, bits=bits, group=group)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("gift_quant::mixed_matmul", mutates_args=())
+def mixed_matmul(
+    x: Tensor,
+    q: Tensor,
+    sz: Tensor,
+    wst: Tensor | None,
+    sidx: Tensor | None,
+    sal_pos: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group: int,
+) -> Tensor:
+    """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``."""
+    return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group)
+
+
+@mixed_matmul.register_fake
+def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group):
+    return x.new_empty(*x.shape[:-1], sz.shape[1])
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, q, sz, wst, sidx = inputs[:5]
+    ctx.save_for_backward(q, sz, wst, sidx)
+    ctx.meta = (inputs[-2], inputs[-1], x.shape[-1])
+
+
+def _backward(ctx, grad):
+    q, sz, wst, sidx = ctx.saved_tensors
+    bits, group, K = ctx.meta
+    g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+    gx = gemm_backward(g2, q, sz, K, bits=bits, group=group)
+    if wst is not None:  # the salient product's share: columns S of grad_x
+        gx.index_add_(1, sidx.long(), g2 @ wst.to(g2.dtype).t())
+    return gx.reshape(*grad.shape[:-1], K)
+
+
+def _mixed_backward(ctx, grad):
+    return (_backward(ctx, grad),) + (None,) * 8
+
+
+mixed_matmul.register_autograd(_mixed_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("gift_quant::base_matmul", mutates_args=())
+def base_matmul_op(x: Tensor, q: Tensor, sz: Tensor, bits: int, group: int) -> Tensor:
+    """x @ dequant(W)^T only (no salient product, no bias)."""
+    return _run(x, q, sz, None, None, None, None, bits, group)
+
+
+@base_matmul_op.register_fake
+def _(x, q, sz, bits, group):
+    return x.new_empty(*x.shape[:-1], sz.shape[1])
+
+
+def _setup_base(ctx, inputs, output) -> None:
+    x, q, sz, bits, group = inputs
+    ctx.save_for_backward(q, sz, None, None)
+    ctx.meta = (bits, group, x.shape[-1])
+
+
+base_matmul_op.register_autograd(
+    lambda ctx, g: (_backward(ctx, g), None, None, None, None), setup_context=_setup_base
+)
+
+
+# ------------------------------------------------------------------------------------------
+# entry points used by ``gift_quant.kernels``
+
+
+def _usable(x: Tensor, prep: Prepared | None) -> bool:
+    return prep is not None and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def dequant_matmul(x: Tensor, layer) -> Tensor:
+    prep = prepare(layer)
+    if not _usable(x, prep):
+        return reference.dequant_matmul(x, layer)
+    return mixed_matmul(
+        x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits, prep.group
+    )
+
+
+def base_matmul(x: Tensor, layer) -> Tensor:
+    prep = prepare(layer)
+    if not _usable(x, prep):
+        return reference.base_matmul(x, layer)
+    return base_matmul_op(x, prep.q, prep.sz, prep.bits, prep.group)

@@ -1,0 +1,348 @@
+"""Per-layer timing of the Triton dequant-matmul against cuBLAS fp16 and torch's tinygemm.
+
+    PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|small] [--sweep]
+        [--warm N]
+
+Protocol (../shared/docs/KERNELS.md §7.5): every timed callable is captured R times in one
+CUDA graph, each time on its own copy of the layer (R * bytes >= 1.5 GB, so L2 does not hold
+the weights), and the per-call time is the median graph replay divided by R. cuBLAS fp16
+(``torch.matmul``), tinygemm (``torch.ops.aten._weight_int4pack_mm``, 4-bit, bf16, g128) and
+ours (``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient columns fused)
+are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (KERNELS.md §1); the
+table prints speedup over cuBLAS and the fraction of that floor reached. ``--sweep`` also times
+alternative kernel configurations (the launchers' ``config``); ``--warm N`` compiles every
+kernel in N worker processes first. Results: JSON under ``--out`` (default
+benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _devenv  # noqa: E402,F401  (imports gift_quant on older transformers too)
+
+from gift_quant.kernels import triton_ops  # noqa: E402
+from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_config  # noqa: E402
+from gift_quant.kernels.triton_gemv import gemv, gemv_config  # noqa: E402
+from gift_quant.kernels.triton_ptx import pack_3bit  # noqa: E402
+from gift_quant.quant.packing import pack_rows  # noqa: E402
+
+SHAPES = {
+    "all": [(4096, 4096), (12288, 4096), (28672, 4096), (4096, 14336)],
+    "small": [(4096, 4096), (28672, 4096)],
+}  # (N, K)
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+BITS = [4, 3, 2]
+SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128)
+GROUP, NSAL, TARGET_BYTES = 128, 128, 1.5e9
+OP = torch.ops.gift_quant.mixed_matmul
+
+
+def graph_time_us(calls: list, reps: int = 15) -> float:
+    """Median per-call time of ``calls`` (zero-argument callables) replayed in one graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
+    """Kernel-layout tensors of a random layer (real codes if ``codes``, else random words)."""
+    dev = "cuda"
+    G = K // GROUP
+    s = (torch.rand(G, N, device=dev) * 0.02 + 0.002).half()
+    z = torch.randint(0, 2**bits, (G, N), device=dev, dtype=torch.int32)
+    sz = (s.view(torch.int16).to(torch.int32) & 0xFFFF) | (z << 16)
+    wst = (torch.randn(NSAL, N, device=dev) * 0.05).half()
+    sidx = torch.randperm(K, device=dev)[:NSAL].sort().values.to(torch.int32)
+    sal_pos = torch.full((K,), -1, dtype=torch.int32, device=dev)
+    sal_pos[sidx.long()] = torch.arange(NSAL, dtype=torch.int32, device=dev)
+    c = None
+    if codes:  # salient codes at the zero-point, as the quantizers write them
+        c = torch.randint(0, 2**bits, (K, N), device=dev, dtype=torch.int32)
+        c[sidx.long()] = z.repeat_interleave(GROUP, 0)[sidx.long()]
+        q = pack_3bit(c) if bits == 3 else pack_rows(c, bits)
+    else:
+        q = torch.randint(-(2**31), 2**31 - 1, (K * bits // 32, N), device=dev, dtype=torch.int32)
+    return dict(q=q, sz=sz, wst=wst, sidx=sidx, sal_pos=sal_pos, codes=c, s=s, z=z)
+
+
+def reference(x: torch.Tensor, L: dict) -> torch.Tensor:
+    w = (L["codes"] - L["z"].repeat_interleave(GROUP, 0)).double()
+    w = w * L["s"].double().repeat_interleave(GROUP, 0)
+    return x.double() @ w + x.double()[:, L["sidx"].long()] @ L["wst"].double()
+
+
+def layer_bytes(N: int, K: int, bits: int, M: int) -> int:
+    return K * N * bits // 8 + (K // GROUP) * N * 4 + NSAL * (2 * N + 4) + 2 * M * (K + N)
+
+
+def floor_us(nbytes: float) -> float:
+    return 2.0 + nbytes / 4.62e6
+
+
+def ours(x: torch.Tensor, L: dict, bits: int):
+    return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP)
+
+
+def time_cublas(N: int, K: int, M: int) -> float:
+    R = min(256, max(8, math.ceil(TARGET_BYTES / (2 * N * K))))
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(R)]
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    ys = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in range(R)]
+    t = graph_time_us(
+        [lambda w=w, y=y: torch.matmul(x, w.t(), out=y) for w, y in zip(ws, ys, strict=True)]
+    )
+    del ws, ys
+    return t
+
+
+def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:
+    """tinygemm (bf16 activations, 4-bit, g128); {} if this torch build lacks it."""
+    R = min(256, max(8, math.ceil(TARGET_BYTES / (N * K // 2))))
+    try:
+        pack = []
+        for _ in range(R):
+            w = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8)
+            wp = torch.ops.aten._convert_weight_to_int4pack(w, 8)
+            sz = (torch.rand(K // GROUP, N, 2, device="cuda") * 0.02).to(torch.bfloat16)
+            pack.append((wp, sz))
+        out = {}
+        for M in Ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            fn = torch.ops.aten._weight_int4pack_mm
+            out[M] = graph_time_us([partial(fn, x, wp, GROUP, sz) for wp, sz in pack])
+        return out
+    except Exception as exc:  # noqa: BLE001 - report and go on without the peer
+        print(f"tinygemm unavailable: {exc!r}"[:300], flush=True)
+        return {}
+
+
+def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
+    """Alternative configurations (n_split is a run-time argument: no recompilation)."""
+    out = []
+    if M <= 4:
+        base = gemv_config(M, N, K, bits, GROUP)
+        out.append(("gemv default", base))
+        for f in (0.5, 2.0):
+            out.append((f"gemv split x{f}", {**base, "n_split": max(1, int(base["n_split"] * f))}))
+        out.append(("gemv stages=2", {**base, "num_stages": 2}))
+        if M == 1:
+            wide = {**base, "BLOCK_N": 256, "BLOCK_K": 64, "n_split": base["n_split"]}
+            out.append(("gemv bn=256 bk=64", wide))
+            out.append(("gemv bn=256 bk=64 w2", {**wide, "BLOCK_K": 128, "num_warps": 2}))
+            out.append(("gemv split x4", {**base, "n_split": base["n_split"] * 4}))
+        if M == 2:
+            out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
+    if M >= 4:
+        base = gemm_config(M, N, K, bits, GROUP)
+        out.append(("gemm default", base))
+        for f in (0.5, 2.0, 4.0):
+            out.append((f"gemm split x{f}", {**base, "n_split": max(1, int(base["n_split"] * f))}))
+        out.append(("gemm stages=3", {**base, "num_stages": 3}))
+        if M >= 32:
+            out.append(("gemm bm=16", {**base, "BLOCK_M": 16}))
+    return out
+
+
+def run_config(x: torch.Tensor, L: dict, bits: int, name: str, cfg: dict):
+    ws, cnt = triton_ops._workspace(x.device, x.shape[0] * L["sz"].shape[1])
+    fn = gemv if name.startswith("gemv") else gemm
+    return fn(
+        x, L["q"], L["sz"], L["wst"], L["sidx"], None, ws, cnt, bits=bits, group=GROUP, config=cfg
+    )
+
+
+def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
+    fp = {M: time_cublas(N, K, M) for M in MS}
+    tg = time_tinygemm(N, K, MS)
+    for bits in BITS:
+        base = packed_layer(N, K, bits, codes=True)
+        R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
+        copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            rel = float(
+                (ours(x, base, bits).double() - reference(x, base)).norm()
+                / reference(x, base).norm()
+            )
+            t = graph_time_us([partial(ours, x, L, bits) for L in copies])
+            nb = layer_bytes(N, K, bits, M)
+            row = dict(
+                N=N,
+                K=K,
+                bits=bits,
+                M=M,
+                route=triton_ops.route(M),
+                us=t,
+                cublas_us=fp[M],
+                speedup=fp[M] / t,
+                floor_us=floor_us(nb),
+                floor_frac=floor_us(nb) / t,
+                GBps=nb / t / 1e3,
+                rel_err=rel,
+                tinygemm_us=tg.get(M) if bits == 4 else None,
+            )
+            res["rows"].append(row)
+            tgs = f" tinygemm {tg[M]:6.2f}us x{fp[M] / tg[M]:4.2f}" if bits == 4 and M in tg else ""
+            print(
+                f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {row['route']:6s} ours {t:7.2f}us "
+                f"x{fp[M] / t:4.2f} vs cuBLAS {fp[M]:7.2f}us  floor {row['floor_frac']:4.0%}"
+                f"{tgs}  rel={rel:.1e}",
+                flush=True,
+            )
+            if sweep and M in SWEEP_MS and (bits == 4 or M == 1):
+                sweep_one(x, copies, bits, M, N, K, fp[M], res)
+        del copies, base
+        torch.cuda.empty_cache()
+    res["cublas"].append(dict(N=N, K=K, us=fp))
+    if tg:
+        res["tinygemm"].append(dict(N=N, K=K, us=tg))
+
+
+def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
+    for name, cfg in sweep_configs(M, N, K, bits):
+        try:
+            t = graph_time_us([partial(run_config, x, L, bits, name, cfg) for L in copies], reps=9)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
+            print(f"    sweep {name}: {exc!r}"[:200], flush=True)
+            continue
+        res["sweep"].append(dict(N=N, K=K, bits=bits, M=M, name=name, cfg=cfg, us=t))
+        print(f"    sweep {name:18s} {t:7.2f}us x{fp_us / t:4.2f} {cfg}", flush=True)
+    if M >= 32:  # dequantize + cuBLAS, whatever the route
+        L0 = copies[0]
+
+        def deq_mm(L):
+            w = dequantize(
+                L["q"], L["sz"], L["wst"], L["sal_pos"], K, bits=bits, group=GROUP, dtype=x.dtype
+            )
+            return x @ w
+
+        t = graph_time_us([lambda L=L: deq_mm(L) for L in copies], reps=9)
+        err = float((deq_mm(L0).double() - reference(x, L0)).norm() / reference(x, L0).norm())
+        res["sweep"].append(dict(N=N, K=K, bits=bits, M=M, name="dequant+cublas", us=t))
+        print(f"    sweep dequant+cublas   {t:7.2f}us x{fp_us / t:4.2f} rel={err:.1e}", flush=True)
+
+
+def _warm_case(args) -> str:
+    N, K, bits, Ms = args
+    L = packed_layer(N, K, bits, codes=False)
+    for M in Ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        ours(x, L, bits)
+    torch.cuda.synchronize()
+    return f"{N}x{K} W{bits}"
+
+
+def warm(shapes, workers: int) -> None:
+    """Compile every (shape, bits, M) kernel in worker processes (fills Triton's disk cache)."""
+    t0 = time.time()
+    cases = [(N, K, b, MS) for (N, K) in shapes for b in BITS]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for done in pool.imap_unordered(_warm_case, cases):
+            print(f"  warm {done} ({time.time() - t0:.0f}s)", flush=True)
+
+
+def profile(spec: str) -> None:
+    """``N,K,bits,M``: call the op 40 times on one layer (for ``ncu --clock-control none``)."""
+    N, K, bits, M = map(int, spec.split(","))
+    L = packed_layer(N, K, bits, codes=False)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    for _ in range(40):
+        ours(x, L, bits)
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--shapes", default="all", choices=sorted(SHAPES))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--warm", type=int, default=0)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--profile", default=None, help="N,K,bits,M: only run the op (for ncu)")
+    args = ap.parse_args()
+    if args.profile:
+        return profile(args.profile)
+    MS[:] = [int(m) for m in args.ms.split(",")]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    p = torch.cuda.get_device_properties(0)
+    res = dict(
+        env=dict(
+            gpu=p.name,
+            sms=p.multi_processor_count,
+            torch=torch.__version__,
+            triton=__import__("triton").__version__,
+            gemv_max_m=triton_ops.GEMV_MAX_M,
+            cublas_min_m=triton_ops.CUBLAS_MIN_M,
+        ),
+        rows=[],
+        cublas=[],
+        tinygemm=[],
+        sweep=[],
+    )
+    print(res["env"], flush=True)
+    if args.warm:
+        warm(SHAPES[args.shapes], args.warm)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for N, K in SHAPES[args.shapes]:
+        bench_shape(N, K, args.sweep, res)
+        (out / "kernels_h200.json").write_text(json.dumps(res, indent=1))
+    print_table(res)
+
+
+def print_table(res: dict) -> None:
+    print("\nspeedup vs cuBLAS fp16 (fraction of the byte floor), 128 salient columns fused")
+    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in res["rows"]}
+    for N, K in dict.fromkeys((r["N"], r["K"]) for r in res["rows"]):
+        print(f"{N}x{K}: " + " ".join(f"M={M}" for M in MS))
+        for bits in BITS:
+            cells = [rows.get((N, K, bits, M)) for M in MS]
+            print(
+                f"  W{bits}: "
+                + " ".join(
+                    f"{c['speedup']:.2f}({c['floor_frac']:.0%})" if c else "-" for c in cells
+                )
+            )
+        tg = [rows.get((N, K, 4, M), {}).get("tinygemm_us") for M in MS]
+        cb = [rows.get((N, K, 4, M), {}).get("cublas_us") for M in MS]
+        print(
+            "  tinygemm: "
+            + " ".join(f"{c / t:.2f}" if t and c else "-" for t, c in zip(tg, cb, strict=True))
+        )
+
+
+if __name__ == "__main__":
+    main()

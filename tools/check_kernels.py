@@ -1,0 +1,225 @@
+"""Correctness of the Triton kernels against the torch reference, on the GPU.
+
+    PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N]
+
+Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 64, 256} x
+shape (4096x4096 g128 with 128 salient columns; an odd 960x1536 g64 layer with 37 salient
+columns and a bias; 576x1024 with group -1 and no salient columns), each call on fresh random
+inputs and a NaN-poisoned output buffer, through the launcher that ``route(M)`` picks. A case
+passes when max |out - exact| <= 2 x max |ref - exact| (+1e-6), where exact is the float64
+oracle and ref the torch reference in the same dtype (STYLE.md E9); a NaN or an unwritten
+element fails. Then: the custom op under CUDA-graph capture and replay, torch.compile, the
+backward of base_matmul, a NaN input propagating, and AUTO dispatch of MixedLinear. Writes
+check_kernels.json under --out; exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _devenv  # noqa: E402,F401
+
+from gift_quant.kernels import Backend, reference, triton_ops  # noqa: E402
+from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
+from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear  # noqa: E402
+from gift_quant.kernels.triton_gemm import dequantize, gemm  # noqa: E402
+from gift_quant.kernels.triton_gemv import gemv  # noqa: E402
+
+MS = [1, 2, 4, 8, 16, 64, 256]
+SHAPES = [  # (K, N, group, salient, bias)
+    (4096, 4096, 128, 128, False),
+    (1536, 960, 64, 37, True),
+    (1024, 576, -1, 0, False),
+]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+FACTOR = ERROR_FACTOR
+
+
+def run_routed(x: torch.Tensor, layer) -> torch.Tensor:
+    """The launcher ``route`` picks, writing into a NaN-poisoned output."""
+    prep = triton_ops.prepare(layer)
+    M, N = x.shape[0], layer.out_features
+    kind = triton_ops.route(M)
+    if kind == "cublas":
+        w = dequantize(
+            prep.q,
+            prep.sz,
+            prep.wst,
+            prep.sal_pos,
+            prep.K,
+            bits=prep.bits,
+            group=prep.group,
+            dtype=x.dtype,
+        )
+        y = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
+        torch.mm(x, w, out=y)
+        return y + layer.bias.to(x.dtype) if layer.bias is not None else y
+    out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
+    ws, cnt = triton_ops._workspace(x.device, M * N)
+    fn = gemv if kind == "gemv" else gemm
+    return fn(
+        x,
+        prep.q,
+        prep.sz,
+        prep.wst,
+        prep.sidx,
+        layer.bias,
+        ws,
+        cnt,
+        bits=prep.bits,
+        group=prep.group,
+        out=out,
+    )
+
+
+def check_case(args) -> list[dict]:
+    bits, dname, shape_i = args
+    K, N, group, nsal, bias = SHAPES[shape_i]
+    dtype = DTYPES[dname]
+    seed = 1000 * bits + 10 * shape_i + (dname == "bf16")
+    layer = random_mixed_linear(
+        K,
+        N,
+        bits=bits,
+        group_size=group,
+        num_salient=nsal,
+        bias=bias,
+        seed=seed,
+        device="cuda",
+        dtype=dtype,
+    )
+    assert triton_ops.prepare(layer) is not None
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for M in MS:
+        x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
+        exact = oracle(x, layer)
+        ref = reference.dequant_matmul(x, layer)
+        out = run_routed(x, layer)
+        err, ref_err = kernel_error(out, ref, exact)
+        rel = float((out.double() - exact).norm() / exact.norm())
+        rows.append(
+            dict(
+                bits=bits,
+                dtype=dname,
+                K=K,
+                N=N,
+                group=group,
+                salient=nsal,
+                bias=bias,
+                M=M,
+                route=triton_ops.route(M),
+                err=err,
+                ref_err=ref_err,
+                rel=rel,
+                ok=bool(err <= FACTOR * ref_err + 1e-6),
+            )
+        )
+    return rows
+
+
+def extra_checks() -> list[dict]:
+    """Graph capture, torch.compile, backward, NaN propagation, AUTO dispatch (fp16, 4-bit)."""
+    out = []
+    layer = random_mixed_linear(
+        2048, 1024, bits=4, num_salient=64, bias=True, seed=5, device="cuda"
+    )
+    for M in (1, 16):
+        x = torch.randn(M, 2048, device="cuda", dtype=torch.float16)
+        triton_ops.dequant_matmul(x, layer)  # compile + workspace outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = triton_ops.dequant_matmul(x, layer)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        err, ref_err = kernel_error(y, reference.dequant_matmul(x, layer), oracle(x, layer))
+        out.append(dict(check=f"cuda graph M={M}", ok=err <= FACTOR * ref_err + 1e-6, err=err))
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.float16)
+    try:
+        compiled = torch.compile(lambda t: layer(t) * 2)
+        y = compiled(x)
+        err, ref_err = kernel_error(y / 2, reference.dequant_matmul(x, layer), oracle(x, layer))
+        out.append(dict(check="torch.compile", ok=err <= FACTOR * ref_err + 1e-6, err=err))
+    except Exception as exc:  # noqa: BLE001 - reported as a failed check
+        out.append(dict(check="torch.compile", ok=False, error=repr(exc)[:300]))
+    for M in (3, 64, 300):
+        x = torch.randn(M, 2048, device="cuda", dtype=torch.float16, requires_grad=True)
+        y = triton_ops.base_matmul(x, layer)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        w = oracle(torch.eye(2048, device="cuda", dtype=torch.float64), layer, base_only=True)
+        exact = gy.double() @ w.t()
+        ref = gy @ w.t().to(torch.float16)
+        err, ref_err = kernel_error(x.grad, ref, exact)
+        out.append(
+            dict(
+                check=f"base_matmul backward M={M}",
+                ok=err <= FACTOR * ref_err + 1e-6,
+                err=err,
+                ref_err=ref_err,
+            )
+        )
+    for M in (1, 16, 300):
+        x = torch.randn(M, 2048, device="cuda", dtype=torch.float16)
+        x[0, 7] = float("nan")
+        y = triton_ops.dequant_matmul(x, layer)
+        out.append(dict(check=f"NaN input propagates M={M}", ok=bool(y[0].isnan().any())))
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.float16)
+    y = dispatch(x, layer, Backend.AUTO)
+    err, ref_err = kernel_error(y, reference.dequant_matmul(x, layer), oracle(x, layer))
+    cache = getattr(layer, "_triton_cache", None)
+    out.append(dict(check="AUTO dispatch uses Triton", ok=bool(cache) and err <= FACTOR * ref_err))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--workers", type=int, default=12)
+    args = ap.parse_args()
+    t0 = time.time()
+    cases = [(b, d, s) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]
+    rows = []
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for part in pool.imap_unordered(check_case, cases):
+            rows += part
+            for r in part:
+                flag = "ok " if r["ok"] else "BAD"
+                print(
+                    f"{flag} W{r['bits']} {r['dtype']} {r['N']}x{r['K']} g{r['group']} "
+                    f"S{r['salient']} M={r['M']:<3d} {r['route']:6s} err={r['err']:.2e} "
+                    f"ref_err={r['ref_err']:.2e} ratio={r['err'] / max(r['ref_err'], 1e-12):.2f} "
+                    f"rel={r['rel']:.1e}",
+                    flush=True,
+                )
+    extras = extra_checks()
+    for e in extras:
+        print(("ok  " if e["ok"] else "BAD ") + json.dumps(e), flush=True)
+    bad = [r for r in rows if not r["ok"]] + [e for e in extras if not e["ok"]]
+    worst = max(r["err"] / max(r["ref_err"], 1e-12) for r in rows)
+    print(
+        f"\n{len(rows)} kernel cases, {len(extras)} extra checks, {len(bad)} failures; "
+        f"worst err / ref_err = {worst:.2f} (bound {FACTOR}); {time.time() - t0:.0f}s"
+    )
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "check_kernels.json").write_text(
+        json.dumps(
+            dict(gpu=torch.cuda.get_device_name(), rows=rows, extras=extras, failures=len(bad)),
+            indent=1,
+        )
+    )
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
