@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from .kernels import Backend, base_matmul, resolve_backend
 from .kernels.reference import dequantize_codes
-from .quant.packing import unpack_cols, unpack_rows
 from .modules import MixedLinear
 from .noise import noise_step, sample_noise
+from .quant.packing import unpack_cols, unpack_rows
 
 __all__ = ["GiftLinear", "attach_gift", "detach_gift"]
 
