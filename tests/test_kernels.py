@@ -119,6 +119,42 @@ def test_interpreted_kernels_match_the_reference(bits, M):
     assert err <= ERROR_FACTOR * ref_err + 1e-6
 
 
+@pytest.mark.skipif(
+    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton interpreter runs with TRITON_INTERPRET=1 set before triton imports",
+)
+@pytest.mark.parametrize(
+    ("name", "M"),
+    [("mm:t128", 5), ("mm:t64", 16), ("mm:n128", 20), ("mm:t128w", 40), ("mm:t64k", 32)]
+    + [("mm:t64", 130), ("mm:t128s", 9), ("gemm", 9), ("cublas", 33), ("gemv", 7)],
+)
+def test_interpreted_route_kernels_match_the_reference(name, M):
+    ops = _triton_ops()
+    for bits in (2, 3, 4):
+        layer = random_mixed_linear(
+            256, 128, bits=bits, group_size=64, num_salient=12, bias=True, seed=bits + M
+        )
+        p = ops.prepare(layer)
+        x = torch.randn(M, 256, dtype=torch.float16)
+        args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+        out = ops.run_route(name, x, *args)
+        err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
+        assert err <= ERROR_FACTOR * ref_err + 1e-6, (bits, err, ref_err)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package")
+def test_route_tables_only_name_candidate_kernels():
+    ops = _triton_ops()
+    tables = [*ops.DEFAULT_ROUTES.values(), *ops.ROUTES.values()]
+    for M in range(1, 600):
+        for N, K, bits in [(0, 0, 0), (64, 64, 3), *ops.ROUTES]:
+            assert ops.route(M, N, K, bits) in ops.candidates(M)
+    for table in tables:
+        assert [m for m, _ in table] == sorted(m for m, _ in table)
+    broken = {"mm:n128w", "mm:t128x8", "mm:n128x8"}  # intermittently wrong on the H200
+    assert not broken & {n for M in range(1, 600) for n in ops.candidates(M)}
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,7 +1,7 @@
 """Per-layer timing of the Triton dequant-matmul against cuBLAS fp16 and torch's tinygemm.
 
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|small] [--sweep]
-        [--warm N]
+        [--warm N] [--candidates] [--skip-tinygemm] [--budget S]
 
 Protocol (../shared/docs/KERNELS.md §7.5): every timed callable is captured R times in one
 CUDA graph, each time on its own copy of the layer (R * bytes >= 1.5 GB, so L2 does not hold
@@ -11,8 +11,9 @@ ours (``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient colum
 are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (KERNELS.md §1); the
 table prints speedup over cuBLAS and the fraction of that floor reached. ``--sweep`` also times
 alternative kernel configurations (the launchers' ``config``); ``--warm N`` compiles every
-kernel in N worker processes first. Results: JSON under ``--out`` (default
-benchmarks/results).
+kernel in N worker processes first. ``--candidates`` also times, for every M > 4, each kernel of
+``triton_ops.candidates(M)`` (rows under "cand": what the route tables are made from), until
+``--budget`` seconds have passed. Results: JSON under ``--out`` (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def run_config(x: torch.Tensor, L: dict, bits: int, name: str, cfg: dict):
 
 def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
     fp = {M: time_cublas(N, K, M) for M in MS}
-    tg = time_tinygemm(N, K, MS)
+    tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
         base = packed_layer(N, K, bits, codes=True)
         R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
@@ -204,7 +205,7 @@ def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
                 K=K,
                 bits=bits,
                 M=M,
-                route=triton_ops.route(M),
+                route=triton_ops.route(M, N, K, bits),
                 us=t,
                 cublas_us=fp[M],
                 speedup=fp[M] / t,
@@ -224,11 +225,33 @@ def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
             )
             if sweep and M in SWEEP_MS and (bits == 4 or M == 1):
                 sweep_one(x, copies, bits, M, N, K, fp[M], res)
+            if res["opts"]["candidates"] and M > triton_ops.GEMV_MAX_M:
+                time_candidates(x, copies, bits, M, N, K, fp[M], res)
         del copies, base
         torch.cuda.empty_cache()
     res["cublas"].append(dict(N=N, K=K, us=fp))
     if tg:
         res["tinygemm"].append(dict(N=N, K=K, us=tg))
+
+
+def cand_call(name: str, x: torch.Tensor, L: dict, bits: int):
+    return triton_ops.run_route(
+        name, x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP
+    )
+
+
+def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
+    for name in triton_ops.candidates(M):
+        if time.time() - res["opts"]["t0"] > res["opts"]["budget"]:
+            print("    (budget spent: no more candidates)", flush=True)
+            return
+        try:
+            t = graph_time_us([partial(cand_call, name, x, L, bits) for L in copies], reps=9)
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or fit
+            print(f"    cand {name}: {exc!r}"[:300], flush=True)
+            continue
+        res["cand"].append(dict(N=N, K=K, bits=bits, M=M, name=name, us=t, cublas_us=fp_us))
+        print(f"    cand {name:10s} {t:8.2f}us x{fp_us / t:4.2f}", flush=True)
 
 
 def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
@@ -256,19 +279,22 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
 
 
 def _warm_case(args) -> str:
-    N, K, bits, Ms = args
+    N, K, bits, Ms, cand = args
     L = packed_layer(N, K, bits, codes=False)
     for M in Ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         ours(x, L, bits)
+        if cand and M > triton_ops.GEMV_MAX_M:
+            for name in triton_ops.candidates(M):
+                cand_call(name, x, L, bits)
     torch.cuda.synchronize()
     return f"{N}x{K} W{bits}"
 
 
-def warm(shapes, workers: int) -> None:
+def warm(shapes, workers: int, cand: bool) -> None:
     """Compile every (shape, bits, M) kernel in worker processes (fills Triton's disk cache)."""
     t0 = time.time()
-    cases = [(N, K, b, MS) for (N, K) in shapes for b in BITS]
+    cases = [(N, K, b, [M], cand) for (N, K) in shapes for b in BITS for M in MS]
     with mp.get_context("spawn").Pool(workers) as pool:
         for done in pool.imap_unordered(_warm_case, cases):
             print(f"  warm {done} ({time.time() - t0:.0f}s)", flush=True)
@@ -292,6 +318,9 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=0)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--profile", default=None, help="N,K,bits,M: only run the op (for ncu)")
+    ap.add_argument("--candidates", action="store_true")
+    ap.add_argument("--skip-tinygemm", action="store_true")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
@@ -306,21 +335,51 @@ def main() -> None:
             triton=__import__("triton").__version__,
             gemv_max_m=triton_ops.GEMV_MAX_M,
             cublas_min_m=triton_ops.CUBLAS_MIN_M,
+            default_routes=triton_ops.DEFAULT_ROUTES,
+            routes={str(k): v for k, v in triton_ops.ROUTES.items()},
         ),
         rows=[],
         cublas=[],
         tinygemm=[],
         sweep=[],
+        cand=[],
+        opts=dict(
+            candidates=args.candidates,
+            skip_tinygemm=args.skip_tinygemm,
+            budget=args.budget,
+            t0=time.time(),
+        ),
     )
     print(res["env"], flush=True)
     if args.warm:
-        warm(SHAPES[args.shapes], args.warm)
+        warm(SHAPES[args.shapes], args.warm, args.candidates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for N, K in SHAPES[args.shapes]:
         bench_shape(N, K, args.sweep, res)
         (out / "kernels_h200.json").write_text(json.dumps(res, indent=1))
     print_table(res)
+
+
+def best_candidates(res: dict, failing=()) -> dict:
+    """{(N, K, bits, M): (us, name)}: the fastest measured candidate of each cell."""
+    best = {}
+    for r in res.get("cand", []):
+        if r["name"] in failing:
+            continue
+        key = (r["N"], r["K"], r["bits"], r["M"])
+        if key not in best or r["us"] < best[key][0]:
+            best[key] = (r["us"], r["name"])
+    return best
+
+
+def routes_from(res: dict, failing=()) -> dict:
+    """The ROUTES table (triton_ops) that picks the fastest candidate of every measured M."""
+    best = best_candidates(res, failing)
+    out: dict = {}
+    for N, K, bits, M in sorted(best):
+        out.setdefault((N, K, bits), []).append((M, best[(N, K, bits, M)][1]))
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def print_table(res: dict) -> None:
@@ -336,6 +395,13 @@ def print_table(res: dict) -> None:
                     f"{c['speedup']:.2f}({c['floor_frac']:.0%})" if c else "-" for c in cells
                 )
             )
+        best = best_candidates(res)
+        for bits in BITS if best else ():
+            cells = []
+            for M in MS:
+                b, c = best.get((N, K, bits, M)), rows.get((N, K, bits, M))
+                cells.append(f"{c['cublas_us'] / b[0]:.2f}" if b and c else "-")
+            print(f"  W{bits} best candidate: " + " ".join(cells))
         tg = [rows.get((N, K, 4, M), {}).get("tinygemm_us") for M in MS]
         cb = [rows.get((N, K, 4, M), {}).get("cublas_us") for M in MS]
         print(

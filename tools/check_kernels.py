@@ -5,7 +5,9 @@
 Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 64, 256} x
 shape (4096x4096 g128 with 128 salient columns; an odd 960x1536 g64 layer with 37 salient
 columns and a bias; 576x1024 with group -1 and no salient columns), each call on fresh random
-inputs and a NaN-poisoned output buffer, through the launcher that ``route(M)`` picks. A case
+inputs and a NaN-poisoned output buffer, through the kernel that ``route`` picks; and every
+candidate kernel of ``triton_ops.candidates(M)`` (M in CAND_MS, the first two shapes), which
+the exit status does not count but the route tables must avoid when one fails. A case
 passes when max |out - exact| <= 2 x max |ref - exact| (+1e-6), where exact is the float64
 oracle and ref the torch reference in the same dtype (STYLE.md E9); a NaN or an unwritten
 element fails. Then: the custom op under CUDA-graph capture and replay, torch.compile, the
@@ -31,10 +33,9 @@ import _devenv  # noqa: E402,F401
 from gift_quant.kernels import Backend, reference, triton_ops  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear  # noqa: E402
-from gift_quant.kernels.triton_gemm import dequantize, gemm  # noqa: E402
-from gift_quant.kernels.triton_gemv import gemv  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 64, 256]
+CAND_MS = [5, 16, 32, 64, 200]  # every kernel of triton_ops.candidates(M), shapes 0 and 1
 SHAPES = [  # (K, N, group, salient, bias)
     (4096, 4096, 128, 128, False),
     (1536, 960, 64, 37, True),
@@ -44,48 +45,33 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FACTOR = ERROR_FACTOR
 
 
-def run_routed(x: torch.Tensor, layer) -> torch.Tensor:
-    """The launcher ``route`` picks, writing into a NaN-poisoned output."""
+def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
+    """The kernel ``route`` picks (or ``name``), writing into a NaN-poisoned output."""
     prep = triton_ops.prepare(layer)
     M, N = x.shape[0], layer.out_features
-    kind = triton_ops.route(M)
-    if kind == "cublas":
-        w = dequantize(
-            prep.q,
-            prep.sz,
-            prep.wst,
-            prep.sal_pos,
-            prep.K,
-            bits=prep.bits,
-            group=prep.group,
-            dtype=x.dtype,
-        )
-        y = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
-        torch.mm(x, w, out=y)
-        return y + layer.bias.to(x.dtype) if layer.bias is not None else y
+    name = name or triton_ops.route(M, N, prep.K, prep.bits)
     out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
-    ws, cnt = triton_ops._workspace(x.device, M * N)
-    fn = gemv if kind == "gemv" else gemm
-    return fn(
+    return triton_ops.run_route(
+        name,
         x,
         prep.q,
         prep.sz,
         prep.wst,
         prep.sidx,
+        prep.sal_pos,
         layer.bias,
-        ws,
-        cnt,
-        bits=prep.bits,
-        group=prep.group,
+        prep.bits,
+        prep.group,
         out=out,
     )
 
 
 def check_case(args) -> list[dict]:
-    bits, dname, shape_i = args
+    """Routed kernels at MS; with ``cand``, every candidate kernel at CAND_MS instead."""
+    bits, dname, shape_i, cand = args
     K, N, group, nsal, bias = SHAPES[shape_i]
     dtype = DTYPES[dname]
-    seed = 1000 * bits + 10 * shape_i + (dname == "bf16")
+    seed = 1000 * bits + 10 * shape_i + (dname == "bf16") + 7 * cand
     layer = random_mixed_linear(
         K,
         N,
@@ -97,33 +83,37 @@ def check_case(args) -> list[dict]:
         device="cuda",
         dtype=dtype,
     )
-    assert triton_ops.prepare(layer) is not None
+    prep = triton_ops.prepare(layer)
+    assert prep is not None
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    for M in MS:
-        x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
-        exact = oracle(x, layer)
-        ref = reference.dequant_matmul(x, layer)
-        out = run_routed(x, layer)
-        err, ref_err = kernel_error(out, ref, exact)
-        rel = float((out.double() - exact).norm() / exact.norm())
-        rows.append(
-            dict(
-                bits=bits,
-                dtype=dname,
-                K=K,
-                N=N,
-                group=group,
-                salient=nsal,
-                bias=bias,
-                M=M,
-                route=triton_ops.route(M),
-                err=err,
-                ref_err=ref_err,
-                rel=rel,
-                ok=bool(err <= FACTOR * ref_err + 1e-6),
+    for M in CAND_MS if cand else MS:
+        names = triton_ops.candidates(M) if cand else [triton_ops.route(M, N, K, bits)]
+        for name in names:
+            x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
+            exact = oracle(x, layer)
+            ref = reference.dequant_matmul(x, layer)
+            out = run_routed(x, layer, name)
+            err, ref_err = kernel_error(out, ref, exact)
+            rel = float((out.double() - exact).norm() / exact.norm())
+            rows.append(
+                dict(
+                    bits=bits,
+                    dtype=dname,
+                    K=K,
+                    N=N,
+                    group=group,
+                    salient=nsal,
+                    bias=bias,
+                    M=M,
+                    route=name,
+                    candidate=bool(cand),
+                    err=err,
+                    ref_err=ref_err,
+                    rel=rel,
+                    ok=bool(err <= FACTOR * ref_err + 1e-6),
+                )
             )
-        )
     return rows
 
 
@@ -187,16 +177,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12)
     args = ap.parse_args()
     t0 = time.time()
-    cases = [(b, d, s) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]
+    cases = [(b, d, s, 0) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]
+    cases += [(b, d, s, 1) for b in (4, 3, 2) for d in DTYPES for s in (0, 1)]
     rows = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for part in pool.imap_unordered(check_case, cases):
             rows += part
             for r in part:
-                flag = "ok " if r["ok"] else "BAD"
+                flag = ("ok " if r["ok"] else "BAD") + ("c" if r["candidate"] else " ")
                 print(
                     f"{flag} W{r['bits']} {r['dtype']} {r['N']}x{r['K']} g{r['group']} "
-                    f"S{r['salient']} M={r['M']:<3d} {r['route']:6s} err={r['err']:.2e} "
+                    f"S{r['salient']} M={r['M']:<3d} {r['route']:9s} err={r['err']:.2e} "
                     f"ref_err={r['ref_err']:.2e} ratio={r['err'] / max(r['ref_err'], 1e-12):.2f} "
                     f"rel={r['rel']:.1e}",
                     flush=True,
@@ -204,17 +195,27 @@ def main() -> None:
     extras = extra_checks()
     for e in extras:
         print(("ok  " if e["ok"] else "BAD ") + json.dumps(e), flush=True)
-    bad = [r for r in rows if not r["ok"]] + [e for e in extras if not e["ok"]]
-    worst = max(r["err"] / max(r["ref_err"], 1e-12) for r in rows)
+    routed = [r for r in rows if not r["candidate"]]
+    bad = [r for r in routed if not r["ok"]] + [e for e in extras if not e["ok"]]
+    bad_cand = sorted({r["route"] for r in rows if r["candidate"] and not r["ok"]})
+    worst = max(r["err"] / max(r["ref_err"], 1e-12) for r in routed)
     print(
-        f"\n{len(rows)} kernel cases, {len(extras)} extra checks, {len(bad)} failures; "
-        f"worst err / ref_err = {worst:.2f} (bound {FACTOR}); {time.time() - t0:.0f}s"
+        f"\n{len(routed)} routed kernel cases, {len(extras)} extra checks, {len(bad)} failures; "
+        f"worst err / ref_err = {worst:.2f} (bound {FACTOR}); {time.time() - t0:.0f}s\n"
+        f"{len(rows) - len(routed)} candidate cases; failing candidates (never routed): "
+        f"{bad_cand or 'none'}"
     )
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "check_kernels.json").write_text(
         json.dumps(
-            dict(gpu=torch.cuda.get_device_name(), rows=rows, extras=extras, failures=len(bad)),
+            dict(
+                gpu=torch.cuda.get_device_name(),
+                rows=rows,
+                extras=extras,
+                failures=len(bad),
+                failing_candidates=bad_cand,
+            ),
             indent=1,
         )
     )

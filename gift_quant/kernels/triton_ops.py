@@ -7,9 +7,11 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
   position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
   8 bits, widths not multiples of 64) run the torch reference.
-* Dispatch by M = rows of x: split-K GEMV (M <= GEMV_MAX_M), tensor-core split-K GEMM, or
-  dequantize + cuBLAS (M >= CUBLAS_MIN_M). Thresholds measured on the H200
-  (docs/KERNELS-NOTES.md).
+* Dispatch by M = rows of x: split-K GEMV (M <= GEMV_MAX_M); above, ``route`` looks the
+  kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and shipped with the code:
+  docs/KERNELS-NOTES.md, round 2) or in ``DEFAULT_ROUTES``: the round-2 tensor-core kernel
+  ``mm`` in one of the ``MM_CONFIGS``, the round-1 GEMM, or dequantize + cuBLAS. No global
+  autotuning state: the same call always takes the same kernel.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
   through the same tiles (no dense copy of W is kept).
@@ -32,15 +34,49 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..quant.packing import unpack_cols, unpack_rows
 from . import reference
-from .triton_gemm import dequantize, gemm, gemm_backward
+from .triton_gemm import MM_CONFIGS, dequantize, gemm, gemm_backward, mm, mm_config
+from .triton_gemv import MAX_M as GEMV_LIMIT
 from .triton_gemv import gemv
 from .triton_ptx import pack_3bit
 
-__all__ = ["base_matmul", "dequant_matmul", "prepare", "route"]
+__all__ = ["base_matmul", "candidates", "dequant_matmul", "prepare", "route", "run_route"]
 
-GEMV_MAX_M = 4
-CUBLAS_MIN_M = 128
+GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say
+CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
+
+# Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
+# Kernel names: "gemv", "gemm" (round 1), "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS
+# key>" (round 2). Made by tools/bench_kernels.py ``routes_from`` from the candidate timings
+# of round 2, run 5 (benchmarks/results/kernels_h200_candidates.json; fastest candidate per
+# measured M = 8, 16, ..., 512), then "mm:t64k" (measured in run 6, kernels_h200.json) where
+# it was faster by more than 3%. The defaults (other shapes) take per M the candidate with
+# the best geometric-mean speedup over the measured shapes.
+_R = tuple[tuple[int, str], ...]
+_T64_CUBLAS: _R = ((32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas"))
+DEFAULT_ROUTES: dict[int, _R] = {
+    4: ((16, "mm:t64k"), (32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas")),
+    3: _T64_CUBLAS,
+    2: ((32, "mm:t64k"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas")),
+}
+ROUTES: dict[tuple[int, int, int], _R] = {  # (N, K, bits) -> routes
+    (4096, 4096, 4): ((32, "mm:t64k"), (64, "mm:t128w"), (512, "cublas")),
+    (4096, 4096, 3): ((32, "mm:t64"), (64, "mm:t128w"), (512, "cublas")),
+    (4096, 4096, 2): ((32, "mm:t64k"), (64, "mm:t128w"), (512, "cublas")),
+    (12288, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (128, "mm:t64"))
+    + ((512, "cublas"),),
+    (12288, 4096, 3): ((128, "mm:t64"), (512, "cublas")),
+    (12288, 4096, 2): ((32, "mm:t128s"), (128, "mm:t64"), (512, "cublas")),
+    (28672, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (64, "mm:t128w"))
+    + ((128, "mm:t64"), (512, "cublas")),
+    (28672, 4096, 3): _T64_CUBLAS,
+    (28672, 4096, 2): ((16, "mm:t128"), (32, "mm:t128s"), (64, "mm:t128w"), (128, "mm:t64"))
+    + ((512, "cublas"),),
+    (4096, 14336, 4): ((8, "gemv"), (16, "mm:n128"), (32, "mm:t64"), (64, "mm:t128w"))
+    + ((128, "mm:t64"), (512, "cublas")),
+    (4096, 14336, 3): _T64_CUBLAS,
+    (4096, 14336, 2): _T64_CUBLAS,
+}
 
 
 @dataclass
@@ -101,9 +137,73 @@ def _build(layer, key: tuple) -> Prepared | None:
     return Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
 
 
-def route(M: int) -> str:
-    """Which kernel serves M rows: "gemv", "gemm" or "cublas" (dequantize + cuBLAS)."""
-    return "gemv" if M <= GEMV_MAX_M else "gemm" if M < CUBLAS_MIN_M else "cublas"
+def route(M: int, N: int = 0, K: int = 0, bits: int = 0) -> str:
+    """Which kernel serves M rows of an (N, K, bits) layer (names: see ``DEFAULT_ROUTES``)."""
+    if M <= GEMV_MAX_M:
+        return "gemv"
+    if M >= CUBLAS_MIN_M:
+        return "cublas"
+    table = ROUTES.get((N, K, bits)) or DEFAULT_ROUTES.get(bits, DEFAULT_ROUTES[4])
+    for m_max, name in table:
+        if M <= m_max and (name != "gemv" or M <= GEMV_LIMIT):
+            return name
+    return "cublas"
+
+
+def candidates(M: int) -> list[str]:
+    """The kernels the route tables choose among for M rows (measured by
+    ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``)."""
+    if M <= GEMV_MAX_M:
+        return ["gemv"]
+    if M >= CUBLAS_MIN_M:
+        return ["cublas"]
+    out = ["gemv"] if M <= GEMV_LIMIT else []
+    if M <= 32:
+        out += ["mm:t128", "mm:t128s", "mm:t64", "mm:n128", "mm:t64k"]
+    elif M <= 64:
+        out += ["mm:t128w", "mm:t64"]
+    else:
+        out.append("mm:t64")
+    if M < 128:
+        out.append("gemm")
+    if M >= 32:
+        out.append("cublas")
+    return out
+
+
+def run_route(
+    name: str,
+    x2: Tensor,
+    q: Tensor,
+    sz: Tensor,
+    wst: Tensor | None,
+    sidx: Tensor | None,
+    sal_pos: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group: int,
+    out: Tensor | None = None,
+) -> Tensor:
+    """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given)."""
+    M, K = x2.shape
+    N = sz.shape[1]
+    if name == "cublas":
+        w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)
+        if out is None:
+            return torch.addmm(bias.to(x2.dtype), x2, w) if bias is not None else x2 @ w
+        if bias is not None:
+            return torch.addmm(bias.to(x2.dtype), x2, w, out=out)
+        return torch.mm(x2, w, out=out)
+    ws, cnt = _workspace(x2.device, M * N)
+    kw = dict(bits=bits, group=group, out=out)
+    if name == "gemv":
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
+    if name == "gemm":
+        return gemm(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
+    if name.startswith("mm:"):
+        cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
+        return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
+    raise ValueError(f"unknown kernel {name!r}")
 
 
 _workspaces: dict[int, tuple[Tensor, Tensor]] = {}
@@ -143,14 +243,7 @@ def _run(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    kind = route(M)
-    if kind == "cublas":
-        w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x.dtype)
-        y = torch.addmm(bias.to(x.dtype), x2, w) if bias is not None else x2 @ w
-    else:
-        ws, cnt = _workspace(x.device, M * N)
-        fn = gemv if kind == "gemv" else gemm
-        y = fn(x2, q, sz, wst, sidx, bias, ws, cnt, bits=bits, group=group)
+    y = run_route(route(M, N, K, bits), x2, q, sz, wst, sidx, sal_pos, bias, bits, group)
     return y.reshape(*x.shape[:-1], N)
 
 
