@@ -9,7 +9,12 @@ Importing the package registers the ``gift_quant`` quantizer with transformers, 
 
 __version__ = "0.1.0"
 
-from . import hf as _hf  # noqa: E402,F401  (registers the transformers quantizer)
+try:  # registers the transformers quantizer (transformers >= 5.20)
+    from . import hf as _hf  # noqa: E402,F401
+except ImportError as _exc:  # an older transformers: everything but from_pretrained(export) works
+    import logging as _logging
+
+    _logging.getLogger(__name__).warning("transformers quantizer hook unavailable: %s", _exc)
 from .export import save_quantized  # noqa: E402
 from .kernels import Backend, dequant_matmul  # noqa: E402
 from .load import inspect_checkpoint, load_quantized  # noqa: E402

@@ -8,6 +8,7 @@ at a time.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -141,11 +142,13 @@ def collect_stats(
     kwargs: list[dict],
     with_hessian: bool,
     stop_after: str | None = None,
+    norms: tuple[float, ...] = (1.0, 2.0, math.inf),
 ) -> dict[str, LayerStats]:
     """Statistics of the inputs of ``targets`` over all calibration batches.
 
-    Linears fed the same tensor share one LayerStats (q/k/v: one Hessian, not three). With
-    ``stop_after`` the block's forward ends right after that Linear has run.
+    Linears fed the same tensor share one LayerStats (q/k/v: one Hessian, not three). Only the
+    activation norms in ``norms`` are accumulated. With ``stop_after`` the block's forward ends
+    right before that Linear runs (its input is recorded).
     """
     stats: dict[str, LayerStats] = {}
     shared: dict[int, LayerStats] = {}
@@ -157,7 +160,7 @@ def collect_stats(
             if name not in stats:
                 owner = shared.get(id(x))
                 if owner is None:
-                    owner = LayerStats.empty(x.shape[-1], with_hessian, device=x.device)
+                    owner = LayerStats.empty(x.shape[-1], with_hessian, norms, x.device)
                     owner.add(x)
                     shared[id(x)] = owner
                     alive.append(x)

@@ -1,10 +1,14 @@
 """Training checkpoints as safetensors + JSON (never pickle), written atomically.
 
 A checkpoint ``step-000050/`` holds ``trainable.safetensors`` (the trainable parameters by
-name), ``optimizer.safetensors`` (per-parameter optimizer state), ``rng.safetensors`` (torch's
-CPU RNG state) and ``state.json`` (step, scheduler state, optimizer hyper-parameters, a
-fingerprint of the recipe). The data position and the noise seeds are functions of the step,
-so these files are all a resume needs to continue bit-identically.
+name), ``optimizer.safetensors`` (their optimizer state, keyed ``<param>::<state>``),
+``rng.safetensors`` (torch's CPU RNG state) and ``state.json`` (step, scheduler state, optimizer
+hyper-parameters, a fingerprint of the recipe). The data position and the noise seeds are
+functions of the step, so these files are all a resume needs to continue bit-identically.
+
+Tensors go through torch.distributed.checkpoint's full (unsharded) state dicts, so the same
+files serve one process, DDP and FSDP, and a run saved by N processes resumes on M. Every rank
+calls :func:`save_checkpoint` (gathering sharded tensors is collective); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,57 +20,71 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from .export import atomic_directory
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
+_FULL = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
 
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous()
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer, scheduler, fingerprint: dict, keep: int = 2
+    root: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    fingerprint: dict,
+    keep: int = 2,
+    write: bool = True,
 ) -> Path:
-    params = _trainable(model)
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    names = set(_trainable_names(model))
+    params = {
+        k: _cpu(v) for k, v in get_model_state_dict(model, options=_FULL).items() if k in names
+    }
+    osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    target = root / f"step-{step:06d}"
+    if not write:
+        return target
     opt_tensors, opt_scalars = {}, {}
-    for p, state in optimizer.state.items():
-        i = index[id(p)]
+    for fqn, state in osd["state"].items():
         for key, value in state.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+            if torch.is_tensor(value) and value.dim() > 0:
+                opt_tensors[f"{fqn}::{key}"] = _cpu(value)
             else:
-                opt_scalars[f"{i}.{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+                opt_scalars[f"{fqn}::{key}"] = float(value)
     state = {
         "step": step,
         "scheduler": scheduler.state_dict(),
-        "param_groups": groups,
+        "param_groups": osd["param_groups"],
         "optimizer_scalars": opt_scalars,
-        "param_names": list(params),
+        "param_names": sorted(params),
         "fingerprint": fingerprint,
     }
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step:06d}"
     with atomic_directory(target) as tmp:
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in params.items()},
-            tmp / "trainable.safetensors",
-        )
+        save_file(params, tmp / "trainable.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_jsonable))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def _jsonable(value):
-    if torch.is_tensor(value):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -87,28 +105,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) 
             f"{path} was written with a different recipe ({', '.join(diff)} differ); "
             f"resume with the same recipe or use a new --out directory"
         )
-    params = _trainable(model)
-    if list(params) != state["param_names"]:
+    if sorted(_trainable_names(model)) != state["param_names"]:
         raise ValueError(f"{path}: trainable parameters differ from the checkpoint's")
-    saved = load_file(path / "trainable.safetensors")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    flat = [p for g in optimizer.param_groups for p in g["params"]]
-    tensors = load_file(path / "optimizer.safetensors")
-    per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        per_param.setdefault(int(i), {})[name] = value.to(flat[int(i)].device)
+    params = load_file(path / "trainable.safetensors")
+    set_model_state_dict(
+        model, params, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+    per_param: dict[str, dict] = {}
+    for key, value in load_file(path / "optimizer.safetensors").items():
+        fqn, name = key.split("::", 1)
+        per_param.setdefault(fqn, {})[name] = value
     for key, value in state["optimizer_scalars"].items():
-        i, name = key.split(".", 1)
-        per_param.setdefault(int(i), {})[name] = value
-    ids, start = [], 0
-    for g in optimizer.param_groups:  # load_state_dict names parameters by position
-        ids.append(list(range(start, start + len(g["params"]))))
-        start += len(g["params"])
-    groups = [{**saved, "params": i} for saved, i in zip(state["param_groups"], ids, strict=True)]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        fqn, name = key.split("::", 1)
+        per_param.setdefault(fqn, {})[name] = torch.tensor(value)
+    osd = {"state": per_param, "param_groups": state["param_groups"]}
+    set_optimizer_state_dict(model, optimizer, osd, options=_FULL)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(path / "rng.safetensors")["cpu"])
     return int(state["step"])

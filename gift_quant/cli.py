@@ -150,9 +150,9 @@ def cmd_recover(args) -> dict:
 
     recipe = _load_recipe(args, default="quickstart")
     report = recover(recipe, args.out, progress=not args.quiet)
-    if not args.json:
+    if report is not None and not args.json:
         print(report_table(report))
-    return report
+    return report  # None on ranks > 0 of a multi-process run: they print nothing
 
 
 def cmd_eval(args) -> dict:
@@ -287,6 +287,7 @@ def cmd_inspect(args) -> dict:
 
 COMMANDS = {
     "quantize": cmd_quantize,
+    "recover": cmd_recover,
     "eval": cmd_eval,
     "export": cmd_export,
     "inspect": cmd_inspect,
@@ -299,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result is None:
+        return 0
     if args.json:
         print(json.dumps(result))
     elif args.command != "recover":

@@ -219,7 +219,11 @@ def load_quantized(
     columns stay fp16, codes stay int32.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5.20 keeps it here
+        from transformers.modeling_utils import no_init_weights
 
     info = inspect_checkpoint(path)
     root = info.path

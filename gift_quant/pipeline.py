@@ -21,13 +21,17 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
+from . import distributed
+from .checkpoint import latest_checkpoint
 from .data import eval_windows, load_documents, tokenize_documents
 from .evaluate import bits_report, perplexity
 from .export import save_quantized
 from .gift_linear import attach_gift, detach_gift
 from .load import load_quantized
 from .modeling import load_model, resolve_device
+from .modules import MixedLinear
 from .quantize import quantize_model, select_salient_columns
 from .recipe import Recipe, RecipeError, recipe_from_dict
 from .train import train
@@ -60,192 +64,238 @@ def _stage_matches(export_dir: Path, recipe: Recipe) -> bool:
     return all(saved.get(s) == now[s] for s in QUANT_SECTIONS)
 
 
-def _cached(path: Path, compute) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+class _Run:
+    """What every stage of one recover run shares: recipe, output dir, eval data, device and
+    process group."""
 
+    def __init__(self, recipe: Recipe, out: Path, progress: bool) -> None:
+        self.recipe, self.out, self.progress = recipe, out, progress
+        base = resolve_device(recipe.model.device)
+        self.dist = distributed.init(base)
+        self.device = distributed.rank_device(self.dist, base)
+        self.timings: dict[str, float] = {}
+        self.fingerprint = {
+            k: json.dumps(v, sort_keys=True) for k, v in recipe.to_dict().items() if k != "eval"
+        }
 
-def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run (or resume) the whole recovery job; returns the report dict."""
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    _check_recipe(out, recipe)
-    device = resolve_device(recipe.model.device)
-    ev, tr = recipe.eval, recipe.train
-    timings: dict[str, float] = {}
+    def load_text(self, tok) -> None:
+        ev = self.recipe.eval
+        tokens = tokenize_documents(tok, load_documents(ev.text[0]))
+        self.windows = eval_windows(tokens, ev.seq_len, ev.max_tokens)
 
-    model, tok = load_model(recipe.model)
-    text = ev.text[0]
-    windows = eval_windows(tokenize_documents(tok, load_documents(text)), ev.seq_len, ev.max_tokens)
-
-    def ppl(m, label):
+    def ppl(self, model, label: str, windows=None, progress=None) -> dict:
+        ev = self.recipe.eval
         r = perplexity(
-            m,
-            windows,
+            model,
+            self.windows if windows is None else windows,
             ev.batch_size,
-            device,
+            self.device,
             getattr(torch, ev.dtype),
-            progress,
+            self.progress if progress is None else progress,
             desc=f"ppl {label}",
         )
-        log.info("%s perplexity on %s: %.3f (%d tokens)", label, text, r["perplexity"], r["tokens"])
+        log.info("%s perplexity: %.3f (%d tokens)", label, r["perplexity"], r["tokens"])
         return r
 
-    fp = _cached(out / "eval_fp.json", lambda: {**ppl(model, "fp"), **bits_report(model)})
-    teacher = None
-    if tr.kd_weight > 0 and tr.method != "none":
-        teacher, _ = load_model(
-            recipe.model, dtype=torch.bfloat16 if tr.dtype != "float32" else None
-        )
-        teacher.to(device).eval().requires_grad_(False)
+    def cached(self, name: str, compute) -> dict:
+        """Rank 0 computes and stores ``eval_<name>.json`` once; every rank reads it."""
+        path = self.out / f"eval_{name}.json"
+        if self.dist.main and not path.is_file():
+            path.write_text(json.dumps(compute(), indent=2) + "\n")
+        self.dist.barrier()
+        return json.loads(path.read_text())
 
-    eval_fn = None
-    if tr.eval_every:
-        eval_windows_small = windows[: max(1, tr.eval_tokens // ev.seq_len)]
+    def eval_fn(self):
+        tr = self.recipe.train
+        if not tr.eval_every:
+            return None
+        small = self.windows[: max(1, tr.eval_tokens // self.recipe.eval.seq_len)]
 
-        def eval_fn(m):
-            r = perplexity(
-                m,
-                eval_windows_small,
-                ev.batch_size,
-                device,
-                getattr(torch, ev.dtype),
-                progress=False,
-            )
+        def evaluate(model):
+            r = self.ppl(model, "train", small, progress=False)
             return {"perplexity": r["perplexity"], "tokens": r["tokens"]}
 
-    fingerprint = {
-        k: json.dumps(v, sort_keys=True) for k, v in recipe.to_dict().items() if k != "eval"
-    }
-    final = out / "model"
-    quantized_report: dict = {}
-    train_report: dict = {}
+        return evaluate
+
+
+def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict | None:
+    """Run (or resume) the whole recovery job; returns the report dict (None on the ranks
+    other than 0 of a multi-process run)."""
+    t_start = time.perf_counter()
+    run = _Run(recipe, Path(out_dir), progress)
+    d, tr = run.dist, recipe.train
+    if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method == "lora")):
+        raise RecipeError(
+            "several processes run post-mode gift (ddp or fsdp) or lora (ddp); "
+            "run train.mode=pre in one process"
+        )
+    if d.main:
+        _check_recipe(run.out, recipe)
+    d.barrier()
+    model, tok = load_model(recipe.model)
+    run.load_text(tok)
+    fp = run.cached("fp", lambda: {**run.ppl(model, "fp"), **bits_report(model)})
+    teacher = None
+    if tr.kd_weight > 0 and tr.method != "none":
+        dtype = None if tr.dtype == "float32" else torch.bfloat16
+        teacher, _ = load_model(recipe.model, dtype=dtype)
+        teacher.to(run.device).eval().requires_grad_(False)
+
     if tr.mode == "post":
-        qdir = out / "quantized"
-        t0 = time.perf_counter()
-        if (qdir / "config.json").is_file():
-            if not _stage_matches(qdir, recipe):
-                raise RecipeError(f"{qdir} was quantized with other settings; use a new --out")
-            log.info("stage quantize: reusing %s", qdir)
-            model = load_quantized(qdir)
-            quantized_report = json.loads((qdir / "report.json").read_text())
-        else:
-            log.info(
-                "stage quantize: %s w%d g%d",
-                recipe.quant.method,
-                recipe.quant.bits,
-                recipe.quant.group_size,
-            )
-            rep = quantize_model(model, tok, recipe, progress=progress)
-            quantized_report = {**rep.to_dict(), **bits_report(model)}
-            save_quantized(
-                model,
-                qdir,
-                tokenizer=tok,
-                recipe=recipe,
-                report=quantized_report,
-                checkpoint_format=recipe.export.checkpoint_format,
-            )
-        timings["quantize"] = time.perf_counter() - t0
-        quant = _cached(out / "eval_quantized.json", lambda: ppl(model, "quantized"))
-        if tr.method == "none" or tr.steps == 0:
-            final = qdir
-        elif (final / "config.json").is_file() or (out / "lora_adapter").is_dir():
-            log.info("stage train: done earlier")
-        else:
-            t0 = time.perf_counter()
-            if tr.method == "gift":
-                attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
-            else:
-                from .baselines import attach_lora
-
-                model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
-                log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
-            rep = train(
-                model,
-                tok,
-                tr,
-                out / "train",
-                fingerprint=fingerprint,
-                teacher=teacher,
-                eval_fn=eval_fn,
-                progress=progress,
-                device=device,
-            )
-            train_report = rep.to_dict()
-            timings["train"] = time.perf_counter() - t0
-            (out / "train" / "report.json").write_text(json.dumps(train_report, indent=2) + "\n")
-            model.to("cpu")
-            if tr.method == "gift":
-                detach_gift(model)
-                save_quantized(
-                    model,
-                    final,
-                    tokenizer=tok,
-                    recipe=recipe,
-                    checkpoint_format=recipe.export.checkpoint_format,
-                )
-            else:
-                model.save_pretrained(out / "lora_adapter")
-                final = out / "lora_adapter"
-    else:  # pre: GIFT-SW on the FP model with quant.bits noise, then quantize
+        model, quantized_report = _quantize_stage(run, model, tok)
+        quant = run.cached("quantized", lambda: run.ppl(model, "quantized"))
+        final, train_report = _train_post(run, model, tok, teacher)
+    else:
         quant = None
-        if not (final / "config.json").is_file():
-            t0 = time.perf_counter()
-            salient = select_salient_columns(model, tok, recipe, progress=progress)
-            attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits), salient=salient)
-            rep = train(
-                model,
-                tok,
-                tr,
-                out / "train",
-                fingerprint=fingerprint,
-                teacher=teacher,
-                eval_fn=eval_fn,
-                progress=progress,
-                device=device,
-            )
-            train_report = rep.to_dict()
-            timings["train"] = time.perf_counter() - t0
-            (out / "train" / "report.json").write_text(json.dumps(train_report, indent=2) + "\n")
-            model.to("cpu")
-            detach_gift(model)
-            t0 = time.perf_counter()
-            rep = quantize_model(model, tok, recipe, progress=progress, salient=salient)
-            quantized_report = {**rep.to_dict(), **bits_report(model)}
-            timings["quantize"] = time.perf_counter() - t0
-            save_quantized(
-                model,
-                final,
-                tokenizer=tok,
-                recipe=recipe,
-                report=quantized_report,
-                checkpoint_format=recipe.export.checkpoint_format,
-            )
-
-    if not train_report and (out / "train" / "report.json").is_file():
-        train_report = json.loads((out / "train" / "report.json").read_text())
-    recovered = _cached(
-        out / "eval_recovered.json", lambda: ppl(_load_final(out, final, tr), "recovered")
-    )
+        final, train_report, quantized_report = _pre(run, model, tok, teacher)
+    recovered = run.cached("recovered", lambda: run.ppl(_load_final(run.out, final), "recovered"))
+    d.close()
+    if not d.main:
+        return None
     report = _report(
         recipe,
-        out,
+        run.out,
         final,
         fp,
         quant,
         recovered,
         quantized_report,
         train_report,
-        timings,
+        run.timings,
         time.perf_counter() - t_start,
     )
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_table(report) + "\n")
+    (run.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run.out / "report.md").write_text(report_table(report) + "\n")
     return report
+
+
+def _quantize_stage(run: _Run, model, tok):
+    """The quantized start in OUT/quantized (rank 0 makes it once; every rank loads it)."""
+    recipe, qdir = run.recipe, run.out / "quantized"
+    t0 = time.perf_counter()
+    made_here = False
+    if run.dist.main and not (qdir / "config.json").is_file():
+        q = recipe.quant
+        log.info("stage quantize: %s w%d g%d", q.method, q.bits, q.group_size)
+        rep = quantize_model(model, tok, recipe, progress=run.progress)
+        save_quantized(
+            model,
+            qdir,
+            tokenizer=tok,
+            recipe=recipe,
+            report={**rep.to_dict(), **bits_report(model)},
+            checkpoint_format=recipe.export.checkpoint_format,
+        )
+        made_here = True
+    run.dist.barrier()
+    if not _stage_matches(qdir, recipe):
+        raise RecipeError(f"{qdir} was quantized with other settings; use a new --out")
+    if not made_here:
+        log.info("stage quantize: loading %s", qdir)
+        model = load_quantized(qdir)
+    run.timings["quantize"] = time.perf_counter() - t0
+    return model, json.loads((qdir / "report.json").read_text())
+
+
+def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
+    recipe, tr, out = run.recipe, run.recipe.train, run.out
+    if tr.method == "none" or tr.steps == 0:
+        return out / "quantized", {}
+    final = out / ("lora_adapter" if tr.method == "lora" else "model")
+    report_file = out / "train" / "report.json"
+    if (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
+        log.info("stage train: done earlier")
+        return final, json.loads(report_file.read_text())
+    t0 = time.perf_counter()
+    if tr.method == "gift":
+        attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
+    else:
+        from .baselines import attach_lora
+
+        model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
+        log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
+    rep = train(
+        model,
+        tok,
+        tr,
+        out / "train",
+        fingerprint=run.fingerprint,
+        teacher=teacher,
+        eval_fn=run.eval_fn(),
+        progress=run.progress,
+        device=run.device,
+        dist=run.dist,
+    )
+    run.timings["train"] = time.perf_counter() - t0
+    if run.dist.main:
+        report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+        model.to("cpu")
+        if tr.method == "lora":
+            model.save_pretrained(final)
+        else:
+            if run.dist.enabled:  # parameters may be sharded: rebuild from the full checkpoint
+                model = load_quantized(out / "quantized")
+                apply_salient_checkpoint(model, latest_checkpoint(out / "train" / "checkpoints"))
+            else:
+                detach_gift(model)
+            save_quantized(
+                model,
+                final,
+                tokenizer=tok,
+                recipe=recipe,
+                checkpoint_format=recipe.export.checkpoint_format,
+            )
+    run.dist.barrier()
+    return final, rep.to_dict()
+
+
+def _pre(run: _Run, model, tok, teacher) -> tuple[Path, dict, dict]:
+    """Pre mode: GIFT-SW on the FP model with quant.bits noise, then quantize."""
+    recipe, tr, out = run.recipe, run.recipe.train, run.out
+    final = out / "model"
+    if (final / "config.json").is_file():
+        train_report = json.loads((out / "train" / "report.json").read_text())
+        return final, train_report, json.loads((final / "report.json").read_text())
+    t0 = time.perf_counter()
+    salient = select_salient_columns(model, tok, recipe, progress=run.progress)
+    attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits), salient=salient)
+    rep = train(
+        model,
+        tok,
+        tr,
+        out / "train",
+        fingerprint=run.fingerprint,
+        teacher=teacher,
+        eval_fn=run.eval_fn(),
+        progress=run.progress,
+        device=run.device,
+    )
+    run.timings["train"] = time.perf_counter() - t0
+    (out / "train" / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+    model.to("cpu")
+    detach_gift(model)
+    t0 = time.perf_counter()
+    qrep = quantize_model(model, tok, recipe, progress=run.progress, salient=salient)
+    quantized_report = {**qrep.to_dict(), **bits_report(model)}
+    run.timings["quantize"] = time.perf_counter() - t0
+    save_quantized(
+        model,
+        final,
+        tokenizer=tok,
+        recipe=recipe,
+        report=quantized_report,
+        checkpoint_format=recipe.export.checkpoint_format,
+    )
+    return final, rep.to_dict(), quantized_report
+
+
+def apply_salient_checkpoint(model, checkpoint: Path) -> None:
+    """Set every MixedLinear's salient columns from a training checkpoint (fp32 -> fp16)."""
+    trained = load_file(checkpoint / "trainable.safetensors")
+    for name, module in model.named_modules():
+        key = f"{name}.salient_weight"
+        if isinstance(module, MixedLinear) and key in trained:
+            module.salient_weight = trained[key].to(torch.float16)
 
 
 def final_model_dir(path: Path) -> Path:
@@ -256,7 +306,7 @@ def final_model_dir(path: Path) -> Path:
     return path
 
 
-def _load_final(out: Path, final: Path, tr):
+def _load_final(out: Path, final: Path):
     if final.name == "lora_adapter":
         from .baselines import load_lora
 

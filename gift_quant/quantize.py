@@ -81,6 +81,47 @@ class QuantizeReport:
         }
 
 
+def _salient_columns(name, W, stats, recipe, forced) -> torch.Tensor:
+    """Sorted salient column indices of one Linear: forced ones, or the metric's top k."""
+    N, K = W.shape
+    if forced is not None:
+        return torch.sort(forced.to(W.device).long()).values
+    k = salient_budget(name, K, N, recipe.saliency, recipe.quant)
+    if not k:
+        return torch.zeros(0, dtype=torch.int64, device=W.device)
+    if stats is None:
+        raise ValueError(f"{name}: ranking salient columns needs calibration statistics")
+    q = recipe.quant
+    scores = column_scores(W, stats, recipe.saliency.norms, Grid.from_config(q), q.group_size)
+    return select_salient(scores, k)
+
+
+def _finish(name, linear, qw, hessian, seconds) -> tuple[MixedLinear, LayerReport]:
+    """The MixedLinear of a quantized weight (on the CPU) and its report line."""
+    W = linear.weight.detach().to(qw.codes.device).float()
+    rel_error = None
+    if hessian is not None:
+        D = W - qw.dequantize()
+        rel_error = float((D @ hessian * D).sum() / (W @ hessian * W).sum().clamp(min=1e-30))
+    bias = linear.bias.detach().cpu() if linear.bias is not None else None
+    qw_cpu = dataclasses.replace(
+        qw, **{k: v.cpu() for k, v in vars(qw).items() if torch.is_tensor(v)}
+    )
+    layer = MixedLinear.from_quantized(qw_cpu, bias, dtype=linear.weight.dtype)
+    N, K = W.shape
+    report = LayerReport(
+        name=name,
+        in_features=K,
+        out_features=N,
+        num_salient=qw.salient_idx.numel(),
+        storage_bits=layer.storage_bits(),
+        gptq_loss=qw.loss,
+        rel_error=rel_error,
+        seconds=seconds,
+    )
+    return layer, report
+
+
 @torch.no_grad()
 def quantize_linear(
     name: str,
@@ -95,41 +136,47 @@ def quantize_linear(
     ``salient`` forces the salient columns (pre mode keeps the ones it trained)."""
     t0 = time.perf_counter()
     W = linear.weight.detach().to(device)
-    N, K = W.shape
-    q = recipe.quant
-    k = salient_budget(name, K, N, recipe.saliency, q) if salient is None else salient.numel()
-    if salient is not None:
-        salient = torch.sort(salient.to(device).long()).values
-    elif k:
-        if stats is None:
-            raise ValueError(f"{name}: ranking salient columns needs calibration statistics")
-        scores = column_scores(W, stats, recipe.saliency.norms, Grid.from_config(q), q.group_size)
-        salient = select_salient(scores, k)
-    else:
-        salient = torch.zeros(0, dtype=torch.int64, device=device)
+    idx = _salient_columns(name, W, stats, recipe, salient)
     hessian = stats.hessian if stats is not None else None
-    qw = QUANTIZERS.get(q.method)(W, hessian, salient, q)
-    rel_error = None
-    if hessian is not None:
-        D = W.float() - qw.dequantize()
-        Wf = W.float()
-        rel_error = float((D @ hessian * D).sum() / (Wf @ hessian * Wf).sum().clamp(min=1e-30))
-    bias = linear.bias.detach().cpu() if linear.bias is not None else None
-    qw_cpu = dataclasses.replace(
-        qw, **{k: v.cpu() for k, v in vars(qw).items() if torch.is_tensor(v)}
-    )
-    layer = MixedLinear.from_quantized(qw_cpu, bias, dtype=linear.weight.dtype)
-    report = LayerReport(
-        name=name,
-        in_features=K,
-        out_features=N,
-        num_salient=k,
-        storage_bits=layer.storage_bits(),
-        gptq_loss=qw.loss,
-        rel_error=rel_error,
-        seconds=time.perf_counter() - t0,
-    )
-    return layer, report
+    qw = QUANTIZERS.get(recipe.quant.method)(W, hessian, idx, recipe.quant)
+    return _finish(name, linear, qw, hessian, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def quantize_shared(
+    names: list[str], linears: list[nn.Linear], stats: LayerStats, recipe, device: torch.device
+) -> list[tuple[MixedLinear, LayerReport]]:
+    """GPTQ of Linears that read the same input (q/k/v, gate/up) and keep no salient columns:
+    their rows are stacked and quantized in one pass over the shared Hessian. Each output row
+    is quantized independently in GPTQ, so this equals quantizing them one by one."""
+    t0 = time.perf_counter()
+    W = torch.cat([lin.weight.detach().to(device) for lin in linears])
+    none = torch.zeros(0, dtype=torch.int64, device=device)
+    qw = QUANTIZERS.get("gptq")(W, stats.hessian, none, recipe.quant)
+    seconds = (time.perf_counter() - t0) / len(names)
+    out, start = [], 0
+    for name, lin in zip(names, linears, strict=True):
+        end = start + lin.out_features
+        out.append(_finish(name, lin, qw.rows(start, end), stats.hessian, seconds))
+        start = end
+    return out
+
+
+def _shared_batches(group, targets, stats, recipe, salient) -> list[list[str]]:
+    """Split a group into runs of Linears that can share one GPTQ pass (see quantize_shared):
+    consecutive, same statistics object (same input), no salient columns."""
+    if recipe.quant.method != "gptq" or salient is not None:
+        return [[n] for n in group]
+    runs: list[tuple[list[str], bool]] = []
+    for name in group:
+        lin = targets[name]
+        k = salient_budget(name, lin.in_features, lin.out_features, recipe.saliency, recipe.quant)
+        plain = k == 0
+        if plain and runs and runs[-1][1] and stats.get(runs[-1][0][0]) is stats.get(name):
+            runs[-1][0].append(name)
+        else:
+            runs.append(([name], plain))
+    return [names for names, _ in runs]
 
 
 def _dense(layer: MixedLinear, device: torch.device, dtype: torch.dtype) -> nn.Linear:
@@ -186,11 +233,14 @@ def quantize_model(
     dtype = resolve_dtype(recipe.calib.dtype, device)
     blocks_name, blocks, per_block = _validate(model, recipe)
     needs_hessian = recipe.quant.method == "gptq"
-    needs_calib = needs_hessian or any(
+    needs_salient = salient is None and any(
         salient_budget(n, lin.in_features, lin.out_features, recipe.saliency, recipe.quant)
         for targets in per_block
         for n, lin in targets.items()
     )
+    needs_calib = needs_hessian or needs_salient
+    # activation norms the saliency metric reads; none when no layer keeps salient columns
+    norms = (recipe.saliency.norms[1],) if needs_salient else ()
     report = QuantizeReport()
     inputs: list = []
     kwargs: list = []
@@ -221,17 +271,26 @@ def quantize_model(
                     block_kwargs,
                     with_hessian=needs_hessian,
                     stop_after=group[-1] if len(groups) > 1 else None,
+                    norms=norms,
                 )
             report.seconds_calibration += time.perf_counter() - t0
-            for name in group:
-                forced = None if salient is None else salient.get(name)
-                layer, layer_report = quantize_linear(
-                    name, targets[name], stats.get(name), recipe, device, forced
-                )
-                set_module(block, name[len(prefix) :], layer)
-                if work is not None:  # later passes see the quantized layer (as a dense copy)
-                    set_module(work, name[len(prefix) :], _dense(layer, device, dtype))
-                report.layers.append(layer_report)
+            for batch in _shared_batches(group, targets, stats, recipe, salient):
+                if len(batch) > 1:
+                    done = quantize_shared(
+                        batch, [targets[n] for n in batch], stats[batch[0]], recipe, device
+                    )
+                else:
+                    forced = None if salient is None else salient.get(batch[0])
+                    done = [
+                        quantize_linear(
+                            batch[0], targets[batch[0]], stats.get(batch[0]), recipe, device, forced
+                        )
+                    ]
+                for name, (layer, layer_report) in zip(batch, done, strict=True):
+                    set_module(block, name[len(prefix) :], layer)
+                    if work is not None:  # later passes see the quantized layer (dense copy)
+                        set_module(work, name[len(prefix) :], _dense(layer, device, dtype))
+                    report.layers.append(layer_report)
             del stats
         if work is not None:
             t0 = time.perf_counter()
@@ -264,7 +323,14 @@ def select_salient_columns(
         block_kwargs = [kw[i] for kw in kwargs]
         work = cast_params(copy.deepcopy(blocks[i]).to(device), dtype)
         work_targets = {n: work.get_submodule(n[len(prefix) :]) for n in per_block[i]}
-        stats = collect_stats(work, work_targets, inputs, block_kwargs, with_hessian=False)
+        stats = collect_stats(
+            work,
+            work_targets,
+            inputs,
+            block_kwargs,
+            with_hessian=False,
+            norms=(recipe.saliency.norms[1],),
+        )
         for name, linear in per_block[i].items():
             N, K = linear.weight.shape
             k = salient_budget(name, K, N, recipe.saliency, recipe.quant)

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+BUDGET_KEYS = ("count", "fraction", "avg_bits")
 NORMS = (1.0, 2.0, math.inf)
 
 
@@ -132,7 +133,7 @@ class SaliencyConfig:
         layer_ratios: regex -> multiplier of the budget for matching Linears (OWQ-style,
             e.g. {"mlp\\.(gate|up)_proj": 0.375}).
     Give at most one of count / fraction / avg_bits; with none, ``DEFAULT_COUNT`` (the paper's
-    128) is used.
+    128) is used. A ``--set`` of one of them replaces the budget the recipe file gives.
     """
 
     DEFAULT_COUNT: typing.ClassVar[int] = 128
@@ -266,9 +267,12 @@ class TrainConfig:
             (0 = plain cross-entropy; loss = (1 - w) CE + w T^2 KL); kd_temperature: T.
         lora_rank, lora_alpha: 0 = matched rank, alpha = rank (scaling 1).
         eval_every: held-out perplexity every N steps (0 = only at the end), on eval_tokens.
-        save_every: checkpoint every N steps (0 = never; resume needs checkpoints).
+        save_every: checkpoint every N steps (0 = only after the last step).
         seed: data order and noise.
         log_every: metrics JSON line every N steps.
+        parallel: how several processes (torchrun / accelerate launch) share the work: "ddp"
+            (replicated model, all-reduced gradients) or "fsdp" (trainable parameters and
+            their optimizer state sharded). Ignored in a single process.
     """
 
     method: str = "gift"
@@ -295,9 +299,11 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     log_every: int = 1
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         _check_choice("train.method", self.method, ("gift", "lora", "none"))
+        _check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _check_choice("train.mode", self.mode, ("post", "pre"))
         _check_choice("train.noise", self.noise, ("normal", "uniform", "none"))
         _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
@@ -438,6 +444,9 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise RecipeError(f"recipe section {section!r} must be a mapping")
+        if section == "saliency" and key in BUDGET_KEYS:  # a budget override replaces the file's
+            for other in BUDGET_KEYS:
+                data[section].pop(other, None)
         data[section][key] = value
     return recipe_from_dict(data)
 

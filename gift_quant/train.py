@@ -23,9 +23,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import Dist, no_sync, shard_rows, wrap
 from .gift_linear import GiftLinear
 from .modules import MixedLinear
 from .train_data import IGNORE, TrainBatch, build_train_data
+
+try:  # FSDP2-sharded modules answer isinstance(FSDPModule); evaluation runs after gathering
+    from torch.distributed.fsdp import FSDPModule as Sharded
+except ImportError:  # pragma: no cover
+    Sharded = ()
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,9 @@ class TrainReport:
     seconds: float = 0.0
     seconds_per_step: float = 0.0
     tokens_per_second: float = 0.0
+    tokens_per_second_steady: float = 0.0  # after the first step (warm-up, compilation)
     peak_rss_mb: float = 0.0
+    peak_gpu_mb: float = 0.0  # this rank's peak allocated CUDA memory (0 on the CPU)
     final_loss: float = float("nan")
     evals: list = field(default_factory=list)
 
@@ -106,6 +114,7 @@ def train(
     eval_fn=None,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    dist: Dist | None = None,
 ) -> TrainReport:
     """Train the parameters of ``model`` that require grad, per a TrainConfig ``cfg``.
 
@@ -114,10 +123,13 @@ def train(
 
     ``out_dir`` receives ``checkpoints/`` and ``metrics.jsonl``; an existing checkpoint whose
     fingerprint matches is resumed. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every``
-    steps and at the end. ``teacher`` (frozen, eval mode) enables distillation.
+    steps and at the end. ``teacher`` (frozen, eval mode) enables distillation. Under a
+    multi-process launcher (``dist``), each rank trains on its rows of every global
+    micro-batch through DDP or FSDP (``cfg.parallel``); rank 0 alone logs and writes.
     """
     from transformers import get_cosine_schedule_with_warmup
 
+    d = dist or Dist()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -132,6 +144,8 @@ def train(
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    runner = wrap(model, d, cfg.parallel, device)  # the model itself when single-process
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max(cfg.steps, 1))
@@ -143,7 +157,7 @@ def train(
         start = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
         log.info("resuming from %s (step %d of %d)", latest, start, cfg.steps)
     report.resumed_from = start
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics = (out / "metrics.jsonl").open("a") if d.main else None
 
     model.train()
     t0 = time.perf_counter()
@@ -156,27 +170,40 @@ def train(
         tokens = 0
         loss_sum = ce_sum = 0.0
         for micro in range(cfg.grad_accum):
-            batch = data.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+            full = data.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+            batch = TrainBatch(
+                *(
+                    shard_rows(t, d).to(device)
+                    for t in (full.input_ids, full.labels, full.attention_mask)
+                )
+            )
             for i, m in enumerate(gift):
                 m.noise_seed = noise_seed(cfg.seed, step, micro, i)
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             teacher_logits = None
             if teacher is not None and cfg.kd_weight > 0:
                 with torch.no_grad():
-                    teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            batch.labels = batch.labels.to(device)
-            loss, ce = _loss(logits, batch, teacher_logits, cfg.kd_weight, cfg.kd_temperature)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss) / cfg.grad_accum
-            ce_sum += float(ce) / cfg.grad_accum
+                    teacher_logits = teacher(
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                    ).logits
+            with no_sync(runner, micro == cfg.grad_accum - 1):
+                logits = runner(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
+                loss, ce = _loss(logits, batch, teacher_logits, cfg.kd_weight, cfg.kd_temperature)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            ce_sum += float(ce.detach()) / cfg.grad_accum
             tokens += batch.num_label_tokens
+        loss_sum, ce_sum = d.sum(loss_sum) / d.world, d.sum(ce_sum) / d.world
+        tokens = int(d.sum(tokens))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t_step
         report.tokens += tokens
+        if step == start:
+            t_steady, tokens_first = time.perf_counter(), report.tokens
         loss_val = loss_sum
         row = {
             "step": step + 1,
@@ -190,17 +217,22 @@ def train(
         }
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{tokens / dt:.0f}")
         done = step + 1 == cfg.steps
-        if eval_fn is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+        evaluate = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done
+        if eval_fn is not None and evaluate and d.main and not isinstance(runner, Sharded):
             model.eval()
             row["eval"] = eval_fn(model)
             report.evals.append({"step": step + 1, **row["eval"]})
             model.train()
-        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or done or "eval" in row):
+        if d.main and cfg.log_every and ((step + 1) % cfg.log_every == 0 or done or "eval" in row):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or done):
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, fingerprint)
-    metrics.close()
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
+            save_checkpoint(
+                ckpt_root, step + 1, model, optimizer, scheduler, fingerprint, write=d.main
+            )
+            d.barrier()
+    if metrics is not None:
+        metrics.close()
     model.eval()
     _restore(originals)
     ran = cfg.steps - start
@@ -208,6 +240,12 @@ def train(
     report.seconds = time.perf_counter() - t0
     report.seconds_per_step = report.seconds / ran if ran else 0.0
     report.tokens_per_second = report.tokens / report.seconds if ran else 0.0
+    if ran > 1:
+        report.tokens_per_second_steady = (report.tokens - tokens_first) / (
+            time.perf_counter() - t_steady
+        )
+    if device.type == "cuda":
+        report.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.final_loss = loss_val
     return report

@@ -162,3 +162,21 @@ def test_dead_columns_and_bad_shapes(gen):
         rtn(W, None, torch.zeros(0, dtype=torch.long), QuantConfig(bits=4, group_size=48))
     with pytest.raises(ValueError, match="needs the layer's Hessian"):
         gptq(W, None, torch.zeros(0, dtype=torch.long), QuantConfig())
+
+
+def test_stacked_rows_equal_separate_gptq_runs(gen):
+    # q/k/v share one Hessian: GPTQ of the stacked rows must equal three separate runs
+    K = 128
+    X = correlated_inputs(1024, K, gen)
+    H = X.t() @ X / X.shape[0]
+    Ws = [torch.randn(n, K, generator=gen) for n in (64, 32, 32)]
+    none = torch.zeros(0, dtype=torch.long)
+    cfg = QuantConfig(bits=3, group_size=32)
+    stacked = gptq(torch.cat(Ws), H, none, cfg)
+    start = 0
+    for W in Ws:
+        alone = gptq(W, H, none, cfg)
+        part = stacked.rows(start, start + W.shape[0])
+        assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
+        assert abs(part.loss - alone.loss) <= 1e-4 * max(alone.loss, 1.0)
+        start += W.shape[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class QuantizedWeight:
         salient_weight: [N, k] float32 (after GPTQ's error compensation).
         bits, group_size (-1 = whole row), sym.
         loss: GPTQ's proxy loss sum (w - q)^2 / d^2 / 2 (0 for RTN).
+        row_loss: [N] the same loss per output row (GPTQ), so row blocks can be split off.
     """
 
     codes: Tensor
@@ -43,10 +45,24 @@ class QuantizedWeight:
     group_size: int
     sym: bool
     loss: float = 0.0
+    row_loss: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def rows(self, start: int, end: int) -> QuantizedWeight:
+        """Output rows [start, end) as a QuantizedWeight of their own (the grid is per row)."""
+        row_loss = None if self.row_loss is None else self.row_loss[start:end]
+        return dataclasses.replace(
+            self,
+            codes=self.codes[start:end],
+            scales=self.scales[start:end],
+            zeros=self.zeros[start:end],
+            salient_weight=self.salient_weight[start:end],
+            loss=float(row_loss.sum()) if row_loss is not None else self.loss,
+            row_loss=row_loss,
+        )
 
     def dequantize(self) -> Tensor:
         """[N, K] float32: the grid values with the salient columns in place."""

@@ -118,7 +118,7 @@ def gptq(weight: Tensor, hessian: Tensor | None, salient_idx: Tensor, cfg) -> Qu
     Hinv = inverse_hessian_cholesky(H, cfg.damp_frac)
     del H
     codes = torch.empty(N, K, device=dev)
-    loss = 0.0
+    row_loss = torch.zeros(N, device=dev)
     gid_list = gid.tolist()
 
     for i1 in range(0, n_q, cfg.block_size):  # Alg. 1: lazy batch updates of width B
@@ -150,7 +150,7 @@ def gptq(weight: Tensor, hessian: Tensor | None, salient_idx: Tensor, cfg) -> Qu
             err = w.sub(q.sub_(z).mul_(s)).div_(Hinv1[i, i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
-        loss += float(Err1.square().sum()) / 2
+        row_loss += Err1.square().sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     # Salient columns: zero-point codes, compensated values.
@@ -167,5 +167,6 @@ def gptq(weight: Tensor, hessian: Tensor | None, salient_idx: Tensor, cfg) -> Qu
         bits=cfg.bits,
         group_size=cfg.group_size,
         sym=cfg.sym,
-        loss=float(loss),
+        loss=float(row_loss.sum()),
+        row_loss=row_loss,
     )

@@ -1,0 +1,132 @@
+"""Multi-process training on torch.distributed, launched by ``torchrun`` or ``accelerate launch``.
+
+The launcher sets RANK / WORLD_SIZE / LOCAL_RANK; nothing here starts processes. Two ways to
+spread the existing training loop over ranks, picked by ``train.parallel``:
+
+- ``ddp``: every rank holds the whole (packed) model; DistributedDataParallel all-reduces the
+  gradients of the trainable parameters (salient columns or LoRA) once per optimizer step;
+- ``fsdp``: torch's FSDP2 (``fully_shard`` per decoder block, then the root) shards the
+  trainable parameters and their optimizer state; the frozen packed base (buffers) stays
+  replicated, which is what FSDP does with buffers.
+
+Each rank takes its slice of every global micro-batch, so N ranks see exactly the batches one
+process sees. Only rank 0 writes checkpoints, metrics, exports and reports, and shows progress.
+Checkpoints hold full (unsharded) tensors, so a run saved by N ranks resumes on M ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Dist", "init", "shard_rows"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (every rank, at the end of a run)."""
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+
+def init(device: torch.device) -> Dist:
+    """The process group of this run (a single process when no launcher set WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def rank_device(d: Dist, device: torch.device) -> torch.device:
+    return torch.device("cuda", d.local_rank) if device.type == "cuda" and d.enabled else device
+
+
+def shard_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This rank's rows of a global micro-batch (rows rank, rank + world, ...)."""
+    if not d.enabled:
+        return x
+    if x.shape[0] % d.world:
+        raise ValueError(
+            f"train.batch_size={x.shape[0]} must be a multiple of the {d.world} processes"
+        )
+    return x[d.rank :: d.world]
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str, device: torch.device) -> nn.Module:
+    """The model as the training loop runs it on this rank (itself when single-process)."""
+    if not d.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model,
+            device_ids=[d.local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the frozen packed base never changes
+        )
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from .modeling import decoder_blocks
+
+        for block in decoder_blocks(model)[1]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"train.parallel must be ddp or fsdp, got {strategy!r}")
+
+
+def no_sync(model: nn.Module, last_micro_step: bool):
+    """Skip DDP's all-reduce on all but the last micro-step of an optimizer step."""
+    if last_micro_step or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def full_state(model: nn.Module, optimizer, d: Dist) -> tuple[dict, dict] | None:
+    """Unsharded trainable parameters and optimizer state (for checkpoints and export)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(
+        model, optimizer, options=opts
+    )

@@ -1,0 +1,99 @@
+"""Data-parallel recovery on CPU processes (gloo), launched by torchrun like a user would."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gift_quant.pipeline import recover
+from gift_quant.recipe import load_recipe
+
+SETTINGS = [
+    "calib.num_samples=8",
+    "calib.seq_len=64",
+    "calib.true_sequential=false",
+    "quant.group_size=32",
+    "saliency.count=4",
+    "eval.seq_len=64",
+    "eval.max_tokens=512",
+    "train.steps=3",
+    "train.batch_size=4",
+    "train.grad_accum=2",
+    "train.seq_len=32",
+    "train.save_every=1",
+    "train.lr=1e-3",
+    "train.dtype=float32",
+]
+
+
+def torchrun(nproc: int, model: str, out) -> None:
+    """``torchrun -m gift_quant recover`` with exactly the single-process recipe."""
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(load_recipe(None, [f"model.name_or_path={model}", *SETTINGS]).to_yaml())
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        "-m",
+        "gift_quant",
+        "recover",
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(out),
+        "-q",
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def trained(out, step=3):
+    return load_file(out / f"train/checkpoints/step-{step:06d}/trainable.safetensors")
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dirs, tmp_path_factory):
+    model = tiny_model_dirs("llama")
+    out = tmp_path_factory.mktemp("dist") / "one"
+    recover(load_recipe(None, [f"model.name_or_path={model}", *SETTINGS]), out, progress=False)
+    return model, out
+
+
+def test_two_gloo_processes_match_one_process(single, tmp_path):
+    model, one = single
+    torchrun(2, model, tmp_path / "two")
+    a, b = trained(one), trained(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 14
+    # same global batch: equal up to float summation order (fp32 compute), far below what the
+    # three steps moved the weights
+    moved = max(float((a[k] - trained(one, 2)[k]).abs().max()) for k in a)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max |1 proc - 2 procs| {diff:.2e}, last step moved weights by {moved:.2e}")
+    assert moved > 1e-4 and diff < 1e-3 * moved
+    export = load_file(tmp_path / "two/model/salient.safetensors")
+    assert all(torch.equal(export[k], b[k].half()) for k in b)
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(single, tmp_path):
+    model, one = single
+    two = tmp_path / "two"
+    torchrun(2, model, two)
+    # as if the 2-process run had been killed after step 2: resume it with one process
+    shutil.rmtree(two / "model")
+    shutil.rmtree(two / "train/checkpoints/step-000003")
+    (two / "eval_recovered.json").unlink()
+    report = recover(
+        load_recipe(None, [f"model.name_or_path={model}", *SETTINGS]), two, progress=False
+    )
+    assert report["train"]["resumed_from"] == 2
+    a, b = trained(one), trained(two)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-6, diff
