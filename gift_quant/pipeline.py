@@ -335,6 +335,7 @@ def _report(recipe, out, final, fp, quant, recovered, qrep, trep, timings, secon
         "eval_tokens": recovered["tokens"],
         "bits_per_weight": qrep.get("bits_per_weight"),
         "bytes_fp16": fp.get("model_bytes"),
+        "bytes_quantized": _dir_bytes(out / "quantized") if (out / "quantized").is_dir() else None,
         "bytes_export": _dir_bytes(final) if final.is_dir() else None,
         "train": trep,
         "seconds": {**timings, "total": seconds},
@@ -358,7 +359,8 @@ def report_table(r: dict) -> str:
         "| model | bits/weight | perplexity | size (MiB) |",
         "|---|---:|---:|---:|",
         f"| FP16 | 16 | {f(r['perplexity_fp'])} | {f(mib(r['bytes_fp16']), '{:.1f}')} |",
-        f"| quantized | {f(r['bits_per_weight'])} | {f(r['perplexity_quantized'])} | |",
+        f"| quantized | {f(r['bits_per_weight'])} | {f(r['perplexity_quantized'])} | "
+        f"{f(mib(r.get('bytes_quantized')), '{:.1f}')} |",
         f"| recovered | {f(r['bits_per_weight'])} | {f(r['perplexity_recovered'])} | "
         f"{f(mib(r['bytes_export']), '{:.1f}')} |",
         "",

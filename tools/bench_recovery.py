@@ -56,7 +56,7 @@ def recover(out: Path, overrides: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--work", default=str(ROOT / "runs/bench_recovery"))
@@ -96,7 +96,8 @@ def main() -> None:
             if "train.mode=pre" not in overrides and not (row_dir / "quantized").exists():
                 row_dir.mkdir(parents=True, exist_ok=True)  # same quantized start for every row
                 shutil.copytree(base_dir / "quantized", row_dir / "quantized")
-                shutil.copy(base_dir / "eval_fp.json", row_dir / "eval_fp.json")
+                for f in ("eval_fp.json", "eval_quantized.json"):
+                    shutil.copy(base_dir / f, row_dir / f)
             r = recover(row_dir, overrides)
             t = r["train"]
             results["rows"][key] = {
