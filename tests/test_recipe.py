@@ -72,3 +72,8 @@ def test_inf_survives_json_and_yaml(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text(r.to_yaml())
     assert load_recipe(f).saliency.norms == (math.inf, 2.0, 1.0)
+
+
+def test_a_budget_override_replaces_the_recipe_files_budget():
+    r = load_recipe("recipes/quickstart.yaml", ["saliency.count=8"])
+    assert (r.saliency.count, r.saliency.fraction) == (8, None)

@@ -34,9 +34,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..quant.packing import unpack_cols, unpack_rows
 from . import reference
-from .triton_gemm import MM_CONFIGS, dequantize, gemm, gemm_backward, mm, mm_config
+from .triton_gemm import dequantize, gemm, gemm_backward
 from .triton_gemv import MAX_M as GEMV_LIMIT
 from .triton_gemv import gemv
+from .triton_mm import MM_CONFIGS, mm, mm_config
 from .triton_ptx import pack_3bit
 
 __all__ = ["base_matmul", "candidates", "dequant_matmul", "prepare", "route", "run_route"]
