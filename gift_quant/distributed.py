@@ -116,17 +116,3 @@ def no_sync(model: nn.Module, last_micro_step: bool):
     if last_micro_step or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def full_state(model: nn.Module, optimizer, d: Dist) -> tuple[dict, dict] | None:
-    """Unsharded trainable parameters and optimizer state (for checkpoints and export)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(
-        model, optimizer, options=opts
-    )

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from gift_quant.recipe import Recipe, RecipeError, load_recipe
+from gift_quant.recipe import Recipe, RecipeError, find_recipe, load_recipe
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 
@@ -75,5 +75,5 @@ def test_inf_survives_json_and_yaml(tmp_path):
 
 
 def test_a_budget_override_replaces_the_recipe_files_budget():
-    r = load_recipe("recipes/quickstart.yaml", ["saliency.count=8"])
+    r = load_recipe(find_recipe("quickstart"), ["saliency.count=8"])
     assert (r.saliency.count, r.saliency.fraction) == (8, None)

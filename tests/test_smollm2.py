@@ -65,3 +65,10 @@ def test_gptq_beats_rtn_and_the_export_round_trips(smollm2, tmp_path):
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     generated = loaded.generate(prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == prompt.shape[1] + 8
+
+
+def test_load_straight_from_the_gguf_file():
+    from gift_quant.assets import smollm2_gguf
+
+    model, tok = load_model(load_recipe(None, [f"model.name_or_path={smollm2_gguf()}"]).model)
+    assert len(decoder_blocks(model)[1]) == 30 and tok("hello").input_ids

@@ -77,10 +77,13 @@ def main() -> None:
     p.add_argument("--rows", default="all", choices=["all", "ours", "peer"])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality_smollm2.json"))
     p.add_argument("--work", default=None, help="directory for exports (default: a temp dir)")
+    p.add_argument("--redo", nargs="*", default=[], help="row labels to measure again")
     args = p.parse_args()
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    for label in args.redo:
+        results["rows"].pop(label, None)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_quality-"))
     work.mkdir(parents=True, exist_ok=True)
 
