@@ -161,7 +161,7 @@ def cmd_eval(args) -> dict:
     from .data import eval_windows, load_documents, tokenize_documents
     from .evaluate import perplexity
     from .load import load_quantized
-    from .modeling import load_model, resolve_device
+    from .modeling import check_context, load_model, resolve_device
     from .recipe import EvalConfig, ModelConfig, load_recipe
 
     if bool(args.dir) == bool(args.model):
@@ -188,6 +188,7 @@ def cmd_eval(args) -> dict:
     seq_len = args.seq_len or recipe_eval.seq_len
     max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
     dtype = getattr(torch, args.dtype or recipe_eval.dtype)
+    check_context(model, seq_len, "--seq-len")
     results = []
     for text in texts:
         windows = eval_windows(tokenize_documents(tok, load_documents(text)), seq_len, max_tokens)

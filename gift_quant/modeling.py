@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "cast_params",
+    "check_context",
     "decoder_blocks",
     "find_targets",
     "load_gguf",
@@ -30,6 +31,16 @@ __all__ = [
 
 LINEARS = (nn.Linear, MixedLinear)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_context(model: nn.Module, seq_len: int, key: str) -> None:
+    """Refuse windows longer than the model's context before any work is done on them."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(
+            f"{key}={seq_len} exceeds the model's context (max_position_embeddings={limit}); "
+            f"use {key} <= {limit}"
+        )
 
 
 def resolve_device(spec: str) -> torch.device:

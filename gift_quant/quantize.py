@@ -22,6 +22,7 @@ from .calibration import capture_block_inputs, collect_stats, forward_block, pla
 from .data import calibration_windows, load_documents, tokenize_documents
 from .modeling import (
     cast_params,
+    check_context,
     decoder_blocks,
     find_targets,
     resolve_device,
@@ -212,6 +213,7 @@ def _validate(model: nn.Module, recipe) -> tuple[str, nn.ModuleList, list[dict[s
 
 def _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype):
     c = recipe.calib
+    check_context(model, c.seq_len, "calib.seq_len")
     log.info("calibration: %d windows x %d tokens from %s", c.num_samples, c.seq_len, c.source)
     tokens = tokenize_documents(tokenizer, load_documents(c.source))
     windows = calibration_windows(tokens, c.num_samples, c.seq_len, c.seed)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Dist, no_sync, shard_rows, wrap
 from .gift_linear import GiftLinear
+from .modeling import check_context
 from .modules import MixedLinear
 from .train_data import IGNORE, TrainBatch, build_train_data
 
@@ -149,6 +150,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max(cfg.steps, 1))
+    check_context(model, cfg.seq_len, "train.seq_len")
     data = build_train_data(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
     ckpt_root = out / "checkpoints"
     start = 0

@@ -13,6 +13,7 @@ shuffled with ``seed + epoch``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def _render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
     def ids_of(msgs, gen_prompt):
         out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt)
-        return list(out["input_ids"] if isinstance(out, dict) else out)
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict); 4.x a plain list
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
     ids = ids_of(messages, False)
     labels = [IGNORE] * len(ids)

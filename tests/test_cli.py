@@ -7,8 +7,14 @@ import pytest
 from gift_quant.cli import main
 
 TINY = [
-    "--set", "calib.num_samples=8", "--set", "calib.seq_len=64", "--set", "quant.group_size=32",
-    "--set", "saliency.count=4",
+    "--set",
+    "calib.num_samples=8",
+    "--set",
+    "calib.seq_len=64",
+    "--set",
+    "quant.group_size=32",
+    "--set",
+    "saliency.count=4",
 ]
 
 
@@ -28,8 +34,10 @@ def test_quantize_then_eval(tiny_model_dirs, tmp_path, capsys):
     assert main(["eval", str(out), "--text", str(text), "--seq-len", "64", "--json", "-q"]) == 0
     ev = last_json(capsys)
     assert ev["tokens"] > 0 and ev["perplexity"] > 1
-    assert main(["eval", "--model", model, "--text", str(text), "--seq-len", "64", "--json",
-                 "-q"]) == 0
+    assert (
+        main(["eval", "--model", model, "--text", str(text), "--seq-len", "64", "--json", "-q"])
+        == 0
+    )
     assert last_json(capsys)["perplexity"] != ev["perplexity"]
 
 
@@ -40,7 +48,7 @@ def test_quantize_then_eval(tiny_model_dirs, tmp_path, capsys):
         (["--set", "quant.bits=5"], r"quant.bits must be one of \(2, 3, 4, 8\)"),
         (["--set", "quant.group_size=48"], "does not divide the layer width 64"),
         (["--set", "saliency.count=64"], "does not fit a layer 64 columns wide"),
-        (["--set", "calib.seq_len=100000"], "fewer than one window"),
+        (["--set", "calib.seq_len=100000"], "exceeds the model's context"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_model_dirs, tmp_path, capsys, args, message):
@@ -57,12 +65,27 @@ def test_missing_model_and_short_text(tmp_path, tiny_model_dirs, capsys):
     assert "no config.json there" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    assert main(["eval", "--model", tiny_model_dirs("llama"), "--text", str(short), "-q"]) == 2
-    assert "fewer than one window of 512" in capsys.readouterr().err
+    model = tiny_model_dirs("llama")
+    assert main(["eval", "--model", model, "--text", str(short), "--seq-len", "128", "-q"]) == 2
+    assert "fewer than one window of 128" in capsys.readouterr().err
+    # the default eval window (512) is longer than this model's context (256)
+    assert main(["eval", "--model", model, "--text", str(short), "-q"]) == 2
+    assert "exceeds the model's context (max_position_embeddings=256)" in capsys.readouterr().err
 
 
 def test_existing_out_is_refused_before_any_work(tiny_model_dirs, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
-    assert main(["quantize", "--model", tiny_model_dirs("llama"), "--out",
-                 str(tmp_path / "taken"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                tiny_model_dirs("llama"),
+                "--out",
+                str(tmp_path / "taken"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err

@@ -18,8 +18,12 @@ from gift_quant.recipe import load_recipe
 pytestmark = pytest.mark.slow
 
 COMMON = [
-    "model.include=['model.layers.[0-7][.]']", "calib.num_samples=16", "calib.seq_len=256",
-    "quant.bits=3", "quant.group_size=64", "saliency.fraction=0.03",
+    "model.include=['model.layers.[0-7][.]']",
+    "calib.num_samples=16",
+    "calib.seq_len=256",
+    "quant.bits=3",
+    "quant.group_size=64",
+    "saliency.fraction=0.03",
 ]
 
 
