@@ -1,6 +1,7 @@
 """The command line: quantize -> eval with --json, and bad input that names the fix."""
 
 import json
+import re
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_bad_input_is_a_clear_error(tiny_model_dirs, tmp_path, capsys, args, mes
     out = tmp_path / "never"
     code = main(["quantize", "--model", model, *TINY, *args, "--out", str(out), "-q"])
     assert code == 2
-    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
 
 

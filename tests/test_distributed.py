@@ -30,16 +30,32 @@ SETTINGS = [
 ]
 
 
-def torchrun(nproc: int, model: str, out) -> None:
-    """``torchrun -m gift_quant recover`` with exactly the single-process recipe."""
+LAUNCHERS = {
+    "torchrun": lambda n: ["-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone"],
+    # accelerate's multi-process launcher is torchrun underneath; on CPU the ranks use gloo
+    "accelerate": lambda n: [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={n}",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+    ],
+}
+
+
+def torchrun(
+    nproc: int, model: str, out, launcher: str = "torchrun", parallel: str = "ddp"
+) -> None:
+    """``torchrun -m gift_quant recover`` (or ``accelerate launch``) with exactly the
+    single-process recipe."""
     recipe = out.parent / f"{out.name}.yaml"
-    recipe.write_text(load_recipe(None, [f"model.name_or_path={model}", *SETTINGS]).to_yaml())
+    settings = [f"model.name_or_path={model}", *SETTINGS, f"train.parallel={parallel}"]
+    recipe.write_text(load_recipe(None, settings).to_yaml())
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
+        *LAUNCHERS[launcher](nproc),
         "-m",
         "gift_quant",
         "recover",
@@ -67,9 +83,14 @@ def single(tiny_model_dirs, tmp_path_factory):
     return model, out
 
 
-def test_two_gloo_processes_match_one_process(single, tmp_path):
+@pytest.mark.parametrize(
+    "launcher, parallel", [("torchrun", "ddp"), ("accelerate", "ddp"), ("torchrun", "fsdp")]
+)
+def test_two_gloo_processes_match_one_process(single, tmp_path, launcher, parallel):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate", reason="needs accelerate (the [assets] extra)")
     model, one = single
-    torchrun(2, model, tmp_path / "two")
+    torchrun(2, model, tmp_path / "two", launcher, parallel)
     a, b = trained(one), trained(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) == 14
     # same global batch: equal up to float summation order (fp32 compute), far below what the

@@ -7,7 +7,8 @@ For each setting (3% salient columns, `gift` metric): quantize in memory, export
 (gift_quant.load_quantized and AutoModelForCausalLM.from_pretrained after `import gift_quant`),
 and compare logits on held-out text (fp32 compute on the CPU) and held-out perplexity
 (40 x 512 tokens); then generate() from the export directory alone, and report sizes and load
-time. Writes benchmarks/results/roundtrip_smollm2.json.
+time. Calibration is 32 windows of 512 tokens by default (`--calib-samples`): what is checked
+is the export, not the quantization quality. Writes benchmarks/results/roundtrip_smollm2.json.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=["w4g64", "w3g64"])
     p.add_argument("--method", default="gptq")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512")
+    p.add_argument("--work", default=None, help="where the exports go (default: a temp dir)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/roundtrip_smollm2.json"))
     args = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     results = {}
-    work = Path(tempfile.mkdtemp(prefix="roundtrip-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="roundtrip-"))
     for setting in args.settings:
         bits, group = int(setting[1]), int(setting.split("g")[1])
         recipe = load_recipe(
@@ -51,7 +54,7 @@ def main() -> None:
                 f"quant.bits={bits}",
                 f"quant.group_size={group}",
                 "saliency.fraction=0.03",
-                "calib.num_samples=128",
+                f"calib.num_samples={args.calib_samples}",
                 "calib.seq_len=512",
             ],
         )
