@@ -28,7 +28,13 @@ ROWS = {
     "GIFT-SW pre": ["train.method=gift", "train.mode=pre"],
     "LoRA (matched params)": ["train.method=lora"],
     "GIFT-SW post + distill": ["train.method=gift", "train.kd_weight=0.5"],
+    # ablations (run with --rows): a quarter of the noise variance, a 3x learning rate
+    "GIFT-SW post, 6-bit noise": ["train.method=gift", "train.b_noise=6"],
+    "GIFT-SW post, lr 3e-4": ["train.method=gift", "train.lr=3e-4"],
+    "salient-FT, lr 3e-4": ["train.method=gift", "train.noise=none", "train.lr=3e-4"],
+    "LoRA, lr 3e-4": ["train.method=lora", "train.lr=3e-4"],
 }
+DEFAULT_ROWS = list(ROWS)[:5]
 
 
 def recover(out: Path, overrides: list[str]) -> dict:
@@ -58,10 +64,16 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     p.add_argument("--work", default=str(ROOT / "runs/bench_recovery"))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/recovery_smollm2.json"))
+    p.add_argument(
+        "--markdown", action="store_true", help="only print the saved results as a markdown table"
+    )
     args = p.parse_args()
+    if args.markdown:
+        print_markdown(json.loads(Path(args.out).read_text()))
+        return
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
@@ -115,6 +127,18 @@ def main() -> None:
             save()
             print(f"{key:48s} ppl {r['perplexity_recovered']:8.3f}", flush=True)
     print_table(results)
+
+
+def print_markdown(results: dict) -> None:
+    rows = results["rows"]
+    print("| setting | method | perplexity | s/step | peak RSS (MiB) | trainable |")
+    print("|---|---|---:|---:|---:|---:|")
+    for key, r in rows.items():
+        setting, method = key.split(" | ")
+        step = f"{r['seconds_per_step']:.2f}" if "seconds_per_step" in r else ""
+        rss = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else ""
+        par = f"{r['trainable_params']:,}" if "trainable_params" in r else ""
+        print(f"| {setting} | {method} | {r['perplexity']:.2f} | {step} | {rss} | {par} |")
 
 
 def print_table(results: dict) -> None:
