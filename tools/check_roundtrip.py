@@ -45,6 +45,7 @@ def main() -> None:
 
     results = {}
     work = Path(args.work or tempfile.mkdtemp(prefix="roundtrip-"))
+    work.mkdir(parents=True, exist_ok=True)
     for setting in args.settings:
         bits, group = int(setting[1]), int(setting.split("g")[1])
         recipe = load_recipe(
