@@ -117,6 +117,21 @@ class _Run:
 
         return evaluate
 
+    def train(self, model, tok, teacher):
+        """The training stage of either mode, into ``out/train`` (resumes its checkpoints)."""
+        return train(
+            model,
+            tok,
+            self.recipe.train,
+            self.out / "train",
+            fingerprint=self.fingerprint,
+            teacher=teacher,
+            eval_fn=self.eval_fn(),
+            progress=self.progress,
+            device=self.device,
+            dist=self.dist,
+        )
+
 
 def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict | None:
     """Run (or resume) the whole recovery job; returns the report dict (None on the ranks
@@ -214,18 +229,7 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
 
         model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
         log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
-    rep = train(
-        model,
-        tok,
-        tr,
-        out / "train",
-        fingerprint=run.fingerprint,
-        teacher=teacher,
-        eval_fn=run.eval_fn(),
-        progress=run.progress,
-        device=run.device,
-        dist=run.dist,
-    )
+    rep = run.train(model, tok, teacher)
     run.timings["train"] = time.perf_counter() - t0
     if run.dist.main:
         report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
@@ -259,17 +263,7 @@ def _pre(run: _Run, model, tok, teacher) -> tuple[Path, dict, dict]:
     t0 = time.perf_counter()
     salient = select_salient_columns(model, tok, recipe, progress=run.progress)
     attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits), salient=salient)
-    rep = train(
-        model,
-        tok,
-        tr,
-        out / "train",
-        fingerprint=run.fingerprint,
-        teacher=teacher,
-        eval_fn=run.eval_fn(),
-        progress=run.progress,
-        device=run.device,
-    )
+    rep = run.train(model, tok, teacher)  # one process: pre mode refuses several
     run.timings["train"] = time.perf_counter() - t0
     (out / "train" / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
     model.to("cpu")
