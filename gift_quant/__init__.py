@@ -10,17 +10,17 @@ Importing the package registers the ``gift_quant`` quantizer with transformers, 
 __version__ = "0.1.0"
 
 try:  # registers the transformers quantizer (transformers >= 5.20)
-    from . import hf as _hf  # noqa: E402,F401
+    from gift_quant.io import transformers_hook as _hf  # noqa: E402,F401
 except ImportError as _exc:  # an older transformers: everything but from_pretrained(export) works
     import logging as _logging
 
     _logging.getLogger(__name__).warning("transformers quantizer hook unavailable: %s", _exc)
-from .export import save_quantized  # noqa: E402
-from .kernels import Backend, dequant_matmul  # noqa: E402
-from .load import inspect_checkpoint, load_quantized  # noqa: E402
-from .modules import MixedLinear  # noqa: E402
-from .quantize import quantize_model  # noqa: E402
-from .recipe import Recipe, load_recipe  # noqa: E402
+from gift_quant.io.export import save_quantized  # noqa: E402
+from gift_quant.io.load import inspect_checkpoint, load_quantized  # noqa: E402
+from gift_quant.kernels import Backend, dequant_matmul  # noqa: E402
+from gift_quant.mixed_linear import MixedLinear  # noqa: E402
+from gift_quant.quantize import quantize_model  # noqa: E402
+from gift_quant.recipe import Recipe, load_recipe  # noqa: E402
 
 __all__ = [
     "Backend",

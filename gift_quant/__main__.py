@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from gift_quant.cli import main
 
 sys.exit(main())

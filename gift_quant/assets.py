@@ -65,7 +65,7 @@ def default_model_dir() -> Path:
     try:
         import torch
 
-        from .modeling import load_gguf
+        from gift_quant.modeling import load_gguf
 
         model, tok = load_gguf(gguf.parent, gguf.name, dtype=torch.float32)
         model.to(torch.float16).save_pretrained(tmp)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .saliency import LayerStats
+from gift_quant.saliency import LayerStats
 
 __all__ = ["capture_block_inputs", "collect_stats", "forward_block", "plan_groups", "to_device"]
 

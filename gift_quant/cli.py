@@ -97,7 +97,7 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _load_recipe(args, default: str | None = None):
-    from .recipe import find_recipe, load_recipe
+    from gift_quant.recipe import find_recipe, load_recipe
 
     overrides = list(args.overrides)
     if args.model:
@@ -107,10 +107,10 @@ def _load_recipe(args, default: str | None = None):
 
 
 def cmd_quantize(args) -> dict:
-    from .evaluate import bits_report
-    from .export import save_quantized
-    from .modeling import load_model
-    from .quantize import quantize_model
+    from gift_quant.evaluate import bits_report
+    from gift_quant.io.export import save_quantized
+    from gift_quant.modeling import load_model
+    from gift_quant.quantize import quantize_model
 
     recipe = _load_recipe(args)
     out = Path(args.out)
@@ -146,7 +146,7 @@ def cmd_quantize(args) -> dict:
 
 
 def cmd_recover(args) -> dict:
-    from .pipeline import recover, report_table
+    from gift_quant.pipeline import recover, report_table
 
     recipe = _load_recipe(args, default="quickstart")
     report = recover(recipe, args.out, progress=not args.quiet)
@@ -158,11 +158,11 @@ def cmd_recover(args) -> dict:
 def cmd_eval(args) -> dict:
     import torch
 
-    from .data import eval_windows, load_documents, tokenize_documents
-    from .evaluate import perplexity
-    from .load import load_quantized
-    from .modeling import check_context, load_model, resolve_device
-    from .recipe import EvalConfig, ModelConfig, load_recipe
+    from gift_quant.data import eval_windows, load_documents, tokenize_documents
+    from gift_quant.evaluate import perplexity
+    from gift_quant.io.load import load_quantized
+    from gift_quant.modeling import check_context, load_model, resolve_device
+    from gift_quant.recipe import EvalConfig, ModelConfig, load_recipe
 
     if bool(args.dir) == bool(args.model):
         raise ValueError("give an export directory or --model, not both and not neither")
@@ -172,7 +172,7 @@ def cmd_eval(args) -> dict:
     if args.dir:
         from transformers import AutoTokenizer
 
-        from .pipeline import final_model_dir
+        from gift_quant.pipeline import final_model_dir
 
         model_dir = final_model_dir(Path(args.dir))  # a recover output dir holds it in model/
         model = load_quantized(model_dir, device=device)
@@ -214,9 +214,9 @@ def cmd_eval(args) -> dict:
 def cmd_export(args) -> dict:
     from transformers import AutoTokenizer
 
-    from .engine_view import save_gptq_lora
-    from .export import save_quantized
-    from .load import load_quantized
+    from gift_quant.io.export import save_quantized
+    from gift_quant.io.gptq_lora import save_gptq_lora
+    from gift_quant.io.load import load_quantized
 
     out = Path(args.out)
     if out.exists():
@@ -236,7 +236,7 @@ def cmd_export(args) -> dict:
 
 
 def cmd_inspect(args) -> dict:
-    from .load import inspect_checkpoint, load_quantized
+    from gift_quant.io.load import inspect_checkpoint, load_quantized
 
     info = inspect_checkpoint(args.dir)
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ class TextTooShortError(ValueError):
 
 def load_documents(source: str) -> list[str]:
     """Documents of a text source (see module docstring)."""
-    from . import assets
+    from gift_quant import assets
 
     if source == "wiki":
         return assets.wiki_split("train")

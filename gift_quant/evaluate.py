@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling import cast_params
-from .modules import MixedLinear
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import cast_params
 
 __all__ = ["bits_report", "perplexity"]
 

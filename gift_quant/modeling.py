@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modules import MixedLinear
+from gift_quant.mixed_linear import MixedLinear
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_model(cfg, dtype: torch.dtype | None = None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets
+    from gift_quant import assets
 
     dtype = dtype or DTYPES[cfg.dtype]
     name = cfg.name_or_path

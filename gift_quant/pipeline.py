@@ -23,18 +23,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from . import distributed
-from .checkpoint import latest_checkpoint
-from .data import eval_windows, load_documents, tokenize_documents
-from .evaluate import bits_report, perplexity
-from .export import save_quantized
-from .gift_linear import attach_gift, detach_gift
-from .load import load_quantized
-from .modeling import load_model, resolve_device
-from .modules import MixedLinear
-from .quantize import quantize_model, select_salient_columns
-from .recipe import Recipe, RecipeError, recipe_from_dict
-from .train import train
+from gift_quant.data import eval_windows, load_documents, tokenize_documents
+from gift_quant.evaluate import bits_report, perplexity
+from gift_quant.io.export import save_quantized
+from gift_quant.io.load import load_quantized
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import load_model, resolve_device
+from gift_quant.quantize import quantize_model, select_salient_columns
+from gift_quant.recipe import Recipe, RecipeError, recipe_from_dict
+from gift_quant.train import distributed
+from gift_quant.train.checkpoint import latest_checkpoint
+from gift_quant.train.gift_linear import attach_gift, detach_gift
+from gift_quant.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
     if tr.method == "gift":
         attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
     else:
-        from .baselines import attach_lora
+        from gift_quant.train.lora import attach_lora
 
         model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
         log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
@@ -302,7 +302,7 @@ def final_model_dir(path: Path) -> Path:
 
 def _load_final(out: Path, final: Path):
     if final.name == "lora_adapter":
-        from .baselines import load_lora
+        from gift_quant.train.lora import load_lora
 
         return load_lora(load_quantized(out / "quantized"), final)
     return load_quantized(final)

@@ -1,6 +1,6 @@
 """The quantize stage: calibrate block by block, rank salient columns, quantize, swap modules.
 
-``quantize_model`` replaces every target Linear by a :class:`~gift_quant.modules.MixedLinear`
+``quantize_model`` replaces every target Linear by a :class:`~gift_quant.mixed_linear.MixedLinear`
 (GPTQ tensors + FP16 salient columns). The inputs of block i are the outputs of the already
 quantized blocks before it (GPTQ's sequential scheme); with ``calib.true_sequential`` the same
 holds inside a block, group by group (q/k/v, then o, then gate/up, then down).
@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_block_inputs, collect_stats, forward_block, plan_groups
-from .data import calibration_windows, load_documents, tokenize_documents
-from .modeling import (
+from gift_quant.calibration import capture_block_inputs, collect_stats, forward_block, plan_groups
+from gift_quant.data import calibration_windows, load_documents, tokenize_documents
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import (
     cast_params,
     check_context,
     decoder_blocks,
@@ -29,10 +30,9 @@ from .modeling import (
     resolve_dtype,
     set_module,
 )
-from .modules import MixedLinear
-from .quant import QUANTIZERS, check_shape
-from .quant.grid import Grid
-from .saliency import LayerStats, column_scores, salient_budget, select_salient
+from gift_quant.quant import QUANTIZERS, check_shape
+from gift_quant.quant.grid import Grid
+from gift_quant.saliency import LayerStats, column_scores, salient_budget, select_salient
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config import (  # noqa: F401  (re-exported: the recipe API in one place)
+from gift_quant.config import (  # noqa: F401  (re-exported: the recipe API in one place)
     BUDGET_KEYS,
     SALIENCY_PRESETS,
     SUPPORTED_BITS,

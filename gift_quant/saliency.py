@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .quant.grid import Grid, rtn_roundtrip
+from gift_quant.quant.grid import Grid, rtn_roundtrip
 
 __all__ = ["LayerStats", "column_scores", "salient_budget", "select_salient"]
 

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_recipe
 
 import gift_quant  # noqa: F401  (registers the transformers quantizer)
-from gift_quant.engine_view import ADAPTER_DIR, save_gptq_lora
-from gift_quant.export import SALIENT_FILE, save_quantized
-from gift_quant.load import CheckpointError, inspect_checkpoint, load_quantized
+from gift_quant.io.export import SALIENT_FILE, save_quantized
+from gift_quant.io.gptq_lora import ADAPTER_DIR, save_gptq_lora
+from gift_quant.io.load import CheckpointError, inspect_checkpoint, load_quantized
 from gift_quant.modeling import cast_params, load_model
 from gift_quant.quantize import quantize_model
 
@@ -230,7 +230,7 @@ def test_existing_target_is_never_overwritten(quantized, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(quantized, tmp_path, monkeypatch):
-    import gift_quant.export as export
+    import gift_quant.io.export as export
 
     model, _, _ = quantized(True)
 

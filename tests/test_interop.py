@@ -13,11 +13,11 @@ pytest.importorskip("optimum", reason="needs the [gptq] extra")
 pytest.importorskip("peft", reason="needs the [baselines] extra")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-from gift_quant.engine_view import ADAPTER_DIR, save_gptq_lora  # noqa: E402
-from gift_quant.export import save_quantized  # noqa: E402
-from gift_quant.load import load_quantized  # noqa: E402
+from gift_quant.io.export import save_quantized  # noqa: E402
+from gift_quant.io.gptq_lora import ADAPTER_DIR, save_gptq_lora  # noqa: E402
+from gift_quant.io.load import load_quantized  # noqa: E402
+from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.modeling import cast_params, load_model  # noqa: E402
-from gift_quant.modules import MixedLinear  # noqa: E402
 from gift_quant.quantize import quantize_model  # noqa: E402
 
 pytestmark = pytest.mark.gptq

@@ -6,10 +6,10 @@ from conftest import FAMILIES, tiny_recipe
 
 from gift_quant.data import eval_windows, load_documents, tokenize_documents
 from gift_quant.evaluate import perplexity
-from gift_quant.export import save_quantized
-from gift_quant.load import load_quantized
+from gift_quant.io.export import save_quantized
+from gift_quant.io.load import load_quantized
+from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import cast_params, decoder_blocks, find_targets, load_model
-from gift_quant.modules import MixedLinear
 from gift_quant.quantize import quantize_model
 
 

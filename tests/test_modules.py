@@ -1,7 +1,7 @@
 import torch
 
 from gift_quant.kernels import Backend, dequant_matmul, resolve_backend
-from gift_quant.modules import MixedLinear
+from gift_quant.mixed_linear import MixedLinear
 from gift_quant.quant import QUANTIZERS
 from gift_quant.recipe import QuantConfig
 

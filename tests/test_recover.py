@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from gift_quant.load import load_quantized
+from gift_quant.io.load import load_quantized
 from gift_quant.pipeline import recover
 
 TRAIN = [
@@ -64,7 +64,7 @@ def test_rerun_resumes_and_refuses_another_recipe(tiny_model_dirs, tmp_path):
 
 
 def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypatch):
-    import gift_quant.train as train_mod
+    import gift_quant.train.loop as train_mod
 
     path = tiny_model_dirs("llama")
     run(path, tmp_path / "straight")
@@ -110,7 +110,7 @@ def test_recovery_variants(tiny_model_dirs, tmp_path, variant):
 
 
 def test_chat_data_trains_on_assistant_tokens_only(tiny_model_dirs, tiny_tokenizer, tmp_path):
-    from gift_quant.train_data import IGNORE, build_train_data
+    from gift_quant.train.data import IGNORE, build_train_data
 
     tok = tiny_tokenizer
     tok.chat_template = (

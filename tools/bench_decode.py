@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _devenv  # noqa: E402,F401
 
-from gift_quant.export import save_quantized  # noqa: E402
-from gift_quant.load import load_quantized  # noqa: E402
+from gift_quant.io.export import save_quantized  # noqa: E402
+from gift_quant.io.load import load_quantized  # noqa: E402
+from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.modeling import set_module  # noqa: E402
-from gift_quant.modules import MixedLinear  # noqa: E402
 from gift_quant.quant import QUANTIZERS  # noqa: E402
 from gift_quant.recipe import QuantConfig  # noqa: E402
 

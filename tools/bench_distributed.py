@@ -126,7 +126,6 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results")))
     args = p.parse_args()
 
-    import _devenv  # noqa: F401  (imports gift_quant on older transformers too)
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _devenv  # noqa: E402,F401  (imports gift_quant on older transformers too)
 
 from gift_quant.kernels import triton_ops  # noqa: E402
 from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_config  # noqa: E402

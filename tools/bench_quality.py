@@ -27,8 +27,8 @@ import torch
 
 from gift_quant.data import calibration_windows, eval_windows, load_documents, tokenize_documents
 from gift_quant.evaluate import perplexity
-from gift_quant.export import save_quantized
-from gift_quant.load import load_quantized
+from gift_quant.io.export import save_quantized
+from gift_quant.io.load import load_quantized
 from gift_quant.modeling import load_model
 from gift_quant.quantize import quantize_model
 from gift_quant.recipe import load_recipe

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _devenv  # noqa: E402,F401
 
 from gift_quant.kernels import Backend, reference, triton_ops  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..quant.packing import unpack_cols, unpack_rows
+from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = ["base_matmul", "dequantize_codes", "dequantize_weight", "dequant_matmul"]
 

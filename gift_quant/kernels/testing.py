@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..quant import QuantizedWeight
+from gift_quant.quant import QuantizedWeight
 
 __all__ = ["ERROR_FACTOR", "kernel_error", "oracle", "random_mixed_linear"]
 
@@ -36,7 +36,7 @@ def random_mixed_linear(
 
     Salient columns hold their group's zero-point code (so they dequantize to exactly 0), as
     every quantizer of the project writes them."""
-    from ..modules import MixedLinear
+    from gift_quant.mixed_linear import MixedLinear
 
     g = torch.Generator().manual_seed(seed)
     K, N = in_features, out_features
@@ -62,7 +62,7 @@ def random_mixed_linear(
 
 def oracle(x: Tensor, layer, base_only: bool = False) -> Tensor:
     """The float64 reference output (salient product and bias included unless base_only)."""
-    from . import reference
+    from gift_quant.kernels import reference
 
     w = reference.dequantize_weight(
         layer.qweight, layer.qzeros, layer.scales.double(), layer.g_idx, layer.bits, torch.float64

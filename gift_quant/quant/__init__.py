@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..registry import Registry
-from .grid import Grid, dequantize
-from .packing import pack_cols, pack_rows
+from gift_quant.quant.grid import Grid, dequantize
+from gift_quant.quant.packing import pack_cols, pack_rows
+from gift_quant.registry import Registry
 
 __all__ = ["QUANTIZERS", "Grid", "QuantizedWeight", "Quantizer", "check_shape", "group_index"]
 
@@ -113,5 +113,5 @@ def _divisors(n: int) -> list[int]:
 
 
 # Register the built-in quantizers.
-from . import gptq as _gptq  # noqa: E402,F401
-from . import rtn as _rtn  # noqa: E402,F401
+from gift_quant.quant import gptq as _gptq  # noqa: E402,F401
+from gift_quant.quant import rtn as _rtn  # noqa: E402,F401

@@ -12,8 +12,8 @@ import logging
 import torch
 from torch import Tensor
 
-from . import QUANTIZERS, QuantizedWeight, check_shape
-from .grid import Grid, fit_params
+from gift_quant.quant import QUANTIZERS, QuantizedWeight, check_shape
+from gift_quant.quant.grid import Grid, fit_params
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import QUANTIZERS, QuantizedWeight, check_shape, group_index
-from .grid import Grid, fit_params, quantize
+from gift_quant.quant import QUANTIZERS, QuantizedWeight, check_shape, group_index
+from gift_quant.quant.grid import Grid, fit_params, quantize
 
 
 @QUANTIZERS.register("rtn")

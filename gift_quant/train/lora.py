@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modules import MixedLinear
+from gift_quant.mixed_linear import MixedLinear
 
 __all__ = ["attach_lora", "load_lora", "matched_lora_rank"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import TextTooShortError, load_documents, tokenize_documents
+from gift_quant.data import TextTooShortError, load_documents, tokenize_documents
 
 __all__ = ["ChatExamples", "TextWindows", "TrainBatch", "build_train_data"]
 
@@ -165,7 +165,7 @@ def _records(source: str) -> list[dict] | None:
     if path.suffix == ".jsonl" and path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if source.startswith("hf:"):
-        from .data import hf_dataset
+        from gift_quant.data import hf_dataset
 
         return list(hf_dataset(source))
     return None

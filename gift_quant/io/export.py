@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .modules import MixedLinear
-from .quant.packing import pack_cols, unpack_cols
+from gift_quant import __version__
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.quant.packing import pack_cols, unpack_cols
 
 __all__ = [
     "FORMAT",

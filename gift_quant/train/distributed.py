@@ -102,7 +102,7 @@ def wrap(model: nn.Module, d: Dist, strategy: str, device: torch.device) -> nn.M
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from .modeling import decoder_blocks
+        from gift_quant.modeling import decoder_blocks
 
         for block in decoder_blocks(model)[1]:
             fully_shard(block)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kernels import Backend, base_matmul, resolve_backend
-from .kernels.reference import dequantize_codes
-from .modules import MixedLinear
-from .noise import noise_step, sample_noise
-from .quant.packing import unpack_cols, unpack_rows
+from gift_quant.kernels import Backend, base_matmul, resolve_backend
+from gift_quant.kernels.reference import dequantize_codes
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.quant.packing import unpack_cols, unpack_rows
+from gift_quant.train.noise import noise_step, sample_noise
 
 __all__ = ["GiftLinear", "attach_gift", "detach_gift"]
 
@@ -223,7 +223,7 @@ def attach_gift(model: nn.Module, noise: str, bits: int, salient: dict[str, Tens
     Post mode (``salient`` None): every MixedLinear. Pre mode: every nn.Linear named in
     ``salient`` (name -> salient column indices). Returns {name: GiftLinear}.
     """
-    from .modeling import set_module
+    from gift_quant.modeling import set_module
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -246,7 +246,7 @@ def attach_gift(model: nn.Module, noise: str, bits: int, salient: dict[str, Tens
 
 def detach_gift(model: nn.Module) -> None:
     """Swap every GiftLinear back: MixedLinear (post) or nn.Linear (pre), trained columns in."""
-    from .modeling import set_module
+    from gift_quant.modeling import set_module
 
     for name, module in list(model.named_modules()):
         if isinstance(module, GiftLinear):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kernels import Backend, dequant_matmul
-from .kernels.reference import dequantize_weight
-from .quant import QuantizedWeight
+from gift_quant.kernels import Backend, dequant_matmul
+from gift_quant.kernels.reference import dequantize_weight
+from gift_quant.quant import QuantizedWeight
 
 __all__ = ["MixedLinear"]
 

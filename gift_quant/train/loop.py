@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import Dist, no_sync, shard_rows, wrap
-from .gift_linear import GiftLinear
-from .modeling import check_context
-from .modules import MixedLinear
-from .train_data import IGNORE, TrainBatch, build_train_data
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import check_context
+from gift_quant.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gift_quant.train.data import IGNORE, TrainBatch, build_train_data
+from gift_quant.train.distributed import Dist, no_sync, shard_rows, wrap
+from gift_quant.train.gift_linear import GiftLinear
 
 try:  # FSDP2-sharded modules answer isinstance(FSDPModule); evaluation runs after gathering
     from torch.distributed.fsdp import FSDPModule as Sharded

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .export import atomic_directory
+from gift_quant.io.export import atomic_directory
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 

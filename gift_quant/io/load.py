@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .export import (
+from gift_quant.io.export import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -25,9 +25,9 @@ from .export import (
     QUANT_METHOD,
     zeros_from_file,
 )
-from .kernels import Backend
-from .modeling import cast_params, set_module
-from .modules import MixedLinear
+from gift_quant.kernels import Backend
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import cast_params, set_module
 
 __all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_quantized"]
 

@@ -17,16 +17,16 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .export import FORMAT, FORMAT_VERSION, QUANT_METHOD, SALIENT_FILE, zeros_from_file
-from .modeling import set_module
-from .modules import MixedLinear
+from gift_quant.io.export import FORMAT, FORMAT_VERSION, QUANT_METHOD, SALIENT_FILE, zeros_from_file
+from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import set_module
 
 __all__ = ["GiftQuantConfig", "GiftQuantHfQuantizer"]
 
 
 @register_quantization_config(QUANT_METHOD)
 class GiftQuantConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` block of a gift_quant export (see gift_quant.export)."""
+    """The ``quantization_config`` block of a gift_quant export (see gift_quant.io.export)."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)

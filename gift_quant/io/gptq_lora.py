@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .export import (
+from gift_quant.io.export import (
     atomic_directory,
     checkpoint_tensors,
     gptq_block,
