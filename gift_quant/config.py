@@ -267,6 +267,9 @@ class TrainConfig:
         parallel: how several processes (torchrun / accelerate launch) share the work: "ddp"
             (replicated model, all-reduced gradients) or "fsdp" (trainable parameters and
             their optimizer state sharded). Ignored in a single process.
+        dist_timeout_s: bound (seconds) on every collective and on the wait of the other
+            ranks while rank 0 quantizes or exports; past it the run stops with an error naming
+            the rank and stage instead of hanging. Raise it for very large models.
     """
 
     method: str = "gift"
@@ -294,6 +297,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     parallel: str = "ddp"
+    dist_timeout_s: float = 3600.0
+
+    # keys a rerun may change without changing the result (not part of the run's identity)
+    RUNTIME_KEYS: typing.ClassVar[tuple[str, ...]] = ("dist_timeout_s", "log_every", "save_every")
 
     def __post_init__(self) -> None:
         _check_choice("train.method", self.method, ("gift", "lora", "none"))
@@ -307,6 +314,8 @@ class TrainConfig:
             _check_positive(f"train.{name}", getattr(self, name))
         if self.steps < 0:
             raise RecipeError(f"train.steps must be >= 0, got {self.steps}")
+        if not self.dist_timeout_s > 0:
+            raise RecipeError(f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if not self.lr > 0:
             raise RecipeError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

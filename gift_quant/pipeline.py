@@ -14,6 +14,7 @@ Output directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -49,13 +50,23 @@ def _check_recipe(out: Path, recipe: Recipe) -> None:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(recipe.to_yaml())
         return
-    old = recipe_from_dict(yaml.safe_load(path.read_text()) or {})
-    if old != recipe:
-        diff = [s for s in recipe.to_dict() if old.to_dict()[s] != recipe.to_dict()[s]]
+    old = _comparable(recipe_from_dict(yaml.safe_load(path.read_text()) or {}))
+    new = _comparable(recipe)
+    if old != new:
+        diff = [s for s in new if old[s] != new[s]]
         raise RecipeError(
             f"{out} holds a run with a different recipe (sections {diff} differ); "
             f"use a new --out directory to start another run"
         )
+
+
+def _comparable(recipe: Recipe) -> dict:
+    """The recipe as a dict without the keys that cannot change a result (timeouts, logging),
+    so a rerun may change them and still resume."""
+    d = recipe.to_dict()
+    for key in recipe.train.RUNTIME_KEYS:
+        d["train"].pop(key, None)
+    return d
 
 
 def _stage_matches(export_dir: Path, recipe: Recipe) -> bool:
@@ -71,12 +82,28 @@ class _Run:
     def __init__(self, recipe: Recipe, out: Path, progress: bool) -> None:
         self.recipe, self.out, self.progress = recipe, out, progress
         base = resolve_device(recipe.model.device)
-        self.dist = distributed.init(base)
+        self.dist = distributed.init(base, recipe.train.dist_timeout_s)
         self.device = distributed.rank_device(self.dist, base)
         self.timings: dict[str, float] = {}
+        self.peak_gpu_mb: dict[str, float] = {}
         self.fingerprint = {
-            k: json.dumps(v, sort_keys=True) for k, v in recipe.to_dict().items() if k != "eval"
+            k: json.dumps(v, sort_keys=True) for k, v in _comparable(recipe).items() if k != "eval"
         }
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time one stage (seconds and, on a GPU, peak memory go into report.json); collectives
+        that fail inside it name it."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.dist.stage = name
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_gpu_mb[name] = max(self.peak_gpu_mb.get(name, 0.0), peak)
 
     def load_text(self, tok) -> None:
         ev = self.recipe.eval
@@ -147,23 +174,31 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
     if d.main:
         _check_recipe(run.out, recipe)
     d.barrier()
-    model, tok = load_model(recipe.model)
-    run.load_text(tok)
-    fp = run.cached("fp", lambda: {**run.ppl(model, "fp"), **bits_report(model)})
+    with run.stage("load"):
+        model, tok = load_model(recipe.model)
+        run.load_text(tok)
+    with run.stage("eval_fp"):
+        fp = run.cached("fp", lambda: {**run.ppl(model, "fp"), **bits_report(model)})
     teacher = None
     if tr.kd_weight > 0 and tr.method != "none":
-        dtype = None if tr.dtype == "float32" else torch.bfloat16
-        teacher, _ = load_model(recipe.model, dtype=dtype)
-        teacher.to(run.device).eval().requires_grad_(False)
+        with run.stage("load_teacher"):
+            dtype = None if tr.dtype == "float32" else torch.bfloat16
+            teacher, _ = load_model(recipe.model, dtype=dtype)
+            teacher.to(run.device).eval().requires_grad_(False)
 
     if tr.mode == "post":
-        model, quantized_report = _quantize_stage(run, model, tok)
-        quant = run.cached("quantized", lambda: run.ppl(model, "quantized"))
+        with run.stage("quantize"):
+            model, quantized_report = _quantize_stage(run, model, tok)
+        with run.stage("eval_quantized"):
+            quant = run.cached("quantized", lambda: run.ppl(model, "quantized"))
         final, train_report = _train_post(run, model, tok, teacher)
     else:
         quant = None
         final, train_report, quantized_report = _pre(run, model, tok, teacher)
-    recovered = run.cached("recovered", lambda: run.ppl(_load_final(run.out, final), "recovered"))
+    with run.stage("eval_recovered"):
+        recovered = run.cached(
+            "recovered", lambda: run.ppl(_load_final(run.out, final), "recovered")
+        )
     d.close()
     if not d.main:
         return None
@@ -178,6 +213,7 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
         train_report,
         run.timings,
         time.perf_counter() - t_start,
+        run.peak_gpu_mb,
     )
     (run.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (run.out / "report.md").write_text(report_table(report) + "\n")
@@ -187,7 +223,6 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
 def _quantize_stage(run: _Run, model, tok):
     """The quantized start in OUT/quantized (rank 0 makes it once; every rank loads it)."""
     recipe, qdir = run.recipe, run.out / "quantized"
-    t0 = time.perf_counter()
     made_here = False
     if run.dist.main and not (qdir / "config.json").is_file():
         q = recipe.quant
@@ -208,7 +243,6 @@ def _quantize_stage(run: _Run, model, tok):
     if not made_here:
         log.info("stage quantize: loading %s", qdir)
         model = load_quantized(qdir)
-    run.timings["quantize"] = time.perf_counter() - t0
     return model, json.loads((qdir / "report.json").read_text())
 
 
@@ -221,35 +255,40 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
     if (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
         log.info("stage train: done earlier")
         return final, json.loads(report_file.read_text())
-    t0 = time.perf_counter()
-    if tr.method == "gift":
-        attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
-    else:
-        from gift_quant.train.lora import attach_lora
-
-        model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
-        log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
-    rep = run.train(model, tok, teacher)
-    run.timings["train"] = time.perf_counter() - t0
-    if run.dist.main:
-        report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
-        model.to("cpu")
-        if tr.method == "lora":
-            model.save_pretrained(final)
+    with run.stage("train_setup"):
+        # on the training device first: the noise scales are computed where the layer lives
+        model.to(run.device)
+        if tr.method == "gift":
+            attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
         else:
-            if run.dist.enabled:  # parameters may be sharded: rebuild from the full checkpoint
-                model = load_quantized(out / "quantized")
-                apply_salient_checkpoint(model, latest_checkpoint(out / "train" / "checkpoints"))
+            from gift_quant.train.lora import attach_lora
+
+            model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
+            log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
+    with run.stage("train"):
+        rep = run.train(model, tok, teacher)
+    with run.stage("export"):
+        if run.dist.main:
+            report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+            model.to("cpu")
+            if tr.method == "lora":
+                model.save_pretrained(final)
             else:
-                detach_gift(model)
-            save_quantized(
-                model,
-                final,
-                tokenizer=tok,
-                recipe=recipe,
-                checkpoint_format=recipe.export.checkpoint_format,
-            )
-    run.dist.barrier()
+                if run.dist.enabled:  # parameters may be sharded: rebuild from the checkpoint
+                    model = load_quantized(out / "quantized")
+                    apply_salient_checkpoint(
+                        model, latest_checkpoint(out / "train" / "checkpoints")
+                    )
+                else:
+                    detach_gift(model)
+                save_quantized(
+                    model,
+                    final,
+                    tokenizer=tok,
+                    recipe=recipe,
+                    checkpoint_format=recipe.export.checkpoint_format,
+                )
+        run.dist.barrier()
     return final, rep.to_dict()
 
 
@@ -260,26 +299,28 @@ def _pre(run: _Run, model, tok, teacher) -> tuple[Path, dict, dict]:
     if (final / "config.json").is_file():
         train_report = json.loads((out / "train" / "report.json").read_text())
         return final, train_report, json.loads((final / "report.json").read_text())
-    t0 = time.perf_counter()
-    salient = select_salient_columns(model, tok, recipe, progress=run.progress)
-    attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits), salient=salient)
-    rep = run.train(model, tok, teacher)  # one process: pre mode refuses several
-    run.timings["train"] = time.perf_counter() - t0
+    with run.stage("saliency"):
+        salient = select_salient_columns(model, tok, recipe, progress=run.progress)
+    with run.stage("train_setup"):
+        model.to(run.device)
+        attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits), salient=salient)
+    with run.stage("train"):
+        rep = run.train(model, tok, teacher)  # one process: pre mode refuses several
     (out / "train" / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
     model.to("cpu")
     detach_gift(model)
-    t0 = time.perf_counter()
-    qrep = quantize_model(model, tok, recipe, progress=run.progress, salient=salient)
-    quantized_report = {**qrep.to_dict(), **bits_report(model)}
-    run.timings["quantize"] = time.perf_counter() - t0
-    save_quantized(
-        model,
-        final,
-        tokenizer=tok,
-        recipe=recipe,
-        report=quantized_report,
-        checkpoint_format=recipe.export.checkpoint_format,
-    )
+    with run.stage("quantize"):
+        qrep = quantize_model(model, tok, recipe, progress=run.progress, salient=salient)
+        quantized_report = {**qrep.to_dict(), **bits_report(model)}
+    with run.stage("export"):
+        save_quantized(
+            model,
+            final,
+            tokenizer=tok,
+            recipe=recipe,
+            report=quantized_report,
+            checkpoint_format=recipe.export.checkpoint_format,
+        )
     return final, rep.to_dict(), quantized_report
 
 
@@ -312,7 +353,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
 
 
-def _report(recipe, out, final, fp, quant, recovered, qrep, trep, timings, seconds) -> dict:
+def _report(
+    recipe, out, final, fp, quant, recovered, qrep, trep, timings, seconds, peak_gpu_mb
+) -> dict:
     q, tr = recipe.quant, recipe.train
     return {
         "command": "recover",
@@ -333,6 +376,7 @@ def _report(recipe, out, final, fp, quant, recovered, qrep, trep, timings, secon
         "bytes_export": _dir_bytes(final) if final.is_dir() else None,
         "train": trep,
         "seconds": {**timings, "total": seconds},
+        "peak_gpu_mb": peak_gpu_mb or None,
     }
 
 
@@ -368,6 +412,14 @@ def report_table(r: dict) -> str:
             f"{t.get('trainable_params')} trainable parameters, "
             f"peak RSS {f(t.get('peak_rss_mb'), '{:.0f}')} MiB"
         )
-    secs = ", ".join(f"{k} {v:.0f}s" for k, v in r["seconds"].items())
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
     lines.append(f"time: {secs}")
+    if t.get("seconds_first_step") is not None:
+        lines.append(
+            f"train steps: first {t['seconds_first_step']:.2f}s (compilation, warm-up), "
+            f"then {f(t.get('seconds_per_step_steady'), '{:.3f}')} s/step"
+        )
+    if r.get("peak_gpu_mb"):
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gpu_mb"].items())
+        lines.append(f"peak GPU MiB: {peaks}")
     return "\n".join(lines)

@@ -17,21 +17,32 @@ Checkpoints hold full (unsharded) tensors, so a run saved by N ranks resumes on 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init", "shard_rows"]
+__all__ = ["CollectiveTimeout", "Dist", "init", "shard_rows"]
 
 
-@dataclass(frozen=True)
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete in time: some rank failed or is stuck."""
+
+
+@dataclass
 class Dist:
+    """This process's place in the run. ``stage`` names what the run is doing, so a collective
+    that times out says where; ``timeout`` bounds every collective (seconds)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    timeout: float = 1800.0
+    stage: str = "start"
+    cpu_group: object = field(default=None, repr=False)
 
     @property
     def main(self) -> bool:
@@ -42,34 +53,72 @@ class Dist:
         return self.world > 1
 
     def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+        """Wait for every rank; on a CPU (gloo) group, so a rank that waits for rank 0's long
+        stage (quantize, export) holds no GPU collective open. Bounded by ``timeout``."""
+        if not self.enabled:
+            return
+        try:
+            dist.monitored_barrier(
+                group=self.cpu_group,
+                timeout=datetime.timedelta(seconds=self.timeout),
+                wait_all_ranks=True,
+            )
+        except RuntimeError as exc:
+            raise CollectiveTimeout(
+                f"rank {self.rank}/{self.world}: stage {self.stage!r}: the other processes did "
+                f"not reach the barrier within train.dist_timeout_s={self.timeout:.0f}s "
+                f"({str(exc).splitlines()[0]}); a rank failed or is stuck: see its log"
+            ) from exc
 
     def close(self) -> None:
         """Leave the process group (every rank, at the end of a run)."""
         if self.enabled and dist.is_initialized():
-            dist.barrier()
+            self.stage = "close"
+            self.barrier()
             dist.destroy_process_group()
 
     def sum(self, value: float) -> float:
         if not self.enabled:
             return value
         t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
+        work = dist.all_reduce(t, group=self.cpu_group, async_op=True)
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise CollectiveTimeout(
+                f"rank {self.rank}/{self.world}: stage {self.stage!r}: an all-reduce did not "
+                f"complete within train.dist_timeout_s={self.timeout:.0f}s; a rank failed or "
+                f"is stuck: see its log"
+            ) from exc
         return float(t)
 
 
-def init(device: torch.device) -> Dist:
-    """The process group of this run (a single process when no launcher set WORLD_SIZE)."""
+def init(device: torch.device, timeout_s: float = 1800.0) -> Dist:
+    """The process group of this run (a single process when no launcher set WORLD_SIZE).
+
+    On GPUs: NCCL bound to this rank's device (``device_id``, set before the group exists, so
+    NCCL never guesses it from the rank), with a CPU (gloo) group beside it for barriers and
+    scalar sums. Every collective is bounded by ``timeout_s``: a stuck rank becomes an error
+    that names the rank and the stage instead of a hang.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
+    timeout = datetime.timedelta(seconds=timeout_s)
+    cuda = device.type == "cuda"
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA devices are "
+                f"visible; launch at most that many processes per node"
+            )
         torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), dist.get_world_size(), local)
+    if not dist.is_initialized():
+        kwargs = {"device_id": torch.device("cuda", local)} if cuda else {}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **kwargs)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
+    return Dist(dist.get_rank(), dist.get_world_size(), local, timeout_s, cpu_group=cpu_group)
 
 
 def rank_device(d: Dist, device: torch.device) -> torch.device:

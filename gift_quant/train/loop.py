@@ -49,6 +49,8 @@ class TrainReport:
     seconds_per_step: float = 0.0
     tokens_per_second: float = 0.0
     tokens_per_second_steady: float = 0.0  # after the first step (warm-up, compilation)
+    seconds_first_step: float | None = None  # this session's first step (compilation, warm-up)
+    seconds_per_step_steady: float | None = None  # the later steps of this session
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float = 0.0  # this rank's peak allocated CUDA memory (0 on the CPU)
     final_loss: float = float("nan")
@@ -160,6 +162,8 @@ def train(
         log.info("resuming from %s (step %d of %d)", latest, start, cfg.steps)
     report.resumed_from = start
     metrics = (out / "metrics.jsonl").open("a") if d.main else None
+    d.stage = "train"
+    d.barrier()  # every rank is set up: a rank stuck in set-up is named here, not in a step
 
     model.train()
     t0 = time.perf_counter()
@@ -206,6 +210,7 @@ def train(
         report.tokens += tokens
         if step == start:
             t_steady, tokens_first = time.perf_counter(), report.tokens
+            report.seconds_first_step = dt
         loss_val = loss_sum
         row = {
             "step": step + 1,
@@ -243,9 +248,9 @@ def train(
     report.seconds_per_step = report.seconds / ran if ran else 0.0
     report.tokens_per_second = report.tokens / report.seconds if ran else 0.0
     if ran > 1:
-        report.tokens_per_second_steady = (report.tokens - tokens_first) / (
-            time.perf_counter() - t_steady
-        )
+        steady = time.perf_counter() - t_steady
+        report.tokens_per_second_steady = (report.tokens - tokens_first) / steady
+        report.seconds_per_step_steady = steady / (ran - 1)
     if device.type == "cuda":
         report.peak_gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

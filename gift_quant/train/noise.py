@@ -18,24 +18,44 @@ __all__ = ["noise_step", "sample_noise"]
 
 @torch.no_grad()
 def noise_step(
-    weight: Tensor, salient_idx: Tensor, bits: int, grid: int = 100, max_shrink: float = 0.8
+    weight: Tensor,
+    salient_idx: Tensor,
+    bits: int,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    budget: int = 1 << 26,
 ) -> Tensor:
     """[N] step delta_i of the MSE-clipped symmetric ``bits`` grid of each row's non-salient
-    part."""
+    part.
+
+    Runs where ``weight`` lives (the GPU during recovery) and evaluates many clip candidates
+    per kernel launch: candidates are stacked into [C, rows, K] chunks of at most ``budget``
+    elements, rows are processed in slices when one row block alone exceeds it. Ties keep the
+    widest range (the first candidate), as a sequential search would.
+    """
     W = weight.float().clone()
     if salient_idx.numel():
         W[:, salient_idx.long()] = 0.0  # zeros neither widen the range nor add clip error
     qmax = 2 ** (bits - 1) - 1
     amax = W.abs().amax(1).clamp(min=1e-12)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax / qmax
-    for i in range(int(max_shrink * grid)):
-        delta = (1 - i / grid) * amax / qmax
-        q = torch.clamp(torch.round(W / delta[:, None]), -qmax - 1, qmax)
-        err = (q * delta[:, None] - W).square().sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, delta, best)
+    shrink = 1 - torch.arange(int(max_shrink * grid), device=W.device, dtype=W.dtype) / grid
+    best = torch.empty_like(amax)
+    rows = max(1, min(W.shape[0], budget // max(1, W.shape[1])))
+    for r0 in range(0, W.shape[0], rows):
+        w, a = W[r0 : r0 + rows], amax[r0 : r0 + rows]
+        per_chunk = max(1, budget // max(1, w.numel()))
+        best_err = torch.full_like(a, float("inf"))
+        best_delta = a / qmax
+        for c0 in range(0, shrink.numel(), per_chunk):
+            delta = shrink[c0 : c0 + per_chunk, None] * a / qmax  # [C, rows]
+            d = delta[:, :, None]
+            q = torch.clamp(torch.round(w / d), -qmax - 1, qmax)
+            err = (q * d - w).square_().sum(-1)  # [C, rows]
+            e, j = err.min(0)  # first minimum within the chunk
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best_delta = torch.where(better, delta.gather(0, j[None]).squeeze(0), best_delta)
+        best[r0 : r0 + rows] = best_delta
     return best
 
 
