@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,8 +47,9 @@ def recover(cmd_prefix: list[str], recipe: Path, out: Path, sets: list[str], cod
     return result
 
 
-def salient_diff(a: Path, b: Path, steps: int) -> tuple[float, float]:
-    """(max |a - b|, max |a - start|) over the trained salient columns of two runs."""
+def salient_diff(a: Path, b: Path, steps: int) -> dict:
+    """How far run b's trained salient columns are from run a's, against how far a moved them:
+    max |a - b| and max |a - start|, and the relative L2 distance ||a - b|| / ||a - start||."""
     from safetensors.torch import load_file
 
     def ckpt(run: Path) -> dict:
@@ -57,7 +59,13 @@ def salient_diff(a: Path, b: Path, steps: int) -> tuple[float, float]:
     ta, tb = ckpt(a), ckpt(b)
     diff = max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
     moved = max(float((ta[k].float() - start[k].float()).abs().max()) for k in ta)
-    return diff, moved
+    d2 = sum(float((ta[k].float() - tb[k].float()).square().sum()) for k in ta)
+    m2 = sum(float((ta[k].float() - start[k].float()).square().sum()) for k in ta)
+    return {
+        "salient_max_abs_diff_vs_one": diff,
+        "salient_max_abs_moved": moved,
+        "salient_rel_l2_diff_vs_one": (d2 / m2) ** 0.5 if m2 else float("nan"),
+    }
 
 
 def main() -> None:
@@ -66,7 +74,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--rows", default="one,ddp,fsdp", help="comma list of one, ddp, fsdp")
+    p.add_argument(
+        "--rows",
+        default="one,accum2,ddp,fsdp",
+        help="comma list of: one (1 process), accum2 (1 process, half micro-batches x 2: the "
+        "same global batch summed in another order, the numerical tolerance), ddp, fsdp",
+    )
     p.add_argument("--before", help="checkout of an older version: adds a 1-process row run by it")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--cpu", action="store_true")
@@ -99,7 +112,7 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
 """)
     # the same recipe for an older checkout, without the keys it does not know
     old_recipe = work / "recipe_before.yaml"
-    old_recipe.write_text(recipe.read_text().replace(", dist_timeout_s: 300", ""))
+    old_recipe.write_text(re.sub(r",\s*dist_timeout_s: \d+", "", recipe.read_text()))
     py = [sys.executable]
     base = work / "base"
     if not (base / "quantized/config.json").is_file():
@@ -112,11 +125,17 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
     json_path = out_dir / "bench_distributed.json"
     env = environment(args.shared)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    plan = [(r, 1 if r == "one" else args.gpus, "ddp" if r == "one" else r, ROOT) for r in rows]
+    single = {"one": [], "accum2": [f"train.batch_size={args.batch // 2}", "train.grad_accum=2"]}
+    plan = []
+    for r in rows:
+        if r in single:
+            plan.append((r, 1, ["train.parallel=ddp", *single[r]], ROOT))
+        else:
+            plan.append((r, args.gpus, [f"train.parallel={r}"], ROOT))
     if args.before:
-        plan.append(("before", 1, "ddp", Path(args.before).resolve()))
+        plan.append(("before", 1, ["train.parallel=ddp"], Path(args.before).resolve()))
     runs: dict[str, dict] = {}
-    for label, nproc, parallel, code in plan:
+    for label, nproc, sets, code in plan:
         out = work / f"run_{label}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
@@ -128,12 +147,12 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
             prefix = [*py, "-m", "torch.distributed.run", "--standalone"]
             prefix += [f"--nproc_per_node={nproc}"]
         rec = recipe if code == ROOT else old_recipe
-        r = recover(prefix, rec, out, [f"train.parallel={parallel}"], code)
+        r = recover(prefix, rec, out, sets, code)
         t = r["train"]
         row = {
             "row": label,
             "processes": nproc,
-            "parallel": parallel,
+            "settings": sets,
             "code": "this commit" if code == ROOT else f"older checkout {code.name}",
             "steps": args.steps,
             "global_batch": args.batch,
@@ -149,10 +168,8 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
             "wall_seconds": r["wall_seconds"],
             **env,
         }
-        if label != "one" and "one" in runs and label != "before":
-            diff, moved = salient_diff(work / "run_one", out, args.steps)
-            row["salient_max_abs_diff_vs_one"] = diff
-            row["salient_max_abs_moved"] = moved
+        if label not in ("one", "before") and "one" in runs:
+            row.update(salient_diff(work / "run_one", out, args.steps))
         runs[label] = row
         print(label, json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
         old = json.loads(json_path.read_text()) if json_path.is_file() else {}
@@ -176,8 +193,8 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
     for label, r in runs.items():
         scale = r["tokens_per_second"] / one if one else float("nan")
         rel = ""
-        if "salient_max_abs_diff_vs_one" in r:
-            rel = f"{r['salient_max_abs_diff_vs_one']:.1e} / {r['salient_max_abs_moved']:.1e}"
+        if "salient_rel_l2_diff_vs_one" in r:
+            rel = f"{r['salient_rel_l2_diff_vs_one']:.3f}"
         st = r["stage_seconds"]
         overhead = st["total"] - st.get("train", 0.0) - st.get("load", 0.0)
         print(

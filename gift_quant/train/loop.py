@@ -118,6 +118,7 @@ def train(
     progress: bool = True,
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
+    on_step=None,
 ) -> TrainReport:
     """Train the parameters of ``model`` that require grad, per a TrainConfig ``cfg``.
 
@@ -126,7 +127,8 @@ def train(
 
     ``out_dir`` receives ``checkpoints/`` and ``metrics.jsonl``; an existing checkpoint whose
     fingerprint matches is resumed. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every``
-    steps and at the end. ``teacher`` (frozen, eval mode) enables distillation. Under a
+    steps and at the end; ``on_step()`` after every optimizer step (a profiler's step, say).
+    ``teacher`` (frozen, eval mode) enables distillation. Under a
     multi-process launcher (``dist``), each rank trains on its rows of every global
     micro-batch through DDP or FSDP (``cfg.parallel``); rank 0 alone logs and writes.
     """
@@ -207,6 +209,8 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t_step
+        if on_step is not None:
+            on_step()
         report.tokens += tokens
         if step == start:
             t_steady, tokens_first = time.perf_counter(), report.tokens

@@ -1,0 +1,68 @@
+"""Where a training step's time goes: a few GIFT-SW steps on an export under torch.profiler.
+
+    python tools/profile_train.py EXPORT_DIR --text FILE [--steps 3] [--batch 8] [--seq 512]
+
+Loads the quantized export, attaches GIFT-SW (post mode, 4-bit normal noise), runs the library's
+training loop for --steps steps (the first one warms up) and prints the top kernels and CPU
+operators by total time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from gift_quant.config import TrainConfig
+from gift_quant.io.load import load_quantized
+from gift_quant.train.gift_linear import attach_gift
+from gift_quant.train.loop import train
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("export_dir")
+    p.add_argument("--text", required=True)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(args.export_dir)
+    model = load_quantized(args.export_dir).to(device)
+    attach_gift(model, "normal", 4)
+    cfg = TrainConfig(
+        data=args.text,
+        steps=args.steps + 1,
+        batch_size=args.batch,
+        grad_accum=1,
+        seq_len=args.seq,
+        save_every=0,
+    )
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(
+        activities=acts, schedule=schedule(wait=0, warmup=1, active=args.steps, repeat=1)
+    ) as prof:
+        with tempfile.TemporaryDirectory() as out:
+            train(
+                model,
+                tok,
+                cfg,
+                out,
+                fingerprint={},
+                device=device,
+                progress=False,
+                on_step=prof.step,
+            )
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
