@@ -24,9 +24,11 @@ def environment(shared: bool) -> dict:
             return ""
 
     env = {
-        # a copy of the tree without .git (a remote machine) gets the commit from the caller
-        "commit": git("rev-parse", "HEAD") or os.environ.get("GIFT_QUANT_COMMIT", "unknown"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # a copy of the tree on another machine may carry a stale .git: the caller's word wins
+        "commit": os.environ.get("GIFT_QUANT_COMMIT") or git("rev-parse", "HEAD") or "unknown",
+        "dirty": None
+        if os.environ.get("GIFT_QUANT_COMMIT")
+        else bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

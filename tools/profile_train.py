@@ -10,15 +10,19 @@ operators by total time.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from gift_quant.config import TrainConfig
-from gift_quant.io.load import load_quantized
-from gift_quant.train.gift_linear import attach_gift
-from gift_quant.train.loop import train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gift_quant.config import TrainConfig  # noqa: E402
+from gift_quant.io.load import load_quantized  # noqa: E402
+from gift_quant.train.gift_linear import attach_gift  # noqa: E402
+from gift_quant.train.loop import train  # noqa: E402
 
 
 def main() -> None:
