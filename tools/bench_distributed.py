@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
+
 
 def synthetic_text(path: Path, n_words: int = 200_000) -> None:
     rng = random.Random(0)
@@ -124,8 +126,9 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--work", default="/tmp/bench_distributed")
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results")))
+    add_arguments(p)
     args = p.parse_args()
-
+    prov = provenance(shared_flag(p, args))
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -178,6 +181,7 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4,
             "perplexity_recovered": r["perplexity_recovered"],
             "wall_seconds": r["wall_seconds"],
         }
+        stamp(runs[label], prov)
         print(label, json.dumps(runs[label]), flush=True)
     one = runs["1 process"]["tokens_per_second"]
     print(f"\n{'run':12s} {'tokens/s':>10s} {'scaling':>8s} {'peak GPU MiB':>13s} {'ppl':>9s}")
@@ -189,19 +193,16 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4,
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_distributed.json").write_text(
-        json.dumps(
-            {
-                "model": "tiny" if args.tiny else "TinyLlama-1.1B shape, random weights",
-                "setting": "RTN w4 g128 + 128 salient, GIFT-SW post",
-                "steps": args.steps,
-                "global_batch": args.batch,
-                "seq_len": args.seq,
-                "runs": runs,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        out / "bench_distributed.json",
+        {
+            "model": "tiny" if args.tiny else "TinyLlama-1.1B shape, random weights",
+            "setting": "RTN w4 g128 + 128 salient, GIFT-SW post",
+            "steps": args.steps,
+            "global_batch": args.batch,
+            "seq_len": args.seq,
+            "runs": runs,
+        },
     )
 
 

@@ -19,7 +19,6 @@ kernel in N worker processes first. ``--candidates`` also times, for every M > 4
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 from gift_quant.kernels import triton_ops  # noqa: E402
 from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_config  # noqa: E402
@@ -320,9 +321,11 @@ def main() -> None:
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
+    add_arguments(ap)
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
+    prov = provenance(shared_flag(ap, args))
     MS[:] = [int(m) for m in args.ms.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
@@ -356,7 +359,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for N, K in SHAPES[args.shapes]:
         bench_shape(N, K, args.sweep, res)
-        (out / "kernels_h200.json").write_text(json.dumps(res, indent=1))
+        for key in ("rows", "cublas", "tinygemm", "sweep", "cand"):
+            for row in res[key]:
+                stamp(row, prov)
+        write_json(out / "kernels_h200.json", res)
     print_table(res)
 
 

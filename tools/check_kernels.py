@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
+
 from gift_quant.kernels import Backend, reference, triton_ops  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear  # noqa: E402
@@ -174,7 +176,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workers", type=int, default=12)
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = provenance(shared_flag(ap, args))
     t0 = time.time()
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]
     cases += [(b, d, s, 1) for b in (4, 3, 2) for d in DTYPES for s in (0, 1)]
@@ -206,17 +210,14 @@ def main() -> None:
     )
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "check_kernels.json").write_text(
-        json.dumps(
-            dict(
-                gpu=torch.cuda.get_device_name(),
-                rows=rows,
-                extras=extras,
-                failures=len(bad),
-                failing_candidates=bad_cand,
-            ),
-            indent=1,
-        )
+    write_json(
+        outdir / "check_kernels.json",
+        dict(
+            rows=[stamp(r, prov) for r in rows],
+            extras=[stamp(e, prov) for e in extras],
+            failures=len(bad),
+            failing_candidates=bad_cand,
+        ),
     )
     sys.exit(1 if bad else 0)
 
