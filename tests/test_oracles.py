@@ -138,7 +138,7 @@ def _clip_error(w, bits, sym, shrink, norm):
 def test_clip_search_is_within_one_percent_of_the_exhaustive_optimum(bits, sym):
     g = torch.Generator().manual_seed(bits)
     # heavy-tailed weights (Student t, 3 dof), the case where clipping matters
-    w = torch.distributions.StudentT(3.0).sample((256, 4, 64)) * 0.02
+    w = torch.distributions.StudentT(3.0).sample((128, 4, 64)) * 0.02
     w[torch.rand(w.shape, generator=g) < 0.01] *= 8
     grid = Grid(bits=bits, sym=sym, mse_clip=True)
     scale, zero = fit_params(w, grid)
@@ -155,6 +155,7 @@ def test_clip_search_is_within_one_percent_of_the_exhaustive_optimum(bits, sym):
     ).amin(0)
     assert torch.all(chosen >= best * (1 - 1e-9)), "the search cannot beat the exhaustive one"
     near = (chosen <= best * 1.01).double().mean()
+    print(f"w{bits}: {near:.2%} of {rows.shape[0]} groups within 1% of the exhaustive optimum")
     assert near >= 0.99, f"only {near:.3%} of groups within 1% of the optimum"
 
 
