@@ -1,7 +1,7 @@
 """The torch reference, the backend dispatch, the PTX unpacking plans (CPU), and the Triton
 kernels: under the Triton interpreter where Triton imports (CPU), on the GPU where CUDA exists.
 
-Kernel results are bounded by the reference's own error against a float64 oracle (STYLE.md E9).
+Kernel results are bounded by the reference's own error against a float64 oracle.
 """
 
 import importlib.util

@@ -3,12 +3,12 @@
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|small] [--sweep]
         [--warm N] [--candidates] [--skip-tinygemm] [--budget S]
 
-Protocol (../shared/docs/KERNELS.md §7.5): every timed callable is captured R times in one
+Protocol: every timed callable is captured R times in one
 CUDA graph, each time on its own copy of the layer (R * bytes >= 1.5 GB, so L2 does not hold
 the weights), and the per-call time is the median graph replay divided by R. cuBLAS fp16
 (``torch.matmul``), tinygemm (``torch.ops.aten._weight_int4pack_mm``, 4-bit, bf16, g128) and
 ours (``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient columns fused)
-are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (KERNELS.md §1); the
+are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (docs/KERNELS-NOTES.md); the
 table prints speedup over cuBLAS and the fraction of that floor reached. ``--sweep`` also times
 alternative kernel configurations (the launchers' ``config``); ``--warm N`` compiles every
 kernel in N worker processes first. ``--candidates`` also times, for every M > 4, each kernel of

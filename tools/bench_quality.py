@@ -3,7 +3,7 @@ without salient columns, the owq/quik presets, and gptqmodel's GPTQ as the peer.
 
     python tools/bench_quality.py [--rows all|ours|peer] [--out FILE.json]
 
-Protocol (ASSETS.md "Peer anchor"): every Linear of every decoder block quantized; the same 128
+Protocol: every Linear of every decoder block quantized; the same 128
 calibration windows of 512 tokens (seed 0) from Wikipedia articles 0-79 for every row; perplexity
 on the first 40 non-overlapping 512-token windows of articles 80-106 (20,440 predicted tokens),
 fp32 compute. Every quantized row is scored from its export directory, loaded back with

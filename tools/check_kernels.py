@@ -9,7 +9,7 @@ inputs and a NaN-poisoned output buffer, through the kernel that ``route`` picks
 candidate kernel of ``triton_ops.candidates(M)`` (M in CAND_MS, the first two shapes), which
 the exit status does not count but the route tables must avoid when one fails. A case
 passes when max |out - exact| <= ERROR_FACTOR (3) x max |ref - exact| (+1e-6), where exact
-is the float64 oracle and ref the torch reference in the same dtype (STYLE.md E9); a NaN or an
+is the float64 oracle and ref the torch reference in the same dtype; a NaN or an
 unwritten element fails. Then: the custom op under CUDA-graph capture and replay,
 torch.compile, the backward of base_matmul, a NaN input propagating, and AUTO dispatch of
 MixedLinear. Writes check_kernels.json under --out; exit status 1 on any failure.

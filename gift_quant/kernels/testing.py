@@ -1,9 +1,9 @@
 """Random mixed layers and the error bound the kernel checks use (tests, tools/check_kernels.py).
 
-The bound follows STYLE.md E9: a kernel may not be worse than ``ERROR_FACTOR`` times the
+The bound: a kernel may not be worse than ``ERROR_FACTOR`` times the
 torch reference's own error in the same dtype, both measured against a float64 oracle. The
 factor is 3, not 2: the decode GEMV accumulates chains of 8 products in f16x2 registers before
-converting to fp32 (KERNELS.md §7.2), where the reference accumulates in fp32 and rounds once;
+converting to fp32 (docs/KERNELS-NOTES.md), where the reference accumulates in fp32 and rounds once;
 on the H200 its worst case was 1.91x over 126 checked cases and 2.17x in one graph-replay test.
 """
 
