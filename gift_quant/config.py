@@ -66,7 +66,8 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CalibConfig:
-    """Calibration set: N seeded random windows of L tokens (METHOD.md §5.1: 128 x 2048).
+    """Calibration set: N seeded random windows of L tokens
+    (docs/METHOD.md#1-calibration-statistics).
 
     Args:
         source: "wiki" (embedded Wikipedia, articles 0-79), a .txt/.jsonl path, or
@@ -114,8 +115,9 @@ SALIENCY_PRESETS: dict[str, tuple[float | None, float, float]] = {
 class SaliencyConfig:
     """How salient (FP16) columns are ranked and how many each matrix keeps.
 
-    The score of input column j is ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma`` (METHOD.md §1.2)
-    where D = W - Q(W) uses the same MSE-clipped grid that will quantize the layer.
+    The score of input column j is ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma``
+    (docs/METHOD.md#2-saliency) where D = W - Q(W) uses the same MSE-clipped grid that will
+    quantize the layer.
 
     Args:
         metric: a preset (gift, owq, quik, wanda) or "custom" (then tau/rho/gamma are used).
@@ -238,7 +240,7 @@ class QuantConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Recovery fine-tuning (GIFT-SW and the baselines), METHOD.md §1.4-1.6, §5.4.
+    """Recovery fine-tuning (GIFT-SW and the baselines), docs/METHOD.md#5-gift-sw-training.
 
     Args:
         method: "gift" (salient columns train, Gaussian/uniform noise on the frozen rest),

@@ -15,7 +15,7 @@ __all__ = ["MixedLinear"]
 class MixedLinear(nn.Module):
     """``y = x @ dequant(W_q)^T + x[..., S] @ W_S^T + bias``.
 
-    Buffers (GPTQ layout, DEPENDENCIES-AND-FORMAT.md §6; zero-points stored as they are, i.e.
+    Buffers (GPTQ layout, docs/FORMAT.md; zero-points stored as they are, i.e.
     the v2 convention, the export adds v1's -1 where it writes v1):
         qweight: [K*bits/32, N] int32, codes packed along K; salient columns hold the zero-point.
         qzeros: [G, N*bits/32] int32, zero-points packed along N.

@@ -1,7 +1,7 @@
 """Column saliency: ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma`` and the per-matrix budget.
 
 D = W - Q(W) is the round-to-nearest error on the same (MSE-clipped) grid that quantizes the
-layer (METHOD.md §1.2, §5.2: with plain absmax |D| is nearly flat and the metric degenerates to
+layer (docs/METHOD.md#2-saliency: with plain absmax |D| is nearly flat and the metric degenerates to
 the activation term). Pure torch.
 """
 

@@ -50,6 +50,7 @@ def test_noise_statistics_and_determinism(kind, var):
 def test_only_salient_columns_train_and_grid_stays_exact(gen):
     layer = mixed_layer(gen)
     frozen = {n: t.clone() for n, t in layer.named_buffers() if n != "salient_weight"}
+    start = layer.salient_weight.clone()
     g = GiftLinear.from_mixed(layer, "normal", bits=4)
     assert [n for n, p in g.named_parameters() if p.requires_grad] == ["salient_weight"]
     opt = torch.optim.SGD(g.parameters(), lr=0.1)
@@ -61,7 +62,8 @@ def test_only_salient_columns_train_and_grid_stays_exact(gen):
     mixed = g.to_mixed()
     for name, t in frozen.items():
         assert torch.equal(getattr(mixed, name), t), name
-    assert not torch.equal(mixed.salient_weight, frozen.get("salient_weight", torch.zeros(0)))
+    assert mixed.salient_weight.shape == start.shape
+    assert (mixed.salient_weight != start).float().mean() > 0.5, "the salient columns trained"
 
 
 def test_noise_only_on_non_salient_columns_in_training_only(gen):

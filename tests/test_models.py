@@ -58,11 +58,28 @@ def test_quantize_export_load_round_trip(family, tiny_model_dirs, tmp_path):
     assert ppl["tokens"] == 8 * 63 and ppl["perplexity"] > 1
 
 
-def test_models_larger_than_the_device_stay_on_cpu_between_blocks(tiny_model_dirs):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_blocks_are_calibrated_in_copies(tiny_model_dirs, device):
+    """Each block is calibrated in a bfloat16 copy on the device: the model keeps its fp16
+    parameters, and (on a GPU) they stay on the CPU between blocks, so models larger than the
+    device fit."""
     recipe = tiny_recipe(
-        tiny_model_dirs("llama"), "model.device=cpu", "calib.true_sequential=false"
+        tiny_model_dirs("llama"), f"model.device={device}", "calib.true_sequential=false"
     )
     model, tok = load_model(recipe.model)
     quantize_model(model, tok, recipe, progress=False)
-    assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert {p.dtype for p in model.parameters()} == {torch.float16}
+    if device == "cuda":  # on a CPU-only run every tensor is on the CPU anyway
+        assert {p.device.type for p in model.parameters()} == {"cpu"}

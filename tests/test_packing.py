@@ -26,7 +26,8 @@ def test_pack_unpack_round_trip(bits, k_words, n, seed):
     "bits, word", [(4, 0x77777777), (2, 0x55555555), (3, 0xDB6DB6DB), (8, 0x7F7F7F7F)]
 )
 def test_v1_symmetric_zero_words_match_gptq_checkpoints(bits, word):
-    # GPTQ v1 stores z - 1 = 2**(bits-1) - 1 for every output (DEPENDENCIES-AND-FORMAT §6.4)
+    # GPTQ v1 stores z - 1 = 2**(bits-1) - 1 for every output
+    # (docs/FORMAT.md#zero-points-checkpoint_format-v1-and-v2)
     z = torch.full((1, 32), 2 ** (bits - 1) - 1, dtype=torch.int32)
     packed = pack_cols(z, bits)
     assert {int(w) & 0xFFFFFFFF for w in packed.flatten()} == (
@@ -36,7 +37,7 @@ def test_v1_symmetric_zero_words_match_gptq_checkpoints(bits, word):
 
 
 def test_three_bit_layout_is_gptq_10_1_10_1_10():
-    # value 10 straddles words A/B, value 21 straddles B/C (§6.2)
+    # value 10 straddles words A/B, value 21 straddles B/C (docs/FORMAT.md#packing-qweight-qzeros)
     codes = torch.zeros(32, 1, dtype=torch.int32)
     codes[10, 0] = 0b111
     codes[21, 0] = 0b101

@@ -1,6 +1,7 @@
 """GIFT-SW training and the recover pipeline on tiny models: resume, modes, baselines, data."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -27,7 +28,10 @@ def run(path, out, *overrides):
 
 def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
     report = run(tiny_model_dirs("llama"), tmp_path / "run")
-    assert report["perplexity_quantized"] > 0 and report["perplexity_recovered"] > 0
+    # finite, and training changed what the evaluation sees (that it lowers the training loss
+    # is test_oracles.py::test_recover_lowers_the_training_loss)
+    assert 1 < report["perplexity_quantized"] < math.inf and 1 < report["perplexity_recovered"]
+    assert report["perplexity_recovered"] != report["perplexity_quantized"]
     assert report["train"]["steps"] == 6 and report["train"]["trainable_params"] > 0
     out = tmp_path / "run"
     for name in (
@@ -106,7 +110,11 @@ def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypat
 def test_recovery_variants(tiny_model_dirs, tmp_path, variant):
     pytest.importorskip("peft") if "lora" in variant[0] else None
     report = run(tiny_model_dirs("qwen2"), tmp_path / "run", *variant)
-    assert report["perplexity_recovered"] > 0 and report["train"]["trainable_params"] > 0
+    assert report["train"]["trainable_params"] > 0
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run/train/metrics.jsonl").open()]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert 1 < report["perplexity_recovered"] < math.inf
+    assert report["perplexity_recovered"] != report["perplexity_quantized"], "training did nothing"
 
 
 def test_chat_data_trains_on_assistant_tokens_only(tiny_model_dirs, tiny_tokenizer, tmp_path):

@@ -16,7 +16,6 @@ replays. The script also checks the quantized model's logits against the torch b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 from gift_quant.io.export import save_quantized  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
@@ -132,7 +133,9 @@ def main() -> None:
     ap.add_argument("--salient", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = provenance(shared_flag(ap, args))
     t0 = time.time()
     model = build_model(args.layers)
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
@@ -159,7 +162,6 @@ def main() -> None:
     w4 = decode_tokens_per_s(qmodel, prompt, args.tokens)
     print(f"w4g128+s128: {w4}", flush=True)
     res = dict(
-        gpu=torch.cuda.get_device_name(),
         layers=args.layers,
         mixed_layers=n_mixed,
         fp16=fp16,
@@ -174,7 +176,7 @@ def main() -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_h200.json").write_text(json.dumps(res, indent=1))
+    write_json(out / "decode_h200.json", stamp(res, prov))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import environment  # noqa: E402
 from _synthetic import build_model, recover_cmd  # noqa: E402
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 
 def recover(cmd_prefix: list[str], recipe: Path, out: Path, sets: list[str], code: Path) -> dict:
@@ -84,10 +84,11 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--reuse", action="store_true", help="keep --work's model and quantized start")
-    p.add_argument("--shared", action="store_true", help="record that the machine was shared")
+    add_arguments(p)
     p.add_argument("--work", default="/tmp/bench_distributed")
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results")))
     args = p.parse_args()
+    shared = shared_flag(p, args)
 
     work = Path(args.work)
     device = "cpu" if args.cpu else "cuda"
@@ -123,7 +124,7 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "bench_distributed.json"
-    env = environment(args.shared)
+    prov = provenance(shared)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     single = {"one": [], "accum2": [f"train.batch_size={args.batch // 2}", "train.grad_accum=2"]}
     plan = []
@@ -166,24 +167,21 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
             "stage_seconds": r["seconds"],
             "stage_peak_gpu_mb": r.get("peak_gpu_mb"),
             "wall_seconds": r["wall_seconds"],
-            **env,
         }
         if label not in ("one", "before") and "one" in runs:
             row.update(salient_diff(work / "run_one", out, args.steps))
         runs[label] = row
-        print(label, json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
+        print(label, json.dumps(row), flush=True)
+        stamp(row, prov)
         old = json.loads(json_path.read_text()) if json_path.is_file() else {}
         kept = [x for x in old.get("rows", []) if x.get("row") != label]
-        json_path.write_text(
-            json.dumps(
-                {
-                    "model": "tiny" if args.tiny else "TinyLlama-1.1B shape, random weights",
-                    "setting": "RTN w4 g128 + 128 salient, GIFT-SW post, bf16",
-                    "rows": [*kept, row],
-                },
-                indent=2,
-            )
-            + "\n"
+        write_json(
+            json_path,
+            {
+                "model": "tiny" if args.tiny else "TinyLlama-1.1B shape, random weights",
+                "setting": "RTN w4 g128 + 128 salient, GIFT-SW post, bf16",
+                "rows": [*kept, row],
+            },
         )
     one = runs.get("one", {}).get("tokens_per_second")
     print(

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _env import environment  # noqa: E402
 from _synthetic import build_model, recover_cmd  # noqa: E402
+from provenance import add_arguments, provenance, shared_flag, stamp  # noqa: E402
 
 
 def run(recipe: Path, out: Path, sets: list[str]) -> dict:
@@ -54,10 +54,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--methods", default="gift,lora")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--shared", action="store_true", help="record that the machine was shared")
+    add_arguments(p)
     p.add_argument("--work", default="/tmp/bench_gpu_scale")
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results")))
     args = p.parse_args()
+    shared = shared_flag(p, args)
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -82,11 +83,11 @@ eval: {{text: [{work / "text.txt"}], seq_len: 2048, max_tokens: 8192, batch_size
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "gpu_scale.json"
-    env = environment(args.shared)
+    prov = provenance(shared)
     rows = []
 
     def save(row: dict) -> None:
-        rows.append({**row, **env})
+        rows.append(stamp(dict(row), prov))
         print(json.dumps(row), flush=True)
         json_path.write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2) + "\n")
 

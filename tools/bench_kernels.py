@@ -3,12 +3,12 @@
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|small] [--sweep]
         [--warm N] [--candidates] [--skip-tinygemm] [--budget S]
 
-Protocol (../shared/docs/KERNELS.md §7.5): every timed callable is captured R times in one
+Protocol: every timed callable is captured R times in one
 CUDA graph, each time on its own copy of the layer (R * bytes >= 1.5 GB, so L2 does not hold
 the weights), and the per-call time is the median graph replay divided by R. cuBLAS fp16
 (``torch.matmul``), tinygemm (``torch.ops.aten._weight_int4pack_mm``, 4-bit, bf16, g128) and
 ours (``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient columns fused)
-are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (KERNELS.md §1); the
+are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (docs/KERNELS-NOTES.md); the
 table prints speedup over cuBLAS and the fraction of that floor reached. ``--sweep`` also times
 alternative kernel configurations (the launchers' ``config``); ``--warm N`` compiles every
 kernel in N worker processes first. ``--candidates`` also times, for every M > 4, each kernel of
@@ -19,7 +19,6 @@ kernel in N worker processes first. ``--candidates`` also times, for every M > 4
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 from gift_quant.kernels import triton_ops  # noqa: E402
 from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_config  # noqa: E402
@@ -320,9 +321,11 @@ def main() -> None:
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
+    add_arguments(ap)
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
+    prov = provenance(shared_flag(ap, args))
     MS[:] = [int(m) for m in args.ms.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
@@ -356,7 +359,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for N, K in SHAPES[args.shapes]:
         bench_shape(N, K, args.sweep, res)
-        (out / "kernels_h200.json").write_text(json.dumps(res, indent=1))
+        for key in ("rows", "cublas", "tinygemm", "sweep", "cand"):
+            for row in res[key]:
+                stamp(row, prov)
+        write_json(out / "kernels_h200.json", res)
     print_table(res)
 
 

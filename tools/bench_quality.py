@@ -3,7 +3,7 @@ without salient columns, the owq/quik presets, and gptqmodel's GPTQ as the peer.
 
     python tools/bench_quality.py [--rows all|ours|peer] [--out FILE.json]
 
-Protocol (ASSETS.md "Peer anchor"): every Linear of every decoder block quantized; the same 128
+Protocol: every Linear of every decoder block quantized; the same 128
 calibration windows of 512 tokens (seed 0) from Wikipedia articles 0-79 for every row; perplexity
 on the first 40 non-overlapping 512-token windows of articles 80-106 (20,440 predicted tokens),
 fp32 compute. Every quantized row is scored from its export directory, loaded back with
@@ -32,6 +32,9 @@ from gift_quant.io.load import load_quantized
 from gift_quant.modeling import load_model
 from gift_quant.quantize import quantize_model
 from gift_quant.recipe import load_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB = ["calib.num_samples=128", "calib.seq_len=512", "calib.seed=0", "calib.batch_size=8"]
@@ -78,7 +81,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality_smollm2.json"))
     p.add_argument("--work", default=None, help="directory for exports (default: a temp dir)")
     p.add_argument("--redo", nargs="*", default=[], help="row labels to measure again")
+    add_arguments(p)
     args = p.parse_args()
+    prov = provenance(shared_flag(p, args))
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
@@ -96,17 +101,15 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (embedded, fp16 weights)",
         "calibration": "128 x 512 tokens, seed 0, wiki articles 0-79",
         "eval": f"{windows.shape[0]} x {SEQ} tokens of wiki articles 80-106, fp32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    }  # versions, machine and threads: each row's "provenance"
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out, results)
 
     def score(label: str, mdl, extra: dict) -> None:
         r = perplexity(mdl, windows, batch_size=8, desc=label)
-        results["rows"][label] = {**extra, "perplexity": r["perplexity"], "tokens": r["tokens"]}
+        row = {**extra, "perplexity": r["perplexity"], "tokens": r["tokens"]}
+        results["rows"][label] = stamp(row, prov)
         save()
         print(f"{label:28s} ppl {r['perplexity']:9.3f}  {json.dumps(extra)}", flush=True)
 

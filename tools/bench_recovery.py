@@ -20,6 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 ROWS = {
@@ -70,19 +73,20 @@ def main() -> None:
     p.add_argument(
         "--markdown", action="store_true", help="only print the saved results as a markdown table"
     )
+    add_arguments(p)
     args = p.parse_args()
     if args.markdown:
         print_markdown(json.loads(Path(args.out).read_text()))
         return
 
+    prov = provenance(shared_flag(p, args))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(out, results)
 
     for bits in args.bits:
         common = [f"quant.bits={bits}", f"train.steps={args.steps}", f"train.lr={args.lr}"]
@@ -90,12 +94,13 @@ def main() -> None:
         base_dir = work / f"w{bits}-base"
         if base_key not in results["rows"]:
             r = recover(base_dir, [*common, "train.method=none"])
-            results["rows"][base_key] = {
+            row = {
                 "bits": bits,
                 "perplexity": r["perplexity_recovered"],
                 "bits_per_weight": r["bits_per_weight"],
                 "report": r,
             }
+            results["rows"][base_key] = stamp(row, prov)
             save()
         for label in args.rows:
             key = f"w{bits}g64 | {label}"
@@ -124,6 +129,7 @@ def main() -> None:
                 "tokens": t["tokens"],
                 "report": r,
             }
+            stamp(results["rows"][key], prov)
             save()
             print(f"{key:48s} ppl {r['perplexity_recovered']:8.3f}", flush=True)
     print_table(results)

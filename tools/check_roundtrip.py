@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ from gift_quant.modeling import cast_params, load_model
 from gift_quant.quantize import quantize_model
 from gift_quant.recipe import load_recipe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,7 +44,9 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512")
     p.add_argument("--work", default=None, help="where the exports go (default: a temp dir)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/roundtrip_smollm2.json"))
+    add_arguments(p)
     args = p.parse_args()
+    prov = provenance(shared_flag(p, args))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     results = {}
@@ -92,8 +98,9 @@ def main() -> None:
             "safetensors_bytes": files,
             "load_seconds": load_seconds,
         }
+        stamp(results[setting], prov)
         print(setting, json.dumps(results[setting]), flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(
         f"\n{'setting':8s} {'max|dlogit|/max|logit|':>24s} {'ppl memory':>11s} {'ppl loaded':>11s}"
     )

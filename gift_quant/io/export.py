@@ -126,7 +126,7 @@ def quantized_layers(model: nn.Module) -> dict[str, MixedLinear]:
 
 
 def gptq_block(layers: dict[str, MixedLinear], checkpoint_format: str) -> dict:
-    """The portable GPTQ config block (DEPENDENCIES-AND-FORMAT.md §6.6)."""
+    """The portable GPTQ config block (docs/FORMAT.md#quantize_configjson)."""
     first = next(iter(layers.values()))
     desc_act = any(_desc_act(layer) for layer in layers.values())
     return {

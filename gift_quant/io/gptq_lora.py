@@ -1,7 +1,7 @@
 """Engine view of an export: a plain GPTQ checkpoint + a PEFT LoRA adapter for the salient columns.
 
 No serving engine expresses per-column FP16 inside a GPTQ layer, but every engine with LoRA on
-GPTQ bases can run (DEPENDENCIES-AND-FORMAT.md §7.3)::
+GPTQ bases can run::
 
     W_mixed = dequant(Q) + B @ A,  A = one-hot rows selecting the salient inputs [r, K],
                                    B = the FP16 salient columns [N, r],  lora_alpha = r

@@ -2,7 +2,7 @@
 
     y = x @ dequant(W_q)^T + x[..., S] @ W_S^T (+ bias)
 
-``dequant`` reads the GPTQ tensors as stored (§6): codes unpacked from ``qweight``
+``dequant`` reads the GPTQ tensors as stored (docs/FORMAT.md): codes unpacked from ``qweight``
 [K*b/32, N], true zero-points unpacked from ``qzeros`` [G, N*b/32], fp16 ``scales`` [G, N],
 ``g_idx`` [K]. Salient columns hold zero-point codes, so they dequantize to exactly 0 and the
 FP16 columns ``salient_weight`` [N, k] at ``salient_idx`` [k] add their own product.

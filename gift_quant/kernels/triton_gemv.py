@@ -1,6 +1,6 @@
 """Decode-path split-K GEMV (M <= 8): y = x @ dequant(W)^T + x[:, S] @ W_S^T (+ bias).
 
-One launch does everything (KERNELS.md §5, §7.2): programs ``pid_k < n_split`` stream an even
+One launch does everything (docs/KERNELS-NOTES.md): programs ``pid_k < n_split`` stream an even
 share of the packed weights (as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for 3
 bits), dequantize with inline PTX (one lop3 + one fma per two weights) and dot with packed x
 pairs in f16x2/bf16x2; the remaining programs are the salient K-slices (x gathered by index,

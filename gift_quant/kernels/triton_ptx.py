@@ -1,4 +1,5 @@
-"""Word layouts of the Triton kernels and the inline PTX that unpacks them (KERNELS.md §6-7).
+"""Word layouts of the Triton kernels and the inline PTX that unpacks them
+(docs/KERNELS-NOTES.md, Unpacking).
 
 A *unit* is the run of int32 words that holds ``unit_k`` consecutive input columns of one
 output column:

@@ -73,7 +73,8 @@ class QuantizedWeight:
         return w
 
     def to_gptq(self) -> dict[str, Tensor]:
-        """GPTQ-layout tensors (§6.1): qweight, qzeros (true zero-points), scales, g_idx."""
+        """GPTQ-layout tensors (docs/FORMAT.md): qweight, qzeros (true zero-points), scales,
+        g_idx."""
         return {
             "qweight": pack_rows(self.codes.t(), self.bits),
             "qzeros": pack_cols(self.zeros.t().to(torch.int32), self.bits),

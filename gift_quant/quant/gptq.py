@@ -1,8 +1,8 @@
 """GPTQ (Frantar et al., 2022, Alg. 1) over the non-salient columns, salient columns last.
 
 Salient columns are permuted to the end of the processing order, so every quantized column's
-error is partly compensated into them (OWQ §3 / QUIK); they are returned with their compensated
-values (METHOD.md §2.2, §5.3). Scales and zeros are fitted on non-salient columns only.
+error is partly compensated into them (as in OWQ and QUIK); they are returned with their compensated
+values (docs/METHOD.md#4-quantizers). Scales and zeros are fitted on non-salient columns only.
 """
 
 from __future__ import annotations

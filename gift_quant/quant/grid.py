@@ -1,6 +1,6 @@
 """The uniform b-bit grid: fit scale/zero per (row, group), quantize, dequantize. Pure torch.
 
-Conventions are GPTQ's (DEPENDENCIES-AND-FORMAT.md §6.3): codes q in [0, 2**b - 1],
+Conventions are GPTQ's (docs/FORMAT.md#what-the-tensors-mean): codes q in [0, 2**b - 1],
 ``w ~ scale * (q - zero)``; symmetric grids fix ``zero = 2**(b-1)``. Scales are rounded to fp16
 as soon as they are fitted, so every later step (GPTQ's error feedback, the saliency D-term, the
 export) sees exactly the values that will be stored.

@@ -1,4 +1,4 @@
-"""GPTQ bit packing (DEPENDENCIES-AND-FORMAT.md §6.2), for 2, 3, 4 and 8 bits.
+"""GPTQ bit packing (docs/FORMAT.md#packing-qweight-qzeros), for 2, 3, 4 and 8 bits.
 
 Every 32 consecutive values along the packed dimension form a little-endian bit stream of
 ``32 * bits`` bits: value j occupies stream bits ``[j*bits, (j+1)*bits)`` and stream bit s lives

@@ -1,4 +1,4 @@
-"""Round-to-nearest over the non-salient columns (METHOD.md §5.3, RTN path)."""
+"""Round-to-nearest over the non-salient columns (docs/METHOD.md#4-quantizers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``GiftLinear``: the training form of a Linear for GIFT-SW (METHOD.md §1.4, §5.4).
+"""``GiftLinear``: the training form of a Linear for GIFT-SW (docs/METHOD.md#5-gift-sw-training).
 
 Only the salient columns train (fp32 master weights [N, k]). The rest stays frozen: either the
 packed quantized base of a MixedLinear ("post" mode: codes, scales and zeros never change), or

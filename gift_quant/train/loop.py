@@ -86,24 +86,26 @@ def _restore(saved: list) -> None:
         setattr(owner, attr, original.to(device))
 
 
-def _loss(logits: torch.Tensor, batch: TrainBatch, teacher_logits, kd_weight: float, T: float):
-    """(loss, ce) -- CE over label tokens, mixed with T^2 KL(teacher || student) if asked."""
+def _loss_sums(logits: torch.Tensor, batch: TrainBatch, teacher_logits, kd_weight: float, T: float):
+    """(loss, ce) summed over the label tokens of ``batch`` -- CE, mixed with T^2 KL(teacher ||
+    student) if asked. Sums, not means: the caller divides by the label tokens of the whole
+    optimizer step, so every label token weighs the same however the micro-batches and ranks
+    split them (chat data labels only the assistant tokens, so rows differ)."""
     logits = logits[:, :-1].float()
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE
     ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     if teacher_logits is None or kd_weight == 0:
         return ce, ce
     t = teacher_logits[:, :-1].float()[mask] / T
     s = logits[mask] / T
-    kl = (
-        F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-        * T
-        * T
-    )
-    return (1 - kd_weight) * ce + kd_weight * kl, ce
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    return (1 - kd_weight) * ce + kd_weight * kl * T * T, ce
 
 
 def train(
@@ -175,10 +177,15 @@ def train(
     loss_val = float("nan")
     for step in bar:
         t_step = time.perf_counter()
-        tokens = 0
+        fulls = [
+            data.batch(step * cfg.grad_accum + m, cfg.batch_size) for m in range(cfg.grad_accum)
+        ]
+        # Every rank reads the whole global batch, so each knows the step's label-token count
+        # without communicating. DDP and FSDP average gradients over ranks, hence the `world`.
+        tokens = sum(f.num_label_tokens for f in fulls)
+        scale = d.world / max(tokens, 1)
         loss_sum = ce_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            full = data.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+        for micro, full in enumerate(fulls):
             batch = TrainBatch(
                 *(
                     shard_rows(t, d).to(device)
@@ -197,13 +204,14 @@ def train(
                 logits = runner(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
                 ).logits
-                loss, ce = _loss(logits, batch, teacher_logits, cfg.kd_weight, cfg.kd_temperature)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            ce_sum += float(ce.detach()) / cfg.grad_accum
-            tokens += batch.num_label_tokens
-        loss_sum, ce_sum = d.sum(loss_sum) / d.world, d.sum(ce_sum) / d.world
-        tokens = int(d.sum(tokens))
+                loss, ce = _loss_sums(
+                    logits, batch, teacher_logits, cfg.kd_weight, cfg.kd_temperature
+                )
+                (loss * scale).backward()
+            loss_sum += float(loss.detach())
+            ce_sum += float(ce.detach())
+        # reported the way it is optimised: the mean over the step's label tokens, all ranks
+        loss_sum, ce_sum = d.sum(loss_sum) / max(tokens, 1), d.sum(ce_sum) / max(tokens, 1)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()

@@ -1,6 +1,6 @@
 """GIFT-SW noise: the per-row step of a b-bit grid, and seeded noise samples. Pure torch.
 
-METHOD.md §1.4 / §5.4: the noise added to the frozen non-salient weights of row i is
+docs/METHOD.md#5-gift-sw-training: the noise added to the frozen non-salient weights of row i is
 N(0, (delta_i / 2)^2) ("normal") or U(-delta_i/2, delta_i/2) ("uniform"), where
 ``delta_i = alpha_i / (2**(b-1) - 1)`` is the step of a symmetric b-bit grid with codes in
 [-2**(b-1), 2**(b-1) - 1] and clip range alpha_i found by a linear grid search minimising

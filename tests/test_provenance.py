@@ -1,0 +1,98 @@
+"""tools/provenance.py: every JSON row the tools write says which code and machine made it."""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import provenance as prov  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    prov.add_arguments(p)
+    return p
+
+
+def test_fields_name_the_commit_and_the_machine():
+    stamp = prov.provenance(shared=True)
+    assert set(stamp) == {
+        "commit",
+        "dirty",
+        "python",
+        "torch",
+        "transformers",
+        "triton",
+        "cpu",
+        "gpu",
+        "threads",
+        "shared",
+    }
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=TOOLS, capture_output=True, text=True
+    ).stdout.strip()
+    assert stamp["commit"] == head and re.fullmatch(r"[0-9a-f]{40}", head)
+    assert isinstance(stamp["dirty"], bool) and stamp["shared"] is True
+    import torch
+    import transformers
+
+    assert stamp["torch"] == torch.__version__ and stamp["transformers"] == transformers.__version__
+    assert stamp["cpu"] and stamp["threads"] == torch.get_num_threads()
+
+
+def test_shared_flag_from_option_or_environment_else_refused(monkeypatch, capsys):
+    monkeypatch.delenv(prov.ENV, raising=False)
+    p = parser()
+    assert prov.shared_flag(p, p.parse_args(["--idle"])) is False
+    assert prov.shared_flag(p, p.parse_args(["--shared"])) is True
+    monkeypatch.setenv(prov.ENV, "1")
+    assert prov.shared_flag(p, p.parse_args([])) is True
+    monkeypatch.setenv(prov.ENV, "0")
+    assert prov.shared_flag(p, p.parse_args([])) is False
+    monkeypatch.delenv(prov.ENV)
+    with pytest.raises(SystemExit):
+        prov.shared_flag(p, p.parse_args([]))
+    assert "--shared or --idle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["--shared", "--idle"])
+
+
+def test_merged_rows_keep_their_own_stamp(tmp_path):
+    old = {"perplexity": 10.0, "provenance": {"commit": "0" * 40, "shared": False}}
+    results = {"rows": {"old": old}}
+    now = prov.provenance(shared=True)
+    results["rows"]["new"] = prov.stamp({"perplexity": 9.0}, now)
+    prov.stamp(results["rows"]["old"], now)  # a rerun touching every row changes nothing
+    path = prov.write_json(tmp_path / "sub" / "r.json", results)
+    back = json.loads(path.read_text())
+    assert back["rows"]["old"]["provenance"] == {"commit": "0" * 40, "shared": False}
+    assert back["rows"]["new"]["provenance"] == now
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"], "no temporary file left"
+
+
+def test_every_tool_that_writes_json_stamps_it():
+    stamped = set()
+    for tool in sorted(TOOLS.glob("*.py")):
+        if tool.name == "provenance.py":
+            continue
+        text = tool.read_text()
+        assert "write_text(json" not in text and "json.dump(" not in text, tool.name
+        if "write_json(" in text:
+            assert "add_arguments(" in text and "stamp(" in text, tool.name
+            stamped.add(tool.stem)
+    assert stamped == {
+        "bench_decode",
+        "bench_distributed",
+        "bench_kernels",
+        "bench_quality",
+        "bench_recovery",
+        "check_kernels",
+        "check_roundtrip",
+    }
