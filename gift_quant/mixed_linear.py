@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from gift_quant.kernels import Backend, dequant_matmul
 from gift_quant.kernels.reference import dequantize_weight
-from gift_quant.quant import QuantizedWeight
+from gift_quant.quant.base import QuantizedWeight
 
 __all__ = ["MixedLinear"]
 

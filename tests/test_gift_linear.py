@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gift_quant.mixed_linear import MixedLinear
+from gift_quant.noise import noise_step, sample_noise
 from gift_quant.quant import QUANTIZERS
 from gift_quant.recipe import QuantConfig
 from gift_quant.train.gift_linear import GiftLinear
-from gift_quant.train.noise import noise_step, sample_noise
 
 
 def mixed_layer(gen, bits=3, K=128, N=64, k=8):

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from gift_quant.calibration import LayerStats
 from gift_quant.quant.grid import Grid
 from gift_quant.recipe import QuantConfig, SaliencyConfig
-from gift_quant.saliency import LayerStats, column_scores, salient_budget, select_salient
+from gift_quant.saliency import column_scores, salient_budget, select_salient
 
 
 def stats_of(x, hessian=False):

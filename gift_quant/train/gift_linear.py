@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from gift_quant.kernels import Backend, base_matmul, resolve_backend
 from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.mixed_linear import MixedLinear
+from gift_quant.noise import noise_step, sample_noise
 from gift_quant.quant.packing import unpack_cols, unpack_rows
-from gift_quant.train.noise import noise_step, sample_noise
 
 __all__ = ["GiftLinear", "attach_gift", "detach_gift"]
 
