@@ -1,4 +1,6 @@
-"""Block-by-block calibration: capture block inputs, collect per-Linear statistics, run blocks.
+"""Block-by-block calibration: capture block inputs, collect per-Linear statistics
+(:class:`LayerStats`: the Hessian and activation norms that GPTQ and the saliency metric read),
+run blocks.
 
 Only one block's activations (the inputs of every calibration batch) and one block's
 statistics live beyond the model weights; blocks can stay on the CPU and visit the GPU one

@@ -141,7 +141,7 @@ def find_targets(
 
 
 def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters (and MixedLinear biases) to ``dtype`` in place.
+    """Cast floating parameters (MixedLinear biases included) to ``dtype`` in place.
 
     Unlike ``model.to(dtype)`` this leaves buffers alone: rotary ``inv_freq`` stays float32 as
     ``from_pretrained(dtype=...)`` leaves it, and MixedLinear keeps its stored format.
@@ -149,9 +149,6 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
-    for m in model.modules():
-        if isinstance(m, MixedLinear) and m.bias is not None:
-            m.bias = m.bias.to(dtype)
     return model
 
 

@@ -1,4 +1,6 @@
-"""Column saliency: ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma`` and the per-matrix budget.
+"""Column saliency: ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma``, its named presets
+(``SALIENCY_PRESETS``, which the recipe's ``saliency.metric`` chooses from) and the per-matrix
+budget.
 
 D = W - Q(W) is the round-to-nearest error on the same (MSE-clipped) grid that quantizes the
 layer (METHOD.md §1.2, §5.2: with plain absmax |D| is nearly flat and the metric degenerates to

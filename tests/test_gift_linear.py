@@ -49,7 +49,7 @@ def test_noise_statistics_and_determinism(kind, var):
 
 def test_only_salient_columns_train_and_grid_stays_exact(gen):
     layer = mixed_layer(gen)
-    frozen = {n: t.clone() for n, t in layer.named_buffers() if n != "salient_weight"}
+    frozen = {n: t.clone() for n, t in layer.state_dict().items() if n != "salient_weight"}
     g = GiftLinear.from_mixed(layer, "normal", bits=4)
     assert [n for n, p in g.named_parameters() if p.requires_grad] == ["salient_weight"]
     opt = torch.optim.SGD(g.parameters(), lr=0.1)

@@ -72,7 +72,8 @@ class GiftLinear(nn.Module):
             self.out_features, self.in_features = w.shape
         self.register_buffer("salient_idx", salient_idx.to(torch.int32).clone())
         self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        frozen_bias = None if bias is None else bias.detach().clone()
+        self.bias = None if bias is None else nn.Parameter(frozen_bias, requires_grad=False)
         if noise != "none" and delta is None:
             raise ValueError("noise needs the per-row step delta")
         self.noise = noise
