@@ -114,3 +114,18 @@ def test_pre_mode_dense_base(gen):
     assert torch.allclose(g.eval()(x), lin(x), atol=1e-3)  # W_S rounded to fp16 in eval
     out = g.to_linear()
     assert torch.equal(out.weight[:, 4:], lin.weight[:, 4:])
+
+
+def test_noise_choices_are_the_registered_kinds(monkeypatch):
+    """train.noise accepts what NOISES holds (and "none"); sample_noise draws from it."""
+    from gift_quant.noise import NOISES
+    from gift_quant.recipe import RecipeError, TrainConfig
+
+    assert NOISES.names() == ["normal", "uniform"]
+    with pytest.raises(RecipeError, match="train.noise"):
+        TrainConfig(noise="laplace")
+    monkeypatch.setitem(NOISES._entries, "laplace", lambda shape, *_: torch.ones(shape))
+    assert TrainConfig(noise="laplace").noise == "laplace"
+    scale = torch.tensor([1.0, 3.0])
+    got = sample_noise((2, 4), scale, "laplace", 0, torch.device("cpu"), torch.float32)
+    assert torch.equal(got, scale[:, None].expand(2, 4))
