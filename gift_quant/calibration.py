@@ -1,4 +1,6 @@
-"""Block-by-block calibration: capture block inputs, collect per-Linear statistics, run blocks.
+"""Block-by-block calibration: capture block inputs, collect per-Linear statistics
+(:class:`LayerStats`: the Hessian and activation norms that GPTQ and the saliency metric read),
+run blocks.
 
 Only one block's activations (the inputs of every calibration batch) and one block's
 statistics live beyond the model weights; blocks can stay on the CPU and visit the GPU one
@@ -10,14 +12,79 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gift_quant.saliency import LayerStats
+__all__ = [
+    "LayerStats",
+    "capture_block_inputs",
+    "collect_stats",
+    "forward_block",
+    "plan_groups",
+    "to_device",
+]
 
-__all__ = ["capture_block_inputs", "collect_stats", "forward_block", "plan_groups", "to_device"]
+
+@dataclass
+class LayerStats:
+    """Statistics of one Linear's input over the calibration tokens (all fp32).
+
+    Fields (a statistic nobody asked for stays None):
+        act_max: [K] max_t |x_tj|.
+        act_abs_sum: [K] sum_t |x_tj|.
+        act_sq_sum: [K] sum_t x_tj^2.
+        hessian: [K, K] mean_t x_t x_t^T.
+        num_tokens: tokens seen.
+    """
+
+    act_max: Tensor | None
+    act_abs_sum: Tensor | None
+    act_sq_sum: Tensor | None
+    hessian: Tensor | None
+    num_tokens: int = 0
+
+    @classmethod
+    def empty(
+        cls, in_features: int, with_hessian: bool, norms=(1.0, 2.0, math.inf), device=None
+    ) -> LayerStats:
+        """Accumulators for the Hessian (GPTQ) and the activation norms in ``norms``."""
+
+        def z(p):
+            return torch.zeros(in_features, device=device) if p in norms else None
+
+        h = torch.zeros(in_features, in_features, device=device) if with_hessian else None
+        return cls(z(math.inf), z(1.0), z(2.0), h, 0)
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        """Accumulate a batch of inputs ``x`` [..., K]."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if self.act_max is not None or self.act_abs_sum is not None:
+            a = x.abs()
+            if self.act_max is not None:
+                torch.maximum(self.act_max, a.amax(0), out=self.act_max)
+            if self.act_abs_sum is not None:
+                self.act_abs_sum += a.sum(0)
+        if self.act_sq_sum is not None:
+            self.act_sq_sum += x.square().sum(0)
+        if self.hessian is not None:
+            # running mean keeps magnitudes bounded on long calibration sets
+            self.hessian.mul_(self.num_tokens / (self.num_tokens + n))
+            self.hessian.addmm_(x.t(), x, alpha=1.0 / (self.num_tokens + n))
+        self.num_tokens += n
+
+    def act_norm(self, p: float) -> Tensor:
+        """[K] ``||X_j||_p`` over tokens for p in {1, 2, inf}."""
+        if p not in (1.0, 2.0, math.inf):
+            raise ValueError(f"norm must be 1, 2 or inf, got {p}")
+        t = {math.inf: self.act_max, 1.0: self.act_abs_sum, 2.0: self.act_sq_sum}[p]
+        if t is None:
+            raise ValueError(f"the ||X||_{p} statistic was not collected")
+        return t.sqrt() if p == 2 else t
 
 
 class _StopForward(Exception):

@@ -14,6 +14,10 @@ from typing import Any
 
 import yaml
 
+from gift_quant.noise import NOISES
+from gift_quant.quant import QUANTIZERS
+from gift_quant.saliency import SALIENCY_PRESETS
+
 __all__ = [
     "BUDGET_KEYS",
     "CalibConfig",
@@ -102,15 +106,6 @@ class CalibConfig:
             )
 
 
-# name -> (tau, rho, gamma); tau=None switches the weight-error term off (activation-only metric).
-SALIENCY_PRESETS: dict[str, tuple[float | None, float, float]] = {
-    "gift": (math.inf, math.inf, 1.0),  # GIFT-SW's winner: max|W-Q(W)| * max|X|
-    "owq": (2.0, 2.0, 1.0),  # lambda_j * ||D_j||^2 ranks like ||D_j||_2 * ||X_j||_2
-    "quik": (None, math.inf, 1.0),  # max|X| only (SmoothQuant act_scales)
-    "wanda": (1.0, 2.0, 1.0),  # ||D_j||_1 * ||X_j||_2, Wanda's norms with D = quantization error
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class SaliencyConfig:
     """How salient (FP16) columns are ranked and how many each matrix keeps.
@@ -178,7 +173,7 @@ class QuantConfig:
     """How the non-salient columns of each target Linear are quantized.
 
     Args:
-        method: "gptq" or "rtn".
+        method: a registered quantizer (gift_quant.quant.QUANTIZERS): "gptq" or "rtn".
         bits: code width, one of 2, 3, 4, 8.
         group_size: input columns sharing one scale/zero; -1 = the whole row.
         sym: symmetric grid (zero-point fixed at 2**(bits-1), the portable GPTQ v1 case).
@@ -209,7 +204,7 @@ class QuantConfig:
     static_groups: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("quant.method", self.method, ("gptq", "rtn"))
+        _check_choice("quant.method", self.method, QUANTIZERS.names())
         if self.bits not in SUPPORTED_BITS:
             raise RecipeError(f"quant.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
@@ -248,8 +243,9 @@ class TrainConfig:
             salient columns' trainable parameter count unless lora_rank is given), "none".
         mode: "post" (quantize, then train: the paper's Table 2 setting) or "pre" (train the
             FP model with b_noise-bit noise, then quantize).
-        noise: "normal" (N(0, (delta/2)^2) per row), "uniform" (U(-delta/2, delta/2)), or
-            "none" (plain salient fine-tuning).
+        noise: a registered noise kind (gift_quant.noise.NOISES): "normal"
+            (N(0, (delta/2)^2) per row), "uniform" (U(-delta/2, delta/2)); or "none" (plain
+            salient fine-tuning).
         b_noise: bits of the symmetric per-row grid whose step delta sets the noise; 0 = auto:
             4 in post mode (the paper's choice), quant.bits in pre mode.
         data: training text: "wiki" (embedded articles 0-79), a .txt / .jsonl file (chat
@@ -308,7 +304,7 @@ class TrainConfig:
         _check_choice("train.method", self.method, ("gift", "lora", "none"))
         _check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _check_choice("train.mode", self.mode, ("post", "pre"))
-        _check_choice("train.noise", self.noise, ("normal", "uniform", "none"))
+        _check_choice("train.noise", self.noise, (*NOISES.names(), "none"))
         _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         if self.b_noise not in (0, *range(2, 9)):
             raise RecipeError(f"train.b_noise must be 0 (auto) or 2..8, got {self.b_noise}")

@@ -33,11 +33,6 @@ def perplexity(
     """
     t0 = time.perf_counter()
     params = [(p, p.device, p.dtype) for p in model.parameters()]
-    biases = [
-        (m, m.bias.dtype)
-        for m in model.modules()
-        if isinstance(m, MixedLinear) and m.bias is not None
-    ]
     model.to(device)
     cast_params(model, dtype)
     was_training = model.training
@@ -58,8 +53,6 @@ def perplexity(
         model.train(was_training)
         for p, dev, dt in params:
             p.data = p.data.to(device=dev, dtype=dt)
-        for m, dt in biases:
-            m.bias = m.bias.to(dtype=dt)
         if params:
             model.to(params[0][1])
     mean = nll / count
@@ -77,7 +70,7 @@ def bits_report(model: nn.Module) -> dict:
     mixed = [m for m in model.modules() if isinstance(m, MixedLinear)]
     q_bits = sum(m.storage_bits() for m in mixed)
     q_weights = sum(m.in_features * m.out_features for m in mixed)
-    owned = {id(t) for m in mixed for n, t in m.named_buffers() if n != "bias"}
+    owned = {id(t) for m in mixed for t in m.buffers()}  # the bias is a parameter: "other"
     other = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in owned}
     other_bits = sum(t.numel() * t.element_size() * 8 for t in other.values())
     return {

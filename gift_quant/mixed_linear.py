@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from gift_quant.kernels import Backend, dequant_matmul
 from gift_quant.kernels.reference import dequantize_weight
-from gift_quant.quant import QuantizedWeight
+from gift_quant.quant.base import QuantizedWeight
 
 __all__ = ["MixedLinear"]
 
@@ -23,7 +23,10 @@ class MixedLinear(nn.Module):
         g_idx: [K] int32, group of each input column.
         salient_idx: [k] int32, sorted input columns kept in FP16.
         salient_weight: [N, k] float16.
-        bias: [N] (model dtype) or None.
+
+    Parameter: ``bias`` [N] (model dtype, frozen: requires_grad False) or None. Being a
+    parameter, it follows ``cast_params`` and every parameter-wise cast like any Linear's bias;
+    the file format is unchanged (it is stored as ``<name>.bias``).
     """
 
     def __init__(
@@ -55,7 +58,35 @@ class MixedLinear(nn.Module):
         self.register_buffer(
             "salient_weight", torch.zeros(N, num_salient, dtype=torch.float16, **kw)
         )
-        self.register_buffer("bias", torch.zeros(N, dtype=dtype, **kw) if bias else None)
+        frozen_bias = nn.Parameter(torch.zeros(N, dtype=dtype, **kw), requires_grad=False)
+        self.register_parameter("bias", frozen_bias if bias else None)
+
+    @classmethod
+    def empty(
+        cls,
+        spec: dict,
+        *,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        backend: Backend | str = Backend.AUTO,
+    ) -> MixedLinear:
+        """An unfilled layer of the shape a checkpoint header describes, for the loaders to fill.
+
+        ``spec`` is one entry of an export's ``quantization_config["modules"]``: in_features,
+        out_features, bits, group_size, sym, num_salient, bias. ``dtype`` is the bias dtype.
+        """
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            bits=spec["bits"],
+            group_size=spec["group_size"],
+            num_salient=spec["num_salient"],
+            bias=spec["bias"],
+            sym=spec["sym"],
+            dtype=dtype,
+            device=device,
+            backend=backend,
+        )
 
     @classmethod
     def from_quantized(
@@ -85,8 +116,10 @@ class MixedLinear(nn.Module):
     _FIXED_DTYPES = ("scales", "salient_weight")
 
     def _apply(self, fn, recurse=True):
-        """``.to(dtype)`` casts the bias like any module tensor, but the stored format keeps
-        fp16 scales and salient columns (integer buffers are never cast by torch)."""
+        """``.to(dtype)`` / ``.half()`` cast every floating tensor, but the stored format keeps
+        fp16 scales and salient columns: the kernels read the scales as fp16 bits, and an export
+        written after such a cast must still be the same format (integer buffers are never cast
+        by torch)."""
         keep = {name: getattr(self, name).dtype for name in self._FIXED_DTYPES}
         super()._apply(fn, recurse)
         for name, dtype in keep.items():

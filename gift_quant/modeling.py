@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gift_quant.assets import default_model_dir, load_gguf
 from gift_quant.mixed_linear import MixedLinear
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ __all__ = [
     "check_context",
     "decoder_blocks",
     "find_targets",
-    "load_gguf",
     "load_model",
     "resolve_device",
     "set_module",
@@ -59,27 +59,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_gguf(directory: Path | str, filename: str, dtype: torch.dtype = torch.float32):
-    """A plain (dequantized) transformers model and tokenizer from a GGUF file.
-
-    transformers dequantizes GGUF tensors but leaves a ``gguf`` quantizer flag that blocks
-    ``save_pretrained`` and dtype casts; rebuild a plain model from the config and copy the
-    weights in (bit-identical logits).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=filename, dtype=torch.float32
-    )
-    cfg = loaded.config.to_dict()
-    cfg.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    del loaded
-    return model.to(dtype).eval(), tok
-
-
 def load_model(cfg, dtype: torch.dtype | None = None):
     """Load the model and tokenizer named by a ``ModelConfig``.
 
@@ -88,13 +67,10 @@ def load_model(cfg, dtype: torch.dtype | None = None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gift_quant import assets
-
     dtype = dtype or DTYPES[cfg.dtype]
     name = cfg.name_or_path
     if not name:
-        path = assets.default_model_dir()
-        name = str(path)
+        name = str(default_model_dir())
     path = Path(name).expanduser()
     if path.suffix == ".gguf" or cfg.gguf_file:
         gguf = path if path.suffix == ".gguf" else path / cfg.gguf_file
@@ -165,7 +141,7 @@ def find_targets(
 
 
 def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters (and MixedLinear biases) to ``dtype`` in place.
+    """Cast floating parameters (MixedLinear biases included) to ``dtype`` in place.
 
     Unlike ``model.to(dtype)`` this leaves buffers alone: rotary ``inv_freq`` stays float32 as
     ``from_pretrained(dtype=...)`` leaves it, and MixedLinear keeps its stored format.
@@ -173,9 +149,6 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
-    for m in model.modules():
-        if isinstance(m, MixedLinear) and m.bias is not None:
-            m.bias = m.bias.to(dtype)
     return model
 
 

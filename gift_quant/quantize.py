@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gift_quant.calibration import capture_block_inputs, collect_stats, forward_block, plan_groups
+from gift_quant.calibration import (
+    LayerStats,
+    capture_block_inputs,
+    collect_stats,
+    forward_block,
+    plan_groups,
+)
 from gift_quant.data import calibration_windows, load_documents, tokenize_documents
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import (
@@ -32,7 +38,7 @@ from gift_quant.modeling import (
 )
 from gift_quant.quant import QUANTIZERS, check_shape
 from gift_quant.quant.grid import Grid
-from gift_quant.saliency import LayerStats, column_scores, salient_budget, select_salient
+from gift_quant.saliency import column_scores, salient_budget, select_salient
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ __all__ = [
     "QuantizeReport",
     "quantize_linear",
     "quantize_model",
+    "quantize_targets",
+    "salient_plan",
     "select_salient_columns",
 ]
 
@@ -82,19 +90,25 @@ class QuantizeReport:
         }
 
 
-def _salient_columns(name, W, stats, recipe, forced) -> torch.Tensor:
-    """Sorted salient column indices of one Linear: forced ones, or the metric's top k."""
-    N, K = W.shape
-    if forced is not None:
-        return torch.sort(forced.to(W.device).long()).values
-    k = salient_budget(name, K, N, recipe.saliency, recipe.quant)
+def salient_plan(per_block: list[dict[str, nn.Linear]], saliency, quant) -> dict[str, int]:
+    """The salient plan: name -> number of salient columns of every target, computed once.
+
+    Raises ValueError (naming the layer) when a budget does not fit, before any heavy work."""
+    return {
+        name: salient_budget(name, lin.in_features, lin.out_features, saliency, quant)
+        for targets in per_block
+        for name, lin in targets.items()
+    }
+
+
+def _salient_columns(name, W, stats, k, saliency, quant) -> torch.Tensor:
+    """Sorted salient column indices of one Linear: the metric's top ``k``."""
     if not k:
         return torch.zeros(0, dtype=torch.int64, device=W.device)
     if stats is None:
         raise ValueError(f"{name}: ranking salient columns needs calibration statistics")
-    q = recipe.quant
-    scores = column_scores(W, stats, recipe.saliency.norms, Grid.from_config(q), q.group_size)
-    return select_salient(scores, k)
+    grid = Grid.from_config(quant)
+    return select_salient(column_scores(W, stats, saliency.norms, grid, quant.group_size), k)
 
 
 def _finish(name, linear, qw, hessian, seconds) -> tuple[MixedLinear, LayerReport]:
@@ -128,24 +142,23 @@ def quantize_linear(
     name: str,
     linear: nn.Linear,
     stats: LayerStats | None,
-    recipe,
+    salient_idx: torch.Tensor,
+    quant,
     device: torch.device,
-    salient: torch.Tensor | None = None,
 ) -> tuple[MixedLinear, LayerReport]:
-    """Quantize one Linear (weights read in their storage dtype) into a MixedLinear on the CPU.
-
-    ``salient`` forces the salient columns (pre mode keeps the ones it trained)."""
+    """Quantize one Linear (weights read in their storage dtype) with the QuantConfig ``quant``,
+    keeping the columns ``salient_idx`` in FP16, into a MixedLinear on the CPU."""
     t0 = time.perf_counter()
     W = linear.weight.detach().to(device)
-    idx = _salient_columns(name, W, stats, recipe, salient)
+    idx = torch.sort(salient_idx.to(device).long()).values
     hessian = stats.hessian if stats is not None else None
-    qw = QUANTIZERS.get(recipe.quant.method)(W, hessian, idx, recipe.quant)
+    qw = QUANTIZERS.get(quant.method)(W, hessian, idx, quant)
     return _finish(name, linear, qw, hessian, time.perf_counter() - t0)
 
 
 @torch.no_grad()
 def quantize_shared(
-    names: list[str], linears: list[nn.Linear], stats: LayerStats, recipe, device: torch.device
+    names: list[str], linears: list[nn.Linear], stats: LayerStats, quant, device: torch.device
 ) -> list[tuple[MixedLinear, LayerReport]]:
     """GPTQ of Linears that read the same input (q/k/v, gate/up) and keep no salient columns:
     their rows are stacked and quantized in one pass over the shared Hessian. Each output row
@@ -153,7 +166,7 @@ def quantize_shared(
     t0 = time.perf_counter()
     W = torch.cat([lin.weight.detach().to(device) for lin in linears])
     none = torch.zeros(0, dtype=torch.int64, device=device)
-    qw = QUANTIZERS.get("gptq")(W, stats.hessian, none, recipe.quant)
+    qw = QUANTIZERS.get("gptq")(W, stats.hessian, none, quant)
     seconds = (time.perf_counter() - t0) / len(names)
     out, start = [], 0
     for name, lin in zip(names, linears, strict=True):
@@ -163,16 +176,14 @@ def quantize_shared(
     return out
 
 
-def _shared_batches(group, targets, stats, recipe, salient) -> list[list[str]]:
+def _shared_batches(group, stats, plan, quant, forced) -> list[list[str]]:
     """Split a group into runs of Linears that can share one GPTQ pass (see quantize_shared):
-    consecutive, same statistics object (same input), no salient columns."""
-    if recipe.quant.method != "gptq" or salient is not None:
+    consecutive, same statistics object (same input), no salient columns in the plan."""
+    if quant.method != "gptq" or forced is not None:
         return [[n] for n in group]
     runs: list[tuple[list[str], bool]] = []
     for name in group:
-        lin = targets[name]
-        k = salient_budget(name, lin.in_features, lin.out_features, recipe.saliency, recipe.quant)
-        plain = k == 0
+        plain = plan[name] == 0
         if plain and runs and runs[-1][1] and stats.get(runs[-1][0][0]) is stats.get(name):
             runs[-1][0].append(name)
         else:
@@ -190,34 +201,38 @@ def _dense(layer: MixedLinear, device: torch.device, dtype: torch.dtype) -> nn.L
     return dense
 
 
-def _validate(model: nn.Module, recipe) -> tuple[str, nn.ModuleList, list[dict[str, nn.Linear]]]:
-    """Find every target and check shapes and budgets before any heavy work starts."""
+def _validate(
+    model: nn.Module, targets_cfg, saliency, quant
+) -> tuple[str, nn.ModuleList, list[dict[str, nn.Linear]], dict[str, int]]:
+    """Find every target (``targets_cfg``: a ModelConfig's include/exclude), check its shape
+    and make the salient plan before any heavy work starts."""
     blocks_name, blocks = decoder_blocks(model)
-    per_block = []
-    for i, block in enumerate(blocks):
-        targets = find_targets(
-            block, f"{blocks_name}.{i}", recipe.model.include, recipe.model.exclude
-        )
-        for name, linear in targets.items():
-            N, K = linear.weight.shape
-            check_shape(K, N, recipe.quant.group_size, name)
-            salient_budget(name, K, N, recipe.saliency, recipe.quant)
-        per_block.append(targets)
+    per_block = [
+        find_targets(block, f"{blocks_name}.{i}", targets_cfg.include, targets_cfg.exclude)
+        for i, block in enumerate(blocks)
+    ]
     if not any(per_block):
         raise ValueError(
-            f"no target Linears matched model.include={list(recipe.model.include)} "
-            f"model.exclude={list(recipe.model.exclude)} inside {blocks_name}"
+            f"no target Linears matched model.include={list(targets_cfg.include)} "
+            f"model.exclude={list(targets_cfg.exclude)} inside {blocks_name}"
         )
-    return blocks_name, blocks, per_block
+    for targets in per_block:
+        for name, linear in targets.items():
+            check_shape(linear.in_features, linear.out_features, quant.group_size, name)
+    return blocks_name, blocks, per_block, salient_plan(per_block, saliency, quant)
 
 
-def _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype):
-    c = recipe.calib
-    check_context(model, c.seq_len, "calib.seq_len")
-    log.info("calibration: %d windows x %d tokens from %s", c.num_samples, c.seq_len, c.source)
-    tokens = tokenize_documents(tokenizer, load_documents(c.source))
-    windows = calibration_windows(tokens, c.num_samples, c.seq_len, c.seed)
-    return capture_block_inputs(model, blocks, list(windows.split(c.batch_size)), device, dtype)
+def _calibration_inputs(model, tokenizer, calib, blocks, device, dtype):
+    check_context(model, calib.seq_len, "calib.seq_len")
+    log.info(
+        "calibration: %d windows x %d tokens from %s",
+        calib.num_samples,
+        calib.seq_len,
+        calib.source,
+    )
+    tokens = tokenize_documents(tokenizer, load_documents(calib.source))
+    windows = calibration_windows(tokens, calib.num_samples, calib.seq_len, calib.seed)
+    return capture_block_inputs(model, blocks, list(windows.split(calib.batch_size)), device, dtype)
 
 
 def quantize_model(
@@ -229,39 +244,62 @@ def quantize_model(
 ) -> QuantizeReport:
     """Quantize ``model`` in place (its target Linears become MixedLinear) and report.
 
-    ``salient`` (name -> column indices) replaces the saliency ranking for those layers."""
-    t_start = time.perf_counter()
-    device = resolve_device(recipe.model.device)
-    dtype = resolve_dtype(recipe.calib.dtype, device)
-    blocks_name, blocks, per_block = _validate(model, recipe)
-    needs_hessian = recipe.quant.method == "gptq"
-    needs_salient = salient is None and any(
-        salient_budget(n, lin.in_features, lin.out_features, recipe.saliency, recipe.quant)
-        for targets in per_block
-        for n, lin in targets.items()
+    Reads the recipe's model (targets, device), calib, saliency and quant sections; see
+    :func:`quantize_targets`. ``salient`` (name -> column indices) replaces the saliency ranking
+    for those layers."""
+    return quantize_targets(
+        model,
+        tokenizer,
+        targets=recipe.model,
+        calib=recipe.calib,
+        saliency=recipe.saliency,
+        quant=recipe.quant,
+        progress=progress,
+        salient=salient,
     )
-    needs_calib = needs_hessian or needs_salient
-    # activation norms the saliency metric reads; none when no layer keeps salient columns
-    norms = (recipe.saliency.norms[1],) if needs_salient else ()
+
+
+def quantize_targets(
+    model: nn.Module,
+    tokenizer,
+    *,
+    targets,
+    calib,
+    saliency,
+    quant,
+    progress: bool = True,
+    salient: dict[str, torch.Tensor] | None = None,
+) -> QuantizeReport:
+    """The quantize stage on its own config sections: ``targets`` (a ModelConfig: include,
+    exclude, device), ``calib``, ``saliency`` and ``quant``."""
+    t_start = time.perf_counter()
+    device = resolve_device(targets.device)
+    dtype = resolve_dtype(calib.dtype, device)
+    blocks_name, blocks, per_block, plan = _validate(model, targets, saliency, quant)
+    needs_hessian = quant.method == "gptq"
+    ranked = [n for n, k in plan.items() if k and (salient is None or n not in salient)]
+    needs_calib = needs_hessian or bool(ranked)
+    # activation norms the saliency metric reads; none when no layer ranks salient columns
+    norms = (saliency.norms[1],) if ranked else ()
     report = QuantizeReport()
     inputs: list = []
     kwargs: list = []
     if needs_calib:
-        inputs, kwargs = _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype)
+        inputs, kwargs = _calibration_inputs(model, tokenizer, calib, blocks, device, dtype)
         report.calib_tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
-    bar = tqdm(
-        range(len(blocks)), desc=f"{recipe.quant.method} w{recipe.quant.bits}", disable=not progress
-    )
+    bar = tqdm(range(len(blocks)), desc=f"{quant.method} w{quant.bits}", disable=not progress)
     for i in bar:
-        block, targets = blocks[i], per_block[i]
+        block, block_targets = blocks[i], per_block[i]
         prefix = f"{blocks_name}.{i}."
         block_kwargs = [kw[i] for kw in kwargs]
         work = cast_params(copy.deepcopy(block).to(device), dtype) if needs_calib else None
-        work_targets = {n: work.get_submodule(n[len(prefix) :]) for n in targets} if work else {}
-        if needs_calib and recipe.calib.true_sequential:
+        work_targets = (
+            {n: work.get_submodule(n[len(prefix) :]) for n in block_targets} if work else {}
+        )
+        if needs_calib and calib.true_sequential:
             groups = plan_groups(work, work_targets, inputs[0], block_kwargs[0])
         else:
-            groups = [list(targets)]
+            groups = [list(block_targets)]
         for group in groups:
             t0 = time.perf_counter()
             stats: dict[str, LayerStats] = {}
@@ -276,18 +314,19 @@ def quantize_model(
                     norms=norms,
                 )
             report.seconds_calibration += time.perf_counter() - t0
-            for batch in _shared_batches(group, targets, stats, recipe, salient):
+            for batch in _shared_batches(group, stats, plan, quant, salient):
+                linears = [block_targets[n] for n in batch]
                 if len(batch) > 1:
-                    done = quantize_shared(
-                        batch, [targets[n] for n in batch], stats[batch[0]], recipe, device
-                    )
+                    done = quantize_shared(batch, linears, stats[batch[0]], quant, device)
                 else:
-                    forced = None if salient is None else salient.get(batch[0])
-                    done = [
-                        quantize_linear(
-                            batch[0], targets[batch[0]], stats.get(batch[0]), recipe, device, forced
+                    name, linear = batch[0], linears[0]
+                    idx = None if salient is None else salient.get(name)
+                    if idx is None:
+                        W = linear.weight.detach().to(device)
+                        idx = _salient_columns(
+                            name, W, stats.get(name), plan[name], saliency, quant
                         )
-                    ]
+                    done = [quantize_linear(name, linear, stats.get(name), idx, quant, device)]
                 for name, (layer, layer_report) in zip(batch, done, strict=True):
                     set_module(block, name[len(prefix) :], layer)
                     if work is not None:  # later passes see the quantized layer (dense copy)
@@ -299,7 +338,8 @@ def quantize_model(
             inputs = forward_block(work, inputs, block_kwargs)
             report.seconds_calibration += time.perf_counter() - t0
             del work
-        errs = [r.rel_error for r in report.layers[-len(targets) :] if r.rel_error is not None]
+        done_layers = report.layers[-len(block_targets) :]
+        errs = [r.rel_error for r in done_layers if r.rel_error is not None]
         if errs:
             bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}")
     report.seconds_total = time.perf_counter() - t_start
@@ -312,13 +352,14 @@ def select_salient_columns(
 ) -> dict[str, torch.Tensor]:
     """Salient columns of every target of the unquantized model (what pre mode trains).
 
-    The same metric and budget as quantization, with statistics from the FP model's own
-    activations (nothing is quantized, so blocks feed their FP outputs forward)."""
-    device = resolve_device(recipe.model.device)
-    dtype = resolve_dtype(recipe.calib.dtype, device)
-    blocks_name, blocks, per_block = _validate(model, recipe)
-    inputs, kwargs = _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype)
-    grid = Grid.from_config(recipe.quant)
+    The same metric and salient plan as quantization, with statistics from the FP model's own
+    activations (nothing is quantized, so blocks feed their FP outputs forward). Reads the
+    recipe's model, calib, saliency and quant sections."""
+    targets, calib, saliency, quant = recipe.model, recipe.calib, recipe.saliency, recipe.quant
+    device = resolve_device(targets.device)
+    dtype = resolve_dtype(calib.dtype, device)
+    blocks_name, blocks, per_block, plan = _validate(model, targets, saliency, quant)
+    inputs, kwargs = _calibration_inputs(model, tokenizer, calib, blocks, device, dtype)
     chosen: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(blocks)), desc="select salient", disable=not progress):
         prefix = f"{blocks_name}.{i}."
@@ -326,20 +367,10 @@ def select_salient_columns(
         work = cast_params(copy.deepcopy(blocks[i]).to(device), dtype)
         work_targets = {n: work.get_submodule(n[len(prefix) :]) for n in per_block[i]}
         stats = collect_stats(
-            work,
-            work_targets,
-            inputs,
-            block_kwargs,
-            with_hessian=False,
-            norms=(recipe.saliency.norms[1],),
+            work, work_targets, inputs, block_kwargs, with_hessian=False, norms=(saliency.norms[1],)
         )
         for name, linear in per_block[i].items():
-            N, K = linear.weight.shape
-            k = salient_budget(name, K, N, recipe.saliency, recipe.quant)
             W = linear.weight.detach().to(device)
-            scores = column_scores(
-                W, stats[name], recipe.saliency.norms, grid, recipe.quant.group_size
-            )
-            chosen[name] = select_salient(scores, k).cpu()
+            chosen[name] = _salient_columns(name, W, stats[name], plan[name], saliency, quant).cpu()
         inputs = forward_block(work, inputs, block_kwargs)
     return chosen

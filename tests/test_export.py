@@ -242,3 +242,25 @@ def test_interrupted_export_leaves_nothing(quantized, tmp_path, monkeypatch):
         save_quantized(model, tmp_path / "half")
     assert not (tmp_path / "half").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.mark.parametrize("name", ["legacy_w4g32_sym", "legacy_w3g32_asym"])
+def test_legacy_export_still_loads(name):
+    """Exports written by gift_quant 0.1.0 (tests/fixtures/README.md) load, by load_quantized
+    and by transformers, and compute the fp32 logits their in-memory model computed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(FIXTURES, name)
+    expected = load_file(os.path.join(path, "expected_logits.safetensors"))
+    ids = expected["input_ids"]
+    for model in (
+        load_quantized(path, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+    ):
+        with torch.no_grad():
+            got = model(ids).logits
+        torch.testing.assert_close(got, expected["logits"], rtol=1e-5, atol=1e-6)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from gift_quant.mixed_linear import MixedLinear
+from gift_quant.noise import noise_step, sample_noise
 from gift_quant.quant import QUANTIZERS
 from gift_quant.recipe import QuantConfig
 from gift_quant.train.gift_linear import GiftLinear
-from gift_quant.train.noise import noise_step, sample_noise
 
 
 def mixed_layer(gen, bits=3, K=128, N=64, k=8):
@@ -49,7 +49,7 @@ def test_noise_statistics_and_determinism(kind, var):
 
 def test_only_salient_columns_train_and_grid_stays_exact(gen):
     layer = mixed_layer(gen)
-    frozen = {n: t.clone() for n, t in layer.named_buffers() if n != "salient_weight"}
+    frozen = {n: t.clone() for n, t in layer.state_dict().items() if n != "salient_weight"}
     start = layer.salient_weight.clone()
     g = GiftLinear.from_mixed(layer, "normal", bits=4)
     assert [n for n, p in g.named_parameters() if p.requires_grad] == ["salient_weight"]
@@ -116,3 +116,18 @@ def test_pre_mode_dense_base(gen):
     assert torch.allclose(g.eval()(x), lin(x), atol=1e-3)  # W_S rounded to fp16 in eval
     out = g.to_linear()
     assert torch.equal(out.weight[:, 4:], lin.weight[:, 4:])
+
+
+def test_noise_choices_are_the_registered_kinds(monkeypatch):
+    """train.noise accepts what NOISES holds (and "none"); sample_noise draws from it."""
+    from gift_quant.noise import NOISES
+    from gift_quant.recipe import RecipeError, TrainConfig
+
+    assert NOISES.names() == ["normal", "uniform"]
+    with pytest.raises(RecipeError, match="train.noise"):
+        TrainConfig(noise="laplace")
+    monkeypatch.setitem(NOISES._entries, "laplace", lambda shape, *_: torch.ones(shape))
+    assert TrainConfig(noise="laplace").noise == "laplace"
+    scale = torch.tensor([1.0, 3.0])
+    got = sample_noise((2, 4), scale, "laplace", 0, torch.device("cpu"), torch.float32)
+    assert torch.equal(got, scale[:, None].expand(2, 4))

@@ -2,6 +2,7 @@ import torch
 
 from gift_quant.kernels import Backend, dequant_matmul, resolve_backend
 from gift_quant.mixed_linear import MixedLinear
+from gift_quant.modeling import cast_params
 from gift_quant.quant import QUANTIZERS
 from gift_quant.recipe import QuantConfig
 
@@ -33,6 +34,15 @@ def test_cast_keeps_the_stored_format(gen):
     layer.to(torch.bfloat16)
     assert layer.scales.dtype == torch.float16 and layer.salient_weight.dtype == torch.float16
     assert layer.qweight.dtype == torch.int32 and layer.bias.dtype == torch.bfloat16
+
+
+def test_bias_is_a_frozen_parameter_that_cast_params_casts(gen):
+    """The bias follows parameter-wise casts (as a Linear's does); the stored format stays."""
+    _, layer, _ = random_layer(4, gen)
+    assert isinstance(layer.bias, torch.nn.Parameter) and not layer.bias.requires_grad
+    cast_params(layer, torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16 and not layer.bias.requires_grad
+    assert layer.scales.dtype == torch.float16 and layer.salient_weight.dtype == torch.float16
 
 
 def test_storage_bits_counts_codes_scales_zeros_and_salient_columns(gen):

@@ -180,3 +180,14 @@ def test_stacked_rows_equal_separate_gptq_runs(gen):
         assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
         assert abs(part.loss - alone.loss) <= 1e-4 * max(alone.loss, 1.0)
         start += W.shape[0]
+
+
+def test_quant_method_choices_are_the_registered_quantizers(monkeypatch):
+    """quant.method accepts exactly what QUANTIZERS holds: no second list to keep in step."""
+    from gift_quant.recipe import RecipeError
+
+    assert QUANTIZERS.names() == ["gptq", "rtn"]
+    with pytest.raises(RecipeError, match=r"quant.method must be one of \['gptq', 'rtn'\]"):
+        QuantConfig(method="awq")
+    monkeypatch.setitem(QUANTIZERS._entries, "awq", rtn)
+    assert QuantConfig(method="awq").method == "awq"

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from gift_quant.calibration import LayerStats
 from gift_quant.quant.grid import Grid
 from gift_quant.recipe import QuantConfig, SaliencyConfig
-from gift_quant.saliency import LayerStats, column_scores, salient_budget, select_salient
+from gift_quant.saliency import column_scores, salient_budget, select_salient
 
 
 def stats_of(x, hessian=False):
@@ -66,3 +67,30 @@ def test_budget_errors_name_the_fix():
         salient_budget("l", 64, 64, SaliencyConfig(count=64), q)
     with pytest.raises(ValueError, match="below the .* bits/weight the grid alone stores"):
         salient_budget("l", 64, 64, SaliencyConfig(avg_bits=4.1), q)
+
+
+def test_salient_plan_is_made_once_per_layer_and_used(tiny_model_dirs, monkeypatch):
+    """quantize_model asks for each layer's budget once (the salient plan), and every layer
+    keeps exactly the planned number of columns."""
+    from conftest import tiny_recipe
+
+    import gift_quant.quantize as quantize
+    from gift_quant.mixed_linear import MixedLinear
+    from gift_quant.modeling import load_model
+
+    asked = []
+
+    def counting_budget(name, *args):
+        asked.append(name)
+        return salient_budget(name, *args)
+
+    monkeypatch.setattr(quantize, "salient_budget", counting_budget)
+    recipe = tiny_recipe(
+        tiny_model_dirs("llama"), "quant.method=rtn", "calib.true_sequential=false"
+    )
+    model, tok = load_model(recipe.model)
+    report = quantize.quantize_model(model, tok, recipe, progress=False)
+    names = [r.name for r in report.layers]
+    assert sorted(asked) == sorted(names) and len(set(names)) == len(names) > 0
+    mixed = [m for m in model.modules() if isinstance(m, MixedLinear)]
+    assert len(mixed) == len(names) and {m.num_salient for m in mixed} == {4}

@@ -170,7 +170,7 @@ def checkpoint_tensors(
             main[f"{name}.bias"] = layer.bias
         salient[f"{name}.salient_idx"] = layer.salient_idx
         salient[f"{name}.salient_weight"] = layer.salient_weight
-    skip = {id(t) for layer in layers.values() for t in layer.buffers()}
+    skip = {id(t) for layer in layers.values() for t in layer.state_dict(keep_vars=True).values()}
     seen_storage: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) in skip:

@@ -245,18 +245,7 @@ def load_quantized(
             raise CheckpointError(
                 f"{root}: module {name!r} does not exist in {model_type}"
             ) from exc
-        layer = MixedLinear(
-            spec["in_features"],
-            spec["out_features"],
-            bits=spec["bits"],
-            group_size=spec["group_size"],
-            num_salient=spec["num_salient"],
-            bias=spec["bias"],
-            sym=spec["sym"],
-            dtype=stored,
-            device="meta",
-            backend=backend,
-        )
+        layer = MixedLinear.empty(spec, dtype=stored, device="meta", backend=backend)
         set_module(model, name, layer)
 
     state = {}

@@ -70,19 +70,10 @@ class GiftQuantHfQuantizer(HfQuantizer):
             raise FileNotFoundError(
                 f"{salient_path} is missing: it holds the FP16 salient columns of this checkpoint"
             )
-        dtype = kwargs.get("dtype") or torch.float16
+        dtype = kwargs.get("dtype")
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float16
         for name, spec in self.quantization_config.modules.items():
-            layer = MixedLinear(
-                spec["in_features"],
-                spec["out_features"],
-                bits=spec["bits"],
-                group_size=spec["group_size"],
-                num_salient=spec["num_salient"],
-                bias=spec["bias"],
-                sym=spec["sym"],
-                dtype=dtype if isinstance(dtype, torch.dtype) else torch.float16,
-            )
-            set_module(model, name, layer)
+            set_module(model, name, MixedLinear.empty(spec, dtype=dtype))
         # salient tensors live in their own file and are loaded after the main weights
         ignore = set(model._keys_to_ignore_on_load_missing or ())
         model._keys_to_ignore_on_load_missing = list(ignore | {r"\.salient_(idx|weight)$"})

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import Tensor
 
-from gift_quant.quant import QUANTIZERS, QuantizedWeight, check_shape
+from gift_quant.quant.base import QUANTIZERS, QuantizedWeight, check_shape
 from gift_quant.quant.grid import Grid, fit_params
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gift_quant.quant import QUANTIZERS, QuantizedWeight, check_shape, group_index
+from gift_quant.quant.base import QUANTIZERS, QuantizedWeight, check_shape, group_index
 from gift_quant.quant.grid import Grid, fit_params, quantize
 
 

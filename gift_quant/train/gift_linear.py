@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from gift_quant.kernels import Backend, base_matmul, resolve_backend
 from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.mixed_linear import MixedLinear
+from gift_quant.noise import noise_step, sample_noise
 from gift_quant.quant.packing import unpack_cols, unpack_rows
-from gift_quant.train.noise import noise_step, sample_noise
 
 __all__ = ["GiftLinear", "attach_gift", "detach_gift"]
 
@@ -72,7 +72,8 @@ class GiftLinear(nn.Module):
             self.out_features, self.in_features = w.shape
         self.register_buffer("salient_idx", salient_idx.to(torch.int32).clone())
         self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        frozen_bias = None if bias is None else bias.detach().clone()
+        self.bias = None if bias is None else nn.Parameter(frozen_bias, requires_grad=False)
         if noise != "none" and delta is None:
             raise ValueError("noise needs the per-row step delta")
         self.noise = noise

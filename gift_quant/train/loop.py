@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import check_context
 from gift_quant.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gift_quant.train.data import IGNORE, TrainBatch, build_train_data
@@ -66,17 +65,14 @@ def noise_seed(seed: int, step: int, micro: int, layer: int) -> int:
 
 
 def _frozen_to(model: nn.Module, dtype: torch.dtype) -> list:
-    """Cast frozen parameters (and mixed-layer biases) to the compute dtype; trainable ones stay
-    fp32. Returns what :func:`_restore` needs to put the original tensors back untouched."""
+    """Cast frozen parameters (biases of the quantized layers included) to the compute dtype;
+    trainable ones stay fp32. Returns what :func:`_restore` needs to put the original tensors
+    back untouched."""
     saved = []
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             saved.append((p, "data", p.data))
             p.data = p.data.to(dtype)
-    for m in model.modules():
-        if isinstance(m, MixedLinear | GiftLinear) and m.bias is not None and m.bias.dtype != dtype:
-            saved.append((m, "bias", m.bias))
-            m.bias = m.bias.to(dtype)
     return saved
 
 

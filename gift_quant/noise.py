@@ -10,10 +10,30 @@ delta is computed once, before training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["noise_step", "sample_noise"]
+from gift_quant.registry import Registry
+
+__all__ = ["NOISES", "noise_step", "sample_noise"]
+
+# (shape, generator, device, dtype) -> unit-step noise; sample_noise scales row i by delta_i.
+Noise = Callable[[tuple[int, int], torch.Generator, torch.device, torch.dtype], Tensor]
+NOISES: Registry[Noise] = Registry("noise")
+
+
+@NOISES.register("normal")
+def normal(shape, gen, device, dtype) -> Tensor:
+    """N(0, 1/4): standard deviation half a grid step."""
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.5)
+
+
+@NOISES.register("uniform")
+def uniform(shape, gen, device, dtype) -> Tensor:
+    """U(-1/2, 1/2): the rounding error of a uniform grid with step 1."""
+    return torch.rand(shape, generator=gen, device=device, dtype=dtype).sub_(0.5)
 
 
 @torch.no_grad()
@@ -67,13 +87,9 @@ def sample_noise(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
-    """Noise [N, K]: row i scaled by ``scale[i]`` (= delta_i). Deterministic in ``seed``, so the
-    backward pass can regenerate exactly what the forward pass used."""
+    """Noise [N, K] of the ``kind`` registered in NOISES, row i scaled by ``scale[i]``
+    (= delta_i). Deterministic in ``seed``, so the backward pass can regenerate exactly what the
+    forward pass used."""
+    sample = NOISES.get(kind)
     gen = torch.Generator(device=device).manual_seed(seed)
-    if kind == "normal":
-        z = torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.5)
-    elif kind == "uniform":
-        z = torch.rand(shape, generator=gen, device=device, dtype=dtype).sub_(0.5)
-    else:
-        raise ValueError(f"noise kind must be normal or uniform, got {kind!r}")
-    return z.mul_(scale.to(dtype)[:, None])
+    return sample(shape, gen, device, dtype).mul_(scale.to(dtype)[:, None])
