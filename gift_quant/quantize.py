@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gift_quant.calibration import capture_block_inputs, collect_stats, forward_block, plan_groups
-from gift_quant.data import calibration_windows, load_documents, tokenize_documents
+from gift_quant.data import calibration_set
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import (
     cast_params,
@@ -215,8 +215,7 @@ def _calibration_inputs(model, tokenizer, recipe, blocks, device, dtype):
     c = recipe.calib
     check_context(model, c.seq_len, "calib.seq_len")
     log.info("calibration: %d windows x %d tokens from %s", c.num_samples, c.seq_len, c.source)
-    tokens = tokenize_documents(tokenizer, load_documents(c.source))
-    windows = calibration_windows(tokens, c.num_samples, c.seq_len, c.seed)
+    windows = calibration_set(tokenizer, c)
     return capture_block_inputs(model, blocks, list(windows.split(c.batch_size)), device, dtype)
 
 
