@@ -114,12 +114,12 @@ def cmd_quantize(args) -> dict:
     from gift_quant.quantize import quantize_model
 
     recipe = _load_recipe(args)
-    check_sources(recipe)
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(
             f"{out} already exists; choose a new --out directory or remove it first"
         )
+    check_sources(recipe, stages=("calib",))
     t0 = time.perf_counter()
     model, tok = load_model(recipe.model)
     log.info(

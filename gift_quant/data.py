@@ -270,18 +270,23 @@ def load_eval_windows(
 HF_PROBE_RECORDS = 3  # records read from an hf: source to check its fields
 
 
-def check_sources(recipe) -> None:
-    """Check every text source of ``recipe`` without any expensive work; RecipeError if not.
+def check_sources(recipe, stages: tuple[str, ...] = ("calib", "train", "eval")) -> None:
+    """Check the text sources of ``recipe``'s ``stages`` without any expensive work; RecipeError
+    if one is wrong.
 
     Files exist and parse, ``hf:`` datasets answer and their first records have a known field,
     the embedded Wikipedia is installed, and each seq_len fits the model's context when its
     config.json is at hand. Run it before loading the model, so nothing fails later for a
-    reason that could have been seen now."""
-    checks = [("calib.source", recipe.calib.source, recipe.calib.seq_len)]
+    reason that could have been seen now (``quantize`` checks only ``("calib",)``)."""
+    checks = []
+    if "calib" in stages:
+        checks.append(("calib.source", recipe.calib.source, recipe.calib.seq_len))
     tr = recipe.train
-    if tr.method != "none" and tr.steps > 0:
+    if "train" in stages and tr.method != "none" and tr.steps > 0:
         checks.append(("train.data", tr.data, tr.seq_len))
-    checks += [(f"eval.text[{i}]", t, recipe.eval.seq_len) for i, t in enumerate(recipe.eval.text)]
+    if "eval" in stages:
+        ev = recipe.eval
+        checks += [(f"eval.text[{i}]", t, ev.seq_len) for i, t in enumerate(ev.text)]
     for key, source, _ in checks:
         _check_one(key, source, train=key == "train.data")
     context = _model_context(recipe.model)
