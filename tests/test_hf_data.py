@@ -104,11 +104,14 @@ def test_text_chat_and_openorca_records_become_documents(fake_hub):
     assert orca[1].startswith("You are a helpful assistant.\n\n") and orca[0].count("\n\n") == 1
 
 
-def test_streamed_sets_are_read_only_as_far_as_needed(fake_hub):
+def test_streamed_sets_are_read_only_as_far_as_needed(fake_hub, bos_tokenizer):
     docs = load_documents("hf:wikitext:wikitext-2-raw-v1:test", max_chars=2000)
     assert 2000 <= sum(map(len, docs)) < 2000 + max(map(len, docs))
     assert fake_hub["rows"] < 2 * len(docs) + 2  # stopped there, not at the end of the set
     assert len(list(hf_records("hf:Open-Orca/OpenOrca", limit=5))) == 5
+    fake_hub["rows"] = 0  # a text set for training: a peek at one record, then the text needed
+    data = build_train_data("hf:allenai/c4:en:validation", bos_tokenizer, 64, 0, max_examples=4)
+    assert len(data) >= 4 and fake_hub["rows"] <= 1 + 2
 
 
 @pytest.mark.parametrize(
@@ -234,7 +237,7 @@ def test_a_bad_source_fails_before_anything_is_loaded_or_written(tiny_model_dirs
 
 def test_chat_records_stream_into_training_examples(fake_hub, bos_tokenizer):
     data = build_train_data("hf:Open-Orca/OpenOrca", bos_tokenizer, 256, 0, max_examples=10)
-    assert len(data) == 10 and fake_hub["rows"] == 10  # read no further than the run needs
+    assert len(data) == 10 and fake_hub["rows"] == 1 + 10  # a peek, then what the run needs
     ids = data.batch(0, 10).input_ids
     assert (ids[:, 0] == 1).all() and torch.equal(ids, data.batch(0, 10).input_ids)
     orca = list(itertools.islice(_fake_sets()[("Open-Orca/OpenOrca", None, "train")](), 10))

@@ -222,14 +222,17 @@ def _render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _records(source: str, limit: int) -> list[dict] | None:
-    """Records of a .jsonl file or an hf: dataset (at most ``limit`` of a streamed one, 0 = all),
-    or None for plain-text sources."""
+def _chat_records(source: str, limit: int) -> list[dict] | None:
+    """The records of a .jsonl file or an hf: dataset (the first ``limit`` of a streamed one)
+    when they are chats, else None (plain text: the caller reads documents)."""
     path = Path(source).expanduser()
     if path.suffix == ".jsonl" and path.is_file():
-        return read_jsonl(path)
+        records = read_jsonl(path)
+        return records if records and is_chat_record(records[0]) else None
     if source.startswith("hf:"):
-        return list(hf_records(source, limit))
+        first = next(hf_records(source, 1), None)  # peek: a text set is read as documents
+        if first is not None and is_chat_record(first):
+            return list(hf_records(source, limit))
     return None
 
 
@@ -250,8 +253,8 @@ def build_train_data(
     if (Path(source) / GENERATED_SETTINGS).is_file():
         return _load_generated(Path(source), seed)
     limit = max_examples if source.startswith("hf:") else 0
-    records = _records(source, limit)
-    if records and is_chat_record(records[0]):
+    records = _chat_records(source, limit)
+    if records:
         return ChatExamples(records, tokenizer, seq_len, seed, bos)
     max_chars = limit * seq_len * CHARS_PER_TOKEN
     docs = load_documents(source, max_chars=max_chars)
