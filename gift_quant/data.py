@@ -275,8 +275,8 @@ def check_sources(recipe, stages: tuple[str, ...] = ("calib", "train", "eval")) 
     if one is wrong.
 
     Files exist and parse, ``hf:`` datasets answer and their first records have a known field,
-    the embedded Wikipedia is installed, and each seq_len fits the model's context when its
-    config.json is at hand. Run it before loading the model, so nothing fails later for a
+    the embedded Wikipedia is installed, each seq_len fits the model's context and a forced
+    BOS (``bos: always``) exists when the model directory is at hand. Run it before loading the model, so nothing fails later for a
     reason that could have been seen now (``quantize`` checks only ``("calib",)``)."""
     checks = []
     if "calib" in stages:
@@ -289,13 +289,23 @@ def check_sources(recipe, stages: tuple[str, ...] = ("calib", "train", "eval")) 
         checks += [(f"eval.text[{i}]", t, ev.seq_len) for i, t in enumerate(ev.text)]
     for key, source, _ in checks:
         _check_one(key, source, train=key == "train.data")
-    context = _model_context(recipe.model)
-    for key, _, seq_len in checks:
+    model_dir = _local_model_dir(recipe.model)
+    context = _model_context(model_dir) if model_dir else 0
+    sections = {key.split(".")[0]: seq_len for key, _, seq_len in checks}
+    for section, seq_len in sections.items():
         if context and seq_len > context:
-            section = key.split(".")[0]
             raise RecipeError(
                 f"{section}.seq_len={seq_len} exceeds the model's context of {context} tokens "
                 f"(max_position_embeddings); use {section}.seq_len={context} or less"
+            )
+    forced = [s for s in sections if getattr(recipe, s).bos == "always"]
+    if forced and model_dir and (model_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(model_dir).bos_token_id is None:
+            raise RecipeError(
+                f"{forced[0]}.bos=always, but the tokenizer in {model_dir} has no BOS token; "
+                f"use {forced[0]}.bos=auto"
             )
 
 
@@ -345,18 +355,21 @@ def _check_record(rec: dict, where: str, train: bool) -> None:
         raise RecipeError(f"{where}: 'messages' must be a list of {{role, content}} objects")
 
 
-def _model_context(model_cfg) -> int:
-    """max_position_embeddings from the model directory's config.json (0 when unknown)."""
-    path = Path(model_cfg.name_or_path).expanduser() if model_cfg.name_or_path else None
-    if path is None:
+def _local_model_dir(model_cfg) -> Path | None:
+    """The model's directory when it is on disk already (None for a hub id or a GGUF file)."""
+    if model_cfg.name_or_path:
+        path = Path(model_cfg.name_or_path).expanduser()
+    else:
         from gift_quant import assets
 
-        path = assets.cache_dir() / "SmolLM2-135M-Instruct-fp16"
-    config = path / "config.json"
-    if not config.is_file():
-        return 0
+        path = assets.cache_dir() / "SmolLM2-135M-Instruct-fp16"  # once converted
+    return path if (path / "config.json").is_file() else None
+
+
+def _model_context(path: Path) -> int:
+    """max_position_embeddings from the model directory's config.json (0 when unknown)."""
     try:
-        data = json.loads(config.read_text())
+        data = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return 0
     data = data.get("text_config", data)  # multimodal wrappers keep the LM's config inside

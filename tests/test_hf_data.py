@@ -196,6 +196,7 @@ def test_check_sources_names_what_is_wrong(tiny_model_dirs, tmp_path, fake_hub):
         ("eval.text=[hf:fake/no-text]", r"eval.text\[0\]: hf:fake/no-text record 1: expected"),
         ("eval.seq_len=512", r"eval.seq_len=512 exceeds the model's context of 256 tokens"),
         ("train.data=hf:nope/x", r"train.data: hf:nope/x: no dataset 'nope/x'"),
+        ("train.bos=always", r"train.bos=always, but the tokenizer in .* has no BOS token"),
     ]
     for override, message in cases:
         with pytest.raises(RecipeError, match=message):
