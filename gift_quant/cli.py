@@ -107,6 +107,7 @@ def _load_recipe(args, default: str | None = None):
 
 
 def cmd_quantize(args) -> dict:
+    from gift_quant.data import check_sources
     from gift_quant.evaluate import bits_report
     from gift_quant.io.export import save_quantized
     from gift_quant.modeling import load_model
@@ -118,6 +119,7 @@ def cmd_quantize(args) -> dict:
         raise FileExistsError(
             f"{out} already exists; choose a new --out directory or remove it first"
         )
+    check_sources(recipe, stages=("calib",))
     t0 = time.perf_counter()
     model, tok = load_model(recipe.model)
     log.info(
@@ -158,7 +160,7 @@ def cmd_recover(args) -> dict:
 def cmd_eval(args) -> dict:
     import torch
 
-    from gift_quant.data import eval_windows, load_documents, tokenize_documents
+    from gift_quant.data import load_eval_windows
     from gift_quant.evaluate import perplexity
     from gift_quant.io.load import load_quantized
     from gift_quant.modeling import check_context, load_model, resolve_device
@@ -191,7 +193,7 @@ def cmd_eval(args) -> dict:
     check_context(model, seq_len, "--seq-len")
     results = []
     for text in texts:
-        windows = eval_windows(tokenize_documents(tok, load_documents(text)), seq_len, max_tokens)
+        windows = load_eval_windows(tok, text, seq_len, max_tokens, recipe_eval.bos)
         r = perplexity(
             model,
             windows,

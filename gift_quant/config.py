@@ -34,6 +34,10 @@ __all__ = [
 SUPPORTED_BITS = (2, 3, 4, 8)
 BUDGET_KEYS = ("count", "fraction", "avg_bits")
 NORMS = (1.0, 2.0, math.inf)
+# Does every calibration, training and eval window of L tokens start with BOS (then BOS + L-1
+# text tokens)? "auto": when the tokenizer adds one (tokenizer(text) with special tokens
+# would); "always": yes (the tokenizer must define a BOS token); "never": L text tokens.
+BOS_MODES = ("auto", "always", "never")
 
 
 class RecipeError(ValueError):
@@ -84,6 +88,7 @@ class CalibConfig:
             where matrix units make it 3-4x faster than float32; statistics are fp32 always).
         true_sequential: inside a block, quantize Linears group by group (q/k/v, then o, ...)
             so later groups see the already-quantized outputs of earlier ones.
+        bos: BOS convention of the windows (see ``BOS_MODES``).
     """
 
     source: str = "wiki"
@@ -93,8 +98,11 @@ class CalibConfig:
     batch_size: int = 8
     dtype: str = "auto"
     true_sequential: bool = True
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice("calib.bos", self.bos, BOS_MODES)
+        _check_source("calib.source", self.source)
         _check_positive("calib.num_samples", self.num_samples)
         _check_positive("calib.seq_len", self.seq_len)
         _check_positive("calib.batch_size", self.batch_size)
@@ -250,7 +258,13 @@ class TrainConfig:
             4 in post mode (the paper's choice), quant.bits in pre mode.
         data: training text: "wiki" (embedded articles 0-79), a .txt / .jsonl file (chat
             records with "messages" or "prompt"/"response" train on assistant tokens only),
-            or "hf:<name>[:<config>[:<split>]]".
+            "hf:<name>[:<config>[:<split>]]" (chat ``messages``, OpenOrca ``question``/
+            ``response`` or plain ``text`` records), or "generated:N": N sequences of seq_len
+            tokens sampled from the full-precision model itself (data-free, LLM-QAT style),
+            cached on disk by model and sampling settings.
+        gen_temperature, gen_top_p, gen_seed: sampling of "generated:N" (temperature, nucleus
+            mass, seed); gen_batch_size: sequences generated per forward pass.
+        bos: BOS convention of the training windows (see ``BOS_MODES``).
         steps: optimizer steps; batch_size x grad_accum windows of seq_len tokens per step.
         lr, weight_decay, warmup_ratio, max_grad_norm: AdamW + cosine schedule with warm-up.
         dtype: compute dtype ("auto" = bfloat16; master weights are always float32).
@@ -275,6 +289,11 @@ class TrainConfig:
     noise: str = "normal"
     b_noise: int = 0
     data: str = "wiki"
+    gen_temperature: float = 1.0
+    gen_top_p: float = 0.95
+    gen_seed: int = 0
+    gen_batch_size: int = 8
+    bos: str = "auto"
     steps: int = 500
     batch_size: int = 4
     grad_accum: int = 32
@@ -306,6 +325,13 @@ class TrainConfig:
         _check_choice("train.mode", self.mode, ("post", "pre"))
         _check_choice("train.noise", self.noise, (*NOISES.names(), "none"))
         _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("train.bos", self.bos, BOS_MODES)
+        _check_source("train.data", self.data, generated=True)
+        if not self.gen_temperature > 0:
+            raise RecipeError(f"train.gen_temperature must be > 0, got {self.gen_temperature}")
+        if not 0 < self.gen_top_p <= 1:
+            raise RecipeError(f"train.gen_top_p must be in (0, 1], got {self.gen_top_p}")
+        _check_positive("train.gen_batch_size", self.gen_batch_size)
         if self.b_noise not in (0, *range(2, 9)):
             raise RecipeError(f"train.b_noise must be 0 (auto) or 2..8, got {self.b_noise}")
         for name in ("batch_size", "grad_accum", "seq_len"):
@@ -353,6 +379,7 @@ class EvalConfig:
         max_tokens: stop after this many windowed tokens (0 = all of the text).
         batch_size: windows per forward pass.
         dtype: compute dtype (float32 on CPU keeps figures comparable across runs).
+        bos: BOS convention of the windows (see ``BOS_MODES``).
     """
 
     text: tuple[str, ...] = ("wiki-heldout",)
@@ -360,8 +387,12 @@ class EvalConfig:
     max_tokens: int = 0
     batch_size: int = 4
     dtype: str = "float32"
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice("eval.bos", self.bos, BOS_MODES)
+        for i, text in enumerate(self.text):
+            _check_source(f"eval.text[{i}]", text)
         _check_positive("eval.seq_len", self.seq_len)
         _check_positive("eval.batch_size", self.batch_size)
         if self.max_tokens < 0:
@@ -408,6 +439,24 @@ def _check_choice(name: str, value: str, choices: typing.Iterable[str]) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise RecipeError(f"{name} must be one of {list(choices)}, got {value!r}{hint}")
+
+
+def _check_source(name: str, source: str, generated: bool = False) -> None:
+    """Syntax of a text source (whether it exists is ``gift_quant.data.check_sources``'s job)."""
+    if source.startswith("hf:") and not source[3:].split(":")[0]:
+        raise RecipeError(f"{name}={source!r} names no dataset; use hf:<name>[:<config>[:<split>]]")
+    if source.startswith("generated:"):
+        n = source.removeprefix("generated:")
+        if not generated:
+            raise RecipeError(f"{name}={source!r}: generated text is a training source only")
+        if not (n.isdigit() and int(n) > 0):
+            raise RecipeError(
+                f"{name}={source!r}: use generated:N with N > 0 sequences, e.g. generated:512"
+            )
+    if source.startswith("hf:") and source.count(":") > 3:
+        raise RecipeError(
+            f"{name}={source!r} has too many parts; use hf:<name>[:<config>[:<split>]]"
+        )
 
 
 def _check_positive(name: str, value: int) -> None:

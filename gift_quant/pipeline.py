@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gift_quant.data import eval_windows, load_documents, tokenize_documents
+from gift_quant.data import check_sources, load_eval_windows
 from gift_quant.evaluate import bits_report, perplexity
 from gift_quant.io.export import save_quantized
 from gift_quant.io.load import load_quantized
@@ -34,6 +34,7 @@ from gift_quant.quantize import quantize_model, select_salient_columns
 from gift_quant.recipe import Recipe, RecipeError, recipe_from_dict
 from gift_quant.train import distributed
 from gift_quant.train.checkpoint import latest_checkpoint
+from gift_quant.train.data import resolve_generated
 from gift_quant.train.gift_linear import attach_gift, detach_gift
 from gift_quant.train.loop import train
 
@@ -86,6 +87,7 @@ class _Run:
         self.device = distributed.rank_device(self.dist, base)
         self.timings: dict[str, float] = {}
         self.peak_gpu_mb: dict[str, float] = {}
+        self.train_cfg = recipe.train  # train.data=generated:N becomes its cache directory
         self.fingerprint = {
             k: json.dumps(v, sort_keys=True) for k, v in _comparable(recipe).items() if k != "eval"
         }
@@ -107,8 +109,7 @@ class _Run:
 
     def load_text(self, tok) -> None:
         ev = self.recipe.eval
-        tokens = tokenize_documents(tok, load_documents(ev.text[0]))
-        self.windows = eval_windows(tokens, ev.seq_len, ev.max_tokens)
+        self.windows = load_eval_windows(tok, ev.text[0], ev.seq_len, ev.max_tokens, ev.bos)
 
     def ppl(self, model, label: str, windows=None, progress=None) -> dict:
         ev = self.recipe.eval
@@ -149,7 +150,7 @@ class _Run:
         return train(
             model,
             tok,
-            self.recipe.train,
+            self.train_cfg,
             self.out / "train",
             fingerprint=self.fingerprint,
             teacher=teacher,
@@ -164,6 +165,7 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
     """Run (or resume) the whole recovery job; returns the report dict (None on the ranks
     other than 0 of a multi-process run)."""
     t_start = time.perf_counter()
+    check_sources(recipe)  # bad data fails here, before anything is loaded or written
     run = _Run(recipe, Path(out_dir), progress)
     d, tr = run.dist, recipe.train
     if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method == "lora")):
@@ -176,6 +178,10 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
     d.barrier()
     with run.stage("load"):
         model, tok = load_model(recipe.model)
+    with run.stage("generate_data" if tr.data.startswith("generated:") else "load"):
+        # train.data=generated:N: sampled from the FP model (a no-op for other sources)
+        run.train_cfg = resolve_generated(tr, model, tok, progress, run.dist, run.device)
+    with run.stage("load"):
         run.load_text(tok)
     with run.stage("eval_fp"):
         fp = run.cached("fp", lambda: {**run.ppl(model, "fp"), **bits_report(model)})

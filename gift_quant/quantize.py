@@ -25,7 +25,7 @@ from gift_quant.calibration import (
     forward_block,
     plan_groups,
 )
-from gift_quant.data import calibration_windows, load_documents, tokenize_documents
+from gift_quant.data import calibration_set
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import (
     cast_params,
@@ -230,8 +230,7 @@ def _calibration_inputs(model, tokenizer, calib, blocks, device, dtype):
         calib.seq_len,
         calib.source,
     )
-    tokens = tokenize_documents(tokenizer, load_documents(calib.source))
-    windows = calibration_windows(tokens, calib.num_samples, calib.seq_len, calib.seed)
+    windows = calibration_set(tokenizer, calib)
     return capture_block_inputs(model, blocks, list(windows.split(calib.batch_size)), device, dtype)
 
 

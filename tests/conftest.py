@@ -73,41 +73,77 @@ def wiki_train_text() -> str:
     return "\n\n".join(wiki_split("train"))
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(wiki_train_text, tmp_path_factory):
-    """A real byte-level BPE tokenizer (vocab 512) trained on the Wikipedia training split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(text: str, path, bos: bool):
+    """A real byte-level BPE tokenizer (vocab 512) trained on ``text``; with ``bos`` it puts
+    <bos> in front of every encoded text, as Llama's and Gemma's tokenizers do, and has a chat
+    template that starts with BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = ["<eos>", "<bos>"] if bos else ["<eos>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB,
-        special_tokens=["<eos>"],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([wiki_train_text[:400_000]], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    path = tmp_path_factory.mktemp("tokenizer")
+    tok.train_from_iterator([text[:400_000]], trainer=trainer)
+    extra = {}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)]
+        )
+        extra = dict(
+            bos_token="<bos>",
+            chat_template="{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>"
+            "{{ m['content'] }}<eos>{% endfor %}{% if add_generation_prompt %}<assistant>"
+            "{% endif %}",
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", **extra
+    )
     fast.save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dirs(tiny_tokenizer, tmp_path_factory):
-    """family -> directory with a saved tiny random model and the tokenizer (built lazily)."""
+def tiny_tokenizer(wiki_train_text, tmp_path_factory):
+    """A real byte-level BPE tokenizer (vocab 512) trained on the Wikipedia training split."""
+    return _train_tokenizer(wiki_train_text, tmp_path_factory.mktemp("tokenizer"), bos=False)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(wiki_train_text, tmp_path_factory):
+    """Like ``tiny_tokenizer``, but it adds <bos> (id 1) as Llama's and Gemma's do."""
+    return _train_tokenizer(wiki_train_text, tmp_path_factory.mktemp("bos-tokenizer"), bos=True)
+
+
+def _model_dirs(tokenizer, tmp_path_factory, tag: str):
     cache: dict[str, str] = {}
 
     def get(family: str) -> str:
         if family not in cache:
-            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            path = tmp_path_factory.mktemp(f"{tag}-{family}")
             build_tiny(family).save_pretrained(path)
-            tiny_tokenizer.save_pretrained(path)
+            tokenizer.save_pretrained(path)
             cache[family] = str(path)
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tiny_tokenizer, tmp_path_factory):
+    """family -> directory with a saved tiny random model and the tokenizer (built lazily)."""
+    return _model_dirs(tiny_tokenizer, tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def bos_model_dirs(bos_tokenizer, tmp_path_factory):
+    """family -> directory with a tiny random model and the BOS-adding tokenizer."""
+    return _model_dirs(bos_tokenizer, tmp_path_factory, "tiny-bos")
 
 
 @pytest.fixture

@@ -153,7 +153,14 @@ def train(
     warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max(cfg.steps, 1))
     check_context(model, cfg.seq_len, "train.seq_len")
-    data = build_train_data(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+    data = build_train_data(
+        cfg.data,
+        tokenizer,
+        cfg.seq_len,
+        cfg.seed,
+        bos=cfg.bos,
+        max_examples=cfg.steps * cfg.batch_size * cfg.grad_accum,
+    )
     ckpt_root = out / "checkpoints"
     start = 0
     latest = latest_checkpoint(ckpt_root)
