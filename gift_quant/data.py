@@ -277,7 +277,8 @@ def check_sources(recipe, stages: tuple[str, ...] = ("calib", "train", "eval")) 
     Files exist and parse, ``hf:`` datasets answer and their first records have a known field,
     the embedded Wikipedia is installed, each seq_len fits the model's context and a forced
     BOS (``bos: always``) exists when the model directory is at hand. Run it before loading
-    the model, so nothing fails later for a reason that could have been seen now (``quantize`` checks only ``("calib",)``)."""
+    the model, so nothing fails later for a reason that could have been seen now
+    (``quantize`` checks only ``("calib",)``)."""
     checks = []
     if "calib" in stages:
         checks.append(("calib.source", recipe.calib.source, recipe.calib.seq_len))
