@@ -13,7 +13,7 @@ import torch
 
 from gift_quant.kernels import Backend, base_matmul, dequant_matmul, reference, resolve_backend
 from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
-from gift_quant.kernels.triton_ptx import emulate, pack_3bit, plan, step_order, zero_consts
+from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, step_order, zero_consts
 from gift_quant.quant.packing import pack_rows
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -100,7 +100,7 @@ def test_zero_constants_are_the_negated_magic_plus_zero_in_both_halves(bits, kin
 
 
 def _triton_ops():
-    from gift_quant.kernels import triton_ops
+    from gift_quant.kernels.triton import ops as triton_ops
 
     return triton_ops
 

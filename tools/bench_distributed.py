@@ -126,7 +126,6 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results")))
     args = p.parse_args()
 
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gift_quant.kernels import triton_ops  # noqa: E402
-from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_config  # noqa: E402
-from gift_quant.kernels.triton_gemv import gemv, gemv_config  # noqa: E402
-from gift_quant.kernels.triton_ptx import pack_3bit  # noqa: E402
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton.gemm import dequantize, gemm, gemm_config  # noqa: E402
+from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
+from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
 
 SHAPES = {

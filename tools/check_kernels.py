@@ -29,9 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gift_quant.kernels import Backend, reference, triton_ops  # noqa: E402
+from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear  # noqa: E402
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 64, 256]
 CAND_MS = [5, 16, 32, 64, 200]  # every kernel of triton_ops.candidates(M), shapes 0 and 1

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gift_quant.kernels.triton_gemm import _check, _salient_dot
-from gift_quant.kernels.triton_gemv import on_device
+from gift_quant.kernels.triton.gemm import _check, _salient_dot
+from gift_quant.kernels.triton.gemv import on_device
 
 
 @triton.jit

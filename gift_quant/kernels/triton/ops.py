@@ -33,11 +33,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Triton backend needs the triton package") from exc
 
 from gift_quant.kernels import reference
-from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_backward
-from gift_quant.kernels.triton_gemv import MAX_M as GEMV_LIMIT
-from gift_quant.kernels.triton_gemv import gemv
-from gift_quant.kernels.triton_mm import MM_CONFIGS, mm, mm_config
-from gift_quant.kernels.triton_ptx import pack_3bit
+from gift_quant.kernels.triton.gemm import dequantize, gemm, gemm_backward
+from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
+from gift_quant.kernels.triton.gemv import gemv
+from gift_quant.kernels.triton.mm import MM_CONFIGS, mm, mm_config
+from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = ["base_matmul", "candidates", "dequant_matmul", "prepare", "route", "run_route"]

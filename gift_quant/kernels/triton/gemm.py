@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gift_quant.kernels.triton_gemv import interpreting, on_device
-from gift_quant.kernels.triton_ptx import deq_asm
-from gift_quant.kernels.triton_tiles import deq_tile, step_permute
+from gift_quant.kernels.triton.gemv import interpreting, on_device
+from gift_quant.kernels.triton.ptx import deq_asm
+from gift_quant.kernels.triton.tiles import deq_tile, step_permute
 
 # ------------------------------------------------------------------------------------------
 # 1. configuration (measured on the H200: docs/KERNELS-NOTES.md)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gift_quant.kernels.triton_ptx import deqdot_asm, plan
+from gift_quant.kernels.triton.ptx import deqdot_asm, plan
 
 # ------------------------------------------------------------------------------------------
 # 1. configuration (measured on the H200: docs/KERNELS-NOTES.md)
