@@ -1,15 +1,15 @@
-"""Batched path, round 2: ``mm``, a plain-Triton split-K tensor-core GEMM in natural k order.
+"""Batched path: ``mm``, a split-K tensor-core GEMM over the packed weights (M > 4), its backward
+``grad_x = grad_y @ W`` (training), and ``dequantize`` for the dequantize + cuBLAS route (large M).
 
-The weight tile is loaded packed, once per word ([BK / (32 / BITS), BN] int32, pipelined by
-Triton's cp.async stages), expanded in registers by broadcasting against constant shifts (the
-unpack dimension stays inside a thread, so shifts and masks are per-register constants) and
-reshaped to natural k order, so x needs no permutation. Codes become f16/bf16 through the
-0x6400 / 0x4300 exponent trick (exact). SWAP computes the transposed product
-y^T [BN, BM] = W [BN, BK] @ x^T [BK, BM]: the weight is the MMA's M side (wgmma, 64-row
-warpgroup tiles) and the few rows of x its narrow N side (>= 16), instead of padding M to
-16/64 rows of the MMA. Named configurations (``MM_CONFIGS``) are what the route tables of
-``triton_ops`` pick from. Same contract as ``triton_gemm.gemm`` (fused salient columns, bias,
-split-K through the GEMV's self-cleaning workspace).
+``mm`` loads each weight tile packed once per k-block (pipelined by Triton's cp.async stages)
+and expands it in registers (``tiles.deq_tile``, natural k order, no inline PTX). SWAP computes
+the transposed product y^T [BN, BM] = W [BN, BK] @ x^T [BK, BM]: the weight is the MMA's M side
+(wgmma, 64-row warpgroup tiles) and the few rows of x its narrow N side (>= 16), instead of
+padding M to 16/64 rows of the MMA. SCALE_ACC (BM <= 32): integer tile, the fp32 product
+scaled per group (fewer instructions); else the tile is scaled in the activation dtype. The
+salient columns are extra K-slices; split-K partials go through the self-cleaning workspace
+(``tiles.store_output``). Named configurations (``MM_CONFIGS``) are what the route tables of
+``ops`` pick from.
 """
 
 from __future__ import annotations
@@ -19,105 +19,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gift_quant.kernels.triton.gemm import _check, _salient_dot
-from gift_quant.kernels.triton.gemv import on_device
-
-
-@triton.jit
-def _to_float(code, zf, BF16: tl.constexpr):
-    """code - zero, exactly: the bits 0x6400 | code (0x4300 | code for bf16) are the float
-    1024 + code (128 + code), zf = 1024 + zero (128 + zero) in the activation dtype."""
-    h = (code | (0x4300 if BF16 else 0x6400)).to(tl.int16)
-    return h.to(tl.bfloat16 if BF16 else tl.float16, bitcast=True) - zf
-
-
-@triton.jit
-def _mm_tile(
-    q_ptr,
-    zf,
-    s,
-    kb,
-    offs_n,
-    N,
-    BITS: tl.constexpr,
-    BF16: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SWAP: tl.constexpr,
-    SCALED: tl.constexpr,
-):
-    """(code - zero) [* scale] of rows kb..kb+BLOCK_K in the activation dtype, natural k order:
-    [BLOCK_K, BN], or [BN, BLOCK_K] if SWAP. zf, s: [1, BN] ([BN, 1] if SWAP). Layouts: GPTQ
-    ``qweight`` for 2/4 bits, the 3-word units of ``triton_ptx.pack_3bit`` for 3 bits. The
-    codes of one word (unit) are unpacked by constant shifts into separate tensors and
-    joined into an in-thread minor dimension (tl.join), then reshaped."""
-    BN: tl.constexpr = offs_n.shape[0]
-    UNIT_K: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    UNIT_W: tl.constexpr = 3 if BITS == 3 else 1
-    L: tl.constexpr = 5 if BITS == 3 else (3 if BITS == 4 else 4)  # log2(UNIT_K)
-    RU: tl.constexpr = BLOCK_K // UNIT_K
-    units = kb // UNIT_K + tl.arange(0, RU)
-    words = ()
-    for t in tl.static_range(UNIT_W):
-        if SWAP:
-            ptrs = q_ptr + (units * UNIT_W + t)[None, :] * N + offs_n[:, None]  # [BN, RU]
-        else:
-            ptrs = q_ptr + (units * UNIT_W + t)[:, None] * N + offs_n[None, :]  # [RU, BN]
-        words = words + (tl.load(ptrs, eviction_policy="evict_first"),)
-    lvl = ()
-    for r in tl.static_range(UNIT_K):
-        if BITS == 3:
-            if r == 30:  # codes 30 / 31: bit t of each is bit 15 / 31 of word t
-                c = ((words[0] >> 15) & 1) | ((words[1] >> 14) & 2) | ((words[2] >> 13) & 4)
-            elif r == 31:
-                c = ((words[0] >> 31) & 1) | ((words[1] >> 30) & 2) | ((words[2] >> 29) & 4)
-            else:
-                c = (words[r // 10] >> (3 * ((r % 10) // 2) + 16 * (r % 2))) & 7
-        else:
-            c = (words[0] >> (r * BITS)) & ((1 << BITS) - 1)
-        w = _to_float(c, zf, BF16)
-        if SCALED:
-            w = w * s
-        lvl = lvl + (w,)
-    for _ in tl.static_range(L):  # new minor dims: bit 0 of r, then bit 1, ...
-        nxt = ()
-        for i in tl.static_range(len(lvl) // 2):
-            nxt = nxt + (tl.join(lvl[2 * i], lvl[2 * i + 1]),)
-        lvl = nxt
-    tile = lvl[0]
-    if SWAP:  # [BN, RU, b0, .., b(L-1)] -> [BN, RU, b(L-1), .., b0] -> [BN, BLOCK_K]
-        if L == 3:
-            tile = tl.permute(tile, (0, 1, 4, 3, 2))
-        elif L == 4:
-            tile = tl.permute(tile, (0, 1, 5, 4, 3, 2))
-        else:
-            tile = tl.permute(tile, (0, 1, 6, 5, 4, 3, 2))
-    else:  # [RU, BN, b0, ..] -> [RU, b(L-1), .., b0, BN] -> [BLOCK_K, BN]
-        if L == 3:
-            tile = tl.permute(tile, (0, 4, 3, 2, 1))
-        elif L == 4:
-            tile = tl.permute(tile, (0, 5, 4, 3, 2, 1))
-        else:
-            tile = tl.permute(tile, (0, 6, 5, 4, 3, 2, 1))
-    R0: tl.constexpr = BN if SWAP else BLOCK_K
-    R1: tl.constexpr = BLOCK_K if SWAP else BN
-    return tl.reshape(tile, [R0, R1])
-
-
-@triton.jit
-def _salient_dot_t(acc, x_ptr, wst_ptr, sidx_ptr, offs_m, mmask, offs_n, N, K, j0, j_end):
-    """acc [BN, BM] += W_S^T[j0:j_end, :]^T @ x[:, S[j0:j_end]]^T (the transposed _salient_dot)."""
-    for jj in range(j0, j_end, 32):
-        offs_j = jj + tl.arange(0, 32)
-        jmask = offs_j < j_end
-        sid = tl.load(sidx_ptr + offs_j, mask=jmask, other=0)
-        xt = tl.load(
-            x_ptr + offs_m[None, :] * K + sid[:, None],
-            mask=jmask[:, None] & mmask[None, :],
-            other=0.0,
-        )
-        w = tl.load(wst_ptr + offs_j[None, :] * N + offs_n[:, None], mask=jmask[None, :], other=0.0)
-        acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
-    return acc
+from gift_quant.kernels.triton.tiles import (
+    act,
+    deq_tile,
+    interpreting,
+    on_device,
+    salient_dot,
+    store_output,
+)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -142,6 +51,7 @@ def _mm_kernel(
     # meta
     BITS: tl.constexpr,
     BF16: tl.constexpr,
+    EMU: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,9 +63,12 @@ def _mm_kernel(
     SCALE_ACC: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """As _gemm_kernel (same grid, workspace protocol and DIRECT mode), natural k order, no
-    inline PTX. SCALE_ACC: integer tile, the fp32 product scaled per group (cheaper for small
-    BLOCK_M); else the tile is scaled in the activation dtype (as the reference rounds it)."""
+    """x [M, K] f16/bf16; q, sz as in ``deq_tile``; wst [NSAL, N] fp16 (W_S^T); sidx [NSAL]
+    int32; bias [N]; ws [M, N] fp32 zeros; cnt [tiles] int32 zeros; y [M, N] like x. Grid
+    (N / BLOCK_N, N_SPLIT + N_SAL_PROGS, cdiv(M, BLOCK_M)): programs pid_k < N_SPLIT take an
+    even share of the k-blocks, the others SAL_K salient columns each. DIRECT (N_SPLIT == 1):
+    one program per tile also does the salient columns and stores y plainly."""
+    SCALED: tl.constexpr = not SCALE_ACC
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -173,121 +86,142 @@ def _mm_kernel(
         ):
             kb = j * BLOCK_K
             offs_k = kb + tl.arange(0, BLOCK_K)
-            sz = tl.load(sz_ptr + (kb // GROUP) * N + offs_n)
-            zf = (((sz >> 16) & 0xFFFF) + (0x4300 if BF16 else 0x6400)).to(tl.int16)
-            zf = zf.to(tl.bfloat16 if BF16 else tl.float16, bitcast=True)
-            s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-            sw = s.to(tl.bfloat16) if BF16 else s
             if SWAP:
-                xt = tl.load(
+                xb = tl.load(
                     x_ptr + offs_m[None, :] * K + offs_k[:, None], mask=mmask[None, :], other=0.0
                 )
-                w = _mm_tile(
-                    q_ptr,
-                    zf[:, None],
-                    sw[:, None],
-                    kb,
-                    offs_n,
-                    N,
-                    BITS,
-                    BF16,
-                    BLOCK_K,
-                    True,
-                    not SCALE_ACC,
+                w, s = deq_tile(
+                    q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, True, SCALED, EMU
                 )
-                if SCALE_ACC:
-                    acc += tl.dot(w, xt) * s.to(tl.float32)[:, None]
-                else:
-                    acc = tl.dot(w, xt, acc)
+                a, b, s2 = w, act(xb, BF16, EMU), s[:, None]
             else:
-                a = tl.load(
+                xa = tl.load(
                     x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mmask[:, None], other=0.0
                 )
-                w = _mm_tile(
-                    q_ptr,
-                    zf[None, :],
-                    sw[None, :],
-                    kb,
-                    offs_n,
-                    N,
-                    BITS,
-                    BF16,
-                    BLOCK_K,
-                    False,
-                    not SCALE_ACC,
+                w, s = deq_tile(
+                    q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, False, SCALED, EMU
                 )
-                if SCALE_ACC:
-                    acc += tl.dot(a, w) * s.to(tl.float32)[None, :]
-                else:
-                    acc = tl.dot(a, w, acc)
+                a, b, s2 = act(xa, BF16, EMU), w, s[None, :]
+            if SCALE_ACC:
+                acc += tl.dot(a, b) * s2
+            else:
+                acc = tl.dot(a, b, acc)
+    if DIRECT:
+        acc = salient_dot(
+            acc, x_ptr, wst_ptr, sidx_ptr, offs_m, mmask, offs_n, N, K, 0, NSAL, SWAP, BF16, EMU
+        )
+    elif pid_k >= N_SPLIT:
+        j0 = (pid_k - N_SPLIT) * SAL_K
+        j_end = tl.minimum(NSAL, j0 + SAL_K)
+        acc = salient_dot(
+            acc, x_ptr, wst_ptr, sidx_ptr, offs_m, mmask, offs_n, N, K, j0, j_end, SWAP, BF16, EMU
+        )
     if SWAP:
-        if DIRECT:
-            acc = _salient_dot_t(
-                acc, x_ptr, wst_ptr, sidx_ptr, offs_m, mmask, offs_n, N, K, 0, NSAL
-            )
-        elif pid_k >= N_SPLIT:
-            j0 = (pid_k - N_SPLIT) * SAL_K
-            acc = _salient_dot_t(
-                acc,
-                x_ptr,
-                wst_ptr,
-                sidx_ptr,
-                offs_m,
-                mmask,
-                offs_n,
-                N,
-                K,
-                j0,
-                tl.minimum(NSAL, j0 + SAL_K),
-            )
         omask = mmask[None, :] & (offs_n[:, None] < N)
         yoff = offs_m[None, :] * N + offs_n[:, None]
         boff = offs_n[:, None]
     else:
-        if DIRECT:
-            acc = _salient_dot(acc, x_ptr, wst_ptr, sidx_ptr, offs_m, mmask, offs_n, N, K, 0, NSAL)
-        elif pid_k >= N_SPLIT:
-            j0 = (pid_k - N_SPLIT) * SAL_K
-            acc = _salient_dot(
-                acc,
-                x_ptr,
-                wst_ptr,
-                sidx_ptr,
-                offs_m,
-                mmask,
-                offs_n,
-                N,
-                K,
-                j0,
-                tl.minimum(NSAL, j0 + SAL_K),
-            )
         omask = mmask[:, None] & (offs_n[None, :] < N)
         yoff = offs_m[:, None] * N + offs_n[None, :]
         boff = offs_n[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + boff).to(tl.float32)
-        tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:  # the GEMV's protocol; one counter per (pid_m, pid_n) tile
-        tile = pid_m * tl.num_programs(0) + pid_n
-        tl.atomic_add(ws_ptr + yoff, acc, mask=omask, sem="relaxed")
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if done == N_SPLIT + N_SAL_PROGS - 1:
-            out = tl.load(ws_ptr + yoff, mask=omask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + boff).to(tl.float32)
-            tl.store(y_ptr + yoff, out.to(y_ptr.dtype.element_ty), mask=omask)
-            tl.store(ws_ptr + yoff, tl.zeros(acc.shape, tl.float32), mask=omask)
-            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+    tile = pid_m * tl.num_programs(0) + pid_n
+    n_parts = N_SPLIT + N_SAL_PROGS
+    store_output(
+        acc,
+        yoff,
+        omask,
+        boff,
+        boff < N,
+        y_ptr,
+        bias_ptr,
+        ws_ptr,
+        cnt_ptr,
+        tile,
+        n_parts,
+        HAS_BIAS,
+        DIRECT,
+        BF16,
+        EMU,
+    )
 
 
-# Named configurations of ``mm`` (the route tables in triton_ops refer to them by name).
+@triton.jit(do_not_specialize=["M"])
+def _backward_kernel(
+    g_ptr,
+    q_ptr,
+    sz_ptr,
+    gx_ptr,
+    M,
+    N,
+    K,
+    BITS: tl.constexpr,
+    BF16: tl.constexpr,
+    EMU: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """gx [M, K] = g [M, N] @ dequant(W) [N, K] (no salient part). Grid (K / BLOCK_K,
+    cdiv(M, BLOCK_M)); every program loops over all of N with [BN, BK] tiles of W."""
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    kb = pid_k * BLOCK_K
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for nb in tl.range(0, N, BLOCK_N, num_stages=STAGES):
+        offs_n = nb + tl.arange(0, BLOCK_N)
+        g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mmask[:, None], other=0.0)
+        w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, True, True, EMU)
+        acc = tl.dot(act(g, BF16, EMU), w, acc)
+    offs_k = kb + tl.arange(0, BLOCK_K)
+    out = act(acc, BF16, EMU).to(gx_ptr.dtype.element_ty)
+    tl.store(gx_ptr + offs_m[:, None] * K + offs_k[None, :], out, mask=mmask[:, None])
+
+
+@triton.jit
+def _dequant_kernel(
+    q_ptr,
+    sz_ptr,
+    wst_ptr,
+    sal_pos_ptr,
+    out_ptr,
+    N,
+    K,
+    BITS: tl.constexpr,
+    BF16: tl.constexpr,
+    EMU: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_SAL: tl.constexpr,
+):
+    """out [K, N] = dequant(W)^T, rows with sal_pos[k] >= 0 replaced by W_S^T[sal_pos[k]]."""
+    kb = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = kb + tl.arange(0, BLOCK_K)
+    w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, False, True, EMU)
+    if HAS_SAL:
+        pos = tl.load(sal_pos_ptr + offs_k)
+        sal = tl.load(
+            wst_ptr + tl.maximum(pos, 0)[:, None] * N + offs_n[None, :],
+            mask=(pos >= 0)[:, None],
+            other=0.0,
+        )
+        w = tl.where((pos >= 0)[:, None], act(sal, BF16, EMU), w)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------
+# configurations and launchers
+
+# Named configurations of ``mm`` (the route tables in ``ops`` refer to them by name).
 # t*: swapped orientation (wgmma, weight tile as the LHS), n*: x as the LHS; the number is
 # BLOCK_N; k: BLOCK_K 64 (4-bit: 8 word rows per tile instead of 16, 1.3x faster at M <= 16);
 # s: twice the programs; w: tile scaled in the activation dtype, BLOCK_K 64 (for BLOCK_M >=
-# 64); x8: 8 warps, BLOCK_M 128. ``programs``: the split-K target (132 SMs, 2-4 resident
-# programs each).
+# 64). ``programs``: the split-K target (132 SMs, 2-4 resident programs each).
 MM_CONFIGS: dict[str, dict] = {
     "t128": dict(swap=True, block_n=128, block_k=128, programs=264),
     "t128s": dict(swap=True, block_n=128, block_k=128, programs=528),
@@ -295,16 +229,6 @@ MM_CONFIGS: dict[str, dict] = {
     "t64k": dict(swap=True, block_n=64, block_k=64, programs=528),
     "n128": dict(swap=False, block_n=128, block_k=128, programs=264),
     "t128w": dict(swap=True, block_n=128, block_k=64, programs=264, scale_acc=False),
-    # NOT candidates, never routed: intermittently wrong on the H200 (3-9 of 40 calls off by
-    # 50-1000x the reference error in the round-2 stress run; a race, not yet found). Kept
-    # only to reproduce it (docs/KERNELS-NOTES.md, round 2).
-    "n128w": dict(swap=False, block_n=128, block_k=64, programs=264, scale_acc=False),
-    "t128x8": dict(
-        swap=True, block_m=128, block_n=128, block_k=64, warps=8, programs=264, scale_acc=False
-    ),
-    "n128x8": dict(
-        swap=False, block_m=128, block_n=128, block_k=64, warps=8, programs=264, scale_acc=False
-    ),
 }
 
 
@@ -314,19 +238,15 @@ def mm_config(
     K: int,
     group: int,
     *,
-    block_m: int | None = None,
     block_n: int = 128,
     block_k: int = 128,
     swap: bool = True,
-    warps: int = 4,
-    stages: int = 3,
     programs: int = 528,
     scale_acc: bool | None = None,
 ) -> dict:
     """A configuration of ``mm``: tile sizes fitted to the layer (BLOCK_K divides the group,
     BLOCK_N divides N), split-K chosen so that about ``programs`` programs run."""
-    if block_m is None:
-        block_m = max(16, min(128, triton.next_power_of_2(M)))
+    block_m = max(16, min(128, triton.next_power_of_2(M)))
     while N % block_n:
         block_n //= 2
     while group % block_k or K % block_k:
@@ -334,16 +254,30 @@ def mm_config(
     tiles = triton.cdiv(M, block_m) * (N // block_n)
     n_split = max(1, min(K // block_k, programs // tiles))
     return dict(
-        kernel="mm",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         SWAP=swap,
         SCALE_ACC=block_m <= 32 if scale_acc is None else scale_acc,
         n_split=n_split,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=4,
+        num_stages=3,
     )
+
+
+def _meta(bits: int, dtype: torch.dtype) -> dict:
+    bf16 = dtype == torch.bfloat16
+    return dict(BITS=bits, BF16=bf16, EMU=bf16 and interpreting())
+
+
+def _check(
+    dtype: torch.dtype, q: Tensor, sz: Tensor, K: int, group: int, block_n: int, block_k: int
+) -> None:
+    N = sz.shape[1]
+    assert dtype in (torch.float16, torch.bfloat16)
+    assert q.dtype == torch.int32 and q.is_contiguous() and q.shape[1] == N
+    assert sz.dtype == torch.int32 and sz.is_contiguous() and N % block_n == 0
+    assert K % group == 0 and group % block_k == 0
 
 
 def mm(
@@ -361,7 +295,7 @@ def mm(
     config: dict | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias): the round-2 tensor-core kernel."""
+    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias) on tensor cores (see the kernel)."""
     M, K = x.shape
     N = sz.shape[1]
     cfg = config or mm_config(M, N, K, group)
@@ -391,8 +325,7 @@ def mm(
             nsal,
             cfg["n_split"],
             n_sal_progs,
-            BITS=bits,
-            BF16=x.dtype == torch.bfloat16,
+            **_meta(bits, x.dtype),
             GROUP=group,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
@@ -407,3 +340,68 @@ def mm(
             num_stages=cfg["num_stages"],
         )
     return y
+
+
+def backward(g: Tensor, q: Tensor, sz: Tensor, K: int, *, bits: int, group: int) -> Tensor:
+    """grad_x [M, K] = g [M, N] @ dequant(W) (no salient part: ``base_matmul``'s backward)."""
+    M, N = g.shape
+    block_m, block_n = (16 if M <= 16 else 64), 64
+    block_k = 64 if group % 64 == 0 else 32
+    _check(g.dtype, q, sz, K, group, block_n, block_k)
+    assert g.is_contiguous()
+    gx = torch.empty(M, K, device=g.device, dtype=g.dtype)
+    with on_device(g.device):
+        _backward_kernel[(K // block_k, triton.cdiv(M, block_m))](
+            g,
+            q,
+            sz,
+            gx,
+            M,
+            N,
+            K,
+            **_meta(bits, g.dtype),
+            GROUP=group,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            STAGES=2,
+            num_warps=4,
+            num_stages=2,
+        )
+    return gx
+
+
+def dequantize(
+    q: Tensor,
+    sz: Tensor,
+    wst: Tensor | None,
+    sal_pos: Tensor | None,
+    K: int,
+    *,
+    bits: int,
+    group: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """W^T [K, N] in ``dtype``, salient rows in place (``wst`` [k, N], ``sal_pos`` [K])."""
+    N = sz.shape[1]
+    block_n, block_k = (128 if N % 128 == 0 else 64), 64 if group % 64 == 0 else 32
+    _check(dtype, q, sz, K, group, block_n, block_k)
+    out = torch.empty(K, N, device=q.device, dtype=dtype)
+    has_sal = wst is not None and wst.numel() > 0
+    with on_device(q.device):
+        _dequant_kernel[(K // block_k, N // block_n)](
+            q,
+            sz,
+            wst if has_sal else sz,
+            sal_pos if has_sal else sz,
+            out,
+            N,
+            K,
+            **_meta(bits, dtype),
+            GROUP=group,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            HAS_SAL=has_sal,
+            num_warps=4,
+        )
+    return out
