@@ -10,12 +10,23 @@ H200 its worst case was 1.91x over 126 checked cases and 2.17x in one graph-repl
 
 from __future__ import annotations
 
+import platform
+import subprocess
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from gift_quant.quant import QuantizedWeight
 
-__all__ = ["ERROR_FACTOR", "kernel_error", "oracle", "random_mixed_linear", "random_quantized"]
+__all__ = [
+    "ERROR_FACTOR",
+    "kernel_error",
+    "oracle",
+    "random_mixed_linear",
+    "random_quantized",
+    "run_environment",
+]
 
 ERROR_FACTOR = 3.0
 
@@ -100,3 +111,46 @@ def kernel_error(out: Tensor, ref: Tensor, exact: Tensor) -> tuple[float, float]
         return float("inf"), float((ref.double() - exact).abs().max())
     err = float((out.double() - exact).abs().max())
     return err, float((ref.double() - exact).abs().max())
+
+
+def run_environment(shared: bool) -> dict:
+    """What every JSON row of the kernel tools records: the commit, the versions, the
+    processors, and whether other work shared the machine during the run."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=Path(__file__).parent)
+        commit += "+uncommitted changes" if dirty.returncode else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return dict(
+        commit=commit,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton=triton_version,
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        cpu=cpu,
+        shared=shared,
+    )
