@@ -9,13 +9,18 @@ a kernel's error may not exceed ``ERROR_FACTOR`` times the torch reference's own
 
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 # before any kernel module is imported: triton.jit decides at definition time whether a kernel
-# is compiled for the GPU or run by the interpreter
+# is compiled for the GPU or run by the interpreter (and Triton checks the variable again at
+# every launch: the autouse fixture below sets it while this module's tests run)
 CUDA = torch.cuda.is_available()
+_SAVED = os.environ.get("TRITON_INTERPRET")
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -33,10 +38,21 @@ from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
 
+if _SAVED is None:  # the rest of the test session runs without the variable
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _SAVED
+
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 F16, BF16 = torch.float16, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make(K, N, *, bits, group=64, salient=0, bias=False, sym=False, seed=0, dtype=F16):
@@ -235,6 +251,23 @@ def test_route_tables_only_name_candidate_kernels():
         assert [m for m, _ in table] == sorted(m for m, _ in table)
     names = {n for M in range(1, 600) for n in ops.candidates(M)}
     assert {n[3:] for n in names if n.startswith("mm:")} <= set(mm.MM_CONFIGS)
+
+
+def test_kernels_compile_for_the_gpu_without_one():
+    """The GPU compiler rejects code the interpreter runs (any Python): compile the mm kernel,
+    the backward and the dequantizer (the shared tile, salient dot and epilogue) for sm_90 in
+    a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
+    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all."""
+    code = (
+        "from gift_quant.kernels.testing import compile_for_gpu as c; from gift_quant.kernels."
+        "triton import mm; print(len(c((3,), ('bf16',), {'t64k': mm.MM_CONFIGS['t64k']}, False)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "3"
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Correctness of the Triton kernels against the torch reference, on the GPU.
 
     PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N] [--shared]
+    PYTHONPATH=. python3 tools/check_kernels.py --compile-only     # no GPU needed
 
 Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 64, 256} x
 shape (4096x4096 g128 with 128 salient columns; an odd 960x1536 g64 layer with 37 salient
@@ -13,7 +14,9 @@ the float64 oracle and ref the torch reference in the same dtype; a NaN or an un
 element fails. Then: the custom op under CUDA-graph capture and replay, torch.compile, the
 backward of base_matmul, a NaN input propagating, and AUTO dispatch of MixedLinear. Writes
 check_kernels.json under --out (every row with the commit, versions, GPU/CPU and whether the
-machine was shared); exit status 1 on any failure.
+machine was shared); exit status 1 on any failure. ``--compile-only`` compiles every kernel
+(2/3/4 bits, fp16/bf16, every mm configuration) for sm_90 with Triton's own ptxas and stops:
+it needs no GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.testing import (  # noqa: E402
     ERROR_FACTOR,
+    compile_for_gpu,
     kernel_error,
     oracle,
     random_mixed_linear,
@@ -183,7 +187,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and stop")
     args = ap.parse_args()
+    if args.compile_only:
+        for line in compile_for_gpu():
+            print(line, flush=True)
+        return
     env = run_environment(args.shared)
     t0 = time.time()
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]

@@ -154,3 +154,62 @@ def run_environment(shared: bool) -> dict:
         cpu=cpu,
         shared=shared,
     )
+
+
+def compile_for_gpu(
+    bits=(2, 3, 4), dtypes=("fp16", "bf16"), mm_configs=None, with_gemv: bool = True
+) -> list[str]:
+    """Compile every Triton kernel for sm_90 (H100/H200) without a GPU, through Triton's own
+    ptxas, and return one line per kernel. This catches what the interpreter cannot: code the
+    GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. Must run
+    in a process where TRITON_INTERPRET is unset when the kernel modules are imported.
+    ``with_gemv=False`` skips the GEMV, the slowest to compile (its inline PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gift_quant.kernels.triton import gemv, mm
+    from gift_quant.kernels.triton.ptx import deqdot_asm
+
+    if not isinstance(mm._mm_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1; unset it")
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(kernel, types: dict, const: dict, warps: int, stages: int) -> str:
+        sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        idx = {(kernel.arg_names.index(k),): v for k, v in const.items()}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=idx)
+        c = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+        shown = {k: v for k, v in const.items() if k not in ("ASM", "CONSTR")}
+        return f"{kernel.fn.__name__} {shown}: {len(c.asm['cubin'])} bytes of cubin"
+
+    out = []
+    for b in bits:
+        for dt in dtypes:
+            bf16, ptr = dt == "bf16", "*bf16" if dt == "bf16" else "*fp16"
+            act = dict(BITS=b, BF16=bf16, EMU=False, GROUP=128)
+            i32 = {n: "i32" for n in ("M", "N", "K", "NSAL", "N_SPLIT", "N_SAL_PROGS")}
+            ptrs = dict(x_ptr=ptr, y_ptr=ptr, bias_ptr=ptr, g_ptr=ptr, gx_ptr=ptr, out_ptr=ptr)
+            ptrs |= dict(wst_ptr="*fp16", ws_ptr="*fp32", x32_ptr="*i32")
+            ptrs |= {n: "*i32" for n in ("q_ptr", "sz_ptr", "sidx_ptr", "cnt_ptr", "sal_pos_ptr")}
+            types = ptrs | i32
+            for name, spec in (mm_configs or mm.MM_CONFIGS).items():
+                cfg = mm.mm_config(
+                    16 if spec.get("scale_acc", True) else 64, 4096, 4096, 128, **spec
+                )
+                const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
+                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3)
+                out.append(f"mm:{name} " + build(mm._mm_kernel, types, const, 4, 3))
+            const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
+            out.append(build(mm._backward_kernel, types, const, 4, 2))
+            const = dict(act, BLOCK_N=128, BLOCK_K=64, HAS_SAL=True)
+            out.append(build(mm._dequant_kernel, types, const, 4, 1))
+            if not with_gemv:
+                continue
+            asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 4)
+            const = dict(act, BLOCK_M=4, BLOCK_N=128, BLOCK_K=32, EVEN_M=False, EVEN_N=True)
+            const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
+            const |= dict(ASM=asm, CONSTR=constr)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+    return out

@@ -163,22 +163,23 @@ def _backward_kernel(
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """gx [M, K] = g [M, N] @ dequant(W) [N, K] (no salient part). Grid (K / BLOCK_K,
-    cdiv(M, BLOCK_M)); every program loops over all of N with [BN, BK] tiles of W."""
+    """gx [M, K] = g [M, N] @ dequant(W) [N, K] (no salient part), computed transposed as
+    gx^T = W^T @ g^T with the [BK, BN] tile of W^T as the MMA's M side (the forward's SWAP
+    form). Grid (K / BLOCK_K, cdiv(M, BLOCK_M)); every program loops over all of N."""
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
     kb = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_K, BLOCK_M], tl.float32)
     for nb in tl.range(0, N, BLOCK_N, num_stages=STAGES):
         offs_n = nb + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mmask[:, None], other=0.0)
-        w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, True, True, EMU)
-        acc = tl.dot(act(g, BF16, EMU), w, acc)
+        gt = tl.load(g_ptr + offs_m[None, :] * N + offs_n[:, None], mask=mmask[None, :], other=0.0)
+        w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, False, True, EMU)
+        acc = tl.dot(w, act(gt, BF16, EMU), acc)
     offs_k = kb + tl.arange(0, BLOCK_K)
     out = act(acc, BF16, EMU).to(gx_ptr.dtype.element_ty)
-    tl.store(gx_ptr + offs_m[:, None] * K + offs_k[None, :], out, mask=mmask[:, None])
+    tl.store(gx_ptr + offs_m[None, :] * K + offs_k[:, None], out, mask=mmask[None, :])
 
 
 @triton.jit

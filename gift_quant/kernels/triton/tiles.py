@@ -84,6 +84,7 @@ def deq_tile(
     BN: tl.constexpr = offs_n.shape[0]
     UNIT_K: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     UNIT_W: tl.constexpr = 3 if BITS == 3 else 1
+    L: tl.constexpr = 5 if BITS == 3 else (3 if BITS == 4 else 4)  # log2(UNIT_K)
     RU: tl.constexpr = BLOCK_K // UNIT_K
     sz = tl.load(sz_ptr + (kb // GROUP) * N + offs_n)
     s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
@@ -121,7 +122,7 @@ def deq_tile(
         if SCALED:
             w = act(w * sw, BF16, EMU)
         lvl = lvl + (w,)
-    while len(lvl) > 1:  # static: new minor dims of size 2, the top bit of r first
+    for _ in tl.static_range(L):  # new minor dims of size 2, the top bit of r first
         nxt = ()
         for i in tl.static_range(len(lvl) // 2):
             nxt = nxt + (tl.join(lvl[i], lvl[i + len(lvl) // 2]),)
