@@ -1,71 +1,110 @@
-"""The torch reference, the backend dispatch, the PTX unpacking plans (CPU), and the Triton
-kernels: under the Triton interpreter where Triton imports (CPU), on the GPU where CUDA exists.
+"""The torch reference, the backend dispatch, the PTX unpacking plans, and the Triton kernels.
 
-Kernel results are bounded by the reference's own error against a float64 oracle.
+The Triton kernels run on the GPU where CUDA exists, else on the CPU through the Triton
+interpreter (this module sets TRITON_INTERPRET=1 before the kernels are defined), so the
+default test command covers them. Expected values come from a float64 oracle computed here
+from the raw codes, zero-points and scales (not from the packed buffers or the reference);
+a kernel's error may not exceed ``ERROR_FACTOR`` times the torch reference's own error.
 """
 
-import importlib.util
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gift_quant.kernels import Backend, base_matmul, dequant_matmul, reference, resolve_backend
-from gift_quant.kernels.testing import (
-    ERROR_FACTOR,
-    kernel_error,
-    oracle,
-    random_mixed_linear,
-    read_codes,
-)
-from gift_quant.kernels.triton_ptx import emulate, pack_3bit, plan, step_order, zero_consts
-from gift_quant.quant.packing import pack_rows
+# before any kernel module is imported: triton.jit decides at definition time whether a kernel
+# is compiled for the GPU or run by the interpreter (and Triton checks the variable again at
+# every launch: the autouse fixture below sets it while this module's tests run)
+CUDA = torch.cuda.is_available()
+_SAVED = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from gift_quant.kernels import (  # noqa: E402
+    Backend,
+    base_matmul,
+    dequant_matmul,
+    reference,
+    resolve_backend,
+)
+from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, random_quantized  # noqa: E402
+from gift_quant.kernels.triton import mm, ops  # noqa: E402
+from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
+from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
+from gift_quant.mixed_linear import MixedLinear  # noqa: E402
+from gift_quant.quant.packing import pack_rows  # noqa: E402
+
+if _SAVED is None:  # the rest of the test session runs without the variable
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _SAVED
+
+DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make(K, N, *, bits, group=64, salient=0, bias=False, sym=False, seed=0, dtype=F16):
+    """(MixedLinear on DEV, exact W [N, K] float64 with the salient columns in place, bias)."""
+    qw, b = random_quantized(K, N, bits, group, salient, bias, seed, sym)
+    layer = MixedLinear.from_quantized(qw, b, dtype=dtype).to(DEV)
+    g = qw.g_idx.long()
+    w = (qw.codes.double() - qw.zeros.double()[:, g]) * qw.scales.double()[:, g]
+    w[:, qw.salient_idx] = qw.salient_weight.double()  # their codes sit at the zero-point
+    return layer, w.to(DEV), None if b is None else layer.bias.double()
+
+
+def exact(x, w, b=None):
+    y = x.double() @ w.t()
+    return y if b is None else y + b
+
+
+def within_bound(out, x, layer, w, b):
+    """The kernel's max error against the oracle is at most ERROR_FACTOR x the reference's."""
+    ref = reference.dequant_matmul(x, layer)
+    err, ref_err = kernel_error(out, ref, exact(x, w, b))
+    assert ref_err < 0.05 * float(exact(x, w, b).abs().max())  # the oracle agrees with the spec
+    assert err <= ERROR_FACTOR * ref_err + 1e-6, (err, ref_err)
+
+
+def test_kernels_are_interpreted_without_cuda():
+    assert interpreting() is not CUDA, "a kernel module was imported before TRITON_INTERPRET"
 
 
 # ------------------------------------------------------------------------------------------
-# reference and dispatch (CPU)
+# reference and dispatch
 
 
-def test_oracle_reads_hand_packed_words():
-    # 3 bits, GPTQ's 10|1|10|1|10 words: value 10 = 0b111 straddles words 0/1, value 21 = 0b101
-    # straddles words 1/2 (written by hand, not by pack_rows)
-    words = torch.tensor([[0b11 << 30], [0b1 | (0b1 << 31)], [0b10]], dtype=torch.int64)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    expected = torch.zeros(32, 1, dtype=torch.int64)
-    expected[10], expected[21] = 0b111, 0b101
-    assert torch.equal(read_codes(words, 3), expected)
-    # 4 bits: value j at bits 4j of word j // 8 -- words 0x76543210, 0xFEDCBA98 hold 0..15
-    nibbles = torch.tensor([[0x76543210], [0xFEDCBA98 - 2**32], [0], [0]], dtype=torch.int32)
-    expected = torch.cat([torch.arange(16), torch.zeros(16, dtype=torch.int64)]).view(32, 1)
-    assert torch.equal(read_codes(nibbles, 4), expected)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_agrees_with_the_oracle_reading(bits):
-    codes = torch.randint(0, 2**bits, (64, 5), generator=torch.Generator().manual_seed(bits))
-    assert torch.equal(read_codes(pack_rows(codes, bits), bits), codes)
-
-
-def test_reference_matches_float64_oracle_within_fp16_rounding():
-    layer = random_mixed_linear(256, 128, bits=4, num_salient=16, bias=True, seed=1)
-    x = torch.randn(3, 256, dtype=torch.float16)
-    exact = oracle(x, layer)
-    y = reference.dequant_matmul(x.float(), layer.float())
-    assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_reference_matches_the_oracle_from_raw_codes(bits):
+    layer, w, b = make(256, 128, bits=bits, salient=16, bias=True, seed=bits)
+    layer = layer.cpu().double()
+    x = torch.randn(3, 256, dtype=torch.float64)
+    assert torch.allclose(reference.dequant_matmul(x, layer), exact(x, w.cpu(), b.cpu()))
 
 
 def test_base_matmul_is_differentiable_in_x_and_excludes_salient_and_bias():
-    layer = random_mixed_linear(128, 64, bits=3, num_salient=8, bias=True, seed=2).double()
+    layer, w, _ = make(128, 64, bits=3, salient=8, bias=True, seed=2)
+    layer = layer.cpu().double()
+    w = w.cpu()
+    w[:, layer.salient_idx.long()] = 0
     x = torch.randn(4, 128, dtype=torch.float64, requires_grad=True)
     y = base_matmul(x, layer, Backend.TORCH)
-    assert torch.allclose(y, oracle(x.detach(), layer, base_only=True))
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
+    assert torch.allclose(y, exact(x.detach(), w))
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert torch.allclose(x.grad, gy @ w)
 
 
 def test_resolve_backend_on_cpu():
@@ -77,7 +116,8 @@ def test_resolve_backend_on_cpu():
 
 
 def test_auto_falls_back_to_the_reference_on_cpu():
-    layer = random_mixed_linear(128, 64, bits=2, num_salient=4, seed=3, dtype=torch.float32)
+    layer, _, _ = make(128, 64, bits=2, salient=4, seed=3, dtype=torch.float32)
+    layer = layer.cpu()
     x = torch.randn(5, 128)
     assert torch.equal(dequant_matmul(x, layer), reference.dequant_matmul(x, layer))
     assert torch.equal(layer(x), reference.dequant_matmul(x, layer))
@@ -100,7 +140,6 @@ def test_plan_recovers_code_minus_zero_from_the_kernel_layout(bits, kind):
     got = emulate(p, [units[:, t] for t in range(p.unit_words)], zero)
     want = codes.reshape(K // p.unit_k, p.unit_k, N).permute(0, 2, 1) - zero[..., None]
     assert torch.equal(got, want.double())
-    assert sorted(step_order(bits)) == list(range(p.unit_k))
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
@@ -122,105 +161,141 @@ def test_zero_constants_are_the_negated_magic_plus_zero_in_both_halves(bits, kin
 
 
 # ------------------------------------------------------------------------------------------
-# Triton kernels: interpreter (CPU, where Triton imports) and GPU
+# Triton kernels (GPU, or the interpreter on the CPU): small shapes, the interpreter is slow
+
+# (route, bits, dtype, M, group, sym, salient, bias); N = 64. With these sizes "mm:t64" (group
+# 128) and the second "mm:n128" (group -1) run one program per tile (DIRECT); the other mm
+# cases and the GEMV split K (workspace epilogue, salient programs).
+ROUTE_CASES = [
+    ("gemv", 4, F16, 1, 64, False, 6, True),
+    ("gemv", 3, BF16, 1, 32, True, 0, False),
+    ("gemv", 2, F16, 3, -1, True, 5, True),
+    ("mm:t64k", 4, F16, 5, 64, False, 7, True),
+    ("mm:t64k", 2, BF16, 16, 32, False, 3, False),
+    ("mm:t64", 3, F16, 9, 128, False, 33, True),
+    ("mm:t128s", 4, BF16, 7, 64, True, 5, True),
+    ("mm:t128", 3, BF16, 20, 64, False, 6, False),
+    ("mm:n128", 2, F16, 13, 64, True, 4, True),
+    ("mm:n128", 4, BF16, 6, -1, False, 9, True),
+    ("mm:t128w", 3, F16, 40, 64, False, 5, True),
+    ("mm:t128w", 2, BF16, 33, 128, True, 0, True),
+    ("cublas", 4, BF16, 11, 64, False, 8, True),
+    ("cublas", 3, F16, 6, 32, True, 3, False),
+]
 
 
-def _triton_ops():
-    from gift_quant.kernels import triton_ops
-
-    return triton_ops
-
-
-@pytest.mark.skipif(
-    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton interpreter runs with TRITON_INTERPRET=1 set before triton imports",
-)
-@pytest.mark.parametrize(("bits", "M"), [(4, 1), (3, 2), (2, 16), (4, 20)])
-def test_interpreted_kernels_match_the_reference(bits, M):
-    ops = _triton_ops()
-    layer = random_mixed_linear(256, 128, bits=bits, num_salient=12, bias=True, seed=bits + M)
-    x = torch.randn(M, 256, dtype=torch.float16)
-    out = ops.dequant_matmul(x, layer)
-    err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
-    assert err <= ERROR_FACTOR * ref_err + 1e-6
-
-
-@pytest.mark.skipif(
-    not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton interpreter runs with TRITON_INTERPRET=1 set before triton imports",
-)
 @pytest.mark.parametrize(
-    ("name", "M"),
-    [("mm:t128", 5), ("mm:t64", 16), ("mm:n128", 20), ("mm:t128w", 40), ("mm:t64k", 32)]
-    + [("mm:t64", 130), ("mm:t128s", 9), ("gemm", 9), ("cublas", 33), ("gemv", 7)],
+    ("name", "bits", "dtype", "M", "group", "sym", "nsal", "bias"), ROUTE_CASES
 )
-def test_interpreted_route_kernels_match_the_reference(name, M):
-    ops = _triton_ops()
-    for bits in (2, 3, 4):
-        layer = random_mixed_linear(
-            256, 128, bits=bits, group_size=64, num_salient=12, bias=True, seed=bits + M
-        )
-        p = ops.prepare(layer)
-        x = torch.randn(M, 256, dtype=torch.float16)
-        args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-        out = ops.run_route(name, x, *args)
-        err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
-        assert err <= ERROR_FACTOR * ref_err + 1e-6, (bits, err, ref_err)
+def test_route_kernels_match_the_oracle(name, bits, dtype, M, group, sym, nsal, bias):
+    layer, w, b = make(
+        256, 64, bits=bits, group=group, salient=nsal, bias=bias, sym=sym, seed=M, dtype=dtype
+    )
+    p = ops.prepare(layer)
+    x = torch.randn(M, 256, device=DEV, dtype=dtype)
+    out = torch.full((M, 64), float("nan"), device=DEV, dtype=dtype)
+    args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+    ops.run_route(name, x, *args, out=out)
+    within_bound(out, x, layer, w, b)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package")
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dequantize_kernel_equals_the_reference_weight_bit_for_bit(bits, dtype):
+    layer, w, _ = make(128, 128, bits=bits, group=32, salient=5, seed=bits, dtype=dtype)
+    p = ops.prepare(layer)
+    got = mm.dequantize(p.q, p.sz, p.wst, p.sal_pos, 128, bits=bits, group=32, dtype=dtype)
+    want = reference.dequantize_weight(
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, dtype
+    )
+    sal = layer.salient_idx.long()
+    want[sal] = layer.salient_weight.t().to(dtype)
+    assert torch.equal(got, want)
+    assert torch.allclose(got.double(), w.t(), rtol=1e-2, atol=0)  # and both are the oracle's
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "route"),
+    [((1, 128), F16, "gemv"), ((2, 3, 128), BF16, "mm:t64k"), ((520, 128), F16, "cublas")],
+)
+def test_op_routes_by_rows(shape, dtype, route):
+    layer, w, b = make(128, 64, bits=4, group=64, salient=4, bias=True, seed=1, dtype=dtype)
+    x = torch.randn(*shape, device=DEV, dtype=dtype)
+    y = ops.dequant_matmul(x, layer)
+    assert y.shape == (*shape[:-1], 64)
+    within_bound(y.reshape(-1, 64), x.reshape(-1, 128), layer, w, b)
+    assert ops.route(x.reshape(-1, 128).shape[0], 64, 128, 4) == route
+
+
+@pytest.mark.parametrize(("bits", "dtype", "M"), [(4, F16, 3), (3, BF16, 20), (2, F16, 17)])
+def test_training_backward_matches_the_oracle(bits, dtype, M):
+    layer, w, _ = make(128, 64, bits=bits, group=32, salient=6, seed=bits, dtype=dtype)
+    w[:, layer.salient_idx.long()] = 0  # base_matmul: no salient product
+    x = torch.randn(M, 128, device=DEV, dtype=dtype, requires_grad=True)
+    y = ops.base_matmul(x, layer)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    wt = reference.dequantize_weight(
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, dtype
+    )
+    err, ref_err = kernel_error(x.grad, gy @ wt.t(), gy.double() @ w)
+    assert err <= ERROR_FACTOR * ref_err + 1e-6, (err, ref_err)
+
+
 def test_route_tables_only_name_candidate_kernels():
-    ops = _triton_ops()
     tables = [*ops.DEFAULT_ROUTES.values(), *ops.ROUTES.values()]
     for M in range(1, 600):
         for N, K, bits in [(0, 0, 0), (64, 64, 3), *ops.ROUTES]:
             assert ops.route(M, N, K, bits) in ops.candidates(M)
     for table in tables:
         assert [m for m, _ in table] == sorted(m for m, _ in table)
-    broken = {"mm:n128w", "mm:t128x8", "mm:n128x8"}  # intermittently wrong on the H200
-    assert not broken & {n for M in range(1, 600) for n in ops.candidates(M)}
+    names = {n for M in range(1, 600) for n in ops.candidates(M)}
+    assert {n[3:] for n in names if n.startswith("mm:")} <= set(mm.MM_CONFIGS)
+
+
+def test_kernels_compile_for_the_gpu_without_one():
+    """The GPU compiler rejects code the interpreter runs (any Python): compile the mm kernel,
+    the backward and the dequantizer (the shared tile, salient dot and epilogue) for sm_90 in
+    a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
+    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all."""
+    code = (
+        "from gift_quant.kernels.testing import compile_for_gpu as c; from gift_quant.kernels."
+        "triton import mm; print(len(c((3,), ('bf16',), {'t64k': mm.MM_CONFIGS['t64k']}, False)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "3"
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_triton_matches_reference(bits, m, dtype):
-    layer = random_mixed_linear(
-        512, 256, bits=bits, num_salient=32, bias=True, seed=bits, device="cuda", dtype=dtype
+def test_triton_backend_matches_the_oracle(bits, m, dtype):
+    layer, w, b = make(
+        512, 256, bits=bits, group=128, salient=32, bias=True, seed=bits, dtype=dtype
     )
     x = torch.randn(m, 512, device="cuda", dtype=dtype)
-    out = dequant_matmul(x, layer, backend=Backend.TRITON)
-    err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
-    # the kernel may not be worse than ERROR_FACTOR (3) times the reference's own error
-    assert err <= ERROR_FACTOR * ref_err + 1e-6
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("m", [2, 64])
-def test_triton_base_matmul_backward(m):
-    layer = random_mixed_linear(512, 256, bits=4, num_salient=16, seed=9, device="cuda")
-    x = torch.randn(m, 512, device="cuda", dtype=torch.float16, requires_grad=True)
-    y = base_matmul(x, layer, Backend.TRITON)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    w = oracle(torch.eye(512, device="cuda", dtype=torch.float64), layer, base_only=True)
-    err, ref_err = kernel_error(x.grad, gy @ w.t().half(), gy.double() @ w.t())
-    assert err <= ERROR_FACTOR * ref_err + 1e-6
+    within_bound(dequant_matmul(x, layer, backend=Backend.TRITON), x, layer, w, b)
 
 
 @gpu
 @needs_cuda
 def test_triton_under_cuda_graph_replay():
-    layer = random_mixed_linear(512, 256, bits=4, num_salient=16, seed=4, device="cuda")
-    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    layer, w, b = make(512, 256, bits=4, group=128, salient=16, seed=4)
+    x = torch.randn(1, 512, device="cuda", dtype=F16)
     dequant_matmul(x, layer, Backend.TRITON)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         y = dequant_matmul(x, layer, Backend.TRITON)
     x.copy_(torch.randn_like(x))
     g.replay()
-    err, ref_err = kernel_error(y, reference.dequant_matmul(x, layer), oracle(x, layer))
-    assert err <= ERROR_FACTOR * ref_err + 1e-6
+    within_bound(y, x, layer, w, b)

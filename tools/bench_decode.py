@@ -1,7 +1,7 @@
 """End-to-end decode speed of a 7B-shaped Llama, batch 1: fp16 vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--out DIR]
-        [--workdir DIR]
+        [--workdir DIR] [--shared]
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -10,12 +10,15 @@ the 128 input columns of largest L2 norm in fp16 (no calibration data on the GPU
 exported with ``save_quantized`` and read back with ``load_quantized(device="cuda")`` (AUTO
 backend: the Triton kernels). Decoding uses a static KV cache and one CUDA graph per decode
 step (greedy, the next token fed back inside the graph); tokens/s = steps / wall time of the
-replays. The script also checks the quantized model's logits against the torch backend.
+replays. The script also checks the quantized model's logits against the torch backend. The
+JSON records the commit, the versions, GPU/CPU, whether the machine was shared, and the kernel
+route of every distinct (N, K) layer at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,10 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
-
 from gift_quant.io.export import save_quantized  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
+from gift_quant.kernels.testing import run_environment  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.modeling import set_module  # noqa: E402
 from gift_quant.quant import QUANTIZERS  # noqa: E402
@@ -70,6 +72,10 @@ def quantize_in_place(model, salient: int) -> None:
             )
             set_module(model, name, layer)
     torch.cuda.empty_cache()
+
+
+def mixed_modules(model) -> list[MixedLinear]:
+    return [m for m in model.modules() if isinstance(m, MixedLinear)]
 
 
 def make_cache(model, max_len: int):
@@ -133,9 +139,8 @@ def main() -> None:
     ap.add_argument("--salient", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
-    add_arguments(ap)
+    ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
     args = ap.parse_args()
-    prov = provenance(shared_flag(ap, args))
     t0 = time.time()
     model = build_model(args.layers)
     prompt = torch.randint(0, 32000, (1, 16), device="cuda")
@@ -149,19 +154,22 @@ def main() -> None:
     torch.cuda.empty_cache()
     print(f"exported to {export} ({time.time() - t0:.0f}s)", flush=True)
     qmodel = load_quantized(export, device="cuda", dtype=torch.float16)
-    n_mixed = sum(isinstance(m, MixedLinear) for m in qmodel.modules())
+    n_mixed = len(mixed_modules(qmodel))
     logits_t = qmodel(prompt).logits.float()
-    for m in qmodel.modules():
-        if isinstance(m, MixedLinear):
-            m.backend = "torch"
+    for m in mixed_modules(qmodel):
+        m.backend = "torch"
     logits_r = qmodel(prompt).logits.float()
-    for m in qmodel.modules():
-        if isinstance(m, MixedLinear):
-            m.backend = "auto"
+    for m in mixed_modules(qmodel):
+        m.backend = "auto"
     rel = float((logits_t - logits_r).norm() / logits_r.norm())
     w4 = decode_tokens_per_s(qmodel, prompt, args.tokens)
     print(f"w4g128+s128: {w4}", flush=True)
+    from gift_quant.kernels.triton import ops
+
+    shapes = {(m.out_features, m.in_features, m.bits) for m in mixed_modules(qmodel)}
     res = dict(
+        **run_environment(args.shared),
+        routes={f"{n}x{k} w{b}": ops.route(1, n, k, b) for n, k, b in sorted(shapes)},
         layers=args.layers,
         mixed_layers=n_mixed,
         fp16=fp16,
@@ -176,7 +184,9 @@ def main() -> None:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "decode_h200.json", stamp(res, prov))
+    tmp = out / "decode_h200.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out / "decode_h200.json")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,31 @@
 """Per-layer timing of the Triton dequant-matmul against cuBLAS fp16 and torch's tinygemm.
 
-    PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|small] [--sweep]
-        [--warm N] [--candidates] [--skip-tinygemm] [--budget S]
+    PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|tuned|held_out|small]
+        [--sweep] [--warm N] [--candidates] [--skip-tinygemm] [--budget S] [--shared]
 
-Protocol: every timed callable is captured R times in one
-CUDA graph, each time on its own copy of the layer (R * bytes >= 1.5 GB, so L2 does not hold
-the weights), and the per-call time is the median graph replay divided by R. cuBLAS fp16
-(``torch.matmul``), tinygemm (``torch.ops.aten._weight_int4pack_mm``, 4-bit, bf16, g128) and
-ours (``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient columns fused)
-are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (docs/KERNELS-NOTES.md); the
-table prints speedup over cuBLAS and the fraction of that floor reached. ``--sweep`` also times
-alternative kernel configurations (the launchers' ``config``); ``--warm N`` compiles every
-kernel in N worker processes first. ``--candidates`` also times, for every M > 4, each kernel of
-``triton_ops.candidates(M)`` (rows under "cand": what the route tables are made from), until
-``--budget`` seconds have passed. Results: JSON under ``--out`` (default benchmarks/results).
+Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
+of the layer (R * bytes >= 1.5 GB, so L2 does not hold the weights), and the per-call time is
+the median graph replay divided by R. cuBLAS fp16 (``torch.matmul``), tinygemm
+(``torch.ops.aten._weight_int4pack_mm``, 4-bit, bf16, g128) and ours
+(``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient columns fused) are timed
+in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (launch latency plus the bytes at
+the H200's measured copy bandwidth); the table prints speedup over cuBLAS and the fraction of
+that floor reached.
+
+Two shape groups, reported apart: "tuned" (the shapes the route tables were measured on) and
+"held_out" (13B/70B-like shapes no route was chosen on: do the routes generalise?).
+``--sweep`` also times alternative GEMV configurations and dequantize + cuBLAS; ``--warm N``
+compiles every kernel in N worker processes first. ``--candidates`` also times, for every M >
+4, each kernel of ``ops.candidates(M)`` (rows under "cand": what the route tables are made
+from), until ``--budget`` seconds have passed. Every JSON row records the commit, the versions,
+the GPU and CPU, whether the machine was shared (``--shared``) and the routes in force.
+Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
@@ -31,18 +38,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
-
-from gift_quant.kernels import triton_ops  # noqa: E402
-from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_config  # noqa: E402
-from gift_quant.kernels.triton_gemv import gemv, gemv_config  # noqa: E402
-from gift_quant.kernels.triton_ptx import pack_3bit  # noqa: E402
+from gift_quant.kernels.testing import run_environment  # noqa: E402
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
+from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
+from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
 
+GROUPS = {  # (N, K)
+    "tuned": [(4096, 4096), (12288, 4096), (28672, 4096), (4096, 14336)],
+    "held_out": [(5120, 5120), (13824, 5120), (5120, 13824), (8192, 28672)],
+}
 SHAPES = {
-    "all": [(4096, 4096), (12288, 4096), (28672, 4096), (4096, 14336)],
-    "small": [(4096, 4096), (28672, 4096)],
-}  # (N, K)
+    "all": [(g, s) for g in GROUPS for s in GROUPS[g]],
+    "tuned": [("tuned", s) for s in GROUPS["tuned"]],
+    "held_out": [("held_out", s) for s in GROUPS["held_out"]],
+    "small": [("tuned", (4096, 4096)), ("tuned", (28672, 4096))],
+}
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 BITS = [4, 3, 2]
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -151,7 +163,8 @@ def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:
 
 
 def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
-    """Alternative configurations (n_split is a run-time argument: no recompilation)."""
+    """Alternative GEMV configurations (n_split is a run-time argument: no recompilation); the
+    mm configurations are timed by ``--candidates``."""
     out = []
     if M <= 4:
         base = gemv_config(M, N, K, bits, GROUP)
@@ -166,26 +179,34 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             out.append(("gemv split x4", {**base, "n_split": base["n_split"] * 4}))
         if M == 2:
             out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
-    if M >= 4:
-        base = gemm_config(M, N, K, bits, GROUP)
-        out.append(("gemm default", base))
-        for f in (0.5, 2.0, 4.0):
-            out.append((f"gemm split x{f}", {**base, "n_split": max(1, int(base["n_split"] * f))}))
-        out.append(("gemm stages=3", {**base, "num_stages": 3}))
-        if M >= 32:
-            out.append(("gemm bm=16", {**base, "BLOCK_M": 16}))
     return out
 
 
 def run_config(x: torch.Tensor, L: dict, bits: int, name: str, cfg: dict):
     ws, cnt = triton_ops._workspace(x.device, x.shape[0] * L["sz"].shape[1])
-    fn = gemv if name.startswith("gemv") else gemm
-    return fn(
+    return gemv(
         x, L["q"], L["sz"], L["wst"], L["sidx"], None, ws, cnt, bits=bits, group=GROUP, config=cfg
     )
 
 
-def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
+def record(res: dict, key: str, **fields) -> dict:
+    """Append a row to ``res[key]`` with the run's environment (commit, versions, GPU/CPU,
+    shared) in it."""
+    row = {**fields, **res["row_env"]}
+    res[key].append(row)
+    return row
+
+
+def routes_in_force(N: int, K: int, bits: int) -> dict:
+    """The kernel ``route`` picks at every benchmarked M, and where the table came from."""
+    measured = (N, K, bits) in triton_ops.ROUTES
+    return dict(
+        table="ROUTES (measured on this shape)" if measured else "DEFAULT_ROUTES",
+        by_m={M: triton_ops.route(M, N, K, bits) for M in MS},
+    )
+
+
+def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
     fp = {M: time_cublas(N, K, M) for M in MS}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
@@ -200,12 +221,16 @@ def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
             )
             t = graph_time_us([partial(ours, x, L, bits) for L in copies])
             nb = layer_bytes(N, K, bits, M)
-            row = dict(
+            row = record(
+                res,
+                "rows",
+                shape_group=group,
                 N=N,
                 K=K,
                 bits=bits,
                 M=M,
                 route=triton_ops.route(M, N, K, bits),
+                routes_in_force=routes_in_force(N, K, bits),
                 us=t,
                 cublas_us=fp[M],
                 speedup=fp[M] / t,
@@ -215,7 +240,6 @@ def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
                 rel_err=rel,
                 tinygemm_us=tg.get(M) if bits == 4 else None,
             )
-            res["rows"].append(row)
             tgs = f" tinygemm {tg[M]:6.2f}us x{fp[M] / tg[M]:4.2f}" if bits == 4 and M in tg else ""
             print(
                 f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {row['route']:6s} ours {t:7.2f}us "
@@ -229,9 +253,9 @@ def bench_shape(N: int, K: int, sweep: bool, res: dict) -> None:
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
         del copies, base
         torch.cuda.empty_cache()
-    res["cublas"].append(dict(N=N, K=K, us=fp))
+    record(res, "cublas", shape_group=group, N=N, K=K, us=fp)
     if tg:
-        res["tinygemm"].append(dict(N=N, K=K, us=tg))
+        record(res, "tinygemm", shape_group=group, N=N, K=K, us=tg)
 
 
 def cand_call(name: str, x: torch.Tensor, L: dict, bits: int):
@@ -250,7 +274,7 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
         except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or fit
             print(f"    cand {name}: {exc!r}"[:300], flush=True)
             continue
-        res["cand"].append(dict(N=N, K=K, bits=bits, M=M, name=name, us=t, cublas_us=fp_us))
+        record(res, "cand", N=N, K=K, bits=bits, M=M, name=name, us=t, cublas_us=fp_us)
         print(f"    cand {name:10s} {t:8.2f}us x{fp_us / t:4.2f}", flush=True)
 
 
@@ -261,7 +285,7 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
             print(f"    sweep {name}: {exc!r}"[:200], flush=True)
             continue
-        res["sweep"].append(dict(N=N, K=K, bits=bits, M=M, name=name, cfg=cfg, us=t))
+        record(res, "sweep", N=N, K=K, bits=bits, M=M, name=name, cfg=cfg, us=t)
         print(f"    sweep {name:18s} {t:7.2f}us x{fp_us / t:4.2f} {cfg}", flush=True)
     if M >= 32:  # dequantize + cuBLAS, whatever the route
         L0 = copies[0]
@@ -274,7 +298,7 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
 
         t = graph_time_us([lambda L=L: deq_mm(L) for L in copies], reps=9)
         err = float((deq_mm(L0).double() - reference(x, L0)).norm() / reference(x, L0).norm())
-        res["sweep"].append(dict(N=N, K=K, bits=bits, M=M, name="dequant+cublas", us=t))
+        record(res, "sweep", N=N, K=K, bits=bits, M=M, name="dequant+cublas", us=t)
         print(f"    sweep dequant+cublas   {t:7.2f}us x{fp_us / t:4.2f} rel={err:.1e}", flush=True)
 
 
@@ -294,7 +318,7 @@ def _warm_case(args) -> str:
 def warm(shapes, workers: int, cand: bool) -> None:
     """Compile every (shape, bits, M) kernel in worker processes (fills Triton's disk cache)."""
     t0 = time.time()
-    cases = [(N, K, b, [M], cand) for (N, K) in shapes for b in BITS for M in MS]
+    cases = [(N, K, b, [M], cand) for _, (N, K) in shapes for b in BITS for M in MS]
     with mp.get_context("spawn").Pool(workers) as pool:
         for done in pool.imap_unordered(_warm_case, cases):
             print(f"  warm {done} ({time.time() - t0:.0f}s)", flush=True)
@@ -321,20 +345,20 @@ def main() -> None:
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
-    add_arguments(ap)
+    ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    ap.add_argument("--name", default="kernels_h200.json", help="result file under --out")
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
-    prov = provenance(shared_flag(ap, args))
     MS[:] = [int(m) for m in args.ms.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
+    row_env = run_environment(args.shared)
     res = dict(
+        row_env=row_env,
         env=dict(
-            gpu=p.name,
+            **row_env,
             sms=p.multi_processor_count,
-            torch=torch.__version__,
-            triton=__import__("triton").__version__,
             gemv_max_m=triton_ops.GEMV_MAX_M,
             cublas_min_m=triton_ops.CUBLAS_MIN_M,
             default_routes=triton_ops.DEFAULT_ROUTES,
@@ -357,12 +381,11 @@ def main() -> None:
         warm(SHAPES[args.shapes], args.warm, args.candidates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for N, K in SHAPES[args.shapes]:
-        bench_shape(N, K, args.sweep, res)
-        for key in ("rows", "cublas", "tinygemm", "sweep", "cand"):
-            for row in res[key]:
-                stamp(row, prov)
-        write_json(out / "kernels_h200.json", res)
+    for group, (N, K) in SHAPES[args.shapes]:
+        bench_shape(group, N, K, args.sweep, res)
+        tmp = out / (args.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(out / args.name)
     print_table(res)
 
 
@@ -388,9 +411,17 @@ def routes_from(res: dict, failing=()) -> dict:
 
 
 def print_table(res: dict) -> None:
-    print("\nspeedup vs cuBLAS fp16 (fraction of the byte floor), 128 salient columns fused")
-    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in res["rows"]}
-    for N, K in dict.fromkeys((r["N"], r["K"]) for r in res["rows"]):
+    """Speedup tables, the tuned shapes and the held-out shapes apart."""
+    for group in GROUPS:
+        rows = [r for r in res["rows"] if r.get("shape_group", "tuned") == group]
+        if rows:
+            print(f"\n{group} shapes: speedup vs cuBLAS fp16 (fraction of the byte floor)")
+            print_group(res, rows)
+
+
+def print_group(res: dict, group_rows: list[dict]) -> None:
+    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in group_rows}
+    for N, K in dict.fromkeys((r["N"], r["K"]) for r in group_rows):
         print(f"{N}x{K}: " + " ".join(f"M={M}" for M in MS))
         for bits in BITS:
             cells = [rows.get((N, K, bits, M)) for M in MS]

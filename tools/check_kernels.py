@@ -1,18 +1,22 @@
 """Correctness of the Triton kernels against the torch reference, on the GPU.
 
-    PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N]
+    PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N] [--shared]
+    PYTHONPATH=. python3 tools/check_kernels.py --compile-only     # no GPU needed
 
 Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 64, 256} x
 shape (4096x4096 g128 with 128 salient columns; an odd 960x1536 g64 layer with 37 salient
 columns and a bias; 576x1024 with group -1 and no salient columns), each call on fresh random
 inputs and a NaN-poisoned output buffer, through the kernel that ``route`` picks; and every
-candidate kernel of ``triton_ops.candidates(M)`` (M in CAND_MS, the first two shapes), which
+candidate kernel of ``ops.candidates(M)`` (M in CAND_MS, the first two shapes), which
 the exit status does not count but the route tables must avoid when one fails. A case
-passes when max |out - exact| <= ERROR_FACTOR (3) x max |ref - exact| (+1e-6), where exact
-is the float64 oracle and ref the torch reference in the same dtype; a NaN or an
-unwritten element fails. Then: the custom op under CUDA-graph capture and replay,
-torch.compile, the backward of base_matmul, a NaN input propagating, and AUTO dispatch of
-MixedLinear. Writes check_kernels.json under --out; exit status 1 on any failure.
+passes when max |out - exact| <= ERROR_FACTOR (3) x max |ref - exact| (+1e-6), where exact is
+the float64 oracle and ref the torch reference in the same dtype; a NaN or an unwritten
+element fails. Then: the custom op under CUDA-graph capture and replay, torch.compile, the
+backward of base_matmul, a NaN input propagating, and AUTO dispatch of MixedLinear. Writes
+check_kernels.json under --out (every row with the commit, versions, GPU/CPU and whether the
+machine was shared); exit status 1 on any failure. ``--compile-only`` compiles every kernel
+(2/3/4 bits, fp16/bf16, every mm configuration) for sm_90 with Triton's own ptxas and stops:
+it needs no GPU.
 """
 
 from __future__ import annotations
@@ -29,14 +33,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
-
-from gift_quant.kernels import Backend, reference, triton_ops  # noqa: E402
+from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
-from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear  # noqa: E402
+from gift_quant.kernels.testing import (  # noqa: E402
+    ERROR_FACTOR,
+    compile_for_gpu,
+    kernel_error,
+    oracle,
+    random_mixed_linear,
+    run_environment,
+)
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 64, 256]
-CAND_MS = [5, 16, 32, 64, 200]  # every kernel of triton_ops.candidates(M), shapes 0 and 1
+CAND_MS = [5, 16, 32, 64, 200]  # every kernel of ops.candidates(M), shapes 0 and 1
 SHAPES = [  # (K, N, group, salient, bias)
     (4096, 4096, 128, 128, False),
     (1536, 960, 64, 37, True),
@@ -176,9 +186,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workers", type=int, default=12)
-    add_arguments(ap)
+    ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and stop")
     args = ap.parse_args()
-    prov = provenance(shared_flag(ap, args))
+    if args.compile_only:
+        for line in compile_for_gpu():
+            print(line, flush=True)
+        return
+    env = run_environment(args.shared)
     t0 = time.time()
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]
     cases += [(b, d, s, 1) for b in (4, 3, 2) for d in DTYPES for s in (0, 1)]
@@ -210,15 +225,16 @@ def main() -> None:
     )
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        outdir / "check_kernels.json",
-        dict(
-            rows=[stamp(r, prov) for r in rows],
-            extras=[stamp(e, prov) for e in extras],
-            failures=len(bad),
-            failing_candidates=bad_cand,
-        ),
+    result = dict(
+        env=env,
+        rows=[{**r, **env} for r in rows],
+        extras=[{**e, **env} for e in extras],
+        failures=len(bad),
+        failing_candidates=bad_cand,
     )
+    tmp = outdir / "check_kernels.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(outdir / "check_kernels.json")
     sys.exit(1 if bad else 0)
 
 

@@ -19,7 +19,7 @@ class Backend(StrEnum):
 
 def triton_available() -> bool:
     try:
-        from gift_quant.kernels import triton_ops  # noqa: F401
+        from gift_quant.kernels.triton import ops as triton_ops  # noqa: F401
     except ImportError:
         return False
     return True
@@ -40,7 +40,7 @@ def resolve_backend(requested: Backend | str, x: Tensor) -> Backend:
 def dequant_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:
     """y = x @ dequant(W_q)^T + x[..., S] @ W_S^T + bias, by the chosen backend."""
     if resolve_backend(backend, x) is Backend.TRITON:
-        from gift_quant.kernels import triton_ops
+        from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.dequant_matmul(x, layer)
     return reference.dequant_matmul(x, layer)
@@ -50,7 +50,7 @@ def base_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tens
     """x @ dequant(W_q)^T without the salient product or bias; differentiable in ``x``
     (the training form adds noise and trainable salient columns around it)."""
     if resolve_backend(backend, x) is Backend.TRITON:
-        from gift_quant.kernels import triton_ops
+        from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.base_matmul(x, layer)
     return reference.base_matmul(x, layer)

@@ -1,20 +1,33 @@
 """Random mixed layers and the error bound the kernel checks use (tests, tools/check_kernels.py).
 
-The bound: a kernel may not be worse than ``ERROR_FACTOR`` times the
-torch reference's own error in the same dtype, both measured against a float64 oracle. The
-factor is 3, not 2: the decode GEMV accumulates chains of 8 products in f16x2 registers before
-converting to fp32 (docs/KERNELS-NOTES.md), where the reference accumulates in fp32 and rounds once;
-on the H200 its worst case was 1.91x over 126 checked cases and 2.17x in one graph-replay test.
+A kernel may not be worse than ``ERROR_FACTOR`` times the torch reference's own error in the
+same dtype, both measured against a float64 oracle. The factor is 3, not 2: the decode GEMV
+accumulates chains of 8 products in f16x2/bf16x2 registers before converting to fp32
+(``triton.ptx.deqdot_asm``), where the reference accumulates in fp32 and rounds once; on the
+H200 its worst case was 1.91x over 126 checked cases and 2.17x in one graph-replay test
+(docs/KERNELS-NOTES.md).
 """
 
 from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gift_quant.quant import QuantizedWeight
 
-__all__ = ["ERROR_FACTOR", "kernel_error", "oracle", "random_mixed_linear", "read_codes"]
+__all__ = [
+    "ERROR_FACTOR",
+    "kernel_error",
+    "oracle",
+    "read_codes",
+    "random_mixed_linear",
+    "random_quantized",
+    "run_environment",
+]
 
 ERROR_FACTOR = 3.0
 
@@ -32,12 +45,30 @@ def random_mixed_linear(
     dtype: torch.dtype = torch.float16,
     sym: bool = False,
 ):
-    """A MixedLinear with random codes, zero-points, fp16 scales and salient columns.
+    """A MixedLinear with random codes, zero-points, fp16 scales and salient columns (see
+    ``random_quantized``)."""
+    from gift_quant.mixed_linear import MixedLinear
+
+    qw, b = random_quantized(
+        in_features, out_features, bits, group_size, num_salient, bias, seed, sym
+    )
+    return MixedLinear.from_quantized(qw, b, dtype=dtype).to(device)
+
+
+def random_quantized(
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: int,
+    num_salient: int,
+    bias: bool,
+    seed: int,
+    sym: bool,
+) -> tuple[QuantizedWeight, Tensor | None]:
+    """Random codes, zero-points, fp16 scales and salient columns, and a bias or None.
 
     Salient columns hold their group's zero-point code (so they dequantize to exactly 0), as
     every quantizer of the project writes them."""
-    from gift_quant.mixed_linear import MixedLinear
-
     g = torch.Generator().manual_seed(seed)
     K, N = in_features, out_features
     G = 1 if group_size == -1 else K // group_size
@@ -56,8 +87,7 @@ def random_mixed_linear(
     qw = QuantizedWeight(
         codes, scales, zeros, g_idx, sal, sal_w.half().float(), bits, group_size, sym
     )
-    b = (torch.randn(N, generator=g) * 0.1) if bias else None
-    return MixedLinear.from_quantized(qw, b, dtype=dtype).to(device)
+    return qw, (torch.randn(N, generator=g) * 0.1) if bias else None
 
 
 def oracle(x: Tensor, layer, base_only: bool = False) -> Tensor:
@@ -96,3 +126,105 @@ def kernel_error(out: Tensor, ref: Tensor, exact: Tensor) -> tuple[float, float]
         return float("inf"), float((ref.double() - exact).abs().max())
     err = float((out.double() - exact).abs().max())
     return err, float((ref.double() - exact).abs().max())
+
+
+def run_environment(shared: bool) -> dict:
+    """What every JSON row of the kernel tools records: the commit, the versions, the
+    processors, and whether other work shared the machine during the run."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=Path(__file__).parent)
+        commit += "+uncommitted changes" if dirty.returncode else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return dict(
+        commit=commit,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton=triton_version,
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        cpu=cpu,
+        shared=shared,
+    )
+
+
+def compile_for_gpu(
+    bits=(2, 3, 4), dtypes=("fp16", "bf16"), mm_configs=None, with_gemv: bool = True
+) -> list[str]:
+    """Compile every Triton kernel for sm_90 (H100/H200) without a GPU, through Triton's own
+    ptxas, and return one line per kernel. This catches what the interpreter cannot: code the
+    GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. Must run
+    in a process where TRITON_INTERPRET is unset when the kernel modules are imported.
+    ``with_gemv=False`` skips the GEMV, the slowest to compile (its inline PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gift_quant.kernels.triton import gemv, mm
+    from gift_quant.kernels.triton.ptx import deqdot_asm
+
+    if not isinstance(mm._mm_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1; unset it")
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(kernel, types: dict, const: dict, warps: int, stages: int) -> str:
+        sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        idx = {(kernel.arg_names.index(k),): v for k, v in const.items()}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=idx)
+        c = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+        shown = {k: v for k, v in const.items() if k not in ("ASM", "CONSTR")}
+        return f"{kernel.fn.__name__} {shown}: {len(c.asm['cubin'])} bytes of cubin"
+
+    out = []
+    for b in bits:
+        for dt in dtypes:
+            bf16, ptr = dt == "bf16", "*bf16" if dt == "bf16" else "*fp16"
+            act = dict(BITS=b, BF16=bf16, EMU=False, GROUP=128)
+            i32 = {n: "i32" for n in ("M", "N", "K", "NSAL", "N_SPLIT", "N_SAL_PROGS")}
+            ptrs = dict(x_ptr=ptr, y_ptr=ptr, bias_ptr=ptr, g_ptr=ptr, gx_ptr=ptr, out_ptr=ptr)
+            ptrs |= dict(wst_ptr="*fp16", ws_ptr="*fp32", x32_ptr="*i32")
+            ptrs |= {n: "*i32" for n in ("q_ptr", "sz_ptr", "sidx_ptr", "cnt_ptr", "sal_pos_ptr")}
+            types = ptrs | i32
+            for name, spec in (mm_configs or mm.MM_CONFIGS).items():
+                cfg = mm.mm_config(
+                    16 if spec.get("scale_acc", True) else 64, 4096, 4096, 128, **spec
+                )
+                const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
+                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3)
+                out.append(f"mm:{name} " + build(mm._mm_kernel, types, const, 4, 3))
+            const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
+            out.append(build(mm._backward_kernel, types, const, 4, 2))
+            const = dict(act, BLOCK_N=128, BLOCK_K=64, HAS_SAL=True)
+            out.append(build(mm._dequant_kernel, types, const, 4, 1))
+            if not with_gemv:
+                continue
+            asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 4)
+            const = dict(act, BLOCK_M=4, BLOCK_N=128, BLOCK_K=32, EVEN_M=False, EVEN_N=True)
+            const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
+            const |= dict(ASM=asm, CONSTR=constr)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+    return out

@@ -3,18 +3,18 @@
 Importing this module raises ImportError where Triton is missing (``triton_available``).
 
 * Layout (cached on the layer as ``layer._triton_cache``, rebuilt when a buffer's storage or
-  version changes): the codes as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for
+  version changes): the codes as stored for 2/4 bits, the 3-word units of ``ptx`` for
   3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
   position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
   8 bits, widths not multiples of 64) run the torch reference.
-* Dispatch by M = rows of x: split-K GEMV (M <= GEMV_MAX_M); above, ``route`` looks the
-  kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and shipped with the code:
-  docs/KERNELS-NOTES.md, round 2) or in ``DEFAULT_ROUTES``: the round-2 tensor-core kernel
-  ``mm`` in one of the ``MM_CONFIGS``, the round-1 GEMM, or dequantize + cuBLAS. No global
-  autotuning state: the same call always takes the same kernel.
+* Dispatch by M = rows of x: split-K GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
+  CUBLAS_MIN_M); between, ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits),
+  measured on the H200 and shipped with the code: docs/KERNELS-NOTES.md) or in
+  ``DEFAULT_ROUTES``: the GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
+  dequantize + cuBLAS. No global autotuning state: the same call always takes the same kernel.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
-  through the same tiles (no dense copy of W is kept).
+  through the same tiles (``mm.backward``; no dense copy of W is kept).
 * The kernels share one zero-initialised fp32 workspace per device that every launch leaves
   zeroed; calls on one device must not overlap in time (one stream), and the first call of a
   shape must happen before CUDA-graph capture (it compiles and may grow the workspace).
@@ -33,11 +33,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Triton backend needs the triton package") from exc
 
 from gift_quant.kernels import reference
-from gift_quant.kernels.triton_gemm import dequantize, gemm, gemm_backward
-from gift_quant.kernels.triton_gemv import MAX_M as GEMV_LIMIT
-from gift_quant.kernels.triton_gemv import gemv
-from gift_quant.kernels.triton_mm import MM_CONFIGS, mm, mm_config
-from gift_quant.kernels.triton_ptx import pack_3bit
+from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
+from gift_quant.kernels.triton.gemv import gemv
+from gift_quant.kernels.triton.mm import MM_CONFIGS, backward, dequantize, mm, mm_config
+from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = ["base_matmul", "candidates", "dequant_matmul", "prepare", "route", "run_route"]
@@ -47,12 +46,12 @@ CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
-# Kernel names: "gemv", "gemm" (round 1), "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS
-# key>" (round 2). Made by tools/bench_kernels.py ``routes_from`` from the candidate timings
-# of round 2, run 5 (benchmarks/results/kernels_h200_candidates.json; fastest candidate per
-# measured M = 8, 16, ..., 512), then "mm:t64k" (measured in run 6, kernels_h200.json) where
-# it was faster by more than 3%. The defaults (other shapes) take per M the candidate with
-# the best geometric-mean speedup over the measured shapes.
+# Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
+# tools/bench_kernels.py ``routes_from`` from the candidate timings in
+# benchmarks/results/kernels_h200_candidates.json (fastest candidate per measured M = 8, 16,
+# ..., 512), then "mm:t64k" (timed later, kernels_h200.json) where it was faster by more than
+# 3%. The defaults (other shapes) take per M the candidate with the best geometric-mean
+# speedup over the measured shapes.
 _R = tuple[tuple[int, str], ...]
 _T64_CUBLAS: _R = ((32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas"))
 DEFAULT_ROUTES: dict[int, _R] = {
@@ -165,8 +164,6 @@ def candidates(M: int) -> list[str]:
         out += ["mm:t128w", "mm:t64"]
     else:
         out.append("mm:t64")
-    if M < 128:
-        out.append("gemm")
     if M >= 32:
         out.append("cublas")
     return out
@@ -199,8 +196,6 @@ def run_route(
     kw = dict(bits=bits, group=group, out=out)
     if name == "gemv":
         return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
-    if name == "gemm":
-        return gemm(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
@@ -283,7 +278,7 @@ def _backward(ctx, grad):
     q, sz, wst, sidx = ctx.saved_tensors
     bits, group, K = ctx.meta
     g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
-    gx = gemm_backward(g2, q, sz, K, bits=bits, group=group)
+    gx = backward(g2, q, sz, K, bits=bits, group=group)
     if wst is not None:  # the salient product's share: columns S of grad_x
         gx.index_add_(1, sidx.long(), g2 @ wst.to(g2.dtype).t())
     return gx.reshape(*grad.shape[:-1], K)

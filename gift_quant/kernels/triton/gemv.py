@@ -1,25 +1,25 @@
 """Decode-path split-K GEMV (M <= 8): y = x @ dequant(W)^T + x[:, S] @ W_S^T (+ bias).
 
-One launch does everything (docs/KERNELS-NOTES.md): programs ``pid_k < n_split`` stream an even
+One launch does everything: programs ``pid_k < n_split`` stream an even
 share of the packed weights (as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for 3
 bits), dequantize with inline PTX (one lop3 + one fma per two weights) and dot with packed x
-pairs in f16x2/bf16x2; the remaining programs are the salient K-slices (x gathered by index,
+pairs in f16x2/bf16x2 (under the Triton interpreter, which has no PTX: the same codes read with
+plain shifts and an fp32 dot); the remaining programs are the salient K-slices (x gathered by index,
 fp32 dot with W_S^T). Each program adds its fp32 partial into a zeroed workspace with relaxed
 atomics; the last program of a column block (a counter, acq_rel) adds the bias, casts, writes
-y, and zeroes the workspace and the counter again, so nothing else is launched.
+y, and zeroes the workspace and the counter again (``tiles.store_output``), so nothing else is
+launched.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from gift_quant.kernels.triton_ptx import deqdot_asm, plan
+from gift_quant.kernels.triton.ptx import deqdot_asm, plan
+from gift_quant.kernels.triton.tiles import interpreting, on_device, store_output
 
 # ------------------------------------------------------------------------------------------
 # 1. configuration (measured on the H200: docs/KERNELS-NOTES.md)
@@ -164,6 +164,7 @@ def _gemv_kernel(
     # meta
     BITS: tl.constexpr,
     BF16: tl.constexpr,
+    EMU: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -236,23 +237,26 @@ def _gemv_kernel(
                 xs = tl.load(x_ptr + m * K + sid, mask=jmask & (m < M), other=0.0)
                 part = tl.sum(xs.to(tl.float32)[:, None] * w, axis=0)
                 acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
-    # split-K reduction through the self-cleaning workspace
     omask = (offs_m[:, None] < M) & nmask[None, :]
-    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.atomic_add(ws_ptrs, acc, mask=omask, sem="relaxed")
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-    if done == N_SPLIT + N_SAL_PROGS - 1:
-        out = tl.load(ws_ptrs, mask=omask, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + offs_m[:, None] * N + offs_n[None, :],
-            out.to(y_ptr.dtype.element_ty),
-            mask=omask,
-        )
-        tl.store(ws_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), mask=omask)
-        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+    yoff = offs_m[:, None] * N + offs_n[None, :]
+    n_parts = N_SPLIT + N_SAL_PROGS
+    store_output(
+        acc,
+        yoff,
+        omask,
+        offs_n[None, :],
+        nmask[None, :],
+        y_ptr,
+        bias_ptr,
+        ws_ptr,
+        cnt_ptr,
+        pid_n,
+        n_parts,
+        HAS_BIAS,
+        False,
+        BF16,
+        EMU,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,6 +319,7 @@ def gemv(
             n_sal_progs,
             BITS=bits,
             BF16=bf16,
+            EMU=bf16 and interpreting(),
             GROUP=group,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
@@ -332,13 +337,3 @@ def gemv(
             num_stages=cfg["num_stages"],
         )
     return y
-
-
-def interpreting() -> bool:
-    """True under the Triton interpreter (CPU tests): no inline PTX there."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def on_device(device: torch.device):
-    """``torch.cuda.device`` for CUDA tensors; nothing for the interpreter's CPU tensors."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

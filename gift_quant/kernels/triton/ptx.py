@@ -1,5 +1,4 @@
-"""Word layouts of the Triton kernels and the inline PTX that unpacks them
-(docs/KERNELS-NOTES.md, Unpacking).
+"""Word layouts of the Triton kernels and the inline PTX with which the decode GEMV unpacks them.
 
 A *unit* is the run of int32 words that holds ``unit_k`` consecutive input columns of one
 output column:
@@ -29,12 +28,10 @@ from torch import Tensor
 
 __all__ = [
     "Plan",
-    "deq_asm",
     "deqdot_asm",
     "emulate",
     "pack_3bit",
     "plan",
-    "step_order",
     "zero_consts",
 ]
 
@@ -152,27 +149,6 @@ def _pairs_ptx(p: Plan, words: list[str], consts: list[str]) -> tuple[list[str],
 
 def _wrap(body: list[str]) -> str:
     return "{\n" + "\n".join(body) + "\n}"
-
-
-def step_order(bits: int) -> list[int]:
-    """Input column (inside a unit) of position 2i + h of a dequantized unit (step i, half h)."""
-    return [k for st in plan(bits, "f16").steps for k in (st.lo_k, st.hi_k)]
-
-
-@cache
-def deq_asm(bits: int, kind: str) -> tuple[str, str, int]:
-    """Dequantize one unit into ``unit_k`` 16-bit scalars (code - zero) in *step order*:
-    outputs 2i and 2i + 1 are the lo and hi halves of step i (columns :func:`step_order`).
-    Operands: outputs $0..$(unit_k-1), then the unit's words, then one zero constant per
-    position. Returns (asm, constraints, number of outputs)."""
-    p = plan(bits, kind)
-    n_out = p.unit_k
-    words = [f"${n_out + i}" for i in range(p.unit_words)]
-    consts = [f"${n_out + p.unit_words + i}" for i in range(len(p.positions))]
-    lines, names = _pairs_ptx(p, words, consts)
-    lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, {r};" for i, r in enumerate(names)]
-    cons = ",".join(["=h"] * n_out + ["r"] * (p.unit_words + len(p.positions)))
-    return _wrap(lines), cons, n_out
 
 
 @cache
