@@ -167,13 +167,14 @@ def cmd_quantize(args) -> dict:
     from gift_quant.evaluate import bits_report
     from gift_quant.io.export import save_quantized
     from gift_quant.modeling import load_model
-    from gift_quant.pipeline import validate
+    from gift_quant.pipeline import check_finite_weights, validate
     from gift_quant.quantize import quantize_model
 
     out = Path(args.out)
     validate(recipe, out, new_out=True)
     t0 = time.perf_counter()
     model, tok = load_model(recipe.model)
+    check_finite_weights(model, recipe.model.name_or_path or "the embedded model")
     log.info(
         "loaded %s in %.1fs",
         recipe.model.name_or_path or "SmolLM2-135M-Instruct (embedded)",

@@ -46,7 +46,13 @@ from gift_quant.train.loop import train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_device", "final_model_dir", "recover", "report_table", "validate"]
+__all__ = [
+    "check_device",
+    "check_finite_weights",
+    "recover",
+    "report_table",
+    "validate",
+]
 
 QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
 
@@ -162,6 +168,16 @@ def meta_model(cfg):
         ) from exc
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def check_finite_weights(model, name: str) -> None:
+    """Refuse a model whose weights hold NaN or inf: nothing computed from it would mean
+    anything (found right after loading, before calibration)."""
+    for key, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RecipeError(
+                f"model {name!r}: weight {key!r} holds NaN or inf; the model files are corrupt"
+            )
 
 
 def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
@@ -293,6 +309,7 @@ def _recover(recipe: Recipe, out_dir: Path, progress: bool, t_start: float) -> d
         _check_recipe(run.out, recipe)
     d.barrier()
     model, tok = load_model(recipe.model)
+    check_finite_weights(model, recipe.model.name_or_path or "the embedded model")
     run.load_text(tok)
     fp = run.cached("fp", lambda: {**run.ppl(model, "fp"), **bits_report(model)})
     teacher = None
@@ -435,14 +452,6 @@ def apply_salient_checkpoint(model, checkpoint: Path) -> None:
         key = f"{name}.salient_weight"
         if isinstance(module, MixedLinear) and key in trained:
             module.salient_weight = trained[key].to(torch.float16)
-
-
-def final_model_dir(path: Path) -> Path:
-    """The export directory inside a recover output directory (or ``path`` itself)."""
-    for sub in ("model", "quantized"):
-        if (path / sub / "config.json").is_file() and not (path / "config.json").is_file():
-            return path / sub
-    return path
 
 
 def _load_final(out: Path, final: Path):

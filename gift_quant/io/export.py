@@ -80,6 +80,10 @@ class atomic_directory:
             )
         if not self.target.parent.is_dir():
             raise FileNotFoundError(f"parent directory {self.target.parent} does not exist")
+        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
+            pid = stale.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):  # left by a killed writer
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
@@ -95,6 +99,16 @@ class atomic_directory:
                 raise
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _readable_modes(root: Path) -> None:

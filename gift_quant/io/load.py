@@ -46,9 +46,11 @@ __all__ = [
     "inspect_checkpoint",
     "load_quantized",
     "resolve_model_dir",
+    "verify_manifest",
 ]
 
 log = logging.getLogger(__name__)
+_SKIP = "--no-verify / verify=False skips this check"
 
 _DTYPE_NAMES = {
     "F16": torch.float16,
@@ -311,13 +313,18 @@ def verify_manifest(root: Path) -> None:
         if expected:
             got = tensor_digests(file)
             changed = [k for k, v in expected.items() if got.get(k) != v] or ["(header)"]
+            what = (
+                "is missing"
+                if changed[0] in expected and changed[0] not in got
+                else (f"does not match its SHA-256 in {MANIFEST_FILE}")
+            )
             raise CheckpointError(
-                f"{file}: tensor {changed[0]!r} does not match its SHA-256 in {MANIFEST_FILE} "
-                f"(corrupt or modified since export); re-export it, or pass verify=False"
+                f"{file}: tensor {changed[0]!r} {what} (corrupt or modified since export); "
+                f"re-export it ({_SKIP})"
             )
         raise CheckpointError(
             f"{file} does not match its SHA-256 in {MANIFEST_FILE} (corrupt or modified since "
-            f"export); re-export it, or pass verify=False"
+            f"export); re-export it ({_SKIP})"
         )
 
 
@@ -381,6 +388,7 @@ def load_quantized(
     except ImportError:  # transformers < 5.20 keeps it here
         from transformers.modeling_utils import no_init_weights
 
+    backend = Backend(backend)  # an unknown name fails here, before any file is read
     info = inspect_checkpoint(path)
     root = info.path
     if verify:
