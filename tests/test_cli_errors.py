@@ -466,6 +466,13 @@ CASES = [
     ),
     (
         "export",
+        "header lies about a shape",
+        on_export(lambda d: _edit_header(d / MODEL_FILE, _swap_shape), "inspect"),
+        r"model.safetensors: its header \(tensor names, shapes or dtypes\) differs",
+        2,
+    ),
+    (
+        "export",
         "header lies about a shape (--no-verify)",
         on_export(lambda d: _edit_header(d / MODEL_FILE, _swap_shape), "inspect", "--no-verify"),
         rf"tensor '{EMBED}' has shape \[64, 512\], the model expects \[512, 64\]",
@@ -760,6 +767,20 @@ def test_help_and_import_do_not_load_torch():
         [sys.executable, "-m", "gift_quant", "--help"], env=env, capture_output=True, text=True
     )
     assert helped.returncode == 0 and helped.stderr == "" and "recover" in helped.stdout
+
+
+def test_quiet_run_prints_nothing_on_stderr(tiny_model_dirs, tmp_path):
+    """-q silences transformers' "Loading weights" bar, and no third-party import notices
+    (torchao's missing extensions, torch's pytree deprecations) reach the user."""
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["eval", "--model", tiny_model_dirs("llama"), "--text", str(text), "--seq-len", "64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gift_quant", *argv, "-q"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    assert "perplexity:" in out.stdout
 
 
 def test_from_pretrained_after_a_light_import(export_dir):

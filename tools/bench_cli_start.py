@@ -1,4 +1,4 @@
-"""Start-up cost of the command line: wall time of fresh processes, median of several repeats.
+"""Start-up cost of the command line: wall (and CPU) time of fresh processes, median of repeats.
 
 Rows: ``python -m gift_quant --help``, ``import gift_quant``, a recipe error (``recover --set
 quant.bitz=3``), and, side by side in the same run, what ``import gift_quant`` cost when it
@@ -15,6 +15,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,10 +56,16 @@ def commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def time_once(args: list[str], env: dict) -> tuple[float, int, str]:
+def time_once(args: list[str], env: dict) -> tuple[float, float, int, str]:
+    """Wall seconds, CPU seconds (user + system of the child: less sensitive to other load),
+    exit code and stderr of one fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
-    return time.perf_counter() - t0, p.returncode, p.stderr
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, p.returncode, p.stderr
 
 
 def main() -> None:
@@ -81,13 +88,15 @@ def main() -> None:
         "repeats": args.repeats,
     }
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    cpu: dict[str, list[float]] = {name: [] for name in COMMANDS}
     stderr_lines: dict[str, int] = {}
     for _ in range(args.repeats):  # interleaved, so load changes hit every row alike
         for name, cmd in COMMANDS.items():
-            seconds, rc, err = time_once(cmd, env)
+            seconds, cpu_s, rc, err = time_once(cmd, env)
             if rc != EXPECTED_RC.get(name, 0):
                 raise SystemExit(f"{name}: exit code {rc}\n{err[-2000:]}")
             times[name].append(seconds)
+            cpu[name].append(cpu_s)
             stderr_lines[name] = len(err.splitlines())
     base = statistics.median(times["eager hook import (before)"])
     rows = []
@@ -101,15 +110,16 @@ def main() -> None:
                 "min_s": min(ts),
                 "max_s": max(ts),
                 "ratio_to_eager_import": med / base,
+                "median_cpu_s": statistics.median(cpu[name]),
                 "stderr_lines": stderr_lines[name],
             }
         )
-    head = ("median s", "min s", "max s", "/eager", "stderr")
+    head = ("median s", "min s", "max s", "/eager", "cpu s", "stderr")
     print(f"{'command':28s} " + " ".join(f"{h:>9s}" for h in head))
     for r in rows:
         print(
             f"{r['command']:28s} {r['median_s']:9.3f} {r['min_s']:9.3f} {r['max_s']:9.3f} "
-            f"{r['ratio_to_eager_import']:9.3f} {r['stderr_lines']:9d}"
+            f"{r['ratio_to_eager_import']:9.3f} {r['median_cpu_s']:9.3f} {r['stderr_lines']:9d}"
         )
     print(
         f"({args.repeats} repeats, load average {meta['load_average_1min']:.1f} on "

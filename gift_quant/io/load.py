@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,21 +311,23 @@ def verify_manifest(root: Path) -> None:
         if file_digest(file) == digest:
             continue
         expected = manifest.get("tensors", {}).get(rel, {})
-        if expected:
-            got = tensor_digests(file)
-            changed = [k for k, v in expected.items() if got.get(k) != v] or ["(header)"]
-            what = (
-                "is missing"
-                if changed[0] in expected and changed[0] not in got
-                else (f"does not match its SHA-256 in {MANIFEST_FILE}")
-            )
-            raise CheckpointError(
-                f"{file}: tensor {changed[0]!r} {what} (corrupt or modified since export); "
-                f"re-export it ({_SKIP})"
-            )
+        try:
+            got = tensor_digests(file) if expected else {}
+        except (struct.error, ValueError, KeyError, OSError):
+            got = None
+        changed = [k for k, v in expected.items() if got is not None and got.get(k) != v]
+        if got is None:
+            what = "its safetensors header is unreadable (truncated or corrupt)"
+        elif changed and changed[0] not in got:
+            what = f"tensor {changed[0]!r} is missing"
+        elif changed:
+            what = f"tensor {changed[0]!r} does not match its SHA-256 in {MANIFEST_FILE}"
+        elif expected:
+            what = "its header (tensor names, shapes or dtypes) differs from the exported one"
+        else:
+            what = f"the file does not match its SHA-256 in {MANIFEST_FILE}"
         raise CheckpointError(
-            f"{file} does not match its SHA-256 in {MANIFEST_FILE} (corrupt or modified since "
-            f"export); re-export it ({_SKIP})"
+            f"{file}: {what} (corrupt or modified since export); re-export it ({_SKIP})"
         )
 
 
