@@ -67,9 +67,13 @@ def _recipe_conflict(out: Path, recipe: Recipe) -> str | None:
         return f"--out {out} exists and is not a directory; give a directory path"
     path = out / "recipe.yaml"
     if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            return f"--out {out} is a non-empty directory that holds no recover run; use a new one"
-        return None
+        foreign = [p.name for p in out.iterdir() if not _run_entry(p.name)] if out.is_dir() else []
+        if foreign:
+            return (
+                f"--out {out} holds files that are not a recover run ({foreign[0]!r}, ...); "
+                f"use a new --out directory"
+            )
+        return None  # new, or seeded with stage outputs (a shared quantized start)
     try:
         old = recipe_from_dict(yaml.safe_load(path.read_text()) or {})
     except (RecipeError, yaml.YAMLError):
@@ -83,6 +87,13 @@ def _recipe_conflict(out: Path, recipe: Recipe) -> str | None:
     )
 
 
+def _run_entry(name: str) -> bool:
+    """Whether a file name belongs to a recover output directory."""
+    known = ("recipe.yaml", "timings.json", "report.json", "report.md", *STAGE_OUTPUTS)
+    hidden = name.startswith(".")  # the temporary siblings of interrupted writes
+    return hidden or name in known or (name.startswith("eval_") and name.endswith(".json"))
+
+
 def _check_recipe(out: Path, recipe: Recipe) -> None:
     """Record the recipe in OUT (after validation); a replaced recipe drops cached evals."""
     conflict = _recipe_conflict(out, recipe)
@@ -92,8 +103,9 @@ def _check_recipe(out: Path, recipe: Recipe) -> None:
     if path.is_file() and path.read_text() == recipe.to_yaml():
         return
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("eval_*.json"):  # computed under the replaced recipe
-        stale.unlink()
+    if path.is_file():  # a replaced recipe: its cached evaluations may not hold any more
+        for stale in out.glob("eval_*.json"):
+            stale.unlink()
     _write_text(path, recipe.to_yaml())
 
 

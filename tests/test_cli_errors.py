@@ -410,7 +410,7 @@ CASES = [
         "output",
         "recover --out holds other files",
         lambda c: ["recover", "--model", c.model, *TINY, "--out", _occupied(c)],
-        r"non-empty directory that holds no recover run",
+        r"holds files that are not a recover run \('notes.txt'",
         2,
     ),
     (
