@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gift_quant.config import RecipeError
+
 __all__ = [
     "LayerStats",
     "capture_block_inputs",
@@ -202,6 +204,15 @@ def plan_groups(
 
 
 @torch.no_grad()
+def _check_finite(x: Tensor, name: str) -> None:
+    """Statistics of NaN/inf activations would make GPTQ fail obscurely or quantize to garbage."""
+    if not bool(torch.isfinite(x).all()):
+        raise RecipeError(
+            f"calibration activations entering {name} hold NaN or inf (an overflow in the "
+            f"calibration dtype, or non-finite weights); try --set calib.dtype=float32"
+        )
+
+
 def collect_stats(
     block: nn.Module,
     targets: dict[str, nn.Module],
@@ -227,12 +238,14 @@ def collect_stats(
             if name not in stats:
                 owner = shared.get(id(x))
                 if owner is None:
+                    _check_finite(x, name)
                     owner = LayerStats.empty(x.shape[-1], with_hessian, norms, x.device)
                     owner.add(x)
                     shared[id(x)] = owner
                     alive.append(x)
                 stats[name] = owner
             elif shared.get(id(x)) is not stats[name]:
+                _check_finite(x, name)
                 stats[name].add(x)
                 shared[id(x)] = stats[name]
                 alive.append(x)

@@ -1,17 +1,23 @@
 """Command line: ``python -m gift_quant {quantize,eval,...}``. The only module that prints.
 
 With ``--json`` every command prints its result as one JSON object on the last stdout line;
-progress bars and logs go to stderr.
+progress bars and logs go to stderr. Every expected failure (bad recipe, data, model or files,
+a full disk) is one ``error:`` line naming the fix and exit code 2; Ctrl-C is one line and exit
+code 130; ``--debug`` adds the traceback. Importing this module imports neither torch nor
+transformers, so ``--help`` and recipe errors are quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 log = logging.getLogger("gift_quant")
@@ -35,6 +41,20 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _model_dir_arg(p: argparse.ArgumentParser, help_text: str, optional: bool = False) -> None:
+    p.add_argument("dir", nargs="?" if optional else None, help=help_text)
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the SHA-256 check of the files (faster)"
+    )
+
+
+MODEL_DIR = (
+    "model directory: an export, a recover output directory (its final model) or a "
+    "gptq+lora export (its adapter is applied)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,14 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
         "recover", help="quantize, GIFT-SW fine-tune, export, evaluate (the main job)"
     )
     _recipe_args(r)
-    r.add_argument("--out", default="runs/recover", help="output directory (a rerun resumes it)")
+    r.add_argument(
+        "--out",
+        default="runs/recover",
+        help="output directory (default: runs/recover); rerunning the same command resumes it",
+    )
     _common(r)
 
-    e = sub.add_parser("eval", help="perplexity of an export directory or an FP model")
-    e.add_argument("dir", nargs="?", help="export directory written by quantize/recover")
+    e = sub.add_parser("eval", help="perplexity of a model directory or an FP model")
+    _model_dir_arg(e, MODEL_DIR, optional=True)
     e.add_argument("--model", help="evaluate an unquantized model instead (dir, .gguf or hub id)")
     e.add_argument(
-        "--text", action="append", default=[], help="text source(s); default wiki-heldout"
+        "--text",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="text to score: wiki-heldout (default), a .txt/.jsonl file or hf:NAME; repeat "
+        "--text for several",
     )
     e.add_argument("--seq-len", type=int, help="window length (default from the recipe: 512)")
     e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens per text")
@@ -69,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     _common(e)
 
-    x = sub.add_parser("export", help="re-export an export directory in another view")
-    x.add_argument("dir", help="export directory (or a plain GPTQ checkpoint)")
+    x = sub.add_parser("export", help="re-export a model directory in another view")
+    _model_dir_arg(x, MODEL_DIR + ", or a plain GPTQ checkpoint")
     x.add_argument(
         "--format",
         choices=["mixed", "gptq+lora"],
@@ -82,9 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(x)
 
     i = sub.add_parser("inspect", help="per-layer bits, salient columns, sizes and load time")
-    i.add_argument("dir", help="export directory (or a plain GPTQ checkpoint)")
+    _model_dir_arg(i, MODEL_DIR + ", or a plain GPTQ checkpoint")
     _common(i)
     return parser
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -94,6 +128,19 @@ def _setup_logging(quiet: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("gift_quant").setLevel(logging.WARNING if quiet else logging.INFO)
+    # Import-time notices of optional third-party pieces (torchao's missing GPU extensions,
+    # torch's pytree deprecation of its enum registrations) say nothing about this run.
+    for name in ("torchao", "torch.utils._pytree"):  # a filter: torch resets their levels
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
+            logger.addFilter(_ErrorsOnly())
+    if quiet:  # transformers' and the hub's bars ("Loading weights") follow -q too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.disable_progress_bar if quiet else hf_logging.enable_progress_bar)()
 
 
 def _load_recipe(args, default: str | None = None):
@@ -106,22 +153,30 @@ def _load_recipe(args, default: str | None = None):
     return load_recipe(find_recipe(name) if name else None, overrides)
 
 
+def _next_commands(model_dir: str) -> list[str]:
+    return [
+        f"python -m gift_quant eval {model_dir}",
+        f"python -m gift_quant inspect {model_dir}",
+        f"python -m gift_quant export {model_dir} --format gptq+lora --out {model_dir}-engine",
+    ]
+
+
 def cmd_quantize(args) -> dict:
+    recipe = _load_recipe(args)  # before importing torch: a recipe error is instant
+
     from gift_quant.data import check_sources
     from gift_quant.evaluate import bits_report
     from gift_quant.io.export import save_quantized
     from gift_quant.modeling import load_model
+    from gift_quant.pipeline import check_finite_weights, validate
     from gift_quant.quantize import quantize_model
 
-    recipe = _load_recipe(args)
     out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(
-            f"{out} already exists; choose a new --out directory or remove it first"
-        )
+    validate(recipe, out, new_out=True)
     check_sources(recipe, stages=("calib",))
     t0 = time.perf_counter()
     model, tok = load_model(recipe.model)
+    check_finite_weights(model, recipe.model.name_or_path or "the embedded model")
     log.info(
         "loaded %s in %.1fs",
         recipe.model.name_or_path or "SmolLM2-135M-Instruct (embedded)",
@@ -144,17 +199,40 @@ def cmd_quantize(args) -> dict:
         checkpoint_format=recipe.export.checkpoint_format,
     )
     result["seconds_wall"] = time.perf_counter() - t0
+    result["model_dir"] = str(out)
+    result["next"] = _next_commands(str(out))
     return result
 
 
 def cmd_recover(args) -> dict:
+    recipe = _load_recipe(args, default="quickstart")  # before importing torch
+
     from gift_quant.pipeline import recover, report_table
 
-    recipe = _load_recipe(args, default="quickstart")
     report = recover(recipe, args.out, progress=not args.quiet)
-    if report is not None and not args.json:
+    if report is None:
+        return None  # ranks > 0 of a multi-process run print nothing
+    report = {**report, "next": _next_commands(args.out)}
+    if not args.json:
         print(report_table(report))
-    return report  # None on ranks > 0 of a multi-process run: they print nothing
+        print(f"\nmodel: {report['model_dir']}")
+        print("next:\n  " + "\n  ".join(report["next"]))
+    return report
+
+
+def _load_model_dir(path: str, device, verify: bool):
+    """(model, tokenizer directory) of any model directory; a LoRA recover run gets its
+    adapter applied on the quantized start."""
+    from gift_quant.io.load import load_quantized, resolve_model_dir
+
+    root = Path(path)
+    if (root / "recipe.yaml").is_file() and (root / "lora_adapter").is_dir():
+        from gift_quant.train.lora import load_lora
+
+        base = load_quantized(root / "quantized", device=device, verify=verify)
+        return load_lora(base, root / "lora_adapter"), root / "quantized"
+    model_dir = resolve_model_dir(root)
+    return load_quantized(model_dir, device=device, verify=verify), model_dir
 
 
 def cmd_eval(args) -> dict:
@@ -162,22 +240,19 @@ def cmd_eval(args) -> dict:
 
     from gift_quant.data import load_eval_windows
     from gift_quant.evaluate import perplexity
-    from gift_quant.io.load import load_quantized
     from gift_quant.modeling import check_context, load_model, resolve_device
+    from gift_quant.pipeline import check_device
     from gift_quant.recipe import EvalConfig, ModelConfig, load_recipe
 
     if bool(args.dir) == bool(args.model):
-        raise ValueError("give an export directory or --model, not both and not neither")
-    defaults = EvalConfig()
-    recipe_eval = defaults
+        raise ValueError("give a model directory or --model, not both and not neither")
+    check_device(args.device, "--device")
+    recipe_eval = EvalConfig()
     device = resolve_device(args.device)
     if args.dir:
         from transformers import AutoTokenizer
 
-        from gift_quant.pipeline import final_model_dir
-
-        model_dir = final_model_dir(Path(args.dir))  # a recover output dir holds it in model/
-        model = load_quantized(model_dir, device=device)
+        model, model_dir = _load_model_dir(args.dir, device, not args.no_verify)
         tok = AutoTokenizer.from_pretrained(model_dir)
         recipe_file = model_dir / "recipe.yaml"
         if recipe_file.is_file():
@@ -218,16 +293,17 @@ def cmd_export(args) -> dict:
 
     from gift_quant.io.export import save_quantized
     from gift_quant.io.gptq_lora import save_gptq_lora
-    from gift_quant.io.load import load_quantized
+    from gift_quant.io.load import load_quantized, resolve_model_dir
 
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(
             f"{out} already exists; choose a new --out directory or remove it first"
         )
-    model = load_quantized(args.dir)
+    model_dir = resolve_model_dir(args.dir)
+    model = load_quantized(model_dir, verify=not args.no_verify)
     try:
-        tok = AutoTokenizer.from_pretrained(args.dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError):
         tok = None
     if args.format == "gptq+lora":
@@ -237,15 +313,21 @@ def cmd_export(args) -> dict:
     return {"command": "export", "format": args.format, "out": str(out)}
 
 
+def _natural(name: str) -> list:
+    """Sort key: layer 2 before layer 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def cmd_inspect(args) -> dict:
+    from gift_quant.evaluate import bits_report
     from gift_quant.io.load import inspect_checkpoint, load_quantized
 
     info = inspect_checkpoint(args.dir)
     t0 = time.perf_counter()
-    model = load_quantized(args.dir)
+    model = load_quantized(info.path, verify=not args.no_verify)
     load_seconds = time.perf_counter() - t0
     layers = []
-    for name in info.modules:
+    for name in sorted(info.modules, key=_natural):
         layer = model.get_submodule(name)
         n_weights = layer.in_features * layer.out_features
         layers.append(
@@ -255,13 +337,18 @@ def cmd_inspect(args) -> dict:
                 "bits": layer.bits,
                 "group_size": layer.group_size,
                 "num_salient": layer.num_salient,
-                "bits_per_weight": layer.storage_bits() / n_weights,
+                "bits_per_weight": round(layer.storage_bits() / n_weights, 4),
             }
         )
-    q_bits = sum(model.get_submodule(n).storage_bits() for n in info.modules)
-    q_weights = sum(x["shape"][0] * x["shape"][1] for x in layers)
-    n_params = q_weights + sum(p.numel() for n, p in model.named_parameters())
-    files = {f.name: f.stat().st_size for f in sorted(info.path.iterdir()) if f.is_file()}
+    bits = bits_report(model)
+    # the FP16 model: quantized weights at 2 bytes, every other tensor as stored (this is
+    # what recover's report.json calls bytes_fp16)
+    fp16_bytes = bits["model_bytes"] - bits["quantized_bytes"] + 2 * bits["quantized_weights"]
+    files = {
+        f.relative_to(info.path).as_posix(): f.stat().st_size
+        for f in sorted(info.path.rglob("*"))
+        if f.is_file()
+    }
     disk = sum(v for k, v in files.items() if k.endswith(".safetensors"))
     result = {
         "command": "inspect",
@@ -269,14 +356,19 @@ def cmd_inspect(args) -> dict:
         "kind": info.kind,
         "checkpoint_format": info.checkpoint_format,
         "num_layers": len(layers),
-        "bits_per_weight": q_bits / max(q_weights, 1),
+        "bits_per_weight": round(bits["bits_per_weight"], 4),
         "weights_bytes_on_disk": disk,
-        "fp16_bytes": 2 * n_params,
-        "compression": 2 * n_params / max(disk, 1),
-        "load_seconds": load_seconds,
+        "fp16_bytes": fp16_bytes,
+        "compression": round(fp16_bytes / max(disk, 1), 3),
+        "load_seconds": round(load_seconds, 3),
         "files": files,
         "layers": layers,
     }
+    if info.adapter is not None:
+        result["adapter"] = (
+            f"salient_lora/: PEFT LoRA r={info.adapter['r']} on {len(info.modules)} GPTQ "
+            f"layers, one-hot lora_A = salient columns (applied: k below counts them)"
+        )
     if not args.json:
         print(f"{'layer':48s} {'shape':>12s} {'bits':>4s} {'group':>5s} {'k':>4s} {'bits/w':>7s}")
         for x in layers:
@@ -297,14 +389,47 @@ COMMANDS = {
 }
 
 
+def _interrupted(args) -> str:
+    """What a rerun of an interrupted command does."""
+    if args.command != "recover":
+        return "interrupted; nothing partial was kept, rerun the same command"
+    checkpoints = Path(args.out) / "train" / "checkpoints"
+    done = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
+    if done:
+        step = int(done[-1].name.split("-")[1])
+        return f"interrupted; rerun the same command to resume from step {step}"
+    return "interrupted; rerun the same command to resume (finished stages are kept)"
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (
+            f"no space left on the device{where}; nothing partial was kept, free some space "
+            f"and rerun the same command"
+        )
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+EXPECTED = (ValueError, OSError)  # RecipeError, CheckpointError, missing files, full disk, hub
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(_interrupted(args), file=sys.stderr)
+        return 130
+    except EXPECTED as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_error_line(exc)}", file=sys.stderr)
         return 2
     if result is None:
         return 0
@@ -314,4 +439,6 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in result.items():
             if not isinstance(value, list | dict):
                 print(f"{key}: {value}")
+        if "next" in result:
+            print("next:\n  " + "\n  ".join(result["next"]))
     return 0

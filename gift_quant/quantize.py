@@ -201,7 +201,7 @@ def _dense(layer: MixedLinear, device: torch.device, dtype: torch.dtype) -> nn.L
     return dense
 
 
-def _validate(
+def check_targets(
     model: nn.Module, targets_cfg, saliency, quant
 ) -> tuple[str, nn.ModuleList, list[dict[str, nn.Linear]], dict[str, int]]:
     """Find every target (``targets_cfg``: a ModelConfig's include/exclude), check its shape
@@ -274,7 +274,7 @@ def quantize_targets(
     t_start = time.perf_counter()
     device = resolve_device(targets.device)
     dtype = resolve_dtype(calib.dtype, device)
-    blocks_name, blocks, per_block, plan = _validate(model, targets, saliency, quant)
+    blocks_name, blocks, per_block, plan = check_targets(model, targets, saliency, quant)
     needs_hessian = quant.method == "gptq"
     ranked = [n for n, k in plan.items() if k and (salient is None or n not in salient)]
     needs_calib = needs_hessian or bool(ranked)
@@ -357,7 +357,7 @@ def select_salient_columns(
     targets, calib, saliency, quant = recipe.model, recipe.calib, recipe.saliency, recipe.quant
     device = resolve_device(targets.device)
     dtype = resolve_dtype(calib.dtype, device)
-    blocks_name, blocks, per_block, plan = _validate(model, targets, saliency, quant)
+    blocks_name, blocks, per_block, plan = check_targets(model, targets, saliency, quant)
     inputs, kwargs = _calibration_inputs(model, tokenizer, calib, blocks, device, dtype)
     chosen: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(blocks)), desc="select salient", disable=not progress):

@@ -107,7 +107,10 @@ def test_gptq_lora_view_reproduces_the_mixed_layers(quantized, tmp_path):
 
     model, tok, _ = quantized(True)
     out = save_gptq_lora(model, tmp_path / "engine", tokenizer=tok)
-    base = load_quantized(out)  # a plain GPTQ checkpoint: no salient columns
+    base_dir = tmp_path / "base"  # the plain GPTQ checkpoint alone: no salient columns
+    shutil.copytree(out, base_dir, ignore=shutil.ignore_patterns(ADAPTER_DIR))
+    base = load_quantized(base_dir, verify=False)  # its manifest lists the adapter files
+    folded = load_quantized(out)  # the adapter folded back into salient columns
     adapter = load_file(out / ADAPTER_DIR / "adapter_model.safetensors")
     cfg = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 4
@@ -116,6 +119,9 @@ def test_gptq_lora_view_reproduces_the_mixed_layers(quantized, tmp_path):
         B = adapter[f"base_model.model.{name}.lora_B.weight"].double()
         merged = base.get_submodule(name).dequantize(torch.float64) + B @ A
         assert torch.equal(merged, layer.dequantize(torch.float64))
+        assert base.get_submodule(name).num_salient == 0
+        assert torch.equal(folded.get_submodule(name).salient_idx, layer.salient_idx)
+        assert torch.equal(folded.get_submodule(name).dequantize(torch.float64), merged)
 
 
 def test_inspect_reports_sizes_and_bits(quantized, capsys):
@@ -213,9 +219,9 @@ def test_empty_dir_non_directory_and_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_quantized(tmp_path / "empty")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="is not a directory"):
+    with pytest.raises(CheckpointError, match="is not a directory"):
         load_quantized(tmp_path / "file")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="no such path"):
         load_quantized(tmp_path / "nowhere")
 
 

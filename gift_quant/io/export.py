@@ -11,6 +11,8 @@ Layout of an export directory (format ``gift_quant.mixed``, version 1):
                               <module>.salient_weight fp16 [out, k]; kept apart from the GPTQ
                               file so stock GPTQ loaders cannot silently drop them
     tokenizer files, recipe.yaml, report.json
+    manifest.json             SHA-256 of every other file, and of every tensor's bytes in each
+                              safetensors file, so a reader can name what changed
 
 Zero-points: ``checkpoint_format "gptq"`` (v1) stores z - 1, the universally read convention;
 it is written for symmetric grids, where z = 2**(bits-1) and nothing can overflow.
@@ -21,9 +23,11 @@ zero-point of 0 is an error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -36,13 +40,16 @@ from gift_quant.quant.packing import pack_cols, unpack_cols
 
 __all__ = [
     "FORMAT",
-    "checkpoint_tensors",
-    "write_model_files",
     "FORMAT_VERSION",
+    "MANIFEST_FILE",
     "SALIENT_FILE",
     "atomic_directory",
+    "checkpoint_tensors",
     "gptq_block",
     "save_quantized",
+    "tensor_digests",
+    "write_manifest",
+    "write_model_files",
     "zeros_to_file",
 ]
 
@@ -52,6 +59,7 @@ QUANT_METHOD = "gift_quant"
 SALIENT_FILE = "salient.safetensors"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = "manifest.json"
 GPTQ_FIELDS = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -72,6 +80,10 @@ class atomic_directory:
             )
         if not self.target.parent.is_dir():
             raise FileNotFoundError(f"parent directory {self.target.parent} does not exist")
+        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
+            pid = stale.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):  # left by a killed writer
+                shutil.rmtree(stale, ignore_errors=True)
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
@@ -80,12 +92,73 @@ class atomic_directory:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             try:
+                _readable_modes(self.tmp)
                 os.rename(self.tmp, self.target)  # atomic on one filesystem
             except OSError:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _readable_modes(root: Path) -> None:
+    """Give every written file the mode a plain ``open()`` would (0644 under umask 022);
+    safetensors creates its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_digests(path: Path) -> dict[str, str]:
+    """SHA-256 of each tensor's bytes in a safetensors file, located by its header's offsets."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        digests = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            f.seek(base + start)
+            digests[name] = hashlib.sha256(f.read(end - start)).hexdigest()
+    return digests
+
+
+def write_manifest(root: Path) -> None:
+    """``manifest.json``: SHA-256 of every file under ``root`` and of every tensor in its
+    safetensors files, so loading can verify the export and name a changed tensor."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {
+        "algorithm": "sha256",
+        "files": {p.relative_to(root).as_posix(): file_digest(p) for p in files},
+        "tensors": {
+            p.relative_to(root).as_posix(): tensor_digests(p)
+            for p in files
+            if p.suffix == ".safetensors"
+        },
+    }
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def safetensors_header() -> dict[str, str]:
@@ -252,6 +325,7 @@ def save_quantized(
             (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if report is not None:
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_manifest(tmp)
     return Path(out_dir)
 
 

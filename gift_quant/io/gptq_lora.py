@@ -13,6 +13,10 @@ needs one rank everywhere). Output layout::
     OUT/            GPTQ checkpoint: config.json (quant_method gptq), quantize_config.json,
                     model.safetensors, tokenizer files
     OUT/salient_lora/   adapter_config.json, adapter_model.safetensors
+    OUT/manifest.json   SHA-256 of every file and tensor (verified by gift_quant's loader)
+
+``gift_quant.load_quantized`` (and so ``eval``, ``inspect``, ``export``) reads this directory
+back as the mixed model: the one-hot adapter is folded back into salient columns.
 
 Load with transformers + optimum + gptqmodel + peft::
 
@@ -41,6 +45,7 @@ from gift_quant.io.export import (
     gptq_block,
     quantized_layers,
     resolve_checkpoint_format,
+    write_manifest,
     write_model_files,
 )
 
@@ -102,4 +107,5 @@ def save_gptq_lora(
             metadata={"format": "pt"},
         )
         (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        write_manifest(tmp)
     return Path(out_dir)

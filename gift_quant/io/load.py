@@ -2,13 +2,21 @@
 
 Everything is validated from the files' headers before the model is built: a missing or
 truncated file, a missing salient tensor, a wrong shape or dtype, an unknown format version --
-each is a :class:`CheckpointError` naming the file and the tensor. Only JSON and safetensors
-are read; nothing is unpickled.
+each is a :class:`CheckpointError` naming the file and the tensor. Then the bytes: an export
+with a ``manifest.json`` is checked against its SHA-256 digests (``verify=False`` skips this),
+every tensor the model expects must be in the files, and no weight may hold NaN or inf.
+Only JSON and safetensors are read; nothing is unpickled.
+
+"A model directory" means any of: an export (``quantize``, ``recover``'s ``model/``), a
+``recover`` output directory (its final model), or a ``gptq+lora`` export, whose one-hot
+adapter is folded back into the salient columns it encodes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +29,29 @@ from gift_quant.io.export import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_FILE,
+    MANIFEST_FILE,
     MODEL_FILE,
     QUANT_METHOD,
+    file_digest,
+    tensor_digests,
     zeros_from_file,
 )
+from gift_quant.io.gptq_lora import ADAPTER_DIR
 from gift_quant.kernels import Backend
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import cast_params, set_module
 
-__all__ = ["CheckpointError", "CheckpointInfo", "inspect_checkpoint", "load_quantized"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "inspect_checkpoint",
+    "load_quantized",
+    "resolve_model_dir",
+    "verify_manifest",
+]
+
+log = logging.getLogger(__name__)
+_SKIP = "--no-verify / verify=False skips this check"
 
 _DTYPE_NAMES = {
     "F16": torch.float16,
@@ -56,6 +78,7 @@ class CheckpointInfo:
         default_factory=dict
     )  # name -> file, shape, dtype
     salient_file: str | None = None
+    adapter: dict | None = None  # gptq+lora export: the salient_lora/ adapter_config.json
 
     @property
     def files(self) -> list[str]:
@@ -85,18 +108,43 @@ def _headers(path: Path) -> dict[str, tuple[list[int], str]]:
         ) from exc
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Validate a checkpoint directory from its metadata alone and describe it."""
+def resolve_model_dir(path: str | Path) -> Path:
+    """The export directory that ``path`` names: itself, or a recover run's final model.
+
+    A run trained with LoRA has no single export (its model is ``quantized/`` + a PEFT
+    adapter), and an unfinished run has no final model yet: both are refused by name.
+    """
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"{root} does not exist")
+        raise CheckpointError(f"{root}: no such path; give an export or recover output directory")
     if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory; give an export directory")
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
+        raise CheckpointError(f"{root} is not a directory; give an export directory")
+    if (root / "config.json").is_file():
+        return root
+    if (root / "recipe.yaml").is_file() and (root / "quantized").is_dir():  # a recover run
+        if (root / "lora_adapter").is_dir():
+            raise CheckpointError(
+                f"{root} is a train.method=lora run: its model is {root / 'quantized'} plus "
+                f"the PEFT adapter {root / 'lora_adapter'}; `eval {root}` applies both"
+            )
+        if (root / "model" / "config.json").is_file():
+            return root / "model"
+        report = root / "report.json"
+        if report.is_file() and _read_json(report).get("model_dir") == str(root / "quantized"):
+            return root / "quantized"  # a run without training: the quantized start is final
         raise CheckpointError(
-            f"{root}: no config.json; this is not a model directory (empty or partial?)"
+            f"{root}: the recover run has no final model yet; rerun the same recover command "
+            f"to finish it (or give {root / 'quantized'} for the quantized start)"
         )
+    raise CheckpointError(
+        f"{root}: no config.json; this is not a model directory (empty or partial?)"
+    )
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Validate a checkpoint directory from its metadata alone and describe it."""
+    root = resolve_model_dir(path)
+    cfg_path = root / "config.json"
     config = _read_json(cfg_path)
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict):
@@ -157,6 +205,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
                     "out_features": shape[1],
                     "bias": f"{mod}.bias" in tensors,
                 }
+        if (root / ADAPTER_DIR).is_dir():
+            info.adapter = _adapter_config(root / ADAPTER_DIR, modules)
     else:
         info.salient_file = qcfg.get("salient_file", "salient.safetensors")
         salient_path = root / info.salient_file
@@ -205,6 +255,119 @@ def _check_module(info: CheckpointInfo, name: str, spec: dict) -> None:
             )
 
 
+def _adapter_config(adapter_dir: Path, modules: dict) -> dict:
+    """The salient-column adapter of a gptq+lora export, checked to be one we can fold back."""
+    cfg = _read_json(adapter_dir / "adapter_config.json")
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{adapter_dir}: not a gift_quant salient-column adapter (DoRA/rsLoRA/non-LoRA); "
+            f"apply it with PEFT instead"
+        )
+    unknown = sorted(set(cfg.get("target_modules") or ()) - set(modules))
+    if unknown:
+        raise CheckpointError(f"{adapter_dir}: adapter targets {unknown[:3]} are not GPTQ layers")
+    return cfg
+
+
+def _fold_adapter(info: CheckpointInfo, state: dict) -> None:
+    """Turn the one-hot LoRA of a gptq+lora export back into salient columns (exact: A's rows
+    select input columns, B holds their FP16 weights, scaling alpha / r)."""
+    adapter = info.path / ADAPTER_DIR
+    file = adapter / "adapter_model.safetensors"
+    _headers(file)
+    tensors = load_file(file)
+    scale = float(info.adapter["lora_alpha"]) / float(info.adapter["r"])
+    for name, spec in info.modules.items():
+        a_key = f"base_model.model.{name}.lora_A.weight"
+        b_key = f"base_model.model.{name}.lora_B.weight"
+        if a_key not in tensors or b_key not in tensors:
+            raise CheckpointError(f"{file}: tensor {a_key!r} or {b_key!r} is missing")
+        A, B = tensors[a_key].float(), tensors[b_key].float() * scale
+        rows = torch.nonzero(A.abs().sum(1)).flatten()
+        idx = A[rows].argmax(1)
+        if not torch.equal(A[rows], torch.nn.functional.one_hot(idx, A.shape[1]).float()):
+            raise CheckpointError(
+                f"{file}: {a_key!r} is not a one-hot column selector, so it is a general LoRA; "
+                f"apply it with PEFT (PeftModel.from_pretrained) instead"
+            )
+        order = torch.argsort(idx)
+        state[f"{name}.salient_idx"] = idx[order].to(torch.int32)
+        state[f"{name}.salient_weight"] = B[:, rows[order]].to(torch.float16)
+        spec["num_salient"] = len(rows)
+
+
+def verify_manifest(root: Path) -> None:
+    """Compare every file with the SHA-256 recorded at export; a changed safetensors file is
+    narrowed down to the tensor whose bytes changed."""
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        log.info("%s: no %s (written before integrity checks); not verified", root, MANIFEST_FILE)
+        return
+    manifest = _read_json(path)
+    for rel, digest in manifest.get("files", {}).items():
+        file = root / rel
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (listed in {MANIFEST_FILE})")
+        if file_digest(file) == digest:
+            continue
+        expected = manifest.get("tensors", {}).get(rel, {})
+        try:
+            got = tensor_digests(file) if expected else {}
+        except (struct.error, ValueError, KeyError, OSError):
+            got = None
+        changed = [k for k, v in expected.items() if got is not None and got.get(k) != v]
+        if got is None:
+            what = "its safetensors header is unreadable (truncated or corrupt)"
+        elif changed and changed[0] not in got:
+            what = f"tensor {changed[0]!r} is missing"
+        elif changed:
+            what = f"tensor {changed[0]!r} does not match its SHA-256 in {MANIFEST_FILE}"
+        elif expected:
+            what = "its header (tensor names, shapes or dtypes) differs from the exported one"
+        else:
+            what = f"the file does not match its SHA-256 in {MANIFEST_FILE}"
+        raise CheckpointError(
+            f"{file}: {what} (corrupt or modified since export); re-export it ({_SKIP})"
+        )
+
+
+def _check_state(info: CheckpointInfo, model: nn.Module, state: dict) -> None:
+    """Every tensor the model expects is present with its shape, and every float is finite."""
+    expected = model.state_dict(keep_vars=True)
+    where = {k: info.path / f for k, (f, _, _) in info.tensors.items()}
+    for key, t in expected.items():
+        if key not in state:
+            if _is_tied(model, key):
+                continue
+            raise CheckpointError(
+                f"{info.path}: tensor {key!r} is missing from {', '.join(info.files)}; "
+                f"the export is incomplete, re-export it"
+            )
+        if list(state[key].shape) != list(t.shape):
+            raise CheckpointError(
+                f"{where.get(key, info.path)}: tensor {key!r} has shape {list(state[key].shape)}, "
+                f"the model expects {list(t.shape)}; the file's header does not match the config"
+            )
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{where.get(key, info.path)}: tensor {key!r} holds NaN or inf values; "
+                f"the export is corrupt, re-export it"
+            )
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is an output embedding that transformers ties to the input one."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    out = model.get_output_embeddings()
+    return out is not None and key == f"{_module_name(model, out)}.weight"
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
 def load_quantized(
     path: str | Path,
     *,
@@ -212,11 +375,14 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     backend: Backend | str = Backend.AUTO,
     trust_remote_code: bool = False,
+    verify: bool = True,
 ) -> nn.Module:
-    """Build the model of an export directory with MixedLinear layers (eval mode).
+    """Build the model of a model directory with MixedLinear layers (eval mode).
 
+    ``path``: an export, a recover output directory or a gptq+lora export (module docstring).
     ``dtype`` is the dtype of the unquantized tensors (default: as stored); scales and salient
-    columns stay fp16, codes stay int32.
+    columns stay fp16, codes stay int32. ``verify`` checks the files' SHA-256 digests (off
+    saves one read of every file).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -225,8 +391,11 @@ def load_quantized(
     except ImportError:  # transformers < 5.20 keeps it here
         from transformers.modeling_utils import no_init_weights
 
+    backend = Backend(backend)  # an unknown name fails here, before any file is read
     info = inspect_checkpoint(path)
     root = info.path
+    if verify:
+        verify_manifest(root)
     cfg_dict = dict(info.config)
     qcfg = cfg_dict.pop("quantization_config")
     model_type = cfg_dict.pop("model_type", None)
@@ -234,11 +403,28 @@ def load_quantized(
         raise CheckpointError(f"{root / 'config.json'}: no model_type")
     config = AutoConfig.for_model(model_type, **cfg_dict)
     stored = _stored_dtype(info)
+    state = {}
+    for file in info.files:
+        state.update(load_file(root / file))
+    if info.salient_file:
+        state.update(load_file(root / info.salient_file))
+    modules = {name: dict(spec) for name, spec in info.modules.items()}
+    for name, spec in modules.items():
+        key = f"{name}.qzeros"
+        state[key] = zeros_from_file(state[key], spec["bits"], info.checkpoint_format)
+        if info.kind == "gptq":  # a plain GPTQ layer is a mixed layer without salient columns
+            state[f"{name}.salient_idx"] = torch.zeros(0, dtype=torch.int32)
+            state[f"{name}.salient_weight"] = torch.zeros(
+                spec["out_features"], 0, dtype=torch.float16
+            )
+    if info.adapter is not None:
+        info.modules = modules
+        _fold_adapter(info, state)
     with no_init_weights():  # parameters are allocated but not initialised: all get assigned
         model = AutoModelForCausalLM.from_config(
             config, dtype=stored, trust_remote_code=trust_remote_code
         )
-    for name, spec in info.modules.items():
+    for name, spec in modules.items():
         try:
             model.get_submodule(name)
         except AttributeError as exc:
@@ -247,20 +433,7 @@ def load_quantized(
             ) from exc
         layer = MixedLinear.empty(spec, dtype=stored, device="meta", backend=backend)
         set_module(model, name, layer)
-
-    state = {}
-    for file in info.files:
-        state.update(load_file(root / file))
-    if info.salient_file:
-        state.update(load_file(root / info.salient_file))
-    for name, spec in info.modules.items():
-        key = f"{name}.qzeros"
-        state[key] = zeros_from_file(state[key], spec["bits"], info.checkpoint_format)
-        if info.kind == "gptq":  # a plain GPTQ layer is a mixed layer without salient columns
-            state[f"{name}.salient_idx"] = torch.zeros(0, dtype=torch.int32)
-            state[f"{name}.salient_weight"] = torch.zeros(
-                spec["out_features"], 0, dtype=torch.float16
-            )
+    _check_state(info, model, state)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{root}: tensors not in the model: {result.unexpected_keys[:5]}")

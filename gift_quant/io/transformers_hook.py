@@ -1,9 +1,11 @@
 """transformers integration: ``AutoModelForCausalLM.from_pretrained(export_dir)`` after
 ``import gift_quant``, so ``generate()``, pipelines and lm-eval's HF wrapper work unchanged.
 
-The quantizer swaps each target Linear of the skeleton for a MixedLinear before weights load;
-transformers loads the GPTQ tensors from model.safetensors; afterwards the quantizer converts
-GPTQ v1 zero-points and loads the salient columns from their own file.
+Before any weight loads, the files are checked against the export's ``manifest.json``
+digests (a changed or deleted tensor is an error naming it). The quantizer swaps each target
+Linear of the skeleton for a MixedLinear before weights load; transformers loads the GPTQ
+tensors from model.safetensors; afterwards the quantizer converts GPTQ v1 zero-points and
+loads the salient columns from their own file.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class GiftQuantHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("gift_quant checkpoints load from local safetensors files only")
         self._root = Path(checkpoint_files[0]).parent
+        from gift_quant.io.load import verify_manifest
+
+        verify_manifest(self._root)  # the SHA-256 digests written at export, as load_quantized
         salient_path = self._root / self.quantization_config.salient_file
         if not salient_path.is_file():
             raise FileNotFoundError(

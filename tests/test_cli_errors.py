@@ -1,0 +1,907 @@
+"""The README's bad-input table, row by row: every expected failure of the command line is one
+``error:`` line naming the fix with exit code 2 (Ctrl-C: one line, exit code 130), found before
+any expensive work, and nothing already written is lost or left half-written.
+
+Each row of ``CASES`` is (category, what is wrong, set-up returning the arguments, message
+regex, exit code); the README table is generated from the same rows (``readme_table``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, tiny_recipe
+
+from gift_quant.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    *("--set", "calib.num_samples=4", "--set", "calib.seq_len=64"),
+    *("--set", "calib.batch_size=4", "--set", "quant.group_size=32"),
+    *("--set", "saliency.count=4", "--set", "eval.seq_len=64"),
+    *("--set", "eval.max_tokens=256", "--set", "calib.true_sequential=false"),
+]
+TRAIN = [
+    *("--set", "train.steps=4", "--set", "train.batch_size=1", "--set", "train.grad_accum=1"),
+    *("--set", "train.seq_len=32", "--set", "train.save_every=2"),
+]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_model_dirs, tmp_path_factory):
+    """One tiny w4 export written by the CLI; cases damage copies of it."""
+    out = tmp_path_factory.mktemp("exports") / "q"
+    assert (
+        main(["quantize", "--model", tiny_model_dirs("llama"), *TINY, "--out", str(out), "-q"]) == 0
+    )
+    return out
+
+
+class Ctx:
+    """What a case's set-up may use: a scratch dir, the tiny model, a copy of the export."""
+
+    def __init__(self, tmp: Path, model: str, export: Path) -> None:
+        self.tmp, self.model, self._export = tmp, model, export
+
+    def export(self) -> Path:
+        copy = self.tmp / "export"
+        if not copy.exists():
+            shutil.copytree(self._export, copy)
+        return copy
+
+    def out(self) -> str:
+        return str(self.tmp / "out")
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a safetensors file through ``edit(tensors) -> tensors`` (keeps the metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(edit(tensors), path, metadata=meta)
+
+
+def _edit_header(path: Path, edit) -> None:
+    """Change a safetensors header in place (same length, payload untouched)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    path.write_bytes(raw[:8] + new.ljust(n) + raw[8 + n :])
+
+
+def _overwrite_payload(path: Path, key: str) -> None:
+    """Set one tensor's bytes to 0xFF, header intact (the issue's corrupted payload)."""
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start, end = json.loads(raw[8 : 8 + n])[key]["data_offsets"]
+    raw[8 + n + start : 8 + n + end] = b"\xff" * (end - start)
+    path.write_bytes(bytes(raw))
+
+
+def _drop(key):
+    return lambda t: {k: v for k, v in t.items() if k != key}
+
+
+def _poison(key, value):
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[0] = value
+        return t
+
+    return edit
+
+
+def _swap_shape(header):
+    header["model.embed_tokens.weight"]["shape"] = list(
+        reversed(header["model.embed_tokens.weight"]["shape"])
+    )
+
+
+def _set_qcfg(d: Path, **values) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"].update(values)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _model_with(c: Ctx, edit) -> str:
+    """A copy of the tiny FP model whose weights went through ``edit(model)``."""
+    model = build_tiny("llama")
+    with torch.no_grad():
+        edit(model)
+    path = c.tmp / "bad-model"
+    model.save_pretrained(path)
+    for f in Path(c.model).glob("tokenizer*"):
+        shutil.copy(f, path)
+    return str(path)
+
+
+def _text(c: Ctx, text: str) -> str:
+    (c.tmp / "t.txt").write_text(text)
+    return str(c.tmp / "t.txt")
+
+
+def _general_lora(c: Ctx) -> list[str]:
+    from gift_quant.io.gptq_lora import save_gptq_lora
+    from gift_quant.io.load import load_quantized
+
+    engine = c.tmp / "engine"
+    save_gptq_lora(load_quantized(c.export()), engine)
+    adapter = engine / "salient_lora" / "adapter_model.safetensors"
+    _rewrite(adapter, lambda t: {k: v + 0.5 if "lora_A" in k else v for k, v in t.items()})
+    (engine / "manifest.json").unlink()  # a hand-made adapter has no manifest
+    return ["inspect", str(engine)]
+
+
+def _run_dir(c: Ctx, *parts: str) -> Path:
+    run = c.tmp / "run"
+    (run / "quantized").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("{}\n")
+    for part in parts:
+        (run / part).mkdir()
+    return run
+
+
+def _occupied(c: Ctx) -> str:
+    (c.tmp / "out").mkdir()
+    (c.tmp / "out" / "notes.txt").write_text("mine")
+    return c.out()
+
+
+def _file_out(c: Ctx) -> str:
+    (c.tmp / "out").write_text("a file")
+    return c.out()
+
+
+def on_export(damage, command: str, *extra: str):
+    """Set-up: damage a copy of the export, then run ``command`` on it."""
+
+    def setup(c: Ctx) -> list[str]:
+        damage(c.export())
+        return [command, str(c.export()), *extra]
+
+    return setup
+
+
+def quantize(*extra: str, model=None):
+    """Set-up: ``quantize`` of the tiny model (or ``model(c)``) with ``extra`` arguments."""
+
+    def setup(c: Ctx) -> list[str]:
+        path = model(c) if model else c.model
+        return ["quantize", "--model", path, *TINY, *extra, "--out", c.out()]
+
+    return setup
+
+
+def recover(*extra: str):
+    return lambda c: ["recover", "--model", c.model, *TINY, *extra, "--out", c.out()]
+
+
+def evaluate(*extra: str, text=None):
+    def setup(c: Ctx) -> list[str]:
+        texts = ["--text", text(c)] if text else []
+        return ["eval", "--model", c.model, *texts, *extra]
+
+    return setup
+
+
+def _nan_weight(c: Ctx) -> str:
+    return _model_with(c, lambda m: m.model.layers[0].mlp.up_proj.weight.view(-1).fill_(math.nan))
+
+
+def _overflowing(c: Ctx) -> str:
+    def edit(m):
+        m.model.layers[0].mlp.up_proj.weight.fill_(1000.0)
+        m.model.layers[0].mlp.down_proj.weight.fill_(1000.0)
+
+    return _model_with(c, edit)
+
+
+def _jsonl(c: Ctx) -> str:
+    (c.tmp / "t.jsonl").write_text("{oops\n")
+    return str(c.tmp / "t.jsonl")
+
+
+def _unlink(name):
+    return lambda d: (d / name).unlink()
+
+
+def _set_version(d: Path) -> None:
+    _set_qcfg(d, format_version=99)
+
+
+EMBED = "model.embed_tokens.weight"
+DOWN = "model.layers.1.mlp.down_proj.qweight"
+SALIENT = "model.layers.0.mlp.up_proj.salient_weight"
+MODEL_FILE, SALIENT_FILE = "model.safetensors", "salient.safetensors"
+CASES = [
+    # recipes
+    ("recipe", "unknown key", quantize("--set", "quant.bitz=3"), r"did you mean 'quant.bits'", 2),
+    (
+        "recipe",
+        "unsupported bits",
+        quantize("--set", "quant.bits=5"),
+        r"quant.bits must be one of \(2, 3, 4, 8\)",
+        2,
+    ),
+    ("recipe", "--set without =", quantize("--set", "quant.bits"), r"expects section.key=value", 2),
+    (
+        "recipe",
+        "no such recipe",
+        lambda c: ["recover", "--recipe", "quikstart", "--out", c.out()],
+        r"did you mean 'quickstart'",
+        2,
+    ),
+    (
+        "recipe",
+        "group size not dividing a layer (recover: before the FP pass)",
+        recover("--set", "quant.group_size=48"),
+        r"does not divide the layer width 64",
+        2,
+    ),
+    (
+        "recipe",
+        "salient budget wider than a layer",
+        quantize("--set", "saliency.count=64"),
+        r"does not fit a layer 64 columns wide",
+        2,
+    ),
+    (
+        "recipe",
+        "calib.seq_len beyond the context",
+        quantize("--set", "calib.seq_len=100000"),
+        r"calib.seq_len=100000 exceeds the model's context",
+        2,
+    ),
+    (
+        "recipe",
+        "eval.seq_len beyond the context (recover)",
+        recover("--set", "eval.seq_len=512"),
+        r"eval.seq_len=512 exceeds the model's context",
+        2,
+    ),
+    (
+        "recipe",
+        "include matches no Linear",
+        quantize("--set", "model.include=[nomatch]"),
+        r"no target Linears matched",
+        2,
+    ),
+    (
+        "recipe",
+        "training on the held-out text",
+        recover("--set", "train.data=wiki-heldout"),
+        r"would train on the evaluation articles",
+        2,
+    ),
+    (
+        "recipe",
+        "unknown model dtype",
+        quantize("--set", "model.dtype=float8"),
+        r"model.dtype must be one of",
+        2,
+    ),
+    # models
+    (
+        "model",
+        "--model path does not exist",
+        quantize(model=lambda c: str(c.tmp / "nope")),
+        r"no such path",
+        2,
+    ),
+    (
+        "model",
+        "--model directory without config.json",
+        quantize(model=lambda c: str(c.tmp)),
+        r"no config.json there",
+        2,
+    ),
+    (
+        "model",
+        "hub id while offline",
+        quantize(model=lambda c: "no-such-org/no-such-model"),
+        r"could not load it from the hub",
+        2,
+    ),
+    (
+        "model",
+        "model.device=cuda without a GPU",
+        recover("--set", "model.device=cuda"),
+        r"CUDA device\(s\) are visible; use cpu or auto",
+        2,
+    ),
+    (
+        "model",
+        "model.device is not a device",
+        quantize("--set", "model.device=gpu0"),
+        r"is not a device",
+        2,
+    ),
+    (
+        "model",
+        "NaN in the model's weights",
+        quantize(model=_nan_weight),
+        r"weight 'model.layers.0.mlp.up_proj.weight' holds NaN or inf",
+        2,
+    ),
+    (
+        "model",
+        "inf in calibration activations (fp16 overflow)",
+        quantize("--set", "calib.dtype=float16", model=_overflowing),
+        r"calibration activations entering .* hold NaN or inf",
+        2,
+    ),
+    # data
+    (
+        "data",
+        "text shorter than one window",
+        evaluate("--seq-len", "64", text=lambda c: _text(c, "too short")),
+        r"fewer than one window of 64",
+        2,
+    ),
+    (
+        "data",
+        "--text file missing",
+        evaluate("--seq-len", "64", text=lambda c: str(c.tmp / "missing.txt")),
+        r"is not a file; use wiki",
+        2,
+    ),
+    (
+        "data",
+        "malformed .jsonl line",
+        evaluate("--seq-len", "64", text=_jsonl),
+        r"t.jsonl:1: not a JSON line",
+        2,
+    ),
+    (
+        "data",
+        "--seq-len beyond the context",
+        evaluate("--seq-len", "100000"),
+        r"--seq-len=100000 exceeds the model's context",
+        2,
+    ),
+    (
+        "data",
+        "eval given a directory and --model",
+        lambda c: ["eval", str(c.export()), "--model", c.model],
+        r"not both and not neither",
+        2,
+    ),
+    (
+        "data",
+        "eval --device cuda without a GPU",
+        lambda c: ["eval", str(c.export()), "--device", "cuda"],
+        r"--device='cuda' but 0 CUDA",
+        2,
+    ),
+    # outputs
+    (
+        "output",
+        "quantize --out exists",
+        lambda c: ["quantize", "--model", c.model, "--out", str(c.tmp)],
+        r"already exists",
+        2,
+    ),
+    (
+        "output",
+        "recover --out is a file",
+        lambda c: ["recover", "--model", c.model, *TINY, "--out", _file_out(c)],
+        r"exists and is not a directory",
+        2,
+    ),
+    (
+        "output",
+        "recover --out holds other files",
+        lambda c: ["recover", "--model", c.model, *TINY, "--out", _occupied(c)],
+        r"holds files that are not a recover run \('notes.txt'",
+        2,
+    ),
+    (
+        "output",
+        "export --out exists",
+        lambda c: ["export", str(c.export()), "--out", str(c.tmp)],
+        r"already exists",
+        2,
+    ),
+    # exports
+    ("export", "no such directory", lambda c: ["inspect", str(c.tmp / "no")], r"no such path", 2),
+    (
+        "export",
+        "empty directory",
+        lambda c: ["inspect", str(c.tmp)],
+        r"no config.json; this is not a model directory",
+        2,
+    ),
+    (
+        "export",
+        "truncated model.safetensors",
+        on_export(lambda d: os.truncate(d / MODEL_FILE, 100), "inspect"),
+        r"truncated or corrupt",
+        2,
+    ),
+    (
+        "export",
+        "salient.safetensors deleted",
+        on_export(_unlink(SALIENT_FILE), "eval"),
+        r"salient.safetensors is missing",
+        2,
+    ),
+    (
+        "export",
+        "payload overwritten with 0xFF, header intact",
+        on_export(lambda d: _overwrite_payload(d / MODEL_FILE, DOWN), "eval"),
+        rf"tensor '{DOWN}' does not match its SHA-256",
+        2,
+    ),
+    (
+        "export",
+        "embed_tokens deleted",
+        on_export(lambda d: _rewrite(d / MODEL_FILE, _drop(EMBED)), "eval"),
+        rf"model.safetensors: tensor '{EMBED}' is missing \(corrupt or modified since export",
+        2,
+    ),
+    (
+        "export",
+        "embed_tokens deleted (--no-verify)",
+        on_export(lambda d: _rewrite(d / MODEL_FILE, _drop(EMBED)), "eval", "--no-verify"),
+        rf"tensor '{EMBED}' is missing",
+        2,
+    ),
+    (
+        "export",
+        "header lies about a shape",
+        on_export(lambda d: _edit_header(d / MODEL_FILE, _swap_shape), "inspect"),
+        r"model.safetensors: its header \(tensor names, shapes or dtypes\) differs",
+        2,
+    ),
+    (
+        "export",
+        "header lies about a shape (--no-verify)",
+        on_export(lambda d: _edit_header(d / MODEL_FILE, _swap_shape), "inspect", "--no-verify"),
+        rf"tensor '{EMBED}' has shape \[64, 512\], the model expects \[512, 64\]",
+        2,
+    ),
+    (
+        "export",
+        "NaN in a weight (--no-verify)",
+        on_export(
+            lambda d: _rewrite(d / MODEL_FILE, _poison("model.norm.weight", math.nan)),
+            "inspect",
+            "--no-verify",
+        ),
+        r"tensor 'model.norm.weight' holds NaN or inf",
+        2,
+    ),
+    (
+        "export",
+        "inf in a salient column (--no-verify)",
+        on_export(
+            lambda d: _rewrite(d / SALIENT_FILE, _poison(SALIENT, math.inf)),
+            "inspect",
+            "--no-verify",
+        ),
+        rf"tensor '{SALIENT}' holds NaN or inf",
+        2,
+    ),
+    (
+        "export",
+        "newer format_version",
+        on_export(_set_version, "inspect"),
+        r"format_version 99 is newer than this gift_quant reads",
+        2,
+    ),
+    (
+        "export",
+        "config.json not JSON",
+        on_export(lambda d: (d / "config.json").write_text("{no"), "inspect"),
+        r"not valid JSON",
+        2,
+    ),
+    (
+        "export",
+        "gptq+lora export with a general (not one-hot) LoRA",
+        _general_lora,
+        r"is not a one-hot column selector",
+        2,
+    ),
+    (
+        "export",
+        "recover run trained with LoRA, given to inspect",
+        lambda c: ["inspect", str(_run_dir(c, "lora_adapter"))],
+        r"is a train.method=lora run",
+        2,
+    ),
+    (
+        "export",
+        "unfinished recover run",
+        lambda c: ["inspect", str(_run_dir(c))],
+        r"has no final model yet; rerun the same recover command",
+        2,
+    ),
+]
+IDS = [f"{cat}: {what}" for cat, what, *_ in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bad_input(case, tiny_model_dirs, export_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, _, setup, message, code = case
+    c = Ctx(tmp_path, tiny_model_dirs("llama"), export_dir)
+    argv = setup(c)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    t0 = time.perf_counter()
+    assert main([*argv, "-q"] if "-q" not in argv else argv) == code
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [x for x in err if x.startswith("error:")]
+    assert len(lines) == 1 and re.search(message, lines[0]), err
+    assert "Traceback" not in "\n".join(err)
+    # nothing was written: no --out, no partial sibling, the inputs untouched
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert seconds < 120
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    argv = ["quantize", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "-q"]
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_failed_validation_then_corrected_rerun_just_works(tiny_model_dirs, tmp_path, capsys):
+    """The issue's poisoned run: group_size=100 used to leave recipe.yaml and eval_fp.json."""
+    model, out = tiny_model_dirs("llama"), str(tmp_path / "run")
+    bad = ["recover", "--model", model, *TINY, "--set", "train.method=none", "-q"]
+    assert main([*bad, "--set", "quant.group_size=100", "--out", out]) == 2
+    assert "does not divide" in capsys.readouterr().err and not Path(out).exists()
+    assert main([*bad, "--out", out, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model_dir"] == str(tmp_path / "run" / "quantized")
+    # the final output names the model and the next commands, which accept the run directory
+    assert report["next"][0] == f"python -m gift_quant eval {out}"
+    assert main(["inspect", out, "--json", "-q"]) == 0
+    inspected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert inspected["fp16_bytes"] == report["bytes_fp16"]
+    # a rerun of the finished run keeps its report byte for byte
+    before = (Path(out) / "report.json").read_bytes()
+    assert main([*bad, "--out", out, "--json"]) == 0
+    assert (Path(out) / "report.json").read_bytes() == before
+
+
+def test_ctrl_c_during_training_names_the_resume_step(
+    tiny_model_dirs, tmp_path, capsys, monkeypatch
+):
+    import gift_quant.train.loop as loop
+
+    model, out = tiny_model_dirs("llama"), str(tmp_path / "run")
+    argv = ["recover", "--model", model, *TINY, *TRAIN, "--out", out, "-q"]
+    real = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_ctrl_c(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_ctrl_c)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted; rerun the same command to resume from step 2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["resumed"] and report["invocations"] == 2
+    train = report["train"]
+    assert train["resumed_from"] == 2 and train["steps"] == 4 and train["counts"] == "whole run"
+    rows = [json.loads(x) for x in (Path(out) / "train/metrics.jsonl").read_text().splitlines()]
+    assert train["tokens"] == sum({r["step"]: r["tokens"] for r in rows}.values())
+    assert "resumed run: 2 invocations" in (Path(out) / "report.md").read_text()
+
+
+def test_ctrl_c_during_quantize_leaves_nothing(tiny_model_dirs, tmp_path, capsys, monkeypatch):
+    import gift_quant.io.export as export
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_file", ctrl_c)
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", tiny_model_dirs("llama"), *TINY, "--out", str(out), "-q"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith("rerun the same command")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_on_export_is_one_line_and_leaves_nothing(
+    export_dir, tmp_path, capsys, monkeypatch
+):
+    import gift_quant.io.export as export
+
+    def full(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(export, "save_file", full)
+    out = tmp_path / "copy"
+    assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: no space left on the device writing") and "\n" not in line
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 0
+
+
+KILL_DURING_EXPORT = """
+import sys, time
+import gift_quant.io.export as export
+from gift_quant.io.load import load_quantized
+real = export.save_file
+def slow(*args, **kwargs):
+    real(*args, **kwargs)
+    print("written", flush=True)
+    time.sleep(600)
+export.save_file = slow
+export.save_quantized(load_quantized(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_kill_9_during_export_leaves_nothing_and_the_rerun_works(export_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_DURING_EXPORT, str(export_dir), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "written"  # one file is on disk
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    assert [p.name.startswith(".copy.partial-") for p in tmp_path.iterdir()] == [True]
+    assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # the killed writer's leftovers too
+    assert main(["inspect", str(out), "--json", "-q"]) == 0
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_whole_one(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
+    """A checkpoint is written like an export (hidden sibling, then rename), so a kill -9
+    mid-write leaves the previous checkpoint and a partial sibling; the rerun ignores the
+    partial one and resumes. The kill is simulated by the partial directory it leaves."""
+    import gift_quant.train.loop as loop
+    from gift_quant.pipeline import recover as run_recover
+
+    recipe = tiny_recipe(
+        tiny_model_dirs("llama"),
+        *(x for x in TRAIN if x != "--set"),
+        "calib.num_samples=4",
+        "calib.true_sequential=false",
+    )
+    out = tmp_path / "run"
+    real = loop.save_checkpoint
+
+    def die_after_first(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_recover(recipe, out, progress=False)
+    monkeypatch.undo()
+    ckpts = out / "train" / "checkpoints"
+    partial = ckpts / ".step-000004.partial-999999999"
+    shutil.copytree(ckpts / "step-000002", partial)
+    (partial / "state.json").unlink()  # killed before its last file
+    report = run_recover(recipe, out, progress=False)
+    assert report["train"]["resumed_from"] == 2 and report["train"]["steps"] == 4
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_gptq_lora_export_is_read_with_its_adapter(export_dir, tmp_path, capsys):
+    """eval/inspect on the engine view used to score the bare GPTQ base (k = 0 everywhere)."""
+    engine = tmp_path / "engine"
+    assert main(["export", str(export_dir), "--format", "gptq+lora", "--out", str(engine)]) == 0
+    capsys.readouterr()
+    runs = {}
+    for d in (export_dir, engine):
+        assert main(["inspect", str(d), "--json", "-q"]) == 0
+        runs[d] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [x["num_salient"] for x in runs[engine]["layers"]] == [
+        x["num_salient"] for x in runs[export_dir]["layers"]
+    ]
+    assert min(x["num_salient"] for x in runs[engine]["layers"]) == 4
+    assert "salient_lora/" in runs[engine]["adapter"]
+    ppl = {}
+    for d in (export_dir, engine):
+        assert main(["eval", str(d), "--seq-len", "64", "--max-tokens", "256", "--json", "-q"]) == 0
+        ppl[d] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl[engine] == ppl[export_dir]
+
+
+def test_inspect_order_rounding_and_file_modes(export_dir, capsys):
+    assert main(["inspect", str(export_dir), "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = [x["name"] for x in result["layers"]]
+    blocks = [int(n.split(".")[2]) for n in names]
+    assert blocks == sorted(blocks)
+    assert result["compression"] == round(result["compression"], 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in export_dir.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    assert "manifest.json" in modes
+
+
+def test_help_and_import_do_not_load_torch():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = (
+        "import sys, gift_quant, gift_quant.cli; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "gift_quant", "--help"], env=env, capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and helped.stderr == "" and "recover" in helped.stdout
+
+
+def test_quiet_run_prints_nothing_on_stderr(tiny_model_dirs, tmp_path):
+    """-q silences transformers' "Loading weights" bar, and no third-party import notices
+    (torchao's missing extensions, torch's pytree deprecations) reach the user."""
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    argv = ["eval", "--model", tiny_model_dirs("llama"), "--text", str(text), "--seq-len", "64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gift_quant", *argv, "-q"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    assert "perplexity:" in out.stdout
+
+
+def test_from_pretrained_after_a_light_import(export_dir):
+    """The quantizer registers itself when transformers builds its registry, in a fresh
+    process where gift_quant was imported first, then transformers."""
+    code = (
+        "import sys, gift_quant; from transformers import AutoModelForCausalLM; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(export_dir)], env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "MixedLinear", out.stderr[-2000:]
+
+
+def test_from_pretrained_verifies_the_manifest(export_dir, tmp_path):
+    """transformers' loader would start from random weights for a deleted tensor (a warning);
+    the quantizer checks the export's digests first."""
+    from transformers import AutoModelForCausalLM
+
+    from gift_quant.io.load import CheckpointError
+
+    bad = shutil.copytree(export_dir, tmp_path / "bad")
+    _rewrite(bad / MODEL_FILE, _drop(EMBED))
+    with pytest.raises(CheckpointError, match=rf"tensor '{EMBED}' is missing"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+KERNEL_CASES = [
+    ("unknown backend name", "bogus", False, ValueError, "'bogus' is not a valid Backend"),
+    ("backend=triton on the CPU", "triton", True, RuntimeError, "needs a CUDA tensor"),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_kernel_choice_errors(case, export_dir):
+    """Python API (the CLI always picks the backend itself): a backend that cannot run here
+    is refused by name, at load or at the first matmul -- never a silent fallback."""
+    from gift_quant.io.load import load_quantized
+
+    _, backend, at_forward, error, message = case
+    if not at_forward:
+        with pytest.raises(error, match=message):
+            load_quantized(export_dir, backend=backend)
+        return
+    model = load_quantized(export_dir, backend=backend)
+    with pytest.raises(error, match=message):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+# Rows of the README table backed by the dedicated tests above: (area, case, outcome, exit).
+BEHAVIOUR = [
+    (
+        "interrupt",
+        "Ctrl-C during training",
+        "`interrupted; rerun the same command to resume from step 2`; the rerun resumes "
+        "at step 2 and its report counts the whole run",
+        "130, then 0",
+    ),
+    (
+        "interrupt",
+        "Ctrl-C during quantize",
+        "`interrupted; nothing partial was kept, rerun the same command`; no --out",
+        "130",
+    ),
+    (
+        "interrupt",
+        "kill -9 during export (one file written)",
+        "no target directory; the rerun removes the killed writer's hidden partial "
+        "sibling and succeeds",
+        "-9, then 0",
+    ),
+    (
+        "interrupt",
+        "kill -9 during a checkpoint write",
+        "the partial checkpoint is ignored and removed; the rerun resumes from the last whole one",
+        "0",
+    ),
+    (
+        "output",
+        "full disk while writing an export (ENOSPC)",
+        "`no space left on the device writing ...; nothing partial was kept, free some "
+        "space and rerun the same command`",
+        "2, then 0",
+    ),
+    (
+        "recipe",
+        "quant.group_size=100, then the corrected rerun",
+        "refused before the FP pass with nothing written; the rerun just works",
+        "2, then 0",
+    ),
+    ("output", "rerun of a finished recover", "the report is kept byte for byte", "0"),
+    (
+        "export",
+        "eval / inspect of a gptq+lora export",
+        "the adapter is applied: same k per layer and the same perplexity as the mixed export",
+        "0",
+    ),
+    ("any", "`--debug` with any error", "the traceback, then the same `error:` line", "2"),
+]
+
+
+def readme_table() -> str:
+    """The README's bad-input table, from CASES, KERNEL_CASES and BEHAVIOUR
+    (``python tests/test_cli_errors.py``)."""
+    rows = ["| # | area | bad input | message / outcome | exit |", "|---:|---|---|---|---:|"]
+    for cat, what, _, message, code in CASES:
+        shown = message.replace("\\", "").replace(".*", "…")
+        rows.append(f"{cat} | {what} | `error: …{shown}…` | {code}")
+    for what, _, _, error, message in KERNEL_CASES:
+        rows.append(f"kernel | {what} (Python API) | {error.__name__}: `…{message}…` | raises")
+    rows += [" | ".join(r) for r in BEHAVIOUR]
+    return "\n".join(rows[:2] + [f"| {i} | {r} |" for i, r in enumerate(rows[2:], 1)])
+
+
+def test_readme_table_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table() in readme, "update README.md: python tests/test_cli_errors.py"
+
+
+if __name__ == "__main__":
+    print(readme_table())
