@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gift_quant.config import RecipeError
+from gift_quant.errors import RecipeError
 
 __all__ = [
     "LayerStats",

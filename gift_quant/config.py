@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from gift_quant.errors import RecipeError
 from gift_quant.noise import NOISES
 from gift_quant.quant import QUANTIZERS
 from gift_quant.saliency import SALIENCY_PRESETS
@@ -38,10 +39,6 @@ NORMS = (1.0, 2.0, math.inf)
 # text tokens)? "auto": when the tokenizer adds one (tokenizer(text) with special tokens
 # would); "always": yes (the tokenizer must define a BOS token); "never": L text tokens.
 BOS_MODES = ("auto", "always", "never")
-
-
-class RecipeError(ValueError):
-    """A recipe key or value is wrong; the message names the key and what would be right."""
 
 
 @dataclass(frozen=True, kw_only=True)
