@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import sys
 
-__version__ = "0.1.0"
+from gift_quant.version import __version__
 
 _LAZY = {
     "Backend": "gift_quant.kernels",

@@ -31,12 +31,12 @@ from gift_quant.kernels import (  # noqa: E402
     reference,
     resolve_backend,
 )
-from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, random_quantized  # noqa: E402
 from gift_quant.kernels.triton import mm, ops  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
+from gift_quant.testing import ERROR_FACTOR, kernel_error, random_quantized  # noqa: E402
 
 if _SAVED is None:  # the rest of the test session runs without the variable
     os.environ.pop("TRITON_INTERPRET", None)
@@ -259,7 +259,7 @@ def test_kernels_compile_for_the_gpu_without_one():
     a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
     (slow to compile): ``tools/check_kernels.py --compile-only`` does them all."""
     code = (
-        "from gift_quant.kernels.testing import compile_for_gpu as c; from gift_quant.kernels."
+        "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels."
         "triton import mm; print(len(c((3,), ('bf16',), {'t64k': mm.MM_CONFIGS['t64k']}, False)))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

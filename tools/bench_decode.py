@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gift_quant.io.export import save_quantized  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
-from gift_quant.kernels.testing import run_environment  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.modeling import set_module  # noqa: E402
 from gift_quant.quant import QUANTIZERS  # noqa: E402
 from gift_quant.recipe import QuantConfig  # noqa: E402
+from gift_quant.testing import run_environment  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

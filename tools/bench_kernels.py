@@ -38,12 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gift_quant.kernels.testing import run_environment  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
+from gift_quant.testing import run_environment  # noqa: E402
 
 GROUPS = {  # (N, K)
     "tuned": [(4096, 4096), (12288, 4096), (28672, 4096), (4096, 14336)],

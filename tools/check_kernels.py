@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
-from gift_quant.kernels.testing import (  # noqa: E402
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.testing import (  # noqa: E402
     ERROR_FACTOR,
     compile_for_gpu,
     kernel_error,
@@ -43,7 +44,6 @@ from gift_quant.kernels.testing import (  # noqa: E402
     random_mixed_linear,
     run_environment,
 )
-from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 
 MS = [1, 2, 4, 8, 16, 64, 256]
 CAND_MS = [5, 16, 32, 64, 200]  # every kernel of ops.candidates(M), shapes 0 and 1

@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gift_quant import __version__
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.quant.packing import pack_cols, unpack_cols
+from gift_quant.version import __version__
 
 __all__ = [
     "FORMAT",
