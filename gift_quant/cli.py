@@ -137,6 +137,10 @@ def _setup_logging(quiet: bool) -> None:
             logger.addFilter(_ErrorsOnly())
     if quiet:  # transformers' and the hub's bars ("Loading weights") follow -q too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:  # read its setting once, at import: set it now
+        from huggingface_hub import utils as hub_utils
+
+        (hub_utils.disable_progress_bars if quiet else hub_utils.enable_progress_bars)()
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
