@@ -7,7 +7,7 @@ Output directory::
     OUT/quantized/         export of the quantized start (post mode)
     OUT/train/             checkpoints/ and metrics.jsonl
     OUT/model/             the recovered model (an export directory; ``eval OUT`` reads it)
-    OUT/lora_adapter/      (train.method=lora) the PEFT adapter on top of OUT/quantized
+    OUT/lora_adapter/      (train.method=lora or dora) the PEFT adapter on top of OUT/quantized
     OUT/eval_*.json        cached perplexities
     OUT/report.json, OUT/report.md
 """
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["final_model_dir", "recover", "report_table"]
 
 QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
+ADAPTERS = ("lora", "dora")  # train.method values that save a PEFT adapter, not a model
 
 
 def _check_recipe(out: Path, recipe: Recipe) -> None:
@@ -139,9 +140,9 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
     t_start = time.perf_counter()
     run = _Run(recipe, Path(out_dir), progress)
     d, tr = run.dist, recipe.train
-    if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method == "lora")):
+    if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method in ADAPTERS)):
         raise RecipeError(
-            "several processes run post-mode gift (ddp or fsdp) or lora (ddp); "
+            "several processes run post-mode gift (ddp or fsdp) or lora/dora (ddp); "
             "run train.mode=pre in one process"
         )
     if d.main:
@@ -216,7 +217,7 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
     recipe, tr, out = run.recipe, run.recipe.train, run.out
     if tr.method == "none" or tr.steps == 0:
         return out / "quantized", {}
-    final = out / ("lora_adapter" if tr.method == "lora" else "model")
+    final = out / ("lora_adapter" if tr.method in ADAPTERS else "model")
     report_file = out / "train" / "report.json"
     if (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
         log.info("stage train: done earlier")
@@ -227,14 +228,15 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
     else:
         from gift_quant.train.lora import attach_lora
 
-        model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
-        log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
+        dora = tr.method == "dora"
+        model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed, dora=dora)
+        log.info("%s rank %d", tr.method, rank)
     rep = run.train(model, tok, teacher)
     run.timings["train"] = time.perf_counter() - t0
     if run.dist.main:
         report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
         model.to("cpu")
-        if tr.method == "lora":
+        if tr.method in ADAPTERS:
             model.save_pretrained(final)
         else:
             if run.dist.enabled:  # parameters may be sharded: rebuild from the full checkpoint
