@@ -123,3 +123,16 @@ def test_sweep_resumes_recorded_rows_and_shares_the_quantized_start(
     for png in ("sweep_curves.png", "sweep_pareto.png"):
         pytest.importorskip("matplotlib")
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
+    def must_not_run(*_):
+        raise AssertionError("a row ran")
+
+    args = ["--machine", "idle", "--methods", "base", "dora", "--work", str(tmp_path)]
+    args += ["--out", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit, match=r"row w4 base: train.lr must be > 0, got -1"):
+        sweep.main([*args, "--set", "train.lr=-1"], runner=must_not_run)
+    with pytest.raises(SystemExit, match="--micro-batch 5 must divide every budget's batch"):
+        sweep.main([*args, "--micro-batch", "5"], runner=must_not_run)
+    assert not (tmp_path / "s.json").exists()

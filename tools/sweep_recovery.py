@@ -188,15 +188,39 @@ class Sweep:
         tmp.write_text(json.dumps(self.results, indent=1) + "\n")
         os.replace(tmp, self.out)
 
+    def sets(self, overrides: list[str]) -> list[str]:
+        """A row's --set list: its own overrides, then the device and the sweep's --set."""
+        return [*overrides, f"model.device={self.args.device}", *self.args.set]
+
     def run(self, out: Path, overrides: list[str]) -> dict | None:
-        a = self.args
-        sets = [*overrides, f"model.device={a.device}", *a.set]
         try:
-            return self.runner(out, a.recipe, sets)
+            return self.runner(out, self.args.recipe, self.sets(overrides))
         except RuntimeError as exc:
             print(f"FAILED {out.name}: {exc}", file=sys.stderr, flush=True)
             self.failed.append(out.name)
             return None
+
+    def check(self, grid: list[tuple]) -> None:
+        """Every row's recipe is valid, before any row runs (one line naming the row if not)."""
+        if "gift_quant" not in sys.modules:
+            sys.path.insert(0, str(ROOT))  # this checkout's package, as the row processes use
+        from gift_quant.recipe import RecipeError, find_recipe, load_recipe
+
+        for bits, method, seed, budget in grid:
+            a = self.args
+            if budget["batch"] % (a.micro_batch or budget["batch"]):
+                raise SystemExit(
+                    f"--micro-batch {a.micro_batch} must divide every budget's batch, "
+                    f"not {budget['batch']}"
+                )
+            try:
+                sets = self.sets(self.overrides(bits, method, seed, budget))
+                load_recipe(find_recipe(a.recipe), sets)
+            except RecipeError as exc:
+                raise SystemExit(f"row w{bits} {method}: {exc}") from None
+
+    def start_overrides(self, bits: int, method: str) -> list[str]:
+        return [f"quant.bits={bits}", *_quant(method), "train.method=none"]
 
     def start(self, bits: int, method: str) -> Path | None:
         """The quantized start of ``method``'s quantization settings at ``bits`` (made once),
@@ -208,33 +232,53 @@ class Sweep:
         d = self.work / "starts" / f"w{bits}-{_slug(key)}"
         if self.has(key):
             return d
-        report = self.run(d, [f"quant.bits={bits}", *quant, "train.method=none"])
+        report = self.run(d, self.start_overrides(bits, method))
         if report is None:
             return None
         self.save(self.record(key, report, d))
         print(f"w{bits} {name:34s} ppl {report['perplexity_recovered']:9.3f}", flush=True)
         return d
 
-    def row(self, bits: int, method: str, seed: int, budget: dict) -> None:
+    def key(self, bits: int, method: str, seed: int, budget: dict) -> dict:
         a = self.args
-        if not trains(method):
-            self.start(bits, method)
-            return
-        key = {
+        return {
             **self.common(),
             "bits": bits,
             "method": method,
             "seed": seed,
             **budget,
-            "micro_batch": min(a.micro_batch or budget["batch"], budget["batch"]),
+            "micro_batch": a.micro_batch or budget["batch"],
             "lr": a.lr,
             "eval_every": a.eval_every or max(1, budget["steps"] // 10),
         }
+
+    def overrides(self, bits: int, method: str, seed: int, budget: dict) -> list[str]:
+        if not trains(method):
+            return self.start_overrides(bits, method)
+        key = self.key(bits, method, seed, budget)
+        return [
+            f"quant.bits={bits}",
+            *METHODS[method][1],
+            f"train.seed={seed}",
+            f"train.steps={budget['steps']}",
+            f"train.batch_size={key['micro_batch']}",
+            f"train.grad_accum={budget['batch'] // key['micro_batch']}",
+            f"train.seq_len={budget['seq_len']}",
+            f"train.lr={self.args.lr}",
+            f"train.eval_every={key['eval_every']}",
+            f"train.eval_tokens={10**9}",  # the whole held-out protocol
+        ]
+
+    def row(self, bits: int, method: str, seed: int, budget: dict) -> None:
+        if not trains(method):
+            self.start(bits, method)
+            return
+        key = self.key(bits, method, seed, budget)
         if self.has(key):
             return
         d = self.work / "rows" / f"{method}-w{bits}-s{seed}-{_slug(key)}"
-        start = None if is_pre(method) else self.start(bits, method)
         if not is_pre(method):
+            start = self.start(bits, method)
             if start is None:
                 return
             d.mkdir(parents=True, exist_ok=True)
@@ -243,22 +287,7 @@ class Sweep:
             for f in ("eval_fp.json", "eval_quantized.json"):
                 if not (d / f).exists():
                     (d / f).write_bytes((start / f).read_bytes())
-        micro = key["micro_batch"]
-        if budget["batch"] % micro:
-            raise SystemExit(f"--micro-batch {micro} must divide the batch {budget['batch']}")
-        overrides = [
-            f"quant.bits={bits}",
-            *METHODS[method][1],
-            f"train.seed={seed}",
-            f"train.steps={budget['steps']}",
-            f"train.batch_size={micro}",
-            f"train.grad_accum={budget['batch'] // micro}",
-            f"train.seq_len={budget['seq_len']}",
-            f"train.lr={a.lr}",
-            f"train.eval_every={key['eval_every']}",
-            f"train.eval_tokens={10**9}",  # the whole held-out protocol
-        ]
-        report = self.run(d, overrides)
+        report = self.run(d, self.overrides(bits, method, seed, budget))
         if report is None:
             return
         self.save(self.record(key, report, d))
@@ -508,11 +537,16 @@ def main(argv=None, runner=subprocess_recover) -> int:
     if args.machine is None:
         raise SystemExit("--machine shared|idle is required: every row records it")
     sweep = Sweep(args, runner)
-    for budget in args.budget:
-        for bits in args.bits:
-            for method in args.methods:
-                for seed in args.seeds if trains(method) else args.seeds[:1]:
-                    sweep.row(bits, method, seed, budget)
+    grid = [
+        (bits, method, seed, budget)
+        for budget in args.budget
+        for bits in args.bits
+        for method in args.methods
+        for seed in (args.seeds if trains(method) else args.seeds[:1])
+    ]
+    sweep.check(grid)
+    for row in grid:
+        sweep.row(*row)
     report(sweep.results, out)
     if sweep.failed:
         print(f"\n{len(sweep.failed)} rows failed (rerun to retry): {sweep.failed}")
