@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 PARETO = [
     ("rtn", "RTN"),
@@ -69,7 +70,6 @@ def plot_curves(results: dict, json_path: Path) -> Path | None:
             ax.plot(xs, ys, style, marker=".", label=label)
         fp = [r["perplexity_fp"] for r in rows if r["key"]["bits"] == bits]
         ax.axhline(fp[0], color="gray", lw=0.8, ls=":", label="FP16")
-        ax.set_yscale("log")
         ax.set_title(f"w{bits}")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("held-out perplexity")
@@ -102,6 +102,8 @@ def plot_pareto(results: dict, json_path: Path) -> Path | None:
         return None
     ax.axhline(rows[0]["perplexity_fp"], color="gray", ls=":", label="FP16")
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))
     ax.set_xlabel("bits per weight (scales, zeros and salient columns included)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("perplexity vs size" + (f" (GIFT-SW: {largest})" if largest else ""))
