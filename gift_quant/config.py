@@ -245,7 +245,8 @@ class TrainConfig:
     Args:
         method: "gift" (salient columns train, Gaussian/uniform noise on the frozen rest),
             "lora" (a LoRA adapter on the same frozen quantized model, rank matched to the
-            salient columns' trainable parameter count unless lora_rank is given), "none".
+            salient columns' trainable parameter count unless lora_rank is given), "dora" (the
+            same with DoRA's magnitude vector, counted in the matched rank), "none".
         mode: "post" (quantize, then train: the paper's Table 2 setting) or "pre" (train the
             FP model with b_noise-bit noise, then quantize).
         noise: a registered noise kind (gift_quant.noise.NOISES): "normal"
@@ -268,7 +269,7 @@ class TrainConfig:
         grad_checkpointing: recompute block activations in backward (less memory).
         kd_weight: weight of the KL term toward the FP model's next-token distribution
             (0 = plain cross-entropy; loss = (1 - w) CE + w T^2 KL); kd_temperature: T.
-        lora_rank, lora_alpha: 0 = matched rank, alpha = rank (scaling 1).
+        lora_rank, lora_alpha: (lora and dora) 0 = matched rank, alpha = rank (scaling 1).
         eval_every: held-out perplexity every N steps (0 = only at the end), on eval_tokens.
         save_every: checkpoint every N steps (0 = only after the last step).
         seed: data order and noise.
@@ -317,7 +318,7 @@ class TrainConfig:
     RUNTIME_KEYS: typing.ClassVar[tuple[str, ...]] = ("dist_timeout_s", "log_every", "save_every")
 
     def __post_init__(self) -> None:
-        _check_choice("train.method", self.method, ("gift", "lora", "none"))
+        _check_choice("train.method", self.method, ("gift", "lora", "dora", "none"))
         _check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _check_choice("train.mode", self.mode, ("post", "pre"))
         _check_choice("train.noise", self.noise, (*NOISES.names(), "none"))

@@ -7,7 +7,7 @@ Output directory::
     OUT/quantized/         export of the quantized start (post mode)
     OUT/train/             checkpoints/ and metrics.jsonl
     OUT/model/             the recovered model (an export directory; ``eval OUT`` reads it)
-    OUT/lora_adapter/      (train.method=lora) the PEFT adapter on top of OUT/quantized
+    OUT/lora_adapter/      (train.method=lora or dora) the PEFT adapter on top of OUT/quantized
     OUT/eval_*.json        cached perplexities
     OUT/timings.json       seconds of every invocation and stage (a resumed run counts them all)
     OUT/report.json, OUT/report.md   written once, when the run finishes; a rerun returns them
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
+ADAPTERS = ("lora", "dora")  # train.method values that save a PEFT adapter, not a model
 
 
 STAGE_OUTPUTS = ("quantized", "train", "model", "lora_adapter")
@@ -349,9 +350,9 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
 def _recover(recipe: Recipe, out_dir: Path, progress: bool, t_start: float) -> dict | None:
     run = _Run(recipe, Path(out_dir), progress)
     d, tr = run.dist, recipe.train
-    if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method == "lora")):
+    if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method in ADAPTERS)):
         raise RecipeError(
-            "several processes run post-mode gift (ddp or fsdp) or lora (ddp); "
+            "several processes run post-mode gift (ddp or fsdp) or lora/dora (ddp); "
             "run train.mode=pre in one process"
         )
     if d.main:
@@ -438,7 +439,7 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
     recipe, tr, out = run.recipe, run.recipe.train, run.out
     if tr.method == "none" or tr.steps == 0:
         return out / "quantized", {}
-    final = out / ("lora_adapter" if tr.method == "lora" else "model")
+    final = out / ("lora_adapter" if tr.method in ADAPTERS else "model")
     report_file = out / "train" / "report.json"
     if (final / "config.json").is_file() or (final / "adapter_config.json").is_file():
         log.info("stage train: done earlier")
@@ -451,15 +452,18 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
         else:
             from gift_quant.train.lora import attach_lora
 
-            model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed)
-            log.info("LoRA rank %d (trainable parameters matched to the salient columns)", rank)
+            dora = tr.method == "dora"
+            model, rank = attach_lora(model, tr.lora_rank, tr.lora_alpha, tr.seed, dora=dora)
+            log.info(
+                "%s rank %d (trainable parameters matched to the salient columns)", tr.method, rank
+            )
     with run.stage("train"):
         rep = run.train(model, tok, teacher)
     with run.stage("export"):
         if run.dist.main:
             report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
             model.to("cpu")
-            if tr.method == "lora":
+            if tr.method in ADAPTERS:
                 model.save_pretrained(final)
             else:
                 if run.dist.enabled:  # parameters may be sharded: rebuild from the checkpoint

@@ -1,0 +1,138 @@
+"""tools/sweep_recovery.py: aggregation over seeds, the claims table, and resuming a sweep whose
+rows share one quantized start (tiny model, rows run in-process)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("sweep_recovery", ROOT / "tools/sweep_recovery.py")
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+
+def rec(method, bits, seed, ppl, step=1.0, gpu=100.0, budget=(10, 4, 64)):
+    key = {"bits": bits, "method": method}
+    if method != "base":
+        key.update(seed=seed, steps=budget[0], batch=budget[1], seq_len=budget[2])
+    return {
+        "key": key,
+        "perplexity": ppl,
+        "perplexity_fp": 5.0,
+        "bits_per_weight": bits + 0.5,
+        "step_seconds": step,
+        "peak_gpu_mb": gpu,
+        "peak_rss_mb": 1000.0,
+        "trainable_params": 10,
+    }
+
+
+def test_mean_std_ratios_and_claims_from_handmade_rows():
+    rows = [rec("base", 2, 0, 30.0)]
+    rows += [rec("gift-post", 2, s, p) for s, p in enumerate([10.0, 11.0, 12.0])]
+    rows += [rec("salient-ft", 2, s, p) for s, p in enumerate([20.0, 21.0, 22.0])]
+    rows += [rec("gift-post", 3, s, p) for s, p in enumerate([10.0, 11.0, 12.0])]
+    rows += [rec("salient-ft", 3, s, p) for s, p in enumerate([10.5, 11.0, 11.5])]
+    rows += [rec("lora", 2, s, p, step=0.5, gpu=150.0) for s, p in enumerate([5.0, 6.0, 7.0])]
+    g = sweep.groups({"rows": rows})
+    post = g[("10x4x64", 2, "gift-post")]
+    assert post["n"] == 3 and post["mean"] == 11.0 and post["std"] == 1.0
+    assert g[("-", 2, "base")]["n"] == 1 and math.isnan(g[("-", 2, "base")]["std"])
+    assert sweep.ratio_lines(g) == [
+        "10x4x64 w2: lora / GIFT-SW step time 0.50x, peak GPU memory 1.50x"
+    ]
+    verdicts = [sweep.judge(g, "10x4x64", comparisons)[1] for _, comparisons in sweep.CLAIMS]
+    assert verdicts[0] == "unclear"  # holds at w2 (10 apart), within seed noise at w3
+    assert verdicts[1] == "not run"  # no pre-mode rows
+    assert verdicts[2].startswith("disagrees (partly run")  # LoRA wins at w2; DoRA missing
+    assert verdicts[3] == "not run"
+    result = sweep.judge(g, "10x4x64", sweep.CLAIMS[0][1])[0]
+    assert "w2 gift-post 11.00 ± 1.00 vs salient-ft 21.00 ± 1.00: holds" in result
+
+
+@pytest.fixture
+def tiny_sweep_recipe(tiny_model_dirs, wiki_train_text, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text(wiki_train_text[:40_000])
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"""
+model: {{name_or_path: "{tiny_model_dirs("llama")}"}}
+calib: {{num_samples: 8, seq_len: 64, batch_size: 4, true_sequential: false}}
+saliency: {{count: 4}}
+quant: {{group_size: 32}}
+train: {{data: "{text}", save_every: 0}}
+eval: {{seq_len: 64, max_tokens: 1024}}
+"""
+    )
+    return recipe
+
+
+def test_sweep_resumes_recorded_rows_and_shares_the_quantized_start(
+    tiny_sweep_recipe, tmp_path, capsys
+):
+    from gift_quant.pipeline import recover
+    from gift_quant.recipe import load_recipe
+
+    calls = []
+
+    def in_process(out, recipe, overrides):
+        calls.append(out.name)
+        return recover(load_recipe(recipe, overrides), out, progress=False)
+
+    out = tmp_path / "sweep.json"
+    args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
+    args += ["--methods", "base", "salient-ft", "--budget", "2x2x32", "--micro-batch", "1"]
+    args += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    assert sweep.main([*args, "--seeds", "0"], runner=in_process) == 0
+    assert len(calls) == 2  # the quantized start (= the base row), then seed 0
+    assert sweep.main([*args, "--seeds", "0", "1"], runner=in_process) == 0
+    assert len(calls) == 3  # only seed 1 ran
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["key"]["method"], r["key"].get("seed")) for r in rows] == [
+        ("base", None),
+        ("salient-ft", 0),
+        ("salient-ft", 1),
+    ]
+    start = tmp_path / "work/starts" / calls[0]
+    for name in calls[1:]:
+        assert (tmp_path / "work/rows" / name / "quantized").resolve() == (
+            start / "quantized"
+        ).resolve()
+    for r in rows:
+        env = r["environment"]
+        assert len(env["commit"]) == 40 and env["machine_shared"] is True and env["torch"]
+    base, trained = rows[0], rows[1:]
+    for r in trained:
+        assert r["key"]["batch"] == 2 and r["key"]["micro_batch"] == 1
+        assert r["perplexity_quantized"] == base["perplexity"]  # the same start
+        assert r["step_seconds"] > 0 and r["peak_rss_mb"] > 0 and r["tokens"] == 2 * 2 * 31
+        # the curve: the start, then every step (eval every max(1, 2 // 10) steps) on the
+        # whole protocol, so it ends at the final figure (up to the last bits: training
+        # evaluates the GiftLinear form, the final figure the exported MixedLinear)
+        assert [x for x, _ in r["curve"]] == [0, 62, 124]
+        assert r["curve"][0][1] == base["perplexity"]
+        assert r["curve"][-1][1] == pytest.approx(r["perplexity"], rel=1e-4)
+    a, b = (r["perplexity"] for r in trained)
+    printed = capsys.readouterr().out
+    assert f"{(a + b) / 2:.2f} ± {abs(a - b) / math.sqrt(2):.2f}" in printed
+    for png in ("sweep_curves.png", "sweep_pareto.png"):
+        pytest.importorskip("matplotlib")
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
+    def must_not_run(*_):
+        raise AssertionError("a row ran")
+
+    args = ["--machine", "idle", "--methods", "base", "dora", "--work", str(tmp_path)]
+    args += ["--out", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit, match=r"row w4 base: train.lr must be > 0, got -1"):
+        sweep.main([*args, "--set", "train.lr=-1"], runner=must_not_run)
+    with pytest.raises(SystemExit, match="--micro-batch 5 must divide every budget's batch"):
+        sweep.main([*args, "--micro-batch", "5"], runner=must_not_run)
+    assert not (tmp_path / "s.json").exists()

@@ -1,0 +1,558 @@
+"""Recovery sweep as an experiment: bits x method x seeds x budget, every row one `recover` job.
+
+    python tools/sweep_recovery.py --machine idle [--bits 4 3 2] [--methods base salient-ft ...]
+        [--seeds 0 1 2] [--budget 500x32x512 ...] [--micro-batch 8] [--lr 1e-4]
+        [--recipe smollm2-w3g64-gift] [--set section.key=value ...] [--out FILE.json]
+    python tools/sweep_recovery.py --report [--out FILE.json]    # tables and plots only
+
+A budget is STEPSxBATCHxSEQ_LEN (BATCH sequences per optimizer step, in micro-batches of
+--micro-batch). The device is the recipe's (model.device=auto: cuda when present, else cpu).
+
+Every row starts from a shared quantized model per (bits, quantization settings): the start is
+quantized once by a `recover` run with train.method=none (which is also the "before training"
+row of those settings) and every trained row points its OUT/quantized at it, so rows differ
+only in what they train, their seed and their budget. Pre-mode rows quantize after training,
+so they make their own. Each row runs in its own process (peak memory is its own: CUDA
+max_memory_allocated on a GPU, peak RSS on the CPU) and is saved to the JSON as one record
+keyed by its settings; a rerun skips recorded rows, and an interrupted row resumes from its
+training checkpoints. The step time is the median of the per-step times in metrics.jsonl after
+the first step (evaluation and checkpoint time excluded). In-training perplexity is measured
+on the full held-out protocol every --eval-every steps, so the curves end at the final figure.
+
+Prints mean +- std (sample std over seeds) per setting, GIFT-SW vs LoRA vs DoRA step-time and
+peak-memory ratios from the same sweep, and the issue's four paper claims checked against the
+rows present. With matplotlib (the [plots] extra) it draws FILE_curves.png (held-out
+perplexity against training tokens) and FILE_pareto.png (perplexity against bits per weight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (label, overrides). Rows with train.method=none are quantized starts (no seed/budget).
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "rtn": ("RTN, no salient", ["quant.method=rtn", "saliency.fraction=0", "train.method=none"]),
+    "gptq": ("GPTQ, no salient", ["saliency.fraction=0", "train.method=none"]),
+    "base": ("GPTQ + salient, before training", ["train.method=none"]),
+    "salient-ft": ("salient-FT (no noise)", ["train.method=gift", "train.noise=none"]),
+    "gift-post": ("GIFT-SW post, b_noise 4", ["train.method=gift", "train.b_noise=4"]),
+    # the second noise level: the w2 ablation (recovery_noise_ablation_w2.json) favoured 6 bits
+    "gift-post-b6": ("GIFT-SW post, b_noise 6", ["train.method=gift", "train.b_noise=6"]),
+    "gift-pre": ("GIFT-SW pre", ["train.method=gift", "train.mode=pre"]),
+    "lora": ("LoRA (matched params)", ["train.method=lora"]),
+    "dora": ("DoRA (matched params)", ["train.method=dora"]),
+    "gift-owq": (
+        "GIFT-SW post, owq metric",
+        ["saliency.metric=owq", "train.method=gift", "train.b_noise=4"],
+    ),
+    "gift-quik": (
+        "GIFT-SW post, quik metric",
+        ["saliency.metric=quik", "train.method=gift", "train.b_noise=4"],
+    ),
+}
+DEFAULT_METHODS = [m for m in METHODS if m not in ("gift-owq", "gift-quik")]
+QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
+
+# The issue's claims: (claim, [(should be lower, should be higher, bits), ...]).
+CLAIMS = [
+    (
+        "noise helps at 2 and 3 bits",
+        [("gift-post", "salient-ft", 2), ("gift-post", "salient-ft", 3)],
+    ),
+    (
+        "post beats pre at 2 and 3 bits, pre is better at 4",
+        [("gift-post", "gift-pre", 2), ("gift-post", "gift-pre", 3), ("gift-pre", "gift-post", 4)],
+    ),
+    (
+        "GIFT-SW beats LoRA and DoRA at equal trainable parameters",
+        [("gift-post", other, b) for b in (4, 3, 2) for other in ("lora", "dora")],
+    ),
+    (
+        "the gift metric beats the owq and quik presets after training",
+        [("gift-post", other, b) for b in (4, 3, 2) for other in ("gift-owq", "gift-quik")],
+    ),
+]
+
+
+def trains(method: str) -> bool:
+    return "train.method=none" not in METHODS[method][1]
+
+
+def is_pre(method: str) -> bool:
+    return "train.mode=pre" in METHODS[method][1]
+
+
+def parse_budget(text: str) -> dict:
+    """STEPSxBATCHxSEQ_LEN -> {"steps", "batch", "seq_len"} (argparse's type for --budget)."""
+    try:
+        steps, batch, seq_len = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        steps = batch = seq_len = 0
+    if min(steps, batch, seq_len) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"a budget is STEPSxBATCHxSEQ_LEN of positive integers such as 500x32x512, got {text!r}"
+        )
+    return {"steps": steps, "batch": batch, "seq_len": seq_len}
+
+
+def provenance(machine: str) -> dict:
+    """Commit and environment of this run (a minimal local helper: tools/provenance.py is not in
+    this tree yet)."""
+    import torch
+    import transformers
+
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in x]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine_shared": machine == "shared",
+    }
+
+
+def subprocess_recover(out: Path, recipe: str, overrides: list[str]) -> dict:
+    """One `python -m gift_quant recover` process (this checkout's package); its report."""
+    cmd = [sys.executable, "-m", "gift_quant", "recover", "--recipe", recipe, "--out", str(out)]
+    cmd += ["--json", "-q"]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RuntimeError(f"recover failed ({last}): {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _slug(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _key_text(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+class Sweep:
+    """The grid, its work directory and its JSON (records saved as they finish)."""
+
+    def __init__(self, args, runner=subprocess_recover) -> None:
+        self.args, self.runner = args, runner
+        self.work = Path(args.work)
+        self.out = Path(args.out)
+        self.results = load_results(self.out)
+        self.env = None  # provenance, computed once when the first row runs
+        self.failed: list[str] = []
+
+    def common(self) -> dict:
+        a = self.args
+        return {"recipe": a.recipe, "sets": list(a.set), "device": a.device}
+
+    def has(self, key: dict) -> bool:
+        text = _key_text(key)
+        return any(_key_text(r["key"]) == text for r in self.results["rows"])
+
+    def save(self, record: dict) -> None:
+        self.results["rows"].append(record)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
+        os.replace(tmp, self.out)
+
+    def sets(self, overrides: list[str]) -> list[str]:
+        """A row's --set list: its own overrides, then the device and the sweep's --set."""
+        return [*overrides, f"model.device={self.args.device}", *self.args.set]
+
+    def run(self, out: Path, overrides: list[str]) -> dict | None:
+        try:
+            return self.runner(out, self.args.recipe, self.sets(overrides))
+        except RuntimeError as exc:
+            print(f"FAILED {out.name}: {exc}", file=sys.stderr, flush=True)
+            self.failed.append(out.name)
+            return None
+
+    def check(self, grid: list[tuple]) -> None:
+        """Every row's recipe is valid, before any row runs (one line naming the row if not)."""
+        if "gift_quant" not in sys.modules:
+            sys.path.insert(0, str(ROOT))  # this checkout's package, as the row processes use
+        from gift_quant.recipe import RecipeError, find_recipe, load_recipe
+
+        for bits, method, seed, budget in grid:
+            a = self.args
+            if budget["batch"] % (a.micro_batch or budget["batch"]):
+                raise SystemExit(
+                    f"--micro-batch {a.micro_batch} must divide every budget's batch, "
+                    f"not {budget['batch']}"
+                )
+            try:
+                sets = self.sets(self.overrides(bits, method, seed, budget))
+                load_recipe(find_recipe(a.recipe), sets)
+            except RecipeError as exc:
+                raise SystemExit(f"row w{bits} {method}: {exc}") from None
+
+    def start_overrides(self, bits: int, method: str) -> list[str]:
+        return [f"quant.bits={bits}", *_quant(method), "train.method=none"]
+
+    def start(self, bits: int, method: str) -> Path | None:
+        """The quantized start of ``method``'s quantization settings at ``bits`` (made once),
+        recorded as an untrained row."""
+        quant = _quant(method)
+        untrained = [m for m in METHODS if not trains(m) and _quant(m) == quant]
+        name = untrained[0] if untrained else f"{method} (before training)"
+        key = {**self.common(), "bits": bits, "quant": quant, "method": name}
+        d = self.work / "starts" / f"w{bits}-{_slug(key)}"
+        if self.has(key):
+            return d
+        report = self.run(d, self.start_overrides(bits, method))
+        if report is None:
+            return None
+        self.save(self.record(key, report, d))
+        print(f"w{bits} {name:34s} ppl {report['perplexity_recovered']:9.3f}", flush=True)
+        return d
+
+    def key(self, bits: int, method: str, seed: int, budget: dict) -> dict:
+        a = self.args
+        return {
+            **self.common(),
+            "bits": bits,
+            "method": method,
+            "seed": seed,
+            **budget,
+            "micro_batch": a.micro_batch or budget["batch"],
+            "lr": a.lr,
+            "eval_every": a.eval_every or max(1, budget["steps"] // 10),
+        }
+
+    def overrides(self, bits: int, method: str, seed: int, budget: dict) -> list[str]:
+        if not trains(method):
+            return self.start_overrides(bits, method)
+        key = self.key(bits, method, seed, budget)
+        return [
+            f"quant.bits={bits}",
+            *METHODS[method][1],
+            f"train.seed={seed}",
+            f"train.steps={budget['steps']}",
+            f"train.batch_size={key['micro_batch']}",
+            f"train.grad_accum={budget['batch'] // key['micro_batch']}",
+            f"train.seq_len={budget['seq_len']}",
+            f"train.lr={self.args.lr}",
+            f"train.eval_every={key['eval_every']}",
+            f"train.eval_tokens={10**9}",  # the whole held-out protocol
+        ]
+
+    def row(self, bits: int, method: str, seed: int, budget: dict) -> None:
+        if not trains(method):
+            self.start(bits, method)
+            return
+        key = self.key(bits, method, seed, budget)
+        if self.has(key):
+            return
+        d = self.work / "rows" / f"{method}-w{bits}-s{seed}-{_slug(key)}"
+        if not is_pre(method):
+            start = self.start(bits, method)
+            if start is None:
+                return
+            d.mkdir(parents=True, exist_ok=True)
+            if not (d / "quantized").exists():
+                (d / "quantized").symlink_to((start / "quantized").resolve())
+            for f in ("eval_fp.json", "eval_quantized.json"):
+                if not (d / f).exists():
+                    (d / f).write_bytes((start / f).read_bytes())
+        report = self.run(d, self.overrides(bits, method, seed, budget))
+        if report is None:
+            return
+        self.save(self.record(key, report, d))
+        print(
+            f"w{bits} {method:16s} seed {seed} {budget_text(key):12s} "
+            f"ppl {report['perplexity_recovered']:9.3f}",
+            flush=True,
+        )
+
+    def record(self, key: dict, report: dict, out: Path) -> dict:
+        if self.env is None:
+            self.env = provenance(self.args.machine)
+        t = report.get("train") or {}
+        rec = {
+            "key": key,
+            "perplexity": report["perplexity_recovered"],
+            "perplexity_quantized": report["perplexity_quantized"],
+            "perplexity_fp": report["perplexity_fp"],
+            "eval_tokens": report["eval_tokens"],
+            "bits_per_weight": report["bits_per_weight"],
+            "seconds": report["seconds"],
+            "environment": self.env,
+        }
+        if t:
+            lines = (out / "train/metrics.jsonl").read_text().splitlines()
+            metrics = [json.loads(x) for x in lines if x.strip()]
+            rec.update(
+                trainable_params=t["trainable_params"],
+                tokens=t["tokens"],
+                step_seconds=step_seconds(metrics),
+                peak_gpu_mb=t["peak_gpu_mb"],
+                peak_rss_mb=t["peak_rss_mb"],
+                curve=curve(metrics, report["perplexity_quantized"]),
+            )
+        return rec
+
+
+def _quant(method: str) -> list[str]:
+    return [o for o in METHODS[method][1] if o.split(".")[0] in QUANT_SECTIONS]
+
+
+def step_seconds(metrics: list[dict]) -> float:
+    """Median optimizer-step time, first step (warm-up) left out when there are others."""
+    times = [m["seconds"] for m in metrics]
+    return statistics.median(times[1:] or times)
+
+
+def curve(metrics: list[dict], before: float | None) -> list[list[float]]:
+    """[[training tokens, held-out perplexity], ...]; starts at (0, before) when known.
+
+    A killed run's metrics.jsonl may repeat the steps after its last checkpoint: the last
+    line of each step wins."""
+    by_step = {m["step"]: m for m in metrics}
+    points = [[0, before]] if before is not None else []
+    tokens = 0
+    for step in sorted(by_step):
+        m = by_step[step]
+        tokens += m["tokens"]
+        if "eval" in m:
+            points.append([tokens, m["eval"]["perplexity"]])
+    return points
+
+
+def budget_text(key: dict) -> str:
+    return f"{key['steps']}x{key['batch']}x{key['seq_len']}" if "steps" in key else "-"
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {
+        "what": "recovery sweep (tools/sweep_recovery.py): held-out perplexity per row; "
+        "one record per (settings, seed)",
+        "rows": [],
+    }
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan with one value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def groups(results: dict) -> dict[tuple, dict]:
+    """(budget text, bits, method) -> {n, mean, std, and the means of the other figures};
+    untrained rows have budget "-" and count for every budget."""
+    by: dict[tuple, list[dict]] = {}
+    for r in results["rows"]:
+        k = r["key"]
+        by.setdefault((budget_text(k), k["bits"], k["method"]), []).append(r)
+    out = {}
+    for gk, recs in by.items():
+        mean, std = mean_std([r["perplexity"] for r in recs])
+        g = {"n": len(recs), "mean": mean, "std": std, "records": recs}
+        for field in ("step_seconds", "peak_gpu_mb", "peak_rss_mb", "trainable_params"):
+            vals = [r[field] for r in recs if field in r]
+            g[field] = statistics.fmean(vals) if vals else None
+        g["bits_per_weight"] = recs[0]["bits_per_weight"]
+        out[gk] = g
+    return out
+
+
+def fmt(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f} (1 seed)"
+
+
+def print_table(g: dict) -> None:
+    order = {m: i for i, m in enumerate(METHODS)}
+    print(
+        f"\n{'budget':12s} {'bits':>4s} {'method':36s} {'n':>2s} {'perplexity':>17s} "
+        f"{'s/step':>7s} {'peak MiB':>9s} {'trainable':>10s}"
+    )
+    for (budget, bits, method), s in sorted(
+        g.items(), key=lambda kv: (kv[0][0], -kv[0][1], order.get(kv[0][2], 99), kv[0][2])
+    ):
+        label = METHODS[method][0] if method in METHODS else method
+        step = f"{s['step_seconds']:7.3f}" if s["step_seconds"] is not None else " " * 7
+        mem = peak_mb(s)
+        mem = f"{mem:9.0f}" if mem else " " * 9
+        par = f"{s['trainable_params']:10.0f}" if s["trainable_params"] is not None else " " * 10
+        print(
+            f"{budget:12s} {bits:4d} {label:36s} {s['n']:2d} {fmt(s['mean'], s['std']):>17s} "
+            f"{step} {mem} {par}"
+        )
+
+
+def peak_mb(s: dict) -> float | None:
+    """Peak GPU memory where the row ran on a GPU, else peak RSS."""
+    return s["peak_gpu_mb"] or s["peak_rss_mb"]
+
+
+def ratio_lines(g: dict) -> list[str]:
+    """GIFT-SW post vs LoRA vs DoRA: step time and peak memory, relative to GIFT-SW."""
+    lines = []
+    for budget, bits, method in sorted(g):
+        if method != "gift-post" or budget == "-":
+            continue
+        gift = g[(budget, bits, method)]
+        for other in ("lora", "dora"):
+            o = g.get((budget, bits, other))
+            if o is None or not gift["step_seconds"] or not peak_mb(gift):
+                continue
+            what = "GPU" if gift["peak_gpu_mb"] else "RSS"
+            lines.append(
+                f"{budget} w{bits}: {other} / GIFT-SW step time "
+                f"{o['step_seconds'] / gift['step_seconds']:.2f}x, peak {what} memory "
+                f"{peak_mb(o) / peak_mb(gift):.2f}x"
+            )
+    return lines
+
+
+def _lookup(g: dict, budget: str, bits: int, method: str) -> dict | None:
+    return g.get((budget, bits, method)) or g.get(("-", bits, method))
+
+
+def judge(g: dict, budget: str, comparisons: list[tuple[str, str, int]]) -> tuple[str, str]:
+    """(our result, verdict) of one claim: each comparison 'lower should beat higher' holds
+    when the difference of means exceeds twice its standard error over seeds, fails when it
+    exceeds it the other way, and is within seed noise otherwise."""
+    parts, verdicts, missing = [], [], []
+    for low, high, bits in comparisons:
+        a, b = _lookup(g, budget, bits, low), _lookup(g, budget, bits, high)
+        if a is None or b is None:
+            missing.append(f"w{bits} {low} vs {high}")
+            continue
+        diff = a["mean"] - b["mean"]
+        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+        if math.isnan(se):
+            v = "one seed"
+        elif abs(diff) <= 2 * se:
+            v = "within seed noise"
+        else:
+            v = "holds" if diff < 0 else "fails"
+        verdicts.append(v)
+        parts.append(
+            f"w{bits} {low} {fmt(a['mean'], a['std'])} vs {high} {fmt(b['mean'], b['std'])}: {v}"
+        )
+    if not verdicts:
+        return "not run", "not run"
+    if "fails" in verdicts:
+        verdict = "disagrees"
+    elif all(v == "holds" for v in verdicts):
+        verdict = "agrees"
+    else:
+        verdict = "unclear"
+    if missing:
+        verdict += f" (partly run; not run: {', '.join(missing)})"
+    return "; ".join(parts), verdict
+
+
+def print_claims(g: dict) -> None:
+    budgets = sorted({b for b, _, _ in g if b != "-"}) or ["-"]
+    for budget in budgets:
+        print(f"\npaper claim -> our result (mean ± std over seeds) -> verdict, budget {budget}")
+        for i, (claim, comparisons) in enumerate(CLAIMS, 1):
+            result, verdict = judge(g, budget, comparisons)
+            print(f"{i}. {claim}\n   -> {result}\n   -> {verdict}")
+
+
+def report(results: dict, out: Path) -> None:
+    g = groups(results)
+    print_table(g)
+    lines = ratio_lines(g)
+    if lines:
+        print("\nstep time and peak memory relative to GIFT-SW post (same sweep):")
+        print("\n".join(lines))
+    print_claims(g)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("\nno plots: pip install 'gift_quant[plots]' (matplotlib)")
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plot_recovery import plot_curves, plot_pareto
+
+    for path in (plot_curves(results, out), plot_pareto(results, out)):
+        if path is not None:
+            print(f"wrote {path}")
+
+
+def main(argv=None, runner=subprocess_recover) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--machine", choices=["shared", "idle"], help="recorded in every row")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget", nargs="+", default=[parse_budget("500x32x512")], type=parse_budget)
+    p.add_argument("--micro-batch", type=int, default=0, help="sequences per forward (0 = all)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-every", type=int, default=0, help="0 = a tenth of the steps")
+    p.add_argument("--recipe", default="smollm2-w3g64-gift")
+    p.add_argument("--set", action="append", default=[], help="section.key=value for every row")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", default=str(ROOT / "runs/sweep_recovery"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/sweep_smollm2.json"))
+    p.add_argument("--report", action="store_true", help="only print and plot the saved JSON")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.report:
+        if not out.is_file():
+            raise SystemExit(f"--report: {out} does not exist; run the sweep first")
+        report(json.loads(out.read_text()), out)
+        return 0
+    if args.machine is None:
+        raise SystemExit("--machine shared|idle is required: every row records it")
+    sweep = Sweep(args, runner)
+    grid = [
+        (bits, method, seed, budget)
+        for budget in args.budget
+        for bits in args.bits
+        for method in args.methods
+        for seed in (args.seeds if trains(method) else args.seeds[:1])
+    ]
+    sweep.check(grid)
+    for row in grid:
+        sweep.row(*row)
+    report(sweep.results, out)
+    if sweep.failed:
+        print(f"\n{len(sweep.failed)} rows failed (rerun to retry): {sweep.failed}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
