@@ -4,7 +4,8 @@ The reference (``Backend.TORCH``) dequantizes the whole weight on every call, wh
 decode time on a CPU. Two cached forms replace it for inference:
 
 * ``dense`` (``Backend.CPU``, what AUTO picks for CPU inference): the weight is dequantized
-  once into the compute dtype, salient columns folded in, and kept next to the layer. One BLAS
+  once into the compute dtype, exactly as the reference does per call, and kept next to the
+  layer; the products are the reference's, so the outputs are bitwise equal to it. One BLAS
   matmul per call: the speed of an unquantized model, at its memory (fp32: 4 bytes/weight).
 * ``int4`` (``Backend.CPU_INT4``): torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``),
   weights stay packed at 4 bits. 2- and 3-bit codes are 4-bit codes (widening is exact); the
@@ -18,10 +19,9 @@ values into a buffer (or replacing it) rebuilds it instead of computing with sta
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from gift_quant.kernels.reference import dequantize_weight
+from gift_quant.kernels.reference import add_salient_and_bias, dequantize_weight
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = ["dense_matmul", "int4_matmul", "int4_unsupported"]
@@ -41,24 +41,19 @@ def _cached(layer, kind: str, dtype: torch.dtype, build):
     return hit[1]
 
 
-def _dense_weight(layer, dtype: torch.dtype, salient: bool) -> Tensor:
-    """[N, K] contiguous weight in ``dtype``; salient columns folded in when asked."""
-    wt = dequantize_weight(
-        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, dtype
-    )
-    w = wt.t().contiguous()
-    if salient and layer.salient_idx.numel():
-        w[:, layer.salient_idx.long()] = layer.salient_weight.to(dtype)
-    return w
-
-
 def dense_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
-    """``x @ W^T (+ bias)`` with W dequantized once and cached; ``base_only``: no salient
-    columns and no bias (the base product)."""
-    kind = "base" if base_only else "full"
-    w = _cached(layer, kind, x.dtype, lambda: _dense_weight(layer, x.dtype, not base_only))
-    bias = None if base_only or layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, w, bias)
+    """The mixed product with ``dequant(W_q)^T`` [K, N] built once and cached; ``base_only``:
+    without the salient product and bias (the base product)."""
+    wt = _cached(
+        layer,
+        "dense",
+        x.dtype,
+        lambda: dequantize_weight(
+            layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype
+        ),
+    )
+    y = x @ wt
+    return y if base_only else add_salient_and_bias(x, y, layer)
 
 
 def int4_unsupported(layer) -> str | None:
@@ -97,10 +92,4 @@ def int4_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
     x2 = x.reshape(-1, layer.in_features).float()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, sz)
     y = y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
-    if base_only:
-        return y
-    if layer.salient_idx.numel():
-        y = y + x[..., layer.salient_idx] @ layer.salient_weight.to(x.dtype).t()
-    if layer.bias is not None:
-        y = y + layer.bias.to(x.dtype)
-    return y
+    return y if base_only else add_salient_and_bias(x, y, layer)
