@@ -96,15 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="windows per forward pass")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument(
+        "--tasks",
+        help="also zero-shot lm-eval tasks, comma-separated: wiki_cloze (local, offline) or "
+        "any lm-eval task with a network (hellaswag,arc_easy,piqa,winogrande); [eval] extra",
+    )
     _common(e)
 
     x = sub.add_parser("export", help="re-export a model directory in another view")
     _model_dir_arg(x, MODEL_DIR + ", or a plain GPTQ checkpoint")
     x.add_argument(
         "--format",
-        choices=["mixed", "gptq+lora"],
+        choices=["mixed", "gptq+lora", "onnx"],
         default="gptq+lora",
-        help="mixed: gift_quant format; gptq+lora: plain GPTQ checkpoint + PEFT adapter (engines)",
+        help="mixed: gift_quant format; gptq+lora: plain GPTQ checkpoint + PEFT adapter "
+        "(engines); onnx: onnxruntime MatMulNBits model with a KV cache (CPU, [onnx] extra)",
     )
     x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto")
     x.add_argument("--out", required=True, help="directory to create (must not exist)")
@@ -251,6 +257,10 @@ def cmd_eval(args) -> dict:
     if bool(args.dir) == bool(args.model):
         raise ValueError("give a model directory or --model, not both and not neither")
     check_device(args.device, "--device")
+    if args.tasks is not None:
+        from gift_quant.lm_eval import check_tasks
+
+        check_tasks(args.tasks.split(","))  # unknown task / no lm-eval: before any loading
     recipe_eval = EvalConfig()
     device = resolve_device(args.device)
     if args.dir:
@@ -289,7 +299,27 @@ def cmd_eval(args) -> dict:
     out = {"command": "eval", "model": name, "seq_len": seq_len, "results": results}
     if len(results) == 1:
         out.update({k: results[0][k] for k in ("perplexity", "tokens")})
+    if args.tasks is not None:
+        out["zero_shot"] = _zero_shot(args, model, tok, dtype)
     return out
+
+
+def _zero_shot(args, model, tok, dtype) -> dict:
+    """lm-eval accuracy of ``model``; for a recover directory also written to its
+    report.json (next to perplexity), through a temp file renamed over it."""
+    from gift_quant.lm_eval import run_tasks
+
+    results = run_tasks(model.to(dtype), tok, args.tasks.split(","))
+    for task, metrics in results.items():
+        log.info("%s: %s", task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    report = Path(args.dir or "") / "report.json"
+    if args.dir and report.is_file():
+        data = json.loads(report.read_text())
+        data["zero_shot"] = {**data.get("zero_shot", {}), **results}
+        tmp = report.with_name(f".report.json.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, report)
+    return results
 
 
 def cmd_export(args) -> dict:
@@ -304,6 +334,12 @@ def cmd_export(args) -> dict:
         raise FileExistsError(
             f"{out} already exists; choose a new --out directory or remove it first"
         )
+    if args.format == "onnx":
+        from gift_quant.io.onnx import export_onnx
+
+        report = export_onnx(resolve_model_dir(args.dir), out)
+        log.info("%s: %s", out, report["note"])
+        return {"command": "export", "out": str(out), **report}
     model_dir = resolve_model_dir(args.dir)
     model = load_quantized(model_dir, verify=not args.no_verify)
     try:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+import torch
 from torch import Tensor
 
-from gift_quant.kernels import reference
+from gift_quant.kernels import cpu, reference
 
 __all__ = ["Backend", "base_matmul", "dequant_matmul", "resolve_backend"]
 
 
 class Backend(StrEnum):
-    AUTO = "auto"  # TRITON when the tensors are on a GPU and Triton imports, else TORCH
+    AUTO = "auto"  # TRITON on a GPU with Triton; CPU for CPU inference (no grad); else TORCH
     TORCH = "torch"  # dequantize-then-matmul reference; runs everywhere, including CPU CI
     TRITON = "triton"  # fused dequant kernel; CUDA only
+    CPU = "cpu"  # weight dequantized once per layer and cached (kernels/cpu.py); CPU tensors
+    CPU_INT4 = "cpu_int4"  # torch's int4 CPU kernel, weights stay packed; <= 4 bits, opt-in
 
 
 def triton_available() -> bool:
@@ -29,9 +32,18 @@ def resolve_backend(requested: Backend | str, x: Tensor) -> Backend:
     requested = Backend(requested)
     if requested is Backend.TORCH:
         return requested
+    if requested in (Backend.CPU, Backend.CPU_INT4):
+        if x.is_cuda:
+            raise RuntimeError(f"backend={requested.value!r} needs CPU tensors")
+        return requested
     usable = x.is_cuda and triton_available()
     if requested is Backend.AUTO:
-        return Backend.TRITON if usable else Backend.TORCH
+        if usable:
+            return Backend.TRITON
+        # inference on the CPU: the cached form; with grad enabled (training) the reference,
+        # whose weight is rebuilt every call and so never holds a stale copy
+        cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled()
+        return Backend.CPU if cpu_inference else Backend.TORCH
     if not usable:
         raise RuntimeError("backend='triton' needs a CUDA tensor and an importable triton")
     return requested
@@ -39,18 +51,28 @@ def resolve_backend(requested: Backend | str, x: Tensor) -> Backend:
 
 def dequant_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:
     """y = x @ dequant(W_q)^T + x[..., S] @ W_S^T + bias, by the chosen backend."""
-    if resolve_backend(backend, x) is Backend.TRITON:
+    chosen = resolve_backend(backend, x)
+    if chosen is Backend.TRITON:
         from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.dequant_matmul(x, layer)
+    if chosen is Backend.CPU:
+        return cpu.dense_matmul(x, layer)
+    if chosen is Backend.CPU_INT4:
+        return cpu.int4_matmul(x, layer)
     return reference.dequant_matmul(x, layer)
 
 
 def base_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:
     """x @ dequant(W_q)^T without the salient product or bias; differentiable in ``x``
     (the training form adds noise and trainable salient columns around it)."""
-    if resolve_backend(backend, x) is Backend.TRITON:
+    chosen = resolve_backend(backend, x)
+    if chosen is Backend.TRITON:
         from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.base_matmul(x, layer)
+    if chosen is Backend.CPU:
+        return cpu.dense_matmul(x, layer, base_only=True)
+    if chosen is Backend.CPU_INT4:
+        return cpu.int4_matmul(x, layer, base_only=True)
     return reference.base_matmul(x, layer)

@@ -15,7 +15,13 @@ from torch import Tensor
 
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
-__all__ = ["base_matmul", "dequantize_codes", "dequantize_weight", "dequant_matmul"]
+__all__ = [
+    "add_salient_and_bias",
+    "base_matmul",
+    "dequantize_codes",
+    "dequantize_weight",
+    "dequant_matmul",
+]
 
 
 def dequantize_weight(
@@ -52,7 +58,12 @@ def base_matmul(x: Tensor, layer) -> Tensor:
 
 def dequant_matmul(x: Tensor, layer) -> Tensor:
     """Reference forward of a mixed layer (any object with the GPTQ + salient tensors)."""
-    y = base_matmul(x, layer)
+    return add_salient_and_bias(x, base_matmul(x, layer), layer)
+
+
+def add_salient_and_bias(x: Tensor, y: Tensor, layer) -> Tensor:
+    """``y + x[..., S] @ W_S^T + bias``: the FP16 side of the mixed product, added to the base
+    product ``y`` (shared by every torch path so they round the same way)."""
     if layer.salient_idx.numel():
         y = y + x[..., layer.salient_idx] @ layer.salient_weight.to(x.dtype).t()
     if layer.bias is not None:

@@ -1,0 +1,83 @@
+"""Zero-shot evaluation through lm-eval (gift_quant/lm_eval.py) on the local offline task.
+
+The oracle is a direct log-likelihood scoring of the same items with the model (the sum of
+the continuation tokens' log-probabilities, argmax over the four choices), not lm-eval.
+"""
+
+import builtins
+import json
+from importlib.resources import files
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from gift_quant.cli import main  # noqa: E402
+from gift_quant.lm_eval import run_tasks  # noqa: E402
+
+
+def _direct_accuracy(model, tok, limit: int | None = None) -> float:
+    lines = (files("gift_quant.tasks") / "wiki_cloze.jsonl").read_text().splitlines()
+    items = [json.loads(line) for line in lines[:limit]]
+    correct = 0
+    for item in items:
+        ctx = tok(item["context"]).input_ids
+        scores = []
+        for choice in item["choices"]:
+            whole = tok(item["context"] + " " + choice).input_ids
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+            cont = range(len(ctx), len(whole))
+            scores.append(sum(float(logp[t - 1, whole[t]]) for t in cont))
+        correct += int(max(range(4), key=scores.__getitem__) == item["label"])
+    return correct / len(items)
+
+
+def test_local_task_accuracy_matches_direct_scoring(tiny_model_dirs, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs("llama"), dtype=torch.float32)
+    results = run_tasks(model.eval(), tiny_tokenizer, ["wiki_cloze"])
+    acc = results["wiki_cloze"]["acc"]
+    assert acc == pytest.approx(_direct_accuracy(model, tiny_tokenizer), abs=1e-9)
+    assert 0 <= results["wiki_cloze"]["acc_norm"] <= 1
+
+
+@pytest.mark.slow
+def test_local_task_on_smollm2_matches_direct_scoring():
+    """The real model: the first 12 items (lm-eval's --limit takes the first documents)."""
+    from gift_quant.modeling import load_model
+    from gift_quant.recipe import ModelConfig
+
+    model, tok = load_model(ModelConfig())
+    model = model.float().eval()
+    results = run_tasks(model, tok, ["wiki_cloze"], limit=12)
+    assert results["wiki_cloze"]["acc"] == pytest.approx(_direct_accuracy(model, tok, 12))
+
+
+def test_unknown_task_and_missing_lm_eval_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "never-loaded"  # the task check comes before any model is read
+    assert main(["eval", str(missing), "--tasks", "wiki_cloze,no_such_task", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown lm-eval task(s) no_such_task offline" in err and "wiki_cloze" in err
+    assert len(err.splitlines()) == 1
+
+    real_find_spec = __import__("importlib.util").util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec",
+        lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a),
+    )
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name.split(".")[0] == "lm_eval":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    assert main(["eval", str(missing), "--tasks", "wiki_cloze", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lm-eval, which is not installed" in err and "gift_quant[eval]" in err
+    assert len(err.splitlines()) == 1

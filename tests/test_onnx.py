@@ -1,0 +1,123 @@
+"""ONNX export (io/onnx.py): MatMulNBits layout, a tiny export run by onnxruntime with a KV
+cache, and the refusals. The oracle is the logits saved with the legacy fixture (the in-memory
+quantized model before export) and an independent float64 dequantization, never the exporter.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from gift_quant.kernels.testing import oracle, random_mixed_linear  # noqa: E402
+
+from gift_quant.cli import main  # noqa: E402
+from gift_quant.io.onnx import ONNX_FILE, pack_matmul_nbits  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _single_op_session(layer, K, N, block):
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = pack_matmul_nbits(layer)
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+        K=K, N=N, bits=4, block_size=block,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
+        initializer=[
+            numpy_helper.from_array(t[k].numpy(), n)
+            for k, n in (("weight", "B"), ("scales", "S"), ("zero_points", "Z"))
+        ],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), [(4, 32, True), (3, 64, False), (2, 32, False)])
+def test_matmul_nbits_layout_matches_the_float64_oracle(bits, group, sym):
+    # 3 groups of 32 -> an odd number of zero-point nibbles per row (padding to whole bytes)
+    K = 96 if group == 32 else 128
+    layer = random_mixed_linear(K, 64, bits=bits, group_size=group, sym=sym, seed=bits)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
+    y = _single_op_session(layer, K, 64, group).run(None, {"A": x.numpy()})[0]
+    exact = oracle(x, layer, base_only=True).numpy()
+    assert np.abs(y - exact).max() <= 1e-5 * np.abs(exact).max()
+
+
+def _feeds(report, ids, past=None):
+    kv = report["kv_cache"]
+    feeds = {"input_ids": ids.numpy()}
+    for i in range(kv["num_layers"]):
+        for j, name in enumerate(("key", "value")):
+            empty = np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)
+            feeds[f"past_key_values.{i}.{name}"] = empty if past is None else past[2 * i + j]
+    length = ids.shape[1] + (0 if past is None else past[0].shape[2])
+    feeds["attention_mask"] = np.ones((1, length), np.int64)
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    """The w3 asym legacy fixture exported through the CLI (3-bit codes widened to 4)."""
+    import json
+
+    out = tmp_path_factory.mktemp("onnx") / "w3"
+    assert main(["export", str(FIXTURES / "legacy_w3g32_asym"), "--format", "onnx",
+                 "--out", str(out), "-q"]) == 0  # fmt: skip
+    return out, json.loads((out / "onnx_export.json").read_text())
+
+
+def test_onnx_logits_match_the_in_memory_model_and_the_kv_cache_decodes(onnx_export):
+    from safetensors.torch import load_file
+
+    out, report = onnx_export
+    assert report["widened_to_4_bits"] == {"3": 14} and "lossless" in report["note"]
+    expected = load_file(FIXTURES / "legacy_w3g32_asym" / "expected_logits.safetensors")
+    ids, logits = expected["input_ids"], expected["logits"].numpy()
+    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    full = sess.run(None, _feeds(report, ids))
+    assert np.abs(full[0] - logits).max() <= 1e-4 * np.abs(logits).max()
+    # prefill 24 tokens, then decode the last 8 one at a time through the KV cache
+    step = sess.run(None, _feeds(report, ids[:, :24]))
+    got = [step[0]]
+    for t in range(24, ids.shape[1]):
+        step = sess.run(None, _feeds(report, ids[:, t : t + 1], step[1:]))
+        got.append(step[0])
+    decoded = np.concatenate(got, axis=1)
+    assert np.abs(decoded - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def test_onnx_export_refuses_act_order_and_an_existing_target(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "act-order"
+    shutil.copytree(FIXTURES / "legacy_w4g32_sym", src)
+    tensors = load_file(src / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.g_idx"
+    tensors[key] = tensors[key].flip(0).contiguous()  # a permuted (act-order) group map
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "onnx"
+    assert main(["export", str(src), "--format", "onnx", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.layers.0.mlp.down_proj" in err and "act-order" in err and "re-quantize" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".onnx*"))  # nothing half-written
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    src = FIXTURES / "legacy_w4g32_sym"
+    assert main(["export", str(src), "--format", "onnx", "--out", str(out), "-q"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
