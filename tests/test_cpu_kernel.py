@@ -1,7 +1,7 @@
 """The CPU inference paths (kernels/cpu.py) against the float64 oracle and the torch reference.
 
 Both paths compute in fp32 on exact integer codes; their error against the float64 oracle is
-bounded by the reference's own fp32 error (STYLE.md E9 factor), tiny shapes, a few ms each.
+bounded by a multiple of the reference's own fp32 error, tiny shapes, a few ms each.
 """
 
 import pytest
