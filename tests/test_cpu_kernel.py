@@ -6,10 +6,10 @@ bounded by a multiple of the reference's own fp32 error, tiny shapes, a few ms e
 
 import pytest
 import torch
-from gift_quant.kernels.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
 from gift_quant.kernels import Backend, base_matmul, dequant_matmul, resolve_backend
 from gift_quant.kernels.cpu import int4_unsupported
+from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
 CASES = [  # bits, group, sym, salient, bias
     (4, 32, True, 0, False),

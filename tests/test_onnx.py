@@ -12,10 +12,9 @@ import torch
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-from gift_quant.kernels.testing import oracle, random_mixed_linear  # noqa: E402
-
 from gift_quant.cli import main  # noqa: E402
 from gift_quant.io.onnx import ONNX_FILE, pack_matmul_nbits  # noqa: E402
+from gift_quant.testing import oracle, random_mixed_linear  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
