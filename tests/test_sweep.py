@@ -105,7 +105,7 @@ def test_sweep_resumes_recorded_rows_and_shares_the_quantized_start(
         ).resolve()
     for r in rows:
         env = r["environment"]
-        assert len(env["commit"]) == 40 and env["machine_shared"] is True and env["torch"]
+        assert len(env["commit"]) == 40 and env["shared"] is True and env["torch"]
     base, trained = rows[0], rows[1:]
     for r in trained:
         assert r["key"]["batch"] == 2 and r["key"]["micro_batch"] == 1

@@ -11,10 +11,7 @@ imported transformers' quantizer registry eagerly (the same import done explicit
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
-import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 COMMANDS = {
     "--help": ["-m", "gift_quant", "--help"],
@@ -32,28 +32,6 @@ COMMANDS = {
     "import torch": ["-c", "import torch"],
 }
 EXPECTED_RC = {"recipe error": 2}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    out = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def time_once(args: list[str], env: dict) -> tuple[float, float, int, str]:
@@ -71,19 +49,13 @@ def time_once(args: list[str], env: dict) -> tuple[float, float, int, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--idle", action="store_true", help="the machine had no other load")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cli_start.json"))
+    add_arguments(ap)
     args = ap.parse_args()
+    prov = provenance(shared_flag(ap, args))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     meta = {
-        "commit": commit(),
-        "python": platform.python_version(),
-        "torch": md.version("torch"),
-        "transformers": md.version("transformers"),
-        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "gpu": None,
-        "machine_shared": not args.idle,
         "load_average_1min": os.getloadavg()[0],
         "repeats": args.repeats,
     }
@@ -103,16 +75,19 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append(
-            {
-                **meta,
-                "command": name,
-                "median_s": med,
-                "min_s": min(ts),
-                "max_s": max(ts),
-                "ratio_to_eager_import": med / base,
-                "median_cpu_s": statistics.median(cpu[name]),
-                "stderr_lines": stderr_lines[name],
-            }
+            stamp(
+                {
+                    **meta,
+                    "command": name,
+                    "median_s": med,
+                    "min_s": min(ts),
+                    "max_s": max(ts),
+                    "ratio_to_eager_import": med / base,
+                    "median_cpu_s": statistics.median(cpu[name]),
+                    "stderr_lines": stderr_lines[name],
+                },
+                prov,
+            )
         )
     head = ("median s", "min s", "max s", "/eager", "cpu s", "stderr")
     print(f"{'command':28s} " + " ".join(f"{h:>9s}" for h in head))
@@ -123,10 +98,9 @@ def main() -> None:
         )
     print(
         f"({args.repeats} repeats, load average {meta['load_average_1min']:.1f} on "
-        f"{meta['cpu_count']} cores, machine {'shared' if meta['machine_shared'] else 'idle'})"
+        f"{meta['cpu_count']} cores, machine {'shared' if prov['shared'] else 'idle'})"
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.out, rows)
 
 
 if __name__ == "__main__":

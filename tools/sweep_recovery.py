@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -107,37 +106,17 @@ def parse_budget(text: str) -> dict:
 
 
 def provenance(machine: str) -> dict:
-    """Commit and environment of this run (a minimal local helper: tools/provenance.py is not in
-    this tree yet)."""
-    import torch
-    import transformers
+    """Commit and environment of this run: the tools' common stamp, plus peft's version."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import provenance as common
 
-    def git(*args):
-        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in x]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
     try:
         import peft
 
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft_version,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "machine_shared": machine == "shared",
-    }
+    return {**common.provenance(machine == "shared"), "peft": peft_version}
 
 
 def subprocess_recover(out: Path, recipe: str, overrides: list[str]) -> dict:
