@@ -227,11 +227,15 @@ def test_a_bad_source_fails_before_anything_is_loaded_or_written(tiny_model_dirs
     from gift_quant.pipeline import recover
 
     model = tiny_model_dirs("llama")
-    recipe = load_recipe(None, [f"model.name_or_path={model}", "train.data=missing.jsonl"])
+    # everything else about the recipe fits the tiny model, so the source is what is refused
+    fits = ["quant.group_size=32", "saliency.count=4", "calib.seq_len=64", "eval.seq_len=64"]
+    fits += ["train.seq_len=64"]
+    recipe = load_recipe(None, [f"model.name_or_path={model}", *fits, "train.data=missing.jsonl"])
     with pytest.raises(RecipeError, match="train.data: text source 'missing.jsonl'"):
         recover(recipe, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     args = ["quantize", "--model", model, "--out", str(tmp_path / "q"), "-q"]
+    args += [x for f in fits for x in ("--set", f)]
     assert main([*args, "--set", "calib.source=hf:wikitext:wikitext-2-raw-v1:test"]) == 2
     assert not (tmp_path / "q").exists()
 
