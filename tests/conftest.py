@@ -13,8 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). It
+    # must be on before any module defines a Triton kernel: gptqmodel (imported by the interop
+    # tests, collected first) defines its own, and a later switch leaves the interpreter unable
+    # to run ours ("Cannot call @triton.jit'd outside of the scope of a kernel").
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 VOCAB = 512
 
