@@ -24,8 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 from gift_quant.data import eval_windows, load_documents, tokenize_documents  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
@@ -44,30 +45,14 @@ from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 PROMPT = 16
 
 
-def environment() -> dict:
+def environment(shared: bool) -> dict:
+    """The tools' common stamp plus onnxruntime's version and torch's thread count."""
     import onnxruntime
-    import transformers
 
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
     return {
-        "commit": sha,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **provenance(shared),
         "onnxruntime": onnxruntime.__version__,
-        "cpu": cpu,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "machine_shared": True,
     }
 
 
@@ -206,7 +191,9 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--out", default="benchmarks/results/edge_smollm2.json")
+    add_arguments(p)
     args = p.parse_args()
+    shared = shared_flag(p, args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     from gift_quant.modeling import load_model
@@ -222,19 +209,17 @@ def main() -> None:
         "prefill_s": torch_prefill(fp32, windows.reshape(-1)[: args.prefill].unsqueeze(0)),
     }
     rows = [bench_export(src, args, fp32, tok, windows, fp32_speed) for src in args.exports]
-    env = environment()
+    env = environment(shared)
     result = {
-        **env,
         "setup": (
             f"SmolLM2-135M-Instruct exports; perplexity on {windows.shape[0]} x 512 held-out "
             f"wiki tokens; decode: {PROMPT}-token prompt + {args.decode} greedy tokens at "
             f"batch 1 ({max(4, args.decode // 8)} for the dequantize-every-call path); "
             f"prefill {args.prefill} tokens; {env['threads']} threads"
         ),
-        "rows": [{**env, **r} for r in rows],
+        "rows": [stamp(dict(r), env) for r in rows],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     hdr = f"{'export':10s} {'path':26s} {'decode tok/s':>12s} {'x fp32':>7s} {'prefill s':>9s}"
     print(hdr)
     for r in rows:

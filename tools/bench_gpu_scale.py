@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synthetic import build_model, recover_cmd  # noqa: E402
-from provenance import add_arguments, provenance, shared_flag, stamp  # noqa: E402
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 
 def run(recipe: Path, out: Path, sets: list[str]) -> dict:
@@ -89,7 +89,7 @@ eval: {{text: [{work / "text.txt"}], seq_len: 2048, max_tokens: 8192, batch_size
     def save(row: dict) -> None:
         rows.append(stamp(dict(row), prov))
         print(json.dumps(row), flush=True)
-        json_path.write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2) + "\n")
+        write_json(json_path, {"shape": args.shape, "rows": rows})
 
     base = work / "base"
     r = run(recipe, base, ["train.steps=0"])
