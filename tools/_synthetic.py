@@ -81,9 +81,26 @@ def build_model(work: Path, shape: str, device: str, n_words: int = 200_000) -> 
     return model_dir
 
 
-def recover_cmd(prefix: list[str], recipe: Path, out: Path, sets: list[str]) -> list[str]:
+def run_recover(prefix: list[str], recipe: Path, out: Path, sets: list[str], code: Path) -> dict:
+    """``prefix -m gift_quant recover`` with the package found in ``code`` (this checkout or an
+    older one); its JSON result plus ``wall_seconds``. A failure prints its output and exits."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
     cmd = [*prefix, "-m", "gift_quant", "recover", "--recipe", str(recipe)]
     cmd += ["--out", str(out), "--json", "-q"]
     for s in sets:
         cmd += ["--set", s]
-    return cmd
+    paths = [str(code), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
+    if proc.returncode:
+        print(proc.stdout[-2000:], proc.stderr[-6000:], file=sys.stderr)
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,22 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _synthetic import build_model, recover_cmd  # noqa: E402
+from _synthetic import build_model  # noqa: E402
+from _synthetic import run_recover as recover  # noqa: E402
 from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
-
-
-def recover(cmd_prefix: list[str], recipe: Path, out: Path, sets: list[str], code: Path) -> dict:
-    cmd = recover_cmd(cmd_prefix, recipe, out, sets)
-    paths = [str(code), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
-    if proc.returncode:
-        print(proc.stdout[-2000:], proc.stderr[-6000:], file=sys.stderr)
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - t0
-    return result
 
 
 def salient_diff(a: Path, b: Path, steps: int) -> dict:

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,20 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _synthetic import build_model, recover_cmd  # noqa: E402
+from _synthetic import build_model, run_recover  # noqa: E402
 from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 
 def run(recipe: Path, out: Path, sets: list[str]) -> dict:
-    cmd = recover_cmd([sys.executable], recipe, out, sets)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        print(proc.stdout[-2000:], proc.stderr[-6000:], file=sys.stderr)
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    r["wall_seconds"] = time.perf_counter() - t0
-    return r
+    return run_recover([sys.executable], recipe, out, sets, ROOT)
 
 
 def main() -> None:
