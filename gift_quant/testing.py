@@ -10,6 +10,7 @@ H200 its worst case was 1.91x over 126 checked cases and 2.17x in one graph-repl
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -139,16 +140,21 @@ def run_environment(shared: bool) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    commit = os.environ.get("GIFT_QUANT_COMMIT")  # a copy on another machine: its .git may lag
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=Path(__file__).parent)
-        commit += "+uncommitted changes" if dirty.returncode else ""
+        if not os.environ.get("GIFT_QUANT_COMMIT") and dirty.returncode:
+            commit += "+uncommitted changes"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown (not a git checkout)"
     cpu = platform.processor() or platform.machine()

@@ -1,7 +1,7 @@
-"""End-to-end decode speed of a 7B-shaped Llama, batch 1: fp16 vs W4 g128 + 128 salient columns.
+"""End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
 
-    PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--out DIR]
-        [--workdir DIR] [--shared]
+    PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
+        [--out DIR] [--workdir DIR] [--shared]
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -9,10 +9,11 @@ decoder block is quantized with RTN (4 bits, group 128, symmetric, no clipping s
 the 128 input columns of largest L2 norm in fp16 (no calibration data on the GPU machine),
 exported with ``save_quantized`` and read back with ``load_quantized(device="cuda")`` (AUTO
 backend: the Triton kernels). Decoding uses a static KV cache and one CUDA graph per decode
-step (greedy, the next token fed back inside the graph); tokens/s = steps / wall time of the
-replays. The script also checks the quantized model's logits against the torch backend. The
-JSON records the commit, the versions, GPU/CPU, whether the machine was shared, and the kernel
-route of every distinct (N, K) layer at batch 1.
+step (greedy, the next token fed back inside the graph); tokens/s = batch * steps / wall time
+of the replays, for every --batch (fp16 and W4 in the same run). The script also checks the
+quantized model's logits against the torch backend. The JSON records the commit, the versions,
+GPU/CPU, whether the machine was shared, and the kernel
+route of every distinct (N, K) layer at every batch.
 """
 
 from __future__ import annotations
@@ -128,7 +129,12 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int) -> dict:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return dict(
-        mode=mode, steps=steps, seconds=dt, tokens_per_s=steps / dt, ms_per_token=1e3 * dt / steps
+        mode=mode,
+        batch=prompt.shape[0],
+        steps=steps,
+        seconds=dt,
+        tokens_per_s=prompt.shape[0] * steps / dt,
+        ms_per_step=1e3 * dt / steps,
     )
 
 
@@ -137,14 +143,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--salient", type=int, default=128)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
     args = ap.parse_args()
     t0 = time.time()
     model = build_model(args.layers)
-    prompt = torch.randint(0, 32000, (1, 16), device="cuda")
-    fp16 = decode_tokens_per_s(model, prompt, args.tokens)
+    prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
+    prompt = prompts[args.batch[0]]
+    fp16 = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
     print(f"fp16: {fp16}", flush=True)
     quantize_in_place(model, args.salient)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gq-decode-"))
@@ -162,26 +170,38 @@ def main() -> None:
     for m in mixed_modules(qmodel):
         m.backend = "auto"
     rel = float((logits_t - logits_r).norm() / logits_r.norm())
-    w4 = decode_tokens_per_s(qmodel, prompt, args.tokens)
+    w4 = {b: decode_tokens_per_s(qmodel, prompts[b], args.tokens) for b in args.batch}
     print(f"w4g128+s128: {w4}", flush=True)
     from gift_quant.kernels.triton import ops
 
     shapes = {(m.out_features, m.in_features, m.bits) for m in mixed_modules(qmodel)}
     res = dict(
         **run_environment(args.shared),
-        routes={f"{n}x{k} w{b}": ops.route(1, n, k, b) for n, k, b in sorted(shapes)},
+        routes={
+            f"M={m} {n}x{k} w{b}": ops.route(m, n, k, b)
+            for m in args.batch
+            for n, k, b in sorted(shapes)
+        },
         layers=args.layers,
         mixed_layers=n_mixed,
-        fp16=fp16,
-        w4=w4,
-        ratio=w4["tokens_per_s"] / fp16["tokens_per_s"],
+        rows=[
+            dict(
+                batch=b,
+                fp16=fp16[b],
+                w4=w4[b],
+                ratio=w4[b]["tokens_per_s"] / fp16[b]["tokens_per_s"],
+            )
+            for b in args.batch
+        ],
         logits_rel_diff_triton_vs_torch=rel,
     )
-    print(
-        f"\ndecode batch 1, {args.layers} layers: fp16 {fp16['tokens_per_s']:.1f} tok/s "
-        f"({fp16['mode']}), W4 g128 + 128 salient {w4['tokens_per_s']:.1f} tok/s "
-        f"({w4['mode']}): ratio {res['ratio']:.2f}x; logits triton vs torch rel {rel:.1e}"
-    )
+    print(f"\n{args.layers} layers; logits triton vs torch rel {rel:.1e}")
+    print("| batch | fp16 tok/s | W4 g128 + 128 salient tok/s | ratio |\n|---|---|---|---|")
+    for r in res["rows"]:
+        print(
+            f"| {r['batch']} | {r['fp16']['tokens_per_s']:.1f} ({r['fp16']['mode']}) "
+            f"| {r['w4']['tokens_per_s']:.1f} ({r['w4']['mode']}) | {r['ratio']:.2f}x |"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "decode_h200.json.tmp"
