@@ -19,7 +19,7 @@ from gift_quant.registry import Registry
 
 __all__ = ["NOISES", "noise_step", "sample_noise"]
 
-# (shape, generator, device, dtype) -> unit-step noise; sample_noise scales row i by delta_i.
+# (shape, generator, device, dtype) -> unit-step noise; sample_noise scales it by delta.
 Noise = Callable[[tuple[int, int], torch.Generator, torch.device, torch.dtype], Tensor]
 NOISES: Registry[Noise] = Registry("noise")
 
@@ -87,9 +87,10 @@ def sample_noise(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
-    """Noise [N, K] of the ``kind`` registered in NOISES, row i scaled by ``scale[i]``
-    (= delta_i). Deterministic in ``seed``, so the backward pass can regenerate exactly what the
-    forward pass used."""
+    """Noise of ``shape`` of the ``kind`` registered in NOISES, times ``scale`` (broadcast:
+    ``delta[:, None]`` scales the rows of an [N, K] weight, ``delta[None, :]`` the columns of
+    its transpose). Deterministic in ``seed``, so the backward pass can regenerate exactly
+    what the forward pass used."""
     sample = NOISES.get(kind)
     gen = torch.Generator(device=device).manual_seed(seed)
-    return sample(shape, gen, device, dtype).mul_(scale.to(dtype)[:, None])
+    return sample(shape, gen, device, dtype).mul_(scale.to(dtype))

@@ -224,8 +224,10 @@ def compile_for_gpu(
                 out.append(f"mm:{name} " + build(mm._mm_kernel, types, const, 4, 3))
             const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
             out.append(build(mm._backward_kernel, types, const, 4, 2))
-            const = dict(act, BLOCK_N=128, BLOCK_K=64, HAS_SAL=True)
-            out.append(build(mm._dequant_kernel, types, const, 4, 1))
+            for noise in (0, 1, 2):  # inference; GIFT-SW training with each noise kind
+                const = dict(act, BLOCK_N=128, BLOCK_K=64, HAS_SAL=True, NOISE=noise)
+                t = types | dict(delta_ptr="*fp32", seed="i64")
+                out.append(build(mm._dequant_kernel, t, const, 4, 1))
             if not with_gemv:
                 continue
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 4)

@@ -38,10 +38,10 @@ def test_noise_step_is_the_paper_grid(gen):
 def test_noise_statistics_and_determinism(kind, var):
     scale = torch.tensor([1.0, 2.0])
     a = sample_noise(
-        (2, 200_000), scale, kind, seed=7, device=torch.device("cpu"), dtype=torch.float32
+        (2, 200_000), scale[:, None], kind, seed=7, device=torch.device("cpu"), dtype=torch.float32
     )
     b = sample_noise(
-        (2, 200_000), scale, kind, seed=7, device=torch.device("cpu"), dtype=torch.float32
+        (2, 200_000), scale[:, None], kind, seed=7, device=torch.device("cpu"), dtype=torch.float32
     )
     assert torch.equal(a, b)
     assert torch.allclose(a.var(1), var * scale**2, rtol=0.02)
@@ -90,7 +90,7 @@ def test_gradients_match_autograd_through_an_explicit_noisy_weight(gen):
     x = torch.randn(3, 128, generator=gen, dtype=torch.float64, requires_grad=True)
     y = g(x)
     (gx, gw) = torch.autograd.grad(y.square().sum(), [x, g.salient_weight])
-    wt = g.frozen_weight_t(torch.float64, 11)  # the same noise, rebuilt from the seed
+    wt = g.weight_t(torch.float64, 11)  # the same noise, rebuilt from the seed
     x2 = x.detach().clone().requires_grad_(True)
     w2 = g.salient_weight.detach().clone().requires_grad_(True)
     y2 = x2 @ wt + x2[:, g.salient_idx.long()] @ w2.t() + g.bias
@@ -129,5 +129,5 @@ def test_noise_choices_are_the_registered_kinds(monkeypatch):
     monkeypatch.setitem(NOISES._entries, "laplace", lambda shape, *_: torch.ones(shape))
     assert TrainConfig(noise="laplace").noise == "laplace"
     scale = torch.tensor([1.0, 3.0])
-    got = sample_noise((2, 4), scale, "laplace", 0, torch.device("cpu"), torch.float32)
+    got = sample_noise((2, 4), scale[:, None], "laplace", 0, torch.device("cpu"), torch.float32)
     assert torch.equal(got, scale[:, None].expand(2, 4))

@@ -214,6 +214,53 @@ def test_dequantize_kernel_equals_the_reference_weight_bit_for_bit(bits, dtype):
     assert torch.allclose(got.double(), w.t(), rtol=1e-2, atol=0)  # and both are the oracle's
 
 
+@pytest.mark.parametrize(("noise", "std"), [("normal", 0.5), ("uniform", 12**-0.5)])
+def test_noisy_dequantize_adds_seeded_noise_of_scale_delta_off_the_salient_rows(noise, std):
+    """GIFT-SW's training weight in one launch: the grid plus delta[n] x unit noise on the
+    non-salient rows, the same for the same seed, the salient rows exactly W_S^T."""
+    K, N = 256, 128
+    layer, _, _ = make(K, N, bits=3, group=64, salient=6, seed=5, dtype=F16)
+    p = ops.prepare(layer)
+    delta = torch.rand(N, generator=torch.Generator().manual_seed(0)).add_(0.5).to(DEV)
+    wst = torch.randn(6, N, device=DEV, dtype=F16)
+    kw = dict(bits=3, group=64, dtype=F16, delta=delta)
+    clean = mm.dequantize(p.q, p.sz, wst, p.sal_pos, K, **kw)
+    a = mm.dequantize(p.q, p.sz, wst, p.sal_pos, K, noise=noise, seed=3, **kw)
+    b = mm.dequantize(p.q, p.sz, wst, p.sal_pos, K, noise=noise, seed=3, **kw)
+    c = mm.dequantize(p.q, p.sz, wst, p.sal_pos, K, noise=noise, seed=4, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    sal = layer.salient_idx.long()
+    assert torch.equal(a[sal], wst) and torch.equal(clean[sal], wst)
+    rest = torch.ones(K, dtype=torch.bool, device=DEV)
+    rest[sal] = False
+    unit = ((a.double() - clean.double()) / delta.double()[None, :])[rest]
+    assert abs(float(unit.mean())) < 0.02 and abs(float(unit.std()) / std - 1) < 0.03
+    if noise == "uniform":  # bounded by half a step, up to the fp16 rounding of the sum
+        assert float(unit.abs().max()) <= 0.5 + 2e-2
+
+
+def test_gift_training_through_the_triton_rebuild_has_exact_gradients(monkeypatch):
+    """GiftLinear on the Triton rebuild (forced here; on a GPU it is the default): the output
+    and both gradients are those of an explicit product with the weight rebuilt from the seed."""
+    from gift_quant.train.gift_linear import GiftLinear
+
+    monkeypatch.setattr(GiftLinear, "_triton", lambda self, device: True)
+    layer, _, _ = make(128, 64, bits=4, group=32, salient=5, bias=True, seed=2, dtype=F16)
+    g = GiftLinear.from_mixed(layer, "normal", bits=4).to(DEV).train()
+    g.noise_seed = 9
+    x = torch.randn(2, 3, 128, device=DEV, dtype=F16, requires_grad=True)
+    y = g(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    wt = ops.noisy_weight_t(layer, g.salient_weight.detach().t(), "normal", g.delta, 9, F16)
+    assert not torch.equal(wt, g.weight_t(F16, None, g.salient_weight))  # the noise is there
+    assert torch.equal(y, x.detach() @ wt + g.bias.to(F16))
+    assert torch.equal(x.grad, gy @ wt.t())
+    xs = x.detach()[..., g.salient_idx.long()].reshape(-1, 5)
+    want = (gy.reshape(-1, 64).t() @ xs).float()
+    assert torch.equal(g.salient_weight.grad, want)
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype", "route"),
     [((1, 128), F16, "gemv"), ((2, 3, 128), BF16, "mm:t64k"), ((520, 128), F16, "cublas")],
@@ -267,7 +314,7 @@ def test_kernels_compile_for_the_gpu_without_one():
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == "3"
+    assert run.stdout.split()[-1] == "5"  # mm, backward, dequantize x 3 noise kinds
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ A 1.1B-parameter Llama (TinyLlama-1.1B shape) with random weights, RTN w4 g128 +
 columns. The model and its quantized start are built ONCE (in --work; ``--reuse`` keeps them
 across calls), then each row is one ``python -m gift_quant recover`` from that start: one
 process, and under torchrun N processes with train.parallel=ddp / fsdp, same global batch.
+Scaling is printed two ways: over one process at the per-GPU batch of the N-GPU rows (row
+``per_gpu``: data-parallel scaling, N GPUs doing N times the work) and over one process at the
+global batch (row ``one``: the same job split N ways).
 ``--before DIR`` adds a row run with the package found in DIR (an older checkout) for a
 before/after comparison of the per-stage seconds. Text: a synthetic corpus written here (no
 network) and a byte-level BPE trained on it: a throughput benchmark, not a quality one.
@@ -62,9 +65,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument(
         "--rows",
-        default="one,accum2,ddp,fsdp",
-        help="comma list of: one (1 process), accum2 (1 process, half micro-batches x 2: the "
-        "same global batch summed in another order, the numerical tolerance), ddp, fsdp",
+        default="one,per_gpu,accum2,ddp,fsdp",
+        help="comma list of: one (1 process, the global batch), per_gpu (1 process, the "
+        "per-GPU batch of the N-GPU rows: the base of data-parallel scaling), accum2 (1 "
+        "process, half micro-batches x 2: the same global batch summed in another order, the "
+        "numerical tolerance), ddp, fsdp",
     )
     p.add_argument("--before", help="checkout of an older version: adds a 1-process row run by it")
     p.add_argument("--tiny", action="store_true")
@@ -112,7 +117,11 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
     json_path = out_dir / "bench_distributed.json"
     prov = provenance(shared)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    single = {"one": [], "accum2": [f"train.batch_size={args.batch // 2}", "train.grad_accum=2"]}
+    single = {
+        "one": [],
+        "per_gpu": [f"train.batch_size={args.batch // args.gpus}"],
+        "accum2": [f"train.batch_size={args.batch // 2}", "train.grad_accum=2"],
+    }
     plan = []
     for r in rows:
         if r in single:
@@ -142,7 +151,7 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
             "settings": sets,
             "code": "this commit" if code == ROOT else f"older checkout {code.name}",
             "steps": args.steps,
-            "global_batch": args.batch,
+            "global_batch": args.batch // args.gpus if label == "per_gpu" else args.batch,
             "seq_len": args.seq,
             "tokens_per_second": t["tokens_per_second_steady"],
             "seconds_per_step": t.get("seconds_per_step_steady") or t["seconds_per_step"],
@@ -154,7 +163,7 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
             "stage_peak_gpu_mb": r.get("peak_gpu_mb"),
             "wall_seconds": r["wall_seconds"],
         }
-        if label not in ("one", "before") and "one" in runs:
+        if label not in ("one", "per_gpu", "before") and "one" in runs:
             row.update(salient_diff(work / "run_one", out, args.steps))
         runs[label] = row
         print(label, json.dumps(row), flush=True)
@@ -170,19 +179,26 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
             },
         )
     one = runs.get("one", {}).get("tokens_per_second")
+    per_gpu = runs.get("per_gpu", {}).get("tokens_per_second")
     print(
-        f"\n{'run':8s} {'tokens/s':>10s} {'scaling':>8s} {'s/step':>7s} {'peak GPU MiB':>13s}"
-        f" {'salient diff / moved':>21s}  non-training seconds"
+        "\nscaling: tokens/s over the 1-GPU row with the same per-GPU batch (per_gpu: data-"
+        "parallel scaling) and with the same global batch (one: the same job split in N)"
+    )
+    print(
+        f"{'run':8s} {'tokens/s':>10s} {'scaling':>8s} {'vs one':>7s} {'s/step':>7s}"
+        f" {'peak GPU MiB':>13s} {'salient diff / moved':>21s}  non-training seconds"
     )
     for label, r in runs.items():
-        scale = r["tokens_per_second"] / one if one else float("nan")
+        tps = r["tokens_per_second"]
+        weak = tps / per_gpu if per_gpu else float("nan")
+        strong = tps / one if one else float("nan")
         rel = ""
         if "salient_rel_l2_diff_vs_one" in r:
             rel = f"{r['salient_rel_l2_diff_vs_one']:.3f}"
         st = r["stage_seconds"]
         overhead = st["total"] - st.get("train", 0.0) - st.get("load", 0.0)
         print(
-            f"{label:8s} {r['tokens_per_second']:10.0f} {scale:8.2f} {r['seconds_per_step']:7.3f}"
+            f"{label:8s} {tps:10.0f} {weak:8.2f} {strong:7.2f} {r['seconds_per_step']:7.3f}"
             f" {r['peak_gpu_mb_rank0']:13.0f} {rel:>21s}  {overhead:.1f}"
         )
         print("         stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in st.items()))

@@ -8,6 +8,14 @@ forward pass; the noise is regenerated from its seed in backward, so it is never
 
     y = x @ (W_base + noise)^T + x[..., S] @ W_S^T + bias
 
+Training runs one product per pass: the weight W^T [K, N] is rebuilt from the frozen base,
+the noise (from its seed) and W_S in the compute dtype, and multiplied once; backward rebuilds
+it for grad_x = grad_y @ W and takes grad_W_S = grad_y^T @ x[..., S]. On a GPU the rebuild is
+one Triton launch (``kernels.triton.ops.noisy_weight_t``: packed codes in, noisy bf16 W^T out);
+elsewhere its torch twin (``weight_t``) does the same in a few torch ops. The two draw
+different random numbers from the same seed (Philox counters vs torch's generator), each
+reproducibly.
+
 In eval mode there is no noise and W_S is rounded to the export dtype (fp16), so the module
 computes exactly what its export (:meth:`to_mixed`) computes.
 """
@@ -17,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gift_quant.kernels import Backend, base_matmul, resolve_backend
+from gift_quant.kernels import Backend, base_matmul, triton_available
 from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.noise import noise_step, sample_noise
@@ -28,20 +36,27 @@ __all__ = ["GiftLinear", "attach_gift", "detach_gift"]
 EXPORT_DTYPE = torch.float16
 
 
-class _FrozenNoisyMatmul(torch.autograd.Function):
-    """x @ (W_base + noise)^T with gradient for x only; W and the noise are rebuilt in backward."""
+class _GiftMatmul(torch.autograd.Function):
+    """y = x @ W^T(seed, W_S) with W^T [K, N] = frozen base + noise, rows S = W_S^T. Gradients
+    for x and W_S only; W^T is rebuilt in backward from the seed, never stored."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: GiftLinear, seed: int) -> Tensor:
+    def forward(ctx, x: Tensor, ws: Tensor, layer: GiftLinear, seed: int | None) -> Tensor:
+        xs = x[..., layer.salient_idx]
         ctx.layer, ctx.seed = layer, seed
-        return x @ layer.frozen_weight_t(x.dtype, seed)
+        ctx.save_for_backward(xs, ws)
+        return x @ layer.weight_t(x.dtype, seed, ws, x.device)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        wt = ctx.layer.frozen_weight_t(grad_y.dtype, ctx.seed)
-        return grad_y @ wt.t(), None, None
+        xs, ws = ctx.saved_tensors
+        grad_x = grad_ws = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ ctx.layer.weight_t(grad_y.dtype, ctx.seed, ws, grad_y.device).t()
+        if ctx.needs_input_grad[1]:
+            g2 = grad_y.reshape(-1, grad_y.shape[-1])
+            grad_ws = (g2.t() @ xs.reshape(-1, xs.shape[-1]).to(g2.dtype)).to(ws.dtype)
+        return grad_x, grad_ws, None, None
 
 
 class GiftLinear(nn.Module):
@@ -143,9 +158,34 @@ class GiftLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def frozen_weight_t(self, dtype: torch.dtype, seed: int | None) -> Tensor:
-        """(W_base + noise)^T as [K, N] in ``dtype``; salient columns are 0; no noise if seed
-        is None."""
+    def weight_t(
+        self,
+        dtype: torch.dtype,
+        seed: int | None,
+        salient_weight: Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """The training weight as W^T [K, N] in ``dtype``: the frozen base, plus noise drawn
+        from ``seed`` on the non-salient rows (none if ``seed`` is None), with rows S set to
+        ``salient_weight``^T (zeros if None)."""
+        noise = self.noise if seed is not None else "none"
+        ws = self.salient_weight.detach() if salient_weight is None else salient_weight.detach()
+        if salient_weight is None:
+            ws = torch.zeros_like(ws)
+        if self.base is not None and self._triton(device or self.base.qweight.device):
+            from gift_quant.kernels.triton import ops as triton_ops
+
+            wt = triton_ops.noisy_weight_t(self.base, ws.t(), noise, self.delta, seed or 0, dtype)
+            if wt is not None:
+                return wt
+        return self._weight_t_torch(dtype, noise, seed, ws)
+
+    def _triton(self, device: torch.device) -> bool:
+        wants = self.backend in (Backend.AUTO, Backend.TRITON)
+        return device.type == "cuda" and wants and triton_available()
+
+    def _weight_t_torch(self, dtype, noise: str, seed: int | None, ws: Tensor) -> Tensor:
+        """The torch twin of the Triton rebuild (CPU, fp32/fp64, layouts the kernels skip)."""
         if self.base is not None:
             b = self.base
             if self._codes is None or self._codes.device != b.qweight.device:
@@ -154,31 +194,24 @@ class GiftLinear(nn.Module):
                 self._zeros = unpack_cols(b.qzeros, b.bits)
             wt = dequantize_codes(self._codes, self._zeros, b.scales, b.g_idx, dtype)
         else:
-            wt = self.base_weight.to(dtype).t()
-        if seed is None:
-            return wt
-        noise = sample_noise(
-            (self.out_features, self.in_features), self.delta, self.noise, seed, wt.device, dtype
-        )
-        return wt + (noise * self.keep.to(dtype)).t()
+            wt = self.base_weight.to(dtype).t().contiguous()
+        if noise != "none":
+            shape = (self.in_features, self.out_features)
+            wt.add_(sample_noise(shape, self.delta[None, :], noise, seed, wt.device, dtype))
+        return wt.index_copy_(0, self.salient_idx.long(), ws.t().to(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        noisy = self.training and self.noise != "none"
-        seed = self.noise_seed if noisy else None
-        if self.training and (
-            self.base is None or resolve_backend(self.backend, x) is Backend.TORCH
-        ):
-            # one product with the noise folded into the rebuilt weight; nothing [N, K] is kept
-            y = _FrozenNoisyMatmul.apply(x, self, seed)
-        elif self.base is None:
-            y = x @ self.base_weight.to(x.dtype).t()
-        else:  # eval (exactly MixedLinear's product), or training on a kernel backend
-            y = base_matmul(x, self.base, self.backend)
-            if noisy:
-                y = y + _FrozenNoise.apply(x, self, seed)
-        w_s = self.salient_weight if self.training else self.salient_weight.to(EXPORT_DTYPE)
-        if self.salient_idx.numel():
-            y = y + x[..., self.salient_idx] @ w_s.to(x.dtype).t()
+        if self.training:  # one product: frozen base + noise + trainable columns
+            seed = self.noise_seed if self.noise != "none" else None
+            y = _GiftMatmul.apply(x, self.salient_weight, self, seed)
+        else:  # exactly what the export computes: MixedLinear's product, W_S in fp16
+            if self.base is None:
+                y = x @ self.base_weight.to(x.dtype).t()
+            else:
+                y = base_matmul(x, self.base, self.backend)
+            if self.salient_idx.numel():
+                w_s = self.salient_weight.to(EXPORT_DTYPE).to(x.dtype)
+                y = y + x[..., self.salient_idx] @ w_s.t()
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
@@ -189,33 +222,6 @@ class GiftLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, base={kind}, "
             f"salient={self.salient_idx.numel()}, noise={self.noise}"
         )
-
-
-class _FrozenNoise(torch.autograd.Function):
-    """x @ noise^T alone (for kernel backends whose base product is a separate launch)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: GiftLinear, seed: int) -> Tensor:
-        ctx.layer, ctx.seed = layer, seed
-        return x @ _noise_t(layer, seed, x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return grad_y @ _noise_t(ctx.layer, ctx.seed, grad_y.dtype).t(), None, None
-
-
-def _noise_t(layer: GiftLinear, seed: int, dtype: torch.dtype) -> Tensor:
-    noise = sample_noise(
-        (layer.out_features, layer.in_features),
-        layer.delta,
-        layer.noise,
-        seed,
-        layer.delta.device,
-        dtype,
-    )
-    return (noise * layer.keep.to(dtype)).t()
 
 
 def attach_gift(model: nn.Module, noise: str, bits: int, salient: dict[str, Tensor] | None = None):

@@ -182,15 +182,17 @@ def _backward_kernel(
     tl.store(gx_ptr + offs_m[None, :] * K + offs_k[:, None], out, mask=mmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dequant_kernel(
     q_ptr,
     sz_ptr,
     wst_ptr,
     sal_pos_ptr,
+    delta_ptr,
     out_ptr,
     N,
     K,
+    seed,
     BITS: tl.constexpr,
     BF16: tl.constexpr,
     EMU: tl.constexpr,
@@ -198,12 +200,24 @@ def _dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_SAL: tl.constexpr,
+    NOISE: tl.constexpr,
 ):
-    """out [K, N] = dequant(W)^T, rows with sal_pos[k] >= 0 replaced by W_S^T[sal_pos[k]]."""
+    """out [K, N] = dequant(W)^T, rows with sal_pos[k] >= 0 replaced by W_S^T[sal_pos[k]].
+    NOISE 1 / 2 (GIFT-SW training) adds delta[n] * N(0, 1/4) / U(-1/2, 1/2) to every element
+    of the other rows: Philox draws at counter k * N + n of ``seed``, so a launch with the
+    same seed rebuilds the same noisy weight (the backward pass does)."""
     kb = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = kb + tl.arange(0, BLOCK_K)
     w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, False, True, EMU)
+    if NOISE != 0:
+        counter = offs_k[:, None] * N + offs_n[None, :]
+        if NOISE == 1:
+            r = tl.randn(seed, counter) * 0.5
+        else:
+            r = tl.rand(seed, counter) - 0.5
+        d = tl.load(delta_ptr + offs_n)
+        w = act(w.to(tl.float32) + r * d[None, :], BF16, EMU)
     if HAS_SAL:
         pos = tl.load(sal_pos_ptr + offs_k)
         sal = tl.load(
@@ -372,6 +386,9 @@ def backward(g: Tensor, q: Tensor, sz: Tensor, K: int, *, bits: int, group: int)
     return gx
 
 
+NOISE_KINDS = {"none": 0, "normal": 1, "uniform": 2}
+
+
 def dequantize(
     q: Tensor,
     sz: Tensor,
@@ -382,11 +399,18 @@ def dequantize(
     bits: int,
     group: int,
     dtype: torch.dtype,
+    noise: str = "none",
+    delta: Tensor | None = None,
+    seed: int = 0,
 ) -> Tensor:
-    """W^T [K, N] in ``dtype``, salient rows in place (``wst`` [k, N], ``sal_pos`` [K])."""
+    """W^T [K, N] in ``dtype``, salient rows in place (``wst`` [k, N], ``sal_pos`` [K]); with
+    ``noise`` (a key of NOISE_KINDS), per-column noise of scale ``delta`` [N] fp32 on the
+    other rows, drawn from ``seed``."""
     N = sz.shape[1]
     block_n, block_k = (128 if N % 128 == 0 else 64), 64 if group % 64 == 0 else 32
     _check(dtype, q, sz, K, group, block_n, block_k)
+    kind = NOISE_KINDS[noise]
+    assert not kind or (delta is not None and delta.dtype == torch.float32 and delta.numel() == N)
     out = torch.empty(K, N, device=q.device, dtype=dtype)
     has_sal = wst is not None and wst.numel() > 0
     with on_device(q.device):
@@ -395,14 +419,17 @@ def dequantize(
             sz,
             wst if has_sal else sz,
             sal_pos if has_sal else sz,
+            delta if kind else sz,
             out,
             N,
             K,
+            seed,
             **_meta(bits, dtype),
             GROUP=group,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             HAS_SAL=has_sal,
+            NOISE=kind,
             num_warps=4,
         )
     return out

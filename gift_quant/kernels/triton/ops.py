@@ -39,7 +39,15 @@ from gift_quant.kernels.triton.mm import MM_CONFIGS, backward, dequantize, mm, m
 from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
-__all__ = ["base_matmul", "candidates", "dequant_matmul", "prepare", "route", "run_route"]
+__all__ = [
+    "base_matmul",
+    "candidates",
+    "dequant_matmul",
+    "noisy_weight_t",
+    "prepare",
+    "route",
+    "run_route",
+]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
@@ -327,6 +335,32 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
         return reference.dequant_matmul(x, layer)
     return mixed_matmul(
         x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits, prep.group
+    )
+
+
+def noisy_weight_t(
+    layer, wst: Tensor, noise: str, delta: Tensor | None, seed: int, dtype: torch.dtype
+) -> Tensor | None:
+    """GIFT-SW's training weight of ``layer`` as W^T [K, N] in ``dtype``, in one launch: the
+    frozen grid, ``noise`` (normal / uniform / none) of per-output scale ``delta`` drawn from
+    ``seed`` on the non-salient rows, and the rows S set to ``wst`` [k, N] (the trainable
+    salient columns). None where the kernels do not cover the layer."""
+    prep = prepare(layer)
+    if prep is None or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    wst = wst.to(dtype).contiguous() if prep.sal_pos is not None else None
+    return dequantize(
+        prep.q,
+        prep.sz,
+        wst,
+        prep.sal_pos,
+        prep.K,
+        bits=prep.bits,
+        group=prep.group,
+        dtype=dtype,
+        noise=noise,
+        delta=delta,
+        seed=seed,
     )
 
 
