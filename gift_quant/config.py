@@ -15,9 +15,7 @@ from typing import Any
 import yaml
 
 from gift_quant.errors import RecipeError
-from gift_quant.noise import NOISES
-from gift_quant.quant import QUANTIZERS
-from gift_quant.saliency import SALIENCY_PRESETS
+from gift_quant.registry import NOISES, QUANTIZERS
 
 __all__ = [
     "BUDGET_KEYS",
@@ -35,6 +33,14 @@ __all__ = [
 SUPPORTED_BITS = (2, 3, 4, 8)
 BUDGET_KEYS = ("count", "fraction", "avg_bits")
 NORMS = (1.0, 2.0, math.inf)
+# name -> (tau, rho, gamma); tau=None switches the weight-error term off (activation-only metric).
+SALIENCY_PRESETS: dict[str, tuple[float | None, float, float]] = {
+    "gift": (math.inf, math.inf, 1.0),  # GIFT-SW's winner: max|W-Q(W)| * max|X|
+    "owq": (2.0, 2.0, 1.0),  # lambda_j * ||D_j||^2 ranks like ||D_j||_2 * ||X_j||_2
+    "quik": (None, math.inf, 1.0),  # max|X| only (SmoothQuant act_scales)
+    "wanda": (1.0, 2.0, 1.0),  # ||D_j||_1 * ||X_j||_2, Wanda's norms with D = quantization error
+}
+
 # Does every calibration, training and eval window of L tokens start with BOS (then BOS + L-1
 # text tokens)? "auto": when the tokenizer adds one (tokenizer(text) with special tokens
 # would); "always": yes (the tokenizer must define a BOS token); "never": L text tokens.

@@ -10,27 +10,22 @@ delta is computed once, before training.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from gift_quant.registry import Registry
+from gift_quant.registry import NOISES
 
 __all__ = ["NOISES", "noise_step", "sample_noise"]
 
-# (shape, generator, device, dtype) -> unit-step noise; sample_noise scales it by delta.
-Noise = Callable[[tuple[int, int], torch.Generator, torch.device, torch.dtype], Tensor]
-NOISES: Registry[Noise] = Registry("noise")
+# The noise kinds NOISES names (gift_quant.registry): (shape, generator, device, dtype) ->
+# unit-step noise; sample_noise scales it by delta.
 
 
-@NOISES.register("normal")
 def normal(shape, gen, device, dtype) -> Tensor:
     """N(0, 1/4): standard deviation half a grid step."""
     return torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.5)
 
 
-@NOISES.register("uniform")
 def uniform(shape, gen, device, dtype) -> Tensor:
     """U(-1/2, 1/2): the rounding error of a uniform grid with step 1."""
     return torch.rand(shape, generator=gen, device=device, dtype=dtype).sub_(0.5)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from gift_quant.data import check_sources, load_eval_windows
 from gift_quant.evaluate import bits_report, perplexity
-from gift_quant.io.export import save_quantized
+from gift_quant.io.export import atomic_directory, save_quantized
 from gift_quant.io.load import load_quantized
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import load_model, resolve_device
@@ -464,7 +464,8 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
             report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
             model.to("cpu")
             if tr.method in ADAPTERS:
-                model.save_pretrained(final)
+                with atomic_directory(final) as tmp:  # the usual modes; never half an adapter
+                    model.save_pretrained(tmp)
             else:
                 if run.dist.enabled:  # parameters may be sharded: rebuild from the checkpoint
                     model = load_quantized(out / "quantized")

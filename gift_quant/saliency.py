@@ -1,6 +1,6 @@
-"""Column saliency: ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma``, its named presets
-(``SALIENCY_PRESETS``, which the recipe's ``saliency.metric`` chooses from) and the per-matrix
-budget.
+"""Column saliency: ``s_j = ||D_j||_tau * ||X_j||_rho ** gamma`` (the named presets the
+recipe's ``saliency.metric`` chooses from are ``gift_quant.config.SALIENCY_PRESETS``) and the
+per-matrix budget.
 
 D = W - Q(W) is the round-to-nearest error on the same (MSE-clipped) grid that quantizes the
 layer (docs/METHOD.md#2-saliency: with plain absmax |D| is nearly flat and the metric degenerates to
@@ -18,15 +18,7 @@ from torch import Tensor
 from gift_quant.calibration import LayerStats
 from gift_quant.quant.grid import Grid, rtn_roundtrip
 
-__all__ = ["SALIENCY_PRESETS", "column_scores", "salient_budget", "select_salient"]
-
-# name -> (tau, rho, gamma); tau=None switches the weight-error term off (activation-only metric).
-SALIENCY_PRESETS: dict[str, tuple[float | None, float, float]] = {
-    "gift": (math.inf, math.inf, 1.0),  # GIFT-SW's winner: max|W-Q(W)| * max|X|
-    "owq": (2.0, 2.0, 1.0),  # lambda_j * ||D_j||^2 ranks like ||D_j||_2 * ||X_j||_2
-    "quik": (None, math.inf, 1.0),  # max|X| only (SmoothQuant act_scales)
-    "wanda": (1.0, 2.0, 1.0),  # ||D_j||_1 * ||X_j||_2, Wanda's norms with D = quantization error
-}
+__all__ = ["column_scores", "salient_budget", "select_salient"]
 
 
 def _col_norm(D: Tensor, p: float) -> Tensor:

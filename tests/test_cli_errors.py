@@ -728,18 +728,59 @@ def test_inspect_order_rounding_and_file_modes(export_dir, capsys):
     assert "manifest.json" in modes
 
 
-def test_help_and_import_do_not_load_torch():
+HEAVY = ("torch", "transformers", "numpy", "safetensors")
+# ``python -m gift_quant ARGS`` in a fresh process, then the exit code and the heavy modules
+# it imported on the last stdout line
+RUN_CLI = f"""
+import runpy, sys
+sys.argv = ["gift_quant", *sys.argv[1:]]
+try:
+    runpy.run_module("gift_quant", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+QUICK = [  # (arguments, exit code, what it prints)
+    (["--help"], 0, "recover"),
+    (["recover", "--help"], 0, "runs/recover"),
+    (["recover", "--set", "quant.bits=5"], 2, "quant.bits must be one of"),
+    (["recover", "--set", "quant.bitz=3"], 2, "did you mean 'quant.bits'"),
+    (["recover", "--recipe", "does-not-exist"], 2, "neither a file nor a shipped recipe"),
+    (["quantize", "--out", "q", "--set", "quant.method=awq"], 2, "quant.method must be one of"),
+    (["recover", "--set", "train.noise=laplace"], 2, "train.noise must be one of"),
+    (["recover", "--set", "saliency.metric=owq2"], 2, "did you mean 'owq'"),
+]
+
+
+def test_import_does_not_load_torch():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = (
-        "import sys, gift_quant, gift_quant.cli; "
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
-    )
+    loaded = f"[m for m in {HEAVY!r} if m in sys.modules]"
+    code = f"import sys, gift_quant, gift_quant.cli; print({loaded})"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
-    helped = subprocess.run(
-        [sys.executable, "-m", "gift_quant", "--help"], env=env, capture_output=True, text=True
+
+
+@pytest.mark.parametrize("case", QUICK, ids=[" ".join(c[0]) for c in QUICK])
+def test_help_and_recipe_errors_do_not_load_torch(case, tmp_path):
+    """--help and every recipe error are answered without importing torch, transformers,
+    numpy or safetensors (the recipe's choices of quantizer and noise come from registries
+    that import their functions on first use)."""
+    argv, code, says = case
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, *argv],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
-    assert helped.returncode == 0 and helped.stderr == "" and "recover" in helped.stdout
+    *printed, last = out.stdout.strip().splitlines()
+    assert last == f"{code} []", out.stderr[-2000:]
+    assert says in "\n".join(printed) + out.stderr
+    if code == 2:
+        assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
+    else:
+        assert out.stderr == ""
 
 
 def test_quiet_run_prints_nothing_on_stderr(tiny_model_dirs, tmp_path):

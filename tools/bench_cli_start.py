@@ -5,7 +5,7 @@ quant.bitz=3``), and, side by side in the same run, what ``import gift_quant`` c
 imported transformers' quantizer registry eagerly (the same import done explicitly), plus
 ``import torch`` alone for scale. Prints a table; writes benchmarks/results/cli_start.json.
 
-    python tools/bench_cli_start.py [--repeats 7] [--idle]
+    python tools/bench_cli_start.py (--shared | --idle) [--repeats 7]
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from gift_quant.files import follow_umask
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.quant.packing import pack_cols, unpack_cols
 from gift_quant.version import __version__
@@ -92,7 +93,7 @@ class atomic_directory:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             try:
-                _readable_modes(self.tmp)
+                follow_umask(self.tmp)  # safetensors writes 0600
                 os.rename(self.tmp, self.target)  # atomic on one filesystem
             except OSError:
                 shutil.rmtree(self.tmp, ignore_errors=True)
@@ -109,16 +110,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def _readable_modes(root: Path) -> None:
-    """Give every written file the mode a plain ``open()`` would (0644 under umask 022);
-    safetensors creates its files 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in root.rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def file_digest(path: Path) -> str:

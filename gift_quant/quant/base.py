@@ -1,8 +1,7 @@
-"""What every quantizer returns (QuantizedWeight), the QUANTIZERS registry, and the shape
-rules of the GPTQ layout.
+"""What every quantizer returns (QuantizedWeight) and the shape rules of the GPTQ layout.
 
-The quantizers themselves (gptq.py, rtn.py) import this module and register into QUANTIZERS;
-``gift_quant.quant`` imports them, so importing the package fills the registry.
+The quantizers themselves (gptq.py, rtn.py) import this module; ``QUANTIZERS``
+(gift_quant.registry, re-exported here) names them.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from gift_quant.quant.grid import dequantize
 from gift_quant.quant.packing import pack_cols, pack_rows
-from gift_quant.registry import Registry
+from gift_quant.registry import QUANTIZERS
 
 __all__ = ["QUANTIZERS", "QuantizedWeight", "Quantizer", "check_shape", "group_index"]
 
@@ -89,7 +88,6 @@ class QuantizedWeight:
 
 # (weight [N, K], hessian [K, K] or None, salient_idx [k], cfg: QuantConfig) -> QuantizedWeight
 Quantizer = Callable[..., QuantizedWeight]
-QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
 
 
 def group_index(in_features: int, group_size: int) -> Tensor:

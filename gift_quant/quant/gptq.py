@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import Tensor
 
-from gift_quant.quant.base import QUANTIZERS, QuantizedWeight, check_shape
+from gift_quant.quant.base import QuantizedWeight, check_shape
 from gift_quant.quant.grid import Grid, fit_params
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ def inverse_hessian_cholesky(H: Tensor, damp_frac: float) -> Tensor:
     raise RuntimeError("GPTQ: the Hessian is not positive definite even with 1e5 x dampening")
 
 
-@QUANTIZERS.register("gptq")
 @torch.no_grad()
 def gptq(weight: Tensor, hessian: Tensor | None, salient_idx: Tensor, cfg) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` [N, K] given ``hessian`` [K, K] (sum of x x^T, fp32).

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gift_quant.quant.base import QUANTIZERS, QuantizedWeight, check_shape, group_index
+from gift_quant.quant.base import QuantizedWeight, check_shape, group_index
 from gift_quant.quant.grid import Grid, fit_params, quantize
 
 
-@QUANTIZERS.register("rtn")
 @torch.no_grad()
 def rtn(weight: Tensor, hessian: Tensor | None, salient_idx: Tensor, cfg) -> QuantizedWeight:
     """Quantize ``weight`` [N, K] per (row, group) with the scale/zero fitted on the non-salient

@@ -48,6 +48,7 @@ from gift_quant.data import (
     read_jsonl,
     tokenize_documents,
 )
+from gift_quant.files import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,7 @@ def generate_sequences(
     try:
         save_file({"input_ids": tokens}, str(tmp / GENERATED_TOKENS))
         (tmp / GENERATED_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp makes it 0700, safetensors its file 0600
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

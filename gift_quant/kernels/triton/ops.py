@@ -35,7 +35,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from gift_quant.kernels import reference
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 from gift_quant.kernels.triton.gemv import gemv
-from gift_quant.kernels.triton.mm import MM_CONFIGS, backward, dequantize, mm, mm_config
+from gift_quant.kernels.triton.mm import (
+    MM_CONFIGS,
+    NOISE_KINDS,
+    backward,
+    dequantize,
+    mm,
+    mm_config,
+)
 from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
@@ -346,8 +353,8 @@ def noisy_weight_t(
     ``seed`` on the non-salient rows, and the rows S set to ``wst`` [k, N] (the trainable
     salient columns). None where the kernels do not cover the layer."""
     prep = prepare(layer)
-    if prep is None or dtype not in (torch.float16, torch.bfloat16):
-        return None
+    if prep is None or dtype not in (torch.float16, torch.bfloat16) or noise not in NOISE_KINDS:
+        return None  # the torch twin serves it (a registered noise kind the kernel lacks, say)
     wst = wst.to(dtype).contiguous() if prep.sal_pos is not None else None
     return dequantize(
         prep.q,

@@ -1,0 +1,32 @@
+"""File modes of what the package writes: exports, run outputs, checkpoints and the cache.
+
+Two writers leave modes other users of a shared export or cache cannot read: safetensors
+creates its files 0600, and ``tempfile.mkdtemp`` its directories 0700. Every writer that goes
+through a temporary file or directory calls :func:`follow_umask` on it before renaming it into
+place, so the result has the modes a plain ``open()`` / ``mkdir()`` gives (0644 files and 0755
+directories under the usual umask 022).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["current_umask", "follow_umask"]
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it (before Python 3.13's os.getumask)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(root: str | Path) -> None:
+    """Give ``root`` -- a file, or a directory and everything under it -- the modes
+    ``open()`` and ``mkdir()`` would give it under the current umask."""
+    root = Path(root)
+    umask = current_umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
