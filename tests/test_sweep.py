@@ -125,6 +125,62 @@ def test_sweep_resumes_recorded_rows_and_shares_the_quantized_start(
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_jobs_run_rows_side_by_side_over_the_gpus(tiny_sweep_recipe, tmp_path):
+    """--jobs 3 --gpus 2: the one quantized start first, alone; then the trained rows, up to 3
+    at a time, each on cuda:0 or cuda:1 (its job slot), each recording concurrent_jobs."""
+    import threading
+    import time
+
+    lock, running, seen = threading.Lock(), [0], []
+
+    def fake(out, recipe, overrides):
+        device = next(o for o in overrides if o.startswith("model.device="))
+        trains = "train.method=none" not in overrides
+        with lock:
+            running[0] += 1
+            seen.append((out.parent.name, device, running[0]))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in ("eval_fp.json", "eval_quantized.json"):
+            (out / f).write_text("{}")
+        report = {
+            "perplexity_recovered": 10.0,
+            "perplexity_quantized": 12.0,
+            "perplexity_fp": 9.0,
+            "eval_tokens": 64,
+            "bits_per_weight": 4.5,
+            "seconds": {},
+        }
+        if trains:
+            (out / "train").mkdir(exist_ok=True)
+            rows = [{"step": i, "seconds": 0.1, "tokens": 4} for i in (1, 2)]
+            (out / "train/metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+            report["train"] = {"trainable_params": 1, "tokens": 8, "peak_gpu_mb": 0.0}
+            report["train"]["peak_rss_mb"] = 1.0
+        else:
+            (out / "quantized").mkdir(exist_ok=True)
+        time.sleep(0.3)  # long enough for the pool to overlap rows
+        with lock:
+            running[0] -= 1
+        return report
+
+    out = tmp_path / "sweep.json"
+    args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
+    args += ["--methods", "base", "salient-ft", "--seeds", "0", "1", "2", "3"]
+    args += ["--budget", "2x2x32", "--jobs", "3", "--gpus", "2"]
+    args += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    assert sweep.main(args, runner=fake) == 0
+    assert seen[0] == ("starts", "model.device=cuda:0", 1)  # the start ran alone, first
+    trained = seen[1:]
+    assert len(trained) == 4 and {d for _, d, _ in trained} == {
+        "model.device=cuda:0",
+        "model.device=cuda:1",
+    }
+    assert 1 < max(n for _, _, n in trained) <= 3  # side by side, never more than --jobs
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["key"].get("seed", -1) for r in rows) == [-1, 0, 1, 2, 3]
+    assert {r["concurrent_jobs"] for r in rows} == {3}
+
+
 def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
     def must_not_run(*_):
         raise AssertionError("a row ran")

@@ -3,6 +3,7 @@
     python tools/sweep_recovery.py --machine idle [--bits 4 3 2] [--methods base salient-ft ...]
         [--seeds 0 1 2] [--budget 500x32x512 ...] [--micro-batch 8] [--lr 1e-4]
         [--recipe smollm2-w3g64-gift] [--set section.key=value ...] [--out FILE.json]
+        [--jobs N] [--gpus K]
     python tools/sweep_recovery.py --report [--out FILE.json]    # tables and plots only
 
 A budget is STEPSxBATCHxSEQ_LEN (BATCH sequences per optimizer step, in micro-batches of
@@ -10,17 +11,20 @@ A budget is STEPSxBATCHxSEQ_LEN (BATCH sequences per optimizer step, in micro-ba
 
 Every row starts from a shared quantized model per (bits, quantization settings): the start is
 quantized once by a `recover` run with train.method=none (which is also the "before training"
-row of those settings) and every trained row points its OUT/quantized at it, so rows differ
-only in what they train, their seed and their budget. Pre-mode rows quantize after training,
-so they make their own. Each row runs in its own process (peak memory is its own: CUDA
-max_memory_allocated on a GPU, peak RSS on the CPU) and is saved to the JSON as one record
-keyed by its settings; a rerun skips recorded rows, and an interrupted row resumes from its
-training checkpoints. The step time is the median of the per-step times in metrics.jsonl after
-the first step (evaluation and checkpoint time excluded). In-training perplexity is measured
-on the full held-out protocol every --eval-every steps, so the curves end at the final figure.
+row of those settings) and every trained row points its OUT/quantized at it, so rows differ only
+in what they train, their seed and their budget. Pre-mode rows quantize after training, so they
+make their own. ``--jobs N`` runs N trained rows at a time (a 135M model leaves most of an H200
+idle), ``--gpus K`` spreads them over cuda:0..K-1; every row records ``concurrent_jobs``, since
+its step time was then measured beside other rows. Each row runs in its own process (peak memory
+is its own: CUDA max_memory_allocated on a GPU, peak RSS on the CPU) and is saved to the JSON as
+one record keyed by its settings; a rerun skips recorded rows, and an interrupted row resumes
+from its training checkpoints. The step time is the median of the per-step times in
+metrics.jsonl after the first step (evaluation and checkpoint time excluded). In-training
+perplexity is measured on the full held-out protocol every --eval-every steps, so the curves end
+at the final figure.
 
 Prints mean +- std (sample std over seeds) per setting, GIFT-SW vs LoRA vs DoRA step-time and
-peak-memory ratios from the same sweep, and the issue's four paper claims checked against the
+peak-memory ratios from the same sweep, and the four paper claims checked against the
 rows present. With matplotlib (the [plots] extra) it draws FILE_curves.png (held-out
 perplexity against training tokens) and FILE_pareto.png (perplexity against bits per weight).
 """
@@ -32,9 +36,12 @@ import hashlib
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,6 +158,10 @@ class Sweep:
         self.results = load_results(self.out)
         self.env = None  # provenance, computed once when the first row runs
         self.failed: list[str] = []
+        self.lock = threading.Lock()  # rows finish in worker threads under --jobs
+        self.slots: queue.Queue[int] = queue.Queue()
+        for slot in range(max(1, getattr(args, "jobs", 1))):
+            self.slots.put(slot)
 
     def common(self) -> dict:
         a = self.args
@@ -161,23 +172,30 @@ class Sweep:
         return any(_key_text(r["key"]) == text for r in self.results["rows"])
 
     def save(self, record: dict) -> None:
-        self.results["rows"].append(record)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
-        os.replace(tmp, self.out)
+        with self.lock:
+            self.results["rows"].append(record)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1) + "\n")
+            os.replace(tmp, self.out)
 
-    def sets(self, overrides: list[str]) -> list[str]:
+    def sets(self, overrides: list[str], device: str | None = None) -> list[str]:
         """A row's --set list: its own overrides, then the device and the sweep's --set."""
-        return [*overrides, f"model.device={self.args.device}", *self.args.set]
+        return [*overrides, f"model.device={device or self.args.device}", *self.args.set]
 
     def run(self, out: Path, overrides: list[str]) -> dict | None:
+        slot = self.slots.get()  # one of --jobs; with --gpus, it picks the GPU
+        gpus = getattr(self.args, "gpus", 0)
+        device = f"cuda:{slot % gpus}" if gpus else None
         try:
-            return self.runner(out, self.args.recipe, self.sets(overrides))
+            return self.runner(out, self.args.recipe, self.sets(overrides, device))
         except RuntimeError as exc:
             print(f"FAILED {out.name}: {exc}", file=sys.stderr, flush=True)
-            self.failed.append(out.name)
+            with self.lock:
+                self.failed.append(out.name)
             return None
+        finally:
+            self.slots.put(slot)
 
     def check(self, grid: list[tuple]) -> None:
         """Every row's recipe is valid, before any row runs (one line naming the row if not)."""
@@ -282,6 +300,9 @@ class Sweep:
         t = report.get("train") or {}
         rec = {
             "key": key,
+            "concurrent_jobs": getattr(
+                self.args, "jobs", 1
+            ),  # > 1: step times measured side by side
             "perplexity": report["perplexity_recovered"],
             "perplexity_quantized": report["perplexity_quantized"],
             "perplexity_fp": report["perplexity_fp"],
@@ -506,7 +527,13 @@ def main(argv=None, runner=subprocess_recover) -> int:
     p.add_argument("--work", default=str(ROOT / "runs/sweep_recovery"))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/sweep_smollm2.json"))
     p.add_argument("--report", action="store_true", help="only print and plot the saved JSON")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="trained rows run this many at a time (small models)"
+    )
+    p.add_argument("--gpus", type=int, default=0, help="spread the jobs over cuda:0..GPUS-1")
     args = p.parse_args(argv)
+    if args.jobs < 1 or args.gpus < 0:
+        raise SystemExit(f"--jobs must be >= 1 and --gpus >= 0, got {args.jobs} and {args.gpus}")
     out = Path(args.out)
     if args.report:
         if not out.is_file():
@@ -524,8 +551,13 @@ def main(argv=None, runner=subprocess_recover) -> int:
         for seed in (args.seeds if trains(method) else args.seeds[:1])
     ]
     sweep.check(grid)
-    for row in grid:
-        sweep.row(*row)
+    # the quantized starts first (every post-mode row reads one), then the rows, --jobs at a time
+    for bits, method in dict.fromkeys((b, m) for b, m, _, _ in grid):
+        if not is_pre(method):
+            sweep.start(bits, method)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for done in [pool.submit(sweep.row, *row) for row in grid]:
+            done.result()
     report(sweep.results, out)
     if sweep.failed:
         print(f"\n{len(sweep.failed)} rows failed (rerun to retry): {sweep.failed}")
