@@ -1,7 +1,7 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--out DIR] [--workdir DIR] [--shared]
+        [--compile] [--out DIR] [--workdir DIR] [--shared]
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -138,12 +138,32 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int) -> dict:
     )
 
 
+def timed(model, prompts: dict, args) -> tuple[dict, dict | None]:
+    """Decode speed per batch size; with --compile also through a torch.compile'd forward
+    (inductor fuses the norms, rotary and residual adds; the custom ops stay opaque calls)."""
+    eager = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
+    if not args.compile:
+        return eager, None
+    forward = model.forward
+    model.forward = torch.compile(forward, dynamic=False)
+    try:
+        compiled = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
+    finally:
+        model.forward = forward
+    return eager, compiled
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--salient", type=int, default=128)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both models with torch.compile'd forward (the same graphs around it)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
@@ -152,8 +172,8 @@ def main() -> None:
     model = build_model(args.layers)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
     prompt = prompts[args.batch[0]]
-    fp16 = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
-    print(f"fp16: {fp16}", flush=True)
+    fp16, fp16_c = timed(model, prompts, args)
+    print(f"fp16: {fp16} compiled: {fp16_c}", flush=True)
     quantize_in_place(model, args.salient)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gq-decode-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +190,8 @@ def main() -> None:
     for m in mixed_modules(qmodel):
         m.backend = "auto"
     rel = float((logits_t - logits_r).norm() / logits_r.norm())
-    w4 = {b: decode_tokens_per_s(qmodel, prompts[b], args.tokens) for b in args.batch}
-    print(f"w4g128+s128: {w4}", flush=True)
+    w4, w4_c = timed(qmodel, prompts, args)
+    print(f"w4g128+s128: {w4} compiled: {w4_c}", flush=True)
     from gift_quant.kernels.triton import ops
 
     shapes = {(m.out_features, m.in_features, m.bits) for m in mixed_modules(qmodel)}
@@ -192,14 +212,25 @@ def main() -> None:
                 ratio=w4[b]["tokens_per_s"] / fp16[b]["tokens_per_s"],
             )
             for b in args.batch
+        ]
+        + [
+            dict(
+                batch=b,
+                compiled=True,
+                fp16=fp16_c[b],
+                w4=w4_c[b],
+                ratio=w4_c[b]["tokens_per_s"] / fp16_c[b]["tokens_per_s"],
+            )
+            for b in (args.batch if args.compile else [])
         ],
         logits_rel_diff_triton_vs_torch=rel,
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel:.1e}")
     print("| batch | fp16 tok/s | W4 g128 + 128 salient tok/s | ratio |\n|---|---|---|---|")
     for r in res["rows"]:
+        mode = " compiled" if r.get("compiled") else ""
         print(
-            f"| {r['batch']} | {r['fp16']['tokens_per_s']:.1f} ({r['fp16']['mode']}) "
+            f"| {r['batch']}{mode} | {r['fp16']['tokens_per_s']:.1f} ({r['fp16']['mode']}) "
             f"| {r['w4']['tokens_per_s']:.1f} ({r['w4']['mode']}) | {r['ratio']:.2f}x |"
         )
     out = Path(args.out)
