@@ -178,8 +178,8 @@ def cmd_quantize(args) -> dict:
     from gift_quant.evaluate import bits_report
     from gift_quant.io.export import save_quantized
     from gift_quant.modeling import load_model
-    from gift_quant.pipeline import check_finite_weights, validate
     from gift_quant.quantize import quantize_model
+    from gift_quant.validation import check_finite_weights, validate
 
     out = Path(args.out)
     validate(recipe, out, new_out=True)
@@ -217,7 +217,8 @@ def cmd_quantize(args) -> dict:
 def cmd_recover(args) -> dict:
     recipe = _load_recipe(args, default="quickstart")  # before importing torch
 
-    from gift_quant.pipeline import recover, report_table
+    from gift_quant.pipeline import recover
+    from gift_quant.run_report import report_table
 
     report = recover(recipe, args.out, progress=not args.quiet)
     if report is None:
@@ -251,8 +252,8 @@ def cmd_eval(args) -> dict:
     from gift_quant.data import load_eval_windows
     from gift_quant.evaluate import perplexity
     from gift_quant.modeling import check_context, load_model, resolve_device
-    from gift_quant.pipeline import check_device
     from gift_quant.recipe import EvalConfig, ModelConfig, load_recipe
+    from gift_quant.validation import check_device
 
     if bool(args.dir) == bool(args.model):
         raise ValueError("give a model directory or --model, not both and not neither")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["current_umask", "follow_umask"]
+__all__ = ["current_umask", "follow_umask", "write_text_atomic"]
 
 
 def current_umask() -> int:
@@ -30,3 +30,13 @@ def follow_umask(root: str | Path) -> None:
     for path in paths:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary sibling and rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

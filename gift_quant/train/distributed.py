@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CollectiveTimeout", "Dist", "init", "shard_rows"]
+__all__ = ["CollectiveTimeout", "Dist", "init", "rank0", "shard_rows"]
 
 
 class CollectiveTimeout(RuntimeError):
@@ -165,3 +165,8 @@ def no_sync(model: nn.Module, last_micro_step: bool):
     if last_micro_step or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def rank0() -> bool:
+    """Rank 0 of a multi-process launch (or the only process), before the group exists."""
+    return int(os.environ.get("RANK", "0")) == 0

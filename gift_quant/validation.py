@@ -1,0 +1,174 @@
+"""What ``recover`` and ``quantize`` refuse before their first expensive stage, before anything is
+written to OUT: the device, the output directory (new, the same run, or a different recipe), the
+model (from its config alone, on the meta device), every target Linear against the group size and
+salient budget, the context lengths and the data sources. A run refused here leaves nothing
+behind, so the corrected rerun just works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from gift_quant.data import check_sources
+from gift_quant.quantize import check_targets
+from gift_quant.recipe import Recipe, RecipeError, recipe_from_dict
+
+__all__ = [
+    "STAGE_OUTPUTS",
+    "check_device",
+    "check_finite_weights",
+    "check_writable",
+    "comparable",
+    "meta_model",
+    "recipe_conflict",
+    "validate",
+]
+
+STAGE_OUTPUTS = ("quantized", "train", "model", "lora_adapter")
+
+
+def recipe_conflict(out: Path, recipe: Recipe) -> str | None:
+    """Why ``out`` cannot hold this run (None when it can: new, same recipe, or no stage
+    output yet -- a run refused or stopped before its first stage is simply restarted)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a directory; give a directory path"
+    path = out / "recipe.yaml"
+    if not path.is_file():
+        foreign = [p.name for p in out.iterdir() if not run_entry(p.name)] if out.is_dir() else []
+        if foreign:
+            return (
+                f"--out {out} holds files that are not a recover run ({foreign[0]!r}, ...); "
+                f"use a new --out directory"
+            )
+        return None  # new, or seeded with stage outputs (a shared quantized start)
+    try:
+        old = recipe_from_dict(yaml.safe_load(path.read_text()) or {})
+    except (RecipeError, yaml.YAMLError):
+        old = None
+    new = comparable(recipe)
+    old = None if old is None else comparable(old)
+    if old == new or not any((out / s).exists() for s in STAGE_OUTPUTS):
+        return None
+    diff = [s for s in new if old is None or old[s] != new[s]]
+    return (
+        f"{out} holds a run with a different recipe (sections {diff} differ); "
+        f"use a new --out directory, or rerun with the recipe in {path}"
+    )
+
+
+def run_entry(name: str) -> bool:
+    """Whether a file name belongs to a recover output directory."""
+    known = ("recipe.yaml", "timings.json", "report.json", "report.md", *STAGE_OUTPUTS)
+    hidden = name.startswith(".")  # the temporary siblings of interrupted writes
+    return hidden or name in known or (name.startswith("eval_") and name.endswith(".json"))
+
+
+def check_device(spec: str, key: str = "model.device") -> None:
+    """A device string that parses and exists here (a RecipeError naming the fix if not)."""
+    try:
+        device = torch.device("cpu" if spec == "auto" else spec)
+    except RuntimeError as exc:
+        raise RecipeError(f"{key}={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (device.index or 0) >= n:
+            raise RecipeError(f"{key}={spec!r} but {n} CUDA device(s) are visible; use cpu or auto")
+    elif device.type != "cpu":
+        raise RecipeError(f"{key}={spec!r}: only cpu and cuda devices are supported")
+
+
+def check_writable(out: Path) -> None:
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise RecipeError(f"--out {out}: {parent} is not writable; choose another --out")
+
+
+def meta_model(cfg):
+    """The model's skeleton on the meta device (no weights read) from its config alone;
+    a missing path, a directory without config.json or an unreachable hub id is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gift_quant import assets
+
+    name = cfg.name_or_path or str(assets.default_model_dir())
+    path = Path(name).expanduser()
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if path.suffix == ".gguf" or cfg.gguf_file:
+        gguf = path if path.suffix == ".gguf" else path / cfg.gguf_file
+        if not gguf.is_file():
+            raise RecipeError(f"model {str(gguf)!r}: no such GGUF file")
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif local and not path.exists():
+        raise RecipeError(
+            f"model {name!r}: no such path; give a model directory, a .gguf file, "
+            f"a hub id (with a network), or no --model for the embedded default"
+        )
+    elif local and not (path / "config.json").is_file():
+        raise RecipeError(
+            f"model {name!r}: no config.json there; give a Hugging Face model directory, "
+            f"a .gguf file, a hub id, or no --model for the embedded default"
+        )
+    else:
+        source = name
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise RecipeError(f"model {name!r}: unreadable config ({exc})") from exc
+        raise RecipeError(
+            f"model {name!r}: could not load it from the hub (offline, or no such model); "
+            f"download it first and give its local directory"
+        ) from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def check_finite_weights(model, name: str) -> None:
+    """Refuse a model whose weights hold NaN or inf: nothing computed from it would mean
+    anything (found right after loading, before calibration)."""
+    for key, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RecipeError(
+                f"model {name!r}: weight {key!r} holds NaN or inf; the model files are corrupt"
+            )
+
+
+def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
+    """Everything that can be refused before the first expensive stage, before OUT is written:
+    device, output directory, model, every target Linear against the group size and salient
+    budget, and the context lengths. ``new_out``: the ``quantize`` command, whose OUT must not
+    exist and which neither trains nor evaluates."""
+    from gift_quant.modeling import check_context
+
+    check_device(recipe.model.device)
+    if new_out and out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new --out directory or remove it")
+    conflict = None if new_out else recipe_conflict(out, recipe)
+    if conflict:
+        raise RecipeError(conflict)
+    check_writable(out)
+    meta = meta_model(recipe.model)
+    check_targets(meta, recipe.model, recipe.saliency, recipe.quant)
+    check_context(meta, recipe.calib.seq_len, "calib.seq_len")
+    if not new_out:
+        check_context(meta, recipe.eval.seq_len, "eval.seq_len")
+    if not new_out and recipe.train.method != "none" and recipe.train.steps > 0:
+        check_context(meta, recipe.train.seq_len, "train.seq_len")
+    if not new_out:  # quantize checks only its calibration source itself
+        check_sources(recipe)
+
+
+def comparable(recipe: Recipe) -> dict:
+    """The recipe as a dict without the keys that cannot change a result (timeouts, logging),
+    so a rerun may change them and still resume."""
+    d = recipe.to_dict()
+    for key in recipe.train.RUNTIME_KEYS:
+        d["train"].pop(key, None)
+    return d
