@@ -222,6 +222,11 @@ def check_targets(
     return blocks_name, blocks, per_block, salient_plan(per_block, saliency, quant)
 
 
+def _last_target_block(per_block: list[dict[str, nn.Linear]]) -> int:
+    """Index of the last decoder block holding a target (-1 when none does)."""
+    return max((i for i, targets in enumerate(per_block) if targets), default=-1)
+
+
 def _calibration_inputs(model, tokenizer, calib, blocks, device, dtype):
     check_context(model, calib.seq_len, "calib.seq_len")
     log.info(
@@ -286,7 +291,9 @@ def quantize_targets(
     if needs_calib:
         inputs, kwargs = _calibration_inputs(model, tokenizer, calib, blocks, device, dtype)
         report.calib_tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
-    bar = tqdm(range(len(blocks)), desc=f"{quant.method} w{quant.bits}", disable=not progress)
+    # blocks past the last one with targets change nothing: they are not run
+    end = _last_target_block(per_block) + 1
+    bar = tqdm(range(end), desc=f"{quant.method} w{quant.bits}", disable=not progress)
     for i in bar:
         block, block_targets = blocks[i], per_block[i]
         prefix = f"{blocks_name}.{i}."
@@ -295,7 +302,9 @@ def quantize_targets(
         work_targets = (
             {n: work.get_submodule(n[len(prefix) :]) for n in block_targets} if work else {}
         )
-        if needs_calib and calib.true_sequential:
+        if not block_targets:  # only run, to feed the next block
+            groups = []
+        elif needs_calib and calib.true_sequential:
             groups = plan_groups(work, work_targets, inputs[0], block_kwargs[0])
         else:
             groups = [list(block_targets)]
@@ -332,12 +341,12 @@ def quantize_targets(
                         set_module(work, name[len(prefix) :], _dense(layer, device, dtype))
                     report.layers.append(layer_report)
             del stats
-        if work is not None:
+        if work is not None and i + 1 < end:  # the next block's inputs
             t0 = time.perf_counter()
             inputs = forward_block(work, inputs, block_kwargs)
             report.seconds_calibration += time.perf_counter() - t0
-            del work
-        done_layers = report.layers[-len(block_targets) :]
+        del work
+        done_layers = report.layers[-len(block_targets) :] if block_targets else []
         errs = [r.rel_error for r in done_layers if r.rel_error is not None]
         if errs:
             bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.2e}")
@@ -360,16 +369,21 @@ def select_salient_columns(
     blocks_name, blocks, per_block, plan = check_targets(model, targets, saliency, quant)
     inputs, kwargs = _calibration_inputs(model, tokenizer, calib, blocks, device, dtype)
     chosen: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(len(blocks)), desc="select salient", disable=not progress):
+    end = _last_target_block(per_block) + 1
+    for i in tqdm(range(end), desc="select salient", disable=not progress):
         prefix = f"{blocks_name}.{i}."
         block_kwargs = [kw[i] for kw in kwargs]
         work = cast_params(copy.deepcopy(blocks[i]).to(device), dtype)
         work_targets = {n: work.get_submodule(n[len(prefix) :]) for n in per_block[i]}
-        stats = collect_stats(
-            work, work_targets, inputs, block_kwargs, with_hessian=False, norms=(saliency.norms[1],)
-        )
+        stats = {}
+        if work_targets:
+            norms = (saliency.norms[1],)
+            stats = collect_stats(
+                work, work_targets, inputs, block_kwargs, with_hessian=False, norms=norms
+            )
         for name, linear in per_block[i].items():
             W = linear.weight.detach().to(device)
             chosen[name] = _salient_columns(name, W, stats[name], plan[name], saliency, quant).cpu()
-        inputs = forward_block(work, inputs, block_kwargs)
+        if i + 1 < end:
+            inputs = forward_block(work, inputs, block_kwargs)
     return chosen

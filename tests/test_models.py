@@ -83,3 +83,28 @@ def test_blocks_are_calibrated_in_copies(tiny_model_dirs, device):
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     if device == "cuda":  # on a CPU-only run every tensor is on the CPU anyway
         assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_blocks_after_the_last_target_are_not_run(tiny_model_dirs):
+    """Calibration runs a block only while a later one still has targets to quantize."""
+    calls = {0: 0, 1: 0}
+
+    def counting(model):
+        for i, block in enumerate(decoder_blocks(model)[1]):
+            # copies of the block (the calibration's working copies) keep the hook
+            block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        return model
+
+    recipe = tiny_recipe(tiny_model_dirs("llama"), "model.include=['layers[.]0[.]']")
+    model, tok = load_model(recipe.model)
+    report = quantize_model(counting(model), tok, recipe, progress=False)
+    assert {r.name.split(".")[2] for r in report.layers} == {"0"}
+    assert calls[0] > 0 and calls[1] == 0
+
+    calls.update({0: 0, 1: 0})
+    recipe = tiny_recipe(tiny_model_dirs("llama"), "model.include=['layers[.]1[.]']")
+    model, tok = load_model(recipe.model)
+    report = quantize_model(counting(model), tok, recipe, progress=False)
+    assert {r.name.split(".")[2] for r in report.layers} == {"1"}
+    assert calls[0] > 0 and calls[1] > 0  # block 0 still feeds block 1 its inputs
+    assert not any(isinstance(m, MixedLinear) for m in decoder_blocks(model)[1][0].modules())
