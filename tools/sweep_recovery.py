@@ -543,19 +543,25 @@ def main(argv=None, runner=subprocess_recover) -> int:
     if args.machine is None:
         raise SystemExit("--machine shared|idle is required: every row records it")
     sweep = Sweep(args, runner)
+    # seed-major: a sweep cut short has every setting at its first seeds, not some at all three
     grid = [
         (bits, method, seed, budget)
         for budget in args.budget
+        for seed in args.seeds
         for bits in args.bits
         for method in args.methods
-        for seed in (args.seeds if trains(method) else args.seeds[:1])
+        if trains(method) or seed == args.seeds[0]
     ]
     sweep.check(grid)
-    # the quantized starts first (every post-mode row reads one), then the rows, --jobs at a time
-    for bits, method in dict.fromkeys((b, m) for b, m, _, _ in grid):
+    # the quantized starts first (every post-mode row reads one; methods with the same
+    # quantization settings share one), then the rows; both --jobs at a time
+    starts: dict[tuple, tuple[int, str]] = {}
+    for bits, method, _, _ in grid:
         if not is_pre(method):
-            sweep.start(bits, method)
+            starts.setdefault((bits, tuple(_quant(method))), (bits, method))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for done in [pool.submit(sweep.start, *s) for s in starts.values()]:
+            done.result()
         for done in [pool.submit(sweep.row, *row) for row in grid]:
             done.result()
     report(sweep.results, out)
