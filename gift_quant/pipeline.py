@@ -108,6 +108,7 @@ class _Run:
         that fail inside it name it."""
         cuda = self.device.type == "cuda"
         if cuda:
+            torch.cuda.init()  # the allocator of e.g. cuda:1 exists only after CUDA's lazy init
             torch.cuda.reset_peak_memory_stats(self.device)
         self.dist.stage = name
         t0 = time.perf_counter()

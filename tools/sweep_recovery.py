@@ -158,6 +158,7 @@ class Sweep:
         self.results = load_results(self.out)
         self.env = None  # provenance, computed once when the first row runs
         self.failed: list[str] = []
+        self.failed_starts: set[Path] = set()
         self.lock = threading.Lock()  # rows finish in worker threads under --jobs
         self.slots: queue.Queue[int] = queue.Queue()
         for slot in range(max(1, getattr(args, "jobs", 1))):
@@ -229,8 +230,11 @@ class Sweep:
         d = self.work / "starts" / f"w{bits}-{_slug(key)}"
         if self.has(key):
             return d
+        if d in self.failed_starts:  # its rows fail with it, without retrying it each
+            return None
         report = self.run(d, self.start_overrides(bits, method))
         if report is None:
+            self.failed_starts.add(d)
             return None
         self.save(self.record(key, report, d))
         print(f"w{bits} {name:34s} ppl {report['perplexity_recovered']:9.3f}", flush=True)
