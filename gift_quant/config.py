@@ -71,6 +71,9 @@ class ModelConfig:
     exclude: tuple[str, ...] = ()
     device: str = "auto"
 
+    # where blocks run does not change what a run means: a run resumes on another device
+    RUNTIME_KEYS: typing.ClassVar[tuple[str, ...]] = ("device",)
+
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("float16", "bfloat16", "float32"))
 

@@ -46,7 +46,13 @@ from gift_quant.train.data import resolve_generated
 from gift_quant.train.distributed import rank0
 from gift_quant.train.gift_linear import attach_gift, detach_gift
 from gift_quant.train.loop import train
-from gift_quant.validation import check_finite_weights, comparable, recipe_conflict, validate
+from gift_quant.validation import (
+    check_finite_weights,
+    comparable,
+    recipe_conflict,
+    validate,
+    without_runtime_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +87,8 @@ def _same_result(path: Path, recipe: Recipe) -> bool:
 
 
 def _stage_matches(export_dir: Path, recipe: Recipe) -> bool:
-    saved = yaml.safe_load((export_dir / "recipe.yaml").read_text()) or {}
-    now = recipe.to_dict()
+    saved = without_runtime_keys(yaml.safe_load((export_dir / "recipe.yaml").read_text()) or {})
+    now = comparable(recipe)
     return all(saved.get(s) == now[s] for s in QUANT_SECTIONS)
 
 

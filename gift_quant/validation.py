@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from gift_quant.config import ModelConfig, TrainConfig
 from gift_quant.data import check_sources
 from gift_quant.quantize import check_targets
 from gift_quant.recipe import Recipe, RecipeError, recipe_from_dict
@@ -168,7 +169,13 @@ def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
 def comparable(recipe: Recipe) -> dict:
     """The recipe as a dict without the keys that cannot change a result (timeouts, logging),
     so a rerun may change them and still resume."""
-    d = recipe.to_dict()
-    for key in recipe.train.RUNTIME_KEYS:
-        d["train"].pop(key, None)
+    return without_runtime_keys(recipe.to_dict())
+
+
+def without_runtime_keys(d: dict) -> dict:
+    """A recipe dict (as saved in recipe.yaml) without its runtime keys (see comparable)."""
+    d = {section: dict(values or {}) for section, values in d.items()}
+    for section, keys in (("model", ModelConfig.RUNTIME_KEYS), ("train", TrainConfig.RUNTIME_KEYS)):
+        for key in keys:
+            d.get(section, {}).pop(key, None)
     return d

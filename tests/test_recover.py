@@ -65,6 +65,10 @@ def test_rerun_resumes_and_refuses_another_recipe(tiny_model_dirs, tmp_path):
     assert again["perplexity_recovered"] == first["perplexity_recovered"]
     with pytest.raises(ValueError, match="different recipe"):
         run(path, tmp_path / "run", "train.lr=2e-3")
+    # where a run computes is not what it means: it resumes on another device (a sweep's
+    # rows start from a quantized model made on another GPU)
+    moved = run(path, tmp_path / "run", "model.device=cpu")
+    assert moved["perplexity_recovered"] == first["perplexity_recovered"]
 
 
 def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypatch):

@@ -228,7 +228,8 @@ class Sweep:
         name = untrained[0] if untrained else f"{method} (before training)"
         key = {**self.common(), "bits": bits, "quant": quant, "method": name}
         d = self.work / "starts" / f"w{bits}-{_slug(key)}"
-        if self.has(key):
+        made = (d / "quantized" / "config.json").is_file()
+        if self.has(key) and made:
             return d
         if d in self.failed_starts:  # its rows fail with it, without retrying it each
             return None
@@ -236,6 +237,8 @@ class Sweep:
         if report is None:
             self.failed_starts.add(d)
             return None
+        if self.has(key):  # recorded by an earlier sweep whose work directory is gone
+            return d
         self.save(self.record(key, report, d))
         print(f"w{bits} {name:34s} ppl {report['perplexity_recovered']:9.3f}", flush=True)
         return d
