@@ -90,8 +90,9 @@ class CalibConfig:
         seq_len: tokens per window.
         seed: seed of the window sampler.
         batch_size: windows per forward pass.
-        dtype: compute dtype of the calibration forward ("auto" = bfloat16 on CPU and CUDA,
-            where matrix units make it 3-4x faster than float32; statistics are fp32 always).
+        dtype: compute dtype of the calibration forward ("auto" = bfloat16 on GPUs and on
+            CPUs with AVX512-BF16/AMX, float32 on other CPUs, where bfloat16 is emulated;
+            statistics are fp32 always).
         true_sequential: inside a block, quantize Linears group by group (q/k/v, then o, ...)
             so later groups see the already-quantized outputs of earlier ones.
         bos: BOS convention of the windows (see ``BOS_MODES``).
@@ -274,7 +275,7 @@ class TrainConfig:
         bos: BOS convention of the training windows (see ``BOS_MODES``).
         steps: optimizer steps; batch_size x grad_accum windows of seq_len tokens per step.
         lr, weight_decay, warmup_ratio, max_grad_norm: AdamW + cosine schedule with warm-up.
-        dtype: compute dtype ("auto" = bfloat16; master weights are always float32).
+        dtype: compute dtype ("auto" as calib.dtype; master weights are always float32).
         grad_checkpointing: recompute block activations in backward (less memory).
         kd_weight: weight of the KL term toward the FP model's next-token distribution
             (0 = plain cross-entropy; loss = (1 - w) CE + w T^2 KL); kd_temperature: T.

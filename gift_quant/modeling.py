@@ -53,10 +53,18 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype; "auto" = bfloat16 (fast on CPUs with AMX/AVX512-BF16 and on GPUs)."""
-    if name == "auto":
+    """Compute dtype; "auto" = bfloat16 where the hardware multiplies it natively (GPUs, CPUs
+    with AVX512-BF16 or AMX), float32 elsewhere: on an AVX2-only CPU a bfloat16 matmul is
+    emulated, 6-70x slower than float32 depending on the operand layout."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
         return torch.bfloat16
-    return DTYPES[name]
+    if device.type == "cpu" and not (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    ):
+        return torch.float32
+    return torch.bfloat16
 
 
 def load_model(cfg, dtype: torch.dtype | None = None):

@@ -72,9 +72,9 @@ def test_quantize_export_load_round_trip(family, tiny_model_dirs, tmp_path):
     ],
 )
 def test_blocks_are_calibrated_in_copies(tiny_model_dirs, device):
-    """Each block is calibrated in a bfloat16 copy on the device: the model keeps its fp16
-    parameters, and (on a GPU) they stay on the CPU between blocks, so models larger than the
-    device fit."""
+    """Each block is calibrated in a copy in the compute dtype on the device: the model keeps
+    its fp16 parameters, and (on a GPU) they stay on the CPU between blocks, so models larger
+    than the device fit."""
     recipe = tiny_recipe(
         tiny_model_dirs("llama"), f"model.device={device}", "calib.true_sequential=false"
     )
@@ -108,3 +108,22 @@ def test_blocks_after_the_last_target_are_not_run(tiny_model_dirs):
     assert {r.name.split(".")[2] for r in report.layers} == {"1"}
     assert calls[0] > 0 and calls[1] > 0  # block 0 still feeds block 1 its inputs
     assert not any(isinstance(m, MixedLinear) for m in decoder_blocks(model)[1][0].modules())
+
+
+def test_auto_compute_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
+    """On a CPU without AVX512-BF16 or AMX a bfloat16 matmul is emulated (the SmolLM2 training
+    step took 500 s instead of seconds): "auto" is float32 there, bfloat16 on GPUs and on CPUs
+    that multiply it natively; an explicit dtype is taken as given."""
+    from gift_quant.modeling import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for bf16, amx, want in (
+        (False, False, torch.float32),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_dtype("auto", cpu) == want
+        assert resolve_dtype("auto", cuda) == torch.bfloat16
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gift_quant.modeling import check_context
+from gift_quant.modeling import check_context, resolve_dtype
 from gift_quant.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gift_quant.train.data import IGNORE, TrainBatch, build_train_data
 from gift_quant.train.distributed import Dist, no_sync, shard_rows, wrap
@@ -136,7 +136,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    dtype = resolve_dtype(cfg.dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
