@@ -1,14 +1,16 @@
 """The CPU inference paths (kernels/cpu.py) against the float64 oracle and the torch reference.
 
-Both paths compute in fp32 on exact integer codes; their error against the float64 oracle is
-bounded by a multiple of the reference's own fp32 error, tiny shapes, a few ms each.
+Every path computes in fp32 on exact integer codes; its error against the float64 oracle is
+bounded by a multiple of the reference's own fp32 error. The dequantize-every-call reference
+(``Backend.TORCH``) stays the oracle's twin: the dense path and the CPU path's dequantize route
+must equal it bitwise. Tiny shapes, a few ms each (the packed kernel is built once per machine).
 """
 
 import pytest
 import torch
 
-from gift_quant.kernels import Backend, base_matmul, dequant_matmul, resolve_backend
-from gift_quant.kernels.cpu import int4_unsupported
+from gift_quant.kernels import Backend, base_matmul, cpu_native, dequant_matmul, resolve_backend
+from gift_quant.kernels.cpu import int4_unsupported, packed_unsupported
 from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
 CASES = [  # bits, group, sym, salient, bias
@@ -19,50 +21,137 @@ CASES = [  # bits, group, sym, salient, bias
     (2, 32, False, 8, True),
     (2, 128, True, 0, True),
 ]
+CPU_BACKENDS = [Backend.CPU, Backend.CPU_PACKED, Backend.CPU_DENSE, Backend.CPU_INT4]
+ROWS = [(1,), (2, 5), (5, 8)]  # 1 and 10 rows: the packed kernel under CPU; 40: dequantize
 
 
-@pytest.mark.parametrize("backend", [Backend.CPU, Backend.CPU_INT4])
+def _check(out, ref, exact):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err, ref_err = kernel_error(out, ref, exact)
+    assert err <= ERROR_FACTOR * max(ref_err, 1e-6), (err, ref_err)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(("bits", "group", "sym", "k", "bias"), CASES)
 def test_cpu_paths_match_the_oracle(backend, bits, group, sym, k, bias):
     layer = random_mixed_linear(
         256, 64, bits=bits, group_size=group, num_salient=k, bias=bias, sym=sym, seed=bits
     ).float()
-    x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(1))
-    exact = oracle(x, layer)
+    for i, rows in enumerate(ROWS):
+        x = torch.randn(*rows, 256, generator=torch.Generator().manual_seed(i))
+        ref = dequant_matmul(x, layer, Backend.TORCH)
+        with torch.no_grad():
+            out = dequant_matmul(x, layer, backend)
+            base = base_matmul(x, layer, backend)
+        _check(out, ref, oracle(x, layer))
+        _check(base, base_matmul(x, layer, Backend.TORCH), oracle(x, layer, True))
+        # the same products on the same weight: bitwise the reference
+        if backend is Backend.CPU_DENSE or (backend is Backend.CPU and x.numel() > 32 * 256):
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_activations_are_computed_in_fp32(dtype):
+    layer = random_mixed_linear(256, 64, bits=4, group_size=64, num_salient=8, bias=True, seed=5)
+    layer = layer.to(dtype)
+    x = torch.randn(3, 256).to(dtype)
     ref = dequant_matmul(x, layer, Backend.TORCH)
     with torch.no_grad():
-        out = dequant_matmul(x, layer, backend)
-    assert out.shape == ref.shape and out.dtype == x.dtype
-    if backend is Backend.CPU:  # the same products on the same weight: bitwise the reference
-        assert torch.equal(out, ref)
-    err, ref_err = kernel_error(out, ref, exact)
-    assert err <= ERROR_FACTOR * max(ref_err, 1e-6), (err, ref_err)
-    base = base_matmul(x, layer, backend)
-    err, ref_err = kernel_error(base, base_matmul(x, layer, Backend.TORCH), oracle(x, layer, True))
-    assert err <= ERROR_FACTOR * max(ref_err, 1e-6), (err, ref_err)
+        for backend in (Backend.CPU, Backend.CPU_PACKED):
+            _check(dequant_matmul(x, layer, backend), ref, oracle(x, layer))
+        big = torch.randn(40, 256).to(dtype)
+        assert torch.equal(dequant_matmul(big, layer, Backend.CPU), layer(big))
+        assert torch.equal(
+            dequant_matmul(big, layer, Backend.CPU), dequant_matmul(big, layer, Backend.TORCH)
+        )
 
 
-def test_auto_picks_the_cached_path_for_cpu_inference_and_the_reference_with_grad():
+def test_packed_kernel_dequantizes_bitwise_like_the_reference():
+    from gift_quant.kernels.reference import dequantize_weight
+
+    for bits in (2, 3, 4):
+        layer = random_mixed_linear(192, 64, bits=bits, group_size=32, num_salient=3, seed=bits)
+        wt = dequantize_weight(
+            layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, torch.float32
+        )
+        assert torch.equal(cpu_native.dequantize(cpu_native.pack(layer)), wt)
+
+
+def test_auto_picks_the_cpu_path_for_cpu_inference_and_the_reference_with_grad():
     x = torch.zeros(2, 8)
     with torch.no_grad():
         assert resolve_backend(Backend.AUTO, x) is Backend.CPU
     assert resolve_backend(Backend.AUTO, x) is Backend.TORCH
     assert resolve_backend("cpu_int4", x) is Backend.CPU_INT4
+    assert resolve_backend("cpu_packed", x) is Backend.CPU_PACKED
 
 
-def test_the_cache_is_built_once_and_rebuilt_when_a_buffer_changes():
-    layer = random_mixed_linear(128, 64, bits=4, group_size=32, num_salient=4, seed=3).float()
+def test_grad_flows_through_the_cpu_path_and_the_packed_kernel_refuses_it():
+    layer = random_mixed_linear(128, 32, bits=4, group_size=32, num_salient=4, seed=6).float()
+    x = torch.randn(1, 128, requires_grad=True)
+    dequant_matmul(x, layer, Backend.CPU).sum().backward()  # the dequantize route, in torch
+    expected = layer.dequantize().sum(0)
+    assert torch.allclose(x.grad, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="is for inference"):
+        dequant_matmul(x, layer, Backend.CPU_PACKED)
+
+
+def test_the_cache_is_built_once_and_rebuilt_when_a_tensor_changes():
+    layer = random_mixed_linear(
+        128, 64, bits=4, group_size=32, num_salient=4, bias=True, seed=3
+    ).float()
     x = torch.randn(3, 128)
     with torch.no_grad():
         layer(x)
-        first = layer._cpu_cache["dense"][1]
+        first = layer._cpu_cache["packed"][1]
         layer(x)
-        assert layer._cpu_cache["dense"][1] is first  # reused, not rebuilt per call
-        layer.scales.mul_(2)  # new weights copied in place: the cache must notice
+        assert layer._cpu_cache["packed"][1] is first  # reused, not rebuilt per call
+        for name in ("scales", "salient_weight", "bias"):  # copied in place: must be noticed
+            before = layer._cpu_cache["packed"][1]
+            getattr(layer, name).mul_(2)
+            y = layer(x)
+            assert layer._cpu_cache["packed"][1] is not before, name
+            assert torch.allclose(y.double(), oracle(x, layer), rtol=1e-4, atol=1e-4), name
+
+
+def test_a_layer_with_built_caches_copies_and_pickles():
+    import copy
+    import io
+
+    layer = random_mixed_linear(128, 64, bits=3, group_size=32, num_salient=4, seed=7).float()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
         y = layer(x)
-    exact = oracle(x, layer)
-    assert layer._cpu_cache["dense"][1] is not first
-    assert torch.allclose(y.double(), exact, rtol=1e-4, atol=1e-4)
+        dequant_matmul(x, layer, Backend.CPU_DENSE)
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        for twin in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+            assert not twin._cpu_cache  # rebuilt from the twin's own tensors
+            assert torch.equal(twin(x), y)
+
+
+def test_layers_the_packed_kernel_cannot_compute_take_the_dense_path(monkeypatch):
+    eight = random_mixed_linear(128, 64, bits=8, group_size=32, seed=4).float()
+    assert "8-bit" in packed_unsupported(eight)
+    act_order = random_mixed_linear(128, 64, bits=4, group_size=32, seed=4).float()
+    act_order.g_idx.copy_(act_order.g_idx.flip(0))
+    assert "act-order" in packed_unsupported(act_order)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        for layer in (eight, act_order):
+            out = dequant_matmul(x, layer, Backend.CPU)
+            assert torch.equal(out, dequant_matmul(x, layer, Backend.TORCH))
+            assert "dense" in layer._cpu_cache
+            with pytest.raises(ValueError, match="cannot run this layer"):
+                dequant_matmul(x, layer, Backend.CPU_PACKED)
+    monkeypatch.setitem(cpu_native._state, "lib", None)  # as on a machine without a C compiler
+    layer = random_mixed_linear(128, 64, bits=4, group_size=32, seed=4).float()
+    assert "could not be built" in packed_unsupported(layer)
+    with torch.no_grad():
+        out = dequant_matmul(x, layer, Backend.CPU)
+    assert torch.equal(out, dequant_matmul(x, layer, Backend.TORCH))
+    assert "dense" in layer._cpu_cache
 
 
 def test_int4_refuses_layouts_it_cannot_compute_exactly():

@@ -16,8 +16,18 @@ class Backend(StrEnum):
     AUTO = "auto"  # TRITON on a GPU with Triton; CPU for CPU inference (no grad); else TORCH
     TORCH = "torch"  # dequantize-then-matmul reference; runs everywhere, including CPU CI
     TRITON = "triton"  # fused dequant kernel; CUDA only
-    CPU = "cpu"  # weight dequantized once per layer and cached (kernels/cpu.py); CPU tensors
+    CPU = "cpu"  # CPU inference, the fastest exact route per call (kernels/cpu.py); CPU tensors
+    CPU_PACKED = "cpu_packed"  # the packed C kernel for any number of rows (2-4 bits)
+    CPU_DENSE = "cpu_dense"  # weight dequantized once and cached: bitwise TORCH, fp32 memory
     CPU_INT4 = "cpu_int4"  # torch's int4 CPU kernel, weights stay packed; <= 4 bits, opt-in
+
+
+_CPU = {
+    Backend.CPU: cpu.auto_matmul,
+    Backend.CPU_PACKED: cpu.packed_matmul,
+    Backend.CPU_DENSE: cpu.dense_matmul,
+    Backend.CPU_INT4: cpu.int4_matmul,
+}
 
 
 def triton_available() -> bool:
@@ -32,7 +42,7 @@ def resolve_backend(requested: Backend | str, x: Tensor) -> Backend:
     requested = Backend(requested)
     if requested is Backend.TORCH:
         return requested
-    if requested in (Backend.CPU, Backend.CPU_INT4):
+    if requested in _CPU:
         if x.is_cuda:
             raise RuntimeError(f"backend={requested.value!r} needs CPU tensors")
         return requested
@@ -51,15 +61,15 @@ def resolve_backend(requested: Backend | str, x: Tensor) -> Backend:
 
 def dequant_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:
     """y = x @ dequant(W_q)^T + x[..., S] @ W_S^T + bias, by the chosen backend."""
+    if backend is Backend.AUTO and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return cpu.auto_matmul(x, layer)  # CPU inference, every decode step: skip the rest
     chosen = resolve_backend(backend, x)
     if chosen is Backend.TRITON:
         from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.dequant_matmul(x, layer)
-    if chosen is Backend.CPU:
-        return cpu.dense_matmul(x, layer)
-    if chosen is Backend.CPU_INT4:
-        return cpu.int4_matmul(x, layer)
+    if chosen in _CPU:
+        return _CPU[chosen](x, layer)
     return reference.dequant_matmul(x, layer)
 
 
@@ -71,8 +81,6 @@ def base_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tens
         from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.base_matmul(x, layer)
-    if chosen is Backend.CPU:
-        return cpu.dense_matmul(x, layer, base_only=True)
-    if chosen is Backend.CPU_INT4:
-        return cpu.int4_matmul(x, layer, base_only=True)
+    if chosen in _CPU:
+        return _CPU[chosen](x, layer, base_only=True)
     return reference.base_matmul(x, layer)

@@ -1,16 +1,26 @@
 """CPU inference paths for MixedLinear: packed or dequantized forms built once per layer.
 
-The reference (``Backend.TORCH``) dequantizes the whole weight on every call, which dominates
-decode time on a CPU. Two cached forms replace it for inference:
+The reference (``Backend.TORCH``) dequantizes the whole weight on every call in several torch
+passes, which dominates decode time on a CPU. For inference (no grad) on CPU tensors:
 
-* ``dense`` (``Backend.CPU``, what AUTO picks for CPU inference): the weight is dequantized
-  once into the compute dtype, exactly as the reference does per call, and kept next to the
-  layer; the products are the reference's, so the outputs are bitwise equal to it. One BLAS
-  matmul per call: the speed of an unquantized model, at its memory (fp32: 4 bytes/weight).
-* ``int4`` (``Backend.CPU_INT4``): torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``),
-  weights stay packed at 4 bits. 2- and 3-bit codes are 4-bit codes (widening is exact); the
-  zero-point is folded as the kernel's float offset ``scale * (8 - zero)``, exact in fp32. The
-  kernel is only vectorised for some CPUs (tools/bench_edge.py measures it), so it is opt-in.
+* ``packed`` (``Backend.CPU_PACKED``): the codes stay at 4 bits (2- and 3-bit codes widened,
+  which is exact) and a small C kernel (``cpu_gemv.c``, built once for this CPU, see
+  ``cpu_native.py``) computes the whole mixed layer -- base, salient columns and bias -- for
+  a few rows in one call, in fp32: ``s_g * sum_k x_k (q_k - z_g)`` per group, ``q - z`` exact.
+  Decode reads 4 bits per weight instead of 32.
+* ``dense`` (``Backend.CPU_DENSE``): the weight dequantized once into the compute dtype and
+  kept; the products are the reference's, so the outputs are bitwise equal to it. The speed of
+  an unquantized model, at its memory (fp32: 4 bytes per weight).
+* ``int4`` (``Backend.CPU_INT4``): torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``);
+  2- and 3-bit codes widened, the zero-point folded as the kernel's float offset
+  ``scale * (8 - zero)``, exact in fp32. Only vectorised for some CPUs: 20-100x slower than an
+  fp32 matmul on AVX2 (docs/KERNELS-NOTES.md), so it is opt-in.
+
+``Backend.CPU`` (what AUTO picks for CPU inference) routes per call: the packed kernel for up to
+``PACKED_MAX_ROWS`` rows (decode), and for more rows (prefill, scoring) the weight dequantized
+by the same kernel into a scratch tensor -- bitwise the reference's weight -- then the
+reference's products, so no dense copy of the model is kept. Layers the kernel cannot compute
+(8-bit, act-order, odd shapes) and machines without a C compiler use ``dense``.
 
 Each cache is keyed on the identity and version counter of the layer's tensors, so copying new
 values into a buffer (or replacing it) rebuilds it instead of computing with stale weights.
@@ -21,19 +31,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gift_quant.kernels import cpu_native
 from gift_quant.kernels.reference import add_salient_and_bias, dequantize_weight
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
-__all__ = ["dense_matmul", "int4_matmul", "int4_unsupported"]
+__all__ = [
+    "auto_matmul",
+    "dense_matmul",
+    "int4_matmul",
+    "int4_unsupported",
+    "packed_matmul",
+    "packed_unsupported",
+]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
-_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
+PACKED_MAX_ROWS = 32  # rows up to which the packed kernel beat dequantize + matmul here
+_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
+
+
+def _tensors(layer) -> list:
+    """The tensors a cached form is built from (read from the module's dicts: this runs on every
+    call, and ``nn.Module.__getattr__`` is slow)."""
+    buffers = layer.__dict__.get("_buffers")
+    if buffers is None:  # any object holding the tensors as attributes
+        return [getattr(layer, n) for n in _BUFFERS] + [getattr(layer, "bias", None)]
+    return [buffers[n] for n in _BUFFERS] + [layer._parameters.get("bias")]
+
+
+class _Cache(dict):
+    """A layer's cached forms; copies and pickles of the layer start without them (they hold
+    ctypes pointers into this layer's tensors) and rebuild them on first use."""
+
+    def __deepcopy__(self, memo):
+        return _Cache()
+
+    def __reduce__(self):
+        return _Cache, ()
 
 
 def _cached(layer, kind: str, dtype: torch.dtype, build):
     """``build()`` once per (layer tensors, kind, dtype); rebuilt when any tensor changes."""
-    key = (kind, dtype, *((id(t), t._version) for t in (getattr(layer, n) for n in _TENSORS)))
-    cache = layer.__dict__.setdefault("_cpu_cache", {})
+    tensors = _tensors(layer)
+    key = (kind, dtype, *map(id, tensors), *[-1 if t is None else t._version for t in tensors])
+    cache = layer.__dict__.get("_cpu_cache")
+    if cache is None:
+        cache = layer.__dict__["_cpu_cache"] = _Cache()
     hit = cache.get(kind)
     if hit is None or hit[0] != key:
         with torch.no_grad():
@@ -53,6 +95,54 @@ def dense_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
         ),
     )
     y = x @ wt
+    return y if base_only else add_salient_and_bias(x, y, layer)
+
+
+def packed_unsupported(layer) -> str | None:
+    """Why the packed kernel cannot compute ``layer`` here, or None when it can."""
+    reason = cpu_native.native_unsupported(layer)
+    if reason is None and cpu_native.library() is None:
+        reason = "the packed kernel could not be built on this machine (no C compiler?)"
+    return reason
+
+
+def _packed(layer) -> cpu_native.NativeLayer | None:
+    """The layer in the kernel's layout, or None when the kernel cannot compute it."""
+    return _cached(
+        layer,
+        "packed",
+        torch.float32,
+        lambda: cpu_native.pack(layer) if packed_unsupported(layer) is None else None,
+    )
+
+
+def packed_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
+    """The mixed product by the packed kernel, any number of rows, computed in fp32."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("backend='cpu_packed' is for inference (no grad); use 'cpu' or 'torch'")
+    packed = _packed(layer)
+    if packed is None:
+        reason = packed_unsupported(layer)
+        raise ValueError(f"backend='cpu_packed' cannot run this layer: {reason}; use 'cpu'")
+    return _run_packed(x, layer, packed, base_only)
+
+
+def _run_packed(x: Tensor, layer, packed, base_only: bool) -> Tensor:
+    xf = x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+    y = cpu_native.mixed_gemm(xf, packed, base_only)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def auto_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
+    """``Backend.CPU``: the fastest exact route for this call (module docstring)."""
+    packed = _packed(layer)
+    if packed is None:
+        return dense_matmul(x, layer, base_only)
+    grad = x.requires_grad and torch.is_grad_enabled()  # the C kernel has no backward
+    if x.numel() <= PACKED_MAX_ROWS * layer.in_features and not grad:
+        return _run_packed(x, layer, packed, base_only)
+    wt = cpu_native.dequantize(packed)  # bitwise the reference's weight
+    y = x @ (wt if wt.dtype == x.dtype else wt.to(x.dtype))
     return y if base_only else add_salient_and_bias(x, y, layer)
 
 

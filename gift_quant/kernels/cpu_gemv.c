@@ -1,0 +1,140 @@
+/* Mixed-precision GEMV/GEMM for a few rows on the CPU (kernels/cpu_native.py builds and loads it).
+
+   y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (q[k, n] - z[g, n])
+             + sum_j x[m, S_j] * W_S[n, j] + bias[n]
+
+   Codes q (2, 3 or 4 bits; all widened to 4 bits, which is exact) stay packed; each is turned
+   into the float (q - z) in registers, which is an exact small integer, multiplied by x and
+   accumulated in fp32 per group, then scaled by the group's scale. Salient columns and bias are
+   added in the same pass, so one call computes the whole mixed layer.
+
+   Layout (built once per layer by cpu_native.pack):
+     words  int32 [N/16][K/8][16]: word (b, r, i) holds the codes of input rows 8r..8r+7 of
+            output column 16b+i, row 8r+j at bits 4j..4j+3 (the GPTQ 4-bit word, blocked by 16
+            columns so one block streams contiguously);
+     zeros, scales  fp32 [N/16][G][16];
+     sal_w  fp16 bits [N/16][k][16] (salient weights, transposed and blocked), sal_idx int32 [k];
+     bias   fp32 [N] or NULL.
+   Written with GCC/Clang vector extensions (AVX2 or NEON from -march=native), no intrinsics. */
+
+#include <stdint.h>
+#include <string.h>
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
+
+#define NB 16 /* output columns per block: two v8f accumulators per row */
+#define MR 4  /* rows per pass */
+
+typedef struct {
+    int64_t K, N, G, group, k; /* k: salient columns */
+    const int32_t *words;
+    const float *zeros, *scales;
+    const uint16_t *sal_w;
+    const int32_t *sal_idx;
+    const float *bias;
+} layer_t;
+
+static inline v8i load_i(const int32_t *p) { v8i v; memcpy(&v, p, sizeof v); return v; }
+static inline v8f load_f(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline v8f bcast(float a) { return (v8f){a, a, a, a, a, a, a, a}; }
+static inline v8f load_h(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, v8f);
+}
+
+/* rows m0 .. m0+R-1 of one 16-column block b */
+static inline void block_rows(const layer_t *L, const float *x, int64_t ldx, float *y,
+                              int64_t ldy, int64_t b, int R) {
+    const int64_t K = L->K, G = L->G, rows_per_group = L->group / 8;
+    const int32_t *w = L->words + b * (K / 8) * NB;
+    const float *zb = L->zeros + b * G * NB, *sb = L->scales + b * G * NB;
+    v8f out0[MR], out1[MR];
+    for (int m = 0; m < MR; m++) out0[m] = out1[m] = bcast(0.f);
+    for (int64_t g = 0; g < G; g++) {
+        const v8f z0 = load_f(zb + g * NB), z1 = load_f(zb + g * NB + 8);
+        v8f a0[MR], a1[MR];
+        for (int m = 0; m < MR; m++) a0[m] = a1[m] = bcast(0.f);
+        for (int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; r++) {
+            const v8i w0 = load_i(w + r * NB), w1 = load_i(w + r * NB + 8);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const v8f d0 = __builtin_convertvector((w0 >> (4 * j)) & 15, v8f) - z0;
+                const v8f d1 = __builtin_convertvector((w1 >> (4 * j)) & 15, v8f) - z1;
+                for (int m = 0; m < R; m++) {
+                    const v8f xv = bcast(x[m * ldx + 8 * r + j]);
+                    a0[m] += xv * d0;
+                    a1[m] += xv * d1;
+                }
+            }
+        }
+        const v8f s0 = load_f(sb + g * NB), s1 = load_f(sb + g * NB + 8);
+        for (int m = 0; m < R; m++) {
+            out0[m] += s0 * a0[m];
+            out1[m] += s1 * a1[m];
+        }
+    }
+    const uint16_t *sw = L->sal_w + b * L->k * NB;
+    for (int64_t j = 0; j < L->k; j++) {
+        const v8f c0 = load_h(sw + j * NB), c1 = load_h(sw + j * NB + 8);
+        const int64_t col = L->sal_idx[j];
+        for (int m = 0; m < R; m++) {
+            const v8f xv = bcast(x[m * ldx + col]);
+            out0[m] += xv * c0;
+            out1[m] += xv * c1;
+        }
+    }
+    if (L->bias) {
+        const v8f c0 = load_f(L->bias + b * NB), c1 = load_f(L->bias + b * NB + 8);
+        for (int m = 0; m < R; m++) {
+            out0[m] += c0;
+            out1[m] += c1;
+        }
+    }
+    for (int m = 0; m < R; m++) {
+        store_f(y + m * ldy + b * NB, out0[m]);
+        store_f(y + m * ldy + b * NB + 8, out1[m]);
+    }
+}
+
+/* y [M, N] = the mixed product of x [M, K] (rows contiguous), fp32. */
+void gq_mixed_gemm(const layer_t *L, const float *x, float *y, int64_t M, int threads) {
+    const int64_t blocks = L->N / NB;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t left = M - m0;
+            const float *xm = x + m0 * L->K;
+            float *ym = y + m0 * L->N;
+            /* constant R lets the compiler keep the accumulators in registers */
+            if (left >= 4) block_rows(L, xm, L->K, ym, L->N, b, 4);
+            else if (left == 3) block_rows(L, xm, L->K, ym, L->N, b, 3);
+            else if (left == 2) block_rows(L, xm, L->K, ym, L->N, b, 2);
+            else block_rows(L, xm, L->K, ym, L->N, b, 1);
+        }
+    }
+}
+
+/* wt [K, N] = dequant(W_q)^T in fp32 (salient columns 0, like the reference's). */
+void gq_dequantize(const layer_t *L, float *wt, int threads) {
+    const int64_t K = L->K, N = L->N, blocks = N / NB, rows_per_group = L->group / 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int32_t *w = L->words + b * (K / 8) * NB;
+        for (int64_t g = 0; g < L->G; g++) {
+            const float *zp = L->zeros + (b * L->G + g) * NB, *sp = L->scales + (b * L->G + g) * NB;
+            const v8f z0 = load_f(zp), z1 = load_f(zp + 8), s0 = load_f(sp), s1 = load_f(sp + 8);
+            for (int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; r++) {
+                const v8i w0 = load_i(w + r * NB), w1 = load_i(w + r * NB + 8);
+                for (int j = 0; j < 8; j++) {
+                    float *o = wt + (8 * r + j) * N + b * NB;
+                    store_f(o, (__builtin_convertvector((w0 >> (4 * j)) & 15, v8f) - z0) * s0);
+                    store_f(o + 8, (__builtin_convertvector((w1 >> (4 * j)) & 15, v8f) - z1) * s1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+"""The packed CPU kernel (``cpu_gemv.c``): built once with the system C compiler, called by ctypes.
+
+torch's own low-bit CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
+only vectorised for some CPUs; on an AVX2 machine they were 20-100x slower than an fp32 matmul
+(docs/KERNELS-NOTES.md). This small C file, compiled for the machine it runs on
+(``-O3 -march=native -fopenmp``, GCC or Clang vector extensions), reads the 4-bit codes and
+computes the whole mixed layer for a few rows in one call. Nothing here is needed to run a
+model: without a compiler :func:`library` returns None and the CPU backend uses the dense path.
+
+The shared object is cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source,
+the compiler and the CPU, built into a temporary sibling and renamed (concurrent builders are
+safe). OpenMP comes from the ``libgomp.so.1`` torch has already loaded (same soname), so the
+kernel's threads are torch's (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gift_quant.quant.packing import unpack_cols, unpack_rows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NativeLayer", "library", "native_unsupported", "pack"]
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+BLOCK_N = 16  # output columns per block (cpu_gemv.c: NB)
+_lock = threading.Lock()
+_state: dict = {}
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("K", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("G", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("words", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("sal_w", ctypes.c_void_p),
+        ("sal_idx", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _build(cc: str) -> Path:
+    from gift_quant.assets import cache_dir
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), version, _cpu_id(), platform.machine()]).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_gemv-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cc, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
+    try:
+        done = subprocess.run(
+            [*cmd, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+        )
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library():
+    """The loaded kernel library, or None (no compiler, not a supported CPU, or the build failed;
+    the reason is logged once). ``GIFT_QUANT_NATIVE=0`` turns it off."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib = None
+        try:
+            if os.environ.get("GIFT_QUANT_NATIVE", "1") == "0":
+                raise RuntimeError("GIFT_QUANT_NATIVE=0")
+            if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+                raise RuntimeError(f"untested CPU architecture {platform.machine()}")
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+            lib = ctypes.CDLL(str(_build(cc)))
+            ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+            lib.gq_mixed_gemm.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+            lib.gq_mixed_gemm.restype = None
+            lib.gq_dequantize.argtypes = [ptr, ptr, ctypes.c_int]
+            lib.gq_dequantize.restype = None
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            log.info("packed CPU kernel unavailable (%s); using the dense CPU path", exc)
+            lib = None
+        _state["lib"] = lib
+        return lib
+
+
+def native_unsupported(layer) -> str | None:
+    """Why the packed kernel cannot compute ``layer``, or None when it can."""
+    K, N = layer.in_features, layer.out_features
+    group = K if layer.group_size == -1 else layer.group_size
+    if layer.bits > 4:
+        return f"{layer.bits}-bit codes (the packed kernel reads 2, 3 or 4 bits)"
+    if N % BLOCK_N or group % 8 or K % group:
+        return f"shape {N}x{K}, group {group}: needs out % 16 == 0 and group % 8 == 0"
+    trivial = torch.arange(K, dtype=torch.int32, device=layer.g_idx.device) // group
+    if not torch.equal(layer.g_idx, trivial):
+        return "g_idx is not contiguous groups (act-order)"
+    return None
+
+
+def _blocked(t: Tensor) -> Tensor:
+    """[R, N] -> [N/16, R, 16] contiguous (each 16-column block's rows together)."""
+    R, N = t.shape
+    return t.reshape(R, N // BLOCK_N, BLOCK_N).permute(1, 0, 2).contiguous()
+
+
+class NativeLayer:
+    """A layer's tensors in the kernel's layout, and the struct that points at them."""
+
+    def __init__(self, layer) -> None:
+        K, N = layer.in_features, layer.out_features
+        self.K, self.N = K, N
+        group = K if layer.group_size == -1 else layer.group_size
+        if layer.bits == 4:
+            words = layer.qweight  # [K/8, N]: already 8 codes per word, row 8r+j at bits 4j
+        else:  # widen 2/3-bit codes to 4 bits: the same integers
+            codes = unpack_rows(layer.qweight, layer.bits).to(torch.int64).reshape(K // 8, 8, N)
+            shifts = torch.arange(0, 32, 4, dtype=torch.int64).view(1, 8, 1)
+            words = (codes << shifts).sum(1)
+            words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        self.words = _blocked(words.to(torch.int32))
+        self.zeros = _blocked(unpack_cols(layer.qzeros, layer.bits).float())
+        self.scales = _blocked(layer.scales.float())
+        k = layer.salient_idx.numel()
+        self.sal_idx = layer.salient_idx.to(torch.int32).contiguous()
+        sal = layer.salient_weight.to(torch.float16).t()  # [k, N]
+        self.sal_w = _blocked(sal).view(torch.int16) if k else torch.zeros(1, dtype=torch.int16)
+        self.bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+        ptrs = (self.words, self.zeros, self.scales)
+        common = (K, N, K // group, group)
+        self.full = _Layer(
+            *common,
+            k,
+            *(t.data_ptr() for t in ptrs),
+            self.sal_w.data_ptr(),
+            self.sal_idx.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
+        )
+        self.base = _Layer(*common, 0, *(t.data_ptr() for t in ptrs), None, None, None)
+        self.full_ref, self.base_ref = ctypes.byref(self.full), ctypes.byref(self.base)
+
+
+def pack(layer) -> NativeLayer:
+    """``layer`` in the kernel's layout (the library is built or loaded first)."""
+    reason = native_unsupported(layer)
+    if reason is None and library() is None:
+        reason = "the packed kernel could not be built on this machine"
+    if reason is not None:
+        raise ValueError(f"the packed CPU kernel cannot compute this layer: {reason}")
+    return NativeLayer(layer)
+
+
+def mixed_gemm(x: Tensor, packed: NativeLayer, base_only: bool = False) -> Tensor:
+    """x [..., K] fp32 contiguous -> [..., N] fp32: the mixed product (salient and bias in), or
+    the base product alone."""
+    y = torch.empty(x.shape[:-1] + (packed.N,), dtype=torch.float32)
+    _state["lib"].gq_mixed_gemm(
+        packed.base_ref if base_only else packed.full_ref,
+        x.data_ptr(),
+        y.data_ptr(),
+        x.numel() // packed.K,
+        torch.get_num_threads(),
+    )
+    return y
+
+
+def dequantize(packed: NativeLayer) -> Tensor:
+    """``dequant(W_q)^T`` [K, N] fp32, bitwise the reference's (salient columns 0)."""
+    wt = torch.empty(packed.K, packed.N, dtype=torch.float32)
+    _state["lib"].gq_dequantize(packed.full_ref, wt.data_ptr(), torch.get_num_threads())
+    return wt
