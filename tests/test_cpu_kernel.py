@@ -9,8 +9,15 @@ must equal it bitwise. Tiny shapes, a few ms each (the packed kernel is built on
 import pytest
 import torch
 
-from gift_quant.kernels import Backend, base_matmul, cpu_native, dequant_matmul, resolve_backend
-from gift_quant.kernels.cpu import int4_unsupported, packed_unsupported
+from gift_quant.kernels import (
+    Backend,
+    base_matmul,
+    cpu,
+    cpu_native,
+    dequant_matmul,
+    resolve_backend,
+)
+from gift_quant.kernels.cpu import int4_unsupported, packed_unsupported, set_cpu_head
 from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
 CASES = [  # bits, group, sym, salient, bias
@@ -152,6 +159,53 @@ def test_layers_the_packed_kernel_cannot_compute_take_the_dense_path(monkeypatch
         out = dequant_matmul(x, layer, Backend.CPU)
     assert torch.equal(out, dequant_matmul(x, layer, Backend.TORCH))
     assert "dense" in layer._cpu_cache
+
+
+def test_the_parallel_split_computes_the_same_bits(monkeypatch):
+    layer = random_mixed_linear(256, 128, bits=4, group_size=64, num_salient=8, seed=8).float()
+    x = torch.randn(6, 256)
+    with torch.no_grad():
+        one = dequant_matmul(x, layer, Backend.CPU_PACKED)
+        threads = torch.get_num_threads()
+        monkeypatch.setattr(cpu_native, "PARALLEL_MIN_WORK", 0)  # split even this small call
+        torch.set_num_threads(2)
+        try:
+            two = dequant_matmul(x, layer, Backend.CPU_PACKED)
+            wt = cpu_native.dequantize(cpu._packed(layer))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output block is one thread's, summed in the same order
+    from gift_quant.kernels.reference import dequantize_weight
+
+    ref = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, wt.dtype)
+    assert torch.equal(wt, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_cpu_head_reads_an_exact_fp16_copy(dtype):
+    head = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.half().float())  # fp16 values, as an export stores them
+    head = head.to(dtype)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    assert set_cpu_head(model) and isinstance(head, cpu.CpuHead)
+    x = torch.randn(2, 3, 64).to(dtype)
+    exact = x.double() @ head.weight.double().t()
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, head.weight)
+        got = head(x)
+        assert head._cpu_cache["half"][1] is not None
+        _check(got, ref, exact)
+        big = torch.randn(40, 64).to(dtype)  # prefill: the plain matmul
+        assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight))
+    with torch.no_grad():
+        head.weight.add_(1e-3)  # no longer fp16 values (fp32 case): nn.Linear again
+        got = head(x)
+    if dtype is torch.float32:
+        assert head._cpu_cache["half"][1] is None
+        assert torch.equal(got, torch.nn.functional.linear(x, head.weight))
+    assert set_cpu_head(model, enabled=False) and type(head) is torch.nn.Linear
 
 
 def test_int4_refuses_layouts_it_cannot_compute_exactly():

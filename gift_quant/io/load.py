@@ -382,7 +382,9 @@ def load_quantized(
     ``path``: an export, a recover output directory or a gptq+lora export (module docstring).
     ``dtype`` is the dtype of the unquantized tensors (default: as stored); scales and salient
     columns stay fp16, codes stay int32. ``verify`` checks the files' SHA-256 digests (off
-    saves one read of every file).
+    saves one read of every file). On the CPU with ``backend`` auto or cpu, the output Linear
+    becomes a :class:`gift_quant.kernels.cpu.CpuHead` (the same tensors; in inference it reads
+    an exact fp16 copy of its weight).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -443,7 +445,12 @@ def load_quantized(
         raise CheckpointError(f"{root}: tensors missing from the checkpoint: {missing[:5]}")
     model.config.quantization_config = qcfg
     cast_params(model, dtype or stored)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu" and backend in (Backend.AUTO, Backend.CPU):
+        from gift_quant.kernels.cpu import set_cpu_head
+
+        set_cpu_head(model)  # the output Linear from an fp16 copy in CPU inference (exact)
+    return model
 
 
 def _stored_dtype(info: CheckpointInfo) -> torch.dtype:

@@ -29,7 +29,7 @@ values into a buffer (or replacing it) rebuilds it instead of computing with sta
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gift_quant.kernels import cpu_native
 from gift_quant.kernels.reference import add_salient_and_bias, dequantize_weight
@@ -42,6 +42,7 @@ __all__ = [
     "int4_unsupported",
     "packed_matmul",
     "packed_unsupported",
+    "set_cpu_head",
 ]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel accepts
@@ -144,6 +145,54 @@ def auto_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
     wt = cpu_native.dequantize(packed)  # bitwise the reference's weight
     y = x @ (wt if wt.dtype == x.dtype else wt.to(x.dtype))
     return y if base_only else add_salient_and_bias(x, y, layer)
+
+
+class CpuHead(nn.Linear):
+    """The output Linear (lm_head) of a model on the CPU path: for up to ``PACKED_MAX_ROWS``
+    rows without grad, computed by the kernel from an fp16 copy of the weight when every weight
+    is an fp16 value -- an export stores the unquantized tensors in fp16, so loading it in fp32
+    only widens them and the copy is exact -- which halves the bytes an fp32 decode step reads
+    for it (SmolLM2's tied 49152 x 576 head is as large as half its quantized Linears). Else,
+    and for anything else, ``nn.Linear``. The weight itself (tied or not) is left as it is."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.bias is None
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and x.numel() <= PACKED_MAX_ROWS * self.in_features
+        ):
+            half = _cached_head(self)
+            if half is not None:
+                xf = x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+                y = cpu_native.half_gemm(xf, half)
+                return y if x.dtype is torch.float32 else y.to(x.dtype)
+        return super().forward(x)
+
+
+def _cached_head(head: nn.Linear) -> cpu_native.HalfWeight | None:
+    w = head.weight
+    key = (id(w), w._version)
+    cache = head.__dict__.get("_cpu_cache")
+    if cache is None:
+        cache = head.__dict__["_cpu_cache"] = _Cache()
+    hit = cache.get("half")
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            ok = cpu_native.half_unsupported(w) is None
+            hit = cache["half"] = (key, cpu_native.HalfWeight(w) if ok else None)
+    return hit[1]
+
+
+def set_cpu_head(model: nn.Module, enabled: bool = True) -> bool:
+    """Compute ``model``'s output Linear by :class:`CpuHead` (or, ``enabled=False``, as a plain
+    ``nn.Linear`` again); True when the model has such a head. The module keeps its tensors."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if not isinstance(head, nn.Linear) or type(head) not in (nn.Linear, CpuHead):
+        return False
+    head.__class__ = CpuHead if enabled else nn.Linear
+    return True
 
 
 def int4_unsupported(layer) -> str | None:

@@ -15,10 +15,14 @@
      zeros, scales  fp32 [N/16][G][16];
      sal_w  fp16 bits [N/16][k][16] (salient weights, transposed and blocked), sal_idx int32 [k];
      bias   fp32 [N] or NULL.
-   Written with GCC/Clang vector extensions (AVX2 or NEON from -march=native), no intrinsics. */
+   Written with GCC/Clang vector extensions (AVX2 or NEON from -march=native); the one intrinsic
+   is F16C's fp16 -> fp32 conversion, which GCC 12 would otherwise do one value at a time. */
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h> /* GCC 12 scalarizes the generic fp16 -> fp32 vector conversion */
+#endif
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
@@ -41,9 +45,13 @@ static inline v8f load_f(const float *p) { v8f v; memcpy(&v, p, sizeof v); retur
 static inline void store_f(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 static inline v8f bcast(float a) { return (v8f){a, a, a, a, a, a, a, a}; }
 static inline v8f load_h(const uint16_t *p) {
+#if defined(__F16C__) && defined(__AVX__)
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
     v8h h;
     memcpy(&h, p, sizeof h);
     return __builtin_convertvector(h, v8f);
+#endif
 }
 
 /* rows m0 .. m0+R-1 of one 16-column block b */
@@ -135,6 +143,45 @@ void gq_dequantize(const layer_t *L, float *wt, int threads) {
                     store_f(o + 8, (__builtin_convertvector((w1 >> (4 * j)) & 15, v8f) - z1) * s1);
                 }
             }
+        }
+    }
+}
+
+/* A dense Linear whose fp32 weights are all fp16 values (an export's unquantized lm_head):
+   y [M, N] = x [M, K] @ W^T, W read as fp16 from hw (fp16 bits [N/16][K][16]) and widened in
+   registers, which is exact; half the bytes of the fp32 weight. */
+static inline void half_rows(const uint16_t *hw, int64_t K, int64_t N, const float *x, float *y,
+                             int64_t b, int R) {
+    const uint16_t *w = hw + b * K * NB;
+    v8f a0[MR], a1[MR];
+    for (int m = 0; m < MR; m++) a0[m] = a1[m] = bcast(0.f);
+    for (int64_t k = 0; k < K; k++) {
+        const v8f c0 = load_h(w + k * NB), c1 = load_h(w + k * NB + 8);
+        for (int m = 0; m < R; m++) {
+            const v8f xv = bcast(x[m * K + k]);
+            a0[m] += xv * c0;
+            a1[m] += xv * c1;
+        }
+    }
+    for (int m = 0; m < R; m++) {
+        store_f(y + m * N + b * NB, a0[m]);
+        store_f(y + m * N + b * NB + 8, a1[m]);
+    }
+}
+
+void gq_half_gemm(const uint16_t *hw, int64_t K, int64_t N, const float *x, float *y, int64_t M,
+                  int threads) {
+    const int64_t blocks = N / NB;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t left = M - m0;
+            const float *xm = x + m0 * K;
+            float *ym = y + m0 * N;
+            if (left >= 4) half_rows(hw, K, N, xm, ym, b, 4);
+            else if (left == 3) half_rows(hw, K, N, xm, ym, b, 3);
+            else if (left == 2) half_rows(hw, K, N, xm, ym, b, 2);
+            else half_rows(hw, K, N, xm, ym, b, 1);
         }
     }
 }

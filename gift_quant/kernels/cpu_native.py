@@ -33,10 +33,26 @@ from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NativeLayer", "library", "native_unsupported", "pack"]
+__all__ = [
+    "HalfWeight",
+    "NativeLayer",
+    "dequantize",
+    "half_gemm",
+    "half_unsupported",
+    "library",
+    "mixed_gemm",
+    "native_unsupported",
+    "pack",
+]
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 BLOCK_N = 16  # output columns per block (cpu_gemv.c: NB)
+# Weights x rows a call must touch before it is split over torch's threads (about 0.6 ms of
+# one core's work). A fork/join costs microseconds on an idle machine but milliseconds when
+# other jobs hold the cores (a descheduled thread stalls the barrier): with 2 threads on 2
+# shared cores, SmolLM2's 210 small decode calls took 68x as long as on one thread
+# (docs/KERNELS-NOTES.md). MKL keeps such small GEMVs on one thread too.
+PARALLEL_MIN_WORK = 1 << 22
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -123,6 +139,8 @@ def library():
             lib.gq_mixed_gemm.restype = None
             lib.gq_dequantize.argtypes = [ptr, ptr, ctypes.c_int]
             lib.gq_dequantize.restype = None
+            lib.gq_half_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+            lib.gq_half_gemm.restype = None
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("packed CPU kernel unavailable (%s); using the dense CPU path", exc)
             lib = None
@@ -200,18 +218,57 @@ def mixed_gemm(x: Tensor, packed: NativeLayer, base_only: bool = False) -> Tenso
     """x [..., K] fp32 contiguous -> [..., N] fp32: the mixed product (salient and bias in), or
     the base product alone."""
     y = torch.empty(x.shape[:-1] + (packed.N,), dtype=torch.float32)
-    _state["lib"].gq_mixed_gemm(
-        packed.base_ref if base_only else packed.full_ref,
-        x.data_ptr(),
-        y.data_ptr(),
-        x.numel() // packed.K,
-        torch.get_num_threads(),
-    )
+    rows = x.numel() // packed.K
+    ref = packed.base_ref if base_only else packed.full_ref
+    _state["lib"].gq_mixed_gemm(ref, x.data_ptr(), y.data_ptr(), rows, _threads(packed, rows))
     return y
+
+
+def _threads(packed: NativeLayer, rows: int) -> int:
+    """torch's thread count for a call with enough work, else 1 (``PARALLEL_MIN_WORK``)."""
+    passes = (rows + 3) // 4  # the kernel decodes the codes once per 4 rows
+    return torch.get_num_threads() if packed.K * packed.N * passes >= PARALLEL_MIN_WORK else 1
 
 
 def dequantize(packed: NativeLayer) -> Tensor:
     """``dequant(W_q)^T`` [K, N] fp32, bitwise the reference's (salient columns 0)."""
     wt = torch.empty(packed.K, packed.N, dtype=torch.float32)
-    _state["lib"].gq_dequantize(packed.full_ref, wt.data_ptr(), torch.get_num_threads())
+    _state["lib"].gq_dequantize(packed.full_ref, wt.data_ptr(), _threads(packed, 4))
     return wt
+
+
+class HalfWeight:
+    """A dense weight [N, K] whose values are all fp16 values, stored as fp16 in the kernel's
+    blocked layout [N/16, K, 16]."""
+
+    def __init__(self, weight: Tensor) -> None:
+        reason = half_unsupported(weight)
+        if reason is not None:
+            raise ValueError(f"the fp16-weight CPU kernel cannot hold this weight: {reason}")
+        self.N, self.K = weight.shape
+        self.blocked = _blocked(weight.detach().to(torch.float16).t()).view(torch.int16)
+        self.ptr = self.blocked.data_ptr()
+
+
+def half_unsupported(weight: Tensor) -> str | None:
+    """Why :class:`HalfWeight` cannot hold ``weight`` exactly, or None when it can."""
+    if weight.dim() != 2 or weight.shape[0] % BLOCK_N or weight.device.type != "cpu":
+        return f"a {weight.device} tensor of shape {tuple(weight.shape)} (needs out % 16 == 0)"
+    if not weight.dtype.is_floating_point:
+        return f"dtype {weight.dtype}"
+    w = weight.detach()
+    if w.dtype != torch.float16 and not torch.equal(w.to(torch.float16).to(w.dtype), w):
+        return "weights that are not all fp16 values (storing them as fp16 would round them)"
+    if library() is None:
+        return "the packed kernel could not be built on this machine"
+    return None
+
+
+def half_gemm(x: Tensor, half: HalfWeight) -> Tensor:
+    """x [..., K] fp32 contiguous -> x @ W^T [..., N] fp32."""
+    y = torch.empty(x.shape[:-1] + (half.N,), dtype=torch.float32)
+    rows = x.numel() // half.K
+    passes = (rows + 3) // 4
+    threads = torch.get_num_threads() if half.K * half.N * passes >= PARALLEL_MIN_WORK else 1
+    _state["lib"].gq_half_gemm(half.ptr, half.K, half.N, x.data_ptr(), y.data_ptr(), rows, threads)
+    return y
