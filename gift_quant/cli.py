@@ -310,7 +310,7 @@ def _zero_shot(args, model, tok, dtype) -> dict:
     report.json (next to perplexity), through a temp file renamed over it."""
     from gift_quant.lm_eval import run_tasks
 
-    results = run_tasks(model.to(dtype), tok, args.tasks.split(","))
+    results = run_tasks(model.to(dtype), tok, args.tasks.split(","), progress=not args.quiet)
     for task, metrics in results.items():
         log.info("%s: %s", task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     report = Path(args.dir or "") / "report.json"

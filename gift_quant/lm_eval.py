@@ -7,6 +7,7 @@ lm-eval's task registry and downloads its data set, so it needs a network.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from importlib.resources import files
 
@@ -65,15 +66,36 @@ def check_tasks(tasks: list[str]) -> list[str | dict]:
 
 
 def run_tasks(
-    model: nn.Module, tokenizer, tasks: list[str], *, batch_size: int = 8, limit=None
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    *,
+    batch_size: int = 8,
+    limit=None,
+    progress: bool = True,
 ) -> dict:
-    """``{task: {metric: value}}`` of lm-eval's zero-shot evaluation of ``model``."""
+    """``{task: {metric: value}}`` of lm-eval's zero-shot evaluation of ``model``; with
+    ``progress=False`` lm-eval's scoring bars are off (the CLI's ``-q``)."""
     specs = check_tasks(tasks)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    class _HFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return super().loglikelihood_rolling(
+                requests, disable_tqdm=disable_tqdm or not progress
+            )
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
+
+    # it warns that an initialized model was passed in, which is how this wrapper is used
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = None
     if all(isinstance(s, dict) for s in specs):  # local tasks only: skip indexing lm-eval's
         from lm_eval.tasks import TaskManager

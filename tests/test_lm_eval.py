@@ -35,7 +35,7 @@ def _direct_accuracy(model, tok, limit: int | None = None) -> float:
     return correct / len(items)
 
 
-def test_local_task_accuracy_matches_direct_scoring(tiny_model_dirs, tiny_tokenizer):
+def test_local_task_accuracy_matches_direct_scoring(tiny_model_dirs, tiny_tokenizer, capfd):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs("llama"), dtype=torch.float32)
@@ -43,6 +43,15 @@ def test_local_task_accuracy_matches_direct_scoring(tiny_model_dirs, tiny_tokeni
     acc = results["wiki_cloze"]["acc"]
     assert acc == pytest.approx(_direct_accuracy(model, tiny_tokenizer), abs=1e-9)
     assert 0 <= results["wiki_cloze"]["acc_norm"] <= 1
+    assert "Running loglikelihood requests" in capfd.readouterr().err
+    # -q: lm-eval's scoring bars and its note about the model passed in are off
+    quiet = run_tasks(model.eval(), tiny_tokenizer, ["wiki_cloze"], limit=4, progress=False)
+    err = capfd.readouterr().err
+    assert "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err
+    assert "already-initialized" not in err
+    assert quiet["wiki_cloze"]["acc"] == pytest.approx(
+        _direct_accuracy(model, tiny_tokenizer, 4), abs=1e-9
+    )
 
 
 @pytest.mark.slow
