@@ -90,3 +90,24 @@ def test_unknown_task_and_missing_lm_eval_are_one_line_errors(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert "lm-eval, which is not installed" in err and "gift_quant[eval]" in err
     assert len(err.splitlines()) == 1
+
+
+def test_eval_tasks_leave_an_export_verifiable(tiny_model_dirs, tmp_path, capsys):
+    """`eval EXPORT --tasks` writes nothing into the export: its report.json is checksummed in
+    manifest.json, and a changed one made the next load refuse the export as corrupt."""
+    out = tmp_path / "q"
+    tiny = ["--set", "calib.num_samples=8", "--set", "calib.seq_len=64"]
+    tiny += ["--set", "quant.group_size=32", "--set", "saliency.count=4"]
+    assert main(["quantize", "--model", tiny_model_dirs("llama"), *tiny, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    args = ["eval", str(out), "--text", str(text), "--seq-len", "64", "--json", "-q"]
+    assert main([*args, "--tasks", "wiki_cloze"]) == 0
+    assert (
+        0
+        <= json.loads(capsys.readouterr().out.splitlines()[-1])["zero_shot"]["wiki_cloze"]["acc"]
+        <= 1
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(args) == 0  # verified again on load
