@@ -158,6 +158,7 @@ def test_jobs_run_rows_side_by_side_over_the_gpus(tiny_sweep_recipe, tmp_path):
             report["train"]["peak_rss_mb"] = 1.0
         else:
             (out / "quantized").mkdir(exist_ok=True)
+            (out / "quantized/config.json").write_text("{}")
         time.sleep(0.3)  # long enough for the pool to overlap rows
         with lock:
             running[0] -= 1
@@ -179,6 +180,18 @@ def test_jobs_run_rows_side_by_side_over_the_gpus(tiny_sweep_recipe, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert sorted(r["key"].get("seed", -1) for r in rows) == [-1, 0, 1, 2, 3]
     assert {r["concurrent_jobs"] for r in rows} == {3}
+
+    # on a fresh machine (work directory gone) the recorded start is remade for the new row,
+    # and not recorded a second time
+    import shutil
+
+    shutil.rmtree(tmp_path / "work")
+    seen.clear()
+    args[args.index("3")] = "4"  # seeds 0 1 2 4: one new row
+    assert sweep.main(args, runner=fake) == 0
+    assert [name for name, _, _ in seen] == ["starts", "rows"]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["key"].get("seed", -1) for r in rows) == [-1, 0, 1, 2, 3, 4]
 
 
 def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
