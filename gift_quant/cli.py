@@ -310,13 +310,14 @@ def _zero_shot(args, model, tok, dtype) -> dict:
     report.json (next to perplexity), through a temp file renamed over it. An export is left
     as it is: its files are checksummed in its manifest.json, and a changed report.json would
     make the next load refuse it as corrupt."""
+    from gift_quant.io.load import is_recover_run
     from gift_quant.lm_eval import run_tasks
 
     results = run_tasks(model.to(dtype), tok, args.tasks.split(","), progress=not args.quiet)
     for task, metrics in results.items():
         log.info("%s: %s", task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     report = Path(args.dir or "") / "report.json"
-    if args.dir and report.is_file() and not (Path(args.dir) / "manifest.json").is_file():
+    if args.dir and is_recover_run(Path(args.dir)) and report.is_file():
         data = json.loads(report.read_text())
         data["zero_shot"] = {**data.get("zero_shot", {}), **results}
         tmp = report.with_name(f".report.json.{os.getpid()}")

@@ -58,12 +58,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     emulated, 6-70x slower than float32 depending on the operand layout."""
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu" and not (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    ):
-        return torch.float32
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
     return torch.bfloat16
 
 

@@ -101,6 +101,8 @@ class _Run:
         base = resolve_device(recipe.model.device)
         self.dist = distributed.init(base, recipe.train.dist_timeout_s)
         self.device = distributed.rank_device(self.dist, base)
+        if self.device.type == "cuda":  # cuda:1's allocator (peak-memory stats) needs the init
+            torch.cuda.init()
         self.timings: dict[str, float] = {}
         self.peak_gpu_mb: dict[str, float] = {}
         self.train_cfg = recipe.train  # train.data=generated:N becomes its cache directory
@@ -114,7 +116,6 @@ class _Run:
         that fail inside it name it."""
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.init()  # the allocator of e.g. cuda:1 exists only after CUDA's lazy init
             torch.cuda.reset_peak_memory_stats(self.device)
         self.dist.stage = name
         t0 = time.perf_counter()

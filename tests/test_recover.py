@@ -1,5 +1,6 @@
 """GIFT-SW training and the recover pipeline on tiny models: resume, modes, baselines, data."""
 
+import importlib.util
 import json
 import math
 
@@ -172,3 +173,9 @@ def test_eval_reads_the_recover_output(tiny_model_dirs, tmp_path, capsys):
     assert out["tokens"] == 8 * 63 and out["perplexity"] > 1
     model = load_quantized(tmp_path / "run/model")
     assert sum(1 for m in model.modules() if type(m).__name__ == "MixedLinear") == 14
+    if importlib.util.find_spec("lm_eval"):  # a run directory keeps its zero-shot figures
+        args = ["eval", str(tmp_path / "run"), "--max-tokens", "512", "--seq-len", "64"]
+        assert main([*args, "--tasks", "wiki_cloze", "--json", "-q"]) == 0
+        acc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"]
+        report = json.loads((tmp_path / "run/report.json").read_text())
+        assert report["zero_shot"] == acc

@@ -108,6 +108,15 @@ def _headers(path: Path) -> dict[str, tuple[list[int], str]]:
         ) from exc
 
 
+def is_recover_run(root: Path) -> bool:
+    """A ``recover`` output directory (its recipe and quantized start), not an export."""
+    return (
+        not (root / "config.json").is_file()
+        and (root / "recipe.yaml").is_file()
+        and (root / "quantized").is_dir()
+    )
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """The export directory that ``path`` names: itself, or a recover run's final model.
 
@@ -121,7 +130,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{root} is not a directory; give an export directory")
     if (root / "config.json").is_file():
         return root
-    if (root / "recipe.yaml").is_file() and (root / "quantized").is_dir():  # a recover run
+    if is_recover_run(root):
         if (root / "lora_adapter").is_dir():
             raise CheckpointError(
                 f"{root} is a train.method=lora run: its model is {root / 'quantized'} plus "
