@@ -1,0 +1,315 @@
+"""The CUDA tensor-core kernel for few rows (``mixed_mma.cu``): layout, build, launch.
+
+Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
+cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the
+target, and called through ctypes on torch's current stream. Without a CUDA toolkit
+:func:`library` returns None and the Triton kernels serve every M (``ops.route``).
+
+Layout (``pack_codes``): the codes of one 64-deep k-step and one 64-column strip, for one lane
+``4 g + t`` of a warp, are BITS x 16 bytes: 4 k16 steps x BITS words; each word a list of
+(k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), at bit ``p * BITS`` of
+the word's two 16-bit halves (pair p = 2 j + f, 4 / 8 / 5 pairs per word for 4 / 2 / 3 bits; the
+16th 3-bit pair spread over bit 15 of the three words). Pair (j, f) of step st holds rows
+``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``.
+``unpack_codes`` inverts it (the layout's test).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_M",
+    "Packed",
+    "choose",
+    "library",
+    "mixed_mma",
+    "pack",
+    "pack_codes",
+    "unpack_codes",
+    "unsupported",
+]
+
+SOURCE = Path(__file__).with_name("mixed_mma.cu")
+MAX_M = 64
+TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
+_lock = threading.Lock()
+_state: dict = {}
+
+
+# ------------------------------------------------------------------------------------------
+# layout (pure torch; also what the CPU tests check)
+
+
+def _pair_fields(bits: int) -> list[tuple[int, int]]:
+    """(word, bit position in the half) of pair p = 0..15 within one k16 step's BITS words
+    (the 16th 3-bit pair has no single field: word -1)."""
+    per = {4: 4, 2: 8, 3: 5}[bits]
+    return [(-1, 15) if bits == 3 and p == 15 else (p // per, p % per * bits) for p in range(16)]
+
+
+def _fragment_order(t: Tensor) -> Tensor:
+    """[K, N, ...] -> [K/64, N/64, 32 lanes, 4 k16 steps, 16 pairs, 2 halves, ...]: element
+    (s, b, 4g + t, st, 2j + f, h) is row 64 s + 16 st + 8 f + 2 t + h, column 64 b + 8 j + g."""
+    K, N = t.shape[:2]
+    rest = t.shape[2:]
+    v = t.reshape(K // 64, 4, 2, 4, 2, N // 64, 8, 8, *rest)  # s st f t h | b j g
+    v = v.permute(0, 5, 7, 3, 1, 6, 2, 4, *range(8, 8 + len(rest)))  # s b g t st j f h
+    return v.reshape(K // 64, N // 64, 32, 4, 16, 2, *rest)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Codes [K, N] (0 .. 2^bits - 1) -> int32 [K/64, N/64, 32, 4 * bits] in the kernel's
+    layout (module docstring)."""
+    K, N = codes.shape
+    c = _fragment_order(codes.to(torch.int64))  # [S, B, 32, 4, 16, 2]
+    words = torch.zeros(*c.shape[:4], bits, dtype=torch.int64, device=codes.device)
+    for p, (w, pos) in enumerate(_pair_fields(bits)):
+        for h in range(2):
+            code = c[..., p, h]
+            if w >= 0:
+                words[..., w] |= code << (16 * h + pos)
+            else:  # bit i of the code at bit 15 of word i's half
+                for i in range(3):
+                    words[..., i] |= ((code >> i) & 1) << (16 * h + 15)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(K // 64, N // 64, 32, 4 * bits).contiguous()
+
+
+def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
+    """The inverse of :func:`pack_codes`: codes [K, N] int32."""
+    words = packed.to(torch.int64).reshape(K // 64, N // 64, 32, 4, bits) & 0xFFFFFFFF
+    mask = (1 << bits) - 1
+    pairs = []
+    for w, pos in _pair_fields(bits):
+        halves = []
+        for h in range(2):
+            if w >= 0:
+                halves.append((words[..., w] >> (16 * h + pos)) & mask)
+            else:
+                halves.append(sum(((words[..., i] >> (16 * h + 15)) & 1) << i for i in range(3)))
+        pairs.append(torch.stack(halves, -1))
+    c = torch.stack(pairs, -2)  # [S, B, 32, 4, 16, 2] = s b (g t) st (j f) h
+    c = c.reshape(K // 64, N // 64, 8, 4, 4, 8, 2, 2)  # s b g t st j f h
+    c = c.permute(0, 4, 6, 3, 7, 1, 5, 2)  # s st f t h | b j g
+    return c.reshape(K, N).to(torch.int32)
+
+
+def pack_scales(scales: Tensor, zeros: Tensor) -> Tensor:
+    """fp16 scales and integer zero-points [G, N] -> int32 [G, N/64, 8 (g), 8 (j)]:
+    scale bits | zero << 16 for column 64 b + 8 j + g."""
+    G, N = scales.shape
+    sz = (scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF) | (
+        zeros.to(torch.int32) << 16
+    )
+    return sz.reshape(G, N // 64, 8, 8).transpose(2, 3).contiguous()
+
+
+def pack_salient(wst: Tensor) -> Tensor:
+    """W_S^T [k, N] -> fp16 B fragments as int32 [ceil(k/16), N/64, 32, 16] (k padded with
+    zero rows): word p = 2 j + f of lane 4 g + t is (rows 16 q + 8 f + 2 t, +1; column 8 j + g)."""
+    k, N = wst.shape
+    pad = -k % 16
+    w = torch.cat([wst, wst.new_zeros(pad, N)]) if pad else wst
+    kq = w.shape[0]
+    v = w.to(torch.float16).reshape(kq // 16, 2, 4, 2, N // 64, 8, 8)  # q f t h | b j g
+    v = v.permute(0, 4, 6, 2, 5, 1, 3)  # q b g t j f h
+    return v.reshape(kq // 16, N // 64, 32, 32).contiguous().view(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# the layer
+
+
+@dataclass
+class Packed:
+    """One layer's tensors in the kernel's layout."""
+
+    qc: Tensor
+    szp: Tensor
+    wsp: Tensor
+    sidx: Tensor
+    nsal: int
+    bits: int
+    group: int
+    K: int
+    N: int
+
+
+def unsupported(layer_or_shape, x: Tensor | None = None) -> str | None:
+    """Why the kernel cannot compute a layer (object with the GPTQ tensors), or None."""
+    layer = layer_or_shape
+    K, N, bits = layer.in_features, layer.out_features, layer.bits
+    group = K if layer.group_size == -1 else layer.group_size
+    if bits not in (2, 3, 4):
+        return f"{bits}-bit codes"
+    if N % 64 or K % 64 or group % 64 or K % group:
+        return f"shape {N}x{K}, group {group} (needs multiples of 64)"
+    if x is not None and x.dtype != torch.float16:
+        return f"{x.dtype} activations (the kernel is fp16)"
+    return None
+
+
+def pack(
+    codes: Tensor,
+    zeros: Tensor,
+    scales: Tensor,
+    wst: Tensor | None,
+    sidx: Tensor | None,
+    bits: int,
+    group: int,
+) -> Packed:
+    """The kernel layout from unpacked codes [K, N], zeros/scales [G, N], W_S^T [k, N]."""
+    K, N = codes.shape
+    dev = codes.device
+    if wst is not None and wst.numel():
+        wsp, si, nsal = pack_salient(wst), sidx.to(torch.int32).contiguous(), wst.shape[0]
+    else:
+        wsp = torch.zeros(1, 4, dtype=torch.int32, device=dev)
+        si, nsal = torch.zeros(1, dtype=torch.int32, device=dev), 0
+    return Packed(
+        pack_codes(codes, bits), pack_scales(scales, zeros), wsp, si, nsal, bits, group, K, N
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# build and launch
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _build(nvcc: str, arch: str) -> Path:
+    from gift_quant.assets import cache_dir
+
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, arch]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"mixed_mma-{key[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".mixed_mma-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [
+        nvcc,
+        "-O3",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        "-o",
+        tmp,
+        str(SOURCE),
+    ]
+    try:
+        log.info("building the CUDA kernel for sm_%s (once, about a minute)", arch)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library(device: torch.device | None = None):
+    """The loaded kernel library, or None (no CUDA, no nvcc, a GPU older than sm_80, or a
+    failed build; the reason is logged once). ``GIFT_QUANT_CUDA_KERNEL=0`` turns it off."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib = None
+        try:
+            if os.environ.get("GIFT_QUANT_CUDA_KERNEL", "1") == "0":
+                raise RuntimeError("GIFT_QUANT_CUDA_KERNEL=0")
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device")
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                raise RuntimeError(f"compute capability {major}.{minor} (needs 8.0+)")
+            nvcc = _nvcc()
+            if nvcc is None:
+                raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
+            lib = ctypes.CDLL(str(_build(nvcc, f"{major}{minor}")))
+            ptr, i32 = ctypes.c_void_p, ctypes.c_int
+            lib.gq_mixed_mma.argtypes = [ptr] * 5 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
+            lib.gq_mixed_mma.restype = i32
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
+            lib = None
+        _state["lib"] = lib
+        return lib
+
+
+def choose(M: int, N: int, K: int) -> tuple[int, int]:
+    """(warps per block, K splits): 64-column strips per warp, about TARGET_BLOCKS blocks,
+    the staged x within about 96 KB of shared memory."""
+    strips = N // 64
+    wn = 4 if strips % 4 == 0 and strips // 4 >= 16 else 2 if strips % 2 == 0 else 1
+    steps = K // 64
+    splits = max(1, min(steps, round(TARGET_BLOCKS / (strips // wn))))
+    rows = 16 * (1 if M <= 16 else 2 if M <= 32 else 4)
+    max_steps = max(1, (96 * 1024 // (2 * rows) - 8 - 128) // 64)
+    return wn, max(splits, -(-steps // max_steps))
+
+
+def mixed_mma(
+    x2: Tensor,
+    p: Packed,
+    bias: Tensor | None,
+    ws: Tensor,
+    cnt: Tensor,
+    wn: int = 0,
+    splits: int = 0,
+    salient: bool = True,
+    out: Tensor | None = None,
+) -> Tensor:
+    """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T (+ salient product, + bias)."""
+    M = x2.shape[0]
+    if not wn:
+        wn, splits = choose(M, p.N, p.K)
+    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    rc = _state["lib"].gq_mixed_mma(
+        x2.data_ptr(),
+        p.qc.data_ptr(),
+        p.szp.data_ptr(),
+        p.wsp.data_ptr(),
+        p.sidx.data_ptr(),
+        p.nsal if salient else 0,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        ws.data_ptr(),
+        cnt.data_ptr(),
+        M,
+        p.N,
+        p.K,
+        p.group,
+        p.bits,
+        wn,
+        splits,
+        torch.cuda.current_stream(x2.device).cuda_stream,
+    )
+    if rc:
+        raise RuntimeError(f"gq_mixed_mma failed (code {rc}) for M={M} N={p.N} K={p.K}")
+    return y

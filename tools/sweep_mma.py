@@ -1,0 +1,177 @@
+"""Correctness and configuration sweep of the CUDA tensor-core kernel (``kernels/cuda``).
+
+    PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--ms 1,2,...]
+        [--bits 4,3,2] [--configs auto|all] [--out DIR] [--shared]
+
+For every shape, bit width and M: the kernel's result against a float64 oracle (relative error,
+and the max error against the fp16 reference's own), then the per-call time of cuBLAS fp16, of
+the op as routed now (``torch.ops.gift_quant.mixed_matmul``) and of the CUDA kernel in its
+automatic configuration (``--configs all``: also every (warps, splits) variant), with the
+protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
+Rows go to ``sweep_mma_<gpu>.json`` with the run environment; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import (  # noqa: E402
+    GROUP,
+    GROUPS,
+    NSAL,
+    TARGET_BYTES,
+    floor_us,
+    graph_time_us,
+    layer_bytes,
+    ours,
+    packed_layer,
+    reference,
+    time_cublas,
+)
+
+from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.testing import run_environment  # noqa: E402
+
+SHAPES = {
+    "tuned": GROUPS["tuned"],
+    "held_out": GROUPS["held_out"],
+    "all": GROUPS["tuned"] + GROUPS["held_out"],
+    "small": [(4096, 4096), (28672, 4096)],
+}
+
+
+def cuda_layer(L: dict, bits: int, N: int, K: int) -> native.Packed:
+    if L["codes"] is not None:
+        return native.pack(L["codes"], L["z"], L["s"], L["wst"], L["sidx"], bits, GROUP)
+    dev = L["sz"].device
+    S, B = K // 64, N // 64
+    rnd = partial(torch.randint, -(2**31), 2**31 - 1, dtype=torch.int32, device=dev)
+    return native.Packed(
+        rnd((S, B, 32, 4 * bits)),
+        native.pack_scales(L["s"], L["z"]),
+        native.pack_salient(L["wst"]),
+        L["sidx"],
+        NSAL,
+        bits,
+        GROUP,
+        K,
+        N,
+    )
+
+
+def configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int]]:
+    auto = native.choose(M, N, K)
+    if which == "auto":
+        return [auto]
+    out = [auto]
+    strips = N // 64
+    for wn in (1, 2, 4):
+        if strips % wn:
+            continue
+        for target in (132, 264, 528, 1056):
+            splits = max(1, min(K // 64, round(target / (strips // wn))))
+            rows = 16 * (1 if M <= 16 else 2 if M <= 32 else 4)
+            max_steps = max(1, (200 * 1024 // (2 * rows) - 8 - 128) // 64)
+            splits = max(splits, -(-(K // 64) // max_steps))
+            if (wn, splits) not in out:
+                out.append((wn, splits))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="tuned", choices=sorted(SHAPES))
+    ap.add_argument("--ms", default="1,2,4,8,16,32,64")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--configs", default="auto", choices=["auto", "all"])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--shared", action="store_true")
+    args = ap.parse_args()
+    if native.library() is None:
+        sys.exit("the CUDA kernel could not be built here (see the log)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    env = run_environment(args.shared)
+    res = {"env": env, "rows": []}
+    Ms = [int(m) for m in args.ms.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    worst = 0.0
+    for N, K in SHAPES[args.shapes]:
+        fp = {M: time_cublas(N, K, M) for M in Ms}
+        for bits in [int(b) for b in args.bits.split(",")]:
+            base = packed_layer(N, K, bits, codes=True)
+            R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
+            copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+            cbase = cuda_layer(base, bits, N, K)
+            ccopies = [cbase] + [cuda_layer(L, bits, N, K) for L in copies[1:]]
+            for M in Ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                ref = reference(x, base)
+                ws, cnt = triton_ops._workspace(x.device, M * N)
+                # fp16 reference: dequantize in fp16 as the torch backend does, cuBLAS product
+                w = (base["codes"] - base["z"].repeat_interleave(GROUP, 0)).half() * base[
+                    "s"
+                ].repeat_interleave(GROUP, 0)
+                ref16 = (x @ w + x[:, base["sidx"].long()] @ base["wst"]).double()
+                t_op = graph_time_us([partial(ours, x, L, bits) for L in copies])
+                for wn, splits in configs(M, N, K, args.configs):
+                    y = native.mixed_mma(x, cbase, None, ws, cnt, wn, splits).double()
+                    rel = float((y - ref).norm() / ref.norm())
+                    ratio = float(
+                        (y - ref).abs().max() / (ref16 - ref).abs().max().clamp_min(1e-30)
+                    )
+                    worst = max(worst, ratio)
+                    t = graph_time_us(
+                        [
+                            partial(native.mixed_mma, x, P, None, ws, cnt, wn, splits)
+                            for P in ccopies
+                        ]
+                    )
+                    nb = layer_bytes(N, K, bits, M)
+                    row = dict(
+                        N=N,
+                        K=K,
+                        bits=bits,
+                        M=M,
+                        wn=wn,
+                        splits=splits,
+                        us=t,
+                        op_us=t_op,
+                        op_route=triton_ops.route(M, N, K, bits),
+                        cublas_us=fp[M],
+                        speedup=fp[M] / t,
+                        op_speedup=fp[M] / t_op,
+                        floor_frac=floor_us(nb) / t,
+                        rel_err=rel,
+                        err_ratio=ratio,
+                        auto=(wn, splits) == native.choose(M, N, K),
+                        **env,
+                    )
+                    res["rows"].append(row)
+                    print(
+                        f"{N:5d}x{K:<5d} W{bits} M={M:<3d} mma(wn={wn},sp={splits:3d}) "
+                        f"{t:7.2f}us x{fp[M] / t:4.2f} floor {row['floor_frac']:4.0%} | op "
+                        f"{row['op_route']:8s} {t_op:7.2f}us x{fp[M] / t_op:4.2f} | cuBLAS "
+                        f"{fp[M]:7.2f}us rel={rel:.1e} err/ref16={ratio:.2f}",
+                        flush=True,
+                    )
+            del copies, ccopies, base, cbase
+            torch.cuda.empty_cache()
+        (out / f"sweep_mma_{gpu}.json").write_text(json.dumps(res, indent=1))
+    print(f"worst max-error ratio to the fp16 reference's own: {worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()
