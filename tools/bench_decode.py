@@ -192,13 +192,14 @@ def main() -> None:
     rel = float((logits_t - logits_r).norm() / logits_r.norm())
     w4, w4_c = timed(qmodel, prompts, args)
     print(f"w4g128+s128: {w4} compiled: {w4_c}", flush=True)
+    from gift_quant.kernels.cuda import native
     from gift_quant.kernels.triton import ops
 
     shapes = {(m.out_features, m.in_features, m.bits) for m in mixed_modules(qmodel)}
     res = dict(
         **run_environment(args.shared),
         routes={
-            f"M={m} {n}x{k} w{b}": ops.route(m, n, k, b)
+            f"M={m} {n}x{k} w{b}": ops.route(m, n, k, b, mma=native.library() is not None)
             for m in args.batch
             for n, k, b in sorted(shapes)
         },

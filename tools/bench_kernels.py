@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
@@ -108,7 +109,16 @@ def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
         q = pack_3bit(c) if bits == 3 else pack_rows(c, bits)
     else:
         q = torch.randint(-(2**31), 2**31 - 1, (K * bits // 32, N), device=dev, dtype=torch.int32)
-    return dict(q=q, sz=sz, wst=wst, sidx=sidx, sal_pos=sal_pos, codes=c, s=s, z=z)
+    cuda = None
+    if native.library() is not None:  # the CUDA kernel's layout (random words for copies)
+        if codes:
+            cuda = native.pack(c, z, s, wst, sidx, bits, GROUP)
+        else:
+            shape = (K // 64, N // 64, bits, 32, 4)
+            cq = torch.randint(-(2**31), 2**31 - 1, shape, device=dev, dtype=torch.int32)
+            csz, cws = native.pack_scales(s, z), native.pack_salient(wst)
+            cuda = native.Packed(cq, csz, cws, sidx, NSAL, bits, GROUP, K, N)
+    return dict(q=q, sz=sz, wst=wst, sidx=sidx, sal_pos=sal_pos, codes=c, s=s, z=z, cuda=cuda)
 
 
 def reference(x: torch.Tensor, L: dict) -> torch.Tensor:
@@ -126,7 +136,14 @@ def floor_us(nbytes: float) -> float:
 
 
 def ours(x: torch.Tensor, L: dict, bits: int):
-    return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP)
+    c = L["cuda"]
+    cuda = (c.qc, c.szp, c.wsp) if c is not None else (None, None, None)
+    return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP, *cuda)
+
+
+def op_route(M: int, N: int, K: int, bits: int) -> str:
+    """The kernel the op takes for fp16 x (the CUDA kernel where it is built)."""
+    return triton_ops.route(M, N, K, bits, mma=native.library() is not None)
 
 
 def time_cublas(N: int, K: int, M: int) -> float:
@@ -202,7 +219,7 @@ def routes_in_force(N: int, K: int, bits: int) -> dict:
     measured = (N, K, bits) in triton_ops.ROUTES
     return dict(
         table="ROUTES (measured on this shape)" if measured else "DEFAULT_ROUTES",
-        by_m={M: triton_ops.route(M, N, K, bits) for M in MS},
+        by_m={M: op_route(M, N, K, bits) for M in MS},
     )
 
 
@@ -229,7 +246,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 K=K,
                 bits=bits,
                 M=M,
-                route=triton_ops.route(M, N, K, bits),
+                route=op_route(M, N, K, bits),
                 routes_in_force=routes_in_force(N, K, bits),
                 us=t,
                 cublas_us=fp[M],
@@ -260,12 +277,22 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
 
 def cand_call(name: str, x: torch.Tensor, L: dict, bits: int):
     return triton_ops.run_route(
-        name, x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP
+        name,
+        x,
+        L["q"],
+        L["sz"],
+        L["wst"],
+        L["sidx"],
+        L["sal_pos"],
+        None,
+        bits,
+        GROUP,
+        cuda=L["cuda"],
     )
 
 
 def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
-    for name in triton_ops.candidates(M):
+    for name in triton_ops.candidates(M, mma=copies[0]["cuda"] is not None):
         if time.time() - res["opts"]["t0"] > res["opts"]["budget"]:
             print("    (budget spent: no more candidates)", flush=True)
             return

@@ -60,7 +60,8 @@ def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
     """The kernel ``route`` picks (or ``name``), writing into a NaN-poisoned output."""
     prep = triton_ops.prepare(layer)
     M, N = x.shape[0], layer.out_features
-    name = name or triton_ops.route(M, N, prep.K, prep.bits)
+    mma = prep.cuda is not None and x.dtype == torch.float16
+    name = name or triton_ops.route(M, N, prep.K, prep.bits, mma=mma)
     out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
     return triton_ops.run_route(
         name,
@@ -74,6 +75,7 @@ def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
         prep.bits,
         prep.group,
         out=out,
+        cuda=prep.cuda,
     )
 
 
@@ -99,7 +101,12 @@ def check_case(args) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for M in CAND_MS if cand else MS:
-        names = triton_ops.candidates(M) if cand else [triton_ops.route(M, N, K, bits)]
+        mma = prep.cuda is not None and dtype == torch.float16
+        names = (
+            triton_ops.candidates(M, mma=mma)
+            if cand
+            else [triton_ops.route(M, N, K, bits, mma=mma)]
+        )
         for name in names:
             x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
             exact = oracle(x, layer)

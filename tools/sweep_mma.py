@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import (  # noqa: E402
     GROUP,
     GROUPS,
-    NSAL,
     TARGET_BYTES,
     floor_us,
     graph_time_us,
     layer_bytes,
+    op_route,
     ours,
     packed_layer,
     reference,
@@ -49,25 +49,6 @@ SHAPES = {
     "all": GROUPS["tuned"] + GROUPS["held_out"],
     "small": [(4096, 4096), (28672, 4096)],
 }
-
-
-def cuda_layer(L: dict, bits: int, N: int, K: int) -> native.Packed:
-    if L["codes"] is not None:
-        return native.pack(L["codes"], L["z"], L["s"], L["wst"], L["sidx"], bits, GROUP)
-    dev = L["sz"].device
-    S, B = K // 64, N // 64
-    rnd = partial(torch.randint, -(2**31), 2**31 - 1, dtype=torch.int32, device=dev)
-    return native.Packed(
-        rnd((S, B, 32, 4 * bits)),
-        native.pack_scales(L["s"], L["z"]),
-        native.pack_salient(L["wst"]),
-        L["sidx"],
-        NSAL,
-        bits,
-        GROUP,
-        K,
-        N,
-    )
 
 
 def configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int]]:
@@ -114,8 +95,8 @@ def main() -> None:
             base = packed_layer(N, K, bits, codes=True)
             R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
             copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
-            cbase = cuda_layer(base, bits, N, K)
-            ccopies = [cbase] + [cuda_layer(L, bits, N, K) for L in copies[1:]]
+            cbase = base["cuda"]
+            ccopies = [L["cuda"] for L in copies]
             for M in Ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = reference(x, base)
@@ -149,7 +130,7 @@ def main() -> None:
                         splits=splits,
                         us=t,
                         op_us=t_op,
-                        op_route=triton_ops.route(M, N, K, bits),
+                        op_route=op_route(M, N, K, bits),
                         cublas_us=fp[M],
                         speedup=fp[M] / t,
                         op_speedup=fp[M] / t_op,

@@ -49,8 +49,7 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* a, const half* p) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
                : "r"(addr));
@@ -101,16 +100,16 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
 }
 
 template <int BITS, int MT, int WN, int PF>
-__global__ void __launch_bounds__(WN * 32)
+__global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     mixed_mma_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint4* __restrict__ szp, const uint4* __restrict__ wsp,
                      const int* __restrict__ sidx, int nsal, const half* __restrict__ bias,
                      half* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt, int M,
-                     int N, int K, int group, int ss_per_split) {
+                     int N, int K, unsigned group_magic, int ss_per_split, int R) {
   extern __shared__ __align__(16) half xs[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int B = N >> 6;                // 64-column strips
+  const int B = N >> 6;                  // 64-column strips
   const int b = blockIdx.x * WN + warp;  // this warp's strip
   const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;  // 64-deep k-steps ("supersteps")
@@ -120,40 +119,48 @@ __global__ void __launch_bounds__(WN * 32)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int kcols = nss * 64 + nq * 16;
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
-  const int ss_per_group = group >> 6;
+  // group of superstep s: floor(s / (group / 64)) (group_magic: see `launch`)
+  auto group_of = [group_magic](unsigned s) {
+    return group_magic ? __umulhi(s, group_magic) : s;
+  };
 
-  // 1. the first PF k-steps of this warp's weights and scales, in flight during the x staging
+  // 1. the first PF k-steps of this warp's weights and scales, in flight during the x staging.
+  // Per k-step and strip, word-vector i of every lane is contiguous (512 B per instruction).
   const size_t qstride = (size_t)B * 32 * BITS;  // uint4 per k-step (all strips)
-  const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane * BITS;
+  const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
+  const uint4* sbase = szp + ((size_t)b * 8 + g) * 2;
+  const size_t gstride = (size_t)B * 16;  // uint4 per group (all strips)
   uint4 wbuf[PF][BITS];
   uint4 sbuf[PF][2];
 #pragma unroll
   for (int p = 0; p < PF; ++p) {
     if (p < nss) {
 #pragma unroll
-      for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i);
-      const uint4* sp = szp + ((((size_t)(s0 + p) / ss_per_group) * B + b) * 8 + g) * 2;
+      for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
+      const uint4* sp = sbase + group_of(s0 + p) * gstride;
       sbuf[p][0] = __ldg(sp);
       sbuf[p][1] = __ldg(sp + 1);
     }
   }
 
-  // 2. stage x: rows 0..16*MT-1 (zeros past M), this split's k range, then its salient columns
+  // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
+  // salient columns (gathered)
   const int k0 = s0 * 64;
-  const int rows = 16 * MT;
-  for (int i = threadIdx.x; i < rows * nss * 8; i += WN * 32) {
-    const int r = i / (nss * 8), c = (i % (nss * 8)) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < M) v = *reinterpret_cast<const uint4*>(x + (size_t)r * K + k0 + c);
-    *reinterpret_cast<uint4*>(xs + r * ldx + c) = v;
+  for (int r = warp; r < R; r += WN) {
+    for (int c = lane; c < nss * 8; c += 32) {
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < M) v = *reinterpret_cast<const uint4*>(x + (size_t)r * K + k0 + c * 8);
+      *reinterpret_cast<uint4*>(xs + r * ldx + c * 8) = v;
+    }
+    for (int c = lane; c < nq * 16; c += 32) {
+      const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
+      half v = __float2half(0.0f);
+      if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
+      xs[r * ldx + nss * 64 + c] = v;
+    }
   }
-  for (int i = threadIdx.x; i < rows * nq * 16; i += WN * 32) {
-    const int r = i / (nq * 16), c = i % (nq * 16);
-    const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
-    half v = __float2half(0.0f);
-    if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
-    xs[r * ldx + nss * 64 + c] = v;
-  }
+  for (int c = threadIdx.x; c < kcols / 8; c += WN * 32)
+    *reinterpret_cast<uint4*>(xs + R * ldx + c * 8) = make_uint4(0, 0, 0, 0);
   __syncthreads();
 
   float acc[MT][8][4];
@@ -164,30 +171,37 @@ __global__ void __launch_bounds__(WN * 32)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.0f;
 
-  // ldmatrix.x4 row address of this lane: matrix lane/8 = (rows +8 if odd, k +8 if >= 2)
-  const half* xa = xs + ((lane & 7) + ((lane >> 3) & 1) * 8) * ldx + (lane >> 4) * 8;
+  // ldmatrix.x4 row address of this lane per m-tile: matrix lane/8 = (rows +8 if odd, k +8 if
+  // >= 2); rows past the staged ones read the zero row
+  uint32_t xa[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const int r = m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    xa[m] = static_cast<uint32_t>(
+        __cvta_generic_to_shared(xs + (r < R ? r : R) * ldx + (lane >> 4) * 8));
+  }
 
   // 3. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
-    const uint4* wp = wsp + (((size_t)(split + qi * splits) * B + b) * 32 + lane) * 4;
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint4 v = __ldg(wp + i);
+      const uint4 v = __ldg(wp + i * 32);
       f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       uint32_t a[4];
-      ldmatrix_x4(a, xa + m * 16 * ldx + nss * 64 + qi * 16);
+      ldmatrix_x4(a, xa[m] + (nss * 64 + qi * 16) * 2);
 #pragma unroll
       for (int j = 0; j < 8; ++j) mma16816(acc[m][j], a, f[2 * j], f[2 * j + 1]);
     }
   }
 
   // 4. the quantized k-steps
-  half2 sc[8], cz[8][2];
-  int cur_group = -1;
+  uint32_t sc[8], cz[8][2];
+  unsigned cur_group = 0xFFFFFFFFu;
   for (int s = 0; s < nss; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
@@ -202,25 +216,26 @@ __global__ void __launch_bounds__(WN * 32)
         const uint4 sz0 = sbuf[p][0], sz1 = sbuf[p][1];
         if (ss + PF < nss) {
 #pragma unroll
-          for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i);
-          const uint4* sp =
-              szp + ((((size_t)(s0 + ss + PF) / ss_per_group) * B + b) * 8 + g) * 2;
+          for (int i = 0; i < BITS; ++i)
+            wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
+          const uint4* sp = sbase + group_of(s0 + ss + PF) * gstride;
           sbuf[p][0] = __ldg(sp);
           sbuf[p][1] = __ldg(sp + 1);
         }
-        const int grp = (s0 + ss) / ss_per_group;
+        const unsigned grp = group_of(s0 + ss);
         if (grp != cur_group) {  // warp-uniform
           cur_group = grp;
           const uint32_t szw[8] = {sz0.x, sz0.y, sz0.z, sz0.w, sz1.x, sz1.y, sz1.z, sz1.w};
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            const half s = __ushort_as_half(static_cast<unsigned short>(szw[j] & 0xFFFFu));
-            const int z = static_cast<int>(szw[j] >> 16);
-            sc[j] = __halves2half2(s, s);
+            // scale bits in both halves; -(1024 / 2^e + z) as fp16 bits: exponent 25 - e,
+            // mantissa z << e (exact), sign set
+            sc[j] = (szw[j] & 0xFFFFu) * 0x00010001u;
+            const uint32_t z = szw[j] >> 16;
 #pragma unroll
             for (int f = 0; f < 2; ++f) {
-              const half c = __int2half_rn(-((1024 >> pair_exp<BITS>(2 * j + f)) + z));
-              cz[j][f] = __halves2half2(c, c);
+              const uint32_t e = pair_exp<BITS>(2 * j + f);
+              cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;
             }
           }
         }
@@ -233,13 +248,13 @@ __global__ void __launch_bounds__(WN * 32)
           for (int p2 = 0; p2 < 16; ++p2) {
             constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e
             const uint32_t inv = (one - (pair_exp<BITS>(p2) << 10)) * 0x00010001u;
-            const half2 q = __hfma2(u2h(r[p2]), u2h(inv), cz[p2 >> 1][p2 & 1]);
-            f[p2] = h2u(__hmul2(q, sc[p2 >> 1]));
+            const half2 q = __hfma2(u2h(r[p2]), u2h(inv), u2h(cz[p2 >> 1][p2 & 1]));
+            f[p2] = h2u(__hmul2(q, u2h(sc[p2 >> 1])));
           }
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             uint32_t a[4];
-            ldmatrix_x4(a, xa + m * 16 * ldx + ss * 64 + st * 16);
+            ldmatrix_x4(a, xa[m] + (ss * 64 + st * 16) * 2);
 #pragma unroll
             for (int j = 0; j < 8; ++j) mma16816(acc[m][j], a, f[2 * j], f[2 * j + 1]);
           }
@@ -277,8 +292,12 @@ __global__ void __launch_bounds__(WN * 32)
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           float* o = ws + (size_t)r * N + col0 + 8 * j;
+#if __CUDA_ARCH__ >= 900
+          atomicAdd(reinterpret_cast<float2*>(o), make_float2(acc[m][j][2 * h], acc[m][j][2 * h + 1]));
+#else
           atomicAdd(o, acc[m][j][2 * h]);
           atomicAdd(o + 1, acc[m][j][2 * h + 1]);
+#endif
         }
       }
     }
@@ -305,14 +324,18 @@ template <int BITS, int MT, int WN>
 int launch(const half* x, const uint4* qc, const uint4* szp, const uint4* wsp, const int* sidx,
            int nsal, const half* bias, half* y, float* ws, int* cnt, int M, int N, int K, int group,
            int splits, cudaStream_t stream) {
-  constexpr int PF = MT == 1 ? 4 : (MT == 2 ? 3 : 2);
+  constexpr int PF = MT == 1 ? 3 : 2;
   auto kernel = mixed_mma_kernel<BITS, MT, WN, PF>;
   const int S = K / 64;
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   const int Q = (nsal + 15) / 16;
   const int nq = (Q + splits - 1) / splits;
-  const size_t smem = (size_t)16 * MT * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
+  const size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  const unsigned ssg = static_cast<unsigned>(group / 64);
+  // floor(s / ssg) = umulhi(s, ceil(2^32 / ssg)) for s, ssg < 2^16; 0 stands for ssg = 1
+  const unsigned magic = ssg == 1 ? 0u : static_cast<unsigned>((0x100000000ull + ssg - 1) / ssg);
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
   int dev = 0;
   cudaGetDevice(&dev);
@@ -325,7 +348,7 @@ int launch(const half* x, const uint4* qc, const uint4* szp, const uint4* wsp, c
   }
   dim3 grid(N / 64 / WN, splits);
   kernel<<<grid, WN * 32, smem, stream>>>(x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N,
-                                          K, group, ss_per_split);
+                                          K, magic, ss_per_split, R);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -10,8 +10,9 @@ Layout (``pack_codes``): the codes of one 64-deep k-step and one 64-column strip
 (k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), at bit ``p * BITS`` of
 the word's two 16-bit halves (pair p = 2 j + f, 4 / 8 / 5 pairs per word for 4 / 2 / 3 bits; the
 16th 3-bit pair spread over bit 15 of the three words). Pair (j, f) of step st holds rows
-``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``.
-``unpack_codes`` inverts it (the layout's test).
+``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
+lane's bytes are BITS 16-byte vectors, stored vector-major (vector i of the 32 lanes together),
+so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` inverts it.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def _fragment_order(t: Tensor) -> Tensor:
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Codes [K, N] (0 .. 2^bits - 1) -> int32 [K/64, N/64, 32, 4 * bits] in the kernel's
-    layout (module docstring)."""
+    """Codes [K, N] (0 .. 2^bits - 1) -> int32 [K/64, N/64, bits, 32, 4] in the kernel's
+    layout (module docstring): lane l's 4 * bits words are [:, :, i, l, :] for i < bits."""
     K, N = codes.shape
     c = _fragment_order(codes.to(torch.int64))  # [S, B, 32, 4, 16, 2]
     words = torch.zeros(*c.shape[:4], bits, dtype=torch.int64, device=codes.device)
@@ -87,12 +88,15 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
                 for i in range(3):
                     words[..., i] |= ((code >> i) & 1) << (16 * h + 15)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.reshape(K // 64, N // 64, 32, 4 * bits).contiguous()
+    # [S, B, 32 lanes, 4 steps x bits words] -> word-vector i (4 words) of all lanes together
+    words = words.reshape(K // 64, N // 64, 32, bits, 4).transpose(2, 3)
+    return words.contiguous()
 
 
 def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
     """The inverse of :func:`pack_codes`: codes [K, N] int32."""
-    words = packed.to(torch.int64).reshape(K // 64, N // 64, 32, 4, bits) & 0xFFFFFFFF
+    words = packed.to(torch.int64).reshape(K // 64, N // 64, bits, 32, 4).transpose(2, 3)
+    words = words.reshape(K // 64, N // 64, 32, 4, bits) & 0xFFFFFFFF
     mask = (1 << bits) - 1
     pairs = []
     for w, pos in _pair_fields(bits):
@@ -120,15 +124,17 @@ def pack_scales(scales: Tensor, zeros: Tensor) -> Tensor:
 
 
 def pack_salient(wst: Tensor) -> Tensor:
-    """W_S^T [k, N] -> fp16 B fragments as int32 [ceil(k/16), N/64, 32, 16] (k padded with
-    zero rows): word p = 2 j + f of lane 4 g + t is (rows 16 q + 8 f + 2 t, +1; column 8 j + g)."""
+    """W_S^T [k, N] -> fp16 B fragments as int32 [ceil(k/16), N/64, 4, 32, 4] (k padded with
+    zero rows): word p = 2 j + f of lane 4 g + t, at [q, b, p // 4, l, p % 4], is the fp16 pair
+    (rows 16 q + 8 f + 2 t, +1; column 8 j + g)."""
     k, N = wst.shape
     pad = -k % 16
     w = torch.cat([wst, wst.new_zeros(pad, N)]) if pad else wst
     kq = w.shape[0]
     v = w.to(torch.float16).reshape(kq // 16, 2, 4, 2, N // 64, 8, 8)  # q f t h | b j g
     v = v.permute(0, 4, 6, 2, 5, 1, 3)  # q b g t j f h
-    return v.reshape(kq // 16, N // 64, 32, 32).contiguous().view(torch.int32)
+    v = v.reshape(kq // 16, N // 64, 32, 4, 8).transpose(2, 3)  # word-vectors of all lanes
+    return v.contiguous().view(torch.int32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,36 +286,58 @@ def mixed_mma(
     cnt: Tensor,
     wn: int = 0,
     splits: int = 0,
-    salient: bool = True,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T (+ salient product, + bias)."""
-    M = x2.shape[0]
+    """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias)."""
+    return launch(
+        x2, p.qc, p.szp, p.wsp, p.sidx, p.nsal, bias, p.bits, p.group, ws, cnt, wn, splits, out
+    )
+
+
+def launch(
+    x2: Tensor,
+    qc: Tensor,
+    szp: Tensor,
+    wsp: Tensor,
+    sidx: Tensor,
+    nsal: int,
+    bias: Tensor | None,
+    bits: int,
+    group: int,
+    ws: Tensor,
+    cnt: Tensor,
+    wn: int = 0,
+    splits: int = 0,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The kernel on the packed tensors (``ws``/``cnt``: the zeroed split-K workspace)."""
+    M, K = x2.shape
+    N = szp.shape[1] * 64
     if not wn:
-        wn, splits = choose(M, p.N, p.K)
-    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
-    if x2.data_ptr() % 16:
-        x2 = x2.clone()
+        wn, splits = choose(M, N, K)
+    y = out if out is not None else torch.empty(M, N, dtype=torch.float16, device=x2.device)
+    if x2.data_ptr() % 16 or not x2.is_contiguous():
+        x2 = x2.contiguous().clone()
     rc = _state["lib"].gq_mixed_mma(
         x2.data_ptr(),
-        p.qc.data_ptr(),
-        p.szp.data_ptr(),
-        p.wsp.data_ptr(),
-        p.sidx.data_ptr(),
-        p.nsal if salient else 0,
+        qc.data_ptr(),
+        szp.data_ptr(),
+        wsp.data_ptr(),
+        sidx.data_ptr(),
+        nsal,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
         ws.data_ptr(),
         cnt.data_ptr(),
         M,
-        p.N,
-        p.K,
-        p.group,
-        p.bits,
+        N,
+        K,
+        group,
+        bits,
         wn,
         splits,
         torch.cuda.current_stream(x2.device).cuda_stream,
     )
     if rc:
-        raise RuntimeError(f"gq_mixed_mma failed (code {rc}) for M={M} N={p.N} K={p.K}")
+        raise RuntimeError(f"gq_mixed_mma failed (code {rc}) for M={M} N={N} K={K}")
     return y

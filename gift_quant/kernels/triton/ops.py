@@ -33,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Triton backend needs the triton package") from exc
 
 from gift_quant.kernels import reference
+from gift_quant.kernels.cuda import native
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 from gift_quant.kernels.triton.gemv import gemv
 from gift_quant.kernels.triton.mm import (
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say
+# M in this range, fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma"
+MMA_M = (5, 16)
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
 
@@ -108,6 +111,7 @@ class Prepared:
     group: int
     K: int
     N: int
+    cuda: native.Packed | None = None  # the CUDA kernel's layout (fp16 calls), where built
 
 
 _SOURCES = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
@@ -139,7 +143,8 @@ def _build(layer, key: tuple) -> Prepared | None:
         return None
     if not torch.equal(layer.g_idx, trivial):  # act-order: the reference handles it
         return None
-    q = layer.qweight if bits != 3 else pack_3bit(unpack_rows(layer.qweight, 3))
+    codes = unpack_rows(layer.qweight, bits) if bits == 3 or _wants_cuda(layer) else None
+    q = layer.qweight if bits != 3 else pack_3bit(codes)
     zeros = unpack_cols(layer.qzeros, bits)
     sz = (layer.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF) | (zeros << 16)
     k = layer.salient_idx.numel()
@@ -149,11 +154,29 @@ def _build(layer, key: tuple) -> Prepared | None:
         sidx = layer.salient_idx.to(torch.int32).contiguous()
         sal_pos = torch.full((K,), -1, dtype=torch.int32, device=q.device)
         sal_pos[sidx.long()] = torch.arange(k, dtype=torch.int32, device=q.device)
-    return Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
+    cuda = None
+    if _wants_cuda(layer):
+        cuda = native.pack(codes, zeros, layer.scales, wst, sidx, bits, group)
+    prep = Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
+    prep.cuda = cuda
+    return prep
 
 
-def route(M: int, N: int = 0, K: int = 0, bits: int = 0) -> str:
-    """Which kernel serves M rows of an (N, K, bits) layer (names: see ``DEFAULT_ROUTES``)."""
+def _wants_cuda(layer) -> bool:
+    """Whether to also keep the CUDA kernel's layout (a second copy of the codes, the same
+    size as the first): a CUDA layer it covers, with the kernel built."""
+    return (
+        layer.qweight.is_cuda
+        and native.unsupported(layer) is None
+        and native.library(layer.qweight.device) is not None
+    )
+
+
+def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
+    """Which kernel serves M rows of an (N, K, bits) layer (names: see ``DEFAULT_ROUTES``;
+    "mma": the CUDA kernel, where ``mma`` says it can serve the call)."""
+    if mma and MMA_M[0] <= M <= MMA_M[1]:
+        return "mma"
     if M <= GEMV_MAX_M:
         return "gemv"
     if M >= CUBLAS_MIN_M:
@@ -165,9 +188,11 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0) -> str:
     return "cublas"
 
 
-def candidates(M: int) -> list[str]:
+def candidates(M: int, mma: bool = False) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``)."""
+    if mma and M <= native.MAX_M:
+        return [*candidates(M), "mma"]
     if M <= GEMV_MAX_M:
         return ["gemv"]
     if M >= CUBLAS_MIN_M:
@@ -196,10 +221,16 @@ def run_route(
     bits: int,
     group: int,
     out: Tensor | None = None,
+    cuda: native.Packed | None = None,
 ) -> Tensor:
-    """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given)."""
+    """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
+    ``cuda``: the CUDA kernel's layout, for "mma")."""
     M, K = x2.shape
     N = sz.shape[1]
+    if name == "mma":
+        ws, cnt = _workspace(x2.device, M * N)
+        b16 = None if bias is None else bias.to(torch.float16).contiguous()
+        return native.mixed_mma(x2, cuda, b16, ws, cnt, out=out)
     if name == "cublas":
         w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)
         if out is None:
@@ -248,13 +279,15 @@ def _run(
     bias: Tensor | None,
     bits: int,
     group: int,
+    cuda: native.Packed | None = None,
 ) -> Tensor:
     K, N = x.shape[-1], sz.shape[1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    y = run_route(route(M, N, K, bits), x2, q, sz, wst, sidx, sal_pos, bias, bits, group)
+    name = route(M, N, K, bits, mma=cuda is not None and x.dtype == torch.float16)
+    y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -273,20 +306,29 @@ def mixed_matmul(
     bias: Tensor | None,
     bits: int,
     group: int,
+    cq: Tensor | None = None,
+    csz: Tensor | None = None,
+    cws: Tensor | None = None,
 ) -> Tensor:
-    """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``."""
-    return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group)
+    """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``
+    (``cq``, ``csz``, ``cws``: the CUDA kernel's codes, scales and salient fragments)."""
+    cuda = None
+    if cq is not None:
+        nsal = 0 if wst is None else wst.shape[0]
+        si = sidx if sidx is not None else cq.new_zeros(1)
+        cuda = native.Packed(cq, csz, cws, si, nsal, bits, group, x.shape[-1], sz.shape[1])
+    return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
 @mixed_matmul.register_fake
-def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group):
+def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, csz=None, cws=None):
     return x.new_empty(*x.shape[:-1], sz.shape[1])
 
 
 def _setup(ctx, inputs, output) -> None:
     x, q, sz, wst, sidx = inputs[:5]
     ctx.save_for_backward(q, sz, wst, sidx)
-    ctx.meta = (inputs[-2], inputs[-1], x.shape[-1])
+    ctx.meta = (inputs[7], inputs[8], x.shape[-1])
 
 
 def _backward(ctx, grad):
@@ -300,7 +342,7 @@ def _backward(ctx, grad):
 
 
 def _mixed_backward(ctx, grad):
-    return (_backward(ctx, grad),) + (None,) * 8
+    return (_backward(ctx, grad),) + (None,) * 11
 
 
 mixed_matmul.register_autograd(_mixed_backward, setup_context=_setup)
@@ -340,8 +382,18 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
     prep = prepare(layer)
     if not _usable(x, prep):
         return reference.dequant_matmul(x, layer)
+    c = prep.cuda
     return mixed_matmul(
-        x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits, prep.group
+        x,
+        prep.q,
+        prep.sz,
+        prep.wst,
+        prep.sidx,
+        prep.sal_pos,
+        layer.bias,
+        prep.bits,
+        prep.group,
+        *((c.qc, c.szp, c.wsp) if c is not None else (None, None, None)),
     )
 
 

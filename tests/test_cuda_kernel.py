@@ -1,0 +1,167 @@
+"""The CUDA tensor-core kernel's layout (``kernels/cuda``), checked on the CPU.
+
+The kernel itself needs a GPU (``tools/check_kernels.py``, ``tools/sweep_mma.py``); what CI can
+check is that the words ``pack_codes`` / ``pack_scales`` write, read back with the kernel's own
+bit operations (a line-by-line Python mirror of ``unpack_pairs``, ``pair_exp`` and the fp16
+arithmetic of ``mixed_mma.cu``), give every weight at its (k, n) exactly as the torch reference
+dequantizes it, and that the salient fragments hold W_S^T where the kernel reads it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from gift_quant.kernels.cuda import native
+from gift_quant.kernels.reference import dequantize_codes
+
+E = 0x64006400
+
+
+def pair_exp(bits: int, p: int) -> int:  # mixed_mma.cu: pair_exp<BITS>
+    if bits == 4:
+        return (p % 4) % 2 * 4
+    if bits == 2:
+        return 2 * (p % 8) if p % 8 < 5 else 2 * (p % 8 - 5)
+    return 0 if p == 15 else (3 * (p % 5) if p % 5 < 3 else 3 * (p % 5 - 3))
+
+
+def lop3(a: int, mask: int, bits: int) -> int:
+    return (a & mask) | bits
+
+
+def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # mixed_mma.cu: unpack_pairs<BITS>
+    r = [0] * 16
+    if bits == 4:
+        for b in range(4):
+            hi = w[b] >> 8
+            r[4 * b : 4 * b + 4] = [
+                lop3(w[b], 0x000F000F, E),
+                lop3(w[b], 0x00F000F0, E),
+                lop3(hi, 0x000F000F, E),
+                lop3(hi, 0x00F000F0, E),
+            ]
+    elif bits == 2:
+        for b in range(2):
+            hi = w[b] >> 10
+            for i in range(5):
+                r[8 * b + i] = lop3(w[b], 0x00030003 << (2 * i), E)
+            for i in range(3):
+                r[8 * b + 5 + i] = lop3(hi, 0x00030003 << (2 * i), E)
+    else:
+        for b in range(3):
+            hi = w[b] >> 9
+            for i in range(3):
+                r[5 * b + i] = lop3(w[b], 0x00070007 << (3 * i), E)
+            for i in range(2):
+                r[5 * b + 3 + i] = lop3(hi, 0x00070007 << (3 * i), E)
+        top = ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002)
+        r[15] = lop3(w[2] >> 13, 0x00040004, top | E)
+    return r
+
+
+def f16(bits16: int) -> np.float16:
+    return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
+
+
+def kernel_weights(p: native.Packed) -> np.ndarray:
+    """W^T [K, N] as the kernel forms it, lane by lane, from the packed words."""
+    K, N, bits, B = p.K, p.N, p.bits, p.N // 64
+    qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
+    szp = p.szp.numpy().reshape(-1).astype(np.int64) & 0xFFFFFFFF
+    W = np.full((K, N), np.nan, dtype=np.float32)
+    for ss in range(K // 64):
+        grp = ss * 64 // p.group
+        for b in range(B):
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
+                base = ((grp * B + b) * 8 + g) * 8
+                for st in range(4):
+                    r = unpack_pairs(bits, words[st * bits : (st + 1) * bits])
+                    for pr in range(16):
+                        j, f = pr >> 1, pr & 1
+                        e = pair_exp(bits, pr)
+                        scale, z = f16(szp[base + j]), int(szp[base + j] >> 16)
+                        cz = f16(0x8000 | (0x6400 - (e << 10)) | (z << e))
+                        inv = f16((15 - e) << 10)
+                        for h in range(2):
+                            raw = f16(r[pr] >> (16 * h))
+                            q = np.float16(np.float32(raw) * np.float32(inv) + np.float32(cz))
+                            k = ss * 64 + st * 16 + 8 * f + 2 * t + h
+                            W[k, b * 64 + 8 * j + g] = np.float16(q * scale)
+    return W
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, 128])
+def test_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
+    K, N = 256, 128
+    gen = torch.Generator().manual_seed(bits * 1000 + group)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
+    p = native.pack(codes, zeros, scales, None, None, bits, group)
+    g_idx = torch.arange(K, dtype=torch.int32) // group
+    ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
+    got = kernel_weights(p)
+    assert not np.isnan(got).any()
+    assert np.array_equal(got, ref)  # bit for bit: the fma and the mul round as the reference
+    assert torch.equal(native.unpack_codes(p.qc, bits, K, N), codes)
+
+
+def test_salient_fragments_hold_ws_where_the_kernel_reads_them() -> None:
+    k, N = 37, 128  # k not a multiple of 16: zero rows pad the last step
+    wst = torch.randn(k, N).half()
+    frag = native.pack_salient(wst).view(torch.float16)  # [Q, B, 4, 32, 8 halves]
+    padded = torch.cat([wst, torch.zeros(-k % 16, N, dtype=torch.float16)])
+    for q in range(frag.shape[0]):
+        for b in range(N // 64):
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                for pr in range(16):  # word pr of the lane: vector pr // 4, element pr % 4
+                    j, f = pr >> 1, pr & 1
+                    for h in range(2):
+                        got = frag[q, b, pr // 4, lane, 2 * (pr % 4) + h]
+                        want = padded[16 * q + 8 * f + 2 * t + h, 64 * b + 8 * j + g]
+                        assert got == want
+
+
+def test_scales_layout() -> None:
+    G, N = 3, 128
+    scales = torch.rand(G, N).half()
+    zeros = torch.randint(0, 16, (G, N), dtype=torch.int32)
+    szp = native.pack_scales(scales, zeros)  # [G, N/64, 8 (g), 8 (j)]
+    for n in (0, 9, 63, 64, 127):
+        b, j, g = n // 64, n % 64 // 8, n % 8
+        word = int(szp[1, b, g, j])
+        assert word >> 16 == int(zeros[1, n])
+        assert (
+            torch.tensor([word & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
+            == scales[1, n]
+        )
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
+def test_kernel_compiles_for_sm90(tmp_path) -> None:
+    out = tmp_path / "k.cubin"
+    done = subprocess.run(
+        [
+            "nvcc",
+            "-O3",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-cubin",
+            "-o",
+            str(out),
+            str(native.SOURCE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_size > 0
