@@ -58,8 +58,11 @@ __all__ = [
 ]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say
-# M in this range, fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma"
+# fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma" for M = 5..8, and
+# for M = 9..16 on layers of at least MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton
+# kernel was faster there: benchmarks/results/sweep_mma_h200.json)
 MMA_M = (5, 16)
+MMA_WIDE_WEIGHTS = 1 << 25
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
 
@@ -175,7 +178,7 @@ def _wants_cuda(layer) -> bool:
 def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
     """Which kernel serves M rows of an (N, K, bits) layer (names: see ``DEFAULT_ROUTES``;
     "mma": the CUDA kernel, where ``mma`` says it can serve the call)."""
-    if mma and MMA_M[0] <= M <= MMA_M[1]:
+    if mma and MMA_M[0] <= M <= MMA_M[1] and (M <= 8 or N * K >= MMA_WIDE_WEIGHTS):
         return "mma"
     if M <= GEMV_MAX_M:
         return "gemv"
