@@ -165,3 +165,30 @@ def test_kernel_compiles_for_sm90(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -> None:
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None:
+        pytest.skip("the CUDA kernel is not built here (no nvcc)")
+    K, N = 1536, 960  # 15 strips (one warp per block), g64, 37 salient columns, bias
+    kw = dict(bits=bits, group_size=64, num_salient=37, bias=True, seed=bits, device="cuda")
+    bf = random_mixed_linear(K, N, dtype=torch.bfloat16, **kw)
+    with torch.no_grad():
+        bf(torch.randn(8, K, device="cuda", dtype=torch.bfloat16))
+    assert ops.prepare(bf).cuda is None  # bf16 never builds the second layout
+    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
+    for M in (5, 8):
+        assert ops.route(M, N, K, bits, mma=True) == "mma"
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            out = layer(x)
+        err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
+        assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, err, ref_err)
+    assert ops.prepare(layer).cuda is not None

@@ -98,6 +98,7 @@ def check_case(args) -> list[dict]:
     )
     prep = triton_ops.prepare(layer)
     assert prep is not None
+    triton_ops.cuda_layout(layer)  # fp16 calls use it where the CUDA kernel is built
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for M in CAND_MS if cand else MS:

@@ -114,7 +114,8 @@ class Prepared:
     group: int
     K: int
     N: int
-    cuda: native.Packed | None = None  # the CUDA kernel's layout (fp16 calls), where built
+    cuda: native.Packed | None = None  # the CUDA kernel's layout (``cuda_layout``)
+    cuda_checked: bool = False
 
 
 _SOURCES = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
@@ -146,8 +147,7 @@ def _build(layer, key: tuple) -> Prepared | None:
         return None
     if not torch.equal(layer.g_idx, trivial):  # act-order: the reference handles it
         return None
-    codes = unpack_rows(layer.qweight, bits) if bits == 3 or _wants_cuda(layer) else None
-    q = layer.qweight if bits != 3 else pack_3bit(codes)
+    q = layer.qweight if bits != 3 else pack_3bit(unpack_rows(layer.qweight, 3))
     zeros = unpack_cols(layer.qzeros, bits)
     sz = (layer.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF) | (zeros << 16)
     k = layer.salient_idx.numel()
@@ -157,22 +157,28 @@ def _build(layer, key: tuple) -> Prepared | None:
         sidx = layer.salient_idx.to(torch.int32).contiguous()
         sal_pos = torch.full((K,), -1, dtype=torch.int32, device=q.device)
         sal_pos[sidx.long()] = torch.arange(k, dtype=torch.int32, device=q.device)
-    cuda = None
-    if _wants_cuda(layer):
-        cuda = native.pack(codes, zeros, layer.scales, wst, sidx, bits, group)
-    prep = Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
-    prep.cuda = cuda
-    return prep
+    return Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
 
 
-def _wants_cuda(layer) -> bool:
-    """Whether to also keep the CUDA kernel's layout (a second copy of the codes, the same
-    size as the first): a CUDA layer it covers, with the kernel built."""
-    return (
+def cuda_layout(layer) -> native.Packed | None:
+    """The CUDA kernel's layout of ``layer`` (a second copy of the codes, the same size as the
+    first), built at its first fp16 call and kept in the layer's cache; None where the kernel
+    does not cover the layer or is not built (bf16 training never builds it)."""
+    prep = prepare(layer)
+    if prep is None or prep.cuda is not None or prep.cuda_checked:
+        return None if prep is None else prep.cuda
+    prep.cuda_checked = True
+    if (
         layer.qweight.is_cuda
         and native.unsupported(layer) is None
         and native.library(layer.qweight.device) is not None
-    )
+    ):
+        codes = unpack_rows(layer.qweight, prep.bits)
+        zeros = unpack_cols(layer.qzeros, prep.bits)
+        prep.cuda = native.pack(
+            codes, zeros, layer.scales, prep.wst, prep.sidx, prep.bits, prep.group
+        )
+    return prep.cuda
 
 
 def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
@@ -385,7 +391,8 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
     prep = prepare(layer)
     if not _usable(x, prep):
         return reference.dequant_matmul(x, layer)
-    c = prep.cuda
+    fp16 = x.dtype == torch.float16 and not torch.compiler.is_compiling()
+    c = cuda_layout(layer) if fp16 else prep.cuda
     return mixed_matmul(
         x,
         prep.q,
