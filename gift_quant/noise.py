@@ -38,16 +38,20 @@ def noise_step(
     bits: int,
     grid: int = 100,
     max_shrink: float = 0.8,
-    budget: int = 1 << 26,
+    budget: int | None = None,
 ) -> Tensor:
     """[N] step delta_i of the MSE-clipped symmetric ``bits`` grid of each row's non-salient
     part.
 
-    Runs where ``weight`` lives (the GPU during recovery) and evaluates many clip candidates
-    per kernel launch: candidates are stacked into [C, rows, K] chunks of at most ``budget``
-    elements, rows are processed in slices when one row block alone exceeds it. Ties keep the
-    widest range (the first candidate), as a sequential search would.
+    Runs where ``weight`` lives and evaluates many clip candidates per call: candidates are
+    stacked into [C, rows, K] chunks of at most ``budget`` elements (rows in slices when one
+    row block alone exceeds it), computed in place. The default budget is large on a GPU
+    (few launches) and cache-sized on the CPU (4 MB chunks stay in cache: on SmolLM2's
+    1536 x 576 layers about 20x faster than 256 MB chunks, the same result bit for bit). Ties
+    keep the widest range (the first candidate), as a sequential search would.
     """
+    if budget is None:
+        budget = 1 << 26 if weight.is_cuda else 1 << 20
     W = weight.float().clone()
     if salient_idx.numel():
         W[:, salient_idx.long()] = 0.0  # zeros neither widen the range nor add clip error
@@ -64,8 +68,8 @@ def noise_step(
         for c0 in range(0, shrink.numel(), per_chunk):
             delta = shrink[c0 : c0 + per_chunk, None] * a / qmax  # [C, rows]
             d = delta[:, :, None]
-            q = torch.clamp(torch.round(w / d), -qmax - 1, qmax)
-            err = (q * d - w).square_().sum(-1)  # [C, rows]
+            q = torch.div(w, d).round_().clamp_(-qmax - 1, qmax)
+            err = q.mul_(d).sub_(w).square_().sum(-1)  # [C, rows]
             e, j = err.min(0)  # first minimum within the chunk
             better = e < best_err
             best_err = torch.where(better, e, best_err)

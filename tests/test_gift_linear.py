@@ -34,6 +34,26 @@ def test_noise_step_is_the_paper_grid(gen):
     assert err(delta) <= err(amax / 7)
 
 
+@pytest.mark.parametrize("budget", [None, 1 << 26, 700, 64])
+def test_noise_step_chunks_equal_a_sequential_search(gen, budget):
+    """Every chunking (candidates stacked, rows sliced) picks what a plain loop over the
+    candidates picks for each row: the first clip with the least squared error."""
+    W = torch.randn(7, 48, generator=gen) * 0.05
+    idx = torch.tensor([3])
+    got = noise_step(W, idx, bits=3, budget=budget)
+    rest = W.clone()
+    rest[:, idx] = 0
+    for i in range(W.shape[0]):
+        amax = float(rest[i].abs().max())
+        best, best_d = float("inf"), None
+        for c in range(80):
+            d = torch.tensor((1 - c / 100) * amax / 3, dtype=torch.float32)
+            e = float(((torch.clamp(torch.round(rest[i] / d), -4, 3) * d - rest[i]) ** 2).sum())
+            if e < best:
+                best, best_d = e, float(d)
+        assert float(got[i]) == pytest.approx(best_d, rel=1e-6)
+
+
 @pytest.mark.parametrize("kind, var", [("normal", 0.25), ("uniform", 1 / 12)])
 def test_noise_statistics_and_determinism(kind, var):
     scale = torch.tensor([1.0, 2.0])

@@ -48,8 +48,25 @@ def _dense_view(layer: MixedLinear, dtype):
     """What PEFT's DoRA reads from its base layer: the dense weight (for the row norms of
     W + scale * B A), the bias, and parameters() (for DeepSpeed's gather, a no-op here)."""
     return SimpleNamespace(
-        weight=layer.dequantize(dtype), bias=layer.bias, parameters=layer.parameters
+        weight=_dense_weight(layer, dtype), bias=layer.bias, parameters=layer.parameters
     )
+
+
+def _dense_weight(layer: MixedLinear, dtype):
+    """``layer.dequantize(dtype)``, kept on the layer while its buffers are unchanged: the base
+    is frozen, and rebuilding it at every DoRA forward (a dozen unpacking ops per layer) made
+    a DoRA step several times a LoRA step. Costs one dense copy of the base weights, as a
+    DoRA on an unquantized model holds."""
+    bufs = (layer.qweight, layer.qzeros, layer.scales, layer.salient_weight)
+    key = (dtype, *((t.data_ptr(), t._version) for t in bufs))
+    cached = getattr(layer, "_dora_dense", None)
+    if cached is None or cached[0] != key:
+        import torch
+
+        with torch.no_grad():
+            cached = (key, layer.dequantize(dtype))
+        layer._dora_dense = cached
+    return cached[1]
 
 
 def _mixed_lora_class():
