@@ -101,7 +101,9 @@ def test_every_tool_that_writes_json_stamps_it():
         "bench_newcomer",
         "bench_quality",
         "bench_recovery",
+        "bench_train_cost",
         "check_kernels",
         "check_roundtrip",
+        "sweep_mma",
         "sweep_recovery",
     } <= writers

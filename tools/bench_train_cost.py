@@ -114,7 +114,9 @@ def main() -> None:
     )
     out = [dict(**r, **settings, **env) for r in rows]
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(args.out)
         print(f"wrote {args.out}")
 
 

@@ -150,7 +150,9 @@ def main() -> None:
                     )
             del copies, ccopies, base, cbase
             torch.cuda.empty_cache()
-        (out / f"sweep_mma_{gpu}.json").write_text(json.dumps(res, indent=1))
+        tmp = out / f"sweep_mma_{gpu}.json.tmp"
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(out / f"sweep_mma_{gpu}.json")
     print(f"worst max-error ratio to the fp16 reference's own: {worst:.2f}")
 
 
