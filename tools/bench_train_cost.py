@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["gift", "lora", "dora"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    ap.add_argument("--no-verify", action="store_true", help="skip the manifest's checksums")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -53,7 +54,7 @@ def main() -> None:
     rows = []
 
     def fresh():
-        return load_quantized(args.export, device=device, dtype=dtype)
+        return load_quantized(args.export, device=device, dtype=dtype, verify=not args.no_verify)
 
     model = fresh()
     t0 = time.perf_counter()
