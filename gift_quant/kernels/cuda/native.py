@@ -288,31 +288,10 @@ def mixed_mma(
     splits: int = 0,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias)."""
-    return launch(
-        x2, p.qc, p.szp, p.wsp, p.sidx, p.nsal, bias, p.bits, p.group, ws, cnt, wn, splits, out
-    )
-
-
-def launch(
-    x2: Tensor,
-    qc: Tensor,
-    szp: Tensor,
-    wsp: Tensor,
-    sidx: Tensor,
-    nsal: int,
-    bias: Tensor | None,
-    bits: int,
-    group: int,
-    ws: Tensor,
-    cnt: Tensor,
-    wn: int = 0,
-    splits: int = 0,
-    out: Tensor | None = None,
-) -> Tensor:
-    """The kernel on the packed tensors (``ws``/``cnt``: the zeroed split-K workspace)."""
+    """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias); ``ws``/``cnt``
+    are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``choose``)."""
     M, K = x2.shape
-    N = szp.shape[1] * 64
+    N = p.N
     if not wn:
         wn, splits = choose(M, N, K)
     y = out if out is not None else torch.empty(M, N, dtype=torch.float16, device=x2.device)
@@ -320,11 +299,11 @@ def launch(
         x2 = x2.contiguous().clone()
     rc = _state["lib"].gq_mixed_mma(
         x2.data_ptr(),
-        qc.data_ptr(),
-        szp.data_ptr(),
-        wsp.data_ptr(),
-        sidx.data_ptr(),
-        nsal,
+        p.qc.data_ptr(),
+        p.szp.data_ptr(),
+        p.wsp.data_ptr(),
+        p.sidx.data_ptr(),
+        p.nsal,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
         ws.data_ptr(),
@@ -332,8 +311,8 @@ def launch(
         M,
         N,
         K,
-        group,
-        bits,
+        p.group,
+        p.bits,
         wn,
         splits,
         torch.cuda.current_stream(x2.device).cuda_stream,
