@@ -40,6 +40,7 @@ from bench_kernels import (  # noqa: E402
 )
 
 from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.testing import run_environment  # noqa: E402
 
@@ -97,15 +98,14 @@ def main() -> None:
             copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
             cbase = base["cuda"]
             ccopies = [L["cuda"] for L in copies]
+            # the fp16 reference: the torch backend's dequantization, then a cuBLAS product
+            g_idx = torch.arange(K, device="cuda", dtype=torch.int32) // GROUP
+            w16 = dequantize_codes(base["codes"], base["z"], base["s"], g_idx, torch.float16)
             for M in Ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = reference(x, base)
                 ws, cnt = triton_ops._workspace(x.device, M * N)
-                # fp16 reference: dequantize in fp16 as the torch backend does, cuBLAS product
-                w = (base["codes"] - base["z"].repeat_interleave(GROUP, 0)).half() * base[
-                    "s"
-                ].repeat_interleave(GROUP, 0)
-                ref16 = (x @ w + x[:, base["sidx"].long()] @ base["wst"]).double()
+                ref16 = (x @ w16 + x[:, base["sidx"].long()] @ base["wst"]).double()
                 t_op = graph_time_us([partial(ours, x, L, bits) for L in copies])
                 for wn, splits in configs(M, N, K, args.configs):
                     y = native.mixed_mma(x, cbase, None, ws, cnt, wn, splits).double()

@@ -16,19 +16,18 @@ kernel's threads are torch's (``torch.set_num_threads``).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from gift_quant.kernels.build import cached_build, compiler_version
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 log = logging.getLogger(__name__)
@@ -91,31 +90,13 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    from gift_quant.assets import cache_dir
-
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, _cpu_id(), platform.machine()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"cpu_gemv-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_gemv-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
-    try:
-        done = subprocess.run(
-            [*cmd, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
-        )
-        if done.returncode:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
+    return cached_build(
+        "cpu_gemv",
+        [SOURCE.read_text(), compiler_version(cc), _cpu_id(), platform.machine()],
+        lambda out: [cc, *flags, "-o", out, str(SOURCE)],
+        timeout=300,
+    )
 
 
 def library():

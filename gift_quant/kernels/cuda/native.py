@@ -18,18 +18,18 @@ so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from gift_quant.kernels.build import cached_build, compiler_version
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +156,14 @@ class Packed:
     N: int
 
 
-def unsupported(layer_or_shape, x: Tensor | None = None) -> str | None:
+def unsupported(layer) -> str | None:
     """Why the kernel cannot compute a layer (object with the GPTQ tensors), or None."""
-    layer = layer_or_shape
     K, N, bits = layer.in_features, layer.out_features, layer.bits
     group = K if layer.group_size == -1 else layer.group_size
     if bits not in (2, 3, 4):
         return f"{bits}-bit codes"
     if N % 64 or K % 64 or group % 64 or K % group:
         return f"shape {N}x{K}, group {group} (needs multiples of 64)"
-    if x is not None and x.dtype != torch.float16:
-        return f"{x.dtype} activations (the kernel is fp16)"
     return None
 
 
@@ -204,37 +201,23 @@ def _nvcc() -> str | None:
 
 
 def _build(nvcc: str, arch: str) -> Path:
-    from gift_quant.assets import cache_dir
-
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, arch]).encode()).hexdigest()
-    target = cache_dir() / "kernels" / f"mixed_mma-{key[:16]}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mixed_mma-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [
-        nvcc,
-        "-O3",
-        f"-gencode=arch=compute_{arch},code=sm_{arch}",
-        "-shared",
-        "-Xcompiler",
-        "-fPIC",
-        "-o",
-        tmp,
-        str(SOURCE),
-    ]
-    try:
-        log.info("building the CUDA kernel for sm_%s (once, about a minute)", arch)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+    return cached_build(
+        "mixed_mma",
+        [SOURCE.read_text(), compiler_version(nvcc), arch],
+        lambda out: [
+            nvcc,
+            "-O3",
+            gencode,
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            "-o",
+            out,
+            str(SOURCE),
+        ],
+        timeout=900,
+    )
 
 
 def library(device: torch.device | None = None):
