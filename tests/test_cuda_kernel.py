@@ -1,10 +1,12 @@
 """The CUDA tensor-core kernel's layout (``kernels/cuda``), checked on the CPU.
 
 The kernel itself needs a GPU (``tools/check_kernels.py``, ``tools/sweep_mma.py``); what CI can
-check is that the words ``pack_codes`` / ``pack_scales`` write, read back with the kernel's own
-bit operations (a line-by-line Python mirror of ``unpack_pairs``, ``pair_exp`` and the fp16
-arithmetic of ``mixed_mma.cu``), give every weight at its (k, n) exactly as the torch reference
-dequantizes it, and that the salient fragments hold W_S^T where the kernel reads it.
+check is that the words ``pack_codes`` / ``pack_zeros`` / ``pack_scales`` write, read back with
+the kernel's own bit operations (a line-by-line Python mirror of ``unpack_pairs``, ``pair_exp``
+and the fp16 arithmetic of ``mixed_mma.cu``), give every weight at its (k, n) exactly: code -
+zero for the MMAs when the scale comes after them, with each accumulator column's own scale,
+and the torch reference's fp16 weight when it comes before; and that the salient fragments hold
+W_S^T where the kernel reads it.
 """
 
 from __future__ import annotations
@@ -68,33 +70,49 @@ def f16(bits16: int) -> np.float16:
     return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
 
 
-def kernel_weights(p: native.Packed) -> np.ndarray:
-    """W^T [K, N] as the kernel forms it, lane by lane, from the packed words."""
+def lane_scales(p: native.Packed, grp: int, b: int, row: int) -> list[list[np.float16]]:
+    """The 8 words lane row ``row`` of ``scp`` gives, as (half 0, half 1) fp16 pairs."""
+    words = p.scp.view(torch.int32).numpy().astype(np.int64) & 0xFFFFFFFF  # [G, B, 4, 8]
+    return [[f16(int(w)), f16(int(w) >> 16)] for w in words[grp, b, row]]
+
+
+def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the kernel forms, lane by lane, from the packed words: the exact weights
+    code - zero [K, N] (what the MMAs see when the scale comes after them), the scale each
+    accumulator column is multiplied by [G, N] (C-fragment read), and the fp16 weights
+    (code - zero) * scale [K, N] of the scale-before path (B-fragment read of the scales)."""
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
-    szp = p.szp.numpy().reshape(-1).astype(np.int64) & 0xFFFFFFFF
+    zp = p.zp.numpy()  # [G, B, 8 (g), 8 (j)]
+    Q = np.full((K, N), np.nan, dtype=np.float32)
     W = np.full((K, N), np.nan, dtype=np.float32)
+    S = np.full((K // p.group, N), np.nan, dtype=np.float32)
     for ss in range(K // 64):
         grp = ss * 64 // p.group
         for b in range(B):
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
                 words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
-                base = ((grp * B + b) * 8 + g) * 8
+                after = lane_scales(p, grp, b, t)  # columns 8 j + 2 t + c
+                before = lane_scales(p, grp, b, g >> 1)  # half g % 2: column 8 j + g
+                for j in range(8):
+                    for c in range(2):
+                        S[grp, b * 64 + 8 * j + 2 * t + c] = after[j][c]
                 for st in range(4):
                     r = unpack_pairs(bits, words[st * bits : (st + 1) * bits])
                     for pr in range(16):
                         j, f = pr >> 1, pr & 1
                         e = pair_exp(bits, pr)
-                        scale, z = f16(szp[base + j]), int(szp[base + j] >> 16)
+                        z = int(zp[grp, b, g, j])
                         cz = f16(0x8000 | (0x6400 - (e << 10)) | (z << e))
                         inv = f16((15 - e) << 10)
                         for h in range(2):
                             raw = f16(r[pr] >> (16 * h))
                             q = np.float16(np.float32(raw) * np.float32(inv) + np.float32(cz))
                             k = ss * 64 + st * 16 + 8 * f + 2 * t + h
-                            W[k, b * 64 + 8 * j + g] = np.float16(q * scale)
-    return W
+                            Q[k, b * 64 + 8 * j + g] = q
+                            W[k, b * 64 + 8 * j + g] = np.float16(q * before[j][g & 1])
+    return Q, S, W
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -108,9 +126,12 @@ def test_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
     p = native.pack(codes, zeros, scales, None, None, bits, group)
     g_idx = torch.arange(K, dtype=torch.int32) // group
     ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
-    got = kernel_weights(p)
-    assert not np.isnan(got).any()
-    assert np.array_equal(got, ref)  # bit for bit: the fma and the mul round as the reference
+    exact, col_scales, weights = kernel_operands(p)
+    # scale after the MMA: exact integer weights, each column's own scale
+    assert np.array_equal(exact, (codes - zeros[g_idx.long()]).float().numpy())
+    assert np.array_equal(col_scales, scales.float().numpy())
+    # scale before it: bit for bit the reference (the fma and the mul round as it rounds)
+    assert np.array_equal(weights, ref)
     assert torch.equal(native.unpack_codes(p.qc, bits, K, N), codes)
 
 
@@ -131,19 +152,16 @@ def test_salient_fragments_hold_ws_where_the_kernel_reads_them() -> None:
                         assert got == want
 
 
-def test_scales_layout() -> None:
+def test_zero_point_and_scale_layouts() -> None:
     G, N = 3, 128
     scales = torch.rand(G, N).half()
     zeros = torch.randint(0, 16, (G, N), dtype=torch.int32)
-    szp = native.pack_scales(scales, zeros)  # [G, N/64, 8 (g), 8 (j)]
+    zp = native.pack_zeros(zeros)  # [G, N/64, 8 (g), 8 (j)]
+    sc = native.pack_scales(scales)  # [G, N/64, 4 (t), 8 (j), 2 (c)]
     for n in (0, 9, 63, 64, 127):
         b, j, g = n // 64, n % 64 // 8, n % 8
-        word = int(szp[1, b, g, j])
-        assert word >> 16 == int(zeros[1, n])
-        assert (
-            torch.tensor([word & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
-            == scales[1, n]
-        )
+        assert int(zp[1, b, g, j]) == int(zeros[1, n])
+        assert sc[1, b, g // 2, j, g % 2] == scales[1, n]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")

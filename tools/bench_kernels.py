@@ -116,8 +116,8 @@ def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
         else:
             shape = (K // 64, N // 64, bits, 32, 4)
             cq = torch.randint(-(2**31), 2**31 - 1, shape, device=dev, dtype=torch.int32)
-            csz, cws = native.pack_scales(s, z), native.pack_salient(wst)
-            cuda = native.Packed(cq, csz, cws, sidx, NSAL, bits, GROUP, K, N)
+            czp, csc, cws = native.pack_zeros(z), native.pack_scales(s), native.pack_salient(wst)
+            cuda = native.Packed(cq, czp, csc, cws, sidx, NSAL, bits, GROUP, K, N)
     return dict(q=q, sz=sz, wst=wst, sidx=sidx, sal_pos=sal_pos, codes=c, s=s, z=z, cuda=cuda)
 
 
@@ -137,7 +137,7 @@ def floor_us(nbytes: float) -> float:
 
 def ours(x: torch.Tensor, L: dict, bits: int):
     c = L["cuda"]
-    cuda = (c.qc, c.szp, c.wsp) if c is not None else (None, None, None)
+    cuda = (c.qc, c.zp, c.scp, c.wsp) if c is not None else (None,) * 4
     return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP, *cuda)
 
 

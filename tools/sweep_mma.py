@@ -1,14 +1,15 @@
 """Correctness and configuration sweep of the CUDA tensor-core kernel (``kernels/cuda``).
 
     PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--ms 1,2,...]
-        [--bits 4,3,2] [--configs auto|all] [--out DIR] [--shared]
+        [--bits 4,3,2] [--configs auto|all] [--out DIR] [--name FILE] [--shared]
 
 For every shape, bit width and M: the kernel's result against a float64 oracle (relative error,
 and the max error against the fp16 reference's own), then the per-call time of cuBLAS fp16, of
-the op as routed now (``torch.ops.gift_quant.mixed_matmul``) and of the CUDA kernel in its
+the op as routed now (``torch.ops.gift_quant.mixed_matmul``), of the GEMV where M is small
+enough for it (the route between the two is chosen from these rows) and of the CUDA kernel in its
 automatic configuration (``--configs all``: also every (warps, splits) variant), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
-Rows go to ``sweep_mma_<gpu>.json`` with the run environment; a table is printed.
+Rows go to ``--name`` (``sweep_mma_<gpu>.json``) with the run environment; a table is printed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bench_kernels import (  # noqa: E402
     GROUP,
     GROUPS,
     TARGET_BYTES,
+    cand_call,
     floor_us,
     graph_time_us,
     layer_bytes,
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--configs", default="auto", choices=["auto", "all"])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--name", default=None, help="result file (default sweep_mma_<gpu>.json)")
     ap.add_argument("--shared", action="store_true")
     args = ap.parse_args()
     if native.library() is None:
@@ -107,6 +110,10 @@ def main() -> None:
                 ws, cnt = triton_ops._workspace(x.device, M * N)
                 ref16 = (x @ w16 + x[:, base["sidx"].long()] @ base["wst"]).double()
                 t_op = graph_time_us([partial(ours, x, L, bits) for L in copies])
+                # the GEMV beside it where it may serve M (the route between them is measured)
+                t_gemv = None
+                if M <= triton_ops.GEMV_MAX_M:
+                    t_gemv = graph_time_us([partial(cand_call, "gemv", x, L, bits) for L in copies])
                 for wn, splits in configs(M, N, K, args.configs):
                     y = native.mixed_mma(x, cbase, None, ws, cnt, wn, splits).double()
                     rel = float((y - ref).norm() / ref.norm())
@@ -134,6 +141,8 @@ def main() -> None:
                         cublas_us=fp[M],
                         speedup=fp[M] / t,
                         op_speedup=fp[M] / t_op,
+                        gemv_us=t_gemv,
+                        gemv_speedup=None if t_gemv is None else fp[M] / t_gemv,
                         floor_frac=floor_us(nb) / t,
                         rel_err=rel,
                         err_ratio=ratio,
@@ -145,14 +154,16 @@ def main() -> None:
                         f"{N:5d}x{K:<5d} W{bits} M={M:<3d} mma(wn={wn},sp={splits:3d}) "
                         f"{t:7.2f}us x{fp[M] / t:4.2f} floor {row['floor_frac']:4.0%} | op "
                         f"{row['op_route']:8s} {t_op:7.2f}us x{fp[M] / t_op:4.2f} | cuBLAS "
-                        f"{fp[M]:7.2f}us rel={rel:.1e} err/ref16={ratio:.2f}",
+                        f"{fp[M]:7.2f}us rel={rel:.1e} err/ref16={ratio:.2f}"
+                        + ("" if t_gemv is None else f" | gemv x{fp[M] / t_gemv:4.2f}"),
                         flush=True,
                     )
             del copies, ccopies, base, cbase
             torch.cuda.empty_cache()
-        tmp = out / f"sweep_mma_{gpu}.json.tmp"
+        name = args.name or f"sweep_mma_{gpu}.json"
+        tmp = out / f"{name}.tmp"
         tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(out / f"sweep_mma_{gpu}.json")
+        tmp.replace(out / name)
     print(f"worst max-error ratio to the fp16 reference's own: {worst:.2f}")
 
 

@@ -9,13 +9,18 @@
 // two k halves of the fragment), each pair a (k, k+1) couple of one column in the two halves
 // of a word lane, at bit position p * BITS of its half (3 bits: 5 pairs per word, the 16th pair
 // spread over bit 15 of the three words). A pair becomes an f16x2 by one lop3 with the exponent
-// bits 0x6400 (1024 + code << e, exact), then one fma gives code - zero exactly and one mul the
-// scale, rounding as the torch reference rounds `(code - zero) * scale` in fp16.
+// bits 0x6400 (1024 + code << e, exact), then one fma gives code - zero exactly. For up to 32
+// rows (MT <= 2) the MMAs of one quantization group accumulate x @ (code - zero) into their own
+// fp32 registers, and the group's scales multiply that sum once at the group's end ("scale
+// after the MMA": one fma per accumulator per group instead of one fp16 mul per weight; the
+// weights are then exact, so the result is at least as accurate as the fp16 reference). With
+// 64 rows there are no registers for a second accumulator: one mul applies the scale to the
+// weight, rounding as the torch reference rounds `(code - zero) * scale` in fp16.
 //
-// x is staged per block in shared memory (rows padded, conflict-free ldmatrix); the salient
-// columns are gathered there too and their fp16 weights are repacked into the same fragment
-// layout, so they are extra k16 steps of the same loop. Weights stream through registers,
-// PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32 workspace; the last
+// x is staged per block in shared memory by cp.async (rows padded, conflict-free ldmatrix);
+// the salient columns are gathered there too and their fp16 weights are repacked into the same
+// fragment layout, so they are extra k16 steps of the same loop. Weights stream through
+// registers, PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32 workspace; the last
 // block of a column block adds the bias, writes y and zeroes the workspace and its counter
 // again (one launch, no memset), the same protocol as the Triton kernels.
 #include <cuda_fp16.h>
@@ -39,6 +44,12 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
+}
+
+// 16 bytes global -> shared, asynchronously (cp.async: no register round trip)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
 }
 
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -99,13 +110,34 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
   }
 }
 
+// acc += scale (per output column, C-fragment layout: columns 8 j + 2 t, +1) * group sum;
+// the group sum restarts at zero.
+template <int MT>
+__device__ __forceinline__ void add_scaled(float (&acc)[MT][8][4], float (&grp)[MT][8][4],
+                                           const uint32_t (&scale)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float2 s = __half22float2(u2h(scale[j]));
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[m][j][e] = fmaf(e & 1 ? s.y : s.x, grp[m][j][e], acc[m][j][e]);
+        grp[m][j][e] = 0.0f;
+      }
+    }
+  }
+}
+
 template <int BITS, int MT, int WN, int PF>
 __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     mixed_mma_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
-                     const uint4* __restrict__ szp, const uint4* __restrict__ wsp,
-                     const int* __restrict__ sidx, int nsal, const half* __restrict__ bias,
-                     half* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt, int M,
-                     int N, int K, unsigned group_magic, int ss_per_split, int R) {
+                     const uint2* __restrict__ zp, const uint4* __restrict__ scp,
+                     const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
+                     const half* __restrict__ bias, half* __restrict__ y,
+                     float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
+                     unsigned group_magic, int ss_per_split, int R) {
+  constexpr bool SA = MT <= 2;  // scale after the MMA (file comment)
   extern __shared__ __align__(16) half xs[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -124,52 +156,63 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     return group_magic ? __umulhi(s, group_magic) : s;
   };
 
-  // 1. the first PF k-steps of this warp's weights and scales, in flight during the x staging.
-  // Per k-step and strip, word-vector i of every lane is contiguous (512 B per instruction).
+  // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
+  // the weights), in flight during the x staging. Per k-step and strip, word-vector i of every
+  // lane is contiguous (512 B per instruction).
   const size_t qstride = (size_t)B * 32 * BITS;  // uint4 per k-step (all strips)
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
-  const uint4* sbase = szp + ((size_t)b * 8 + g) * 2;
-  const size_t gstride = (size_t)B * 16;  // uint4 per group (all strips)
+  const size_t gstride = (size_t)B * 8;  // per group: uint2 of zero-points, uint4 of scales
+  const uint2* zbase = zp + (size_t)b * 8 + g;  // the zero-points of columns 8 j + g
+  // the scales of columns 8 j + 2 t (+1) after the MMA, of columns 8 j + 2 (g / 2) (+1) before
+  const uint4* sbase = scp + ((size_t)b * 4 + (SA ? t : g >> 1)) * 2;
   uint4 wbuf[PF][BITS];
-  uint4 sbuf[PF][2];
+  uint2 zbuf[PF];
+  uint4 sbuf[SA ? 1 : PF][2];
 #pragma unroll
   for (int p = 0; p < PF; ++p) {
     if (p < nss) {
 #pragma unroll
       for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
-      const uint4* sp = sbase + group_of(s0 + p) * gstride;
-      sbuf[p][0] = __ldg(sp);
-      sbuf[p][1] = __ldg(sp + 1);
+      const unsigned grp = group_of(s0 + p);
+      zbuf[p] = __ldg(zbase + grp * gstride);
+      if constexpr (!SA) {
+        sbuf[p][0] = __ldg(sbase + grp * gstride);
+        sbuf[p][1] = __ldg(sbase + grp * gstride + 1);
+      }
     }
   }
 
-  // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
-  // salient columns (gathered)
+  // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range (16-byte
+  // asynchronous copies, all of them in flight at once), then its salient columns (gathered)
   const int k0 = s0 * 64;
-  for (int r = warp; r < R; r += WN) {
-    for (int c = lane; c < nss * 8; c += 32) {
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < M) v = *reinterpret_cast<const uint4*>(x + (size_t)r * K + k0 + c * 8);
-      *reinterpret_cast<uint4*>(xs + r * ldx + c * 8) = v;
-    }
-    for (int c = lane; c < nq * 16; c += 32) {
-      const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
-      half v = __float2half(0.0f);
-      if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
-      xs[r * ldx + nss * 64 + c] = v;
-    }
+  const int chunks = nss * 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < (R + 1) * chunks; i += WN * 32) {
+    const int r = i / chunks, c = i - r * chunks;
+    half* dst = xs + r * ldx + c * 8;
+    if (r < M)
+      cp_async16(dst, x + (size_t)r * K + k0 + c * 8);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
   }
-  for (int c = threadIdx.x; c < kcols / 8; c += WN * 32)
-    *reinterpret_cast<uint4*>(xs + R * ldx + c * 8) = make_uint4(0, 0, 0, 0);
+  asm volatile("cp.async.commit_group;\n" ::);
+  const int scols = nq * 16;
+  for (int i = threadIdx.x; i < (R + 1) * scols; i += WN * 32) {
+    const int r = i / scols, c = i - r * scols;
+    const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
+    half v = __float2half(0.0f);
+    if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
+    xs[r * ldx + nss * 64 + c] = v;
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   __syncthreads();
 
-  float acc[MT][8][4];
+  float acc[MT][8][4], gacc[MT][8][4];  // gacc: this group's x @ (code - zero) (SA only)
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.0f, gacc[m][j][e] = 0.0f;
 
   // ldmatrix.x4 row address of this lane per m-tile: matrix lane/8 = (rows +8 if odd, k +8 if
   // >= 2); rows past the staged ones read the zero row
@@ -200,7 +243,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   }
 
   // 4. the quantized k-steps
-  uint32_t sc[8], cz[8][2];
+  uint32_t sc[8], cz[8][2];  // sc: both halves one column's scale (SA: 2 columns, C layout)
   unsigned cur_group = 0xFFFFFFFFu;
   for (int s = 0; s < nss; s += PF) {
 #pragma unroll
@@ -213,25 +256,40 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
           w[4 * i] = wbuf[p][i].x, w[4 * i + 1] = wbuf[p][i].y;
           w[4 * i + 2] = wbuf[p][i].z, w[4 * i + 3] = wbuf[p][i].w;
         }
-        const uint4 sz0 = sbuf[p][0], sz1 = sbuf[p][1];
+        const uint2 zw = zbuf[p];
+        const uint4 s0w = sbuf[SA ? 0 : p][0], s1w = sbuf[SA ? 0 : p][1];
         if (ss + PF < nss) {
 #pragma unroll
           for (int i = 0; i < BITS; ++i)
             wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
-          const uint4* sp = sbase + group_of(s0 + ss + PF) * gstride;
-          sbuf[p][0] = __ldg(sp);
-          sbuf[p][1] = __ldg(sp + 1);
+          const unsigned grp = group_of(s0 + ss + PF);
+          zbuf[p] = __ldg(zbase + grp * gstride);
+          if constexpr (!SA) {
+            sbuf[p][0] = __ldg(sbase + grp * gstride);
+            sbuf[p][1] = __ldg(sbase + grp * gstride + 1);
+          }
         }
         const unsigned grp = group_of(s0 + ss);
         if (grp != cur_group) {  // warp-uniform
+          if constexpr (SA) {
+            // the last group's sum times its scales; this group's scales, needed at its end
+            if (cur_group != 0xFFFFFFFFu) add_scaled<MT>(acc, gacc, sc);
+            const uint4 a = __ldg(sbase + grp * gstride);
+            const uint4 c = __ldg(sbase + grp * gstride + 1);
+            sc[0] = a.x, sc[1] = a.y, sc[2] = a.z, sc[3] = a.w;
+            sc[4] = c.x, sc[5] = c.y, sc[6] = c.z, sc[7] = c.w;
+          } else {
+            // the half of column 8 j + g, in both halves
+            const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
+            const uint32_t sw[8] = {s0w.x, s0w.y, s0w.z, s0w.w, s1w.x, s1w.y, s1w.z, s1w.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) sc[j] = __byte_perm(sw[j], 0, sel);
+          }
           cur_group = grp;
-          const uint32_t szw[8] = {sz0.x, sz0.y, sz0.z, sz0.w, sz1.x, sz1.y, sz1.z, sz1.w};
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            // scale bits in both halves; -(1024 / 2^e + z) as fp16 bits: exponent 25 - e,
-            // mantissa z << e (exact), sign set
-            sc[j] = (szw[j] & 0xFFFFu) * 0x00010001u;
-            const uint32_t z = szw[j] >> 16;
+            // -(1024 / 2^e + z) as fp16 bits: exponent 25 - e, mantissa z << e (exact), sign set
+            const uint32_t z = ((j < 4 ? zw.x : zw.y) >> (8 * (j & 3))) & 0xFFu;
 #pragma unroll
             for (int f = 0; f < 2; ++f) {
               const uint32_t e = pair_exp<BITS>(2 * j + f);
@@ -249,18 +307,22 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
             constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e
             const uint32_t inv = (one - (pair_exp<BITS>(p2) << 10)) * 0x00010001u;
             const half2 q = __hfma2(u2h(r[p2]), u2h(inv), u2h(cz[p2 >> 1][p2 & 1]));
-            f[p2] = h2u(__hmul2(q, u2h(sc[p2 >> 1])));
+            f[p2] = SA ? h2u(q) : h2u(__hmul2(q, u2h(sc[p2 >> 1])));
           }
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             uint32_t a[4];
             ldmatrix_x4(a, xa[m] + (ss * 64 + st * 16) * 2);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) mma16816(acc[m][j], a, f[2 * j], f[2 * j + 1]);
+            for (int j = 0; j < 8; ++j)
+              mma16816(SA ? gacc[m][j] : acc[m][j], a, f[2 * j], f[2 * j + 1]);
           }
         }
       }
     }
+  }
+  if constexpr (SA) {
+    if (nss > 0) add_scaled<MT>(acc, gacc, sc);
   }
 
   // 5. output: lane holds rows m*16 + g (+8), columns b*64 + 8j + 2t (+1)
@@ -321,9 +383,9 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 }
 
 template <int BITS, int MT, int WN>
-int launch(const half* x, const uint4* qc, const uint4* szp, const uint4* wsp, const int* sidx,
-           int nsal, const half* bias, half* y, float* ws, int* cnt, int M, int N, int K, int group,
-           int splits, cudaStream_t stream) {
+int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, const uint4* wsp,
+           const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M,
+           int N, int K, int group, int splits, cudaStream_t stream) {
   constexpr int PF = MT == 1 ? 3 : 2;
   auto kernel = mixed_mma_kernel<BITS, MT, WN, PF>;
   const int S = K / 64;
@@ -347,33 +409,33 @@ int launch(const half* x, const uint4* qc, const uint4* szp, const uint4* wsp, c
     allowed[dev] = smem;
   }
   dim3 grid(N / 64 / WN, splits);
-  kernel<<<grid, WN * 32, smem, stream>>>(x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N,
-                                          K, magic, ss_per_split, R);
+  kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
+                                          N, K, magic, ss_per_split, R);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <int BITS, int MT>
-int by_wn(int wn, const half* x, const uint4* qc, const uint4* szp, const uint4* wsp,
-          const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M, int N,
-          int K, int group, int splits, cudaStream_t s) {
+int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
+          const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
+          int* cnt, int M, int N, int K, int group, int splits, cudaStream_t s) {
   switch (wn) {
-    case 1: return launch<BITS, MT, 1>(x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 1: return launch<BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one block width (the code is the same)
-    case 2: return launch<BITS, MT, 2>(x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 4: return launch<BITS, MT, 4>(x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 2: return launch<BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 4: return launch<BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
 #endif
     default: return -1;
   }
 }
 
 template <int BITS>
-int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint4* szp, const uint4* wsp,
-          const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M, int N,
-          int K, int group, int splits, cudaStream_t s) {
+int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
+          const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
+          int* cnt, int M, int N, int K, int group, int splits, cudaStream_t s) {
   switch (mt) {
-    case 1: return by_wn<BITS, 1>(wn, x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 2: return by_wn<BITS, 2>(wn, x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 4: return by_wn<BITS, 4>(wn, x, qc, szp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 1: return by_wn<BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 2: return by_wn<BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 4: return by_wn<BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
     default: return -1;
   }
 }
@@ -381,7 +443,8 @@ int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint4* szp, cons
 }  // namespace
 
 // Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled.
-extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* szp, const void* wsp,
+extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const void* scp,
+                            const void* wsp,
                             const void* sidx, int nsal, const void* bias, void* y, void* ws,
                             void* cnt, int M, int N, int K, int group, int bits, int wn,
                             int splits, void* stream) {
@@ -390,7 +453,8 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* szp, cons
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
   auto* xh = static_cast<const half*>(x);
   auto* q = static_cast<const uint4*>(qc);
-  auto* sz = static_cast<const uint4*>(szp);
+  auto* z = static_cast<const uint2*>(zp);
+  auto* sc = static_cast<const uint4*>(scp);
   auto* wp = static_cast<const uint4*>(wsp);
   auto* si = static_cast<const int*>(sidx);
   auto* bh = static_cast<const half*>(bias);
@@ -399,9 +463,9 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* szp, cons
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
   switch (bits) {
-    case 2: return by_mt<2>(mt, wn, xh, q, sz, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
-    case 3: return by_mt<3>(mt, wn, xh, q, sz, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
-    case 4: return by_mt<4>(mt, wn, xh, q, sz, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 2: return by_mt<2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 3: return by_mt<3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 4: return by_mt<4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
     default: return -1;
   }
 }

@@ -113,14 +113,21 @@ def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
     return c.reshape(K, N).to(torch.int32)
 
 
-def pack_scales(scales: Tensor, zeros: Tensor) -> Tensor:
-    """fp16 scales and integer zero-points [G, N] -> int32 [G, N/64, 8 (g), 8 (j)]:
-    scale bits | zero << 16 for column 64 b + 8 j + g."""
+def pack_zeros(zeros: Tensor) -> Tensor:
+    """Integer zero-points [G, N] -> uint8 [G, N/64, 8 (g), 8 (j)]: the zero-point of column
+    64 b + 8 j + g, so lane 4 g + t reads its B-fragment columns' eight in one 8-byte load."""
+    G, N = zeros.shape
+    return zeros.to(torch.uint8).reshape(G, N // 64, 8, 8).transpose(2, 3).contiguous()
+
+
+def pack_scales(scales: Tensor) -> Tensor:
+    """fp16 scales [G, N] -> fp16 [G, N/64, 4 (t), 8 (j), 2 (c)]: the scale of column
+    64 b + 8 j + 2 t + c, so lane 4 g + t reads the columns of its accumulator fragment in
+    32 bytes (the scale after the MMA); before the MMA, lane 4 g + t reads row t = g // 2 and
+    takes half c = g % 2 (column 8 j + g)."""
     G, N = scales.shape
-    sz = (scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF) | (
-        zeros.to(torch.int32) << 16
-    )
-    return sz.reshape(G, N // 64, 8, 8).transpose(2, 3).contiguous()
+    v = scales.to(torch.float16).reshape(G, N // 64, 8, 4, 2)  # b j t c
+    return v.transpose(2, 3).contiguous()
 
 
 def pack_salient(wst: Tensor) -> Tensor:
@@ -146,7 +153,8 @@ class Packed:
     """One layer's tensors in the kernel's layout."""
 
     qc: Tensor
-    szp: Tensor
+    zp: Tensor
+    scp: Tensor
     wsp: Tensor
     sidx: Tensor
     nsal: int
@@ -185,7 +193,16 @@ def pack(
         wsp = torch.zeros(1, 4, dtype=torch.int32, device=dev)
         si, nsal = torch.zeros(1, dtype=torch.int32, device=dev), 0
     return Packed(
-        pack_codes(codes, bits), pack_scales(scales, zeros), wsp, si, nsal, bits, group, K, N
+        pack_codes(codes, bits),
+        pack_zeros(zeros),
+        pack_scales(scales),
+        wsp,
+        si,
+        nsal,
+        bits,
+        group,
+        K,
+        N,
     )
 
 
@@ -240,7 +257,7 @@ def library(device: torch.device | None = None):
                 raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
             lib = ctypes.CDLL(str(_build(nvcc, f"{major}{minor}")))
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
-            lib.gq_mixed_mma.argtypes = [ptr] * 5 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
+            lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
             lib.gq_mixed_mma.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
@@ -283,7 +300,8 @@ def mixed_mma(
     rc = _state["lib"].gq_mixed_mma(
         x2.data_ptr(),
         p.qc.data_ptr(),
-        p.szp.data_ptr(),
+        p.zp.data_ptr(),
+        p.scp.data_ptr(),
         p.wsp.data_ptr(),
         p.sidx.data_ptr(),
         p.nsal,

@@ -7,11 +7,11 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
   position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
   8 bits, widths not multiples of 64) run the torch reference.
-* Dispatch by M = rows of x: split-K GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
-  CUBLAS_MIN_M); between, ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits),
-  measured on the H200 and shipped with the code: docs/KERNELS-NOTES.md) or in
-  ``DEFAULT_ROUTES``: the GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
-  dequantize + cuBLAS. No global autotuning state: the same call always takes the same kernel.
+* Dispatch by M = rows of x: the CUDA kernel (fp16 x, M in MMA_M, where it is built); else
+  split-K GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >= CUBLAS_MIN_M); between,
+  ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and
+  shipped with the code: docs/KERNELS-NOTES.md) or in ``DEFAULT_ROUTES``: the GEMV, the
+  tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS. No global autotuning state: the same call always takes the same kernel.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
   through the same tiles (``mm.backward``; no dense copy of W is kept).
@@ -57,11 +57,12 @@ __all__ = [
     "run_route",
 ]
 
-GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say
-# fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma" for M = 5..8, and
-# for M = 9..16 on layers of at least MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton
-# kernel was faster there: benchmarks/results/sweep_mma_h200.json)
-MMA_M = (5, 16)
+GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMA_M)
+# fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma" for M = 3..8 (at
+# M = 4 it beat the GEMV on every benchmark shape), and for M = 9..16 on layers of at least
+# MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton kernel was faster there):
+# benchmarks/results/sweep_mma_h200.json
+MMA_M = (3, 16)
 MMA_WIDE_WEIGHTS = 1 << 25
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
@@ -316,21 +317,24 @@ def mixed_matmul(
     bits: int,
     group: int,
     cq: Tensor | None = None,
-    csz: Tensor | None = None,
+    czp: Tensor | None = None,
+    csc: Tensor | None = None,
     cws: Tensor | None = None,
 ) -> Tensor:
     """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``
-    (``cq``, ``csz``, ``cws``: the CUDA kernel's codes, scales and salient fragments)."""
+    (``cq``, ``czp``, ``csc``, ``cws``: the CUDA kernel's codes, zero-points, scales and
+    salient fragments)."""
     cuda = None
     if cq is not None:
         nsal = 0 if wst is None else wst.shape[0]
         si = sidx if sidx is not None else cq.new_zeros(1)
-        cuda = native.Packed(cq, csz, cws, si, nsal, bits, group, x.shape[-1], sz.shape[1])
+        K, N = x.shape[-1], sz.shape[1]
+        cuda = native.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
     return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
 @mixed_matmul.register_fake
-def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, csz=None, cws=None):
+def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, czp=None, csc=None, cws=None):
     return x.new_empty(*x.shape[:-1], sz.shape[1])
 
 
@@ -403,7 +407,7 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
         layer.bias,
         prep.bits,
         prep.group,
-        *((c.qc, c.szp, c.wsp) if c is not None else (None, None, None)),
+        *((c.qc, c.zp, c.scp, c.wsp) if c is not None else (None,) * 4),
     )
 
 
