@@ -20,13 +20,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 PARETO = [
     ("rtn", "RTN"),
     ("gptq", "GPTQ"),
     ("base", "GPTQ + 3% salient"),
-    ("gift-post", "+ GIFT-SW"),
+    ("gift-post-b6", "+ GIFT-SW (default, 6-bit noise)"),
 ]
 
 
@@ -57,6 +57,9 @@ def plot_curves(results: dict, json_path: Path) -> Path | None:
     budgets = sorted({_budget(r["key"]) for r in rows})
     bits_list = sorted({r["key"]["bits"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(bits_list), figsize=(5.5 * len(bits_list), 4.2), squeeze=False)
+    # one colour per method in every panel
+    methods = sorted({r["key"]["method"] for r in rows})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, bits in zip(axes[0], bits_list, strict=True):
         series: dict[tuple, list] = {}
         for r in rows:
@@ -67,7 +70,7 @@ def plot_curves(results: dict, json_path: Path) -> Path | None:
             xs, ys = mean_curve(curves)
             label = method + (f" {budget}" if len(budgets) > 1 else "") + f" (n={len(curves)})"
             style = "--" if method.endswith("pre") else "-"
-            ax.plot(xs, ys, style, marker=".", label=label)
+            ax.plot(xs, ys, style, marker=".", label=label, color=colour[method])
         fp = [r["perplexity_fp"] for r in rows if r["key"]["bits"] == bits]
         ax.axhline(fp[0], color="gray", lw=0.8, ls=":", label="FP16")
         ax.set_title(f"w{bits}")
@@ -102,8 +105,12 @@ def plot_pareto(results: dict, json_path: Path) -> Path | None:
         return None
     ax.axhline(rows[0]["perplexity_fp"], color="gray", ls=":", label="FP16")
     ax.set_yscale("log")
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        axis(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    lo, hi = ax.get_ylim()
+    if hi / lo < 20:  # label the minor ticks only where there are few decades
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("bits per weight (scales, zeros and salient columns included)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("perplexity vs size" + (f" (GIFT-SW: {largest})" if largest else ""))
