@@ -30,6 +30,31 @@ def rec(method, bits, seed, ppl, step=1.0, gpu=100.0, budget=(10, 4, 64)):
     }
 
 
+def fake_report(out: Path, trains: bool) -> dict:
+    """What a `recover` run leaves and reports, for runners that skip the work."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("eval_fp.json", "eval_quantized.json"):
+        (out / f).write_text("{}")
+    report = {
+        "perplexity_recovered": 10.0,
+        "perplexity_quantized": 12.0,
+        "perplexity_fp": 9.0,
+        "eval_tokens": 64,
+        "bits_per_weight": 4.5,
+        "seconds": {},
+    }
+    if trains:
+        (out / "train").mkdir(exist_ok=True)
+        rows = [{"step": i, "seconds": 0.1, "tokens": 4} for i in (1, 2)]
+        (out / "train/metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+        report["train"] = {"trainable_params": 1, "tokens": 8, "peak_gpu_mb": 0.0}
+        report["train"]["peak_rss_mb"] = 1.0
+    else:
+        (out / "quantized").mkdir(exist_ok=True)
+        (out / "quantized/config.json").write_text("{}")
+    return report
+
+
 def test_mean_std_ratios_and_claims_from_handmade_rows():
     rows = [rec("base", 2, 0, 30.0)]
     rows += [rec("gift-post", 2, s, p) for s, p in enumerate([10.0, 11.0, 12.0])]
@@ -139,26 +164,7 @@ def test_jobs_run_rows_side_by_side_over_the_gpus(tiny_sweep_recipe, tmp_path):
         with lock:
             running[0] += 1
             seen.append((out.parent.name, device, running[0]))
-        out.mkdir(parents=True, exist_ok=True)
-        for f in ("eval_fp.json", "eval_quantized.json"):
-            (out / f).write_text("{}")
-        report = {
-            "perplexity_recovered": 10.0,
-            "perplexity_quantized": 12.0,
-            "perplexity_fp": 9.0,
-            "eval_tokens": 64,
-            "bits_per_weight": 4.5,
-            "seconds": {},
-        }
-        if trains:
-            (out / "train").mkdir(exist_ok=True)
-            rows = [{"step": i, "seconds": 0.1, "tokens": 4} for i in (1, 2)]
-            (out / "train/metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
-            report["train"] = {"trainable_params": 1, "tokens": 8, "peak_gpu_mb": 0.0}
-            report["train"]["peak_rss_mb"] = 1.0
-        else:
-            (out / "quantized").mkdir(exist_ok=True)
-            (out / "quantized/config.json").write_text("{}")
+        report = fake_report(out, trains)
         time.sleep(0.3)  # long enough for the pool to overlap rows
         with lock:
             running[0] -= 1
@@ -205,3 +211,32 @@ def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="--micro-batch 5 must divide every budget's batch"):
         sweep.main([*args, "--micro-batch", "5"], runner=must_not_run)
     assert not (tmp_path / "s.json").exists()
+
+
+def test_rows_that_run_out_of_gpu_memory_are_retried_one_per_gpu(tiny_sweep_recipe, tmp_path):
+    """A row that fails out of GPU memory beside others runs again at the end, one per GPU,
+    and is recorded with that concurrency; a row failing for another reason is not retried."""
+    calls: list[str] = []
+
+    def fake(out, recipe, overrides):
+        name = out.name
+        calls.append(name)
+        seed = next((o for o in overrides if o.startswith("train.seed=")), "")
+        if seed == "train.seed=1" and calls.count(name) == 1:
+            raise RuntimeError("recover failed (torch.OutOfMemoryError: CUDA out of memory.)")
+        if seed == "train.seed=2":
+            raise RuntimeError("recover failed (ValueError: something else)")
+        return fake_report(out, bool(seed))
+
+    out = tmp_path / "sweep.json"
+    args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
+    args += ["--methods", "base", "salient-ft", "--seeds", "0", "1", "2"]
+    args += ["--budget", "2x2x32", "--jobs", "3", "--gpus", "2"]
+    args += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    assert sweep.main(args, runner=fake) == 1  # seed 2 still failed
+    rows = {r["key"].get("seed", -1): r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == [-1, 0, 1]
+    assert rows[0]["concurrent_jobs"] == 3 and rows[1]["concurrent_jobs"] == 2
+    seed1 = [c for c in calls if "-s1-" in c]
+    seed2 = [c for c in calls if "-s2-" in c]
+    assert len(seed1) == 2 and len(seed2) == 1  # retried once; the other failure not at all

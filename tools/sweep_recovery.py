@@ -15,7 +15,9 @@ row of those settings) and every trained row points its OUT/quantized at it, so 
 in what they train, their seed and their budget. Pre-mode rows quantize after training, so they
 make their own. ``--jobs N`` runs N trained rows at a time (a 135M model leaves most of an H200
 idle), ``--gpus K`` spreads them over cuda:0..K-1; every row records ``concurrent_jobs``, since
-its step time was then measured beside other rows. Each row runs in its own process (peak memory
+its step time was then measured beside other rows. Rows that fail out of GPU memory (too many
+large rows on one GPU: a DoRA row needs 2.3x a GIFT-SW row's memory) are retried at the end,
+one per GPU, resuming from their checkpoints. Each row runs in its own process (peak memory
 is its own: CUDA max_memory_allocated on a GPU, peak RSS on the CPU) and is saved to the JSON as
 one record keyed by its settings; a rerun skips recorded rows, and an interrupted row resumes
 from its training checkpoints. The step time is the median of the per-step times in
@@ -91,6 +93,10 @@ CLAIMS = [
 ]
 
 
+# what a row's error says when its GPU ran out of memory (torch's allocator, or cuBLAS's handle)
+OUT_OF_MEMORY = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def trains(method: str) -> bool:
     return "train.method=none" not in METHODS[method][1]
 
@@ -158,6 +164,8 @@ class Sweep:
         self.results = load_results(self.out)
         self.env = None  # provenance, computed once when the first row runs
         self.failed: list[str] = []
+        self.out_of_memory: set[str] = set()  # work dirs of rows that failed out of GPU memory
+        self.concurrent = max(1, getattr(args, "jobs", 1))
         self.failed_starts: set[Path] = set()
         self.lock = threading.Lock()  # rows finish in worker threads under --jobs
         self.slots: queue.Queue[int] = queue.Queue()
@@ -194,9 +202,39 @@ class Sweep:
             print(f"FAILED {out.name}: {exc}", file=sys.stderr, flush=True)
             with self.lock:
                 self.failed.append(out.name)
+                if any(m in str(exc) for m in OUT_OF_MEMORY):
+                    self.out_of_memory.add(out.name)
             return None
         finally:
             self.slots.put(slot)
+
+    def retry_out_of_memory(self, grid: list[tuple]) -> None:
+        """Run again, one per GPU (or one at a time), the rows that failed out of GPU memory;
+        they resume from their checkpoints and record the lower concurrency."""
+        if not self.out_of_memory:
+            return
+        per = max(1, getattr(self.args, "gpus", 0))
+        print(
+            f"retrying {len(self.out_of_memory)} rows that ran out of GPU memory, {per} at a time",
+            flush=True,
+        )
+        oom = self.out_of_memory
+        again = [
+            row
+            for row in grid
+            if self.row_dir(*row).name in oom
+            or (not is_pre(row[1]) and self.start_of(*row[:2])[2].name in oom)
+        ]
+        self.failed = [f for f in self.failed if f not in oom]
+        self.failed_starts = {d for d in self.failed_starts if d.name not in oom}
+        self.out_of_memory = set()
+        self.concurrent = per
+        self.slots = queue.Queue()
+        for slot in range(per):
+            self.slots.put(slot)
+        with ThreadPoolExecutor(max_workers=per) as pool:
+            for done in [pool.submit(self.row, *row) for row in again]:
+                done.result()
 
     def check(self, grid: list[tuple]) -> None:
         """Every row's recipe is valid, before any row runs (one line naming the row if not)."""
@@ -220,14 +258,22 @@ class Sweep:
     def start_overrides(self, bits: int, method: str) -> list[str]:
         return [f"quant.bits={bits}", *_quant(method), "train.method=none"]
 
-    def start(self, bits: int, method: str) -> Path | None:
-        """The quantized start of ``method``'s quantization settings at ``bits`` (made once),
-        recorded as an untrained row."""
+    def start_of(self, bits: int, method: str) -> tuple[dict, str, Path]:
+        """(key, name, work directory) of the quantized start that ``method`` trains from."""
         quant = _quant(method)
         untrained = [m for m in METHODS if not trains(m) and _quant(m) == quant]
         name = untrained[0] if untrained else f"{method} (before training)"
         key = {**self.common(), "bits": bits, "quant": quant, "method": name}
-        d = self.work / "starts" / f"w{bits}-{_slug(key)}"
+        return key, name, self.work / "starts" / f"w{bits}-{_slug(key)}"
+
+    def row_dir(self, bits: int, method: str, seed: int, budget: dict) -> Path:
+        key = self.key(bits, method, seed, budget)
+        return self.work / "rows" / f"{method}-w{bits}-s{seed}-{_slug(key)}"
+
+    def start(self, bits: int, method: str) -> Path | None:
+        """The quantized start of ``method``'s quantization settings at ``bits`` (made once),
+        recorded as an untrained row."""
+        key, name, d = self.start_of(bits, method)
         made = (d / "quantized" / "config.json").is_file()
         if self.has(key) and made:
             return d
@@ -280,7 +326,7 @@ class Sweep:
         key = self.key(bits, method, seed, budget)
         if self.has(key):
             return
-        d = self.work / "rows" / f"{method}-w{bits}-s{seed}-{_slug(key)}"
+        d = self.row_dir(bits, method, seed, budget)
         if not is_pre(method):
             start = self.start(bits, method)
             if start is None:
@@ -307,9 +353,7 @@ class Sweep:
         t = report.get("train") or {}
         rec = {
             "key": key,
-            "concurrent_jobs": getattr(
-                self.args, "jobs", 1
-            ),  # > 1: step times measured side by side
+            "concurrent_jobs": self.concurrent,  # > 1: step times measured side by side
             "perplexity": report["perplexity_recovered"],
             "perplexity_quantized": report["perplexity_quantized"],
             "perplexity_fp": report["perplexity_fp"],
@@ -571,6 +615,7 @@ def main(argv=None, runner=subprocess_recover) -> int:
             done.result()
         for done in [pool.submit(sweep.row, *row) for row in grid]:
             done.result()
+    sweep.retry_out_of_memory(grid)
     report(sweep.results, out)
     if sweep.failed:
         print(f"\n{len(sweep.failed)} rows failed (rerun to retry): {sweep.failed}")
