@@ -11,7 +11,8 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   split-K GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >= CUBLAS_MIN_M); between,
   ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and
   shipped with the code: docs/KERNELS-NOTES.md) or in ``DEFAULT_ROUTES``: the GEMV, the
-  tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS. No global autotuning state: the same call always takes the same kernel.
+  tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS. No global
+  autotuning state: the same call always takes the same kernel.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
   through the same tiles (``mm.backward``; no dense copy of W is kept).
