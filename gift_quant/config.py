@@ -279,6 +279,8 @@ class TrainConfig:
         lr, weight_decay, warmup_ratio, max_grad_norm: AdamW + cosine schedule with warm-up.
         dtype: compute dtype ("auto" as calib.dtype; master weights are always float32).
         grad_checkpointing: recompute block activations in backward (less memory).
+        norms: also train every normalization layer's weight (and bias), in fp32, beside the
+            salient columns (train.method=gift): the paper's full fine-tuning comparison.
         kd_weight: weight of the KL term toward the FP model's next-token distribution
             (0 = plain cross-entropy; loss = (1 - w) CE + w T^2 KL); kd_temperature: T.
         lora_rank, lora_alpha: (lora and dora) 0 = matched rank, alpha = rank (scaling 1).
@@ -314,6 +316,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     dtype: str = "auto"
     grad_checkpointing: bool = False
+    norms: bool = False
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     lora_rank: int = 0
@@ -356,6 +359,11 @@ class TrainConfig:
             raise RecipeError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.kd_weight <= 1:
             raise RecipeError(f"train.kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.norms and self.method != "gift":
+            raise RecipeError(
+                f"train.norms=true trains the norms beside GIFT-SW's salient columns; "
+                f"use train.method=gift, not {self.method!r}"
+            )
         if self.data == "wiki-heldout":
             raise RecipeError("train.data='wiki-heldout' would train on the evaluation articles")
         if self.mode == "pre" and self.method != "gift":

@@ -46,6 +46,7 @@ from gift_quant.train.data import resolve_generated
 from gift_quant.train.distributed import rank0
 from gift_quant.train.gift_linear import attach_gift, detach_gift
 from gift_quant.train.loop import train
+from gift_quant.train.norms import TrainedNorms
 from gift_quant.validation import (
     check_finite_weights,
     comparable,
@@ -296,8 +297,10 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
     with run.stage("train_setup"):
         # on the training device first: the noise scales are computed where the layer lives
         model.to(run.device)
+        norms = None
         if tr.method == "gift":
             attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
+            norms = TrainedNorms(model) if tr.norms else None
         else:
             from gift_quant.train.lora import attach_lora
 
@@ -308,6 +311,8 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
             )
     with run.stage("train"):
         rep = run.train(model, tok, teacher)
+        if norms is not None:
+            norms.finish()
     with run.stage("export"):
         if run.dist.main:
             report_file.write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
@@ -346,8 +351,11 @@ def _pre(run: _Run, model, tok, teacher) -> tuple[Path, dict, dict]:
     with run.stage("train_setup"):
         model.to(run.device)
         attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits), salient=salient)
+        norms = TrainedNorms(model) if tr.norms else None
     with run.stage("train"):
         rep = run.train(model, tok, teacher)  # one process: pre mode refuses several
+        if norms is not None:
+            norms.finish()
     (out / "train" / "report.json").write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
     model.to("cpu")
     detach_gift(model)
@@ -367,12 +375,17 @@ def _pre(run: _Run, model, tok, teacher) -> tuple[Path, dict, dict]:
 
 
 def apply_salient_checkpoint(model, checkpoint: Path) -> None:
-    """Set every MixedLinear's salient columns from a training checkpoint (fp32 -> fp16)."""
+    """Set every MixedLinear's salient columns (fp32 -> fp16), and the norms where they trained
+    (fp32 -> their own dtype), from a training checkpoint."""
     trained = load_file(checkpoint / "trainable.safetensors")
     for name, module in model.named_modules():
         key = f"{name}.salient_weight"
         if isinstance(module, MixedLinear) and key in trained:
             module.salient_weight = trained[key].to(torch.float16)
+    params = dict(model.named_parameters())
+    for key, value in trained.items():
+        if key in params:  # train.norms
+            params[key].data = value.to(params[key].dtype)
 
 
 def _load_final(out: Path, final: Path):

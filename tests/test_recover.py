@@ -59,6 +59,37 @@ def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
     assert len(changed) == 14
 
 
+def test_norms_train_beside_the_salient_columns(tiny_model_dirs, tmp_path):
+    """train.norms=true: every norm weight trains (in fp32) with the salient columns and is
+    exported in its own dtype with the trained values; nothing else changes."""
+    report = run(tiny_model_dirs("llama"), tmp_path / "run", "train.norms=true")
+    out = tmp_path / "run"
+    q = load_file(out / "quantized/model.safetensors")
+    m = load_file(out / "model/model.safetensors")
+    norms = sorted(k for k in q if "norm" in k)
+    assert norms and q.keys() == m.keys()
+    assert sorted(k for k in q if not torch.equal(q[k], m[k])) == norms  # all norms, only them
+    assert all(m[k].dtype == q[k].dtype for k in q)
+    ckpt = load_file(out / "train/checkpoints/step-000006/trainable.safetensors")
+    for k in norms:
+        assert ckpt[k].dtype == torch.float32 and torch.equal(ckpt[k].to(m[k].dtype), m[k])
+    salient = load_file(out / "quantized/salient.safetensors")
+    columns = sum(v.numel() for k, v in salient.items() if k.endswith("salient_weight"))
+    assert report["train"]["trainable_params"] == columns + sum(q[k].numel() for k in norms)
+    # the exported model loads with the trained norms
+    model = load_quantized(out / "model")
+    w = model.get_submodule(norms[0].removesuffix(".weight")).weight.detach()
+    assert torch.equal(w.to(m[norms[0]].dtype), m[norms[0]])
+
+
+def test_norms_need_gift(tiny_model_dirs, tmp_path):
+    from gift_quant.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="train.norms=true .* use train.method=gift"):
+        run(tiny_model_dirs("llama"), tmp_path / "run", "train.norms=true", "train.method=lora")
+    assert not (tmp_path / "run/quantized").exists()
+
+
 def test_rerun_resumes_and_refuses_another_recipe(tiny_model_dirs, tmp_path):
     path = tiny_model_dirs("llama")
     first = run(path, tmp_path / "run")

@@ -54,6 +54,11 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "gptq": ("GPTQ, no salient", ["saliency.fraction=0", "train.method=none"]),
     "base": ("GPTQ + salient, before training", ["train.method=none"]),
     "salient-ft": ("salient-FT (no noise)", ["train.method=gift", "train.noise=none"]),
+    # the paper's full fine-tuning comparison: the same salient columns plus every norm
+    "salient-norms-ft": (
+        "salient + norms FT (no noise)",
+        ["train.method=gift", "train.noise=none", "train.norms=true"],
+    ),
     "gift-post": ("GIFT-SW post, b_noise 4", ["train.method=gift", "train.b_noise=4"]),
     # the second noise level: the w2 ablation (recovery_noise_ablation_w2.json) favoured 6 bits
     "gift-post-b6": ("GIFT-SW post, b_noise 6", ["train.method=gift", "train.b_noise=6"]),
