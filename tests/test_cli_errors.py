@@ -298,6 +298,13 @@ CASES = [
         r"model.dtype must be one of",
         2,
     ),
+    (
+        "recipe",
+        "norms trained beside a LoRA adapter",
+        recover("--set", "train.norms=true", "--set", "train.method=lora"),
+        r"train.norms=true trains the norms beside GIFT-SW's salient columns",
+        2,
+    ),
     # models
     (
         "model",
