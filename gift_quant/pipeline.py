@@ -107,9 +107,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.peak_gpu_mb: dict[str, float] = {}
         self.train_cfg = recipe.train  # train.data=generated:N becomes its cache directory
-        self.fingerprint = {
-            k: json.dumps(v, sort_keys=True) for k, v in comparable(recipe).items() if k != "eval"
-        }
+        self.fingerprint = fingerprint(recipe)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -172,6 +170,7 @@ class _Run:
             self.train_cfg,
             self.out / "train",
             fingerprint=self.fingerprint,
+            fingerprint_upgrade=upgrade_fingerprint,
             teacher=teacher,
             eval_fn=self.eval_fn(),
             progress=self.progress,
@@ -372,6 +371,21 @@ def _pre(run: _Run, model, tok, teacher) -> tuple[Path, dict, dict]:
             checkpoint_format=recipe.export.checkpoint_format,
         )
     return final, rep.to_dict(), quantized_report
+
+
+def fingerprint(recipe: Recipe) -> dict:
+    """What a training checkpoint records of the recipe: every section but eval, without the
+    keys a rerun may change (see validation.comparable)."""
+    return {k: json.dumps(v, sort_keys=True) for k, v in comparable(recipe).items() if k != "eval"}
+
+
+def upgrade_fingerprint(stored: dict) -> dict:
+    """A checkpoint's fingerprint as this version writes it: its sections re-read with today's
+    defaults, so a key added since (at its default) does not stop a resume."""
+    try:
+        return fingerprint(recipe_from_dict({k: json.loads(v) for k, v in stored.items()}))
+    except (RecipeError, ValueError, TypeError, AttributeError):
+        return stored
 
 
 def apply_salient_checkpoint(model, checkpoint: Path) -> None:

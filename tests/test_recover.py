@@ -122,6 +122,13 @@ def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path / "killed")
     assert not (tmp_path / "killed/model").exists()
+    # a checkpoint written before train.norms existed (its fingerprint lacks the key) resumes
+    state_file = tmp_path / "killed/train/checkpoints/step-000003/state.json"
+    state = json.loads(state_file.read_text())
+    train = json.loads(state["fingerprint"]["train"])
+    assert train.pop("norms") is False
+    state["fingerprint"]["train"] = json.dumps(train, sort_keys=True)
+    state_file.write_text(json.dumps(state))
     resumed = run(path, tmp_path / "killed")
     assert resumed["train"]["resumed_from"] == 3
     a = load_file(tmp_path / "straight/model/salient.safetensors")

@@ -92,14 +92,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
-    """Restore everything saved by :func:`save_checkpoint`; return the step reached."""
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, fingerprint: dict, upgrade=None
+) -> int:
+    """Restore everything saved by :func:`save_checkpoint`; return the step reached.
+    ``upgrade(stored)`` brings a fingerprint written by an older version to today's form."""
     state = json.loads((path / "state.json").read_text())
-    if state["fingerprint"] != fingerprint:
+    stored = upgrade(state["fingerprint"]) if upgrade else state["fingerprint"]
+    if stored != fingerprint:
         diff = sorted(
-            k
-            for k in set(state["fingerprint"]) | set(fingerprint)
-            if state["fingerprint"].get(k) != fingerprint.get(k)
+            k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
         )
         raise ValueError(
             f"{path} was written with a different recipe ({', '.join(diff)} differ); "

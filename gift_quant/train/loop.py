@@ -111,6 +111,7 @@ def train(
     out_dir: str | Path,
     *,
     fingerprint: dict,
+    fingerprint_upgrade=None,
     teacher: nn.Module | None = None,
     eval_fn=None,
     progress: bool = True,
@@ -124,11 +125,12 @@ def train(
     (and dtype) back at the end, so nothing but the trained parameters changes.
 
     ``out_dir`` receives ``checkpoints/`` and ``metrics.jsonl``; an existing checkpoint whose
-    fingerprint matches is resumed. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every``
-    steps and at the end; ``on_step()`` after every optimizer step (a profiler's step, say).
-    ``teacher`` (frozen, eval mode) enables distillation. Under a
-    multi-process launcher (``dist``), each rank trains on its rows of every global
-    micro-batch through DDP or FSDP (``cfg.parallel``); rank 0 alone logs and writes.
+    fingerprint matches (after ``fingerprint_upgrade(stored)``, where given) is resumed.
+    ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end;
+    ``on_step()`` after every optimizer step (a profiler's step, say). ``teacher`` (frozen,
+    eval mode) enables distillation. Under a multi-process launcher (``dist``), each rank
+    trains on its rows of every global micro-batch through DDP or FSDP (``cfg.parallel``);
+    rank 0 alone logs and writes.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -165,7 +167,9 @@ def train(
     start = 0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
-        start = load_checkpoint(latest, model, optimizer, scheduler, fingerprint)
+        start = load_checkpoint(
+            latest, model, optimizer, scheduler, fingerprint, upgrade=fingerprint_upgrade
+        )
         log.info("resuming from %s (step %d of %d)", latest, start, cfg.steps)
     report.resumed_from = start
     metrics = (out / "metrics.jsonl").open("a") if d.main else None
