@@ -289,6 +289,30 @@ def test_training_backward_matches_the_oracle(bits, dtype, M):
     assert err <= ERROR_FACTOR * ref_err + 1e-6, (err, ref_err)
 
 
+def test_op_backward_with_the_cuda_layout_passed():
+    """The op as ``dequant_matmul`` calls it where the CUDA kernel's layout exists (four more
+    tensors; a bf16 x never uses them): grad_x is one gradient among as many as the inputs,
+    the same as without the layout, and within the oracle bound."""
+    layer, w, _ = make(128, 64, bits=4, group=32, salient=6, seed=4, dtype=BF16)
+    p = ops.prepare(layer)
+    layout = [torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(4)]
+    x0 = torch.randn(3, 128, device=DEV, dtype=BF16)
+    gy = torch.randn(3, 64, device=DEV, dtype=BF16)
+    grads = []
+    for extra in ([], layout):
+        x = x0.clone().requires_grad_(True)
+        args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, None, p.bits, p.group)
+        ops.mixed_matmul(x, *args, *extra).backward(gy)
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    wt = reference.dequantize_weight(
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, BF16
+    ).clone()
+    wt[layer.salient_idx.long()] = layer.salient_weight.t().to(BF16)
+    err, ref_err = kernel_error(grads[1], gy @ wt.t(), gy.double() @ w)
+    assert err <= ERROR_FACTOR * ref_err + 1e-6, (err, ref_err)
+
+
 def test_route_tables_only_name_candidate_kernels():
     tables = [*ops.DEFAULT_ROUTES.values(), *ops.ROUTES.values()]
     for M in range(1, 600):

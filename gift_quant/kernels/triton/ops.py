@@ -356,7 +356,8 @@ def _backward(ctx, grad):
 
 
 def _mixed_backward(ctx, grad):
-    return (_backward(ctx, grad),) + (None,) * 11
+    # grad_x, then None for every other input (the optional CUDA-layout tensors included)
+    return (_backward(ctx, grad),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 mixed_matmul.register_autograd(_mixed_backward, setup_context=_setup)
