@@ -214,29 +214,67 @@ def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
 
 
 def test_rows_that_run_out_of_gpu_memory_are_retried_one_per_gpu(tiny_sweep_recipe, tmp_path):
-    """A row that fails out of GPU memory beside others runs again at the end, one per GPU,
-    and is recorded with that concurrency; a row failing for another reason is not retried."""
-    calls: list[str] = []
+    """Rows (and a shared quantized start) that fail out of GPU memory beside others run again
+    at the end, one per GPU, the start once and before its rows; they record both
+    concurrencies. A row failing for another reason is not retried."""
+    import threading
+    import time
+
+    lock, calls, running = threading.Lock(), [], set()
 
     def fake(out, recipe, overrides):
         name = out.name
-        calls.append(name)
-        seed = next((o for o in overrides if o.startswith("train.seed=")), "")
-        if seed == "train.seed=1" and calls.count(name) == 1:
-            raise RuntimeError("recover failed (torch.OutOfMemoryError: CUDA out of memory.)")
-        if seed == "train.seed=2":
-            raise RuntimeError("recover failed (ValueError: something else)")
-        return fake_report(out, bool(seed))
+        with lock:
+            calls.append(name)
+            assert name not in running, f"{name} ran twice at once"
+            running.add(name)
+        try:
+            time.sleep(0.05)
+            seed = next((o for o in overrides if o.startswith("train.seed=")), "")
+            first = calls.count(name) == 1
+            salient_ft_1 = seed == "train.seed=1" and "train.noise=none" in overrides
+            owq_start = {"train.method=none", "saliency.metric=owq"} <= set(overrides)
+            if first and (salient_ft_1 or owq_start):
+                raise RuntimeError("recover failed (torch.OutOfMemoryError: CUDA out of memory.)")
+            if seed == "train.seed=2":
+                raise RuntimeError("recover failed (ValueError: something else)")
+            return fake_report(out, bool(seed))
+        finally:
+            with lock:
+                running.discard(name)
 
     out = tmp_path / "sweep.json"
     args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
-    args += ["--methods", "base", "salient-ft", "--seeds", "0", "1", "2"]
+    args += ["--methods", "gift-owq", "base", "salient-ft", "--seeds", "0", "1", "2"]
     args += ["--budget", "2x2x32", "--jobs", "3", "--gpus", "2"]
     args += ["--work", str(tmp_path / "work"), "--out", str(out)]
-    assert sweep.main(args, runner=fake) == 1  # seed 2 still failed
-    rows = {r["key"].get("seed", -1): r for r in json.loads(out.read_text())["rows"]}
-    assert sorted(rows) == [-1, 0, 1]
-    assert rows[0]["concurrent_jobs"] == 3 and rows[1]["concurrent_jobs"] == 2
-    seed1 = [c for c in calls if "-s1-" in c]
-    seed2 = [c for c in calls if "-s2-" in c]
-    assert len(seed1) == 2 and len(seed2) == 1  # retried once; the other failure not at all
+    assert sweep.main(args, runner=fake) == 1  # the seed-2 rows still failed
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["key"]["method"], r["key"].get("seed", -1)): r for r in rows}
+    assert set(got) == {
+        ("base", -1),
+        ("gift-owq (before training)", -1),
+        ("salient-ft", 0),
+        ("salient-ft", 1),
+        ("gift-owq", 0),
+        ("gift-owq", 1),
+    }
+    assert got[("salient-ft", 0)]["concurrent_jobs"] == 3
+    assert "earlier_concurrent_jobs" not in got[("salient-ft", 0)]
+    assert got[("salient-ft", 1)]["concurrent_jobs"] == 2
+    assert got[("salient-ft", 1)]["earlier_concurrent_jobs"] == 3
+    # the owq start failed out of memory once: its rows never ran beside it, then ran after it
+    owq_start = [c for c in calls if c.startswith("w4-")]
+    assert len(owq_start) == len(set(owq_start)) + 1
+    assert "earlier_concurrent_jobs" not in got[("gift-owq", 0)]
+    assert len([c for c in calls if "-s2-" in c]) == 2  # salient-ft and owq, once each
+
+
+def test_an_out_of_memory_line_above_cudas_hint_is_kept():
+    hint = "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions."
+    err = f"Traceback ...\nRuntimeError: CUDA error: out of memory\n{hint}\n"
+    why = sweep.why_failed(err)
+    assert hint in why and "CUDA error: out of memory" in why
+    assert any(m in why for m in sweep.OUT_OF_MEMORY)
+    assert sweep.why_failed("x\nValueError: bad\n") == "ValueError: bad"
+    assert not any(m in sweep.why_failed("ValueError: bad") for m in sweep.OUT_OF_MEMORY)

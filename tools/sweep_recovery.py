@@ -99,7 +99,12 @@ CLAIMS = [
 
 
 # what a row's error says when its GPU ran out of memory (torch's allocator, or cuBLAS's handle)
-OUT_OF_MEMORY = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+OUT_OF_MEMORY = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "OutOfMemoryError",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
 
 
 def trains(method: str) -> bool:
@@ -137,6 +142,14 @@ def provenance(machine: str) -> dict:
     return {**common.provenance(machine == "shared"), "peft": peft_version}
 
 
+def why_failed(stderr: str) -> str:
+    """A failed run's reason from its stderr: the last line, and an out-of-memory line from
+    above it (CUDA's errors end with a hint line) where there is one."""
+    lines = stderr.strip().splitlines() or ["(no stderr)"]
+    oom = next((x.strip() for x in lines[-20:] if any(m in x for m in OUT_OF_MEMORY)), None)
+    return lines[-1] if oom is None or oom == lines[-1].strip() else f"{lines[-1]} / {oom}"
+
+
 def subprocess_recover(out: Path, recipe: str, overrides: list[str]) -> dict:
     """One `python -m gift_quant recover` process (this checkout's package); its report."""
     cmd = [sys.executable, "-m", "gift_quant", "recover", "--recipe", recipe, "--out", str(out)]
@@ -146,8 +159,7 @@ def subprocess_recover(out: Path, recipe: str, overrides: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode:
-        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        raise RuntimeError(f"recover failed ({last}): {' '.join(cmd)}")
+        raise RuntimeError(f"recover failed ({why_failed(proc.stderr)}): {' '.join(cmd)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -171,6 +183,7 @@ class Sweep:
         self.failed: list[str] = []
         self.out_of_memory: set[str] = set()  # work dirs of rows that failed out of GPU memory
         self.concurrent = max(1, getattr(args, "jobs", 1))
+        self.retried: set[str] = set()  # rows run again after running out of GPU memory
         self.failed_starts: set[Path] = set()
         self.lock = threading.Lock()  # rows finish in worker threads under --jobs
         self.slots: queue.Queue[int] = queue.Queue()
@@ -213,9 +226,24 @@ class Sweep:
         finally:
             self.slots.put(slot)
 
+    def run_grid(self, grid: list[tuple], workers: int) -> None:
+        """The quantized starts first (every post-mode row reads one; methods with the same
+        quantization settings share one, so no two rows make it at once), then the rows;
+        ``workers`` at a time."""
+        starts: dict[tuple, tuple[int, str]] = {}
+        for bits, method, _, _ in grid:
+            if not is_pre(method):
+                starts.setdefault((bits, tuple(_quant(method))), (bits, method))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for done in [pool.submit(self.start, *s) for s in starts.values()]:
+                done.result()
+            for done in [pool.submit(self.row, *row) for row in grid]:
+                done.result()
+
     def retry_out_of_memory(self, grid: list[tuple]) -> None:
         """Run again, one per GPU (or one at a time), the rows that failed out of GPU memory;
-        they resume from their checkpoints and record the lower concurrency."""
+        they resume from their checkpoints and record the lower concurrency (and the one their
+        earlier steps ran at)."""
         if not self.out_of_memory:
             return
         per = max(1, getattr(self.args, "gpus", 0))
@@ -233,13 +261,12 @@ class Sweep:
         self.failed = [f for f in self.failed if f not in oom]
         self.failed_starts = {d for d in self.failed_starts if d.name not in oom}
         self.out_of_memory = set()
+        self.retried = {d for d in (self.row_dir(*row).name for row in again) if d in oom}
         self.concurrent = per
         self.slots = queue.Queue()
         for slot in range(per):
             self.slots.put(slot)
-        with ThreadPoolExecutor(max_workers=per) as pool:
-            for done in [pool.submit(self.row, *row) for row in again]:
-                done.result()
+        self.run_grid(again, per)
 
     def check(self, grid: list[tuple]) -> None:
         """Every row's recipe is valid, before any row runs (one line naming the row if not)."""
@@ -378,6 +405,8 @@ class Sweep:
                 peak_rss_mb=t["peak_rss_mb"],
                 curve=curve(metrics, report["perplexity_quantized"]),
             )
+        if out.name in self.retried:  # its steps before the failure ran beside more rows
+            rec["earlier_concurrent_jobs"] = max(1, getattr(self.args, "jobs", 1))
         return rec
 
 
@@ -609,17 +638,7 @@ def main(argv=None, runner=subprocess_recover) -> int:
         if trains(method) or seed == args.seeds[0]
     ]
     sweep.check(grid)
-    # the quantized starts first (every post-mode row reads one; methods with the same
-    # quantization settings share one), then the rows; both --jobs at a time
-    starts: dict[tuple, tuple[int, str]] = {}
-    for bits, method, _, _ in grid:
-        if not is_pre(method):
-            starts.setdefault((bits, tuple(_quant(method))), (bits, method))
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for done in [pool.submit(sweep.start, *s) for s in starts.values()]:
-            done.result()
-        for done in [pool.submit(sweep.row, *row) for row in grid]:
-            done.result()
+    sweep.run_grid(grid, args.jobs)
     sweep.retry_out_of_memory(grid)
     report(sweep.results, out)
     if sweep.failed:
