@@ -28,11 +28,14 @@ def perplexity(
     """exp(mean next-token NLL) over ``windows`` [n, L]; each window predicts L - 1 tokens.
 
     Parameters are cast to ``dtype`` (buffers keep theirs, as with ``from_pretrained``) for
-    the duration of the call and get their dtype back afterwards.
+    the duration of the call and get their dtype back afterwards; trainable ones (fp32 masters
+    evaluated mid-training) get their very tensors back, never a rounded copy.
     Returns ``{"perplexity", "nll", "tokens", "windows", "seconds"}``.
     """
     t0 = time.perf_counter()
-    params = [(p, p.device, p.dtype) for p in model.parameters()]
+    params = [
+        (p, p.device, p.dtype, p.data if p.requires_grad else None) for p in model.parameters()
+    ]
     model.to(device)
     cast_params(model, dtype)
     was_training = model.training
@@ -51,8 +54,8 @@ def perplexity(
             count += ids[:, 1:].numel()
     finally:
         model.train(was_training)
-        for p, dev, dt in params:
-            p.data = p.data.to(device=dev, dtype=dt)
+        for p, dev, dt, master in params:
+            p.data = master if master is not None else p.data.to(device=dev, dtype=dt)
         if params:
             model.to(params[0][1])
     mean = nll / count

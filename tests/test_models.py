@@ -127,3 +127,20 @@ def test_auto_compute_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
         assert resolve_dtype("auto", cpu) == want
         assert resolve_dtype("auto", cuda) == torch.bfloat16
         assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+def test_an_evaluation_in_half_precision_leaves_fp32_masters_untouched(tiny_model_dirs):
+    """Mid-training evaluation casts the model to eval.dtype and back: trainable fp32 masters
+    (salient columns, norms) come back as the same values, not rounded through bf16."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs("llama"), dtype=torch.float32)
+    norm = model.model.norm.weight
+    norm.data = torch.full_like(norm, 1.0 + 2**-20)  # not a bf16 value
+    norm.requires_grad_(True)
+    frozen = model.model.layers[0].input_layernorm.weight
+    before = frozen.detach().clone()
+    windows = torch.randint(0, model.config.vocab_size, (2, 16))
+    perplexity(model, windows, dtype=torch.bfloat16, progress=False)
+    assert norm.dtype == torch.float32 and torch.all(norm == 1.0 + 2**-20)
+    assert frozen.dtype == torch.float32 and torch.equal(frozen, before)  # exact in bf16 here
