@@ -235,6 +235,9 @@ def test_rows_that_run_out_of_gpu_memory_are_retried_one_per_gpu(tiny_sweep_reci
             salient_ft_1 = seed == "train.seed=1" and "train.noise=none" in overrides
             owq_start = {"train.method=none", "saliency.metric=owq"} <= set(overrides)
             if first and (salient_ft_1 or owq_start):
+                if salient_ft_1:  # some steps ran before it ran out of memory
+                    (out / "train").mkdir(parents=True, exist_ok=True)
+                    (out / "train/metrics.jsonl").write_text('{"step": 1}\n')
                 raise RuntimeError("recover failed (torch.OutOfMemoryError: CUDA out of memory.)")
             if seed == "train.seed=2":
                 raise RuntimeError("recover failed (ValueError: something else)")
@@ -278,3 +281,23 @@ def test_an_out_of_memory_line_above_cudas_hint_is_kept():
     assert any(m in why for m in sweep.OUT_OF_MEMORY)
     assert sweep.why_failed("x\nValueError: bad\n") == "ValueError: bad"
     assert not any(m in sweep.why_failed("ValueError: bad") for m in sweep.OUT_OF_MEMORY)
+
+
+def test_methods_with_the_same_quantization_share_one_start(tiny_sweep_recipe, tmp_path):
+    """gift-owq and gift-owq-b6 quantize alike: one start, made once, before their rows."""
+    calls = []
+
+    def fake(out, recipe, overrides):
+        calls.append(out.parent.name)
+        return fake_report(out, any(o.startswith("train.seed=") for o in overrides))
+
+    out = tmp_path / "sweep.json"
+    args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
+    args += ["--methods", "gift-owq", "gift-owq-b6", "--seeds", "0", "1"]
+    args += ["--budget", "2x2x32", "--jobs", "4", "--work", str(tmp_path / "work")]
+    assert sweep.main([*args, "--out", str(out)], runner=fake) == 0
+    assert calls.count("starts") == 1 and calls[0] == "starts"
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["key"]["method"] for r in rows if "seed" not in r["key"]] == [
+        "gift-owq (before training)"
+    ]

@@ -235,10 +235,10 @@ class Sweep:
         """The quantized starts first (every post-mode row reads one; methods with the same
         quantization settings share one, so no two rows make it at once), then the rows;
         ``workers`` at a time."""
-        starts: dict[tuple, tuple[int, str]] = {}
+        starts: dict[Path, tuple[int, str]] = {}
         for bits, method, _, _ in grid:
             if not is_pre(method):
-                starts.setdefault((bits, tuple(_quant(method))), (bits, method))
+                starts.setdefault(self.start_of(bits, method)[2], (bits, method))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for done in [pool.submit(self.start, *s) for s in starts.values()]:
                 done.result()
@@ -252,6 +252,9 @@ class Sweep:
         if not self.out_of_memory:
             return
         per = max(1, getattr(self.args, "gpus", 0))
+        if max(1, getattr(self.args, "jobs", 1)) <= per:
+            print("rows ran out of GPU memory one per GPU already: not retried", flush=True)
+            return
         print(
             f"retrying {len(self.out_of_memory)} rows that ran out of GPU memory, {per} at a time",
             flush=True,
@@ -266,7 +269,12 @@ class Sweep:
         self.failed = [f for f in self.failed if f not in oom]
         self.failed_starts = {d for d in self.failed_starts if d.name not in oom}
         self.out_of_memory = set()
-        self.retried = {d for d in (self.row_dir(*row).name for row in again) if d in oom}
+        # rows that had trained some steps before they failed (a retry resumes them)
+        self.retried = {
+            d.name
+            for d in (self.row_dir(*row) for row in again)
+            if d.name in oom and (d / "train" / "metrics.jsonl").is_file()
+        }
         self.concurrent = per
         self.slots = queue.Queue()
         for slot in range(per):
@@ -299,7 +307,10 @@ class Sweep:
         """(key, name, work directory) of the quantized start that ``method`` trains from."""
         quant = _quant(method)
         untrained = [m for m in METHODS if not trains(m) and _quant(m) == quant]
-        name = untrained[0] if untrained else f"{method} (before training)"
+        # no untrained method of these settings: named after the first method that has them,
+        # so every method with the same quantization shares one start
+        first = next(m for m in METHODS if _quant(m) == quant)
+        name = untrained[0] if untrained else f"{first} (before training)"
         key = {**self.common(), "bits": bits, "quant": quant, "method": name}
         return key, name, self.work / "starts" / f"w{bits}-{_slug(key)}"
 
