@@ -10,9 +10,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gift_quant.mixed_linear import MixedLinear
-from gift_quant.modeling import cast_params
 
 __all__ = ["bits_report", "perplexity"]
+
+
+def _widening(src: torch.dtype, dst: torch.dtype) -> bool:
+    """A cast from ``src`` to ``dst`` and back is exact."""
+    return dst in (torch.float32, torch.float64) and torch.finfo(src).bits <= torch.finfo(dst).bits
 
 
 @torch.no_grad()
@@ -24,20 +28,27 @@ def perplexity(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     desc: str = "perplexity",
+    keep_trainable: bool = False,
 ) -> dict:
     """exp(mean next-token NLL) over ``windows`` [n, L]; each window predicts L - 1 tokens.
 
-    Parameters are cast to ``dtype`` (buffers keep theirs, as with ``from_pretrained``) for
-    the duration of the call and get their dtype back afterwards; trainable ones (fp32 masters
-    evaluated mid-training) get their very tensors back, never a rounded copy.
+    Parameters are cast to ``dtype`` (buffers keep theirs, as with ``from_pretrained``) for the
+    duration of the call and get their values back afterwards (their own tensors where the cast
+    loses precision). ``keep_trainable`` (an evaluation mid-training) leaves the parameters that
+    require grad as they are: fp32 masters whose modules cast them on use; swapping their
+    tensors would also detach the gradient hooks of a DDP run.
     Returns ``{"perplexity", "nll", "tokens", "windows", "seconds"}``.
     """
     t0 = time.perf_counter()
-    params = [
-        (p, p.device, p.dtype, p.data if p.requires_grad else None) for p in model.parameters()
-    ]
+    first = next(iter(model.parameters()), None)
+    home = None if first is None else first.device
     model.to(device)
-    cast_params(model, dtype)
+    saved = []
+    for p in model.parameters():
+        if (keep_trainable and p.requires_grad) or not p.is_floating_point() or p.dtype == dtype:
+            continue
+        saved.append((p, p.dtype, None if _widening(p.dtype, dtype) else p.data))
+        p.data = p.data.to(dtype)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -54,10 +65,10 @@ def perplexity(
             count += ids[:, 1:].numel()
     finally:
         model.train(was_training)
-        for p, dev, dt, master in params:
-            p.data = master if master is not None else p.data.to(device=dev, dtype=dt)
-        if params:
-            model.to(params[0][1])
+        for p, dt, original in saved:
+            p.data = original if original is not None else p.data.to(dt)
+        if home is not None:
+            model.to(home)
     mean = nll / count
     return {
         "perplexity": math.exp(mean),

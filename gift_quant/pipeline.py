@@ -128,7 +128,7 @@ class _Run:
         ev = self.recipe.eval
         self.windows = load_eval_windows(tok, ev.text[0], ev.seq_len, ev.max_tokens, ev.bos)
 
-    def ppl(self, model, label: str, windows=None, progress=None) -> dict:
+    def ppl(self, model, label: str, windows=None, progress=None, training=False) -> dict:
         ev = self.recipe.eval
         r = perplexity(
             model,
@@ -138,6 +138,7 @@ class _Run:
             getattr(torch, ev.dtype),
             self.progress if progress is None else progress,
             desc=f"ppl {label}",
+            keep_trainable=training,
         )
         log.info("%s perplexity: %.3f (%d tokens)", label, r["perplexity"], r["tokens"])
         return r
@@ -157,7 +158,7 @@ class _Run:
         small = self.windows[: max(1, tr.eval_tokens // self.recipe.eval.seq_len)]
 
         def evaluate(model):
-            r = self.ppl(model, "train", small, progress=False)
+            r = self.ppl(model, "train", small, progress=False, training=True)
             return {"perplexity": r["perplexity"], "tokens": r["tokens"]}
 
         return evaluate

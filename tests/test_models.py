@@ -130,17 +130,29 @@ def test_auto_compute_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
 
 
 def test_an_evaluation_in_half_precision_leaves_fp32_masters_untouched(tiny_model_dirs):
-    """Mid-training evaluation casts the model to eval.dtype and back: trainable fp32 masters
-    (salient columns, norms) come back as the same values, not rounded through bf16."""
+    """Mid-training evaluation in eval.dtype (train.norms here): trainable fp32 masters are not
+    touched at all (same tensor: a DDP run keeps its gradient hooks), and frozen fp32 weights
+    come back with their values, not rounded through bf16."""
     from transformers import AutoModelForCausalLM
 
+    from gift_quant.train.norms import TrainedNorms
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs("llama"), dtype=torch.float32)
-    norm = model.model.norm.weight
-    norm.data = torch.full_like(norm, 1.0 + 2**-20)  # not a bf16 value
-    norm.requires_grad_(True)
-    frozen = model.model.layers[0].input_layernorm.weight
+    model.requires_grad_(False)
+    value = 1.0 + 2**-20  # not a bf16 value
+    model.model.norm.weight.data.fill_(value)
+    norms = TrainedNorms(model)
+    master = model.model.norm.weight.data_ptr()
+    frozen = model.model.embed_tokens.weight
+    frozen.data[0, 0] = value
     before = frozen.detach().clone()
     windows = torch.randint(0, model.config.vocab_size, (2, 16))
+    perplexity(model, windows, dtype=torch.bfloat16, progress=False, keep_trainable=True)
+    weight = model.model.norm.weight
+    assert weight.data_ptr() == master and weight.dtype == torch.float32
+    assert torch.all(weight == value)
+    assert frozen.dtype == torch.float32 and torch.equal(frozen, before)
+    norms.finish()
+    # any other evaluation casts every parameter, and gives every value back
     perplexity(model, windows, dtype=torch.bfloat16, progress=False)
-    assert norm.dtype == torch.float32 and torch.all(norm == 1.0 + 2**-20)
-    assert frozen.dtype == torch.float32 and torch.equal(frozen, before)  # exact in bf16 here
+    assert torch.all(model.model.norm.weight == value) and torch.equal(frozen, before)
