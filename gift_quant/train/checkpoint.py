@@ -99,6 +99,7 @@ def load_checkpoint(
     ``upgrade(stored)`` brings a fingerprint written by an older version to today's form."""
     state = json.loads((path / "state.json").read_text())
     stored = upgrade(state["fingerprint"]) if upgrade else state["fingerprint"]
+    fingerprint = upgrade(fingerprint) if upgrade else fingerprint  # both in one form
     if stored != fingerprint:
         diff = sorted(
             k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
