@@ -300,7 +300,8 @@ def _train_post(run: _Run, model, tok, teacher) -> tuple[Path, dict]:
         norms = None
         if tr.method == "gift":
             attach_gift(model, tr.noise, tr.noise_bits(recipe.quant.bits))
-            norms = TrainedNorms(model) if tr.norms else None
+            if tr.norms:
+                norms = TrainedNorms(model)
         else:
             from gift_quant.train.lora import attach_lora
 

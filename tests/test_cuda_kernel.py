@@ -70,9 +70,8 @@ def f16(bits16: int) -> np.float16:
     return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
 
 
-def lane_scales(p: native.Packed, grp: int, b: int, row: int) -> list[list[np.float16]]:
-    """The 8 words lane row ``row`` of ``scp`` gives, as (half 0, half 1) fp16 pairs."""
-    words = p.scp.view(torch.int32).numpy().astype(np.int64) & 0xFFFFFFFF  # [G, B, 4, 8]
+def lane_scales(words: np.ndarray, grp: int, b: int, row: int) -> list[list[np.float16]]:
+    """The 8 words of row ``row`` of the scale words [G, B, 4, 8], as (half 0, half 1) pairs."""
     return [[f16(int(w)), f16(int(w) >> 16)] for w in words[grp, b, row]]
 
 
@@ -84,6 +83,7 @@ def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
     zp = p.zp.numpy()  # [G, B, 8 (g), 8 (j)]
+    sw = p.scp.view(torch.int32).numpy().astype(np.int64) & 0xFFFFFFFF  # [G, B, 4 (t), 8 (j)]
     Q = np.full((K, N), np.nan, dtype=np.float32)
     W = np.full((K, N), np.nan, dtype=np.float32)
     S = np.full((K // p.group, N), np.nan, dtype=np.float32)
@@ -93,8 +93,8 @@ def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
                 words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
-                after = lane_scales(p, grp, b, t)  # columns 8 j + 2 t + c
-                before = lane_scales(p, grp, b, g >> 1)  # half g % 2: column 8 j + g
+                after = lane_scales(sw, grp, b, t)  # columns 8 j + 2 t + c
+                before = lane_scales(sw, grp, b, g >> 1)  # half g % 2: column 8 j + g
                 for j in range(8):
                     for c in range(2):
                         S[grp, b * 64 + 8 * j + 2 * t + c] = after[j][c]

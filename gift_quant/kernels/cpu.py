@@ -37,6 +37,7 @@ from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
     "auto_matmul",
+    "cached_form",
     "dense_matmul",
     "int4_matmul",
     "int4_unsupported",
@@ -70,7 +71,7 @@ class _Cache(dict):
         return _Cache, ()
 
 
-def _cached(layer, kind: str, dtype: torch.dtype, build):
+def cached_form(layer, kind: str, dtype: torch.dtype, build):
     """``build()`` once per (layer tensors, kind, dtype); rebuilt when any tensor changes."""
     tensors = _tensors(layer)
     key = (kind, dtype, *map(id, tensors), *[-1 if t is None else t._version for t in tensors])
@@ -87,7 +88,7 @@ def _cached(layer, kind: str, dtype: torch.dtype, build):
 def dense_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
     """The mixed product with ``dequant(W_q)^T`` [K, N] built once and cached; ``base_only``:
     without the salient product and bias (the base product)."""
-    wt = _cached(
+    wt = cached_form(
         layer,
         "dense",
         x.dtype,
@@ -109,7 +110,7 @@ def packed_unsupported(layer) -> str | None:
 
 def _packed(layer) -> cpu_native.NativeLayer | None:
     """The layer in the kernel's layout, or None when the kernel cannot compute it."""
-    return _cached(
+    return cached_form(
         layer,
         "packed",
         torch.float32,
@@ -226,7 +227,7 @@ def int4_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
     reason = int4_unsupported(layer)
     if reason is not None:
         raise ValueError(f"backend='cpu_int4' cannot run this layer: {reason}; use 'cpu'")
-    packed, sz = _cached(layer, "int4", torch.float32, lambda: _int4_pack(layer))
+    packed, sz = cached_form(layer, "int4", torch.float32, lambda: _int4_pack(layer))
     group = layer.in_features if layer.group_size == -1 else layer.group_size
     x2 = x.reshape(-1, layer.in_features).float()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, sz)

@@ -53,20 +53,13 @@ def _dense_view(layer: MixedLinear, dtype):
 
 
 def _dense_weight(layer: MixedLinear, dtype):
-    """``layer.dequantize(dtype)``, kept on the layer while its buffers are unchanged: the base
+    """``layer.dequantize(dtype)``, kept on the layer while its tensors are unchanged: the base
     is frozen, and rebuilding it at every DoRA forward (a dozen unpacking ops per layer) made
     a DoRA step several times a LoRA step. Costs one dense copy of the base weights, as a
     DoRA on an unquantized model holds."""
-    bufs = (layer.qweight, layer.qzeros, layer.scales, layer.salient_weight)
-    key = (dtype, *((t.data_ptr(), t._version) for t in bufs))
-    cached = getattr(layer, "_dora_dense", None)
-    if cached is None or cached[0] != key:
-        import torch
+    from gift_quant.kernels.cpu import cached_form
 
-        with torch.no_grad():
-            cached = (key, layer.dequantize(dtype))
-        layer._dora_dense = cached
-    return cached[1]
+    return cached_form(layer, "dora-dense", dtype, lambda: layer.dequantize(dtype))
 
 
 def _mixed_lora_class():
