@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -107,3 +108,16 @@ def test_every_tool_that_writes_json_stamps_it():
         "sweep_mma",
         "sweep_recovery",
     } <= writers
+
+
+def test_child_processes_see_the_tools_packages(monkeypatch):
+    """A tool's child runs this checkout first and then the tool's own PYTHONPATH: replacing
+    it would make the child import other packages than the versions the tool's rows record."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/wheels/site", "/more"]))
+    env = prov.child_env("/checkout", HF_HUB_OFFLINE="1")
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/checkout", "/wheels/site", "/more"]
+    assert env["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert prov.child_env("/checkout")["PYTHONPATH"] == "/checkout"
+    sources = "".join(p.read_text() for p in TOOLS.glob("*.py") if p.name != "provenance.py")
+    assert '"PYTHONPATH": str(' not in sources  # no tool replaces it any more

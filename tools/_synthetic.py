@@ -85,7 +85,6 @@ def run_recover(prefix: list[str], recipe: Path, out: Path, sets: list[str], cod
     """``prefix -m gift_quant recover`` with the package found in ``code`` (this checkout or an
     older one); its JSON result plus ``wall_seconds``. A failure prints its output and exits."""
     import json
-    import os
     import subprocess
     import sys
     import time
@@ -94,8 +93,9 @@ def run_recover(prefix: list[str], recipe: Path, out: Path, sets: list[str], cod
     cmd += ["--out", str(out), "--json", "-q"]
     for s in sets:
         cmd += ["--set", s]
-    paths = [str(code), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    from provenance import child_env
+
+    env = child_env(code)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
     if proc.returncode:

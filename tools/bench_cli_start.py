@@ -22,7 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
+from provenance import (  # noqa: E402
+    add_arguments,
+    child_env,
+    provenance,
+    shared_flag,
+    stamp,
+    write_json,
+)
 
 COMMANDS = {
     "--help": ["-m", "gift_quant", "--help"],
@@ -53,7 +60,7 @@ def main() -> None:
     add_arguments(ap)
     args = ap.parse_args()
     prov = provenance(shared_flag(ap, args))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = child_env(ROOT, HF_HUB_OFFLINE="1")
     meta = {
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],

@@ -124,6 +124,14 @@ def stamp(row: dict, prov: dict) -> dict:
     return row
 
 
+def child_env(root: str | Path, **extra: str) -> dict:
+    """The environment for a child process of a tool: this checkout first on PYTHONPATH, then
+    whatever the tool's own PYTHONPATH had, so the child imports the same packages the tool
+    stamped in its rows (replacing PYTHONPATH would hide packages installed there)."""
+    paths = [str(root), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **extra}
+
+
 def write_json(path: str | Path, obj) -> Path:
     """Write ``obj`` as indented JSON to a temporary sibling, then rename it over ``path``."""
     path = Path(path)

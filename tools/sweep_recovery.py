@@ -134,7 +134,9 @@ def parse_budget(text: str) -> dict:
 
 
 def provenance(machine: str) -> dict:
-    """Commit and environment of this run: the tools' common stamp, plus peft's version."""
+    """Commit and environment of this run: the tools' common stamp, peft's version, and whether
+    the rows ran under CUDA MPS (concurrent rows then share the GPU's SMs instead of taking
+    turns, which changes their step times, not their results)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import provenance as common
 
@@ -144,7 +146,8 @@ def provenance(machine: str) -> dict:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    return {**common.provenance(machine == "shared"), "peft": peft_version}
+    mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+    return {**common.provenance(machine == "shared"), "peft": peft_version, "cuda_mps": mps}
 
 
 def why_failed(stderr: str) -> str:
@@ -161,8 +164,10 @@ def subprocess_recover(out: Path, recipe: str, overrides: list[str]) -> dict:
     cmd += ["--json", "-q"]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import child_env
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=child_env(ROOT))
     if proc.returncode:
         raise RuntimeError(f"recover failed ({why_failed(proc.stderr)}): {' '.join(cmd)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
