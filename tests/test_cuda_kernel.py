@@ -203,11 +203,12 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
         bf(torch.randn(8, K, device="cuda", dtype=torch.bfloat16))
     assert ops.prepare(bf).cuda is None  # bf16 never builds the second layout
     layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
-    for M in (5, 8):
-        assert ops.route(M, N, K, bits, mma=True) == "mma"
+    for M in (5, 8, 16, 32):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         with torch.no_grad():
-            out = layer(x)
+            out = layer(x)  # the first call of a bucket times the candidates, then runs one
+        taken = ops.route_in_force(M, N, K, bits, 64, 37, mma=True)
+        assert taken in ops.candidates(M, mma=True, N=N, K=K), taken
         err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
         assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, err, ref_err)
     assert ops.prepare(layer).cuda is not None

@@ -31,6 +31,7 @@ from gift_quant.kernels import (  # noqa: E402
     reference,
     resolve_backend,
 )
+from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import mm, ops  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
@@ -370,3 +371,101 @@ def test_triton_under_cuda_graph_replay():
     x.copy_(torch.randn_like(x))
     g.replay()
     within_bound(y, x, layer, w, b)
+
+
+def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkeypatch):
+    """fp16 calls with the CUDA kernel's layout time its configurations and the rule's Triton
+    route once per (device, shape, M bucket) and keep the fastest; outside TUNE_M, with
+    GIFT_QUANT_TUNE=0 or under graph capture the rule serves. The timer here is a stand-in
+    whose winner is set by the test (the CUDA-event timer needs a GPU)."""
+    monkeypatch.setattr(ops, "_tuned", {})
+    monkeypatch.delenv("GIFT_QUANT_TUNE", raising=False)
+    N, K = 4096, 14336
+    timed, winner = [], {"name": "mma:2x16"}
+
+    def timer(names, launch):
+        timed.append(list(names))
+        return {n: 0.5 if n == winner["name"] else 1.0 for n in names}
+
+    x = torch.zeros(64, K, dtype=F16)
+    sz = torch.zeros(1, N, dtype=torch.int32)
+
+    def pick(M, nsal=0):
+        wst = torch.zeros(nsal, N, dtype=F16) if nsal else None
+        return ops.tuned_route(x[:M], None, sz, wst, None, None, None, 4, 128, object(), timer)
+
+    assert pick(16) == "mma:2x16"
+    rule_triton = ops.route(16, N, K, 4)
+    assert timed == [[ops.mma_name(*c) for c in native.configs(16, N, K)] + [rule_triton]]
+    assert pick(9) == "mma:2x16" and len(timed) == 1  # same bucket: kept, not timed again
+    assert ops.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
+    winner["name"] = rule_triton
+    assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
+    winner["name"] = ops.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
+    assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
+    for M in (33, 64):  # beyond TUNE_M: the rule, never timed
+        assert pick(M) == ops.route(M, N, K, 4, mma=True)
+    assert len(timed) == 3
+    winner["name"] = "gemv:half"
+    assert pick(1) == "gemv:half"  # M <= 2: the GEMV's variants
+    assert timed[-1] == ["gemv", "gemv:half", "gemv:double", "gemv:wide"]
+    assert pick(2) == "gemv:half" and timed[-1] == ["gemv", "gemv:half", "gemv:double"]
+    bf = ops.tuned_route(x[:16].to(BF16), None, sz, None, None, None, None, 4, 128, object(), timer)
+    assert bf == ops.route(16, N, K, 4) and len(timed) == 5  # bf16: no CUDA kernel, the rule
+    monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
+    assert pick(5) == ops.route(5, N, K, 4, mma=True) == ops.mma_name(*native.choose(5, N, K))
+    assert len(timed) == 5
+    monkeypatch.delenv("GIFT_QUANT_TUNE")
+    assert pick(5) == ops.route(5, N, K, 4, mma=True)  # kept: the same call, the same kernel
+    assert len(timed) == 5
+
+
+@pytest.mark.parametrize(("M", "variant"), [(1, "half"), (1, "wide"), (2, "half")])
+def test_gemv_variants_match_the_oracle(M, variant):
+    """The GEMV configurations the first-use timing may pick compute the same product ("double"
+    differs from "half" only in the run-time split count, and needs a wider layer to differ
+    from the rule at all)."""
+    layer, w, b = make(256, 256, bits=4, group=128, salient=5, bias=True, seed=M, dtype=F16)
+    p = ops.prepare(layer)
+    x = torch.randn(M, 256, device=DEV, dtype=F16)
+    out = torch.full((M, 256), float("nan"), device=DEV, dtype=F16)
+    args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+    assert f"gemv:{variant}" in ops.candidates(M, N=256, K=256, group=128)
+    ops.run_route(f"gemv:{variant}", x, *args, out=out)
+    within_bound(out, x, layer, w, b)
+    with pytest.raises(ValueError, match="does not fit"):  # 256-column tiles: M = 1 only
+        ops.run_route("gemv:wide", torch.randn(2, 256, device=DEV, dtype=F16), *args)
+
+
+def test_cuda_kernel_configurations_fit_the_launch():
+    """Every configuration the timing may pick is one the launch runs as named: WN divides the
+    strips, the splits are the ones the launch's k-steps per split give, the staged x stays
+    within 96 KB, the rule's configuration comes first, and 2- and 4-warp blocks are tried."""
+    for N, K in [(4096, 4096), (4096, 14336), (8192, 28672), (12288, 4096), (960, 1536)]:
+        for M in (3, 8, 16, 32):
+            cfgs = native.configs(M, N, K)
+            steps = K // 64
+            assert cfgs[0][0] == native.choose(M, N, K)[0] and len(set(cfgs)) == len(cfgs)
+            for wn, splits in cfgs:
+                assert (N // 64) % wn == 0 and 1 <= splits <= steps
+                per = -(-steps // splits)
+                assert -(-steps // per) == splits
+                rows = 16 if M <= 16 else 32
+                assert rows * per * 64 * 2 <= 96 * 1024
+            if N // 64 % 4 == 0:
+                assert {wn for wn, _ in cfgs} == {2, 4}
+
+
+def test_mma_route_names_carry_the_configuration(monkeypatch):
+    seen = []
+
+    def fake(x2, p, bias, ws, cnt, wn=0, splits=0, out=None):
+        seen.append((wn, splits))
+        return out
+
+    monkeypatch.setattr(native, "mixed_mma", fake)
+    x = torch.zeros(4, 128, dtype=F16)
+    sz = torch.zeros(2, 64, dtype=torch.int32)
+    for name in ("mma:2x16", "mma:4x3", "mma"):
+        ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=object())
+    assert seen == [(2, 16), (4, 3), (0, 0)]  # "mma": the rule's, chosen in mixed_mma

@@ -195,13 +195,17 @@ def main() -> None:
     from gift_quant.kernels.cuda import native
     from gift_quant.kernels.triton import ops
 
-    shapes = {(m.out_features, m.in_features, m.bits) for m in mixed_modules(qmodel)}
+    shapes = set()
+    for m in mixed_modules(qmodel):
+        group = m.in_features if m.group_size == -1 else m.group_size
+        shapes.add((m.out_features, m.in_features, m.bits, group, m.salient_idx.numel()))
+    mma = native.library() is not None
     res = dict(
         **run_environment(args.shared),
-        routes={
-            f"M={m} {n}x{k} w{b}": ops.route(m, n, k, b, mma=native.library() is not None)
+        routes={  # after the timed runs: the measured choices where the op made them
+            f"M={m} {n}x{k} w{b}": ops.route_in_force(m, n, k, b, g, s, mma)
             for m in args.batch
-            for n, k, b in sorted(shapes)
+            for n, k, b, g, s in sorted(shapes)
         },
         layers=args.layers,
         mixed_layers=n_mixed,

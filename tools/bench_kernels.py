@@ -142,8 +142,10 @@ def ours(x: torch.Tensor, L: dict, bits: int):
 
 
 def op_route(M: int, N: int, K: int, bits: int) -> str:
-    """The kernel the op takes for fp16 x (the CUDA kernel where it is built)."""
-    return triton_ops.route(M, N, K, bits, mma=native.library() is not None)
+    """The kernel the op takes for fp16 x now (the CUDA kernel where it is built, in the
+    configuration measured at the shape's first call)."""
+    mma = native.library() is not None
+    return triton_ops.route_in_force(M, N, K, bits, GROUP, NSAL, mma)
 
 
 def time_cublas(N: int, K: int, M: int) -> float:
@@ -215,10 +217,12 @@ def record(res: dict, key: str, **fields) -> dict:
 
 
 def routes_in_force(N: int, K: int, bits: int) -> dict:
-    """The kernel ``route`` picks at every benchmarked M, and where the table came from."""
+    """The kernel the op took at every benchmarked M (after the shape ran: the CUDA kernel's
+    configurations measured at first use included), and where the Triton table came from."""
     measured = (N, K, bits) in triton_ops.ROUTES
     return dict(
         table="ROUTES (measured on this shape)" if measured else "DEFAULT_ROUTES",
+        tuned_m=list(triton_ops.TUNE_M),
         by_m={M: op_route(M, N, K, bits) for M in MS},
     )
 
@@ -230,6 +234,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
         base = packed_layer(N, K, bits, codes=True)
         R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
         copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+        shape_rows = []
         for M in MS:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             rel = float(
@@ -247,7 +252,6 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 bits=bits,
                 M=M,
                 route=op_route(M, N, K, bits),
-                routes_in_force=routes_in_force(N, K, bits),
                 us=t,
                 cublas_us=fp[M],
                 speedup=fp[M] / t,
@@ -257,6 +261,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 rel_err=rel,
                 tinygemm_us=tg.get(M) if bits == 4 else None,
             )
+            shape_rows.append(row)
             tgs = f" tinygemm {tg[M]:6.2f}us x{fp[M] / tg[M]:4.2f}" if bits == 4 and M in tg else ""
             print(
                 f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {row['route']:6s} ours {t:7.2f}us "
@@ -268,6 +273,8 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 sweep_one(x, copies, bits, M, N, K, fp[M], res)
             if res["opts"]["candidates"] and M > triton_ops.GEMV_MAX_M:
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
+        for row in shape_rows:
+            row["routes_in_force"] = routes_in_force(N, K, bits)
         del copies, base
         torch.cuda.empty_cache()
     record(res, "cublas", shape_group=group, N=N, K=K, us=fp)

@@ -11,8 +11,13 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   split-K GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >= CUBLAS_MIN_M); between,
   ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and
   shipped with the code: docs/KERNELS-NOTES.md) or in ``DEFAULT_ROUTES``: the GEMV, the
-  tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS. No global
-  autotuning state: the same call always takes the same kernel.
+  tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS.
+* Measured at first use (x on a GPU, M in TUNE_M): the first call of a layer shape and M
+  bucket on a device times the kernels that could serve it, each with the L2 cache
+  overwritten, and keeps the fastest for the process (``tuned_route``): the GEMV's variants
+  at M <= 2, the CUDA kernel's configurations (``native.configs``) beside the rule's Triton
+  kernel at M = 3..32 for fp16. From then on the same call always takes the same kernel.
+  ``GIFT_QUANT_TUNE=0`` (or a first call inside CUDA-graph capture) keeps the rules instead.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
   through the same tiles (``mm.backward``; no dense copy of W is kept).
@@ -23,6 +28,9 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
+import logging
+import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import native
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
-from gift_quant.kernels.triton.gemv import gemv
+from gift_quant.kernels.triton.gemv import VARIANTS, gemv, gemv_variant
 from gift_quant.kernels.triton.mm import (
     MM_CONFIGS,
     NOISE_KINDS,
@@ -48,6 +56,8 @@ from gift_quant.kernels.triton.mm import (
 from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "base_matmul",
     "candidates",
@@ -55,7 +65,9 @@ __all__ = [
     "noisy_weight_t",
     "prepare",
     "route",
+    "route_in_force",
     "run_route",
+    "tuned_route",
 ]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMA_M)
@@ -65,6 +77,10 @@ GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see M
 # benchmarks/results/sweep_mma_h200.json
 MMA_M = (3, 16)
 MMA_WIDE_WEIGHTS = 1 << 25
+# M where the kernel is measured at first use: the GEMV's variants at M <= 2, and up to M = 32
+# the CUDA kernel, which beat the Triton kernels there on the largest layers and lost on others
+TUNE_M = (1, 32)
+TUNE_REPS = 5
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
 
@@ -184,10 +200,11 @@ def cuda_layout(layer) -> native.Packed | None:
 
 
 def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
-    """Which kernel serves M rows of an (N, K, bits) layer (names: see ``DEFAULT_ROUTES``;
-    "mma": the CUDA kernel, where ``mma`` says it can serve the call)."""
+    """Which kernel serves M rows of an (N, K, bits) layer by rule, without measuring (names:
+    see ``DEFAULT_ROUTES``; "mma:WNxS", the CUDA kernel with WN warps per block and S K-splits,
+    where ``mma`` says it can serve the call)."""
     if mma and MMA_M[0] <= M <= MMA_M[1] and (M <= 8 or N * K >= MMA_WIDE_WEIGHTS):
-        return "mma"
+        return mma_name(*native.choose(M, N, K))
     if M <= GEMV_MAX_M:
         return "gemv"
     if M >= CUBLAS_MIN_M:
@@ -199,13 +216,139 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> s
     return "cublas"
 
 
-def candidates(M: int, mma: bool = False) -> list[str]:
+def mma_name(wn: int, splits: int) -> str:
+    return f"mma:{wn}x{splits}"
+
+
+def _mma_config(name: str) -> tuple[int, int]:
+    wn, splits = name[4:].split("x")
+    return int(wn), int(splits)
+
+
+def m_bucket(M: int) -> int:
+    """The M a tuned route is kept for: calls with M rows share the route of M_bucket rows
+    (the GEMV tiles 1 or 2 rows, the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32)."""
+    return M if M <= 2 else 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
+
+
+_tuned: dict[tuple, str] = {}  # tuned_key -> kernel
+
+
+def tuned_key(device, N, K, bits, group, nsal, dtype, mma, M) -> tuple:
+    return (device, N, K, bits, group, nsal, str(dtype), mma, m_bucket(M))
+
+
+def tuning_names(M: int, N: int, K: int, bits: int, group: int, mma: bool) -> list[str]:
+    """The kernels timed for M rows at first use ([] or one: nothing to measure)."""
+    if M <= GEMV_MAX_M and not (mma and M >= MMA_M[0]):
+        variants = [v for v in VARIANTS if gemv_variant(v, M, N, K, bits, group) is not None]
+        return ["gemv", *(f"gemv:{v}" for v in variants)] if M <= 2 else []
+    if mma and M <= TUNE_M[1]:
+        return [mma_name(*c) for c in native.configs(M, N, K)] + [route(M, N, K, bits)]
+    return []
+
+
+def route_in_force(
+    M: int,
+    N: int,
+    K: int,
+    bits: int,
+    group: int,
+    nsal: int,
+    mma: bool,
+    device: int | None = 0,
+    dtype: torch.dtype = torch.float16,
+) -> str:
+    """The kernel calls of M rows take now: the measured choice where one was made, else
+    ``route``'s rule (what the tools record as the routes in force)."""
+    key = tuned_key(device, N, K, bits, group, nsal, dtype, mma, M)
+    return _tuned.get(key) or route(M, N, K, bits, mma)
+
+
+def tuned_route(
+    x2: Tensor,
+    q: Tensor,
+    sz: Tensor,
+    wst: Tensor | None,
+    sidx: Tensor | None,
+    sal_pos: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group: int,
+    cuda: native.Packed | None = None,
+    timer=None,
+) -> str:
+    """The kernel for ``x2``: ``route``'s rule where ``tuning_names`` has nothing to measure;
+    else the fastest of them, timed at the first call of (device, shape, dtype, M bucket) and
+    kept (``_tuned``). ``cuda``: the CUDA kernel's layout (fp16 x may take it). ``timer``
+    (names, launch) -> {name: seconds} replaces the CUDA-event timing (tests)."""
+    M, K = x2.shape
+    N = sz.shape[1]
+    mma = cuda is not None and x2.dtype == torch.float16
+    rule = route(M, N, K, bits, mma=mma)
+    names = tuning_names(M, N, K, bits, group, mma) if TUNE_M[0] <= M <= TUNE_M[1] else []
+    if len(names) < 2 or not (x2.is_cuda or timer):
+        return rule
+    nsal = 0 if wst is None else wst.shape[0]
+    key = tuned_key(x2.device.index, N, K, bits, group, nsal, x2.dtype, mma, M)
+    name = _tuned.get(key)
+    if name is not None:
+        return name
+    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing or os.environ.get("GIFT_QUANT_TUNE", "1") == "0":
+        _tuned[key] = rule
+        return rule
+    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+
+    def launch(name: str) -> None:
+        run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, out=out, cuda=cuda)
+
+    times = (timer or _time_kernels)(names, launch)
+    _tuned[key] = min(times, key=times.get) if times else rule
+    return _tuned[key]
+
+
+def _time_kernels(names: list[str], launch) -> dict[str, float]:
+    """Median seconds of each kernel over TUNE_REPS launches, interleaved, with the L2 cache
+    overwritten before every launch (the weights come from memory, as they do in a model
+    whose other layers ran in between). A kernel whose launch fails is left out."""
+    ok = []
+    for name in names:
+        try:
+            launch(name)  # compiles a Triton kernel the first time
+            ok.append(name)
+        except (RuntimeError, ValueError) as exc:
+            log.info("kernel %s left out of tuning: %s", name, exc)
+    device = torch.cuda.current_device()
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device="cuda")
+    events: dict[str, list] = {n: [] for n in ok}
+    for _ in range(TUNE_REPS):
+        for name in ok:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch(name)
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {
+        n: statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3 for n, ev in events.items()
+    }
+
+
+def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, group: int = 0) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
-    ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``)."""
+    ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); for an
+    (N, K, group) layer also the GEMV variants ``tuned_route`` may time; with ``mma``, the CUDA
+    kernel too: every configuration it may time, or "mma" (its rule's) without (N, K)."""
     if mma and M <= native.MAX_M:
-        return [*candidates(M), "mma"]
+        cuda = [mma_name(*c) for c in native.configs(M, N, K)] if N and K else ["mma"]
+        return [*candidates(M, N=N, K=K, group=group), *cuda]
     if M <= GEMV_MAX_M:
-        return ["gemv"]
+        # (the GEMV's tiles do not depend on the bit width: 4 stands for any)
+        fits = [v for v in VARIANTS if group and gemv_variant(v, M, N, K, 4, group)]
+        return ["gemv", *(f"gemv:{v}" for v in fits if M <= 2)]
     if M >= CUBLAS_MIN_M:
         return ["cublas"]
     out = ["gemv"] if M <= GEMV_LIMIT else []
@@ -238,10 +381,11 @@ def run_route(
     ``cuda``: the CUDA kernel's layout, for "mma")."""
     M, K = x2.shape
     N = sz.shape[1]
-    if name == "mma":
+    if name == "mma" or name.startswith("mma:"):  # "mma": the rule's configuration
+        wn, splits = _mma_config(name) if name != "mma" else (0, 0)
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()
-        return native.mixed_mma(x2, cuda, b16, ws, cnt, out=out)
+        return native.mixed_mma(x2, cuda, b16, ws, cnt, wn, splits, out=out)
     if name == "cublas":
         w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)
         if out is None:
@@ -251,8 +395,11 @@ def run_route(
         return torch.mm(x2, w, out=out)
     ws, cnt = _workspace(x2.device, M * N)
     kw = dict(bits=bits, group=group, out=out)
-    if name == "gemv":
-        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
+    if name == "gemv" or name.startswith("gemv:"):
+        cfg = gemv_variant(name[5:], M, N, K, bits, group) if name != "gemv" else None
+        if name != "gemv" and cfg is None:
+            raise ValueError(f"GEMV variant {name!r} does not fit M={M} N={N} K={K} g{group}")
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
@@ -297,7 +444,7 @@ def _run(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    name = route(M, N, K, bits, mma=cuda is not None and x.dtype == torch.float16)
+    name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
     y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda)
     return y.reshape(*x.shape[:-1], N)
 
