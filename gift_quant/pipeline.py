@@ -88,7 +88,14 @@ def _same_result(path: Path, recipe: Recipe) -> bool:
 
 
 def _stage_matches(export_dir: Path, recipe: Recipe) -> bool:
-    saved = without_runtime_keys(yaml.safe_load((export_dir / "recipe.yaml").read_text()) or {})
+    """Whether a saved quantized model was made with this recipe's model/calib/saliency/quant
+    settings. The saved recipe is re-read with today's defaults (as checkpoint fingerprints
+    are), so a key added since, at its default, does not make an old start "different"."""
+    raw = yaml.safe_load((export_dir / "recipe.yaml").read_text()) or {}
+    try:
+        saved = comparable(recipe_from_dict(raw))
+    except (RecipeError, ValueError, TypeError, AttributeError):
+        saved = without_runtime_keys(raw)
     now = comparable(recipe)
     return all(saved.get(s) == now[s] for s in QUANT_SECTIONS)
 

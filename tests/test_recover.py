@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
@@ -101,6 +102,22 @@ def test_rerun_resumes_and_refuses_another_recipe(tiny_model_dirs, tmp_path):
     # rows start from a quantized model made on another GPU)
     moved = run(path, tmp_path / "run", "model.device=cpu")
     assert moved["perplexity_recovered"] == first["perplexity_recovered"]
+
+
+def test_a_start_saved_before_a_key_existed_is_the_same_start(tmp_path):
+    """The quantized start's recipe.yaml is re-read with today's defaults: a key it lacks (added
+    later, at its default in the run's recipe) is no difference; a key it sets otherwise is."""
+    from gift_quant.pipeline import _stage_matches
+    from gift_quant.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"name_or_path": "m"}, "quant": {"bits": 3}})
+    old = recipe.to_dict()
+    old["quant"].pop("sym")  # at its default in ``recipe``
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old))
+    assert _stage_matches(tmp_path, recipe)
+    old["quant"]["bits"] = 4
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old))
+    assert not _stage_matches(tmp_path, recipe)
 
 
 def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypatch):
