@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("sweep_recovery", ROOT / "tools/sweep_recovery.py")
 sweep = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sweep)
+spec.loader.exec_module(sweep)  # puts tools/ on sys.path
+import sweep_methods  # noqa: E402
+import sweep_report  # noqa: E402
 
 
 def rec(method, bits, seed, ppl, step=1.0, gpu=100.0, budget=(10, 4, 64)):
@@ -62,19 +64,20 @@ def test_mean_std_ratios_and_claims_from_handmade_rows():
     rows += [rec("gift-post", 3, s, p) for s, p in enumerate([10.0, 11.0, 12.0])]
     rows += [rec("salient-ft", 3, s, p) for s, p in enumerate([10.5, 11.0, 11.5])]
     rows += [rec("lora", 2, s, p, step=0.5, gpu=150.0) for s, p in enumerate([5.0, 6.0, 7.0])]
-    g = sweep.groups({"rows": rows})
+    g = sweep_report.groups({"rows": rows})
     post = g[("10x4x64", 2, "gift-post")]
     assert post["n"] == 3 and post["mean"] == 11.0 and post["std"] == 1.0
     assert g[("-", 2, "base")]["n"] == 1 and math.isnan(g[("-", 2, "base")]["std"])
-    assert sweep.ratio_lines(g) == [
+    assert sweep_report.ratio_lines(g) == [
         "10x4x64 w2: lora / GIFT-SW step time 0.50x, peak GPU memory 1.50x"
     ]
-    verdicts = [sweep.judge(g, "10x4x64", comparisons)[1] for _, comparisons in sweep.CLAIMS]
+    claims = sweep_methods.CLAIMS
+    verdicts = [sweep_report.judge(g, "10x4x64", comparisons)[1] for _, comparisons in claims]
     assert verdicts[0] == "unclear"  # holds at w2 (10 apart), within seed noise at w3
     assert verdicts[1] == "not run"  # no pre-mode rows
     assert verdicts[2].startswith("disagrees (partly run")  # LoRA wins at w2; DoRA missing
     assert verdicts[3] == "not run"
-    result = sweep.judge(g, "10x4x64", sweep.CLAIMS[0][1])[0]
+    result = sweep_report.judge(g, "10x4x64", sweep_methods.CLAIMS[0][1])[0]
     assert "w2 gift-post 11.00 ± 1.00 vs salient-ft 21.00 ± 1.00: holds" in result
 
 
@@ -301,3 +304,38 @@ def test_methods_with_the_same_quantization_share_one_start(tiny_sweep_recipe, t
     assert [r["key"]["method"] for r in rows if "seed" not in r["key"]] == [
         "gift-owq (before training)"
     ]
+
+
+def test_a_fresh_work_directory_with_recorded_starts(tiny_sweep_recipe, tmp_path, monkeypatch):
+    """A sweep resumed on another machine: the JSON has the starts, the (relative) work
+    directory is new. Rows run in the checkout, not where the sweep started, so the work
+    directory is made absolute; the start is made again, a row's link to a start that is gone
+    is replaced, and an error in one row fails that row only."""
+    import shutil
+
+    seen, broken = [], {"train.seed=1"}
+
+    def fake(out, recipe, overrides):
+        assert out.is_absolute()
+        seen.append(out.parent.name)
+        if broken <= set(overrides):
+            raise KeyError("a bug in one row")
+        return fake_report(out, any(o.startswith("train.seed=") for o in overrides))
+
+    out = tmp_path / "sweep.json"
+    args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
+    args += ["--methods", "gift-post", "gift-post-b6", "--budget", "2x2x32", "--jobs", "2"]
+    args += ["--out", str(out), "--seeds", "0", "1"]
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([*args, "--work", "first"], runner=fake) == 1  # both seed-1 rows failed
+    assert len(json.loads(out.read_text())["rows"]) == 3  # the start and the seed-0 rows
+    (tmp_path / "second").mkdir()
+    shutil.move(tmp_path / "first/rows", tmp_path / "second/rows")
+    shutil.rmtree(tmp_path / "first")  # the seed-1 rows' links now point nowhere
+    seen.clear()
+    broken.add("train.b_noise=6")
+    assert sweep.main([*args, "--work", "second"], runner=fake) == 1
+    assert seen.count("starts") == 1  # made again: its files are not in this work directory
+    rows = json.loads(out.read_text())["rows"]
+    trained = sorted((r["key"]["method"], r["key"]["seed"]) for r in rows if "seed" in r["key"])
+    assert trained == [("gift-post", 0), ("gift-post", 1), ("gift-post-b6", 0)]

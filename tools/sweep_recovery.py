@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import queue
 import statistics
@@ -46,62 +45,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance as common  # noqa: E402
+from provenance import child_env  # noqa: E402
+from sweep_methods import (  # noqa: E402
+    DEFAULT_METHODS,
+    METHODS,
+    budget_text,
+    is_pre,
+    quant_overrides,
+    trains,
+)
+from sweep_report import report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-
-# name -> (label, overrides). Rows with train.method=none are quantized starts (no seed/budget).
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "rtn": ("RTN, no salient", ["quant.method=rtn", "saliency.fraction=0", "train.method=none"]),
-    "gptq": ("GPTQ, no salient", ["saliency.fraction=0", "train.method=none"]),
-    "base": ("GPTQ + salient, before training", ["train.method=none"]),
-    "salient-ft": ("salient-FT (no noise)", ["train.method=gift", "train.noise=none"]),
-    # the paper's full fine-tuning comparison: the same salient columns plus every norm
-    "salient-norms-ft": (
-        "salient + norms FT (no noise)",
-        ["train.method=gift", "train.noise=none", "train.norms=true"],
-    ),
-    "gift-post": ("GIFT-SW post, b_noise 4", ["train.method=gift", "train.b_noise=4"]),
-    # the second noise level: the w2 ablation (recovery_noise_ablation_w2.json) favoured 6 bits
-    "gift-post-b6": ("GIFT-SW post, b_noise 6", ["train.method=gift", "train.b_noise=6"]),
-    "gift-pre": ("GIFT-SW pre", ["train.method=gift", "train.mode=pre"]),
-    "lora": ("LoRA (matched params)", ["train.method=lora"]),
-    "dora": ("DoRA (matched params)", ["train.method=dora"]),
-    "gift-owq": (
-        "GIFT-SW post, owq metric",
-        ["saliency.metric=owq", "train.method=gift", "train.b_noise=4"],
-    ),
-    # the default metric's challenger at the default noise: decides the saliency default
-    "gift-owq-b6": (
-        "GIFT-SW post, owq metric, b_noise 6",
-        ["saliency.metric=owq", "train.method=gift", "train.b_noise=6"],
-    ),
-    "gift-quik": (
-        "GIFT-SW post, quik metric",
-        ["saliency.metric=quik", "train.method=gift", "train.b_noise=4"],
-    ),
-}
-DEFAULT_METHODS = [m for m in METHODS if not m.startswith(("gift-owq", "gift-quik"))]
-QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
-
-# The issue's claims: (claim, [(should be lower, should be higher, bits), ...]).
-CLAIMS = [
-    (
-        "noise helps at 2 and 3 bits",
-        [("gift-post", "salient-ft", 2), ("gift-post", "salient-ft", 3)],
-    ),
-    (
-        "post beats pre at 2 and 3 bits, pre is better at 4",
-        [("gift-post", "gift-pre", 2), ("gift-post", "gift-pre", 3), ("gift-pre", "gift-post", 4)],
-    ),
-    (
-        "GIFT-SW beats LoRA and DoRA at equal trainable parameters",
-        [("gift-post", other, b) for b in (4, 3, 2) for other in ("lora", "dora")],
-    ),
-    (
-        "the gift metric beats the owq and quik presets after training",
-        [("gift-post", other, b) for b in (4, 3, 2) for other in ("gift-owq", "gift-quik")],
-    ),
-]
-
 
 # what a row's error says when its GPU ran out of memory (torch's allocator, or cuBLAS's handle)
 OUT_OF_MEMORY = (
@@ -110,14 +67,6 @@ OUT_OF_MEMORY = (
     "OutOfMemoryError",
     "CUBLAS_STATUS_ALLOC_FAILED",
 )
-
-
-def trains(method: str) -> bool:
-    return "train.method=none" not in METHODS[method][1]
-
-
-def is_pre(method: str) -> bool:
-    return "train.mode=pre" in METHODS[method][1]
 
 
 def parse_budget(text: str) -> dict:
@@ -137,9 +86,6 @@ def provenance(machine: str) -> dict:
     """Commit and environment of this run: the tools' common stamp, peft's version, and whether
     the rows ran under CUDA MPS (concurrent rows then share the GPU's SMs instead of taking
     turns, which changes their step times, not their results)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import provenance as common
-
     try:
         import peft
 
@@ -164,9 +110,6 @@ def subprocess_recover(out: Path, recipe: str, overrides: list[str]) -> dict:
     cmd += ["--json", "-q"]
     for o in overrides:
         cmd += ["--set", o]
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from provenance import child_env
-
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=child_env(ROOT))
     if proc.returncode:
         raise RuntimeError(f"recover failed ({why_failed(proc.stderr)}): {' '.join(cmd)}")
@@ -186,8 +129,9 @@ class Sweep:
 
     def __init__(self, args, runner=subprocess_recover) -> None:
         self.args, self.runner = args, runner
-        self.work = Path(args.work)
-        self.out = Path(args.out)
+        # absolute: the row processes run in the checkout (cwd=ROOT), not where the sweep started
+        self.work = Path(args.work).resolve()
+        self.out = Path(args.out).resolve()
         self.results = load_results(self.out)
         self.env = None  # provenance, computed once when the first row runs
         self.failed: list[str] = []
@@ -245,10 +189,20 @@ class Sweep:
             if not is_pre(method):
                 starts.setdefault(self.start_of(bits, method)[2], (bits, method))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for done in [pool.submit(self.start, *s) for s in starts.values()]:
+            for done in [pool.submit(self.guarded, self.start, *s) for s in starts.values()]:
                 done.result()
-            for done in [pool.submit(self.row, *row) for row in grid]:
+            for done in [pool.submit(self.guarded, self.row, *row) for row in grid]:
                 done.result()
+
+    def guarded(self, step, bits: int, method: str, *rest) -> None:
+        """``step`` (a start or a row); an error in it fails that row, not the whole grid."""
+        try:
+            step(bits, method, *rest)
+        except Exception as exc:  # noqa: BLE001 - reported, counted in the exit status
+            name = f"w{bits}-{method}" + (f"-s{rest[0]}" if rest else "")
+            print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            with self.lock:
+                self.failed.append(name)
 
     def retry_out_of_memory(self, grid: list[tuple]) -> None:
         """Run again, one per GPU (or one at a time), the rows that failed out of GPU memory;
@@ -306,15 +260,15 @@ class Sweep:
                 raise SystemExit(f"row w{bits} {method}: {exc}") from None
 
     def start_overrides(self, bits: int, method: str) -> list[str]:
-        return [f"quant.bits={bits}", *_quant(method), "train.method=none"]
+        return [f"quant.bits={bits}", *quant_overrides(method), "train.method=none"]
 
     def start_of(self, bits: int, method: str) -> tuple[dict, str, Path]:
         """(key, name, work directory) of the quantized start that ``method`` trains from."""
-        quant = _quant(method)
-        untrained = [m for m in METHODS if not trains(m) and _quant(m) == quant]
+        quant = quant_overrides(method)
+        untrained = [m for m in METHODS if not trains(m) and quant_overrides(m) == quant]
         # no untrained method of these settings: named after the first method that has them,
         # so every method with the same quantization shares one start
-        first = next(m for m in METHODS if _quant(m) == quant)
+        first = next(m for m in METHODS if quant_overrides(m) == quant)
         name = untrained[0] if untrained else f"{first} (before training)"
         key = {**self.common(), "bits": bits, "quant": quant, "method": name}
         return key, name, self.work / "starts" / f"w{bits}-{_slug(key)}"
@@ -385,8 +339,11 @@ class Sweep:
             if start is None:
                 return
             d.mkdir(parents=True, exist_ok=True)
-            if not (d / "quantized").exists():
-                (d / "quantized").symlink_to((start / "quantized").resolve())
+            link = d / "quantized"
+            if link.is_symlink() and not link.exists():  # its start was made elsewhere, or lost
+                link.unlink()
+            if not link.exists():
+                link.symlink_to((start / "quantized").resolve())
             for f in ("eval_fp.json", "eval_quantized.json"):
                 if not (d / f).exists():
                     (d / f).write_bytes((start / f).read_bytes())
@@ -431,10 +388,6 @@ class Sweep:
         return rec
 
 
-def _quant(method: str) -> list[str]:
-    return [o for o in METHODS[method][1] if o.split(".")[0] in QUANT_SECTIONS]
-
-
 def step_seconds(metrics: list[dict]) -> float:
     """Median optimizer-step time, first step (warm-up) left out when there are others."""
     times = [m["seconds"] for m in metrics]
@@ -457,10 +410,6 @@ def curve(metrics: list[dict], before: float | None) -> list[list[float]]:
     return points
 
 
-def budget_text(key: dict) -> str:
-    return f"{key['steps']}x{key['batch']}x{key['seq_len']}" if "steps" in key else "-"
-
-
 def load_results(path: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
@@ -469,152 +418,6 @@ def load_results(path: Path) -> dict:
         "one record per (settings, seed)",
         "rows": [],
     }
-
-
-# ---------------------------------------------------------------------------- aggregation
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (nan with one value)."""
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def groups(results: dict) -> dict[tuple, dict]:
-    """(budget text, bits, method) -> {n, mean, std, and the means of the other figures};
-    untrained rows have budget "-" and count for every budget."""
-    by: dict[tuple, list[dict]] = {}
-    for r in results["rows"]:
-        k = r["key"]
-        by.setdefault((budget_text(k), k["bits"], k["method"]), []).append(r)
-    out = {}
-    for gk, recs in by.items():
-        mean, std = mean_std([r["perplexity"] for r in recs])
-        g = {"n": len(recs), "mean": mean, "std": std, "records": recs}
-        for field in ("step_seconds", "peak_gpu_mb", "peak_rss_mb", "trainable_params"):
-            vals = [r[field] for r in recs if field in r]
-            g[field] = statistics.fmean(vals) if vals else None
-        g["bits_per_weight"] = recs[0]["bits_per_weight"]
-        out[gk] = g
-    return out
-
-
-def fmt(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f} (1 seed)"
-
-
-def print_table(g: dict) -> None:
-    order = {m: i for i, m in enumerate(METHODS)}
-    print(
-        f"\n{'budget':12s} {'bits':>4s} {'method':36s} {'n':>2s} {'perplexity':>17s} "
-        f"{'s/step':>7s} {'peak MiB':>9s} {'trainable':>10s}"
-    )
-    for (budget, bits, method), s in sorted(
-        g.items(), key=lambda kv: (kv[0][0], -kv[0][1], order.get(kv[0][2], 99), kv[0][2])
-    ):
-        label = METHODS[method][0] if method in METHODS else method
-        step = f"{s['step_seconds']:7.3f}" if s["step_seconds"] is not None else " " * 7
-        mem = peak_mb(s)
-        mem = f"{mem:9.0f}" if mem else " " * 9
-        par = f"{s['trainable_params']:10.0f}" if s["trainable_params"] is not None else " " * 10
-        print(
-            f"{budget:12s} {bits:4d} {label:36s} {s['n']:2d} {fmt(s['mean'], s['std']):>17s} "
-            f"{step} {mem} {par}"
-        )
-
-
-def peak_mb(s: dict) -> float | None:
-    """Peak GPU memory where the row ran on a GPU, else peak RSS."""
-    return s["peak_gpu_mb"] or s["peak_rss_mb"]
-
-
-def ratio_lines(g: dict) -> list[str]:
-    """GIFT-SW post vs LoRA vs DoRA: step time and peak memory, relative to GIFT-SW."""
-    lines = []
-    for budget, bits, method in sorted(g):
-        if method != "gift-post" or budget == "-":
-            continue
-        gift = g[(budget, bits, method)]
-        for other in ("lora", "dora"):
-            o = g.get((budget, bits, other))
-            if o is None or not gift["step_seconds"] or not peak_mb(gift):
-                continue
-            what = "GPU" if gift["peak_gpu_mb"] else "RSS"
-            lines.append(
-                f"{budget} w{bits}: {other} / GIFT-SW step time "
-                f"{o['step_seconds'] / gift['step_seconds']:.2f}x, peak {what} memory "
-                f"{peak_mb(o) / peak_mb(gift):.2f}x"
-            )
-    return lines
-
-
-def _lookup(g: dict, budget: str, bits: int, method: str) -> dict | None:
-    return g.get((budget, bits, method)) or g.get(("-", bits, method))
-
-
-def judge(g: dict, budget: str, comparisons: list[tuple[str, str, int]]) -> tuple[str, str]:
-    """(our result, verdict) of one claim: each comparison 'lower should beat higher' holds
-    when the difference of means exceeds twice its standard error over seeds, fails when it
-    exceeds it the other way, and is within seed noise otherwise."""
-    parts, verdicts, missing = [], [], []
-    for low, high, bits in comparisons:
-        a, b = _lookup(g, budget, bits, low), _lookup(g, budget, bits, high)
-        if a is None or b is None:
-            missing.append(f"w{bits} {low} vs {high}")
-            continue
-        diff = a["mean"] - b["mean"]
-        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-        if math.isnan(se):
-            v = "one seed"
-        elif abs(diff) <= 2 * se:
-            v = "within seed noise"
-        else:
-            v = "holds" if diff < 0 else "fails"
-        verdicts.append(v)
-        parts.append(
-            f"w{bits} {low} {fmt(a['mean'], a['std'])} vs {high} {fmt(b['mean'], b['std'])}: {v}"
-        )
-    if not verdicts:
-        return "not run", "not run"
-    if "fails" in verdicts:
-        verdict = "disagrees"
-    elif all(v == "holds" for v in verdicts):
-        verdict = "agrees"
-    else:
-        verdict = "unclear"
-    if missing:
-        verdict += f" (partly run; not run: {', '.join(missing)})"
-    return "; ".join(parts), verdict
-
-
-def print_claims(g: dict) -> None:
-    budgets = sorted({b for b, _, _ in g if b != "-"}) or ["-"]
-    for budget in budgets:
-        print(f"\npaper claim -> our result (mean ± std over seeds) -> verdict, budget {budget}")
-        for i, (claim, comparisons) in enumerate(CLAIMS, 1):
-            result, verdict = judge(g, budget, comparisons)
-            print(f"{i}. {claim}\n   -> {result}\n   -> {verdict}")
-
-
-def report(results: dict, out: Path) -> None:
-    g = groups(results)
-    print_table(g)
-    lines = ratio_lines(g)
-    if lines:
-        print("\nstep time and peak memory relative to GIFT-SW post (same sweep):")
-        print("\n".join(lines))
-    print_claims(g)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("\nno plots: pip install 'gift_quant[plots]' (matplotlib)")
-        return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from plot_recovery import plot_curves, plot_pareto
-
-    for path in (plot_curves(results, out), plot_pareto(results, out)):
-        if path is not None:
-            print(f"wrote {path}")
 
 
 def main(argv=None, runner=subprocess_recover) -> int:

@@ -1,0 +1,74 @@
+"""The recovery sweep's rows and the paper's claims (tools/sweep_recovery.py runs them,
+tools/sweep_report.py judges them)."""
+
+from __future__ import annotations
+
+# name -> (label, overrides). Rows with train.method=none are quantized starts (no seed/budget).
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "rtn": ("RTN, no salient", ["quant.method=rtn", "saliency.fraction=0", "train.method=none"]),
+    "gptq": ("GPTQ, no salient", ["saliency.fraction=0", "train.method=none"]),
+    "base": ("GPTQ + salient, before training", ["train.method=none"]),
+    "salient-ft": ("salient-FT (no noise)", ["train.method=gift", "train.noise=none"]),
+    # the paper's full fine-tuning comparison: the same salient columns plus every norm
+    "salient-norms-ft": (
+        "salient + norms FT (no noise)",
+        ["train.method=gift", "train.noise=none", "train.norms=true"],
+    ),
+    "gift-post": ("GIFT-SW post, b_noise 4", ["train.method=gift", "train.b_noise=4"]),
+    # the second noise level: the w2 ablation (recovery_noise_ablation_w2.json) favoured 6 bits
+    "gift-post-b6": ("GIFT-SW post, b_noise 6", ["train.method=gift", "train.b_noise=6"]),
+    "gift-pre": ("GIFT-SW pre", ["train.method=gift", "train.mode=pre"]),
+    "lora": ("LoRA (matched params)", ["train.method=lora"]),
+    "dora": ("DoRA (matched params)", ["train.method=dora"]),
+    "gift-owq": (
+        "GIFT-SW post, owq metric",
+        ["saliency.metric=owq", "train.method=gift", "train.b_noise=4"],
+    ),
+    # the default metric's challenger at the default noise: decides the saliency default
+    "gift-owq-b6": (
+        "GIFT-SW post, owq metric, b_noise 6",
+        ["saliency.metric=owq", "train.method=gift", "train.b_noise=6"],
+    ),
+    "gift-quik": (
+        "GIFT-SW post, quik metric",
+        ["saliency.metric=quik", "train.method=gift", "train.b_noise=4"],
+    ),
+}
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith(("gift-owq", "gift-quik"))]
+QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
+
+# The issue's claims: (claim, [(should be lower, should be higher, bits), ...]).
+CLAIMS = [
+    (
+        "noise helps at 2 and 3 bits",
+        [("gift-post", "salient-ft", 2), ("gift-post", "salient-ft", 3)],
+    ),
+    (
+        "post beats pre at 2 and 3 bits, pre is better at 4",
+        [("gift-post", "gift-pre", 2), ("gift-post", "gift-pre", 3), ("gift-pre", "gift-post", 4)],
+    ),
+    (
+        "GIFT-SW beats LoRA and DoRA at equal trainable parameters",
+        [("gift-post", other, b) for b in (4, 3, 2) for other in ("lora", "dora")],
+    ),
+    (
+        "the gift metric beats the owq and quik presets after training",
+        [("gift-post", other, b) for b in (4, 3, 2) for other in ("gift-owq", "gift-quik")],
+    ),
+]
+
+
+def trains(method: str) -> bool:
+    return "train.method=none" not in METHODS[method][1]
+
+
+def is_pre(method: str) -> bool:
+    return "train.mode=pre" in METHODS[method][1]
+
+
+def quant_overrides(method: str) -> list[str]:
+    return [o for o in METHODS[method][1] if o.split(".")[0] in QUANT_SECTIONS]
+
+
+def budget_text(key: dict) -> str:
+    return f"{key['steps']}x{key['batch']}x{key['seq_len']}" if "steps" in key else "-"
