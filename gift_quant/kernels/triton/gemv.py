@@ -49,30 +49,6 @@ def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
     )
 
 
-# Alternatives to ``gemv_config`` timed at a layer's first call (ops.tuned_route): in the
-# H200 sweep (kernels_h200_sweep.json) half the splits won on 4096 x 14336 (15.9 -> 14.4 us)
-# and 256-column two-warp tiles on 28672 x 4096 (25.0 -> 24.1 us); the rule won elsewhere.
-VARIANTS = ("half", "double", "wide")
-
-
-def gemv_variant(name: str, M: int, N: int, K: int, bits: int, group: int) -> dict | None:
-    """``gemv_config`` changed as ``name`` says (half / double the K splits; 256-column
-    two-warp tiles of 128 k at M = 1), or None where the shape does not allow it or the
-    change is no change."""
-    base = gemv_config(M, N, K, bits, group)
-    if name == "half":
-        cfg = {**base, "n_split": max(1, base["n_split"] // 2)}
-    elif name == "double":
-        cfg = {**base, "n_split": min(K // base["BLOCK_K"], 2 * base["n_split"])}
-    elif name == "wide":
-        if M != 1 or N % 256 or K % 128 or group % 128:
-            return None
-        cfg = {**base, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 2}
-    else:
-        raise ValueError(f"unknown GEMV variant {name!r}; known: {', '.join(VARIANTS)}")
-    return None if cfg == base else cfg
-
-
 # ------------------------------------------------------------------------------------------
 # 2. kernel
 

@@ -12,12 +12,12 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and
   shipped with the code: docs/KERNELS-NOTES.md) or in ``DEFAULT_ROUTES``: the GEMV, the
   tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS.
-* Measured at first use (x on a GPU, M in TUNE_M): the first call of a layer shape and M
-  bucket on a device times the kernels that could serve it, each with the L2 cache
-  overwritten, and keeps the fastest for the process (``tuned_route``): the GEMV's variants
-  at M <= 2, the CUDA kernel's configurations (``native.configs``) beside the rule's Triton
-  kernel at M = 3..32 for fp16. From then on the same call always takes the same kernel.
-  ``GIFT_QUANT_TUNE=0`` (or a first call inside CUDA-graph capture) keeps the rules instead.
+* Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernel is built): the first
+  call of a layer shape and M bucket on a device times the CUDA kernel's configurations
+  (``native.configs``) and the rule's Triton kernel, each with the L2 cache overwritten, and
+  keeps the fastest for the process (``tuned_route``; the timings stay in ``tuning_record``).
+  From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
+  call inside CUDA-graph capture) keeps the rules instead.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
   through the same tiles (``mm.backward``; no dense copy of W is kept).
@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import native
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
-from gift_quant.kernels.triton.gemv import VARIANTS, gemv, gemv_variant
+from gift_quant.kernels.triton.gemv import gemv
 from gift_quant.kernels.triton.mm import (
     MM_CONFIGS,
     NOISE_KINDS,
@@ -68,6 +68,7 @@ __all__ = [
     "route_in_force",
     "run_route",
     "tuned_route",
+    "tuning_record",
 ]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMA_M)
@@ -77,9 +78,11 @@ GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see M
 # benchmarks/results/sweep_mma_h200.json
 MMA_M = (3, 16)
 MMA_WIDE_WEIGHTS = 1 << 25
-# M where the kernel is measured at first use: the GEMV's variants at M <= 2, and up to M = 32
-# the CUDA kernel, which beat the Triton kernels there on the largest layers and lost on others
-TUNE_M = (1, 32)
+# fp16 M where the kernel is measured at first use: up to 32, where the CUDA kernel beat the
+# Triton kernels on the largest layers and lost on the others. Not the GEMV (M <= 2): timed
+# this way, its variants won the measurement and lost the benchmark by up to 21%
+# (docs/KERNELS-NOTES.md, round 6)
+TUNE_M = MMA_M[0], 32
 TUNE_REPS = 5
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
@@ -227,42 +230,40 @@ def _mma_config(name: str) -> tuple[int, int]:
 
 def m_bucket(M: int) -> int:
     """The M a tuned route is kept for: calls with M rows share the route of M_bucket rows
-    (the GEMV tiles 1 or 2 rows, the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32)."""
-    return M if M <= 2 else 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
+    (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32)."""
+    return 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
 
 
 _tuned: dict[tuple, str] = {}  # tuned_key -> kernel
+_timings: dict[tuple, dict[str, float]] = {}  # tuned_key -> {kernel: seconds} as measured
 
 
-def tuned_key(device, N, K, bits, group, nsal, dtype, mma, M) -> tuple:
-    return (device, N, K, bits, group, nsal, str(dtype), mma, m_bucket(M))
+def tuned_key(device, N, K, bits, group, nsal, M) -> tuple:
+    return (device, N, K, bits, group, nsal, m_bucket(M))
 
 
-def tuning_names(M: int, N: int, K: int, bits: int, group: int, mma: bool) -> list[str]:
-    """The kernels timed for M rows at first use ([] or one: nothing to measure)."""
-    if M <= GEMV_MAX_M and not (mma and M >= MMA_M[0]):
-        variants = [v for v in VARIANTS if gemv_variant(v, M, N, K, bits, group) is not None]
-        return ["gemv", *(f"gemv:{v}" for v in variants)] if M <= 2 else []
-    if mma and M <= TUNE_M[1]:
-        return [mma_name(*c) for c in native.configs(M, N, K)] + [route(M, N, K, bits)]
-    return []
+def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
+    """The kernels timed for fp16 M rows at first use where the CUDA kernel can serve them."""
+    return [mma_name(*c) for c in native.configs(M, N, K)] + [route(M, N, K, bits)]
+
+
+def tuning_record() -> list[dict]:
+    """Every measurement made so far: the key, the kernel kept and each candidate's seconds
+    (the tools write it into their JSON)."""
+    fields = ("device", "N", "K", "bits", "group", "salient", "m_bucket")
+    return [
+        {**dict(zip(fields, key, strict=True)), "kept": _tuned[key], "seconds": times}
+        for key, times in _timings.items()
+    ]
 
 
 def route_in_force(
-    M: int,
-    N: int,
-    K: int,
-    bits: int,
-    group: int,
-    nsal: int,
-    mma: bool,
-    device: int | None = 0,
-    dtype: torch.dtype = torch.float16,
+    M: int, N: int, K: int, bits: int, group: int, nsal: int, mma: bool, device: int | None = 0
 ) -> str:
-    """The kernel calls of M rows take now: the measured choice where one was made, else
+    """The kernel fp16 calls of M rows take now: the measured choice where one was made, else
     ``route``'s rule (what the tools record as the routes in force)."""
-    key = tuned_key(device, N, K, bits, group, nsal, dtype, mma, M)
-    return _tuned.get(key) or route(M, N, K, bits, mma)
+    tuned = _tuned.get(tuned_key(device, N, K, bits, group, nsal, M)) if mma else None
+    return tuned or route(M, N, K, bits, mma)
 
 
 def tuned_route(
@@ -275,22 +276,19 @@ def tuned_route(
     bias: Tensor | None,
     bits: int,
     group: int,
-    cuda: native.Packed | None = None,
+    cuda: native.Packed,
     timer=None,
 ) -> str:
-    """The kernel for ``x2``: ``route``'s rule where ``tuning_names`` has nothing to measure;
-    else the fastest of them, timed at the first call of (device, shape, dtype, M bucket) and
-    kept (``_tuned``). ``cuda``: the CUDA kernel's layout (fp16 x may take it). ``timer``
-    (names, launch) -> {name: seconds} replaces the CUDA-event timing (tests)."""
+    """The kernel for fp16 ``x2`` on a layer with the CUDA kernel's layout: ``route``'s rule
+    outside TUNE_M; inside, the fastest of ``tuning_names``, timed at the first call of
+    (device, shape, M bucket) and kept (``_tuned``). ``timer`` (names, launch) ->
+    {name: seconds} replaces the CUDA-event timing (tests)."""
     M, K = x2.shape
     N = sz.shape[1]
-    mma = cuda is not None and x2.dtype == torch.float16
-    rule = route(M, N, K, bits, mma=mma)
-    names = tuning_names(M, N, K, bits, group, mma) if TUNE_M[0] <= M <= TUNE_M[1] else []
-    if len(names) < 2 or not (x2.is_cuda or timer):
+    rule = route(M, N, K, bits, mma=True)
+    if not TUNE_M[0] <= M <= TUNE_M[1] or not (x2.is_cuda or timer):
         return rule
-    nsal = 0 if wst is None else wst.shape[0]
-    key = tuned_key(x2.device.index, N, K, bits, group, nsal, x2.dtype, mma, M)
+    key = tuned_key(x2.device.index, N, K, bits, group, 0 if wst is None else wst.shape[0], M)
     name = _tuned.get(key)
     if name is not None:
         return name
@@ -303,8 +301,9 @@ def tuned_route(
     def launch(name: str) -> None:
         run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, out=out, cuda=cuda)
 
-    times = (timer or _time_kernels)(names, launch)
+    times = (timer or _time_kernels)(tuning_names(M, N, K, bits), launch)
     _tuned[key] = min(times, key=times.get) if times else rule
+    _timings[key] = times
     return _tuned[key]
 
 
@@ -337,18 +336,16 @@ def _time_kernels(names: list[str], launch) -> dict[str, float]:
     }
 
 
-def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, group: int = 0) -> list[str]:
+def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
-    ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); for an
-    (N, K, group) layer also the GEMV variants ``tuned_route`` may time; with ``mma``, the CUDA
-    kernel too: every configuration it may time, or "mma" (its rule's) without (N, K)."""
+    ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
+    ``mma``, the CUDA kernel too: every configuration ``tuned_route`` may time for an (N, K)
+    layer, or "mma" (its rule's) without one."""
     if mma and M <= native.MAX_M:
         cuda = [mma_name(*c) for c in native.configs(M, N, K)] if N and K else ["mma"]
-        return [*candidates(M, N=N, K=K, group=group), *cuda]
+        return [*candidates(M), *cuda]
     if M <= GEMV_MAX_M:
-        # (the GEMV's tiles do not depend on the bit width: 4 stands for any)
-        fits = [v for v in VARIANTS if group and gemv_variant(v, M, N, K, 4, group)]
-        return ["gemv", *(f"gemv:{v}" for v in fits if M <= 2)]
+        return ["gemv"]
     if M >= CUBLAS_MIN_M:
         return ["cublas"]
     out = ["gemv"] if M <= GEMV_LIMIT else []
@@ -395,11 +392,8 @@ def run_route(
         return torch.mm(x2, w, out=out)
     ws, cnt = _workspace(x2.device, M * N)
     kw = dict(bits=bits, group=group, out=out)
-    if name == "gemv" or name.startswith("gemv:"):
-        cfg = gemv_variant(name[5:], M, N, K, bits, group) if name != "gemv" else None
-        if name != "gemv" and cfg is None:
-            raise ValueError(f"GEMV variant {name!r} does not fit M={M} N={N} K={K} g{group}")
-        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
+    if name == "gemv":
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
@@ -444,7 +438,10 @@ def _run(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
+    if cuda is not None and x.dtype == torch.float16:
+        name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
+    else:
+        name = route(M, N, K, bits)
     y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda)
     return y.reshape(*x.shape[:-1], N)
 
