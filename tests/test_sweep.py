@@ -332,6 +332,9 @@ def test_a_fresh_work_directory_with_recorded_starts(tiny_sweep_recipe, tmp_path
     (tmp_path / "second").mkdir()
     shutil.move(tmp_path / "first/rows", tmp_path / "second/rows")
     shutil.rmtree(tmp_path / "first")  # the seed-1 rows' links now point nowhere
+    s1 = next(p for p in (tmp_path / "second/rows").iterdir() if "gift-post-w4-s1" in p.name)
+    (s1 / "train").mkdir()
+    (s1 / "train/metrics.jsonl").write_text("")  # some steps trained by the killed sweep
     seen.clear()
     broken.add("train.b_noise=6")
     assert sweep.main([*args, "--work", "second"], runner=fake) == 1
@@ -339,3 +342,40 @@ def test_a_fresh_work_directory_with_recorded_starts(tiny_sweep_recipe, tmp_path
     rows = json.loads(out.read_text())["rows"]
     trained = sorted((r["key"]["method"], r["key"]["seed"]) for r in rows if "seed" in r["key"])
     assert trained == [("gift-post", 0), ("gift-post", 1), ("gift-post-b6", 0)]
+    resumed = {r["key"].get("seed"): r.get("resumed_from_earlier_sweep") for r in rows}
+    assert resumed[1] is True and resumed[0] is None  # its step time: partly another sweep's
+
+
+def test_rows_are_placed_by_their_expected_memory():
+    """Two GPUs of 100 MiB, rows of 60: one per GPU, the third waits for a release (and goes
+    where it fits); small rows share a GPU; a GPU running nothing takes any row."""
+    import threading
+
+    from gpu_pool import GpuPool
+
+    pool = GpuPool(jobs=4, gpus=2, capacity_mb=100)
+    assert [pool.acquire(60), pool.acquire(60)] == [0, 1]
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(60)))
+    waiter.start()
+    waiter.join(0.3)
+    assert got == [] and waiter.is_alive()  # no GPU has 60 left
+    pool.release(1, 60)
+    waiter.join(5)
+    assert got == [1]
+    assert pool.acquire(30) == 0  # 60 + 30 fit on cuda:0
+    pool.release(0, 60)
+    pool.release(0, 30)
+    assert pool.acquire(500) == 0  # larger than a GPU, but cuda:0 runs nothing
+    assert GpuPool(jobs=1, gpus=0).acquire(10) is None  # no GPUs: the recipe's device
+
+
+def test_a_rows_memory_need_comes_from_its_methods_recorded_peaks(tmp_path):
+    results = {"rows": [rec("dora", 4, 0, 10.0, gpu=40000.0), rec("dora", 3, 0, 10.0, gpu=42000.0)]}
+    (tmp_path / "s.json").write_text(json.dumps(results))
+    args = sweep.argparse.Namespace(out=str(tmp_path / "s.json"), work=str(tmp_path), jobs=2)
+    args.gpus, args.gpu_memory_mb = 2, 140000.0
+    s = sweep.Sweep(args)
+    assert s.memory_need("dora") == pytest.approx(1.1 * 42000 + 1536)
+    assert s.memory_need("lora") == 0.0  # never ran: placed by count
+    assert s.capacity == 140000.0

@@ -55,6 +55,15 @@ CLAIMS = [
         "the gift metric beats the owq and quik presets after training",
         [("gift-post", other, b) for b in (4, 3, 2) for other in ("gift-owq", "gift-quik")],
     ),
+    # claims 1 and 3 again with this project's default noise (6 bits, from the w2 ablation)
+    (
+        "(default b_noise 6) noise helps at 2 and 3 bits",
+        [("gift-post-b6", "salient-ft", 2), ("gift-post-b6", "salient-ft", 3)],
+    ),
+    (
+        "(default b_noise 6) GIFT-SW beats LoRA and DoRA at equal trainable parameters",
+        [("gift-post-b6", other, b) for b in (4, 3, 2) for other in ("lora", "dora")],
+    ),
 ]
 
 

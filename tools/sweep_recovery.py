@@ -3,7 +3,7 @@
     python tools/sweep_recovery.py --machine idle [--bits 4 3 2] [--methods base salient-ft ...]
         [--seeds 0 1 2] [--budget 500x32x512 ...] [--micro-batch 8] [--lr 1e-4]
         [--recipe smollm2-w3g64-gift] [--set section.key=value ...] [--out FILE.json]
-        [--jobs N] [--gpus K]
+        [--jobs N] [--gpus K] [--gpu-memory-mb MIB]
     python tools/sweep_recovery.py --report [--out FILE.json]    # tables and plots only
 
 A budget is STEPSxBATCHxSEQ_LEN (BATCH sequences per optimizer step, in micro-batches of
@@ -15,20 +15,24 @@ row of those settings) and every trained row points its OUT/quantized at it, so 
 in what they train, their seed and their budget. Pre-mode rows quantize after training, so they
 make their own. ``--jobs N`` runs N trained rows at a time (a 135M model leaves most of an H200
 idle), ``--gpus K`` spreads them over cuda:0..K-1; every row records ``concurrent_jobs``, since
-its step time was then measured beside other rows. Rows that fail out of GPU memory (too many
-large rows on one GPU: a DoRA row needs 2.3x a GIFT-SW row's memory) are retried at the end,
-one per GPU, resuming from their checkpoints. Each row runs in its own process (peak memory
-is its own: CUDA max_memory_allocated on a GPU, peak RSS on the CPU) and is saved to the JSON as
-one record keyed by its settings; a rerun skips recorded rows, and an interrupted row resumes
-from its training checkpoints. The step time is the median of the per-step times in
-metrics.jsonl after the first step (evaluation and checkpoint time excluded). In-training
-perplexity is measured on the full held-out protocol every --eval-every steps, so the curves end
-at the final figure.
+its step time was then measured beside other rows. A row goes to the GPU with the least
+expected memory in use where it fits (expected: its method's largest recorded peak, +10% and
+1.5 GiB; a GPU's memory from nvidia-smi or --gpu-memory-mb), and waits while none has room:
+a DoRA row needs 2.3x a GIFT-SW row's memory. Rows that still fail out of GPU memory are
+retried at the end, one per GPU, resuming from their checkpoints. Each row runs in its own
+process (peak memory is its own: CUDA max_memory_allocated on a GPU, peak RSS on the CPU) and
+is saved to the JSON as one record keyed by its settings; a rerun skips recorded rows, and an
+interrupted row resumes from its training checkpoints (a row trained in part by an earlier
+sweep says so: ``resumed_from_earlier_sweep``). The step time is the median of the per-step
+times in metrics.jsonl after the first step (evaluation and checkpoint time excluded).
+In-training perplexity is measured on the full held-out protocol every --eval-every steps, so
+the curves end at the final figure.
 
 Prints mean +- std (sample std over seeds) per setting, GIFT-SW vs LoRA vs DoRA step-time and
-peak-memory ratios from the same sweep, and the four paper claims checked against the
-rows present. With matplotlib (the [plots] extra) it draws FILE_curves.png (held-out
-perplexity against training tokens) and FILE_pareto.png (perplexity against bits per weight).
+peak-memory ratios from the same sweep, and the four paper claims (claims 1 and 3 also at the
+default 6-bit noise) checked against the rows present. With matplotlib (the [plots] extra) it
+draws FILE_curves.png (held-out perplexity against training tokens) and FILE_pareto.png
+(perplexity against bits per weight).
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import argparse
 import hashlib
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -47,6 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance as common  # noqa: E402
+from gpu_pool import GpuPool, gpu_memory_mb  # noqa: E402
 from provenance import child_env  # noqa: E402
 from sweep_methods import (  # noqa: E402
     DEFAULT_METHODS,
@@ -140,9 +144,9 @@ class Sweep:
         self.retried: set[str] = set()  # rows run again after running out of GPU memory
         self.failed_starts: set[Path] = set()
         self.lock = threading.Lock()  # rows finish in worker threads under --jobs
-        self.slots: queue.Queue[int] = queue.Queue()
-        for slot in range(max(1, getattr(args, "jobs", 1))):
-            self.slots.put(slot)
+        gpus = getattr(args, "gpus", 0)
+        self.capacity = getattr(args, "gpu_memory_mb", 0.0) or (gpu_memory_mb() if gpus else 0)
+        self.pool = GpuPool(max(1, getattr(args, "jobs", 1)), gpus, self.capacity)
 
     def common(self) -> dict:
         a = self.args
@@ -164,10 +168,20 @@ class Sweep:
         """A row's --set list: its own overrides, then the device and the sweep's --set."""
         return [*overrides, f"model.device={device or self.args.device}", *self.args.set]
 
-    def run(self, out: Path, overrides: list[str]) -> dict | None:
-        slot = self.slots.get()  # one of --jobs; with --gpus, it picks the GPU
-        gpus = getattr(self.args, "gpus", 0)
-        device = f"cuda:{slot % gpus}" if gpus else None
+    def memory_need(self, method: str) -> float:
+        """Expected peak GPU memory of a ``method`` row (MiB): the largest this method's
+        recorded rows needed, plus a tenth and 1.5 GiB for the CUDA context; 0 (no estimate:
+        placed by count) before any such row ran on a GPU."""
+        peaks = [
+            r["peak_gpu_mb"]
+            for r in self.results["rows"]
+            if r["key"].get("method") == method and r.get("peak_gpu_mb")
+        ]
+        return 1.1 * max(peaks) + 1536 if peaks else 0.0
+
+    def run(self, out: Path, overrides: list[str], need_mb: float = 0.0) -> dict | None:
+        gpu = self.pool.acquire(need_mb)  # one of --jobs, on the GPU with room for it
+        device = f"cuda:{gpu}" if gpu is not None else None
         try:
             return self.runner(out, self.args.recipe, self.sets(overrides, device))
         except RuntimeError as exc:
@@ -178,7 +192,7 @@ class Sweep:
                     self.out_of_memory.add(out.name)
             return None
         finally:
-            self.slots.put(slot)
+            self.pool.release(gpu, need_mb)
 
     def run_grid(self, grid: list[tuple], workers: int) -> None:
         """The quantized starts first (every post-mode row reads one; methods with the same
@@ -235,9 +249,7 @@ class Sweep:
             if d.name in oom and (d / "train" / "metrics.jsonl").is_file()
         }
         self.concurrent = per
-        self.slots = queue.Queue()
-        for slot in range(per):
-            self.slots.put(slot)
+        self.pool = GpuPool(per, getattr(self.args, "gpus", 0), self.capacity)
         self.run_grid(again, per)
 
     def check(self, grid: list[tuple]) -> None:
@@ -347,10 +359,15 @@ class Sweep:
             for f in ("eval_fp.json", "eval_quantized.json"):
                 if not (d / f).exists():
                     (d / f).write_bytes((start / f).read_bytes())
-        report = self.run(d, self.overrides(bits, method, seed, budget))
+        resumed = (d / "train" / "metrics.jsonl").is_file()  # steps of an earlier sweep
+        report = self.run(d, self.overrides(bits, method, seed, budget), self.memory_need(method))
         if report is None:
             return
-        self.save(self.record(key, report, d))
+        rec = self.record(key, report, d)
+        if resumed and "earlier_concurrent_jobs" not in rec:
+            # trained in part by an earlier sweep process, at a concurrency not known here
+            rec["resumed_from_earlier_sweep"] = True
+        self.save(rec)
         print(
             f"w{bits} {method:16s} seed {seed} {budget_text(key):12s} "
             f"ppl {report['perplexity_recovered']:9.3f}",
@@ -440,6 +457,12 @@ def main(argv=None, runner=subprocess_recover) -> int:
         "--jobs", type=int, default=1, help="trained rows run this many at a time (small models)"
     )
     p.add_argument("--gpus", type=int, default=0, help="spread the jobs over cuda:0..GPUS-1")
+    p.add_argument(
+        "--gpu-memory-mb",
+        type=float,
+        default=0.0,
+        help="memory of one GPU for placing rows by their expected peak (0: nvidia-smi's)",
+    )
     args = p.parse_args(argv)
     if args.jobs < 1 or args.gpus < 0:
         raise SystemExit(f"--jobs must be >= 1 and --gpus >= 0, got {args.jobs} and {args.gpus}")
