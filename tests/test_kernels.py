@@ -405,11 +405,23 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
     winner["name"] = ops.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
+
+    def other(group=128, bits=4):  # the same shape and M with another group or width
+        return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
+
+    other(group=64)
+    other(bits=3)
+    assert len(timed) == 5  # each its own measurement
+    timed[3:] = []
     for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, Triton), never timed
         assert pick(M) == ops.route(M, N, K, 4, mma=True)
     assert len(timed) == 3
-    kept = {(r["m_bucket"], r["salient"]): r["kept"] for r in ops.tuning_record()}
-    assert kept == {(16, 0): "mma:2x16", (16, 128): rule_triton, (32, 0): winner["name"]}
+    kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning_record()}
+    assert kept == {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
+        (16, 0, 128, 3)
+    }
+    first = next(r for r in ops.tuning_record() if r["salient"] == 0 and r["m_bucket"] == 16)
+    assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
     assert pick(5) == ops.route(5, N, K, 4, mma=True) == ops.mma_name(*native.choose(5, N, K))
     assert len(timed) == 3
@@ -426,7 +438,9 @@ def test_cuda_kernel_configurations_fit_the_launch():
         for M in (3, 8, 16, 32):
             cfgs = native.configs(M, N, K)
             steps = K // 64
-            assert cfgs[0][0] == native.choose(M, N, K)[0] and len(set(cfgs)) == len(cfgs)
+            assert cfgs[0] == native.choose(M, N, K) and len(set(cfgs)) == len(cfgs)
+            # the rule's name is the configuration that runs, and one the checks cover
+            assert ops.route(M, N, K, 4, mma=True) in ops.candidates(M, mma=True, N=N, K=K)
             for wn, splits in cfgs:
                 assert (N // 64) % wn == 0 and 1 <= splits <= steps
                 per = -(-steps // splits)

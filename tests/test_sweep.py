@@ -366,15 +366,21 @@ def test_rows_are_placed_by_their_expected_memory():
     assert pool.acquire(30) == 0  # 60 + 30 fit on cuda:0
     pool.release(0, 60)
     pool.release(0, 30)
-    assert pool.acquire(500) == 0  # larger than a GPU, but cuda:0 runs nothing
+    big = threading.Thread(target=lambda: got.append(pool.acquire(500)))
+    big.start()
+    big.join(5)  # larger than a GPU, but cuda:0 runs nothing: it must not wait
+    assert not big.is_alive() and got[-1] == 0
     assert GpuPool(jobs=1, gpus=0).acquire(10) is None  # no GPUs: the recipe's device
 
 
 def test_a_rows_memory_need_comes_from_its_methods_recorded_peaks(tmp_path):
-    results = {"rows": [rec("dora", 4, 0, 10.0, gpu=40000.0), rec("dora", 3, 0, 10.0, gpu=42000.0)]}
-    (tmp_path / "s.json").write_text(json.dumps(results))
+    rows = [rec("dora", 4, 0, 10.0, gpu=40000.0), rec("dora", 3, 0, 10.0, gpu=42000.0)]
+    rows.append(rec("dora", 2, 0, 10.0, gpu=90000.0))  # another recipe's row (a larger model)
+    for r, recipe in zip(rows, ["tiny", "tiny", "big"], strict=True):
+        r["key"]["recipe"] = recipe
+    (tmp_path / "s.json").write_text(json.dumps({"rows": rows}))
     args = sweep.argparse.Namespace(out=str(tmp_path / "s.json"), work=str(tmp_path), jobs=2)
-    args.gpus, args.gpu_memory_mb = 2, 140000.0
+    args.gpus, args.gpu_memory_mb, args.recipe = 2, 140000.0, "tiny"
     s = sweep.Sweep(args)
     assert s.memory_need("dora") == pytest.approx(1.1 * 42000 + 1536)
     assert s.memory_need("lora") == 0.0  # never ran: placed by count

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N] [--shared]
     PYTHONPATH=. python3 tools/check_kernels.py --compile-only     # no GPU needed
 
-Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 32, 64, 256} x
+Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 24, 32, 64, 256} x
 shape (4096x4096 g128 with 128 salient columns; an odd 960x1536 g64 layer with 37 salient
 columns and a bias; 576x1024 with group -1 and no salient columns), each call on fresh random
 inputs and a NaN-poisoned output buffer, through the kernel the op picks (``route``, or
@@ -48,7 +48,7 @@ from gift_quant.testing import (  # noqa: E402
     run_environment,
 )
 
-MS = [1, 2, 4, 8, 16, 32, 64, 256]
+MS = [1, 2, 4, 8, 16, 24, 32, 64, 256]
 CAND_MS = [5, 16, 32, 64, 200]  # every kernel of ops.candidates(M), shapes 0 and 1
 SHAPES = [  # (K, N, group, salient, bias)
     (4096, 4096, 128, 128, False),

@@ -96,7 +96,9 @@ def provenance(machine: str) -> dict:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    mps = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+    # a client finds the MPS daemon by this variable, or at its default pipe directory
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"
+    mps = (Path(pipe) / "control").exists()
     return {**common.provenance(machine == "shared"), "peft": peft_version, "cuda_mps": mps}
 
 
@@ -170,12 +172,14 @@ class Sweep:
 
     def memory_need(self, method: str) -> float:
         """Expected peak GPU memory of a ``method`` row (MiB): the largest this method's
-        recorded rows needed, plus a tenth and 1.5 GiB for the CUDA context; 0 (no estimate:
-        placed by count) before any such row ran on a GPU."""
+        recorded rows of this recipe needed, plus a tenth and 1.5 GiB for the CUDA context; 0
+        (no estimate: placed by count) before any such row ran on a GPU."""
         peaks = [
             r["peak_gpu_mb"]
             for r in self.results["rows"]
-            if r["key"].get("method") == method and r.get("peak_gpu_mb")
+            if r["key"].get("method") == method
+            and r["key"].get("recipe") == self.args.recipe
+            and r.get("peak_gpu_mb")
         ]
         return 1.1 * max(peaks) + 1536 if peaks else 0.0
 

@@ -286,7 +286,15 @@ def choose(M: int, N: int, K: int) -> tuple[int, int]:
     TARGET_BLOCKS blocks, the staged x within about 96 KB of shared memory."""
     strips = N // 64
     wn = 4 if strips % 4 == 0 and strips // 4 >= 16 else 2 if strips % 2 == 0 else 1
-    return wn, max(_splits(wn, N, K), _min_splits(M, K))
+    return wn, _runs(K, max(_splits(wn, N, K), _min_splits(M, K)))
+
+
+def _runs(K: int, splits: int) -> int:
+    """The K splits the launch really runs for ``splits``: it gives each split
+    ceil(steps / splits) k-steps."""
+    steps = K // 64
+    per = -(-steps // splits)
+    return -(-steps // per)
 
 
 SPLIT_FACTORS = (0.5, 1.0, 2.0, 3.0, 4.0)  # x TARGET_BLOCKS, the split counts tried per width
@@ -296,19 +304,18 @@ def configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     """The (warps per block, K splits) worth timing for M rows of an (N, K) layer: 2 and 4 warps
     where N allows them (1 otherwise), each at SPLIT_FACTORS x TARGET_BLOCKS blocks, never
     below the shared-memory minimum; ``choose``'s rule first. In the (warps, splits) sweep on
-    the H200 the best of these was 1.1-1.45x the rule's on 13 of 45 (shape, M) cells
-    (2 warps at M <= 8, more splits for 8192 x 28672), and no single rule found all of them."""
+    the H200 (sweep_mma_h200_configs.json) the best configuration was 1.11-1.45x the rule's
+    on 9 of 56 (shape, bits, M) cells (2 warps at M <= 8, more splits for 8192 x 28672), and
+    no single rule found all of them."""
     strips = N // 64
     widths = [wn for wn in (2, 4) if strips % wn == 0] or [1]
-    low, steps = _min_splits(M, K), K // 64
-    out = []
-    for wn, splits in [choose(M, N, K)] + [
-        (wn, max(_splits(wn, N, K, f), low)) for wn in widths for f in SPLIT_FACTORS
-    ]:
-        per = -(-steps // splits)  # the launch gives each split this many k-steps
-        c = (wn, -(-steps // per))  # so these are the splits that run
-        if c not in out:
-            out.append(c)
+    low = _min_splits(M, K)
+    out = [choose(M, N, K)]
+    for wn in widths:
+        for f in SPLIT_FACTORS:
+            c = (wn, _runs(K, max(_splits(wn, N, K, f), low)))
+            if c not in out:
+                out.append(c)
     return out
 
 
@@ -331,6 +338,9 @@ def mixed_mma(
     y = out if out is not None else torch.empty(M, N, dtype=torch.float16, device=x2.device)
     if x2.data_ptr() % 16 or not x2.is_contiguous():
         x2 = x2.contiguous().clone()
+    if x2.device.index != torch.cuda.current_device():  # the launch uses the current device
+        with torch.cuda.device(x2.device):
+            return mixed_mma(x2, p, bias, ws, cnt, wn, splits, out=y)
     rc = _state["lib"].gq_mixed_mma(
         x2.data_ptr(),
         p.qc.data_ptr(),

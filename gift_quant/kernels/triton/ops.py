@@ -301,7 +301,16 @@ def tuned_route(
     def launch(name: str) -> None:
         run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, out=out, cuda=cuda)
 
-    times = (timer or _time_kernels)(tuning_names(M, N, K, bits), launch)
+    names = tuning_names(M, N, K, bits)
+    try:
+        if timer is not None:
+            times = timer(names, launch)
+        else:
+            with torch.cuda.device(x2.device):  # events, flush and launches on x2's GPU
+                times = _time_kernels(names, launch)
+    except torch.OutOfMemoryError:  # no room to measure: the rule, as without tuning
+        log.warning("no GPU memory to time the kernels of %s; the rule serves it", key)
+        times = {}
     _tuned[key] = min(times, key=times.get) if times else rule
     _timings[key] = times
     return _tuned[key]
@@ -316,11 +325,13 @@ def _time_kernels(names: list[str], launch) -> dict[str, float]:
         try:
             launch(name)  # compiles a Triton kernel the first time
             ok.append(name)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError) as exc:
-            log.info("kernel %s left out of tuning: %s", name, exc)
+            log.warning("kernel %s left out of tuning: %s", name, exc)
     device = torch.cuda.current_device()
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device="cuda")
+    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device=device)
     events: dict[str, list] = {n: [] for n in ok}
     for _ in range(TUNE_REPS):
         for name in ok:
