@@ -299,7 +299,11 @@ def cand_call(name: str, x: torch.Tensor, L: dict, bits: int):
 
 
 def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
-    for name in triton_ops.candidates(M, mma=copies[0]["cuda"] is not None):
+    """Every candidate, the CUDA kernel in each configuration the first-use timing may pick
+    included, timed like the op (graph over rotated copies): the op's own time against the
+    best of these says how well its first-use timing chose."""
+    mma = copies[0]["cuda"] is not None
+    for name in triton_ops.candidates(M, mma=mma, N=N, K=K):
         if time.time() - res["opts"]["t0"] > res["opts"]["budget"]:
             print("    (budget spent: no more candidates)", flush=True)
             return
@@ -437,8 +441,10 @@ def best_candidates(res: dict, failing=()) -> dict:
 
 
 def routes_from(res: dict, failing=()) -> dict:
-    """The ROUTES table (triton_ops) that picks the fastest candidate of every measured M."""
-    best = best_candidates(res, failing)
+    """The ROUTES table (triton_ops) that picks the fastest Triton candidate of every measured M
+    (the tables serve where the CUDA kernel does not: its configurations are left out)."""
+    mma = {r["name"] for r in res.get("cand", []) if r["name"].startswith("mma")}
+    best = best_candidates(res, (*failing, *mma))
     out: dict = {}
     for N, K, bits, M in sorted(best):
         out.setdefault((N, K, bits), []).append((M, best[(N, K, bits, M)][1]))
