@@ -385,3 +385,20 @@ def test_a_rows_memory_need_comes_from_its_methods_recorded_peaks(tmp_path):
     assert s.memory_need("dora") == pytest.approx(1.1 * 42000 + 1536)
     assert s.memory_need("lora") == 0.0  # never ran: placed by count
     assert s.capacity == 140000.0
+
+
+def test_a_start_that_raises_is_not_made_again_by_each_of_its_rows(tiny_sweep_recipe, tmp_path):
+    made = []
+
+    def fake(out, recipe, overrides):
+        if "train.method=none" in overrides:
+            made.append(out.name)
+            raise ValueError("the start's report is not JSON")
+        return fake_report(out, True)
+
+    args = ["--machine", "shared", "--recipe", str(tiny_sweep_recipe), "--bits", "4"]
+    args += ["--methods", "gift-post", "gift-post-b6", "--seeds", "0", "1", "--jobs", "2"]
+    args += ["--budget", "2x2x32", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "s")]
+    assert sweep.main(args, runner=fake) == 1
+    assert len(made) == 1  # four rows depend on it; none made it again
+    assert not (tmp_path / "s").exists() or not json.loads((tmp_path / "s").read_text())["rows"]

@@ -302,13 +302,17 @@ class Sweep:
             return d
         if d in self.failed_starts:  # its rows fail with it, without retrying it each
             return None
-        report = self.run(d, self.start_overrides(bits, method))
-        if report is None:
+        try:
+            report = self.run(d, self.start_overrides(bits, method))
+            if report is None:
+                self.failed_starts.add(d)
+                return None
+            if self.has(key):  # recorded by an earlier sweep whose work directory is gone
+                return d
+            self.save(self.record(key, report, d))
+        except Exception:  # any error: its rows fail with it, and it is not made again each
             self.failed_starts.add(d)
-            return None
-        if self.has(key):  # recorded by an earlier sweep whose work directory is gone
-            return d
-        self.save(self.record(key, report, d))
+            raise
         print(f"w{bits} {name:34s} ppl {report['perplexity_recovered']:9.3f}", flush=True)
         return d
 
