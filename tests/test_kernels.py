@@ -378,8 +378,8 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     route once per (device, shape, M bucket) and keep the fastest; outside TUNE_M or with
     GIFT_QUANT_TUNE=0 the rule serves. The timer here is a stand-in
     whose winner is set by the test (the CUDA-event timer needs a GPU)."""
-    monkeypatch.setattr(ops, "_tuned", {})
-    monkeypatch.setattr(ops, "_timings", {})
+    monkeypatch.setattr(ops.tuning, "_kept", {})
+    monkeypatch.setattr(ops.tuning, "_timings", {})
     monkeypatch.delenv("GIFT_QUANT_TUNE", raising=False)
     N, K = 4096, 14336
     timed, winner = [], {"name": "mma:2x16"}
@@ -416,11 +416,11 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, Triton), never timed
         assert pick(M) == ops.route(M, N, K, 4, mma=True)
     assert len(timed) == 3
-    kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning_record()}
+    kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning.record()}
     assert kept == {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
         (16, 0, 128, 3)
     }
-    first = next(r for r in ops.tuning_record() if r["salient"] == 0 and r["m_bucket"] == 16)
+    first = next(r for r in ops.tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
     assert pick(5) == ops.route(5, N, K, 4, mma=True) == ops.mma_name(*native.choose(5, N, K))
@@ -461,6 +461,6 @@ def test_mma_route_names_carry_the_configuration(monkeypatch):
     monkeypatch.setattr(native, "mixed_mma", fake)
     x = torch.zeros(4, 128, dtype=F16)
     sz = torch.zeros(2, 64, dtype=torch.int32)
-    for name in ("mma:2x16", "mma:4x3", "mma"):
+    for name in ("mma:2x16", "mma:4x3"):
         ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=object())
-    assert seen == [(2, 16), (4, 3), (0, 0)]  # "mma": the rule's, chosen in mixed_mma
+    assert seen == [(2, 16), (4, 3)]

@@ -229,7 +229,7 @@ def main() -> None:
             for b in (args.batch if args.compile else [])
         ],
         logits_rel_diff_triton_vs_torch=rel,
-        tuning=ops.tuning_record(),  # what the op measured at first use
+        tuning=ops.tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel:.1e}")
     print("| batch | fp16 tok/s | W4 g128 + 128 salient tok/s | ratio |\n|---|---|---|---|")

@@ -15,7 +15,8 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 * Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernel is built): the first
   call of a layer shape and M bucket on a device times the CUDA kernel's configurations
   (``native.configs``) and the rule's Triton kernel, each with the L2 cache overwritten, and
-  keeps the fastest for the process (``tuned_route``; the timings stay in ``tuning_record``).
+  keeps the fastest for the process (``tuned_route``, ``tuning``; the timings stay in
+  ``tuning.record``).
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
   call inside CUDA-graph capture) keeps the rules instead.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
@@ -28,9 +29,6 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
-import logging
-import os
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import native
+from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 from gift_quant.kernels.triton.gemv import gemv
 from gift_quant.kernels.triton.mm import (
@@ -56,8 +55,6 @@ from gift_quant.kernels.triton.mm import (
 from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
-log = logging.getLogger(__name__)
-
 __all__ = [
     "base_matmul",
     "candidates",
@@ -68,7 +65,6 @@ __all__ = [
     "route_in_force",
     "run_route",
     "tuned_route",
-    "tuning_record",
 ]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMA_M)
@@ -83,7 +79,6 @@ MMA_WIDE_WEIGHTS = 1 << 25
 # this way, its variants won the measurement and lost the benchmark by up to 21%
 # (docs/KERNELS-NOTES.md, round 6)
 TUNE_M = MMA_M[0], 32
-TUNE_REPS = 5
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
 
@@ -228,33 +223,9 @@ def _mma_config(name: str) -> tuple[int, int]:
     return int(wn), int(splits)
 
 
-def m_bucket(M: int) -> int:
-    """The M a tuned route is kept for: calls with M rows share the route of M_bucket rows
-    (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32)."""
-    return 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
-
-
-_tuned: dict[tuple, str] = {}  # tuned_key -> kernel
-_timings: dict[tuple, dict[str, float]] = {}  # tuned_key -> {kernel: seconds} as measured
-
-
-def tuned_key(device, N, K, bits, group, nsal, M) -> tuple:
-    return (device, N, K, bits, group, nsal, m_bucket(M))
-
-
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernel can serve them."""
     return [mma_name(*c) for c in native.configs(M, N, K)] + [route(M, N, K, bits)]
-
-
-def tuning_record() -> list[dict]:
-    """Every measurement made so far: the key, the kernel kept and each candidate's seconds
-    (the tools write it into their JSON)."""
-    fields = ("device", "N", "K", "bits", "group", "salient", "m_bucket")
-    return [
-        {**dict(zip(fields, key, strict=True)), "kept": _tuned[key], "seconds": times}
-        for key, times in _timings.items()
-    ]
 
 
 def route_in_force(
@@ -262,8 +233,8 @@ def route_in_force(
 ) -> str:
     """The kernel fp16 calls of M rows take now: the measured choice where one was made, else
     ``route``'s rule (what the tools record as the routes in force)."""
-    tuned = _tuned.get(tuned_key(device, N, K, bits, group, nsal, M)) if mma else None
-    return tuned or route(M, N, K, bits, mma)
+    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if mma else None
+    return measured or route(M, N, K, bits, mma)
 
 
 def tuned_route(
@@ -280,81 +251,33 @@ def tuned_route(
     timer=None,
 ) -> str:
     """The kernel for fp16 ``x2`` on a layer with the CUDA kernel's layout: ``route``'s rule
-    outside TUNE_M; inside, the fastest of ``tuning_names``, timed at the first call of
-    (device, shape, M bucket) and kept (``_tuned``). ``timer`` (names, launch) ->
-    {name: seconds} replaces the CUDA-event timing (tests)."""
+    outside TUNE_M; inside, the fastest of ``tuning_names``, measured at the first call of
+    (device, shape, M bucket) and kept (``tuning.choose``; ``timer``: see there)."""
     M, K = x2.shape
     N = sz.shape[1]
-    rule = route(M, N, K, bits, mma=True)
     if not TUNE_M[0] <= M <= TUNE_M[1] or not (x2.is_cuda or timer):
-        return rule
-    key = tuned_key(x2.device.index, N, K, bits, group, 0 if wst is None else wst.shape[0], M)
-    name = _tuned.get(key)
+        return route(M, N, K, bits, mma=True)
+    nsal = 0 if wst is None else wst.shape[0]
+    k = tuning.key(x2.device.index, N, K, bits, group, nsal, M)
+    name = tuning.kept(k)  # the hot path: one dict lookup
     if name is not None:
         return name
-    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-    if capturing or os.environ.get("GIFT_QUANT_TUNE", "1") == "0":
-        _tuned[key] = rule
-        return rule
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
 
     def launch(name: str) -> None:
         run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, out=out, cuda=cuda)
 
     names = tuning_names(M, N, K, bits)
-    try:
-        if timer is not None:
-            times = timer(names, launch)
-        else:
-            with torch.cuda.device(x2.device):  # events, flush and launches on x2's GPU
-                times = _time_kernels(names, launch)
-    except torch.OutOfMemoryError:  # no room to measure: the rule, as without tuning
-        log.warning("no GPU memory to time the kernels of %s; the rule serves it", key)
-        times = {}
-    _tuned[key] = min(times, key=times.get) if times else rule
-    _timings[key] = times
-    return _tuned[key]
-
-
-def _time_kernels(names: list[str], launch) -> dict[str, float]:
-    """Median seconds of each kernel over TUNE_REPS launches, interleaved, with the L2 cache
-    overwritten before every launch (the weights come from memory, as they do in a model
-    whose other layers ran in between). A kernel whose launch fails is left out."""
-    ok = []
-    for name in names:
-        try:
-            launch(name)  # compiles a Triton kernel the first time
-            ok.append(name)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError) as exc:
-            log.warning("kernel %s left out of tuning: %s", name, exc)
-    device = torch.cuda.current_device()
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device=device)
-    events: dict[str, list] = {n: [] for n in ok}
-    for _ in range(TUNE_REPS):
-        for name in ok:
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            launch(name)
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
-    return {
-        n: statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3 for n, ev in events.items()
-    }
+    return tuning.choose(k, names, launch, route(M, N, K, bits, mma=True), x2.device, timer)
 
 
 def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
-    ``mma``, the CUDA kernel too: every configuration ``tuned_route`` may time for an (N, K)
-    layer, or "mma" (its rule's) without one."""
+    ``mma``, the CUDA kernel too, in every configuration ``tuned_route`` may time for the
+    (N, K) layer."""
     if mma and M <= native.MAX_M:
-        cuda = [mma_name(*c) for c in native.configs(M, N, K)] if N and K else ["mma"]
-        return [*candidates(M), *cuda]
+        return [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
     if M <= GEMV_MAX_M:
         return ["gemv"]
     if M >= CUBLAS_MIN_M:
@@ -386,11 +309,11 @@ def run_route(
     cuda: native.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernel's layout, for "mma")."""
+    ``cuda``: the CUDA kernel's layout, for "mma:WNxS")."""
     M, K = x2.shape
     N = sz.shape[1]
-    if name == "mma" or name.startswith("mma:"):  # "mma": the rule's configuration
-        wn, splits = _mma_config(name) if name != "mma" else (0, 0)
+    if name.startswith("mma:"):
+        wn, splits = _mma_config(name)
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()
         return native.mixed_mma(x2, cuda, b16, ws, cnt, wn, splits, out=out)
