@@ -405,6 +405,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
     winner["name"] = ops.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
+    for M in (64, 128, 512):  # past TUNE_M the op takes the rule, whatever the 32-row bucket kept
+        want = ops.route(M, N, K, 4, mma=True)
+        assert ops.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
         return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)

@@ -231,9 +231,11 @@ def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
 def route_in_force(
     M: int, N: int, K: int, bits: int, group: int, nsal: int, mma: bool, device: int | None = 0
 ) -> str:
-    """The kernel fp16 calls of M rows take now: the measured choice where one was made, else
-    ``route``'s rule (what the tools record as the routes in force)."""
-    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if mma else None
+    """The kernel fp16 calls of M rows take now: the measured choice where one was made (M in
+    TUNE_M, as ``tuned_route``), else ``route``'s rule (what the tools record as the routes in
+    force)."""
+    timed = mma and TUNE_M[0] <= M <= TUNE_M[1]
+    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if timed else None
     return measured or route(M, N, K, bits, mma)
 
 
