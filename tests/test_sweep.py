@@ -383,7 +383,14 @@ def test_a_rows_memory_need_comes_from_its_methods_recorded_peaks(tmp_path):
     args.gpus, args.gpu_memory_mb, args.recipe = 2, 140000.0, "tiny"
     s = sweep.Sweep(args)
     assert s.memory_need("dora") == pytest.approx(1.1 * 42000 + 1536)
-    assert s.memory_need("lora") == 0.0  # never ran: placed by count
+    assert s.memory_need("lora") == 0.0  # never ran, nor any LoRA-like method: by count
+    # a method that never ran takes the peaks of the methods that train the same way (a new
+    # GIFT-SW variant placed by count overfilled the GPUs beside DoRA rows)
+    assert s.memory_need("gift-owq-b6") == 0.0
+    s.results["rows"].append(rec("salient-ft", 4, 0, 10.0, gpu=19000.0))
+    s.results["rows"][-1]["key"]["recipe"] = "tiny"
+    assert s.memory_need("gift-owq-b6") == pytest.approx(1.1 * 19000 + 1536)
+    assert s.memory_need("lora") == 0.0
     assert s.capacity == 140000.0
 
 

@@ -130,6 +130,12 @@ def _key_text(key: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+def _train_method(method: str) -> str | None:
+    """The ``train.method`` a sweep method sets (gift, lora, dora; None for a start)."""
+    sets = [o for o in METHODS.get(method, ("", []))[1] if o.startswith("train.method=")]
+    return sets[0].split("=", 1)[1] if sets else None
+
+
 class Sweep:
     """The grid, its work directory and its JSON (records saved as they finish)."""
 
@@ -172,16 +178,22 @@ class Sweep:
 
     def memory_need(self, method: str) -> float:
         """Expected peak GPU memory of a ``method`` row (MiB): the largest this method's
-        recorded rows of this recipe needed, plus a tenth and 1.5 GiB for the CUDA context; 0
-        (no estimate: placed by count) before any such row ran on a GPU."""
-        peaks = [
-            r["peak_gpu_mb"]
-            for r in self.results["rows"]
-            if r["key"].get("method") == method
-            and r["key"].get("recipe") == self.args.recipe
-            and r.get("peak_gpu_mb")
-        ]
-        return 1.1 * max(peaks) + 1536 if peaks else 0.0
+        recorded rows of this recipe needed (none yet: the rows of methods that train the same
+        way, ``train.method``), plus a tenth and 1.5 GiB for the CUDA context; 0 (no estimate:
+        placed by count) before any such row ran on a GPU."""
+
+        def peaks(methods: set[str]) -> list[float]:
+            return [
+                r["peak_gpu_mb"]
+                for r in self.results["rows"]
+                if r["key"].get("method") in methods
+                and r["key"].get("recipe") == self.args.recipe
+                and r.get("peak_gpu_mb")
+            ]
+
+        trainer = _train_method(method)
+        found = peaks({method}) or peaks({m for m in METHODS if _train_method(m) == trainer})
+        return 1.1 * max(found) + 1536 if found else 0.0
 
     def run(self, out: Path, overrides: list[str], need_mb: float = 0.0) -> dict | None:
         gpu = self.pool.acquire(need_mb)  # one of --jobs, on the GPU with room for it
