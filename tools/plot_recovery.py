@@ -25,8 +25,10 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 PARETO = [
     ("rtn", "RTN"),
     ("gptq", "GPTQ"),
-    ("base", "GPTQ + 3% salient"),
-    ("gift-post-b6", "+ GIFT-SW (default, 6-bit noise)"),
+    ("base", "GPTQ + 3% salient (gift metric)"),
+    ("gift-owq (before training)", "GPTQ + 3% salient (owq metric)"),
+    ("gift-post-b6", "+ GIFT-SW (gift metric, 6-bit noise)"),
+    ("gift-owq-b6", "+ GIFT-SW (default: owq metric, 6-bit noise)"),
 ]
 
 
@@ -73,6 +75,9 @@ def plot_curves(results: dict, json_path: Path) -> Path | None:
             ax.plot(xs, ys, style, marker=".", label=label, color=colour[method])
         fp = [r["perplexity_fp"] for r in rows if r["key"]["bits"] == bits]
         ax.axhline(fp[0], color="gray", lw=0.8, ls=":", label="FP16")
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi / lo > 10:  # a diverging row (pre mode at 2 bits) would flatten the rest
+            ax.set_yscale("log")
         ax.set_title(f"w{bits}")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("held-out perplexity")
