@@ -405,8 +405,14 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
     winner["name"] = ops.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
-    for M in (64, 128, 512):  # past TUNE_M the op takes the rule, whatever the 32-row bucket kept
+    # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
+    # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 4 for M <= 2
+    ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32)] = "mma:4x4"
+    winner["name"] = "mma:2x16"
+    assert pick(4) == "mma:2x16" and len(timed) == 4
+    for M in (1, 2, 64, 128, 512):
         want = ops.route(M, N, K, 4, mma=True)
+        assert not want.startswith("mma:")
         assert ops.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
@@ -414,23 +420,24 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
 
     other(group=64)
     other(bits=3)
-    assert len(timed) == 5  # each its own measurement
-    timed[3:] = []
+    assert len(timed) == 6  # each its own measurement
+    timed[4:] = []
     for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, Triton), never timed
         assert pick(M) == ops.route(M, N, K, 4, mma=True)
-    assert len(timed) == 3
+    assert len(timed) == 4
     kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning.record()}
     assert kept == {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
-        (16, 0, 128, 3)
+        (4, 0, 128, 4),
+        (16, 0, 128, 3),
     }
     first = next(r for r in ops.tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
     assert pick(5) == ops.route(5, N, K, 4, mma=True) == ops.mma_name(*native.choose(5, N, K))
-    assert len(timed) == 3
+    assert len(timed) == 4
     monkeypatch.delenv("GIFT_QUANT_TUNE")
     assert pick(5) == ops.route(5, N, K, 4, mma=True)  # kept: the same call, the same kernel
-    assert len(timed) == 3
+    assert len(timed) == 4
 
 
 def test_cuda_kernel_configurations_fit_the_launch():

@@ -90,7 +90,7 @@ def tiny_sweep_recipe(tiny_model_dirs, wiki_train_text, tmp_path):
         f"""
 model: {{name_or_path: "{tiny_model_dirs("llama")}"}}
 calib: {{num_samples: 8, seq_len: 64, batch_size: 4, true_sequential: false}}
-saliency: {{count: 4}}
+saliency: {{metric: gift, count: 4}}
 quant: {{group_size: 32}}
 train: {{data: "{text}", save_every: 0}}
 eval: {{seq_len: 64, max_tokens: 1024}}
@@ -213,6 +213,13 @@ def test_a_bad_row_is_refused_before_anything_runs(tmp_path):
         sweep.main([*args, "--set", "train.lr=-1"], runner=must_not_run)
     with pytest.raises(SystemExit, match="--micro-batch 5 must divide every budget's batch"):
         sweep.main([*args, "--micro-batch", "5"], runner=must_not_run)
+    # the rows are named after their metric: a recipe (or --set) that ranks otherwise is refused
+    quick = ["--recipe", "quickstart"]  # names owq, the project's default
+    with pytest.raises(SystemExit, match=r"row w4 base would rank .*metric=owq, not gift"):
+        sweep.main([*args, *quick], runner=must_not_run)
+    owq = ["--methods", "gift-owq", "--set", "saliency.metric=gift"]
+    with pytest.raises(SystemExit, match=r"row w4 gift-owq would rank .*metric=gift, not owq"):
+        sweep.main([*args, *owq], runner=must_not_run)
     assert not (tmp_path / "s.json").exists()
 
 
@@ -383,13 +390,15 @@ def test_a_rows_memory_need_comes_from_its_methods_recorded_peaks(tmp_path):
     args.gpus, args.gpu_memory_mb, args.recipe = 2, 140000.0, "tiny"
     s = sweep.Sweep(args)
     assert s.memory_need("dora") == pytest.approx(1.1 * 42000 + 1536)
-    assert s.memory_need("lora") == 0.0  # never ran, nor any LoRA-like method: by count
+    assert s.memory_need("lora") == 0.0  # no row trains with train.method=lora: by count
     # a method that never ran takes the peaks of the methods that train the same way (a new
     # GIFT-SW variant placed by count overfilled the GPUs beside DoRA rows)
     assert s.memory_need("gift-owq-b6") == 0.0
-    s.results["rows"].append(rec("salient-ft", 4, 0, 10.0, gpu=19000.0))
-    s.results["rows"][-1]["key"]["recipe"] = "tiny"
+    for method, peak in [("salient-ft", 19000.0), ("gift-post", 12000.0)]:
+        s.results["rows"].append(rec(method, 4, 0, 10.0, gpu=peak))
+        s.results["rows"][-1]["key"]["recipe"] = "tiny"
     assert s.memory_need("gift-owq-b6") == pytest.approx(1.1 * 19000 + 1536)
+    assert s.memory_need("gift-post") == pytest.approx(1.1 * 12000 + 1536)  # its own first
     assert s.memory_need("lora") == 0.0
     assert s.capacity == 140000.0
 

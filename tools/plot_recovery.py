@@ -3,9 +3,11 @@
     python tools/plot_recovery.py FILE.json
 
 FILE_curves.png: held-out perplexity against training tokens, one panel per bit width, one line
-per method (mean over seeds; pre-mode curves are the FP model while it trains, their last point
-is after quantization). FILE_pareto.png: final perplexity against bits per weight for RTN,
-GPTQ, GPTQ + salient columns and + GIFT-SW (largest budget), FP16 as a line. Needs the [plots]
+per method (mean over seeds; pre-mode curves are the FP model while it trains: quantization
+comes after their last point, and only the table has the result). A panel whose values span more
+than a decade has a log axis. FILE_pareto.png: final perplexity against bits per weight for RTN,
+GPTQ, GPTQ + salient columns (gift and owq metrics) and + GIFT-SW with 6-bit noise from each
+(largest budget), FP16 as a line. Needs the [plots]
 extra (matplotlib).
 """
 

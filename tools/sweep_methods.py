@@ -24,7 +24,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "GIFT-SW post, owq metric",
         ["saliency.metric=owq", "train.method=gift", "train.b_noise=4"],
     ),
-    # the default metric's challenger at the default noise: decides the saliency default
+    # the owq metric at the default noise: the project's default settings since it won here
     "gift-owq-b6": (
         "GIFT-SW post, owq metric, b_noise 6",
         ["saliency.metric=owq", "train.method=gift", "train.b_noise=6"],

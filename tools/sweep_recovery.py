@@ -130,10 +130,21 @@ def _key_text(key: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def _train_method(method: str) -> str | None:
-    """The ``train.method`` a sweep method sets (gift, lora, dora; None for a start)."""
-    sets = [o for o in METHODS.get(method, ("", []))[1] if o.startswith("train.method=")]
+def _setting(method: str, name: str) -> str | None:
+    """The value a sweep method's overrides give ``name`` (None where they do not set it)."""
+    sets = [o for o in METHODS.get(method, ("", []))[1] if o.startswith(name + "=")]
     return sets[0].split("=", 1)[1] if sets else None
+
+
+def _train_method(method: str) -> str | None:
+    """The ``train.method`` a sweep method sets ("none" for a quantized start)."""
+    return _setting(method, "train.method")
+
+
+def _metric(method: str) -> str:
+    """The saliency metric a sweep method's rows must rank with: the one it names, else the
+    paper's ``gift`` (every method's label and claim assumes it)."""
+    return _setting(method, "saliency.metric") or "gift"
 
 
 class Sweep:
@@ -283,9 +294,15 @@ class Sweep:
                 )
             try:
                 sets = self.sets(self.overrides(bits, method, seed, budget))
-                load_recipe(find_recipe(a.recipe), sets)
+                metric = load_recipe(find_recipe(a.recipe), sets).saliency.metric
             except RecipeError as exc:
                 raise SystemExit(f"row w{bits} {method}: {exc}") from None
+            if metric != _metric(method):  # the rows and claims are named after their metric
+                raise SystemExit(
+                    f"row w{bits} {method} would rank columns with saliency.metric={metric}, "
+                    f"not {_metric(method)}: use a recipe that names saliency.metric: gift, "
+                    "and no --set of the metric"
+                )
 
     def start_overrides(self, bits: int, method: str) -> list[str]:
         return [f"quant.bits={bits}", *quant_overrides(method), "train.method=none"]
