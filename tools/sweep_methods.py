@@ -67,8 +67,25 @@ CLAIMS = [
 ]
 
 
+def setting(method: str, name: str) -> str | None:
+    """The value ``method``'s overrides give ``name`` (None where they do not set it)."""
+    sets = [o for o in METHODS[method][1] if o.startswith(name + "=")]
+    return sets[0].split("=", 1)[1] if sets else None
+
+
+def train_method(method: str) -> str | None:
+    """The ``train.method`` a method sets ("none" for a quantized start)."""
+    return setting(method, "train.method")
+
+
 def trains(method: str) -> bool:
-    return "train.method=none" not in METHODS[method][1]
+    return train_method(method) != "none"
+
+
+def metric_of(method: str) -> str:
+    """The saliency metric a method's rows must rank with: the one it names, else the paper's
+    ``gift`` (every method's label and claim assumes it)."""
+    return setting(method, "saliency.metric") or "gift"
 
 
 def is_pre(method: str) -> bool:

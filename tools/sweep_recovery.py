@@ -57,7 +57,9 @@ from sweep_methods import (  # noqa: E402
     METHODS,
     budget_text,
     is_pre,
+    metric_of,
     quant_overrides,
+    train_method,
     trains,
 )
 from sweep_report import report  # noqa: E402
@@ -130,23 +132,6 @@ def _key_text(key: dict) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def _setting(method: str, name: str) -> str | None:
-    """The value a sweep method's overrides give ``name`` (None where they do not set it)."""
-    sets = [o for o in METHODS.get(method, ("", []))[1] if o.startswith(name + "=")]
-    return sets[0].split("=", 1)[1] if sets else None
-
-
-def _train_method(method: str) -> str | None:
-    """The ``train.method`` a sweep method sets ("none" for a quantized start)."""
-    return _setting(method, "train.method")
-
-
-def _metric(method: str) -> str:
-    """The saliency metric a sweep method's rows must rank with: the one it names, else the
-    paper's ``gift`` (every method's label and claim assumes it)."""
-    return _setting(method, "saliency.metric") or "gift"
-
-
 class Sweep:
     """The grid, its work directory and its JSON (records saved as they finish)."""
 
@@ -202,8 +187,8 @@ class Sweep:
                 and r.get("peak_gpu_mb")
             ]
 
-        trainer = _train_method(method)
-        found = peaks({method}) or peaks({m for m in METHODS if _train_method(m) == trainer})
+        trainer = train_method(method)
+        found = peaks({method}) or peaks({m for m in METHODS if train_method(m) == trainer})
         return 1.1 * max(found) + 1536 if found else 0.0
 
     def run(self, out: Path, overrides: list[str], need_mb: float = 0.0) -> dict | None:
@@ -297,10 +282,10 @@ class Sweep:
                 metric = load_recipe(find_recipe(a.recipe), sets).saliency.metric
             except RecipeError as exc:
                 raise SystemExit(f"row w{bits} {method}: {exc}") from None
-            if metric != _metric(method):  # the rows and claims are named after their metric
+            if metric != metric_of(method):  # the rows and claims are named after their metric
                 raise SystemExit(
                     f"row w{bits} {method} would rank columns with saliency.metric={metric}, "
-                    f"not {_metric(method)}: use a recipe that names saliency.metric: gift, "
+                    f"not {metric_of(method)}: use a recipe that names saliency.metric: gift, "
                     "and no --set of the metric"
                 )
 
