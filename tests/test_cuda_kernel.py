@@ -191,7 +191,7 @@ def test_kernel_compiles_for_sm90(tmp_path) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -> None:
     from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops
+    from gift_quant.kernels.triton import ops, routes
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
     if native.library() is None:
@@ -207,8 +207,8 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         with torch.no_grad():
             out = layer(x)  # the first call of a bucket times the candidates, then runs one
-        taken = ops.route_in_force(M, N, K, bits, 64, 37, mma=True)
-        assert taken in ops.candidates(M, mma=True, N=N, K=K), taken
+        taken = routes.route_in_force(M, N, K, bits, 64, 37, mma=True)
+        assert taken in routes.candidates(M, mma=True, N=N, K=K), taken
         err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
         assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, err, ref_err)
     assert ops.prepare(layer).cuda is not None

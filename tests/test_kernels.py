@@ -32,7 +32,11 @@ from gift_quant.kernels import (  # noqa: E402
     resolve_backend,
 )
 from gift_quant.kernels.cuda import native  # noqa: E402
-from gift_quant.kernels.triton import mm, ops  # noqa: E402
+from gift_quant.kernels.triton import (  # noqa: E402
+    mm,
+    ops,
+    routes,  # noqa: E402
+)
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
@@ -272,7 +276,7 @@ def test_op_routes_by_rows(shape, dtype, route):
     y = ops.dequant_matmul(x, layer)
     assert y.shape == (*shape[:-1], 64)
     within_bound(y.reshape(-1, 64), x.reshape(-1, 128), layer, w, b)
-    assert ops.route(x.reshape(-1, 128).shape[0], 64, 128, 4) == route
+    assert routes.route(x.reshape(-1, 128).shape[0], 64, 128, 4) == route
 
 
 @pytest.mark.parametrize(("bits", "dtype", "M"), [(4, F16, 3), (3, BF16, 20), (2, F16, 17)])
@@ -315,13 +319,13 @@ def test_op_backward_with_the_cuda_layout_passed():
 
 
 def test_route_tables_only_name_candidate_kernels():
-    tables = [*ops.DEFAULT_ROUTES.values(), *ops.ROUTES.values()]
+    tables = [*routes.DEFAULT_ROUTES.values(), *routes.ROUTES.values()]
     for M in range(1, 600):
-        for N, K, bits in [(0, 0, 0), (64, 64, 3), *ops.ROUTES]:
-            assert ops.route(M, N, K, bits) in ops.candidates(M)
+        for N, K, bits in [(0, 0, 0), (64, 64, 3), *routes.ROUTES]:
+            assert routes.route(M, N, K, bits) in routes.candidates(M)
     for table in tables:
         assert [m for m, _ in table] == sorted(m for m, _ in table)
-    names = {n for M in range(1, 600) for n in ops.candidates(M)}
+    names = {n for M in range(1, 600) for n in routes.candidates(M)}
     assert {n[3:] for n in names if n.startswith("mm:")} <= set(mm.MM_CONFIGS)
 
 
@@ -396,14 +400,15 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
         return ops.tuned_route(x[:M], None, sz, wst, None, None, None, 4, 128, object(), timer)
 
     assert pick(16) == "mma:2x16"
-    rule_triton = ops.route(16, N, K, 4)
-    assert timed == [[ops.mma_name(*c) for c in native.configs(16, N, K)] + [rule_triton]]
+    rule_triton = routes.route(16, N, K, 4)
+    assert timed == [[routes.mma_name(*c) for c in native.configs(16, N, K)] + [rule_triton]]
     assert pick(9) == "mma:2x16" and len(timed) == 1  # same bucket: kept, not timed again
-    assert ops.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
-    assert ops.route_in_force(12, N, K, 4, 128, 0, False, device=None) == ops.route(12, N, K, 4)
+    assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
+    rule_12 = routes.route(12, N, K, 4)
+    assert routes.route_in_force(12, N, K, 4, 128, 0, False, device=None) == rule_12
     winner["name"] = rule_triton
     assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
-    winner["name"] = ops.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
+    winner["name"] = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
     # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 4 for M <= 2
@@ -411,9 +416,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     winner["name"] = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
     for M in (1, 2, 64, 128, 512):
-        want = ops.route(M, N, K, 4, mma=True)
+        want = routes.route(M, N, K, 4, mma=True)
         assert not want.startswith("mma:")
-        assert ops.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
+        assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
         return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
@@ -423,7 +428,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     assert len(timed) == 6  # each its own measurement
     timed[4:] = []
     for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, Triton), never timed
-        assert pick(M) == ops.route(M, N, K, 4, mma=True)
+        assert pick(M) == routes.route(M, N, K, 4, mma=True)
     assert len(timed) == 4
     kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning.record()}
     assert kept == {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
@@ -433,10 +438,10 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     first = next(r for r in ops.tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
-    assert pick(5) == ops.route(5, N, K, 4, mma=True) == ops.mma_name(*native.choose(5, N, K))
+    assert pick(5) == routes.route(5, N, K, 4, mma=True) == routes.mma_name(*native.choose(5, N, K))
     assert len(timed) == 4
     monkeypatch.delenv("GIFT_QUANT_TUNE")
-    assert pick(5) == ops.route(5, N, K, 4, mma=True)  # kept: the same call, the same kernel
+    assert pick(5) == routes.route(5, N, K, 4, mma=True)  # kept: the same call, the same kernel
     assert len(timed) == 4
 
 
@@ -450,7 +455,7 @@ def test_cuda_kernel_configurations_fit_the_launch():
             steps = K // 64
             assert cfgs[0] == native.choose(M, N, K) and len(set(cfgs)) == len(cfgs)
             # the rule's name is the configuration that runs, and one the checks cover
-            assert ops.route(M, N, K, 4, mma=True) in ops.candidates(M, mma=True, N=N, K=K)
+            assert routes.route(M, N, K, 4, mma=True) in routes.candidates(M, mma=True, N=N, K=K)
             for wn, splits in cfgs:
                 assert (N // 64) % wn == 0 and 1 <= splits <= steps
                 per = -(-steps // splits)

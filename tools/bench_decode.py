@@ -193,7 +193,7 @@ def main() -> None:
     w4, w4_c = timed(qmodel, prompts, args)
     print(f"w4g128+s128: {w4} compiled: {w4_c}", flush=True)
     from gift_quant.kernels.cuda import native
-    from gift_quant.kernels.triton import ops
+    from gift_quant.kernels.triton import ops, routes
 
     shapes = set()
     for m in mixed_modules(qmodel):
@@ -203,7 +203,7 @@ def main() -> None:
     res = dict(
         **run_environment(args.shared),
         routes={  # after the timed runs: the measured choices where the op made them
-            f"M={m} {n}x{k} w{b}": ops.route_in_force(m, n, k, b, g, s, mma)
+            f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma)
             for m in args.batch
             for n, k, b, g, s in sorted(shapes)
         },

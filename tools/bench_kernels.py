@@ -16,7 +16,7 @@ Two shape groups, reported apart: "tuned" (the shapes the route tables were meas
 "held_out" (13B/70B-like shapes no route was chosen on: do the routes generalise?).
 ``--sweep`` also times alternative GEMV configurations and dequantize + cuBLAS; ``--warm N``
 compiles every kernel in N worker processes first. ``--candidates`` also times, for every M >
-4, each kernel of ``ops.candidates(M)`` (rows under "cand": what the route tables are made
+4, each kernel of ``routes.candidates(M)`` (rows under "cand": what the route tables are made
 from), until ``--budget`` seconds have passed. Every JSON row records the commit, the versions,
 the GPU and CPU, whether the machine was shared (``--shared``) and the routes in force.
 Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results).
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
@@ -145,7 +146,7 @@ def op_route(M: int, N: int, K: int, bits: int) -> str:
     """The kernel the op takes for fp16 x now (the CUDA kernel where it is built, in the
     configuration measured at the shape's first call)."""
     mma = native.library() is not None
-    return triton_ops.route_in_force(M, N, K, bits, GROUP, NSAL, mma)
+    return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma)
 
 
 def time_cublas(N: int, K: int, M: int) -> float:
@@ -219,10 +220,10 @@ def record(res: dict, key: str, **fields) -> dict:
 def routes_in_force(N: int, K: int, bits: int) -> dict:
     """The kernel the op took at every benchmarked M (after the shape ran: the CUDA kernel's
     configurations measured at first use included), and where the Triton table came from."""
-    measured = (N, K, bits) in triton_ops.ROUTES
+    measured = (N, K, bits) in routes.ROUTES
     return dict(
         table="ROUTES (measured on this shape)" if measured else "DEFAULT_ROUTES",
-        tuned_m=list(triton_ops.TUNE_M),
+        tuned_m=list(routes.TUNE_M),
         by_m={M: op_route(M, N, K, bits) for M in MS},
     )
 
@@ -271,7 +272,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
             )
             if sweep and M in SWEEP_MS and (bits == 4 or M == 1):
                 sweep_one(x, copies, bits, M, N, K, fp[M], res)
-            if res["opts"]["candidates"] and M > triton_ops.GEMV_MAX_M:
+            if res["opts"]["candidates"] and M > routes.GEMV_MAX_M:
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
         for row in shape_rows:
             row["routes_in_force"] = routes_in_force(N, K, bits)
@@ -303,7 +304,7 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
     included, timed like the op (graph over rotated copies): the op's own time against the
     best of these says how well its first-use timing chose."""
     mma = copies[0]["cuda"] is not None
-    for name in triton_ops.candidates(M, mma=mma, N=N, K=K):
+    for name in routes.candidates(M, mma=mma, N=N, K=K):
         if time.time() - res["opts"]["t0"] > res["opts"]["budget"]:
             print("    (budget spent: no more candidates)", flush=True)
             return
@@ -346,8 +347,8 @@ def _warm_case(args) -> str:
     for M in Ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         ours(x, L, bits)
-        if cand and M > triton_ops.GEMV_MAX_M:
-            for name in triton_ops.candidates(M):
+        if cand and M > routes.GEMV_MAX_M:
+            for name in routes.candidates(M):
                 cand_call(name, x, L, bits)
     torch.cuda.synchronize()
     return f"{N}x{K} W{bits}"
@@ -397,10 +398,10 @@ def main() -> None:
         env=dict(
             **row_env,
             sms=p.multi_processor_count,
-            gemv_max_m=triton_ops.GEMV_MAX_M,
-            cublas_min_m=triton_ops.CUBLAS_MIN_M,
-            default_routes=triton_ops.DEFAULT_ROUTES,
-            routes={str(k): v for k, v in triton_ops.ROUTES.items()},
+            gemv_max_m=routes.GEMV_MAX_M,
+            cublas_min_m=routes.CUBLAS_MIN_M,
+            default_routes=routes.DEFAULT_ROUTES,
+            routes={str(k): v for k, v in routes.ROUTES.items()},
         ),
         rows=[],
         cublas=[],
@@ -441,7 +442,7 @@ def best_candidates(res: dict, failing=()) -> dict:
 
 
 def routes_from(res: dict, failing=()) -> dict:
-    """The ROUTES table (triton_ops) that picks the fastest Triton candidate of every measured M
+    """The ROUTES table (``routes``) that picks the fastest Triton candidate of every measured M
     (the tables serve where the CUDA kernel does not: its configurations are left out)."""
     mma = {r["name"] for r in res.get("cand", []) if r["name"].startswith("mma")}
     best = best_candidates(res, (*failing, *mma))

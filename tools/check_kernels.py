@@ -9,7 +9,7 @@ columns and a bias; 576x1024 with group -1 and no salient columns), each call on
 inputs and a NaN-poisoned output buffer, through the kernel the op picks (``route``, or
 for fp16 where the CUDA kernel is built, the choice ``tuned_route`` measured at the shape's
 first call); and every
-candidate kernel of ``ops.candidates(M)`` (M in CAND_MS, the first two shapes): a failing
+candidate kernel of ``routes.candidates(M)`` (M in CAND_MS, the first two shapes): a failing
 Triton candidate is reported for the route tables to avoid, and a failing configuration of
 the CUDA kernel (one the first-use timing may pick) counts as a failure. A case
 passes when max |out - exact| <= ERROR_FACTOR (3) x max |ref - exact| (+1e-6), where exact is
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.testing import (  # noqa: E402
     ERROR_FACTOR,
     compile_for_gpu,
@@ -49,7 +50,7 @@ from gift_quant.testing import (  # noqa: E402
 )
 
 MS = [1, 2, 4, 8, 16, 24, 32, 64, 256]
-CAND_MS = [5, 16, 32, 64, 200]  # every kernel of ops.candidates(M), shapes 0 and 1
+CAND_MS = [5, 16, 32, 64, 200]  # every kernel of routes.candidates(M), shapes 0 and 1
 SHAPES = [  # (K, N, group, salient, bias)
     (4096, 4096, 128, 128, False),
     (1536, 960, 64, 37, True),
@@ -67,7 +68,7 @@ def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
     args = (x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits)
     if name is None and prep.cuda is not None and x.dtype == torch.float16:
         name = triton_ops.tuned_route(*args, prep.group, prep.cuda)
-    name = name or triton_ops.route(M, N, prep.K, prep.bits)
+    name = name or routes.route(M, N, prep.K, prep.bits)
     out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
     return triton_ops.run_route(name, *args, prep.group, out=out, cuda=prep.cuda), name
 
@@ -96,7 +97,7 @@ def check_case(args) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for M in CAND_MS if cand else MS:
         mma = prep.cuda is not None and dtype == torch.float16
-        names = triton_ops.candidates(M, mma=mma, N=N, K=K) if cand else [None]
+        names = routes.candidates(M, mma=mma, N=N, K=K) if cand else [None]
         for name in names:
             x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
             exact = oracle(x, layer)

@@ -44,6 +44,7 @@ from bench_kernels import (  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.testing import run_environment  # noqa: E402
 
 SHAPES = {
@@ -112,7 +113,7 @@ def main() -> None:
                 t_op = graph_time_us([partial(ours, x, L, bits) for L in copies])
                 # the GEMV beside it where it may serve M (the route between them is measured)
                 t_gemv = None
-                if M <= triton_ops.GEMV_MAX_M:
+                if M <= routes.GEMV_MAX_M:
                     t_gemv = graph_time_us([partial(cand_call, "gemv", x, L, bits) for L in copies])
                 for wn, splits in configs(M, N, K, args.configs):
                     y = native.mixed_mma(x, cbase, None, ws, cnt, wn, splits).double()

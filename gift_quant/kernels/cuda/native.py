@@ -3,7 +3,7 @@
 Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
 cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the
 target, and called through ctypes on torch's current stream. Without a CUDA toolkit
-:func:`library` returns None and the Triton kernels serve every M (``ops.route``).
+:func:`library` returns None and the Triton kernels serve every M (``routes.route``).
 
 Layout (``pack_codes``): the codes of one 64-deep k-step and one 64-column strip, for one lane
 ``4 g + t`` of a warp, are BITS x 16 bytes: 4 k16 steps x BITS words; each word a list of

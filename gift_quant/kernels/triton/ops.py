@@ -7,11 +7,9 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
   position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
   8 bits, widths not multiples of 64) run the torch reference.
-* Dispatch by M = rows of x: the CUDA kernel (fp16 x, M in MMA_M, where it is built); else
-  split-K GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >= CUBLAS_MIN_M); between,
-  ``route`` looks the kernel up in ``ROUTES`` (per (N, K, bits), measured on the H200 and
-  shipped with the code: docs/KERNELS-NOTES.md) or in ``DEFAULT_ROUTES``: the GEMV, the
-  tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize + cuBLAS.
+* Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (the CUDA kernel, the
+  split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize +
+  cuBLAS), launched by ``run_route``.
 * Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernel is built): the first
   call of a layer shape and M bucket on a device times the CUDA kernel's configurations
   (``native.configs``) and the rule's Triton kernel, each with the L2 cache overwritten, and
@@ -42,7 +40,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import native
 from gift_quant.kernels.triton import tuning
-from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 from gift_quant.kernels.triton.gemv import gemv
 from gift_quant.kernels.triton.mm import (
     MM_CONFIGS,
@@ -53,67 +50,19 @@ from gift_quant.kernels.triton.mm import (
     mm_config,
 )
 from gift_quant.kernels.triton.ptx import pack_3bit
+from gift_quant.kernels.triton.routes import TUNE_M, mma_config, route, tuning_names
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
     "base_matmul",
-    "candidates",
     "dequant_matmul",
     "noisy_weight_t",
     "prepare",
-    "route",
-    "route_in_force",
     "run_route",
     "tuned_route",
 ]
 
-GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMA_M)
-# fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma" for M = 3..8 (at
-# M = 4 it beat the GEMV on every benchmark shape), and for M = 9..16 on layers of at least
-# MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton kernel was faster there):
-# benchmarks/results/sweep_mma_h200.json
-MMA_M = (3, 16)
-MMA_WIDE_WEIGHTS = 1 << 25
-# fp16 M where the kernel is measured at first use: up to 32, where the CUDA kernel beat the
-# Triton kernels on the largest layers and lost on the others. Not the GEMV (M <= 2): timed
-# this way, its variants won the measurement and lost the benchmark by up to 21%
-# (docs/KERNELS-NOTES.md, round 6)
-TUNE_M = MMA_M[0], 32
-CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 _WS_MIN_FLOATS = 1 << 22
-
-# Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
-# Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
-# tools/bench_kernels.py ``routes_from`` from the candidate timings in
-# benchmarks/results/kernels_h200_candidates.json (fastest candidate per measured M = 8, 16,
-# ..., 512), then "mm:t64k" (timed later, kernels_h200.json) where it was faster by more than
-# 3%. The defaults (other shapes) take per M the candidate with the best geometric-mean
-# speedup over the measured shapes.
-_R = tuple[tuple[int, str], ...]
-_T64_CUBLAS: _R = ((32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas"))
-DEFAULT_ROUTES: dict[int, _R] = {
-    4: ((16, "mm:t64k"), (32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas")),
-    3: _T64_CUBLAS,
-    2: ((32, "mm:t64k"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas")),
-}
-ROUTES: dict[tuple[int, int, int], _R] = {  # (N, K, bits) -> routes
-    (4096, 4096, 4): ((32, "mm:t64k"), (64, "mm:t128w"), (512, "cublas")),
-    (4096, 4096, 3): ((32, "mm:t64"), (64, "mm:t128w"), (512, "cublas")),
-    (4096, 4096, 2): ((32, "mm:t64k"), (64, "mm:t128w"), (512, "cublas")),
-    (12288, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (128, "mm:t64"))
-    + ((512, "cublas"),),
-    (12288, 4096, 3): ((128, "mm:t64"), (512, "cublas")),
-    (12288, 4096, 2): ((32, "mm:t128s"), (128, "mm:t64"), (512, "cublas")),
-    (28672, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (64, "mm:t128w"))
-    + ((128, "mm:t64"), (512, "cublas")),
-    (28672, 4096, 3): _T64_CUBLAS,
-    (28672, 4096, 2): ((16, "mm:t128"), (32, "mm:t128s"), (64, "mm:t128w"), (128, "mm:t64"))
-    + ((512, "cublas"),),
-    (4096, 14336, 4): ((8, "gemv"), (16, "mm:n128"), (32, "mm:t64"), (64, "mm:t128w"))
-    + ((128, "mm:t64"), (512, "cublas")),
-    (4096, 14336, 3): _T64_CUBLAS,
-    (4096, 14336, 2): _T64_CUBLAS,
-}
 
 
 @dataclass
@@ -197,48 +146,6 @@ def cuda_layout(layer) -> native.Packed | None:
     return prep.cuda
 
 
-def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
-    """Which kernel serves M rows of an (N, K, bits) layer by rule, without measuring (names:
-    see ``DEFAULT_ROUTES``; "mma:WNxS", the CUDA kernel with WN warps per block and S K-splits,
-    where ``mma`` says it can serve the call)."""
-    if mma and MMA_M[0] <= M <= MMA_M[1] and (M <= 8 or N * K >= MMA_WIDE_WEIGHTS):
-        return mma_name(*native.choose(M, N, K))
-    if M <= GEMV_MAX_M:
-        return "gemv"
-    if M >= CUBLAS_MIN_M:
-        return "cublas"
-    table = ROUTES.get((N, K, bits)) or DEFAULT_ROUTES.get(bits, DEFAULT_ROUTES[4])
-    for m_max, name in table:
-        if M <= m_max and (name != "gemv" or M <= GEMV_LIMIT):
-            return name
-    return "cublas"
-
-
-def mma_name(wn: int, splits: int) -> str:
-    return f"mma:{wn}x{splits}"
-
-
-def _mma_config(name: str) -> tuple[int, int]:
-    wn, splits = name[4:].split("x")
-    return int(wn), int(splits)
-
-
-def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
-    """The kernels timed for fp16 M rows at first use where the CUDA kernel can serve them."""
-    return [mma_name(*c) for c in native.configs(M, N, K)] + [route(M, N, K, bits)]
-
-
-def route_in_force(
-    M: int, N: int, K: int, bits: int, group: int, nsal: int, mma: bool, device: int | None = 0
-) -> str:
-    """The kernel fp16 calls of M rows take now: the measured choice where one was made (M in
-    TUNE_M, as ``tuned_route``), else ``route``'s rule (what the tools record as the routes in
-    force)."""
-    timed = mma and TUNE_M[0] <= M <= TUNE_M[1]
-    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if timed else None
-    return measured or route(M, N, K, bits, mma)
-
-
 def tuned_route(
     x2: Tensor,
     q: Tensor,
@@ -273,29 +180,6 @@ def tuned_route(
     return tuning.choose(k, names, launch, route(M, N, K, bits, mma=True), x2.device, timer)
 
 
-def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
-    """The kernels the route tables choose among for M rows (measured by
-    ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
-    ``mma``, the CUDA kernel too, in every configuration ``tuned_route`` may time for the
-    (N, K) layer."""
-    if mma and M <= native.MAX_M:
-        return [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
-    if M <= GEMV_MAX_M:
-        return ["gemv"]
-    if M >= CUBLAS_MIN_M:
-        return ["cublas"]
-    out = ["gemv"] if M <= GEMV_LIMIT else []
-    if M <= 32:
-        out += ["mm:t128", "mm:t128s", "mm:t64", "mm:n128", "mm:t64k"]
-    elif M <= 64:
-        out += ["mm:t128w", "mm:t64"]
-    else:
-        out.append("mm:t64")
-    if M >= 32:
-        out.append("cublas")
-    return out
-
-
 def run_route(
     name: str,
     x2: Tensor,
@@ -315,7 +199,7 @@ def run_route(
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith("mma:"):
-        wn, splits = _mma_config(name)
+        wn, splits = mma_config(name)
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()
         return native.mixed_mma(x2, cuda, b16, ws, cnt, wn, splits, out=out)
