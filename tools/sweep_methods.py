@@ -29,6 +29,11 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "GIFT-SW post, owq metric, b_noise 6",
         ["saliency.metric=owq", "train.method=gift", "train.b_noise=6"],
     ),
+    # the default settings plus the norms (salient + norms FT moved w2 most without noise)
+    "gift-owq-b6-norms": (
+        "GIFT-SW post, owq metric, b_noise 6, + norms",
+        ["saliency.metric=owq", "train.method=gift", "train.b_noise=6", "train.norms=true"],
+    ),
     "gift-quik": (
         "GIFT-SW post, quik metric",
         ["saliency.metric=quik", "train.method=gift", "train.b_noise=4"],
