@@ -215,13 +215,13 @@ def compile_for_gpu(
             ptrs |= {n: "*i32" for n in ("q_ptr", "sz_ptr", "sidx_ptr", "cnt_ptr", "sal_pos_ptr")}
             types = ptrs | i32
             for name, spec in (mm_configs or mm.MM_CONFIGS).items():
-                M = 16 if spec.get("scale_acc", True) else spec.get("max_block_m", 64)
-                cfg = mm.mm_config(M, 4096, 4096, 128, **spec)
-                warps, stages = cfg["num_warps"], cfg["num_stages"]
+                cfg = mm.mm_config(
+                    16 if spec.get("scale_acc", True) else 64, 4096, 4096, 128, **spec
+                )
                 const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
-                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=stages)
-                out.append(f"mm:{name} " + build(mm._mm_kernel, types, const, warps, stages))
+                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3)
+                out.append(f"mm:{name} " + build(mm._mm_kernel, types, const, 4, 3))
             const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
             out.append(build(mm._backward_kernel, types, const, 4, 2))
             for noise in (0, 1, 2):  # inference; GIFT-SW training with each noise kind

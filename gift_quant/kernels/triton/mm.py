@@ -236,9 +236,7 @@ def _dequant_kernel(
 # t*: swapped orientation (wgmma, weight tile as the LHS), n*: x as the LHS; the number is
 # BLOCK_N; k: BLOCK_K 64 (4-bit: 8 word rows per tile instead of 16, 1.3x faster at M <= 16);
 # s: twice the programs; w: tile scaled in the activation dtype, BLOCK_K 64 (for BLOCK_M >=
-# 64); w8*: large-M tiles for 8 warps (two warp groups on the MMA), ``w8m`` up to 256 rows of x
-# per tile (each weight tile dequantized once per 256 rows), ``w8n`` 256 columns.
-# ``programs``: the split-K target (132 SMs, 2-4 resident programs each).
+# 64). ``programs``: the split-K target (132 SMs, 2-4 resident programs each).
 MM_CONFIGS: dict[str, dict] = {
     "t128": dict(swap=True, block_n=128, block_k=128, programs=264),
     "t128s": dict(swap=True, block_n=128, block_k=128, programs=528),
@@ -246,13 +244,6 @@ MM_CONFIGS: dict[str, dict] = {
     "t64k": dict(swap=True, block_n=64, block_k=64, programs=528),
     "n128": dict(swap=False, block_n=128, block_k=128, programs=264),
     "t128w": dict(swap=True, block_n=128, block_k=64, programs=264, scale_acc=False),
-    "w8": dict(
-        swap=True, block_n=128, block_k=64, programs=264, scale_acc=False, warps=8, stages=4
-    ),
-    "w8m": dict(
-        swap=True, block_n=128, block_k=64, programs=264, scale_acc=False, warps=8, max_block_m=256
-    ),
-    "w8n": dict(swap=True, block_n=256, block_k=64, programs=264, scale_acc=False, warps=8),
 }
 
 
@@ -267,13 +258,10 @@ def mm_config(
     swap: bool = True,
     programs: int = 528,
     scale_acc: bool | None = None,
-    warps: int = 4,
-    stages: int = 3,
-    max_block_m: int = 128,
 ) -> dict:
     """A configuration of ``mm``: tile sizes fitted to the layer (BLOCK_K divides the group,
     BLOCK_N divides N), split-K chosen so that about ``programs`` programs run."""
-    block_m = max(16, min(max_block_m, triton.next_power_of_2(M)))
+    block_m = max(16, min(128, triton.next_power_of_2(M)))
     while N % block_n:
         block_n //= 2
     while group % block_k or K % block_k:
@@ -287,8 +275,8 @@ def mm_config(
         SWAP=swap,
         SCALE_ACC=block_m <= 32 if scale_acc is None else scale_acc,
         n_split=n_split,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=4,
+        num_stages=3,
     )
 
 

@@ -137,9 +137,9 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     if M <= 32:
         out += ["mm:t128", "mm:t128s", "mm:t64", "mm:n128", "mm:t64k"]
     elif M <= 64:
-        out += ["mm:t128w", "mm:t64", "mm:w8", "mm:w8n"]
+        out += ["mm:t128w", "mm:t64"]
     else:
-        out += ["mm:t64", "mm:w8", "mm:w8m", "mm:w8n"]
+        out.append("mm:t64")
     if M >= 32:
         out.append("cublas")
     return out
