@@ -5,7 +5,13 @@ A measurement is kept per (device, N, K, bits, group, salient count, M bucket) f
 process: the same call always takes the same kernel afterwards. Each candidate is launched
 once (Triton compiles there), then TUNE_REPS times, interleaved, each after the L2 cache is
 overwritten (the weights come from memory, as in a model whose other layers ran in between);
-the median of CUDA-event times counts.
+the median of CUDA-event times counts. Between the flush and the start event the GPU is held
+busy for HOLD_CYCLES, so that the host has queued the launch before the start event is
+reached: without that hold the events also timed the host's launch path whenever it outlasted
+the flush, which a Triton launch (Python) does and a CUDA-kernel launch (ctypes) does not. At
+112077f the first-use timings read 78-189 us for Triton kernels that replay in 11-22 us in a
+CUDA graph (4096^2 and 5120^2, M = 4-32), so the CUDA kernel was kept where Triton was faster
+(benchmarks/results/kernels_h200.json, ``tuning``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TUNE_REPS = 5
+HOLD_CYCLES = 1_000_000  # GPU clock cycles (0.5 ms at 2 GHz): longer than a launch's host path
 
 _kept: dict[tuple, str] = {}  # key -> kernel
 _timings: dict[tuple, dict[str, float]] = {}  # key -> {kernel: seconds} as measured
@@ -96,6 +103,7 @@ def _time(names: list[str], launch: Callable[[str], None]) -> dict[str, float]:
     for _ in range(TUNE_REPS):
         for name in ok:
             flush.zero_()
+            torch.cuda._sleep(HOLD_CYCLES)  # the host queues the launch meanwhile
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             launch(name)
