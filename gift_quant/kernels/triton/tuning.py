@@ -7,11 +7,11 @@ once (Triton compiles there), then TUNE_REPS times, interleaved, each after the 
 overwritten (the weights come from memory, as in a model whose other layers ran in between);
 the median of CUDA-event times counts. Between the flush and the start event the GPU is held
 busy for HOLD_CYCLES, so that the host has queued the launch before the start event is
-reached: without that hold the events also timed the host's launch path whenever it outlasted
-the flush, which a Triton launch (Python) does and a CUDA-kernel launch (ctypes) does not. At
-112077f the first-use timings read 78-189 us for Triton kernels that replay in 11-22 us in a
-CUDA graph (4096^2 and 5120^2, M = 4-32), so the CUDA kernel was kept where Triton was faster
-(benchmarks/results/kernels_h200.json, ``tuning``).
+reached; without the hold the events also time the host's launch path whenever it outlasts the
+flush, as a Triton launch (Python) can. At 112077f, 17 of 24 first-use readings of Triton
+kernels on 4096^2 and 5120^2 were 77-189 us, for kernels that replayed in 11-22 us in a CUDA
+graph at M = 16-32, and the CUDA kernel was kept where Triton was faster
+(benchmarks/results/kernels_h200.json, ``tuning``; docs/KERNELS-NOTES.md, T3).
 """
 
 from __future__ import annotations
