@@ -132,7 +132,7 @@ class SaliencyConfig:
     Args:
         metric: a preset (gift, owq, quik, wanda) or "custom" (then tau/rho/gamma are used).
             The default is owq: on SmolLM2 at the paper's training budget it beat the paper's
-            gift at w4, w3 and w2, before training and after it (two or three seeds; README,
+            gift at w4, w3 and w2, before training and after it (three seeds; README,
             "Recovery at the paper's budget"). The paper found gift best on LLaMA.
         tau, rho: norms in {1, 2, inf}; gamma > 0. Only read when metric == "custom".
         count: salient columns per matrix.

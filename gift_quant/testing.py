@@ -129,6 +129,34 @@ def kernel_error(out: Tensor, ref: Tensor, exact: Tensor) -> tuple[float, float]
     return err, float((ref.double() - exact).abs().max())
 
 
+def graph_time_us(calls: list, reps: int = 15) -> float:
+    """Median per-call time of ``calls`` (zero-argument callables) replayed in one graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del g
+    return sorted(times)[len(times) // 2]
+
+
 def run_environment(shared: bool) -> dict:
     """What every JSON row of the kernel tools records: the commit, the versions, the
     processors, and whether other work shared the machine during the run."""

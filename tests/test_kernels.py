@@ -32,11 +32,7 @@ from gift_quant.kernels import (  # noqa: E402
     resolve_backend,
 )
 from gift_quant.kernels.cuda import native  # noqa: E402
-from gift_quant.kernels.triton import (  # noqa: E402
-    mm,
-    ops,
-    routes,  # noqa: E402
-)
+from gift_quant.kernels.triton import mm, ops, routes  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402

@@ -45,7 +45,7 @@ from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
-from gift_quant.testing import run_environment  # noqa: E402
+from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
 GROUPS = {  # (N, K)
     "tuned": [(4096, 4096), (12288, 4096), (28672, 4096), (4096, 14336)],
@@ -62,34 +62,6 @@ BITS = [4, 3, 2]
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP, NSAL, TARGET_BYTES = 128, 128, 1.5e9
 OP = torch.ops.gift_quant.mixed_matmul
-
-
-def graph_time_us(calls: list, reps: int = 15) -> float:
-    """Median per-call time of ``calls`` (zero-argument callables) replayed in one graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del g
-    return sorted(times)[len(times) // 2]
 
 
 def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:

@@ -32,7 +32,6 @@ from bench_kernels import (  # noqa: E402
     TARGET_BYTES,
     cand_call,
     floor_us,
-    graph_time_us,
     layer_bytes,
     op_route,
     ours,
@@ -45,7 +44,7 @@ from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
-from gift_quant.testing import run_environment  # noqa: E402
+from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
 SHAPES = {
     "tuned": GROUPS["tuned"],
