@@ -165,18 +165,19 @@ def test_zero_point_and_scale_layouts() -> None:
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
-def test_kernel_compiles_for_sm90(tmp_path) -> None:
+@pytest.mark.parametrize("source", native.SOURCES, ids=lambda p: p.name)
+def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
     out = tmp_path / "k.cubin"
     done = subprocess.run(
         [
             "nvcc",
             "-O3",
             "-gencode=arch=compute_90,code=sm_90",
-            "-DGQ_COMPILE_CHECK",  # every bit width and row tile, one block width
+            "-DGQ_COMPILE_CHECK",  # every bit width (and row tile), one block width and depth
             "-cubin",
             "-o",
             str(out),
-            str(native.SOURCE),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -212,3 +213,34 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
         err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
         assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, err, ref_err)
     assert ops.prepare(layer).cuda is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, -1])
+def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits: int, group: int) -> None:
+    """mixed_mmv.cu at M = 1..8: every configuration the routes may name, one and several K
+    splits (the last block's finish), salient columns round-robin over the splits, bias."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import ops, routes
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None:
+        pytest.skip("the CUDA kernel is not built here (no nvcc)")
+    K, N = 1536, 960  # 15 strips: one warp per block
+    kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
+    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
+    p = ops.prepare(layer)
+    cuda = ops.cuda_layout(layer)
+    for M in (1, 2, 3, 8):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        names = [n for n in routes.candidates(M, mma=True, N=N, K=K) if n.startswith("mmv:")]
+        names += [routes.mmv_name(1, 1), routes.mmv_name(1, 24, 8)]
+        exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+        for name in names:
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+            ops.run_route(name, *args, out=out, cuda=cuda)
+            err, ref_err = kernel_error(out, ref, exact)
+            assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)

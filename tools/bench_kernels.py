@@ -16,9 +16,10 @@ Two shape groups, reported apart: "tuned" (the shapes the route tables were meas
 "held_out" (13B/70B-like shapes no route was chosen on: do the routes generalise?).
 ``--sweep`` also times alternative GEMV configurations and dequantize + cuBLAS; ``--warm N``
 compiles every kernel in N worker processes first. ``--candidates`` also times, for every M >
-4, each kernel of ``routes.candidates(M)`` (rows under "cand": what the route tables are made
-from), until ``--budget`` seconds have passed. Every JSON row records the commit, the versions,
-the GPU and CPU, whether the machine was shared (``--shared``) and the routes in force.
+4 (every M where the CUDA kernels are built), each kernel of ``routes.candidates(M)`` (rows
+under "cand": what the route tables are made from), until ``--budget`` seconds have passed.
+Every JSON row records the commit, the versions, the GPU and CPU, whether the machine was
+shared (``--shared``) and the routes in force.
 Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results).
 """
 
@@ -244,7 +245,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
             )
             if sweep and M in SWEEP_MS and (bits == 4 or M == 1):
                 sweep_one(x, copies, bits, M, N, K, fp[M], res)
-            if res["opts"]["candidates"] and M > routes.GEMV_MAX_M:
+            if res["opts"]["candidates"] and (M > routes.GEMV_MAX_M or copies[0]["cuda"]):
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
         for row in shape_rows:
             row["routes_in_force"] = routes_in_force(N, K, bits)

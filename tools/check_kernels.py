@@ -50,7 +50,7 @@ from gift_quant.testing import (  # noqa: E402
 )
 
 MS = [1, 2, 4, 8, 16, 24, 32, 64, 256]
-CAND_MS = [5, 16, 32, 64, 200]  # every kernel of routes.candidates(M), shapes 0 and 1
+CAND_MS = [1, 3, 5, 8, 16, 32, 64, 200]  # every kernel of routes.candidates(M), shapes 0 and 1
 SHAPES = [  # (K, N, group, salient, bias)
     (4096, 4096, 128, 128, False),
     (1536, 960, 64, 37, True),

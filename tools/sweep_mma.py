@@ -1,13 +1,15 @@
 """Correctness and configuration sweep of the CUDA tensor-core kernel (``kernels/cuda``).
 
     PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--ms 1,2,...]
-        [--bits 4,3,2] [--configs auto|all] [--out DIR] [--name FILE] [--shared]
+        [--bits 4,3,2] [--kernel mma|mmv] [--configs auto|all] [--out DIR] [--name FILE]
+        [--shared]
 
 For every shape, bit width and M: the kernel's result against a float64 oracle (relative error,
 and the max error against the fp16 reference's own), then the per-call time of cuBLAS fp16, of
 the op as routed now (``torch.ops.gift_quant.mixed_matmul``), of the GEMV where M is small
 enough for it (the route between the two is chosen from these rows) and of the CUDA kernel in its
-automatic configuration (``--configs all``: also every (warps, splits) variant), with the
+automatic configuration (``--configs all``: also every (warps, splits) variant; ``--kernel
+mmv``: the swapped kernel for M <= 8, its configurations at every depth), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
 Rows go to ``--name`` (``sweep_mma_<gpu>.json``) with the run environment; a table is printed.
 """
@@ -73,12 +75,30 @@ def configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int]]:
     return out
 
 
+def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]]:
+    """(warps, splits, depth) of the swapped kernel: the rule's at every depth, then (``all``)
+    every block width at 1024, 2048 and 4096 warps in all, every depth."""
+    wn0, sp0 = native.mmv_choose(M, N, K)
+    out = [(wn0, sp0, native.MMV_DEPTH)]
+    out += [(wn0, sp0, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
+    if which == "all":
+        strips, steps = N // 64, K // 64
+        for wn in (1, 2, 4):
+            for warps in (1024, 2048, 4096):
+                splits = max(1, min(steps, round(warps / strips)))
+                for d in native.MMV_DEPTHS:
+                    if strips % wn == 0 and (wn, splits, d) not in out:
+                        out.append((wn, splits, d))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="tuned", choices=sorted(SHAPES))
     ap.add_argument("--ms", default="1,2,4,8,16,32,64")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--configs", default="auto", choices=["auto", "all"])
+    ap.add_argument("--kernel", default="mma", choices=["mma", "mmv"])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--name", default=None, help="result file (default sweep_mma_<gpu>.json)")
     ap.add_argument("--shared", action="store_true")
@@ -114,18 +134,24 @@ def main() -> None:
                 t_gemv = None
                 if M <= routes.GEMV_MAX_M:
                     t_gemv = graph_time_us([partial(cand_call, "gemv", x, L, bits) for L in copies])
-                for wn, splits in configs(M, N, K, args.configs):
-                    y = native.mixed_mma(x, cbase, None, ws, cnt, wn, splits).double()
+                if args.kernel == "mmv":
+                    if M > native.MMV_MAX_M:
+                        continue
+                    confs = mmv_configs(M, N, K, args.configs)
+                    auto = (*native.mmv_choose(M, N, K), native.MMV_DEPTH)
+                else:
+                    confs = [(*c, 0) for c in configs(M, N, K, args.configs)]
+                    auto = (*native.choose(M, N, K), 0)
+                for wn, splits, depth in confs:
+                    launch = partial(native.mixed_mmv, depth=depth) if depth else native.mixed_mma
+                    y = launch(x, cbase, None, ws, cnt, wn, splits).double()
                     rel = float((y - ref).norm() / ref.norm())
                     ratio = float(
                         (y - ref).abs().max() / (ref16 - ref).abs().max().clamp_min(1e-30)
                     )
                     worst = max(worst, ratio)
                     t = graph_time_us(
-                        [
-                            partial(native.mixed_mma, x, P, None, ws, cnt, wn, splits)
-                            for P in ccopies
-                        ]
+                        [partial(launch, x, P, None, ws, cnt, wn, splits) for P in ccopies]
                     )
                     nb = layer_bytes(N, K, bits, M)
                     row = dict(
@@ -133,8 +159,10 @@ def main() -> None:
                         K=K,
                         bits=bits,
                         M=M,
+                        kernel=args.kernel,
                         wn=wn,
                         splits=splits,
+                        depth=depth or None,
                         us=t,
                         op_us=t_op,
                         op_route=op_route(M, N, K, bits),
@@ -146,12 +174,13 @@ def main() -> None:
                         floor_frac=floor_us(nb) / t,
                         rel_err=rel,
                         err_ratio=ratio,
-                        auto=(wn, splits) == native.choose(M, N, K),
+                        auto=(wn, splits, depth) == auto,
                         **env,
                     )
                     res["rows"].append(row)
                     print(
-                        f"{N:5d}x{K:<5d} W{bits} M={M:<3d} mma(wn={wn},sp={splits:3d}) "
+                        f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {args.kernel}(wn={wn},sp={splits:3d}"
+                        f"{f',d={depth}' if depth else ''}) "
                         f"{t:7.2f}us x{fp[M] / t:4.2f} floor {row['floor_frac']:4.0%} | op "
                         f"{row['op_route']:8s} {t_op:7.2f}us x{fp[M] / t_op:4.2f} | cuBLAS "
                         f"{fp[M]:7.2f}us rel={rel:.1e} err/ref16={ratio:.2f}"

@@ -23,92 +23,9 @@
 // registers, PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32
 // workspace; the last block of a column block adds the bias, writes y and zeroes the workspace
 // and its counter again (one launch, no memset), the same protocol as the Triton kernels.
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+#include "fragments.cuh"
 
 namespace {
-
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t bits) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t h2u(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ half2 u2h(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
-
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
-// 16 bytes global -> shared, asynchronously (cp.async: no register round trip)
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr));
-}
-
-// Exponent (bit position in the half) of pair p once it is moved into bits 0..9.
-template <int BITS>
-__device__ __forceinline__ constexpr int pair_exp(int p) {
-  if (BITS == 4) return (p % 4) % 2 * 4;                      // nibbles 0,1 | (>>8) 0,1
-  if (BITS == 2) return (p % 8) < 5 ? 2 * (p % 8) : 2 * (p % 8 - 5);  // 0..8 | (>>10) 0..4
-  return p == 15 ? 0 : ((p % 5) < 3 ? 3 * (p % 5) : 3 * (p % 5 - 3));  // 0,3,6 | (>>9) 0,3
-}
-
-// The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words.
-template <int BITS>
-__device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
-  constexpr uint32_t E = 0x64006400u;
-  if constexpr (BITS == 4) {
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t hi = w[b] >> 8;
-      r[4 * b + 0] = lop3_and_or(w[b], 0x000F000Fu, E);
-      r[4 * b + 1] = lop3_and_or(w[b], 0x00F000F0u, E);
-      r[4 * b + 2] = lop3_and_or(hi, 0x000F000Fu, E);
-      r[4 * b + 3] = lop3_and_or(hi, 0x00F000F0u, E);
-    }
-  } else if constexpr (BITS == 2) {
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const uint32_t hi = w[b] >> 10;
-#pragma unroll
-      for (int i = 0; i < 5; ++i) r[8 * b + i] = lop3_and_or(w[b], 0x00030003u << (2 * i), E);
-#pragma unroll
-      for (int i = 0; i < 3; ++i) r[8 * b + 5 + i] = lop3_and_or(hi, 0x00030003u << (2 * i), E);
-    }
-  } else {
-#pragma unroll
-    for (int b = 0; b < 3; ++b) {
-      const uint32_t hi = w[b] >> 9;
-#pragma unroll
-      for (int i = 0; i < 3; ++i) r[5 * b + i] = lop3_and_or(w[b], 0x00070007u << (3 * i), E);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) r[5 * b + 3 + i] = lop3_and_or(hi, 0x00070007u << (3 * i), E);
-    }
-    const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
-    r[15] = lop3_and_or(w[2] >> 13, 0x00040004u, top | E);
-  }
-}
 
 // acc += scale (per output column, C-fragment layout: columns 8 j + 2 t, +1) * group sum;
 // the group sum restarts at zero.
@@ -136,7 +53,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
-                     unsigned group_magic, int ss_per_split, int R) {
+                     unsigned gmagic, int ss_per_split, int R) {
   // scale after the MMA (file comment). At 4 bits the second accumulator spills 24 bytes under
   // the 168 registers of 3 blocks per SM, and is still faster than the scale on the weights
   // (W4 M = 4: 1.27-1.67x without it, 1.35-1.85x with it: kernels_h200_w4_scale_before.json)
@@ -154,10 +71,6 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int kcols = nss * 64 + nq * 16;
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
-  // group of superstep s: floor(s / (group / 64)) (group_magic: see `launch`)
-  auto group_of = [group_magic](unsigned s) {
-    return group_magic ? __umulhi(s, group_magic) : s;
-  };
 
   // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
   // the weights), in flight during the x staging. Per k-step and strip, word-vector i of every
@@ -176,7 +89,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     if (p < nss) {
 #pragma unroll
       for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
-      const unsigned grp = group_of(s0 + p);
+      const unsigned grp = group_of(s0 + p, gmagic);
       zbuf[p] = __ldg(zbase + grp * gstride);
       if constexpr (!SA) {
         sbuf[p][0] = __ldg(sbase + grp * gstride);
@@ -185,29 +98,9 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     }
   }
 
-  // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range (16-byte
-  // asynchronous copies, all of them in flight at once), then its salient columns (gathered)
-  const int k0 = s0 * 64;
-  const int chunks = nss * 8;  // 16-byte chunks per row
-  for (int i = threadIdx.x; i < (R + 1) * chunks; i += WN * 32) {
-    const int r = i / chunks, c = i - r * chunks;
-    half* dst = xs + r * ldx + c * 8;
-    if (r < M)
-      cp_async16(dst, x + (size_t)r * K + k0 + c * 8);
-    else
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-  const int scols = nq * 16;
-  for (int i = threadIdx.x; i < (R + 1) * scols; i += WN * 32) {
-    const int r = i / scols, c = i - r * scols;
-    const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
-    half v = __float2half(0.0f);
-    if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
-    xs[r * ldx + nss * 64 + c] = v;
-  }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-  __syncthreads();
+  // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
+  // salient columns
+  stage_x(xs, x, sidx, nsal, M, K, R, ldx, s0 * 64, nss * 64, nq, split, splits);
 
   float acc[MT][8][4], gacc[MT][8][4];  // gacc: this group's x @ (code - zero) (SA only)
 #pragma unroll
@@ -265,14 +158,14 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 #pragma unroll
           for (int i = 0; i < BITS; ++i)
             wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
-          const unsigned grp = group_of(s0 + ss + PF);
+          const unsigned grp = group_of(s0 + ss + PF, gmagic);
           zbuf[p] = __ldg(zbase + grp * gstride);
           if constexpr (!SA) {
             sbuf[p][0] = __ldg(sbase + grp * gstride);
             sbuf[p][1] = __ldg(sbase + grp * gstride + 1);
           }
         }
-        const unsigned grp = group_of(s0 + ss);
+        const unsigned grp = group_of(s0 + ss, gmagic);
         if (grp != cur_group) {  // warp-uniform
           if constexpr (SA) {
             // the last group's sum times its scales; this group's scales, needed at its end
@@ -289,28 +182,15 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
             for (int j = 0; j < 8; ++j) sc[j] = __byte_perm(sw[j], 0, sel);
           }
           cur_group = grp;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            // -(1024 / 2^e + z) as fp16 bits: exponent 25 - e, mantissa z << e (exact), sign set
-            const uint32_t z = ((j < 4 ? zw.x : zw.y) >> (8 * (j & 3))) & 0xFFu;
-#pragma unroll
-            for (int f = 0; f < 2; ++f) {
-              const uint32_t e = pair_exp<BITS>(2 * j + f);
-              cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;
-            }
-          }
+          zero_pairs<BITS>(zw, cz);
         }
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
-          uint32_t r[16];
-          unpack_pairs<BITS>(w + st * BITS, r);
           uint32_t f[16];
+          dequant_pairs<BITS>(w + st * BITS, cz, f);
+          if constexpr (!SA) {
 #pragma unroll
-          for (int p2 = 0; p2 < 16; ++p2) {
-            constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e
-            const uint32_t inv = (one - (pair_exp<BITS>(p2) << 10)) * 0x00010001u;
-            const half2 q = __hfma2(u2h(r[p2]), u2h(inv), u2h(cz[p2 >> 1][p2 & 1]));
-            f[p2] = SA ? h2u(q) : h2u(__hmul2(q, u2h(sc[p2 >> 1])));
+            for (int p2 = 0; p2 < 16; ++p2) f[p2] = h2u(__hmul2(u2h(f[p2]), u2h(sc[p2 >> 1])));
           }
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
@@ -366,23 +246,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
         }
       }
     }
-  __threadfence();
-  __syncthreads();
-  __shared__ int last;
-  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int width = WN * 64, cb = blockIdx.x * width;
-  for (int i = threadIdx.x; i < M * width / 2; i += WN * 32) {
-    const int r = i / (width / 2), c = cb + (i % (width / 2)) * 2;
-    float2* o = reinterpret_cast<float2*>(ws + (size_t)r * N + c);
-    float2 v = __ldcg(o);
-    __stcg(o, make_float2(0.0f, 0.0f));
-    if (bias != nullptr) v.x += __half2float(bias[c]), v.y += __half2float(bias[c + 1]);
-    *reinterpret_cast<half2*>(y + (size_t)r * N + c) = __floats2half2_rn(v.x, v.y);
-  }
-  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+  finish_splits(ws, cnt, bias, y, M, N, WN * 64);
 }
 
 template <int BITS, int MT, int WN>
@@ -398,22 +262,12 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   const int nq = (Q + splits - 1) / splits;
   const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
   const size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
-  const unsigned ssg = static_cast<unsigned>(group / 64);
-  // floor(s / ssg) = umulhi(s, ceil(2^32 / ssg)) for s, ssg < 2^16; 0 stands for ssg = 1
-  const unsigned magic = ssg == 1 ? 0u : static_cast<unsigned>((0x100000000ull + ssg - 1) / ssg);
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return -1;
-  if (smem > 48 * 1024 && smem > allowed[dev]) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return static_cast<int>(e);
-    allowed[dev] = smem;
-  }
+  const int rc = allow_smem(kernel, smem, allowed);
+  if (rc) return rc;
   dim3 grid(N / 64 / WN, splits);
   kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
-                                          N, K, magic, ss_per_split, R);
+                                          N, K, group_magic(group), ss_per_split, R);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,4 +1,8 @@
-"""The CUDA tensor-core kernel for few rows (``mixed_mma.cu``): layout, build, launch.
+"""The CUDA tensor-core kernels for few rows: layout, build, launch.
+
+``mixed_mma.cu`` serves M <= 64 rows with x as the MMA's A operand; ``mixed_mmv.cu`` serves
+M <= 8 rows with the operands swapped (the weights as A, x as an 8-wide B), which needs half
+the MMAs and accumulators per weight. Both read the same packed words.
 
 Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
 cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the
@@ -40,14 +44,22 @@ __all__ = [
     "configs",
     "library",
     "mixed_mma",
+    "mixed_mmv",
+    "mmv_choose",
+    "mmv_configs",
     "pack",
     "pack_codes",
     "unpack_codes",
     "unsupported",
 ]
 
-SOURCE = Path(__file__).with_name("mixed_mma.cu")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu"))
+HEADER = Path(__file__).with_name("fragments.cuh")
 MAX_M = 64
+MMV_MAX_M = 8
+MMV_DEPTHS = (8, 12, 16)  # x 16 bytes of weights in flight per lane (mixed_mmv.cu)
+MMV_DEPTH = 16
+MMV_TARGET_WARPS = 2048  # about 16 warps per SM of an H200 (132 SMs)
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 _lock = threading.Lock()
 _state: dict = {}
@@ -222,7 +234,7 @@ def _build(nvcc: str, arch: str) -> Path:
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
     return cached_build(
         "mixed_mma",
-        [SOURCE.read_text(), compiler_version(nvcc), arch],
+        [*(f.read_text() for f in (HEADER, *SOURCES)), compiler_version(nvcc), arch],
         lambda out: [
             nvcc,
             "-O3",
@@ -232,7 +244,7 @@ def _build(nvcc: str, arch: str) -> Path:
             "-fPIC",
             "-o",
             out,
-            str(SOURCE),
+            *map(str, SOURCES),
         ],
         timeout=900,
     )
@@ -260,6 +272,8 @@ def library(device: torch.device | None = None):
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
             lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
             lib.gq_mixed_mma.restype = i32
+            lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 8 + [ptr]
+            lib.gq_mixed_mmv.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
             lib = None
@@ -319,6 +333,78 @@ def configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     return out
 
 
+def mmv_choose(M: int, N: int, K: int) -> tuple[int, int]:
+    """(warps per block, K splits) of the swapped kernel by rule: about MMV_TARGET_WARPS warps
+    (one per 64-column strip and split), each with at least 4 k-steps."""
+    strips, steps = N // 64, K // 64
+    wn = 4 if strips % 4 == 0 else 2 if strips % 2 == 0 else 1
+    splits = max(1, min(max(1, steps // 4), round(MMV_TARGET_WARPS / strips)))
+    return wn, _runs(K, splits)
+
+
+def mmv_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
+    """The swapped kernel's configurations worth timing: the rule's, then its block width at
+    0.5 and 2 x its splits."""
+    wn, splits = mmv_choose(M, N, K)
+    out = [(wn, splits)]
+    for f in (0.5, 2.0):
+        c = (wn, _runs(K, max(1, min(K // 64, round(f * splits)))))
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, y, M, N, K, *config) -> None:
+    if x2.data_ptr() % 16 or not x2.is_contiguous():
+        x2 = x2.contiguous().clone()
+    if x2.device.index != torch.cuda.current_device():  # the launch uses the current device
+        with torch.cuda.device(x2.device):
+            return _launch(fn, x2, p, bias, ws, cnt, y, M, N, K, *config)
+    rc = fn(
+        x2.data_ptr(),
+        p.qc.data_ptr(),
+        p.zp.data_ptr(),
+        p.scp.data_ptr(),
+        p.wsp.data_ptr(),
+        p.sidx.data_ptr(),
+        p.nsal,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        ws.data_ptr(),
+        cnt.data_ptr(),
+        M,
+        N,
+        K,
+        p.group,
+        p.bits,
+        *config,
+        torch.cuda.current_stream(x2.device).cuda_stream,
+    )
+    if rc:
+        raise RuntimeError(f"{fn.__name__} failed (code {rc}) for M={M} N={N} K={K} {config}")
+
+
+def mixed_mmv(
+    x2: Tensor,
+    p: Packed,
+    bias: Tensor | None,
+    ws: Tensor,
+    cnt: Tensor,
+    wn: int = 0,
+    splits: int = 0,
+    out: Tensor | None = None,
+    depth: int = MMV_DEPTH,
+) -> Tensor:
+    """As :func:`mixed_mma` for M <= MMV_MAX_M rows, by the swapped kernel (``mixed_mmv.cu``);
+    ``depth``: one of MMV_DEPTHS."""
+    M, K = x2.shape
+    if not wn:
+        wn, splits = mmv_choose(M, p.N, K)
+    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
+    _launch(_state["lib"].gq_mixed_mmv, x2, p, bias, ws, cnt, y, M, p.N, K, wn, splits, depth)
+    return y
+
+
 def mixed_mma(
     x2: Tensor,
     p: Packed,
@@ -336,32 +422,5 @@ def mixed_mma(
     if not wn:
         wn, splits = choose(M, N, K)
     y = out if out is not None else torch.empty(M, N, dtype=torch.float16, device=x2.device)
-    if x2.data_ptr() % 16 or not x2.is_contiguous():
-        x2 = x2.contiguous().clone()
-    if x2.device.index != torch.cuda.current_device():  # the launch uses the current device
-        with torch.cuda.device(x2.device):
-            return mixed_mma(x2, p, bias, ws, cnt, wn, splits, out=y)
-    rc = _state["lib"].gq_mixed_mma(
-        x2.data_ptr(),
-        p.qc.data_ptr(),
-        p.zp.data_ptr(),
-        p.scp.data_ptr(),
-        p.wsp.data_ptr(),
-        p.sidx.data_ptr(),
-        p.nsal,
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        ws.data_ptr(),
-        cnt.data_ptr(),
-        M,
-        N,
-        K,
-        p.group,
-        p.bits,
-        wn,
-        splits,
-        torch.cuda.current_stream(x2.device).cuda_stream,
-    )
-    if rc:
-        raise RuntimeError(f"gq_mixed_mma failed (code {rc}) for M={M} N={N} K={K}")
+    _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, y, M, N, K, wn, splits)
     return y

@@ -2,8 +2,10 @@
 H200 (names only; ``ops`` launches what they name).
 
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
-  "cublas" (dequantize + cuBLAS) and "mma:WNxS" (the CUDA kernel with WN warps per block and
-  S K-splits, fp16 only, where it is built).
+  "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA kernel with WN warps per block and
+  S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD]" (the CUDA kernel for M <= 8
+  with the operands swapped; D x 16 bytes of weights in flight per lane, default
+  ``native.MMV_DEPTH``).
 * By rule (``route``): the CUDA kernel for M in MMA_M; else the GEMV (M <= GEMV_MAX_M);
   dequantize + cuBLAS (M >= CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on
   the H200 and shipped with the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
@@ -27,6 +29,7 @@ __all__ = [
     "candidates",
     "mma_config",
     "mma_name",
+    "mmv_name",
     "route",
     "route_in_force",
     "tuning_names",
@@ -101,8 +104,16 @@ def mma_name(wn: int, splits: int) -> str:
     return f"mma:{wn}x{splits}"
 
 
-def mma_config(name: str) -> tuple[int, int]:
-    wn, splits = name[4:].split("x")
+def mmv_name(wn: int, splits: int, depth: int = native.MMV_DEPTH) -> str:
+    return f"mmv:{wn}x{splits}" + ("" if depth == native.MMV_DEPTH else f"d{depth}")
+
+
+def mma_config(name: str) -> tuple[int, ...]:
+    """(warps per block, K splits) of "mma:WNxS"; (warps, splits, depth) of "mmv:WNxS[dD]"."""
+    wn, rest = name[4:].split("x")
+    splits, _, depth = rest.partition("d")
+    if name.startswith("mmv:"):
+        return int(wn), int(splits), int(depth or native.MMV_DEPTH)
     return int(wn), int(splits)
 
 
@@ -125,10 +136,15 @@ def route_in_force(
 def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
-    ``mma``, the CUDA kernel too, in every configuration ``tuned_route`` may time for the
-    (N, K) layer."""
+    ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
+    (N, K) layer, and the swapped kernel's rule at each depth."""
     if mma and M <= native.MAX_M:
-        return [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
+        out = [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
+        if M <= native.MMV_MAX_M:
+            out += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
+            rule = native.mmv_choose(M, N, K)
+            out += [mmv_name(*rule, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
+        return out
     if M <= GEMV_MAX_M:
         return ["gemv"]
     if M >= CUBLAS_MIN_M:

@@ -1,0 +1,206 @@
+// What the two kernels of this folder share (mixed_mma.cu: M <= 64 rows on the B side of the
+// MMA; mixed_mmv.cu: M <= 8 rows, the weights on the A side): the packed words' unpacking into
+// f16x2 pairs, the zero-point constants, the staging of x and the split-K finish. The layout
+// itself is described in native.py.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t h2u(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ half2 u2h(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// 16 bytes global -> shared, asynchronously (cp.async: no register round trip)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+// Exponent (bit position in the half) of pair p once it is moved into bits 0..9.
+template <int BITS>
+__device__ __forceinline__ constexpr int pair_exp(int p) {
+  if (BITS == 4) return (p % 4) % 2 * 4;                      // nibbles 0,1 | (>>8) 0,1
+  if (BITS == 2) return (p % 8) < 5 ? 2 * (p % 8) : 2 * (p % 8 - 5);  // 0..8 | (>>10) 0..4
+  return p == 15 ? 0 : ((p % 5) < 3 ? 3 * (p % 5) : 3 * (p % 5 - 3));  // 0,3,6 | (>>9) 0,3
+}
+
+// The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words.
+template <int BITS>
+__device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
+  constexpr uint32_t E = 0x64006400u;
+  if constexpr (BITS == 4) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t hi = w[b] >> 8;
+      r[4 * b + 0] = lop3_and_or(w[b], 0x000F000Fu, E);
+      r[4 * b + 1] = lop3_and_or(w[b], 0x00F000F0u, E);
+      r[4 * b + 2] = lop3_and_or(hi, 0x000F000Fu, E);
+      r[4 * b + 3] = lop3_and_or(hi, 0x00F000F0u, E);
+    }
+  } else if constexpr (BITS == 2) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const uint32_t hi = w[b] >> 10;
+#pragma unroll
+      for (int i = 0; i < 5; ++i) r[8 * b + i] = lop3_and_or(w[b], 0x00030003u << (2 * i), E);
+#pragma unroll
+      for (int i = 0; i < 3; ++i) r[8 * b + 5 + i] = lop3_and_or(hi, 0x00030003u << (2 * i), E);
+    }
+  } else {
+#pragma unroll
+    for (int b = 0; b < 3; ++b) {
+      const uint32_t hi = w[b] >> 9;
+#pragma unroll
+      for (int i = 0; i < 3; ++i) r[5 * b + i] = lop3_and_or(w[b], 0x00070007u << (3 * i), E);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) r[5 * b + 3 + i] = lop3_and_or(hi, 0x00070007u << (3 * i), E);
+    }
+    const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
+    r[15] = lop3_and_or(w[2] >> 13, 0x00040004u, top | E);
+  }
+}
+
+// -(1024 / 2^e + z) as fp16 bits in both halves, per (n8 tile j, fragment half f): one hfma2
+// of a raw pair by 2^-e with it gives code - z exactly. zw: the zero-points of columns 8 j + g
+// (one byte each).
+template <int BITS>
+__device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t z = ((j < 4 ? zw.x : zw.y) >> (8 * (j & 3))) & 0xFFu;
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      const uint32_t e = pair_exp<BITS>(2 * j + f);
+      cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;
+    }
+  }
+}
+
+// code - zero of the 16 pairs of one k16 step (f16x2, exact) from its BITS words
+template <int BITS>
+__device__ __forceinline__ void dequant_pairs(const uint32_t* w, const uint32_t (&cz)[8][2],
+                                              uint32_t* f) {
+  uint32_t r[16];
+  unpack_pairs<BITS>(w, r);
+#pragma unroll
+  for (int p = 0; p < 16; ++p) {
+    constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e
+    const uint32_t inv = (one - (pair_exp<BITS>(p) << 10)) * 0x00010001u;
+    f[p] = h2u(__hfma2(u2h(r[p]), u2h(inv), u2h(cz[p >> 1][p & 1])));
+  }
+}
+
+// Stage x in shared memory: rows 0..R-1 (zeros past M) and a zero row R, `kq` quantized input
+// columns from k0 (16-byte asynchronous copies, all in flight at once), then `nq` x 16 salient
+// columns (positions split + c * splits of the salient list, gathered). Row stride `ldx` halves.
+// Ends with a barrier.
+__device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x,
+                                        const int* __restrict__ sidx, int nsal, int M, int K,
+                                        int R, int ldx, int k0, int kq, int nq, int split,
+                                        int splits) {
+  const int chunks = kq / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < (R + 1) * chunks; i += blockDim.x) {
+    const int r = i / chunks, c = i - r * chunks;
+    half* dst = xs + r * ldx + c * 8;
+    if (r < M)
+      cp_async16(dst, x + (size_t)r * K + k0 + c * 8);
+    else
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  const int scols = nq * 16;
+  for (int i = threadIdx.x; i < (R + 1) * scols; i += blockDim.x) {
+    const int r = i / scols, c = i - r * scols;
+    const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
+    half v = __float2half(0.0f);
+    if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
+    xs[r * ldx + kq + c] = v;
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  __syncthreads();
+}
+
+// After every thread of the block has added its partials into ws: the last block of column
+// block blockIdx.x (`width` columns) adds the bias, writes y [M, N] and zeroes its part of ws
+// and its counter again (the Triton kernels' protocol: one launch, no memset).
+__device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
+                                              const half* __restrict__ bias,
+                                              half* __restrict__ y, int M, int N, int width) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int cb = blockIdx.x * width;
+  for (int i = threadIdx.x; i < M * width / 2; i += blockDim.x) {
+    const int r = i / (width / 2), c = cb + (i % (width / 2)) * 2;
+    float2* o = reinterpret_cast<float2*>(ws + (size_t)r * N + c);
+    float2 v = __ldcg(o);
+    __stcg(o, make_float2(0.0f, 0.0f));
+    if (bias != nullptr) v.x += __half2float(bias[c]), v.y += __half2float(bias[c + 1]);
+    *reinterpret_cast<half2*>(y + (size_t)r * N + c) = __floats2half2_rn(v.x, v.y);
+  }
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+
+// floor(s / ssg) = umulhi(s, magic) for s, ssg < 2^16 with magic = ceil(2^32 / ssg); 0 stands
+// for ssg = 1 (group of 64: the k-step is the group)
+inline unsigned group_magic(int group) {
+  const unsigned ssg = static_cast<unsigned>(group / 64);
+  return ssg == 1 ? 0u : static_cast<unsigned>((0x100000000ull + ssg - 1) / ssg);
+}
+
+__device__ __forceinline__ unsigned group_of(unsigned s, unsigned magic) {
+  return magic ? __umulhi(s, magic) : s;
+}
+
+// Allow `smem` bytes of dynamic shared memory for `kernel` on the current device, where
+// `allowed` (the caller's, one per kernel: [64] devices) does not already: 0, or a cudaError_t
+// (-1 for a device index past 63).
+template <typename Kernel>
+int allow_smem(Kernel* kernel, size_t smem, size_t* allowed) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return -1;
+  if (smem > 48 * 1024 && smem > allowed[dev]) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return static_cast<int>(e);
+    allowed[dev] = smem;
+  }
+  return 0;
+}
+
+}  // namespace

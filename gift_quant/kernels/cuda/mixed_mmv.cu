@@ -1,0 +1,260 @@
+// Mixed-precision matmul for very few rows (M <= 8), fp16 activations, on tensor cores with the
+// operands swapped:
+//
+//     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
+//
+// The same packed words as mixed_mma.cu (native.py, `pack_codes`), read as the A operand of
+// `mma.m16n8k16`: the B fragments of n8 tiles 2i and 2i+1 of a k16 step are, together, the A
+// fragment of 16 output columns (rows g and g + 8 of the A tile are columns 8 (2i) + g and
+// 8 (2i + 1) + g), so no repacking. x is the B operand, 8 rows wide: the M real rows and a zero
+// row for the rest. Per k16 step a lane does 4 MMAs (mixed_mma.cu: 8 per 16-row tile) and
+// holds 16 fp32 accumulators (32), so more warps fit on an SM and more weight bytes are in
+// flight; the products are exact and summed in fp32 (a GEMV on fp16 FMAs would sum in fp16).
+// Scale after the MMA as in mixed_mma.cu: a group's MMAs add x @ (code - zero) into their own
+// registers, which the group's scales (one per output column) multiply once at its end. The
+// scales and zero-points of the next group are loaded at the start of the current one.
+#include "fragments.cuh"
+
+namespace {
+
+// acc += scale * group sum, C rows g (columns 16 i + g: scale sc[2 i]) and g + 8 (16 i + 8 + g:
+// sc[2 i + 1]); the group sum restarts at zero.
+__device__ __forceinline__ void add_scaled_mmv(float (&acc)[4][4], float (&grp)[4][4],
+                                               const uint32_t (&sc)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float s = __low2float(u2h(sc[2 * i + (e >> 1)]));
+      acc[i][e] = fmaf(s, grp[i][e], acc[i][e]);
+      grp[i][e] = 0.0f;
+    }
+}
+
+// sc[j]: the scale of column 8 j + g in both halves, from the 8 scale words of row g / 2
+__device__ __forceinline__ void column_scales(uint4 a, uint4 c, int g, uint32_t (&sc)[8]) {
+  const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
+  const uint32_t sw[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sc[j] = __byte_perm(sw[j], 0, sel);
+}
+
+// the 4 MMAs of one k16 step: f = 16 pairs (n8 tile j, half h) = f[2 j + h], as B fragments
+__device__ __forceinline__ void mma4(float (&c)[4][4], const uint32_t* f, uint32_t b0,
+                                     uint32_t b1) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t a[4] = {f[4 * i], f[4 * i + 2], f[4 * i + 1], f[4 * i + 3]};
+    mma16816(c[i], a, b0, b1);
+  }
+}
+
+// 16 warps per SM (128 registers) with up to 8 x 16 bytes per lane in flight, else 12 (168)
+template <int BITS, int WN, int PF>
+__global__ void __launch_bounds__(WN * 32, (PF * BITS <= 8 ? 16 : 12) / WN)
+    mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
+                     const uint2* __restrict__ zp, const uint4* __restrict__ scp,
+                     const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
+                     const half* __restrict__ bias, half* __restrict__ y,
+                     float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
+                     unsigned gmagic, int ss_per_split) {
+  extern __shared__ __align__(16) half xs[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int B = N >> 6;                  // 64-column strips
+  const int b = blockIdx.x * WN + warp;  // this warp's strip
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int S = K >> 6;  // 64-deep k-steps
+  const int s0 = split * ss_per_split;
+  const int nss = min(S, s0 + ss_per_split) - s0;
+  const int Q = (nsal + 15) >> 4;  // salient k16 steps, round-robin over the splits
+  const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
+  const int ldx = nss * 64 + nq * 16 + 8;  // row stride in halves: rows shift by 16 bytes
+
+  // 1. the first PF k-steps of weights and the first group's scales and zero-points, in
+  // flight during the x staging (per k-step, word-vector i of the 32 lanes: 512 B)
+  const size_t qstride = (size_t)B * 32 * BITS;
+  const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
+  const size_t gstride = (size_t)B * 8;
+  const uint2* zbase = zp + (size_t)b * 8 + g;                  // columns 8 j + g
+  const uint4* sbase = scp + ((size_t)b * 4 + (g >> 1)) * 2;  // columns 8 j + 2 (g / 2) (+1)
+  const unsigned last_group = group_of(S - 1, gmagic);
+  uint4 wbuf[PF][BITS];
+#pragma unroll
+  for (int p = 0; p < PF; ++p)
+    if (p < nss)
+#pragma unroll
+      for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
+  unsigned grp = group_of(s0, gmagic);
+  uint4 sa = __ldg(sbase + grp * gstride), sb = __ldg(sbase + grp * gstride + 1);
+  uint2 zw = __ldg(zbase + grp * gstride);
+
+  // 2. x: rows 0..M-1, a zero row M
+  stage_x(xs, x, sidx, nsal, M, K, M, ldx, s0 * 64, nss * 64, nq, split, splits);
+  // this lane's B-fragment words: row g (the zero row past M), input columns 2 t (+1), +8
+  const uint32_t* xr = reinterpret_cast<const uint32_t*>(xs + (g < M ? g : M) * ldx) + t;
+
+  float acc[4][4], gacc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f, gacc[i][e] = 0.0f;
+
+  // 3. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
+  for (int qi = 0; qi < nq; ++qi) {
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
+    uint32_t f[16];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(wp + i * 32);
+      f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
+    }
+    const int k = (nss * 64 + qi * 16) / 2;
+    mma4(acc, f, xr[k], xr[k + 4]);
+  }
+
+  // 4. the quantized k-steps; the group's scales and zero-points were loaded one group ahead
+  uint32_t sc[8], cz[8][2];
+  column_scales(sa, sb, g, sc);
+  zero_pairs<BITS>(zw, cz);
+  if (grp < last_group) {
+    sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
+    zw = __ldg(zbase + (grp + 1) * gstride);
+  }
+  for (int s = 0; s < nss; s += PF) {
+#pragma unroll
+    for (int p = 0; p < PF; ++p) {
+      const int ss = s + p;
+      if (ss < nss) {
+        uint32_t w[4 * BITS];
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) {
+          w[4 * i] = wbuf[p][i].x, w[4 * i + 1] = wbuf[p][i].y;
+          w[4 * i + 2] = wbuf[p][i].z, w[4 * i + 3] = wbuf[p][i].w;
+        }
+        if (ss + PF < nss) {
+#pragma unroll
+          for (int i = 0; i < BITS; ++i)
+            wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
+        }
+        const unsigned gs = group_of(s0 + ss, gmagic);
+        if (gs != grp) {  // warp-uniform: the next group (loaded ahead) starts here
+          add_scaled_mmv(acc, gacc, sc);
+          grp = gs;
+          column_scales(sa, sb, g, sc);
+          zero_pairs<BITS>(zw, cz);
+          if (grp < last_group) {
+            sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
+            zw = __ldg(zbase + (grp + 1) * gstride);
+          }
+        }
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+          uint32_t f[16];
+          dequant_pairs<BITS>(w + st * BITS, cz, f);
+          const int k = ss * 32 + st * 8;  // in x words
+          mma4(gacc, f, xr[k], xr[k + 4]);
+        }
+      }
+    }
+  }
+  if (nss > 0) add_scaled_mmv(acc, gacc, sc);
+
+  // 5. output: acc[i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 2 t + e % 2
+  const int col0 = b * 64 + g;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = 2 * t + (e & 1), c = col0 + 16 * i + 8 * (e >> 1);
+      if (r < M) {
+        if (splits == 1) {
+          const float v = acc[i][e] + (bias != nullptr ? __half2float(bias[c]) : 0.0f);
+          y[(size_t)r * N + c] = __float2half_rn(v);
+        } else {
+          atomicAdd(ws + (size_t)r * N + c, acc[i][e]);
+        }
+      }
+    }
+  if (splits > 1) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
+}
+
+// PF: k-steps of weights in flight per warp: DEPTH x 16 bytes per lane, DEPTH / BITS k-steps
+template <int BITS, int WN, int DEPTH>
+int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
+               const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
+               float* ws, int* cnt, int M, int N, int K, int group, int splits,
+               cudaStream_t stream) {
+  constexpr int PF = DEPTH / BITS > 0 ? DEPTH / BITS : 1;
+  auto kernel = mixed_mmv_kernel<BITS, WN, PF>;
+  const int S = K / 64;
+  const int ss_per_split = (S + splits - 1) / splits;
+  splits = (S + ss_per_split - 1) / ss_per_split;
+  const int nq = ((nsal + 15) / 16 + splits - 1) / splits;
+  const size_t smem = (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
+  const int rc = allow_smem(kernel, smem, allowed);
+  if (rc) return rc;
+  dim3 grid(N / 64 / WN, splits);
+  kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
+                                          N, K, group_magic(group), ss_per_split);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int BITS, int WN>
+int mmv_by_depth(int depth, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
+                 const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
+                 float* ws, int* cnt, int M, int N, int K, int group, int splits,
+                 cudaStream_t s) {
+  switch (depth) {
+    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+#ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
+    case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 12: return launch_mmv<BITS, WN, 12>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+#endif
+    default: return -1;
+  }
+}
+
+template <int BITS>
+int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp,
+              const uint4* scp, const uint4* wsp, const int* sidx, int nsal, const half* bias,
+              half* y, float* ws, int* cnt, int M, int N, int K, int group, int splits,
+              cudaStream_t s) {
+  switch (wn) {
+    case 1: return mmv_by_depth<BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+#ifndef GQ_COMPILE_CHECK
+    case 2: return mmv_by_depth<BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 4: return mmv_by_depth<BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+#endif
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+// Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled.
+extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const void* scp,
+                            const void* wsp, const void* sidx, int nsal, const void* bias,
+                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
+                            int bits, int wn, int splits, int depth, void* stream) {
+  if (M < 1 || M > 8 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
+    return -1;
+  auto* xh = static_cast<const half*>(x);
+  auto* q = static_cast<const uint4*>(qc);
+  auto* z = static_cast<const uint2*>(zp);
+  auto* sc = static_cast<const uint4*>(scp);
+  auto* wp = static_cast<const uint4*>(wsp);
+  auto* si = static_cast<const int*>(sidx);
+  auto* bh = static_cast<const half*>(bias);
+  auto* yh = static_cast<half*>(y);
+  auto* w = static_cast<float*>(ws);
+  auto* c = static_cast<int*>(cnt);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (bits) {
+    case 2: return mmv_by_wn<2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 3: return mmv_by_wn<3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 4: return mmv_by_wn<4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    default: return -1;
+  }
+}
