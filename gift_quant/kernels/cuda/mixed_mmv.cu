@@ -49,17 +49,19 @@ __device__ __forceinline__ void mma4(float (&c)[4][4], const uint32_t* f, uint32
   }
 }
 
-// 16 warps per SM (128 registers) with up to 8 x 16 bytes per lane in flight, else 12 (168)
 template <int BITS, int WN, int PF>
-__global__ void __launch_bounds__(WN * 32, (PF * BITS <= 8 ? 16 : 12) / WN)
+__global__ void __launch_bounds__(WN * 32)
     mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
                      unsigned gmagic, int ss_per_split) {
-  extern __shared__ __align__(16) half xs[];
+  // shared memory: each warp's ring of PF k-steps of weights (BITS x 512 bytes each), then x
+  extern __shared__ __align__(16) uint4 smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint4* ring = smem + warp * PF * BITS * 32 + lane;  // this lane's vectors: + (slot BITS + i) 32
+  half* xs = reinterpret_cast<half*>(smem + WN * PF * BITS * 32);
   const int g = lane >> 2, t = lane & 3;
   const int B = N >> 6;                  // 64-column strips
   const int b = blockIdx.x * WN + warp;  // this warp's strip
@@ -71,25 +73,27 @@ __global__ void __launch_bounds__(WN * 32, (PF * BITS <= 8 ? 16 : 12) / WN)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int ldx = nss * 64 + nq * 16 + 8;  // row stride in halves: rows shift by 16 bytes
 
-  // 1. the first PF k-steps of weights and the first group's scales and zero-points, in
-  // flight during the x staging (per k-step, word-vector i of the 32 lanes: 512 B)
+  // 1. the first PF - 1 k-steps of weights (cp.async into the ring: each lane copies and later
+  // reads only its own vectors, so its own wait suffices) and the first group's scales and
+  // zero-points, in flight during the x staging (per k-step, vector i of the 32 lanes: 512 B)
   const size_t qstride = (size_t)B * 32 * BITS;
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;
   const uint2* zbase = zp + (size_t)b * 8 + g;                  // columns 8 j + g
   const uint4* sbase = scp + ((size_t)b * 4 + (g >> 1)) * 2;  // columns 8 j + 2 (g / 2) (+1)
   const unsigned last_group = group_of(S - 1, gmagic);
-  uint4 wbuf[PF][BITS];
 #pragma unroll
-  for (int p = 0; p < PF; ++p)
+  for (int p = 0; p < PF - 1; ++p) {
     if (p < nss)
 #pragma unroll
-      for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
+      for (int i = 0; i < BITS; ++i) cp_async16(ring + (p * BITS + i) * 32, qp + p * qstride + i * 32);
+    asm volatile("cp.async.commit_group;\n" ::);  // one group per k-step, empty or not
+  }
   unsigned grp = group_of(s0, gmagic);
   uint4 sa = __ldg(sbase + grp * gstride), sb = __ldg(sbase + grp * gstride + 1);
   uint2 zw = __ldg(zbase + grp * gstride);
 
-  // 2. x: rows 0..M-1, a zero row M
+  // 2. x: rows 0..M-1, a zero row M (waits for every copy so far, the weights' too)
   stage_x(xs, x, sidx, nsal, M, K, M, ldx, s0 * 64, nss * 64, nq, split, splits);
   // this lane's B-fragment words: row g (the zero row past M), input columns 2 t (+1), +8
   const uint32_t* xr = reinterpret_cast<const uint32_t*>(xs + (g < M ? g : M) * ldx) + t;
@@ -121,41 +125,41 @@ __global__ void __launch_bounds__(WN * 32, (PF * BITS <= 8 ? 16 : 12) / WN)
     sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
     zw = __ldg(zbase + (grp + 1) * gstride);
   }
-  for (int s = 0; s < nss; s += PF) {
+  for (int ss = 0; ss < nss; ++ss) {
+    // k-step ss has landed once at most PF - 2 later groups are pending
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PF - 2));
+    uint32_t w[4 * BITS];
+    const uint4* slot = ring + (ss % PF) * BITS * 32;
 #pragma unroll
-    for (int p = 0; p < PF; ++p) {
-      const int ss = s + p;
-      if (ss < nss) {
-        uint32_t w[4 * BITS];
+    for (int i = 0; i < BITS; ++i) {
+      const uint4 v = slot[i * 32];
+      w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+    }
+    // k-step ss + PF - 1 into the slot k-step ss - 1 was read from (its words are consumed)
+    const int nx = ss + PF - 1;
+    if (nx < nss) {
 #pragma unroll
-        for (int i = 0; i < BITS; ++i) {
-          w[4 * i] = wbuf[p][i].x, w[4 * i + 1] = wbuf[p][i].y;
-          w[4 * i + 2] = wbuf[p][i].z, w[4 * i + 3] = wbuf[p][i].w;
-        }
-        if (ss + PF < nss) {
-#pragma unroll
-          for (int i = 0; i < BITS; ++i)
-            wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
-        }
-        const unsigned gs = group_of(s0 + ss, gmagic);
-        if (gs != grp) {  // warp-uniform: the next group (loaded ahead) starts here
-          add_scaled_mmv(acc, gacc, sc);
-          grp = gs;
-          column_scales(sa, sb, g, sc);
-          zero_pairs<BITS>(zw, cz);
-          if (grp < last_group) {
-            sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
-            zw = __ldg(zbase + (grp + 1) * gstride);
-          }
-        }
-#pragma unroll
-        for (int st = 0; st < 4; ++st) {
-          uint32_t f[16];
-          dequant_pairs<BITS>(w + st * BITS, cz, f);
-          const int k = ss * 32 + st * 8;  // in x words
-          mma4(gacc, f, xr[k], xr[k + 4]);
-        }
+      for (int i = 0; i < BITS; ++i)
+        cp_async16(ring + ((nx % PF) * BITS + i) * 32, qp + nx * qstride + i * 32);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    const unsigned gs = group_of(s0 + ss, gmagic);
+    if (gs != grp) {  // warp-uniform: the next group (loaded ahead) starts here
+      add_scaled_mmv(acc, gacc, sc);
+      grp = gs;
+      column_scales(sa, sb, g, sc);
+      zero_pairs<BITS>(zw, cz);
+      if (grp < last_group) {
+        sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
+        zw = __ldg(zbase + (grp + 1) * gstride);
       }
+    }
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      uint32_t f[16];
+      dequant_pairs<BITS>(w + st * BITS, cz, f);
+      const int k = ss * 32 + st * 8;  // in x words
+      mma4(gacc, f, xr[k], xr[k + 4]);
     }
   }
   if (nss > 0) add_scaled_mmv(acc, gacc, sc);
@@ -179,19 +183,22 @@ __global__ void __launch_bounds__(WN * 32, (PF * BITS <= 8 ? 16 : 12) / WN)
   if (splits > 1) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
 }
 
-// PF: k-steps of weights in flight per warp: DEPTH x 16 bytes per lane, DEPTH / BITS k-steps
+// PF: the ring's k-steps per warp, DEPTH x 16 bytes per lane (DEPTH / BITS k-steps, PF - 1 of
+// them in flight while one is computed)
 template <int BITS, int WN, int DEPTH>
 int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
                float* ws, int* cnt, int M, int N, int K, int group, int splits,
                cudaStream_t stream) {
-  constexpr int PF = DEPTH / BITS > 0 ? DEPTH / BITS : 1;
+  constexpr int PF = DEPTH / BITS;
+  static_assert(PF >= 2, "the ring needs two k-steps");
   auto kernel = mixed_mmv_kernel<BITS, WN, PF>;
   const int S = K / 64;
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   const int nq = ((nsal + 15) / 16 + splits - 1) / splits;
-  const size_t smem = (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  const size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
+                      (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
   const int rc = allow_smem(kernel, smem, allowed);
   if (rc) return rc;
@@ -210,7 +217,7 @@ int mmv_by_depth(int depth, const half* x, const uint4* qc, const uint2* zp, con
     case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
     case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 12: return launch_mmv<BITS, WN, 12>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
 #endif
     default: return -1;
   }
