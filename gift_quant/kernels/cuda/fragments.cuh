@@ -120,14 +120,11 @@ __device__ __forceinline__ void dequant_pairs(const uint32_t* w, const uint32_t 
   }
 }
 
-// Stage x in shared memory: rows 0..R-1 (zeros past M) and a zero row R, `kq` quantized input
-// columns from k0 (16-byte asynchronous copies, all in flight at once), then `nq` x 16 salient
-// columns (positions split + c * splits of the salient list, gathered). Row stride `ldx` halves.
-// Ends with a barrier.
-__device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x,
-                                        const int* __restrict__ sidx, int nsal, int M, int K,
-                                        int R, int ldx, int k0, int kq, int nq, int split,
-                                        int splits) {
+// Stage x in shared memory: rows 0..R-1 (zeros past M) and a zero row R, `kq` input columns
+// from k0, by 16-byte asynchronous copies (one commit group; the caller waits and syncs).
+// Row stride `ldx` halves.
+__device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x, int M, int K,
+                                        int R, int ldx, int k0, int kq) {
   const int chunks = kq / 8;  // 16-byte chunks per row
   for (int i = threadIdx.x; i < (R + 1) * chunks; i += blockDim.x) {
     const int r = i / chunks, c = i - r * chunks;
@@ -138,6 +135,14 @@ __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x,
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
   }
   asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// The split's `nq` x 16 salient columns of x (positions split + c * splits of the salient
+// list), gathered into columns kq.. of the staged rows (plain stores: the caller syncs).
+__device__ __forceinline__ void gather_salient(half* xs, const half* __restrict__ x,
+                                               const int* __restrict__ sidx, int nsal, int M,
+                                               int K, int R, int ldx, int kq, int nq,
+                                               int split, int splits) {
   const int scols = nq * 16;
   for (int i = threadIdx.x; i < (R + 1) * scols; i += blockDim.x) {
     const int r = i / scols, c = i - r * scols;
@@ -146,7 +151,12 @@ __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x,
     if (r < M && j < nsal) v = x[(size_t)r * K + sidx[j]];
     xs[r * ldx + kq + c] = v;
   }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Wait until at most N of this thread's copy groups are pending, then a block barrier.
+template <int N>
+__device__ __forceinline__ void wait_copies_and_sync() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
   __syncthreads();
 }
 

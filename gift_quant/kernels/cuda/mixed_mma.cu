@@ -100,7 +100,9 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 
   // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
   // salient columns
-  stage_x(xs, x, sidx, nsal, M, K, R, ldx, s0 * 64, nss * 64, nq, split, splits);
+  stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
+  gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits);
+  wait_copies_and_sync<0>();
 
   float acc[MT][8][4], gacc[MT][8][4];  // gacc: this group's x @ (code - zero) (SA only)
 #pragma unroll

@@ -49,8 +49,9 @@ __device__ __forceinline__ void mma4(float (&c)[4][4], const uint32_t* f, uint32
   }
 }
 
+// 20 warps per SM: at most 96 registers (no spills on sm_90; 24 warps, 80 registers, spill)
 template <int BITS, int WN, int PF>
-__global__ void __launch_bounds__(WN * 32)
+__global__ void __launch_bounds__(WN * 32, 20 / WN)
     mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
@@ -73,15 +74,17 @@ __global__ void __launch_bounds__(WN * 32)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int ldx = nss * 64 + nq * 16 + 8;  // row stride in halves: rows shift by 16 bytes
 
-  // 1. the first PF - 1 k-steps of weights (cp.async into the ring: each lane copies and later
-  // reads only its own vectors, so its own wait suffices) and the first group's scales and
-  // zero-points, in flight during the x staging (per k-step, vector i of the 32 lanes: 512 B)
+  // 1. x (rows 0..M-1, a zero row M) in one copy group, then the first PF - 1 k-steps of
+  // weights into the ring, one group each (each lane copies and later reads only its own
+  // vectors, so its own wait orders them); the first group's scales and zero-points and the
+  // salient columns of x meanwhile; then wait for x alone, the weights staying in flight
   const size_t qstride = (size_t)B * 32 * BITS;
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;
   const uint2* zbase = zp + (size_t)b * 8 + g;                  // columns 8 j + g
   const uint4* sbase = scp + ((size_t)b * 4 + (g >> 1)) * 2;  // columns 8 j + 2 (g / 2) (+1)
   const unsigned last_group = group_of(S - 1, gmagic);
+  stage_x(xs, x, M, K, M, ldx, s0 * 64, nss * 64);
 #pragma unroll
   for (int p = 0; p < PF - 1; ++p) {
     if (p < nss)
@@ -92,9 +95,9 @@ __global__ void __launch_bounds__(WN * 32)
   unsigned grp = group_of(s0, gmagic);
   uint4 sa = __ldg(sbase + grp * gstride), sb = __ldg(sbase + grp * gstride + 1);
   uint2 zw = __ldg(zbase + grp * gstride);
+  gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);
+  wait_copies_and_sync<PF - 1>();
 
-  // 2. x: rows 0..M-1, a zero row M (waits for every copy so far, the weights' too)
-  stage_x(xs, x, sidx, nsal, M, K, M, ldx, s0 * 64, nss * 64, nq, split, splits);
   // this lane's B-fragment words: row g (the zero row past M), input columns 2 t (+1), +8
   const uint32_t* xr = reinterpret_cast<const uint32_t*>(xs + (g < M ? g : M) * ldx) + t;
 
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(WN * 32)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f, gacc[i][e] = 0.0f;
 
-  // 3. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
+  // 2. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
@@ -117,7 +120,7 @@ __global__ void __launch_bounds__(WN * 32)
     mma4(acc, f, xr[k], xr[k + 4]);
   }
 
-  // 4. the quantized k-steps; the group's scales and zero-points were loaded one group ahead
+  // 3. the quantized k-steps; the group's scales and zero-points were loaded one group ahead
   uint32_t sc[8], cz[8][2];
   column_scales(sa, sb, g, sc);
   zero_pairs<BITS>(zw, cz);
@@ -164,7 +167,7 @@ __global__ void __launch_bounds__(WN * 32)
   }
   if (nss > 0) add_scaled_mmv(acc, gacc, sc);
 
-  // 5. output: acc[i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 2 t + e % 2
+  // 4. output: acc[i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 2 t + e % 2
   const int col0 = b * 64 + g;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -214,9 +217,9 @@ int mmv_by_depth(int depth, const half* x, const uint4* qc, const uint2* zp, con
                  float* ws, int* cnt, int M, int N, int K, int group, int splits,
                  cudaStream_t s) {
   switch (depth) {
-    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-#ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
     case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+#ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
+    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
     case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
 #endif
     default: return -1;
