@@ -35,18 +35,21 @@ __all__ = [
     "tuning_names",
 ]
 
-GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMA_M)
-# fp16, where the CUDA tensor-core kernel (kernels/cuda) is built: "mma" for M = 3..8 (at
-# M = 4 it beat the GEMV on every benchmark shape), and for M = 9..16 on layers of at least
-# MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton kernel was faster there):
-# benchmarks/results/sweep_mma_h200.json
-MMA_M = (3, 16)
+GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMV_M, MMA_M)
+# fp16, where the CUDA kernels (kernels/cuda) are built, by rule: the swapped kernel "mmv" for
+# M = 3..8 (its rule beat the routes in force in all 48 cells at M = 4 and 8:
+# benchmarks/results/sweep_mmv_h200_m248.json), then "mma" for M = 9..16 on layers of at least
+# MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton kernel was faster there:
+# benchmarks/results/sweep_mma_h200.json)
+MMV_M = (3, 8)
+MMA_M = (9, 16)
 MMA_WIDE_WEIGHTS = 1 << 25
-# fp16 M where the kernel is measured at first use: up to 32, where the CUDA kernel beat the
-# Triton kernels on the largest layers and lost on the others. Not the GEMV (M <= 2): timed
-# this way, its variants won the measurement and lost the benchmark by up to 21%
-# (docs/KERNELS-NOTES.md, round 6)
-TUNE_M = MMA_M[0], 32
+# fp16 M where the kernel is measured at first use: 1..32. At M <= 2 the GEMV against the
+# swapped kernel (each won about half of the cells), up to 32 the CUDA kernels against the
+# Triton rule (the CUDA kernel won on the largest layers and lost on the others). Round 6
+# left M <= 2 to the rule after GEMV variants won the measurement and lost the benchmark by
+# up to 21%; that was the launch-path fault T3 (docs/KERNELS-NOTES.md), since fixed.
+TUNE_M = 1, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
@@ -87,7 +90,9 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> s
     """Which kernel serves M rows of an (N, K, bits) layer by rule, without measuring (names:
     see ``DEFAULT_ROUTES``; "mma:WNxS", the CUDA kernel with WN warps per block and S K-splits,
     where ``mma`` says it can serve the call)."""
-    if mma and MMA_M[0] <= M <= MMA_M[1] and (M <= 8 or N * K >= MMA_WIDE_WEIGHTS):
+    if mma and MMV_M[0] <= M <= MMV_M[1]:
+        return mmv_name(*native.mmv_choose(M, N, K))
+    if mma and MMA_M[0] <= M <= MMA_M[1] and N * K >= MMA_WIDE_WEIGHTS:
         return mma_name(*native.choose(M, N, K))
     if M <= GEMV_MAX_M:
         return "gemv"
@@ -118,8 +123,13 @@ def mma_config(name: str) -> tuple[int, ...]:
 
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
-    """The kernels timed for fp16 M rows at first use where the CUDA kernel can serve them."""
-    return [mma_name(*c) for c in native.configs(M, N, K)] + [route(M, N, K, bits)]
+    """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
+    the swapped kernel's configurations (M <= 8), the tensor-core kernel's (M >= 3), and the
+    Triton rule."""
+    names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= native.MMV_MAX_M else []
+    if M >= MMV_M[0]:
+        names += [mma_name(*c) for c in native.configs(M, N, K)]
+    return [*names, route(M, N, K, bits)]
 
 
 def route_in_force(
