@@ -407,8 +407,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     winner["name"] = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
-    # M > 32 (a CUDA configuration, as a real measurement may keep); M = 1 and 2 have their
-    # own buckets, apart from 3..4
+    # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 4 for M <= 2
     ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32)] = "mma:4x4"
     winner["name"] = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
@@ -420,6 +419,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
         want = routes.route(M, N, K, 4, mma=True)
         assert not want.startswith("mma:")
         assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
+    # by rule, one row takes the GEMV, two the swapped kernel
+    assert routes.route(1, N, K, 4, mma=True) == "gemv"
+    assert routes.route(2, N, K, 4, mma=True) == routes.mmv_name(*native.mmv_choose(2, N, K))
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
         return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
@@ -428,20 +430,13 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     other(bits=3)
     assert len(timed) == 6  # each its own measurement
     timed[4:] = []
-    for M in (33, 64):  # outside TUNE_M: the rule (Triton), never timed
+    for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, "mmv", Triton), never timed
         assert pick(M) == routes.route(M, N, K, 4, mma=True)
     assert len(timed) == 4
-    # one row: the GEMV against the swapped kernel, in a bucket of its own
-    winner["name"] = routes.mmv_name(*native.mmv_choose(1, N, K))
-    assert pick(1) == winner["name"] and pick(2) == winner["name"] and len(timed) == 6
-    assert timed[4] == [routes.mmv_name(*c) for c in native.mmv_configs(1, N, K)] + ["gemv"]
-    timed[4:] = []
     kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning.record()}
     assert kept == {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
         (4, 0, 128, 4),
         (16, 0, 128, 3),
-        (1, 0, 128, 4),
-        (2, 0, 128, 4),
     }
     first = next(r for r in ops.tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])

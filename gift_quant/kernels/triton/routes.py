@@ -37,19 +37,20 @@ __all__ = [
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMV_M, MMA_M)
 # fp16, where the CUDA kernels (kernels/cuda) are built, by rule: the swapped kernel "mmv" for
-# M = 3..8 (its rule beat the routes in force in all 48 cells at M = 4 and 8:
-# benchmarks/results/sweep_mmv_h200_m248.json), then "mma" for M = 9..16 on layers of at least
-# MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton kernel was faster there:
-# benchmarks/results/sweep_mma_h200.json)
-MMV_M = (3, 8)
+# M = 2..8 (its rule beat the routes in force in all 48 cells at M = 4 and 8 and in 18 of 24
+# at M = 2: benchmarks/results/sweep_mmv_h200_m248.json; at M = 1 the GEMV stays, 1.6% from
+# the faster of the two on average against 6.9% for "mmv": sweep_mmv_h200_m1.json), then
+# "mma" for M = 9..16 on layers of at least MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton
+# kernel was faster there: benchmarks/results/sweep_mma_h200.json)
+MMV_M = (2, 8)
 MMA_M = (9, 16)
 MMA_WIDE_WEIGHTS = 1 << 25
-# fp16 M where the kernel is measured at first use: 1..32. At M <= 2 the GEMV against the
-# swapped kernel (each won about half of the cells), up to 32 the CUDA kernels against the
-# Triton rule (the CUDA kernel won on the largest layers and lost on the others). Round 6
-# left M <= 2 to the rule after GEMV variants won the measurement and lost the benchmark by
-# up to 21%; that was the launch-path fault T3 (docs/KERNELS-NOTES.md), since fixed.
-TUNE_M = 1, 32
+# fp16 M where the kernel is measured at first use: 3..32, where the CUDA kernels beat the
+# Triton kernels on the largest layers and lost on some others. Not M <= 2: there the two
+# kernels are within a few percent, and one launch timed after a flush read 11.5 us for
+# kernels that replay in 7-8 us, so the timing kept the slower one on 4096 x 4096
+# (docs/KERNELS-NOTES.md, round 8)
+TUNE_M = 3, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
@@ -124,11 +125,10 @@ def mma_config(name: str) -> tuple[int, ...]:
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
-    the swapped kernel's configurations (M <= 8), the tensor-core kernel's (M >= 3), and the
-    Triton rule."""
+    the swapped kernel's configurations (M <= 8), the tensor-core kernel's, and the Triton
+    rule."""
     names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= native.MMV_MAX_M else []
-    if M >= MMV_M[0]:
-        names += [mma_name(*c) for c in native.configs(M, N, K)]
+    names += [mma_name(*c) for c in native.configs(M, N, K)]
     return [*names, route(M, N, K, bits)]
 
 
