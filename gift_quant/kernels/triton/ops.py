@@ -7,12 +7,13 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
   position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
   8 bits, widths not multiples of 64) run the torch reference.
-* Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (the CUDA kernel, the
-  split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or dequantize +
-  cuBLAS), launched by ``run_route``.
-* Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernel is built): the first
-  call of a layer shape and M bucket on a device times the CUDA kernel's configurations
-  (``native.configs``) and the rule's Triton kernel, each with the L2 cache overwritten, and
+* Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (one of the two CUDA
+  kernels, the split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
+  dequantize + cuBLAS), launched by ``run_route``.
+* Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernels are built): the first
+  call of a layer shape and M bucket on a device times the CUDA kernels' configurations
+  (``native.mmv_configs``, ``native.configs``) and the rule's Triton kernel, each with the L2
+  cache overwritten, and
   keeps the fastest for the process (``tuned_route``, ``tuning``; the timings stay in
   ``tuning.record``).
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
