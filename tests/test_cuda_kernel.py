@@ -219,24 +219,27 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, -1])
-def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits: int, group: int) -> None:
-    """mixed_mmv.cu at M = 1..8: every configuration the routes may name, one and several K
-    splits (the last block's finish), salient columns round-robin over the splits, bias."""
+@pytest.mark.parametrize("shape", [(1536, 960), (1024, 1024)], ids=["15strips", "16strips"])
+def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, shape) -> None:
+    """mixed_mmv.cu at M = 1..16 (one and two 8-row tiles of x): every configuration the rules
+    name at every depth, one and several K splits (the last block's finish), one-warp blocks
+    (15 strips) and four-warp blocks (16 strips: the per-warp rings, x shared by the block),
+    salient columns round-robin over the splits, bias."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops, routes
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
     if native.library() is None:
         pytest.skip("the CUDA kernel is not built here (no nvcc)")
-    K, N = 1536, 960  # 15 strips: one warp per block
+    K, N = shape
     kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
     layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
     p = ops.prepare(layer)
     cuda = ops.cuda_layout(layer)
-    for M in (1, 2, 3, 8):
+    for M in (1, 2, 3, 8, 9, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        names = [n for n in routes.candidates(M, mma=True, N=N, K=K) if n.startswith("mmv:")]
-        names += [routes.mmv_name(1, 1), routes.mmv_name(1, 24, 8)]
+        confs = native.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
+        names = [routes.mmv_name(*c, d) for c in confs for d in native.MMV_DEPTHS]
         exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
         for name in names:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)

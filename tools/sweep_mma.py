@@ -85,7 +85,8 @@ def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]
         strips, steps = N // 64, K // 64
         for wn in (1, 2, 4):
             for warps in (1024, 2048, 4096):
-                splits = max(1, min(steps, round(warps / strips)))
+                want = max(native._mmv_min_splits(M, K), min(steps, round(warps / strips)))
+                splits = native._runs(K, want)
                 for d in native.MMV_DEPTHS:
                     if strips % wn == 0 and (wn, splits, d) not in out:
                         out.append((wn, splits, d))
@@ -125,6 +126,8 @@ def main() -> None:
             g_idx = torch.arange(K, device="cuda", dtype=torch.int32) // GROUP
             w16 = dequantize_codes(base["codes"], base["z"], base["s"], g_idx, torch.float16)
             for M in Ms:
+                if args.kernel == "mmv" and M > native.MMV_MAX_M:
+                    continue
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = reference(x, base)
                 ws, cnt = triton_ops._workspace(x.device, M * N)
@@ -135,8 +138,6 @@ def main() -> None:
                 if M <= routes.GEMV_MAX_M:
                     t_gemv = graph_time_us([partial(cand_call, "gemv", x, L, bits) for L in copies])
                 if args.kernel == "mmv":
-                    if M > native.MMV_MAX_M:
-                        continue
                     confs = mmv_configs(M, N, K, args.configs)
                     auto = (*native.mmv_choose(M, N, K), native.MMV_DEPTH)
                 else:

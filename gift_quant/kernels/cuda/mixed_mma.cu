@@ -307,7 +307,7 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
                             const void* sidx, int nsal, const void* bias, void* y, void* ws,
                             void* cnt, int M, int N, int K, int group, int bits, int wn,
                             int splits, void* stream) {
-  if (M < 1 || M > 64 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
+  if (M < 1 || M > 64 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
   auto* xh = static_cast<const half*>(x);

@@ -56,10 +56,11 @@ __all__ = [
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu"))
 HEADER = Path(__file__).with_name("fragments.cuh")
 MAX_M = 64
-MMV_MAX_M = 8
+MMV_MAX_M = 16  # one 8-row tile of x up to 8 rows, two up to 16
 MMV_DEPTHS = (8, 16, 32)  # x 16 bytes of weights per lane in its shared-memory ring (mixed_mmv.cu)
 MMV_DEPTH = 8  # the fastest configuration had it in 23 of 24 cells of sweep_mmv_h200_m1_ring.json
 MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
+MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 _lock = threading.Lock()
 _state: dict = {}
@@ -333,22 +334,32 @@ def configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     return out
 
 
+def _mmv_min_splits(M: int, K: int) -> int:
+    """Fewest K splits that keep a block's staged x (M + 1 rows of its share of K, 128 salient
+    columns at most, padding) within MMV_X_BYTES, so that wide layers keep several blocks per
+    SM and never pass the shared-memory limit."""
+    cols = MMV_X_BYTES // (2 * (M + 1)) - 128 - 8
+    return -(-(K // 64) // max(1, cols // 64))
+
+
 def mmv_choose(M: int, N: int, K: int) -> tuple[int, int]:
     """(warps per block, K splits) of the swapped kernel by rule: about MMV_TARGET_WARPS warps
-    (one per 64-column strip and split), each with at least 4 k-steps."""
+    (one per 64-column strip and split), each with at least 4 k-steps, and x within
+    MMV_X_BYTES."""
     strips, steps = N // 64, K // 64
     wn = 4 if strips % 4 == 0 else 2 if strips % 2 == 0 else 1
     splits = max(1, min(max(1, steps // 4), round(MMV_TARGET_WARPS / strips)))
-    return wn, _runs(K, splits)
+    return wn, _runs(K, max(splits, _mmv_min_splits(M, K)))
 
 
 def mmv_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     """The swapped kernel's configurations worth timing: the rule's, then its block width at
-    0.5 and 2 x its splits."""
+    0.5 and 2 x its splits (never below the shared-memory minimum)."""
     wn, splits = mmv_choose(M, N, K)
     out = [(wn, splits)]
     for f in (0.5, 2.0):
-        c = (wn, _runs(K, max(1, min(K // 64, round(f * splits)))))
+        want = max(_mmv_min_splits(M, K), min(K // 64, round(f * splits)))
+        c = (wn, _runs(K, want))
         if c not in out:
             out.append(c)
     return out

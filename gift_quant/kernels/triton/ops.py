@@ -80,7 +80,7 @@ class Prepared:
     group: int
     K: int
     N: int
-    cuda: native.Packed | None = None  # the CUDA kernel's layout (``cuda_layout``)
+    cuda: native.Packed | None = None  # the CUDA kernels' layout (``cuda_layout``)
     cuda_checked: bool = False
 
 
@@ -127,9 +127,9 @@ def _build(layer, key: tuple) -> Prepared | None:
 
 
 def cuda_layout(layer) -> native.Packed | None:
-    """The CUDA kernel's layout of ``layer`` (a second copy of the codes, the same size as the
-    first), built at its first fp16 call and kept in the layer's cache; None where the kernel
-    does not cover the layer or is not built (bf16 training never builds it)."""
+    """The CUDA kernels' layout of ``layer`` (a second copy of the codes, the same size as the
+    first), built at its first fp16 call and kept in the layer's cache; None where the kernels
+    do not cover the layer or are not built (bf16 training never builds it)."""
     prep = prepare(layer)
     if prep is None or prep.cuda is not None or prep.cuda_checked:
         return None if prep is None else prep.cuda
@@ -160,7 +160,7 @@ def tuned_route(
     cuda: native.Packed,
     timer=None,
 ) -> str:
-    """The kernel for fp16 ``x2`` on a layer with the CUDA kernel's layout: ``route``'s rule
+    """The kernel for fp16 ``x2`` on a layer with the CUDA kernels' layout: ``route``'s rule
     outside TUNE_M; inside, the fastest of ``tuning_names``, measured at the first call of
     (device, shape, M bucket) and kept (``tuning.choose``; ``timer``: see there)."""
     M, K = x2.shape
