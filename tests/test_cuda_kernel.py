@@ -247,3 +247,111 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
             ops.run_route(name, *args, out=out, cuda=cuda)
             err, ref_err = kernel_error(out, ref, exact)
             assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
+
+
+def ptx_mma_m16n8k16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """D = A @ B of ``mma.sync.m16n8k16`` from per-lane fragments laid out as the PTX ISA
+    defines them: a [32 lanes, 4 registers, 2 halves], b [32, 2, 2] -> d [32, 4] (fp32
+    registers). Lane 4 g + t: A register r holds row g + 8 (r & 1), columns 2 t + 8 (r >> 1)
+    (+1); B register r holds rows 2 t + 8 r (+1) of column g; D register r is row
+    g + 8 (r >> 1), column 2 t + (r & 1)."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for h in range(2):
+            for r in range(4):
+                A[g + 8 * (r & 1), 2 * t + h + 8 * (r >> 1)] = a[lane, r, h]
+            for r in range(2):
+                B[2 * t + h + 8 * r, g] = b[lane, r, h]
+    D = A @ B
+    lanes = np.arange(32)
+    g, t = lanes >> 2, lanes & 3
+    return np.stack([D[g + 8 * (r >> 1), 2 * t + (r & 1)] for r in range(4)], axis=1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, 128])
+def test_swapped_kernel_mirror_gives_the_product(bits: int, group: int) -> None:
+    """mixed_mmv.cu's operand choices, mirrored step by step on the CPU and multiplied by the
+    PTX definition of the MMA: the A fragment of 16 output columns read from the packed B
+    pairs as {f[4i], f[4i+2], f[4i+1], f[4i+3]}, x row g as the B operand (zeros past M), the
+    scale of column 8 j + g from row g / 2 of the scale words, half g % 2 (``column_scales``),
+    accumulator e of tile i as column 16 i + 8 (e / 2) + g, row 2 t + e % 2; salient steps the
+    same way. The result must be x @ W^T + x[:, S] @ W_S^T."""
+    K, N, M, k_sal = 256, 128, 3, 20
+    gen = torch.Generator().manual_seed(7 * bits + group)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
+    sidx = torch.randperm(K, generator=gen)[:k_sal].to(torch.int32)
+    wst = torch.randn(k_sal, N, generator=gen).half()
+    p = native.pack(codes, zeros, scales, wst, sidx, bits, group)
+    exact, _, _ = kernel_operands(p)  # code - zero as the lanes form it, [K, N]
+    sw = p.scp.view(torch.int32).numpy().astype(np.int64) & 0xFFFFFFFF
+    sal = native.pack_salient(wst).view(torch.float16).double().numpy()  # [Q, B, 4, 32, 8]
+    x = torch.randn(M, K, generator=gen).half().double().numpy()
+    xz = np.vstack([x, np.zeros((8 - M, K))])  # B-operand rows past M read zeros
+    xs = np.zeros((8, sal.shape[0] * 16))
+    xs[:, :k_sal] = xz[:, sidx.long().numpy()]
+    lanes = np.arange(32)
+    g, t = lanes >> 2, lanes & 3
+    order = [0, 2, 1, 3]  # A register r = pair 4 i + order[r]
+
+    def b_operand(cols: np.ndarray, k0: int) -> np.ndarray:  # words xr[k], xr[k + 4]
+        return np.stack(
+            [np.stack([cols[g, k0 + 2 * t + 8 * r + h] for h in range(2)], -1) for r in range(2)],
+            1,
+        )
+
+    y = np.zeros((M, N))
+    for b in range(N // 64):
+        acc = np.zeros((4, 32, 4))
+        for q in range(sal.shape[0]):  # salient k16 steps: fp16 pairs as stored
+            f = np.stack(
+                [
+                    np.stack([sal[q, b, pr // 4, :, 2 * (pr % 4) + h] for h in range(2)], -1)
+                    for pr in range(16)
+                ],
+                1,
+            )  # [32, 16 pairs, 2]
+            bo = b_operand(xs, 16 * q)
+            for i in range(4):
+                acc[i] += ptx_mma_m16n8k16(f[:, [4 * i + o for o in order]], bo)
+        for s in range(K // 64):
+            gacc = np.zeros((4, 32, 4))
+            for st in range(4):
+                k0 = 64 * s + 16 * st
+                f = np.stack(
+                    [
+                        np.stack(
+                            [
+                                exact[k0 + 8 * (pr & 1) + 2 * t + h, 64 * b + 8 * (pr >> 1) + g]
+                                for h in range(2)
+                            ],
+                            -1,
+                        )
+                        for pr in range(16)
+                    ],
+                    1,
+                )
+                bo = b_operand(xz, k0)
+                for i in range(4):
+                    gacc[i] += ptx_mma_m16n8k16(f[:, [4 * i + o for o in order]], bo)
+            grp = 64 * s // group
+            for lane in range(32):  # column_scales: row g / 2 of the scale words, half g % 2
+                col_scale = [
+                    f16(int(sw[grp, b, g[lane] >> 1, j]) >> (16 * (g[lane] & 1))) for j in range(8)
+                ]
+                for i in range(4):
+                    for e in range(4):
+                        acc[i, lane, e] += float(col_scale[2 * i + (e >> 1)]) * gacc[i, lane, e]
+        for lane in range(32):
+            for i in range(4):
+                for e in range(4):
+                    row, col = 2 * t[lane] + (e & 1), 64 * b + 16 * i + 8 * (e >> 1) + g[lane]
+                    if row < M:
+                        y[row, col] = acc[i, lane, e]
+    g_idx = torch.arange(K) // group
+    w = ((codes - zeros[g_idx]).double() * scales.double()[g_idx]).numpy()
+    want = x @ w + x[:, sidx.long().numpy()] @ wst.double().numpy()
+    assert np.allclose(y, want, rtol=1e-9, atol=1e-9), np.abs(y - want).max()
