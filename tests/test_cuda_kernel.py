@@ -355,3 +355,22 @@ def test_swapped_kernel_mirror_gives_the_product(bits: int, group: int) -> None:
     w = ((codes - zeros[g_idx]).double() * scales.double()[g_idx]).numpy()
     want = x @ w + x[:, sidx.long().numpy()] @ wst.double().numpy()
     assert np.allclose(y, want, rtol=1e-9, atol=1e-9), np.abs(y - want).max()
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (131072, 8192), (262144, 28672), (960, 1536)])
+def test_swapped_kernel_configurations_fit_in_shared_memory(shape) -> None:
+    """Every configuration the routes may launch keeps a block's shared memory (the rings of
+    its warps plus the staged x, as ``launch_mmv`` sizes them) within what an SM has, and the
+    staged x within MMV_X_BYTES. Without the bound (11b80ae) the rule gave a 131072 x 8192
+    layer about 150 KB of staged x per block and a 262144 x 28672 one about 520 KB, past the
+    limit."""
+    N, K = shape
+    for M in range(1, native.MMV_MAX_M + 1):
+        for wn, splits in native.mmv_configs(M, N, K):
+            assert N % (64 * wn) == 0 and 1 <= splits <= K // 64
+            per = -(-(K // 64) // splits)  # k-steps per split, as the launch rounds them
+            nq = -(-8 // splits)  # salient k16 steps per split: 128 columns, 8 steps
+            x_bytes = (M + 1) * (per * 64 + nq * 16 + 8) * 2
+            ring = max(wn * d * 32 * 16 for d in native.MMV_DEPTHS)
+            assert x_bytes <= native.MMV_X_BYTES, (M, wn, splits, x_bytes)
+            assert ring + x_bytes <= 227 * 1024
