@@ -365,12 +365,16 @@ def mmv_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     return out
 
 
-def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, y, M, N, K, *config) -> None:
+def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
+    """y [M, N] fp16 through the library entry ``fn`` with ``config`` (written into ``out``
+    if given), on x2's device and torch's current stream there."""
+    M, K = x2.shape
+    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
     if x2.data_ptr() % 16 or not x2.is_contiguous():
         x2 = x2.contiguous().clone()
     if x2.device.index != torch.cuda.current_device():  # the launch uses the current device
         with torch.cuda.device(x2.device):
-            return _launch(fn, x2, p, bias, ws, cnt, y, M, N, K, *config)
+            return _launch(fn, x2, p, bias, ws, cnt, y, *config)
     rc = fn(
         x2.data_ptr(),
         p.qc.data_ptr(),
@@ -384,7 +388,7 @@ def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, y, M, N, K, *config) -> No
         ws.data_ptr(),
         cnt.data_ptr(),
         M,
-        N,
+        p.N,
         K,
         p.group,
         p.bits,
@@ -392,7 +396,8 @@ def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, y, M, N, K, *config) -> No
         torch.cuda.current_stream(x2.device).cuda_stream,
     )
     if rc:
-        raise RuntimeError(f"{fn.__name__} failed (code {rc}) for M={M} N={N} K={K} {config}")
+        raise RuntimeError(f"{fn.__name__} failed (code {rc}) for M={M} N={p.N} K={K} {config}")
+    return y
 
 
 def mixed_mmv(
@@ -408,12 +413,9 @@ def mixed_mmv(
 ) -> Tensor:
     """As :func:`mixed_mma` for M <= MMV_MAX_M rows, by the swapped kernel (``mixed_mmv.cu``);
     ``depth``: one of MMV_DEPTHS."""
-    M, K = x2.shape
     if not wn:
-        wn, splits = mmv_choose(M, p.N, K)
-    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
-    _launch(_state["lib"].gq_mixed_mmv, x2, p, bias, ws, cnt, y, M, p.N, K, wn, splits, depth)
-    return y
+        wn, splits = mmv_choose(x2.shape[0], p.N, x2.shape[1])
+    return _launch(_state["lib"].gq_mixed_mmv, x2, p, bias, ws, cnt, out, wn, splits, depth)
 
 
 def mixed_mma(
@@ -428,10 +430,6 @@ def mixed_mma(
 ) -> Tensor:
     """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias); ``ws``/``cnt``
     are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``choose``)."""
-    M, K = x2.shape
-    N = p.N
     if not wn:
-        wn, splits = choose(M, N, K)
-    y = out if out is not None else torch.empty(M, N, dtype=torch.float16, device=x2.device)
-    _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, y, M, N, K, wn, splits)
-    return y
+        wn, splits = choose(x2.shape[0], p.N, x2.shape[1])
+    return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits)
