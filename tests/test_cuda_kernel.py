@@ -221,10 +221,10 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
 @pytest.mark.parametrize("group", [64, -1])
 @pytest.mark.parametrize("shape", [(1536, 960), (1024, 1024)], ids=["15strips", "16strips"])
 def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, shape) -> None:
-    """mixed_mmv.cu at M = 1..8: every configuration the rules name at every depth, one and
-    several K splits (the last block's finish), one-warp blocks (15 strips) and four-warp
-    blocks (16 strips: the per-warp rings, x shared by the block), salient columns
-    round-robin over the splits, bias."""
+    """mixed_mmv.cu at M = 1..16 (one and two 8-row tiles of x): every configuration the rules
+    name at every depth, one and several K splits (the last block's finish), one-warp blocks
+    (15 strips) and four-warp blocks (16 strips: the per-warp rings, x shared by the block),
+    salient columns round-robin over the splits, bias."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops, routes
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -236,7 +236,7 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
     layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
     p = ops.prepare(layer)
     cuda = ops.cuda_layout(layer)
-    for M in (1, 2, 3, 8):
+    for M in (1, 2, 3, 8, 9, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         confs = native.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
         names = [routes.mmv_name(*c, d) for c in confs for d in native.MMV_DEPTHS]

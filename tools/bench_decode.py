@@ -1,7 +1,7 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile] [--out DIR] [--workdir DIR] [--shared]
+        [--compile [B ...]] [--out DIR] [--workdir DIR] [--shared]
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -142,15 +142,25 @@ def timed(model, prompts: dict, args) -> tuple[dict, dict | None]:
     """Decode speed per batch size; with --compile also through a torch.compile'd forward
     (inductor fuses the norms, rotary and residual adds; the custom ops stay opaque calls)."""
     eager = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
-    if not args.compile:
+    if args.compile is None:
         return eager, None
     forward = model.forward
     model.forward = torch.compile(forward, dynamic=False)
+    compiled = {}
     try:
-        compiled = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
+        for b in compiled_batches(args):
+            t0 = time.perf_counter()
+            compiled[b] = decode_tokens_per_s(model, prompts[b], args.tokens)
+            compiled[b]["compile_and_run_s"] = time.perf_counter() - t0
     finally:
         model.forward = forward
     return eager, compiled
+
+
+def compiled_batches(args) -> list[int]:
+    """The batch sizes timed compiled: those --compile names, or every --batch if it names
+    none."""
+    return [b for b in args.batch if not args.compile or b in args.compile]
 
 
 def main() -> None:
@@ -161,13 +171,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument(
         "--compile",
-        action="store_true",
-        help="also time both models with torch.compile'd forward (the same graphs around it)",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="B",
+        help="also time both models with torch.compile'd forward (the same graphs around it), "
+        "at the batch sizes given (default: every --batch); each size compiles anew",
     )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
     args = ap.parse_args()
+    if args.compile and not set(args.compile) <= set(args.batch):
+        ap.error(f"--compile {args.compile}: each size must be one of --batch {args.batch}")
     t0 = time.time()
     model = build_model(args.layers)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
@@ -226,7 +242,7 @@ def main() -> None:
                 w4=w4_c[b],
                 ratio=w4_c[b]["tokens_per_s"] / fp16_c[b]["tokens_per_s"],
             )
-            for b in (args.batch if args.compile else [])
+            for b in (compiled_batches(args) if args.compile is not None else [])
         ],
         logits_rel_diff_triton_vs_torch=rel,
         tuning=ops.tuning.record(),  # what the op measured at first use

@@ -9,7 +9,7 @@ and the max error against the fp16 reference's own), then the per-call time of c
 the op as routed now (``torch.ops.gift_quant.mixed_matmul``), of the GEMV where M is small
 enough for it (the route between the two is chosen from these rows) and of the CUDA kernel in its
 automatic configuration (``--configs all``: also every (warps, splits) variant; ``--kernel
-mmv``: the swapped kernel for M <= 8, its configurations at every depth), with the
+mmv``: the swapped kernel for M <= 16, its configurations at every depth), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
 Rows go to ``--name`` (``sweep_mma_<gpu>.json``) with the run environment; a table is printed.
 """
@@ -76,11 +76,13 @@ def configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int]]:
 
 
 def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]]:
-    """(warps, splits, depth) of the swapped kernel: the rule's at every depth, then (``all``)
-    every block width at 1024, 2048 and 4096 warps in all, every depth."""
+    """(warps, splits, depth) of the swapped kernel: the rule's at every depth and the other
+    configurations first use times (``native.mmv_configs``), then (``all``) every block width
+    at 1024, 2048 and 4096 warps in all, every depth."""
     wn0, sp0 = native.mmv_choose(M, N, K)
     out = [(wn0, sp0, native.MMV_DEPTH)]
     out += [(wn0, sp0, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
+    out += [(*c, native.MMV_DEPTH) for c in native.mmv_configs(M, N, K)[1:]]
     if which == "all":
         strips, steps = N // 64, K // 64
         for wn in (1, 2, 4):

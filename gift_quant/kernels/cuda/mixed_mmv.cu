@@ -1,4 +1,4 @@
-// Mixed-precision matmul for very few rows (M <= 8), fp16 activations, on tensor cores with the
+// Mixed-precision matmul for very few rows (M <= 16), fp16 activations, on tensor cores with the
 // operands swapped:
 //
 //     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
@@ -6,10 +6,11 @@
 // The same packed words as mixed_mma.cu (native.py, `pack_codes`), read as the A operand of
 // `mma.m16n8k16`: the B fragments of n8 tiles 2i and 2i+1 of a k16 step are, together, the A
 // fragment of 16 output columns (rows g and g + 8 of the A tile are columns 8 (2i) + g and
-// 8 (2i + 1) + g), so no repacking. x is the B operand, 8 rows wide: the M real rows and a zero
-// row for the rest. Per k16 step a lane does 4 MMAs (mixed_mma.cu: 8 per 16-row tile) and
-// holds 16 fp32 accumulators (32), so more warps fit on an SM and more weight bytes are in
-// flight; the products are exact and summed in fp32 (a GEMV on fp16 FMAs would sum in fp16).
+// 8 (2i + 1) + g), so no repacking. x is the B operand, one or two tiles of 8 rows (NB): the
+// M real rows and a zero row for the rest. Up to 8 rows a lane does 4 MMAs per k16 step
+// (mixed_mma.cu: 8 per 16-row tile) and holds 16 fp32 accumulators (32), so more warps fit on
+// an SM and more weight bytes are in flight; with two tiles each A fragment serves both. The
+// products are exact and summed in fp32 (a GEMV on fp16 FMAs would sum in fp16).
 // Scale after the MMA as in mixed_mma.cu: a group's MMAs add x @ (code - zero) into their own
 // registers, which the group's scales (one per output column) multiply once at its end. The
 // scales and zero-points of the next group are loaded at the start of the current one.
@@ -18,16 +19,20 @@
 namespace {
 
 // acc += scale * group sum, C rows g (columns 16 i + g: scale sc[2 i]) and g + 8 (16 i + 8 + g:
-// sc[2 i + 1]); the group sum restarts at zero.
-__device__ __forceinline__ void add_scaled_mmv(float (&acc)[4][4], float (&grp)[4][4],
+// sc[2 i + 1]), for each 8-row tile of x; the group sum restarts at zero.
+template <int NB>
+__device__ __forceinline__ void add_scaled_mmv(float (&acc)[NB][4][4], float (&grp)[NB][4][4],
                                                const uint32_t (&sc)[8]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float s = __low2float(u2h(sc[2 * i + (e >> 1)]));
-      acc[i][e] = fmaf(s, grp[i][e], acc[i][e]);
-      grp[i][e] = 0.0f;
+#pragma unroll
+      for (int n = 0; n < NB; ++n) {
+        acc[n][i][e] = fmaf(s, grp[n][i][e], acc[n][i][e]);
+        grp[n][i][e] = 0.0f;
+      }
     }
 }
 
@@ -39,19 +44,26 @@ __device__ __forceinline__ void column_scales(uint4 a, uint4 c, int g, uint32_t 
   for (int j = 0; j < 8; ++j) sc[j] = __byte_perm(sw[j], 0, sel);
 }
 
-// the 4 MMAs of one k16 step: f = 16 pairs (n8 tile j, half h) = f[2 j + h], as B fragments
-__device__ __forceinline__ void mma4(float (&c)[4][4], const uint32_t* f, uint32_t b0,
-                                     uint32_t b1) {
+// the 4 x NB MMAs of one k16 step: f = 16 pairs (n8 tile j, half h) = f[2 j + h], as B
+// fragments; each A fragment serves the NB 8-row tiles of x (words k, k + 4 of xr[n])
+template <int NB>
+__device__ __forceinline__ void mma_swapped(float (&c)[NB][4][4], const uint32_t* f,
+                                            const uint32_t* const (&xr)[NB], int k) {
+  uint32_t b0[NB], b1[NB];
+#pragma unroll
+  for (int n = 0; n < NB; ++n) b0[n] = xr[n][k], b1[n] = xr[n][k + 4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t a[4] = {f[4 * i], f[4 * i + 2], f[4 * i + 1], f[4 * i + 3]};
-    mma16816(c[i], a, b0, b1);
+#pragma unroll
+    for (int n = 0; n < NB; ++n) mma16816(c[n][i], a, b0[n], b1[n]);
   }
 }
 
-// 20 warps per SM: at most 96 registers (no spills on sm_90; 24 warps, 80 registers, spill)
-template <int BITS, int WN, int PF>
-__global__ void __launch_bounds__(WN * 32, 20 / WN)
+// 20 warps per SM with one 8-row tile of x: at most 96 registers (no spills on sm_90; 24
+// warps, 80 registers, spill); 16 warps with two tiles (128)
+template <int BITS, int WN, int PF, int NB>
+__global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
     mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
@@ -98,14 +110,19 @@ __global__ void __launch_bounds__(WN * 32, 20 / WN)
   gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<PF - 1>();
 
-  // this lane's B-fragment words: row g (the zero row past M), input columns 2 t (+1), +8
-  const uint32_t* xr = reinterpret_cast<const uint32_t*>(xs + (g < M ? g : M) * ldx) + t;
-
-  float acc[4][4], gacc[4][4];
+  // this lane's B-fragment words per 8-row tile n: row 8 n + g (the zero row past M), input
+  // columns 2 t (+1), +8
+  const uint32_t* xr[NB];
+  float acc[NB][4][4], gacc[NB][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int n = 0; n < NB; ++n) {
+    const int r = 8 * n + g;
+    xr[n] = reinterpret_cast<const uint32_t*>(xs + (r < M ? r : M) * ldx) + t;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f, gacc[i][e] = 0.0f;
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.0f, gacc[n][i][e] = 0.0f;
+  }
 
   // 2. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
@@ -116,8 +133,7 @@ __global__ void __launch_bounds__(WN * 32, 20 / WN)
       const uint4 v = __ldg(wp + i * 32);
       f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
-    const int k = (nss * 64 + qi * 16) / 2;
-    mma4(acc, f, xr[k], xr[k + 4]);
+    mma_swapped<NB>(acc, f, xr, (nss * 64 + qi * 16) / 2);
   }
 
   // 3. the quantized k-steps; the group's scales and zero-points were loaded one group ahead
@@ -148,7 +164,7 @@ __global__ void __launch_bounds__(WN * 32, 20 / WN)
     asm volatile("cp.async.commit_group;\n" ::);
     const unsigned gs = group_of(s0 + ss, gmagic);
     if (gs != grp) {  // warp-uniform: the next group (loaded ahead) starts here
-      add_scaled_mmv(acc, gacc, sc);
+      add_scaled_mmv<NB>(acc, gacc, sc);
       grp = gs;
       column_scales(sa, sb, g, sc);
       zero_pairs<BITS>(zw, cz);
@@ -161,28 +177,29 @@ __global__ void __launch_bounds__(WN * 32, 20 / WN)
     for (int st = 0; st < 4; ++st) {
       uint32_t f[16];
       dequant_pairs<BITS>(w + st * BITS, cz, f);
-      const int k = ss * 32 + st * 8;  // in x words
-      mma4(gacc, f, xr[k], xr[k + 4]);
+      mma_swapped<NB>(gacc, f, xr, ss * 32 + st * 8);  // k in x words
     }
   }
-  if (nss > 0) add_scaled_mmv(acc, gacc, sc);
+  if (nss > 0) add_scaled_mmv<NB>(acc, gacc, sc);
 
-  // 4. output: acc[i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 2 t + e % 2
+  // 4. output: acc[n][i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
   const int col0 = b * 64 + g;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int n = 0; n < NB; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = 2 * t + (e & 1), c = col0 + 16 * i + 8 * (e >> 1);
-      if (r < M) {
-        if (splits == 1) {
-          const float v = acc[i][e] + (bias != nullptr ? __half2float(bias[c]) : 0.0f);
-          y[(size_t)r * N + c] = __float2half_rn(v);
-        } else {
-          atomicAdd(ws + (size_t)r * N + c, acc[i][e]);
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 8 * n + 2 * t + (e & 1), c = col0 + 16 * i + 8 * (e >> 1);
+        if (r < M) {
+          if (splits == 1) {
+            const float v = acc[n][i][e] + (bias != nullptr ? __half2float(bias[c]) : 0.0f);
+            y[(size_t)r * N + c] = __float2half_rn(v);
+          } else {
+            atomicAdd(ws + (size_t)r * N + c, acc[n][i][e]);
+          }
         }
       }
-    }
   if (splits > 1) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
 }
 
@@ -195,20 +212,24 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
                cudaStream_t stream) {
   constexpr int PF = DEPTH / BITS;
   static_assert(PF >= 2, "the ring needs two k-steps");
-  auto kernel = mixed_mmv_kernel<BITS, WN, PF>;
   const int S = K / 64;
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   const int nq = ((nsal + 15) / 16 + splits - 1) / splits;
   const size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
                       (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
-  static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
-  const int rc = allow_smem(kernel, smem, allowed);
-  if (rc) return rc;
-  dim3 grid(N / 64 / WN, splits);
-  kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
-                                          N, K, group_magic(group), ss_per_split);
-  return static_cast<int>(cudaGetLastError());
+  static size_t allowed[2][64] = {};  // per kernel and device: the shared memory allowed
+  const dim3 grid(N / 64 / WN, splits);
+  auto run = [&](auto kernel, size_t* table) {
+    const int rc = allow_smem(kernel, smem, table);
+    if (rc) return rc;
+    kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt,
+                                            M, N, K, group_magic(group), ss_per_split);
+    return static_cast<int>(cudaGetLastError());
+  };
+  // one 8-row tile of x up to 8 rows, two up to 16
+  return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1>, allowed[0])
+                : run(mixed_mmv_kernel<BITS, WN, PF, 2>, allowed[1]);
 }
 
 template <int BITS, int WN>
@@ -248,7 +269,7 @@ extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const
                             const void* wsp, const void* sidx, int nsal, const void* bias,
                             void* y, void* ws, void* cnt, int M, int N, int K, int group,
                             int bits, int wn, int splits, int depth, void* stream) {
-  if (M < 1 || M > 8 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
+  if (M < 1 || M > 16 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   auto* xh = static_cast<const half*>(x);
   auto* q = static_cast<const uint4*>(qc);

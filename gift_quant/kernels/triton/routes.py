@@ -4,7 +4,7 @@ H200 (names only; ``ops`` launches what they name).
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
   "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
   block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD]" (the CUDA kernel with
-  the operands swapped, M <= 8; D x 16 bytes of weights per lane in its ring, default
+  the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
   ``native.MMV_DEPTH``).
 * By rule (``route``): "mmv" for M in MMV_M and "mma" for M in MMA_M (fp16, where the CUDA
   kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
@@ -44,6 +44,7 @@ GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see M
 # "mma" for M = 9..16 on layers of at least MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton
 # kernel was faster there: benchmarks/results/sweep_mma_h200.json)
 MMV_M = (2, 8)
+MMV_TIMED_MAX_M = 8  # the largest M at which the swapped kernel is a candidate (timed, checked)
 MMA_M = (9, 16)
 MMA_WIDE_WEIGHTS = 1 << 25
 # fp16 M where the kernel is measured at first use: 3..32, where the CUDA kernels beat the
@@ -128,7 +129,7 @@ def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 8), the tensor-core kernel's, and the Triton
     rule."""
-    names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= native.MMV_MAX_M else []
+    names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= MMV_TIMED_MAX_M else []
     names += [mma_name(*c) for c in native.configs(M, N, K)]
     return [*names, route(M, N, K, bits)]
 
@@ -151,7 +152,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     (N, K) layer, and the swapped kernel's rule at each depth."""
     if mma and M <= native.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
-        if M <= native.MMV_MAX_M:
+        if M <= MMV_TIMED_MAX_M:
             out += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
             rule = native.mmv_choose(M, N, K)
             out += [mmv_name(*rule, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
