@@ -397,7 +397,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
 
     assert pick(16) == "mma:2x16"
     rule_triton = routes.route(16, N, K, 4)
-    assert timed == [[routes.mma_name(*c) for c in native.configs(16, N, K)] + [rule_triton]]
+    mmv16 = [routes.mmv_name(*c) for c in native.mmv_configs(16, N, K)]
+    mma16 = [routes.mma_name(*c) for c in native.configs(16, N, K)]
+    assert timed == [mmv16 + mma16 + [rule_triton]]
     assert pick(9) == "mma:2x16" and len(timed) == 1  # same bucket: kept, not timed again
     assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
     rule_12 = routes.route(12, N, K, 4)

@@ -60,6 +60,10 @@ MMV_MAX_M = 16  # one 8-row tile of x up to 8 rows, two up to 16
 MMV_DEPTHS = (8, 16, 32)  # x 16 bytes of weights per lane in its shared-memory ring (mixed_mmv.cu)
 MMV_DEPTH = 8  # the fastest configuration had it in 23 of 24 cells of sweep_mmv_h200_m1_ring.json
 MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
+# with two 8-row tiles of x (M > 8, 16 warps per SM): half as many; in the M = 12 / 16 sweep
+# (sweep_mmv_h200_m12_16.json) the rule at 2560 was 13% behind the best configuration on
+# average, at 1280 it was the best wherever that configuration was measured
+MMV_TARGET_WARPS_TWO_TILES = 1280
 MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 _lock = threading.Lock()
@@ -344,11 +348,12 @@ def _mmv_min_splits(M: int, K: int) -> int:
 
 def mmv_choose(M: int, N: int, K: int) -> tuple[int, int]:
     """(warps per block, K splits) of the swapped kernel by rule: about MMV_TARGET_WARPS warps
-    (one per 64-column strip and split), each with at least 4 k-steps, and x within
-    MMV_X_BYTES."""
+    (one per 64-column strip and split; MMV_TARGET_WARPS_TWO_TILES past 8 rows), each with at
+    least 4 k-steps, and x within MMV_X_BYTES."""
     strips, steps = N // 64, K // 64
     wn = 4 if strips % 4 == 0 else 2 if strips % 2 == 0 else 1
-    splits = max(1, min(max(1, steps // 4), round(MMV_TARGET_WARPS / strips)))
+    target = MMV_TARGET_WARPS if M <= 8 else MMV_TARGET_WARPS_TWO_TILES
+    splits = max(1, min(max(1, steps // 4), round(target / strips)))
     return wn, _runs(K, max(splits, _mmv_min_splits(M, K)))
 
 

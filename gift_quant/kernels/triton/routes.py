@@ -6,8 +6,8 @@ H200 (names only; ``ops`` launches what they name).
   block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD]" (the CUDA kernel with
   the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
   ``native.MMV_DEPTH``).
-* By rule (``route``): "mmv" for M in MMV_M and "mma" for M in MMA_M (fp16, where the CUDA
-  kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
+* By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
+  where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
   the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
 * Measured at first use (fp16, M in TUNE_M, where the CUDA kernels are built):
@@ -36,17 +36,19 @@ __all__ = [
     "tuning_names",
 ]
 
-GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMV_M, MMA_M)
+GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMV_M)
 # fp16, where the CUDA kernels (kernels/cuda) are built, by rule: the swapped kernel "mmv" for
 # M = 2..8 (its rule beat the routes in force in all 48 cells at M = 4 and 8 and in 18 of 24
 # at M = 2: benchmarks/results/sweep_mmv_h200_m248.json; at M = 1 the GEMV stays, 1.6% from
-# the faster of the two on average against 6.9% for "mmv": sweep_mmv_h200_m1.json), then
-# "mma" for M = 9..16 on layers of at least MMA_WIDE_WEIGHTS weights (on 4096 x 4096 the Triton
-# kernel was faster there: benchmarks/results/sweep_mma_h200.json)
+# the faster of the two on average against 6.9% for "mmv": sweep_mmv_h200_m1.json), and for
+# M = 9..16 (two 8-row tiles of x) on layers of at least MMV_WIDE_WEIGHTS weights: its best
+# configuration beat the routes then in force ("mma" by rule, or the first-use choice) in 30 of
+# 36 cells of the six wide benchmark shapes at M = 12 and 16, and its rule is that configuration
+# in every cell where the rule's was measured (sweep_mmv_h200_m12_16.json). On 4096 x 4096 and
+# 5120 x 5120 the Triton kernel is as fast or faster there.
 MMV_M = (2, 8)
-MMV_TIMED_MAX_M = 8  # the largest M at which the swapped kernel is a candidate (timed, checked)
-MMA_M = (9, 16)
-MMA_WIDE_WEIGHTS = 1 << 25
+MMV_WIDE_M = (9, 16)
+MMV_WIDE_WEIGHTS = 1 << 25
 # fp16 M where the kernel is measured at first use: 3..32, where the CUDA kernels beat the
 # Triton kernels on the largest layers and lost on some others. Not M <= 2: there the two
 # kernels are within a few percent, and one launch timed after a flush read 11.5 us for
@@ -95,8 +97,8 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> s
     says they can serve the call)."""
     if mma and MMV_M[0] <= M <= MMV_M[1]:
         return mmv_name(*native.mmv_choose(M, N, K))
-    if mma and MMA_M[0] <= M <= MMA_M[1] and N * K >= MMA_WIDE_WEIGHTS:
-        return mma_name(*native.choose(M, N, K))
+    if mma and MMV_WIDE_M[0] <= M <= MMV_WIDE_M[1] and N * K >= MMV_WIDE_WEIGHTS:
+        return mmv_name(*native.mmv_choose(M, N, K))
     if M <= GEMV_MAX_M:
         return "gemv"
     if M >= CUBLAS_MIN_M:
@@ -127,9 +129,9 @@ def mma_config(name: str) -> tuple[int, ...]:
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
-    the swapped kernel's configurations (M <= 8), the tensor-core kernel's, and the Triton
+    the swapped kernel's configurations (M <= 16), the tensor-core kernel's, and the Triton
     rule."""
-    names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= MMV_TIMED_MAX_M else []
+    names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= native.MMV_MAX_M else []
     names += [mma_name(*c) for c in native.configs(M, N, K)]
     return [*names, route(M, N, K, bits)]
 
@@ -152,7 +154,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     (N, K) layer, and the swapped kernel's rule at each depth."""
     if mma and M <= native.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
-        if M <= MMV_TIMED_MAX_M:
+        if M <= native.MMV_MAX_M:
             out += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
             rule = native.mmv_choose(M, N, K)
             out += [mmv_name(*rule, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
