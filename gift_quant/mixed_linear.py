@@ -136,13 +136,15 @@ class MixedLinear(nn.Module):
         return dequant_matmul(x, self, self.backend)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The dense weight [N, K] this layer computes with (salient columns in place)."""
+        """The dense weight [N, K] this layer computes with: the dequantized codes plus the
+        salient columns (whose codes hold the zero-point, so they add to zero; a fused layer's
+        union of salient columns keeps each member's own codes where they are not its own)."""
         w = dequantize_weight(
             self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype
         ).t()
         w = w.contiguous()
         if self.num_salient:
-            w[:, self.salient_idx.long()] = self.salient_weight.to(dtype)
+            w[:, self.salient_idx.long()] += self.salient_weight.to(dtype)
         return w
 
     def storage_bits(self) -> int:

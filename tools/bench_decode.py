@@ -1,7 +1,7 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile [B ...]] [--out DIR] [--workdir DIR] [--shared]
+        [--compile [B ...]] [--fuse] [--out DIR] [--workdir DIR] [--shared]
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gift_quant.fused import fuse_siblings  # noqa: E402
 from gift_quant.io.export import save_quantized  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
@@ -157,6 +158,19 @@ def timed(model, prompts: dict, args) -> tuple[dict, dict | None]:
     return eager, compiled
 
 
+def triton_vs_torch(qmodel, prompt: torch.Tensor) -> float:
+    """Relative difference of the logits through the GPU kernels and through the torch
+    backend, on the same model."""
+    with torch.no_grad():
+        got = qmodel(prompt).logits.float()
+        for m in mixed_modules(qmodel):
+            m.backend = "torch"
+        ref = qmodel(prompt).logits.float()
+        for m in mixed_modules(qmodel):
+            m.backend = "auto"
+    return float((got - ref).norm() / ref.norm())
+
+
 def compiled_batches(args) -> list[int]:
     """The batch sizes timed compiled: those --compile names, or every --batch if it names
     none."""
@@ -178,6 +192,12 @@ def main() -> None:
         help="also time both models with torch.compile'd forward (the same graphs around it), "
         "at the batch sizes given (default: every --batch); each size compiles anew",
     )
+    ap.add_argument(
+        "--fuse",
+        action="store_true",
+        help="also time both models with their sibling layers fused (q/k/v, gate/up: "
+        "gift_quant.fused.fuse_siblings), the fp16 one as concatenated Linears",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
@@ -188,8 +208,9 @@ def main() -> None:
     model = build_model(args.layers)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
     prompt = prompts[args.batch[0]]
-    fp16, fp16_c = timed(model, prompts, args)
-    print(f"fp16: {fp16} compiled: {fp16_c}", flush=True)
+    runs = {}  # model variant -> (eager, compiled) per batch
+    runs["fp16"] = timed(model, prompts, args)
+    print(f"fp16: {runs['fp16']}", flush=True)
     quantize_in_place(model, args.salient)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gq-decode-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -197,17 +218,24 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
     print(f"exported to {export} ({time.time() - t0:.0f}s)", flush=True)
+    if args.fuse:  # the fp16 model again (same seed), its sibling Linears fused
+        model = build_model(args.layers)
+        fuse_siblings(model, linear=True)
+        runs["fp16_fused"] = timed(model, prompts, args)
+        print(f"fp16 fused: {runs['fp16_fused']}", flush=True)
+        del model
+        torch.cuda.empty_cache()
     qmodel = load_quantized(export, device="cuda", dtype=torch.float16)
     n_mixed = len(mixed_modules(qmodel))
-    logits_t = qmodel(prompt).logits.float()
-    for m in mixed_modules(qmodel):
-        m.backend = "torch"
-    logits_r = qmodel(prompt).logits.float()
-    for m in mixed_modules(qmodel):
-        m.backend = "auto"
-    rel = float((logits_t - logits_r).norm() / logits_r.norm())
-    w4, w4_c = timed(qmodel, prompts, args)
-    print(f"w4g128+s128: {w4} compiled: {w4_c}", flush=True)
+    rel = {"w4": triton_vs_torch(qmodel, prompt)}
+    runs["w4"] = timed(qmodel, prompts, args)
+    print(f"w4g128+s128: {runs['w4']}", flush=True)
+    fused_groups = []
+    if args.fuse:
+        fused_groups = fuse_siblings(qmodel)
+        rel["w4_fused"] = triton_vs_torch(qmodel, prompt)
+        runs["w4_fused"] = timed(qmodel, prompts, args)
+        print(f"w4g128+s128 fused: {runs['w4_fused']}", flush=True)
     from gift_quant.kernels.cuda import native
     from gift_quant.kernels.triton import ops, routes
 
@@ -216,6 +244,19 @@ def main() -> None:
         group = m.in_features if m.group_size == -1 else m.group_size
         shapes.add((m.out_features, m.in_features, m.bits, group, m.salient_idx.numel()))
     mma = native.library() is not None
+    rows = []
+    for compiled in (False, True):
+        for b in args.batch:
+            got = {k: v[compiled][b] for k, v in runs.items() if v[compiled] and b in v[compiled]}
+            if not got:
+                continue
+            row = dict(batch=b, **({"compiled": True} if compiled else {}), **got)
+            row["ratio"] = got["w4"]["tokens_per_s"] / got["fp16"]["tokens_per_s"]
+            if args.fuse:
+                fused = got["w4_fused"]["tokens_per_s"]
+                row["ratio_fused"] = fused / got["fp16"]["tokens_per_s"]
+                row["ratio_fused_vs_fp16_fused"] = fused / got["fp16_fused"]["tokens_per_s"]
+            rows.append(row)
     res = dict(
         **run_environment(args.shared),
         routes={  # after the timed runs: the measured choices where the op made them
@@ -225,35 +266,33 @@ def main() -> None:
         },
         layers=args.layers,
         mixed_layers=n_mixed,
-        rows=[
-            dict(
-                batch=b,
-                fp16=fp16[b],
-                w4=w4[b],
-                ratio=w4[b]["tokens_per_s"] / fp16[b]["tokens_per_s"],
-            )
-            for b in args.batch
-        ]
-        + [
-            dict(
-                batch=b,
-                compiled=True,
-                fp16=fp16_c[b],
-                w4=w4_c[b],
-                ratio=w4_c[b]["tokens_per_s"] / fp16_c[b]["tokens_per_s"],
-            )
-            for b in (compiled_batches(args) if args.compile is not None else [])
-        ],
-        logits_rel_diff_triton_vs_torch=rel,
+        fused_groups_per_layer=[[n.rpartition(".")[2] for n in g] for g in fused_groups[:2]],
+        rows=rows,
+        logits_rel_diff_triton_vs_torch=rel["w4"],
+        logits_rel_diff_triton_vs_torch_fused=rel.get("w4_fused"),
         tuning=ops.tuning.record(),  # what the op measured at first use
     )
-    print(f"\n{args.layers} layers; logits triton vs torch rel {rel:.1e}")
-    print("| batch | fp16 tok/s | W4 g128 + 128 salient tok/s | ratio |\n|---|---|---|---|")
+    print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
+    cols = [k for k in ("fp16", "fp16_fused", "w4", "w4_fused") if k in runs]
+    print(
+        "| batch | "
+        + " | ".join(f"{c} tok/s" for c in cols)
+        + " | W4 / fp16 |"
+        + (" W4 fused / fp16 | W4 fused / fp16 fused |" if args.fuse else "")
+    )
+    print("|---" * (len(cols) + (4 if args.fuse else 2)) + "|")
     for r in res["rows"]:
         mode = " compiled" if r.get("compiled") else ""
+        cells = [f"{r[c]['tokens_per_s']:.1f} ({r[c]['mode']})" for c in cols]
+        ratios = [r["ratio"]] + (
+            [r["ratio_fused"], r["ratio_fused_vs_fp16_fused"]] if args.fuse else []
+        )
         print(
-            f"| {r['batch']}{mode} | {r['fp16']['tokens_per_s']:.1f} ({r['fp16']['mode']}) "
-            f"| {r['w4']['tokens_per_s']:.1f} ({r['w4']['mode']}) | {r['ratio']:.2f}x |"
+            f"| {r['batch']}{mode} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(f"{x:.2f}x" for x in ratios)
+            + " |"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gift_quant.files import follow_umask
+from gift_quant.fused import is_fused
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.quant.packing import pack_cols, unpack_cols
 from gift_quant.version import __version__
@@ -279,6 +280,10 @@ def save_quantized(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Export a model whose target Linears are MixedLinear (see module docstring)."""
+    if is_fused(model):
+        raise ValueError(
+            "the model's sibling layers are fused (fuse_siblings): export it before fusing"
+        )
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no quantized (MixedLinear) layers to export")
