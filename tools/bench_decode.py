@@ -87,8 +87,11 @@ def make_cache(model, max_len: int):
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int) -> dict:
-    """Greedy decode after ``prompt``: one CUDA graph per step (eager if capture fails)."""
+def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -> dict:
+    """Greedy decode after ``prompt``: one CUDA graph per step (eager if capture fails). The
+    prompt goes through ``model``, the steps through ``forward`` (default: ``model``; a
+    compiled forward then sees only decode steps, with the static cache filled)."""
+    forward = forward or model
     P = prompt.shape[1]
     cache = make_cache(model, P + steps + 8)
     out = model(
@@ -101,7 +104,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int) -> dict:
     pos = torch.tensor([P], device="cuda")
 
     def step():
-        o = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos)
+        o = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos)
         ids.copy_(o.logits[:, -1:].argmax(-1))
 
     for _ in range(3):  # warm-up: Triton compiles, workspaces, cache allocation
@@ -139,23 +142,36 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int) -> dict:
     )
 
 
-def timed(model, prompts: dict, args) -> tuple[dict, dict | None]:
-    """Decode speed per batch size; with --compile also through a torch.compile'd forward
-    (inductor fuses the norms, rotary and residual adds; the custom ops stay opaque calls)."""
+def timed(model, prompts: dict, args, compile_it: bool = True) -> tuple[dict, dict | None]:
+    """Decode speed per batch size; with --compile (and ``compile_it``) also through a
+    torch.compile'd forward (inductor fuses the norms, rotary and residual adds; the custom ops
+    stay opaque calls)."""
     eager = {b: decode_tokens_per_s(model, prompts[b], args.tokens) for b in args.batch}
-    if args.compile is None:
+    if args.compile is None or not compile_it:
         return eager, None
-    forward = model.forward
-    model.forward = torch.compile(forward, dynamic=False)
+    import torch._dynamo
+
     compiled = {}
-    try:
-        for b in compiled_batches(args):
-            t0 = time.perf_counter()
-            compiled[b] = decode_tokens_per_s(model, prompts[b], args.tokens)
-            compiled[b]["compile_and_run_s"] = time.perf_counter() - t0
-    finally:
-        model.forward = forward
+    for b in compiled_batches(args):
+        # a fresh compile per model and batch: dynamo's caches are per code object, so a second
+        # model's forward would otherwise count against the first's recompile limit and run
+        # eager; the limit is raised past the one graph per decoder layer a warm-up may take
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = 64
+        forward = torch.compile(model.forward, dynamic=False)
+        t0 = time.perf_counter()
+        compiled[b] = decode_tokens_per_s(model, prompts[b], args.tokens, forward)
+        compiled[b]["compile_and_run_s"] = time.perf_counter() - t0
     return eager, compiled
+
+
+def layer_shapes(qmodel) -> set[tuple]:
+    """(N, K, bits, group, salient columns) of every distinct quantized layer."""
+    shapes = set()
+    for m in mixed_modules(qmodel):
+        group = m.in_features if m.group_size == -1 else m.group_size
+        shapes.add((m.out_features, m.in_features, m.bits, group, m.salient_idx.numel()))
+    return shapes
 
 
 def triton_vs_torch(qmodel, prompt: torch.Tensor) -> float:
@@ -227,8 +243,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     qmodel = load_quantized(export, device="cuda", dtype=torch.float16)
     n_mixed = len(mixed_modules(qmodel))
+    shapes = layer_shapes(qmodel)
     rel = {"w4": triton_vs_torch(qmodel, prompt)}
-    runs["w4"] = timed(qmodel, prompts, args)
+    runs["w4"] = timed(qmodel, prompts, args, compile_it=not args.fuse)  # fused: compiled below
     print(f"w4g128+s128: {runs['w4']}", flush=True)
     fused_groups = []
     if args.fuse:
@@ -239,10 +256,7 @@ def main() -> None:
     from gift_quant.kernels.cuda import native
     from gift_quant.kernels.triton import ops, routes
 
-    shapes = set()
-    for m in mixed_modules(qmodel):
-        group = m.in_features if m.group_size == -1 else m.group_size
-        shapes.add((m.out_features, m.in_features, m.bits, group, m.salient_idx.numel()))
+    shapes |= layer_shapes(qmodel)  # the fused layers' too
     mma = native.library() is not None
     rows = []
     for compiled in (False, True):
@@ -251,7 +265,8 @@ def main() -> None:
             if not got:
                 continue
             row = dict(batch=b, **({"compiled": True} if compiled else {}), **got)
-            row["ratio"] = got["w4"]["tokens_per_s"] / got["fp16"]["tokens_per_s"]
+            if "w4" in got:
+                row["ratio"] = got["w4"]["tokens_per_s"] / got["fp16"]["tokens_per_s"]
             if args.fuse:
                 fused = got["w4_fused"]["tokens_per_s"]
                 row["ratio_fused"] = fused / got["fp16"]["tokens_per_s"]
@@ -274,26 +289,18 @@ def main() -> None:
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
     cols = [k for k in ("fp16", "fp16_fused", "w4", "w4_fused") if k in runs]
-    print(
-        "| batch | "
-        + " | ".join(f"{c} tok/s" for c in cols)
-        + " | W4 / fp16 |"
-        + (" W4 fused / fp16 | W4 fused / fp16 fused |" if args.fuse else "")
-    )
-    print("|---" * (len(cols) + (4 if args.fuse else 2)) + "|")
+    ratios = [
+        k
+        for k in ("ratio", "ratio_fused", "ratio_fused_vs_fp16_fused")
+        if args.fuse or k == "ratio"
+    ]
+    print("| batch | " + " | ".join([f"{c} tok/s" for c in cols] + ratios) + " |")
+    print("|---" * (len(cols) + len(ratios) + 1) + "|")
     for r in res["rows"]:
         mode = " compiled" if r.get("compiled") else ""
-        cells = [f"{r[c]['tokens_per_s']:.1f} ({r[c]['mode']})" for c in cols]
-        ratios = [r["ratio"]] + (
-            [r["ratio_fused"], r["ratio_fused_vs_fp16_fused"]] if args.fuse else []
-        )
-        print(
-            f"| {r['batch']}{mode} | "
-            + " | ".join(cells)
-            + " | "
-            + " | ".join(f"{x:.2f}x" for x in ratios)
-            + " |"
-        )
+        cells = [f"{r[c]['tokens_per_s']:.1f}" if c in r else "-" for c in cols]
+        cells += [f"{r[k]:.2f}x" if k in r else "-" for k in ratios]
+        print(f"| {r['batch']}{mode} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "decode_h200.json.tmp"
