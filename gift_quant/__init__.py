@@ -25,6 +25,7 @@ _LAZY = {
     "MixedLinear": "gift_quant.mixed_linear",
     "Recipe": "gift_quant.recipe",
     "dequant_matmul": "gift_quant.kernels",
+    "fuse_siblings": "gift_quant.fused",
     "inspect_checkpoint": "gift_quant.io.load",
     "load_quantized": "gift_quant.io.load",
     "load_recipe": "gift_quant.recipe",
