@@ -49,8 +49,11 @@ class FusedLinear(nn.Module):
 
     def output(self, x: Tensor, i: int) -> Tensor:
         bit = 1 << i
-        if self._x is not x or not self._left & bit or self._version != x._version:
-            self._x, self._y, self._version = x, self.fused(x), x._version
+        # inference tensors keep no version counter (nor can they change in place outside
+        # inference mode)
+        version = -2 if x.is_inference() else x._version
+        if self._x is not x or not self._left & bit or self._version != version:
+            self._x, self._y, self._version = x, self.fused(x), version
             self._left = (1 << (len(self.bounds) - 1)) - 1
         y = self._y
         self._left &= ~bit
@@ -173,7 +176,9 @@ def fuse_siblings(
         return []
     calls: list[tuple[str, Tensor]] = []
     hooks = [
-        m.register_forward_pre_hook(lambda mod, args: calls.append((names[mod], args[0])))
+        m.register_forward_pre_hook(
+            lambda mod, args: calls.append((names[mod], args[0])) if args else None
+        )
         for m in names
     ]
     try:

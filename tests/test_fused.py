@@ -130,6 +130,11 @@ def test_mismatched_siblings_stay_apart_and_fused_models_are_not_exported(tmp_pa
     with pytest.raises(ValueError, match="fused"):
         save_quantized(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    from gift_quant.io.gptq_lora import save_gptq_lora
+
+    with pytest.raises(ValueError, match="fused"):
+        save_gptq_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
 
 
 def test_fused_model_under_torch_compile() -> None:
@@ -172,3 +177,46 @@ def test_fused_model_on_the_cpu_kernel_and_plain_linears() -> None:
     assert {n.rpartition(".")[2] for n in groups[0]} == {"q_proj", "k_proj", "v_proj"}
     assert isinstance(dense.lm_head, nn.Linear)  # no sibling
     torch.testing.assert_close(logits(dense, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_product_per_input_and_inference_mode() -> None:
+    """The fused layer runs once per input for all members (not once per member), and works on
+    inference tensors (which keep no version counter)."""
+    model = quantized("llama")
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(3))
+    want = logits(model, ids)
+    groups = fuse_siblings(model)
+    runs = []
+    for m in model.modules():
+        if isinstance(m, FusedMember) and m.index == 0:
+            m.group.fused.register_forward_hook(lambda mod, a, out: runs.append(mod))
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(runs) == len(groups)  # one product per group and forward pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layers_on_the_gpu_kernels_at_every_route(dtype) -> None:
+    """On the GPU, at M that take the GEMV, the swapped and tensor-core kernels, Triton mm and
+    dequantize + cuBLAS: each member's slice of the fused product is its own layer's product
+    (the members' salient sets differ, so the fused layer's union holds other members' codes)."""
+    layers = [
+        random_mixed_linear(
+            1024, n, bits=4, group_size=128, num_salient=64, seed=s, dtype=dtype, device="cuda"
+        )
+        for s, n in enumerate([1024, 256, 256])
+    ]
+    fused = concat(layers)
+    for M in (1, 9, 16, 64, 200, 600):
+        x = torch.randn(M, 1024, device="cuda", dtype=dtype)
+        y = fused(x).float()
+        lo = 0
+        for m in layers:
+            want = m(x).float()
+            got = y[:, lo : lo + m.out_features]
+            lo += m.out_features
+            err = float((got - want).norm() / want.norm())
+            assert err < 1e-2, (M, dtype, err)

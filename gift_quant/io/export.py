@@ -187,6 +187,12 @@ def zeros_from_file(qzeros: torch.Tensor, bits: int, checkpoint_format: str) -> 
 
 
 def quantized_layers(model: nn.Module) -> dict[str, MixedLinear]:
+    """The MixedLinear layers by name; a fused model (``fuse_siblings``) is refused, since its
+    layers no longer stand where the model's own do."""
+    if is_fused(model):
+        raise ValueError(
+            "the model's sibling layers are fused (fuse_siblings): export it before fusing"
+        )
     return {n: m for n, m in model.named_modules() if isinstance(m, MixedLinear)}
 
 
@@ -280,10 +286,6 @@ def save_quantized(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Export a model whose target Linears are MixedLinear (see module docstring)."""
-    if is_fused(model):
-        raise ValueError(
-            "the model's sibling layers are fused (fuse_siblings): export it before fusing"
-        )
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no quantized (MixedLinear) layers to export")

@@ -202,7 +202,8 @@ def _dequant_kernel(
     HAS_SAL: tl.constexpr,
     NOISE: tl.constexpr,
 ):
-    """out [K, N] = dequant(W)^T, rows with sal_pos[k] >= 0 replaced by W_S^T[sal_pos[k]].
+    """out [K, N] = dequant(W)^T, plus W_S^T[sal_pos[k]] on rows with sal_pos[k] >= 0 (with
+    noise: replaced by it).
     NOISE 1 / 2 (GIFT-SW training) adds delta[n] * N(0, 1/4) / U(-1/2, 1/2) to every element
     of the other rows: Philox draws at counter k * N + n of ``seed``, so a launch with the
     same seed rebuilds the same noisy weight (the backward pass does)."""
@@ -225,7 +226,10 @@ def _dequant_kernel(
             mask=(pos >= 0)[:, None],
             other=0.0,
         )
-        w = tl.where((pos >= 0)[:, None], act(sal, BF16, EMU), w)
+        if NOISE == 0:  # added: the codes there dequantize to 0 (a fused layer's need not)
+            w = tl.where((pos >= 0)[:, None], act(w.to(tl.float32) + sal, BF16, EMU), w)
+        else:  # training: the salient rows carry no noise
+            w = tl.where((pos >= 0)[:, None], act(sal, BF16, EMU), w)
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty))
 
 
