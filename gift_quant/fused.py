@@ -189,26 +189,23 @@ def fuse_siblings(
     finally:
         for h in hooks:
             h.remove()
-    groups: list[list[str]] = []
+    groups: list[tuple[str, Tensor, list[str]]] = []  # (parent, input, member names)
     for name, x in calls:
         parent = name.rpartition(".")[0]
-        g = groups[-1] if groups else None
-        if g is not None and g[0][1] is x and g[0][0].rpartition(".")[0] == parent:
-            if name not in [n for n, _ in g]:
-                g.append((name, x))
-            continue
-        groups.append([(name, x)])
+        if groups and groups[-1][0] == parent and groups[-1][1] is x:
+            if name not in groups[-1][2]:
+                groups[-1][2].append(name)
+        else:
+            groups.append((parent, x, [name]))
     by_name = dict(model.named_modules())
     fused_groups = []
-    for g in groups:
-        layers = [by_name[n] for n, _ in g]
+    for parent, _, members in groups:
+        layers = [by_name[n] for n in members]
         if len(layers) < 2 or not all(_compatible(layers[0], m) for m in layers[1:]):
             continue
-        if isinstance(layers[0], MixedLinear) and any(m.out_features * m.bits % 32 for m in layers):
-            continue  # the zero-points are packed along the outputs
         group = FusedLinear(concat(layers), [m.out_features for m in layers])
-        for i, (n, _) in enumerate(g):
-            parent, _, child = n.rpartition(".")
-            setattr(by_name[parent] if parent else model, child, FusedMember(group, i, layers[i]))
-        fused_groups.append([n for n, _ in g])
+        owner = by_name[parent] if parent else model
+        for i, (n, layer) in enumerate(zip(members, layers, strict=True)):
+            setattr(owner, n.rpartition(".")[2], FusedMember(group, i, layer))
+        fused_groups.append(members)
     return fused_groups
