@@ -337,12 +337,14 @@ def warm(shapes, workers: int, cand: bool) -> None:
 
 
 def profile(spec: str) -> None:
-    """``N,K,bits,M``: call the op 40 times on one layer (for ``ncu --clock-control none``)."""
-    N, K, bits, M = map(int, spec.split(","))
+    """``N,K,bits,M[,kernel]``: call the op (or the candidate ``kernel``, e.g. "gemv" or
+    "mmv:4x3") 40 times on one layer (for ``ncu --clock-control none``)."""
+    *nums, name = spec.split(",") if spec.count(",") == 4 else [*spec.split(","), ""]
+    N, K, bits, M = map(int, nums)
     L = packed_layer(N, K, bits, codes=False)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     for _ in range(40):
-        ours(x, L, bits)
+        cand_call(name, x, L, bits) if name else ours(x, L, bits)
     torch.cuda.synchronize()
 
 
@@ -353,7 +355,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--warm", type=int, default=0)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--profile", default=None, help="N,K,bits,M: only run the op (for ncu)")
+    ap.add_argument("--profile", default=None, help="N,K,bits,M[,kernel]: only run the op or that kernel (for ncu)")
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
