@@ -355,7 +355,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--warm", type=int, default=0)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--profile", default=None, help="N,K,bits,M[,kernel]: only run the op or that kernel (for ncu)")
+    ap.add_argument(
+        "--profile", default=None, help="N,K,bits,M[,KERNEL]: only run the op or KERNEL (for ncu)"
+    )
     ap.add_argument("--candidates", action="store_true")
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
