@@ -1,15 +1,14 @@
 """Decode-path split-K GEMV (M <= 8): y = x @ dequant(W)^T + x[:, S] @ W_S^T (+ bias).
 
-One launch does everything: programs ``pid_k >= n_sal_progs`` stream an even share of the packed
-weights (as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for 3 bits), dequantize with
-inline PTX (one lop3 + one fma per two weights) and dot with packed x pairs in f16x2/bf16x2
-(under the Triton interpreter, which has no PTX: the same codes read with plain shifts and an
-fp32 dot); the first programs of each column block are the salient K-slices (x gathered by
-index, fp32 dot with W_S^T): first, because their index and x loads are two dependent round
-trips and programs start about in launch order. Each program adds its fp32 partial into a
-zeroed workspace with relaxed atomics; the last program of a column block (a counter, acq_rel)
-adds the bias, casts, writes y, and zeroes the workspace and the counter again
-(``tiles.store_output``), so nothing else is launched.
+One launch does everything: programs ``pid_k < n_split`` stream an even
+share of the packed weights (as stored for 2/4 bits, the 3-word units of ``triton_ptx`` for 3
+bits), dequantize with inline PTX (one lop3 + one fma per two weights) and dot with packed x
+pairs in f16x2/bf16x2 (under the Triton interpreter, which has no PTX: the same codes read with
+plain shifts and an fp32 dot); the remaining programs are the salient K-slices (x gathered by index,
+fp32 dot with W_S^T). Each program adds its fp32 partial into a zeroed workspace with relaxed
+atomics; the last program of a column block (a counter, acq_rel) adds the bias, casts, writes
+y, and zeroes the workspace and the counter again (``tiles.store_output``), so nothing else is
+launched.
 """
 
 from __future__ import annotations
@@ -193,10 +192,11 @@ def _gemv_kernel(
     nmask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if pid_k >= N_SAL_PROGS:  # a K-split of the packed weights
-        pk = pid_k - N_SAL_PROGS
+    if pid_k < N_SPLIT:
         n_kb = K // BLOCK_K
-        for j in tl.range(pk * n_kb // N_SPLIT, (pk + 1) * n_kb // N_SPLIT, num_stages=STAGES):
+        for j in tl.range(
+            pid_k * n_kb // N_SPLIT, (pid_k + 1) * n_kb // N_SPLIT, num_stages=STAGES
+        ):
             kb = j * BLOCK_K
             units = kb // UNIT_K + tl.arange(0, RU)
             words = ()
@@ -223,7 +223,7 @@ def _gemv_kernel(
                 part = scale * tl.sum(d[m], axis=0)
                 acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
     else:
-        j0 = pid_k * SAL_PER_PROG
+        j0 = (pid_k - N_SPLIT) * SAL_PER_PROG
         for jj in tl.static_range(0, SAL_PER_PROG, SAL_CHUNK):
             offs_j = j0 + jj + tl.arange(0, SAL_CHUNK)
             jmask = offs_j < NSAL
