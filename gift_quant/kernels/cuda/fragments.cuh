@@ -141,33 +141,34 @@ __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x, in
 // list), gathered into columns kq.. of the staged rows (plain stores: the caller syncs). A
 // thread handles GATHER_BATCH elements at a time, their index loads issued together, then their
 // x loads: two memory round trips per batch (one element at a time made every element two
-// dependent round trips, about 12% of the stall samples at M = 16 on an H200).
+// dependent round trips, about 12% of the stall samples at M = 16 on an H200). Row and column
+// advance by the block's width without dividing per element.
 constexpr int GATHER_BATCH = 4;
 
 __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict__ x,
                                                const int* __restrict__ sidx, int nsal, int M,
                                                int K, int R, int ldx, int kq, int nq,
                                                int split, int splits) {
-  const int scols = nq * 16, total = (R + 1) * scols;
-  for (int i0 = threadIdx.x; i0 < total; i0 += GATHER_BATCH * blockDim.x) {
-    int col[GATHER_BATCH];  // input column of x, -1 for a zero (padding, rows past M)
+  const int scols = nq * 16, total = (R + 1) * scols, bd = blockDim.x;
+  const int dq = bd / scols, dr = bd - dq * scols;  // (rows, columns) per step of bd elements
+  int r = threadIdx.x / scols, c = threadIdx.x - r * scols;
+  for (int i0 = threadIdx.x; i0 < total; i0 += GATHER_BATCH * bd) {
+    int rc[GATHER_BATCH], col[GATHER_BATCH];  // row << 16 | column (-1: past the end); col of x
 #pragma unroll
     for (int u = 0; u < GATHER_BATCH; ++u) {
-      const int i = i0 + u * blockDim.x, r = i / scols, c = i - r * scols;
       const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
-      col[u] = i < total && r < M && j < nsal ? __ldg(sidx + j) : -1;
+      rc[u] = i0 + u * bd < total ? r << 16 | c : -1;
+      col[u] = rc[u] >= 0 && r < M && j < nsal ? __ldg(sidx + j) : -1;  // -1: a zero
+      c += dr, r += dq;
+      if (c >= scols) c -= scols, ++r;
     }
     half v[GATHER_BATCH];
 #pragma unroll
-    for (int u = 0; u < GATHER_BATCH; ++u) {
-      const int r = (i0 + u * blockDim.x) / scols;
-      v[u] = col[u] >= 0 ? x[(size_t)r * K + col[u]] : __float2half(0.0f);
-    }
+    for (int u = 0; u < GATHER_BATCH; ++u)
+      v[u] = col[u] >= 0 ? x[(size_t)(rc[u] >> 16) * K + col[u]] : __float2half(0.0f);
 #pragma unroll
-    for (int u = 0; u < GATHER_BATCH; ++u) {
-      const int i = i0 + u * blockDim.x, r = i / scols, c = i - r * scols;
-      if (i < total) xs[r * ldx + kq + c] = v[u];
-    }
+    for (int u = 0; u < GATHER_BATCH; ++u)
+      if (rc[u] >= 0) xs[(rc[u] >> 16) * ldx + kq + (rc[u] & 0xFFFF)] = v[u];
   }
 }
 
@@ -181,9 +182,9 @@ __device__ __forceinline__ void wait_copies_and_sync() {
 // After every thread of the block has added its partials into ws: the last block of column
 // block blockIdx.x (`width` columns) adds the bias, writes y [M, N] and zeroes its part of ws
 // and its counter again (the Triton kernels' protocol: one launch, no memset). A thread reads
-// FINISH_BATCH float2 of ws (and their bias) before it writes any: one round trip per batch
-// (one float2 at a time made the last block's M * width / 2 / threads round trips the kernel's
-// tail: about 17% of the stall samples at M = 16 on an H200).
+// the ws pairs of FINISH_BATCH rows before it writes any: one round trip per batch (one pair at
+// a time made the last block's M * width / 2 / threads round trips the kernel's tail: about
+// 17% of the stall samples at M = 16 on an H200).
 constexpr int FINISH_BATCH = 8;
 
 __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
@@ -196,26 +197,31 @@ __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __res
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const int cb = blockIdx.x * width, half_w = width / 2, total = M * half_w;
-  for (int i0 = threadIdx.x; i0 < total; i0 += FINISH_BATCH * blockDim.x) {
+  // element i = (row, column pair): rows and pairs advance by the block's width per step
+  const int hw = width / 2, total = M * hw, bd = blockDim.x, cb = blockIdx.x * width;
+  const int dq = bd / hw, dr = bd - dq * hw;
+  int r = threadIdx.x / hw, c = threadIdx.x - r * hw;
+  for (int i0 = threadIdx.x; i0 < total; i0 += FINISH_BATCH * bd) {
     float2 v[FINISH_BATCH];
+    int at[FINISH_BATCH];  // offset of the pair in ws and y, -1 past the end
 #pragma unroll
     for (int u = 0; u < FINISH_BATCH; ++u) {
-      const int i = i0 + u * blockDim.x, r = i / half_w, c = cb + (i - r * half_w) * 2;
-      v[u] = make_float2(0.0f, 0.0f);
-      if (i < total) {
-        v[u] = __ldcg(reinterpret_cast<const float2*>(ws + (size_t)r * N + c));
-        if (bias != nullptr) v[u].x += __half2float(bias[c]), v[u].y += __half2float(bias[c + 1]);
-      }
+      at[u] = i0 + u * bd < total ? r * N + cb + 2 * c : -1;
+      if (at[u] >= 0) v[u] = __ldcg(reinterpret_cast<const float2*>(ws + at[u]));
+      c += dr, r += dq;
+      if (c >= hw) c -= hw, ++r;
     }
 #pragma unroll
-    for (int u = 0; u < FINISH_BATCH; ++u) {
-      const int i = i0 + u * blockDim.x, r = i / half_w, c = cb + (i - r * half_w) * 2;
-      if (i < total) {
-        __stcg(reinterpret_cast<float2*>(ws + (size_t)r * N + c), make_float2(0.0f, 0.0f));
-        *reinterpret_cast<half2*>(y + (size_t)r * N + c) = __floats2half2_rn(v[u].x, v[u].y);
+    for (int u = 0; u < FINISH_BATCH; ++u)
+      if (at[u] >= 0) {
+        const int o = at[u];
+        __stcg(reinterpret_cast<float2*>(ws + o), make_float2(0.0f, 0.0f));
+        if (bias != nullptr) {
+          const int cc = o % N;  // only with a bias
+          v[u].x += __half2float(bias[cc]), v[u].y += __half2float(bias[cc + 1]);
+        }
+        *reinterpret_cast<half2*>(y + o) = __floats2half2_rn(v[u].x, v[u].y);
       }
-    }
   }
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 }
