@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|tuned|held_out|small]
         [--sweep] [--warm N] [--candidates] [--skip-tinygemm] [--budget S] [--shared]
+    python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
 
 Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
 of the layer (R * bytes >= 1.5 GB, so L2 does not hold the weights), and the per-call time is
@@ -20,7 +21,8 @@ compiles every kernel in N worker processes first. ``--candidates`` also times, 
 under "cand": what the route tables are made from), until ``--budget`` seconds have passed.
 Every JSON row records the commit, the versions, the GPU and CPU, whether the machine was
 shared (``--shared``) and the routes in force.
-Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results).
+Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results); ``--markdown
+FILE`` prints a saved run's tables (as in the README) and counts the targets on it.
 """
 
 from __future__ import annotations
@@ -363,9 +365,12 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
     ap.add_argument("--name", default="kernels_h200.json", help="result file under --out")
+    ap.add_argument("--markdown", default=None, help="JSON of a run: print its tables, run none")
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
+    if args.markdown:
+        return print_markdown(json.loads(Path(args.markdown).read_text()))
     MS[:] = [int(m) for m in args.ms.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
@@ -463,6 +468,50 @@ def print_group(res: dict, group_rows: list[dict]) -> None:
             "  tinygemm: "
             + " ".join(f"{c / t:.2f}" if t and c else "-" for t, c in zip(tg, cb, strict=True))
         )
+
+
+def print_markdown(res: dict) -> None:
+    """The README's tables of a saved run (speed-up over cuBLAS fp16 per shape group, tinygemm
+    W4 beside ours) and the issue's targets counted on it."""
+    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in res["rows"]}
+    ms = sorted({k[3] for k in rows})
+    titles = {"tuned": "Tuned shapes", "held_out": "Held-out shapes"}
+    for group, shapes in GROUPS.items():
+        print(f"\n{titles.get(group, group)}:\n")
+        print("| shape (N×K) | kernel | " + " | ".join(f"M={M}" for M in ms) + " |")
+        print("|---|---|" + "---|" * len(ms))
+        for N, K in shapes:
+            for bits in BITS:
+                cells = [rows.get((N, K, bits, M)) for M in ms]
+                print(
+                    f"| {N}×{K} | ours W{bits} | "
+                    + " | ".join(f"{c['speedup']:.2f}" if c else "–" for c in cells)
+                    + " |"
+                )
+            tg = []
+            for M in ms:
+                c = rows.get((N, K, 4, M)) or {}
+                t = c.get("tinygemm_us")
+                tg.append(f"{c['cublas_us'] / t:.2f}" if t else "–")
+            print(f"| {N}×{K} | tinygemm W4 | " + " | ".join(tg) + " |")
+    r = list(rows.values())
+    m1 = {(x["N"], x["K"]): x["speedup"] for x in r if x["M"] == 1 and x["bits"] == 4}
+    below = [x for x in r if x["M"] <= 64 and x["speedup"] < 1.0]
+    behind = sum(
+        1
+        for (N, K, b, M), x in rows.items()
+        if b < 4 and M <= 64 and (N, K, 4, M) in rows and x["us"] > rows[(N, K, 4, M)]["us"]
+    )
+    big = [x["speedup"] for x in r if 128 <= x["M"] <= 512]
+    m16 = [x for x in r if x["M"] == 16]
+    print("\nTargets on this run:")
+    print("- M = 1, W4: " + ", ".join(f"{N}×{K} {v:.2f}×" for (N, K), v in m1.items()))
+    print(f"- M = 16 ≥ 1.5×: {sum(x['speedup'] >= 1.5 for x in m16)} of {len(m16)} cells")
+    per_m = ", ".join(f"{sum(x['M'] == M for x in below)} at M = {M}" for M in ms if M <= 64)
+    print(f"- below 1.0× at M ≤ 64: {len(below)} cells ({per_m})")
+    if big:
+        print(f"- M = 128–512: {min(big):.2f}–{max(big):.2f}×")
+    print(f"- W3/W2 slower than W4 at M ≤ 64: {behind} cells")
 
 
 if __name__ == "__main__":
