@@ -149,6 +149,7 @@ __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict_
                                                const int* __restrict__ sidx, int nsal, int M,
                                                int K, int R, int ldx, int kq, int nq,
                                                int split, int splits) {
+  if (nq == 0) return;  // no salient step in this split (block-uniform; no barrier here)
   const int scols = nq * 16, total = (R + 1) * scols, bd = blockDim.x;
   const int dq = bd / scols, dr = bd - dq * scols;  // (rows, columns) per step of bd elements
   int r = threadIdx.x / scols, c = threadIdx.x - r * scols;
