@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import bench_kernels  # noqa: E402
+import kernel_tables  # noqa: E402
 
 
 def test_route_tables_are_made_from_triton_candidates_only():
@@ -15,5 +15,23 @@ def test_route_tables_are_made_from_triton_candidates_only():
     res = {"cand": [{**cell, "M": 16, "name": "mma:2x8", "us": 1.0}]}
     res["cand"] += [{**cell, "M": 16, "name": "mm:t64", "us": 2.0}]
     res["cand"] += [{**cell, "M": 32, "name": "mm:t64k", "us": 3.0}]
-    assert bench_kernels.best_candidates(res)[(64, 128, 4, 16)] == (1.0, "mma:2x8")
-    assert bench_kernels.routes_from(res) == {(64, 128, 4): ((16, "mm:t64"), (32, "mm:t64k"))}
+    assert kernel_tables.best_candidates(res)[(64, 128, 4, 16)] == (1.0, "mma:2x8")
+    assert kernel_tables.routes_from(res) == {(64, 128, 4): ((16, "mm:t64"), (32, "mm:t64k"))}
+
+
+def test_targets_are_counted_on_the_rows_of_a_run(capsys):
+    """The README's target counts come from the run's rows: M = 16 cells at >= 1.5x, cells
+    below 1.0x per M, 3/2-bit cells slower than the 4-bit one of the same shape and M."""
+
+    def row(bits, M, us, cublas_us):
+        s = cublas_us / us
+        return dict(N=64, K=128, bits=bits, M=M, us=us, cublas_us=cublas_us, speedup=s)
+
+    rows = [row(4, 16, 10.0, 16.0), row(2, 16, 11.0, 16.0), row(4, 32, 10.0, 9.0)]
+    rows.append(row(2, 32, 9.0, 9.0))
+    kernel_tables.print_tables({"rows": rows}, markdown=True)
+    out = capsys.readouterr().out
+    assert "| 64×128 | ours W4 | 1.60 | 0.90 |" in out
+    assert "- M = 16 ≥ 1.5×: 1 of 2 cells" in out
+    assert "- below 1.0× at M ≤ 64: 1 cells (0 at M = 16, 1 at M = 32)" in out
+    assert "- W3/W2 slower than W4 at M ≤ 64: 1 cells" in out

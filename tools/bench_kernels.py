@@ -22,7 +22,8 @@ under "cand": what the route tables are made from), until ``--budget`` seconds h
 Every JSON row records the commit, the versions, the GPU and CPU, whether the machine was
 shared (``--shared``) and the routes in force.
 Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results); ``--markdown
-FILE`` prints a saved run's tables (as in the README) and counts the targets on it.
+FILE`` prints a saved run's tables (as in the README) and counts the targets on it
+(``kernel_tables.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_tables import print_tables  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
@@ -341,8 +344,9 @@ def warm(shapes, workers: int, cand: bool) -> None:
 def profile(spec: str) -> None:
     """``N,K,bits,M[,kernel]``: call the op (or the candidate ``kernel``, e.g. "gemv" or
     "mmv:4x3") 40 times on one layer (for ``ncu --clock-control none``)."""
-    *nums, name = spec.split(",") if spec.count(",") == 4 else [*spec.split(","), ""]
-    N, K, bits, M = map(int, nums)
+    parts = spec.split(",")
+    N, K, bits, M = map(int, parts[:4])
+    name = parts[4] if len(parts) > 4 else ""
     L = packed_layer(N, K, bits, codes=False)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     for _ in range(40):
@@ -370,7 +374,7 @@ def main() -> None:
     if args.profile:
         return profile(args.profile)
     if args.markdown:
-        return print_markdown(json.loads(Path(args.markdown).read_text()))
+        return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
     MS[:] = [int(m) for m in args.ms.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
@@ -408,110 +412,7 @@ def main() -> None:
         tmp = out / (args.name + ".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         tmp.replace(out / args.name)
-    print_table(res)
-
-
-def best_candidates(res: dict, failing=()) -> dict:
-    """{(N, K, bits, M): (us, name)}: the fastest measured candidate of each cell."""
-    best = {}
-    for r in res.get("cand", []):
-        if r["name"] in failing:
-            continue
-        key = (r["N"], r["K"], r["bits"], r["M"])
-        if key not in best or r["us"] < best[key][0]:
-            best[key] = (r["us"], r["name"])
-    return best
-
-
-def routes_from(res: dict, failing=()) -> dict:
-    """The ROUTES table (``routes``) that picks the fastest Triton candidate of every measured M
-    (the tables serve where the CUDA kernel does not: its configurations are left out)."""
-    mma = {r["name"] for r in res.get("cand", []) if r["name"].startswith("mma")}
-    best = best_candidates(res, (*failing, *mma))
-    out: dict = {}
-    for N, K, bits, M in sorted(best):
-        out.setdefault((N, K, bits), []).append((M, best[(N, K, bits, M)][1]))
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def print_table(res: dict) -> None:
-    """Speedup tables, the tuned shapes and the held-out shapes apart."""
-    for group in GROUPS:
-        rows = [r for r in res["rows"] if r.get("shape_group", "tuned") == group]
-        if rows:
-            print(f"\n{group} shapes: speedup vs cuBLAS fp16 (fraction of the byte floor)")
-            print_group(res, rows)
-
-
-def print_group(res: dict, group_rows: list[dict]) -> None:
-    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in group_rows}
-    for N, K in dict.fromkeys((r["N"], r["K"]) for r in group_rows):
-        print(f"{N}x{K}: " + " ".join(f"M={M}" for M in MS))
-        for bits in BITS:
-            cells = [rows.get((N, K, bits, M)) for M in MS]
-            print(
-                f"  W{bits}: "
-                + " ".join(
-                    f"{c['speedup']:.2f}({c['floor_frac']:.0%})" if c else "-" for c in cells
-                )
-            )
-        best = best_candidates(res)
-        for bits in BITS if best else ():
-            cells = []
-            for M in MS:
-                b, c = best.get((N, K, bits, M)), rows.get((N, K, bits, M))
-                cells.append(f"{c['cublas_us'] / b[0]:.2f}" if b and c else "-")
-            print(f"  W{bits} best candidate: " + " ".join(cells))
-        tg = [rows.get((N, K, 4, M), {}).get("tinygemm_us") for M in MS]
-        cb = [rows.get((N, K, 4, M), {}).get("cublas_us") for M in MS]
-        print(
-            "  tinygemm: "
-            + " ".join(f"{c / t:.2f}" if t and c else "-" for t, c in zip(tg, cb, strict=True))
-        )
-
-
-def print_markdown(res: dict) -> None:
-    """The README's tables of a saved run (speed-up over cuBLAS fp16 per shape group, tinygemm
-    W4 beside ours) and the issue's targets counted on it."""
-    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in res["rows"]}
-    ms = sorted({k[3] for k in rows})
-    titles = {"tuned": "Tuned shapes", "held_out": "Held-out shapes"}
-    for group, shapes in GROUPS.items():
-        print(f"\n{titles.get(group, group)}:\n")
-        print("| shape (N×K) | kernel | " + " | ".join(f"M={M}" for M in ms) + " |")
-        print("|---|---|" + "---|" * len(ms))
-        for N, K in shapes:
-            for bits in BITS:
-                cells = [rows.get((N, K, bits, M)) for M in ms]
-                print(
-                    f"| {N}×{K} | ours W{bits} | "
-                    + " | ".join(f"{c['speedup']:.2f}" if c else "–" for c in cells)
-                    + " |"
-                )
-            tg = []
-            for M in ms:
-                c = rows.get((N, K, 4, M)) or {}
-                t = c.get("tinygemm_us")
-                tg.append(f"{c['cublas_us'] / t:.2f}" if t else "–")
-            print(f"| {N}×{K} | tinygemm W4 | " + " | ".join(tg) + " |")
-    r = list(rows.values())
-    m1 = {(x["N"], x["K"]): x["speedup"] for x in r if x["M"] == 1 and x["bits"] == 4}
-    below = [x for x in r if x["M"] <= 64 and x["speedup"] < 1.0]
-    behind = sum(
-        1
-        for (N, K, b, M), x in rows.items()
-        if b < 4 and M <= 64 and (N, K, 4, M) in rows and x["us"] > rows[(N, K, 4, M)]["us"]
-    )
-    big = [x["speedup"] for x in r if 128 <= x["M"] <= 512]
-    m16 = [x for x in r if x["M"] == 16]
-    print("\nTargets on this run:")
-    print("- M = 1, W4: " + ", ".join(f"{N}×{K} {v:.2f}×" for (N, K), v in m1.items()))
-    print(f"- M = 16 ≥ 1.5×: {sum(x['speedup'] >= 1.5 for x in m16)} of {len(m16)} cells")
-    per_m = ", ".join(f"{sum(x['M'] == M for x in below)} at M = {M}" for M in ms if M <= 64)
-    print(f"- below 1.0× at M ≤ 64: {len(below)} cells ({per_m})")
-    if big:
-        print(f"- M = 128–512: {min(big):.2f}–{max(big):.2f}×")
-    print(f"- W3/W2 slower than W4 at M ≤ 64: {behind} cells")
+    print_tables(res)
 
 
 if __name__ == "__main__":

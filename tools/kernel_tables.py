@@ -1,0 +1,105 @@
+"""Tables of a ``bench_kernels.py`` run, from its result dict alone (no GPU): the speed-up over
+cuBLAS fp16 per shape group (fraction of the byte floor, or markdown as in the README), the
+fastest measured candidate and tinygemm beside ours, the issue's targets counted on it, and the
+Triton route tables derived from the candidates.
+
+    python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
+"""
+
+from __future__ import annotations
+
+
+def best_candidates(res: dict, failing=()) -> dict:
+    """{(N, K, bits, M): (us, name)}: the fastest measured candidate of each cell."""
+    best = {}
+    for r in res.get("cand", []):
+        if r["name"] in failing:
+            continue
+        key = (r["N"], r["K"], r["bits"], r["M"])
+        if key not in best or r["us"] < best[key][0]:
+            best[key] = (r["us"], r["name"])
+    return best
+
+
+def routes_from(res: dict, failing=()) -> dict:
+    """The ROUTES table (``routes``) that picks the fastest Triton candidate of every measured M
+    (the tables serve where the CUDA kernel does not: its configurations are left out)."""
+    mma = {r["name"] for r in res.get("cand", []) if r["name"].startswith("mma")}
+    best = best_candidates(res, (*failing, *mma))
+    out: dict = {}
+    for N, K, bits, M in sorted(best):
+        out.setdefault((N, K, bits), []).append((M, best[(N, K, bits, M)][1]))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def print_tables(res: dict, markdown: bool = False) -> None:
+    """Per shape group (tuned, held out), a row per shape and bit width (ours; the best
+    candidate where candidates were timed; tinygemm W4), a column per M; then the targets."""
+    rows = {(r["N"], r["K"], r["bits"], r["M"]): r for r in res["rows"]}
+    ms = sorted({k[3] for k in rows})
+    bit_widths = sorted({k[2] for k in rows}, reverse=True)
+    best = best_candidates(res)
+
+    def line(label: str, cells: list[str]) -> None:
+        print(
+            f"| {label} | " + " | ".join(cells) + " |"
+            if markdown
+            else f"  {label}: {' '.join(cells)}"
+        )
+
+    def ratio(c: dict | None, us: float | None) -> str:
+        return f"{c['cublas_us'] / us:.2f}" if c and us else "–"
+
+    for group in dict.fromkeys(r.get("shape_group", "tuned") for r in res["rows"]):
+        shapes = dict.fromkeys(
+            (r["N"], r["K"]) for r in res["rows"] if r.get("shape_group", "tuned") == group
+        )
+        print(
+            f"\n{group} shapes: speed-up over cuBLAS fp16"
+            + ("" if markdown else " (fraction of the byte floor)")
+            + "\n"
+        )
+        if markdown:
+            print("| shape (N×K) | kernel | " + " | ".join(f"M={M}" for M in ms) + " |")
+            print("|---|---|" + "---|" * len(ms))
+        for N, K in shapes:
+            cells = {b: [rows.get((N, K, b, M)) for M in ms] for b in bit_widths}
+            if not markdown:
+                print(f"{N}×{K}: " + " ".join(f"M={M}" for M in ms))
+            for b in bit_widths:
+                fmt = "{speedup:.2f}" if markdown else "{speedup:.2f}({floor_frac:.0%})"
+                line(
+                    f"{N}×{K} | ours W{b}" if markdown else f"W{b}",
+                    [fmt.format(**c) if c else "–" for c in cells[b]],
+                )
+            for b in bit_widths if best else ():
+                got = [
+                    ratio(c, best.get((N, K, b, M), (None,))[0])
+                    for c, M in zip(cells[b], ms, strict=True)
+                ]
+                line(f"{N}×{K} | best candidate W{b}" if markdown else f"W{b} best candidate", got)
+            tiny = [ratio(c, c.get("tinygemm_us") if c else None) for c in cells.get(4, [])]
+            line(f"{N}×{K} | tinygemm W4" if markdown else "tinygemm", tiny)
+    print_targets(rows, ms)
+
+
+def print_targets(rows: dict, ms: list[int]) -> None:
+    """The issue's targets counted on a run's rows {(N, K, bits, M): row}."""
+    r = list(rows.values())
+    m1 = {(x["N"], x["K"]): x["speedup"] for x in r if x["M"] == 1 and x["bits"] == 4}
+    below = [x for x in r if x["M"] <= 64 and x["speedup"] < 1.0]
+    behind = sum(
+        1
+        for (N, K, b, M), x in rows.items()
+        if b < 4 and M <= 64 and (N, K, 4, M) in rows and x["us"] > rows[(N, K, 4, M)]["us"]
+    )
+    big = [x["speedup"] for x in r if 128 <= x["M"] <= 512]
+    m16 = [x for x in r if x["M"] == 16]
+    print("\nTargets on this run:")
+    print("- M = 1, W4: " + ", ".join(f"{N}×{K} {v:.2f}×" for (N, K), v in m1.items()))
+    print(f"- M = 16 ≥ 1.5×: {sum(x['speedup'] >= 1.5 for x in m16)} of {len(m16)} cells")
+    per_m = ", ".join(f"{sum(x['M'] == M for x in below)} at M = {M}" for M in ms if M <= 64)
+    print(f"- below 1.0× at M ≤ 64: {len(below)} cells ({per_m})")
+    if big:
+        print(f"- M = 128–512: {min(big):.2f}–{max(big):.2f}×")
+    print(f"- W3/W2 slower than W4 at M ≤ 64: {behind} cells")
