@@ -175,6 +175,10 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             out.append(("gemv bn=256 bk=64", wide))
             out.append(("gemv bn=256 bk=64 w2", {**wide, "BLOCK_K": 128, "num_warps": 2}))
             out.append(("gemv split x4", {**base, "n_split": base["n_split"] * 4}))
+            half = max(1, base["n_split"] // 2)
+            out.append(("gemv split x0.5 stages=2", {**base, "n_split": half, "num_stages": 2}))
+            out.append(("gemv bn=64 split x0.5", {**base, "BLOCK_N": 64, "n_split": half}))
+            out.append(("gemv bn=64", {**base, "BLOCK_N": 64}))
         if M == 2:
             out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
     return out
