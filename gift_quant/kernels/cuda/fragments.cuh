@@ -122,25 +122,17 @@ __device__ __forceinline__ void dequant_pairs(const uint32_t* w, const uint32_t 
 
 // Stage x in shared memory: rows 0..R-1 (zeros past M) and a zero row R, `kq` input columns
 // from k0, by 16-byte asynchronous copies (one commit group; the caller waits and syncs).
-// Row stride `ldx` halves. Row and chunk advance by the block's width (one division, not one
-// per chunk: at M = 16 a thread stages about a dozen chunks).
+// Row stride `ldx` halves.
 __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x, int M, int K,
                                         int R, int ldx, int k0, int kq) {
-  const int chunks = kq / 8, bd = blockDim.x;  // 16-byte chunks per row
-  if (chunks == 0) {  // no k-step in this split (the launch never makes one; no division by 0)
-    asm volatile("cp.async.commit_group;\n" ::);
-    return;
-  }
-  const int dq = bd / chunks, dr = bd - dq * chunks;
-  int r = threadIdx.x / chunks, c = threadIdx.x - r * chunks;
-  for (int i = threadIdx.x; i < (R + 1) * chunks; i += bd) {
+  const int chunks = kq / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < (R + 1) * chunks; i += blockDim.x) {
+    const int r = i / chunks, c = i - r * chunks;
     half* dst = xs + r * ldx + c * 8;
     if (r < M)
       cp_async16(dst, x + (size_t)r * K + k0 + c * 8);
     else
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    c += dr, r += dq;
-    if (c >= chunks) c -= chunks, ++r;
   }
   asm volatile("cp.async.commit_group;\n" ::);
 }
@@ -179,21 +171,6 @@ __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict_
     for (int u = 0; u < GATHER_BATCH; ++u)
       if (rc[u] >= 0) xs[(rc[u] >> 16) * ldx + kq + (rc[u] & 0xFFFF)] = v[u];
   }
-}
-
-// The fp16 fragments of salient k16 step `step` (of all strips) for strip b: 4 x 16 bytes per
-// lane, as `pack_salient` stores them
-__device__ __forceinline__ void load_salient(uint4 (&v)[4], const uint4* __restrict__ wsp,
-                                             int step, int B, int b, int lane) {
-  const uint4* wp = wsp + ((size_t)step * B + b) * 128 + lane;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = __ldg(wp + i * 32);
-}
-
-__device__ __forceinline__ void salient_words(const uint4 (&v)[4], uint32_t (&f)[16]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    f[4 * i] = v[i].x, f[4 * i + 1] = v[i].y, f[4 * i + 2] = v[i].z, f[4 * i + 3] = v[i].w;
 }
 
 // Wait until at most N of this thread's copy groups are pending, then a block barrier.

@@ -101,10 +101,6 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
   // salient columns
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
-  // the first salient k16 step's fp16 fragments, loaded before the gather: their round trip
-  // overlaps the gather's two instead of following the barrier
-  uint4 sal0[4];
-  if (nq > 0) load_salient(sal0, wsp, split, B, b, lane);
   gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<0>();
 
@@ -128,15 +124,13 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 
   // 3. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
-    uint4 v[4];
-    if (qi == 0) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = sal0[i];
-    } else {
-      load_salient(v, wsp, split + qi * splits, B, b, lane);
-    }
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
-    salient_words(v, f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(wp + i * 32);
+      f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
+    }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       uint32_t a[4];

@@ -107,12 +107,6 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   unsigned grp = group_of(s0, gmagic);
   uint4 sa = __ldg(sbase + grp * gstride), sb = __ldg(sbase + grp * gstride + 1);
   uint2 zw = __ldg(zbase + grp * gstride);
-  // the first salient k16 step's fp16 fragments, loaded before the gather: their round trip
-  // overlaps the gather's two instead of following the barrier (not at 4 bits with two tiles,
-  // where the 16 registers held over the barrier make the main loop spill)
-  constexpr bool EARLY = !(BITS == 4 && NB == 2);
-  uint4 sal0[4];
-  if (EARLY && nq > 0) load_salient(sal0, wsp, split, B, b, lane);
   gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<PF - 1>();
 
@@ -132,15 +126,13 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
 
   // 2. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
-    uint4 v[4];
-    if (EARLY && qi == 0) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = sal0[i];
-    } else {
-      load_salient(v, wsp, split + qi * splits, B, b, lane);
-    }
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
-    salient_words(v, f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(wp + i * 32);
+      f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
+    }
     mma_swapped<NB>(acc, f, xr, (nss * 64 + qi * 16) / 2);
   }
 
