@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--ms 1,2,...]
         [--bits 4,3,2] [--kernel mma|mmv] [--configs auto|all] [--out DIR] [--name FILE]
-        [--shared]
+        [--shared] [--no-salient]
 
 For every shape, bit width and M: the kernel's result against a float64 oracle (relative error,
 and the max error against the fp16 reference's own), then the per-call time of cuBLAS fp16, of
@@ -12,6 +12,9 @@ automatic configuration (``--configs all``: also every (warps, splits) variant; 
 mmv``: the swapped kernel for M <= 16, its configurations at every depth), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
 Rows go to ``--name`` (``sweep_mma_<gpu>.json``) with the run environment; a table is printed.
+``--no-salient`` (a diagnostic: what the salient columns cost) also times, in the same graphs,
+the CUDA kernel and the GEMV on the same layers with the salient columns left out, checked
+against the oracle without them (``nosal_*`` fields).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from bench_kernels import (  # noqa: E402
     ours,
     packed_layer,
     reference,
+    run_config,
     time_cublas,
 )
 
@@ -46,6 +51,7 @@ from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
+from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
 from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
 SHAPES = {
@@ -95,6 +101,31 @@ def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]
     return out
 
 
+def no_salient(x, base, copies, ccopies, ref, config, bits) -> dict:
+    """The CUDA kernel in ``config`` and (M <= GEMV_MAX_M) the GEMV on the same layer copies with
+    their salient columns left out: time, and the kernel's error against the oracle without them."""
+    wn, splits, depth = config
+    M, N = x.shape[0], base["wst"].shape[1]
+    ws, cnt = triton_ops._workspace(x.device, M * N)
+    launch = partial(native.mixed_mmv, depth=depth) if depth else native.mixed_mma
+    bare = [replace(P, nsal=0) for P in ccopies]
+    ref0 = ref - x.double()[:, base["sidx"].long()] @ base["wst"].double()
+    y = launch(x, bare[0], None, ws, cnt, wn, splits).double()
+    out = dict(
+        nosal_us=graph_time_us([partial(launch, x, P, None, ws, cnt, wn, splits) for P in bare]),
+        nosal_rel_err=float((y - ref0).norm() / ref0.norm()),
+    )
+    if M <= routes.GEMV_MAX_M:
+        cfg = gemv_config(M, N, x.shape[1], bits, GROUP)
+        out["nosal_gemv_us"] = graph_time_us(
+            [
+                partial(run_config, x, {**L, "wst": None, "sidx": None}, bits, "", cfg)
+                for L in copies
+            ]
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="tuned", choices=sorted(SHAPES))
@@ -105,6 +136,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--name", default=None, help="result file (default sweep_mma_<gpu>.json)")
     ap.add_argument("--shared", action="store_true")
+    ap.add_argument("--no-salient", action="store_true", help="also time without the salient part")
     args = ap.parse_args()
     if native.library() is None:
         sys.exit("the CUDA kernel could not be built here (see the log)")
@@ -156,6 +188,11 @@ def main() -> None:
                     t = graph_time_us(
                         [partial(launch, x, P, None, ws, cnt, wn, splits) for P in ccopies]
                     )
+                    nosal = (
+                        no_salient(x, base, copies, ccopies, ref, (wn, splits, depth), bits)
+                        if args.no_salient
+                        else {}
+                    )
                     nb = layer_bytes(N, K, bits, M)
                     row = dict(
                         N=N,
@@ -178,6 +215,7 @@ def main() -> None:
                         rel_err=rel,
                         err_ratio=ratio,
                         auto=(wn, splits, depth) == auto,
+                        **(nosal if args.no_salient else {}),
                         **env,
                     )
                     res["rows"].append(row)
@@ -187,7 +225,18 @@ def main() -> None:
                         f"{t:7.2f}us x{fp[M] / t:4.2f} floor {row['floor_frac']:4.0%} | op "
                         f"{row['op_route']:8s} {t_op:7.2f}us x{fp[M] / t_op:4.2f} | cuBLAS "
                         f"{fp[M]:7.2f}us rel={rel:.1e} err/ref16={ratio:.2f}"
-                        + ("" if t_gemv is None else f" | gemv x{fp[M] / t_gemv:4.2f}"),
+                        + ("" if t_gemv is None else f" | gemv x{fp[M] / t_gemv:4.2f}")
+                        + (
+                            f" | no salient: {nosal['nosal_us']:7.2f}us"
+                            f" (rel={nosal['nosal_rel_err']:.1e})"
+                            + (
+                                f", gemv {nosal['nosal_gemv_us']:7.2f}us"
+                                if nosal.get("nosal_gemv_us")
+                                else ""
+                            )
+                            if args.no_salient
+                            else ""
+                        ),
                         flush=True,
                     )
             del copies, ccopies, base, cbase
