@@ -179,6 +179,14 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             out.append(("gemv split x0.5 stages=2", {**base, "n_split": half, "num_stages": 2}))
             out.append(("gemv bn=64 split x0.5", {**base, "BLOCK_N": 64, "n_split": half}))
             out.append(("gemv bn=64", {**base, "BLOCK_N": 64}))
+            for bk in (64, 32):  # fewer registers per program: more programs per SM
+                out.append((f"gemv bk={bk}", {**base, "BLOCK_K": bk}))
+                out.append(
+                    (
+                        f"gemv bk={bk} split x2",
+                        {**base, "BLOCK_K": bk, "n_split": 2 * base["n_split"]},
+                    )
+                )
         if M == 2:
             out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
     return out
