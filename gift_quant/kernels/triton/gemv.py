@@ -29,16 +29,34 @@ TARGET_PROGRAMS = 1536  # one-warp programs per launch (about 12 per SM)
 K_PER_PROGRAM = 320  # at most about this many input columns per program
 
 
-def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
-    """Tile and split for one call; BLOCK_K shrinks with M to bound the x-pair registers."""
-    block_m = triton.next_power_of_2(M)
-    block_k = {1: 128, 2: 64}.get(block_m, 32)
+def _fit(block_k: int, K: int, group: int) -> int:
     while group % block_k or K % block_k:
         block_k //= 2
+    return block_k
+
+
+def _imbalance(n_kb: int, n_split: int) -> float:
+    """The longest split's k-blocks over the mean (1.0: every split does the same work)."""
+    return triton.cdiv(n_kb, n_split) * n_split / n_kb
+
+
+def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
+    """Tile and split for one call; BLOCK_K shrinks with M to bound the x-pair registers. At
+    M = 1 BLOCK_K is 128 or 64, whichever shares the k-blocks more evenly over the splits (128
+    on a tie): on the H200 the longest split sets the time (5120^2 W4: 39 splits of 40 blocks of
+    128, 10.15 us; of 80 blocks of 64, 8.86 us; gemv_sweep_bk.json)."""
+    block_m = triton.next_power_of_2(M)
     block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
     n_blocks = triton.cdiv(N, block_n)
-    n_split = max(triton.cdiv(TARGET_PROGRAMS, n_blocks), triton.cdiv(K, K_PER_PROGRAM))
-    n_split = min(K // block_k, n_split)
+    want = max(triton.cdiv(TARGET_PROGRAMS, n_blocks), triton.cdiv(K, K_PER_PROGRAM))
+    tiles = [128, 64] if block_m == 1 else [{2: 64}.get(block_m, 32)]
+    best = None
+    for block_k in dict.fromkeys(_fit(bk, K, group) for bk in tiles):
+        n_split = min(K // block_k, want)
+        key = (_imbalance(K // block_k, n_split), -block_k)
+        if best is None or key < best[0]:
+            best = (key, block_k, n_split)
+    _, block_k, n_split = best
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
