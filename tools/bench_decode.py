@@ -1,7 +1,7 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile [B ...]] [--fuse] [--out DIR] [--workdir DIR] [--shared]
+        [--compile [B ...]] [--fuse] [--bound] [--out DIR] [--workdir DIR] [--shared]
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -14,6 +14,11 @@ of the replays, for every --batch (fp16 and W4 in the same run). The script also
 quantized model's logits against the torch backend. The JSON records the commit, the versions,
 GPU/CPU, whether the machine was shared, and the kernel
 route of every distinct (N, K) layer at every batch.
+
+``--bound`` also times the fp16 model with every decoder projection replaced by a stand-in that
+does no GPU work (it returns an unwritten tensor of the output's shape): the time of everything
+but the projections. fp16 tokens/s over it is the most any weight format can gain end to end
+with this model code ("bound" in the table).
 """
 
 from __future__ import annotations
@@ -73,6 +78,25 @@ def quantize_in_place(model, salient: int) -> None:
                 rtn(W, None, idx, cfg), mod.bias, dtype=torch.float16
             )
             set_module(model, name, layer)
+    torch.cuda.empty_cache()
+
+
+class NoMatmul(torch.nn.Module):
+    """A projection that costs nothing on the GPU: an unwritten output of the right shape
+    (the values are never used for anything but timing)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+
+
+def strip_projections(model) -> None:
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+            set_module(model, name, NoMatmul(mod.out_features))
     torch.cuda.empty_cache()
 
 
@@ -214,6 +238,12 @@ def main() -> None:
         help="also time both models with their sibling layers fused (q/k/v, gate/up: "
         "gift_quant.fused.fuse_siblings), the fp16 one as concatenated Linears",
     )
+    ap.add_argument(
+        "--bound",
+        action="store_true",
+        help="also time the fp16 model with its projections doing no work (the end-to-end "
+        "ceiling of any weight format)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
@@ -239,6 +269,13 @@ def main() -> None:
         fuse_siblings(model, linear=True)
         runs["fp16_fused"] = timed(model, prompts, args)
         print(f"fp16 fused: {runs['fp16_fused']}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if args.bound:
+        model = build_model(args.layers)
+        strip_projections(model)
+        runs["no_matmul"] = timed(model, prompts, args)
+        print(f"fp16 without projections: {runs['no_matmul']}", flush=True)
         del model
         torch.cuda.empty_cache()
     qmodel = load_quantized(export, device="cuda", dtype=torch.float16)
@@ -271,6 +308,12 @@ def main() -> None:
                 fused = got["w4_fused"]["tokens_per_s"]
                 row["ratio_fused"] = fused / got["fp16"]["tokens_per_s"]
                 row["ratio_fused_vs_fp16_fused"] = fused / got["fp16_fused"]["tokens_per_s"]
+            if "no_matmul" in got:
+                row["bound"] = got["no_matmul"]["tokens_per_s"] / got["fp16"]["tokens_per_s"]
+                if "fp16_fused" in got:
+                    row["bound_vs_fp16_fused"] = (
+                        got["no_matmul"]["tokens_per_s"] / got["fp16_fused"]["tokens_per_s"]
+                    )
             rows.append(row)
     res = dict(
         **run_environment(args.shared),
@@ -288,12 +331,14 @@ def main() -> None:
         tuning=ops.tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
-    cols = [k for k in ("fp16", "fp16_fused", "w4", "w4_fused") if k in runs]
+    cols = [k for k in ("fp16", "fp16_fused", "w4", "w4_fused", "no_matmul") if k in runs]
     ratios = [
         k
         for k in ("ratio", "ratio_fused", "ratio_fused_vs_fp16_fused")
         if args.fuse or k == "ratio"
     ]
+    if args.bound:
+        ratios += ["bound"] + (["bound_vs_fp16_fused"] if args.fuse else [])
     print("| batch | " + " | ".join([f"{c} tok/s" for c in cols] + ratios) + " |")
     print("|---" * (len(cols) + len(ratios) + 1) + "|")
     for r in res["rows"]:
