@@ -81,16 +81,28 @@ def quantize_in_place(model, salient: int) -> None:
     torch.cuda.empty_cache()
 
 
+@torch.library.custom_op("gift_quant_bench::no_matmul", mutates_args=())
+def no_matmul(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """An unwritten [..., out_features] tensor: no GPU work. An opaque op, so that a compiled
+    forward still computes x (a plain torch.empty would let inductor drop everything that
+    only feeds a projection: norms, rotary, attention, the MLP's activation)."""
+    return torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+
+
+@no_matmul.register_fake
+def _(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class NoMatmul(torch.nn.Module):
-    """A projection that costs nothing on the GPU: an unwritten output of the right shape
-    (the values are never used for anything but timing)."""
+    """A projection that costs nothing on the GPU (the values are only timed, never used)."""
 
     def __init__(self, out_features: int):
         super().__init__()
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        return no_matmul(x, self.out_features)
 
 
 def strip_projections(model) -> None:
