@@ -157,6 +157,40 @@ def graph_time_us(calls: list, reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def caller_commit(root: Path) -> str | None:
+    """GIFT_QUANT_COMMIT: the commit a copied tree was made from (a copy's own .git may lag), or
+    None when it is unset. Refused (SystemExit, one line, before a tool's work) where the
+    checkout's git shows it is wrong: a commit git knows whose files differ from the working
+    tree's, or one git does not know while the working tree is exactly its HEAD (then HEAD is
+    the commit to name)."""
+    caller = os.environ.get("GIFT_QUANT_COMMIT")
+    if not caller:
+        return None
+
+    def git(*args: str) -> int:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30
+        ).returncode
+
+    try:
+        if git("rev-parse", "--verify", "-q", "HEAD") != 0:
+            return caller  # not a git checkout: nothing to check against
+        if git("rev-parse", "--verify", "-q", f"{caller}^{{commit}}") == 0:
+            if git("diff", "--quiet", caller, "--", ".") != 0:
+                raise SystemExit(
+                    f"GIFT_QUANT_COMMIT={caller} names a commit whose files differ from this "
+                    "working tree; set it to the commit the tree was made from, or unset it"
+                )
+        elif git("diff", "--quiet", "HEAD", "--", ".") == 0:
+            raise SystemExit(
+                f"GIFT_QUANT_COMMIT={caller} is not a commit of this checkout, whose tree is its "
+                "HEAD; unset it (HEAD is recorded) or name the commit the tree was made from"
+            )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return caller
+
+
 def run_environment(shared: bool) -> dict:
     """What every JSON row of the kernel tools records: the commit, the versions, the
     processors, and whether other work shared the machine during the run."""
@@ -168,7 +202,7 @@ def run_environment(shared: bool) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = os.environ.get("GIFT_QUANT_COMMIT")  # a copy on another machine: its .git may lag
+    commit = caller_commit(Path(__file__).resolve().parent)
     try:
         commit = (
             commit

@@ -121,3 +121,37 @@ def test_child_processes_see_the_tools_packages(monkeypatch):
     assert prov.child_env("/checkout")["PYTHONPATH"] == "/checkout"
     sources = "".join(p.read_text() for p in TOOLS.glob("*.py") if p.name != "provenance.py")
     assert '"PYTHONPATH": str(' not in sources  # no tool replaces it any more
+
+
+def test_a_wrong_caller_commit_is_refused(tmp_path, monkeypatch):
+    """GIFT_QUANT_COMMIT names the commit a copied tree was made from; where the copy's git
+    shows the name is wrong, the tools refuse it instead of stamping rows with it."""
+    from gift_quant.testing import caller_commit
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    monkeypatch.delenv("GIFT_QUANT_COMMIT", raising=False)
+    assert caller_commit(tmp_path) is None
+    monkeypatch.setenv("GIFT_QUANT_COMMIT", "0" * 40)
+    assert caller_commit(tmp_path) == "0" * 40  # not a git checkout: nothing to check against
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    with pytest.raises(SystemExit, match="not a commit of this checkout"):
+        caller_commit(tmp_path)  # unknown, and the tree is exactly HEAD: a typo
+    monkeypatch.setenv("GIFT_QUANT_COMMIT", head)
+    assert caller_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    with pytest.raises(SystemExit, match="differ from this working tree"):
+        caller_commit(tmp_path)
+    monkeypatch.setenv("GIFT_QUANT_COMMIT", "1" * 40)
+    assert caller_commit(tmp_path) == "1" * 40  # the copy's git lags behind its files: trusted

@@ -262,6 +262,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.compile and not set(args.compile) <= set(args.batch):
         ap.error(f"--compile {args.compile}: each size must be one of --batch {args.batch}")
+    env = run_environment(args.shared)  # before any work: a wrong GIFT_QUANT_COMMIT is refused
     t0 = time.time()
     model = build_model(args.layers)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
@@ -328,7 +329,7 @@ def main() -> None:
                     )
             rows.append(row)
     res = dict(
-        **run_environment(args.shared),
+        **env,
         routes={  # after the timed runs: the measured choices where the op made them
             f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma)
             for m in args.batch

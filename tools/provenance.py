@@ -96,9 +96,11 @@ def _cpu_model() -> str:
 def _static() -> dict:
     import torch
 
+    from gift_quant.testing import caller_commit
+
     status = _git("status", "--porcelain", "--untracked-files=no")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    caller = os.environ.get("GIFT_QUANT_COMMIT")  # a copy on another machine: its .git may lag
+    caller = caller_commit(ROOT)  # GIFT_QUANT_COMMIT, checked against the checkout's git
     return {
         "commit": caller or _git("rev-parse", "HEAD"),
         "dirty": None if caller or status is None else bool(status),
