@@ -157,31 +157,40 @@ def graph_time_us(calls: list, reps: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
+RESULTS = ":(exclude,top)benchmarks/results"  # what the tools write: not the code that ran
+
+
 def caller_commit(root: Path) -> str | None:
-    """GIFT_QUANT_COMMIT: the commit a copied tree was made from (a copy's own .git may lag), or
-    None when it is unset. Refused (SystemExit, one line, before a tool's work) where the
-    checkout's git shows it is wrong: a commit git knows whose files differ from the working
-    tree's, or one git does not know while the working tree is exactly its HEAD (then HEAD is
-    the commit to name)."""
+    """GIFT_QUANT_COMMIT, the commit a copied tree was made from (a copy's own .git may lag),
+    resolved to its full SHA where git knows it; None when it is unset. Refused (SystemExit,
+    one line, before a tool's work) where the checkout's git shows it is wrong: a commit git
+    knows whose files differ from the working tree's, or one git does not know while the
+    working tree is exactly its HEAD (then HEAD is the commit to name). The whole checkout is
+    compared (untracked files included), less ``benchmarks/results``."""
     caller = os.environ.get("GIFT_QUANT_COMMIT")
     if not caller:
         return None
 
-    def git(*args: str) -> int:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30
-        ).returncode
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+
+    def tree_is(commit: str) -> bool:
+        same = git("diff", "--quiet", commit, "--", ":/", RESULTS).returncode == 0
+        extra = git("ls-files", "--others", "--exclude-standard", "--", ":/", RESULTS)
+        return same and extra.returncode == 0 and not extra.stdout.strip()
 
     try:
-        if git("rev-parse", "--verify", "-q", "HEAD") != 0:
+        if git("rev-parse", "--verify", "-q", "HEAD").returncode != 0:
             return caller  # not a git checkout: nothing to check against
-        if git("rev-parse", "--verify", "-q", f"{caller}^{{commit}}") == 0:
-            if git("diff", "--quiet", caller, "--", ".") != 0:
+        known = git("rev-parse", "--verify", "-q", f"{caller}^{{commit}}")
+        if known.returncode == 0:
+            if not tree_is(caller):
                 raise SystemExit(
                     f"GIFT_QUANT_COMMIT={caller} names a commit whose files differ from this "
                     "working tree; set it to the commit the tree was made from, or unset it"
                 )
-        elif git("diff", "--quiet", "HEAD", "--", ".") == 0:
+            return known.stdout.strip()
+        if tree_is("HEAD"):
             raise SystemExit(
                 f"GIFT_QUANT_COMMIT={caller} is not a commit of this checkout, whose tree is its "
                 "HEAD; unset it (HEAD is recorded) or name the commit the tree was made from"
@@ -202,7 +211,7 @@ def run_environment(shared: bool) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = caller_commit(Path(__file__).resolve().parent)
+    commit = caller_commit(Path(__file__).resolve().parent.parent)
     try:
         commit = (
             commit

@@ -488,3 +488,19 @@ def test_mma_route_names_carry_the_configuration(monkeypatch):
     for name in ("mma:2x16", "mma:4x3"):
         ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=object())
     assert seen == [(2, 16), (4, 3)]
+
+
+def test_gemv_k_tile_at_one_row_follows_the_split_balance():
+    """At M = 1 the GEMV takes the K tile (128 or 64) that shares the k-blocks more evenly over
+    its splits: on the H200 an uneven share cost more than the smaller tile."""
+    from gift_quant.kernels.triton.gemv import gemv_config
+
+    # 5120^2: 40 blocks of 128 over 39 splits (one split does two); 80 blocks of 64 share better
+    assert gemv_config(1, 5120, 5120, 4, 128)["BLOCK_K"] == 64
+    # 4096^2: 32 blocks of 128 over 32 splits, even: the larger tile stays
+    assert gemv_config(1, 4096, 4096, 4, 128)["BLOCK_K"] == 128
+    # more rows: as before (64 at M = 2, 32 beyond), and a tile always divides K and the group
+    assert [gemv_config(m, 5120, 5120, 4, 128)["BLOCK_K"] for m in (2, 3, 8)] == [64, 32, 32]
+    for K, group in ((576, 64), (1536, 128), (4160, 64), (14336, 128)):
+        bk = gemv_config(1, 4096, K, 4, group)["BLOCK_K"]
+        assert K % bk == 0 and group % bk == 0

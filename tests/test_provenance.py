@@ -142,15 +142,25 @@ def test_a_wrong_caller_commit_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("GIFT_QUANT_COMMIT", "0" * 40)
     assert caller_commit(tmp_path) == "0" * 40  # not a git checkout: nothing to check against
     git("init", "-q")
-    (tmp_path / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "tools.py").write_text("y = 1\n")
+    git("add", ".")
     git("commit", "-q", "-m", "one")
     head = git("rev-parse", "HEAD")
     with pytest.raises(SystemExit, match="not a commit of this checkout"):
         caller_commit(tmp_path)  # unknown, and the tree is exactly HEAD: a typo
-    monkeypatch.setenv("GIFT_QUANT_COMMIT", head)
+    monkeypatch.setenv("GIFT_QUANT_COMMIT", head[:10])
+    assert caller_commit(tmp_path / "pkg") == head  # resolved; from a subfolder too
+    # what the tools write there is not the code that ran
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}")
     assert caller_commit(tmp_path) == head
-    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "tools.py").write_text("y = 2\n")  # outside the folder asked from
+    with pytest.raises(SystemExit, match="differ from this working tree"):
+        caller_commit(tmp_path / "pkg")
+    (tmp_path / "tools.py").write_text("y = 1\n")
+    (tmp_path / "new.py").write_text("z = 1\n")  # an untracked file is a difference too
     with pytest.raises(SystemExit, match="differ from this working tree"):
         caller_commit(tmp_path)
     monkeypatch.setenv("GIFT_QUANT_COMMIT", "1" * 40)

@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results")))
     args = p.parse_args()
     shared = shared_flag(p, args)
+    prov = provenance(shared)  # first: a commit name its git contradicts is refused before the run
 
     work = Path(args.work)
     device = "cpu" if args.cpu else "cuda"
@@ -115,7 +116,6 @@ eval: {{text: [{text}], seq_len: 256, max_tokens: 1024, batch_size: 4, dtype: {d
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "bench_distributed.json"
-    prov = provenance(shared)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     single = {
         "one": [],

@@ -173,7 +173,7 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
         if M == 1:
             wide = {**base, "BLOCK_N": 256, "BLOCK_K": 64, "n_split": base["n_split"]}
             out.append(("gemv bn=256 bk=64", wide))
-            out.append(("gemv bn=256 bk=64 w2", {**wide, "BLOCK_K": 128, "num_warps": 2}))
+            out.append(("gemv bn=256 w2", {**wide, "BLOCK_K": 128, "num_warps": 2}))
             out.append(("gemv split x4", {**base, "n_split": base["n_split"] * 4}))
             half = max(1, base["n_split"] // 2)
             out.append(("gemv split x0.5 stages=2", {**base, "n_split": half, "num_stages": 2}))

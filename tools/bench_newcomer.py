@@ -53,6 +53,7 @@ def main() -> None:
         env["GIFT_QUANT_CACHE"] = str(work / "cache")
     env.pop("PYTHONPATH", None)
     rows = []
+    prov = provenance(shared)  # first: a commit name its git contradicts is refused before the run
     t_all = time.perf_counter()
     plan = [f"{sys.executable} -m venv {work / 'venv'}", *(s.strip() for s in steps)]
     for step in plan:
@@ -70,7 +71,6 @@ def main() -> None:
             print("\n".join(tail))
     total = time.perf_counter() - t_all
     print(f"{total:8.1f} s  total (fresh venv, set-up included)")
-    prov = provenance(shared)
     write_json(
         Path(args.out) / "newcomer.json",
         {

@@ -43,8 +43,9 @@ def _imbalance(n_kb: int, n_split: int) -> float:
 def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
     """Tile and split for one call; BLOCK_K shrinks with M to bound the x-pair registers. At
     M = 1 BLOCK_K is 128 or 64, whichever shares the k-blocks more evenly over the splits (128
-    on a tie): on the H200 the longest split sets the time (5120^2 W4: 39 splits of 40 blocks of
-    128, 10.15 us; of 80 blocks of 64, 8.86 us; gemv_sweep_bk.json)."""
+    on a tie): on the H200 an uneven share cost more than the smaller tile (5120^2 W4: 39
+    splits of 40 blocks of 128, one split doing two, 10.15 us; of 80 blocks of 64, 8.86 us;
+    kernels_h200_gemv_sweep_bk.json)."""
     block_m = triton.next_power_of_2(M)
     block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
     n_blocks = triton.cdiv(N, block_n)
