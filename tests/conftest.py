@@ -177,3 +177,27 @@ def tiny_recipe(path: str, *overrides: str):
             *overrides,
         ],
     )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line in the log for the Triton kernels run on the CPU by Triton's interpreter
+    (tests/test_kernels.py): how many of their tests passed, failed or were skipped, and in how
+    many seconds of test time."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    counts, seconds = {}, 0.0
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if getattr(rep, "nodeid", "").startswith("tests/test_kernels.py"):
+                if rep.when == "call" or outcome != "passed":
+                    counts[outcome] = counts.get(outcome, 0) + 1
+                seconds += getattr(rep, "duration", 0.0)
+    if not counts:
+        return
+    import triton
+
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    terminalreporter.write_line(
+        f"Triton kernels in the interpreter (TRITON_INTERPRET=1, triton {triton.__version__}): "
+        f"tests/test_kernels.py {summary} in {seconds:.1f}s"
+    )
