@@ -211,23 +211,17 @@ def run_environment(shared: bool) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = caller_commit(Path(__file__).resolve().parent.parent)
-    try:
-        commit = (
-            commit
-            or subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                cwd=Path(__file__).resolve().parent,
-                capture_output=True,
-                text=True,
-                check=True,
+    root = Path(__file__).resolve().parent.parent
+    commit = caller_commit(root)
+    if commit is None:  # this checkout's own HEAD, marked when the tree differs from it
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
             ).stdout.strip()
-        )
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=Path(__file__).parent)
-        if not os.environ.get("GIFT_QUANT_COMMIT") and dirty.returncode:
-            commit += "+uncommitted changes"
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
+            if subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode:
+                commit += "+uncommitted changes"
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown (not a git checkout)"
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():

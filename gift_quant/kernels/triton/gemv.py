@@ -51,13 +51,11 @@ def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
     n_blocks = triton.cdiv(N, block_n)
     want = max(triton.cdiv(TARGET_PROGRAMS, n_blocks), triton.cdiv(K, K_PER_PROGRAM))
     tiles = [128, 64] if block_m == 1 else [{2: 64}.get(block_m, 32)]
-    best = None
-    for block_k in dict.fromkeys(_fit(bk, K, group) for bk in tiles):
-        n_split = min(K // block_k, want)
-        key = (_imbalance(K // block_k, n_split), -block_k)
-        if best is None or key < best[0]:
-            best = (key, block_k, n_split)
-    _, block_k, n_split = best
+    block_k = min(
+        (_fit(bk, K, group) for bk in tiles),
+        key=lambda bk: (_imbalance(K // bk, min(K // bk, want)), -bk),
+    )
+    n_split = min(K // block_k, want)
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
