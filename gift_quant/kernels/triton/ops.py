@@ -244,10 +244,10 @@ def _dequant_cublas(name, x2, q, sz, wst, sal_pos, bias, bits, group, out) -> Te
             return x2 @ w if b is None else torch.addmm(b, x2, w)
         return torch.mm(x2, w, out=out) if b is None else torch.addmm(b, x2, w, out=out)
     spec = name[len("cublas:") :]
+    two = spec.endswith("s") and x2.is_cuda
     bounds = chunk_bounds(
         N, K, float(spec.rstrip("s")) * 2**20, dequant_block(N), x2.element_size()
     )
-    two = spec.endswith("s") and x2.is_cuda and len(bounds) > 1
     size = K * max(n1 - n0 for n0, n1 in bounds)
     buf = _scratch(x2.device, x2.dtype, size * (2 if two else 1))
     out = x2.new_empty(M, N) if out is None else out
