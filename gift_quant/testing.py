@@ -291,7 +291,7 @@ def compile_for_gpu(
             out.append(build(mm._backward_kernel, types, const, 4, 2))
             for noise in (0, 1, 2):  # inference; GIFT-SW training with each noise kind
                 const = dict(act, BLOCK_N=128, BLOCK_K=64, HAS_SAL=True, NOISE=noise)
-                t = types | dict(delta_ptr="*fp32", seed="i64", N0="i32", OUT_N="i32")
+                t = types | dict(delta_ptr="*fp32", seed="i64")
                 out.append(build(mm._dequant_kernel, t, const, 4, 1))
             if not with_gemv:
                 continue

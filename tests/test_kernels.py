@@ -200,45 +200,6 @@ def test_route_kernels_match_the_oracle(name, bits, dtype, M, group, sym, nsal, 
     within_bound(out, x, layer, w, b)
 
 
-@pytest.mark.parametrize("two", ["", "s"])
-@pytest.mark.parametrize(("bits", "dtype", "bias"), [(4, F16, True), (3, BF16, False)])
-def test_chunked_dequantize_cublas_matches_the_whole_weight_route(bits, dtype, bias, two):
-    """ "cublas:B": W^T dequantized B MiB of columns at a time into one buffer; here 1/32 MiB
-    = 64 columns of K = 256, so three chunks of N = 192, each written into its own columns
-    ("s", on a GPU: the next chunk dequantized on a second stream, into a second buffer)."""
-    layer, w, b = make(256, 192, bits=bits, group=64, salient=5, bias=bias, seed=bits, dtype=dtype)
-    p = ops.prepare(layer)
-    x = torch.randn(9, 256, device=DEV, dtype=dtype)
-    args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-    assert ops.chunk_bounds(192, 256, 2**15, mm.dequant_block(192), 2) == [
-        (0, 64),
-        (64, 128),
-        (128, 192),
-    ]
-    out = torch.full((9, 192), float("nan"), device=DEV, dtype=dtype)
-    ops.run_route("cublas:0.03125" + two, x, *args, out=out)
-    within_bound(out, x, layer, w, b)
-    whole = ops.run_route("cublas", x, *args)
-    assert torch.allclose(out.float(), whole.float(), rtol=0, atol=1e-2)
-    assert torch.equal(ops.run_route("cublas:0.03125" + two, x, *args), out)  # no out: the same
-
-
-@pytest.mark.parametrize(
-    ("N", "K", "mib", "block", "want"),
-    [
-        (4096, 4096, 8, 128, [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096)]),
-        (4096, 4096, 32, 128, [(0, 4096)]),
-        (28672, 4096, 16, 128, [(i * 2048, i * 2048 + 2048) for i in range(14)]),
-        (4096, 14336, 16, 128, [(i * 512, i * 512 + 512) for i in range(8)]),
-        (5120, 13824, 16, 128, [(i * 512, i * 512 + 512) for i in range(10)]),
-        (5120, 5120, 16, 128, [(i * 1280, i * 1280 + 1280) for i in range(4)]),  # 12.5 MiB each
-        (960, 1536, 0.01, 64, [(i * 64, i * 64 + 64) for i in range(15)]),  # one block at least
-    ],
-)
-def test_chunk_bounds_cover_the_columns_in_even_blocks(N, K, mib, block, want):
-    assert ops.chunk_bounds(N, K, mib * 2**20, block, 2) == want
-
-
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_dequantize_kernel_equals_the_reference_weight_bit_for_bit(bits, dtype):
@@ -409,27 +370,6 @@ def test_triton_under_cuda_graph_replay():
         y = dequant_matmul(x, layer, Backend.TRITON)
     x.copy_(torch.randn_like(x))
     g.replay()
-    within_bound(y, x, layer, w, b)
-
-
-@gpu
-@needs_cuda
-def test_two_stream_chunked_cublas_under_cuda_graph_replay():
-    """The second stream joins the capture and rejoins it: a replay on new x gives the eager
-    result of that x (five chunks, two buffers, each reused after its GEMM)."""
-    layer, w, b = make(512, 640, bits=4, group=128, salient=16, bias=True, seed=3)
-    p = ops.prepare(layer)
-    args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-    x = torch.randn(130, 512, device="cuda", dtype=F16)
-    name = "cublas:0.125s"  # 128 columns of K = 512
-    ops.run_route(name, x, *args)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = ops.run_route(name, x, *args)
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, ops.run_route("cublas:0.125", x, *args))
     within_bound(y, x, layer, w, b)
 
 

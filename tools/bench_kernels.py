@@ -1,8 +1,7 @@
 """Per-layer timing of the Triton dequant-matmul against cuBLAS fp16 and torch's tinygemm.
 
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|tuned|held_out|small]
-        [--ms 1,2,...] [--bits 4,3,2] [--sweep] [--warm N] [--candidates] [--skip-tinygemm]
-        [--budget S] [--shared]
+        [--sweep] [--warm N] [--candidates] [--skip-tinygemm] [--budget S] [--shared]
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
 
 Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
@@ -378,7 +377,6 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--warm", type=int, default=0)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument(
         "--profile", default=None, help="N,K,bits,M[,KERNEL]: only run the op or KERNEL (for ncu)"
     )
@@ -394,7 +392,6 @@ def main() -> None:
     if args.markdown:
         return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
     MS[:] = [int(m) for m in args.ms.split(",")]
-    BITS[:] = [int(b) for b in args.bits.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
     row_env = run_environment(args.shared)

@@ -193,8 +193,6 @@ def _dequant_kernel(
     N,
     K,
     seed,
-    N0,
-    OUT_N,
     BITS: tl.constexpr,
     BF16: tl.constexpr,
     EMU: tl.constexpr,
@@ -204,13 +202,13 @@ def _dequant_kernel(
     HAS_SAL: tl.constexpr,
     NOISE: tl.constexpr,
 ):
-    """out [K, OUT_N] = columns N0 .. N0 + OUT_N of dequant(W)^T, plus W_S^T[sal_pos[k]] on
-    rows with sal_pos[k] >= 0 (with noise: replaced by it).
+    """out [K, N] = dequant(W)^T, plus W_S^T[sal_pos[k]] on rows with sal_pos[k] >= 0 (with
+    noise: replaced by it).
     NOISE 1 / 2 (GIFT-SW training) adds delta[n] * N(0, 1/4) / U(-1/2, 1/2) to every element
     of the other rows: Philox draws at counter k * N + n of ``seed``, so a launch with the
     same seed rebuilds the same noisy weight (the backward pass does)."""
     kb = tl.program_id(0) * BLOCK_K
-    offs_n = N0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = kb + tl.arange(0, BLOCK_K)
     w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, False, True, EMU)
     if NOISE != 0:
@@ -232,8 +230,7 @@ def _dequant_kernel(
             w = tl.where((pos >= 0)[:, None], act(w.to(tl.float32) + sal, BF16, EMU), w)
         else:  # training: the salient rows carry no noise
             w = tl.where((pos >= 0)[:, None], act(sal, BF16, EMU), w)
-    out = out_ptr + offs_k[:, None] * OUT_N + (offs_n - N0)[None, :]
-    tl.store(out, w.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,11 +393,6 @@ def backward(g: Tensor, q: Tensor, sz: Tensor, K: int, *, bits: int, group: int)
 NOISE_KINDS = {"none": 0, "normal": 1, "uniform": 2}
 
 
-def dequant_block(N: int) -> int:
-    """The column tile of ``dequantize``: a column range it writes starts and ends on one."""
-    return 128 if N % 128 == 0 else 64
-
-
 def dequantize(
     q: Tensor,
     sz: Tensor,
@@ -414,26 +406,19 @@ def dequantize(
     noise: str = "none",
     delta: Tensor | None = None,
     seed: int = 0,
-    cols: tuple[int, int] | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """W^T [K, N] in ``dtype``, salient rows in place (``wst`` [k, N], ``sal_pos`` [K]); with
     ``noise`` (a key of NOISE_KINDS), per-column noise of scale ``delta`` [N] fp32 on the
-    other rows, drawn from ``seed``. ``cols`` (n0, n1): only those columns, [K, n1 - n0],
-    both multiples of ``dequant_block(N)``; ``out``: a contiguous tensor to write them into."""
+    other rows, drawn from ``seed``."""
     N = sz.shape[1]
-    block_n, block_k = dequant_block(N), 64 if group % 64 == 0 else 32
+    block_n, block_k = (128 if N % 128 == 0 else 64), 64 if group % 64 == 0 else 32
     _check(dtype, q, sz, K, group, block_n, block_k)
     kind = NOISE_KINDS[noise]
     assert not kind or (delta is not None and delta.dtype == torch.float32 and delta.numel() == N)
-    n0, n1 = cols or (0, N)
-    assert 0 <= n0 < n1 <= N and n0 % block_n == 0 and n1 % block_n == 0
-    if out is None:
-        out = torch.empty(K, n1 - n0, device=q.device, dtype=dtype)
-    assert out.shape == (K, n1 - n0) and out.dtype == dtype and out.is_contiguous()
+    out = torch.empty(K, N, device=q.device, dtype=dtype)
     has_sal = wst is not None and wst.numel() > 0
     with on_device(q.device):
-        _dequant_kernel[(K // block_k, (n1 - n0) // block_n)](
+        _dequant_kernel[(K // block_k, N // block_n)](
             q,
             sz,
             wst if has_sal else sz,
@@ -443,8 +428,6 @@ def dequantize(
             N,
             K,
             seed,
-            n0,
-            n1 - n0,
             **_meta(bits, dtype),
             GROUP=group,
             BLOCK_N=block_n,

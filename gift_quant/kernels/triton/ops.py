@@ -46,7 +46,6 @@ from gift_quant.kernels.triton.mm import (
     MM_CONFIGS,
     NOISE_KINDS,
     backward,
-    dequant_block,
     dequantize,
     mm,
     mm_config,
@@ -207,8 +206,13 @@ def run_route(
             wn, splits, depth = mma_config(name)
             return native.mixed_mmv(x2, cuda, b16, ws, cnt, wn, splits, out=out, depth=depth)
         return native.mixed_mma(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
-    if name == "cublas" or name.startswith("cublas:"):
-        return _dequant_cublas(name, x2, q, sz, wst, sal_pos, bias, bits, group, out)
+    if name == "cublas":
+        w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)
+        if out is None:
+            return torch.addmm(bias.to(x2.dtype), x2, w) if bias is not None else x2 @ w
+        if bias is not None:
+            return torch.addmm(bias.to(x2.dtype), x2, w, out=out)
+        return torch.mm(x2, w, out=out)
     ws, cnt = _workspace(x2.device, M * N)
     kw = dict(bits=bits, group=group, out=out)
     if name == "gemv":
@@ -217,97 +221,6 @@ def run_route(
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
     raise ValueError(f"unknown kernel {name!r}")
-
-
-def chunk_bounds(N: int, K: int, budget: float, block: int, esize: int) -> list[tuple[int, int]]:
-    """Column ranges of W^T [K, N] of at most ``budget`` bytes each (``esize`` bytes a
-    weight), as even as multiples of ``block`` columns allow (one block at least)."""
-    cols = max(block, int(budget // (K * esize)) // block * block)
-    chunks = -(-N // cols)  # ceil
-    width = -(-N // (chunks * block)) * block
-    return [(n0, min(N, n0 + width)) for n0 in range(0, N, width)]
-
-
-def _dequant_cublas(name, x2, q, sz, wst, sal_pos, bias, bits, group, out) -> Tensor:
-    """Dequantize + cuBLAS: "cublas" dequantizes all of W^T, then one GEMM; "cublas:B"
-    dequantizes B MiB of columns at a time into a buffer kept per device and multiplies each
-    chunk at once, while it is still in L2 (the fp16 W^T never goes through DRAM whole);
-    "cublas:Bs" dequantizes the next chunk on a second stream while cuBLAS multiplies this one
-    (two buffers)."""
-    M, K = x2.shape
-    N = sz.shape[1]
-    kw = dict(bits=bits, group=group, dtype=x2.dtype)
-    b = None if bias is None else bias.to(x2.dtype)
-    if name == "cublas":
-        w = dequantize(q, sz, wst, sal_pos, K, **kw)
-        if out is None:
-            return x2 @ w if b is None else torch.addmm(b, x2, w)
-        return torch.mm(x2, w, out=out) if b is None else torch.addmm(b, x2, w, out=out)
-    spec = name[len("cublas:") :]
-    two = spec.endswith("s") and x2.is_cuda
-    bounds = chunk_bounds(
-        N, K, float(spec.rstrip("s")) * 2**20, dequant_block(N), x2.element_size()
-    )
-    size = K * max(n1 - n0 for n0, n1 in bounds)
-    buf = _scratch(x2.device, x2.dtype, size * (2 if two else 1))
-    out = x2.new_empty(M, N) if out is None else out
-
-    def deq(i: int) -> Tensor:
-        (n0, n1), at = bounds[i], size * (i % 2) if two else 0
-        w = buf[at : at + K * (n1 - n0)].view(K, n1 - n0)
-        return dequantize(q, sz, wst, sal_pos, K, cols=(n0, n1), out=w, **kw)
-
-    def gemm(i: int, w: Tensor) -> None:
-        n0, n1 = bounds[i]
-        if b is None:
-            torch.mm(x2, w, out=out[:, n0:n1])
-        else:
-            torch.addmm(b[n0:n1], x2, w, out=out[:, n0:n1])
-
-    if not two:
-        for i in range(len(bounds)):
-            gemm(i, deq(i))
-        return out
-    main, side = torch.cuda.current_stream(x2.device), _side_stream(x2.device)
-    buf.record_stream(side)
-    w = deq(0)
-    for i in range(len(bounds)):
-        if i + 1 < len(bounds):
-            side.wait_stream(main)  # the GEMM that read the buffer it overwrites is done
-            with torch.cuda.stream(side):
-                nxt = deq(i + 1)
-        gemm(i, w)
-        main.wait_stream(side)
-        w = nxt if i + 1 < len(bounds) else w
-    return out
-
-
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _side_streams:
-        _side_streams[idx] = torch.cuda.Stream(device=idx)
-    return _side_streams[idx]
-
-
-_scratches: dict[tuple[int, torch.dtype], Tensor] = {}
-
-
-def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
-    """A buffer of at least ``numel`` elements, one per CUDA device and dtype, reused by
-    every call (calls on one device must not overlap, as for the workspace); a fresh one
-    elsewhere, and under CUDA-graph capture when the kept one is too small."""
-    if device.type != "cuda":
-        return torch.empty(numel, device=device, dtype=dtype)
-    key = (device.index if device.index is not None else 0, dtype)
-    buf = _scratches.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, device=device, dtype=dtype)
-        if not torch.cuda.is_current_stream_capturing():
-            _scratches[key] = buf
-    return buf
 
 
 _workspaces: dict[int, tuple[Tensor, Tensor]] = {}

@@ -2,9 +2,7 @@
 H200 (names only; ``ops`` launches what they name).
 
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
-  "cublas" (dequantize + cuBLAS), "cublas:B[s]" (the same B MiB of columns at a time, each
-  chunk multiplied while it is in L2; "s": the next chunk dequantized on a second stream),
-  "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
+  "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
   block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD]" (the CUDA kernel with
   the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
   ``native.MMV_DEPTH``).
@@ -24,7 +22,6 @@ from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 
 __all__ = [
-    "CHUNK_MIB",
     "CUBLAS_MIN_M",
     "DEFAULT_ROUTES",
     "GEMV_MAX_M",
@@ -60,7 +57,6 @@ MMV_WIDE_WEIGHTS = 1 << 25
 # (docs/KERNELS-NOTES.md, round 8)
 TUNE_M = 3, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
-CHUNK_MIB = (8, 16, 32)  # the chunk sizes of "cublas:B" among the candidates
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
 # Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
@@ -166,9 +162,8 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
         return out
     if M <= GEMV_MAX_M:
         return ["gemv"]
-    chunked = [f"cublas:{b}{s}" for b in CHUNK_MIB for s in ("", "s")]
     if M >= CUBLAS_MIN_M:
-        return ["cublas", *chunked]
+        return ["cublas"]
     out = ["gemv"] if M <= GEMV_LIMIT else []
     if M <= 32:
         out += ["mm:t128", "mm:t128s", "mm:t64", "mm:n128", "mm:t64k"]
@@ -177,5 +172,5 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     else:
         out.append("mm:t64")
     if M >= 32:
-        out += ["cublas", *chunked]
+        out.append("cublas")
     return out
