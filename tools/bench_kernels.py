@@ -189,6 +189,14 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
                 )
         if M == 2:
             out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
+        for cap in (80, 72, 64):  # registers per thread: 96 uncapped, 21 one-warp programs/SM
+            out.append((f"gemv maxnreg={cap}", {**base, "maxnreg": cap}))
+            out.append(
+                (
+                    f"gemv maxnreg={cap} split x2",
+                    {**base, "maxnreg": cap, "n_split": 2 * base["n_split"]},
+                )
+            )
     unique: list[tuple[str, dict]] = []  # a variant the rule already takes is timed once
     for name, cfg in out:
         if all(cfg != c for _, c in unique):

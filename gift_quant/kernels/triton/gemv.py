@@ -352,5 +352,6 @@ def gemv(
             CONSTR=constr,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         )
     return y
