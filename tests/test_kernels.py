@@ -504,3 +504,20 @@ def test_gemv_k_tile_at_one_row_follows_the_split_balance():
     for K, group in ((576, 64), (1536, 128), (4160, 64), (14336, 128)):
         bk = gemv_config(1, 4096, K, 4, group)["BLOCK_K"]
         assert K % bk == 0 and group % bk == 0
+
+
+def test_gemv_caps_its_registers_only_where_its_programs_exceed_one_wave():
+    """At M = 1, a launch of more one-warp programs than fit at once at 96 registers (21 per
+    SM on 132 SMs) takes 80, so that it runs in one wave less; the others keep 96."""
+    from gift_quant.kernels.triton.gemv import WAVE_PROGRAMS, gemv_config
+
+    def programs(c, N):
+        return N // c["BLOCK_N"] * c["n_split"]
+
+    for N, K, capped in ((28672, 4096, True), (8192, 28672, True), (4096, 4096, False)):
+        c = gemv_config(1, N, K, 4, 128)
+        assert (programs(c, N) > WAVE_PROGRAMS) is capped
+        assert c.get("maxnreg") == (80 if capped else None)
+    for N, K in ((22016, 4096), (4096, 14336), (13824, 5120)):  # one wave: uncapped
+        assert "maxnreg" not in gemv_config(1, N, K, 4, 128)
+    assert "maxnreg" not in gemv_config(2, 28672, 4096, 4, 128)  # measured at M = 1 only

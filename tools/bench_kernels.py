@@ -39,6 +39,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,7 +48,7 @@ from kernel_tables import print_tables  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
-from gift_quant.kernels.triton.gemv import gemv, gemv_config  # noqa: E402
+from gift_quant.kernels.triton.gemv import WAVE_PROGRAMS, gemv, gemv_config  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
@@ -179,6 +180,10 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             out.append(("gemv split x0.5 stages=2", {**base, "n_split": half, "num_stages": 2}))
             out.append(("gemv bn=64 split x0.5", {**base, "BLOCK_N": 64, "n_split": half}))
             out.append(("gemv bn=64", {**base, "BLOCK_N": 64}))
+            out.append(("gemv bn=64 maxnreg=80", {**base, "BLOCK_N": 64, "maxnreg": 80}))
+            wave64 = min(K // base["BLOCK_K"], WAVE_PROGRAMS // triton.cdiv(N, 64))
+            uncapped64 = {k: v for k, v in base.items() if k != "maxnreg"}
+            out.append(("gemv bn=64 one wave", {**uncapped64, "BLOCK_N": 64, "n_split": wave64}))
             for bk in (128, 64, 32):  # the rule picks 128 or 64; fewer registers per program
                 out.append((f"gemv bk={bk}", {**base, "BLOCK_K": bk}))
                 out.append(
@@ -189,6 +194,11 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
                 )
         if M == 2:
             out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
+        if base.get("maxnreg"):
+            uncapped = {k: v for k, v in base.items() if k != "maxnreg"}
+            out.append(("gemv uncapped", uncapped))
+            one_wave = max(1, WAVE_PROGRAMS // triton.cdiv(N, base["BLOCK_N"]))
+            out.append(("gemv uncapped one wave", {**uncapped, "n_split": one_wave}))
         for cap in (80, 72, 64):  # registers per thread: 96 uncapped, 21 one-warp programs/SM
             out.append((f"gemv maxnreg={cap}", {**base, "maxnreg": cap}))
             out.append(

@@ -40,6 +40,7 @@ from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
+from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
 from gift_quant.testing import (  # noqa: E402
     ERROR_FACTOR,
     compile_for_gpu,
@@ -172,6 +173,18 @@ def extra_checks() -> list[dict]:
         x[0, 7] = float("nan")
         y = triton_ops.dequant_matmul(x, layer)
         out.append(dict(check=f"NaN input propagates M={M}", ok=bool(y[0].isnan().any())))
+    for bits in (4, 3, 2):  # the GEMV with its register cap (more programs than one wave)
+        for dtype in (torch.float16, torch.bfloat16):
+            wide = random_mixed_linear(
+                4096, 28672, bits=bits, num_salient=128, seed=bits, device="cuda", dtype=dtype
+            )
+            x = torch.randn(1, 4096, device="cuda", dtype=dtype)
+            y, name = run_routed(x, wide, "gemv")
+            err, ref_err = kernel_error(y, reference.dequant_matmul(x, wide), oracle(x, wide))
+            capped = gemv_config(1, 28672, 4096, bits, 128).get("maxnreg") is not None
+            ok = capped and err <= FACTOR * ref_err + 1e-6
+            check = f"GEMV capped registers 28672x4096 W{bits} {str(dtype)[6:]} M=1"
+            out.append(dict(check=check, ok=ok, err=err, ref_err=ref_err))
     x = torch.randn(2, 2048, device="cuda", dtype=torch.float16)
     y = dispatch(x, layer, Backend.AUTO)
     err, ref_err = kernel_error(y, reference.dequant_matmul(x, layer), oracle(x, layer))

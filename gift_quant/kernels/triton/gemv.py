@@ -27,6 +27,12 @@ from gift_quant.kernels.triton.tiles import interpreting, on_device, store_outpu
 MAX_M = 8
 TARGET_PROGRAMS = 1536  # one-warp programs per launch (about 12 per SM)
 K_PER_PROGRAM = 320  # at most about this many input columns per program
+# At M = 1 the kernel takes 96 registers: 21 one-warp programs per SM, 2772 on the H200's 132
+# SMs. A launch of more programs runs a second, nearly empty wave; capped at 80 registers (a
+# 32-40 byte spill), 25 fit per SM and it runs in one wave less. Measured at M = 1:
+# 28672 x 4096 (2912 programs) +14-17%, 8192 x 28672 (5760) +2-3%; on the shapes that fit one
+# wave the cap lost up to 8% (kernels_h200_gemv_sweep_maxnreg.json).
+WAVE_PROGRAMS, WIDE_MAXNREG = 21 * 132, 80
 
 
 def _fit(block_k: int, K: int, group: int) -> int:
@@ -45,7 +51,8 @@ def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
     M = 1 BLOCK_K is 128 or 64, whichever shares the k-blocks more evenly over the splits (128
     on a tie): on the H200 an uneven share cost more than the smaller tile (5120^2 W4: 39
     splits of 40 blocks of 128, one split doing two, 10.15 us; of 80 blocks of 64, 8.86 us;
-    kernels_h200_gemv_sweep_bk.json)."""
+    kernels_h200_gemv_sweep_bk.json). More programs than one wave holds: registers capped
+    (WAVE_PROGRAMS)."""
     block_m = triton.next_power_of_2(M)
     block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
     n_blocks = triton.cdiv(N, block_n)
@@ -56,6 +63,7 @@ def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
         key=lambda bk: (_imbalance(K // bk, min(K // bk, want)), -bk),
     )
     n_split = min(K // block_k, want)
+    cap = block_m == 1 and n_blocks * n_split > WAVE_PROGRAMS
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -63,6 +71,7 @@ def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
         n_split=n_split,
         num_warps=1,
         num_stages=1,
+        **({"maxnreg": WIDE_MAXNREG} if cap else {}),
     )
 
 
@@ -352,6 +361,6 @@ def gemv(
             CONSTR=constr,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
-            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreting() else {}),
         )
     return y
