@@ -248,6 +248,10 @@ MM_CONFIGS: dict[str, dict] = {
     "t64k": dict(swap=True, block_n=64, block_k=64, programs=528),
     "n128": dict(swap=False, block_n=128, block_k=128, programs=264),
     "t128w": dict(swap=True, block_n=128, block_k=64, programs=264, scale_acc=False),
+    "t128wa": dict(swap=True, block_n=128, block_k=64, programs=396, scale_acc=False),
+    "t128wb": dict(swap=True, block_n=128, block_k=64, programs=528, scale_acc=False),
+    "t128wc": dict(swap=True, block_n=128, block_k=64, programs=792, scale_acc=False),
+    "t128wr": dict(swap=True, block_n=128, block_k=64, programs=396, scale_acc=False, maxnreg=168),
 }
 
 
@@ -262,6 +266,7 @@ def mm_config(
     swap: bool = True,
     programs: int = 528,
     scale_acc: bool | None = None,
+    maxnreg: int | None = None,
 ) -> dict:
     """A configuration of ``mm``: tile sizes fitted to the layer (BLOCK_K divides the group,
     BLOCK_N divides N), split-K chosen so that about ``programs`` programs run."""
@@ -281,6 +286,7 @@ def mm_config(
         n_split=n_split,
         num_warps=4,
         num_stages=3,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
 
 
@@ -357,6 +363,7 @@ def mm(
             STAGES=cfg["num_stages"],
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreting() else {}),
         )
     return y
 

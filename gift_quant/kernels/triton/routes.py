@@ -168,7 +168,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     if M <= 32:
         out += ["mm:t128", "mm:t128s", "mm:t64", "mm:n128", "mm:t64k"]
     elif M <= 64:
-        out += ["mm:t128w", "mm:t64"]
+        out += ["mm:t128w", "mm:t64", "mm:t128wa", "mm:t128wb", "mm:t128wc", "mm:t128wr"]
     else:
         out.append("mm:t64")
     if M >= 32:
