@@ -180,6 +180,7 @@ ROUTE_CASES = [
     ("mm:n128", 4, BF16, 6, -1, False, 9, True),
     ("mm:t128w", 3, F16, 40, 64, False, 5, True),
     ("mm:t128w", 2, BF16, 33, 128, True, 0, True),
+    ("mm:t128wr", 4, F16, 64, 64, False, 9, True),
     ("cublas", 4, BF16, 11, 64, False, 8, True),
     ("cublas", 3, F16, 6, 32, True, 3, False),
 ]

@@ -64,22 +64,25 @@ CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 # benchmarks/results/kernels_h200_candidates.json (fastest candidate per measured M = 8, 16,
 # ..., 512), then "mm:t64k" (timed later, kernels_h200.json) where it was faster by more than
 # 3%. The defaults (other shapes) take per M the candidate with the best geometric-mean
-# speedup over the measured shapes.
+# speedup over the measured shapes. M = 33-64: "mm:t128wr" where it was more than 3% faster
+# than the kernel routed before, and as the default (its geometric mean over the tuned shapes
+# was the best; kernels_h200_cand_m64.json).
 _R = tuple[tuple[int, str], ...]
 _T64_CUBLAS: _R = ((32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas"))
+_T64_CUBLAS_R: _R = ((32, "mm:t64"), (64, "mm:t128wr"), (128, "mm:t64"), (512, "cublas"))
 DEFAULT_ROUTES: dict[int, _R] = {
-    4: ((16, "mm:t64k"), (32, "mm:t64"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas")),
-    3: _T64_CUBLAS,
-    2: ((32, "mm:t64k"), (64, "mm:t128w"), (128, "mm:t64"), (512, "cublas")),
+    4: ((16, "mm:t64k"), (32, "mm:t64"), (64, "mm:t128wr"), (128, "mm:t64"), (512, "cublas")),
+    3: _T64_CUBLAS_R,
+    2: ((32, "mm:t64k"), (64, "mm:t128wr"), (128, "mm:t64"), (512, "cublas")),
 }
 ROUTES: dict[tuple[int, int, int], _R] = {  # (N, K, bits) -> routes
     (4096, 4096, 4): ((32, "mm:t64k"), (64, "mm:t128w"), (512, "cublas")),
     (4096, 4096, 3): ((32, "mm:t64"), (64, "mm:t128w"), (512, "cublas")),
     (4096, 4096, 2): ((32, "mm:t64k"), (64, "mm:t128w"), (512, "cublas")),
-    (12288, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (128, "mm:t64"))
-    + ((512, "cublas"),),
-    (12288, 4096, 3): ((128, "mm:t64"), (512, "cublas")),
-    (12288, 4096, 2): ((32, "mm:t128s"), (128, "mm:t64"), (512, "cublas")),
+    (12288, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (64, "mm:t128wr"))
+    + ((128, "mm:t64"), (512, "cublas")),
+    (12288, 4096, 3): ((32, "mm:t64"), (64, "mm:t128wr"), (128, "mm:t64"), (512, "cublas")),
+    (12288, 4096, 2): ((32, "mm:t128s"), (64, "mm:t128wr"), (128, "mm:t64"), (512, "cublas")),
     (28672, 4096, 4): ((8, "gemv"), (16, "mm:t64k"), (32, "mm:t128s"), (64, "mm:t128w"))
     + ((128, "mm:t64"), (512, "cublas")),
     (28672, 4096, 3): _T64_CUBLAS,
@@ -87,8 +90,8 @@ ROUTES: dict[tuple[int, int, int], _R] = {  # (N, K, bits) -> routes
     + ((512, "cublas"),),
     (4096, 14336, 4): ((8, "gemv"), (16, "mm:n128"), (32, "mm:t64"), (64, "mm:t128w"))
     + ((128, "mm:t64"), (512, "cublas")),
-    (4096, 14336, 3): _T64_CUBLAS,
-    (4096, 14336, 2): _T64_CUBLAS,
+    (4096, 14336, 3): _T64_CUBLAS_R,
+    (4096, 14336, 2): _T64_CUBLAS_R,
 }
 
 
@@ -168,7 +171,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     if M <= 32:
         out += ["mm:t128", "mm:t128s", "mm:t64", "mm:n128", "mm:t64k"]
     elif M <= 64:
-        out += ["mm:t128w", "mm:t64", "mm:t128wa", "mm:t128wb", "mm:t128wc", "mm:t128wr"]
+        out += ["mm:t128w", "mm:t64", "mm:t128wr"]
     else:
         out.append("mm:t64")
     if M >= 32:
