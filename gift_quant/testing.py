@@ -261,13 +261,17 @@ def compile_for_gpu(
         raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1; unset it")
     target = GPUTarget("cuda", 90, 32)
 
-    def build(kernel, types: dict, const: dict, warps: int, stages: int) -> str:
+    def build(kernel, types: dict, const: dict, warps: int, stages: int, maxnreg=None) -> str:
         sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
         idx = {(kernel.arg_names.index(k),): v for k, v in const.items()}
         src = ASTSource(fn=kernel, signature=sig, constexprs=idx)
-        c = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+        opts = dict(num_warps=warps, num_stages=stages)
+        c = triton.compile(
+            src, target=target, options=opts | ({"maxnreg": maxnreg} if maxnreg else {})
+        )
         shown = {k: v for k, v in const.items() if k not in ("ASM", "CONSTR")}
-        return f"{kernel.fn.__name__} {shown}: {len(c.asm['cubin'])} bytes of cubin"
+        cap = f", maxnreg {maxnreg}" if maxnreg else ""
+        return f"{kernel.fn.__name__} {shown}{cap}: {len(c.asm['cubin'])} bytes of cubin"
 
     out = []
     for b in bits:
@@ -286,7 +290,8 @@ def compile_for_gpu(
                 const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
                 const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3)
-                out.append(f"mm:{name} " + build(mm._mm_kernel, types, const, 4, 3))
+                kernel = build(mm._mm_kernel, types, const, 4, 3, cfg.get("maxnreg"))
+                out.append(f"mm:{name} " + kernel)
             const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
             out.append(build(mm._backward_kernel, types, const, 4, 2))
             for noise in (0, 1, 2):  # inference; GIFT-SW training with each noise kind
@@ -300,4 +305,7 @@ def compile_for_gpu(
             const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
             const |= dict(ASM=asm, CONSTR=constr)
             out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+            asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)  # M = 1, capped
+            const |= dict(BLOCK_M=1, BLOCK_K=64, EVEN_M=True, ASM=asm, CONSTR=constr)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
     return out

@@ -48,7 +48,12 @@ from kernel_tables import print_tables  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
-from gift_quant.kernels.triton.gemv import WAVE_PROGRAMS, gemv, gemv_config  # noqa: E402
+from gift_quant.kernels.triton.gemv import (  # noqa: E402
+    PROGRAMS_PER_SM,
+    SAL_PER_PROG,
+    gemv,
+    gemv_config,
+)
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
@@ -166,7 +171,9 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
     mm configurations are timed by ``--candidates``."""
     out = []
     if M <= 4:
-        base = gemv_config(M, N, K, bits, GROUP)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        base = gemv_config(M, N, K, bits, GROUP, NSAL, sms)
+        places, sal = PROGRAMS_PER_SM * sms, triton.cdiv(NSAL, SAL_PER_PROG)
         out.append(("gemv default", base))
         for f in (0.5, 2.0):
             out.append((f"gemv split x{f}", {**base, "n_split": max(1, int(base["n_split"] * f))}))
@@ -181,7 +188,7 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             out.append(("gemv bn=64 split x0.5", {**base, "BLOCK_N": 64, "n_split": half}))
             out.append(("gemv bn=64", {**base, "BLOCK_N": 64}))
             out.append(("gemv bn=64 maxnreg=80", {**base, "BLOCK_N": 64, "maxnreg": 80}))
-            wave64 = min(K // base["BLOCK_K"], WAVE_PROGRAMS // triton.cdiv(N, 64))
+            wave64 = min(K // base["BLOCK_K"], places // triton.cdiv(N, 64) - sal)
             uncapped64 = {k: v for k, v in base.items() if k != "maxnreg"}
             out.append(("gemv bn=64 one wave", {**uncapped64, "BLOCK_N": 64, "n_split": wave64}))
             for bk in (128, 64, 32):  # the rule picks 128 or 64; fewer registers per program
@@ -197,7 +204,7 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
         if base.get("maxnreg"):
             uncapped = {k: v for k, v in base.items() if k != "maxnreg"}
             out.append(("gemv uncapped", uncapped))
-            one_wave = max(1, WAVE_PROGRAMS // triton.cdiv(N, base["BLOCK_N"]))
+            one_wave = max(1, places // triton.cdiv(N, base["BLOCK_N"]) - sal)
             out.append(("gemv uncapped one wave", {**uncapped, "n_split": one_wave}))
         for cap in (80, 72, 64):  # registers per thread: 96 uncapped, 21 one-warp programs/SM
             out.append((f"gemv maxnreg={cap}", {**base, "maxnreg": cap}))
@@ -209,6 +216,8 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             )
     unique: list[tuple[str, dict]] = []  # a variant the rule already takes is timed once
     for name, cfg in out:
+        if cfg.get("maxnreg") and "maxnreg" not in name:  # a cap inherited from the rule
+            name += f" maxnreg={cfg['maxnreg']}"
         if all(cfg != c for _, c in unique):
             unique.append((name, cfg))
     return unique

@@ -13,6 +13,8 @@ launched.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,12 +29,14 @@ from gift_quant.kernels.triton.tiles import interpreting, on_device, store_outpu
 MAX_M = 8
 TARGET_PROGRAMS = 1536  # one-warp programs per launch (about 12 per SM)
 K_PER_PROGRAM = 320  # at most about this many input columns per program
-# At M = 1 the kernel takes 96 registers: 21 one-warp programs per SM, 2772 on the H200's 132
-# SMs. A launch of more programs runs a second, nearly empty wave; capped at 80 registers (a
-# 32-40 byte spill), 25 fit per SM and it runs in one wave less. Measured at M = 1:
-# 28672 x 4096 (2912 programs) +14-17%, 8192 x 28672 (5760) +2-3%; on the shapes that fit one
-# wave the cap lost up to 8% (kernels_h200_gemv_sweep_maxnreg.json).
-WAVE_PROGRAMS, WIDE_MAXNREG = 21 * 132, 80
+# At M = 1 the kernel takes 96 registers: 21 one-warp programs fit per SM (2,772 on the
+# H200's 132). Where a launch has more programs than that (K splits and salient programs per
+# column block), its registers are capped at 80 (a 32-40 byte spill) so that 25 fit per SM.
+# Measured at M = 1, 128 salient columns: 28672 x 4096 (3,360 programs) +14-17%, 8192 x 28672
+# (5,888) +2-3%; on the shapes with at most 1,944 programs the cap lost up to 9%
+# (kernels_h200_gemv_sweep_maxnreg.json, _wave.json).
+PROGRAMS_PER_SM, WIDE_MAXNREG = 21, 80
+SAL_PER_PROG, SAL_CHUNK = 64, 32
 
 
 def _fit(block_k: int, K: int, group: int) -> int:
@@ -46,13 +50,15 @@ def _imbalance(n_kb: int, n_split: int) -> float:
     return triton.cdiv(n_kb, n_split) * n_split / n_kb
 
 
-def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
+def gemv_config(
+    M: int, N: int, K: int, bits: int, group: int, nsal: int = 0, sms: int = 132
+) -> dict:
     """Tile and split for one call; BLOCK_K shrinks with M to bound the x-pair registers. At
     M = 1 BLOCK_K is 128 or 64, whichever shares the k-blocks more evenly over the splits (128
     on a tie): on the H200 an uneven share cost more than the smaller tile (5120^2 W4: 39
     splits of 40 blocks of 128, one split doing two, 10.15 us; of 80 blocks of 64, 8.86 us;
-    kernels_h200_gemv_sweep_bk.json). More programs than one wave holds: registers capped
-    (WAVE_PROGRAMS)."""
+    kernels_h200_gemv_sweep_bk.json). At M = 1, a launch of more programs (``nsal`` salient
+    columns included) than fit at once on ``sms`` SMs caps its registers (PROGRAMS_PER_SM)."""
     block_m = triton.next_power_of_2(M)
     block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
     n_blocks = triton.cdiv(N, block_n)
@@ -63,7 +69,8 @@ def gemv_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
         key=lambda bk: (_imbalance(K // bk, min(K // bk, want)), -bk),
     )
     n_split = min(K // block_k, want)
-    cap = block_m == 1 and n_blocks * n_split > WAVE_PROGRAMS
+    programs = n_blocks * (n_split + triton.cdiv(nsal, SAL_PER_PROG))
+    cap = block_m == 1 and programs > PROGRAMS_PER_SM * sms
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -288,7 +295,15 @@ def _gemv_kernel(
 # ------------------------------------------------------------------------------------------
 # 3. launcher
 
-SAL_PER_PROG, SAL_CHUNK = 64, 32
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    """The SM count of a CUDA device (the H200's 132 elsewhere: the interpreter)."""
+    return (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 132
+    )
 
 
 def gemv(
@@ -312,9 +327,9 @@ def gemv(
     assert 1 <= M <= MAX_M and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16)
     assert q.dtype == torch.int32 and q.is_contiguous() and q.shape[1] == N
     assert sz.dtype == torch.int32 and sz.is_contiguous() and K % group == 0
-    cfg = config or gemv_config(M, N, K, bits, group)
-    assert K % cfg["BLOCK_K"] == 0 and group % cfg["BLOCK_K"] == 0
     nsal = 0 if sidx is None else sidx.numel()
+    cfg = config or gemv_config(M, N, K, bits, group, nsal, _sms(x.device))
+    assert K % cfg["BLOCK_K"] == 0 and group % cfg["BLOCK_K"] == 0
     n_sal_progs = triton.cdiv(nsal, SAL_PER_PROG)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     assert ws.numel() >= M * N and cnt.numel() >= n_blocks
