@@ -216,7 +216,7 @@ def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
             )
     unique: list[tuple[str, dict]] = []  # a variant the rule already takes is timed once
     for name, cfg in out:
-        if cfg.get("maxnreg") and "maxnreg" not in name:  # a cap inherited from the rule
+        if cfg.get("maxnreg") and "maxnreg" not in name and cfg is not base:  # inherited cap
             name += f" maxnreg={cfg['maxnreg']}"
         if all(cfg != c for _, c in unique):
             unique.append((name, cfg))
