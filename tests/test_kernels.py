@@ -509,9 +509,9 @@ def test_gemv_k_tile_at_one_row_follows_the_split_balance():
 
 def test_gemv_caps_its_registers_where_its_launch_exceeds_the_places(monkeypatch):
     """At M = 1 the GEMV caps its registers when its launch grid (K splits and salient
-    programs per column block) has more programs than fit at 96 registers (21 per SM): the
+    programs per column block) has more programs than fit even capped (25 per SM): the
     decision is checked against the grid the launch really used, on a GPU of 1 SM, where
-    the salient programs tip a 16-program launch over 21."""
+    the salient programs tip a 16-program launch over 25."""
     from gift_quant.kernels.triton import gemv as g
 
     monkeypatch.setattr(g, "_sms", lambda device: 1)
@@ -529,18 +529,19 @@ def test_gemv_caps_its_registers_where_its_launch_exceeds_the_places(monkeypatch
 
     monkeypatch.setattr(g, "gemv_config", config)
     monkeypatch.setattr(g, "_gemv_kernel", Kernel())
-    for nsal, capped in ((0, False), (65, False), (130, True)):  # 16, 20, 22 programs
+    for nsal, capped in ((0, False), (250, False), (260, True)):  # 16, 24, 26 programs
         layer, w, b = make(1024, 256, bits=4, group=128, salient=nsal, seed=nsal)
         x = torch.randn(1, 1024, device=DEV, dtype=F16)
         within_bound(ops.run_route("gemv", x, *_args(layer)), x, layer, w, b)
         cfg, grid = seen[-2], seen[-1]
-        assert (grid[0] * grid[1] > g.PROGRAMS_PER_SM) is capped
+        assert (grid[0] * grid[1] > g.CAPPED_PROGRAMS_PER_SM) is capped
         assert cfg.get("maxnreg") == (g.WIDE_MAXNREG if capped else None)
     # on the H200 (132 SMs), 128 salient columns: only the two widest benchmark shapes
     for N, K, want in ((28672, 4096, True), (8192, 28672, True), (4096, 4096, False)):
         assert ("maxnreg" in real_config(1, N, K, 4, 128, 128)) is want
     for N, K in ((12288, 4096), (4096, 14336), (13824, 5120), (5120, 13824)):
         assert "maxnreg" not in real_config(1, N, K, 4, 128, 128)
+    assert "maxnreg" not in real_config(1, 22016, 4096, 4, 128, 250)  # 2,924: measured slower
     assert "maxnreg" not in real_config(2, 28672, 4096, 4, 128, 128)  # measured at M = 1 only
 
 
