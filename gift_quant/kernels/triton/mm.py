@@ -240,9 +240,9 @@ def _dequant_kernel(
 # t*: swapped orientation (wgmma, weight tile as the LHS), n*: x as the LHS; the number is
 # BLOCK_N; k: BLOCK_K 64 (4-bit: 8 word rows per tile instead of 16, 1.3x faster at M <= 16);
 # s: twice the programs; w: tile scaled in the activation dtype, BLOCK_K 64 (for BLOCK_M >=
-# 64); r: registers capped at 168, so that 3 programs fit per SM at every bit width (2 bits
-# took 176, 2 per SM), and splits for 3 per SM. ``programs``: the split-K target (132 SMs,
-# 2-4 resident programs each).
+# 64); r: more K splits (396 programs instead of 264) and registers capped at 168, so that 3
+# programs fit per SM at every bit width (2 bits took 176: 2 per SM). ``programs``: the
+# split-K target (132 SMs, 2-4 resident programs each; salient programs come on top).
 MM_CONFIGS: dict[str, dict] = {
     "t128": dict(swap=True, block_n=128, block_k=128, programs=264),
     "t128s": dict(swap=True, block_n=128, block_k=128, programs=528),
