@@ -35,3 +35,17 @@ def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     assert "- M = 16 ≥ 1.5×: 1 of 2 cells" in out
     assert "- below 1.0× at M ≤ 64: 1 cells (0 at M = 16, 1 at M = 32)" in out
     assert "- W3/W2 slower than W4 at M ≤ 64: 1 cells" in out
+
+
+def test_a_benchmark_shape_is_checked_before_any_work():
+    """``bench_kernels --shape NxK``: a shape the benchmark can build, else a one-line error
+    that says what would be right."""
+    import pytest
+
+    assert kernel_tables.parse_shape("24576x4096") == (24576, 4096)
+    assert kernel_tables.parse_shape("960X1536", group=64) == (960, 1536)
+    for bad, says in (("4096", "NxK"), ("4096x4096x2", "NxK"), ("100x4096", "multiple of 64")):
+        with pytest.raises(ValueError, match=says):
+            kernel_tables.parse_shape(bad)
+    with pytest.raises(ValueError, match="group"):
+        kernel_tables.parse_shape("4096x4000")

@@ -1,7 +1,8 @@
 """Per-layer timing of the Triton dequant-matmul against cuBLAS fp16 and torch's tinygemm.
 
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|tuned|held_out|small]
-        [--sweep] [--warm N] [--candidates] [--skip-tinygemm] [--budget S] [--shared]
+        [--shape NxK ...] [--sweep] [--warm N] [--candidates] [--skip-tinygemm] [--budget S]
+        [--shared]
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
 
 Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
@@ -43,7 +44,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_tables import print_tables  # noqa: E402
+from kernel_tables import parse_shape, print_tables  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
@@ -401,6 +402,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--shapes", default="all", choices=sorted(SHAPES))
+    ap.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NxK",
+        help="time this layer shape instead of --shapes (repeatable; group 'custom')",
+    )
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--warm", type=int, default=0)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -414,6 +422,10 @@ def main() -> None:
     ap.add_argument("--name", default="kernels_h200.json", help="result file under --out")
     ap.add_argument("--markdown", default=None, help="JSON of a run: print its tables, run none")
     args = ap.parse_args()
+    try:
+        shapes = [("custom", parse_shape(t, GROUP)) for t in args.shape] or SHAPES[args.shapes]
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.profile:
         return profile(args.profile)
     if args.markdown:
@@ -446,10 +458,10 @@ def main() -> None:
     )
     print(res["env"], flush=True)
     if args.warm:
-        warm(SHAPES[args.shapes], args.warm, args.candidates)
+        warm(shapes, args.warm, args.candidates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for group, (N, K) in SHAPES[args.shapes]:
+    for group, (N, K) in shapes:
         bench_shape(group, N, K, args.sweep, res)
         res["tuning"] = triton_ops.tuning.record()  # what the op measured at first use
         tmp = out / (args.name + ".tmp")

@@ -9,6 +9,20 @@ Triton route tables derived from the candidates.
 from __future__ import annotations
 
 
+def parse_shape(text: str, group: int = 128) -> tuple[int, int]:
+    """``NxK`` (output x input features) of a layer the benchmark can build: N a multiple of 64,
+    K of the quantization group; ValueError with what would be right otherwise."""
+    try:
+        N, K = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape {text!r}: write it as NxK, e.g. 28672x4096") from None
+    if N <= 0 or N % 64 or K <= 0 or K % group:
+        raise ValueError(
+            f"shape {text!r}: N must be a positive multiple of 64 and K of the group ({group})"
+        )
+    return N, K
+
+
 def best_candidates(res: dict, failing=()) -> dict:
     """{(N, K, bits, M): (us, name)}: the fastest measured candidate of each cell."""
     best = {}
