@@ -40,21 +40,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv_variants import gemv_variants  # noqa: E402
 from kernel_tables import parse_shape, print_tables  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
-from gift_quant.kernels.triton.gemv import (  # noqa: E402
-    PROGRAMS_PER_SM,
-    SAL_PER_PROG,
-    gemv,
-    gemv_config,
-)
+from gift_quant.kernels.triton.gemv import gemv  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
@@ -165,63 +160,6 @@ def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:
     except Exception as exc:  # noqa: BLE001 - report and go on without the peer
         print(f"tinygemm unavailable: {exc!r}"[:300], flush=True)
         return {}
-
-
-def sweep_configs(M: int, N: int, K: int, bits: int) -> list[tuple[str, dict]]:
-    """Alternative GEMV configurations (n_split is a run-time argument: no recompilation); the
-    mm configurations are timed by ``--candidates``."""
-    out = []
-    if M <= 4:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        base = gemv_config(M, N, K, bits, GROUP, NSAL, sms)
-        places, sal = PROGRAMS_PER_SM * sms, triton.cdiv(NSAL, SAL_PER_PROG)
-        out.append(("gemv default", base))
-        for f in (0.5, 2.0):
-            out.append((f"gemv split x{f}", {**base, "n_split": max(1, int(base["n_split"] * f))}))
-        out.append(("gemv stages=2", {**base, "num_stages": 2}))
-        if M == 1:
-            wide = {**base, "BLOCK_N": 256, "BLOCK_K": 64, "n_split": base["n_split"]}
-            out.append(("gemv bn=256 bk=64", wide))
-            out.append(("gemv bn=256 w2", {**wide, "BLOCK_K": 128, "num_warps": 2}))
-            out.append(("gemv split x4", {**base, "n_split": base["n_split"] * 4}))
-            half = max(1, base["n_split"] // 2)
-            out.append(("gemv split x0.5 stages=2", {**base, "n_split": half, "num_stages": 2}))
-            out.append(("gemv bn=64 split x0.5", {**base, "BLOCK_N": 64, "n_split": half}))
-            out.append(("gemv bn=64", {**base, "BLOCK_N": 64}))
-            out.append(("gemv bn=64 maxnreg=80", {**base, "BLOCK_N": 64, "maxnreg": 80}))
-            wave64 = min(K // base["BLOCK_K"], places // triton.cdiv(N, 64) - sal)
-            uncapped64 = {k: v for k, v in base.items() if k != "maxnreg"}
-            out.append(("gemv bn=64 one wave", {**uncapped64, "BLOCK_N": 64, "n_split": wave64}))
-            for bk in (128, 64, 32):  # the rule picks 128 or 64; fewer registers per program
-                out.append((f"gemv bk={bk}", {**base, "BLOCK_K": bk}))
-                out.append(
-                    (
-                        f"gemv bk={bk} split x2",
-                        {**base, "BLOCK_K": bk, "n_split": 2 * base["n_split"]},
-                    )
-                )
-        if M == 2:
-            out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
-        if base.get("maxnreg"):
-            uncapped = {k: v for k, v in base.items() if k != "maxnreg"}
-            out.append(("gemv uncapped", uncapped))
-            one_wave = max(1, places // triton.cdiv(N, base["BLOCK_N"]) - sal)
-            out.append(("gemv uncapped one wave", {**uncapped, "n_split": one_wave}))
-        for cap in (80, 72, 64):  # registers per thread: 96 uncapped, 21 one-warp programs/SM
-            out.append((f"gemv maxnreg={cap}", {**base, "maxnreg": cap}))
-            out.append(
-                (
-                    f"gemv maxnreg={cap} split x2",
-                    {**base, "maxnreg": cap, "n_split": 2 * base["n_split"]},
-                )
-            )
-    unique: list[tuple[str, dict]] = []  # a variant the rule already takes is timed once
-    for name, cfg in out:
-        if cfg.get("maxnreg") and "maxnreg" not in name and cfg is not base:  # inherited cap
-            name += f" maxnreg={cfg['maxnreg']}"
-        if all(cfg != c for _, c in unique):
-            unique.append((name, cfg))
-    return unique
 
 
 def run_config(x: torch.Tensor, L: dict, bits: int, name: str, cfg: dict):
@@ -340,7 +278,8 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
 
 
 def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
-    for name, cfg in sweep_configs(M, N, K, bits):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, cfg in gemv_variants(M, N, K, bits, GROUP, NSAL, sms):
         try:
             t = graph_time_us([partial(run_config, x, L, bits, name, cfg) for L in copies], reps=9)
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
