@@ -224,7 +224,8 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
     """mixed_mmv.cu at M = 1..16 (one and two 8-row tiles of x): every configuration the rules
     name at every depth, one and several K splits (the last block's finish), one-warp blocks
     (15 strips) and four-warp blocks (16 strips: the per-warp rings, x shared by the block),
-    salient columns round-robin over the splits, bias."""
+    salient columns round-robin over the splits, bias; on sm_90, the splits summed in
+    thread-block clusters of 2-16 blocks."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops, routes
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -240,6 +241,16 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         confs = native.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
         names = [routes.mmv_name(*c, d) for c in confs for d in native.MMV_DEPTHS]
+        if torch.cuda.get_device_capability()[0] >= 9:  # splits summed in clusters: one
+            # cluster holding every split (the output written there) and several (added up
+            # across clusters by the finish)
+            runs = {(wn, native._runs(K, sp)) for wn, sp in confs}
+            names += [
+                routes.mmv_name(wn, sp, native.MMV_DEPTH, c)
+                for wn, sp in sorted(runs)
+                for c in (2, 4, 8, 16)
+                if sp % c == 0
+            ]
         exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
         for name in names:
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)

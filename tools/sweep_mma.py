@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--ms 1,2,...]
         [--bits 4,3,2] [--kernel mma|mmv] [--configs auto|all] [--out DIR] [--name FILE]
-        [--shared] [--no-salient]
+        [--shared] [--no-salient] [--cluster]
 
 For every shape, bit width and M: the kernel's result against a float64 oracle (relative error,
 and the max error against the fp16 reference's own), then the per-call time of cuBLAS fp16, of
@@ -11,6 +11,9 @@ enough for it (the route between the two is chosen from these rows) and of the C
 automatic configuration (``--configs all``: also every (warps, splits) variant; ``--kernel
 mmv``: the swapped kernel for M <= 16, its configurations at every depth), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
+``--cluster`` (mmv, sm_90): also each configuration with its splits summed in thread-block
+clusters (the largest of 16, 8, 4, 2 blocks dividing its splits), and 8 and 16 splits each
+in one cluster.
 Rows go to ``--name`` (``sweep_mma_<gpu>.json``) with the run environment; a table is printed.
 ``--no-salient`` (a diagnostic: what the salient columns cost) also times, in the same graphs,
 the CUDA kernel and the GEMV on the same layers with the salient columns left out, checked
@@ -81,6 +84,18 @@ def configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int]]:
     return out
 
 
+def cluster_variants(confs: list[tuple[int, ...]], K: int) -> list[tuple[int, ...]]:
+    """``confs`` (warps, splits, depth, 1) and, after them, each with the largest cluster of
+    16, 8, 4 or 2 blocks that divides the splits it runs, and 8 or 16 splits in one cluster."""
+    out = list(confs)
+    for wn, splits, depth, _ in confs:
+        runs = native._runs(K, splits)
+        extra = [(wn, splits, depth, c) for c in (16, 8, 4, 2) if runs % c == 0][:1]
+        extra += [(wn, s, depth, s) for s in (8, 16) if native._runs(K, s) == s]
+        out += [c for c in extra if c not in out]
+    return out
+
+
 def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]]:
     """(warps, splits, depth) of the swapped kernel: the rule's at every depth and the other
     configurations first use times (``native.mmv_configs``), then (``all``) every block width
@@ -104,10 +119,10 @@ def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]
 def no_salient(x, base, copies, ccopies, ref, config, bits) -> dict:
     """The CUDA kernel in ``config`` and (M <= GEMV_MAX_M) the GEMV on the same layer copies with
     their salient columns left out: time, and the kernel's error against the oracle without them."""
-    wn, splits, depth = config
+    wn, splits, depth, cl = config
     M, N = x.shape[0], base["wst"].shape[1]
     ws, cnt = triton_ops._workspace(x.device, M * N)
-    launch = partial(native.mixed_mmv, depth=depth) if depth else native.mixed_mma
+    launch = partial(native.mixed_mmv, depth=depth, cluster=cl) if depth else native.mixed_mma
     bare = [replace(P, nsal=0) for P in ccopies]
     ref0 = ref - x.double()[:, base["sidx"].long()] @ base["wst"].double()
     y = launch(x, bare[0], None, ws, cnt, wn, splits).double()
@@ -141,6 +156,7 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="result file (default sweep_mma_<gpu>.json)")
     ap.add_argument("--shared", action="store_true")
     ap.add_argument("--no-salient", action="store_true", help="also time without the salient part")
+    ap.add_argument("--cluster", action="store_true", help="also cluster-summed splits (mmv)")
     args = ap.parse_args()
     if native.library() is None:
         sys.exit("the CUDA kernel could not be built here (see the log)")
@@ -176,13 +192,19 @@ def main() -> None:
                 if M <= routes.GEMV_MAX_M:
                     t_gemv = graph_time_us([partial(cand_call, "gemv", x, L, bits) for L in copies])
                 if args.kernel == "mmv":
-                    confs = mmv_configs(M, N, K, args.configs)
-                    auto = (*native.mmv_choose(M, N, K), native.MMV_DEPTH)
+                    confs = [(*c, 1) for c in mmv_configs(M, N, K, args.configs)]
+                    if args.cluster:
+                        confs = cluster_variants(confs, K)
+                    auto = (*native.mmv_choose(M, N, K), native.MMV_DEPTH, 1)
                 else:
-                    confs = [(*c, 0) for c in configs(M, N, K, args.configs)]
-                    auto = (*native.choose(M, N, K), 0)
-                for wn, splits, depth in confs:
-                    launch = partial(native.mixed_mmv, depth=depth) if depth else native.mixed_mma
+                    confs = [(*c, 0, 1) for c in configs(M, N, K, args.configs)]
+                    auto = (*native.choose(M, N, K), 0, 1)
+                for wn, splits, depth, cl in confs:
+                    launch = (
+                        partial(native.mixed_mmv, depth=depth, cluster=cl)
+                        if depth
+                        else native.mixed_mma
+                    )
                     y = launch(x, cbase, None, ws, cnt, wn, splits).double()
                     rel = float((y - ref).norm() / ref.norm())
                     ratio = float(
@@ -193,7 +215,7 @@ def main() -> None:
                         [partial(launch, x, P, None, ws, cnt, wn, splits) for P in ccopies]
                     )
                     nosal = (
-                        no_salient(x, base, copies, ccopies, ref, (wn, splits, depth), bits)
+                        no_salient(x, base, copies, ccopies, ref, (wn, splits, depth, cl), bits)
                         if args.no_salient
                         else {}
                     )
@@ -207,6 +229,7 @@ def main() -> None:
                         wn=wn,
                         splits=splits,
                         depth=depth or None,
+                        cluster=cl,
                         us=t,
                         op_us=t_op,
                         op_route=op_route(M, N, K, bits),
@@ -218,14 +241,14 @@ def main() -> None:
                         floor_frac=floor_us(nb) / t,
                         rel_err=rel,
                         err_ratio=ratio,
-                        auto=(wn, splits, depth) == auto,
+                        auto=(wn, splits, depth, cl) == auto,
                         **nosal,
                         **env,
                     )
                     res["rows"].append(row)
                     print(
                         f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {args.kernel}(wn={wn},sp={splits:3d}"
-                        f"{f',d={depth}' if depth else ''}) "
+                        f"{f',d={depth}' if depth else ''}{f',c={cl}' if cl > 1 else ''}) "
                         f"{t:7.2f}us x{fp[M] / t:4.2f} floor {row['floor_frac']:4.0%} | op "
                         f"{row['op_route']:8s} {t_op:7.2f}us x{fp[M] / t_op:4.2f} | cuBLAS "
                         f"{fp[M]:7.2f}us rel={rel:.1e} err/ref16={ratio:.2f}"

@@ -14,6 +14,8 @@
 // Scale after the MMA as in mixed_mma.cu: a group's MMAs add x @ (code - zero) into their own
 // registers, which the group's scales (one per output column) multiply once at its end. The
 // scales and zero-points of the next group are loaded at the start of the current one.
+#include <cooperative_groups.h>
+
 #include "fragments.cuh"
 
 namespace {
@@ -60,6 +62,62 @@ __device__ __forceinline__ void mma_swapped(float (&c)[NB][4][4], const uint32_t
   }
 }
 
+// The split-K sum inside a thread-block cluster of `csize` blocks along the splits (sm_90):
+// each block leaves its partial tile (M rows x the block's WN x 64 columns, fp32) in its own
+// shared memory, and block q of the cluster adds slice q of the tile over the cluster's blocks
+// (distributed shared memory, in rank order: the same sum every run), then writes it to y
+// (`whole`: the cluster holds every split; bias added) or adds it into ws for the finish of
+// the splits across clusters. Replaces M x N fp32 atomics per split, the memory fence and the
+// last block's pass with two cluster barriers.
+template <int NB, int WN>
+__device__ __forceinline__ void cluster_reduce(const float (&acc)[NB][4][4], uint4* smem,
+                                               const half* __restrict__ bias,
+                                               half* __restrict__ y, float* __restrict__ ws,
+                                               int M, int N, bool whole) {
+#if __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  constexpr int W = WN * 64;  // the block's columns
+  float* red = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  __syncthreads();  // every warp is done with its ring and x: their space takes the tile
+#pragma unroll
+  for (int n = 0; n < NB; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 8 * n + 2 * t + (e & 1);
+        if (r < M) red[r * W + warp * 64 + 16 * i + 8 * (e >> 1) + g] = acc[n][i][e];
+      }
+  cluster.sync();  // release / acquire: every block's tile is visible to the cluster
+  const int C = static_cast<int>(cluster.num_blocks()), q = static_cast<int>(cluster.block_rank());
+  const int total = M * (W / 4), per = (total + C - 1) / C, end = min(total, (q + 1) * per);
+  for (int i = q * per + static_cast<int>(threadIdx.x); i < end; i += blockDim.x) {
+    float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int p = 0; p < C; ++p) {
+      const float4 v = *cluster.map_shared_rank(reinterpret_cast<float4*>(red) + i, p);
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    const int r = i / (W / 4), c = blockIdx.x * W + 4 * (i - r * (W / 4));
+    if (whole) {
+      if (bias != nullptr) {
+        s.x += __half2float(bias[c]), s.y += __half2float(bias[c + 1]);
+        s.z += __half2float(bias[c + 2]), s.w += __half2float(bias[c + 3]);
+      }
+      half2* o = reinterpret_cast<half2*>(y + (size_t)r * N + c);
+      o[0] = __floats2half2_rn(s.x, s.y), o[1] = __floats2half2_rn(s.z, s.w);
+    } else {
+      float* o = ws + (size_t)r * N + c;
+      atomicAdd(o, s.x), atomicAdd(o + 1, s.y), atomicAdd(o + 2, s.z), atomicAdd(o + 3, s.w);
+    }
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+#else
+  __trap();  // clusters need sm_90; the launcher refuses them below it
+#endif
+}
+
 // 20 warps per SM with one 8-row tile of x: at most 96 registers (no spills on sm_90; 24
 // warps, 80 registers, spill); 16 warps with two tiles (128)
 template <int BITS, int WN, int PF, int NB>
@@ -69,7 +127,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
-                     unsigned gmagic, int ss_per_split) {
+                     unsigned gmagic, int ss_per_split, int csize) {
   // shared memory: each warp's ring of PF k-steps of weights (BITS x 512 bytes each), then x
   extern __shared__ __align__(16) uint4 smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -183,6 +241,11 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   if (nss > 0) add_scaled_mmv<NB>(acc, gacc, sc);
 
   // 4. output: acc[n][i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
+  if (csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
+    cluster_reduce<NB, WN>(acc, smem, bias, y, ws, M, N, splits == csize);
+    if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
+    return;
+  }
   const int col0 = b * 64 + g;
 #pragma unroll
   for (int n = 0; n < NB; ++n)
@@ -208,7 +271,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
 template <int BITS, int WN, int DEPTH>
 int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
-               float* ws, int* cnt, int M, int N, int K, int group, int splits,
+               float* ws, int* cnt, int M, int N, int K, int group, int splits, int csize,
                cudaStream_t stream) {
   constexpr int PF = DEPTH / BITS;
   static_assert(PF >= 2, "the ring needs two k-steps");
@@ -216,16 +279,35 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   const int nq = ((nsal + 15) / 16 + splits - 1) / splits;
-  const size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
-                      (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  if (csize > 1 && splits % csize) return -1;  // clusters tile the splits
+  size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
+                (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[2][64] = {};  // per kernel and device: the shared memory allowed
   const dim3 grid(N / 64 / WN, splits);
+  const unsigned magic = group_magic(group);
   auto run = [&](auto kernel, size_t* table) {
-    const int rc = allow_smem(kernel, smem, table);
+    int rc = allow_smem(kernel, smem, table);
     if (rc) return rc;
-    kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt,
-                                            M, N, K, group_magic(group), ss_per_split);
-    return static_cast<int>(cudaGetLastError());
+    if (csize == 1) {
+      kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt,
+                                              M, N, K, magic, ss_per_split, 1);
+      return static_cast<int>(cudaGetLastError());
+    }
+    if (csize > 8) {  // 16 blocks per cluster is past the portable 8 (sm_90 allows it)
+      rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+      if (rc) return rc;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid, cfg.blockDim = dim3(WN * 32), cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = csize, attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr, cfg.numAttrs = 1;
+    return static_cast<int>(cudaLaunchKernelEx(&cfg, kernel, x, qc, zp, scp, wsp, sidx, nsal,
+                                               bias, y, ws, cnt, M, N, K, magic, ss_per_split,
+                                               csize));
   };
   // one 8-row tile of x up to 8 rows, two up to 16
   return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1>, allowed[0])
@@ -236,12 +318,12 @@ template <int BITS, int WN>
 int mmv_by_depth(int depth, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                  const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
                  float* ws, int* cnt, int M, int N, int K, int group, int splits,
-                 cudaStream_t s) {
+                 int csize, cudaStream_t s) {
   switch (depth) {
-    case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
-    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
+    case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
 #endif
     default: return -1;
   }
@@ -251,12 +333,12 @@ template <int BITS>
 int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp,
               const uint4* scp, const uint4* wsp, const int* sidx, int nsal, const half* bias,
               half* y, float* ws, int* cnt, int M, int N, int K, int group, int splits,
-              cudaStream_t s) {
+              int csize, cudaStream_t s) {
   switch (wn) {
-    case 1: return mmv_by_depth<BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 1: return mmv_by_depth<BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
 #ifndef GQ_COMPILE_CHECK
-    case 2: return mmv_by_depth<BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 4: return mmv_by_depth<BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 2: return mmv_by_depth<BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
+    case 4: return mmv_by_depth<BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
 #endif
     default: return -1;
   }
@@ -268,9 +350,17 @@ int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp
 extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const void* scp,
                             const void* wsp, const void* sidx, int nsal, const void* bias,
                             void* y, void* ws, void* cnt, int M, int N, int K, int group,
-                            int bits, int wn, int splits, int depth, void* stream) {
+                            int bits, int wn, int splits, int depth, int csize,
+                            void* stream) {
   if (M < 1 || M > 16 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
+  if (csize < 1 || csize > 16) return -1;
+  if (csize > 1) {  // thread-block clusters: sm_90 and later
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (major < 9) return -1;
+  }
   auto* xh = static_cast<const half*>(x);
   auto* q = static_cast<const uint4*>(qc);
   auto* z = static_cast<const uint2*>(zp);
@@ -283,9 +373,9 @@ extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
   switch (bits) {
-    case 2: return mmv_by_wn<2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
-    case 3: return mmv_by_wn<3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
-    case 4: return mmv_by_wn<4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 2: return mmv_by_wn<2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, s);
+    case 3: return mmv_by_wn<3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, s);
+    case 4: return mmv_by_wn<4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, s);
     default: return -1;
   }
 }

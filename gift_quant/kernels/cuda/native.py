@@ -278,7 +278,7 @@ def library(device: torch.device | None = None):
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
             lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
             lib.gq_mixed_mma.restype = i32
-            lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 8 + [ptr]
+            lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
             lib.gq_mixed_mmv.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
@@ -416,12 +416,15 @@ def mixed_mmv(
     splits: int = 0,
     out: Tensor | None = None,
     depth: int = MMV_DEPTH,
+    cluster: int = 1,
 ) -> Tensor:
     """As :func:`mixed_mma` for M <= MMV_MAX_M rows, by the swapped kernel (``mixed_mmv.cu``);
-    ``depth``: one of MMV_DEPTHS."""
+    ``depth``: one of MMV_DEPTHS; ``cluster`` > 1 (sm_90+, dividing the splits the launch
+    runs, at most 16): the splits add up in thread-block clusters of that many blocks."""
     if not wn:
         wn, splits = mmv_choose(x2.shape[0], p.N, x2.shape[1])
-    return _launch(_state["lib"].gq_mixed_mmv, x2, p, bias, ws, cnt, out, wn, splits, depth)
+    fn = _state["lib"].gq_mixed_mmv
+    return _launch(fn, x2, p, bias, ws, cnt, out, wn, splits, depth, cluster)
 
 
 def mixed_mma(

@@ -196,15 +196,17 @@ def run_route(
     cuda: native.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernels' layout, for "mma:WNxS" and "mmv:WNxS[dD]")."""
+    ``cuda``: the CUDA kernels' layout, for "mma:WNxS" and "mmv:WNxS[dD][cC]")."""
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:")):
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()
         if name.startswith("mmv:"):
-            wn, splits, depth = mma_config(name)
-            return native.mixed_mmv(x2, cuda, b16, ws, cnt, wn, splits, out=out, depth=depth)
+            wn, splits, depth, cl = mma_config(name)
+            return native.mixed_mmv(
+                x2, cuda, b16, ws, cnt, wn, splits, out=out, depth=depth, cluster=cl
+            )
         return native.mixed_mma(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
     if name == "cublas":
         w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)

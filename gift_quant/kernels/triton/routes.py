@@ -3,9 +3,9 @@ H200 (names only; ``ops`` launches what they name).
 
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
   "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
-  block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD]" (the CUDA kernel with
-  the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
-  ``native.MMV_DEPTH``).
+  block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA kernel
+  with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
+  ``native.MMV_DEPTH``; C > 1: the splits summed in thread-block clusters of C blocks, sm_90).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
   where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
@@ -118,16 +118,22 @@ def mma_name(wn: int, splits: int) -> str:
     return f"mma:{wn}x{splits}"
 
 
-def mmv_name(wn: int, splits: int, depth: int = native.MMV_DEPTH) -> str:
-    return f"mmv:{wn}x{splits}" + ("" if depth == native.MMV_DEPTH else f"d{depth}")
+def mmv_name(wn: int, splits: int, depth: int = native.MMV_DEPTH, cluster: int = 1) -> str:
+    return (
+        f"mmv:{wn}x{splits}"
+        + ("" if depth == native.MMV_DEPTH else f"d{depth}")
+        + ("" if cluster == 1 else f"c{cluster}")
+    )
 
 
 def mma_config(name: str) -> tuple[int, ...]:
-    """(warps per block, K splits) of "mma:WNxS"; (warps, splits, depth) of "mmv:WNxS[dD]"."""
+    """(warps per block, K splits) of "mma:WNxS"; (warps, splits, depth, cluster) of
+    "mmv:WNxS[dD][cC]"."""
     wn, rest = name[4:].split("x")
+    rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
     if name.startswith("mmv:"):
-        return int(wn), int(splits), int(depth or native.MMV_DEPTH)
+        return int(wn), int(splits), int(depth or native.MMV_DEPTH), int(cluster or 1)
     return int(wn), int(splits)
 
 
