@@ -385,3 +385,27 @@ def test_swapped_kernel_configurations_fit_in_shared_memory(shape) -> None:
             ring = max(wn * d * 32 * 16 for d in native.MMV_DEPTHS)
             assert x_bytes <= native.MMV_X_BYTES, (M, wn, splits, x_bytes)
             assert ring + x_bytes <= 227 * 1024
+
+
+def test_cluster_configurations_are_named_and_offered_where_they_may_pay(monkeypatch) -> None:
+    """'mmv:WNxS[dD][cC]' round-trips; the one-cluster configuration is timed at first use only
+    for M = 5-16, on sm_90, where the launch runs exactly MMV_CLUSTER splits and x fits."""
+    from gift_quant.kernels.triton import routes
+
+    d = native.MMV_DEPTH
+    assert routes.mma_config("mmv:4x8c8") == (4, 8, d, 8)
+    assert routes.mma_config("mmv:4x16d16c16") == (4, 16, 16, 16)
+    assert routes.mma_config("mmv:4x16d16") == (4, 16, 16, 1)
+    for c in [(4, 8, d, 8), (2, 16, 32, 16), (1, 3, 16, 1), (4, 38, d, 2)]:
+        assert routes.mma_config(routes.mmv_name(*c)) == c
+    monkeypatch.setattr(native, "clusters_supported", lambda: True)
+    assert native.mmv_cluster_configs(16, 28672, 4096) == [(4, 8, d, 8)]
+    assert native.mmv_cluster_configs(5, 13824, 5120) == [(4, 8, d, 8)]
+    assert native.mmv_cluster_configs(4, 28672, 4096) == []  # M <= 4: it lost
+    assert native.mmv_cluster_configs(16, 4096, 14336) == []  # x needs more than 8 splits
+    assert native.mmv_cluster_configs(16, 4096, 640) == []  # 10 k-steps run as 5 splits
+    assert "mmv:4x8c8" in routes.tuning_names(16, 28672, 4096, 4)
+    assert "mmv:4x8c8" in routes.candidates(16, mma=True, N=28672, K=4096)
+    monkeypatch.setattr(native, "clusters_supported", lambda: False)
+    assert native.mmv_cluster_configs(16, 28672, 4096) == []
+    assert not any("c" in n[4:] for n in routes.tuning_names(16, 28672, 4096, 4))

@@ -46,7 +46,9 @@ __all__ = [
     "library",
     "mixed_mma",
     "mixed_mmv",
+    "clusters_supported",
     "mmv_choose",
+    "mmv_cluster_configs",
     "mmv_configs",
     "pack",
     "pack_codes",
@@ -66,6 +68,16 @@ MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
 # average, at 1280 it was the best wherever that configuration was measured
 MMV_TARGET_WARPS_TWO_TILES = 1280
 MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
+# The swapped kernel with its K splits summed in one thread-block cluster (sm_90), timed at
+# first use beside the atomic configurations for M = 5-16 where the layer has a multiple of
+# 8 x 64 input columns: in the H200 sweep (sweep_mmv_h200_cluster.json, W4, M = 1-16, nine
+# shapes) 8 splits in one cluster of 8 beat every atomic configuration by 15% on
+# 28672 x 4096 at M = 16, 2-5% on 12288 x 4096 and 13824 x 5120 at M = 8-16, and lost
+# elsewhere (clusters of 2-16 tiling more splits lost nearly everywhere, up to 20%; M <= 4
+# lost 1-9%): the blocks of a cluster wait for each other, so it pays only where the atomic
+# adds it saves (M x N per split) are many.
+MMV_CLUSTER_M = (5, 16)
+MMV_CLUSTER = 8
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 _lock = threading.Lock()
 _state: dict = {}
@@ -369,6 +381,22 @@ def mmv_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
         if c not in out:
             out.append(c)
     return out
+
+
+def clusters_supported() -> bool:
+    """Thread-block clusters on the current CUDA device (sm_90 and later)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
+    """(warps, splits, depth, cluster) of the swapped kernel with its splits summed in one
+    cluster, worth timing for M rows: MMV_CLUSTER splits of the rule's block width where the
+    launch runs exactly that many and x fits (MMV_CLUSTER_M, sm_90); else none."""
+    if not MMV_CLUSTER_M[0] <= M <= MMV_CLUSTER_M[1] or not clusters_supported():
+        return []
+    if _runs(K, MMV_CLUSTER) != MMV_CLUSTER or _mmv_min_splits(M, K) > MMV_CLUSTER:
+        return []
+    return [(mmv_choose(M, N, K)[0], MMV_CLUSTER, MMV_DEPTH, MMV_CLUSTER)]
 
 
 def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:

@@ -139,9 +139,12 @@ def mma_config(name: str) -> tuple[int, ...]:
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
-    the swapped kernel's configurations (M <= 16), the tensor-core kernel's, and the Triton
-    rule."""
-    names = [mmv_name(*c) for c in native.mmv_configs(M, N, K)] if M <= native.MMV_MAX_M else []
+    the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
+    tensor-core kernel's, and the Triton rule."""
+    names = []
+    if M <= native.MMV_MAX_M:
+        names += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
+        names += [mmv_name(*c) for c in native.mmv_cluster_configs(M, N, K)]
     names += [mma_name(*c) for c in native.configs(M, N, K)]
     return [*names, route(M, N, K, bits)]
 
@@ -166,6 +169,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
         out = [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
         if M <= native.MMV_MAX_M:
             out += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
+            out += [mmv_name(*c) for c in native.mmv_cluster_configs(M, N, K)]
             rule = native.mmv_choose(M, N, K)
             out += [mmv_name(*rule, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
         return out
