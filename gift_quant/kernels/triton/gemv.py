@@ -30,15 +30,17 @@ MAX_M = 8
 TARGET_PROGRAMS = 1536  # one-warp programs per launch (about 12 per SM)
 K_PER_PROGRAM = 320  # at most about this many input columns per program
 # At M = 1 the kernel takes 96 registers: 21 one-warp programs fit per SM; capped at 80
-# registers (a 32-40 byte spill), 25. Measured at M = 1 (programs: K splits and salient
-# programs per column block): 28672 x 4096 with 128 salient columns (3,360 programs) +14-17%
-# capped, 8192 x 28672 (5,888) +2-3%; the shapes of at most 1,944 programs lost up to 9%
-# (kernels_h200_gemv_sweep_maxnreg.json, _wave.json), and a 7B decode's fused gate/up
-# 22016 x 4096 with 246-255 salient columns (2,924 programs) cost batch-1 decode 1.6%
-# (decode_h200_graphs_11ac32f_gateup_capped.json). So the cap is taken only where a launch
-# has more programs than fit even capped (25 per SM): a bound between the measured loss and
-# gain, not a wave count.
-PROGRAMS_PER_SM, CAPPED_PROGRAMS_PER_SM, WIDE_MAXNREG = 21, 25, 80
+# registers (a 32-40 byte spill), 25. Capping pays where the uncapped launch runs well past one
+# wave of 21 per SM. Measured at M = 1 with 128 salient columns (programs: K splits and salient
+# programs per column block), the cap against none: 24576 and 25600 x 4096 (2,880 and 3,000
+# programs) -5 to -6% at every bit width, 26624 and 27648 x 4096 (3,120 and 3,240) +9 to +13%
+# (kernels_h200_gemv_sweep_m1_r13.json); 28672 x 4096 (3,360) +14-17%, 8192 x 28672 (5,888)
+# +2-3%, the shapes of at most 1,944 programs up to -9% (kernels_h200_gemv_sweep_maxnreg.json,
+# _wave.json), and a 7B decode's fused gate/up 22016 x 4096 with 246-255 salient columns
+# (2,924) cost batch-1 decode 1.6% (decode_h200_graphs_11ac32f_gateup_capped.json). So the cap
+# is taken above 23 programs per SM, between the losses (at most 22.7) and the gains (at least
+# 23.6).
+PROGRAMS_PER_SM, CAP_ABOVE_PROGRAMS_PER_SM, WIDE_MAXNREG = 21, 23, 80
 SAL_PER_PROG, SAL_CHUNK = 64, 32
 
 
@@ -61,8 +63,7 @@ def gemv_config(
     on a tie): on the H200 an uneven share cost more than the smaller tile (5120^2 W4: 39
     splits of 40 blocks of 128, one split doing two, 10.15 us; of 80 blocks of 64, 8.86 us;
     kernels_h200_gemv_sweep_bk.json). At M = 1, a launch of more programs (``nsal`` salient
-    columns included) than fit at once on ``sms`` SMs even capped caps its registers
-    (CAPPED_PROGRAMS_PER_SM)."""
+    columns included) than CAP_ABOVE_PROGRAMS_PER_SM per SM on ``sms`` SMs caps its registers."""
     block_m = triton.next_power_of_2(M)
     block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
     n_blocks = triton.cdiv(N, block_n)
@@ -74,7 +75,7 @@ def gemv_config(
     )
     n_split = min(K // block_k, want)
     programs = n_blocks * (n_split + triton.cdiv(nsal, SAL_PER_PROG))
-    cap = block_m == 1 and programs > CAPPED_PROGRAMS_PER_SM * sms
+    cap = block_m == 1 and programs > CAP_ABOVE_PROGRAMS_PER_SM * sms
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
