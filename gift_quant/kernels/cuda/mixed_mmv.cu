@@ -62,6 +62,22 @@ __device__ __forceinline__ void mma_swapped(float (&c)[NB][4][4], const uint32_t
   }
 }
 
+// f(value, row, column within the warp's 64-column strip) for each accumulator element of a
+// row below M: acc[n][i][e] is column 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
+template <int NB, typename F>
+__device__ __forceinline__ void each_output(const float (&acc)[NB][4][4], int M, F&& f) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < NB; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 8 * n + 2 * t + (e & 1);
+        if (r < M) f(acc[n][i][e], r, 16 * i + 8 * (e >> 1) + g);
+      }
+}
+
 // The split-K sum inside a thread-block cluster of `csize` blocks along the splits (sm_90):
 // each block leaves its partial tile (M rows x the block's WN x 64 columns, fp32) in its own
 // shared memory, and block q of the cluster adds slice q of the tile over the cluster's blocks
@@ -79,17 +95,9 @@ __device__ __forceinline__ void cluster_reduce(const float (&acc)[NB][4][4], uin
   cg::cluster_group cluster = cg::this_cluster();
   constexpr int W = WN * 64;  // the block's columns
   float* red = reinterpret_cast<float*>(smem);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int strip = (threadIdx.x >> 5) * 64;  // the warp's first column in the block
   __syncthreads();  // every warp is done with its ring and x: their space takes the tile
-#pragma unroll
-  for (int n = 0; n < NB; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = 8 * n + 2 * t + (e & 1);
-        if (r < M) red[r * W + warp * 64 + 16 * i + 8 * (e >> 1) + g] = acc[n][i][e];
-      }
+  each_output(acc, M, [&](float v, int r, int c) { red[r * W + strip + c] = v; });
   cluster.sync();  // release / acquire: every block's tile is visible to the cluster
   const int C = static_cast<int>(cluster.num_blocks()), q = static_cast<int>(cluster.block_rank());
   const int total = M * (W / 4), per = (total + C - 1) / C, end = min(total, (q + 1) * per);
@@ -246,23 +254,13 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
     if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
     return;
   }
-  const int col0 = b * 64 + g;
-#pragma unroll
-  for (int n = 0; n < NB; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = 8 * n + 2 * t + (e & 1), c = col0 + 16 * i + 8 * (e >> 1);
-        if (r < M) {
-          if (splits == 1) {
-            const float v = acc[n][i][e] + (bias != nullptr ? __half2float(bias[c]) : 0.0f);
-            y[(size_t)r * N + c] = __float2half_rn(v);
-          } else {
-            atomicAdd(ws + (size_t)r * N + c, acc[n][i][e]);
-          }
-        }
-      }
+  each_output(acc, M, [&](float v, int r, int c) {
+    c += b * 64;
+    if (splits == 1)
+      y[(size_t)r * N + c] = __float2half_rn(v + (bias != nullptr ? __half2float(bias[c]) : 0.0f));
+    else
+      atomicAdd(ws + (size_t)r * N + c, v);
+  });
   if (splits > 1) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
 }
 
