@@ -249,7 +249,10 @@ int allow_smem(Kernel* kernel, size_t smem, size_t* allowed) {
   if (smem > 48 * 1024 && smem > allowed[dev]) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
-    if (e != cudaSuccess) return static_cast<int>(e);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // taken here: the next launch must not report it as its own
+      return static_cast<int>(e);
+    }
     allowed[dev] = smem;
   }
   return 0;

@@ -294,7 +294,10 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
     }
     if (csize > 8) {  // 16 blocks per cluster is past the portable 8 (sm_90 allows it)
       rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-      if (rc) return rc;
+      if (rc) {
+        cudaGetLastError();  // taken here: the next launch must not report it as its own
+        return rc;
+      }
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid, cfg.blockDim = dim3(WN * 32), cfg.dynamicSmemBytes = smem;
@@ -303,9 +306,12 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = csize, attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr, cfg.numAttrs = 1;
-    return static_cast<int>(cudaLaunchKernelEx(&cfg, kernel, x, qc, zp, scp, wsp, sidx, nsal,
-                                               bias, y, ws, cnt, M, N, K, magic, ss_per_split,
-                                               csize));
+    rc = cudaLaunchKernelEx(&cfg, kernel, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
+                            N, K, magic, ss_per_split, csize);
+    // a refused launch leaves its error for the next cudaGetLastError: take it here, so that
+    // the next (ordinary) launch does not report it as its own
+    if (rc) cudaGetLastError();
+    return rc;
   };
   // one 8-row tile of x up to 8 rows, two up to 16
   return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1>, allowed[0])

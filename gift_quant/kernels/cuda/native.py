@@ -70,12 +70,14 @@ MMV_TARGET_WARPS_TWO_TILES = 1280
 MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
 # The swapped kernel with its K splits summed in one thread-block cluster (sm_90), timed at
 # first use beside the atomic configurations for M = 5-16 where the layer has a multiple of
-# 8 x 64 input columns: in the H200 sweep (sweep_mmv_h200_cluster.json, W4, M = 1-16, nine
-# shapes) 8 splits in one cluster of 8 beat every atomic configuration by 15% on
-# 28672 x 4096 at M = 16, 2-5% on 12288 x 4096 and 13824 x 5120 at M = 8-16, and lost
-# elsewhere (clusters of 2-16 tiling more splits lost nearly everywhere, up to 20%; M <= 4
-# lost 1-9%): the blocks of a cluster wait for each other, so it pays only where the atomic
-# adds it saves (M x N per split) are many.
+# 8 x 64 input columns. In the H200 sweep (sweep_mmv_h200_cluster.json, W4, M = 1, 2, 4, 8,
+# 16, eight shapes) 8 splits in one cluster of 8 beat every atomic configuration by 15% on
+# 28672 x 4096 at M = 16, 4% on 12288 x 4096 at M = 16 and 1-5% on 13824 x 5120 at M = 2-16,
+# and lost elsewhere, by up to 31% in time; at M = 1-4 it lost on every other shape. Clusters
+# tiling more splits (then added across clusters by atomics) lost all 114 comparisons with
+# the same configuration unclustered, by 1-40%: a block cannot leave before its cluster is
+# done, so it pays only where the atomic adds it saves (M x N per split) are many. M = 5-7
+# were not measured: they share the M = 8 bucket of the first-use timing.
 MMV_CLUSTER_M = (5, 16)
 MMV_CLUSTER = 8
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
