@@ -49,3 +49,20 @@ def test_a_benchmark_shape_is_checked_before_any_work():
             kernel_tables.parse_shape(bad)
     with pytest.raises(ValueError, match="group"):
         kernel_tables.parse_shape("4096x4000")
+
+
+def test_sweep_cluster_variants_divide_the_splits_and_appear_once():
+    """``sweep_mma --cluster``: each configuration with the largest cluster of 16, 8, 4 or 2
+    blocks dividing the splits it runs, plus 8 and 16 splits in one cluster; no configuration
+    twice (two depths used to add the same one-cluster variants twice)."""
+    import sweep_mma
+
+    from gift_quant.kernels.cuda import native
+
+    K = 1024  # 16 k-steps
+    confs = sweep_mma.cluster_variants([(4, 16, 8, 1), (4, 16, 16, 1), (2, 6, 8, 1)], K)
+    assert len(confs) == len(set(confs))
+    for _, splits, _, c in confs:
+        assert native._runs(K, splits) % c == 0
+    assert (4, 16, 8, 16) in confs and (4, 8, 8, 8) in confs and (2, 6, 8, 2) in confs
+    assert (2, 6, 8, 4) not in confs  # 6 splits run as 6: 4 does not divide them

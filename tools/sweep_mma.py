@@ -1,6 +1,7 @@
 """Correctness and configuration sweep of the CUDA tensor-core kernel (``kernels/cuda``).
 
-    PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--ms 1,2,...]
+    PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--shape NxK ...]
+        [--ms 1,2,...]
         [--bits 4,3,2] [--kernel mma|mmv] [--configs auto|all] [--out DIR] [--name FILE]
         [--shared] [--no-salient] [--cluster]
 
@@ -49,6 +50,7 @@ from bench_kernels import (  # noqa: E402
     run_config,
     time_cublas,
 )
+from kernel_tables import parse_shape  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
@@ -92,7 +94,7 @@ def cluster_variants(confs: list[tuple[int, ...]], K: int) -> list[tuple[int, ..
         runs = native._runs(K, splits)
         extra = [(wn, splits, depth, c) for c in (16, 8, 4, 2) if runs % c == 0][:1]
         extra += [(wn, s, depth, s) for s in (8, 16) if native._runs(K, s) == s]
-        out += [c for c in extra if c not in out]
+        out += [c for c in dict.fromkeys(extra) if c not in out]  # each configuration once
     return out
 
 
@@ -148,6 +150,13 @@ _GEMV_NOSAL: dict = {}  # (layer copies, M) -> the GEMV's time without salient c
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="tuned", choices=sorted(SHAPES))
+    ap.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NxK",
+        help="time this layer shape instead of --shapes (repeatable)",
+    )
     ap.add_argument("--ms", default="1,2,4,8,16,32,64")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--configs", default="auto", choices=["auto", "all"])
@@ -158,6 +167,10 @@ def main() -> None:
     ap.add_argument("--no-salient", action="store_true", help="also time without the salient part")
     ap.add_argument("--cluster", action="store_true", help="also cluster-summed splits (mmv)")
     args = ap.parse_args()
+    try:
+        shapes = [parse_shape(t, GROUP) for t in args.shape] or SHAPES[args.shapes]
+    except ValueError as exc:
+        ap.error(str(exc))
     if native.library() is None:
         sys.exit("the CUDA kernel could not be built here (see the log)")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -168,7 +181,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     worst = 0.0
-    for N, K in SHAPES[args.shapes]:
+    for N, K in shapes:
         fp = {M: time_cublas(N, K, M) for M in Ms}
         for bits in [int(b) for b in args.bits.split(",")]:
             base = packed_layer(N, K, bits, codes=True)
