@@ -53,16 +53,17 @@ def test_a_benchmark_shape_is_checked_before_any_work():
 
 def test_sweep_cluster_variants_divide_the_splits_and_appear_once():
     """``sweep_mma --cluster``: each configuration with the largest cluster of 16, 8, 4 or 2
-    blocks dividing the splits it runs, plus 8 and 16 splits in one cluster; no configuration
-    twice (two depths used to add the same one-cluster variants twice)."""
+    blocks dividing the splits it runs, plus 8 and 16 splits in one cluster, at the default
+    depth; no configuration twice (two depths used to add the same variants twice)."""
     import sweep_mma
 
     from gift_quant.kernels.cuda import native
 
-    K = 1024  # 16 k-steps
-    confs = sweep_mma.cluster_variants([(4, 16, 8, 1), (4, 16, 16, 1), (2, 6, 8, 1)], K)
+    K, d = 1024, native.MMV_DEPTH  # 16 k-steps
+    confs = sweep_mma.cluster_variants([(4, 16, d, 1), (4, 16, 2 * d, 1), (2, 6, d, 1)], K)
     assert len(confs) == len(set(confs))
-    for _, splits, _, c in confs:
+    for _, splits, depth, c in confs:
         assert native._runs(K, splits) % c == 0
-    assert (4, 16, 8, 16) in confs and (4, 8, 8, 8) in confs and (2, 6, 8, 2) in confs
-    assert (2, 6, 8, 4) not in confs  # 6 splits run as 6: 4 does not divide them
+        assert c == 1 or depth == d  # the kernel has clusters at its default depth only
+    assert (4, 16, d, 16) in confs and (4, 8, d, 8) in confs and (2, 6, d, 2) in confs
+    assert (2, 6, d, 4) not in confs  # 6 splits run as 6: 4 does not divide them

@@ -12,9 +12,9 @@ enough for it (the route between the two is chosen from these rows) and of the C
 automatic configuration (``--configs all``: also every (warps, splits) variant; ``--kernel
 mmv``: the swapped kernel for M <= 16, its configurations at every depth), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
-``--cluster`` (mmv, sm_90): also each configuration with its splits summed in thread-block
-clusters (the largest of 16, 8, 4, 2 blocks dividing its splits), and 8 and 16 splits each
-in one cluster.
+``--cluster`` (mmv, sm_90): also each configuration of the default depth with its splits
+summed in thread-block clusters (the largest of 16, 8, 4, 2 blocks dividing its splits), and
+8 and 16 splits each in one cluster.
 Rows go to ``--name`` (``sweep_mma_<gpu>.json``) with the run environment; a table is printed.
 ``--no-salient`` (a diagnostic: what the salient columns cost) also times, in the same graphs,
 the CUDA kernel and the GEMV on the same layers with the salient columns left out, checked
@@ -91,6 +91,8 @@ def cluster_variants(confs: list[tuple[int, ...]], K: int) -> list[tuple[int, ..
     16, 8, 4 or 2 blocks that divides the splits it runs, and 8 or 16 splits in one cluster."""
     out = list(confs)
     for wn, splits, depth, _ in confs:
+        if depth != native.MMV_DEPTH:  # the kernel has clusters at its default depth only
+            continue
         runs = native._runs(K, splits)
         extra = [(wn, splits, depth, c) for c in (16, 8, 4, 2) if runs % c == 0][:1]
         extra += [(wn, s, depth, s) for s in (8, 16) if native._runs(K, s) == s]

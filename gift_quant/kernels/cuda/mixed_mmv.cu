@@ -128,7 +128,9 @@ __device__ __forceinline__ void cluster_reduce(const float (&acc)[NB][4][4], uin
 
 // 20 warps per SM with one 8-row tile of x: at most 96 registers (no spills on sm_90; 24
 // warps, 80 registers, spill); 16 warps with two tiles (128)
-template <int BITS, int WN, int PF, int NB>
+// CL: whether the cluster epilogue is compiled in (the launcher gives it to the default ring
+// depth only, the one the routes and the first-use timing use: it lengthens the compile)
+template <int BITS, int WN, int PF, int NB, bool CL>
 __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
     mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   if (nss > 0) add_scaled_mmv<NB>(acc, gacc, sc);
 
   // 4. output: acc[n][i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
-  if (csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
+  if (CL && csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
     cluster_reduce<NB, WN>(acc, smem, bias, y, ws, M, N, splits == csize);
     if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
     return;
@@ -277,7 +279,8 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   const int nq = ((nsal + 15) / 16 + splits - 1) / splits;
-  if (csize > 1 && splits % csize) return -1;  // clusters tile the splits
+  constexpr bool CL = DEPTH == 8;  // clusters at the default depth (native.MMV_DEPTH) only
+  if (csize > 1 && (!CL || splits % csize)) return -1;  // and they tile the splits
   size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
                 (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
@@ -314,8 +317,8 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
     return rc;
   };
   // one 8-row tile of x up to 8 rows, two up to 16
-  return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1>, allowed[0])
-                : run(mixed_mmv_kernel<BITS, WN, PF, 2>, allowed[1]);
+  return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1, CL>, allowed[0])
+                : run(mixed_mmv_kernel<BITS, WN, PF, 2, CL>, allowed[1]);
 }
 
 template <int BITS, int WN>

@@ -449,8 +449,9 @@ def mixed_mmv(
     cluster: int = 1,
 ) -> Tensor:
     """As :func:`mixed_mma` for M <= MMV_MAX_M rows, by the swapped kernel (``mixed_mmv.cu``);
-    ``depth``: one of MMV_DEPTHS; ``cluster`` > 1 (sm_90+, dividing the splits the launch
-    runs, at most 16): the splits add up in thread-block clusters of that many blocks."""
+    ``depth``: one of MMV_DEPTHS; ``cluster`` > 1 (sm_90+, MMV_DEPTH only, dividing the splits
+    the launch runs, at most 16): the splits add up in thread-block clusters of that many
+    blocks."""
     if not wn:
         wn, splits = mmv_choose(x2.shape[0], p.N, x2.shape[1])
     fn = _state["lib"].gq_mixed_mmv
