@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from gift_quant.kernels.triton.ptx import deqdot_asm, plan
-from gift_quant.kernels.triton.tiles import interpreting, on_device, store_output
+from gift_quant.kernels.triton.tiles import interpreting, on_device, register_cap, store_output
 
 # ------------------------------------------------------------------------------------------
 # 1. configuration (measured on the H200: docs/KERNELS-NOTES.md)
@@ -381,6 +381,6 @@ def gemv(
             CONSTR=constr,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
-            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreting() else {}),
+            **register_cap(cfg),
         )
     return y

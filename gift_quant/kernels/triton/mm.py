@@ -24,6 +24,7 @@ from gift_quant.kernels.triton.tiles import (
     deq_tile,
     interpreting,
     on_device,
+    register_cap,
     salient_dot,
     store_output,
 )
@@ -362,7 +363,7 @@ def mm(
             STAGES=cfg["num_stages"],
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
-            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreting() else {}),
+            **register_cap(cfg),
         )
     return y
 

@@ -46,6 +46,12 @@ def interpreting() -> bool:
     return isinstance(act, InterpretedFunction)
 
 
+def register_cap(cfg: dict) -> dict:
+    """The launch option capping a kernel's registers, where its configuration names a cap and
+    the kernels run compiled (the interpreter takes no such option)."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not interpreting() else {}
+
+
 def on_device(device: torch.device):
     """``torch.cuda.device`` for CUDA tensors; nothing for the interpreter's CPU tensors."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
