@@ -57,13 +57,13 @@ def test_sweep_cluster_variants_divide_the_splits_and_appear_once():
     depth; no configuration twice (two depths used to add the same variants twice)."""
     import sweep_mma
 
-    from gift_quant.kernels.cuda import native
+    from gift_quant.kernels.cuda import rules
 
-    K, d = 1024, native.MMV_DEPTH  # 16 k-steps
+    K, d = 1024, rules.MMV_DEPTH  # 16 k-steps
     confs = sweep_mma.cluster_variants([(4, 16, d, 1), (4, 16, 2 * d, 1), (2, 6, d, 1)], K)
     assert len(confs) == len(set(confs))
     for _, splits, depth, c in confs:
-        assert native._runs(K, splits) % c == 0
+        assert rules._runs(K, splits) % c == 0
         assert c == 1 or depth == d  # the kernel has clusters at its default depth only
     assert (4, 16, d, 16) in confs and (4, 8, d, 8) in confs and (2, 6, d, 2) in confs
     assert (2, 6, d, 4) not in confs  # 6 splits run as 6: 4 does not divide them

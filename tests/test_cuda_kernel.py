@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gift_quant.kernels.cuda import native
+from gift_quant.kernels.cuda import native, rules
 from gift_quant.kernels.reference import dequantize_codes
 
 E = 0x64006400
@@ -239,14 +239,14 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
     cuda = ops.cuda_layout(layer)
     for M in (1, 2, 3, 8, 9, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        confs = native.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
-        names = [routes.mmv_name(*c, d) for c in confs for d in native.MMV_DEPTHS]
+        confs = rules.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
+        names = [routes.mmv_name(*c, d) for c in confs for d in rules.MMV_DEPTHS]
         if torch.cuda.get_device_capability()[0] >= 9:  # splits summed in clusters: one
             # cluster holding every split (the output written there) and several (added up
             # across clusters by the finish)
-            runs = {(wn, native._runs(K, sp)) for wn, sp in confs}
+            runs = {(wn, rules._runs(K, sp)) for wn, sp in confs}
             names += [
-                routes.mmv_name(wn, sp, native.MMV_DEPTH, c)
+                routes.mmv_name(wn, sp, rules.MMV_DEPTH, c)
                 for wn, sp in sorted(runs)
                 for c in (2, 4, 8, 16)
                 if sp % c == 0
@@ -376,14 +376,14 @@ def test_swapped_kernel_configurations_fit_in_shared_memory(shape) -> None:
     layer about 150 KB of staged x per block and a 262144 x 28672 one about 520 KB, past the
     limit."""
     N, K = shape
-    for M in range(1, native.MMV_MAX_M + 1):
-        for wn, splits in native.mmv_configs(M, N, K):
+    for M in range(1, rules.MMV_MAX_M + 1):
+        for wn, splits in rules.mmv_configs(M, N, K):
             assert N % (64 * wn) == 0 and 1 <= splits <= K // 64
             per = -(-(K // 64) // splits)  # k-steps per split, as the launch rounds them
             nq = -(-8 // splits)  # salient k16 steps per split: 128 columns, 8 steps
             x_bytes = (M + 1) * (per * 64 + nq * 16 + 8) * 2
-            ring = max(wn * d * 32 * 16 for d in native.MMV_DEPTHS)
-            assert x_bytes <= native.MMV_X_BYTES, (M, wn, splits, x_bytes)
+            ring = max(wn * d * 32 * 16 for d in rules.MMV_DEPTHS)
+            assert x_bytes <= rules.MMV_X_BYTES, (M, wn, splits, x_bytes)
             assert ring + x_bytes <= 227 * 1024
 
 
@@ -392,20 +392,20 @@ def test_cluster_configurations_are_named_and_offered_where_they_may_pay(monkeyp
     for M = 5-16, on sm_90, where the launch runs exactly MMV_CLUSTER splits and x fits."""
     from gift_quant.kernels.triton import routes
 
-    d = native.MMV_DEPTH
+    d = rules.MMV_DEPTH
     assert routes.mma_config("mmv:4x8c8") == (4, 8, d, 8)
     assert routes.mma_config("mmv:4x16d16c16") == (4, 16, 16, 16)
     assert routes.mma_config("mmv:4x16d16") == (4, 16, 16, 1)
     for c in [(4, 8, d, 8), (2, 16, 32, 16), (1, 3, 16, 1), (4, 38, d, 2)]:
         assert routes.mma_config(routes.mmv_name(*c)) == c
-    monkeypatch.setattr(native, "clusters_supported", lambda: True)
-    assert native.mmv_cluster_configs(16, 28672, 4096) == [(4, 8, d, 8)]
-    assert native.mmv_cluster_configs(5, 13824, 5120) == [(4, 8, d, 8)]
-    assert native.mmv_cluster_configs(4, 28672, 4096) == []  # M <= 4: it lost
-    assert native.mmv_cluster_configs(16, 4096, 14336) == []  # x needs more than 8 splits
-    assert native.mmv_cluster_configs(16, 4096, 640) == []  # 10 k-steps run as 5 splits
+    monkeypatch.setattr(rules, "clusters_supported", lambda: True)
+    assert rules.mmv_cluster_configs(16, 28672, 4096) == [(4, 8, d, 8)]
+    assert rules.mmv_cluster_configs(5, 13824, 5120) == [(4, 8, d, 8)]
+    assert rules.mmv_cluster_configs(4, 28672, 4096) == []  # M <= 4: it lost
+    assert rules.mmv_cluster_configs(16, 4096, 14336) == []  # x needs more than 8 splits
+    assert rules.mmv_cluster_configs(16, 4096, 640) == []  # 10 k-steps run as 5 splits
     assert "mmv:4x8c8" in routes.tuning_names(16, 28672, 4096, 4)
     assert "mmv:4x8c8" in routes.candidates(16, mma=True, N=28672, K=4096)
-    monkeypatch.setattr(native, "clusters_supported", lambda: False)
-    assert native.mmv_cluster_configs(16, 28672, 4096) == []
+    monkeypatch.setattr(rules, "clusters_supported", lambda: False)
+    assert rules.mmv_cluster_configs(16, 28672, 4096) == []
     assert not any("c" in n[4:] for n in routes.tuning_names(16, 28672, 4096, 4))

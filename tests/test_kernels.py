@@ -31,7 +31,7 @@ from gift_quant.kernels import (  # noqa: E402
     reference,
     resolve_backend,
 )
-from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.triton import mm, ops, routes  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
@@ -398,8 +398,8 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
 
     assert pick(16) == "mma:2x16"
     rule_triton = routes.route(16, N, K, 4)
-    mmv16 = [routes.mmv_name(*c) for c in native.mmv_configs(16, N, K)]
-    mma16 = [routes.mma_name(*c) for c in native.configs(16, N, K)]
+    mmv16 = [routes.mmv_name(*c) for c in rules.mmv_configs(16, N, K)]
+    mma16 = [routes.mma_name(*c) for c in rules.configs(16, N, K)]
     assert timed == [mmv16 + mma16 + [rule_triton]]
     assert pick(9) == "mma:2x16" and len(timed) == 1  # same bucket: kept, not timed again
     assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
@@ -414,8 +414,8 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32)] = "mma:4x4"
     winner["name"] = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
-    mmv4 = [routes.mmv_name(*c) for c in native.mmv_configs(4, N, K)]
-    assert timed[3] == mmv4 + [routes.mma_name(*c) for c in native.configs(4, N, K)] + [
+    mmv4 = [routes.mmv_name(*c) for c in rules.mmv_configs(4, N, K)]
+    assert timed[3] == mmv4 + [routes.mma_name(*c) for c in rules.configs(4, N, K)] + [
         routes.route(4, N, K, 4)
     ]
     for M in (1, 2, 64, 128, 512):
@@ -424,7 +424,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
         assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
     # by rule, one row takes the GEMV, two the swapped kernel
     assert routes.route(1, N, K, 4, mma=True) == "gemv"
-    assert routes.route(2, N, K, 4, mma=True) == routes.mmv_name(*native.mmv_choose(2, N, K))
+    assert routes.route(2, N, K, 4, mma=True) == routes.mmv_name(*rules.mmv_choose(2, N, K))
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
         return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
@@ -445,9 +445,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
     assert (
-        pick(5)
-        == routes.route(5, N, K, 4, mma=True)
-        == routes.mmv_name(*native.mmv_choose(5, N, K))
+        pick(5) == routes.route(5, N, K, 4, mma=True) == routes.mmv_name(*rules.mmv_choose(5, N, K))
     )
     assert len(timed) == 4
     monkeypatch.delenv("GIFT_QUANT_TUNE")
@@ -461,9 +459,9 @@ def test_cuda_kernel_configurations_fit_the_launch():
     within 96 KB, the rule's configuration comes first, and 2- and 4-warp blocks are tried."""
     for N, K in [(4096, 4096), (4096, 14336), (8192, 28672), (12288, 4096), (960, 1536)]:
         for M in (3, 8, 16, 32):
-            cfgs = native.configs(M, N, K)
+            cfgs = rules.configs(M, N, K)
             steps = K // 64
-            assert cfgs[0] == native.choose(M, N, K) and len(set(cfgs)) == len(cfgs)
+            assert cfgs[0] == rules.choose(M, N, K) and len(set(cfgs)) == len(cfgs)
             # the rule's name is the configuration that runs, and one the checks cover
             assert routes.route(M, N, K, 4, mma=True) in routes.candidates(M, mma=True, N=N, K=K)
             for wn, splits in cfgs:

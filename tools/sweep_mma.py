@@ -52,7 +52,7 @@ from bench_kernels import (  # noqa: E402
 )
 from kernel_tables import parse_shape  # noqa: E402
 
-from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
@@ -68,7 +68,7 @@ SHAPES = {
 
 
 def configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int]]:
-    auto = native.choose(M, N, K)
+    auto = rules.choose(M, N, K)
     if which == "auto":
         return [auto]
     out = [auto]
@@ -91,30 +91,30 @@ def cluster_variants(confs: list[tuple[int, ...]], K: int) -> list[tuple[int, ..
     16, 8, 4 or 2 blocks that divides the splits it runs, and 8 or 16 splits in one cluster."""
     out = list(confs)
     for wn, splits, depth, _ in confs:
-        if depth != native.MMV_DEPTH:  # the kernel has clusters at its default depth only
+        if depth != rules.MMV_DEPTH:  # the kernel has clusters at its default depth only
             continue
-        runs = native._runs(K, splits)
+        runs = rules._runs(K, splits)
         extra = [(wn, splits, depth, c) for c in (16, 8, 4, 2) if runs % c == 0][:1]
-        extra += [(wn, s, depth, s) for s in (8, 16) if native._runs(K, s) == s]
+        extra += [(wn, s, depth, s) for s in (8, 16) if rules._runs(K, s) == s]
         out += [c for c in dict.fromkeys(extra) if c not in out]  # each configuration once
     return out
 
 
 def mmv_configs(M: int, N: int, K: int, which: str) -> list[tuple[int, int, int]]:
     """(warps, splits, depth) of the swapped kernel: the rule's at every depth and the other
-    configurations first use times (``native.mmv_configs``), then (``all``) every block width
+    configurations first use times (``rules.mmv_configs``), then (``all``) every block width
     at 1024, 2048 and 4096 warps in all, every depth."""
-    wn0, sp0 = native.mmv_choose(M, N, K)
-    out = [(wn0, sp0, native.MMV_DEPTH)]
-    out += [(wn0, sp0, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
-    out += [(*c, native.MMV_DEPTH) for c in native.mmv_configs(M, N, K)[1:]]
+    wn0, sp0 = rules.mmv_choose(M, N, K)
+    out = [(wn0, sp0, rules.MMV_DEPTH)]
+    out += [(wn0, sp0, d) for d in rules.MMV_DEPTHS if d != rules.MMV_DEPTH]
+    out += [(*c, rules.MMV_DEPTH) for c in rules.mmv_configs(M, N, K)[1:]]
     if which == "all":
         strips, steps = N // 64, K // 64
         for wn in (1, 2, 4):
             for warps in (1024, 2048, 4096):
-                want = max(native._mmv_min_splits(M, K), min(steps, round(warps / strips)))
-                splits = native._runs(K, want)
-                for d in native.MMV_DEPTHS:
+                want = max(rules._mmv_min_splits(M, K), min(steps, round(warps / strips)))
+                splits = rules._runs(K, want)
+                for d in rules.MMV_DEPTHS:
                     if strips % wn == 0 and (wn, splits, d) not in out:
                         out.append((wn, splits, d))
     return out
@@ -195,7 +195,7 @@ def main() -> None:
             g_idx = torch.arange(K, device="cuda", dtype=torch.int32) // GROUP
             w16 = dequantize_codes(base["codes"], base["z"], base["s"], g_idx, torch.float16)
             for M in Ms:
-                if args.kernel == "mmv" and M > native.MMV_MAX_M:
+                if args.kernel == "mmv" and M > rules.MMV_MAX_M:
                     continue
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = reference(x, base)
@@ -210,10 +210,10 @@ def main() -> None:
                     confs = [(*c, 1) for c in mmv_configs(M, N, K, args.configs)]
                     if args.cluster:
                         confs = cluster_variants(confs, K)
-                    auto = (*native.mmv_choose(M, N, K), native.MMV_DEPTH, 1)
+                    auto = (*rules.mmv_choose(M, N, K), rules.MMV_DEPTH, 1)
                 else:
                     confs = [(*c, 0, 1) for c in configs(M, N, K, args.configs)]
-                    auto = (*native.choose(M, N, K), 0, 1)
+                    auto = (*rules.choose(M, N, K), 0, 1)
                 for wn, splits, depth, cl in confs:
                     launch = (
                         partial(native.mixed_mmv, depth=depth, cluster=cl)

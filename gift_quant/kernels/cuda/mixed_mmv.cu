@@ -279,7 +279,7 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   const int nq = ((nsal + 15) / 16 + splits - 1) / splits;
-  constexpr bool CL = DEPTH == 8;  // clusters at the default depth (native.MMV_DEPTH) only
+  constexpr bool CL = DEPTH == 8;  // clusters at the default depth (rules.MMV_DEPTH) only
   if (csize > 1 && (!CL || splits % csize)) return -1;  // and they tile the splits
   size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
                 (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);

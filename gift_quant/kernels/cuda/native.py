@@ -8,7 +8,8 @@ words.
 Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
 cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the
 target, and called through ctypes on torch's current stream. Without a CUDA toolkit
-:func:`library` returns None and the Triton kernels serve every M (``routes.route``).
+:func:`library` returns None and the Triton kernels serve every M (``routes.route``). The
+configurations a call takes (warps per block, K splits, clusters) are ``rules``'.
 
 Layout (``pack_codes``): the codes of one 64-deep k-step and one 64-column strip, for one lane
 ``4 g + t`` of a warp, are BITS x 16 bytes: 4 k16 steps x BITS words; each word a list of
@@ -35,21 +36,15 @@ import torch
 from torch import Tensor
 
 from gift_quant.kernels.build import cached_build, compiler_version
+from gift_quant.kernels.cuda.rules import MMV_DEPTH, choose, mmv_choose
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MAX_M",
     "Packed",
-    "choose",
-    "configs",
     "library",
     "mixed_mma",
     "mixed_mmv",
-    "clusters_supported",
-    "mmv_choose",
-    "mmv_cluster_configs",
-    "mmv_configs",
     "pack",
     "pack_codes",
     "unpack_codes",
@@ -58,29 +53,6 @@ __all__ = [
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu"))
 HEADER = Path(__file__).with_name("fragments.cuh")
-MAX_M = 64
-MMV_MAX_M = 16  # one 8-row tile of x up to 8 rows, two up to 16
-MMV_DEPTHS = (8, 16, 32)  # x 16 bytes of weights per lane in its shared-memory ring (mixed_mmv.cu)
-MMV_DEPTH = 8  # the fastest configuration had it in 23 of 24 cells of sweep_mmv_h200_m1_ring.json
-MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
-# with two 8-row tiles of x (M > 8, 16 warps per SM): half as many; in the M = 12 / 16 sweep
-# (sweep_mmv_h200_m12_16.json) the rule at 2560 was 13% behind the best configuration on
-# average, at 1280 it was the best wherever that configuration was measured
-MMV_TARGET_WARPS_TWO_TILES = 1280
-MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
-# The swapped kernel with its K splits summed in one thread-block cluster (sm_90), timed at
-# first use beside the atomic configurations for M = 5-16 where the layer has a multiple of
-# 8 x 64 input columns. In the H200 sweep (sweep_mmv_h200_cluster.json, W4, M = 1, 2, 4, 8,
-# 16, eight shapes) 8 splits in one cluster of 8 beat every atomic configuration by 15% on
-# 28672 x 4096 at M = 16, 4% on 12288 x 4096 at M = 16 and 1-5% on 13824 x 5120 at M = 2-16,
-# and lost elsewhere, by up to 31% in time; at M = 1-4 it lost on every other shape. Clusters
-# tiling more splits (then added across clusters by atomics) lost all 114 comparisons with
-# the same configuration unclustered, by 1-40%: a block cannot leave before its cluster is
-# done, so it pays only where the atomic adds it saves (M x N per split) are many. M = 5-7
-# were not measured: they share the M = 8 bucket of the first-use timing.
-MMV_CLUSTER_M = (5, 16)
-MMV_CLUSTER = 8
-TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -301,106 +273,6 @@ def library(device: torch.device | None = None):
         return lib
 
 
-def _min_splits(M: int, K: int) -> int:
-    """Fewest K splits that keep the staged x (the block's rows x its share of K) within about
-    96 KB of shared memory, so that two blocks fit on an SM."""
-    rows = 16 * (1 if M <= 16 else 2 if M <= 32 else 4)
-    max_steps = max(1, (96 * 1024 // (2 * rows) - 8 - 128) // 64)
-    return -(-(K // 64) // max_steps)
-
-
-def _splits(wn: int, N: int, K: int, factor: float = 1.0) -> int:
-    """About ``factor`` x TARGET_BLOCKS blocks of ``wn`` 64-column strips, within 1..K/64."""
-    steps = K // 64
-    return max(1, min(steps, round(factor * TARGET_BLOCKS / (N // 64 // wn))))
-
-
-def choose(M: int, N: int, K: int) -> tuple[int, int]:
-    """(warps per block, K splits) by rule, without measuring: 64-column strips per warp, about
-    TARGET_BLOCKS blocks, the staged x within about 96 KB of shared memory."""
-    strips = N // 64
-    wn = 4 if strips % 4 == 0 and strips // 4 >= 16 else 2 if strips % 2 == 0 else 1
-    return wn, _runs(K, max(_splits(wn, N, K), _min_splits(M, K)))
-
-
-def _runs(K: int, splits: int) -> int:
-    """The K splits the launch really runs for ``splits``: it gives each split
-    ceil(steps / splits) k-steps."""
-    steps = K // 64
-    per = -(-steps // splits)
-    return -(-steps // per)
-
-
-SPLIT_FACTORS = (0.5, 1.0, 2.0, 3.0, 4.0)  # x TARGET_BLOCKS, the split counts tried per width
-
-
-def configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
-    """The (warps per block, K splits) worth timing for M rows of an (N, K) layer: 2 and 4 warps
-    where N allows them (1 otherwise), each at SPLIT_FACTORS x TARGET_BLOCKS blocks, never
-    below the shared-memory minimum; ``choose``'s rule first. In the (warps, splits) sweep on
-    the H200 (sweep_mma_h200_configs.json) the best configuration was 1.11-1.45x the rule's
-    on 9 of 56 (shape, bits, M) cells (2 warps at M <= 8, more splits for 8192 x 28672), and
-    no single rule found all of them."""
-    strips = N // 64
-    widths = [wn for wn in (2, 4) if strips % wn == 0] or [1]
-    low = _min_splits(M, K)
-    out = [choose(M, N, K)]
-    for wn in widths:
-        for f in SPLIT_FACTORS:
-            c = (wn, _runs(K, max(_splits(wn, N, K, f), low)))
-            if c not in out:
-                out.append(c)
-    return out
-
-
-def _mmv_min_splits(M: int, K: int) -> int:
-    """Fewest K splits that keep a block's staged x (M + 1 rows of its share of K, 128 salient
-    columns at most, padding) within MMV_X_BYTES, so that wide layers keep several blocks per
-    SM and never pass the shared-memory limit."""
-    cols = MMV_X_BYTES // (2 * (M + 1)) - 128 - 8
-    return -(-(K // 64) // max(1, cols // 64))
-
-
-def mmv_choose(M: int, N: int, K: int) -> tuple[int, int]:
-    """(warps per block, K splits) of the swapped kernel by rule: about MMV_TARGET_WARPS warps
-    (one per 64-column strip and split; MMV_TARGET_WARPS_TWO_TILES past 8 rows), each with at
-    least 4 k-steps, and x within MMV_X_BYTES."""
-    strips, steps = N // 64, K // 64
-    wn = 4 if strips % 4 == 0 else 2 if strips % 2 == 0 else 1
-    target = MMV_TARGET_WARPS if M <= 8 else MMV_TARGET_WARPS_TWO_TILES
-    splits = max(1, min(max(1, steps // 4), round(target / strips)))
-    return wn, _runs(K, max(splits, _mmv_min_splits(M, K)))
-
-
-def mmv_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
-    """The swapped kernel's configurations worth timing: the rule's, then its block width at
-    0.5 and 2 x its splits (never below the shared-memory minimum)."""
-    wn, splits = mmv_choose(M, N, K)
-    out = [(wn, splits)]
-    for f in (0.5, 2.0):
-        want = max(_mmv_min_splits(M, K), min(K // 64, round(f * splits)))
-        c = (wn, _runs(K, want))
-        if c not in out:
-            out.append(c)
-    return out
-
-
-def clusters_supported() -> bool:
-    """Thread-block clusters on the current CUDA device (sm_90 and later)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-
-def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
-    """(warps, splits, depth, cluster) of the swapped kernel with its splits summed in one
-    cluster, worth timing for M rows: MMV_CLUSTER splits of the rule's block width where the
-    launch runs exactly that many and x fits (MMV_CLUSTER_M, sm_90); else none."""
-    if not MMV_CLUSTER_M[0] <= M <= MMV_CLUSTER_M[1] or not clusters_supported():
-        return []
-    if _runs(K, MMV_CLUSTER) != MMV_CLUSTER or _mmv_min_splits(M, K) > MMV_CLUSTER:
-        return []
-    return [(mmv_choose(M, N, K)[0], MMV_CLUSTER, MMV_DEPTH, MMV_CLUSTER)]
-
-
 def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
     """y [M, N] fp16 through the library entry ``fn`` with ``config`` (written into ``out``
     if given), on x2's device and torch's current stream there."""
@@ -448,10 +320,10 @@ def mixed_mmv(
     depth: int = MMV_DEPTH,
     cluster: int = 1,
 ) -> Tensor:
-    """As :func:`mixed_mma` for M <= MMV_MAX_M rows, by the swapped kernel (``mixed_mmv.cu``);
-    ``depth``: one of MMV_DEPTHS; ``cluster`` > 1 (sm_90+, MMV_DEPTH only, dividing the splits
-    the launch runs, at most 16): the splits add up in thread-block clusters of that many
-    blocks."""
+    """As :func:`mixed_mma` for M <= ``rules.MMV_MAX_M`` rows, by the swapped kernel
+    (``mixed_mmv.cu``); ``depth``: one of ``rules.MMV_DEPTHS``; ``cluster`` > 1 (sm_90+,
+    MMV_DEPTH only, dividing the splits the launch runs, at most 16): the splits add up in
+    thread-block clusters of that many blocks."""
     if not wn:
         wn, splits = mmv_choose(x2.shape[0], p.N, x2.shape[1])
     fn = _state["lib"].gq_mixed_mmv
@@ -469,7 +341,7 @@ def mixed_mma(
     out: Tensor | None = None,
 ) -> Tensor:
     """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias); ``ws``/``cnt``
-    are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``choose``)."""
+    are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``rules.choose``)."""
     if not wn:
         wn, splits = choose(x2.shape[0], p.N, x2.shape[1])
     return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits)

@@ -12,7 +12,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   dequantize + cuBLAS), launched by ``run_route``.
 * Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernels are built): the first
   call of a layer shape and M bucket on a device times the CUDA kernels' configurations
-  (``native.mmv_configs``, ``native.configs``) and the rule's Triton kernel, each with the L2
+  (``rules.mmv_configs``, ``rules.configs``) and the rule's Triton kernel, each with the L2
   cache overwritten, and
   keeps the fastest for the process (``tuned_route``, ``tuning``; the timings stay in
   ``tuning.record``).

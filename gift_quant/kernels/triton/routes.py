@@ -5,7 +5,7 @@ H200 (names only; ``ops`` launches what they name).
   "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
   block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA kernel
   with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
-  ``native.MMV_DEPTH``; C > 1: the splits summed in thread-block clusters of C blocks, sm_90).
+  ``rules.MMV_DEPTH``; C > 1: the splits summed in thread-block clusters of C blocks, sm_90).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
   where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
@@ -17,7 +17,7 @@ H200 (names only; ``ops`` launches what they name).
 
 from __future__ import annotations
 
-from gift_quant.kernels.cuda import native
+from gift_quant.kernels.cuda import rules
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 
@@ -100,9 +100,9 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> s
     see the module docstring; "mmv:..." and "mma:...", the CUDA kernels, only where ``mma``
     says they can serve the call)."""
     if mma and MMV_M[0] <= M <= MMV_M[1]:
-        return mmv_name(*native.mmv_choose(M, N, K))
+        return mmv_name(*rules.mmv_choose(M, N, K))
     if mma and MMV_WIDE_M[0] <= M <= MMV_WIDE_M[1] and N * K >= MMV_WIDE_WEIGHTS:
-        return mmv_name(*native.mmv_choose(M, N, K))
+        return mmv_name(*rules.mmv_choose(M, N, K))
     if M <= GEMV_MAX_M:
         return "gemv"
     if M >= CUBLAS_MIN_M:
@@ -118,10 +118,10 @@ def mma_name(wn: int, splits: int) -> str:
     return f"mma:{wn}x{splits}"
 
 
-def mmv_name(wn: int, splits: int, depth: int = native.MMV_DEPTH, cluster: int = 1) -> str:
+def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 1) -> str:
     return (
         f"mmv:{wn}x{splits}"
-        + ("" if depth == native.MMV_DEPTH else f"d{depth}")
+        + ("" if depth == rules.MMV_DEPTH else f"d{depth}")
         + ("" if cluster == 1 else f"c{cluster}")
     )
 
@@ -133,7 +133,7 @@ def mma_config(name: str) -> tuple[int, ...]:
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
     if name.startswith("mmv:"):
-        return int(wn), int(splits), int(depth or native.MMV_DEPTH), int(cluster or 1)
+        return int(wn), int(splits), int(depth or rules.MMV_DEPTH), int(cluster or 1)
     return int(wn), int(splits)
 
 
@@ -142,10 +142,10 @@ def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's, and the Triton rule."""
     names = []
-    if M <= native.MMV_MAX_M:
-        names += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
-        names += [mmv_name(*c) for c in native.mmv_cluster_configs(M, N, K)]
-    names += [mma_name(*c) for c in native.configs(M, N, K)]
+    if M <= rules.MMV_MAX_M:
+        names += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
+        names += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
+    names += [mma_name(*c) for c in rules.configs(M, N, K)]
     return [*names, route(M, N, K, bits)]
 
 
@@ -165,13 +165,13 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
     (N, K) layer, and the swapped kernel's rule at each depth."""
-    if mma and M <= native.MAX_M:
-        out = [*candidates(M), *(mma_name(*c) for c in native.configs(M, N, K))]
-        if M <= native.MMV_MAX_M:
-            out += [mmv_name(*c) for c in native.mmv_configs(M, N, K)]
-            out += [mmv_name(*c) for c in native.mmv_cluster_configs(M, N, K)]
-            rule = native.mmv_choose(M, N, K)
-            out += [mmv_name(*rule, d) for d in native.MMV_DEPTHS if d != native.MMV_DEPTH]
+    if mma and M <= rules.MAX_M:
+        out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
+        if M <= rules.MMV_MAX_M:
+            out += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
+            out += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
+            rule = rules.mmv_choose(M, N, K)
+            out += [mmv_name(*rule, d) for d in rules.MMV_DEPTHS if d != rules.MMV_DEPTH]
         return out
     if M <= GEMV_MAX_M:
         return ["gemv"]
