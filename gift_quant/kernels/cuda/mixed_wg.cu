@@ -11,7 +11,8 @@
 // the MMA from shared memory in its K-major core-matrix layout (8 rows x 16 bytes per core
 // matrix, no swizzle). Each 64-deep k-step's x tile (NT rows, zeros past M), the strip's codes,
 // zero-points and scales stream through a STAGES-deep ring of cp.async copies, so the
-// warpgroup issues the copies of k-step s + STAGES - 1 while the MMAs of k-step s run. The
+// warpgroup issues the copies of k-step s + STAGES - 1 while the MMAs of k-step s run (the
+// dequantization of k-step s + 1 waits for them: its registers are their operands). The
 // weights are exact (code - zero in fp16) times the scale in fp16, rounded as the torch
 // reference rounds `(code - zero) * scale`; products are summed in fp32.
 //
@@ -239,9 +240,14 @@ __global__ void __launch_bounds__(128)
       wgmma_tile<NT>(acc, a[st], smem_desc(smem0 + (it % WG_STAGES) * SB + st * 2 * NT * 16,
                                            NT * 16, 128));
     wg_commit();
-    wg_wait<1>();  // the previous k-step's MMAs are done: its slot may be refilled
+    // while they run, the previous k-step's slot (its MMAs done) takes the copies of k-step
+    // it + STAGES - 1
     if (it + WG_STAGES - 1 < iters) issue(it + WG_STAGES - 1);
     commit_copies();
+    // the MMAs read their A fragments (registers) and the slot asynchronously: nothing may
+    // write either before they are done (a wait for the previous k-step only, with the next
+    // fragments written meanwhile, gave wrong products once three blocks shared an SM)
+    wg_wait<0>();
   }
   wg_wait<0>();
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
