@@ -126,7 +126,7 @@ def op_route(M: int, N: int, K: int, bits: int) -> str:
     """The kernel the op takes for fp16 x now (the CUDA kernel where it is built, in the
     configuration measured at the shape's first call)."""
     mma = native.library() is not None
-    return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma, wg=native.wg_available())
+    return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma)
 
 
 def time_cublas(N: int, K: int, M: int) -> float:
@@ -264,8 +264,7 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
     included, timed like the op (graph over rotated copies): the op's own time against the
     best of these says how well its first-use timing chose."""
     mma = copies[0]["cuda"] is not None
-    wg = mma and native.wg_available()
-    for name in routes.candidates(M, mma=mma, N=N, K=K, wg=wg):
+    for name in routes.candidates(M, mma=mma, N=N, K=K):
         if time.time() - res["opts"]["t0"] > res["opts"]["budget"]:
             print("    (budget spent: no more candidates)", flush=True)
             return

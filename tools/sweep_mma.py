@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 tools/sweep_mma.py [--shapes tuned|held_out|all|small] [--shape NxK ...]
         [--ms 1,2,...]
-        [--bits 4,3,2] [--kernel mma|mmv|wg] [--configs auto|all] [--out DIR] [--name FILE]
+        [--bits 4,3,2] [--kernel mma|mmv] [--configs auto|all] [--out DIR] [--name FILE]
         [--shared] [--no-salient] [--cluster]
 
 For every shape, bit width and M: the kernel's result against a float64 oracle (relative error,
@@ -10,8 +10,7 @@ and the max error against the fp16 reference's own), then the per-call time of c
 the op as routed now (``torch.ops.gift_quant.mixed_matmul``), of the GEMV where M is small
 enough for it (the route between the two is chosen from these rows) and of the CUDA kernel in its
 automatic configuration (``--configs all``: also every (warps, splits) variant; ``--kernel
-mmv``: the swapped kernel for M <= 16, its configurations at every depth; ``--kernel wg``: the
-warpgroup-MMA kernel (sm_90a) in each configuration of ``rules.wg_configs``), with the
+mmv``: the swapped kernel for M <= 16, its configurations at every depth), with the
 protocol of ``bench_kernels.py`` (CUDA graph over > 1.5 GB of layer copies, median replay).
 ``--cluster`` (mmv, sm_90): also each configuration of the default depth with its splits
 summed in thread-block clusters (the largest of 16, 8, 4, 2 blocks dividing its splits), and
@@ -163,7 +162,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,2,4,8,16,32,64")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--configs", default="auto", choices=["auto", "all"])
-    ap.add_argument("--kernel", default="mma", choices=["mma", "mmv", "wg"])
+    ap.add_argument("--kernel", default="mma", choices=["mma", "mmv"])
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--name", default=None, help="result file (default sweep_mma_<gpu>.json)")
     ap.add_argument("--shared", action="store_true")
@@ -176,8 +175,6 @@ def main() -> None:
         ap.error(str(exc))
     if native.library() is None:
         sys.exit("the CUDA kernel could not be built here (see the log)")
-    if args.kernel == "wg" and not native.wg_available():
-        sys.exit("the warpgroup-MMA kernel needs an sm_90a build (compute capability 9.0)")
     torch.backends.cuda.matmul.allow_tf32 = False
     env = run_environment(args.shared)
     res = {"env": env, "rows": []}
@@ -214,9 +211,6 @@ def main() -> None:
                     if args.cluster:
                         confs = cluster_variants(confs, K)
                     auto = (*rules.mmv_choose(M, N, K), rules.MMV_DEPTH, 1)
-                elif args.kernel == "wg":
-                    confs = [(*c, 0, 1) for c in rules.wg_configs(M, N, K)]
-                    auto = (*rules.wg_choose(M, N, K), 0, 1)
                 else:
                     confs = [(*c, 0, 1) for c in configs(M, N, K, args.configs)]
                     auto = (*rules.choose(M, N, K), 0, 1)
@@ -224,8 +218,6 @@ def main() -> None:
                     launch = (
                         partial(native.mixed_mmv, depth=depth, cluster=cl)
                         if depth
-                        else native.mixed_wg
-                        if args.kernel == "wg"
                         else native.mixed_mma
                     )
                     y = launch(x, cbase, None, ws, cnt, wn, splits).double()
@@ -249,8 +241,7 @@ def main() -> None:
                         bits=bits,
                         M=M,
                         kernel=args.kernel,
-                        wn=None if args.kernel == "wg" else wn,
-                        nt=wn if args.kernel == "wg" else None,
+                        wn=wn,
                         splits=splits,
                         depth=depth or None,
                         cluster=cl,
@@ -271,8 +262,7 @@ def main() -> None:
                     )
                     res["rows"].append(row)
                     print(
-                        f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {args.kernel}"
-                        f"({'nt' if args.kernel == 'wg' else 'wn'}={wn},sp={splits:3d}"
+                        f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {args.kernel}(wn={wn},sp={splits:3d}"
                         f"{f',d={depth}' if depth else ''}{f',c={cl}' if cl > 1 else ''}) "
                         f"{t:7.2f}us x{fp[M] / t:4.2f} floor {row['floor_frac']:4.0%} | op "
                         f"{row['op_route']:8s} {t_op:7.2f}us x{fp[M] / t_op:4.2f} | cuBLAS "

@@ -180,28 +180,26 @@ __device__ __forceinline__ void wait_copies_and_sync() {
   __syncthreads();
 }
 
-// After every thread of the block has added its partials into ws: the last of the `parts`
-// blocks of output tile `counter` (rows row0 .. row0 + rows - 1, `width` columns from col0)
-// adds the bias, writes y [., N] and zeroes its part of ws and its counter again (the Triton
-// kernels' protocol: one launch, no memset). A thread reads the ws pairs of FINISH_BATCH rows
-// before it writes any: one round trip per batch (one pair at a time made the last block's
-// M * width / 2 / threads round trips the kernel's tail: about 17% of the stall samples at
-// M = 16 on an H200).
+// After every thread of the block has added its partials into ws: the last block of column
+// block blockIdx.x (`width` columns) adds the bias, writes y [M, N] and zeroes its part of ws
+// and its counter again (the Triton kernels' protocol: one launch, no memset). A thread reads
+// the ws pairs of FINISH_BATCH rows before it writes any: one round trip per batch (one pair at
+// a time made the last block's M * width / 2 / threads round trips the kernel's tail: about
+// 17% of the stall samples at M = 16 on an H200).
 constexpr int FINISH_BATCH = 8;
 
-__device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restrict__ cnt,
-                                            int counter, int parts,
-                                            const half* __restrict__ bias, half* __restrict__ y,
-                                            int row0, int rows, int N, int col0, int width) {
+__device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
+                                              const half* __restrict__ bias,
+                                              half* __restrict__ y, int M, int N, int width) {
   __shared__ int last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(cnt + counter, 1) == parts - 1;
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == gridDim.y - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
   // element i = (row, column pair): rows and pairs advance by the block's width per step
-  const int hw = width / 2, total = rows * hw, bd = blockDim.x;
+  const int hw = width / 2, total = M * hw, bd = blockDim.x, cb = blockIdx.x * width;
   const int dq = bd / hw, dr = bd - dq * hw;
   int r = threadIdx.x / hw, c = threadIdx.x - r * hw;
   for (int i0 = threadIdx.x; i0 < total; i0 += FINISH_BATCH * bd) {
@@ -209,7 +207,7 @@ __device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restr
     int at[FINISH_BATCH];  // offset of the pair in ws and y, -1 past the end
 #pragma unroll
     for (int u = 0; u < FINISH_BATCH; ++u) {
-      at[u] = i0 + u * bd < total ? (row0 + r) * N + col0 + 2 * c : -1;
+      at[u] = i0 + u * bd < total ? r * N + cb + 2 * c : -1;
       if (at[u] >= 0) v[u] = __ldcg(reinterpret_cast<const float2*>(ws + at[u]));
       c += dr, r += dq;
       if (c >= hw) c -= hw, ++r;
@@ -226,14 +224,7 @@ __device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restr
         *reinterpret_cast<half2*>(y + o) = __floats2half2_rn(v[u].x, v[u].y);
       }
   }
-  if (threadIdx.x == 0) cnt[counter] = 0;
-}
-
-// finish_tile for a grid of column blocks (x, `width` columns each) by K splits (y), M rows
-__device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
-                                              const half* __restrict__ bias,
-                                              half* __restrict__ y, int M, int N, int width) {
-  finish_tile(ws, cnt, blockIdx.x, gridDim.y, bias, y, 0, M, N, blockIdx.x * width, width);
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 }
 
 // floor(s / ssg) = umulhi(s, magic) for s, ssg < 2^16 with magic = ceil(2^32 / ssg); 0 stands

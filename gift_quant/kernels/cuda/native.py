@@ -2,12 +2,10 @@
 
 ``mixed_mma.cu`` serves M <= 64 rows with x as the MMA's A operand; ``mixed_mmv.cu`` serves
 M <= 16 rows with the operands swapped (the weights as A, x as one or two 8-wide B operands),
-which needs half the MMAs and accumulators per weight up to 8 rows; ``mixed_wg.cu`` serves
-many rows on Hopper's warpgroup MMA (sm_90a only), the weights as its register operand and x
-in tiles of 64 or 128 rows. All three read the same packed words.
+which needs half the MMAs and accumulators per weight up to 8 rows. Both read the same packed
+words.
 
-Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture
-(``sm_90a`` on compute capability 9.0, where the warpgroup MMA needs it),
+Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
 cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the
 target, and called through ctypes on torch's current stream. Without a CUDA toolkit
 :func:`library` returns None and the Triton kernels serve every M (``routes.route``). The
@@ -38,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gift_quant.kernels.build import cached_build, compiler_version
-from gift_quant.kernels.cuda.rules import MMV_DEPTH, choose, mmv_choose, wg_choose
+from gift_quant.kernels.cuda.rules import MMV_DEPTH, choose, mmv_choose
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +45,13 @@ __all__ = [
     "library",
     "mixed_mma",
     "mixed_mmv",
-    "mixed_wg",
     "pack",
     "pack_codes",
     "unpack_codes",
     "unsupported",
-    "wg_available",
 ]
 
-SOURCES = tuple(
-    Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu", "mixed_wg.cu")
-)
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu"))
 HEADER = Path(__file__).with_name("fragments.cuh")
 _lock = threading.Lock()
 _state: dict = {}
@@ -266,17 +260,12 @@ def library(device: torch.device | None = None):
             nvcc = _nvcc()
             if nvcc is None:
                 raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
-            # 9.0: the arch-specific target, which the warpgroup MMA (mixed_wg.cu) needs
-            arch = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
-            lib = ctypes.CDLL(str(_build(nvcc, arch)))
-            _state["wg"] = arch == "90a"
+            lib = ctypes.CDLL(str(_build(nvcc, f"{major}{minor}")))
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
             lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
             lib.gq_mixed_mma.restype = i32
             lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
             lib.gq_mixed_mmv.restype = i32
-            lib.gq_mixed_wg.argtypes = [ptr] * 6 + [i32] * 2 + [ptr] * 4 + [i32] * 7 + [ptr]
-            lib.gq_mixed_wg.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
             lib = None
@@ -356,62 +345,3 @@ def mixed_mma(
     if not wn:
         wn, splits = choose(x2.shape[0], p.N, x2.shape[1])
     return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits)
-
-
-def wg_available() -> bool:
-    """Whether the loaded library has the warpgroup-MMA kernel (built for sm_90a)."""
-    return _state.get("lib") is not None and _state.get("wg", False)
-
-
-def mixed_wg(
-    x2: Tensor,
-    p: Packed,
-    bias: Tensor | None,
-    ws: Tensor,
-    cnt: Tensor,
-    nt: int = 0,
-    splits: int = 0,
-    out: Tensor | None = None,
-) -> Tensor:
-    """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
-    :func:`wg_available`): tiles of ``nt`` (64 or 128) rows of x, ``splits`` K splits (0:
-    ``rules.wg_choose``); ``ws`` must hold M x N floats where the launch splits K."""
-    M, K = x2.shape
-    if not nt:
-        nt, splits = wg_choose(M, p.N, K)
-    if not wg_available():
-        raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
-    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
-    if x2.data_ptr() % 16 or not x2.is_contiguous():
-        x2 = x2.contiguous().clone()
-    if x2.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x2.device):
-            return mixed_wg(x2, p, bias, ws, cnt, nt, splits, y)
-    q16, qs = -(-p.nsal // 16), -(-p.nsal // 64)
-    # x's salient columns, zeros up to a whole 64-column k-step (read as extra k-steps)
-    xs = torch.nn.functional.pad(x2.index_select(1, p.sidx), (0, 64 * qs - p.nsal)) if qs else x2
-    rc = _state["lib"].gq_mixed_wg(
-        x2.data_ptr(),
-        xs.data_ptr(),
-        p.qc.data_ptr(),
-        p.zp.data_ptr(),
-        p.scp.data_ptr(),
-        p.wsp.data_ptr(),
-        q16,
-        qs,
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        ws.data_ptr(),
-        cnt.data_ptr(),
-        M,
-        p.N,
-        K,
-        p.group,
-        p.bits,
-        nt,
-        splits,
-        torch.cuda.current_stream(x2.device).cuda_stream,
-    )
-    if rc:
-        raise RuntimeError(f"gq_mixed_wg failed (code {rc}) for M={M} N={p.N} K={K} {nt}x{splits}")
-    return y

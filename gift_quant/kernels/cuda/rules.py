@@ -18,8 +18,6 @@ __all__ = [
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
-    "wg_choose",
-    "wg_configs",
 ]
 
 MAX_M = 64
@@ -145,31 +143,3 @@ def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int
     if _runs(K, MMV_CLUSTER) != MMV_CLUSTER or _mmv_min_splits(M, K) > MMV_CLUSTER:
         return []
     return [(mmv_choose(M, N, K)[0], MMV_CLUSTER, MMV_DEPTH, MMV_CLUSTER)]
-
-
-# The warpgroup-MMA kernel (mixed_wg.cu, sm_90a): tiles of WG_TILES rows of x, one 64-column
-# strip per block (one warpgroup), K split where the tiles and strips make too few blocks.
-WG_TILES = (64, 128)
-WG_TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
-
-
-def wg_choose(M: int, N: int, K: int) -> tuple[int, int]:
-    """(rows per tile, K splits) of the warpgroup-MMA kernel by rule: 64-row tiles up to 64
-    rows, else 128; K split until about WG_TARGET_BLOCKS blocks, each split at least 4
-    k-steps."""
-    nt = 64 if M <= 64 else 128
-    blocks = -(-M // nt) * (N // 64)
-    splits = max(1, min(K // 64 // 4, -(-WG_TARGET_BLOCKS // blocks)))
-    return nt, _runs(K, splits)
-
-
-def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
-    """The warpgroup-MMA kernel's configurations worth timing: the rule's, then each tile
-    height at 1, 2, 4 and 8 K splits (at least 4 k-steps each)."""
-    out = [wg_choose(M, N, K)]
-    for nt in WG_TILES if M > 64 else WG_TILES[:1]:
-        for splits in (1, 2, 4, 8):
-            c = (nt, _runs(K, splits))
-            if splits <= max(1, K // 64 // 4) and c not in out:
-                out.append(c)
-    return out

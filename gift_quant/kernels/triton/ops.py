@@ -165,9 +165,8 @@ def tuned_route(
     (device, shape, M bucket) and kept (``tuning.choose``; ``timer``: see there)."""
     M, K = x2.shape
     N = sz.shape[1]
-    wg = native.wg_available()
     if not TUNE_M[0] <= M <= TUNE_M[1] or not (x2.is_cuda or timer):
-        return route(M, N, K, bits, mma=True, wg=wg)
+        return route(M, N, K, bits, mma=True)
     nsal = 0 if wst is None else wst.shape[0]
     k = tuning.key(x2.device.index, N, K, bits, group, nsal, M)
     name = tuning.kept(k)  # the hot path: one dict lookup
@@ -179,8 +178,7 @@ def tuned_route(
         run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, out=out, cuda=cuda)
 
     names = tuning_names(M, N, K, bits)
-    rule = route(M, N, K, bits, mma=True, wg=wg)
-    return tuning.choose(k, names, launch, rule, x2.device, timer)
+    return tuning.choose(k, names, launch, route(M, N, K, bits, mma=True), x2.device, timer)
 
 
 def run_route(
@@ -198,14 +196,9 @@ def run_route(
     cuda: native.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernels' layout, for "mma:WNxS", "mmv:WNxS[dD][cC]" and "wg:NTxS")."""
+    ``cuda``: the CUDA kernels' layout, for "mma:WNxS" and "mmv:WNxS[dD][cC]")."""
     M, K = x2.shape
     N = sz.shape[1]
-    if name.startswith("wg:"):
-        nt, splits = mma_config(name)
-        ws, cnt = _workspace(x2.device, M * N if splits > 1 else 1)
-        b16 = None if bias is None else bias.to(torch.float16).contiguous()
-        return native.mixed_wg(x2, cuda, b16, ws, cnt, nt, splits, out=out)
     if name.startswith(("mma:", "mmv:")):
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()
