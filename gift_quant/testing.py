@@ -202,7 +202,8 @@ def caller_commit(root: Path) -> str | None:
 
 def run_environment(shared: bool) -> dict:
     """What every JSON row of the kernel tools records: the commit, the versions, the
-    processors, and whether other work shared the machine during the run."""
+    processors, the GIFT_QUANT_* switches set (``GIFT_QUANT_PDL=0``, ``GIFT_QUANT_TUNE=0``, ...),
+    and whether other work shared the machine during the run."""
     import transformers
 
     try:
@@ -238,8 +239,17 @@ def run_environment(shared: bool) -> dict:
         triton=triton_version,
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         cpu=cpu,
+        switches={
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith("GIFT_QUANT_") and k not in _NOT_SWITCHES
+        },
         shared=shared,
     )
+
+
+# set by the device scripts or pointing at paths: not switches of the kernels' behaviour
+_NOT_SWITCHES = ("GIFT_QUANT_COMMIT", "GIFT_QUANT_CACHE")
 
 
 def compile_for_gpu(
@@ -303,7 +313,7 @@ def compile_for_gpu(
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 4)
             const = dict(act, BLOCK_M=4, BLOCK_N=128, BLOCK_K=32, EVEN_M=False, EVEN_N=True)
             const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
-            const |= dict(ASM=asm, CONSTR=constr)
+            const |= dict(ASM=asm, CONSTR=constr, PDL=True)  # as launched on sm_90
             out.append(build(gemv._gemv_kernel, types, const, 1, 1))
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)  # M = 1, capped
             const |= dict(BLOCK_M=1, BLOCK_K=64, EVEN_M=True, ASM=asm, CONSTR=constr)

@@ -99,6 +99,9 @@ def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
             cq = torch.randint(-(2**31), 2**31 - 1, shape, device=dev, dtype=torch.int32)
             czp, csc, cws = native.pack_zeros(z), native.pack_scales(s), native.pack_salient(wst)
             cuda = native.Packed(cq, czp, csc, cws, sidx, NSAL, bits, GROUP, K, N)
+    # the kernels launch as programmatic dependents on sm_90 and read their weights before they
+    # wait for the kernel before them: the kernels that wrote these must be done (ops._settle)
+    torch.cuda.synchronize()
     return dict(q=q, sz=sz, wst=wst, sidx=sidx, sal_pos=sal_pos, codes=c, s=s, z=z, cuda=cuda)
 
 

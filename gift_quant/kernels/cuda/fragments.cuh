@@ -238,6 +238,48 @@ __device__ __forceinline__ unsigned group_of(unsigned s, unsigned magic) {
   return magic ? __umulhi(s, magic) : s;
 }
 
+// Programmatic dependent launch (sm_90 and later; rules.dependent_launch): a kernel launched
+// with the attribute may start while the kernel before it finishes. It lets the next kernel
+// start once each of its blocks has begun (`pdl_launch_dependents`), reads only its weights
+// before `pdl_wait`, which returns once the previous kernel is done and its writes are
+// visible, and reads x and the workspace after. Both are no-ops without the attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Launch `kernel` on `stream`: in clusters of `cluster_y` blocks along y (> 1: sm_90), as a
+// programmatic dependent (`pdl`: sm_90). A cudaError_t; a refused launch's error is taken here,
+// so that the next (ordinary) launch does not report it as its own.
+template <typename... Params, typename... Args>
+int launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+              cudaStream_t stream, int cluster_y, bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (cluster_y > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1, attr[n].val.clusterDim.y = cluster_y;
+    attr[n++].val.clusterDim.z = 1;
+  }
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  cfg.attrs = attr, cfg.numAttrs = n;
+  const cudaError_t rc = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+  if (rc) cudaGetLastError();
+  return static_cast<int>(rc);
+}
+
 // Allow `smem` bytes of dynamic shared memory for `kernel` on the current device, where
 // `allowed` (the caller's, one per kernel: [64] devices) does not already: 0, or a cudaError_t
 // (-1 for a device index past 63).

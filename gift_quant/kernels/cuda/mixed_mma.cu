@@ -70,10 +70,12 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   const int Q = (nsal + 15) >> 4;  // salient k16 steps, round-robin over the splits
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int kcols = nss * 64 + nq * 16;
+  pdl_launch_dependents();
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
 
   // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
-  // the weights), in flight during the x staging. Per k-step and strip, word-vector i of every
+  // the weights), in flight during the x staging; none of it is written by the previous kernel,
+  // so it is read before pdl_wait (fragments.cuh). Per k-step and strip, word-vector i of every
   // lane is contiguous (512 B per instruction).
   const size_t qstride = (size_t)B * 32 * BITS;  // uint4 per k-step (all strips)
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
@@ -100,6 +102,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 
   // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
   // salient columns
+  pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
   gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<0>();
@@ -254,7 +257,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 template <int BITS, int MT, int WN>
 int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, const uint4* wsp,
            const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M,
-           int N, int K, int group, int splits, cudaStream_t stream) {
+           int N, int K, int group, int splits, bool pdl, cudaStream_t stream) {
   constexpr int PF = MT == 1 ? 3 : 2;
   auto kernel = mixed_mma_kernel<BITS, MT, WN, PF>;
   const int S = K / 64;
@@ -267,21 +270,20 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
   const int rc = allow_smem(kernel, smem, allowed);
   if (rc) return rc;
-  dim3 grid(N / 64 / WN, splits);
-  kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
-                                          N, K, group_magic(group), ss_per_split, R);
-  return static_cast<int>(cudaGetLastError());
+  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, 1, pdl, x, qc,
+                   zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group_magic(group),
+                   ss_per_split, R);
 }
 
 template <int BITS, int MT>
 int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-          int* cnt, int M, int N, int K, int group, int splits, cudaStream_t s) {
+          int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
   switch (wn) {
-    case 1: return launch<BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 1: return launch<BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one block width (the code is the same)
-    case 2: return launch<BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 4: return launch<BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 2: return launch<BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 4: return launch<BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
 #endif
     default: return -1;
   }
@@ -290,11 +292,11 @@ int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* 
 template <int BITS>
 int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-          int* cnt, int M, int N, int K, int group, int splits, cudaStream_t s) {
+          int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
   switch (mt) {
-    case 1: return by_wn<BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 2: return by_wn<BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
-    case 4: return by_wn<BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, s);
+    case 1: return by_wn<BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 2: return by_wn<BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 4: return by_wn<BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
     default: return -1;
   }
 }
@@ -306,7 +308,7 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
                             const void* wsp,
                             const void* sidx, int nsal, const void* bias, void* y, void* ws,
                             void* cnt, int M, int N, int K, int group, int bits, int wn,
-                            int splits, void* stream) {
+                            int splits, int pdl, void* stream) {
   if (M < 1 || M > 64 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
@@ -322,9 +324,9 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
   switch (bits) {
-    case 2: return by_mt<2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
-    case 3: return by_mt<3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
-    case 4: return by_mt<4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, s);
+    case 2: return by_mt<2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    case 3: return by_mt<3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    case 4: return by_mt<4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
     default: return -1;
   }
 }

@@ -154,17 +154,17 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int ldx = nss * 64 + nq * 16 + 8;  // row stride in halves: rows shift by 16 bytes
 
-  // 1. x (rows 0..M-1, a zero row M) in one copy group, then the first PF - 1 k-steps of
-  // weights into the ring, one group each (each lane copies and later reads only its own
-  // vectors, so its own wait orders them); the first group's scales and zero-points and the
-  // salient columns of x meanwhile; then wait for x alone, the weights staying in flight
+  // 1. the first PF - 1 k-steps of weights into the ring, one copy group each (each lane copies
+  // and later reads only its own vectors, so its own wait orders them), and the first group's
+  // scales and zero-points: none of it written by the previous kernel, so before pdl_wait; then
+  // x (rows 0..M-1, a zero row M) in one more group and its salient columns, and wait for all
+  pdl_launch_dependents();
   const size_t qstride = (size_t)B * 32 * BITS;
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;
   const uint2* zbase = zp + (size_t)b * 8 + g;                  // columns 8 j + g
   const uint4* sbase = scp + ((size_t)b * 4 + (g >> 1)) * 2;  // columns 8 j + 2 (g / 2) (+1)
   const unsigned last_group = group_of(S - 1, gmagic);
-  stage_x(xs, x, M, K, M, ldx, s0 * 64, nss * 64);
 #pragma unroll
   for (int p = 0; p < PF - 1; ++p) {
     if (p < nss)
@@ -175,8 +175,10 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   unsigned grp = group_of(s0, gmagic);
   uint4 sa = __ldg(sbase + grp * gstride), sb = __ldg(sbase + grp * gstride + 1);
   uint2 zw = __ldg(zbase + grp * gstride);
+  pdl_wait();  // x comes from the previous kernel
+  stage_x(xs, x, M, K, M, ldx, s0 * 64, nss * 64);
   gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);
-  wait_copies_and_sync<PF - 1>();
+  wait_copies_and_sync<0>();
 
   // this lane's B-fragment words per 8-row tile n: row 8 n + g (the zero row past M), input
   // columns 2 t (+1), +8
@@ -272,7 +274,7 @@ template <int BITS, int WN, int DEPTH>
 int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
                float* ws, int* cnt, int M, int N, int K, int group, int splits, int csize,
-               cudaStream_t stream) {
+               bool pdl, cudaStream_t stream) {
   constexpr int PF = DEPTH / BITS;
   static_assert(PF >= 2, "the ring needs two k-steps");
   const int S = K / 64;
@@ -290,11 +292,6 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   auto run = [&](auto kernel, size_t* table) {
     int rc = allow_smem(kernel, smem, table);
     if (rc) return rc;
-    if (csize == 1) {
-      kernel<<<grid, WN * 32, smem, stream>>>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt,
-                                              M, N, K, magic, ss_per_split, 1);
-      return static_cast<int>(cudaGetLastError());
-    }
     if (csize > 8) {  // 16 blocks per cluster is past the portable 8 (sm_90 allows it)
       rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
       if (rc) {
@@ -302,19 +299,8 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
         return rc;
       }
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid, cfg.blockDim = dim3(WN * 32), cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1, attr[0].val.clusterDim.y = csize, attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr, cfg.numAttrs = 1;
-    rc = cudaLaunchKernelEx(&cfg, kernel, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M,
-                            N, K, magic, ss_per_split, csize);
-    // a refused launch leaves its error for the next cudaGetLastError: take it here, so that
-    // the next (ordinary) launch does not report it as its own
-    if (rc) cudaGetLastError();
-    return rc;
+    return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, csize, pdl, x, qc, zp, scp, wsp,
+                     sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
   // one 8-row tile of x up to 8 rows, two up to 16
   return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1, CL>, allowed[0])
@@ -325,12 +311,12 @@ template <int BITS, int WN>
 int mmv_by_depth(int depth, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                  const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
                  float* ws, int* cnt, int M, int N, int K, int group, int splits,
-                 int csize, cudaStream_t s) {
+                 int csize, bool pdl, cudaStream_t s) {
   switch (depth) {
-    case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
+    case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
-    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
-    case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
+    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #endif
     default: return -1;
   }
@@ -340,12 +326,12 @@ template <int BITS>
 int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp,
               const uint4* scp, const uint4* wsp, const int* sidx, int nsal, const half* bias,
               half* y, float* ws, int* cnt, int M, int N, int K, int group, int splits,
-              int csize, cudaStream_t s) {
+              int csize, bool pdl, cudaStream_t s) {
   switch (wn) {
-    case 1: return mmv_by_depth<BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
+    case 1: return mmv_by_depth<BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #ifndef GQ_COMPILE_CHECK
-    case 2: return mmv_by_depth<BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
-    case 4: return mmv_by_depth<BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, s);
+    case 2: return mmv_by_depth<BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return mmv_by_depth<BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #endif
     default: return -1;
   }
@@ -357,7 +343,7 @@ int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp
 extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const void* scp,
                             const void* wsp, const void* sidx, int nsal, const void* bias,
                             void* y, void* ws, void* cnt, int M, int N, int K, int group,
-                            int bits, int wn, int splits, int depth, int csize,
+                            int bits, int wn, int splits, int depth, int csize, int pdl,
                             void* stream) {
   if (M < 1 || M > 16 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
@@ -380,9 +366,9 @@ extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
   switch (bits) {
-    case 2: return mmv_by_wn<2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, s);
-    case 3: return mmv_by_wn<3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, s);
-    case 4: return mmv_by_wn<4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, s);
+    case 2: return mmv_by_wn<2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+    case 3: return mmv_by_wn<3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+    case 4: return mmv_by_wn<4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
     default: return -1;
   }
 }

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gift_quant.kernels.build import cached_build, compiler_version
-from gift_quant.kernels.cuda.rules import MMV_DEPTH, choose, mmv_choose
+from gift_quant.kernels.cuda.rules import MMV_DEPTH, choose, dependent_launch, mmv_choose
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,9 @@ def library(device: torch.device | None = None):
                 raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
             lib = ctypes.CDLL(str(_build(nvcc, f"{major}{minor}")))
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
-            lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 7 + [ptr]
+            lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 8 + [ptr]
             lib.gq_mixed_mma.restype = i32
-            lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
+            lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 10 + [ptr]
             lib.gq_mixed_mmv.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
@@ -275,7 +275,8 @@ def library(device: torch.device | None = None):
 
 def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
     """y [M, N] fp16 through the library entry ``fn`` with ``config`` (written into ``out``
-    if given), on x2's device and torch's current stream there."""
+    if given), on x2's device and torch's current stream there, as a programmatic dependent
+    launch where ``rules.dependent_launch`` says so."""
     M, K = x2.shape
     y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
     if x2.data_ptr() % 16 or not x2.is_contiguous():
@@ -301,6 +302,7 @@ def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
         p.group,
         p.bits,
         *config,
+        int(dependent_launch(x2.device)),
         torch.cuda.current_stream(x2.device).cuda_stream,
     )
     if rc:

@@ -5,6 +5,9 @@ current device whether it has thread-block clusters."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 __all__ = [
@@ -15,6 +18,7 @@ __all__ = [
     "choose",
     "clusters_supported",
     "configs",
+    "dependent_launch",
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
@@ -143,3 +147,19 @@ def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int
     if _runs(K, MMV_CLUSTER) != MMV_CLUSTER or _mmv_min_splits(M, K) > MMV_CLUSTER:
         return []
     return [(mmv_choose(M, N, K)[0], MMV_CLUSTER, MMV_DEPTH, MMV_CLUSTER)]
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the kernels launch on ``device`` as programmatic dependents of the kernel before
+    them in the stream (sm_90 and later; ``GIFT_QUANT_PDL=0`` turns it off): such a launch may
+    start while the previous kernel finishes, and reads its weights meanwhile; it waits for the
+    previous kernel's writes (``griddepcontrol.wait``) before it reads x or touches its
+    workspace, so results are those of an ordinary launch."""
+    if device.type != "cuda" or os.environ.get("GIFT_QUANT_PDL", "1") == "0":
+        return False
+    return _capability_major(device.index if device.index is not None else 0) >= 9

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from gift_quant.kernels.cuda.rules import dependent_launch
 from gift_quant.kernels.triton.ptx import deqdot_asm, plan
 from gift_quant.kernels.triton.tiles import interpreting, on_device, register_cap, store_output
 
@@ -216,10 +218,16 @@ def _gemv_kernel(
     USE_ASM: tl.constexpr,
     ASM: tl.constexpr,
     CONSTR: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
     sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
-    bias [N]; ws [M, N] fp32 zeros; cnt [cdiv(N, BLOCK_N)] int32 zeros; y [M, N] like x."""
+    bias [N]; ws [M, N] fp32 zeros; cnt [cdiv(N, BLOCK_N)] int32 zeros; y [M, N] like x.
+    PDL (a programmatic dependent launch, ``rules.dependent_launch``): the next kernel may
+    launch once every program has started; each program loads its weights before it waits for
+    the previous kernel (``gdc_wait``), and reads x and the workspace only after."""
+    if PDL:
+        gdc_launch_dependents()
     UNIT_W: tl.constexpr = 3 if BITS == 3 else (2 if BITS == 4 else 1)
     UNIT_K: tl.constexpr = 32 if BITS == 3 else 16
     NSTEPS: tl.constexpr = 16 if BITS == 3 else 8
@@ -250,6 +258,8 @@ def _gemv_kernel(
             else:
                 sz = tl.load(sz_ptr + (kb // GROUP) * N + offs_n, mask=nmask, other=0)
             scale = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            if PDL:
+                gdc_wait()  # x comes from the previous kernel
             ubase = kb // 2 + tl.arange(0, RU) * (UNIT_K // 2)
             xp = ()
             for m in tl.static_range(BLOCK_M):
@@ -271,6 +281,8 @@ def _gemv_kernel(
                 mask=jmask[:, None] & nmask[None, :],
                 other=0.0,
             ).to(tl.float32)
+            if PDL:
+                gdc_wait()
             for m in tl.static_range(BLOCK_M):
                 xs = tl.load(x_ptr + m * K + sid, mask=jmask & (m < M), other=0.0)
                 part = tl.sum(xs.to(tl.float32)[:, None] * w, axis=0)
@@ -345,6 +357,7 @@ def gemv(
     y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
     assert y.shape == (M, N) and y.dtype == x.dtype and y.is_contiguous()
     grid = (n_blocks, cfg["n_split"] + n_sal_progs)
+    dependent = dependent_launch(x.device) and not interpreting()
     with on_device(x.device):
         _gemv_kernel[grid](
             x,
@@ -379,8 +392,10 @@ def gemv(
             USE_ASM=not interpreting(),
             ASM=asm,
             CONSTR=constr,
+            PDL=dependent,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
             **register_cap(cfg),
+            **({"launch_pdl": True} if dependent else {}),
         )
     return y

@@ -24,6 +24,10 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 * The kernels share one zero-initialised fp32 workspace per device that every launch leaves
   zeroed; calls on one device must not overlap in time (one stream), and the first call of a
   shape must happen before CUDA-graph capture (it compiles and may grow the workspace).
+* On sm_90 and later the GEMV and the CUDA kernels launch as programmatic dependents of the
+  kernel before them (``rules.dependent_launch``): they read their weights while it finishes,
+  and x and the workspace only after it is done. So a layer's layout, once built, is waited
+  for (``_settle``: one synchronisation per build, refused inside graph capture).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import native
+from gift_quant.kernels.cuda.rules import dependent_launch
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import gemv
 from gift_quant.kernels.triton.mm import (
@@ -102,7 +107,25 @@ def prepare(layer) -> Prepared | None:
         return cache or None
     prepared = _build(layer, key)
     layer._triton_cache = prepared if prepared is not None else False
+    if prepared is not None:
+        _settle(prepared.q.device)
     return prepared
+
+
+def _settle(device: torch.device) -> None:
+    """After a layout was built: kernels launched as programmatic dependents
+    (``rules.dependent_launch``) read their weights before they wait for the kernel before
+    them, so the copies that wrote the layout (and the layer's buffers they read) must be done
+    before any such launch. Refused inside CUDA-graph capture, where nothing can be waited
+    for: the first call of a layer comes before the capture."""
+    if device.type != "cuda" or not dependent_launch(device):
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "a quantized layer's kernel layout was built inside CUDA-graph capture; "
+            "call the layer once before capturing"
+        )
+    torch.cuda.synchronize(device)
 
 
 def _build(layer, key: tuple) -> Prepared | None:
@@ -133,7 +156,6 @@ def cuda_layout(layer) -> native.Packed | None:
     prep = prepare(layer)
     if prep is None or prep.cuda is not None or prep.cuda_checked:
         return None if prep is None else prep.cuda
-    prep.cuda_checked = True
     if (
         layer.qweight.is_cuda
         and native.unsupported(layer) is None
@@ -141,9 +163,10 @@ def cuda_layout(layer) -> native.Packed | None:
     ):
         codes = unpack_rows(layer.qweight, prep.bits)
         zeros = unpack_cols(layer.qzeros, prep.bits)
-        prep.cuda = native.pack(
-            codes, zeros, layer.scales, prep.wst, prep.sidx, prep.bits, prep.group
-        )
+        packed = native.pack(codes, zeros, layer.scales, prep.wst, prep.sidx, prep.bits, prep.group)
+        _settle(layer.qweight.device)  # before it is kept: a refused layout is built again
+        prep.cuda = packed
+    prep.cuda_checked = True
     return prep.cuda
 
 

@@ -1,0 +1,106 @@
+"""Programmatic dependent launch (sm_90+, ``rules.dependent_launch``): a kernel may start while
+the one before it finishes and reads its weights meanwhile, but must read x, and touch the
+shared split-K workspace, only after the previous kernel is done. Checked on chains of layers
+where each layer's x is the previous layer's output, written into NaN-filled buffers: a read
+before the previous kernel finished would see NaN or a partial sum, and a workspace touched
+early would corrupt the previous layer's split-K sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gift_quant.kernels.cuda import native, rules
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+K = N = 1024  # square, so that each layer's output is the next layer's input
+
+
+def _names(M: int) -> list[str]:
+    from gift_quant.kernels.triton import routes
+
+    names = ["gemv"] if M <= 8 else []
+    if native.library() is not None:
+        if M <= rules.MMV_MAX_M:
+            names.append(routes.mmv_name(*rules.mmv_choose(M, N, K)))
+        names.append(routes.mma_name(*rules.choose(M, N, K)))
+    return names
+
+
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_chained_kernels_read_the_previous_output(M: int) -> None:
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    layers = [
+        random_mixed_linear(
+            K,
+            N,
+            bits=4,
+            group_size=128,
+            num_salient=32,
+            bias=True,
+            seed=10 + i,
+            device="cuda",
+            dtype=torch.float16,
+        )
+        for i in range(4)
+    ]
+    preps = [(ops.prepare(layer), ops.cuda_layout(layer)) for layer in layers]
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+
+    def chain(name: str, outs: list[torch.Tensor]) -> None:
+        x = x0
+        for layer, (p, cuda), out in zip(layers, preps, outs, strict=True):
+            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+            ops.run_route(name, *args, out=out, cuda=cuda)
+            x = out
+
+    def check(name: str, outs: list[torch.Tensor], how: str) -> None:
+        x = x0
+        for i, (layer, out) in enumerate(zip(layers, outs, strict=True)):
+            assert not out.isnan().any(), (name, how, i)
+            err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
+            assert err <= ERROR_FACTOR * ref_err + 1e-6, (name, how, i, err, ref_err)
+            x = out
+
+    def nans() -> list[torch.Tensor]:
+        return [
+            torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16) for _ in layers
+        ]
+
+    for name in _names(M):
+        outs = nans()
+        chain(name, outs)  # eager: compiles, sizes the workspace
+        torch.cuda.synchronize()
+        check(name, outs, "eager")
+        outs = nans()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain(name, outs)
+        for _ in range(3):  # the buffers hold the last replay's values
+            graph.replay()
+        torch.cuda.synchronize()
+        check(name, outs, "graph")
+
+
+def test_a_layout_built_inside_graph_capture_is_refused() -> None:
+    """The weights a dependent launch reads before it waits must be written before it starts:
+    a layer whose layout would be built inside a capture (nothing can be waited for there) is
+    refused with a message, where the kernels launch as dependents."""
+    from gift_quant.kernels.triton import ops
+    from gift_quant.testing import random_mixed_linear
+
+    if not rules.dependent_launch(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch on this GPU")
+    layer = random_mixed_linear(256, 128, bits=4, group_size=128, device="cuda")
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="call the layer once before capturing"):
+        with torch.cuda.graph(graph):
+            ops.dequant_matmul(x, layer)
