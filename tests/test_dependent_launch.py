@@ -87,20 +87,3 @@ def test_chained_kernels_read_the_previous_output(M: int) -> None:
             graph.replay()
         torch.cuda.synchronize()
         check(name, outs, "graph")
-
-
-def test_a_layout_built_inside_graph_capture_is_refused() -> None:
-    """The weights a dependent launch reads before it waits must be written before it starts:
-    a layer whose layout would be built inside a capture (nothing can be waited for there) is
-    refused with a message, where the kernels launch as dependents."""
-    from gift_quant.kernels.triton import ops
-    from gift_quant.testing import random_mixed_linear
-
-    if not rules.dependent_launch(torch.device("cuda")):
-        pytest.skip("no programmatic dependent launch on this GPU")
-    layer = random_mixed_linear(256, 128, bits=4, group_size=128, device="cuda")
-    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
-    graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="call the layer once before capturing"):
-        with torch.cuda.graph(graph):
-            ops.dequant_matmul(x, layer)

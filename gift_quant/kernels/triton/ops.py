@@ -27,7 +27,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 * On sm_90 and later the GEMV and the CUDA kernels launch as programmatic dependents of the
   kernel before them (``rules.dependent_launch``): they read their weights while it finishes,
   and x and the workspace only after it is done. So a layer's layout, once built, is waited
-  for (``_settle``: one synchronisation per build, refused inside graph capture).
+  for (``_settle``: one synchronisation per build).
 """
 
 from __future__ import annotations
@@ -116,16 +116,10 @@ def _settle(device: torch.device) -> None:
     """After a layout was built: kernels launched as programmatic dependents
     (``rules.dependent_launch``) read their weights before they wait for the kernel before
     them, so the copies that wrote the layout (and the layer's buffers they read) must be done
-    before any such launch. Refused inside CUDA-graph capture, where nothing can be waited
-    for: the first call of a layer comes before the capture."""
-    if device.type != "cuda" or not dependent_launch(device):
-        return
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "a quantized layer's kernel layout was built inside CUDA-graph capture; "
-            "call the layer once before capturing"
-        )
-    torch.cuda.synchronize(device)
+    before any such launch. (A layout is never built inside CUDA-graph capture: ``_build``
+    already synchronises, which a capture refuses.)"""
+    if device.type == "cuda" and dependent_launch(device):
+        torch.cuda.synchronize(device)
 
 
 def _build(layer, key: tuple) -> Prepared | None:
