@@ -239,10 +239,11 @@ __device__ __forceinline__ unsigned group_of(unsigned s, unsigned magic) {
 }
 
 // Programmatic dependent launch (sm_90 and later; rules.dependent_launch): a kernel launched
-// with the attribute may start while the kernel before it finishes. It lets the next kernel
-// start once each of its blocks has begun (`pdl_launch_dependents`), reads only its weights
+// with the attribute may start while the kernel before it finishes. It reads only its weights
 // before `pdl_wait`, which returns once the previous kernel is done and its writes are
-// visible, and reads x and the workspace after. Both are no-ops without the attribute.
+// visible, and reads x and the workspace after; it lets the next kernel start once each of its
+// blocks has finished its main loop (`pdl_launch_dependents`: at the start, the next kernel's
+// blocks took places while this one still streamed weights). No-ops without the attribute.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

@@ -70,7 +70,6 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   const int Q = (nsal + 15) >> 4;  // salient k16 steps, round-robin over the splits
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int kcols = nss * 64 + nq * 16;
-  pdl_launch_dependents();
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
 
   // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
@@ -212,6 +211,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   if constexpr (SA) {
     if (nss > 0) add_scaled<MT>(acc, gacc, sc);
   }
+  pdl_launch_dependents();  // the next kernel may start once every block is here
 
   // 5. output: lane holds rows m*16 + g (+8), columns b*64 + 8j + 2t (+1)
   const int col0 = b * 64 + 2 * t;

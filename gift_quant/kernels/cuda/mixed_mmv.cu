@@ -158,7 +158,6 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   // and later reads only its own vectors, so its own wait orders them), and the first group's
   // scales and zero-points: none of it written by the previous kernel, so before pdl_wait; then
   // x (rows 0..M-1, a zero row M) in one more group and its salient columns, and wait for all
-  pdl_launch_dependents();
   const size_t qstride = (size_t)B * 32 * BITS;
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;
@@ -251,6 +250,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
     }
   }
   if (nss > 0) add_scaled_mmv<NB>(acc, gacc, sc);
+  pdl_launch_dependents();  // the next kernel may start once every block is here
 
   // 4. output: acc[n][i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
   if (CL && csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
