@@ -360,9 +360,10 @@ def gemv(
     assert y.shape == (M, N) and y.dtype == x.dtype and y.is_contiguous()
     grid = (n_blocks, cfg["n_split"] + n_sal_progs)
     # a programmatic dependent launch where the launch fits one wave: on the H200 it made the
-    # one-wave launches 0-13% faster at M = 1 (4096^2 6.89 -> 6.01 us) and the two of more
-    # programs than places 26-36% slower (28672 x 4096: 3,360 programs, 21.3 -> 29.0 us;
-    # 8192 x 28672: 5,888), kernels_h200_rules_pdl_on.json against _off.json
+    # one-wave launches -1 to +17% faster at M = 1 (4096^2 W4 6.89 -> 6.01 us), the two of more
+    # programs than places 26-36% slower at W4 (28672 x 4096: 3,360 programs, 21.3 -> 29.0 us;
+    # 8192 x 28672: 5,888), though -2.5 to +3.4% at W2/W3 (not understood; the bound leaves
+    # out every loss measured): kernels_h200_pdl_on_60614d2.json against _pdl_off_60614d2.json
     programs = n_blocks * (cfg["n_split"] + n_sal_progs)
     one_wave = programs <= PROGRAMS_PER_SM * _sms(x.device)
     dependent = one_wave and dependent_launch(x.device) and not interpreting()
