@@ -317,5 +317,6 @@ def compile_for_gpu(
             out.append(build(gemv._gemv_kernel, types, const, 1, 1))
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)  # M = 1, capped
             const |= dict(BLOCK_M=1, BLOCK_K=64, EVEN_M=True, ASM=asm, CONSTR=constr)
+            const |= dict(PDL=False)  # capped launches are past one wave: never dependents
             out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
     return out

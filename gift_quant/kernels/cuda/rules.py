@@ -19,6 +19,7 @@ __all__ = [
     "clusters_supported",
     "configs",
     "dependent_launch",
+    "dependent_launch_capable",
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
@@ -154,12 +155,21 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def dependent_launch_capable(device: torch.device) -> bool:
+    """Whether ``device`` can launch kernels as programmatic dependents (sm_90 and later),
+    whatever ``GIFT_QUANT_PDL`` says."""
+    if device.type != "cuda":
+        return False
+    return (
+        _capability_major(device.index if device.index is not None else torch.cuda.current_device())
+        >= 9
+    )
+
+
 def dependent_launch(device: torch.device) -> bool:
     """Whether the kernels launch on ``device`` as programmatic dependents of the kernel before
     them in the stream (sm_90 and later; ``GIFT_QUANT_PDL=0`` turns it off): such a launch may
     start while the previous kernel finishes, and reads its weights meanwhile; it waits for the
     previous kernel's writes (``griddepcontrol.wait``) before it reads x or touches its
     workspace, so results are those of an ordinary launch."""
-    if device.type != "cuda" or os.environ.get("GIFT_QUANT_PDL", "1") == "0":
-        return False
-    return _capability_major(device.index if device.index is not None else 0) >= 9
+    return os.environ.get("GIFT_QUANT_PDL", "1") != "0" and dependent_launch_capable(device)

@@ -27,7 +27,10 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 * On sm_90 and later the GEMV and the CUDA kernels launch as programmatic dependents of the
   kernel before them (``rules.dependent_launch``): they read their weights while it finishes,
   and x and the workspace only after it is done. So a layer's layout, once built, is waited
-  for (``_settle``: one synchronisation per build).
+  for (``_settle``: one synchronisation when the Triton layout is built, one when the CUDA
+  kernels' is). Weights written without a version bump (through ``.data``, say) are not seen
+  as changed, and a dependent launch may read them while the write is still running; direct
+  callers of the kernels with freshly written tensors synchronise themselves.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import native
-from gift_quant.kernels.cuda.rules import dependent_launch
+from gift_quant.kernels.cuda.rules import dependent_launch_capable
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import gemv
 from gift_quant.kernels.triton.mm import (
@@ -116,9 +119,10 @@ def _settle(device: torch.device) -> None:
     """After a layout was built: kernels launched as programmatic dependents
     (``rules.dependent_launch``) read their weights before they wait for the kernel before
     them, so the copies that wrote the layout (and the layer's buffers they read) must be done
-    before any such launch. (A layout is never built inside CUDA-graph capture: ``_build``
-    already synchronises, which a capture refuses.)"""
-    if device.type == "cuda" and dependent_launch(device):
+    before any such launch: on every GPU that can launch so, whether or not ``GIFT_QUANT_PDL``
+    turns it on now (it is read at each launch). A layout is never built inside CUDA-graph
+    capture: ``_build`` already synchronises, which a capture refuses."""
+    if dependent_launch_capable(device):
         torch.cuda.synchronize(device)
 
 
