@@ -256,9 +256,12 @@ def compile_for_gpu(
     bits=(2, 3, 4), dtypes=("fp16", "bf16"), mm_configs=None, with_gemv: bool = True
 ) -> list[str]:
     """Compile every Triton kernel for sm_90 (H100/H200) without a GPU, through Triton's own
-    ptxas, and return one line per kernel. This catches what the interpreter cannot: code the
-    GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. Must run
-    in a process where TRITON_INTERPRET is unset when the kernel modules are imported.
+    ptxas, and return one line per kernel with its registers and stack bytes (spills) where
+    Triton's bundled cuobjdump can read them. This catches what the interpreter cannot: code
+    the GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. The
+    pointers and N, K are declared 16-divisible, as the launcher's aligned tensors and layer
+    widths make them (without it the GEMV's registers read 168-255 instead of 96). Must run in
+    a process where TRITON_INTERPRET is unset when the kernel modules are imported.
     ``with_gemv=False`` skips the GEMV, the slowest to compile (its inline PTX)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -274,14 +277,17 @@ def compile_for_gpu(
     def build(kernel, types: dict, const: dict, warps: int, stages: int, maxnreg=None) -> str:
         sig = {name: types.get(name, "constexpr") for name in kernel.arg_names}
         idx = {(kernel.arg_names.index(k),): v for k, v in const.items()}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=idx)
+        aligned = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("N", "K")]
+        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=idx, attrs=attrs)
         opts = dict(num_warps=warps, num_stages=stages)
         c = triton.compile(
             src, target=target, options=opts | ({"maxnreg": maxnreg} if maxnreg else {})
         )
         shown = {k: v for k, v in const.items() if k not in ("ASM", "CONSTR")}
         cap = f", maxnreg {maxnreg}" if maxnreg else ""
-        return f"{kernel.fn.__name__} {shown}{cap}: {len(c.asm['cubin'])} bytes of cubin"
+        use = _resource_usage(c.asm["cubin"])
+        return f"{kernel.fn.__name__} {shown}{cap}: {len(c.asm['cubin'])} bytes of cubin{use}"
 
     out = []
     for b in bits:
@@ -320,3 +326,27 @@ def compile_for_gpu(
             const |= dict(PDL=False)  # capped launches are past one wave: never dependents
             out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
     return out
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """ ", N registers, S bytes of stack" of a one-kernel cubin, read by Triton's bundled
+    cuobjdump; "" where it is missing or says nothing."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            text = subprocess.run(
+                [str(tool), "-res-usage", f.name], capture_output=True, text=True, timeout=60
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    return f", {m[1]} registers, {m[2]} bytes of stack" if m else ""
