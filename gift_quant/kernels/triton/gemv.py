@@ -89,6 +89,29 @@ def gemv_config(
     )
 
 
+def dependent_ok(cfg: dict, N: int, K: int, nsal: int, sms: int) -> bool:
+    """Whether a launch in configuration ``cfg`` on an (N, K) layer with ``nsal`` salient
+    columns may be a programmatic dependent (where the device allows it,
+    ``rules.dependent_launch``), on a GPU of ``sms`` SMs."""
+    # a programmatic dependent launch where the launch fits one wave: on the H200 it made the
+    # one-wave launches -1 to +17% faster at M = 1 (4096^2 W4 6.89 -> 6.01 us); the two of more
+    # programs than places took 32-36% longer at W4 (28672 x 4096: 3,360 programs, 21.3 -> 29.0
+    # us; 8192 x 28672: 5,888), -3.3 to +2.6% at W2/W3; the bound leaves out every loss
+    # measured: kernels_h200_pdl_on_60614d2.json against _pdl_off_60614d2.json
+    # (Compiled for a dependent launch, the W4 kernel with 128-deep k-blocks takes 168 registers
+    # instead of 96 (W3: 128; the others 96), and capped at 80 it spills 104 bytes instead of
+    # 32 (sm_90 compiles with the launcher's alignment hints): the weights loaded before the
+    # wait inside the loop stay live across it. So "one wave" here counts 21 programs per
+    # SM where that build fits 12 (W4) or 16 (W3): 12288 x 4096 W4, 1,728 programs, is 1.09 of
+    # its waves (and was level); the W4-only loss on the capped launches is consistent with the
+    # larger spill. Measured as shipped; a wait before the loop is still to be measured.)
+    # Only where every program has a k-block and nothing is pipelined: an empty k-range would
+    # skip the wait, and with num_stages > 1 Triton issues the x loads ahead of it.
+    programs = triton.cdiv(N, cfg["BLOCK_N"]) * (cfg["n_split"] + triton.cdiv(nsal, SAL_PER_PROG))
+    one_wave = programs <= PROGRAMS_PER_SM * sms
+    return one_wave and cfg["num_stages"] == 1 and cfg["n_split"] <= K // cfg["BLOCK_K"]
+
+
 # ------------------------------------------------------------------------------------------
 # 2. kernel
 
@@ -359,24 +382,8 @@ def gemv(
     y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
     assert y.shape == (M, N) and y.dtype == x.dtype and y.is_contiguous()
     grid = (n_blocks, cfg["n_split"] + n_sal_progs)
-    # a programmatic dependent launch where the launch fits one wave: on the H200 it made the
-    # one-wave launches -1 to +17% faster at M = 1 (4096^2 W4 6.89 -> 6.01 us); the two of more
-    # programs than places took 32-36% longer at W4 (28672 x 4096: 3,360 programs, 21.3 -> 29.0
-    # us; 8192 x 28672: 5,888), -3.3 to +2.6% at W2/W3; the bound leaves out every loss
-    # measured: kernels_h200_pdl_on_60614d2.json against _pdl_off_60614d2.json
-    # (Compiled for a dependent launch, the W4 kernel with 128-deep k-blocks takes 168 registers
-    # instead of 96 (W3: 128; the others 96), and capped at 80 it spills 104 bytes instead of
-    # 32 (sm_90 compiles with the launcher's alignment hints): the x loads' wait inside the
-    # loop keeps the k-block's weights live across it. So "one wave" here counts 21 programs per
-    # SM where that build fits 12 (W4) or 16 (W3): 12288 x 4096 W4, 1,728 programs, is 1.09 of
-    # its waves (and was level); the W4-only loss on the capped launches is consistent with the
-    # larger spill. Measured as shipped; a wait before the loop is still to be measured.)
-    # Only where every program has a k-block and nothing is pipelined: an empty k-range would
-    # skip the wait, and with num_stages > 1 Triton issues the x loads ahead of it.
-    programs = n_blocks * (cfg["n_split"] + n_sal_progs)
-    one_wave = programs <= PROGRAMS_PER_SM * _sms(x.device)
-    waits = cfg["num_stages"] == 1 and cfg["n_split"] <= K // cfg["BLOCK_K"]
-    dependent = one_wave and waits and dependent_launch(x.device) and not interpreting()
+    dependent = dependent_ok(cfg, N, K, nsal, _sms(x.device)) and dependent_launch(x.device)
+    dependent = dependent and not interpreting()
     with on_device(x.device):
         _gemv_kernel[grid](
             x,
