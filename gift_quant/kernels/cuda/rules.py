@@ -1,7 +1,7 @@
 """Launch configurations of the CUDA kernels (``native``): how many warps per block and K
 splits a call of M rows on an (N, K) layer takes by rule, and the configurations the first-use
-timing measures beside the rule's (``triton.routes``). Pure arithmetic, apart from asking the
-current device whether it has thread-block clusters."""
+timing measures beside the rule's (``triton.routes``). Pure arithmetic, apart from asking a
+device's compute capability (thread-block clusters, dependent launches: sm_90)."""
 
 from __future__ import annotations
 
@@ -134,9 +134,14 @@ def mmv_configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     return out
 
 
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def clusters_supported() -> bool:
     """Thread-block clusters on the current CUDA device (sm_90 and later)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return torch.cuda.is_available() and _capability_major(torch.cuda.current_device()) >= 9
 
 
 def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
@@ -150,20 +155,13 @@ def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int
     return [(mmv_choose(M, N, K)[0], MMV_CLUSTER, MMV_DEPTH, MMV_CLUSTER)]
 
 
-@functools.cache
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def dependent_launch_capable(device: torch.device) -> bool:
     """Whether ``device`` can launch kernels as programmatic dependents (sm_90 and later),
     whatever ``GIFT_QUANT_PDL`` says."""
     if device.type != "cuda":
         return False
-    return (
-        _capability_major(device.index if device.index is not None else torch.cuda.current_device())
-        >= 9
-    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) >= 9
 
 
 def dependent_launch(device: torch.device) -> bool:

@@ -382,8 +382,11 @@ def gemv(
     y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
     assert y.shape == (M, N) and y.dtype == x.dtype and y.is_contiguous()
     grid = (n_blocks, cfg["n_split"] + n_sal_progs)
-    dependent = dependent_ok(cfg, N, K, nsal, _sms(x.device)) and dependent_launch(x.device)
-    dependent = dependent and not interpreting()
+    dependent = (
+        not interpreting()
+        and dependent_launch(x.device)
+        and dependent_ok(cfg, N, K, nsal, _sms(x.device))
+    )
     with on_device(x.device):
         _gemv_kernel[grid](
             x,
