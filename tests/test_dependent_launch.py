@@ -28,7 +28,7 @@ def _names(M: int) -> list[str]:
         if M <= rules.MMV_MAX_M:
             wn, splits = rules.mmv_choose(M, N, K)
             names.append(routes.mmv_name(wn, splits))
-            if rules.clusters_supported() and M > 4:  # 8 splits summed in one cluster
+            if rules.clusters_supported() and 4 < M <= 16:  # 8 splits summed in one cluster
                 names.append(routes.mmv_name(wn, 8, rules.MMV_DEPTH, 8))
         names.append(routes.mma_name(*rules.choose(M, N, K)))
     return names
@@ -59,7 +59,7 @@ def test_the_gemv_is_a_dependent_only_within_one_wave_and_unpipelined() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("M", [1, 4, 16, 32])
 def test_chained_kernels_read_the_previous_output(M: int) -> None:
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops

@@ -44,6 +44,7 @@ K_PER_PROGRAM = 320  # at most about this many input columns per program
 # 23.6).
 PROGRAMS_PER_SM, CAP_ABOVE_PROGRAMS_PER_SM, WIDE_MAXNREG = 21, 23, 80
 SAL_PER_PROG, SAL_CHUNK = 64, 32
+WAIT_IN_LOOP = False  # experiment switch (round 15 A/B): the dependent wait per k-block
 
 
 def _fit(block_k: int, K: int, group: int) -> int:
@@ -242,6 +243,7 @@ def _gemv_kernel(
     ASM: tl.constexpr,
     CONSTR: tl.constexpr,
     PDL: tl.constexpr,
+    WAIT_IN_LOOP: tl.constexpr,
 ):
     """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
     sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
@@ -261,6 +263,8 @@ def _gemv_kernel(
     nmask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if PDL and not WAIT_IN_LOOP:
+        gdc_wait()  # x and the workspace come after the previous kernel
     if pid_k < N_SPLIT:
         n_kb = K // BLOCK_K
         for j in tl.range(
@@ -281,7 +285,7 @@ def _gemv_kernel(
             else:
                 sz = tl.load(sz_ptr + (kb // GROUP) * N + offs_n, mask=nmask, other=0)
             scale = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            if PDL:
+            if PDL and WAIT_IN_LOOP:
                 gdc_wait()  # x comes from the previous kernel
             ubase = kb // 2 + tl.arange(0, RU) * (UNIT_K // 2)
             xp = ()
@@ -304,7 +308,7 @@ def _gemv_kernel(
                 mask=jmask[:, None] & nmask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            if PDL:
+            if PDL and WAIT_IN_LOOP:
                 gdc_wait()
             for m in tl.static_range(BLOCK_M):
                 xs = tl.load(x_ptr + m * K + sid, mask=jmask & (m < M), other=0.0)
@@ -422,6 +426,7 @@ def gemv(
             ASM=asm,
             CONSTR=constr,
             PDL=dependent,
+            WAIT_IN_LOOP=WAIT_IN_LOOP,
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
             **register_cap(cfg),
