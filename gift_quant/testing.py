@@ -319,13 +319,14 @@ def compile_for_gpu(
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 4)
             const = dict(act, BLOCK_M=4, BLOCK_N=128, BLOCK_K=32, EVEN_M=False, EVEN_N=True)
             const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
-            const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=gemv.WAIT_IN_LOOP)
-            out.append(build(gemv._gemv_kernel, types, const, 1, 1))  # as launched on sm_90
-            asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)  # M = 1, one wave
+            # as launched on sm_90 (gemv.dependent_wait): M = 4 and M = 1 within one wave
+            # waiting in the k-loop, M = 1 capped (past one wave) waiting before it
+            const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=True)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+            asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)
             const |= dict(BLOCK_M=1, BLOCK_K=128, EVEN_M=True, ASM=asm, CONSTR=constr)
             out.append(build(gemv._gemv_kernel, types, const, 1, 1))
-            const |= dict(BLOCK_K=64)  # M = 1, capped
-            const |= dict(PDL=False)  # capped launches are past one wave: never dependents
+            const |= dict(BLOCK_K=64, WAIT_IN_LOOP=False)
             out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
     return out
 

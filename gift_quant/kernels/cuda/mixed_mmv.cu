@@ -1,4 +1,4 @@
-// Mixed-precision matmul for few rows (M <= 32), fp16 activations, on tensor cores with the
+// Mixed-precision matmul for very few rows (M <= 16), fp16 activations, on tensor cores with the
 // operands swapped:
 //
 //     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
@@ -6,12 +6,11 @@
 // The same packed words as mixed_mma.cu (native.py, `pack_codes`), read as the A operand of
 // `mma.m16n8k16`: the B fragments of n8 tiles 2i and 2i+1 of a k16 step are, together, the A
 // fragment of 16 output columns (rows g and g + 8 of the A tile are columns 8 (2i) + g and
-// 8 (2i + 1) + g), so no repacking. x is the B operand, one, two or four tiles of 8 rows
-// (NB): the M real rows and a zero row for the rest. Up to 8 rows a lane does 4 MMAs per k16
-// step (mixed_mma.cu: 8 per 16-row tile) and holds 16 fp32 accumulators (32), so more warps
-// fit on an SM and more weight bytes are in flight; with two or four tiles each A fragment
-// serves them all. The products are exact and summed in fp32 (a GEMV on fp16 FMAs would sum
-// in fp16).
+// 8 (2i + 1) + g), so no repacking. x is the B operand, one or two tiles of 8 rows (NB): the
+// M real rows and a zero row for the rest. Up to 8 rows a lane does 4 MMAs per k16 step
+// (mixed_mma.cu: 8 per 16-row tile) and holds 16 fp32 accumulators (32), so more warps fit on
+// an SM and more weight bytes are in flight; with two tiles each A fragment serves both. The
+// products are exact and summed in fp32 (a GEMV on fp16 FMAs would sum in fp16).
 // Scale after the MMA as in mixed_mma.cu: a group's MMAs add x @ (code - zero) into their own
 // registers, which the group's scales (one per output column) multiply once at its end. The
 // scales and zero-points of the next group are loaded at the start of the current one.
@@ -128,12 +127,11 @@ __device__ __forceinline__ void cluster_reduce(const float (&acc)[NB][4][4], uin
 }
 
 // 20 warps per SM with one 8-row tile of x: at most 96 registers (no spills on sm_90; 24
-// warps, 80 registers, spill); 16 warps with two tiles (128); 8 with four (255: 215-225 used;
-// under 168, 12 warps, four tiles spill 340-350 bytes)
+// warps, 80 registers, spill); 16 warps with two tiles (128)
 // CL: whether the cluster epilogue is compiled in (the launcher gives it to the default ring
 // depth only, the one the routes and the first-use timing use: it lengthens the compile)
 template <int BITS, int WN, int PF, int NB, bool CL>
-__global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : NB == 2 ? 16 : 8) / WN)
+__global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
     mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
@@ -288,7 +286,7 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
                 (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
-  static size_t allowed[3][64] = {};  // per kernel and device: the shared memory allowed
+  static size_t allowed[2][64] = {};  // per kernel and device: the shared memory allowed
   const dim3 grid(N / 64 / WN, splits);
   const unsigned magic = group_magic(group);
   auto run = [&](auto kernel, size_t* table) {
@@ -304,10 +302,9 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
     return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, csize, pdl, x, qc, zp, scp, wsp,
                      sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
-  // one 8-row tile of x up to 8 rows, two up to 16, four up to 32
-  if (M <= 8) return run(mixed_mmv_kernel<BITS, WN, PF, 1, CL>, allowed[0]);
-  if (M <= 16) return run(mixed_mmv_kernel<BITS, WN, PF, 2, CL>, allowed[1]);
-  return run(mixed_mmv_kernel<BITS, WN, PF, 4, CL>, allowed[2]);
+  // one 8-row tile of x up to 8 rows, two up to 16
+  return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1, CL>, allowed[0])
+                : run(mixed_mmv_kernel<BITS, WN, PF, 2, CL>, allowed[1]);
 }
 
 template <int BITS, int WN>
@@ -348,7 +345,7 @@ extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const
                             void* y, void* ws, void* cnt, int M, int N, int K, int group,
                             int bits, int wn, int splits, int depth, int csize, int pdl,
                             void* stream) {
-  if (M < 1 || M > 32 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
+  if (M < 1 || M > 16 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   if (csize < 1 || csize > 16) return -1;
   if (csize > 1) {  // thread-block clusters: sm_90 and later

@@ -1,9 +1,9 @@
 """The CUDA tensor-core kernels for few rows: layout, build, launch.
 
 ``mixed_mma.cu`` serves M <= 64 rows with x as the MMA's A operand; ``mixed_mmv.cu`` serves
-M <= 32 rows with the operands swapped (the weights as A, x as one, two or four 8-wide B
-operands, its weights through a shared-memory ring), which needs half the MMAs and
-accumulators per weight up to 8 rows. Both read the same packed words.
+M <= 16 rows with the operands swapped (the weights as A, x as one or two 8-wide B operands),
+which needs half the MMAs and accumulators per weight up to 8 rows. Both read the same packed
+words.
 
 Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
 cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the

@@ -23,11 +23,10 @@ __all__ = [
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
-    "mmv_x_bytes",
 ]
 
 MAX_M = 64
-MMV_MAX_M = 32  # one 8-row tile of x up to 8 rows, two up to 16, four up to 32
+MMV_MAX_M = 16  # one 8-row tile of x up to 8 rows, two up to 16
 MMV_DEPTHS = (8, 16, 32)  # x 16 bytes of weights per lane in its shared-memory ring (mixed_mmv.cu)
 MMV_DEPTH = 8  # the fastest configuration had it in 23 of 24 cells of sweep_mmv_h200_m1_ring.json
 MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
@@ -35,10 +34,7 @@ MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
 # (sweep_mmv_h200_m12_16.json) the rule at 2560 was 13% behind the best configuration on
 # average, at 1280 it was the best wherever that configuration was measured
 MMV_TARGET_WARPS_TWO_TILES = 1280
-# with four tiles (M = 17-32, 215-225 registers): 8 warps per SM, about one wave
-MMV_TARGET_WARPS_FOUR_TILES = 1056
-MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take (M <= 16)
-MMV_X_BYTES_FOUR_TILES = 64 * 1024  # M = 17-32: two blocks per SM, x and rings within 227 KB
+MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
 # The swapped kernel with its K splits summed in one thread-block cluster (sm_90), timed at
 # first use beside the atomic configurations for M = 5-16 where the layer has a multiple of
 # 8 x 64 input columns. In the H200 sweep (sweep_mmv_h200_cluster.json, W4, M = 1, 2, 4, 8,
@@ -106,33 +102,21 @@ def configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     return out
 
 
-def mmv_x_bytes(M: int) -> int:
-    """The most shared memory the swapped kernel's staged x may take for M rows."""
-    return MMV_X_BYTES if M <= 16 else MMV_X_BYTES_FOUR_TILES
-
-
 def _mmv_min_splits(M: int, K: int) -> int:
     """Fewest K splits that keep a block's staged x (M + 1 rows of its share of K, 128 salient
-    columns at most, padding) within ``mmv_x_bytes``, so that wide layers keep several blocks
-    per SM and never pass the shared-memory limit."""
-    cols = mmv_x_bytes(M) // (2 * (M + 1)) - 128 - 8
+    columns at most, padding) within MMV_X_BYTES, so that wide layers keep several blocks per
+    SM and never pass the shared-memory limit."""
+    cols = MMV_X_BYTES // (2 * (M + 1)) - 128 - 8
     return -(-(K // 64) // max(1, cols // 64))
 
 
 def mmv_choose(M: int, N: int, K: int) -> tuple[int, int]:
     """(warps per block, K splits) of the swapped kernel by rule: about MMV_TARGET_WARPS warps
-    (one per 64-column strip and split; MMV_TARGET_WARPS_TWO_TILES past 8 rows,
-    MMV_TARGET_WARPS_FOUR_TILES past 16), each with at least 4 k-steps, and x within
-    ``mmv_x_bytes``."""
+    (one per 64-column strip and split; MMV_TARGET_WARPS_TWO_TILES past 8 rows), each with at
+    least 4 k-steps, and x within MMV_X_BYTES."""
     strips, steps = N // 64, K // 64
     wn = 4 if strips % 4 == 0 else 2 if strips % 2 == 0 else 1
-    target = (
-        MMV_TARGET_WARPS
-        if M <= 8
-        else MMV_TARGET_WARPS_TWO_TILES
-        if M <= 16
-        else MMV_TARGET_WARPS_FOUR_TILES
-    )
+    target = MMV_TARGET_WARPS if M <= 8 else MMV_TARGET_WARPS_TWO_TILES
     splits = max(1, min(max(1, steps // 4), round(target / strips)))
     return wn, _runs(K, max(splits, _mmv_min_splits(M, K)))
 

@@ -44,7 +44,6 @@ K_PER_PROGRAM = 320  # at most about this many input columns per program
 # 23.6).
 PROGRAMS_PER_SM, CAP_ABOVE_PROGRAMS_PER_SM, WIDE_MAXNREG = 21, 23, 80
 SAL_PER_PROG, SAL_CHUNK = 64, 32
-WAIT_IN_LOOP = False  # experiment switch (round 15 A/B): the dependent wait per k-block
 
 
 def _fit(block_k: int, K: int, group: int) -> int:
@@ -90,27 +89,28 @@ def gemv_config(
     )
 
 
-def dependent_ok(cfg: dict, N: int, K: int, nsal: int, sms: int) -> bool:
-    """Whether a launch in configuration ``cfg`` on an (N, K) layer with ``nsal`` salient
-    columns may be a programmatic dependent (where the device allows it,
-    ``rules.dependent_launch``), on a GPU of ``sms`` SMs."""
-    # a programmatic dependent launch where the launch fits one wave: on the H200 it made the
-    # one-wave launches -1 to +17% faster at M = 1 (4096^2 W4 6.89 -> 6.01 us); the two of more
-    # programs than places took 32-36% longer at W4 (28672 x 4096: 3,360 programs, 21.3 -> 29.0
-    # us; 8192 x 28672: 5,888), -3.3 to +2.6% at W2/W3; the bound leaves out every loss
-    # measured: kernels_h200_pdl_on_60614d2.json against _pdl_off_60614d2.json
-    # (Compiled for a dependent launch, the W4 kernel with 128-deep k-blocks takes 168 registers
-    # instead of 96 (W3: 128; the others 96), and capped at 80 it spills 104 bytes instead of
-    # 32 (sm_90 compiles with the launcher's alignment hints): the weights loaded before the
-    # wait inside the loop stay live across it. So "one wave" here counts 21 programs per
-    # SM where that build fits 12 (W4) or 16 (W3): 12288 x 4096 W4, 1,728 programs, is 1.09 of
-    # its waves (and was level); the W4-only loss on the capped launches is consistent with the
-    # larger spill. Measured as shipped; a wait before the loop is still to be measured.)
-    # Only where every program has a k-block and nothing is pipelined: an empty k-range would
-    # skip the wait, and with num_stages > 1 Triton issues the x loads ahead of it.
+def dependent_wait(cfg: dict, N: int, K: int, nsal: int, sms: int) -> str | None:
+    """Where a launch in configuration ``cfg`` on an (N, K) layer with ``nsal`` salient columns
+    waits for the previous kernel as a programmatic dependent (where the device allows it,
+    ``rules.dependent_launch``) on a GPU of ``sms`` SMs: "loop" (in the first k-block, after
+    its weight loads), "before" (before the k-loop), or None (an ordinary launch)."""
+    # Measured on the H200 at M = 1 in one run, rules-only, against ordinary launches
+    # (kernels_h200_m1_{off,loop,before,before_nogate}_05cc2b1.json): within one wave (21
+    # programs per SM) the wait in the loop was faster than the wait before it on 17 of the 18
+    # cells of six shapes (by 1-9%; 4096^2 W4 6.08 against 6.26 us, ordinary 6.88), though it
+    # holds the first weights across the wait (W4 with 128-deep k-blocks: 168 registers
+    # instead of 96, W3 128); past one wave, where it had taken 32-36% longer at W4
+    # (kernels_h200_pdl_on_60614d2.json), the wait before the loop (96 registers, capped 80)
+    # beat ordinary launches on both shapes at every width (28672 x 4096 W4 21.02 -> 20.23 us,
+    # 8192 x 28672 W4 40.05 -> 38.64). The wait in the loop needs one pipeline stage (Triton
+    # issues the x loads of later stages ahead of it) and a k-block for every program (an
+    # empty k-range would skip it); the wait before the loop needs neither. M > 1 past one
+    # wave was not measured: ordinary launches.
     programs = triton.cdiv(N, cfg["BLOCK_N"]) * (cfg["n_split"] + triton.cdiv(nsal, SAL_PER_PROG))
-    one_wave = programs <= PROGRAMS_PER_SM * sms
-    return one_wave and cfg["num_stages"] == 1 and cfg["n_split"] <= K // cfg["BLOCK_K"]
+    if programs <= PROGRAMS_PER_SM * sms:
+        loop_ok = cfg["num_stages"] == 1 and cfg["n_split"] <= K // cfg["BLOCK_K"]
+        return "loop" if loop_ok else "before"
+    return "before" if cfg["BLOCK_M"] == 1 else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,9 +248,10 @@ def _gemv_kernel(
     """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
     sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
     bias [N]; ws [M, N] fp32 zeros; cnt [cdiv(N, BLOCK_N)] int32 zeros; y [M, N] like x.
-    PDL (a programmatic dependent launch, ``rules.dependent_launch``): each program loads its
-    weights before it waits for the previous kernel (``gdc_wait``), and reads x and the
-    workspace only after; the next kernel may launch once every program has reached its
+    PDL (a programmatic dependent launch, ``rules.dependent_launch``; ``dependent_wait`` says
+    where): each program waits for the previous kernel (``gdc_wait``) before it reads x and
+    the workspace, in its first k-block after that block's weight loads (WAIT_IN_LOOP) or
+    before its k-loop; the next kernel may launch once every program has reached its
     epilogue (a trigger at the start let the next kernel's programs take places while this
     one still streamed its weights, and cost up to 23% on the largest layers)."""
     UNIT_W: tl.constexpr = 3 if BITS == 3 else (2 if BITS == 4 else 1)
@@ -386,11 +387,9 @@ def gemv(
     y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
     assert y.shape == (M, N) and y.dtype == x.dtype and y.is_contiguous()
     grid = (n_blocks, cfg["n_split"] + n_sal_progs)
-    dependent = (
-        not interpreting()
-        and dependent_launch(x.device)
-        and dependent_ok(cfg, N, K, nsal, _sms(x.device))
-    )
+    wait = None
+    if not interpreting() and dependent_launch(x.device):
+        wait = dependent_wait(cfg, N, K, nsal, _sms(x.device))
     with on_device(x.device):
         _gemv_kernel[grid](
             x,
@@ -425,11 +424,11 @@ def gemv(
             USE_ASM=not interpreting(),
             ASM=asm,
             CONSTR=constr,
-            PDL=dependent,
-            WAIT_IN_LOOP=WAIT_IN_LOOP,
+            PDL=wait is not None,
+            WAIT_IN_LOOP=wait == "loop",
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
             **register_cap(cfg),
-            **({"launch_pdl": True} if dependent else {}),
+            **({"launch_pdl": True} if wait is not None else {}),
         )
     return y

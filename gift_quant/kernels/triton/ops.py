@@ -35,7 +35,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -195,11 +195,25 @@ def tuned_route(
         return name
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
 
-    def launch(name: str) -> None:
-        run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, out=out, cuda=cuda)
+    def launcher(w: tuple):
+        def launch(name: str) -> None:
+            run_route(name, x2, *w[:3], sidx, sal_pos, bias, bits, group, out=out, cuda=w[3])
+
+        return launch
+
+    def launches() -> list:
+        """One launcher per copy of the weights the timing cycles over (the layer's first)."""
+        own = [f.name for f in fields(cuda) if isinstance(getattr(cuda, f.name), Tensor)]
+        tensors = [q, sz, wst, *(getattr(cuda, f) for f in own)]
+        n = tuning.copies_for(sum(t.nbytes for t in tensors if t is not None), x2.device)
+        copies = [(q, sz, wst, cuda)]
+        for _ in range(n - 1):
+            c = replace(cuda, **{f: getattr(cuda, f).clone() for f in own})
+            copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
+        return [launcher(w) for w in copies]
 
     names = tuning_names(M, N, K, bits)
-    return tuning.choose(k, names, launch, route(M, N, K, bits, mma=True), x2.device, timer)
+    return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
 
 
 def run_route(

@@ -4,7 +4,7 @@ H200 (names only; ``ops`` launches what they name).
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
   "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
   block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA kernel
-  with the operands swapped, M <= 32; D x 16 bytes of weights per lane in its ring, default
+  with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
   ``rules.MMV_DEPTH``; C > 1: the splits summed in thread-block clusters of C blocks, sm_90).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
   where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
@@ -139,7 +139,7 @@ def mma_config(name: str) -> tuple[int, ...]:
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
-    the swapped kernel's configurations (M <= 32; with clusters where they may pay), the
+    the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's, and the Triton rule."""
     names = []
     if M <= rules.MMV_MAX_M:

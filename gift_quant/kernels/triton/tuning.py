@@ -3,15 +3,17 @@ supplies the candidates and how to launch them).
 
 A measurement is kept per (device, N, K, bits, group, salient count, M bucket) for the
 process: the same call always takes the same kernel afterwards. Each candidate is launched
-once (Triton compiles there), then TUNE_REPS times, interleaved, each after the L2 cache is
-overwritten (the weights come from memory, as in a model whose other layers ran in between);
-the median of CUDA-event times counts. Between the flush and the start event the GPU is held
-busy for HOLD_CYCLES, so that the host has queued the launch before the start event is
-reached; without the hold the events also time the host's launch path whenever it outlasts the
-flush, as a Triton launch (Python) can. At 112077f, 17 of 24 first-use readings of Triton
-kernels on 4096^2 and 5120^2 were 77-189 us, for kernels that replayed in 11-22 us in a CUDA
-graph at M = 16-32, and the CUDA kernel was kept where Triton was faster
-(benchmarks/results/kernels_h200.json, ``tuning``; docs/KERNELS-NOTES.md, T3).
+once (Triton compiles there), then captured in a CUDA graph of GRAPH_CALLS launches back to
+back, cycling over copies of the layer's weights that together pass twice the L2 cache (the
+weights come from memory, as in a model whose other layers ran in between); the graphs are
+replayed TUNE_REPS times, interleaved, and the median per launch counts. This is how a decode
+step runs the kernels (graphs, one kernel's start overlapping the previous one's end where
+they launch as programmatic dependents) and how ``tools/bench_kernels.py`` times them. The
+timing it replaces launched each candidate alone after an L2 flush: at 05cc2b1 it kept "mmv"
+on 4096^2 W4 at M = 16 over "mma:2x16" by 15.4 against 16.3 us, and the kept kernel replayed
+at 13.0 us in the benchmark where "mma:2x16" had replayed at 11.05 (docs/KERNELS-NOTES.md,
+round 15). A Python launch inside the timed region also counted the host's launch path
+(112077f: 77-189 us read for Triton kernels that replay in 11-22 us); a graph has none.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TUNE_REPS = 5
-HOLD_CYCLES = 1_000_000  # GPU clock cycles (0.5 ms at 2 GHz): longer than a launch's host path
+GRAPH_CALLS = 8  # launches per timed graph (and the most weight copies)
 
 _kept: dict[tuple, str] = {}  # key -> kernel
 _timings: dict[tuple, dict[str, float]] = {}  # key -> {kernel: seconds} as measured
@@ -48,27 +50,35 @@ def kept(k: tuple) -> str | None:
     return _kept.get(k)
 
 
+def copies_for(layer_bytes: int, device: torch.device) -> int:
+    """How many copies of a layer's weights (the layer itself counted) GRAPH_CALLS launches
+    cycle over so that together they pass twice ``device``'s L2 cache."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(GRAPH_CALLS, -(-2 * l2 // max(1, layer_bytes))))
+
+
 def choose(
     k: tuple,
     names: list[str],
-    launch: Callable[[str], None],
+    launches: Callable[[], list[Callable[[str], None]]],
     rule: str,
     device: torch.device,
     timer=None,
 ) -> str:
     """The fastest of ``names`` for ``k``, measured now and kept; ``rule`` where nothing can be
     measured (``GIFT_QUANT_TUNE=0``, a call inside CUDA-graph capture, no GPU memory to spare,
-    no candidate that launches), and kept too. ``timer`` (names, launch) -> {name: seconds}
-    replaces the CUDA-event timing (tests)."""
+    no candidate that launches), and kept too. ``launches()`` gives one launcher (name ->
+    launch) per weight copy, the layer's own first (made here: only when timing). ``timer``
+    (names, launches) -> {name: seconds} replaces the graph timing (tests)."""
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     times: dict[str, float] = {}
     if not capturing and os.environ.get("GIFT_QUANT_TUNE", "1") != "0":
         try:
             if timer is not None:
-                times = timer(names, launch)
+                times = timer(names, launches)
             else:
-                with torch.cuda.device(device):  # events, flush and launches on the layer's GPU
-                    times = _time(names, launch)
+                with torch.cuda.device(device):  # graphs and launches on the layer's GPU
+                    times = _time(names, launches())
         except torch.OutOfMemoryError:  # no room to measure: the rule, as without tuning
             log.warning("no GPU memory to time the kernels of %s; the rule serves it", k)
         _timings[k] = times
@@ -85,31 +95,38 @@ def record() -> list[dict]:
     ]
 
 
-def _time(names: list[str], launch: Callable[[str], None]) -> dict[str, float]:
-    """Median seconds of each kernel that launches (see the module docstring)."""
-    ok = []
+def _time(names: list[str], launches: list[Callable[[str], None]]) -> dict[str, float]:
+    """Median seconds per launch of each kernel that launches and captures (see the module
+    docstring)."""
+    graphs = {}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     for name in names:
         try:
-            launch(name)  # compiles a Triton kernel the first time
-            ok.append(name)
+            with torch.cuda.stream(stream):
+                launches[0](name)  # compiles a Triton kernel the first time, sizes workspaces
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=stream):
+                for i in range(GRAPH_CALLS):
+                    launches[i % len(launches)](name)
+            graphs[name] = g
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as exc:
             log.warning("kernel %s left out of tuning: %s", name, exc)
-    device = torch.cuda.current_device()
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.int32, device=device)
-    events: dict[str, list] = {n: [] for n in ok}
+    torch.cuda.current_stream().wait_stream(stream)
+    for g in graphs.values():
+        g.replay()  # the first replay uploads the graph
+    events: dict[str, list] = {n: [] for n in graphs}
     for _ in range(TUNE_REPS):
-        for name in ok:
-            flush.zero_()
-            torch.cuda._sleep(HOLD_CYCLES)  # the host queues the launch meanwhile
+        for name, g in graphs.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            launch(name)
+            g.replay()
             end.record()
             events[name].append((start, end))
     torch.cuda.synchronize()
     return {
-        n: statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3 for n, ev in events.items()
+        n: statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3 / GRAPH_CALLS
+        for n, ev in events.items()
     }
