@@ -95,11 +95,12 @@ def dependent_wait(cfg: dict, N: int, K: int, nsal: int, sms: int) -> str | None
     ``rules.dependent_launch``) on a GPU of ``sms`` SMs: "loop" (in the first k-block, after
     its weight loads), "before" (before the k-loop), or None (an ordinary launch)."""
     # Measured on the H200 at M = 1 in one run, rules-only, against ordinary launches
-    # (kernels_h200_m1_{off,loop,before,before_nogate}_05cc2b1.json): within one wave (21
-    # programs per SM) the wait in the loop was faster than the wait before it on 17 of the 18
-    # cells of six shapes (by 1-9%; 4096^2 W4 6.08 against 6.26 us, ordinary 6.88), though it
-    # holds the first weights across the wait (W4 with 128-deep k-blocks: 168 registers
-    # instead of 96, W3 128); past one wave, where it had taken 32-36% longer at W4
+    # (benchmarks/results/gemv_wait_ab_05cc2b1.txt): within one wave (21
+    # programs per SM) the wait in the loop was faster than the wait before it on 16 of the 18
+    # cells of six shapes (by 1-9%; 4096^2 W4 6.08 against 6.26 us, ordinary 6.88; 12288 x 4096
+    # W3 and W4 the other way, by 4-6%), though it holds the first weights across the wait
+    # (W4 with 128-deep k-blocks: 168 registers instead of 96, W3 128); past one wave, where
+    # it had taken 32-36% longer at W4
     # (kernels_h200_pdl_on_60614d2.json), the wait before the loop (96 registers, capped 80)
     # beat ordinary launches on both shapes at every width (28672 x 4096 W4 21.02 -> 20.23 us,
     # 8192 x 28672 W4 40.05 -> 38.64). The wait in the loop needs one pipeline stage (Triton
