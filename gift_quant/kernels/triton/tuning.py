@@ -106,7 +106,9 @@ def _time(names: list[str], launches: list[Callable[[str], None]]) -> dict[str, 
             with torch.cuda.stream(stream):
                 launches[0](name)  # compiles a Triton kernel the first time, sizes workspaces
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=stream):
+            # thread-local: CUDA calls of the process's other threads (a server, a data
+            # loader) are not capture errors meanwhile
+            with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
                 for i in range(GRAPH_CALLS):
                     launches[i % len(launches)](name)
             graphs[name] = g
