@@ -63,12 +63,20 @@ def test_the_gemv_waits_in_its_k_loop_within_one_wave_and_before_it_past_one() -
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 4, 16])
-def test_chained_kernels_read_the_previous_output(M: int) -> None:
+@pytest.mark.parametrize(
+    "M, gemv_wait", [(1, "loop"), (1, "before"), (4, "loop"), (16, "loop")], ids=str
+)
+def test_chained_kernels_read_the_previous_output(monkeypatch, M: int, gemv_wait: str) -> None:
+    """Four layers chained through NaN-filled outputs, eager and in a CUDA graph, for every
+    kernel that serves M rows here: a launch that read x, its workspace or its counters before
+    the previous kernel finished would read NaN or stale partial sums. ``gemv_wait="before"``:
+    the GEMV waits before its k-loop, as it does past one wave (forced by a bound of 0)."""
     from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops
+    from gift_quant.kernels.triton import gemv, ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
+    if gemv_wait == "before":
+        monkeypatch.setattr(gemv, "PROGRAMS_PER_SM", 0)
     sm90 = torch.cuda.get_device_capability()[0] >= 9
     if os.environ.get("GIFT_QUANT_PDL", "1") != "0":  # the launches this test is about
         assert rules.dependent_launch(torch.device("cuda")) == sm90

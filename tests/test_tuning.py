@@ -52,21 +52,23 @@ MIB = 1 << 20
 @pytest.mark.parametrize(
     "l2, layer, copies",
     [
-        (50 * MIB, 9 * MIB, 8),  # 12 would pass 100 MiB: capped at GRAPH_CALLS
+        (50 * MIB, 9 * MIB, 12),  # 12 x 9 = 108 MiB > 100
+        (50 * MIB, 2 * MIB, 32),  # 50 would be needed: capped at MAX_COPIES
         (50 * MIB, 18 * MIB, 6),  # 6 x 18 = 108 MiB
         (60 * MIB, 18 * MIB, 7),  # 7 x 18 = 126 MiB > 120
         (50 * MIB, 59 * MIB, 2),
         (50 * MIB, 120 * MIB, 1),  # one layer alone passes twice the L2
         (4 * MIB, 1 * MIB, 8),
+        (4 * MIB, 9 * MIB, 1),
     ],
 )
 def test_the_copies_pass_twice_the_l2_cache(monkeypatch, l2, layer, copies) -> None:
     """As many weight copies (the layer counted) as make the timed launches read past twice
-    the L2, at most GRAPH_CALLS (the H200's 50 MiB, an H100's 60 MiB, a small GPU's 4 MiB)."""
+    the L2 (of 50, 60 and 4 MiB), at most MAX_COPIES."""
 
     class Props:
         L2_cache_size = l2
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
-    assert tuning.GRAPH_CALLS == 8
+    assert tuning.MAX_COPIES == 32
     assert tuning.copies_for(layer, torch.device("cuda", 0)) == copies

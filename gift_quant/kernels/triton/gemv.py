@@ -97,8 +97,8 @@ def dependent_wait(cfg: dict, N: int, K: int, nsal: int, sms: int) -> str | None
     # Measured on the H200 at M = 1 in one run, rules-only, against ordinary launches
     # (benchmarks/results/gemv_wait_ab_05cc2b1.txt): within one wave (21
     # programs per SM) the wait in the loop was faster than the wait before it on 16 of the 18
-    # cells of six shapes (by 1-9%; 4096^2 W4 6.08 against 6.26 us, ordinary 6.88; 12288 x 4096
-    # W3 and W4 the other way, by 4-6%), though it holds the first weights across the wait
+    # cells of six shapes (by 0.3-9%; 4096^2 W4 6.08 against 6.26 us, ordinary 6.88; 12288 x
+    # 4096 W3 and W4 the other way, by 7% and 4%), though it holds the first weights across the wait
     # (W4 with 128-deep k-blocks: 168 registers instead of 96, W3 128); past one wave, where
     # it had taken 32-36% longer at W4
     # (kernels_h200_pdl_on_60614d2.json), the wait before the loop (96 registers, capped 80)

@@ -12,9 +12,9 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   dequantize + cuBLAS), launched by ``run_route``.
 * Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernels are built): the first
   call of a layer shape and M bucket on a device times the CUDA kernels' configurations
-  (``rules.mmv_configs``, ``rules.configs``) and the rule's Triton kernel, each with the L2
-  cache overwritten, and
-  keeps the fastest for the process (``tuned_route``, ``tuning``; the timings stay in
+  (``rules.mmv_configs``, ``rules.configs``) and the rule's Triton kernel, each replayed in a
+  CUDA graph over copies of the weights that pass twice the L2 cache, and keeps the fastest
+  for the process (``tuned_route``, ``tuning``; the timings stay in
   ``tuning.record``).
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
   call inside CUDA-graph capture) keeps the rules instead.
@@ -194,6 +194,7 @@ def tuned_route(
     if name is not None:
         return name
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    _workspace(x2.device, M * N)  # sized here, on the caller's stream, not while timing
 
     def launcher(w: tuple):
         def launch(name: str) -> None:
@@ -202,10 +203,13 @@ def tuned_route(
         return launch
 
     def launches() -> list:
-        """One launcher per copy of the weights the timing cycles over (the layer's first)."""
+        """One launcher per copy of the weights the timing cycles over (the layer's first):
+        enough copies that the layout a candidate reads (Triton's or the CUDA kernels', about
+        the same bytes) passes twice the L2 cache."""
         own = [f.name for f in fields(cuda) if isinstance(getattr(cuda, f.name), Tensor)]
-        tensors = [q, sz, wst, *(getattr(cuda, f) for f in own)]
-        n = tuning.copies_for(sum(t.nbytes for t in tensors if t is not None), x2.device)
+        triton_bytes = sum(t.nbytes for t in (q, sz, wst) if t is not None)
+        cuda_bytes = sum(getattr(cuda, f).nbytes for f in own)
+        n = tuning.copies_for(min(triton_bytes, cuda_bytes), x2.device)
         copies = [(q, sz, wst, cuda)]
         for _ in range(n - 1):
             c = replace(cuda, **{f: getattr(cuda, f).clone() for f in own})

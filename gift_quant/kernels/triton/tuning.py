@@ -3,10 +3,12 @@ supplies the candidates and how to launch them).
 
 A measurement is kept per (device, N, K, bits, group, salient count, M bucket) for the
 process: the same call always takes the same kernel afterwards. Each candidate is launched
-once (Triton compiles there), then captured in a CUDA graph of GRAPH_CALLS launches back to
-back, cycling over copies of the layer's weights that together pass twice the L2 cache (the
-weights come from memory, as in a model whose other layers ran in between); the graphs are
-replayed TUNE_REPS times, interleaved, and the median per launch counts. This is how a decode
+once (Triton compiles there), then captured in a CUDA graph of at least GRAPH_CALLS launches
+back to back, cycling over copies of the layer's weights (at most MAX_COPIES) whose layout
+a candidate reads passes twice the L2 cache (the weights come from memory, as in a model
+whose other layers ran in between, and a graph starts on copies the previous one left
+cold); the graphs are replayed TUNE_REPS times, interleaved, and the median per launch
+counts. This is how a decode
 step runs the kernels (graphs, one kernel's start overlapping the previous one's end where
 they launch as programmatic dependents) and how ``tools/bench_kernels.py`` times them. The
 timing it replaces launched each candidate alone after an L2 flush: at 05cc2b1 it kept "mmv"
@@ -28,7 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 TUNE_REPS = 5
-GRAPH_CALLS = 8  # launches per timed graph (and the most weight copies)
+GRAPH_CALLS = 8  # the fewest launches per timed graph
+MAX_COPIES = 32  # the most weight copies (the layer counted): a 4096^2 W2 layer needs 19
 
 _kept: dict[tuple, str] = {}  # key -> kernel
 _timings: dict[tuple, dict[str, float]] = {}  # key -> {kernel: seconds} as measured
@@ -51,10 +54,11 @@ def kept(k: tuple) -> str | None:
 
 
 def copies_for(layer_bytes: int, device: torch.device) -> int:
-    """How many copies of a layer's weights (the layer itself counted) GRAPH_CALLS launches
-    cycle over so that together they pass twice ``device``'s L2 cache."""
+    """How many copies of a layer's weights (``layer_bytes`` each, the layer itself counted)
+    the timed launches cycle over so that together they pass twice ``device``'s L2 cache (at
+    most MAX_COPIES)."""
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(1, min(GRAPH_CALLS, -(-2 * l2 // max(1, layer_bytes))))
+    return max(1, min(MAX_COPIES, -(-2 * l2 // max(1, layer_bytes))))
 
 
 def choose(
@@ -98,24 +102,28 @@ def record() -> list[dict]:
 def _time(names: list[str], launches: list[Callable[[str], None]]) -> dict[str, float]:
     """Median seconds per launch of each kernel that launches and captures (see the module
     docstring)."""
+    calls = max(GRAPH_CALLS, len(launches))
     graphs = {}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    for name in names:
-        try:
-            with torch.cuda.stream(stream):
-                launches[0](name)  # compiles a Triton kernel the first time, sizes workspaces
-            g = torch.cuda.CUDAGraph()
-            # thread-local: CUDA calls of the process's other threads (a server, a data
-            # loader) are not capture errors meanwhile
-            with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
-                for i in range(GRAPH_CALLS):
-                    launches[i % len(launches)](name)
-            graphs[name] = g
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError) as exc:
-            log.warning("kernel %s left out of tuning: %s", name, exc)
+    # the outer context gives the caller's stream back even where a failed capture leaves
+    # torch.cuda.graph's own stream context unrestored
+    with torch.cuda.stream(torch.cuda.current_stream()):
+        for name in names:
+            try:
+                with torch.cuda.stream(stream):
+                    launches[0](name)  # compiles a Triton kernel the first time
+                g = torch.cuda.CUDAGraph()
+                # thread-local: CUDA calls of the process's other threads (a server, a data
+                # loader) are not capture errors meanwhile
+                with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
+                    for i in range(calls):
+                        launches[i % len(launches)](name)
+                graphs[name] = g
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a candidate that cannot run here is left out
+                log.warning("kernel %s left out of tuning: %s", name, exc)
     torch.cuda.current_stream().wait_stream(stream)
     for g in graphs.values():
         g.replay()  # the first replay uploads the graph
@@ -129,6 +137,6 @@ def _time(names: list[str], launches: list[Callable[[str], None]]) -> dict[str, 
             events[name].append((start, end))
     torch.cuda.synchronize()
     return {
-        n: statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3 / GRAPH_CALLS
+        n: statistics.median(a.elapsed_time(b) for a, b in ev) / 1e3 / calls
         for n, ev in events.items()
     }
