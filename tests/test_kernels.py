@@ -343,6 +343,28 @@ def test_kernels_compile_for_the_gpu_without_one():
     assert run.stdout.split()[-1] == "5"  # mm, backward, dequantize x 3 noise kinds
 
 
+def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
+    """The M = 1 and M = 4 GEMV (inline PTX) as sm_90 launches them: waiting for the previous
+    kernel in the first k-block (within one wave) and before the k-loop (capped, past one
+    wave), W4 fp16, compiled for sm_90 without a GPU (the interpreter never takes the
+    dependent paths)."""
+    code = (
+        "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels."
+        "triton import mm; [print(x) for x in c((4,), ('fp16',), "
+        "{'t64k': mm.MM_CONFIGS['t64k']}, True) if x.startswith('_gemv')]"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3, lines  # M = 4 and M = 1 waiting in the loop, M = 1 capped before
+    waits = ["'WAIT_IN_LOOP': True" in x for x in lines]
+    assert waits == [True, True, False] and all("'PDL': True" in x for x in lines), lines
+    assert "maxnreg 80" in lines[2], lines
+
+
 # ------------------------------------------------------------------------------------------
 # GPU only
 
