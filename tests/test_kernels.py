@@ -326,21 +326,30 @@ def test_route_tables_only_name_candidate_kernels():
     assert {n[3:] for n in names if n.startswith("mm:")} <= set(mm.MM_CONFIGS)
 
 
-def test_kernels_compile_for_the_gpu_without_one():
-    """The GPU compiler rejects code the interpreter runs (any Python): compile the mm kernel,
-    the backward and the dequantizer (the shared tile, salient dot and epilogue) for sm_90 in
-    a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
-    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all."""
+def _compile_for_gpu(bits: int, dtype: str, with_gemv: bool) -> list[str]:
+    """``testing.compile_for_gpu`` for one bit width and dtype with the ``t64k`` mm
+    configuration, in a process without TRITON_INTERPRET (the kernel modules must be imported
+    without it): the lines it returns."""
     code = (
-        "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels."
-        "triton import mm; print(len(c((3,), ('bf16',), {'t64k': mm.MM_CONFIGS['t64k']}, False)))"
+        "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels.triton "
+        f"import mm; print(*c(({bits},), ('{dtype}',), {{'t64k': mm.MM_CONFIGS['t64k']}}, "
+        f"{with_gemv}), sep='\\n')"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == "5"  # mm, backward, dequantize x 3 noise kinds
+    return run.stdout.splitlines()
+
+
+def test_kernels_compile_for_the_gpu_without_one():
+    """The GPU compiler rejects code the interpreter runs (any Python): compile the mm kernel,
+    the backward and the dequantizer (the shared tile, salient dot and epilogue) for sm_90 in
+    a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
+    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all."""
+    lines = _compile_for_gpu(3, "bf16", with_gemv=False)
+    assert len(lines) == 5, lines  # mm, backward, dequantize x 3 noise kinds
 
 
 def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
@@ -348,17 +357,7 @@ def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
     kernel in the first k-block (within one wave) and before the k-loop (capped, past one
     wave), W4 fp16, compiled for sm_90 without a GPU (the interpreter never takes the
     dependent paths)."""
-    code = (
-        "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels."
-        "triton import mm; [print(x) for x in c((4,), ('fp16',), "
-        "{'t64k': mm.MM_CONFIGS['t64k']}, True) if x.startswith('_gemv')]"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.splitlines()
+    lines = [x for x in _compile_for_gpu(4, "fp16", with_gemv=True) if x.startswith("_gemv")]
     assert len(lines) == 3, lines  # M = 4 and M = 1 waiting in the loop, M = 1 capped before
     waits = ["'WAIT_IN_LOOP': True" in x for x in lines]
     assert waits == [True, True, False] and all("'PDL': True" in x for x in lines), lines

@@ -95,18 +95,17 @@ def dependent_wait(cfg: dict, N: int, K: int, nsal: int, sms: int) -> str | None
     ``rules.dependent_launch``) on a GPU of ``sms`` SMs: "loop" (in the first k-block, after
     its weight loads), "before" (before the k-loop), or None (an ordinary launch)."""
     # Measured on the H200 at M = 1 in one run, rules-only, against ordinary launches
-    # (benchmarks/results/gemv_wait_ab_05cc2b1.txt): within one wave (21
-    # programs per SM) the wait in the loop was faster than the wait before it on 16 of the 18
-    # cells of six shapes (by 0.3-9%; 4096^2 W4 6.08 against 6.26 us, ordinary 6.88; 12288 x
-    # 4096 W3 and W4 the other way, by 7% and 4%), though it holds the first weights across the wait
-    # (W4 with 128-deep k-blocks: 168 registers instead of 96, W3 128); past one wave, where
-    # it had taken 32-36% longer at W4
-    # (kernels_h200_pdl_on_60614d2.json), the wait before the loop (96 registers, capped 80)
-    # beat ordinary launches on both shapes at every width (28672 x 4096 W4 21.02 -> 20.23 us,
-    # 8192 x 28672 W4 40.05 -> 38.64). The wait in the loop needs one pipeline stage (Triton
-    # issues the x loads of later stages ahead of it) and a k-block for every program (an
-    # empty k-range would skip it); the wait before the loop needs neither. M > 1 past one
-    # wave was not measured: ordinary launches.
+    # (benchmarks/results/gemv_wait_ab_05cc2b1.txt): within one wave (21 programs per SM) the wait
+    # in the loop was faster than the wait before it on 16 of the 18 cells of six shapes (by 0.3-9%;
+    # 4096^2 W4 6.08 against 6.26 us, ordinary 6.88; 12288 x 4096 W3 and W4 the other way, by 7% and
+    # 4%), though it holds the first weights across the wait (W4 with 128-deep k-blocks: 168
+    # registers instead of 96, W3 128); past one wave, where it had taken 32-36% longer at W4
+    # (kernels_h200_pdl_on_60614d2.json), the wait before the loop (96 registers, capped 80) beat
+    # ordinary launches on both shapes at every width (28672 x 4096 W4 21.02 -> 20.23 us, 8192 x
+    # 28672 W4 40.05 -> 38.64). The wait in the loop needs one pipeline stage (Triton issues the x
+    # loads of later stages ahead of it) and a k-block for every program (an empty k-range would
+    # skip it); the wait before the loop needs neither. M > 1 past one wave was not measured:
+    # ordinary launches.
     programs = triton.cdiv(N, cfg["BLOCK_N"]) * (cfg["n_split"] + triton.cdiv(nsal, SAL_PER_PROG))
     if programs <= PROGRAMS_PER_SM * sms:
         loop_ok = cfg["num_stages"] == 1 and cfg["n_split"] <= K // cfg["BLOCK_K"]

@@ -14,8 +14,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   call of a layer shape and M bucket on a device times the CUDA kernels' configurations
   (``rules.mmv_configs``, ``rules.configs``) and the rule's Triton kernel, each replayed in a
   CUDA graph over copies of the weights that pass twice the L2 cache, and keeps the fastest
-  for the process (``tuned_route``, ``tuning``; the timings stay in
-  ``tuning.record``).
+  for the process (``tuned_route``, ``tuning``; the timings stay in ``tuning.record``).
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
   call inside CUDA-graph capture) keeps the rules instead.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to

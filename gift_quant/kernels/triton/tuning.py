@@ -1,21 +1,20 @@
 """First-use measurement of the kernel that serves a layer shape (pure torch; ``ops.tuned_route``
 supplies the candidates and how to launch them).
 
-A measurement is kept per (device, N, K, bits, group, salient count, M bucket) for the
-process: the same call always takes the same kernel afterwards. Each candidate is launched
-once (Triton compiles there), then captured in a CUDA graph of at least GRAPH_CALLS launches
-back to back, cycling over copies of the layer's weights (at most MAX_COPIES) whose layout
-a candidate reads passes twice the L2 cache (the weights come from memory, as in a model
-whose other layers ran in between, and a graph starts on copies the previous one left
-cold); the graphs are replayed TUNE_REPS times, interleaved, and the median per launch
-counts. This is how a decode
-step runs the kernels (graphs, one kernel's start overlapping the previous one's end where
-they launch as programmatic dependents) and how ``tools/bench_kernels.py`` times them. The
-timing it replaces launched each candidate alone after an L2 flush: at 05cc2b1 it kept "mmv"
-on 4096^2 W4 at M = 16 over "mma:2x16" by 15.4 against 16.3 us, and the kept kernel replayed
-at 13.0 us in the benchmark where "mma:2x16" had replayed at 11.05 (docs/KERNELS-NOTES.md,
-round 15). A Python launch inside the timed region also counted the host's launch path
-(112077f: 77-189 us read for Triton kernels that replay in 11-22 us); a graph has none.
+A measurement is kept per (device, N, K, bits, group, salient count, M bucket) for the process:
+the same call always takes the same kernel afterwards. Each candidate is launched once (Triton
+compiles there), then captured in a CUDA graph of at least GRAPH_CALLS launches back to back,
+cycling over copies of the layer's weights (at most MAX_COPIES) whose layout a candidate reads
+passes twice the L2 cache (the weights come from memory, as in a model whose other layers ran in
+between, and a graph starts on copies the previous one left cold); the graphs are replayed
+TUNE_REPS times, interleaved, and the median per launch counts. This is how a decode step runs
+the kernels (graphs, one kernel's start overlapping the previous one's end where they launch as
+programmatic dependents) and how ``tools/bench_kernels.py`` times them. The timing it replaces
+launched each candidate alone after an L2 flush: at 05cc2b1 it kept "mmv" on 4096^2 W4 at M = 16
+over "mma:2x16" by 15.4 against 16.3 us, and the kept kernel replayed at 13.0 us in the
+benchmark where "mma:2x16" had replayed at 11.05 (docs/KERNELS-NOTES.md, round 15). A Python
+launch inside the timed region also counted the host's launch path (112077f: 77-189 us read for
+Triton kernels that replay in 11-22 us); a graph has none.
 """
 
 from __future__ import annotations
