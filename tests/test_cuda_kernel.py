@@ -260,6 +260,50 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
             assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, -1])
+@pytest.mark.parametrize("shape", [(1536, 960), (1024, 1024)], ids=["15strips", "16strips"])
+def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape) -> None:
+    """mixed_mma.cu with its K splits summed in thread-block clusters (sm_90): one cluster
+    holding every split (bias added there) and several (added across clusters by the finish),
+    clusters of 2-16 blocks, 1/2/4-warp blocks, at 16, 32 and 64 staged rows (M = 5..64), with
+    the salient columns round-robin over the splits."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import ops, routes
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None:
+        pytest.skip("the CUDA kernel is not built here (no nvcc)")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    K, N = shape
+    kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
+    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
+    p = ops.prepare(layer)
+    cuda = ops.cuda_layout(layer)
+    widths = [wn for wn in (1, 2, 4) if (N // 64) % wn == 0]
+    runs = sorted({rules._runs(K, sp) for sp in (2, 4, 8, 16, K // 64)})
+    for M in (5, 16, 17, 32, 33, 64):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+        names = [
+            routes.mma_name(wn, sp, c)
+            for wn in widths
+            for sp in runs
+            for c in (2, 4, 8, 16)
+            if sp % c == 0
+        ]
+        names += [routes.mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
+        for name in names:
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+            ops.run_route(name, *args, out=out, cuda=cuda)
+            err, ref_err = kernel_error(out, ref, exact)
+            assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
+
+
 def ptx_mma_m16n8k16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """D = A @ B of ``mma.sync.m16n8k16`` from per-lane fragments laid out as the PTX ISA
     defines them: a [32 lanes, 4 registers, 2 halves], b [32, 2, 2] -> d [32, 4] (fp32
@@ -409,3 +453,34 @@ def test_cluster_configurations_are_named_and_offered_where_they_may_pay(monkeyp
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert rules.mmv_cluster_configs(16, 28672, 4096) == []
     assert not any("c" in n[4:] for n in routes.tuning_names(16, 28672, 4096, 4))
+
+
+def test_tensor_core_cluster_configurations_are_named_and_offered(monkeypatch) -> None:
+    """'mma:WNxS[cC]' round-trips; the configurations with every split in one cluster (8 or 16
+    blocks) are timed at first use for M = 5-64 on sm_90, at each block width the layer
+    allows, where the launch runs exactly that many splits and x fits in shared memory."""
+    from gift_quant.kernels.triton import routes
+
+    assert routes.mma_config("mma:4x16c16") == (4, 16, 16)
+    assert routes.mma_config("mma:2x12") == (2, 12, 1)
+    for c in [(4, 8, 8), (2, 16, 16), (1, 3, 1), (4, 32, 16)]:
+        assert routes.mma_config(routes.mma_name(*c)) == c
+    assert routes.mma_name(2, 16) == "mma:2x16"
+    monkeypatch.setattr(rules, "clusters_supported", lambda: True)
+    both = [(2, 8, 8), (2, 16, 16), (4, 8, 8), (4, 16, 16)]
+    assert rules.mma_cluster_configs(16, 4096, 4096) == both
+    assert rules.mma_cluster_configs(16, 5120, 5120) == both  # 80 k-steps: 10 x 8, 5 x 16
+    assert rules.mma_cluster_configs(4, 4096, 4096) == []  # M <= 4: not timed
+    assert rules.mma_cluster_configs(65, 4096, 4096) == []  # past the kernel's 64 rows
+    # x of 64 rows (65 staged) within about 96 KB: 9 x 64 columns a split, so 5120 columns
+    # need 9 splits and 14336 need 25 (more than a cluster)
+    assert rules.mma_cluster_configs(64, 5120, 5120) == [(2, 16, 16), (4, 16, 16)]
+    assert rules.mma_cluster_configs(64, 4096, 14336) == []
+    assert rules.mma_cluster_configs(32, 4096, 14336) == [(2, 16, 16), (4, 16, 16)]
+    assert rules.mma_cluster_configs(16, 960, 640) == []  # 10 k-steps run as 10 / 5 splits
+    assert rules.mma_cluster_configs(16, 960, 1024) == [(1, 8, 8), (1, 16, 16)]  # 15 strips
+    assert "mma:4x16c16" in routes.tuning_names(16, 4096, 4096, 4)
+    assert "mma:4x16c16" in routes.candidates(16, mma=True, N=4096, K=4096)
+    monkeypatch.setattr(rules, "clusters_supported", lambda: False)
+    names = routes.tuning_names(16, 4096, 4096, 4)
+    assert not any(n.startswith("mma:") and "c" in n for n in names)

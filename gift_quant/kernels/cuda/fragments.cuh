@@ -3,6 +3,7 @@
 // f16x2 pairs, the zero-point constants, the staging of x and the split-K finish. The layout
 // itself is described in native.py.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -232,6 +233,72 @@ __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __res
       }
   }
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+
+// The split-K sum inside a thread-block cluster of blocks along the splits (sm_90), both
+// kernels' alternative to the atomics and `finish_splits`: each block leaves its partial tile
+// (M rows x its W columns, fp32, row stride W) in its own shared memory at `red` (`store(red)`,
+// after a barrier: the staged x and rings there are done with), and block q of the cluster
+// adds slice q of the tile over the cluster's blocks (distributed shared memory, in rank
+// order: the same sum every run), then writes it to y (`whole`: the cluster holds every
+// split; bias added) or adds it into ws for the finish of the splits across clusters.
+// Replaces M x N fp32 atomics per split, the memory fence and the last block's pass with two
+// cluster barriers.
+template <int W, typename Store>
+__device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
+                                               const half* __restrict__ bias,
+                                               half* __restrict__ y, float* __restrict__ ws,
+                                               int M, int N, bool whole) {
+#if __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __syncthreads();  // every warp is done with the shared memory the tile takes
+  store(red);
+  cluster.sync();  // release / acquire: every block's tile is visible to the cluster
+  const int C = static_cast<int>(cluster.num_blocks()), q = static_cast<int>(cluster.block_rank());
+  const int total = M * (W / 4), per = (total + C - 1) / C, end = min(total, (q + 1) * per);
+  for (int i = q * per + static_cast<int>(threadIdx.x); i < end; i += blockDim.x) {
+    float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int p = 0; p < C; ++p) {
+      const float4 v = *cluster.map_shared_rank(reinterpret_cast<float4*>(red) + i, p);
+      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+    }
+    const int r = i / (W / 4), c = blockIdx.x * W + 4 * (i - r * (W / 4));
+    if (whole) {
+      if (bias != nullptr) {
+        s.x += __half2float(bias[c]), s.y += __half2float(bias[c + 1]);
+        s.z += __half2float(bias[c + 2]), s.w += __half2float(bias[c + 3]);
+      }
+      half2* o = reinterpret_cast<half2*>(y + (size_t)r * N + c);
+      o[0] = __floats2half2_rn(s.x, s.y), o[1] = __floats2half2_rn(s.z, s.w);
+    } else {
+      float* o = ws + (size_t)r * N + c;
+      atomicAdd(o, s.x), atomicAdd(o + 1, s.y), atomicAdd(o + 2, s.z), atomicAdd(o + 3, s.w);
+    }
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+#else
+  __trap();  // clusters need sm_90; the launchers refuse them below it
+#endif
+}
+
+// Whether the current device has thread-block clusters (sm_90 and later).
+inline bool device_has_clusters() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 9;
+}
+
+// Allow clusters of more than the portable 8 blocks for `kernel` where `csize` asks for them
+// (sm_90 allows 16): 0 or a cudaError_t.
+template <typename Kernel>
+int allow_cluster(Kernel* kernel, int csize) {
+  if (csize <= 8) return 0;
+  const cudaError_t rc =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (rc) cudaGetLastError();  // taken here: the next launch must not report it as its own
+  return static_cast<int>(rc);
 }
 
 // floor(s / ssg) = umulhi(s, magic) for s, ssg < 2^16 with magic = ceil(2^32 / ssg); 0 stands

@@ -22,7 +22,9 @@
 // fragment layout, so they are extra k16 steps of the same loop. Weights stream through
 // registers, PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32
 // workspace; the last block of a column block adds the bias, writes y and zeroes the workspace
-// and its counter again (one launch, no memset), the same protocol as the Triton kernels.
+// and its counter again (one launch, no memset), the same protocol as the Triton kernels. Or
+// (sm_90, `csize` > 1) the splits of a column block run as thread-block clusters of csize
+// blocks and add up in distributed shared memory (fragments.cuh, `cluster_reduce`).
 #include "fragments.cuh"
 
 namespace {
@@ -53,7 +55,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
-                     unsigned gmagic, int ss_per_split, int R) {
+                     unsigned gmagic, int ss_per_split, int R, int csize) {
   // scale after the MMA (file comment). At 4 bits the second accumulator spills 24 bytes under
   // the 168 registers of 3 blocks per SM, and is still faster than the scale on the weights
   // (W4 M = 4: 1.27-1.67x without it, 1.35-1.85x with it: kernels_h200_w4_scale_before.json)
@@ -214,6 +216,27 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   pdl_launch_dependents();  // the next kernel may start once every block is here
 
   // 5. output: lane holds rows m*16 + g (+8), columns b*64 + 8j + 2t (+1)
+  if (csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
+    constexpr int W = WN * 64;
+    cluster_reduce<W>(
+        [&](float* red) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int r = m * 16 + g + 8 * h;
+              if (r < M) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                  *reinterpret_cast<float2*>(red + r * W + warp * 64 + 8 * j + 2 * t) =
+                      make_float2(acc[m][j][2 * h], acc[m][j][2 * h + 1]);
+              }
+            }
+        },
+        reinterpret_cast<float*>(xs), bias, y, ws, M, N, splits == csize);
+    if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, W);
+    return;
+  }
   const int col0 = b * 64 + 2 * t;
   if (splits == 1) {
 #pragma unroll
@@ -257,33 +280,37 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 template <int BITS, int MT, int WN>
 int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, const uint4* wsp,
            const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M,
-           int N, int K, int group, int splits, bool pdl, cudaStream_t stream) {
+           int N, int K, int group, int splits, int csize, bool pdl, cudaStream_t stream) {
   constexpr int PF = MT == 1 ? 3 : 2;
   auto kernel = mixed_mma_kernel<BITS, MT, WN, PF>;
   const int S = K / 64;
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
+  if (splits % csize) return -1;  // clusters tile the splits
   const int Q = (nsal + 15) / 16;
   const int nq = (Q + splits - 1) / splits;
   const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
-  const size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
-  const int rc = allow_smem(kernel, smem, allowed);
+  int rc = allow_smem(kernel, smem, allowed);
+  if (!rc) rc = allow_cluster(kernel, csize);
   if (rc) return rc;
-  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, 1, pdl, x, qc,
-                   zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group_magic(group),
-                   ss_per_split, R);
+  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, csize, pdl, x,
+                   qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group_magic(group),
+                   ss_per_split, R, csize);
 }
 
 template <int BITS, int MT>
 int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-          int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
+          int* cnt, int M, int N, int K, int group, int splits, int csize, bool pdl,
+          cudaStream_t s) {
   switch (wn) {
-    case 1: return launch<BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 1: return launch<BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one block width (the code is the same)
-    case 2: return launch<BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 4: return launch<BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 2: return launch<BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return launch<BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #endif
     default: return -1;
   }
@@ -292,11 +319,12 @@ int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* 
 template <int BITS>
 int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-          int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
+          int* cnt, int M, int N, int K, int group, int splits, int csize, bool pdl,
+          cudaStream_t s) {
   switch (mt) {
-    case 1: return by_wn<BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 2: return by_wn<BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 4: return by_wn<BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 1: return by_wn<BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 2: return by_wn<BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return by_wn<BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
     default: return -1;
   }
 }
@@ -308,9 +336,10 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
                             const void* wsp,
                             const void* sidx, int nsal, const void* bias, void* y, void* ws,
                             void* cnt, int M, int N, int K, int group, int bits, int wn,
-                            int splits, int pdl, void* stream) {
+                            int splits, int csize, int pdl, void* stream) {
   if (M < 1 || M > 64 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
+  if (csize < 1 || csize > 16 || (csize > 1 && !device_has_clusters())) return -1;
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
   auto* xh = static_cast<const half*>(x);
   auto* q = static_cast<const uint4*>(qc);
@@ -324,9 +353,9 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
   switch (bits) {
-    case 2: return by_mt<2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
-    case 3: return by_mt<3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
-    case 4: return by_mt<4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    case 2: return by_mt<2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+    case 3: return by_mt<3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+    case 4: return by_mt<4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
     default: return -1;
   }
 }

@@ -14,8 +14,6 @@
 // Scale after the MMA as in mixed_mma.cu: a group's MMAs add x @ (code - zero) into their own
 // registers, which the group's scales (one per output column) multiply once at its end. The
 // scales and zero-points of the next group are loaded at the start of the current one.
-#include <cooperative_groups.h>
-
 #include "fragments.cuh"
 
 namespace {
@@ -78,53 +76,6 @@ __device__ __forceinline__ void each_output(const float (&acc)[NB][4][4], int M,
       }
 }
 
-// The split-K sum inside a thread-block cluster of `csize` blocks along the splits (sm_90):
-// each block leaves its partial tile (M rows x the block's WN x 64 columns, fp32) in its own
-// shared memory, and block q of the cluster adds slice q of the tile over the cluster's blocks
-// (distributed shared memory, in rank order: the same sum every run), then writes it to y
-// (`whole`: the cluster holds every split; bias added) or adds it into ws for the finish of
-// the splits across clusters. Replaces M x N fp32 atomics per split, the memory fence and the
-// last block's pass with two cluster barriers.
-template <int NB, int WN>
-__device__ __forceinline__ void cluster_reduce(const float (&acc)[NB][4][4], uint4* smem,
-                                               const half* __restrict__ bias,
-                                               half* __restrict__ y, float* __restrict__ ws,
-                                               int M, int N, bool whole) {
-#if __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  constexpr int W = WN * 64;  // the block's columns
-  float* red = reinterpret_cast<float*>(smem);
-  const int strip = (threadIdx.x >> 5) * 64;  // the warp's first column in the block
-  __syncthreads();  // every warp is done with its ring and x: their space takes the tile
-  each_output(acc, M, [&](float v, int r, int c) { red[r * W + strip + c] = v; });
-  cluster.sync();  // release / acquire: every block's tile is visible to the cluster
-  const int C = static_cast<int>(cluster.num_blocks()), q = static_cast<int>(cluster.block_rank());
-  const int total = M * (W / 4), per = (total + C - 1) / C, end = min(total, (q + 1) * per);
-  for (int i = q * per + static_cast<int>(threadIdx.x); i < end; i += blockDim.x) {
-    float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int p = 0; p < C; ++p) {
-      const float4 v = *cluster.map_shared_rank(reinterpret_cast<float4*>(red) + i, p);
-      s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-    }
-    const int r = i / (W / 4), c = blockIdx.x * W + 4 * (i - r * (W / 4));
-    if (whole) {
-      if (bias != nullptr) {
-        s.x += __half2float(bias[c]), s.y += __half2float(bias[c + 1]);
-        s.z += __half2float(bias[c + 2]), s.w += __half2float(bias[c + 3]);
-      }
-      half2* o = reinterpret_cast<half2*>(y + (size_t)r * N + c);
-      o[0] = __floats2half2_rn(s.x, s.y), o[1] = __floats2half2_rn(s.z, s.w);
-    } else {
-      float* o = ws + (size_t)r * N + c;
-      atomicAdd(o, s.x), atomicAdd(o + 1, s.y), atomicAdd(o + 2, s.z), atomicAdd(o + 3, s.w);
-    }
-  }
-  cluster.sync();  // no block leaves while another still reads its shared memory
-#else
-  __trap();  // clusters need sm_90; the launcher refuses them below it
-#endif
-}
 
 // 20 warps per SM with one 8-row tile of x: at most 96 registers (no spills on sm_90; 24
 // warps, 80 registers, spill); 16 warps with two tiles (128)
@@ -254,7 +205,12 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
 
   // 4. output: acc[n][i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
   if (CL && csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
-    cluster_reduce<NB, WN>(acc, smem, bias, y, ws, M, N, splits == csize);
+    const int strip = warp * 64;  // the warp's first column in the block
+    cluster_reduce<WN * 64>(
+        [&](float* red) {
+          each_output(acc, M, [&](float v, int r, int c) { red[r * WN * 64 + strip + c] = v; });
+        },
+        reinterpret_cast<float*>(smem), bias, y, ws, M, N, splits == csize);
     if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
     return;
   }
@@ -292,13 +248,8 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   auto run = [&](auto kernel, size_t* table) {
     int rc = allow_smem(kernel, smem, table);
     if (rc) return rc;
-    if (csize > 8) {  // 16 blocks per cluster is past the portable 8 (sm_90 allows it)
-      rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-      if (rc) {
-        cudaGetLastError();  // taken here: the next launch must not report it as its own
-        return rc;
-      }
-    }
+    rc = allow_cluster(kernel, csize);
+    if (rc) return rc;
     return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, csize, pdl, x, qc, zp, scp, wsp,
                      sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
@@ -348,12 +299,7 @@ extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const
   if (M < 1 || M > 16 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   if (csize < 1 || csize > 16) return -1;
-  if (csize > 1) {  // thread-block clusters: sm_90 and later
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (major < 9) return -1;
-  }
+  if (csize > 1 && !device_has_clusters()) return -1;  // sm_90 and later
   auto* xh = static_cast<const half*>(x);
   auto* q = static_cast<const uint4*>(qc);
   auto* z = static_cast<const uint2*>(zp);

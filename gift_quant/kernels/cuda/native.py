@@ -262,7 +262,7 @@ def library(device: torch.device | None = None):
                 raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
             lib = ctypes.CDLL(str(_build(nvcc, f"{major}{minor}")))
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
-            lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 8 + [ptr]
+            lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
             lib.gq_mixed_mma.restype = i32
             lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 10 + [ptr]
             lib.gq_mixed_mmv.restype = i32
@@ -340,10 +340,13 @@ def mixed_mma(
     cnt: Tensor,
     wn: int = 0,
     splits: int = 0,
+    cluster: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
     """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias); ``ws``/``cnt``
-    are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``rules.choose``)."""
+    are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``rules.choose``);
+    ``cluster`` > 1 (sm_90+, dividing the splits the launch runs, at most 16): the splits add
+    up in thread-block clusters of that many blocks."""
     if not wn:
         wn, splits = choose(x2.shape[0], p.N, x2.shape[1])
-    return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits)
+    return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits, cluster)

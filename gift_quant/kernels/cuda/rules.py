@@ -20,6 +20,7 @@ __all__ = [
     "configs",
     "dependent_launch",
     "dependent_launch_capable",
+    "mma_cluster_configs",
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
@@ -47,6 +48,13 @@ MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
 # were not measured: they share the M = 8 bucket of the first-use timing.
 MMV_CLUSTER_M = (5, 16)
 MMV_CLUSTER = 8
+# The tensor-core kernel with its K splits summed in one thread-block cluster (sm_90; 16 blocks
+# is past the portable 8, which sm_90 allows), timed at first use beside the atomic
+# configurations for M = 5-64 (round 16): at M = 16 on 4096 x 4096 the atomic configurations
+# got faster from 4 to 16 splits and slower past it (tuning in kernels_h200.json), their
+# M x N fp32 atomics per split, fence and last-block pass the cost that grows.
+MMA_CLUSTER_M = (5, 64)
+MMA_CLUSTERS = (8, 16)
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 
 
@@ -153,6 +161,23 @@ def mmv_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int
     if _runs(K, MMV_CLUSTER) != MMV_CLUSTER or _mmv_min_splits(M, K) > MMV_CLUSTER:
         return []
     return [(mmv_choose(M, N, K)[0], MMV_CLUSTER, MMV_DEPTH, MMV_CLUSTER)]
+
+
+def mma_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
+    """(warps, splits, cluster) of the tensor-core kernel with its splits summed in one
+    cluster, worth timing for M rows: each block width of ``configs`` at each of MMA_CLUSTERS
+    splits that the launch runs exactly and that keep x within the shared-memory minimum
+    (MMA_CLUSTER_M, sm_90); else none."""
+    if not MMA_CLUSTER_M[0] <= M <= MMA_CLUSTER_M[1] or not clusters_supported():
+        return []
+    strips = N // 64
+    widths = [wn for wn in (2, 4) if strips % wn == 0] or [1]
+    return [
+        (wn, c, c)
+        for wn in widths
+        for c in MMA_CLUSTERS
+        if _runs(K, c) == c and _min_splits(M, K) <= c
+    ]
 
 
 def dependent_launch_capable(device: torch.device) -> bool:

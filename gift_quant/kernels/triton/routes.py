@@ -2,10 +2,11 @@
 H200 (names only; ``ops`` launches what they name).
 
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
-  "cublas" (dequantize + cuBLAS), "mma:WNxS" (the CUDA tensor-core kernel with WN warps per
-  block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA kernel
-  with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring, default
-  ``rules.MMV_DEPTH``; C > 1: the splits summed in thread-block clusters of C blocks, sm_90).
+  "cublas" (dequantize + cuBLAS), "mma:WNxS[cC]" (the CUDA tensor-core kernel with WN warps
+  per block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
+  kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
+  default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
+  (sm_90).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
   where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
@@ -50,12 +51,13 @@ GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see M
 MMV_M = (2, 8)
 MMV_WIDE_M = (9, 16)
 MMV_WIDE_WEIGHTS = 1 << 25
-# fp16 M where the kernel is measured at first use: 3..32, where the CUDA kernels beat the
-# Triton kernels on the largest layers and lost on some others. Not M <= 2: there the two
-# kernels are within a few percent, and one launch timed after a flush read 11.5 us for
-# kernels that replay in 7-8 us, so the timing kept the slower one on 4096 x 4096
-# (docs/KERNELS-NOTES.md, round 8)
-TUNE_M = 3, 32
+# fp16 M where the kernel is measured at first use: 3..64, where the CUDA kernels beat the
+# Triton kernels on the largest layers and lost on some others (33..64 since round 16, with
+# the clustered configurations among the candidates; before, the Triton route by rule). Not
+# M <= 2: there the two kernels are within a few percent, and one launch timed after a flush
+# read 11.5 us for kernels that replay in 7-8 us, so the timing kept the slower one on
+# 4096 x 4096 (docs/KERNELS-NOTES.md, round 8)
+TUNE_M = 3, 64
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
@@ -114,8 +116,8 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> s
     return "cublas"
 
 
-def mma_name(wn: int, splits: int) -> str:
-    return f"mma:{wn}x{splits}"
+def mma_name(wn: int, splits: int, cluster: int = 1) -> str:
+    return f"mma:{wn}x{splits}" + ("" if cluster == 1 else f"c{cluster}")
 
 
 def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 1) -> str:
@@ -127,14 +129,14 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
 
 
 def mma_config(name: str) -> tuple[int, ...]:
-    """(warps per block, K splits) of "mma:WNxS"; (warps, splits, depth, cluster) of
-    "mmv:WNxS[dD][cC]"."""
+    """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
+    of "mmv:WNxS[dD][cC]"."""
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
     if name.startswith("mmv:"):
         return int(wn), int(splits), int(depth or rules.MMV_DEPTH), int(cluster or 1)
-    return int(wn), int(splits)
+    return int(wn), int(splits), int(cluster or 1)
 
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
@@ -146,6 +148,7 @@ def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
         names += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
         names += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
     names += [mma_name(*c) for c in rules.configs(M, N, K)]
+    names += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
     return [*names, route(M, N, K, bits)]
 
 
@@ -167,6 +170,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
     (N, K) layer, and the swapped kernel's rule at each depth."""
     if mma and M <= rules.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
+        out += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
         if M <= rules.MMV_MAX_M:
             out += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
             out += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
