@@ -33,12 +33,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
 }
 
-// 4 bytes global -> shared, asynchronously
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
-}
-
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -144,32 +138,19 @@ __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x, in
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
-// The split's `nq` x 16 salient column indices (positions split + c * splits of the salient
-// list; -1 past its end) into shared memory `sx`, by 4-byte asynchronous copies in one commit
-// group. The list is not written by the previous kernel, so this is issued before pdl_wait:
-// the gather after it then waits one memory round trip (x) instead of two (index, then x).
-__device__ __forceinline__ void stage_salient_index(int* sx, const int* __restrict__ sidx,
-                                                    int nsal, int nq, int split, int splits) {
-  for (int c = threadIdx.x; c < nq * 16; c += blockDim.x) {
-    const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
-    if (j < nsal)
-      cp_async4(sx + c, sidx + j);
-    else
-      sx[c] = -1;
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
-// The split's `nq` x 16 salient columns of x (their indices staged in `sx`, -1: a zero),
-// gathered into columns kq.. of the staged rows (plain stores: the caller syncs). A thread
-// loads GATHER_BATCH elements at a time, then stores them: one memory round trip per batch
-// (one element at a time, index then x, was about 12% of the stall samples at M = 16 on an
-// H200). Row and column advance by the block's width without dividing per element.
+// The split's `nq` x 16 salient columns of x (positions split + c * splits of the salient
+// list), gathered into columns kq.. of the staged rows (plain stores: the caller syncs). A
+// thread handles GATHER_BATCH elements at a time, their index loads issued together, then their
+// x loads: two memory round trips per batch (one element at a time made every element two
+// dependent round trips, about 12% of the stall samples at M = 16 on an H200). Row and column
+// advance by the block's width without dividing per element.
 constexpr int GATHER_BATCH = 4;
 
 __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict__ x,
-                                               const int* sx, int M, int K, int R, int ldx,
-                                               int kq, int nq) {
+                                               const int* __restrict__ sidx, int nsal, int M,
+                                               int K, int R, int ldx, int kq, int nq,
+                                               int split, int splits) {
+  if (nq == 0) return;  // no salient step in this split (block-uniform; no barrier here)
   const int scols = nq * 16, total = (R + 1) * scols, bd = blockDim.x;
   const int dq = bd / scols, dr = bd - dq * scols;  // (rows, columns) per step of bd elements
   int r = threadIdx.x / scols, c = threadIdx.x - r * scols;
@@ -177,8 +158,9 @@ __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict_
     int rc[GATHER_BATCH], col[GATHER_BATCH];  // row << 16 | column (-1: past the end); col of x
 #pragma unroll
     for (int u = 0; u < GATHER_BATCH; ++u) {
+      const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
       rc[u] = i0 + u * bd < total ? r << 16 | c : -1;
-      col[u] = rc[u] >= 0 && r < M ? sx[c] : -1;  // -1: a zero
+      col[u] = rc[u] >= 0 && r < M && j < nsal ? __ldg(sidx + j) : -1;  // -1: a zero
       c += dr, r += dq;
       if (c >= scols) c -= scols, ++r;
     }

@@ -77,13 +77,10 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   const int kcols = nss * 64 + nq * 16;
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
 
-  // 1. the salient column indices (to shared memory), the first PF k-steps of this warp's
-  // weights, zero-points (and scales, when they go on the weights) and its first salient k16
-  // step, in flight during the x staging; none of it is written by the previous kernel, so it
-  // is read before pdl_wait (fragments.cuh). Per k-step and strip, word-vector i of every lane
-  // is contiguous (512 B per instruction).
-  int* sx = reinterpret_cast<int*>(xs + (R + 1) * ldx);  // after the staged rows
-  stage_salient_index(sx, sidx, nsal, nq, split, splits);
+  // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
+  // the weights), in flight during the x staging; none of it is written by the previous kernel,
+  // so it is read before pdl_wait (fragments.cuh). Per k-step and strip, word-vector i of every
+  // lane is contiguous (512 B per instruction).
   const size_t qstride = (size_t)B * 32 * BITS;  // uint4 per k-step (all strips)
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;  // per group: uint2 of zero-points, uint4 of scales
@@ -107,23 +104,11 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     }
   }
 
-  // salient k16 step qi of this split: fp16 fragments as stored (4 uint4 per lane)
-  const uint4* wsal = wsp + ((size_t)split * B + b) * 128 + lane;
-  const size_t qsal = (size_t)splits * B * 128;  // per step
-  uint4 sal[4];
-  if (nq > 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) sal[i] = __ldg(wsal + i * 32);
-  }
-
   // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
-  // salient columns (once their indices have landed)
+  // salient columns
   pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
-  if (nq > 0) {  // block-uniform
-    wait_copies_and_sync<1>();  // the index group (the x group may still be in flight)
-    gather_salient(xs, x, sx, M, K, R, ldx, nss * 64, nq);
-  }
+  gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<0>();
 
   float acc[MT][8][4], gacc[MT][8][4];  // gacc: this group's x @ (code - zero) (SA only)
@@ -144,16 +129,14 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
         __cvta_generic_to_shared(xs + (r < R ? r : R) * ldx + (lane >> 4) * 8));
   }
 
-  // 3. salient k16 steps, each loading the next
+  // 3. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      f[4 * i] = sal[i].x, f[4 * i + 1] = sal[i].y, f[4 * i + 2] = sal[i].z, f[4 * i + 3] = sal[i].w;
-    }
-    if (qi + 1 < nq) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sal[i] = __ldg(wsal + (qi + 1) * qsal + i * 32);
+      const uint4 v = __ldg(wp + i * 32);
+      f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
@@ -310,8 +293,7 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   const int Q = (nsal + 15) / 16;
   const int nq = (Q + splits - 1) / splits;
   const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
-  size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half) +
-                nq * 16 * sizeof(int);  // staged x, then the salient column indices
+  size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
   int rc = allow_smem(kernel, smem, allowed);

@@ -105,19 +105,16 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int ldx = nss * 64 + nq * 16 + 8;  // row stride in halves: rows shift by 16 bytes
 
-  // 1. the salient column indices (one copy group), the first PF - 1 k-steps of weights into
-  // the ring, one copy group each (each lane copies and later reads only its own vectors, so
-  // its own wait orders them), the first group's scales and zero-points and the first salient
-  // k16 step: none of it written by the previous kernel, so before pdl_wait; then x (rows
-  // 0..M-1, a zero row M) in one more group and its salient columns, and wait for all
+  // 1. the first PF - 1 k-steps of weights into the ring, one copy group each (each lane copies
+  // and later reads only its own vectors, so its own wait orders them), and the first group's
+  // scales and zero-points: none of it written by the previous kernel, so before pdl_wait; then
+  // x (rows 0..M-1, a zero row M) in one more group and its salient columns, and wait for all
   const size_t qstride = (size_t)B * 32 * BITS;
   const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;
   const uint2* zbase = zp + (size_t)b * 8 + g;                  // columns 8 j + g
   const uint4* sbase = scp + ((size_t)b * 4 + (g >> 1)) * 2;  // columns 8 j + 2 (g / 2) (+1)
   const unsigned last_group = group_of(S - 1, gmagic);
-  int* sx = reinterpret_cast<int*>(xs + (M + 1) * ldx);  // after the staged rows
-  stage_salient_index(sx, sidx, nsal, nq, split, splits);  // its own group, the first
 #pragma unroll
   for (int p = 0; p < PF - 1; ++p) {
     if (p < nss)
@@ -128,22 +125,9 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   unsigned grp = group_of(s0, gmagic);
   uint4 sa = __ldg(sbase + grp * gstride), sb = __ldg(sbase + grp * gstride + 1);
   uint2 zw = __ldg(zbase + grp * gstride);
-  // salient k16 step qi of this split: fp16 fragments as stored (4 uint4 per lane); the first
-  // one before pdl_wait too
-  const uint4* wsal = wsp + ((size_t)split * B + b) * 128 + lane;
-  const size_t qsal = (size_t)splits * B * 128;  // per step
-  uint4 sal[4];
-  if (nq > 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) sal[i] = __ldg(wsal + i * 32);
-  }
   pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, M, ldx, s0 * 64, nss * 64);
-  if (nq > 0) {  // block-uniform: the index group landed once at most the ring's PF - 1 and
-    // the x group are pending
-    wait_copies_and_sync<PF>();
-    gather_salient(xs, x, sx, M, K, M, ldx, nss * 64, nq);
-  }
+  gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<0>();
 
   // this lane's B-fragment words per 8-row tile n: row 8 n + g (the zero row past M), input
@@ -160,16 +144,14 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
       for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.0f, gacc[n][i][e] = 0.0f;
   }
 
-  // 2. salient k16 steps, each loading the next
+  // 2. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
   for (int qi = 0; qi < nq; ++qi) {
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      f[4 * i] = sal[i].x, f[4 * i + 1] = sal[i].y, f[4 * i + 2] = sal[i].z, f[4 * i + 3] = sal[i].w;
-    }
-    if (qi + 1 < nq) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sal[i] = __ldg(wsal + (qi + 1) * qsal + i * 32);
+      const uint4 v = __ldg(wp + i * 32);
+      f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
     mma_swapped<NB>(acc, f, xr, (nss * 64 + qi * 16) / 2);
   }
@@ -258,8 +240,7 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   constexpr bool CL = DEPTH == 8;  // clusters at the default depth (rules.MMV_DEPTH) only
   if (csize > 1 && (!CL || splits % csize)) return -1;  // and they tile the splits
   size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
-                (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half) +
-                nq * 16 * sizeof(int);  // the rings, staged x, the salient column indices
+                (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[2][64] = {};  // per kernel and device: the shared memory allowed
   const dim3 grid(N / 64 / WN, splits);
