@@ -457,7 +457,7 @@ def test_cluster_configurations_are_named_and_offered_where_they_may_pay(monkeyp
 
 def test_tensor_core_cluster_configurations_are_named_and_offered(monkeypatch) -> None:
     """'mma:WNxS[cC]' round-trips; the configurations with every split in one cluster (8 or 16
-    blocks) are timed at first use for M = 5-64 on sm_90, at each block width the layer
+    blocks) are timed at first use for M = 5-32 on sm_90, at each block width the layer
     allows, where the launch runs exactly that many splits and x fits in shared memory."""
     from gift_quant.kernels.triton import routes
 
@@ -471,12 +471,11 @@ def test_tensor_core_cluster_configurations_are_named_and_offered(monkeypatch) -
     assert rules.mma_cluster_configs(16, 4096, 4096) == both
     assert rules.mma_cluster_configs(16, 5120, 5120) == both  # 80 k-steps: 10 x 8, 5 x 16
     assert rules.mma_cluster_configs(4, 4096, 4096) == []  # M <= 4: not timed
-    assert rules.mma_cluster_configs(65, 4096, 4096) == []  # past the kernel's 64 rows
-    # x of 64 rows (65 staged) within about 96 KB: 9 x 64 columns a split, so 5120 columns
-    # need 9 splits and 14336 need 25 (more than a cluster)
-    assert rules.mma_cluster_configs(64, 5120, 5120) == [(2, 16, 16), (4, 16, 16)]
-    assert rules.mma_cluster_configs(64, 4096, 14336) == []
+    assert rules.mma_cluster_configs(33, 4096, 4096) == []  # past the first-use timing
+    # x of 32 rows (33 staged) within about 96 KB: 21 x 64 columns a split, so 14336 columns
+    # need 11 splits (more than a cluster of 8) and 28672 need 22 (more than 16)
     assert rules.mma_cluster_configs(32, 4096, 14336) == [(2, 16, 16), (4, 16, 16)]
+    assert rules.mma_cluster_configs(32, 4096, 28672) == []
     assert rules.mma_cluster_configs(16, 960, 640) == []  # 10 k-steps run as 10 / 5 splits
     assert rules.mma_cluster_configs(16, 960, 1024) == [(1, 8, 8), (1, 16, 16)]  # 15 strips
     assert "mma:4x16c16" in routes.tuning_names(16, 4096, 4096, 4)

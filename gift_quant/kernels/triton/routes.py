@@ -51,13 +51,14 @@ GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see M
 MMV_M = (2, 8)
 MMV_WIDE_M = (9, 16)
 MMV_WIDE_WEIGHTS = 1 << 25
-# fp16 M where the kernel is measured at first use: 3..64, where the CUDA kernels beat the
-# Triton kernels on the largest layers and lost on some others (33..64 since round 16, with
-# the clustered configurations among the candidates; before, the Triton route by rule). Not
-# M <= 2: there the two kernels are within a few percent, and one launch timed after a flush
-# read 11.5 us for kernels that replay in 7-8 us, so the timing kept the slower one on
-# 4096 x 4096 (docs/KERNELS-NOTES.md, round 8)
-TUNE_M = 3, 64
+# fp16 M where the kernel is measured at first use: 3..32, where the CUDA kernels beat the
+# Triton kernels on the largest layers and lost on some others. Not M = 33..64: timed there
+# (round 16, clustered configurations included) the tensor-core kernel's best took 1.26-1.55x
+# the Triton route's time in all 24 cells (kernels_h200_r16a.json). Not M <= 2: there the two
+# kernels are within a few percent, and one launch timed after a flush read 11.5 us for
+# kernels that replay in 7-8 us, so the timing kept the slower one on 4096 x 4096
+# (docs/KERNELS-NOTES.md, round 8)
+TUNE_M = 3, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.

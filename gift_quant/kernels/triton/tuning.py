@@ -39,8 +39,8 @@ _FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket")
 
 def m_bucket(M: int) -> int:
     """The M a measurement is kept for: calls with M rows share the kernel of M_bucket rows
-    (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32, 64 above)."""
-    return 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
+    (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32)."""
+    return 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
 
 
 def key(device, N: int, K: int, bits: int, group: int, nsal: int, M: int) -> tuple:
