@@ -9,13 +9,14 @@
 // two k halves of the fragment), each pair a (k, k+1) couple of one column in the two halves
 // of a word lane, at bit position p * BITS of its half (3 bits: 5 pairs per word, the 16th pair
 // spread over bit 15 of the three words). A pair becomes an f16x2 by one lop3 with the exponent
-// bits 0x6400 (1024 + code << e, exact), then one fma gives code - zero exactly. For up to 32
-// rows (MT <= 2) the MMAs of one quantization group accumulate x @ (code - zero) into their own
-// fp32 registers, and the group's scales multiply that sum once at the group's end ("scale
-// after the MMA": one fma per accumulator per group instead of one fp16 mul per weight; the
-// weights are then exact, so the result is at least as accurate as the fp16 reference). With
-// 64 rows there are no registers for a second accumulator: one mul applies the scale to the
-// weight, rounding as the torch reference rounds `(code - zero) * scale` in fp16.
+// bits 0x6400 (1024 + code << e, exact), then one fma gives code - zero exactly. For 16 rows
+// (MT = 1), and 32 rows at 2 and 4 bits, the MMAs of one quantization group accumulate
+// x @ (code - zero) into their own fp32 registers, and the group's scales multiply that sum
+// once at the group's end ("scale after the MMA": one fma per accumulator per group instead of
+// one fp16 mul per weight; the weights are then exact, so the result is at least as accurate
+// as the fp16 reference). Otherwise (64 rows: no registers for a second accumulator; 32 rows at
+// 3 bits: measured faster) one mul applies the scale to the weight, rounding as the torch
+// reference rounds `(code - zero) * scale` in fp16.
 //
 // x is staged per block in shared memory by cp.async (rows padded, conflict-free ldmatrix);
 // the salient columns are gathered there too and their fp16 weights are repacked into the same
@@ -56,8 +57,8 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
                      unsigned gmagic, int ss_per_split, int R, int csize) {
-  // scale after the MMA (file comment). At 4 bits the second accumulator spills 24 bytes under
-  // the 168 registers of 3 blocks per SM, and is still faster than the scale on the weights
+  // scale after the MMA (file comment). At 4 bits the second accumulator spills a few bytes
+  // under the 168 registers of 3 blocks per SM (24 in round 7's build), and is still faster than the scale on the weights
   // (W4 M = 4: 1.27-1.67x without it, 1.35-1.85x with it: kernels_h200_w4_scale_before.json).
   // At 32 rows and 3 bits the scale on the weights was faster: every configuration of the
   // first-use timing on the eight shapes took 0.91-1.00x the time (W4 0.96-1.05x, W2

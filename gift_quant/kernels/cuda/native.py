@@ -347,6 +347,6 @@ def mixed_mma(
     are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``rules.choose``);
     ``cluster`` > 1 (sm_90+, dividing the splits the launch runs, at most 16): the splits add
     up in thread-block clusters of that many blocks."""
-    if not wn:
-        wn, splits = choose(x2.shape[0], p.N, x2.shape[1])
+    if not wn:  # the rule's configuration, without clusters
+        (wn, splits), cluster = choose(x2.shape[0], p.N, x2.shape[1]), 1
     return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits, cluster)

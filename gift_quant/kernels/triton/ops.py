@@ -234,7 +234,7 @@ def run_route(
     cuda: native.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernels' layout, for "mma:WNxS" and "mmv:WNxS[dD][cC]")."""
+    ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]" and "mmv:WNxS[dD][cC]")."""
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:")):

@@ -143,7 +143,8 @@ def mma_config(name: str) -> tuple[int, ...]:
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
-    tensor-core kernel's, and the Triton rule."""
+    tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
+    and the Triton rule."""
     names = []
     if M <= rules.MMV_MAX_M:
         names += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
