@@ -215,6 +215,34 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
     assert ops.prepare(layer).cuda is not None
 
 
+def layer_and_layouts(K: int, N: int, bits: int, group: int):
+    """A fp16 mixed layer (37 salient columns, bias) on the GPU, its Triton-side ``prepare``
+    and its CUDA kernels' layout."""
+    from gift_quant.kernels.triton import ops
+    from gift_quant.testing import random_mixed_linear
+
+    kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
+    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
+    return layer, ops.prepare(layer), ops.cuda_layout(layer)
+
+
+def assert_routes_match_the_oracle(names, x, layer, p, cuda) -> None:
+    """Every kernel in ``names`` on x, written into a NaN-filled output, within ERROR_FACTOR of
+    the torch reference's own error against the float64 oracle."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle
+
+    M, N = x.shape[0], layer.out_features
+    exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+    args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+    for name in names:
+        out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
+        ops.run_route(name, *args, out=out, cuda=cuda)
+        err, ref_err = kernel_error(out, ref, exact)
+        assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -226,17 +254,12 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
     (15 strips) and four-warp blocks (16 strips: the per-warp rings, x shared by the block),
     salient columns round-robin over the splits, bias; on sm_90, the splits summed in
     thread-block clusters of 2-16 blocks."""
-    from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops, routes
-    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+    from gift_quant.kernels.triton import routes
 
     if native.library() is None:
         pytest.skip("the CUDA kernel is not built here (no nvcc)")
     K, N = shape
-    kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
-    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
-    p = ops.prepare(layer)
-    cuda = ops.cuda_layout(layer)
+    layer, p, cuda = layer_and_layouts(K, N, bits, group)
     for M in (1, 2, 3, 8, 9, 16):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         confs = rules.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
@@ -251,13 +274,7 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
                 for c in (2, 4, 8, 16)
                 if sp % c == 0
             ]
-        exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
-        for name in names:
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
-            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-            ops.run_route(name, *args, out=out, cuda=cuda)
-            err, ref_err = kernel_error(out, ref, exact)
-            assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
+        assert_routes_match_the_oracle(names, x, layer, p, cuda)
 
 
 @pytest.mark.gpu
@@ -270,24 +287,20 @@ def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape) -> N
     holding every split (bias added there) and several (added across clusters by the finish),
     clusters of 2-16 blocks, 1/2/4-warp blocks, at 16, 32 and 64 staged rows (M = 5..64), with
     the salient columns round-robin over the splits."""
-    from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops, routes
-    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+    from gift_quant.kernels.triton import routes
 
     if native.library() is None:
         pytest.skip("the CUDA kernel is not built here (no nvcc)")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
     K, N = shape
-    kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
-    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
-    p = ops.prepare(layer)
-    cuda = ops.cuda_layout(layer)
+    layer, p, cuda = layer_and_layouts(K, N, bits, group)
     widths = [wn for wn in (1, 2, 4) if (N // 64) % wn == 0]
     runs = sorted({rules._runs(K, sp) for sp in (2, 4, 8, 16, K // 64)})
     for M in (5, 16, 17, 32, 33, 64):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+        # every cluster size dividing the splits covers the configurations
+        # rules.mma_cluster_configs offers on these shapes (16 splits of 1024 columns, 8 of both)
         names = [
             routes.mma_name(wn, sp, c)
             for wn in widths
@@ -295,13 +308,7 @@ def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape) -> N
             for c in (2, 4, 8, 16)
             if sp % c == 0
         ]
-        names += [routes.mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
-        for name in names:
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
-            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-            ops.run_route(name, *args, out=out, cuda=cuda)
-            err, ref_err = kernel_error(out, ref, exact)
-            assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
+        assert_routes_match_the_oracle(names, x, layer, p, cuda)
 
 
 def ptx_mma_m16n8k16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
