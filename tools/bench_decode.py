@@ -308,6 +308,7 @@ def main() -> None:
 
     shapes |= layer_shapes(qmodel)  # the fused layers' too
     mma = native.library() is not None
+    wg = native.wg_available()
     rows = []
     for compiled in (False, True):
         for b in args.batch:
@@ -331,7 +332,7 @@ def main() -> None:
     res = dict(
         **env,
         routes={  # after the timed runs: the measured choices where the op made them
-            f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma)
+            f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma, wg=wg)
             for m in args.batch
             for n, k, b, g, s in sorted(shapes)
         },

@@ -1,8 +1,8 @@
 """Per-layer timing of the Triton dequant-matmul against cuBLAS fp16 and torch's tinygemm.
 
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|tuned|held_out|small]
-        [--shape NxK ...] [--sweep] [--warm N] [--candidates] [--skip-tinygemm] [--budget S]
-        [--shared]
+        [--shape NxK ...] [--ms 1,2,...] [--bits 4,3,2] [--sweep] [--warm N] [--candidates]
+        [--only PREFIX,...] [--skip-tinygemm] [--budget S] [--shared]
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
 
 Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
@@ -129,7 +129,7 @@ def op_route(M: int, N: int, K: int, bits: int) -> str:
     """The kernel the op takes for fp16 x now (the CUDA kernel where it is built, in the
     configuration measured at the shape's first call)."""
     mma = native.library() is not None
-    return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma)
+    return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma, wg=native.wg_available())
 
 
 def time_cublas(N: int, K: int, M: int) -> float:
@@ -267,7 +267,11 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
     included, timed like the op (graph over rotated copies): the op's own time against the
     best of these says how well its first-use timing chose."""
     mma = copies[0]["cuda"] is not None
-    for name in routes.candidates(M, mma=mma, N=N, K=K):
+    wg = mma and native.wg_available()
+    only = res["opts"]["only"]
+    for name in routes.candidates(M, mma=mma, N=N, K=K, wg=wg):
+        if only and not name.startswith(tuple(only)):
+            continue
         if time.time() - res["opts"]["t0"] > res["opts"]["budget"]:
             print("    (budget spent: no more candidates)", flush=True)
             return
@@ -358,6 +362,10 @@ def main() -> None:
         "--profile", default=None, help="N,K,bits,M[,KERNEL]: only run the op or KERNEL (for ncu)"
     )
     ap.add_argument("--candidates", action="store_true")
+    ap.add_argument(
+        "--only", default="", help="with --candidates: only names starting with these (a,b,...)"
+    )
+    ap.add_argument("--bits", default=",".join(map(str, BITS)), help="bit widths (4,3,2)")
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
@@ -373,6 +381,7 @@ def main() -> None:
     if args.markdown:
         return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
     MS[:] = [int(m) for m in args.ms.split(",")]
+    BITS[:] = [int(b) for b in args.bits.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
     row_env = run_environment(args.shared)
@@ -393,6 +402,7 @@ def main() -> None:
         cand=[],
         opts=dict(
             candidates=args.candidates,
+            only=[o for o in args.only.split(",") if o],
             skip_tinygemm=args.skip_tinygemm,
             budget=args.budget,
             t0=time.time(),

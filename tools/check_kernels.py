@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gift_quant.kernels import Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
+from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
@@ -98,7 +99,8 @@ def check_case(args) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for M in CAND_MS if cand else MS:
         mma = prep.cuda is not None and dtype == torch.float16
-        names = routes.candidates(M, mma=mma, N=N, K=K) if cand else [None]
+        wg = mma and native.wg_available()
+        names = routes.candidates(M, mma=mma, N=N, K=K, wg=wg) if cand else [None]
         for name in names:
             x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
             exact = oracle(x, layer)

@@ -194,20 +194,25 @@ __device__ __forceinline__ void wait_copies_and_sync() {
 // the fence 6-18% of the tensor-core kernel's stall samples at M = 16-64 (round 15 profile).
 constexpr int FINISH_BATCH = 8;
 
-__device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
-                                              const half* __restrict__ bias,
-                                              half* __restrict__ y, int M, int N, int width) {
+// finish_tile: the last of the `parts` blocks counted at cnt[counter] does it for the tile of
+// `rows` rows from row0 and `width` columns from col0 (the warpgroup kernel's row tiles);
+// finish_splits: for column block blockIdx.x of `width` columns, all M rows, its gridDim.y
+// K splits.
+__device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restrict__ cnt,
+                                            int counter, int parts,
+                                            const half* __restrict__ bias, half* __restrict__ y,
+                                            int row0, int rows, int N, int col0, int width) {
   __shared__ int last;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();  // release: the block's adds before the count
-    last = atomicAdd(cnt + blockIdx.x, 1) == gridDim.y - 1;
+    last = atomicAdd(cnt + counter, 1) == parts - 1;
     if (last) __threadfence();  // acquire: every block's adds before the reads below
   }
   __syncthreads();
   if (!last) return;
   // element i = (row, column pair): rows and pairs advance by the block's width per step
-  const int hw = width / 2, total = M * hw, bd = blockDim.x, cb = blockIdx.x * width;
+  const int hw = width / 2, total = rows * hw, bd = blockDim.x;
   const int dq = bd / hw, dr = bd - dq * hw;
   int r = threadIdx.x / hw, c = threadIdx.x - r * hw;
   for (int i0 = threadIdx.x; i0 < total; i0 += FINISH_BATCH * bd) {
@@ -215,7 +220,7 @@ __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __res
     int at[FINISH_BATCH];  // offset of the pair in ws and y, -1 past the end
 #pragma unroll
     for (int u = 0; u < FINISH_BATCH; ++u) {
-      at[u] = i0 + u * bd < total ? r * N + cb + 2 * c : -1;
+      at[u] = i0 + u * bd < total ? (row0 + r) * N + col0 + 2 * c : -1;
       if (at[u] >= 0) v[u] = __ldcg(reinterpret_cast<const float2*>(ws + at[u]));
       c += dr, r += dq;
       if (c >= hw) c -= hw, ++r;
@@ -232,7 +237,13 @@ __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __res
         *reinterpret_cast<half2*>(y + o) = __floats2half2_rn(v[u].x, v[u].y);
       }
   }
-  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+  if (threadIdx.x == 0) cnt[counter] = 0;
+}
+
+__device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
+                                              const half* __restrict__ bias,
+                                              half* __restrict__ y, int M, int N, int width) {
+  finish_tile(ws, cnt, blockIdx.x, gridDim.y, bias, y, 0, M, N, blockIdx.x * width, width);
 }
 
 // The split-K sum inside a thread-block cluster of blocks along the splits (sm_90), both

@@ -2,10 +2,13 @@
 
 ``mixed_mma.cu`` serves M <= 64 rows with x as the MMA's A operand; ``mixed_mmv.cu`` serves
 M <= 16 rows with the operands swapped (the weights as A, x as one or two 8-wide B operands),
-which needs half the MMAs and accumulators per weight up to 8 rows. Both read the same packed
+which needs half the MMAs and accumulators per weight up to 8 rows; ``mixed_wg.cu`` serves
+M >= 64 rows on Hopper's warpgroup MMA (sm_90a only), the weights as its register operand and
+x in tiles of 64 to 256 rows shared by two or four warpgroups. All three read the same packed
 words.
 
-Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture,
+Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture
+(``sm_90a`` on compute capability 9.0, where the warpgroup MMA needs it),
 cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source, the compiler and the
 target, and called through ctypes on torch's current stream. Without a CUDA toolkit
 :func:`library` returns None and the Triton kernels serve every M (``routes.route``). The
@@ -36,7 +39,13 @@ import torch
 from torch import Tensor
 
 from gift_quant.kernels.build import cached_build, compiler_version
-from gift_quant.kernels.cuda.rules import MMV_DEPTH, choose, dependent_launch, mmv_choose
+from gift_quant.kernels.cuda.rules import (
+    MMV_DEPTH,
+    choose,
+    dependent_launch,
+    mmv_choose,
+    wg_choose,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +54,17 @@ __all__ = [
     "library",
     "mixed_mma",
     "mixed_mmv",
+    "mixed_wg",
     "pack",
     "pack_codes",
     "unpack_codes",
     "unsupported",
+    "wg_available",
 ]
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("mixed_mma.cu", "mixed_mmv.cu", "mixed_wg.cu")
+)
 HEADER = Path(__file__).with_name("fragments.cuh")
 _lock = threading.Lock()
 _state: dict = {}
@@ -260,12 +273,17 @@ def library(device: torch.device | None = None):
             nvcc = _nvcc()
             if nvcc is None:
                 raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
-            lib = ctypes.CDLL(str(_build(nvcc, f"{major}{minor}")))
+            # 9.0: the arch-specific target, which the warpgroup MMA (mixed_wg.cu) needs
+            arch = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
+            lib = ctypes.CDLL(str(_build(nvcc, arch)))
+            _state["wg"] = arch == "90a"
             ptr, i32 = ctypes.c_void_p, ctypes.c_int
             lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
             lib.gq_mixed_mma.restype = i32
             lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 10 + [ptr]
             lib.gq_mixed_mmv.restype = i32
+            lib.gq_mixed_wg.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
+            lib.gq_mixed_wg.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
             lib = None
@@ -350,3 +368,29 @@ def mixed_mma(
     if not wn:  # the rule's configuration, without clusters
         (wn, splits), cluster = choose(x2.shape[0], p.N, x2.shape[1]), 1
     return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits, cluster)
+
+
+def wg_available() -> bool:
+    """Whether the loaded library has the warpgroup-MMA kernel (built for sm_90a)."""
+    return _state.get("lib") is not None and _state.get("wg", False)
+
+
+def mixed_wg(
+    x2: Tensor,
+    p: Packed,
+    bias: Tensor | None,
+    ws: Tensor,
+    cnt: Tensor,
+    nt: int = 0,
+    wgs: int = 0,
+    splits: int = 0,
+    out: Tensor | None = None,
+) -> Tensor:
+    """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
+    :func:`wg_available`): tiles of ``nt`` (64, 128 or 256) rows of x, ``wgs`` warpgroups (64
+    output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``)."""
+    if not wg_available():
+        raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
+    if not nt:
+        nt, wgs, splits = wg_choose(x2.shape[0], p.N, x2.shape[1])
+    return _launch(_state["lib"].gq_mixed_wg, x2, p, bias, ws, cnt, out, nt, wgs, splits)

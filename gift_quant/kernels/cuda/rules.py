@@ -24,6 +24,8 @@ __all__ = [
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
+    "wg_choose",
+    "wg_configs",
 ]
 
 MAX_M = 64
@@ -199,3 +201,43 @@ def dependent_launch(device: torch.device) -> bool:
     previous kernel's writes (``griddepcontrol.wait``) before it reads x or touches its
     workspace, so results are those of an ordinary launch."""
     return os.environ.get("GIFT_QUANT_PDL", "1") != "0" and dependent_launch_capable(device)
+
+
+# The warpgroup-MMA kernel (mixed_wg.cu, sm_90a): tiles of NT rows of x (WG_TILES), WGS
+# warpgroups per block (each a 64-column strip, all sharing the block's x tile), K split where
+# the tiles and column blocks make too few blocks. Four warpgroups only with 64-row tiles (at
+# 128 rows they spill under 128 registers), 256-row tiles with two (128 accumulators each).
+WG_TILES = (64, 128, 256)
+WG_TARGET_BLOCKS = 132  # one block per SM of an H200
+
+
+def _wg_widths(nt: int, N: int) -> list[int]:
+    return [w for w in ((2, 4) if nt == 64 else (2,)) if (N // 64) % w == 0]
+
+
+def wg_choose(M: int, N: int, K: int) -> tuple[int, int, int]:
+    """(rows per tile, warpgroups per block, K splits) of the warpgroup-MMA kernel by rule
+    for a layer of N = 128 n columns: the smallest tile holding M rows (at most 256), two
+    warpgroups, K split until about WG_TARGET_BLOCKS blocks, each split at least 4 k-steps."""
+    nt = next((t for t in WG_TILES if M <= t), WG_TILES[-1])
+    wgs = 2
+    blocks = -(-M // nt) * (N // 64 // wgs)
+    splits = max(1, min(K // 64 // 4, -(-WG_TARGET_BLOCKS // blocks)))
+    return nt, wgs, _runs(K, splits)
+
+
+def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
+    """The warpgroup-MMA kernel's configurations worth timing for M rows: the rule's, then
+    each tile up to the first that holds M rows, at each block width, at 1, 2, 4 and 8 K
+    splits (at least 4 k-steps each); none where N is not a multiple of 128."""
+    if N % 128:
+        return []
+    out = [wg_choose(M, N, K)]
+    top = next((i for i, t in enumerate(WG_TILES) if M <= t), len(WG_TILES) - 1)
+    for nt in WG_TILES[: top + 1]:
+        for wgs in _wg_widths(nt, N):
+            for splits in (1, 2, 4, 8):
+                c = (nt, wgs, _runs(K, splits))
+                if splits <= max(1, K // 64 // 4) and c not in out:
+                    out.append(c)
+    return out

@@ -186,7 +186,7 @@ def tuned_route(
     M, K = x2.shape
     N = sz.shape[1]
     if not TUNE_M[0] <= M <= TUNE_M[1] or not (x2.is_cuda or timer):
-        return route(M, N, K, bits, mma=True)
+        return route(M, N, K, bits, mma=True, wg=native.wg_available())
     nsal = 0 if wst is None else wst.shape[0]
     k = tuning.key(x2.device.index, N, K, bits, group, nsal, M)
     name = tuning.kept(k)  # the hot path: one dict lookup
@@ -234,9 +234,15 @@ def run_route(
     cuda: native.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]" and "mmv:WNxS[dD][cC]")."""
+    ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
+    "wg:NTxWxS")."""
     M, K = x2.shape
     N = sz.shape[1]
+    if name.startswith("wg:"):
+        nt, wgs, splits = mma_config(name)
+        ws, cnt = _workspace(x2.device, M * N if splits > 1 else 1)
+        b16 = None if bias is None else bias.to(torch.float16).contiguous()
+        return native.mixed_wg(x2, cuda, b16, ws, cnt, nt, wgs, splits, out=out)
     if name.startswith(("mma:", "mmv:")):
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()

@@ -6,9 +6,11 @@ H200 (names only; ``ops`` launches what they name).
   per block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
-  (sm_90).
+  (sm_90); "wg:NTxWxS" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
+  warpgroups per block, S K-splits).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
-  where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
+  where the CUDA kernels are built); "wg" for M in WG_M (fp16, N a multiple of 128, where it
+  is built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
   the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
 * Measured at first use (fp16, M in TUNE_M, where the CUDA kernels are built):
@@ -35,6 +37,7 @@ __all__ = [
     "route",
     "route_in_force",
     "tuning_names",
+    "wg_name",
 ]
 
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMV_M)
@@ -60,6 +63,8 @@ MMV_WIDE_WEIGHTS = 1 << 25
 # (docs/KERNELS-NOTES.md, round 8)
 TUNE_M = 3, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
+# fp16 M served by the warpgroup-MMA kernel by rule where it is built (sm_90a)
+WG_M = (64, 4096)
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
 # Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
@@ -98,10 +103,14 @@ ROUTES: dict[tuple[int, int, int], _R] = {  # (N, K, bits) -> routes
 }
 
 
-def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
+def route(
+    M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False, wg: bool = False
+) -> str:
     """Which kernel serves M rows of an (N, K, bits) layer by rule, without measuring (names:
     see the module docstring; "mmv:..." and "mma:...", the CUDA kernels, only where ``mma``
-    says they can serve the call)."""
+    says they can serve the call, "wg:..." where ``wg`` does)."""
+    if wg and WG_M[0] <= M <= WG_M[1] and N % 128 == 0:
+        return wg_name(*rules.wg_choose(M, N, K))
     if mma and MMV_M[0] <= M <= MMV_M[1]:
         return mmv_name(*rules.mmv_choose(M, N, K))
     if mma and MMV_WIDE_M[0] <= M <= MMV_WIDE_M[1] and N * K >= MMV_WIDE_WEIGHTS:
@@ -129,9 +138,16 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
     )
 
 
+def wg_name(nt: int, wgs: int, splits: int) -> str:
+    return f"wg:{nt}x{wgs}x{splits}"
+
+
 def mma_config(name: str) -> tuple[int, ...]:
     """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
-    of "mmv:WNxS[dD][cC]"."""
+    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits) of "wg:NTxWxS"."""
+    if name.startswith("wg:"):
+        nt, wgs, splits = name[3:].split("x")
+        return int(nt), int(wgs), int(splits)
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
@@ -155,21 +171,32 @@ def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
 
 
 def route_in_force(
-    M: int, N: int, K: int, bits: int, group: int, nsal: int, mma: bool, device: int | None = 0
+    M: int,
+    N: int,
+    K: int,
+    bits: int,
+    group: int,
+    nsal: int,
+    mma: bool,
+    device: int | None = 0,
+    wg: bool = False,
 ) -> str:
     """The kernel fp16 calls of M rows take now: the measured choice where one was made (M in
     TUNE_M, as ``tuned_route``), else ``route``'s rule (what the tools record as the routes in
     force)."""
     timed = mma and TUNE_M[0] <= M <= TUNE_M[1]
     measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if timed else None
-    return measured or route(M, N, K, bits, mma)
+    return measured or route(M, N, K, bits, mma, wg)
 
 
-def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0) -> list[str]:
+def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = False) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
-    (N, K) layer, and the swapped kernel's rule at each depth."""
+    (N, K) layer, and the swapped kernel's rule at each depth; with ``wg``, the warpgroup-MMA
+    kernel's configurations (``rules.wg_configs``) for M > 32."""
+    if wg and M > 32:
+        return [*candidates(M, mma, N, K), *(wg_name(*c) for c in rules.wg_configs(M, N, K))]
     if mma and M <= rules.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
         out += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]

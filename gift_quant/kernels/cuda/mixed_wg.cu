@@ -1,0 +1,434 @@
+// Mixed-precision matmul for many rows (M >= 64), fp16 activations, on Hopper's warpgroup MMA
+// (wgmma, sm_90a) with the operands swapped:
+//
+//     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
+//
+// The weights are wgmma's A operand, from registers. A block of WGS warpgroups covers WGS
+// adjacent 64-column strips for one tile of NT rows of x and one K split: warpgroup w computes
+// strip w, and its warp q dequantizes the strip's columns 16 q .. 16 q + 15 (A rows 16 q ..)
+// from the same packed words as the other two kernels (native.py, `pack_codes`): the pairs
+// 4 q .. 4 q + 3 of a k16 step are, in the order (0, 2, 1, 3), the A fragment of those 16
+// columns. x is the B operand, read by the MMA from shared memory in its K-major core-matrix
+// layout (8 rows x 16 bytes per core matrix, no swizzle), one tile shared by the block's
+// warpgroups (a block per strip re-read x for every 64 output columns: round 14's version of
+// this kernel spent its time there).
+//
+// Each 64-deep k-step's x tile (NT rows, zeros past M) and the block's codes, zero-points and
+// scales stream through a ring of cp.async copies (`wg_stages`). The A fragments are double
+// buffered: while the MMAs of k-step s run, the warpgroup dequantizes k-step s + 1 into the
+// other set of registers (it waits for the MMAs of k-step s - 1 first: the asynchronous MMA
+// reads its register operands until then), and one block barrier per k-step both publishes
+// the copies of k-step s + 1 and frees the slot of k-step s - 1 for new copies. The weights
+// are exact (code - zero in fp16) times the scale in fp16, rounded as the torch reference
+// rounds `(code - zero) * scale`; products are summed in fp32.
+//
+// The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
+// round-robin over the K splits): x's columns gathered into the tile by plain loads (zeros
+// past the last), their fp16 weights' fragments as stored (native.py, `pack_salient`). One K
+// split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
+// workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`).
+#include "fragments.cuh"
+
+namespace {
+
+// ring depth by tile height: the shorter the tile, the more k-steps in flight
+__host__ __device__ constexpr int wg_stages(int nt) { return nt == 64 ? 6 : nt == 128 ? 4 : 3; }
+
+__host__ __device__ constexpr int wg_slot_bytes(int bits, int nt, int wgs) {
+  // x tile, then per strip: codes (32 lanes x BITS x 16 bytes), 64 zero-point bytes and 128
+  // bytes of scales; rounded up to 128 bytes
+  return (nt * 128 + wgs * (32 * bits * 16 + 192) + 127) / 128 * 128;
+}
+
+__host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
+  // the ring, or the output staging of one K split (NT rows x 72 halves per strip) if larger
+  return wg_stages(nt) * wg_slot_bytes(bits, nt, wgs) > wgs * nt * 144
+             ? wg_stages(nt) * wg_slot_bytes(bits, nt, wgs)
+             : wgs * nt * 144;
+}
+
+// 16 bytes global -> shared, or 16 zero bytes where `bytes` is 0
+__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, int bytes) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GQ_WGMMA 1
+
+// wgmma shared-memory matrix descriptor: start address, leading (K) and stride (M / N) byte
+// offsets between core matrices, no swizzle
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// d (64 x N, fp32) += a (this warp's 16 rows x k16, registers) * B (k16 x N, shared memory).
+// scale-d is a predicate (true: accumulate into d).
+#define GQ_D8(o)                                                                           \
+  "+f"(d[o * 8]), "+f"(d[o * 8 + 1]), "+f"(d[o * 8 + 2]), "+f"(d[o * 8 + 3]),              \
+      "+f"(d[o * 8 + 4]), "+f"(d[o * 8 + 5]), "+f"(d[o * 8 + 6]), "+f"(d[o * 8 + 7])
+
+__device__ __forceinline__ void wgmma_m64n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3), GQ_D8(4), GQ_D8(5), GQ_D8(6), GQ_D8(7)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_m64n256(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "
+      "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, "
+      "%125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+      : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3), GQ_D8(4), GQ_D8(5), GQ_D8(6), GQ_D8(7),
+        GQ_D8(8), GQ_D8(9), GQ_D8(10), GQ_D8(11), GQ_D8(12), GQ_D8(13), GQ_D8(14), GQ_D8(15)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+#undef GQ_D8
+
+template <int NT>
+__device__ __forceinline__ void wgmma_tile(float (&d)[NT / 2], const uint32_t (&a)[4],
+                                           uint64_t desc) {
+  if constexpr (NT == 64)
+    wgmma_m64n64(d, a, desc);
+  else if constexpr (NT == 128)
+    wgmma_m64n128(d, a, desc);
+  else
+    wgmma_m64n256(d, a, desc);
+}
+
+// words[i] where i is warp-uniform (selects, not an indexed register array)
+template <int BITS>
+__device__ __forceinline__ uint32_t pick_word(const uint32_t* w, int i) {
+  uint32_t r = w[0];
+#pragma unroll
+  for (int j = 1; j < BITS; ++j) r = i == j ? w[j] : r;
+  return r;
+}
+#endif
+
+template <int BITS, int NT, int WGS>
+__global__ void __launch_bounds__(WGS * 128, 1)
+    mixed_wg_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
+                    const uint4* __restrict__ zp, const uint4* __restrict__ scp,
+                    const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
+                    const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
+                    int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
+                    int ss_per_split, int T) {
+#ifdef GQ_WGMMA
+  constexpr int STAGES = wg_stages(NT), THREADS = WGS * 128;
+  constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
+  constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
+  constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
+  const int tile = blockIdx.x % T, cb = blockIdx.x / T;  // row tile (fastest), column block
+  const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int S = K >> 6;
+  const int s0 = split * ss_per_split, nss = max(0, min(S, s0 + ss_per_split) - s0);
+  const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
+  const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
+  const int iters = nps + nss;
+  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+
+  // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
+  // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
+  // not written by the previous kernel, so the prologue issues them before pdl_wait.
+  auto issue_w = [&](int it) {
+    if (it < nps) return;
+    uint8_t* slot = smem + (it % STAGES) * SB;
+    const int s = s0 + it - nps;
+    const uint4* wp = qc + ((size_t)s * B + b0) * 32 * BITS;
+    for (int i = threadIdx.x; i < WGS * 32 * BITS; i += THREADS) cp_async16(slot + XB + i * 16, wp + i);
+    const size_t gb = (size_t)group_of(s, gmagic) * B + b0;
+    if (threadIdx.x < WGS * 4)
+      cp_async16(slot + ZOFF + threadIdx.x * 16, zp + gb * 4 + threadIdx.x);
+    else if (threadIdx.x < WGS * 12)
+      cp_async16(slot + SOFF + (threadIdx.x - WGS * 4) * 16, scp + gb * 8 + threadIdx.x - WGS * 4);
+  };
+  // x: rows row0 .. row0 + NT - 1 (zeros past M) as 8 column blocks of NT x 16 bytes (core
+  // matrix (n / 8, kb) at kb * NT * 16 + n / 8 * 128); two threads read a row's 32-byte sector.
+  // A salient k-step gathers its 64 columns by plain loads and stores.
+  auto issue_x = [&](int it) {
+    uint8_t* slot = smem + (it % STAGES) * SB;
+    if (it < nps) {
+      const int j0 = (split + it * splits) * 64;
+      for (int i = threadIdx.x; i < NT * 32; i += THREADS) {
+        const int n = i >> 5, kk = 2 * (i & 31), r = row0 + n, j = j0 + kk;
+        half2 v = __floats2half2_rn(0.0f, 0.0f);
+        if (r < M) {
+          const half* xr = x + (size_t)r * K;
+          if (j < nsal) v.x = xr[__ldg(sidx + j)];
+          if (j + 1 < nsal) v.y = xr[__ldg(sidx + j + 1)];
+        }
+        *reinterpret_cast<half2*>(slot + (kk >> 3) * NT * 16 + n * 16 + (kk & 7) * 2) = v;
+      }
+      return;
+    }
+    const int k0 = (s0 + it - nps) * 64;
+    for (int i = threadIdx.x; i < NT * 8; i += THREADS) {
+      const int n = (i >> 1) % NT, kb = (i >> 1) / NT * 2 + (i & 1), r = row0 + n;
+      cp_async16_or_zero(slot + kb * NT * 16 + n * 16, x + (size_t)min(r, M - 1) * K + k0 + kb * 8,
+                         r < M ? 16 : 0);
+    }
+  };
+
+  // this warp's pairs 4 q + u: word and bit position within a k16 step's BITS words
+  int widx[4], wpos[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) widx[u] = (4 * wq + u) / PER, wpos[u] = (4 * wq + u) % PER * BITS;
+  const bool spread = BITS == 3 && wq == 3;  // pair 15 of 3 bits: bit 15 of the three words
+  const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
+
+  // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place).
+  auto frags = [&](int it, uint32_t (&a)[4][4]) {
+    if (it < nps) {  // salient: the stored fp16 fragments (zeros past the last k16 step)
+      const int q0 = (split + it * splits) * 4;
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (q0 + st < Q) v = __ldg(wsp + ((size_t)((q0 + st) * B + b) * 4 + wq) * 32 + lane);
+        a[st][0] = v.x, a[st][1] = v.z, a[st][2] = v.y, a[st][3] = v.w;
+      }
+      return;
+    }
+    const uint8_t* slot = smem + (it % STAGES) * SB;
+    // lane's word i of the k-step: component i % 4 of its uint4 i / 4
+    const uint32_t* cw = reinterpret_cast<const uint32_t*>(slot + XB + wg * WB) + lane * 4;
+    // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as 1024 + z in both halves;
+    // their scales in both halves
+    const uint32_t zb = *reinterpret_cast<const uint16_t*>(slot + ZOFF + wg * 64 + g * 8 + 2 * wq);
+    const uint32_t zlo = (0x6400u | (zb & 0xFFu)) * 0x00010001u;
+    const uint32_t zhi = (0x6400u | (zb >> 8)) * 0x00010001u;
+    const uint2 sw = *reinterpret_cast<const uint2*>(slot + SOFF + wg * 128 +
+                                                     ((g >> 1) * 16 + 4 * wq) * 2);
+    const uint32_t slo = __byte_perm(sw.x, 0, sel), shi = __byte_perm(sw.y, 0, sel);
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      uint32_t ws3[BITS];  // the step's words this warp reads (2 and 4 bits: one)
+      if constexpr (BITS == 3) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const int wi = st * 3 + i;
+          ws3[i] = cw[(wi >> 2) * 128 + (wi & 3)];
+        }
+      } else {
+        const int wi = st * BITS + widx[0];
+        ws3[0] = cw[(wi >> 2) * 128 + (wi & 3)];
+      }
+      uint32_t f[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const uint32_t word = BITS == 3 ? pick_word<3>(ws3, widx[u]) : ws3[0];
+        uint32_t raw = lop3_and_or(word >> wpos[u], (1u << BITS) - 1 | ((1u << BITS) - 1) << 16,
+                                   0x64006400u);
+        if constexpr (BITS == 3) {
+          if (u == 3 && spread) {
+            const uint32_t top = ((ws3[0] >> 15) & 0x00010001u) | ((ws3[1] >> 14) & 0x00020002u);
+            raw = lop3_and_or(ws3[2] >> 13, 0x00040004u, top | 0x64006400u);
+          }
+        }
+        const half2 v = __hsub2(u2h(raw), u2h(u < 2 ? zlo : zhi));  // code - zero, exact
+        f[u] = h2u(__hmul2(v, u2h(u < 2 ? slo : shi)));
+      }
+      a[st][0] = f[0], a[st][1] = f[2], a[st][2] = f[1], a[st][3] = f[3];
+    }
+  };
+
+  float acc[NT / 2];
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+  auto mma = [&](int it, const uint32_t (&a)[4][4]) {
+    wg_fence();
+#pragma unroll
+    for (int st = 0; st < 4; ++st)
+      wgmma_tile<NT>(acc, a[st], smem_desc(smem0 + (it % STAGES) * SB + st * 2 * NT * 16,
+                                           NT * 16, 128));
+    wg_commit();
+  };
+
+  // prologue: the first STAGES - 1 k-steps' copies, one commit group each (the first group
+  // also holds the later steps' weights, issued before the wait for the previous kernel)
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p)
+    if (p < iters) issue_w(p);
+  pdl_wait();  // x comes from the previous kernel
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p) {
+    if (p < iters) issue_x(p);
+    commit_copies();
+  }
+  uint32_t a0[4][4], a1[4][4];
+  if (iters > 0) {
+    wait_copies<STAGES - 2>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> MMA's reads
+    __syncthreads();
+    frags(0, a0);
+  }
+  // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
+  // k-step's fragments into `nxt` while they run
+  auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
+    mma(it, cur);
+    wg_wait<1>();  // k-step it - 1's MMAs are done: `nxt` and its slot are free
+    if (it + 1 < iters) {
+      wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
+      if (it + STAGES - 1 < iters) issue_w(it + STAGES - 1), issue_x(it + STAGES - 1);
+      commit_copies();
+      frags(it + 1, nxt);
+    }
+  };
+  for (int it = 0; it < iters; it += 2) {
+    step(it, a0, a1);
+    if (it + 1 < iters) step(it + 1, a1, a0);
+  }
+  wg_wait<0>();
+  wait_copies<0>();
+  pdl_launch_dependents();
+
+  // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2
+  const int c0 = b * 64 + 16 * wq + g;
+  if (splits == 1) {
+    constexpr int LD = 72;  // halves per staged row (64 + 8: rows shift by 16 bytes)
+    half* out = reinterpret_cast<half*>(smem);
+    __syncthreads();  // every warp is done with the ring
+    const float bl = bias != nullptr ? __half2float(bias[c0]) : 0.0f;
+    const float bh = bias != nullptr ? __half2float(bias[c0 + 8]) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) {
+      const int hi = (i >> 1) & 1, r = 8 * (i >> 2) + 2 * t + (i & 1);
+      out[(wg * NT + r) * LD + 16 * wq + g + 8 * hi] = __float2half_rn(acc[i] + (hi ? bh : bl));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < NT * WGS * 8; i += THREADS) {
+      const int r = i / (WGS * 8), c = i % (WGS * 8);
+      if (row0 + r < M)
+        *reinterpret_cast<uint4*>(y + (size_t)(row0 + r) * N + b0 * 64 + c * 8) =
+            *reinterpret_cast<const uint4*>(out + ((c >> 3) * NT + r) * LD + (c & 7) * 8);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) {
+    const int r = row0 + 8 * (i >> 2) + 2 * t + (i & 1);
+    if (r < M) atomicAdd(ws + (size_t)r * N + c0 + 8 * ((i >> 1) & 1), acc[i]);
+  }
+  finish_tile(ws, cnt, blockIdx.x, splits, bias, y, row0, min(NT, M - row0), N, b0 * 64, WGS * 64);
+#endif
+}
+
+template <int BITS, int NT, int WGS>
+int launch_wg(const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
+              const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
+              int* cnt, int M, int N, int K, int group, int splits, bool pdl,
+              cudaStream_t stream) {
+  auto kernel = mixed_wg_kernel<BITS, NT, WGS>;
+  const int S = K / 64;
+  const int ss_per_split = (S + splits - 1) / splits;
+  splits = (S + ss_per_split - 1) / ss_per_split;
+  if ((N / 64) % WGS) return -1;  // whole column blocks
+  const int T = (M + NT - 1) / NT;
+  const long blocks = static_cast<long>(T) * (N / 64 / WGS);
+  if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
+  const size_t smem = wg_smem_bytes(BITS, NT, WGS);
+  static size_t allowed[64] = {};
+  const int rc = allow_smem(kernel, smem, allowed);
+  if (rc) return rc;
+  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks), splits), dim3(WGS * 128), smem,
+                   stream, 1, pdl, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K,
+                   group_magic(group), ss_per_split, T);
+}
+
+template <int BITS>
+int by_tile(int nt, int wgs, const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
+            const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
+            int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
+  // 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most
+  switch (nt * 10 + wgs) {
+    case 642: return launch_wg<BITS, 64, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+#ifndef GQ_COMPILE_CHECK  // the CPU test compiles one configuration per bit width
+    case 644: return launch_wg<BITS, 64, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 1282: return launch_wg<BITS, 128, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 1284: return launch_wg<BITS, 128, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 2562: return launch_wg<BITS, 256, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+#endif
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+// Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a
+// build for sm_90a (the caller checks: on other targets the kernel body is empty).
+extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
+                           const void* wsp, const void* sidx, int nsal, const void* bias,
+                           void* y, void* ws, void* cnt, int M, int N, int K, int group,
+                           int bits, int nt, int wgs, int splits, int pdl, void* stream) {
+  if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
+      static_cast<long long>(M) * N >= (1ll << 31))
+    return -1;
+  auto* xh = static_cast<const half*>(x);
+  auto* q = static_cast<const uint4*>(qc);
+  auto* z = static_cast<const uint4*>(zp);
+  auto* sc = static_cast<const uint4*>(scp);
+  auto* wp = static_cast<const uint4*>(wsp);
+  auto* si = static_cast<const int*>(sidx);
+  auto* bh = static_cast<const half*>(bias);
+  auto* yh = static_cast<half*>(y);
+  auto* w = static_cast<float*>(ws);
+  auto* c = static_cast<int*>(cnt);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (bits) {
+    case 2: return by_tile<2>(nt, wgs, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    case 3: return by_tile<3>(nt, wgs, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    case 4: return by_tile<4>(nt, wgs, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    default: return -1;
+  }
+}

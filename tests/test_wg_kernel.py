@@ -1,0 +1,156 @@
+"""The warpgroup-MMA kernel (``kernels/cuda/mixed_wg.cu``, sm_90a): its reading of the packed
+words, mirrored on the CPU, its launch rules and routes; on an H200, its products against the
+float64 oracle.
+
+The CPU mirror repeats the kernel's per-warp bit operations line by line (warp q of a
+warpgroup takes the pairs 4 q + u of each k16 step from word (4 q + u) / per at bit
+((4 q + u) % per) * BITS, the 16th 3-bit pair from bit 15 of the three words; zero-point and
+scale from the ring slot's copies of ``pack_zeros`` / ``pack_scales``, one 64-column strip per
+warpgroup) and places each weight where the wgmma A-fragment layout puts it; the oracle is the
+codes, zero-points and scales the words were packed from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gift_quant.kernels.cuda import native, rules
+from gift_quant.kernels.reference import dequantize_codes
+from gift_quant.kernels.triton import routes
+
+E = 0x64006400
+
+
+def f16(bits16: int) -> np.float16:
+    return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
+
+
+def wg_weights(p: native.Packed) -> np.ndarray:
+    """The fp16 weights [K, N] the kernel gives the MMA, lane by lane (mixed_wg.cu)."""
+    K, N, bits, B = p.K, p.N, p.bits, p.N // 64
+    per = {4: 4, 2: 8, 3: 5}[bits]
+    mask = ((1 << bits) - 1) * 0x00010001
+    qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
+    zp = p.zp.numpy().reshape(-1, B, 64)  # the slot's 64 zero-point bytes [g][j]
+    sc = p.scp.view(torch.int16).numpy().reshape(-1, B, 64)  # the slot's 64 scales [t'][j][c]
+    W = np.full((K, N), np.nan, dtype=np.float32)
+    for ss in range(K // 64):
+        grp = ss * 64 // p.group
+        for b in range(B):
+            for warp in range(4):
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
+                    zb = (
+                        int(zp[grp, b, g * 8 + 2 * warp])
+                        | int(zp[grp, b, g * 8 + 2 * warp + 1]) << 8
+                    )
+                    s4 = sc[grp, b, (g >> 1) * 16 + 4 * warp : (g >> 1) * 16 + 4 * warp + 4]
+                    scale = [f16(int(s4[g & 1])), f16(int(s4[2 + (g & 1)]))]  # lo, hi columns
+                    zero = [f16(0x6400 | (zb & 0xFF)), f16(0x6400 | (zb >> 8))]
+                    for st in range(4):
+                        w3 = words[st * bits : (st + 1) * bits]
+                        f = []
+                        for u in range(4):
+                            pr = 4 * warp + u
+                            if bits == 3 and pr == 15:  # bit i of the code: bit 15 of word i
+                                top = ((w3[0] >> 15) & 0x00010001) | ((w3[1] >> 14) & 0x00020002)
+                                raw = ((w3[2] >> 13) & 0x00040004) | top | E
+                            else:
+                                raw = ((w3[pr // per] >> (pr % per * bits)) & mask) | E
+                            hi = u >= 2
+                            halves = []
+                            for h in range(2):
+                                v = np.float16(f16(raw >> (16 * h)) - zero[hi])  # exact
+                                halves.append(np.float16(v * scale[hi]))
+                            f.append(halves)
+                        # A fragment {f0, f2, f1, f3}: a_i holds row g + 8 (i % 2) of the warp's
+                        # 16 (strip columns 16 w ..), k 2 t + 8 (i // 2) and its successor
+                        for i, fi in enumerate((0, 2, 1, 3)):
+                            col = b * 64 + 16 * warp + g + 8 * (i % 2)
+                            k = ss * 64 + st * 16 + 2 * t + 8 * (i // 2)
+                            W[k, col], W[k + 1, col] = f[fi]
+    return W
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, 128])
+def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
+    K, N = 256, 128
+    gen = torch.Generator().manual_seed(bits * 100 + group)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
+    p = native.pack(codes, zeros, scales, None, None, bits, group)
+    g_idx = torch.arange(K, dtype=torch.int32) // group
+    ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
+    assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
+
+
+def test_warpgroup_rules_and_routes() -> None:
+    """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
+    blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS" round-trips; the route
+    takes it for M in WG_M only where the kernel is built and N is a multiple of 128."""
+    assert rules.wg_choose(64, 4096, 4096) == (64, 2, 5)  # 32 blocks x 5 splits (4 x 13 steps)
+    assert rules.wg_choose(128, 28672, 4096) == (128, 2, 1)  # 224 blocks already
+    assert rules.wg_choose(512, 4096, 4096) == (256, 2, 3)  # 2 tiles x 32 x 3 splits
+    assert rules.wg_choose(200, 1024, 128) == (256, 2, 1)  # 2 k-steps: no split
+    for M in (33, 64, 65, 200, 512, 1000):
+        for N, K in [(4096, 4096), (28672, 4096), (5120, 13824), (896, 1536)]:
+            confs = rules.wg_configs(M, N, K)
+            assert confs[0] == rules.wg_choose(M, N, K) and len(set(confs)) == len(confs)
+            for nt, wgs, splits in confs:
+                assert nt in rules.WG_TILES and (nt == 64 or nt < 2 * M)
+                assert (N // 64) % wgs == 0 and (wgs == 2 or nt == 64)
+                assert splits == 1 or -(-(K // 64) // splits) >= 4
+                name = routes.wg_name(nt, wgs, splits)
+                assert routes.mma_config(name) == (nt, wgs, splits)
+    assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
+    for M in (1, 16, 63, 5000):
+        assert not routes.route(M, 4096, 4096, 4, mma=True, wg=True).startswith("wg:")
+    for M in routes.WG_M:
+        assert routes.route(M, 4096, 4096, 4, mma=True, wg=True) == routes.wg_name(
+            *rules.wg_choose(M, 4096, 4096)
+        )
+        assert not routes.route(M, 4096, 4096, 4, mma=True).startswith("wg:")
+        assert not routes.route(M, 960, 4096, 4, mma=True, wg=True).startswith("wg:")
+    assert "wg:64x4x1" in routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
+    assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, -1])
+@pytest.mark.parametrize("shape", [(1536, 896), (1024, 1024)], ids=["14strips", "16strips"])
+def test_warpgroup_kernel_matches_the_oracle(bits, group, shape) -> None:
+    """mixed_wg.cu at M = 1..520 (partial tiles, several tiles), every configuration the rules
+    name plus the most splits at each tile, 37 salient columns (one salient k-step, zeros past
+    the last column) and none, bias."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    K, N = shape
+    for nsal in (37, 0):
+        kw = dict(bits=bits, group_size=group, num_salient=nsal, bias=nsal > 0, device="cuda")
+        layer = random_mixed_linear(K, N, dtype=torch.float16, seed=bits + nsal, **kw)
+        p = ops.prepare(layer)
+        cuda = ops.cuda_layout(layer)
+        for M in (1, 63, 64, 65, 128, 300, 520):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+            most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
+            confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
+            for nt, wgs, splits in dict.fromkeys(confs):
+                if (N // 64) % wgs:
+                    continue
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+                ops.run_route(routes.wg_name(nt, wgs, splits), *args, out=out, cuda=cuda)
+                err, ref_err = kernel_error(out, ref, exact)
+                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, nsal, err)
