@@ -8,25 +8,32 @@
 // strip w, and its warp q dequantizes the strip's columns 16 q .. 16 q + 15 (A rows 16 q ..)
 // from the same packed words as the other two kernels (native.py, `pack_codes`): the pairs
 // 4 q .. 4 q + 3 of a k16 step are, in the order (0, 2, 1, 3), the A fragment of those 16
-// columns. x is the B operand, read by the MMA from shared memory in its K-major core-matrix
-// layout (8 rows x 16 bytes per core matrix, no swizzle), one tile shared by the block's
-// warpgroups (a block per strip re-read x for every 64 output columns: round 14's version of
-// this kernel spent its time there).
+// columns. x is the B operand, read by the MMA from shared memory: one tile per k-step shared
+// by the block's warpgroups (a block per strip re-read x for every 64 output columns: round
+// 14's version of this kernel spent its time there), loaded by the tensor memory accelerator
+// (one copy per tile, rows past M filled with zeros, 128-byte swizzle: the layout the MMA
+// reads without bank conflicts) with an mbarrier per ring slot. TMA writes through the async
+// proxy, as the MMA reads, so no proxy fence stands in the loop (the fence after cp.async
+// copies waited for every copy in flight: one memory latency per k-step).
 //
-// Each 64-deep k-step's x tile (NT rows, zeros past M) and the block's codes, zero-points and
-// scales stream through a ring of cp.async copies (`wg_stages`). The A fragments are double
-// buffered: while the MMAs of k-step s run, the warpgroup dequantizes k-step s + 1 into the
-// other set of registers (it waits for the MMAs of k-step s - 1 first: the asynchronous MMA
-// reads its register operands until then), and one block barrier per k-step both publishes
-// the copies of k-step s + 1 and frees the slot of k-step s - 1 for new copies. The weights
+// The block's codes, zero-points and scales stream through the same ring (`wg_stages` deep)
+// by cp.async. The A fragments are double buffered: while the MMAs of k-step s run, the
+// warpgroup dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of
+// k-step s - 1 first: the asynchronous MMA reads its register operands until then), and one
+// block barrier per k-step both publishes the codes of k-step s + 1 and frees the slot of
+// k-step s - 1 for new copies. The weights
 // are exact (code - zero in fp16) times the scale in fp16, rounded as the torch reference
 // rounds `(code - zero) * scale`; products are summed in fp32.
 //
 // The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
-// round-robin over the K splits): x's columns gathered into the tile by plain loads (zeros
-// past the last), their fp16 weights' fragments as stored (native.py, `pack_salient`). One K
+// round-robin over the K splits): x's columns gathered into the tile by plain loads and
+// stores in the same swizzled layout (zeros past the last; a proxy fence after them), their
+// fp16 weights' fragments as stored (native.py, `pack_salient`). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`).
+#include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)
+#include <cudaTypedefs.h>
+
 #include "fragments.cuh"
 
 namespace {
@@ -36,21 +43,47 @@ __host__ __device__ constexpr int wg_stages(int nt) { return nt == 64 ? 6 : nt =
 
 __host__ __device__ constexpr int wg_slot_bytes(int bits, int nt, int wgs) {
   // x tile, then per strip: codes (32 lanes x BITS x 16 bytes), 64 zero-point bytes and 128
-  // bytes of scales; rounded up to 128 bytes
-  return (nt * 128 + wgs * (32 * bits * 16 + 192) + 127) / 128 * 128;
+  // bytes of scales; rounded up to 1024 bytes (the swizzle's alignment)
+  return (nt * 128 + wgs * (32 * bits * 16 + 192) + 1023) / 1024 * 1024;
 }
 
 __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
-  // the ring, or the output staging of one K split (NT rows x 72 halves per strip) if larger
-  return wg_stages(nt) * wg_slot_bytes(bits, nt, wgs) > wgs * nt * 144
-             ? wg_stages(nt) * wg_slot_bytes(bits, nt, wgs)
-             : wgs * nt * 144;
+  // the ring, or the output staging of one K split (NT rows x 72 halves per strip) if larger,
+  // and 1024 bytes to align the ring
+  return 1024 + (wg_stages(nt) * wg_slot_bytes(bits, nt, wgs) > wgs * nt * 144
+                     ? wg_stages(nt) * wg_slot_bytes(bits, nt, wgs)
+                     : wgs * nt * 144);
 }
 
-// 16 bytes global -> shared, or 16 zero bytes where `bytes` is 0
-__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, int bytes) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+// mbarriers (shared-memory addresses) and the tensor copy that completes on them
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// box (64 columns x NT rows) of the 2-D tensor map at (column c0, row r0) into dst; the
+// barrier's phase completes once its `bytes` have landed
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int r0,
+                                            uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar)
+      : "memory");
 }
 
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -63,12 +96,11 @@ __device__ __forceinline__ void wait_copies() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GQ_WGMMA 1
 
-// wgmma shared-memory matrix descriptor: start address, leading (K) and stride (M / N) byte
-// offsets between core matrices, no swizzle
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) |
-         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
+// wgmma shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle (rows of
+// 128 bytes, 8-row groups 1024 bytes apart; the k16 slice st starts st * 32 bytes in)
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (1ull << 16) | (64ull << 32) |
+         (1ull << 62);
 }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -158,13 +190,14 @@ __global__ void __launch_bounds__(WGS * 128, 1)
                     const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T) {
+                    int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = WGS * 128;
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
   constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word
-  extern __shared__ __align__(128) uint8_t smem[];
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t full[STAGES];  // per slot: its x tile is in place
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
   const int tile = blockIdx.x % T, cb = blockIdx.x / T;  // row tile (fastest), column block
@@ -175,7 +208,10 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
   const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
-  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
+  uint8_t* smem = smem_raw + (smem0 - raw0);
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
 
   // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
   // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
@@ -192,12 +228,15 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     else if (threadIdx.x < WGS * 12)
       cp_async16(slot + SOFF + (threadIdx.x - WGS * 4) * 16, scp + gb * 8 + threadIdx.x - WGS * 4);
   };
-  // x: rows row0 .. row0 + NT - 1 (zeros past M) as 8 column blocks of NT x 16 bytes (core
-  // matrix (n / 8, kb) at kb * NT * 16 + n / 8 * 128); two threads read a row's 32-byte sector.
-  // A salient k-step gathers its 64 columns by plain loads and stores.
+  // x: rows row0 .. row0 + NT - 1 of the k-step's 64 columns (zeros past M), row n at
+  // n * 128 bytes with its 16-byte chunk c at chunk c ^ (n % 8) (the 128-byte swizzle), by one
+  // tensor copy. A salient k-step gathers its 64 columns by plain loads and stores into the
+  // same layout (the caller fences them for the MMA); its slot's barrier is arrived at
+  // without bytes, so that every k-step completes one phase of its slot's barrier.
   auto issue_x = [&](int it) {
-    uint8_t* slot = smem + (it % STAGES) * SB;
+    const int slot = it % STAGES;
     if (it < nps) {
+      uint8_t* xt = smem + slot * SB;
       const int j0 = (split + it * splits) * 64;
       for (int i = threadIdx.x; i < NT * 32; i += THREADS) {
         const int n = i >> 5, kk = 2 * (i & 31), r = row0 + n, j = j0 + kk;
@@ -207,17 +246,15 @@ __global__ void __launch_bounds__(WGS * 128, 1)
           if (j < nsal) v.x = xr[__ldg(sidx + j)];
           if (j + 1 < nsal) v.y = xr[__ldg(sidx + j + 1)];
         }
-        *reinterpret_cast<half2*>(slot + (kk >> 3) * NT * 16 + n * 16 + (kk & 7) * 2) = v;
+        *reinterpret_cast<half2*>(xt + n * 128 + (((kk >> 3) ^ (n & 7)) << 4) + (kk & 7) * 2) = v;
       }
+      if (threadIdx.x == 0) mbar_arrive(bar0 + slot * 8);
       return;
     }
-    const int k0 = (s0 + it - nps) * 64;
-    for (int i = threadIdx.x; i < NT * 8; i += THREADS) {
-      const int n = (i >> 1) % NT, kb = (i >> 1) / NT * 2 + (i & 1), r = row0 + n;
-      cp_async16_or_zero(slot + kb * NT * 16 + n * 16, x + (size_t)min(r, M - 1) * K + k0 + kb * 8,
-                         r < M ? 16 : 0);
-    }
+    if (threadIdx.x == 0)
+      tma_load_2d(smem0 + slot * SB, &xmap, (s0 + it - nps) * 64, row0, bar0 + slot * 8, XB);
   };
+  auto wait_x = [&](int it) { mbar_wait(bar0 + (it % STAGES) * 8, (it / STAGES) & 1); };
 
   // this warp's pairs 4 q + u: word and bit position within a k16 step's BITS words
   int widx[4], wpos[4];
@@ -288,13 +325,19 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     wg_fence();
 #pragma unroll
     for (int st = 0; st < 4; ++st)
-      wgmma_tile<NT>(acc, a[st], smem_desc(smem0 + (it % STAGES) * SB + st * 2 * NT * 16,
-                                           NT * 16, 128));
+      wgmma_tile<NT>(acc, a[st], smem_desc_sw128(smem0 + (it % STAGES) * SB + st * 32));
     wg_commit();
   };
 
-  // prologue: the first STAGES - 1 k-steps' copies, one commit group each (the first group
-  // also holds the later steps' weights, issued before the wait for the previous kernel)
+  // prologue: the slots' barriers; the first STAGES - 1 k-steps' copies, one commit group of
+  // weights each (the first group holds them all, issued before the wait for the previous
+  // kernel), x by the tensor copies
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int p = 0; p < STAGES; ++p) mbar_init(bar0 + p * 8);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
 #pragma unroll
   for (int p = 0; p < STAGES - 1; ++p)
     if (p < iters) issue_w(p);
@@ -304,11 +347,12 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     if (p < iters) issue_x(p);
     commit_copies();
   }
+  if (nps > 0) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // gathers
   uint32_t a0[4][4], a1[4][4];
   if (iters > 0) {
     wait_copies<STAGES - 2>();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies -> MMA's reads
     __syncthreads();
+    wait_x(0);
     frags(0, a0);
   }
   // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
@@ -317,11 +361,15 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     mma(it, cur);
     wg_wait<1>();  // k-step it - 1's MMAs are done: `nxt` and its slot are free
     if (it + 1 < iters) {
-      wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
       __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
-      if (it + STAGES - 1 < iters) issue_w(it + STAGES - 1), issue_x(it + STAGES - 1);
+      const int ahead = it + STAGES - 1;
+      if (ahead < iters) {
+        issue_w(ahead), issue_x(ahead);
+        if (ahead < nps) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      }
       commit_copies();
+      wait_x(it + 1);
       frags(it + 1, nxt);
     }
   };
@@ -364,6 +412,22 @@ __global__ void __launch_bounds__(WGS * 128, 1)
 #endif
 }
 
+// cuTensorMapEncodeTiled, from the driver through the runtime (no link to libcuda)
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      p = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
 template <int BITS, int NT, int WGS>
 int launch_wg(const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
               const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
@@ -377,13 +441,25 @@ int launch_wg(const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
   const int T = (M + NT - 1) / NT;
   const long blocks = static_cast<long>(T) * (N / 64 / WGS);
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
+  // x [M, K] as a 2-D tensor for the tensor copies: boxes of 64 columns x NT rows, 128-byte
+  // swizzle, zeros past the last row
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return -1;
+  CUtensorMap xmap;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * sizeof(half)};
+  const cuuint32_t box[2] = {64, NT}, unit[2] = {1, 1};
+  if (encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<half*>(x), dims, strides, box,
+             unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return -1;
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   static size_t allowed[64] = {};
   const int rc = allow_smem(kernel, smem, allowed);
   if (rc) return rc;
   return launch_ex(kernel, dim3(static_cast<unsigned>(blocks), splits), dim3(WGS * 128), smem,
                    stream, 1, pdl, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K,
-                   group_magic(group), ss_per_split, T);
+                   group_magic(group), ss_per_split, T, xmap);
 }
 
 template <int BITS>
