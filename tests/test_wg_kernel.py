@@ -91,8 +91,8 @@ def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> 
 
 def test_warpgroup_rules_and_routes() -> None:
     """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
-    blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS" round-trips; the route
-    takes it for M in WG_M only where the kernel is built and N is a multiple of 128."""
+    blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS" round-trips; never a rule's
+    route, a candidate only with ``wg``."""
     assert rules.wg_choose(64, 4096, 4096) == (64, 2, 5)  # 32 blocks x 5 splits (4 x 13 steps)
     assert rules.wg_choose(128, 28672, 4096) == (128, 2, 1)  # 224 blocks already
     assert rules.wg_choose(512, 4096, 4096) == (256, 2, 3)  # 2 tiles x 32 x 3 splits
@@ -103,21 +103,58 @@ def test_warpgroup_rules_and_routes() -> None:
             assert confs[0] == rules.wg_choose(M, N, K) and len(set(confs)) == len(confs)
             for nt, wgs, splits in confs:
                 assert nt in rules.WG_TILES and (nt == 64 or nt < 2 * M)
-                assert (N // 64) % wgs == 0 and (wgs == 2 or nt == 64)
+                assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
                 assert routes.mma_config(name) == (nt, wgs, splits)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
-    for M in (1, 16, 63, 5000):
-        assert not routes.route(M, 4096, 4096, 4, mma=True, wg=True).startswith("wg:")
-    for M in routes.WG_M:
-        assert routes.route(M, 4096, 4096, 4, mma=True, wg=True) == routes.wg_name(
-            *rules.wg_choose(M, 4096, 4096)
-        )
+    for M in (1, 16, 64, 128, 512):
         assert not routes.route(M, 4096, 4096, 4, mma=True).startswith("wg:")
-        assert not routes.route(M, 960, 4096, 4, mma=True, wg=True).startswith("wg:")
     assert "wg:64x4x1" in routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
+
+
+def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch) -> None:
+    """Where the warpgroup kernel is built, fp16 calls of 33..512 rows time its configurations
+    and the table's route once per power-of-two M bucket and keep the fastest (a stand-in timer
+    whose winner the test sets); past 512 rows, on N not a multiple of 128, or where it is not
+    built, the rule serves untimed."""
+    from gift_quant.kernels.triton import ops
+
+    monkeypatch.setattr(ops.tuning, "_kept", {})
+    monkeypatch.setattr(ops.tuning, "_timings", {})
+    monkeypatch.delenv("GIFT_QUANT_TUNE", raising=False)
+    monkeypatch.setattr(native, "wg_available", lambda: True)
+    N, K = 4096, 4096
+    timed, winner = [], {"name": "wg:128x4x2"}
+
+    def timer(names, launch):
+        timed.append(list(names))
+        return {n: 0.5 if n == winner["name"] else 1.0 for n in names}
+
+    x = torch.zeros(600, K, dtype=torch.float16)
+
+    def pick(M, n=N):
+        sz = torch.zeros(1, n, dtype=torch.int32)
+        return ops.tuned_route(x[:M], None, sz, None, None, None, None, 4, 128, object(), timer)
+
+    assert pick(100) == "wg:128x4x2"
+    want = [routes.wg_name(*c) for c in rules.wg_configs(100, N, K)] + [routes.route(100, N, K, 4)]
+    assert timed == [want] and "wg:64x2x1" in want and not any("x256" in n for n in want)
+    assert pick(128) == "wg:128x4x2" and len(timed) == 1  # bucket 65..128: kept
+    assert routes.route_in_force(70, N, K, 4, 128, 0, True, device=None, wg=True) == "wg:128x4x2"
+    untimed = routes.route_in_force(70, N, K, 4, 128, 0, True, device=None)
+    assert untimed == routes.route(70, N, K, 4)
+    winner["name"] = routes.route(40, N, K, 4)  # the table's Triton kernel wins at 40 rows
+    assert pick(40) == winner["name"] and len(timed) == 2
+    assert all(routes.mma_config(n)[0] == 64 for n in timed[1][:-1])  # 64-row tiles only
+    for M in (513, 600):
+        assert pick(M) == routes.route(M, N, K, 4, mma=True) == "cublas"
+    assert pick(100, n=960) == routes.route(100, 960, K, 4, mma=True)  # 15 strips
+    monkeypatch.setattr(native, "wg_available", lambda: False)
+    assert pick(300) == routes.route(300, N, K, 4, mma=True)
+    assert len(timed) == 2
+    assert ops.tuning.m_bucket(33) == 64 and ops.tuning.m_bucket(300) == 512
 
 
 @pytest.mark.gpu

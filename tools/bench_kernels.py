@@ -187,6 +187,7 @@ def routes_in_force(N: int, K: int, bits: int) -> dict:
     return dict(
         table="ROUTES (measured on this shape)" if measured else "DEFAULT_ROUTES",
         tuned_m=list(routes.TUNE_M),
+        wg_m=list(routes.WG_M),
         by_m={M: op_route(M, N, K, bits) for M in MS},
     )
 

@@ -205,14 +205,14 @@ def dependent_launch(device: torch.device) -> bool:
 
 # The warpgroup-MMA kernel (mixed_wg.cu, sm_90a): tiles of NT rows of x (WG_TILES), WGS
 # warpgroups per block (each a 64-column strip, all sharing the block's x tile), K split where
-# the tiles and column blocks make too few blocks. Four warpgroups only with 64-row tiles (at
-# 128 rows they spill under 128 registers), 256-row tiles with two (128 accumulators each).
+# the tiles and column blocks make too few blocks. Two or four warpgroups with 64- and 128-row
+# tiles (at most 128 registers a thread at four), two with 256-row tiles (128 accumulators).
 WG_TILES = (64, 128, 256)
 WG_TARGET_BLOCKS = 132  # one block per SM of an H200
 
 
 def _wg_widths(nt: int, N: int) -> list[int]:
-    return [w for w in ((2, 4) if nt == 64 else (2,)) if (N // 64) % w == 0]
+    return [w for w in ((2,) if nt == 256 else (2, 4)) if (N // 64) % w == 0]
 
 
 def wg_choose(M: int, N: int, K: int) -> tuple[int, int, int]:

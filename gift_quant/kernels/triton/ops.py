@@ -10,9 +10,10 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 * Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (one of the two CUDA
   kernels, the split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
   dequantize + cuBLAS), launched by ``run_route``.
-* Measured at first use (fp16 x, M in TUNE_M, where the CUDA kernels are built): the first
-  call of a layer shape and M bucket on a device times the CUDA kernels' configurations
-  (``rules.mmv_configs``, ``rules.configs``) and the rule's Triton kernel, each replayed in a
+* Measured at first use (fp16 x, M in TUNE_M where the CUDA kernels are built, and M in
+  WG_M where the warpgroup kernel is: ``routes.timed``): the first call of a layer shape and
+  M bucket on a device times the CUDA kernels' configurations (``rules.mmv_configs``,
+  ``rules.configs``, ``rules.wg_configs``) and the rule's Triton kernel, each replayed in a
   CUDA graph over copies of the weights that pass twice the L2 cache, and keeps the fastest
   for the process (``tuned_route``, ``tuning``; the timings stay in ``tuning.record``).
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
@@ -58,7 +59,7 @@ from gift_quant.kernels.triton.mm import (
     mm_config,
 )
 from gift_quant.kernels.triton.ptx import pack_3bit
-from gift_quant.kernels.triton.routes import TUNE_M, mma_config, route, tuning_names
+from gift_quant.kernels.triton.routes import mma_config, route, timed, tuning_names
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
@@ -181,12 +182,13 @@ def tuned_route(
     timer=None,
 ) -> str:
     """The kernel for fp16 ``x2`` on a layer with the CUDA kernels' layout: ``route``'s rule
-    outside TUNE_M; inside, the fastest of ``tuning_names``, measured at the first call of
-    (device, shape, M bucket) and kept (``tuning.choose``; ``timer``: see there)."""
+    where ``routes.timed`` says no; else the fastest of ``tuning_names``, measured at the
+    first call of (device, shape, M bucket) and kept (``tuning.choose``; ``timer``: see
+    there)."""
     M, K = x2.shape
     N = sz.shape[1]
-    if not TUNE_M[0] <= M <= TUNE_M[1] or not (x2.is_cuda or timer):
-        return route(M, N, K, bits, mma=True, wg=native.wg_available())
+    if not timed(M, N, native.wg_available()) or not (x2.is_cuda or timer):
+        return route(M, N, K, bits, mma=True)
     nsal = 0 if wst is None else wst.shape[0]
     k = tuning.key(x2.device.index, N, K, bits, group, nsal, M)
     name = tuning.kept(k)  # the hot path: one dict lookup

@@ -7,13 +7,13 @@ H200 (names only; ``ops`` launches what they name).
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
   (sm_90); "wg:NTxWxS" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
-  warpgroups per block, S K-splits).
+  warpgroups per block, S K-splits; chosen only by measurement).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
-  where the CUDA kernels are built); "wg" for M in WG_M (fp16, N a multiple of 128, where it
-  is built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
+  where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
   the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
-* Measured at first use (fp16, M in TUNE_M, where the CUDA kernels are built):
+* Measured at first use (fp16, M in TUNE_M where the CUDA kernels are built, and M in WG_M
+  where the warpgroup kernel is: ``timed``):
   ``ops.tuned_route`` times ``tuning_names`` once per shape and M bucket (``tuning``);
   ``route_in_force`` says which kernel a call takes now.
 """
@@ -36,6 +36,7 @@ __all__ = [
     "mmv_name",
     "route",
     "route_in_force",
+    "timed",
     "tuning_names",
     "wg_name",
 ]
@@ -63,8 +64,12 @@ MMV_WIDE_WEIGHTS = 1 << 25
 # (docs/KERNELS-NOTES.md, round 8)
 TUNE_M = 3, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
-# fp16 M served by the warpgroup-MMA kernel by rule where it is built (sm_90a)
-WG_M = (64, 4096)
+# fp16 M where the warpgroup-MMA kernel's configurations are timed at first use beside the
+# table's route, where it is built (sm_90a, N a multiple of 128). Not by rule: its best
+# configuration varies by shape (round 17: the rule's took up to 1.5x the best one's time) and
+# the table's route stays the faster at some shapes. Not past 512 rows, where dequantizing for
+# cuBLAS pays (compute-bound, cuBLAS at about twice the kernel's MMA rate).
+WG_M = (33, 512)
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
 # Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
@@ -103,14 +108,10 @@ ROUTES: dict[tuple[int, int, int], _R] = {  # (N, K, bits) -> routes
 }
 
 
-def route(
-    M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False, wg: bool = False
-) -> str:
+def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> str:
     """Which kernel serves M rows of an (N, K, bits) layer by rule, without measuring (names:
     see the module docstring; "mmv:..." and "mma:...", the CUDA kernels, only where ``mma``
-    says they can serve the call, "wg:..." where ``wg`` does)."""
-    if wg and WG_M[0] <= M <= WG_M[1] and N % 128 == 0:
-        return wg_name(*rules.wg_choose(M, N, K))
+    says they can serve the call)."""
     if mma and MMV_M[0] <= M <= MMV_M[1]:
         return mmv_name(*rules.mmv_choose(M, N, K))
     if mma and MMV_WIDE_M[0] <= M <= MMV_WIDE_M[1] and N * K >= MMV_WIDE_WEIGHTS:
@@ -156,11 +157,20 @@ def mma_config(name: str) -> tuple[int, ...]:
     return int(wn), int(splits), int(cluster or 1)
 
 
+def timed(M: int, N: int, wg: bool) -> bool:
+    """Whether fp16 calls of M rows on N columns are timed at first use where the CUDA kernels
+    are built (``wg``: the warpgroup kernel too)."""
+    return TUNE_M[0] <= M <= TUNE_M[1] or (wg and WG_M[0] <= M <= WG_M[1] and N % 128 == 0)
+
+
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
-    and the Triton rule."""
+    and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel), its
+    configurations (``rules.wg_configs``) and the table's route."""
+    if M > rules.MAX_M // 2:
+        return [*(wg_name(*c) for c in rules.wg_configs(M, N, K)), route(M, N, K, bits)]
     names = []
     if M <= rules.MMV_MAX_M:
         names += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
@@ -181,12 +191,12 @@ def route_in_force(
     device: int | None = 0,
     wg: bool = False,
 ) -> str:
-    """The kernel fp16 calls of M rows take now: the measured choice where one was made (M in
-    TUNE_M, as ``tuned_route``), else ``route``'s rule (what the tools record as the routes in
-    force)."""
-    timed = mma and TUNE_M[0] <= M <= TUNE_M[1]
-    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if timed else None
-    return measured or route(M, N, K, bits, mma, wg)
+    """The kernel fp16 calls of M rows take now: the measured choice where one was made
+    (``timed``, as ``tuned_route``; ``wg``: the warpgroup kernel is built), else ``route``'s
+    rule (what the tools record as the routes in force)."""
+    kept = mma and timed(M, N, wg)
+    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if kept else None
+    return measured or route(M, N, K, bits, mma)
 
 
 def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = False) -> list[str]:

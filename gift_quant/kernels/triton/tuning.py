@@ -39,8 +39,11 @@ _FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket")
 
 def m_bucket(M: int) -> int:
     """The M a measurement is kept for: calls with M rows share the kernel of M_bucket rows
-    (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32)."""
-    return 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
+    (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32; past 32, powers of two: the
+    warpgroup kernel's tiles are 64, 128 and 256 rows)."""
+    if M <= 32:
+        return 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
+    return 1 << (M - 1).bit_length()
 
 
 def key(device, N: int, K: int, bits: int, group: int, nsal: int, M: int) -> tuple:
