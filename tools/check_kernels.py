@@ -229,7 +229,7 @@ def main() -> None:
         print(("ok  " if e["ok"] else "BAD ") + json.dumps(e), flush=True)
     routed = [r for r in rows if not r["candidate"]]
     # every CUDA-kernel configuration is one the first-use timing may route: a failure counts
-    tunable = [r for r in rows if r["candidate"] and r["route"].startswith(("mma", "mmv"))]
+    tunable = [r for r in rows if r["candidate"] and r["route"].startswith(("mma", "mmv", "wg"))]
     bad = [r for r in routed + tunable if not r["ok"]] + [e for e in extras if not e["ok"]]
     bad_cand = sorted({r["route"] for r in rows if r["candidate"] and not r["ok"]})
     worst = max(r["err"] / max(r["ref_err"], 1e-12) for r in routed)
