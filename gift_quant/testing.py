@@ -21,6 +21,7 @@ from torch import Tensor
 from gift_quant.quant import QuantizedWeight
 
 __all__ = [
+    "random_cuda_layout",
     "ERROR_FACTOR",
     "kernel_error",
     "oracle",
@@ -89,6 +90,22 @@ def random_quantized(
         codes, scales, zeros, g_idx, sal, sal_w.half().float(), bits, group_size, sym
     )
     return qw, (torch.randn(N, generator=g) * 0.1) if bias else None
+
+
+def random_cuda_layout(K: int, N: int, bits: int, group: int, seed: int):
+    """Random codes, zero-points and fp16 scales of a K x N layer packed into the CUDA
+    kernels' layout (``kernels.cuda.native.pack``, no salient columns), and the fp16 weights
+    [K, N] they stand for (the reference dequantization, as float32 numpy)."""
+    from gift_quant.kernels.cuda import native
+    from gift_quant.kernels.reference import dequantize_codes
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
+    p = native.pack(codes, zeros, scales, None, None, bits, group)
+    g_idx = torch.arange(K, dtype=torch.int32) // group
+    return p, dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
 
 
 def oracle(x: Tensor, layer, base_only: bool = False) -> Tensor:

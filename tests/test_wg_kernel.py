@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from gift_quant.kernels.cuda import native, rules
-from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.kernels.triton import routes
+from gift_quant.testing import random_cuda_layout
 
 E = 0x64006400
 
@@ -78,14 +78,7 @@ def wg_weights(p: native.Packed) -> np.ndarray:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, 128])
 def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
-    K, N = 256, 128
-    gen = torch.Generator().manual_seed(bits * 100 + group)
-    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
-    zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
-    p = native.pack(codes, zeros, scales, None, None, bits, group)
-    g_idx = torch.arange(K, dtype=torch.int32) // group
-    ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
+    p, ref = random_cuda_layout(256, 128, bits, group, seed=bits * 100 + group)
     assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
 
 
