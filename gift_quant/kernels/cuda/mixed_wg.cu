@@ -48,11 +48,11 @@ __host__ __device__ constexpr int wg_slot_bytes(int bits, int nt, int wgs) {
 }
 
 __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
-  // the ring, or the output staging of one K split (NT rows x 72 halves per strip) if larger,
-  // and 1024 bytes to align the ring
-  return 1024 + (wg_stages(nt) * wg_slot_bytes(bits, nt, wgs) > wgs * nt * 144
+  // the ring, or the output staging if larger (one K split: NT rows x 72 halves per strip;
+  // several: NT rows x (64 WGS + 4) floats), and 1024 bytes to align the ring
+  return 1024 + (wg_stages(nt) * wg_slot_bytes(bits, nt, wgs) > nt * (wgs * 64 + 4) * 4
                      ? wg_stages(nt) * wg_slot_bytes(bits, nt, wgs)
-                     : wgs * nt * 144);
+                     : nt * (wgs * 64 + 4) * 4);
 }
 
 // mbarriers (shared-memory addresses) and the tensor copy that completes on them
@@ -231,22 +231,36 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   // x: rows row0 .. row0 + NT - 1 of the k-step's 64 columns (zeros past M), row n at
   // n * 128 bytes with its 16-byte chunk c at chunk c ^ (n % 8) (the 128-byte swizzle), by one
   // tensor copy. A salient k-step gathers its 64 columns by plain loads and stores into the
-  // same layout (the caller fences them for the MMA); its slot's barrier is arrived at
-  // without bytes, so that every k-step completes one phase of its slot's barrier.
+  // same layout (the caller fences them for the MMA): a lane takes two columns (their indices
+  // loaded once) of every (THREADS / 32)-th row, GU rows' loads issued before their stores
+  // (one load at a time made the gather 40% of the stall samples before the main loop at
+  // 28672 x 4096, M = 256). Its slot's barrier is arrived at without bytes, so that every
+  // k-step completes one phase of its slot's barrier.
+  constexpr int RSTEP = THREADS / 32, GU = NT / RSTEP < 8 ? NT / RSTEP : 8;
   auto issue_x = [&](int it) {
     const int slot = it % STAGES;
     if (it < nps) {
       uint8_t* xt = smem + slot * SB;
-      const int j0 = (split + it * splits) * 64;
-      for (int i = threadIdx.x; i < NT * 32; i += THREADS) {
-        const int n = i >> 5, kk = 2 * (i & 31), r = row0 + n, j = j0 + kk;
-        half2 v = __floats2half2_rn(0.0f, 0.0f);
-        if (r < M) {
-          const half* xr = x + (size_t)r * K;
-          if (j < nsal) v.x = xr[__ldg(sidx + j)];
-          if (j + 1 < nsal) v.y = xr[__ldg(sidx + j + 1)];
+      const int kk = 2 * lane, j = (split + it * splits) * 64 + kk;
+      const int ca = j < nsal ? __ldg(sidx + j) : -1, cb = j + 1 < nsal ? __ldg(sidx + j + 1) : -1;
+      for (int n0 = warp; n0 < NT; n0 += GU * RSTEP) {
+        half2 v[GU];
+#pragma unroll
+        for (int u = 0; u < GU; ++u) {
+          const int r = row0 + n0 + u * RSTEP;
+          v[u] = __floats2half2_rn(0.0f, 0.0f);
+          if (r < M) {
+            const half* xr = x + (size_t)r * K;
+            if (ca >= 0) v[u].x = xr[ca];
+            if (cb >= 0) v[u].y = xr[cb];
+          }
         }
-        *reinterpret_cast<half2*>(xt + n * 128 + (((kk >> 3) ^ (n & 7)) << 4) + (kk & 7) * 2) = v;
+#pragma unroll
+        for (int u = 0; u < GU; ++u) {
+          const int n = n0 + u * RSTEP;
+          *reinterpret_cast<half2*>(xt + n * 128 + (((kk >> 3) ^ (n & 7)) << 4) + (kk & 7) * 2) =
+              v[u];
+        }
       }
       if (threadIdx.x == 0) mbar_arrive(bar0 + slot * 8);
       return;
@@ -389,10 +403,25 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     __syncthreads();  // every warp is done with the ring
     const float bl = bias != nullptr ? __half2float(bias[c0]) : 0.0f;
     const float bh = bias != nullptr ? __half2float(bias[c0 + 8]) : 0.0f;
+    // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
+    // columns 16 q + 8 h .. + 7 by rows 8 j .. 8 j + 7 (fragment row g, columns 2 t, 2 t + 1);
+    // stored transposed, it is those rows' 16 bytes of columns. Four blocks per instruction:
+    // (j, h) = (2 p + m / 2, m % 2) for matrix m, whose row rr lane 8 m + rr addresses.
 #pragma unroll
-    for (int i = 0; i < NT / 2; ++i) {
-      const int hi = (i >> 1) & 1, r = 8 * (i >> 2) + 2 * t + (i & 1);
-      out[(wg * NT + r) * LD + 16 * wq + g + 8 * hi] = __float2half_rn(acc[i] + (hi ? bh : bl));
+    for (int p = 0; p < NT / 16; ++p) {
+      uint32_t v[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const int i = 4 * (2 * p + (m >> 1)) + 2 * (m & 1);
+        const float bb = m & 1 ? bh : bl;
+        v[m] = h2u(__floats2half2_rn(acc[i] + bb, acc[i + 1] + bb));
+      }
+      const int m = lane >> 3, rr = lane & 7;
+      const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(
+          out + (wg * NT + 8 * (2 * p + (m >> 1)) + rr) * LD + 16 * wq + 8 * (m & 1)));
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                   "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+                   : "memory");
     }
     __syncthreads();
     for (int i = threadIdx.x; i < NT * WGS * 8; i += THREADS) {
@@ -403,10 +432,22 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     }
     return;
   }
+  // several K splits: the partial tile staged in fp32 (rows of 64 WGS + 4 floats: the lanes'
+  // stores hit 32 banks), then added into ws 16 bytes per atomic (a quarter of the atomics
+  // of one per element)
+  constexpr int LDF = WGS * 64 + 4;
+  float* out32 = reinterpret_cast<float*>(smem);
+  __syncthreads();  // every warp is done with the ring
 #pragma unroll
-  for (int i = 0; i < NT / 2; ++i) {
-    const int r = row0 + 8 * (i >> 2) + 2 * t + (i & 1);
-    if (r < M) atomicAdd(ws + (size_t)r * N + c0 + 8 * ((i >> 1) & 1), acc[i]);
+  for (int i = 0; i < NT / 2; ++i)
+    out32[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
+        acc[i];
+  __syncthreads();
+  const int rows = min(NT, M - row0);
+  for (int i = threadIdx.x; i < rows * WGS * 16; i += THREADS) {
+    const int r = i / (WGS * 16), c4 = i - r * (WGS * 16);
+    const float4 v = *reinterpret_cast<const float4*>(out32 + r * LDF + c4 * 4);
+    atomicAdd(reinterpret_cast<float4*>(ws + (size_t)(row0 + r) * N + b0 * 64 + c4 * 4), v);
   }
   finish_tile(ws, cnt, blockIdx.x, splits, bias, y, row0, min(NT, M - row0), N, b0 * 64, WGS * 64);
 #endif
