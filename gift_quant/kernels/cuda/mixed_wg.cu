@@ -237,6 +237,8 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   // 28672 x 4096, M = 256). Its slot's barrier is arrived at without bytes, so that every
   // k-step completes one phase of its slot's barrier.
   constexpr int RSTEP = THREADS / 32, GU = NT / RSTEP < 8 ? NT / RSTEP : 8;
+  static_assert(NT % (GU * RSTEP) == 0, "the gather's passes cover the tile's rows");
+  static_assert(wg_smem_bytes(BITS, NT, WGS) + 1024 <= 227 * 1024, "shared memory per block");
   auto issue_x = [&](int it) {
     const int slot = it % STAGES;
     if (it < nps) {
@@ -450,6 +452,8 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     atomicAdd(reinterpret_cast<float4*>(ws + (size_t)(row0 + r) * N + b0 * 64 + c4 * 4), v);
   }
   finish_tile(ws, cnt, blockIdx.x, splits, bias, y, row0, min(NT, M - row0), N, b0 * 64, WGS * 64);
+#else
+  __trap();  // built without sm_90a: the library reports no warpgroup kernel (native.py)
 #endif
 }
 
@@ -458,9 +462,13 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult q;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
+#if CUDART_VERSION >= 12050  // the versioned query; the unversioned one is deprecated there
+    const cudaError_t rc = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                            cudaEnableDefault, &q);
+#else
+    const cudaError_t rc = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+    if (rc != cudaSuccess || q != cudaDriverEntryPointSuccess) {
       cudaGetLastError();
       p = nullptr;
     }
