@@ -487,6 +487,11 @@ int launch_wg(const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
   if ((N / 64) % WGS) return -1;  // whole column blocks
+  // Salient k-steps are gathered by the prologue only: a split with more of them than the
+  // ring's first STAGES - 1 slots would gather some inside the main loop, a path no GPU run
+  // has checked yet, so such a launch is refused (the first-use timing leaves it out)
+  const int QS = (nsal + 63) / 64;
+  if ((QS + splits - 1) / splits > wg_stages(NT) - 1) return -1;
   const int T = (M + NT - 1) / NT;
   const long blocks = static_cast<long>(T) * (N / 64 / WGS);
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters

@@ -388,7 +388,9 @@ def mixed_wg(
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
     :func:`wg_available`): tiles of ``nt`` (64, 128 or 256) rows of x, ``wgs`` warpgroups (64
-    output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``)."""
+    output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``). Refused
+    (RuntimeError) where a K split would hold more than ``rules.WG_STAGES[nt] - 1`` salient
+    k-steps of 64 columns."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
