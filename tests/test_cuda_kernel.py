@@ -173,7 +173,7 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
             "nvcc",
             "-O3",
             "-gencode=arch=compute_90a,code=sm_90a",  # as the build on compute capability 9.0
-            "-DGQ_COMPILE_CHECK",  # every bit width (and row tile), one block width and depth
+            "-DGQ_COMPILE_CHECK",  # each bit width, row tile; one block width, depth (wg: all)
             "-cubin",
             "-o",
             str(out),

@@ -520,15 +520,14 @@ template <int BITS>
 int by_tile(int nt, int wgs, const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
             const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
             int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
-  // 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most
+  // 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
+  // configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
   switch (nt * 10 + wgs) {
     case 642: return launch_wg<BITS, 64, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-#ifndef GQ_COMPILE_CHECK  // the CPU test compiles one configuration per bit width
     case 644: return launch_wg<BITS, 64, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
     case 1282: return launch_wg<BITS, 128, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
     case 1284: return launch_wg<BITS, 128, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
     case 2562: return launch_wg<BITS, 256, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-#endif
     default: return -1;
   }
 }
