@@ -21,11 +21,11 @@ from torch import Tensor
 from gift_quant.quant import QuantizedWeight
 
 __all__ = [
-    "random_cuda_layout",
     "ERROR_FACTOR",
     "kernel_error",
     "oracle",
     "read_codes",
+    "random_cuda_layout",
     "random_mixed_linear",
     "random_quantized",
     "run_environment",
@@ -93,9 +93,10 @@ def random_quantized(
 
 
 def random_cuda_layout(K: int, N: int, bits: int, group: int, seed: int):
-    """Random codes, zero-points and fp16 scales of a K x N layer packed into the CUDA
-    kernels' layout (``kernels.cuda.native.pack``, no salient columns), and the fp16 weights
-    [K, N] they stand for (the reference dequantization, as float32 numpy)."""
+    """Random codes [K, N], zero-points and fp16 scales [K / group, N] of a layer, the same
+    packed into the CUDA kernels' layout (``kernels.cuda.native.pack``, no salient columns),
+    and the fp16 weights [K, N] they stand for (the reference dequantization, as float32
+    numpy): ``(codes, zeros, scales, packed, weights)``."""
     from gift_quant.kernels.cuda import native
     from gift_quant.kernels.reference import dequantize_codes
 
@@ -105,7 +106,8 @@ def random_cuda_layout(K: int, N: int, bits: int, group: int, seed: int):
     scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
     p = native.pack(codes, zeros, scales, None, None, bits, group)
     g_idx = torch.arange(K, dtype=torch.int32) // group
-    return p, dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
+    ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
+    return codes, zeros, scales, p, ref
 
 
 def oracle(x: Tensor, layer, base_only: bool = False) -> Tensor:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gift_quant.kernels.cuda import native, rules
-from gift_quant.kernels.reference import dequantize_codes
+from gift_quant.testing import random_cuda_layout
 
 E = 0x64006400
 
@@ -119,13 +119,8 @@ def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
 @pytest.mark.parametrize("group", [64, 128])
 def test_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
     K, N = 256, 128
-    gen = torch.Generator().manual_seed(bits * 1000 + group)
-    codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
-    zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
-    scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
-    p = native.pack(codes, zeros, scales, None, None, bits, group)
-    g_idx = torch.arange(K, dtype=torch.int32) // group
-    ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
+    codes, zeros, scales, p, ref = random_cuda_layout(K, N, bits, group, seed=bits * 1000 + group)
+    g_idx = torch.arange(K) // group
     exact, col_scales, weights = kernel_operands(p)
     # scale after the MMA: exact integer weights, each column's own scale
     assert np.array_equal(exact, (codes - zeros[g_idx.long()]).float().numpy())

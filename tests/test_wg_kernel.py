@@ -78,7 +78,7 @@ def wg_weights(p: native.Packed) -> np.ndarray:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, 128])
 def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
-    p, ref = random_cuda_layout(256, 128, bits, group, seed=bits * 100 + group)
+    *_, p, ref = random_cuda_layout(256, 128, bits, group, seed=bits * 100 + group)
     assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
 
 

@@ -240,14 +240,11 @@ def run_route(
     "wg:NTxWxS")."""
     M, K = x2.shape
     N = sz.shape[1]
-    if name.startswith("wg:"):
-        nt, wgs, splits = mma_config(name)
-        ws, cnt = _workspace(x2.device, M * N if splits > 1 else 1)
-        b16 = None if bias is None else bias.to(torch.float16).contiguous()
-        return native.mixed_wg(x2, cuda, b16, ws, cnt, nt, wgs, splits, out=out)
-    if name.startswith(("mma:", "mmv:")):
+    if name.startswith(("mma:", "mmv:", "wg:")):
         ws, cnt = _workspace(x2.device, M * N)
         b16 = None if bias is None else bias.to(torch.float16).contiguous()
+        if name.startswith("wg:"):
+            return native.mixed_wg(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
         if name.startswith("mmv:"):
             wn, splits, depth, cl = mma_config(name)
             return native.mixed_mmv(

@@ -169,7 +169,7 @@ def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
     and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel), its
     configurations (``rules.wg_configs``) and the table's route."""
-    if M > rules.MAX_M // 2:
+    if M > TUNE_M[1]:
         return [*(wg_name(*c) for c in rules.wg_configs(M, N, K)), route(M, N, K, bits)]
     names = []
     if M <= rules.MMV_MAX_M:
