@@ -20,6 +20,8 @@ import time
 import traceback
 from pathlib import Path
 
+from gift_quant.files import check_new_out
+
 log = logging.getLogger("gift_quant")
 
 
@@ -27,7 +29,11 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="model directory, .gguf file or hub id (default: embedded SmolLM2)"
     )
-    p.add_argument("--recipe", help="recipe YAML (recipes/*.yaml); default: the built-in defaults")
+    p.add_argument(
+        "--recipe",
+        help="recipe name (recipes/*.yaml) or YAML file; default: quickstart (w3 g64 + 3%% "
+        "salient columns, sized for the embedded model)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -55,6 +61,21 @@ MODEL_DIR = (
     "model directory: an export, a recover output directory (its final model) or a "
     "gptq+lora export (its adapter is applied)"
 )
+
+
+def _at_least(least: int):
+    """argparse type: an integer >= least."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to score: wiki-heldout (default), a .txt/.jsonl file or hf:NAME; repeat "
         "--text for several",
     )
-    e.add_argument("--seq-len", type=int, help="window length (default from the recipe: 512)")
-    e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens per text")
-    e.add_argument("--batch-size", type=int, help="windows per forward pass")
+    e.add_argument(
+        "--seq-len", type=_at_least(2), help="window length (default from the recipe: 512)"
+    )
+    e.add_argument(
+        "--max-tokens",
+        type=_at_least(0),
+        help="evaluate at most this many tokens per text (0: all; at least one window)",
+    )
+    e.add_argument("--batch-size", type=_at_least(1), help="windows per forward pass")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument(
@@ -172,7 +199,9 @@ def _next_commands(model_dir: str) -> list[str]:
 
 
 def cmd_quantize(args) -> dict:
-    recipe = _load_recipe(args)  # before importing torch: a recipe error is instant
+    recipe = _load_recipe(args, default="quickstart")  # before importing torch: instant errors
+    out = Path(args.out)
+    check_new_out(out)
 
     from gift_quant.data import check_sources
     from gift_quant.evaluate import bits_report
@@ -181,7 +210,6 @@ def cmd_quantize(args) -> dict:
     from gift_quant.quantize import quantize_model
     from gift_quant.validation import check_finite_weights, validate
 
-    out = Path(args.out)
     validate(recipe, out, new_out=True)
     check_sources(recipe, stages=("calib",))
     t0 = time.perf_counter()
@@ -246,13 +274,23 @@ def _load_model_dir(path: str, device, verify: bool):
     return load_quantized(model_dir, device=device, verify=verify), model_dir
 
 
+def _run_recipe_file(path: str) -> Path:
+    """Where a model directory's recipe.yaml would be (a LoRA recover run: under quantized/)."""
+    from gift_quant.io.load import resolve_model_dir
+
+    root = Path(path)
+    if (root / "recipe.yaml").is_file() and (root / "lora_adapter").is_dir():
+        return root / "quantized" / "recipe.yaml"
+    return resolve_model_dir(root) / "recipe.yaml"
+
+
 def cmd_eval(args) -> dict:
     import torch
 
     from gift_quant.data import load_eval_windows
     from gift_quant.evaluate import perplexity
     from gift_quant.modeling import check_context, load_model, resolve_device
-    from gift_quant.recipe import EvalConfig, ModelConfig, load_recipe
+    from gift_quant.recipe import EvalConfig, ModelConfig, check_windows, load_recipe
     from gift_quant.validation import check_device
 
     if bool(args.dir) == bool(args.model):
@@ -263,22 +301,22 @@ def cmd_eval(args) -> dict:
 
         check_tasks(args.tasks.split(","))  # unknown task / no lm-eval: before any loading
     recipe_eval = EvalConfig()
+    if args.dir and _run_recipe_file(args.dir).is_file():  # the run's settings, before loading
+        recipe_eval = load_recipe(_run_recipe_file(args.dir)).eval
+    seq_len = recipe_eval.seq_len if args.seq_len is None else args.seq_len
+    max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
+    check_windows("--seq-len", seq_len, "--max-tokens", max_tokens)
     device = resolve_device(args.device)
     if args.dir:
         from transformers import AutoTokenizer
 
         model, model_dir = _load_model_dir(args.dir, device, not args.no_verify)
         tok = AutoTokenizer.from_pretrained(model_dir)
-        recipe_file = model_dir / "recipe.yaml"
-        if recipe_file.is_file():
-            recipe_eval = load_recipe(recipe_file).eval
         name = args.dir
     else:
         model, tok = load_model(ModelConfig(name_or_path=args.model))
         name = args.model
     texts = args.text or list(recipe_eval.text)
-    seq_len = args.seq_len or recipe_eval.seq_len
-    max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
     dtype = getattr(torch, args.dtype or recipe_eval.dtype)
     check_context(model, seq_len, "--seq-len")
     results = []
@@ -287,7 +325,7 @@ def cmd_eval(args) -> dict:
         r = perplexity(
             model,
             windows,
-            batch_size=args.batch_size or recipe_eval.batch_size,
+            batch_size=recipe_eval.batch_size if args.batch_size is None else args.batch_size,
             device=device,
             dtype=dtype,
             progress=not args.quiet,
@@ -334,14 +372,11 @@ def cmd_export(args) -> dict:
     from gift_quant.io.load import load_quantized, resolve_model_dir
 
     out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(
-            f"{out} already exists; choose a new --out directory or remove it first"
-        )
+    check_new_out(out)
     if args.format == "onnx":
         from gift_quant.io.onnx import export_onnx
 
-        report = export_onnx(resolve_model_dir(args.dir), out)
+        report = export_onnx(resolve_model_dir(args.dir), out, verify=not args.no_verify)
         log.info("%s: %s", out, report["note"])
         return {"command": "export", "out": str(out), **report}
     model_dir = resolve_model_dir(args.dir)
@@ -453,10 +488,19 @@ def _error_line(exc: BaseException) -> str:
             f"and rerun the same command"
         )
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if type(exc).__name__ == "SafetensorError":
+        return f"a safetensors file cannot be read ({text}): the model's files are damaged"
     return text
 
 
 EXPECTED = (ValueError, OSError)  # RecipeError, CheckpointError, missing files, full disk, hub
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """EXPECTED, and safetensors' error (a truncated file) once safetensors is imported (this
+    module does not import it: --help and recipe errors stay quick)."""
+    st = sys.modules.get("safetensors")
+    return EXPECTED if st is None else (*EXPECTED, st.SafetensorError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(_interrupted(args), file=sys.stderr)
         return 130
-    except EXPECTED as exc:
+    except _expected() as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {_error_line(exc)}", file=sys.stderr)

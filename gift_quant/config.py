@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "RecipeError",
     "SaliencyConfig",
     "TrainConfig",
+    "check_windows",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -76,6 +78,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("float16", "bfloat16", "float32"))
+        for key in ("include", "exclude"):
+            for i, pattern in enumerate(getattr(self, key)):
+                _check_regex(f"model.{key}[{i}]", pattern)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +180,7 @@ class SaliencyConfig:
         if self.avg_bits is not None and not 1 < self.avg_bits <= 16:
             raise RecipeError(f"saliency.avg_bits must be in (1, 16], got {self.avg_bits}")
         for pattern, ratio in self.layer_ratios.items():
+            _check_regex(f"saliency.layer_ratios key {pattern!r}", pattern)
             if ratio < 0:
                 raise RecipeError(f"saliency.layer_ratios[{pattern!r}] must be >= 0, got {ratio}")
 
@@ -352,6 +358,8 @@ class TrainConfig:
             raise RecipeError(f"train.b_noise must be 0 (auto) or 2..8, got {self.b_noise}")
         for name in ("batch_size", "grad_accum", "seq_len"):
             _check_positive(f"train.{name}", getattr(self, name))
+        if self.seq_len < 2:  # a window of one token predicts nothing
+            raise RecipeError(f"train.seq_len must be >= 2, got {self.seq_len}")
         if self.steps < 0:
             raise RecipeError(f"train.steps must be >= 0, got {self.steps}")
         if not self.dist_timeout_s > 0:
@@ -412,12 +420,12 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("eval.bos", self.bos, BOS_MODES)
+        if not self.text:
+            raise RecipeError('eval.text is empty; name a text, e.g. eval.text=["wiki-heldout"]')
         for i, text in enumerate(self.text):
             _check_source(f"eval.text[{i}]", text)
-        _check_positive("eval.seq_len", self.seq_len)
+        check_windows("eval.seq_len", self.seq_len, "eval.max_tokens", self.max_tokens)
         _check_positive("eval.batch_size", self.batch_size)
-        if self.max_tokens < 0:
-            raise RecipeError(f"eval.max_tokens must be >= 0, got {self.max_tokens}")
         _check_choice("eval.dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
@@ -478,6 +486,27 @@ def _check_source(name: str, source: str, generated: bool = False) -> None:
         raise RecipeError(
             f"{name}={source!r} has too many parts; use hf:<name>[:<config>[:<split>]]"
         )
+
+
+def check_windows(seq_name: str, seq_len: int, max_name: str, max_tokens: int) -> None:
+    """Evaluation windows: at least 2 tokens each (a window predicts seq_len - 1), and a token
+    cap of 0 (the whole text) or at least one window."""
+    if seq_len < 2:
+        raise RecipeError(
+            f"{seq_name} must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}"
+        )
+    if max_tokens < 0 or 0 < max_tokens < seq_len:
+        raise RecipeError(
+            f"{max_name} must be 0 (the whole text) or at least one window of {seq_len} tokens "
+            f"({seq_name}), got {max_tokens}"
+        )
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise RecipeError(f"{name} is not a valid regular expression {pattern!r} ({exc})") from None
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["current_umask", "follow_umask", "write_text_atomic"]
+__all__ = ["check_new_out", "current_umask", "follow_umask", "write_text_atomic"]
 
 
 def current_umask() -> int:
@@ -40,3 +40,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_new_out(out: Path) -> None:
+    """A directory a command is to create: not there yet, inside a directory that is."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new --out directory or remove it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(
+            f"the directory --out {out} is to be made in, {out.parent}, does not exist; create "
+            f"it first (mkdir -p {out.parent}) or choose another --out"
+        )

@@ -30,6 +30,7 @@ from gift_quant.config import (  # noqa: F401  (re-exported: the recipe API in o
     RecipeError,
     SaliencyConfig,
     TrainConfig,
+    check_windows,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "RecipeError",
     "SaliencyConfig",
     "TrainConfig",
+    "check_windows",
     "find_recipe",
     "load_recipe",
     "recipe_from_dict",
@@ -85,7 +87,13 @@ def load_recipe(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist; see recipes/*.yaml")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f":{where.line + 1}" if where is not None else ""
+            what = getattr(exc, "problem", None) or type(exc).__name__
+            raise RecipeError(f"{path}{line}: not valid YAML ({what})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

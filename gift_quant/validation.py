@@ -15,6 +15,7 @@ import yaml
 
 from gift_quant.config import ModelConfig, TrainConfig
 from gift_quant.data import check_sources
+from gift_quant.files import check_new_out
 from gift_quant.quantize import check_targets
 from gift_quant.recipe import Recipe, RecipeError, recipe_from_dict
 
@@ -149,8 +150,8 @@ def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
     from gift_quant.modeling import check_context
 
     check_device(recipe.model.device)
-    if new_out and out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new --out directory or remove it")
+    if new_out:
+        check_new_out(out)
     conflict = None if new_out else recipe_conflict(out, recipe)
     if conflict:
         raise RecipeError(conflict)

@@ -273,7 +273,7 @@ CASES = [
     (
         "recipe",
         "eval.seq_len beyond the context (recover)",
-        recover("--set", "eval.seq_len=512"),
+        recover("--set", "eval.seq_len=512", "--set", "eval.max_tokens=1024"),
         r"eval.seq_len=512 exceeds the model's context",
         2,
     ),
@@ -565,6 +565,51 @@ def test_bad_input(case, tiny_model_dirs, export_dir, tmp_path, capsys, monkeypa
     assert seconds < 120
 
 
+def test_malformed_recipe_file_is_one_line_naming_where(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant:\n  bits: 3\n  group_size: [32\n")
+    assert main(["quantize", "--recipe", str(bad), "--out", str(tmp_path / "q"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}:4: not valid YAML"), err
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--seq-len", "1", "must be >= 2"),
+        ("--seq-len", "0", "must be >= 2"),
+        ("--batch-size", "0", "must be >= 1"),
+        ("--max-tokens", "-5", "must be >= 0"),
+        ("--seq-len", "x", "expected an integer"),
+    ],
+)
+def test_eval_flags_out_of_range_are_refused(flag, value, says, tmp_path, capsys):
+    """0 used to fall back to the recipe's value silently; 1 and negatives crashed later."""
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(tmp_path / "nope"), flag, value])
+    assert exc.value.code == 2 and f"argument {flag}: {says}" in capsys.readouterr().err
+
+
+def test_eval_token_cap_below_a_window_names_the_cap(tmp_path, capsys):
+    """Refused before any model is loaded (the model named here does not exist)."""
+    argv = ["eval", "--model", str(tmp_path / "nope"), "--seq-len", "64", "--max-tokens", "10"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-tokens must be 0 (the whole text) or at least one window of 64" in err
+
+
+def test_truncated_safetensors_is_one_error_line(tiny_model_dirs, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dirs("llama"), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--model", str(broken), *TINY, "--out", out, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a safetensors file cannot be read" in err[0], err
+    assert not Path(out).exists()
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     argv = ["quantize", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "-q"]
     assert main([*argv, "--debug"]) == 2
@@ -756,6 +801,13 @@ QUICK = [  # (arguments, exit code, what it prints)
     (["quantize", "--out", "q", "--set", "quant.method=awq"], 2, "quant.method must be one of"),
     (["recover", "--set", "train.noise=laplace"], 2, "train.noise must be one of"),
     (["recover", "--set", "saliency.metric=owq2"], 2, "did you mean 'owq'"),
+    (["recover", "--set", "saliency.layer_ratios={'(': 1}"], 2, "not a valid regular expression"),
+    (["quantize", "--out", "q", "--set", "model.exclude=['a[']"], 2, "model.exclude[0] is not"),
+    (["recover", "--set", "train.seq_len=1"], 2, "train.seq_len must be >= 2"),
+    (["recover", "--set", "eval.seq_len=1"], 2, "eval.seq_len must be >= 2"),
+    (["recover", "--set", "eval.text=[]"], 2, "eval.text is empty"),
+    (["recover", "--set", "eval.max_tokens=10"], 2, "at least one window of 512 tokens"),
+    (["quantize", "--out", "no/such/dir/q"], 2, "create it first (mkdir -p no/such/dir)"),
 ]
 
 

@@ -168,7 +168,9 @@ def check_exportable(model: nn.Module, root: Path) -> dict[str, int]:
     return bits
 
 
-def export_onnx(src: str | Path, out: str | Path, *, tokenizer_files: bool = True) -> dict:
+def export_onnx(
+    src: str | Path, out: str | Path, *, tokenizer_files: bool = True, verify: bool = True
+) -> dict:
     """Export the checkpoint ``src`` to ``out``/model.onnx (+ config, tokenizer, report).
 
     Checks the target and every layer first; writes into a hidden sibling renamed onto ``out``
@@ -179,7 +181,7 @@ def export_onnx(src: str | Path, out: str | Path, *, tokenizer_files: bool = Tru
     src, out = Path(src), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out directory or remove it")
-    model = load_quantized(src, dtype=torch.float32)
+    model = load_quantized(src, dtype=torch.float32, verify=verify)
     stored_bits = check_exportable(model, src)
     for name, m in list(model.named_modules()):
         if isinstance(m, MixedLinear):
