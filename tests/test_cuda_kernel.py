@@ -159,6 +159,25 @@ def test_zero_point_and_scale_layouts() -> None:
         assert sc[1, b, g // 2, j, g % 2] == scales[1, n]
 
 
+def test_entry_points_are_called_with_their_declared_arguments() -> None:
+    """The ctypes argument types native.py gives each library entry match its ``extern "C"``
+    declaration in the sources, parameter by parameter (a pointer for every ``T*``, a C int
+    for every ``int``): a parameter added to one and not the other would shift the rest."""
+    import ctypes
+    import re
+
+    declared = {}
+    for source in native.SOURCES:
+        for name, params in re.findall(r'extern "C" int (\w+)\(([^)]*)\)', source.read_text()):
+            kinds = []
+            for param in params.split(","):
+                words = param.replace("*", " * ").split()
+                assert words[-2:-1] == ["*"] or words[:-1] == ["int"], (name, param)
+                kinds.append(ctypes.c_void_p if "*" in words else ctypes.c_int)
+            declared[name] = kinds
+    assert declared == native.ENTRY_ARGS
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
 @pytest.mark.parametrize("source", native.SOURCES, ids=lambda p: p.name)
 def test_kernel_compiles_for_sm90(tmp_path, source) -> None:

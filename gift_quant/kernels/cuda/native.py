@@ -228,6 +228,17 @@ def pack(
 # build and launch
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int
+# the library's entry points (`extern "C"` in the sources; a test reads them there): x, codes,
+# zero-points, scales, salient weights, salient indices, nsal, bias, y, workspace, counters,
+# M, N, K, group, bits, then each kernel's configuration, pdl, stream
+ENTRY_ARGS = {
+    "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 9 + [_P],  # wn, splits, csize
+    "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, depth, csize
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 9 + [_P],  # nt, wgs, splits
+}
+
+
 def _nvcc() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").is_file():
@@ -277,13 +288,9 @@ def library(device: torch.device | None = None):
             arch = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
             lib = ctypes.CDLL(str(_build(nvcc, arch)))
             _state["wg"] = arch == "90a"
-            ptr, i32 = ctypes.c_void_p, ctypes.c_int
-            lib.gq_mixed_mma.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
-            lib.gq_mixed_mma.restype = i32
-            lib.gq_mixed_mmv.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 10 + [ptr]
-            lib.gq_mixed_mmv.restype = i32
-            lib.gq_mixed_wg.argtypes = [ptr] * 6 + [i32] + [ptr] * 4 + [i32] * 9 + [ptr]
-            lib.gq_mixed_wg.restype = i32
+            for name, args in ENTRY_ARGS.items():
+                getattr(lib, name).argtypes = args
+                getattr(lib, name).restype = ctypes.c_int
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
             lib = None
