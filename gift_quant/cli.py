@@ -503,6 +503,18 @@ def _expected() -> tuple[type[BaseException], ...]:
     return EXPECTED if st is None else (*EXPECTED, st.SafetensorError)
 
 
+def _plain_lines(result: dict) -> list[str]:
+    """A command's result for people: its plain values, then eval's perplexity per text and
+    zero-shot metrics per task (so that -q, which silences the log, still shows them)."""
+    lines = [f"{k}: {v}" for k, v in result.items() if not isinstance(v, list | dict)]
+    if result.get("command") == "eval":
+        for r in result["results"]:
+            lines.append(f"{r['text']}: perplexity {r['perplexity']:.3f} over {r['tokens']} tokens")
+        for task, metrics in result.get("zero_shot", {}).items():
+            lines.append(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
@@ -524,9 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     elif args.command != "recover":
-        for key, value in result.items():
-            if not isinstance(value, list | dict):
-                print(f"{key}: {value}")
+        for line in _plain_lines(result):
+            print(line)
         if "next" in result:
             print("next:\n  " + "\n  ".join(result["next"]))
     return 0

@@ -132,8 +132,21 @@ class _Run:
             self.peak_gpu_mb[name] = max(self.peak_gpu_mb.get(name, 0.0), peak)
 
     def load_text(self, tok) -> None:
+        """Every eval text's windows; the first text's also serve the evaluations in training."""
         ev = self.recipe.eval
-        self.windows = load_eval_windows(tok, ev.text[0], ev.seq_len, ev.max_tokens, ev.bos)
+        self.texts = {
+            t: load_eval_windows(tok, t, ev.seq_len, ev.max_tokens, ev.bos) for t in ev.text
+        }
+        self.windows = self.texts[ev.text[0]]
+
+    def ppl_texts(self, model, label: str) -> dict:
+        """Perplexity on the first eval text (the result's own keys) and on each eval text
+        (under "texts")."""
+        many = len(self.texts) > 1
+        each = {
+            t: self.ppl(model, f"{label} {t}" if many else label, w) for t, w in self.texts.items()
+        }
+        return {**each[self.recipe.eval.text[0]], "texts": each}
 
     def ppl(self, model, label: str, windows=None, progress=None, training=False) -> dict:
         ev = self.recipe.eval
@@ -224,7 +237,7 @@ def _recover(recipe: Recipe, out_dir: Path, progress: bool, t_start: float) -> d
     with run.stage("load"):
         run.load_text(tok)
     with run.stage("eval_fp"):
-        fp = run.cached("fp", lambda: {**run.ppl(model, "fp"), **bits_report(model)})
+        fp = run.cached("fp", lambda: {**run.ppl_texts(model, "fp"), **bits_report(model)})
     teacher = None
     if tr.kd_weight > 0 and tr.method != "none":
         with run.stage("load_teacher"):
@@ -236,14 +249,14 @@ def _recover(recipe: Recipe, out_dir: Path, progress: bool, t_start: float) -> d
         with run.stage("quantize"):
             model, quantized_report = _quantize_stage(run, model, tok)
         with run.stage("eval_quantized"):
-            quant = run.cached("quantized", lambda: run.ppl(model, "quantized"))
+            quant = run.cached("quantized", lambda: run.ppl_texts(model, "quantized"))
         final, train_report = _train_post(run, model, tok, teacher)
     else:
         quant = None
         final, train_report, quantized_report = _pre(run, model, tok, teacher)
     with run.stage("eval_recovered"):
         recovered = run.cached(
-            "recovered", lambda: run.ppl(_load_final(run.out, final), "recovered")
+            "recovered", lambda: run.ppl_texts(_load_final(run.out, final), "recovered")
         )
     d.close()
     if not d.main:

@@ -68,6 +68,18 @@ def build_report(recipe, out, final, fp, quant, recovered, qrep, trep, ledger, p
         "perplexity_quantized": quant["perplexity"] if quant else None,
         "perplexity_recovered": recovered["perplexity"],
         "eval_tokens": recovered["tokens"],
+        # every eval text (a run from before texts were kept per text: the first only)
+        "eval_texts": {
+            t: {
+                "fp": fp["texts"][t]["perplexity"],
+                "quantized": quant["texts"][t]["perplexity"] if quant else None,
+                "recovered": r["perplexity"],
+                "tokens": r["tokens"],
+            }
+            for t, r in recovered["texts"].items()
+        }
+        if "texts" in recovered and "texts" in fp and (quant is None or "texts" in quant)
+        else None,
         "bits_per_weight": qrep.get("bits_per_weight"),
         "bytes_fp16": fp.get("model_bytes"),
         "bytes_quantized": dir_bytes(out / "quantized") if (out / "quantized").is_dir() else None,
@@ -108,6 +120,15 @@ def report_table(r: dict) -> str:
         f"{f(mib(r['bytes_export']), '{:.1f}')} |",
         "",
     ]
+    others = r.get("eval_texts") or {}
+    if len(others) > 1:
+        lines += ["| text | tokens | FP16 | quantized | recovered |", "|---|---:|---:|---:|---:|"]
+        for text, e in others.items():
+            lines.append(
+                f"| {text} | {e['tokens']} | {f(e['fp'])} | {f(e['quantized'])} | "
+                f"{f(e['recovered'])} |"
+            )
+        lines.append("")
     t = r.get("train") or {}
     if t:
         lines.append(

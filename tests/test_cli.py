@@ -40,6 +40,16 @@ def test_quantize_then_eval(tiny_model_dirs, tmp_path, capsys):
         == 0
     )
     assert last_json(capsys)["perplexity"] != ev["perplexity"]
+    # without --json, -q (no log) still shows each text's perplexity
+    other = tmp_path / "u.txt"
+    other.write_text("A second text about nothing much at all. " * 200)
+    argv = ["eval", str(out), "--text", str(text), "--text", str(other), "--seq-len", "64", "-q"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for t in (text, other):
+        assert re.search(
+            rf"^{re.escape(str(t))}: perplexity \d+\.\d{{3}} over \d+ tokens$", printed, re.M
+        )
 
 
 @pytest.mark.parametrize(

@@ -234,3 +234,22 @@ def test_eval_reads_the_recover_output(tiny_model_dirs, tmp_path, capsys):
         acc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"]
         report = json.loads((tmp_path / "run/report.json").read_text())
         assert report["zero_shot"] == acc
+
+
+def test_recover_evaluates_every_eval_text(tiny_model_dirs, tmp_path):
+    """eval.text with two texts: each is scored at every stage (the first text's figures stay
+    the report's own keys), and report.md has a row per text."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Notes on nothing in particular, written twice over. " * 120)
+    texts = f'eval.text=["wiki-heldout", "{notes}"]'
+    report = run(tiny_model_dirs("llama"), tmp_path / "run", "train.steps=2", texts)
+    per = report["eval_texts"]
+    assert list(per) == ["wiki-heldout", str(notes)]
+    assert per["wiki-heldout"]["recovered"] == report["perplexity_recovered"]
+    assert per[str(notes)]["fp"] != per["wiki-heldout"]["fp"]
+    for e in per.values():
+        assert e["tokens"] > 0 and all(
+            1 < e[k] < math.inf for k in ("fp", "quantized", "recovered")
+        )
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"| {notes} | {per[str(notes)]['tokens']} |" in md
