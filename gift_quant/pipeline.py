@@ -42,7 +42,7 @@ from gift_quant.recipe import Recipe, RecipeError, recipe_from_dict
 from gift_quant.run_report import build_report, record_invocation, report_table, whole_run_train
 from gift_quant.train import distributed
 from gift_quant.train.checkpoint import latest_checkpoint
-from gift_quant.train.data import resolve_generated
+from gift_quant.train.data import check_train_file, resolve_generated
 from gift_quant.train.distributed import rank0
 from gift_quant.train.gift_linear import attach_gift, detach_gift
 from gift_quant.train.loop import train
@@ -236,6 +236,7 @@ def _recover(recipe: Recipe, out_dir: Path, progress: bool, t_start: float) -> d
         run.train_cfg = resolve_generated(tr, model, tok, progress, run.dist, run.device)
     with run.stage("load"):
         run.load_text(tok)
+        check_train_file(run.train_cfg, tok)
     with run.stage("eval_fp"):
         fp = run.cached("fp", lambda: {**run.ppl_texts(model, "fp"), **bits_report(model)})
     teacher = None

@@ -31,11 +31,17 @@ __all__ = [
 ]
 
 STAGE_OUTPUTS = ("quantized", "train", "model", "lora_adapter")
+# what a run's quantized start does not depend on when training follows it (train.mode=post),
+# and the outputs made after it: a run that failed before them keeps its quantized start
+AFTER_QUANTIZED = {"train", "eval", "export"}
+LATER_OUTPUTS = ("train", "model", "lora_adapter")
 
 
 def recipe_conflict(out: Path, recipe: Recipe) -> str | None:
     """Why ``out`` cannot hold this run (None when it can: new, same recipe, or no stage
-    output yet -- a run refused or stopped before its first stage is simply restarted)."""
+    output yet -- a run refused or stopped before its first stage is simply restarted -- or
+    only the training, evaluation or export settings changed and no stage after the quantized
+    start has run: a training that failed at its start reruns on the same quantized model)."""
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a directory; give a directory path"
     path = out / "recipe.yaml"
@@ -56,6 +62,9 @@ def recipe_conflict(out: Path, recipe: Recipe) -> str | None:
     if old == new or not any((out / s).exists() for s in STAGE_OUTPUTS):
         return None
     diff = [s for s in new if old is None or old[s] != new[s]]
+    if old is not None and set(diff) <= AFTER_QUANTIZED and old["train"]["mode"] == "post":
+        if new["train"]["mode"] == "post" and not any((out / s).exists() for s in LATER_OUTPUTS):
+            return None  # only what follows the quantized start changed, and none of it ran
     return (
         f"{out} holds a run with a different recipe (sections {diff} differ); "
         f"use a new --out directory, or rerun with the recipe in {path}"

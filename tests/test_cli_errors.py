@@ -978,3 +978,19 @@ def test_readme_table_is_current():
 
 if __name__ == "__main__":
     print(readme_table())
+
+
+def test_short_training_text_is_refused_before_quantizing(tiny_model_dirs, tmp_path, capsys):
+    """The training file is read before the quantization stage (it used to be read after it),
+    and the run then takes the corrected text on the same command."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = str(tmp_path / "run")
+    argv = ["recover", "--model", tiny_model_dirs("llama"), *TINY, *TRAIN, "--out", out, "-q"]
+    assert main([*argv, "--set", f"train.data={short}"]) == 2
+    err = capsys.readouterr().err
+    assert "the training text has" in err and "train.seq_len" in err
+    assert not (tmp_path / "run" / "quantized").exists()
+    long = tmp_path / "long.txt"
+    long.write_text("Enough words to fill a few training windows of thirty-two tokens. " * 60)
+    assert main([*argv, "--set", f"train.data={long}", "--json"]) == 0

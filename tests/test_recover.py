@@ -253,3 +253,23 @@ def test_recover_evaluates_every_eval_text(tiny_model_dirs, tmp_path):
         )
     md = (tmp_path / "run" / "report.md").read_text()
     assert f"| {notes} | {per[str(notes)]['tokens']} |" in md
+
+
+def test_a_run_stopped_before_training_takes_new_training_settings(tmp_path):
+    """A run whose quantized start exists but whose training never started (it failed at its
+    start: a text too short, out of memory) reruns with other train/eval/export settings on
+    the same start; once training has output, or when the quantization changes, it is refused."""
+    from gift_quant.recipe import recipe_from_dict
+    from gift_quant.validation import recipe_conflict
+
+    def recipe(**sections):
+        return recipe_from_dict({"model": {"name_or_path": "m"}, **sections})
+
+    out = tmp_path / "run"
+    (out / "quantized").mkdir(parents=True)
+    (out / "recipe.yaml").write_text(recipe().to_yaml())
+    assert recipe_conflict(out, recipe(train={"lr": 2e-3}, eval={"seq_len": 256})) is None
+    assert "different recipe" in recipe_conflict(out, recipe(quant={"bits": 3}))
+    assert "different recipe" in recipe_conflict(out, recipe(train={"mode": "pre"}))
+    (out / "train").mkdir()
+    assert "different recipe" in recipe_conflict(out, recipe(train={"lr": 2e-3}))

@@ -57,6 +57,7 @@ __all__ = [
     "TextWindows",
     "TrainBatch",
     "build_train_data",
+    "check_train_file",
     "generate_sequences",
     "resolve_generated",
 ]
@@ -262,6 +263,15 @@ def build_train_data(
     return TextWindows.from_tokens(
         tokenize_documents(tokenizer, docs), seq_len, seed, bos_token_id(tokenizer, bos)
     )
+
+
+def check_train_file(cfg, tokenizer) -> None:
+    """A local training file (``train.data``) that holds at least one window or chat example,
+    checked before the quantization stage, which would otherwise run first; the training
+    stage reads the file again."""
+    if cfg.method == "none" or cfg.steps == 0 or not Path(cfg.data).expanduser().is_file():
+        return
+    build_train_data(cfg.data, tokenizer, cfg.seq_len, cfg.seed, bos=cfg.bos)
 
 
 # -- data-free training text sampled from the FP model ------------------------------------------
