@@ -52,9 +52,23 @@ def whole_run_train(train_dir: Path, rep: dict) -> dict:
     }
 
 
+def export_bytes(out: Path, final: Path) -> tuple[int | None, int | None]:
+    """(bytes of what a user deploys, bytes of the adapter or None). A LoRA/DoRA run's final
+    directory is only the adapter; it is served on top of OUT/quantized, so the deployable size
+    is the two together (None when OUT/quantized is missing)."""
+    if not final.is_dir():
+        return None, None
+    if not (final / "adapter_config.json").is_file():
+        return dir_bytes(final), None
+    adapter = dir_bytes(final)
+    base = out / "quantized"
+    return (dir_bytes(base) + adapter if base.is_dir() else None), adapter
+
+
 def build_report(recipe, out, final, fp, quant, recovered, qrep, trep, ledger, peak_gpu_mb) -> dict:
     q, tr = recipe.quant, recipe.train
     runs = ledger["invocations"]
+    bytes_export, bytes_adapter = export_bytes(out, final)
     return {
         "command": "recover",
         "out": str(out),
@@ -83,7 +97,8 @@ def build_report(recipe, out, final, fp, quant, recovered, qrep, trep, ledger, p
         "bits_per_weight": qrep.get("bits_per_weight"),
         "bytes_fp16": fp.get("model_bytes"),
         "bytes_quantized": dir_bytes(out / "quantized") if (out / "quantized").is_dir() else None,
-        "bytes_export": dir_bytes(final) if final.is_dir() else None,
+        "bytes_export": bytes_export,  # deployable: with an adapter, quantized + adapter
+        "bytes_adapter": bytes_adapter,
         "train": trep,
         "invocations": len(runs),
         "resumed": len(runs) > 1,
@@ -101,6 +116,7 @@ def report_table(r: dict) -> str:
     def mib(n):
         return None if n is None else n / 2**20
 
+    adapter = r.get("bytes_adapter")  # absent from reports written before it was recorded
     lines = [
         f"# gift_quant recover: {r['setting']}",
         "",
@@ -116,10 +132,14 @@ def report_table(r: dict) -> str:
         f"| FP16 | 16 | {f(r['perplexity_fp'])} | {f(mib(r['bytes_fp16']), '{:.1f}')} |",
         f"| quantized | {f(r['bits_per_weight'])} | {f(r['perplexity_quantized'])} | "
         f"{f(mib(r.get('bytes_quantized')), '{:.1f}')} |",
-        f"| recovered | {f(r['bits_per_weight'])} | {f(r['perplexity_recovered'])} | "
+        f"| recovered{' (quantized + adapter)' if adapter is not None else ''} | "
+        f"{f(r['bits_per_weight'])} | {f(r['perplexity_recovered'])} | "
         f"{f(mib(r['bytes_export']), '{:.1f}')} |",
         "",
     ]
+    if adapter is not None:
+        where = Path(r["model_dir"]).name
+        lines += [f"adapter alone ({where}/): {adapter / 2**10:.1f} KiB", ""]
     others = r.get("eval_texts") or {}
     if len(others) > 1:
         lines += ["| text | tokens | FP16 | quantized | recovered |", "|---|---:|---:|---:|---:|"]

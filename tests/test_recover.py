@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from gift_quant.io.load import load_quantized
 from gift_quant.pipeline import recover
+from gift_quant.run_report import dir_bytes
 
 TRAIN = [
     "train.steps=6",
@@ -175,6 +176,21 @@ def test_recovery_variants(tiny_model_dirs, tmp_path, variant):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert 1 < report["perplexity_recovered"] < math.inf
     assert report["perplexity_recovered"] != report["perplexity_quantized"], "training did nothing"
+    # the recovered size is what a user deploys: a LoRA run's adapter plus the quantized model
+    # it is served on, not the adapter alone
+    out = tmp_path / "run"
+    table = (out / "report.md").read_text()
+    if "lora" in variant[0]:
+        adapter = dir_bytes(out / "lora_adapter")
+        assert 0 < adapter < report["bytes_quantized"]
+        assert report["bytes_export"] == report["bytes_quantized"] + adapter
+        assert report["bytes_adapter"] == adapter
+        mib = report["bytes_export"] / 2**20
+        assert "| recovered (quantized + adapter) | " in table and f"{mib:.1f} |" in table
+        assert f"adapter alone (lora_adapter/): {adapter / 2**10:.1f} KiB" in table
+    else:
+        assert report["bytes_adapter"] is None and "adapter" not in table
+        assert report["bytes_export"] == dir_bytes(out / "model")
 
 
 def test_chat_data_trains_on_assistant_tokens_only(tiny_model_dirs, tiny_tokenizer, tmp_path):
