@@ -67,3 +67,52 @@ def test_sweep_cluster_variants_divide_the_splits_and_appear_once():
         assert c == 1 or depth == d  # the kernel has clusters at its default depth only
     assert (4, 16, d, 16) in confs and (4, 8, d, 8) in confs and (2, 6, d, 2) in confs
     assert (2, 6, d, 4) not in confs  # 6 splits run as 6: 4 does not divide them
+
+
+def test_edge_logit_diff_is_between_onnxruntime_and_the_torch_loader(tmp_path):
+    """``bench_edge``'s ``logits_max_abs_diff`` compares onnxruntime's logits with the torch
+    loader's (not one runtime with itself): with onnxruntime's output shifted by a known amount
+    at one position, the recorded difference is that amount, up to the two runtimes' own
+    rounding; unshifted on the same tiny export it is small but not zero."""
+    import argparse
+
+    import numpy as np
+    import pytest
+    import torch
+
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import bench_edge
+
+    from gift_quant.io.load import load_quantized
+
+    src = Path(__file__).parent / "fixtures" / "legacy_w3g32_asym"
+    model = load_quantized(src, dtype=torch.float32)
+    windows = torch.randint(
+        0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)
+    )
+    args = argparse.Namespace(work=str(tmp_path), decode=2, prefill=16, repeats=1)
+    shift = 0.5
+    call = bench_edge.OrtDecoder.__call__
+
+    def shifted(self, ids, past=None):
+        logits, rest = call(self, ids, past)
+        if shifted.on and past is None and ids.shape[1] == windows.shape[1]:
+            logits = logits.copy()
+            logits[0, 3, 5] += shift
+        return logits, rest
+
+    shifted.on = True
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bench_edge.OrtDecoder, "__call__", shifted)
+    try:
+        row = bench_edge.bench_export(src, args, model, windows)
+        assert abs(row["logits_max_abs_diff"] - shift) < 1e-4
+        assert not row["logits_within_fp16_tolerance"]
+        shifted.on = False  # the ONNX export is reused from --work
+        row = bench_edge.bench_export(src, args, model, windows)
+    finally:
+        mp.undo()
+    assert 0 < row["logits_max_abs_diff"] <= row["logits_max_abs"] * 2.0**-11
+    assert row["ppl_match_3_significant_digits"]
+    assert np.isfinite(row["ppl_onnxruntime"])
