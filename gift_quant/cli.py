@@ -387,8 +387,18 @@ def cmd_export(args) -> dict:
         tok = None
     if args.format == "gptq+lora":
         save_gptq_lora(model, out, tokenizer=tok, checkpoint_format=args.checkpoint_format)
-    else:
-        save_quantized(model, out, tokenizer=tok, checkpoint_format=args.checkpoint_format)
+    else:  # the run's recipe and report go along (eval reads its window length there)
+        from gift_quant.recipe import load_recipe
+
+        recipe_file, report_file = model_dir / "recipe.yaml", model_dir / "report.json"
+        save_quantized(
+            model,
+            out,
+            tokenizer=tok,
+            recipe=load_recipe(recipe_file) if recipe_file.is_file() else None,
+            report=json.loads(report_file.read_text()) if report_file.is_file() else None,
+            checkpoint_format=args.checkpoint_format,
+        )
     return {"command": "export", "format": args.format, "out": str(out)}
 
 

@@ -706,6 +706,9 @@ def test_full_disk_on_export_is_one_line_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 0
+    # the copy keeps the run's recipe (eval's window length) and report
+    for name in ("recipe.yaml", "report.json"):
+        assert (out / name).read_text() == (export_dir / name).read_text()
 
 
 KILL_DURING_EXPORT = """

@@ -120,3 +120,13 @@ def test_onnx_export_refuses_act_order_and_an_existing_target(tmp_path, capsys):
     assert main(["export", str(src), "--format", "onnx", "--out", str(out), "-q"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_an_onnx_export_is_named_as_such_where_a_safetensors_export_is_expected(
+    onnx_export, capsys
+):
+    out, _ = onnx_export
+    for argv in (["eval", str(out)], ["inspect", str(out)]):
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is an ONNX export (model.onnx) for onnxruntime" in err and "\n" not in err

@@ -128,6 +128,11 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{root}: no such path; give an export or recover output directory")
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory; give an export directory")
+    if (root / "model.onnx").is_file() and not (root / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{root} is an ONNX export (model.onnx) for onnxruntime; eval, inspect and export "
+            f"take the safetensors export it was made from"
+        )
     if (root / "config.json").is_file():
         return root
     if is_recover_run(root):
