@@ -137,6 +137,13 @@ def meta_model(cfg):
             f"model {name!r}: could not load it from the hub (offline, or no such model); "
             f"download it first and give its local directory"
         ) from exc
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is not None:
+        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg.quant_method
+        raise RecipeError(
+            f"model {name!r} is already quantized ({method}); quantize and recover take the "
+            f"full-precision model (eval, inspect and export take a gift_quant export)"
+        )
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, **kwargs)
 

@@ -431,6 +431,20 @@ CASES = [
     ("export", "no such directory", lambda c: ["inspect", str(c.tmp / "no")], r"no such path", 2),
     (
         "export",
+        "a full-precision model given to inspect",
+        lambda c: ["inspect", c.model],
+        r"this is a full-precision model, not a quantized checkpoint \(`eval --model",
+        2,
+    ),
+    (
+        "model",
+        "an export given as the model to quantize",
+        quantize(model=lambda c: str(c.export())),
+        r"is already quantized \(gift_quant\); quantize and recover take the full-precision",
+        2,
+    ),
+    (
+        "export",
         "empty directory",
         lambda c: ["inspect", str(c.tmp)],
         r"no config.json; this is not a model directory",

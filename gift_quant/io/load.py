@@ -163,8 +163,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict):
         raise CheckpointError(
-            f"{cfg_path}: no quantization_config; this is not a quantized checkpoint "
-            f"(evaluate it with --model instead)"
+            f"{cfg_path}: no quantization_config; this is a full-precision model, not a "
+            f"quantized checkpoint (`eval --model {root}` scores it, `quantize --model {root} "
+            f"--out Q` quantizes it)"
         )
     method = qcfg.get("quant_method")
     if method == QUANT_METHOD:
