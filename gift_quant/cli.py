@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 from gift_quant.files import check_new_out
 
@@ -274,14 +275,14 @@ def _load_model_dir(path: str, device, verify: bool):
     return load_quantized(model_dir, device=device, verify=verify), model_dir
 
 
-def _run_recipe_file(path: str) -> Path:
-    """Where a model directory's recipe.yaml would be (a LoRA recover run: under quantized/)."""
+def _model_files(path: str) -> Path:
+    """The directory of a model directory's config and recipe (a LoRA recover run: quantized/)."""
     from gift_quant.io.load import resolve_model_dir
 
     root = Path(path)
     if (root / "recipe.yaml").is_file() and (root / "lora_adapter").is_dir():
-        return root / "quantized" / "recipe.yaml"
-    return resolve_model_dir(root) / "recipe.yaml"
+        return root / "quantized"
+    return resolve_model_dir(root)
 
 
 def cmd_eval(args) -> dict:
@@ -301,11 +302,18 @@ def cmd_eval(args) -> dict:
 
         check_tasks(args.tasks.split(","))  # unknown task / no lm-eval: before any loading
     recipe_eval = EvalConfig()
-    if args.dir and _run_recipe_file(args.dir).is_file():  # the run's settings, before loading
-        recipe_eval = load_recipe(_run_recipe_file(args.dir)).eval
+    files = _model_files(args.dir) if args.dir else None
+    if files is not None and (files / "recipe.yaml").is_file():  # the run's settings
+        recipe_eval = load_recipe(files / "recipe.yaml").eval
     seq_len = recipe_eval.seq_len if args.seq_len is None else args.seq_len
     max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
-    check_windows("--seq-len", seq_len, "--max-tokens", max_tokens)
+    if files is not None:  # the context from config.json, before loading the weights
+        config = json.loads((files / "config.json").read_text())
+        check_context(SimpleNamespace(config=SimpleNamespace(**config)), seq_len, "--seq-len")
+    cap = "--max-tokens"
+    if args.max_tokens is None and files is not None:  # the run's own cap
+        cap = f"eval.max_tokens of {files / 'recipe.yaml'} (--max-tokens overrides it)"
+    check_windows("--seq-len", seq_len, cap, max_tokens)
     device = resolve_device(args.device)
     if args.dir:
         from transformers import AutoTokenizer

@@ -1011,3 +1011,24 @@ def test_short_training_text_is_refused_before_quantizing(tiny_model_dirs, tmp_p
     long = tmp_path / "long.txt"
     long.write_text("Enough words to fill a few training windows of thirty-two tokens. " * 60)
     assert main([*argv, "--set", f"train.data={long}", "--json"]) == 0
+
+
+def test_eval_window_beyond_the_context_is_refused_before_loading(
+    export_dir, tmp_path, capsys, monkeypatch
+):
+    import gift_quant.io.load as load
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(load, "load_quantized", never)
+    assert main(["eval", str(export_dir), "--seq-len", "100000", "-q"]) == 2
+    assert "--seq-len=100000 exceeds the model's context" in capsys.readouterr().err
+    # a window beyond the run's own token cap names the cap and where it comes from
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    recipe = copy / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("max_tokens: 256", "max_tokens: 100"))
+    assert main(["eval", str(copy), "--seq-len", "200", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval.max_tokens of {recipe} (--max-tokens overrides it) must be 0" in err
