@@ -251,7 +251,7 @@ def eval_windows(
     if n == 0:
         raise TextTooShortError(
             f"the evaluation text has {tokens.numel()} tokens, fewer than one window of "
-            f"{seq_len}; give more text or a smaller --seq-len"
+            f"{seq_len}; give more text or a smaller window (eval --seq-len, eval.seq_len)"
         )
     return _with_bos(tokens[: n * text_len].reshape(n, text_len), bos)
 

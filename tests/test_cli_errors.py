@@ -923,6 +923,43 @@ def test_kernel_choice_errors(case, export_dir):
         model(torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_short_training_text_is_refused_before_quantizing(tiny_model_dirs, tmp_path, capsys):
+    """The training file is read before the quantization stage (it used to be read after it),
+    and the run then takes the corrected text on the same command."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = str(tmp_path / "run")
+    argv = ["recover", "--model", tiny_model_dirs("llama"), *TINY, *TRAIN, "--out", out, "-q"]
+    assert main([*argv, "--set", f"train.data={short}"]) == 2
+    err = capsys.readouterr().err
+    assert "the training text has" in err and "train.seq_len" in err
+    assert not (tmp_path / "run" / "quantized").exists()
+    long = tmp_path / "long.txt"
+    long.write_text("Enough words to fill a few training windows of thirty-two tokens. " * 60)
+    assert main([*argv, "--set", f"train.data={long}", "--json"]) == 0
+
+
+def test_eval_window_beyond_the_context_is_refused_before_loading(
+    export_dir, tmp_path, capsys, monkeypatch
+):
+    import gift_quant.io.load as load
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(load, "load_quantized", never)
+    assert main(["eval", str(export_dir), "--seq-len", "100000", "-q"]) == 2
+    assert "--seq-len=100000 exceeds the model's context" in capsys.readouterr().err
+    # a window beyond the run's own token cap names the cap and where it comes from
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    recipe = copy / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("max_tokens: 256", "max_tokens: 100"))
+    assert main(["eval", str(copy), "--seq-len", "200", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval.max_tokens of {recipe} (--max-tokens overrides it) must be 0" in err
+
+
 # Rows of the README table backed by the dedicated tests above: (area, case, outcome, exit).
 BEHAVIOUR = [
     (
@@ -972,6 +1009,38 @@ BEHAVIOUR = [
         "0",
     ),
     ("any", "`--debug` with any error", "the traceback, then the same `error:` line", "2"),
+    ("recipe", "recipe file not valid YAML", "`error: …bad.yaml:4: not valid YAML…`", "2"),
+    (
+        "data",
+        "eval --seq-len 0 or 1, --batch-size 0, --max-tokens -5",
+        "`argument --seq-len: must be >= 2…` (usage error, before anything loads)",
+        "2",
+    ),
+    (
+        "data",
+        "eval --max-tokens below one window",
+        "`error: …--max-tokens must be 0 (the whole text) or at least one window…`",
+        "2",
+    ),
+    (
+        "data",
+        "eval of a model directory, window beyond its context",
+        "refused from its config.json before the weights load; a cap from the run's recipe is "
+        "named as such",
+        "2",
+    ),
+    (
+        "data",
+        "training file shorter than one window, then a longer one",
+        "refused before the quantization stage; the same command with the new file runs",
+        "2, then 0",
+    ),
+    (
+        "model",
+        "truncated model.safetensors given to quantize",
+        "`error: …a safetensors file cannot be read…`",
+        "2",
+    ),
 ]
 
 
@@ -995,40 +1064,3 @@ def test_readme_table_is_current():
 
 if __name__ == "__main__":
     print(readme_table())
-
-
-def test_short_training_text_is_refused_before_quantizing(tiny_model_dirs, tmp_path, capsys):
-    """The training file is read before the quantization stage (it used to be read after it),
-    and the run then takes the corrected text on the same command."""
-    short = tmp_path / "short.txt"
-    short.write_text("too short")
-    out = str(tmp_path / "run")
-    argv = ["recover", "--model", tiny_model_dirs("llama"), *TINY, *TRAIN, "--out", out, "-q"]
-    assert main([*argv, "--set", f"train.data={short}"]) == 2
-    err = capsys.readouterr().err
-    assert "the training text has" in err and "train.seq_len" in err
-    assert not (tmp_path / "run" / "quantized").exists()
-    long = tmp_path / "long.txt"
-    long.write_text("Enough words to fill a few training windows of thirty-two tokens. " * 60)
-    assert main([*argv, "--set", f"train.data={long}", "--json"]) == 0
-
-
-def test_eval_window_beyond_the_context_is_refused_before_loading(
-    export_dir, tmp_path, capsys, monkeypatch
-):
-    import gift_quant.io.load as load
-
-    def never(*args, **kwargs):
-        raise AssertionError("the weights were loaded")
-
-    monkeypatch.setattr(load, "load_quantized", never)
-    assert main(["eval", str(export_dir), "--seq-len", "100000", "-q"]) == 2
-    assert "--seq-len=100000 exceeds the model's context" in capsys.readouterr().err
-    # a window beyond the run's own token cap names the cap and where it comes from
-    copy = tmp_path / "copy"
-    shutil.copytree(export_dir, copy)
-    recipe = copy / "recipe.yaml"
-    recipe.write_text(recipe.read_text().replace("max_tokens: 256", "max_tokens: 100"))
-    assert main(["eval", str(copy), "--seq-len", "200", "-q"]) == 2
-    err = capsys.readouterr().err
-    assert f"eval.max_tokens of {recipe} (--max-tokens overrides it) must be 0" in err
