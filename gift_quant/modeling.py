@@ -33,6 +33,19 @@ LINEARS = (nn.Linear, MixedLinear)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_tokenizer_files(path: Path, name: str) -> None:
+    """A local model directory holds its tokenizer (transformers would otherwise ask for
+    sentencepiece or tiktoken, as if a package were missing)."""
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model {name!r}: no tokenizer files there (one of {', '.join(TOKENIZER_FILES)}); "
+            f"copy them from the model it was saved from"
+        )
+
+
 def check_context(model: nn.Module, seq_len: int, key: str) -> None:
     """Refuse windows longer than the model's context before any work is done on them."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -88,6 +101,8 @@ def load_model(cfg, dtype: torch.dtype | None = None):
             f"model {name!r}: no config.json there; give a Hugging Face model directory, "
             f"a .gguf file, a hub id, or nothing for the embedded default"
         )
+    if looks_local:
+        check_tokenizer_files(path, name)
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)

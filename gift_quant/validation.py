@@ -106,6 +106,7 @@ def meta_model(cfg):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from gift_quant import assets
+    from gift_quant.modeling import check_tokenizer_files
 
     name = cfg.name_or_path or str(assets.default_model_dir())
     path = Path(name).expanduser()
@@ -128,6 +129,8 @@ def meta_model(cfg):
         )
     else:
         source = name
+        if local:
+            check_tokenizer_files(path, name)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

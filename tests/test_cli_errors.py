@@ -133,6 +133,16 @@ def _model_with(c: Ctx, edit) -> str:
     return str(path)
 
 
+def _without_tokenizer(c: Ctx) -> str:
+    """A copy of the tiny model without its tokenizer files."""
+    copy = c.tmp / "no-tokenizer"
+    shutil.copytree(c.model, copy)
+    for f in copy.glob("*"):
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens", "merges", "chat_template")):
+            f.unlink()
+    return str(copy)
+
+
 def _text(c: Ctx, text: str) -> str:
     (c.tmp / "t.txt").write_text(text)
     return str(c.tmp / "t.txt")
@@ -318,6 +328,13 @@ CASES = [
         "--model directory without config.json",
         quantize(model=lambda c: str(c.tmp)),
         r"no config.json there",
+        2,
+    ),
+    (
+        "model",
+        "--model directory without tokenizer files",
+        quantize(model=lambda c: _without_tokenizer(c)),
+        r"no tokenizer files there \(one of tokenizer.json, tokenizer.model",
         2,
     ),
     (
