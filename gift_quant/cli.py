@@ -33,7 +33,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--recipe",
         help="recipe name (recipes/*.yaml) or YAML file; default: quickstart (w3 g64 + 3%% "
-        "salient columns, sized for the embedded model)",
+        "salient columns, sized for the embedded model), or for quantize --model M the "
+        "built-in defaults (w4 g128)",
     )
     p.add_argument(
         "--set",
@@ -200,7 +201,9 @@ def _next_commands(model_dir: str) -> list[str]:
 
 
 def cmd_quantize(args) -> dict:
-    recipe = _load_recipe(args, default="quickstart")  # before importing torch: instant errors
+    # before importing torch: instant errors. Without --model, the recipe sized for the embedded
+    # model; with one, the built-in defaults (w4 g128, 128 windows of 2048 tokens)
+    recipe = _load_recipe(args, default=None if args.model else "quickstart")
     out = Path(args.out)
     check_new_out(out)
 
@@ -308,8 +311,13 @@ def cmd_eval(args) -> dict:
     seq_len = recipe_eval.seq_len if args.seq_len is None else args.seq_len
     max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
     if files is not None:  # the context from config.json, before loading the weights
-        config = json.loads((files / "config.json").read_text())
-        check_context(SimpleNamespace(config=SimpleNamespace(**config)), seq_len, "--seq-len")
+        try:
+            config = json.loads((files / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None  # the loader names what is wrong with it
+        if isinstance(config, dict):
+            key = "--seq-len" if args.seq_len is not None else "eval.seq_len"  # the run's
+            check_context(SimpleNamespace(config=SimpleNamespace(**config)), seq_len, key)
     cap = "--max-tokens"
     if args.max_tokens is None and files is not None:  # the run's own cap
         cap = f"eval.max_tokens of {files / 'recipe.yaml'} (--max-tokens overrides it)"

@@ -33,16 +33,20 @@ LINEARS = (nn.Linear, MixedLinear)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.model")
 
 
 def check_tokenizer_files(path: Path, name: str) -> None:
-    """A local model directory holds its tokenizer (transformers would otherwise ask for
-    sentencepiece or tiktoken, as if a package were missing)."""
-    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+    """A local model directory holds a tokenizer's vocabulary (transformers would otherwise
+    ask for sentencepiece or tiktoken, as if a package were missing): tokenizer.json, a
+    sentencepiece or tiktoken model, or a vocabulary file."""
+    if not path.is_dir():
+        return
+    patterns = (*TOKENIZER_FILES, "*.tiktoken", "vocab*", "merges.txt")
+    if not any(f.is_file() for p in patterns for f in path.glob(p)):
         raise FileNotFoundError(
-            f"model {name!r}: no tokenizer files there (one of {', '.join(TOKENIZER_FILES)}); "
-            f"copy them from the model it was saved from"
+            f"model {name!r}: no tokenizer files there (one of {', '.join(TOKENIZER_FILES)}, "
+            f"...); copy them from the model it was saved from"
         )
 
 

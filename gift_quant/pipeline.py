@@ -3,7 +3,8 @@ evaluate before and after, with every stage's output kept so a rerun resumes.
 
 Output directory::
 
-    OUT/recipe.yaml        the resolved recipe (a rerun with another recipe is refused)
+    OUT/recipe.yaml        the resolved recipe (a rerun with another recipe is refused, but
+                           for new training settings before the first checkpoint)
     OUT/quantized/         export of the quantized start (post mode)
     OUT/train/             checkpoints/ and metrics.jsonl
     OUT/model/             the recovered model (an export directory; ``eval OUT`` reads it)
@@ -63,6 +64,9 @@ QUANT_SECTIONS = ("model", "calib", "saliency", "quant")
 ADAPTERS = ("lora", "dora")  # train.method values that save a PEFT adapter, not a model
 
 
+STALE_FILES = ("report.json", "report.md", "train/metrics.jsonl")
+
+
 def _check_recipe(out: Path, recipe: Recipe) -> None:
     """Record the recipe in OUT (after validation); a replaced recipe drops cached evals."""
     conflict = recipe_conflict(out, recipe)
@@ -73,8 +77,9 @@ def _check_recipe(out: Path, recipe: Recipe) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     if path.is_file() and not _same_result(path, recipe):
-        for stale in out.glob("eval_*.json"):  # computed under the replaced recipe
-            stale.unlink()
+        # computed under the replaced recipe: cached evaluations, the report, partial metrics
+        for stale in (*out.glob("eval_*.json"), *(out / n for n in STALE_FILES)):
+            stale.unlink(missing_ok=True)
     write_text_atomic(path, recipe.to_yaml())
 
 

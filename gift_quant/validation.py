@@ -31,17 +31,25 @@ __all__ = [
 ]
 
 STAGE_OUTPUTS = ("quantized", "train", "model", "lora_adapter")
-# what a run's quantized start does not depend on when training follows it (train.mode=post),
-# and the outputs made after it: a run that failed before them keeps its quantized start
-AFTER_QUANTIZED = {"train", "eval", "export"}
-LATER_OUTPUTS = ("train", "model", "lora_adapter")
+# What a post-mode run's quantized start does not depend on: the training settings (the
+# evaluation and export settings are also stored inside quantized/, which is itself the final
+# model of LoRA and untrained runs, so they are not among them).
+AFTER_QUANTIZED = {"train"}
+
+
+def training_started(out: Path) -> bool:
+    """Whether a run's training has left anything that depends on its settings: a checkpoint,
+    or a final model or adapter (train/ alone is made before the first step)."""
+    ckpts = out / "train" / "checkpoints"
+    started = ckpts.is_dir() and any(ckpts.iterdir())
+    return started or (out / "model").exists() or (out / "lora_adapter").exists()
 
 
 def recipe_conflict(out: Path, recipe: Recipe) -> str | None:
     """Why ``out`` cannot hold this run (None when it can: new, same recipe, or no stage
     output yet -- a run refused or stopped before its first stage is simply restarted -- or
-    only the training, evaluation or export settings changed and no stage after the quantized
-    start has run: a training that failed at its start reruns on the same quantized model)."""
+    only the training settings changed in post mode and the training has no checkpoint yet:
+    a training that failed before its first checkpoint reruns on the same quantized start)."""
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a directory; give a directory path"
     path = out / "recipe.yaml"
@@ -63,8 +71,8 @@ def recipe_conflict(out: Path, recipe: Recipe) -> str | None:
         return None
     diff = [s for s in new if old is None or old[s] != new[s]]
     if old is not None and set(diff) <= AFTER_QUANTIZED and old["train"]["mode"] == "post":
-        if new["train"]["mode"] == "post" and not any((out / s).exists() for s in LATER_OUTPUTS):
-            return None  # only what follows the quantized start changed, and none of it ran
+        if new["train"]["mode"] == "post" and not training_started(out):
+            return None  # only the training changed, and it has nothing to resume
     return (
         f"{out} holds a run with a different recipe (sections {diff} differ); "
         f"use a new --out directory, or rerun with the recipe in {path}"
@@ -129,8 +137,6 @@ def meta_model(cfg):
         )
     else:
         source = name
-        if local:
-            check_tokenizer_files(path, name)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -147,6 +153,8 @@ def meta_model(cfg):
             f"model {name!r} is already quantized ({method}); quantize and recover take the "
             f"full-precision model (eval, inspect and export take a gift_quant export)"
         )
+    if local and path.is_dir():
+        check_tokenizer_files(path, name)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, **kwargs)
 

@@ -977,6 +977,30 @@ def test_eval_window_beyond_the_context_is_refused_before_loading(
     assert f"eval.max_tokens of {recipe} (--max-tokens overrides it) must be 0" in err
 
 
+def test_eval_of_a_damaged_config_json_names_the_file(export_dir, tmp_path, capsys):
+    """The context check before loading leaves a damaged config.json to the loader."""
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    for text in ("{", "[1]"):
+        (copy / "config.json").write_text(text)
+        assert main(["eval", str(copy), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "config.json" in err and len(err.splitlines()) == 1, err
+
+
+def test_tokenizer_files_of_every_kind_are_found(tmp_path):
+    from gift_quant.modeling import check_tokenizer_files
+
+    for name in ("tokenizer.json", "qwen.tiktoken", "sentencepiece.bpe.model", "vocab.txt"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / name).write_text("x")
+        check_tokenizer_files(d, str(d))
+    with pytest.raises(FileNotFoundError, match="no tokenizer files there"):
+        check_tokenizer_files(tmp_path, str(tmp_path))
+
+
 # Rows of the README table backed by the dedicated tests above: (area, case, outcome, exit).
 BEHAVIOUR = [
     (

@@ -272,9 +272,12 @@ def test_recover_evaluates_every_eval_text(tiny_model_dirs, tmp_path):
 
 
 def test_a_run_stopped_before_training_takes_new_training_settings(tmp_path):
-    """A run whose quantized start exists but whose training never started (it failed at its
-    start: a text too short, out of memory) reruns with other train/eval/export settings on
-    the same start; once training has output, or when the quantization changes, it is refused."""
+    """A run whose quantized start exists but whose training has no checkpoint (it failed at
+    its start: a text too short, out of memory) reruns with other training settings on the same
+    start, its stale report dropped; once training has a checkpoint or a final model, or when
+    anything else changes (the quantization, the evaluation or export settings that quantized/
+    holds), it is refused."""
+    from gift_quant.pipeline import _check_recipe
     from gift_quant.recipe import recipe_from_dict
     from gift_quant.validation import recipe_conflict
 
@@ -283,9 +286,13 @@ def test_a_run_stopped_before_training_takes_new_training_settings(tmp_path):
 
     out = tmp_path / "run"
     (out / "quantized").mkdir(parents=True)
-    (out / "recipe.yaml").write_text(recipe().to_yaml())
-    assert recipe_conflict(out, recipe(train={"lr": 2e-3}, eval={"seq_len": 256})) is None
-    assert "different recipe" in recipe_conflict(out, recipe(quant={"bits": 3}))
-    assert "different recipe" in recipe_conflict(out, recipe(train={"mode": "pre"}))
-    (out / "train").mkdir()
-    assert "different recipe" in recipe_conflict(out, recipe(train={"lr": 2e-3}))
+    (out / "train").mkdir()  # made before the first step
+    (out / "recipe.yaml").write_text(recipe(train={"method": "none"}).to_yaml())
+    (out / "report.json").write_text("{}")
+    assert recipe_conflict(out, recipe(train={"lr": 2e-3})) is None
+    for other in ({"quant": {"bits": 3}}, {"train": {"mode": "pre"}}, {"eval": {"seq_len": 256}}):
+        assert "different recipe" in recipe_conflict(out, recipe(**other)), other
+    _check_recipe(out, recipe(train={"lr": 2e-3}))  # the new settings replace the old ones
+    assert not (out / "report.json").exists() and "0.002" in (out / "recipe.yaml").read_text()
+    (out / "train" / "checkpoints" / "step-2").mkdir(parents=True)
+    assert "different recipe" in recipe_conflict(out, recipe(train={"lr": 3e-3}))

@@ -87,11 +87,14 @@ class CheckpointInfo:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON object was expected, got {type(data).__name__}")
+    return data
 
 
 def _headers(path: Path) -> dict[str, tuple[list[int], str]]:
