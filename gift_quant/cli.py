@@ -19,7 +19,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 from gift_quant.files import check_new_out
 
@@ -263,29 +262,31 @@ def cmd_recover(args) -> dict:
     return report
 
 
-def _load_model_dir(path: str, device, verify: bool):
-    """(model, tokenizer directory) of any model directory; a LoRA recover run gets its
-    adapter applied on the quantized start."""
-    from gift_quant.io.load import load_quantized, resolve_model_dir
-
-    root = Path(path)
-    if (root / "recipe.yaml").is_file() and (root / "lora_adapter").is_dir():
-        from gift_quant.train.lora import load_lora
-
-        base = load_quantized(root / "quantized", device=device, verify=verify)
-        return load_lora(base, root / "lora_adapter"), root / "quantized"
-    model_dir = resolve_model_dir(root)
-    return load_quantized(model_dir, device=device, verify=verify), model_dir
+def _lora_run(root: Path) -> bool:
+    """A train.method=lora recover run: its model is quantized/ plus the adapter."""
+    return (root / "recipe.yaml").is_file() and (root / "lora_adapter").is_dir()
 
 
 def _model_files(path: str) -> Path:
-    """The directory of a model directory's config and recipe (a LoRA recover run: quantized/)."""
+    """The export directory of any model directory: its weights, config, tokenizer and recipe
+    (a LoRA recover run: quantized/)."""
     from gift_quant.io.load import resolve_model_dir
 
     root = Path(path)
-    if (root / "recipe.yaml").is_file() and (root / "lora_adapter").is_dir():
-        return root / "quantized"
-    return resolve_model_dir(root)
+    return root / "quantized" if _lora_run(root) else resolve_model_dir(root)
+
+
+def _load_model_dir(path: str, files: Path, device, verify: bool):
+    """The model of a model directory (``files``: its :func:`_model_files`); a LoRA recover
+    run gets its adapter applied on the quantized start."""
+    from gift_quant.io.load import load_quantized
+
+    model = load_quantized(files, device=device, verify=verify)
+    if _lora_run(Path(path)):
+        from gift_quant.train.lora import load_lora
+
+        model = load_lora(model, Path(path) / "lora_adapter")
+    return model
 
 
 def cmd_eval(args) -> dict:
@@ -317,7 +318,7 @@ def cmd_eval(args) -> dict:
             config = None  # the loader names what is wrong with it
         if isinstance(config, dict):
             key = "--seq-len" if args.seq_len is not None else "eval.seq_len"  # the run's
-            check_context(SimpleNamespace(config=SimpleNamespace(**config)), seq_len, key)
+            check_context(config, seq_len, key)
     cap = "--max-tokens"
     if args.max_tokens is None and files is not None:  # the run's own cap
         cap = f"eval.max_tokens of {files / 'recipe.yaml'} (--max-tokens overrides it)"
@@ -326,8 +327,8 @@ def cmd_eval(args) -> dict:
     if args.dir:
         from transformers import AutoTokenizer
 
-        model, model_dir = _load_model_dir(args.dir, device, not args.no_verify)
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = _load_model_dir(args.dir, files, device, not args.no_verify)
+        tok = AutoTokenizer.from_pretrained(files)
         name = args.dir
     else:
         model, tok = load_model(ModelConfig(name_or_path=args.model))

@@ -50,9 +50,13 @@ def check_tokenizer_files(path: Path, name: str) -> None:
         )
 
 
-def check_context(model: nn.Module, seq_len: int, key: str) -> None:
-    """Refuse windows longer than the model's context before any work is done on them."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+def check_context(model: nn.Module | dict, seq_len: int, key: str) -> None:
+    """Refuse windows longer than the model's context before any work is done on them
+    (``model``: a model, or its config.json as a dict)."""
+    if isinstance(model, dict):
+        limit = model.get("max_position_embeddings")
+    else:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise ValueError(
             f"{key}={seq_len} exceeds the model's context (max_position_embeddings={limit}); "

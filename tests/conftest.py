@@ -159,6 +159,30 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+class StandInTimer:
+    """The first-use timing's timer on a CPU (the CUDA-event timer needs a GPU): it records the
+    names of each timing and times ``winner`` fastest."""
+
+    def __init__(self, winner: str) -> None:
+        self.winner, self.calls = winner, []
+
+    def __call__(self, names, launch) -> dict[str, float]:
+        self.calls.append(list(names))
+        return {n: 0.5 if n == self.winner else 1.0 for n in names}
+
+
+@pytest.fixture
+def stand_in_timer(monkeypatch):
+    """A StandInTimer factory, with the first-use timing's kept routes and timings emptied
+    and GIFT_QUANT_TUNE unset for the test."""
+    from gift_quant.kernels.triton import tuning
+
+    monkeypatch.setattr(tuning, "_kept", {})
+    monkeypatch.setattr(tuning, "_timings", {})
+    monkeypatch.delenv("GIFT_QUANT_TUNE", raising=False)
+    return StandInTimer
+
+
 def tiny_recipe(path: str, *overrides: str):
     """A fast recipe for tiny models: 8 windows of 64 tokens, 4 salient columns, group 32."""
     from gift_quant.recipe import load_recipe

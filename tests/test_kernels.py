@@ -395,24 +395,19 @@ def test_triton_under_cuda_graph_replay():
     within_bound(y, x, layer, w, b)
 
 
-def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkeypatch):
+def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
+    monkeypatch, stand_in_timer
+):
     """fp16 calls with the CUDA kernel's layout time its configurations and the rule's Triton
     route once per (device, shape, M bucket) and keep the fastest; outside TUNE_M or with
     GIFT_QUANT_TUNE=0 the rule serves. The timer here is a stand-in
     whose winner is set by the test (the CUDA-event timer needs a GPU)."""
-    monkeypatch.setattr(ops.tuning, "_kept", {})
-    monkeypatch.setattr(ops.tuning, "_timings", {})
-    monkeypatch.delenv("GIFT_QUANT_TUNE", raising=False)
     # the names below are those of a device without thread-block clusters, whatever this
     # machine has (on sm_90 the clustered configurations join them: tested apart)
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     N, K = 4096, 14336
-    timed, winner = [], {"name": "mma:2x16"}
-
-    def timer(names, launch):
-        timed.append(list(names))
-        return {n: 0.5 if n == winner["name"] else 1.0 for n in names}
-
+    timer = stand_in_timer("mma:2x16")
+    timed = timer.calls
     x = torch.zeros(64, K, dtype=F16)
     sz = torch.zeros(1, N, dtype=torch.int32)
 
@@ -429,14 +424,14 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(monkey
     assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
     rule_12 = routes.route(12, N, K, 4)
     assert routes.route_in_force(12, N, K, 4, 128, 0, False, device=None) == rule_12
-    winner["name"] = rule_triton
+    timer.winner = rule_triton
     assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
-    winner["name"] = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
-    assert pick(32) == winner["name"] != rule_triton and len(timed) == 3  # bucket 17..32
+    timer.winner = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
+    assert pick(32) == timer.winner != rule_triton and len(timed) == 3  # bucket 17..32
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
     # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 4 for M <= 2
     ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32)] = "mma:4x4"
-    winner["name"] = "mma:2x16"
+    timer.winner = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
     mmv4 = [routes.mmv_name(*c) for c in rules.mmv_configs(4, N, K)]
     assert timed[3] == mmv4 + [routes.mma_name(*c) for c in rules.configs(4, N, K)] + [

@@ -168,7 +168,7 @@ def test_killed_run_resumes_bit_identically(tiny_model_dirs, tmp_path, monkeypat
     ],
     ids=["salient-ft", "uniform", "distill", "pre", "lora"],
 )
-def test_recovery_variants(tiny_model_dirs, tmp_path, variant):
+def test_recovery_variants(tiny_model_dirs, tmp_path, variant, capsys):
     pytest.importorskip("peft") if "lora" in variant[0] else None
     report = run(tiny_model_dirs("qwen2"), tmp_path / "run", *variant)
     assert report["train"]["trainable_params"] > 0
@@ -188,6 +188,12 @@ def test_recovery_variants(tiny_model_dirs, tmp_path, variant):
         mib = report["bytes_export"] / 2**20
         assert "| recovered (quantized + adapter) | " in table and f"{mib:.1f} |" in table
         assert f"adapter alone (lora_adapter/): {adapter / 2**10:.1f} KiB" in table
+        # `eval OUT` scores quantized/ with the adapter, on the run's own windows
+        from gift_quant.cli import main
+
+        assert main(["eval", str(out), "--json", "-q"]) == 0
+        ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert ev["perplexity"] == pytest.approx(report["perplexity_recovered"], rel=1e-4)
     else:
         assert report["bytes_adapter"] is None and "adapter" not in table
         assert report["bytes_export"] == dir_bytes(out / "model")

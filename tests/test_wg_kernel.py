@@ -110,24 +110,17 @@ def test_warpgroup_rules_and_routes() -> None:
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
 
 
-def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch) -> None:
+def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch, stand_in_timer) -> None:
     """Where the warpgroup kernel is built, fp16 calls of 33..512 rows time its configurations
     and the table's route once per power-of-two M bucket and keep the fastest (a stand-in timer
     whose winner the test sets); past 512 rows, on N not a multiple of 128, or where it is not
     built, the rule serves untimed."""
     from gift_quant.kernels.triton import ops
 
-    monkeypatch.setattr(ops.tuning, "_kept", {})
-    monkeypatch.setattr(ops.tuning, "_timings", {})
-    monkeypatch.delenv("GIFT_QUANT_TUNE", raising=False)
     monkeypatch.setattr(native, "wg_available", lambda: True)
     N, K = 4096, 4096
-    timed, winner = [], {"name": "wg:128x4x2"}
-
-    def timer(names, launch):
-        timed.append(list(names))
-        return {n: 0.5 if n == winner["name"] else 1.0 for n in names}
-
+    timer = stand_in_timer("wg:128x4x2")
+    timed = timer.calls
     x = torch.zeros(600, K, dtype=torch.float16)
 
     def pick(M, n=N):
@@ -141,8 +134,8 @@ def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch) -> None:
     assert routes.route_in_force(70, N, K, 4, 128, 0, True, device=None, wg=True) == "wg:128x4x2"
     untimed = routes.route_in_force(70, N, K, 4, 128, 0, True, device=None)
     assert untimed == routes.route(70, N, K, 4)
-    winner["name"] = routes.route(40, N, K, 4)  # the table's Triton kernel wins at 40 rows
-    assert pick(40) == winner["name"] and len(timed) == 2
+    timer.winner = routes.route(40, N, K, 4)  # the table's Triton kernel wins at 40 rows
+    assert pick(40) == timer.winner and len(timed) == 2
     assert all(routes.mma_config(n)[0] == 64 for n in timed[1][:-1])  # 64-row tiles only
     for M in (513, 600):
         assert pick(M) == routes.route(M, N, K, 4, mma=True) == "cublas"
