@@ -26,8 +26,10 @@
 // rounds `(code - zero) * scale`; products are summed in fp32.
 //
 // The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
-// round-robin over the K splits): x's columns gathered into the tile by plain loads and
-// stores in the same swizzled layout (zeros past the last; a proxy fence after them), their
+// round-robin over the K splits): x's salient columns are gathered once per launch by a small
+// kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
+// tensor copies load (a gather by every block read x's scattered columns once per column
+// block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
 // fp16 weights' fragments as stored (native.py, `pack_salient`). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`).
@@ -38,8 +40,11 @@
 
 namespace {
 
-// ring depth by tile height: the shorter the tile, the more k-steps in flight
-__host__ __device__ constexpr int wg_stages(int nt) { return nt == 64 ? 6 : nt == 128 ? 4 : 3; }
+// ring depth by tile height, as deep as shared memory allows at 4 bits: one block per SM,
+// except 64-row tiles with two warpgroups (two blocks; 8 slots of 13 KB each). The weights of a
+// k-step are dequantized one k-step before its MMAs, so the weights' copies run STAGES - 2
+// k-steps ahead of their use (one at the 3 slots 256-row tiles had before)
+__host__ __device__ constexpr int wg_stages(int nt) { return nt == 256 ? 6 : 8; }
 
 __host__ __device__ constexpr int wg_slot_bytes(int bits, int nt, int wgs) {
   // x tile, then per strip: codes (32 lanes x BITS x 16 bytes), 64 zero-point bytes and 128
@@ -58,9 +63,6 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // mbarriers (shared-memory addresses) and the tensor copy that completes on them
 __device__ __forceinline__ void mbar_init(uint32_t bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
@@ -185,12 +187,12 @@ __device__ __forceinline__ uint32_t pick_word(const uint32_t* w, int i) {
 
 template <int BITS, int NT, int WGS>
 __global__ void __launch_bounds__(WGS * 128, 1)
-    mixed_wg_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
-                    const uint4* __restrict__ zp, const uint4* __restrict__ scp,
-                    const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
+    mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
+                    const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap) {
+                    int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap,
+                    const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = WGS * 128;
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
@@ -230,45 +232,15 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   };
   // x: rows row0 .. row0 + NT - 1 of the k-step's 64 columns (zeros past M), row n at
   // n * 128 bytes with its 16-byte chunk c at chunk c ^ (n % 8) (the 128-byte swizzle), by one
-  // tensor copy. A salient k-step gathers its 64 columns by plain loads and stores into the
-  // same layout (the caller fences them for the MMA): a lane takes two columns (their indices
-  // loaded once) of every (THREADS / 32)-th row, GU rows' loads issued before their stores
-  // (one load at a time made the gather 40% of the stall samples before the main loop at
-  // 28672 x 4096, M = 256). Its slot's barrier is arrived at without bytes, so that every
-  // k-step completes one phase of its slot's barrier.
-  constexpr int RSTEP = THREADS / 32, GU = NT / RSTEP < 8 ? NT / RSTEP : 8;
-  static_assert(NT % (GU * RSTEP) == 0, "the gather's passes cover the tile's rows");
+  // tensor copy from x, or for a salient k-step from the gathered copy xs
   static_assert(wg_smem_bytes(BITS, NT, WGS) + 1024 <= 227 * 1024, "shared memory per block");
   auto issue_x = [&](int it) {
-    const int slot = it % STAGES;
-    if (it < nps) {
-      uint8_t* xt = smem + slot * SB;
-      const int kk = 2 * lane, j = (split + it * splits) * 64 + kk;
-      const int ca = j < nsal ? __ldg(sidx + j) : -1, cb = j + 1 < nsal ? __ldg(sidx + j + 1) : -1;
-      for (int n0 = warp; n0 < NT; n0 += GU * RSTEP) {
-        half2 v[GU];
-#pragma unroll
-        for (int u = 0; u < GU; ++u) {
-          const int r = row0 + n0 + u * RSTEP;
-          v[u] = __floats2half2_rn(0.0f, 0.0f);
-          if (r < M) {
-            const half* xr = x + (size_t)r * K;
-            if (ca >= 0) v[u].x = xr[ca];
-            if (cb >= 0) v[u].y = xr[cb];
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < GU; ++u) {
-          const int n = n0 + u * RSTEP;
-          *reinterpret_cast<half2*>(xt + n * 128 + (((kk >> 3) ^ (n & 7)) << 4) + (kk & 7) * 2) =
-              v[u];
-        }
-      }
-      if (threadIdx.x == 0) mbar_arrive(bar0 + slot * 8);
-      return;
-    }
-    if (threadIdx.x == 0)
-      tma_load_2d(smem0 + slot * SB, &xmap, (s0 + it - nps) * 64, row0, bar0 + slot * 8, XB);
+    if (threadIdx.x != 0) return;
+    const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
+    if (it < nps)
+      tma_load_2d(dst, &smap, (split + it * splits) * 64, row0, bar, XB);
+    else
+      tma_load_2d(dst, &xmap, (s0 + it - nps) * 64, row0, bar, XB);
   };
   auto wait_x = [&](int it) { mbar_wait(bar0 + (it % STAGES) * 8, (it / STAGES) & 1); };
 
@@ -357,19 +329,21 @@ __global__ void __launch_bounds__(WGS * 128, 1)
 #pragma unroll
   for (int p = 0; p < STAGES - 1; ++p)
     if (p < iters) issue_w(p);
-  pdl_wait();  // x comes from the previous kernel
+  // a salient first k-step's fragments are weights as stored (global memory): loaded while
+  // the previous kernel finishes
+  uint32_t a0[4][4], a1[4][4];
+  if (nps > 0) frags(0, a0);
+  pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
   for (int p = 0; p < STAGES - 1; ++p) {
     if (p < iters) issue_x(p);
     commit_copies();
   }
-  if (nps > 0) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // gathers
-  uint32_t a0[4][4], a1[4][4];
   if (iters > 0) {
     wait_copies<STAGES - 2>();
     __syncthreads();
     wait_x(0);
-    frags(0, a0);
+    if (nps == 0) frags(0, a0);
   }
   // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
   // k-step's fragments into `nxt` while they run
@@ -380,10 +354,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
       wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
       __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
       const int ahead = it + STAGES - 1;
-      if (ahead < iters) {
-        issue_w(ahead), issue_x(ahead);
-        if (ahead < nps) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      }
+      if (ahead < iters) issue_w(ahead), issue_x(ahead);
       commit_copies();
       wait_x(it + 1);
       frags(it + 1, nxt);
@@ -477,57 +448,95 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-template <int BITS, int NT, int WGS>
-int launch_wg(const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
-              const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-              int* cnt, int M, int N, int K, int group, int splits, bool pdl,
-              cudaStream_t stream) {
-  auto kernel = mixed_wg_kernel<BITS, NT, WGS>;
-  const int S = K / 64;
-  const int ss_per_split = (S + splits - 1) / splits;
-  splits = (S + ss_per_split - 1) / ss_per_split;
-  if ((N / 64) % WGS) return -1;  // whole column blocks
-  // Salient k-steps are gathered by the prologue only: a split with more of them than the
-  // ring's first STAGES - 1 slots would gather some inside the main loop, a path no GPU run
-  // has checked yet, so such a launch is refused (the first-use timing leaves it out)
-  const int QS = (nsal + 63) / 64;
-  if ((QS + splits - 1) / splits > wg_stages(NT) - 1) return -1;
-  const int T = (M + NT - 1) / NT;
-  const long blocks = static_cast<long>(T) * (N / 64 / WGS);
-  if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
-  // x [M, K] as a 2-D tensor for the tensor copies: boxes of 64 columns x NT rows, 128-byte
-  // swizzle, zeros past the last row
+// x's salient columns into xs [M, W] (W = 64 per salient k-step; zeros past the last column),
+// two columns a thread. It lets the main kernel start at once (its prologue streams weights;
+// its `pdl_wait` waits for this grid before any tensor copy reads xs) and waits for the
+// previous kernel's x itself.
+__global__ void __launch_bounds__(256)
+    wg_gather_kernel(const half* __restrict__ x, const int* __restrict__ sidx, int nsal,
+                     half* __restrict__ xs, int M, int K, int W) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x, hw = W >> 1;
+  if (i >= M * hw) return;
+  const int r = static_cast<int>(i / hw), c = static_cast<int>(i % hw) * 2;
+  const half* xr = x + static_cast<size_t>(r) * K;
+  half2 v = __floats2half2_rn(0.0f, 0.0f);
+  if (c < nsal) v.x = xr[__ldg(sidx + c)];
+  if (c + 1 < nsal) v.y = xr[__ldg(sidx + c + 1)];
+  reinterpret_cast<half2*>(xs + static_cast<size_t>(r) * W)[c >> 1] = v;
+}
+
+// one launch's arguments (gq_mixed_wg)
+struct WgCall {
+  const half* x;
+  const uint4 *qc, *zp, *scp, *wsp;
+  const int* sidx;
+  int nsal;
+  const half* bias;
+  half* y;
+  float* ws;
+  int* cnt;
+  half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
+  int M, N, K, group, splits;
+  bool pdl;
+  cudaStream_t stream;
+};
+
+// a row-major [rows, cols] fp16 tensor as a 2-D tensor map for the tensor copies: boxes of
+// 64 columns x NT rows, 128-byte swizzle, zeros past the last row
+bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt) {
   auto encode = tensor_map_encoder();
-  if (encode == nullptr) return -1;
-  CUtensorMap xmap;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * sizeof(half)};
-  const cuuint32_t box[2] = {64, NT}, unit[2] = {1, 1};
-  if (encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<half*>(x), dims, strides, box,
-             unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return -1;
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(half)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(nt)}, unit[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<half*>(base), dims, strides,
+                box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BITS, int NT, int WGS>
+int launch_wg(const WgCall& a) {
+  auto kernel = mixed_wg_kernel<BITS, NT, WGS>;
+  const int S = a.K / 64;
+  const int ss_per_split = (S + a.splits - 1) / a.splits;
+  const int splits = (S + ss_per_split - 1) / ss_per_split;
+  if ((a.N / 64) % WGS) return -1;  // whole column blocks
+  const int T = (a.M + NT - 1) / NT;
+  const long blocks = static_cast<long>(T) * (a.N / 64 / WGS);
+  if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
+  const int W = (a.nsal + 63) / 64 * 64;
+  CUtensorMap xmap, smap;
+  if (!encode_rows(&xmap, a.x, a.K, a.M, NT)) return -1;
+  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT))) return -1;
+  if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   static size_t allowed[64] = {};
-  const int rc = allow_smem(kernel, smem, allowed);
+  int rc = allow_smem(kernel, smem, allowed);
   if (rc) return rc;
+  if (W > 0) {
+    const long threads = static_cast<long>(a.M) * (W / 2);
+    rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
+                   0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
+    if (rc) return rc;
+  }
   return launch_ex(kernel, dim3(static_cast<unsigned>(blocks), splits), dim3(WGS * 128), smem,
-                   stream, 1, pdl, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K,
-                   group_magic(group), ss_per_split, T, xmap);
+                   a.stream, 1, a.pdl, a.qc, a.zp, a.scp, a.wsp, a.nsal, a.bias, a.y, a.ws, a.cnt,
+                   a.M, a.N, a.K, group_magic(a.group), ss_per_split, T, xmap, smap);
 }
 
 template <int BITS>
-int by_tile(int nt, int wgs, const half* x, const uint4* qc, const uint4* zp, const uint4* scp,
-            const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-            int* cnt, int M, int N, int K, int group, int splits, bool pdl, cudaStream_t s) {
+int by_tile(int nt, int wgs, const WgCall& a) {
   // 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
   // configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
   switch (nt * 10 + wgs) {
-    case 642: return launch_wg<BITS, 64, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 644: return launch_wg<BITS, 64, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 1282: return launch_wg<BITS, 128, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 1284: return launch_wg<BITS, 128, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
-    case 2562: return launch_wg<BITS, 256, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, pdl, s);
+    case 642: return launch_wg<BITS, 64, 2>(a);
+    case 644: return launch_wg<BITS, 64, 4>(a);
+    case 1282: return launch_wg<BITS, 128, 2>(a);
+    case 1284: return launch_wg<BITS, 128, 4>(a);
+    case 2562: return launch_wg<BITS, 256, 2>(a);
     default: return -1;
   }
 }
@@ -535,29 +544,30 @@ int by_tile(int nt, int wgs, const half* x, const uint4* qc, const uint4* zp, co
 }  // namespace
 
 // Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a
-// build for sm_90a (the caller checks: on other targets the kernel body is empty).
+// build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
+// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
-                           int bits, int nt, int wgs, int splits, int pdl, void* stream) {
+                           int bits, int nt, int wgs, int splits, void* xs, int pdl,
+                           void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31))
     return -1;
-  auto* xh = static_cast<const half*>(x);
-  auto* q = static_cast<const uint4*>(qc);
-  auto* z = static_cast<const uint4*>(zp);
-  auto* sc = static_cast<const uint4*>(scp);
-  auto* wp = static_cast<const uint4*>(wsp);
-  auto* si = static_cast<const int*>(sidx);
-  auto* bh = static_cast<const half*>(bias);
-  auto* yh = static_cast<half*>(y);
-  auto* w = static_cast<float*>(ws);
-  auto* c = static_cast<int*>(cnt);
-  auto s = static_cast<cudaStream_t>(stream);
+  const WgCall a{static_cast<const half*>(x),   static_cast<const uint4*>(qc),
+                 static_cast<const uint4*>(zp), static_cast<const uint4*>(scp),
+                 static_cast<const uint4*>(wsp), static_cast<const int*>(sidx),
+                 nsal,                           static_cast<const half*>(bias),
+                 static_cast<half*>(y),          static_cast<float*>(ws),
+                 static_cast<int*>(cnt),         static_cast<half*>(xs),
+                 M,                              N,
+                 K,                              group,
+                 splits,                         pdl != 0,
+                 static_cast<cudaStream_t>(stream)};
   switch (bits) {
-    case 2: return by_tile<2>(nt, wgs, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
-    case 3: return by_tile<3>(nt, wgs, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
-    case 4: return by_tile<4>(nt, wgs, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, pdl, s);
+    case 2: return by_tile<2>(nt, wgs, a);
+    case 3: return by_tile<3>(nt, wgs, a);
+    case 4: return by_tile<4>(nt, wgs, a);
     default: return -1;
   }
 }

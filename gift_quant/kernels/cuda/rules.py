@@ -26,7 +26,6 @@ __all__ = [
     "mmv_configs",
     "wg_choose",
     "wg_configs",
-    "wg_takes_salient",
 ]
 
 MAX_M = 64
@@ -209,7 +208,6 @@ def dependent_launch(device: torch.device) -> bool:
 # the tiles and column blocks make too few blocks. Two or four warpgroups with 64- and 128-row
 # tiles (at most 128 registers a thread at four), two with 256-row tiles (128 accumulators).
 WG_TILES = (64, 128, 256)
-WG_STAGES = {64: 6, 128: 4, 256: 3}  # its ring's depth per tile (mixed_wg.cu, `wg_stages`)
 WG_TARGET_BLOCKS = 132  # one block per SM of an H200
 
 
@@ -243,12 +241,3 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
                 if splits <= max(1, K // 64 // 4) and c not in out:
                     out.append(c)
     return out
-
-
-def wg_takes_salient(nsal: int, nt: int, K: int, splits: int) -> bool:
-    """Whether the warpgroup kernel launches with ``nsal`` salient columns in tiles of ``nt``
-    rows at ``splits`` K splits: each split's salient k-steps (64 columns each, round-robin)
-    must fit the ring's prologue (WG_STAGES[nt] - 1 slots); ``mixed_wg.cu`` refuses the
-    launch otherwise, and the first-use timing leaves such a configuration out."""
-    steps = (nsal + 63) // 64
-    return -(-steps // _runs(K, splits)) <= WG_STAGES[nt] - 1
