@@ -40,8 +40,9 @@
 
 namespace {
 
-// ring depth by tile height, as deep as shared memory allows at 4 bits: one block per SM,
-// except 64-row tiles with two warpgroups (two blocks; 8 slots of 13 KB each). The weights of a
+// ring depth by tile height: 256-row tiles as deep as shared memory allows at 4 bits (6 slots
+// of 37 KB), 8 slots otherwise (64-row tiles with two warpgroups keep two blocks per SM: 8 of
+// 13 KB). The weights of a
 // k-step are dequantized one k-step before its MMAs, so the weights' copies run STAGES - 2
 // k-steps ahead of their use (one at the 3 slots 256-row tiles had before)
 __host__ __device__ constexpr int wg_stages(int nt) { return nt == 256 ? 6 : 8; }
@@ -451,19 +452,21 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // x's salient columns into xs [M, W] (W = 64 per salient k-step; zeros past the last column),
 // two columns a thread. It lets the main kernel start at once (its prologue streams weights;
 // its `pdl_wait` waits for this grid before any tensor copy reads xs) and waits for the
-// previous kernel's x itself.
+// previous kernel's x itself (read through L2: that kernel may have run alongside).
 __global__ void __launch_bounds__(256)
     wg_gather_kernel(const half* __restrict__ x, const int* __restrict__ sidx, int nsal,
                      half* __restrict__ xs, int M, int K, int W) {
   pdl_launch_dependents();
-  pdl_wait();
   const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x, hw = W >> 1;
-  if (i >= M * hw) return;
   const int r = static_cast<int>(i / hw), c = static_cast<int>(i % hw) * 2;
+  const int ca = i < M * hw && c < nsal ? __ldg(sidx + c) : -1;  // indices: not from a kernel
+  const int cb = i < M * hw && c + 1 < nsal ? __ldg(sidx + c + 1) : -1;
+  pdl_wait();
+  if (i >= M * hw) return;
   const half* xr = x + static_cast<size_t>(r) * K;
   half2 v = __floats2half2_rn(0.0f, 0.0f);
-  if (c < nsal) v.x = xr[__ldg(sidx + c)];
-  if (c + 1 < nsal) v.y = xr[__ldg(sidx + c + 1)];
+  if (ca >= 0) v.x = __ldcg(xr + ca);
+  if (cb >= 0) v.y = __ldcg(xr + cb);
   reinterpret_cast<half2*>(xs + static_cast<size_t>(r) * W)[c >> 1] = v;
 }
 
