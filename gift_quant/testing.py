@@ -325,7 +325,7 @@ def compile_for_gpu(
                 const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
                 const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3)
-                kernel = build(mm._mm_kernel, types, const, 4, 3, cfg.get("maxnreg"))
+                kernel = build(mm._mm_kernel, types, const, 4, 3)
                 out.append(f"mm:{name} " + kernel)
             const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
             out.append(build(mm._backward_kernel, types, const, 4, 2))

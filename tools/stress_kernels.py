@@ -1,0 +1,104 @@
+"""Repeated calls of the split-K Triton kernels, on the GPU: races show up here, not in one call.
+
+    PYTHONPATH=. python3 tools/stress_kernels.py [--iters 200] [--out DIR] [--shared]
+
+Every ``mm`` configuration at M = 16, 40 and 64 and the GEMV at M = 1 and 4, for 2/3/4 bits x
+fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns): ``--iters`` calls, each on
+fresh random x, checked against the float64 oracle (max |out - exact| <= 3 x max |ref - exact|,
+ref the torch reference in the same dtype), and each repeated on the same x (split-K sums in
+another order differ by rounding; a call that differs from its repeat by more than 4 x the
+reference's error is counted as nondeterministic). check_kernels.py tests each kernel once;
+a kernel wrong in one call of six passes there five times in six. Prints a table; writes
+stress_kernels.json under --out (rows with the commit, versions, GPU and whether the machine
+was shared); exit status 1 when any call was wrong or nondeterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gift_quant.kernels import reference  # noqa: E402
+from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton.mm import MM_CONFIGS  # noqa: E402
+from gift_quant.testing import (  # noqa: E402
+    ERROR_FACTOR,
+    kernel_error,
+    oracle,
+    random_mixed_linear,
+    run_environment,
+)
+
+CASES = [(M, f"mm:{name}") for M in (16, 40, 64) for name in MM_CONFIGS]
+CASES += [(1, "gemv"), (4, "gemv")]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) -> dict:
+    p = triton_ops.prepare(layer)
+    K = layer.in_features
+    args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+    wrong = nondet = 0
+    worst = 0.0
+    for _ in range(iters):
+        x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
+        exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+        y1 = triton_ops.run_route(name, x, *args)
+        y2 = triton_ops.run_route(name, x, *args)
+        err, ref_err = kernel_error(y1, ref, exact)
+        worst = max(worst, err / max(ref_err, 1e-12))
+        wrong += err > ERROR_FACTOR * ref_err + 1e-6
+        nondet += bool((y1.float() - y2.float()).abs().max() > 4 * ref_err)
+    return dict(M=M, route=name, iters=iters, wrong=int(wrong), nondet=nondet, worst=worst)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: stress_kernels.py needs a CUDA GPU")
+    env = run_environment(args.shared)
+    t0 = time.time()
+    rows = []
+    print(f"{'bits':>4} {'dtype':5} {'M':>3} {'route':10} {'wrong':>6} {'nondet':>6} worst ratio")
+    for bits in (2, 3, 4):
+        for dname, dtype in DTYPES.items():
+            layer = random_mixed_linear(
+                4096, 4096, bits=bits, num_salient=128, seed=bits, device="cuda", dtype=dtype
+            )
+            gen = torch.Generator(device="cuda").manual_seed(bits)
+            for M, name in CASES:
+                r = dict(bits=bits, dtype=dname, **stress(layer, dtype, M, name, args.iters, gen))
+                rows.append({**r, **env})
+                print(
+                    f"{bits:>4} {dname:5} {M:>3} {name:10} {r['wrong']:>6} {r['nondet']:>6} "
+                    f"{r['worst']:.2f}",
+                    flush=True,
+                )
+    bad = [r for r in rows if r["wrong"] or r["nondet"]]
+    calls = sum(r["iters"] for r in rows)
+    print(
+        f"\n{len(rows)} cases, {calls} calls (each repeated); {len(bad)} cases with a wrong or "
+        f"nondeterministic call: {sorted({r['route'] for r in bad}) or 'none'}; "
+        f"{time.time() - t0:.0f}s"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(env=env, rows=rows, failing=len(bad))
+    (out / "stress_kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
