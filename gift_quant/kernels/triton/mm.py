@@ -241,11 +241,12 @@ def _dequant_kernel(
 # BLOCK_N; k: BLOCK_K 64 (4-bit: 8 word rows per tile instead of 16, 1.3x faster at M <= 16);
 # s: twice the programs; w: tile scaled in the activation dtype, BLOCK_K 64 (for BLOCK_M >=
 # 64); r: more K splits (396 programs instead of 264). No configuration caps its registers:
-# t128wr with registers capped at 168 (so that 3 programs fit per SM at 2 bits) gave a wrong
-# output tile in about one call in six at 2 bits with bf16 on the H200, a different one from
-# call to call on the same input; uncapped, every call was within the error bound
-# (docs/KERNELS-NOTES.md, round 18). ``programs``: the split-K target (132 SMs, 2-4 resident
-# programs each; salient programs come on top).
+# t128wr with registers capped at 168 gave a wrong output tile in about one call in six at 2
+# bits with bf16 on the H200, a different one from call to call on the same input; uncapped
+# (also 168 registers there, another ptxas schedule), every call was within the error bound
+# (docs/KERNELS-NOTES.md, round 18; tools/stress_kernels.py repeats every split-K kernel).
+# ``programs``: the split-K target (132 SMs, 2-4 resident programs each; salient programs
+# come on top).
 MM_CONFIGS: dict[str, dict] = {
     "t128": dict(swap=True, block_n=128, block_k=128, programs=264),
     "t128s": dict(swap=True, block_n=128, block_k=128, programs=528),
