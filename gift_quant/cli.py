@@ -311,13 +311,16 @@ def cmd_eval(args) -> dict:
         recipe_eval = load_recipe(files / "recipe.yaml").eval
     seq_len = recipe_eval.seq_len if args.seq_len is None else args.seq_len
     max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
-    if files is not None:  # the context from config.json, before loading the weights
+    # the context from config.json, before loading the weights (a --model directory too)
+    config_dir = files if files is not None else Path(args.model)
+    if (config_dir / "config.json").is_file():
         try:
-            config = json.loads((files / "config.json").read_text())
+            config = json.loads((config_dir / "config.json").read_text())
         except (OSError, ValueError):
             config = None  # the loader names what is wrong with it
         if isinstance(config, dict):
-            key = "--seq-len" if args.seq_len is not None else "eval.seq_len"  # the run's
+            run_key = args.seq_len is None and files is not None  # the run's recipe set it
+            key = "eval.seq_len" if run_key else "--seq-len"
             check_context(config, seq_len, key)
     cap = "--max-tokens"
     if args.max_tokens is None and files is not None:  # the run's own cap

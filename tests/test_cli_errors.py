@@ -977,6 +977,24 @@ def test_eval_window_beyond_the_context_is_refused_before_loading(
     assert f"eval.max_tokens of {recipe} (--max-tokens overrides it) must be 0" in err
 
 
+def test_eval_of_a_model_beyond_its_context_is_refused_before_loading(
+    tiny_model_dirs, capsys, monkeypatch
+):
+    """``eval --model DIR``: the window is checked against DIR/config.json before the model
+    loads (the default window when --seq-len is not given, named as --seq-len)."""
+    import gift_quant.modeling as modeling
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(modeling, "load_model", never)
+    model = tiny_model_dirs("llama")
+    limit = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
+    assert main(["eval", "--model", model, "--seq-len", str(limit + 1), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"--seq-len={limit + 1} exceeds the model's context" in err, err
+
+
 def test_eval_of_a_damaged_config_json_names_the_file(export_dir, tmp_path, capsys):
     """The context check before loading leaves a damaged config.json to the loader."""
     copy = tmp_path / "copy"
@@ -1065,7 +1083,7 @@ BEHAVIOUR = [
     ),
     (
         "data",
-        "eval of a model directory, window beyond its context",
+        "eval of a model directory or `--model DIR`, window beyond its context",
         "refused from its config.json before the weights load; a cap from the run's recipe is "
         "named as such",
         "2",
