@@ -1,10 +1,11 @@
-"""Repeated calls of the split-K Triton kernels, on the GPU: races show up here, not in one call.
+"""Repeated calls of the split-K kernels on the GPU: races show up here, not in one call.
 
-    PYTHONPATH=. python3 tools/stress_kernels.py [--iters 200] [--out DIR] [--shared]
+    PYTHONPATH=. python3 tools/stress_kernels.py [--iters 200] [--cuda] [--out DIR] [--shared]
 
 Every ``mm`` configuration at M = 16, 40 and 64 and the GEMV at M = 1 and 4, for 2/3/4 bits x
-fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns): ``--iters`` calls, each on
-fresh random x, checked against the float64 oracle (max |out - exact| <= 3 x max |ref - exact|,
+fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns; with ``--cuda``, in fp16,
+also every configuration of the CUDA kernels that the first-use timing may pick, at M = 2, 8,
+16, 32, 64 and 200): ``--iters`` calls, each on fresh random x, checked against the float64 oracle (max |out - exact| <= 3 x max |ref - exact|,
 ref the torch reference in the same dtype), and each repeated on the same x (split-K sums in
 another order differ by rounding; a call that differs from its repeat by more than 4 x the
 reference's error is counted as nondeterministic). check_kernels.py tests each kernel once;
@@ -29,7 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gift_quant.kernels import reference  # noqa: E402
+from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
+from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.kernels.triton.mm import MM_CONFIGS  # noqa: E402
 from gift_quant.testing import (  # noqa: E402
     ERROR_FACTOR,
@@ -41,7 +44,21 @@ from gift_quant.testing import (  # noqa: E402
 
 CASES = [(M, f"mm:{name}") for M in (16, 40, 64) for name in MM_CONFIGS]
 CASES += [(1, "gemv"), (4, "gemv")]
+CUDA_MS = (2, 8, 16, 32, 64, 200)  # --cuda: every CUDA-kernel configuration at these M
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cases(layer, dtype, cuda: bool) -> list[tuple[int, str]]:
+    """CASES, and with ``cuda`` (fp16, where the CUDA kernels are built) every configuration
+    of the CUDA kernels that the first-use timing may pick for this layer."""
+    out = list(CASES)
+    if cuda and dtype == torch.float16 and triton_ops.cuda_layout(layer) is not None:
+        N, K = layer.out_features, layer.in_features
+        wg = native.wg_available()
+        for M in CUDA_MS:
+            names = routes.candidates(M, mma=True, N=N, K=K, wg=wg)
+            out += [(M, n) for n in names if n.startswith(("mma:", "mmv:", "wg:"))]
+    return out
 
 
 def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) -> dict:
@@ -53,8 +70,8 @@ def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) ->
     for _ in range(iters):
         x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
         exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
-        y1 = triton_ops.run_route(name, x, *args)
-        y2 = triton_ops.run_route(name, x, *args)
+        y1 = triton_ops.run_route(name, x, *args, cuda=p.cuda)
+        y2 = triton_ops.run_route(name, x, *args, cuda=p.cuda)
         err, ref_err = kernel_error(y1, ref, exact)
         worst = max(worst, err / max(ref_err, 1e-12))
         wrong += err > ERROR_FACTOR * ref_err + 1e-6
@@ -67,6 +84,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    ap.add_argument(
+        "--cuda", action="store_true", help="also every CUDA-kernel configuration (fp16)"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: stress_kernels.py needs a CUDA GPU")
@@ -88,7 +108,7 @@ def main() -> None:
                 4096, 4096, bits=bits, num_salient=128, seed=bits, device="cuda", dtype=dtype
             )
             gen = torch.Generator(device="cuda").manual_seed(bits)
-            for M, name in CASES:
+            for M, name in cases(layer, dtype, args.cuda):
                 r = dict(bits=bits, dtype=dname, **stress(layer, dtype, M, name, args.iters, gen))
                 rows.append({**r, **env})
                 write(rows)  # after every case: a run cut short keeps what it measured
