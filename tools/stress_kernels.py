@@ -3,17 +3,17 @@
     PYTHONPATH=. python3 tools/stress_kernels.py [--iters 200] [--cuda] [--out DIR] [--shared]
 
 Every ``mm`` configuration at M = 16, 40 and 64 and the GEMV at M = 1 and 4, for 2/3/4 bits x
-fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns; with ``--cuda``, in fp16,
-also every configuration of the CUDA kernels that the first-use timing may pick, at M = 2, 8,
-16, 32, 64 and 200): ``--iters`` calls, each on fresh random x, checked against the float64 oracle (max |out - exact| <= 3 x max |ref - exact|,
-ref the torch reference in the same dtype), and each repeated on the same x (split-K sums in
-another order differ by rounding; a call that differs from its repeat by more than 4 x the
-reference's error is counted as nondeterministic). check_kernels.py tests each kernel once;
-a kernel wrong in one call of six passes there five times in six. Prints a table; writes
-stress_kernels.json under --out (rows with the commit, versions, GPU and whether the machine
-was shared; rewritten after every case, so a run cut short keeps what it measured); exit
-status 1 when any call was wrong or nondeterministic. About 2 s per case at --iters 60 once
-the kernels are compiled.
+fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns; with ``--cuda``, in fp16, also
+every configuration of the CUDA kernels that the first-use timing may pick, at M = 2, 8, 16, 32,
+64 and 200): ``--iters`` calls, each on fresh random x, checked against the float64 oracle (max
+|out - exact| <= 3 x max |ref - exact|, ref the torch reference in the same dtype), and each
+repeated on the same x (split-K sums in another order differ by rounding; a call that differs
+from its repeat by more than 4 x the reference's error is counted as nondeterministic).
+check_kernels.py tests each kernel once; a kernel wrong in one call of six passes there five
+times in six. Prints a table; writes stress_kernels.json under --out (rows with the commit,
+versions, GPU and whether the machine was shared; rewritten after every case, so a run cut short
+keeps what it measured); exit status 1 when any call was wrong or nondeterministic. About 2 s
+per case at --iters 60 once the kernels are compiled.
 """
 
 from __future__ import annotations
