@@ -97,7 +97,9 @@ def main() -> None:
     def write(rows: list[dict]) -> None:
         failing = sum(1 for r in rows if r["wrong"] or r["nondet"])
         result = dict(env=env, rows=rows, failing=failing)
-        (out / "stress_kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+        tmp = out / "stress_kernels.json.tmp"  # a run stopped mid-write keeps the last file
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out / "stress_kernels.json")
 
     t0 = time.time()
     rows = []
