@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -275,8 +276,10 @@ def compile_for_gpu(
     bits=(2, 3, 4), dtypes=("fp16", "bf16"), mm_configs=None, with_gemv: bool = True
 ) -> list[str]:
     """Compile every Triton kernel for sm_90 (H100/H200) without a GPU, through Triton's own
-    ptxas, and return one line per kernel with its registers and stack bytes (spills) where
-    Triton's bundled cuobjdump can read them. This catches what the interpreter cannot: code
+    ptxas, and return one line per kernel (each mm configuration at 16 and 64 rows) with its
+    registers, stack bytes (spills) and the loops that may leave register-operand MMAs pending
+    (:func:`pending_mma_loops`, 0 for every kernel we launch) where Triton's bundled cuobjdump
+    can read them. This catches what the interpreter cannot: code
     the GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. The
     pointers and N, K are declared 16-divisible, as the launcher's aligned tensors and layer
     widths make them (without it the GEMV's registers read 168-255 instead of 96). Must run in
@@ -306,6 +309,9 @@ def compile_for_gpu(
         shown = {k: v for k, v in const.items() if k not in ("ASM", "CONSTR")}
         cap = f", maxnreg {maxnreg}" if maxnreg else ""
         use = _resource_usage(c.asm["cubin"])
+        sass = _cuobjdump(c.asm["cubin"], "-sass")
+        if sass:
+            use += f", {pending_mma_loops(sass)} loops leaving register-operand MMAs pending"
         return f"{kernel.fn.__name__} {shown}{cap}: {len(c.asm['cubin'])} bytes of cubin{use}"
 
     out = []
@@ -318,15 +324,13 @@ def compile_for_gpu(
             ptrs |= dict(wst_ptr="*fp16", ws_ptr="*fp32", x32_ptr="*i32")
             ptrs |= {n: "*i32" for n in ("q_ptr", "sz_ptr", "sidx_ptr", "cnt_ptr", "sal_pos_ptr")}
             types = ptrs | i32
-            for name, spec in (mm_configs or mm.MM_CONFIGS).items():
-                cfg = mm.mm_config(
-                    16 if spec.get("scale_acc", True) else 64, 4096, 4096, 128, **spec
-                )
+            for (name, spec), M in product((mm_configs or mm.MM_CONFIGS).items(), (16, 64)):
+                cfg = mm.mm_config(M, 4096, 4096, 128, **spec)  # 64 rows: acc scaled or not
                 const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
-                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3)
+                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3, SETTLE=True)
                 kernel = build(mm._mm_kernel, types, const, 4, 3)
-                out.append(f"mm:{name} " + kernel)
+                out.append(f"mm:{name} M={M} " + kernel)
             const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
             out.append(build(mm._backward_kernel, types, const, 4, 2))
             for noise in (0, 1, 2):  # inference; GIFT-SW training with each noise kind
@@ -350,10 +354,9 @@ def compile_for_gpu(
     return out
 
 
-def _resource_usage(cubin: bytes) -> str:
-    """ ", N registers, S bytes of stack" of a one-kernel cubin, read by Triton's bundled
-    cuobjdump; "" where it is missing or says nothing."""
-    import re
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled cuobjdump prints for a one-kernel cubin with ``flag``; "" where
+    it is missing or fails."""
     import tempfile
 
     import triton
@@ -365,10 +368,45 @@ def _resource_usage(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         try:
-            text = subprocess.run(
-                [str(tool), "-res-usage", f.name], capture_output=True, text=True, timeout=60
-            ).stdout
+            run = subprocess.run(
+                [str(tool), flag, f.name], capture_output=True, text=True, timeout=60
+            )
         except (OSError, subprocess.SubprocessError):
             return ""
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    return run.stdout
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """ ", N registers, S bytes of stack" of a one-kernel cubin; "" where cuobjdump says
+    nothing."""
+    import re
+
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", _cuobjdump(cubin, "-res-usage"))
     return f", {m[1]} registers, {m[2]} bytes of stack" if m else ""
+
+
+def pending_mma_loops(sass: str) -> int:
+    """Loops of a kernel's SASS (a backward branch and the code it jumps over) that issue
+    warpgroup MMAs with register operand A (``HGMMA ... Rd, Ra, gdesc``) and may leave some
+    pending when they go round: no ``WARPGROUP.DEPBAR`` after the last MMA of the body, or
+    one that waits only until N > 0 groups are pending. The next iteration may then write
+    registers those MMAs still read (``tiles.settle``); such a loop is counted."""
+    import re
+
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            code.append((int(m[1], 16), m[2].strip()))
+    count = 0
+    for at, text in code:
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        if not m or int(m[1], 16) >= at:
+            continue
+        body = [(a, t) for a, t in code if int(m[1], 16) <= a <= at]
+        mmas = [a for a, t in body if re.match(r"HGMMA\S* R\d+, R\d+,", t)]
+        if not mmas:
+            continue
+        waits = [t for a, t in body if a > mmas[-1] and t.startswith("WARPGROUP.DEPBAR")]
+        count += not waits or int(waits[-1].rsplit(",", 1)[1], 16) > 0
+    return count

@@ -327,12 +327,12 @@ def test_route_tables_only_name_candidate_kernels():
 
 
 def _compile_for_gpu(bits: int, dtype: str, with_gemv: bool) -> list[str]:
-    """``testing.compile_for_gpu`` for one bit width and dtype with the ``t64k`` mm
-    configuration, in a process without TRITON_INTERPRET (the kernel modules must be imported
-    without it): the lines it returns."""
+    """``testing.compile_for_gpu`` for one bit width and dtype with the ``t128wr`` mm
+    configuration (at 16 and 64 rows), in a process without TRITON_INTERPRET (the kernel
+    modules must be imported without it): the lines it returns."""
     code = (
         "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels.triton "
-        f"import mm; print(*c(({bits},), ('{dtype}',), {{'t64k': mm.MM_CONFIGS['t64k']}}, "
+        f"import mm; print(*c(({bits},), ('{dtype}',), {{'t128wr': mm.MM_CONFIGS['t128wr']}}, "
         f"{with_gemv}), sep='\\n')"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -347,9 +347,16 @@ def test_kernels_compile_for_the_gpu_without_one():
     """The GPU compiler rejects code the interpreter runs (any Python): compile the mm kernel,
     the backward and the dequantizer (the shared tile, salient dot and epilogue) for sm_90 in
     a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
-    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all."""
+    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all.
+
+    And in the compiled code, no loop leaves register-operand MMAs pending when it goes round:
+    ``t128wr`` (the tile scaled before its MMAs, so Triton pipelines them across k-steps) left
+    3 pending at round 18, and the next k-step's dequantization wrote registers they read: a
+    wrong output tile in about one call in six on the H200 (``tiles.settle``)."""
     lines = _compile_for_gpu(3, "bf16", with_gemv=False)
-    assert len(lines) == 5, lines  # mm, backward, dequantize x 3 noise kinds
+    assert len(lines) == 6, lines  # mm at 16 and 64 rows, backward, dequantize x 3 noise kinds
+    for line in lines:
+        assert line.endswith(", 0 loops leaving register-operand MMAs pending"), line
 
 
 def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():

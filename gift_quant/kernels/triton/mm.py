@@ -25,6 +25,7 @@ from gift_quant.kernels.triton.tiles import (
     interpreting,
     on_device,
     salient_dot,
+    settle,
     store_output,
 )
 
@@ -62,6 +63,7 @@ def _mm_kernel(
     SWAP: tl.constexpr,
     SCALE_ACC: tl.constexpr,
     STAGES: tl.constexpr,
+    SETTLE: tl.constexpr,
 ):
     """x [M, K] f16/bf16; q, sz as in ``deq_tile``; wst [NSAL, N] fp16 (W_S^T); sidx [NSAL]
     int32; bias [N]; ws [M, N] fp32 zeros; cnt [tiles] int32 zeros; y [M, N] like x. Grid
@@ -106,6 +108,8 @@ def _mm_kernel(
                 acc += tl.dot(a, b) * s2
             else:
                 acc = tl.dot(a, b, acc)
+                if SETTLE:  # no MMA left pending at the back-edge (see ``settle``)
+                    acc = settle(acc)
     if DIRECT:
         acc = salient_dot(
             acc, x_ptr, wst_ptr, sidx_ptr, offs_m, mmask, offs_n, N, K, 0, NSAL, SWAP, BF16, EMU
@@ -241,10 +245,11 @@ def _dequant_kernel(
 # BLOCK_N; k: BLOCK_K 64 (4-bit: 8 word rows per tile instead of 16, 1.3x faster at M <= 16);
 # s: twice the programs; w: tile scaled in the activation dtype, BLOCK_K 64 (for BLOCK_M >=
 # 64); r: more K splits (396 programs instead of 264). No configuration caps its registers:
-# t128wr with registers capped at 168 gave a wrong output tile in about one call in six at 2
-# bits with bf16 on the H200, a different one from call to call on the same input; uncapped
-# (also 168 registers there, another ptxas schedule), every call was within the error bound
-# (docs/KERNELS-NOTES.md, round 18; tools/stress_kernels.py repeats every split-K kernel).
+# t128wr capped at 168 gave a wrong output tile in about one call in six at 2 bits with bf16
+# on the H200 (a different tile each call on the same input). Its compiled loop went round
+# with MMAs pending whose register operands the next k-step's dequantization writes, the
+# likely cause; ``tiles.settle`` now keeps every accumulating loop from going round with MMAs
+# pending (docs/KERNELS-NOTES.md, round 18).
 # ``programs``: the split-K target (132 SMs, 2-4 resident programs each; salient programs
 # come on top).
 MM_CONFIGS: dict[str, dict] = {
@@ -362,6 +367,7 @@ def mm(
             SWAP=cfg["SWAP"],
             SCALE_ACC=cfg["SCALE_ACC"],
             STAGES=cfg["num_stages"],
+            SETTLE=not interpreting(),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )

@@ -205,6 +205,22 @@ def _finish(
 
 
 @triton.jit
+def settle(acc):
+    """``acc`` unchanged, each register read by one ``mov``: Triton waits for every MMA that
+    writes ``acc`` before it, so none is left pending when the k-loop goes round. Where the
+    dequantized weight tile is the MMA's register operand A and the loop accumulates with
+    ``tl.dot(a, b, acc)``, Triton (3.6) lets 3-7 MMAs run on past the loop's end, and ptxas
+    before 13.3 (Triton bundles 12.8 in 3.6, 12.9 in 3.9) may schedule the next k-step's
+    dequantization into the registers those MMAs still read (triton-lang/triton#9433). On the
+    H200 that gave a wrong output tile in about one call in six (``t128wr`` with registers
+    capped at 168, 2 bits, bf16; docs/KERNELS-NOTES.md, round 18). Compiled kernels only (inline
+    PTX); ``testing.compile_for_gpu`` checks the compiled loops."""
+    return tl.inline_asm_elementwise(
+        "mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
 def store_output(
     acc,
     yoff,
