@@ -277,8 +277,8 @@ def compile_for_gpu(
 ) -> list[str]:
     """Compile every Triton kernel for sm_90 (H100/H200) without a GPU, through Triton's own
     ptxas, and return one line per kernel (each mm configuration at 16 and 64 rows) with its
-    registers, stack bytes (spills) and the loops that may leave register-operand MMAs pending
-    (:func:`pending_mma_loops`, 0 for every kernel we launch) where Triton's bundled cuobjdump
+    registers, stack bytes (spills) and its writes to registers that MMAs may still read
+    (:func:`unwaited_operand_writes`, 0 for every kernel we launch) where Triton's bundled cuobjdump
     can read them. This catches what the interpreter cannot: code
     the GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. The
     pointers and N, K are declared 16-divisible, as the launcher's aligned tensors and layer
@@ -309,9 +309,10 @@ def compile_for_gpu(
         shown = {k: v for k, v in const.items() if k not in ("ASM", "CONSTR")}
         cap = f", maxnreg {maxnreg}" if maxnreg else ""
         use = _resource_usage(c.asm["cubin"])
-        sass = _cuobjdump(c.asm["cubin"], "-sass")
+        sass = cuobjdump(c.asm["cubin"], "-sass")
         if sass:
-            use += f", {pending_mma_loops(sass)} loops leaving register-operand MMAs pending"
+            loops, writes = unwaited_operand_writes(sass)
+            use += f", {loops} MMA loops, {writes} writes to operands of MMAs not waited for"
         return f"{kernel.fn.__name__} {shown}{cap}: {len(c.asm['cubin'])} bytes of cubin{use}"
 
     out = []
@@ -354,7 +355,7 @@ def compile_for_gpu(
     return out
 
 
-def _cuobjdump(cubin: bytes, flag: str) -> str:
+def cuobjdump(cubin: bytes, flag: str) -> str:
     """What Triton's bundled cuobjdump prints for a one-kernel cubin with ``flag``; "" where
     it is missing or fails."""
     import tempfile
@@ -381,32 +382,58 @@ def _resource_usage(cubin: bytes) -> str:
     nothing."""
     import re
 
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", _cuobjdump(cubin, "-res-usage"))
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
     return f", {m[1]} registers, {m[2]} bytes of stack" if m else ""
 
 
-def pending_mma_loops(sass: str) -> int:
-    """Loops of a kernel's SASS (a backward branch and the code it jumps over) that issue
-    warpgroup MMAs with register operand A (``HGMMA ... Rd, Ra, gdesc``) and may leave some
-    pending when they go round: no ``WARPGROUP.DEPBAR`` after the last MMA of the body, or
-    one that waits only until N > 0 groups are pending. The next iteration may then write
-    registers those MMAs still read (``tiles.settle``); such a loop is counted."""
+def unwaited_operand_writes(sass: str) -> tuple[int, int]:
+    """(loops, writes): the loops of a kernel's SASS that issue warpgroup MMAs (a backward
+    branch and the code it jumps over, holding an HGMMA), and the writes to a register that an
+    MMA may still read as its operand A. Each loop is walked twice in address order: an HGMMA
+    adds its four A registers to the open group, one flagged ``gsb0`` closes the group,
+    ``WARPGROUP.DEPBAR.LE gsb0, N`` retires the oldest groups until N remain; an instruction of
+    the second walk whose destination (first operand) is a register of an unretired group
+    counts. A heuristic over straight-line order (branches inside the loop are read through, a
+    predicated write counts). The t128wr tile of round 18, capped at 168 registers, had 176
+    (its loops went round with 3 groups open, ``tiles.settle``); every kernel we launch, 0."""
+    import re
+
+    loops = writes = 0
+    for function in re.split(r"\n\s*Function : ", sass)[1:]:  # addresses restart in each
+        n, w = _unwaited_in_function(function)
+        loops, writes = loops + n, writes + w
+    return loops, writes
+
+
+def _unwaited_in_function(sass: str) -> tuple[int, int]:
     import re
 
     code = []
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(.*?);", line)
         if m:
             code.append((int(m[1], 16), m[2].strip()))
-    count = 0
+    loops = writes = 0
     for at, text in code:
         m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
         if not m or int(m[1], 16) >= at:
             continue
-        body = [(a, t) for a, t in code if int(m[1], 16) <= a <= at]
-        mmas = [a for a, t in body if re.match(r"HGMMA\S* R\d+, R\d+,", t)]
-        if not mmas:
+        body = [t for a, t in code if int(m[1], 16) <= a <= at]
+        if not any(t.startswith("HGMMA") for t in body):
             continue
-        waits = [t for a, t in body if a > mmas[-1] and t.startswith("WARPGROUP.DEPBAR")]
-        count += not waits or int(waits[-1].rsplit(",", 1)[1], 16) > 0
-    return count
+        loops += 1
+        groups, group = [], set()
+        for walk in range(2):
+            for t in body:
+                if t.startswith("HGMMA"):
+                    a = re.match(r"HGMMA\S* R\d+, R(\d+),", t)
+                    group |= set(range(int(a[1]), int(a[1]) + 4)) if a else set()
+                    if "gsb0" in t:
+                        groups, group = [*groups, group], set()
+                elif t.startswith("WARPGROUP.DEPBAR"):
+                    del groups[: max(0, len(groups) - int(t.rsplit(",", 1)[1], 16))]
+                elif walk and (d := re.match(r"([A-Z][\w.]*)\s+R(\d+)\b", t)):
+                    width = 4 if ".128" in d[1] else 2 if ".64" in d[1] or "WIDE" in d[1] else 1
+                    live = group.union(*groups)
+                    writes += bool(set(range(int(d[2]), int(d[2]) + width)) & live)
+    return loops, writes

@@ -199,6 +199,13 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.stat().st_size > 0
+    if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
+        from gift_quant.testing import cuobjdump, unwaited_operand_writes
+
+        sass = cuobjdump(out.read_bytes(), "-sass")
+        loops, writes = unwaited_operand_writes(sass)
+        # every configuration's loops (3 each); no write to a fragment an MMA may still read
+        assert loops >= 15 and writes == 0, (loops, writes)
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ a kernel's error may not exceed ``ERROR_FACTOR`` times the torch reference's own
 """
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -349,14 +350,17 @@ def test_kernels_compile_for_the_gpu_without_one():
     a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
     (slow to compile): ``tools/check_kernels.py --compile-only`` does them all.
 
-    And in the compiled code, no loop leaves register-operand MMAs pending when it goes round:
-    ``t128wr`` (the tile scaled before its MMAs, so Triton pipelines them across k-steps) left
-    3 pending at round 18, and the next k-step's dequantization wrote registers they read: a
-    wrong output tile in about one call in six on the H200 (``tiles.settle``)."""
+    And in the compiled code no instruction writes a register that an MMA may still read:
+    ``t128wr`` (the tile scaled before its MMAs, so Triton pipelines them across k-steps) went
+    round with 3 MMAs pending at round 18, and the next k-step's dequantization wrote registers
+    they read (176 writes by ``testing.unwaited_operand_writes``): a wrong output tile in about
+    one call in six on the H200 (``tiles.settle``)."""
     lines = _compile_for_gpu(3, "bf16", with_gemv=False)
     assert len(lines) == 6, lines  # mm at 16 and 64 rows, backward, dequantize x 3 noise kinds
     for line in lines:
-        assert line.endswith(", 0 loops leaving register-operand MMAs pending"), line
+        assert line.endswith(", 0 writes to operands of MMAs not waited for"), line
+    for line in lines[:3]:  # the mm kernel's main and salient loops, the backward's loop
+        assert re.search(r", [1-9]\d* MMA loops,", line), line
 
 
 def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
