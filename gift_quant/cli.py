@@ -313,7 +313,11 @@ def cmd_eval(args) -> dict:
     max_tokens = recipe_eval.max_tokens if args.max_tokens is None else args.max_tokens
     # the context from config.json, before loading the weights (a --model directory too)
     config_dir = files if files is not None else Path(args.model)
-    if (config_dir / "config.json").is_file():
+    try:
+        has_config = (config_dir / "config.json").is_file()
+    except OSError:  # a name too long for a path, a directory it may not read: the loader's
+        has_config = False
+    if has_config:
         try:
             config = json.loads((config_dir / "config.json").read_text())
         except (OSError, ValueError):

@@ -273,18 +273,25 @@ _NOT_SWITCHES = ("GIFT_QUANT_COMMIT", "GIFT_QUANT_CACHE")
 
 
 def compile_for_gpu(
-    bits=(2, 3, 4), dtypes=("fp16", "bf16"), mm_configs=None, with_gemv: bool = True
+    bits=(2, 3, 4),
+    dtypes=("fp16", "bf16"),
+    mm_configs=None,
+    with_gemv: bool = True,
+    rows=(16, 64, 128),
+    settle: bool = True,
 ) -> list[str]:
     """Compile every Triton kernel for sm_90 (H100/H200) without a GPU, through Triton's own
-    ptxas, and return one line per kernel (each mm configuration at 16 and 64 rows) with its
-    registers, stack bytes (spills) and its writes to registers that MMAs may still read
-    (:func:`unwaited_operand_writes`, 0 for every kernel we launch) where Triton's bundled cuobjdump
-    can read them. This catches what the interpreter cannot: code
-    the GPU compiler rejects (the interpreter runs any Python) and the inline-PTX paths. The
-    pointers and N, K are declared 16-divisible, as the launcher's aligned tensors and layer
-    widths make them (without it the GEMV's registers read 168-255 instead of 96). Must run in
-    a process where TRITON_INTERPRET is unset when the kernel modules are imported.
-    ``with_gemv=False`` skips the GEMV, the slowest to compile (its inline PTX)."""
+    ptxas, and return one line per kernel with its registers, stack bytes (spills) and its
+    writes to registers that MMAs may still read (:func:`unwaited_operand_writes`) where
+    Triton's bundled cuobjdump can read them. Each mm configuration is compiled at each of
+    ``rows`` (x rows of a launch; <= 32 rescale the accumulator per k-step) with the split-K
+    epilogue (``DIRECT=False``). This catches what the interpreter cannot: code the GPU
+    compiler rejects (the interpreter runs any Python) and the inline-PTX paths. The pointers
+    and N, K are declared 16-divisible, as the launcher's aligned tensors and layer widths make
+    them (without it the GEMV's registers read 168-255 instead of 96). Must run in a process
+    where TRITON_INTERPRET is unset when the kernel modules are imported. ``with_gemv=False``
+    skips the GEMV, the slowest to compile (its inline PTX); ``settle=False`` compiles the mm
+    and backward loops without ``tiles.settle``, as before round 18's fix."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -325,14 +332,14 @@ def compile_for_gpu(
             ptrs |= dict(wst_ptr="*fp16", ws_ptr="*fp32", x32_ptr="*i32")
             ptrs |= {n: "*i32" for n in ("q_ptr", "sz_ptr", "sidx_ptr", "cnt_ptr", "sal_pos_ptr")}
             types = ptrs | i32
-            for (name, spec), M in product((mm_configs or mm.MM_CONFIGS).items(), (16, 64)):
-                cfg = mm.mm_config(M, 4096, 4096, 128, **spec)  # 64 rows: acc scaled or not
+            for (name, spec), M in product((mm_configs or mm.MM_CONFIGS).items(), rows):
+                cfg = mm.mm_config(M, 4096, 4096, 128, **spec)  # <= 32 rows: acc rescaled
                 const = dict(act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 const |= dict(BLOCK_K=cfg["BLOCK_K"], SAL_K=64, HAS_BIAS=True, DIRECT=False)
-                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3, SETTLE=True)
+                const |= dict(SWAP=cfg["SWAP"], SCALE_ACC=cfg["SCALE_ACC"], STAGES=3, SETTLE=settle)
                 kernel = build(mm._mm_kernel, types, const, 4, 3)
                 out.append(f"mm:{name} M={M} " + kernel)
-            const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2)
+            const = dict(act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, STAGES=2, SETTLE=settle)
             out.append(build(mm._backward_kernel, types, const, 4, 2))
             for noise in (0, 1, 2):  # inference; GIFT-SW training with each noise kind
                 const = dict(act, BLOCK_N=128, BLOCK_K=64, HAS_SAL=True, NOISE=noise)
@@ -394,8 +401,10 @@ def unwaited_operand_writes(sass: str) -> tuple[int, int]:
     ``WARPGROUP.DEPBAR.LE gsb0, N`` retires the oldest groups until N remain; an instruction of
     the second walk whose destination (first operand) is a register of an unretired group
     counts. A heuristic over straight-line order (branches inside the loop are read through, a
-    predicated write counts). The t128wr tile of round 18, capped at 168 registers, had 176
-    (its loops went round with 3 groups open, ``tiles.settle``); every kernel we launch, 0."""
+    predicated write counts); an MMA whose operand A it cannot read is an error, not a pass.
+    The t128wr tile without ``tiles.settle`` (its loops went round with 3 groups open) has
+    54-174 at 2-3 bits, fp16/bf16, 16 and 64 rows; as round 18 launched it (capped at 168
+    registers, 2 bits, bf16, 64 rows, no bias) 176; settled, 0."""
     import re
 
     loops = writes = 0
@@ -403,6 +412,27 @@ def unwaited_operand_writes(sass: str) -> tuple[int, int]:
         n, w = _unwaited_in_function(function)
         loops, writes = loops + n, writes + w
     return loops, writes
+
+
+def _written(text: str) -> set[int]:
+    """The registers an instruction of SASS writes: its first operand after any predicates,
+    as wide as the opcode makes it (a conservative reading: ``HMMA`` as 4 fp32 registers)."""
+    import re
+
+    op, _, rest = text.partition(" ")
+    operands = [o.strip() for o in rest.split(",")]
+    while operands and re.fullmatch(r"!?U?P(T|\d+)", operands[0]):
+        operands.pop(0)
+    first = re.fullmatch(r"R(\d+)(?:\.reuse)?", operands[0]) if operands else None
+    if first is None or op.startswith("HGMMA"):
+        return set()
+    if ".128" in op or op.startswith("HMMA") or (op.startswith("LDSM") and op.endswith(".4")):
+        width = 4
+    elif ".64" in op or "WIDE" in op or op.startswith("CS2R") or op.startswith("LDSM"):
+        width = 2
+    else:
+        width = 1
+    return set(range(int(first[1]), int(first[1]) + width))
 
 
 def _unwaited_in_function(sass: str) -> tuple[int, int]:
@@ -426,14 +456,16 @@ def _unwaited_in_function(sass: str) -> tuple[int, int]:
         for walk in range(2):
             for t in body:
                 if t.startswith("HGMMA"):
-                    a = re.match(r"HGMMA\S* R\d+, R(\d+),", t)
-                    group |= set(range(int(a[1]), int(a[1]) + 4)) if a else set()
+                    a = t.partition(" ")[2].split(",")[1].strip()  # D, A, B, ...
+                    reg = re.fullmatch(r"R(\d+)(?:\.reuse)?", a)
+                    if reg:
+                        group |= set(range(int(reg[1]), int(reg[1]) + 4))
+                    elif not a.startswith("gdesc"):  # a format this walk cannot read
+                        raise ValueError(f"unreadable operand A of {t!r}")
                     if "gsb0" in t:
                         groups, group = [*groups, group], set()
                 elif t.startswith("WARPGROUP.DEPBAR"):
                     del groups[: max(0, len(groups) - int(t.rsplit(",", 1)[1], 16))]
-                elif walk and (d := re.match(r"([A-Z][\w.]*)\s+R(\d+)\b", t)):
-                    width = 4 if ".128" in d[1] else 2 if ".64" in d[1] or "WIDE" in d[1] else 1
-                    live = group.union(*groups)
-                    writes += bool(set(range(int(d[2]), int(d[2]) + width)) & live)
+                elif walk:
+                    writes += bool(_written(t) & group.union(*groups))
     return loops, writes

@@ -978,11 +978,12 @@ def test_eval_window_beyond_the_context_is_refused_before_loading(
 
 
 def test_eval_of_a_model_beyond_its_context_is_refused_before_loading(
-    tiny_model_dirs, capsys, monkeypatch
+    tiny_model_dirs, tmp_path, capsys, monkeypatch
 ):
     """``eval --model DIR``: the window is checked against DIR/config.json before the model
     loads (the default window when --seq-len is not given, named as --seq-len)."""
     import gift_quant.modeling as modeling
+    from gift_quant.recipe import EvalConfig
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -993,6 +994,27 @@ def test_eval_of_a_model_beyond_its_context_is_refused_before_loading(
     assert main(["eval", "--model", model, "--seq-len", str(limit + 1), "-q"]) == 2
     err = capsys.readouterr().err
     assert f"--seq-len={limit + 1} exceeds the model's context" in err, err
+    # the default window (eval.seq_len's built-in value) is named as --seq-len, the flag to use
+    short = tmp_path / "short"
+    shutil.copytree(model, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    assert main(["eval", "--model", str(short), "-q"]) == 2
+    err = capsys.readouterr().err
+    default = EvalConfig().seq_len
+    assert f"--seq-len={default} exceeds the model's context (max_position_embeddings=64)" in err
+
+
+def test_eval_of_a_model_dir_with_a_damaged_config_json_is_one_line(
+    tiny_model_dirs, tmp_path, capsys
+):
+    """``eval --model DIR`` with a config.json that is not JSON: the loader's error, one line."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dirs("llama"), broken)
+    (broken / "config.json").write_text("{")
+    assert main(["eval", "--model", str(broken), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json" in err and len(err.splitlines()) == 1, err
 
 
 def test_eval_of_a_damaged_config_json_names_the_file(export_dir, tmp_path, capsys):

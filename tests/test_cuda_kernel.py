@@ -204,8 +204,8 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
 
         sass = cuobjdump(out.read_bytes(), "-sass")
         loops, writes = unwaited_operand_writes(sass)
-        # every configuration's loops (3 each); no write to a fragment an MMA may still read
-        assert loops >= 15 and writes == 0, (loops, writes)
+        # 15 configurations x 3 loops; no write to a fragment an MMA may still read
+        assert loops >= 45 and writes == 0, (loops, writes)
 
 
 @pytest.mark.gpu

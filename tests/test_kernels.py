@@ -327,14 +327,14 @@ def test_route_tables_only_name_candidate_kernels():
     assert {n[3:] for n in names if n.startswith("mm:")} <= set(mm.MM_CONFIGS)
 
 
-def _compile_for_gpu(bits: int, dtype: str, with_gemv: bool) -> list[str]:
+def _compile_for_gpu(bits: int, dtype: str, with_gemv: bool, settle: bool = True) -> list[str]:
     """``testing.compile_for_gpu`` for one bit width and dtype with the ``t128wr`` mm
     configuration (at 16 and 64 rows), in a process without TRITON_INTERPRET (the kernel
     modules must be imported without it): the lines it returns."""
     code = (
         "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels.triton "
         f"import mm; print(*c(({bits},), ('{dtype}',), {{'t128wr': mm.MM_CONFIGS['t128wr']}}, "
-        f"{with_gemv}), sep='\\n')"
+        f"{with_gemv}, rows=(16, 64), settle={settle}), sep='\\n')"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[1])
@@ -353,14 +353,17 @@ def test_kernels_compile_for_the_gpu_without_one():
     And in the compiled code no instruction writes a register that an MMA may still read:
     ``t128wr`` (the tile scaled before its MMAs, so Triton pipelines them across k-steps) went
     round with 3 MMAs pending at round 18, and the next k-step's dequantization wrote registers
-    they read (176 writes by ``testing.unwaited_operand_writes``): a wrong output tile in about
-    one call in six on the H200 (``tiles.settle``)."""
+    they read (``testing.unwaited_operand_writes`` counts the writes): a wrong output tile in
+    about one call in six on the H200 (``tiles.settle``)."""
     lines = _compile_for_gpu(3, "bf16", with_gemv=False)
     assert len(lines) == 6, lines  # mm at 16 and 64 rows, backward, dequantize x 3 noise kinds
     for line in lines:
         assert line.endswith(", 0 writes to operands of MMAs not waited for"), line
     for line in lines[:3]:  # the mm kernel's main and salient loops, the backward's loop
         assert re.search(r", [1-9]\d* MMA loops,", line), line
+    # the control: without the settle, the walk finds the writes (it is not blind)
+    for line in _compile_for_gpu(3, "bf16", with_gemv=False, settle=False)[:2]:
+        assert re.search(r", [1-9]\d* writes to operands of MMAs not waited for$", line), line
 
 
 def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():

@@ -166,6 +166,7 @@ def _backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
+    SETTLE: tl.constexpr,
 ):
     """gx [M, K] = g [M, N] @ dequant(W) [N, K] (no salient part), computed transposed as
     gx^T = W^T @ g^T with the [BK, BN] tile of W^T as the MMA's M side (the forward's SWAP
@@ -181,6 +182,8 @@ def _backward_kernel(
         gt = tl.load(g_ptr + offs_m[None, :] * N + offs_n[:, None], mask=mmask[None, :], other=0.0)
         w, _ = deq_tile(q_ptr, sz_ptr, kb, offs_n, N, GROUP, BITS, BF16, BLOCK_K, False, True, EMU)
         acc = tl.dot(w, act(gt, BF16, EMU), acc)
+        if SETTLE:  # Triton 3.6 pipelines these MMAs too (see ``settle``)
+            acc = settle(acc)
     offs_k = kb + tl.arange(0, BLOCK_K)
     out = act(acc, BF16, EMU).to(gx_ptr.dtype.element_ty)
     tl.store(gx_ptr + offs_m[None, :] * K + offs_k[:, None], out, mask=mmask[None, :])
@@ -397,6 +400,7 @@ def backward(g: Tensor, q: Tensor, sz: Tensor, K: int, *, bits: int, group: int)
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             STAGES=2,
+            SETTLE=not interpreting(),
             num_warps=4,
             num_stages=2,
         )
