@@ -200,7 +200,7 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.stat().st_size > 0
     if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
-        from gift_quant.testing import cuobjdump, unwaited_operand_writes
+        from gift_quant.kernels.sass import cuobjdump, unwaited_operand_writes
 
         sass = cuobjdump(out.read_bytes(), "-sass")
         loops, writes = unwaited_operand_writes(sass)

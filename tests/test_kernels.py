@@ -353,7 +353,7 @@ def test_kernels_compile_for_the_gpu_without_one():
     And in the compiled code no instruction writes a register that an MMA may still read:
     ``t128wr`` (the tile scaled before its MMAs, so Triton pipelines them across k-steps) went
     round with 3 MMAs pending at round 18, and the next k-step's dequantization wrote registers
-    they read (``testing.unwaited_operand_writes`` counts the writes): a wrong output tile in
+    they read (``kernels.sass.unwaited_operand_writes`` counts the writes): a wrong output tile in
     about one call in six on the H200 (``tiles.settle``)."""
     lines = _compile_for_gpu(3, "bf16", with_gemv=False)
     assert len(lines) == 6, lines  # mm at 16 and 64 rows, backward, dequantize x 3 noise kinds

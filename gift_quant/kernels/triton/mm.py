@@ -247,14 +247,8 @@ def _dequant_kernel(
 # t*: swapped orientation (wgmma, weight tile as the LHS), n*: x as the LHS; the number is
 # BLOCK_N; k: BLOCK_K 64 (4-bit: 8 word rows per tile instead of 16, 1.3x faster at M <= 16);
 # s: twice the programs; w: tile scaled in the activation dtype, BLOCK_K 64 (for BLOCK_M >=
-# 64); r: more K splits (396 programs instead of 264). No configuration caps its registers:
-# t128wr capped at 168 gave a wrong output tile in about one call in six at 2 bits with bf16
-# on the H200 (a different tile each call on the same input). Its compiled loop went round
-# with MMAs pending whose register operands the next k-step's dequantization writes, the
-# likely cause; ``tiles.settle`` now keeps every accumulating loop from going round with MMAs
-# pending (docs/KERNELS-NOTES.md, round 18).
-# ``programs``: the split-K target (132 SMs, 2-4 resident programs each; salient programs
-# come on top).
+# 64); r: 396 programs instead of 264 (no register cap: see ``tiles.settle``). ``programs``:
+# the split-K target (132 SMs, 2-4 resident programs each; salient programs come on top).
 MM_CONFIGS: dict[str, dict] = {
     "t128": dict(swap=True, block_n=128, block_k=128, programs=264),
     "t128s": dict(swap=True, block_n=128, block_k=128, programs=528),

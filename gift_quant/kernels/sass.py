@@ -1,0 +1,115 @@
+"""Reading compiled GPU code (SASS) without a GPU: what the kernel checks report about a
+cubin, through the cuobjdump that Triton ships.
+
+* :func:`resource_usage`: registers and stack bytes (spills);
+* :func:`unwaited_operand_writes`: writes to registers that a warpgroup MMA may still read as
+  its operand A (``tiles.settle``; triton-lang/triton#9433, ptxas before 13.3).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["cuobjdump", "resource_usage", "unwaited_operand_writes"]
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled cuobjdump prints for a one-kernel cubin with ``flag``; "" where
+    it is missing or fails."""
+    import triton  # the tool ships with it; imported only when a cubin is read
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            run = subprocess.run(
+                [str(tool), flag, f.name], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return run.stdout
+
+
+def resource_usage(cubin: bytes) -> str:
+    """ ", N registers, S bytes of stack" of a one-kernel cubin; "" where cuobjdump says
+    nothing."""
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
+    return f", {m[1]} registers, {m[2]} bytes of stack" if m else ""
+
+
+def unwaited_operand_writes(sass: str) -> tuple[int, int]:
+    """(loops, writes): the loops of a kernel's SASS that issue warpgroup MMAs (a backward
+    branch and the code it jumps over, holding an HGMMA), and the writes to a register that an
+    MMA may still read as its operand A. Each loop is walked twice in address order: an HGMMA
+    adds its four A registers to the open group, one flagged ``gsb0`` closes the group,
+    ``WARPGROUP.DEPBAR.LE gsb0, N`` retires the oldest groups until N remain; an instruction of
+    the second walk whose destination (first operand) is a register of an unretired group
+    counts. A heuristic over straight-line order (branches inside the loop are read through, a
+    predicated write counts); an MMA whose operand A it cannot read is an error, not a pass.
+    The t128wr tile without ``tiles.settle`` (its loops went round with 3 groups open) has
+    54-174 at 2-3 bits, fp16/bf16, 16 and 64 rows; as round 18 launched it (capped at 168
+    registers, 2 bits, bf16, 64 rows, no bias) 176; settled, 0."""
+    loops = writes = 0
+    for function in re.split(r"\n\s*Function : ", sass)[1:]:  # addresses restart in each
+        n, w = _unwaited_in_function(function)
+        loops, writes = loops + n, writes + w
+    return loops, writes
+
+
+def _written(text: str) -> set[int]:
+    """The registers an instruction of SASS writes: its first operand after any predicates,
+    as wide as the opcode makes it (a conservative reading: ``HMMA`` as 4 fp32 registers)."""
+    op, _, rest = text.partition(" ")
+    operands = [o.strip() for o in rest.split(",")]
+    while operands and re.fullmatch(r"!?U?P(T|\d+)", operands[0]):
+        operands.pop(0)
+    first = re.fullmatch(r"R(\d+)(?:\.reuse)?", operands[0]) if operands else None
+    if first is None or op.startswith("HGMMA"):
+        return set()
+    if ".128" in op or op.startswith("HMMA") or (op.startswith("LDSM") and op.endswith(".4")):
+        width = 4
+    elif ".64" in op or "WIDE" in op or op.startswith("CS2R") or op.startswith("LDSM"):
+        width = 2
+    else:
+        width = 1
+    return set(range(int(first[1]), int(first[1]) + width))
+
+
+def _unwaited_in_function(sass: str) -> tuple[int, int]:
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(.*?);", line)
+        if m:
+            code.append((int(m[1], 16), m[2].strip()))
+    loops = writes = 0
+    for at, text in code:
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        if not m or int(m[1], 16) >= at:
+            continue
+        body = [t for a, t in code if int(m[1], 16) <= a <= at]
+        if not any(t.startswith("HGMMA") for t in body):
+            continue
+        loops += 1
+        groups, group = [], set()
+        for walk in range(2):
+            for t in body:
+                if t.startswith("HGMMA"):
+                    a = t.partition(" ")[2].split(",")[1].strip()  # D, A, B, ...
+                    reg = re.fullmatch(r"R(\d+)(?:\.reuse)?", a)
+                    if reg:
+                        group |= set(range(int(reg[1]), int(reg[1]) + 4))
+                    elif not a.startswith("gdesc"):  # a format this walk cannot read
+                        raise ValueError(f"unreadable operand A of {t!r}")
+                    if "gsb0" in t:
+                        groups, group = [*groups, group], set()
+                elif t.startswith("WARPGROUP.DEPBAR"):
+                    del groups[: max(0, len(groups) - int(t.rsplit(",", 1)[1], 16))]
+                elif walk:
+                    writes += bool(_written(t) & group.union(*groups))
+    return loops, writes
