@@ -7,6 +7,7 @@ recipe's include/exclude regexes. No per-family files.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -62,6 +63,18 @@ def check_context(model: nn.Module | dict, seq_len: int, key: str) -> None:
             f"{key}={seq_len} exceeds the model's context (max_position_embeddings={limit}); "
             f"use {key} <= {limit}"
         )
+
+
+def check_context_file(model_dir: Path, seq_len: int, key: str) -> None:
+    """:func:`check_context` from ``model_dir/config.json`` before any weight loads; a path it
+    cannot read, or a config.json that is not a JSON object, is left to the loader, which names
+    what is wrong with it."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):  # missing, unreadable, a name too long, not JSON
+        return
+    if isinstance(config, dict):
+        check_context(config, seq_len, key)
 
 
 def resolve_device(spec: str) -> torch.device:
