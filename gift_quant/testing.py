@@ -25,6 +25,7 @@ __all__ = [
     "ERROR_FACTOR",
     "kernel_error",
     "oracle",
+    "oracle_weight",
     "read_codes",
     "random_cuda_layout",
     "random_mixed_linear",
@@ -111,20 +112,28 @@ def random_cuda_layout(K: int, N: int, bits: int, group: int, seed: int):
     return codes, zeros, scales, p, ref
 
 
-def oracle(x: Tensor, layer, base_only: bool = False) -> Tensor:
+def oracle(x: Tensor, layer, base_only: bool = False, weight: Tensor | None = None) -> Tensor:
     """The float64 output (salient product and bias included unless base_only), computed from
-    the stored tensors by :func:`read_codes` -- not by the reference it is used to check."""
+    the stored tensors by :func:`read_codes` -- not by the reference it is used to check.
+    ``weight``: :func:`oracle_weight` of the layer with the same ``base_only``, read once by a
+    caller that checks many inputs against one layer."""
+    w = oracle_weight(layer, base_only) if weight is None else weight
+    y = x.double() @ w
+    if not base_only and layer.bias is not None:
+        y = y + layer.bias.double()
+    return y
+
+
+def oracle_weight(layer, base_only: bool = False) -> Tensor:
+    """The float64 weight [K, N] of :func:`oracle`: the codes read bit by bit, times their
+    scales, plus (unless base_only) the salient columns added at their input rows."""
     codes = read_codes(layer.qweight, layer.bits)  # [K, N]
     zeros = read_codes(layer.qzeros.t(), layer.bits).t()  # [G, N]
     g = layer.g_idx.long()
     w = layer.scales.double()[g] * (codes - zeros[g]).double()
-    y = x.double() @ w
-    if not base_only:
-        if layer.salient_idx.numel():
-            y = y + x.double()[..., layer.salient_idx.long()] @ layer.salient_weight.double().t()
-        if layer.bias is not None:
-            y = y + layer.bias.double()
-    return y
+    if not base_only and layer.salient_idx.numel():
+        w = w.index_add(0, layer.salient_idx.long(), layer.salient_weight.double().t())
+    return w
 
 
 def read_codes(packed: Tensor, bits: int) -> Tensor:

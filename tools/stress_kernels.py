@@ -1,6 +1,7 @@
 """Repeated calls of the split-K kernels on the GPU: races show up here, not in one call.
 
     PYTHONPATH=. python3 tools/stress_kernels.py [--iters 200] [--cuda] [--out DIR] [--shared]
+                                                 [--resume FILE]
 
 Every ``mm`` configuration at M = 16, 40 and 64 and the GEMV at M = 1 and 4, for 2/3/4 bits x
 fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns; with ``--cuda``, in fp16, also
@@ -13,9 +14,10 @@ error, or in a NaN, count as nondeterministic).
 check_kernels.py tests each kernel once; a kernel wrong in one call of six passes there five
 times in six. Prints a table; writes stress_kernels.json under --out (rows with the commit,
 versions, GPU and whether the machine was shared; rewritten after every case, so a run cut short
-keeps what it measured); exit status 1 when any call was wrong or nondeterministic. About 2 s
-per case at --iters 60 once the kernels are compiled (the first runs, at 8482523, checked only
-the first call of each pair against the oracle).
+keeps what it measured; ``--resume`` an earlier run's JSON keeps its rows of the same commit and
+runs only the cases it lacks); exit status 1 when any call was wrong or nondeterministic. About
+2 s per case at --iters 60 once the kernels are compiled (the first runs, at 8482523, checked
+only the first call of each pair against the oracle).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from gift_quant.testing import (  # noqa: E402
     ERROR_FACTOR,
     kernel_error,
     oracle,
+    oracle_weight,
     random_mixed_linear,
     run_environment,
 )
@@ -68,11 +71,12 @@ def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) ->
     p = triton_ops.prepare(layer)
     K = layer.in_features
     args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+    w = oracle_weight(layer)  # read once per case, not once per call
     wrong = nondet = 0
     worst = 0.0
     for _ in range(iters):
         x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
-        exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+        exact, ref = oracle(x, layer, weight=w), reference.dequant_matmul(x, layer)
         y1 = triton_ops.run_route(name, x, *args, cuda=p.cuda)
         y2 = triton_ops.run_route(name, x, *args, cuda=p.cuda)
         for y in (y1, y2):  # both calls against the oracle (a NaN reads as an infinite error)
@@ -94,10 +98,22 @@ def main() -> None:
     ap.add_argument(
         "--cuda", action="store_true", help="also every CUDA-kernel configuration (fp16)"
     )
+    ap.add_argument(
+        "--resume", type=Path, help="an earlier stress_kernels.json: keep its rows, run the rest"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: stress_kernels.py needs a CUDA GPU")
     env = run_environment(args.shared)
+    rows = []
+    if args.resume:
+        try:
+            earlier = json.loads(args.resume.read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: --resume {args.resume}: not a stress_kernels.json ({e})")
+        rows = [r for r in earlier if r.get("commit") == env["commit"]]
+        print(f"resumed {len(rows)} of {len(earlier)} rows (those of commit {env['commit']})")
+    done = {(r["bits"], r["dtype"], r["M"], r["route"]) for r in rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -109,7 +125,6 @@ def main() -> None:
         tmp.replace(out / "stress_kernels.json")
 
     t0 = time.time()
-    rows = []
     print(f"{'bits':>4} {'dtype':5} {'M':>3} {'route':10} {'wrong':>6} {'nondet':>6} worst ratio")
     for bits in (2, 3, 4):
         for dname, dtype in DTYPES.items():
@@ -118,6 +133,8 @@ def main() -> None:
             )
             gen = torch.Generator(device="cuda").manual_seed(bits)
             for M, name in cases(layer, dtype, args.cuda):
+                if (bits, dname, M, name) in done:
+                    continue
                 r = dict(bits=bits, dtype=dname, **stress(layer, dtype, M, name, args.iters, gen))
                 rows.append({**r, **env})
                 write(rows)  # after every case: a run cut short keeps what it measured
