@@ -305,7 +305,12 @@ def compile_for_gpu(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gift_quant.kernels.sass import cuobjdump, resource_usage, unwaited_operand_writes
+    from gift_quant.kernels.sass import (
+        cuobjdump,
+        resource_usage,
+        unordered_workspace_zeroing,
+        unwaited_operand_writes,
+    )
     from gift_quant.kernels.triton import gemv, mm
     from gift_quant.kernels.triton.ptx import deqdot_asm
 
@@ -330,6 +335,9 @@ def compile_for_gpu(
         if sass:
             loops, writes = unwaited_operand_writes(sass)
             use += f", {loops} MMA loops, {writes} writes to operands of MMAs not waited for"
+        epilogues, unordered = unordered_workspace_zeroing(c.asm["ttgir"])
+        if epilogues:
+            use += f", {epilogues} split-K epilogues, {unordered} zeroing unordered"
         return f"{kernel.fn.__name__} {shown}{cap}: {len(c.asm['cubin'])} bytes of cubin{use}"
 
     out = []

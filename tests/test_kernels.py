@@ -31,6 +31,7 @@ from gift_quant.kernels import (  # noqa: E402
     dequant_matmul,
     reference,
     resolve_backend,
+    sass,
 )
 from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.triton import mm, ops, routes  # noqa: E402
@@ -357,13 +358,37 @@ def test_kernels_compile_for_the_gpu_without_one():
     about one call in six on the H200 (``tiles.settle``)."""
     lines = _compile_for_gpu(3, "bf16", with_gemv=False)
     assert len(lines) == 6, lines  # mm at 16 and 64 rows, backward, dequantize x 3 noise kinds
-    for line in lines:
+    for line in lines[:2]:  # the split-K epilogue zeroes the workspace after a barrier
+        assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line
+    for line in lines[2:]:
         assert line.endswith(", 0 writes to operands of MMAs not waited for"), line
+    for line in lines:
+        assert ", 0 writes to operands of MMAs not waited for" in line, line
     for line in lines[:3]:  # the mm kernel's main and salient loops, the backward's loop
         assert re.search(r", [1-9]\d* MMA loops,", line), line
     # the control: without the settle, the walk finds the writes (it is not blind)
     for line in _compile_for_gpu(3, "bf16", with_gemv=False, settle=False)[:2]:
-        assert re.search(r", [1-9]\d* writes to operands of MMAs not waited for$", line), line
+        assert re.search(r", [1-9]\d* writes to operands of MMAs not waited for", line), line
+
+
+# The split-K epilogue of t64 (4 bits, fp16, 64 rows) as Triton 3.6 compiled it before round
+# 20's barrier: the workspace read in one layout (#blocked1) and zeroed in another (#blocked).
+_EPILOGUE = """
+%done_69 = tt.atomic_rmw add, acq_rel, gpu, %done, %c1_i32, %true : (!tt.ptr<i32>, i32, i1) -> i32
+%out = tt.load %6, %omask_55, %cst_10 cacheModifier = cg : tensor<64x64x!tt.ptr<f32>, #blocked1>
+tt.store %12, %13, %omask_55 : tensor<64x64x!tt.ptr<f16>, #blocked1>
+tt.store %5, %cst_9, %omask_54 : tensor<64x64x!tt.ptr<f32>, #blocked>
+%14 = tt.atomic_rmw exch, relaxed, gpu, %done, %c0_i32, %true : (!tt.ptr<i32>, i32, i1) -> i32
+"""
+
+
+def test_the_workspace_walk_finds_a_zeroing_before_the_barrier():
+    """``sass.unordered_workspace_zeroing`` on the epilogue that gave zero output elements on
+    the H200 (round 20): one epilogue, unordered; with a barrier after the y store, ordered."""
+    assert sass.unordered_workspace_zeroing(_EPILOGUE) == (1, 1)
+    fixed = _EPILOGUE.replace("tt.store %5", "gpu.barrier\ntt.store %5")
+    assert sass.unordered_workspace_zeroing(fixed) == (1, 0)
+    assert sass.unordered_workspace_zeroing(_EPILOGUE.replace("cg", "ca")) == (0, 0)
 
 
 def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():

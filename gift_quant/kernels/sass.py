@@ -1,9 +1,11 @@
-"""Reading compiled GPU code (SASS) without a GPU: what the kernel checks report about a
-cubin, through the cuobjdump that Triton ships.
+"""Reading compiled GPU code without a GPU: what the kernel checks report about a cubin
+(through the cuobjdump that Triton ships) and about Triton's TTGIR.
 
 * :func:`resource_usage`: registers and stack bytes (spills);
 * :func:`unwaited_operand_writes`: writes to registers that a warpgroup MMA may still read as
-  its operand A (``tiles.settle``; triton-lang/triton#9433, ptxas before 13.3).
+  its operand A (``tiles.settle``; triton-lang/triton#9433, ptxas before 13.3);
+* :func:`unordered_workspace_zeroing`: split-K epilogues that zero the workspace with no
+  barrier after reading it (``tiles.store_output``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["cuobjdump", "resource_usage", "unwaited_operand_writes"]
+__all__ = [
+    "cuobjdump",
+    "resource_usage",
+    "unordered_workspace_zeroing",
+    "unwaited_operand_writes",
+]
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -113,3 +120,24 @@ def _unwaited_in_function(sass: str) -> tuple[int, int]:
                 elif walk:
                     writes += bool(_written(t) & group.union(*groups))
     return loops, writes
+
+
+def unordered_workspace_zeroing(ttgir: str) -> tuple[int, int]:
+    """(split-K epilogues, those unordered) in a kernel's TTGIR. An epilogue is a ``tt.load``
+    of fp32 pointers with ``cacheModifier = cg`` (the last arrival reading the workspace); it
+    is unordered when the next fp32 ``tt.store`` (re-zeroing the workspace) comes before any
+    ``gpu.barrier``. Triton chooses each op's layout over the threads: where the load and the
+    store differ, a thread may zero an element before the thread that reads it has, and that
+    output element comes out 0 (``tiles.store_output``; seen on the H200 at round 20)."""
+    epilogues = unordered = 0
+    reading = False
+    for line in ttgir.splitlines():
+        if "tt.load" in line and "cacheModifier = cg" in line and "!tt.ptr<f32>" in line:
+            epilogues += 1
+            reading = True
+        elif "gpu.barrier" in line:
+            reading = False
+        elif reading and "tt.store" in line and "!tt.ptr<f32>" in line:
+            unordered += 1
+            reading = False
+    return epilogues, unordered

@@ -240,7 +240,8 @@ def store_output(
 ):
     """y[yoff] = acc (+ bias[boff]). DIRECT: acc is the whole sum. Else acc is one of
     ``n_parts`` partial sums of the output tile ``tile``: added into the zeroed workspace
-    ``ws`` (same offsets as y); the last arrival at ``cnt[tile]`` writes y and re-zeroes."""
+    ``ws`` (same offsets as y); the last arrival at ``cnt[tile]`` reads ws, writes y, and
+    re-zeroes ws after a barrier."""
     if DIRECT:
         _finish(acc, yoff, omask, boff, bmask, y_ptr, bias_ptr, HAS_BIAS, BF16, EMU)
     else:
@@ -250,5 +251,10 @@ def store_output(
         if done == n_parts - 1:
             out = tl.load(ws_ptr + yoff, mask=omask, other=0.0, cache_modifier=".cg")
             _finish(out, yoff, omask, boff, bmask, y_ptr, bias_ptr, HAS_BIAS, BF16, EMU)
+            # every thread has read ws before any zeroes it: Triton may lay the load and the
+            # zeroing out over the threads differently (t64: blocked1 / blocked), and a
+            # thread then zeroed elements another had yet to read (a zero output element in
+            # about one call of 80-500 on the H200, round 20)
+            tl.debug_barrier()
             tl.store(ws_ptr + yoff, tl.zeros(acc.shape, tl.float32), mask=omask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
