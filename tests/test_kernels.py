@@ -611,13 +611,17 @@ def _args(layer):
 
 @gpu
 @needs_cuda
-def test_split_k_mm_is_right_in_every_call():
-    """Round 18: t128wr with registers capped at 168 gave a wrong output tile in about one
-    call in six at 2 bits with bf16 (a different tile each call); one call in a test passes
-    such a kernel most of the time, so this one makes 80 calls."""
-    layer, w, b = make(4096, 4096, bits=2, group=128, salient=128, seed=2, dtype=BF16)
+@pytest.mark.parametrize("bits,dtype", [(2, BF16), (4, torch.float16)])
+@pytest.mark.parametrize("name", sorted(mm.MM_CONFIGS))
+def test_split_k_mm_is_right_in_every_call(name, bits, dtype):
+    """Races show in some calls only, so each configuration makes 150 calls at 64 rows.
+    Round 18: t128wr with registers capped at 168 gave a wrong output tile in about one call in
+    six at 2 bits with bf16 (``tiles.settle``). Round 20: the split-K epilogue zeroed workspace
+    elements before other threads had read them (zero outputs in about one call in 125 for t64
+    at 4 bits, fp16; ``tiles.store_output``)."""
+    layer, w, b = make(4096, 4096, bits=bits, group=128, salient=128, seed=bits, dtype=dtype)
     p = ops.prepare(layer)
     args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-    for _ in range(80):
-        x = torch.randn(64, 4096, device="cuda", dtype=BF16)
-        within_bound(ops.run_route("mm:t128wr", x, *args), x, layer, w, b)
+    for _ in range(150):
+        x = torch.randn(64, 4096, device="cuda", dtype=dtype)
+        within_bound(ops.run_route(f"mm:{name}", x, *args), x, layer, w, b)
