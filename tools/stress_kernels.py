@@ -15,7 +15,9 @@ check_kernels.py tests each kernel once; a kernel wrong in one call of six passe
 times in six. Prints a table; writes stress_kernels.json under --out (rows with the commit,
 versions, GPU and whether the machine was shared; rewritten after every case, so a run cut short
 keeps what it measured; ``--resume`` an earlier run's JSON keeps its rows of the same commit and
-runs only the cases it lacks); exit status 1 when any call was wrong or nondeterministic. About
+runs only the cases it lacks; a row lists up to 3 wrong calls: how many elements are off, how many
+of them read NaN or exactly 0, their rows and 64-column blocks); exit status 1 when any call was
+wrong or nondeterministic. About
 2 s per case at --iters 60 once the kernels are compiled (the first runs, at 8482523, checked
 only the first call of each pair against the oracle).
 """
@@ -73,6 +75,7 @@ def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) ->
     args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
     w = oracle_weight(layer)  # read once per case, not once per call
     wrong = nondet = 0
+    examples: list[dict] = []
     worst = 0.0
     for _ in range(iters):
         x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
@@ -82,12 +85,46 @@ def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) ->
         for y in (y1, y2):  # both calls against the oracle (a NaN reads as an infinite error)
             err, ref_err = kernel_error(y, ref, exact)
             worst = max(worst, err / max(ref_err, 1e-12))
-            wrong += err > ERROR_FACTOR * ref_err + 1e-6
+            if not err <= ERROR_FACTOR * ref_err + 1e-6:
+                wrong += 1
+                if len(examples) < 3:
+                    examples.append(how_wrong(y, exact, ERROR_FACTOR * ref_err + 1e-6))
         gap = float((y1.float() - y2.float()).abs().max())
         nondet += not gap <= 4 * ref_err  # NaN in either counts
     calls = 2 * iters
     worst = round(worst, 3) if math.isfinite(worst) else "inf"  # JSON has no infinity
-    return dict(M=M, route=name, calls=calls, wrong=int(wrong), nondet=nondet, worst=worst)
+    return dict(
+        M=M, route=name, calls=calls, wrong=wrong, nondet=nondet, worst=worst, examples=examples
+    )
+
+
+def earlier_rows(path: Path, commit: str) -> list[dict]:
+    """The rows of an earlier run's JSON measured at ``commit`` (--resume); exits with a
+    one-line error where the file is not a stress_kernels.json."""
+    try:
+        earlier = json.loads(path.read_text())["rows"]
+        rows = [r for r in earlier if r.get("commit") == commit]
+        if not all({"bits", "dtype", "M", "route"} <= r.keys() for r in rows):
+            raise KeyError("a row without bits, dtype, M and route")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"error: --resume {path}: not a stress_kernels.json ({type(e).__name__}: {e})")
+    print(f"resumed {len(rows)} of {len(earlier)} rows (those of commit {commit})")
+    return rows
+
+
+def how_wrong(y, exact, bound: float) -> dict:
+    """Where a wrong output is off: elements beyond the bound, how many of them are NaN or read
+    exactly 0 (a lost sum, round 20's epilogue race), and the rows and 64-column blocks they
+    fall in."""
+    off = ~((y.double() - exact).abs() <= bound)  # NaN counts as off
+    at = off.nonzero()
+    return dict(
+        elements=int(off.sum()),
+        nan=int(torch.isnan(y[off]).sum()),
+        zero=int((y[off] == 0).sum()),
+        rows=sorted(set(at[:, 0].tolist()))[:32],
+        col_blocks=sorted(set((at[:, 1] // 64).tolist()))[:16],
+    )
 
 
 def main() -> None:
@@ -105,14 +142,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: stress_kernels.py needs a CUDA GPU")
     env = run_environment(args.shared)
-    rows = []
-    if args.resume:
-        try:
-            earlier = json.loads(args.resume.read_text())["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            sys.exit(f"error: --resume {args.resume}: not a stress_kernels.json ({e})")
-        rows = [r for r in earlier if r.get("commit") == env["commit"]]
-        print(f"resumed {len(rows)} of {len(earlier)} rows (those of commit {env['commit']})")
+    rows = earlier_rows(args.resume, env["commit"]) if args.resume else []
     done = {(r["bits"], r["dtype"], r["M"], r["route"]) for r in rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
