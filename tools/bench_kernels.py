@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 tools/bench_kernels.py [--out DIR] [--shapes all|tuned|held_out|small]
         [--shape NxK ...] [--ms 1,2,...] [--bits 4,3,2] [--sweep] [--warm N] [--candidates]
-        [--only PREFIX,...] [--skip-tinygemm] [--budget S] [--shared]
+        [--only PREFIX,...] [--skip-tinygemm] [--budget S] [--shared] [--dtype fp16|bf16]
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
 
 Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
@@ -20,11 +20,13 @@ Two shape groups, reported apart: "tuned" (the shapes the route tables were meas
 compiles every kernel in N worker processes first. ``--candidates`` also times, for every M >
 4 (every M where the CUDA kernels are built), each kernel of ``routes.candidates(M)`` (rows
 under "cand": what the route tables are made from), until ``--budget`` seconds have passed.
+``--dtype bf16`` times bf16 activations against cuBLAS bf16 (our CUDA kernels are fp16-only:
+bf16 takes the Triton kernels and dequantize + cuBLAS, as in training and bf16 models).
 Every JSON row records the commit, the versions, the GPU and CPU, whether the machine was
-shared (``--shared``) and the routes in force.
-Results: ``kernels_<gpu>.json`` under ``--out`` (default benchmarks/results); ``--markdown
-FILE`` prints a saved run's tables (as in the README) and counts the targets on it
-(``kernel_tables.py``).
+shared (``--shared``), the activation dtype and the routes in force.
+Results: ``kernels_h200.json`` (``kernels_h200_bf16.json`` with bf16) under ``--out`` (default
+benchmarks/results); ``--markdown FILE`` prints a saved run's tables (as in the README) and
+counts the targets on it (``kernel_tables.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 BITS = [4, 3, 2]
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP, NSAL, TARGET_BYTES = 128, 128, 1.5e9
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 OP = torch.ops.gift_quant.mixed_matmul
 
 
@@ -120,23 +123,23 @@ def floor_us(nbytes: float) -> float:
 
 
 def ours(x: torch.Tensor, L: dict, bits: int):
-    c = L["cuda"]
+    c = L["cuda"] if x.dtype == torch.float16 else None  # the CUDA kernels are fp16-only
     cuda = (c.qc, c.zp, c.scp, c.wsp) if c is not None else (None,) * 4
     return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP, *cuda)
 
 
-def op_route(M: int, N: int, K: int, bits: int) -> str:
-    """The kernel the op takes for fp16 x now (the CUDA kernel where it is built, in the
-    configuration measured at the shape's first call)."""
-    mma = native.library() is not None
+def op_route(M: int, N: int, K: int, bits: int, dtype: torch.dtype = torch.float16) -> str:
+    """The kernel the op takes for x of ``dtype`` now (for fp16 the CUDA kernel where it is
+    built, in the configuration measured at the shape's first call)."""
+    mma = dtype == torch.float16 and native.library() is not None
     return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma, wg=native.wg_available())
 
 
-def time_cublas(N: int, K: int, M: int) -> float:
+def time_cublas(N: int, K: int, M: int, dtype: torch.dtype) -> float:
     R = min(256, max(8, math.ceil(TARGET_BYTES / (2 * N * K))))
-    ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(R)]
-    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-    ys = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in range(R)]
+    ws = [torch.randn(N, K, device="cuda", dtype=dtype) for _ in range(R)]
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    ys = [torch.empty(M, N, device="cuda", dtype=dtype) for _ in range(R)]
     t = graph_time_us(
         [lambda w=w, y=y: torch.matmul(x, w.t(), out=y) for w, y in zip(ws, ys, strict=True)]
     )
@@ -180,7 +183,7 @@ def record(res: dict, key: str, **fields) -> dict:
     return row
 
 
-def routes_in_force(N: int, K: int, bits: int) -> dict:
+def routes_in_force(N: int, K: int, bits: int, dtype: torch.dtype) -> dict:
     """The kernel the op took at every benchmarked M (after the shape ran: the CUDA kernel's
     configurations measured at first use included), and where the Triton table came from."""
     measured = (N, K, bits) in routes.ROUTES
@@ -188,12 +191,13 @@ def routes_in_force(N: int, K: int, bits: int) -> dict:
         table="ROUTES (measured on this shape)" if measured else "DEFAULT_ROUTES",
         tuned_m=list(routes.TUNE_M),
         wg_m=list(routes.WG_M),
-        by_m={M: op_route(M, N, K, bits) for M in MS},
+        by_m={M: op_route(M, N, K, bits, dtype) for M in MS},
     )
 
 
 def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
-    fp = {M: time_cublas(N, K, M) for M in MS}
+    dtype = DTYPES[res["opts"]["dtype"]]
+    fp = {M: time_cublas(N, K, M, dtype) for M in MS}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
         base = packed_layer(N, K, bits, codes=True)
@@ -201,7 +205,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
         copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
         shape_rows = []
         for M in MS:
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
             rel = float(
                 (ours(x, base, bits).double() - reference(x, base)).norm()
                 / reference(x, base).norm()
@@ -216,7 +220,8 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 K=K,
                 bits=bits,
                 M=M,
-                route=op_route(M, N, K, bits),
+                dtype=res["opts"]["dtype"],
+                route=op_route(M, N, K, bits, dtype),
                 us=t,
                 cublas_us=fp[M],
                 speedup=fp[M] / t,
@@ -239,10 +244,10 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
             if res["opts"]["candidates"] and (M > routes.GEMV_MAX_M or copies[0]["cuda"]):
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
         for row in shape_rows:
-            row["routes_in_force"] = routes_in_force(N, K, bits)
+            row["routes_in_force"] = routes_in_force(N, K, bits, dtype)
         del copies, base
         torch.cuda.empty_cache()
-    record(res, "cublas", shape_group=group, N=N, K=K, us=fp)
+    record(res, "cublas", shape_group=group, N=N, K=K, dtype=res["opts"]["dtype"], us=fp)
     if tg:
         record(res, "tinygemm", shape_group=group, N=N, K=K, us=tg)
 
@@ -267,7 +272,7 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
     """Every candidate, the CUDA kernel in each configuration the first-use timing may pick
     included, timed like the op (graph over rotated copies): the op's own time against the
     best of these says how well its first-use timing chose."""
-    mma = copies[0]["cuda"] is not None
+    mma = copies[0]["cuda"] is not None and x.dtype == torch.float16
     wg = mma and native.wg_available()
     only = res["opts"]["only"]
     for name in routes.candidates(M, mma=mma, N=N, K=K, wg=wg):
@@ -311,10 +316,10 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
 
 
 def _warm_case(args) -> str:
-    N, K, bits, Ms, cand = args
+    N, K, bits, Ms, cand, dtype = args
     L = packed_layer(N, K, bits, codes=False)
     for M in Ms:
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
         ours(x, L, bits)
         if cand and M > routes.GEMV_MAX_M:
             for name in routes.candidates(M):
@@ -323,10 +328,10 @@ def _warm_case(args) -> str:
     return f"{N}x{K} W{bits}"
 
 
-def warm(shapes, workers: int, cand: bool) -> None:
+def warm(shapes, workers: int, cand: bool, dtype: torch.dtype) -> None:
     """Compile every (shape, bits, M) kernel in worker processes (fills Triton's disk cache)."""
     t0 = time.time()
-    cases = [(N, K, b, [M], cand) for _, (N, K) in shapes for b in BITS for M in MS]
+    cases = [(N, K, b, [M], cand, dtype) for _, (N, K) in shapes for b in BITS for M in MS]
     with mp.get_context("spawn").Pool(workers) as pool:
         for done in pool.imap_unordered(_warm_case, cases):
             print(f"  warm {done} ({time.time() - t0:.0f}s)", flush=True)
@@ -370,7 +375,10 @@ def main() -> None:
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
-    ap.add_argument("--name", default="kernels_h200.json", help="result file under --out")
+    ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="activations")
+    ap.add_argument(
+        "--name", help="result file under --out (kernels_h200.json, kernels_h200_bf16.json)"
+    )
     ap.add_argument("--markdown", default=None, help="JSON of a run: print its tables, run none")
     args = ap.parse_args()
     try:
@@ -406,20 +414,22 @@ def main() -> None:
             only=[o for o in args.only.split(",") if o],
             skip_tinygemm=args.skip_tinygemm,
             budget=args.budget,
+            dtype=args.dtype,
             t0=time.time(),
         ),
     )
     print(res["env"], flush=True)
     if args.warm:
-        warm(shapes, args.warm, args.candidates)
+        warm(shapes, args.warm, args.candidates, DTYPES[args.dtype])
+    name = args.name or ("kernels_h200.json" if args.dtype == "fp16" else "kernels_h200_bf16.json")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for group, (N, K) in shapes:
         bench_shape(group, N, K, args.sweep, res)
         res["tuning"] = triton_ops.tuning.record()  # what the op measured at first use
-        tmp = out / (args.name + ".tmp")
+        tmp = out / (name + ".tmp")
         tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(out / args.name)
+        tmp.replace(out / name)
     print_tables(res)
 
 

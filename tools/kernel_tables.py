@@ -1,7 +1,7 @@
 """Tables of a ``bench_kernels.py`` run, from its result dict alone (no GPU): the speed-up over
-cuBLAS fp16 per shape group (fraction of the byte floor, or markdown as in the README), the
-fastest measured candidate and tinygemm beside ours, the issue's targets counted on it, and the
-Triton route tables derived from the candidates.
+cuBLAS in the run's dtype per shape group (fraction of the byte floor, or markdown as in the
+README), the fastest measured candidate and tinygemm beside ours, the issue's targets counted
+on it, and the Triton route tables derived from the candidates.
 
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
 """
@@ -69,7 +69,7 @@ def print_tables(res: dict, markdown: bool = False) -> None:
             (r["N"], r["K"]) for r in res["rows"] if r.get("shape_group", "tuned") == group
         )
         print(
-            f"\n{group} shapes: speed-up over cuBLAS fp16"
+            f"\n{group} shapes: speed-up over cuBLAS {res.get('opts', {}).get('dtype', 'fp16')}"
             + ("" if markdown else " (fraction of the byte floor)")
             + "\n"
         )
