@@ -26,7 +26,7 @@ _LAZY = {
     "Recipe": "gift_quant.recipe",
     "dequant_matmul": "gift_quant.kernels",
     "fuse_siblings": "gift_quant.fused",
-    "inspect_checkpoint": "gift_quant.io.load",
+    "inspect_checkpoint": "gift_quant.io.checkpoint",
     "load_quantized": "gift_quant.io.load",
     "load_recipe": "gift_quant.recipe",
     "quantize_model": "gift_quant.quantize",

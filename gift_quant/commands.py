@@ -107,7 +107,7 @@ def _lora_run(root: Path) -> bool:
 def _model_files(path: str) -> Path:
     """The export directory of any model directory: its weights, config, tokenizer and recipe
     (a LoRA recover run: quantized/)."""
-    from gift_quant.io.load import resolve_model_dir
+    from gift_quant.io.checkpoint import resolve_model_dir
 
     root = Path(path)
     return root / "quantized" if _lora_run(root) else resolve_model_dir(root)
@@ -198,7 +198,7 @@ def _zero_shot(args, model, tok, dtype) -> dict:
     report.json (next to perplexity), through a temp file renamed over it. An export is left
     as it is: its files are checksummed in its manifest.json, and a changed report.json would
     make the next load refuse it as corrupt."""
-    from gift_quant.io.load import is_recover_run
+    from gift_quant.io.checkpoint import is_recover_run
     from gift_quant.lm_eval import run_tasks
 
     results = run_tasks(model.to(dtype), tok, args.tasks.split(","), progress=not args.quiet)
@@ -217,9 +217,10 @@ def _zero_shot(args, model, tok, dtype) -> dict:
 def cmd_export(args) -> dict:
     from transformers import AutoTokenizer
 
+    from gift_quant.io.checkpoint import resolve_model_dir
     from gift_quant.io.export import save_quantized
     from gift_quant.io.gptq_lora import save_gptq_lora
-    from gift_quant.io.load import load_quantized, resolve_model_dir
+    from gift_quant.io.load import load_quantized
 
     out = Path(args.out)
     check_new_out(out)
@@ -259,7 +260,8 @@ def _natural(name: str) -> list:
 
 def cmd_inspect(args) -> dict:
     from gift_quant.evaluate import bits_report
-    from gift_quant.io.load import inspect_checkpoint, load_quantized
+    from gift_quant.io.checkpoint import inspect_checkpoint
+    from gift_quant.io.load import load_quantized
 
     info = inspect_checkpoint(args.dir)
     t0 = time.perf_counter()

@@ -910,7 +910,7 @@ def test_from_pretrained_verifies_the_manifest(export_dir, tmp_path):
     the quantizer checks the export's digests first."""
     from transformers import AutoModelForCausalLM
 
-    from gift_quant.io.load import CheckpointError
+    from gift_quant.io.checkpoint import CheckpointError
 
     bad = shutil.copytree(export_dir, tmp_path / "bad")
     _rewrite(bad / MODEL_FILE, _drop(EMBED))

@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_recipe
 
 import gift_quant  # noqa: F401  (registers the transformers quantizer)
+from gift_quant.io.checkpoint import CheckpointError, inspect_checkpoint
 from gift_quant.io.export import SALIENT_FILE, save_quantized
 from gift_quant.io.gptq_lora import ADAPTER_DIR, save_gptq_lora
-from gift_quant.io.load import CheckpointError, inspect_checkpoint, load_quantized
+from gift_quant.io.load import load_quantized
 from gift_quant.modeling import cast_params, load_model
 from gift_quant.quantize import quantize_model
 

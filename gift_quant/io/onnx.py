@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gift_quant.io.checkpoint import CheckpointError
 from gift_quant.io.export import atomic_directory
-from gift_quant.io.load import CheckpointError
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import set_module
 from gift_quant.quant.packing import unpack_cols, unpack_rows

@@ -67,7 +67,7 @@ class GiftQuantHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise ValueError("gift_quant checkpoints load from local safetensors files only")
         self._root = Path(checkpoint_files[0]).parent
-        from gift_quant.io.load import verify_manifest
+        from gift_quant.io.checkpoint import verify_manifest
 
         verify_manifest(self._root)  # the SHA-256 digests written at export, as load_quantized
         salient_path = self._root / self.quantization_config.salient_file
