@@ -389,6 +389,22 @@ def test_the_workspace_walk_finds_a_zeroing_before_the_barrier():
     fixed = _EPILOGUE.replace("tt.store %5", "gpu.barrier\ntt.store %5")
     assert sass.unordered_workspace_zeroing(fixed) == (1, 0)
     assert sass.unordered_workspace_zeroing(_EPILOGUE.replace("cg", "ca")) == (0, 0)
+    # a barrier in a nested region (which may not run) does not order the read
+    nested = _EPILOGUE.replace("tt.store %5", "scf.if %c {\ngpu.barrier\n}\ntt.store %5")
+    assert sass.unordered_workspace_zeroing(nested) == (1, 1)
+    # the whole epilogue inside the last arrival's branch, the barrier in it: ordered
+    branch = "scf.if %last {\n" + fixed + "}\n"
+    assert sass.unordered_workspace_zeroing(branch) == (1, 0)
+    # zeroing by an atomic exchange is a write too; two reads before it are two unordered
+    exch = _EPILOGUE.replace(
+        "tt.store %5, %cst_9, %omask_54 : tensor<64x64x!tt.ptr<f32>, #blocked>",
+        "%z = tt.atomic_rmw exch, relaxed, gpu, %5, %cst_9 : (tensor<64x64x!tt.ptr<f32>>) -> f32",
+    )
+    assert sass.unordered_workspace_zeroing(exch) == (1, 1)
+    two = _EPILOGUE.replace(
+        "%out = tt.load", "%o2 = tt.load %7 cacheModifier = cg : !tt.ptr<f32>\n%out = tt.load"
+    )
+    assert sass.unordered_workspace_zeroing(two) == (2, 2)
 
 
 def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
@@ -401,6 +417,8 @@ def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
     waits = ["'WAIT_IN_LOOP': True" in x for x in lines]
     assert waits == [True, True, False] and all("'PDL': True" in x for x in lines), lines
     assert "maxnreg 80" in lines[2], lines
+    for line in lines:  # its split-K epilogue zeroes the workspace after a barrier
+        assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line
 
 
 # ------------------------------------------------------------------------------------------

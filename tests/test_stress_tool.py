@@ -30,14 +30,29 @@ def test_a_right_output_has_nothing_off():
     assert got["elements"] == 0 and got["rows"] == [] and got["col_blocks"] == []
 
 
-def test_resume_keeps_the_rows_of_the_same_commit_and_refuses_other_files(tmp_path):
+def test_resume_keeps_the_rows_of_the_same_commit_and_iters_and_refuses_other_files(tmp_path):
     row = dict(bits=2, dtype="fp16", M=64, route="mm:t64", calls=80, wrong=0, nondet=0)
     run = tmp_path / "stress_kernels.json"
-    run.write_text(json.dumps(dict(rows=[dict(row, commit="a"), dict(row, commit="b")])))
-    assert stress.earlier_rows(run, "a") == [dict(row, commit="a")]
-    for text in ("[1, 2]", "{}", "not json", '{"rows": [{"commit": "a"}]}'):
+    rows = [dict(row, commit="a"), dict(row, commit="b"), dict(row, commit="a", calls=400)]
+    run.write_text(json.dumps(dict(rows=rows)))
+    assert stress.earlier_rows(run, "a", calls=80) == [dict(row, commit="a")]
+    bad_rows = ("[1, 2]", "{}", "not json", '{"rows": [1]}', '{"rows": {"a": 1}}')
+    bad_rows += (json.dumps(dict(rows=[dict(commit="a", bits=2)])),)  # keys missing
+    for text in bad_rows:
         run.write_text(text)
         with pytest.raises(SystemExit, match="--resume .*: not a stress_kernels.json"):
-            stress.earlier_rows(run, "a")
+            stress.earlier_rows(run, "a", calls=80)
     with pytest.raises(SystemExit, match="not a stress_kernels.json"):
-        stress.earlier_rows(tmp_path / "missing.json", "a")
+        stress.earlier_rows(tmp_path / "missing.json", "a", calls=80)
+
+
+def test_a_case_draws_the_same_inputs_whether_or_not_the_run_was_resumed():
+    seeds = {
+        stress.case_seed(b, d, M, r)
+        for b in (2, 3)
+        for d in ("fp16", "bf16")
+        for M in (16, 64)
+        for r in ("mm:t64", "gemv")
+    }
+    assert len(seeds) == 16  # one per case
+    assert stress.case_seed(2, "fp16", 64, "mm:t64") == stress.case_seed(2, "fp16", 64, "mm:t64")

@@ -249,7 +249,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
         torch.cuda.empty_cache()
     record(res, "cublas", shape_group=group, N=N, K=K, dtype=res["opts"]["dtype"], us=fp)
     if tg:
-        record(res, "tinygemm", shape_group=group, N=N, K=K, us=tg)
+        record(res, "tinygemm", shape_group=group, N=N, K=K, dtype="bf16", us=tg)
 
 
 def cand_call(name: str, x: torch.Tensor, L: dict, bits: int):
@@ -286,7 +286,18 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
         except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or fit
             print(f"    cand {name}: {exc!r}"[:300], flush=True)
             continue
-        record(res, "cand", N=N, K=K, bits=bits, M=M, name=name, us=t, cublas_us=fp_us)
+        record(
+            res,
+            "cand",
+            N=N,
+            K=K,
+            bits=bits,
+            M=M,
+            dtype=res["opts"]["dtype"],
+            name=name,
+            us=t,
+            cublas_us=fp_us,
+        )
         print(f"    cand {name:10s} {t:8.2f}us x{fp_us / t:4.2f}", flush=True)
 
 
@@ -298,7 +309,8 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
             print(f"    sweep {name}: {exc!r}"[:200], flush=True)
             continue
-        record(res, "sweep", N=N, K=K, bits=bits, M=M, name=name, cfg=cfg, us=t)
+        dt = res["opts"]["dtype"]
+        record(res, "sweep", N=N, K=K, bits=bits, M=M, dtype=dt, name=name, cfg=cfg, us=t)
         print(f"    sweep {name:18s} {t:7.2f}us x{fp_us / t:4.2f} {cfg}", flush=True)
     if M >= 32:  # dequantize + cuBLAS, whatever the route
         L0 = copies[0]
@@ -311,7 +323,8 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
 
         t = graph_time_us([lambda L=L: deq_mm(L) for L in copies], reps=9)
         err = float((deq_mm(L0).double() - reference(x, L0)).norm() / reference(x, L0).norm())
-        record(res, "sweep", N=N, K=K, bits=bits, M=M, name="dequant+cublas", us=t)
+        dt = res["opts"]["dtype"]
+        record(res, "sweep", N=N, K=K, bits=bits, M=M, dtype=dt, name="dequant+cublas", us=t)
         print(f"    sweep dequant+cublas   {t:7.2f}us x{fp_us / t:4.2f} rel={err:.1e}", flush=True)
 
 
@@ -337,14 +350,14 @@ def warm(shapes, workers: int, cand: bool, dtype: torch.dtype) -> None:
             print(f"  warm {done} ({time.time() - t0:.0f}s)", flush=True)
 
 
-def profile(spec: str) -> None:
+def profile(spec: str, dtype: torch.dtype) -> None:
     """``N,K,bits,M[,kernel]``: call the op (or the candidate ``kernel``, e.g. "gemv" or
     "mmv:4x3") 40 times on one layer (for ``ncu --clock-control none``)."""
     parts = spec.split(",")
     N, K, bits, M = map(int, parts[:4])
     name = parts[4] if len(parts) > 4 else ""
     L = packed_layer(N, K, bits, codes=False)
-    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
     for _ in range(40):
         cand_call(name, x, L, bits) if name else ours(x, L, bits)
     torch.cuda.synchronize()
@@ -386,7 +399,7 @@ def main() -> None:
     except ValueError as exc:
         ap.error(str(exc))
     if args.profile:
-        return profile(args.profile)
+        return profile(args.profile, DTYPES[args.dtype])
     if args.markdown:
         return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
     MS[:] = [int(m) for m in args.ms.split(",")]

@@ -19,7 +19,8 @@ backward of base_matmul, a NaN input propagating, and AUTO dispatch of MixedLine
 check_kernels.json under --out (every row with the commit, versions, GPU/CPU and whether the
 machine was shared); exit status 1 on any failure. ``--compile-only`` compiles every kernel
 (2/3/4 bits, fp16/bf16, every mm configuration) for sm_90 with Triton's own ptxas and stops:
-it needs no GPU.
+it needs no GPU; exit status 1 where a kernel writes registers an MMA may still read or zeroes
+the split-K workspace before a barrier (``kernels.sass``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -204,9 +206,16 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and stop")
     args = ap.parse_args()
     if args.compile_only:
+        bad = 0
         for line in compile_for_gpu():
             print(line, flush=True)
-        return
+            bad += bool(re.search(r", [1-9]\d* (writes to operands|zeroing unordered)", line))
+        print(
+            f"\n{bad} kernels with writes to operands of MMAs not waited for or an unordered "
+            "workspace zeroing",
+            flush=True,
+        )
+        sys.exit(1 if bad else 0)
     env = run_environment(args.shared)
     t0 = time.time()
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]

@@ -15,11 +15,11 @@ check_kernels.py tests each kernel once; a kernel wrong in one call of six passe
 times in six. Prints a table; writes stress_kernels.json under --out (rows with the commit,
 versions, GPU and whether the machine was shared; rewritten after every case, so a run cut short
 keeps what it measured; ``--resume`` an earlier run's JSON keeps its rows of the same commit and
-runs only the cases it lacks; a row lists up to 3 wrong calls: how many elements are off, how many
-of them read NaN or exactly 0, their rows and 64-column blocks); exit status 1 when any call was
-wrong or nondeterministic. About
-2 s per case at --iters 60 once the kernels are compiled (the first runs, at 8482523, checked
-only the first call of each pair against the oracle).
+--iters and runs only the cases it lacks, each case's inputs seeded from the case itself; a row
+lists up to 3 wrong calls: how many elements are off, how many of them read NaN or exactly 0,
+their rows and 64-column blocks); exit status 1 when any call was wrong or nondeterministic.
+About 2 s per case at --iters 60 once the kernels are compiled (the first runs, at 8482523,
+checked only the first call of each pair against the oracle).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -69,11 +70,12 @@ def cases(layer, dtype, cuda: bool) -> list[tuple[int, str]]:
     return out
 
 
-def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) -> dict:
+def stress(layer, dtype, M: int, name: str, iters: int, seed: int) -> dict:
     p = triton_ops.prepare(layer)
     K = layer.in_features
     args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
     w = oracle_weight(layer)  # read once per case, not once per call
+    gen = torch.Generator(device="cuda").manual_seed(seed)  # per case: a resumed run's inputs
     wrong = nondet = 0
     examples: list[dict] = []
     worst = 0.0
@@ -98,17 +100,28 @@ def stress(layer, dtype, M: int, name: str, iters: int, gen: torch.Generator) ->
     )
 
 
-def earlier_rows(path: Path, commit: str) -> list[dict]:
-    """The rows of an earlier run's JSON measured at ``commit`` (--resume); exits with a
-    one-line error where the file is not a stress_kernels.json."""
+ROW_KEYS = {"bits", "dtype", "M", "route", "calls", "wrong", "nondet", "commit"}
+
+
+def case_seed(bits: int, dtype: str, M: int, route: str) -> int:
+    """The inputs' seed of one case: the same whether or not the run was resumed."""
+    return zlib.crc32(f"{bits} {dtype} {M} {route}".encode())
+
+
+def earlier_rows(path: Path, commit: str, calls: int) -> list[dict]:
+    """The rows of an earlier run's JSON measured at ``commit`` with ``calls`` calls per case
+    (--resume, the same --iters); exits with a one-line error where the file is not a
+    stress_kernels.json."""
     try:
         earlier = json.loads(path.read_text())["rows"]
-        rows = [r for r in earlier if r.get("commit") == commit]
-        if not all({"bits", "dtype", "M", "route"} <= r.keys() for r in rows):
-            raise KeyError("a row without bits, dtype, M and route")
+        if not isinstance(earlier, list) or not all(
+            isinstance(r, dict) and ROW_KEYS <= r.keys() for r in earlier
+        ):
+            raise ValueError(f"rows must be objects with {', '.join(sorted(ROW_KEYS))}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"error: --resume {path}: not a stress_kernels.json ({type(e).__name__}: {e})")
-    print(f"resumed {len(rows)} of {len(earlier)} rows (those of commit {commit})")
+    rows = [r for r in earlier if r["commit"] == commit and r["calls"] == calls]
+    print(f"resumed {len(rows)} of {len(earlier)} rows (commit {commit}, {calls} calls a case)")
     return rows
 
 
@@ -142,7 +155,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: stress_kernels.py needs a CUDA GPU")
     env = run_environment(args.shared)
-    rows = earlier_rows(args.resume, env["commit"]) if args.resume else []
+    rows = earlier_rows(args.resume, env["commit"], 2 * args.iters) if args.resume else []
     done = {(r["bits"], r["dtype"], r["M"], r["route"]) for r in rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,11 +174,11 @@ def main() -> None:
             layer = random_mixed_linear(
                 4096, 4096, bits=bits, num_salient=128, seed=bits, device="cuda", dtype=dtype
             )
-            gen = torch.Generator(device="cuda").manual_seed(bits)
             for M, name in cases(layer, dtype, args.cuda):
                 if (bits, dname, M, name) in done:
                     continue
-                r = dict(bits=bits, dtype=dname, **stress(layer, dtype, M, name, args.iters, gen))
+                seed = case_seed(bits, dname, M, name)
+                r = dict(bits=bits, dtype=dname, **stress(layer, dtype, M, name, args.iters, seed))
                 rows.append({**r, **env})
                 write(rows)  # after every case: a run cut short keeps what it measured
                 print(

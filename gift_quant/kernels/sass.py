@@ -125,19 +125,25 @@ def _unwaited_in_function(sass: str) -> tuple[int, int]:
 def unordered_workspace_zeroing(ttgir: str) -> tuple[int, int]:
     """(split-K epilogues, those unordered) in a kernel's TTGIR. An epilogue is a ``tt.load``
     of fp32 pointers with ``cacheModifier = cg`` (the last arrival reading the workspace); it
-    is unordered when the next fp32 ``tt.store`` (re-zeroing the workspace) comes before any
-    ``gpu.barrier``. Triton chooses each op's layout over the threads: where the load and the
-    store differ, a thread may zero an element before the thread that reads it has, and that
-    output element comes out 0 (``tiles.store_output``; seen on the H200 at round 20)."""
+    is unordered when an fp32 write after it (a ``tt.store`` or an ``atomic_rmw exch``: the
+    re-zeroing) comes before a ``gpu.barrier`` in the same region (a barrier inside a nested
+    region, which may not run, does not count). Triton chooses each op's layout over the
+    threads: where the load and the store differ, a thread may zero an element before the
+    thread that reads it has, and that output element comes out 0 (``tiles.store_output``;
+    seen on the H200 at round 20). Reads that are not ``.cg`` loads are not found: callers
+    that expect an epilogue require the count to be at least 1."""
     epilogues = unordered = 0
-    reading = False
+    pending: list[int] = []  # region depth of each read not yet ordered by a barrier
+    depth = 0
     for line in ttgir.splitlines():
         if "tt.load" in line and "cacheModifier = cg" in line and "!tt.ptr<f32>" in line:
             epilogues += 1
-            reading = True
+            pending.append(depth)
         elif "gpu.barrier" in line:
-            reading = False
-        elif reading and "tt.store" in line and "!tt.ptr<f32>" in line:
-            unordered += 1
-            reading = False
+            pending = [d for d in pending if d < depth]  # ordered: reads in this region
+        elif pending and "!tt.ptr<f32>" in line and ("tt.store" in line or "exch" in line):
+            unordered += len(pending)
+            pending = []
+        depth += line.count("{") - line.count("}")
+        pending = [min(d, depth) for d in pending]  # a region left: its reads stay pending
     return epilogues, unordered

@@ -213,7 +213,7 @@ def settle(acc):
     before 13.3 (Triton bundles 12.8 in 3.6, 12.9 in 3.9) may schedule the next k-step's
     dequantization into the registers those MMAs still read (triton-lang/triton#9433). On the
     H200 that gave a wrong output tile in about one call in six (``t128wr`` with registers
-    capped at 168, 2 bits, bf16; docs/KERNELS-NOTES.md, round 18; about one in two at round 20
+    capped at 168, 2 bits, bf16; docs/KERNELS-NOTES.md, round 18; about one in four at round 20
     with the epilogue fixed). It costs 1.2-1.6x at 64-128 rows (round 20). Compiled kernels
     only (inline PTX); ``testing.compile_for_gpu`` checks the compiled loops."""
     return tl.inline_asm_elementwise(
