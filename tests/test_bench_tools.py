@@ -35,8 +35,8 @@ def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     assert "- M = 16 ≥ 1.5×: 1 of 2 cells" in out
     assert "- below 1.0× at M ≤ 64: 1 cells (0 at M = 16, 1 at M = 32)" in out
     assert "- W3/W2 slower than W4 at M ≤ 64: 1 cells" in out
-    assert "speed-up over cuBLAS fp16" in out  # a run without opts: fp16, as before --dtype
-    kernel_tables.print_tables({"rows": rows, "opts": {"dtype": "bf16"}}, markdown=True)
+    assert "speed-up over cuBLAS fp16" in out  # a run without a dtype: fp16, as before --dtype
+    kernel_tables.print_tables({"rows": rows, "env": {"dtype": "bf16"}}, markdown=True)
     assert "speed-up over cuBLAS bf16" in capsys.readouterr().out
 
 

@@ -8,11 +8,7 @@ a kernel's error may not exceed ``ERROR_FACTOR`` times the torch reference's own
 """
 
 import os
-import re
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +27,6 @@ from gift_quant.kernels import (  # noqa: E402
     dequant_matmul,
     reference,
     resolve_backend,
-    sass,
 )
 from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.triton import mm, ops, routes  # noqa: E402
@@ -326,99 +321,6 @@ def test_route_tables_only_name_candidate_kernels():
         assert [m for m, _ in table] == sorted(m for m, _ in table)
     names = {n for M in range(1, 600) for n in routes.candidates(M)}
     assert {n[3:] for n in names if n.startswith("mm:")} <= set(mm.MM_CONFIGS)
-
-
-def _compile_for_gpu(bits: int, dtype: str, with_gemv: bool, settle: bool = True) -> list[str]:
-    """``testing.compile_for_gpu`` for one bit width and dtype with the ``t128wr`` mm
-    configuration (at 16 and 64 rows), in a process without TRITON_INTERPRET (the kernel
-    modules must be imported without it): the lines it returns."""
-    code = (
-        "from gift_quant.testing import compile_for_gpu as c; from gift_quant.kernels.triton "
-        f"import mm; print(*c(({bits},), ('{dtype}',), {{'t128wr': mm.MM_CONFIGS['t128wr']}}, "
-        f"{with_gemv}, rows=(16, 64), settle={settle}), sep='\\n')"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout.splitlines()
-
-
-def test_kernels_compile_for_the_gpu_without_one():
-    """The GPU compiler rejects code the interpreter runs (any Python): compile the mm kernel,
-    the backward and the dequantizer (the shared tile, salient dot and epilogue) for sm_90 in
-    a process without TRITON_INTERPRET. One bit width, bf16, one mm configuration, no GEMV
-    (slow to compile): ``tools/check_kernels.py --compile-only`` does them all.
-
-    And in the compiled code no instruction writes a register that an MMA may still read:
-    ``t128wr`` (the tile scaled before its MMAs, so Triton pipelines them across k-steps) went
-    round with 3 MMAs pending at round 18, and the next k-step's dequantization wrote registers
-    they read (``kernels.sass.unwaited_operand_writes`` counts the writes): a wrong output tile in
-    about one call in six on the H200 (``tiles.settle``)."""
-    lines = _compile_for_gpu(3, "bf16", with_gemv=False)
-    assert len(lines) == 6, lines  # mm at 16 and 64 rows, backward, dequantize x 3 noise kinds
-    for line in lines[:2]:  # the split-K epilogue zeroes the workspace after a barrier
-        assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line
-    for line in lines[2:]:
-        assert line.endswith(", 0 writes to operands of MMAs not waited for"), line
-    for line in lines:
-        assert ", 0 writes to operands of MMAs not waited for" in line, line
-    for line in lines[:3]:  # the mm kernel's main and salient loops, the backward's loop
-        assert re.search(r", [1-9]\d* MMA loops,", line), line
-    # the control: without the settle, the walk finds the writes (it is not blind)
-    for line in _compile_for_gpu(3, "bf16", with_gemv=False, settle=False)[:2]:
-        assert re.search(r", [1-9]\d* writes to operands of MMAs not waited for", line), line
-
-
-# The split-K epilogue of t64 (4 bits, fp16, 64 rows) as Triton 3.6 compiled it before round
-# 20's barrier: the workspace read in one layout (#blocked1) and zeroed in another (#blocked).
-_EPILOGUE = """
-%done_69 = tt.atomic_rmw add, acq_rel, gpu, %done, %c1_i32, %true : (!tt.ptr<i32>, i32, i1) -> i32
-%out = tt.load %6, %omask_55, %cst_10 cacheModifier = cg : tensor<64x64x!tt.ptr<f32>, #blocked1>
-tt.store %12, %13, %omask_55 : tensor<64x64x!tt.ptr<f16>, #blocked1>
-tt.store %5, %cst_9, %omask_54 : tensor<64x64x!tt.ptr<f32>, #blocked>
-%14 = tt.atomic_rmw exch, relaxed, gpu, %done, %c0_i32, %true : (!tt.ptr<i32>, i32, i1) -> i32
-"""
-
-
-def test_the_workspace_walk_finds_a_zeroing_before_the_barrier():
-    """``sass.unordered_workspace_zeroing`` on the epilogue that gave zero output elements on
-    the H200 (round 20): one epilogue, unordered; with a barrier after the y store, ordered."""
-    assert sass.unordered_workspace_zeroing(_EPILOGUE) == (1, 1)
-    fixed = _EPILOGUE.replace("tt.store %5", "gpu.barrier\ntt.store %5")
-    assert sass.unordered_workspace_zeroing(fixed) == (1, 0)
-    assert sass.unordered_workspace_zeroing(_EPILOGUE.replace("cg", "ca")) == (0, 0)
-    # a barrier in a nested region (which may not run) does not order the read
-    nested = _EPILOGUE.replace("tt.store %5", "scf.if %c {\ngpu.barrier\n}\ntt.store %5")
-    assert sass.unordered_workspace_zeroing(nested) == (1, 1)
-    # the whole epilogue inside the last arrival's branch, the barrier in it: ordered
-    branch = "scf.if %last {\n" + fixed + "}\n"
-    assert sass.unordered_workspace_zeroing(branch) == (1, 0)
-    # zeroing by an atomic exchange is a write too; two reads before it are two unordered
-    exch = _EPILOGUE.replace(
-        "tt.store %5, %cst_9, %omask_54 : tensor<64x64x!tt.ptr<f32>, #blocked>",
-        "%z = tt.atomic_rmw exch, relaxed, gpu, %5, %cst_9 : (tensor<64x64x!tt.ptr<f32>>) -> f32",
-    )
-    assert sass.unordered_workspace_zeroing(exch) == (1, 1)
-    two = _EPILOGUE.replace(
-        "%out = tt.load", "%o2 = tt.load %7 cacheModifier = cg : !tt.ptr<f32>\n%out = tt.load"
-    )
-    assert sass.unordered_workspace_zeroing(two) == (2, 2)
-
-
-def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
-    """The M = 1 and M = 4 GEMV (inline PTX) as sm_90 launches them: waiting for the previous
-    kernel in the first k-block (within one wave) and before the k-loop (capped, past one
-    wave), W4 fp16, compiled for sm_90 without a GPU (the interpreter never takes the
-    dependent paths)."""
-    lines = [x for x in _compile_for_gpu(4, "fp16", with_gemv=True) if x.startswith("_gemv")]
-    assert len(lines) == 3, lines  # M = 4 and M = 1 waiting in the loop, M = 1 capped before
-    waits = ["'WAIT_IN_LOOP': True" in x for x in lines]
-    assert waits == [True, True, False] and all("'PDL': True" in x for x in lines), lines
-    assert "maxnreg 80" in lines[2], lines
-    for line in lines:  # its split-K epilogue zeroes the workspace after a barrier
-        assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line
 
 
 # ------------------------------------------------------------------------------------------

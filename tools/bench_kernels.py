@@ -128,7 +128,7 @@ def ours(x: torch.Tensor, L: dict, bits: int):
     return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP, *cuda)
 
 
-def op_route(M: int, N: int, K: int, bits: int, dtype: torch.dtype = torch.float16) -> str:
+def op_route(M: int, N: int, K: int, bits: int, dtype: torch.dtype) -> str:
     """The kernel the op takes for x of ``dtype`` now (for fp16 the CUDA kernel where it is
     built, in the configuration measured at the shape's first call)."""
     mma = dtype == torch.float16 and native.library() is not None
@@ -177,8 +177,8 @@ def run_config(x: torch.Tensor, L: dict, bits: int, name: str, cfg: dict):
 
 def record(res: dict, key: str, **fields) -> dict:
     """Append a row to ``res[key]`` with the run's environment (commit, versions, GPU/CPU,
-    shared) in it."""
-    row = {**fields, **res["row_env"]}
+    shared, activation dtype) in it; ``fields`` may name their own dtype (tinygemm: bf16)."""
+    row = {**res["row_env"], **fields}
     res[key].append(row)
     return row
 
@@ -196,7 +196,7 @@ def routes_in_force(N: int, K: int, bits: int, dtype: torch.dtype) -> dict:
 
 
 def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
-    dtype = DTYPES[res["opts"]["dtype"]]
+    dtype = DTYPES[res["row_env"]["dtype"]]
     fp = {M: time_cublas(N, K, M, dtype) for M in MS}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
@@ -220,7 +220,6 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 K=K,
                 bits=bits,
                 M=M,
-                dtype=res["opts"]["dtype"],
                 route=op_route(M, N, K, bits, dtype),
                 us=t,
                 cublas_us=fp[M],
@@ -247,7 +246,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
             row["routes_in_force"] = routes_in_force(N, K, bits, dtype)
         del copies, base
         torch.cuda.empty_cache()
-    record(res, "cublas", shape_group=group, N=N, K=K, dtype=res["opts"]["dtype"], us=fp)
+    record(res, "cublas", shape_group=group, N=N, K=K, us=fp)
     if tg:
         record(res, "tinygemm", shape_group=group, N=N, K=K, dtype="bf16", us=tg)
 
@@ -286,18 +285,7 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
         except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or fit
             print(f"    cand {name}: {exc!r}"[:300], flush=True)
             continue
-        record(
-            res,
-            "cand",
-            N=N,
-            K=K,
-            bits=bits,
-            M=M,
-            dtype=res["opts"]["dtype"],
-            name=name,
-            us=t,
-            cublas_us=fp_us,
-        )
+        record(res, "cand", N=N, K=K, bits=bits, M=M, name=name, us=t, cublas_us=fp_us)
         print(f"    cand {name:10s} {t:8.2f}us x{fp_us / t:4.2f}", flush=True)
 
 
@@ -309,8 +297,7 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit
             print(f"    sweep {name}: {exc!r}"[:200], flush=True)
             continue
-        dt = res["opts"]["dtype"]
-        record(res, "sweep", N=N, K=K, bits=bits, M=M, dtype=dt, name=name, cfg=cfg, us=t)
+        record(res, "sweep", N=N, K=K, bits=bits, M=M, name=name, cfg=cfg, us=t)
         print(f"    sweep {name:18s} {t:7.2f}us x{fp_us / t:4.2f} {cfg}", flush=True)
     if M >= 32:  # dequantize + cuBLAS, whatever the route
         L0 = copies[0]
@@ -323,8 +310,7 @@ def sweep_one(x, copies, bits, M, N, K, fp_us, res) -> None:
 
         t = graph_time_us([lambda L=L: deq_mm(L) for L in copies], reps=9)
         err = float((deq_mm(L0).double() - reference(x, L0)).norm() / reference(x, L0).norm())
-        dt = res["opts"]["dtype"]
-        record(res, "sweep", N=N, K=K, bits=bits, M=M, dtype=dt, name="dequant+cublas", us=t)
+        record(res, "sweep", N=N, K=K, bits=bits, M=M, name="dequant+cublas", us=t)
         print(f"    sweep dequant+cublas   {t:7.2f}us x{fp_us / t:4.2f} rel={err:.1e}", flush=True)
 
 
@@ -406,7 +392,7 @@ def main() -> None:
     BITS[:] = [int(b) for b in args.bits.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
-    row_env = run_environment(args.shared)
+    row_env = dict(run_environment(args.shared), dtype=args.dtype)
     res = dict(
         row_env=row_env,
         env=dict(
@@ -427,7 +413,6 @@ def main() -> None:
             only=[o for o in args.only.split(",") if o],
             skip_tinygemm=args.skip_tinygemm,
             budget=args.budget,
-            dtype=args.dtype,
             t0=time.time(),
         ),
     )

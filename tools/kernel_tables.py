@@ -69,7 +69,7 @@ def print_tables(res: dict, markdown: bool = False) -> None:
             (r["N"], r["K"]) for r in res["rows"] if r.get("shape_group", "tuned") == group
         )
         print(
-            f"\n{group} shapes: speed-up over cuBLAS {res.get('opts', {}).get('dtype', 'fp16')}"
+            f"\n{group} shapes: speed-up over cuBLAS {res.get('env', {}).get('dtype', 'fp16')}"
             + ("" if markdown else " (fraction of the byte floor)")
             + "\n"
         )

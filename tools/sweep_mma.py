@@ -184,7 +184,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name().split()[-1].lower()
     worst = 0.0
     for N, K in shapes:
-        fp = {M: time_cublas(N, K, M) for M in Ms}
+        fp = {M: time_cublas(N, K, M, torch.float16) for M in Ms}
         for bits in [int(b) for b in args.bits.split(",")]:
             base = packed_layer(N, K, bits, codes=True)
             R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
@@ -247,7 +247,7 @@ def main() -> None:
                         cluster=cl,
                         us=t,
                         op_us=t_op,
-                        op_route=op_route(M, N, K, bits),
+                        op_route=op_route(M, N, K, bits, torch.float16),
                         cublas_us=fp[M],
                         speedup=fp[M] / t,
                         op_speedup=fp[M] / t_op,
