@@ -66,6 +66,21 @@ def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # mixed_mma.cu: unpack_
     return r
 
 
+def unpack_pairs_low(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: unpack_pairs_low
+    """bf16: each pair's codes moved to bits 0.. of its halves, over 0x4300 (128.0)."""
+    per = {4: 4, 2: 8, 3: 5}[bits]
+    mask = ((1 << bits) - 1) * 0x00010001
+    r = [lop3(w[p // per] >> (p % per * bits), mask, 0x43004300) for p in range(16 - bits % 2)]
+    if bits == 3:  # pair 15: bit i of the code at bit 15 of word i's halves
+        top = ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002)
+        r.append(lop3(w[2] >> 13, 0x00040004, top | 0x43004300))
+    return r
+
+
+def bf16(bits16: int) -> float:
+    return float(np.array([(bits16 & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
+
+
 def f16(bits16: int) -> np.float16:
     return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
 
@@ -113,6 +128,40 @@ def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
                             Q[k, b * 64 + 8 * j + g] = q
                             W[k, b * 64 + 8 * j + g] = np.float16(q * before[j][g & 1])
     return Q, S, W
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bf16_kernels_read_code_minus_zero_and_round_the_scale_as_the_reference(bits) -> None:
+    """bf16 builds: the words ``pack_codes`` writes, read with the bf16 bit operations
+    (``unpack_pairs_low``, then one subtraction of 128 + zero), give code - zero at every
+    (k, n); times the fp16 scale rounded to bf16 (``from_fp16x2``, ``mul2``), bit for bit the
+    torch reference's bf16 weight."""
+    from gift_quant.kernels.reference import dequantize_codes
+
+    K, N, group = 128, 128, 64
+    codes, zeros, scales, p, _ = random_cuda_layout(K, N, bits, group, seed=bits)
+    assert all(bf16(0x4300 | z) == 128 + z for z in range(128))  # exact: 8 significant bits
+    qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF
+    zp = p.zp.numpy()
+    Q = np.full((K, N), np.nan)
+    for ss in range(K // 64):
+        for b in range(N // 64):
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
+                for st in range(4):
+                    r = unpack_pairs_low(bits, words[st * bits : (st + 1) * bits])
+                    for pr in range(16):
+                        j, f = pr >> 1, pr & 1
+                        z = int(zp[ss * 64 // group, b, g, j])
+                        for h in range(2):
+                            k = ss * 64 + st * 16 + 8 * f + 2 * t + h
+                            Q[k, b * 64 + 8 * j + g] = bf16(r[pr] >> (16 * h)) - bf16(0x4300 | z)
+    g_idx = (torch.arange(K) // group).long()
+    exact = (codes - zeros[g_idx]).double()
+    assert np.array_equal(Q, exact.numpy())
+    w = torch.from_numpy(Q).to(torch.bfloat16) * scales[g_idx].half().to(torch.bfloat16)
+    assert torch.equal(w, dequantize_codes(codes, zeros, scales, g_idx, torch.bfloat16))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -204,8 +253,8 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
 
         sass = cuobjdump(out.read_bytes(), "-sass")
         loops, writes = unwaited_operand_writes(sass)
-        # 15 configurations x 3 loops; no write to a fragment an MMA may still read
-        assert loops >= 45 and writes == 0, (loops, writes)
+        # 15 configurations x fp16/bf16 x 3 loops; no write to a fragment an MMA may still read
+        assert loops >= 90 and writes == 0, (loops, writes)
 
 
 @pytest.mark.gpu
@@ -221,29 +270,31 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
     K, N = 1536, 960  # 15 strips (one warp per block), g64, 37 salient columns, bias
     kw = dict(bits=bits, group_size=64, num_salient=37, bias=True, seed=bits, device="cuda")
     bf = random_mixed_linear(K, N, dtype=torch.bfloat16, **kw)
-    with torch.no_grad():
-        bf(torch.randn(8, K, device="cuda", dtype=torch.bfloat16))
-    assert ops.prepare(bf).cuda is None  # bf16 never builds the second layout
-    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
-    for M in (5, 8, 16, 32):
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        with torch.no_grad():
-            out = layer(x)  # the first call of a bucket times the candidates, then runs one
-        taken = routes.route_in_force(M, N, K, bits, 64, 37, mma=True)
-        assert taken in routes.candidates(M, mma=True, N=N, K=K), taken
-        err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
-        assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, err, ref_err)
-    assert ops.prepare(layer).cuda is not None
+    bf(torch.randn(8, K, device="cuda", dtype=torch.bfloat16))  # autograd on, as in training
+    assert ops.prepare(bf).cuda is None  # bf16 training never builds the second layout
+    fp = random_mixed_linear(K, N, dtype=torch.float16, **kw)
+    for layer in (fp, bf):  # bf16 without autograd (inference) builds it
+        dtype = torch.float16 if layer is fp else torch.bfloat16
+        for M in (5, 8, 16, 32):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                out = layer(x)  # the first call of a bucket times the candidates, runs one
+            taken = routes.route_in_force(M, N, K, bits, 64, 37, mma=True, dtype=dtype)
+            assert taken in routes.candidates(M, mma=True, N=N, K=K), taken
+            exact = oracle(x, layer)
+            err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), exact)
+            assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, dtype, err, ref_err)
+        assert ops.prepare(layer).cuda is not None
 
 
-def layer_and_layouts(K: int, N: int, bits: int, group: int):
-    """A fp16 mixed layer (37 salient columns, bias) on the GPU, its Triton-side ``prepare``
-    and its CUDA kernels' layout."""
+def layer_and_layouts(K: int, N: int, bits: int, group: int, dtype=torch.float16):
+    """A mixed layer in ``dtype`` (37 salient columns, bias) on the GPU, its Triton-side
+    ``prepare`` and its CUDA kernels' layout."""
     from gift_quant.kernels.triton import ops
     from gift_quant.testing import random_mixed_linear
 
     kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
-    layer = random_mixed_linear(K, N, dtype=torch.float16, **kw)
+    layer = random_mixed_linear(K, N, dtype=dtype, **kw)
     return layer, ops.prepare(layer), ops.cuda_layout(layer)
 
 
@@ -269,20 +320,21 @@ def assert_routes_match_the_oracle(names, x, layer, p, cuda) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, -1])
 @pytest.mark.parametrize("shape", [(1536, 960), (1024, 1024)], ids=["15strips", "16strips"])
-def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, shape) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, shape, dtype):
     """mixed_mmv.cu at M = 1..16 (one and two 8-row tiles of x): every configuration the rules
     name at every depth, one and several K splits (the last block's finish), one-warp blocks
     (15 strips) and four-warp blocks (16 strips: the per-warp rings, x shared by the block),
     salient columns round-robin over the splits, bias; on sm_90, the splits summed in
-    thread-block clusters of 2-16 blocks."""
+    thread-block clusters of 2-16 blocks; fp16 and bf16."""
     from gift_quant.kernels.triton import routes
 
     if native.library() is None:
         pytest.skip("the CUDA kernel is not built here (no nvcc)")
     K, N = shape
-    layer, p, cuda = layer_and_layouts(K, N, bits, group)
+    layer, p, cuda = layer_and_layouts(K, N, bits, group, dtype)
     for M in (1, 2, 3, 8, 9, 16):
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
         confs = rules.mmv_configs(M, N, K) + [(1, 1), (1, K // 64)]
         names = [routes.mmv_name(*c, d) for c in confs for d in rules.MMV_DEPTHS]
         if torch.cuda.get_device_capability()[0] >= 9:  # splits summed in clusters: one
@@ -303,11 +355,13 @@ def test_swapped_kernel_matches_the_oracle_in_every_configuration(bits, group, s
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, -1])
 @pytest.mark.parametrize("shape", [(1536, 960), (1024, 1024)], ids=["15strips", "16strips"])
-def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape) -> None:
-    """mixed_mma.cu with its K splits summed in thread-block clusters (sm_90): one cluster
-    holding every split (bias added there) and several (added across clusters by the finish),
-    clusters of 2-16 blocks, 1/2/4-warp blocks, at 16, 32 and 64 staged rows (M = 5..64), with
-    the salient columns round-robin over the splits."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape, dtype) -> None:
+    """mixed_mma.cu with its K splits summed by the last block (no cluster) and in
+    thread-block clusters (sm_90): one cluster holding every split (bias added there) and
+    several (added across clusters by the finish), clusters of 2-16 blocks, 1/2/4-warp blocks,
+    at 16, 32 and 64 staged rows (M = 5..64: the scale after the MMA and on the weights), with
+    the salient columns round-robin over the splits; fp16 and bf16."""
     from gift_quant.kernels.triton import routes
 
     if native.library() is None:
@@ -315,18 +369,18 @@ def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape) -> N
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
     K, N = shape
-    layer, p, cuda = layer_and_layouts(K, N, bits, group)
+    layer, p, cuda = layer_and_layouts(K, N, bits, group, dtype)
     widths = [wn for wn in (1, 2, 4) if (N // 64) % wn == 0]
-    runs = sorted({rules._runs(K, sp) for sp in (2, 4, 8, 16, K // 64)})
+    runs = sorted({rules._runs(K, sp) for sp in (1, 2, 4, 8, 16, K // 64)})
     for M in (5, 16, 17, 32, 33, 64):
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
         # every cluster size dividing the splits covers the configurations
         # rules.mma_cluster_configs offers on these shapes (16 splits of 1024 columns, 8 of both)
         names = [
             routes.mma_name(wn, sp, c)
             for wn in widths
             for sp in runs
-            for c in (2, 4, 8, 16)
+            for c in (1, 2, 4, 8, 16)
             if sp % c == 0
         ]
         assert_routes_match_the_oracle(names, x, layer, p, cuda)

@@ -289,12 +289,18 @@ def test_training_backward_matches_the_oracle(bits, dtype, M):
 
 
 def test_op_backward_with_the_cuda_layout_passed():
-    """The op as ``dequant_matmul`` calls it where the CUDA kernel's layout exists (four more
-    tensors; a bf16 x never uses them): grad_x is one gradient among as many as the inputs,
-    the same as without the layout, and within the oracle bound."""
+    """The op as ``dequant_matmul`` calls it where the CUDA kernels' layout exists (four more
+    tensors: the real ones where the kernels are built, stand-ins the op leaves unused on the
+    CPU): grad_x is one gradient among as many as the inputs, the same as without the
+    layout, and within the oracle bound."""
     layer, w, _ = make(128, 64, bits=4, group=32, salient=6, seed=4, dtype=BF16)
     p = ops.prepare(layer)
-    layout = [torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(4)]
+    c = ops.cuda_layout(layer)
+    layout = (
+        [c.qc, c.zp, c.scp, c.salient_as(BF16)]
+        if c is not None
+        else [torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(4)]
+    )
     x0 = torch.randn(3, 128, device=DEV, dtype=BF16)
     gy = torch.randn(3, 64, device=DEV, dtype=BF16)
     grads = []
@@ -380,16 +386,17 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     mma16 = [routes.mma_name(*c) for c in rules.configs(16, N, K)]
     assert timed == [mmv16 + mma16 + [rule_triton]]
     assert pick(9) == "mma:2x16" and len(timed) == 1  # same bucket: kept, not timed again
-    assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None) == "mma:2x16"
+    assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None, dtype=F16) == "mma:2x16"
     rule_12 = routes.route(12, N, K, 4)
-    assert routes.route_in_force(12, N, K, 4, 128, 0, False, device=None) == rule_12
+    assert routes.route_in_force(12, N, K, 4, 128, 0, False, device=None, dtype=F16) == rule_12
+
     timer.winner = rule_triton
     assert pick(16, nsal=128) == rule_triton and len(timed) == 2  # salient columns: own key
     timer.winner = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == timer.winner != rule_triton and len(timed) == 3  # bucket 17..32
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
     # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 4 for M <= 2
-    ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32)] = "mma:4x4"
+    ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32, F16)] = "mma:4x4"
     timer.winner = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
     mmv4 = [routes.mmv_name(*c) for c in rules.mmv_configs(4, N, K)]
@@ -399,7 +406,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     for M in (1, 2, 64, 128, 512):
         want = routes.route(M, N, K, 4, mma=True)
         assert not want.startswith("mma:")
-        assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None) == want
+        assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None, dtype=F16) == want
     # by rule, one row takes the GEMV, two the swapped kernel
     assert routes.route(1, N, K, 4, mma=True) == "gemv"
     assert routes.route(2, N, K, 4, mma=True) == routes.mmv_name(*rules.mmv_choose(2, N, K))
@@ -410,15 +417,29 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     other(group=64)
     other(bits=3)
     assert len(timed) == 6  # each its own measurement
+    # bf16 calls (the kernels' bf16 builds) are measured and kept apart from fp16's
+    bf16 = torch.bfloat16
+    assert routes.route_in_force(16, N, K, 4, 128, 0, True, device=None, dtype=bf16) == (
+        routes.route(16, N, K, 4, mma=True)
+    )
+    xb = torch.zeros(16, K, dtype=bf16)
+    timer.winner = "mma:4x16"
+    assert ops.tuned_route(xb, None, sz, None, None, None, None, 4, 128, 0, timer) == "mma:4x16"
+    assert len(timed) == 7 and timed[6] == timed[0]  # the same candidates as fp16 at 16 rows
+    assert pick(16) == "mma:2x16"  # fp16 keeps its own
     timed[4:] = []
     for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, "mmv", Triton), never timed
         assert pick(M) == routes.route(M, N, K, 4, mma=True)
     assert len(timed) == 4
-    kept = {(r["m_bucket"], r["salient"], r["group"], r["bits"]) for r in ops.tuning.record()}
-    assert kept == {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
+    kept = {
+        (r["m_bucket"], r["salient"], r["group"], r["bits"], r["dtype"])
+        for r in ops.tuning.record()
+    }
+    fp16_kept = {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
         (4, 0, 128, 4),
         (16, 0, 128, 3),
     }
+    assert kept == {(*k, "fp16") for k in fp16_kept} | {(16, 0, 128, 4, "bf16")}
     first = next(r for r in ops.tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
@@ -462,8 +483,10 @@ def test_mma_route_names_carry_the_configuration(monkeypatch):
     monkeypatch.setattr(native, "mixed_mma", fake)
     x = torch.zeros(4, 128, dtype=F16)
     sz = torch.zeros(2, 64, dtype=torch.int32)
+    z = torch.zeros(1, dtype=torch.int32)
+    cuda = native.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 64, 128, 64)
     for name in ("mma:2x16", "mma:4x3", "mma:4x16c16"):
-        ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=object())
+        ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=cuda)
     assert seen == [(2, 16, 1), (4, 3, 1), (4, 16, 16)]
 
 

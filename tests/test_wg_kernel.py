@@ -126,8 +126,10 @@ def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch, stand_in_t
     want = [routes.wg_name(*c) for c in rules.wg_configs(100, N, K)] + [routes.route(100, N, K, 4)]
     assert timed == [want] and "wg:64x2x1" in want and not any("x256" in n for n in want)
     assert pick(128) == "wg:128x4x2" and len(timed) == 1  # bucket 65..128: kept
-    assert routes.route_in_force(70, N, K, 4, 128, 0, True, device=None, wg=True) == "wg:128x4x2"
-    untimed = routes.route_in_force(70, N, K, 4, 128, 0, True, device=None)
+    fp16 = torch.float16
+    taken = routes.route_in_force(70, N, K, 4, 128, 0, True, device=None, wg=True, dtype=fp16)
+    assert taken == "wg:128x4x2"
+    untimed = routes.route_in_force(70, N, K, 4, 128, 0, True, device=None, dtype=fp16)
     assert untimed == routes.route(70, N, K, 4)
     timer.winner = routes.route(40, N, K, 4)  # the table's Triton kernel wins at 40 rows
     assert pick(40) == timer.winner and len(timed) == 2
@@ -146,11 +148,12 @@ def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch, stand_in_t
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, -1])
 @pytest.mark.parametrize("shape", [(1536, 896), (1024, 1024)], ids=["14strips", "16strips"])
-def test_warpgroup_kernel_matches_the_oracle(bits, group, shape) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
     """mixed_wg.cu at M = 1..520 (partial tiles, several tiles), every configuration the rules
     name plus the most splits at each tile; 37 salient columns (one salient k-step, zeros past
     the last column), 600 (ten salient k-steps: with few K splits, tiles of every height load
-    some inside the main loop, into reused ring slots) and none; bias."""
+    some inside the main loop, into reused ring slots) and none; bias; fp16 and bf16."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -160,18 +163,18 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape) -> None:
     K, N = shape
     for nsal in (37, 600, 0):
         kw = dict(bits=bits, group_size=group, num_salient=nsal, bias=nsal > 0, device="cuda")
-        layer = random_mixed_linear(K, N, dtype=torch.float16, seed=bits + nsal, **kw)
+        layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal, **kw)
         p = ops.prepare(layer)
         cuda = ops.cuda_layout(layer)
         for M in (1, 63, 64, 65, 128, 300, 520):
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
             exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
             most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
             confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
             for nt, wgs, splits in dict.fromkeys(confs):
                 if (N // 64) % wgs:
                     continue
-                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
                 ops.run_route(routes.wg_name(nt, wgs, splits), *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)

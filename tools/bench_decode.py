@@ -332,7 +332,9 @@ def main() -> None:
     res = dict(
         **env,
         routes={  # after the timed runs: the measured choices where the op made them
-            f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma, wg=wg)
+            f"M={m} {n}x{k} w{b}": routes.route_in_force(
+                m, n, k, b, g, s, mma, wg=wg, dtype=torch.float16
+            )
             for m in args.batch
             for n, k, b, g, s in sorted(shapes)
         },

@@ -20,8 +20,8 @@ Two shape groups, reported apart: "tuned" (the shapes the route tables were meas
 compiles every kernel in N worker processes first. ``--candidates`` also times, for every M >
 4 (every M where the CUDA kernels are built), each kernel of ``routes.candidates(M)`` (rows
 under "cand": what the route tables are made from), until ``--budget`` seconds have passed.
-``--dtype bf16`` times bf16 activations against cuBLAS bf16 (our CUDA kernels are fp16-only:
-bf16 takes the Triton kernels and dequantize + cuBLAS, as in training and bf16 models).
+``--dtype bf16`` times bf16 activations against cuBLAS bf16 (bf16 models; the same kernels,
+their bf16 builds, chosen by their own first-use timing).
 Every JSON row records the commit, the versions, the GPU and CPU, whether the machine was
 shared (``--shared``), the activation dtype and the routes in force.
 Results: ``kernels_h200.json`` (``kernels_h200_bf16.json`` with bf16) under ``--out`` (default
@@ -123,16 +123,18 @@ def floor_us(nbytes: float) -> float:
 
 
 def ours(x: torch.Tensor, L: dict, bits: int):
-    c = L["cuda"] if x.dtype == torch.float16 else None  # the CUDA kernels are fp16-only
-    cuda = (c.qc, c.zp, c.scp, c.wsp) if c is not None else (None,) * 4
+    c = L["cuda"]
+    cuda = (c.qc, c.zp, c.scp, c.salient_as(x.dtype)) if c is not None else (None,) * 4
     return OP(x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, GROUP, *cuda)
 
 
 def op_route(M: int, N: int, K: int, bits: int, dtype: torch.dtype) -> str:
-    """The kernel the op takes for x of ``dtype`` now (for fp16 the CUDA kernel where it is
-    built, in the configuration measured at the shape's first call)."""
-    mma = dtype == torch.float16 and native.library() is not None
-    return routes.route_in_force(M, N, K, bits, GROUP, NSAL, mma, wg=native.wg_available())
+    """The kernel the op takes for x of ``dtype`` now (the CUDA kernel where it is built, in
+    the configuration measured at the shape's first call)."""
+    mma = native.library() is not None
+    return routes.route_in_force(
+        M, N, K, bits, GROUP, NSAL, mma, wg=native.wg_available(), dtype=dtype
+    )
 
 
 def time_cublas(N: int, K: int, M: int, dtype: torch.dtype) -> float:
@@ -271,7 +273,7 @@ def time_candidates(x, copies, bits, M, N, K, fp_us, res) -> None:
     """Every candidate, the CUDA kernel in each configuration the first-use timing may pick
     included, timed like the op (graph over rotated copies): the op's own time against the
     best of these says how well its first-use timing chose."""
-    mma = copies[0]["cuda"] is not None and x.dtype == torch.float16
+    mma = copies[0]["cuda"] is not None
     wg = mma and native.wg_available()
     only = res["opts"]["only"]
     for name in routes.candidates(M, mma=mma, N=N, K=K, wg=wg):

@@ -7,8 +7,8 @@ Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16
 shape (4096x4096 g128 with 128 salient columns; an odd 960x1536 g64 layer with 37 salient
 columns and a bias; 576x1024 with group -1 and no salient columns), each call on fresh random
 inputs and a NaN-poisoned output buffer, through the kernel the op picks (``route``, or
-for fp16 where the CUDA kernel is built, the choice ``tuned_route`` measured at the shape's
-first call); and every
+where the CUDA kernels are built, the choice ``tuned_route`` measured at the shape's first
+call); and every
 candidate kernel of ``routes.candidates(M)`` (M in CAND_MS, the first two shapes): a failing
 Triton candidate is reported for the route tables to avoid, and a failing configuration of
 the CUDA kernel (one the first-use timing may pick) counts as a failure. A case
@@ -65,12 +65,12 @@ FACTOR = ERROR_FACTOR
 
 
 def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
-    """The kernel the op picks (``route``, or the measured ``tuned_route`` for fp16 where the
-    CUDA kernel is built), or ``name``, writing into a NaN-poisoned output; and its name."""
+    """The kernel the op picks (``route``, or the measured ``tuned_route`` where the CUDA
+    kernels are built), or ``name``, writing into a NaN-poisoned output; and its name."""
     prep = triton_ops.prepare(layer)
     M, N = x.shape[0], layer.out_features
     args = (x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits)
-    if name is None and prep.cuda is not None and x.dtype == torch.float16:
+    if name is None and prep.cuda is not None:
         name = triton_ops.tuned_route(*args, prep.group, prep.cuda)
     name = name or routes.route(M, N, prep.K, prep.bits)
     out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
@@ -96,11 +96,11 @@ def check_case(args) -> list[dict]:
     )
     prep = triton_ops.prepare(layer)
     assert prep is not None
-    triton_ops.cuda_layout(layer)  # fp16 calls use it where the CUDA kernel is built
+    triton_ops.cuda_layout(layer)  # fp16 and bf16 calls use it where the kernels are built
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for M in CAND_MS if cand else MS:
-        mma = prep.cuda is not None and dtype == torch.float16
+        mma = prep.cuda is not None
         wg = mma and native.wg_available()
         names = routes.candidates(M, mma=mma, N=N, K=K, wg=wg) if cand else [None]
         for name in names:

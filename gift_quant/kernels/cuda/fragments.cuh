@@ -1,12 +1,19 @@
-// What the two kernels of this folder share (mixed_mma.cu: M <= 64 rows on the B side of the
-// MMA; mixed_mmv.cu: M <= 8 rows, the weights on the A side): the packed words' unpacking into
-// f16x2 pairs, the zero-point constants, the staging of x and the split-K finish. The layout
-// itself is described in native.py.
+// What the kernels of this folder share (mixed_mma.cu: M <= 64 rows on the B side of the MMA;
+// mixed_mmv.cu: M <= 16 rows, the weights on the A side; mixed_wg.cu: M >= 64 on the warpgroup
+// MMA): the packed words' unpacking into 16-bit pairs, the zero-point constants, the staging
+// of x and the split-K finish. The layout itself is described in native.py.
+//
+// Activations, bias and y are 16-bit elements: fp16, or bf16 where a kernel's BF parameter
+// says so. They travel as `half` storage (staging and copies move bits); only the MMA's type,
+// the dequantization and the conversions to and from fp32 differ (`to_float`, `pack2`).
 #pragma once
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace {
 
@@ -18,6 +25,74 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint3
 
 __device__ __forceinline__ uint32_t h2u(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ half2 u2h(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+__device__ __forceinline__ uint32_t b2u(__nv_bfloat162 h) {
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ __forceinline__ __nv_bfloat162 u2b(uint32_t u) {
+  return *reinterpret_cast<__nv_bfloat162*>(&u);
+}
+
+// one 16-bit element (fp16, or bf16 where BF) as fp32
+template <bool BF>
+__device__ __forceinline__ float to_float(half v) {
+  if constexpr (BF) {
+    return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(&v));
+  } else {
+    return __half2float(v);
+  }
+}
+// two fp32 values rounded to a pair of 16-bit elements (low half: a)
+template <bool BF>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (BF) {
+    return b2u(__floats2bfloat162_rn(a, b));
+  } else {
+    return h2u(__floats2half2_rn(a, b));
+  }
+}
+// one fp32 value rounded to a 16-bit element
+template <bool BF>
+__device__ __forceinline__ half from_float(float v) {
+  if constexpr (BF) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(v);
+    return *reinterpret_cast<const half*>(&b);
+  } else {
+    return __float2half_rn(v);
+  }
+}
+// a - b and a * b on pairs of 16-bit elements (rounded to nearest)
+template <bool BF>
+__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
+  if constexpr (BF) {
+    return b2u(__hsub2(u2b(a), u2b(b)));
+  } else {
+    return h2u(__hsub2(u2h(a), u2h(b)));
+  }
+}
+template <bool BF>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
+  if constexpr (BF) {
+    return b2u(__hmul2(u2b(a), u2b(b)));
+  } else {
+    return h2u(__hmul2(u2h(a), u2h(b)));
+  }
+}
+// an fp16 pair (the stored scales) in the elements' type: bf16 rounded to nearest, as the
+// torch reference's `scales.to(bfloat16)`
+template <bool BF>
+__device__ __forceinline__ uint32_t from_fp16x2(uint32_t h) {
+  if constexpr (BF) {
+    return b2u(__float22bfloat162_rn(__half22float2(u2h(h))));
+  } else {
+    return h;
+  }
+}
+// The exponent bits that make a code in the low bits of a 16-bit element the number
+// MAGIC + code, exactly: 1024 in fp16 (10 mantissa bits), 128 in bf16 (7: codes < 128)
+template <bool BF>
+__device__ __forceinline__ constexpr uint32_t magic() {
+  return BF ? 0x4300u : 0x6400u;
+}
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
@@ -33,13 +108,20 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
 }
 
+#define GQ_MMA16816(TY)                                                                      \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, "       \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                       \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+template <bool BF>
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (BF) {
+    GQ_MMA16816("bf16");
+  } else {
+    GQ_MMA16816("f16");
+  }
 }
+#undef GQ_MMA16816
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -91,33 +173,59 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
   }
 }
 
-// -(1024 / 2^e + z) as fp16 bits in both halves, per (n8 tile j, fragment half f): one hfma2
-// of a raw pair by 2^-e with it gives code - z exactly. zw: the zero-points of columns 8 j + g
-// (one byte each).
+// The 16 raw pairs of one k16 step with each code moved to bits 0.. of its half, over the
+// exponent bits of 128 in bf16 (128 + code, exact): bf16 has 7 mantissa bits, too few for
+// unpack_pairs' codes left in place (up to bit 11)
 template <int BITS>
+__device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r) {
+  constexpr uint32_t E = 0x43004300u, MASK = ((1u << BITS) - 1) * 0x00010001u;
+  constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;  // pairs per word (native.py)
+#pragma unroll
+  for (int p = 0; p < (BITS == 3 ? 15 : 16); ++p)
+    r[p] = lop3_and_or(w[p / PER] >> (p % PER * BITS), MASK, E);
+  if constexpr (BITS == 3) {  // pair 15: bit i of the code at bit 15 of word i's halves
+    const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
+    r[15] = lop3_and_or(w[2] >> 13, 0x00040004u, top | E);
+  }
+}
+
+// The zero-point constants per (n8 tile j, fragment half f). fp16: -(1024 / 2^e + z) in both
+// halves, so that one hfma2 of a raw pair by 2^-e with it gives code - z exactly. bf16: 128 + z
+// in both halves (one subtraction, exact). zw: the zero-points of columns 8 j + g (one byte each).
+template <bool BF, int BITS>
 __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const uint32_t z = ((j < 4 ? zw.x : zw.y) >> (8 * (j & 3))) & 0xFFu;
 #pragma unroll
     for (int f = 0; f < 2; ++f) {
-      const uint32_t e = pair_exp<BITS>(2 * j + f);
-      cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;
+      if constexpr (BF) {
+        cz[j][f] = (0x4300u | z) * 0x00010001u;
+      } else {
+        const uint32_t e = pair_exp<BITS>(2 * j + f);
+        cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;
+      }
     }
   }
 }
 
-// code - zero of the 16 pairs of one k16 step (f16x2, exact) from its BITS words
-template <int BITS>
+// code - zero of the 16 pairs of one k16 step (f16x2 or bf16x2, exact) from its BITS words
+template <bool BF, int BITS>
 __device__ __forceinline__ void dequant_pairs(const uint32_t* w, const uint32_t (&cz)[8][2],
                                               uint32_t* f) {
   uint32_t r[16];
-  unpack_pairs<BITS>(w, r);
+  if constexpr (BF) {
+    unpack_pairs_low<BITS>(w, r);
 #pragma unroll
-  for (int p = 0; p < 16; ++p) {
-    constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e
-    const uint32_t inv = (one - (pair_exp<BITS>(p) << 10)) * 0x00010001u;
-    f[p] = h2u(__hfma2(u2h(r[p]), u2h(inv), u2h(cz[p >> 1][p & 1])));
+    for (int p = 0; p < 16; ++p) f[p] = sub2<true>(r[p], cz[p >> 1][p & 1]);
+  } else {
+    unpack_pairs<BITS>(w, r);
+#pragma unroll
+    for (int p = 0; p < 16; ++p) {
+      constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e
+      const uint32_t inv = (one - (pair_exp<BITS>(p) << 10)) * 0x00010001u;
+      f[p] = h2u(__hfma2(u2h(r[p]), u2h(inv), u2h(cz[p >> 1][p & 1])));
+    }
   }
 }
 
@@ -167,7 +275,7 @@ __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict_
     half v[GATHER_BATCH];
 #pragma unroll
     for (int u = 0; u < GATHER_BATCH; ++u)
-      v[u] = col[u] >= 0 ? x[(size_t)(rc[u] >> 16) * K + col[u]] : __float2half(0.0f);
+      v[u] = col[u] >= 0 ? x[(size_t)(rc[u] >> 16) * K + col[u]] : __ushort_as_half(0);  // +0 in fp16 and bf16
 #pragma unroll
     for (int u = 0; u < GATHER_BATCH; ++u)
       if (rc[u] >= 0) xs[(rc[u] >> 16) * ldx + kq + (rc[u] & 0xFFFF)] = v[u];
@@ -198,6 +306,7 @@ constexpr int FINISH_BATCH = 8;
 // `rows` rows from row0 and `width` columns from col0 (the warpgroup kernel's row tiles);
 // finish_splits: for column block blockIdx.x of `width` columns, all M rows, its gridDim.y
 // K splits.
+template <bool BF>
 __device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restrict__ cnt,
                                             int counter, int parts,
                                             const half* __restrict__ bias, half* __restrict__ y,
@@ -232,18 +341,19 @@ __device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restr
         __stcg(reinterpret_cast<float2*>(ws + o), make_float2(0.0f, 0.0f));
         if (bias != nullptr) {
           const int cc = o % N;  // only with a bias
-          v[u].x += __half2float(bias[cc]), v[u].y += __half2float(bias[cc + 1]);
+          v[u].x += to_float<BF>(bias[cc]), v[u].y += to_float<BF>(bias[cc + 1]);
         }
-        *reinterpret_cast<half2*>(y + o) = __floats2half2_rn(v[u].x, v[u].y);
+        *reinterpret_cast<uint32_t*>(y + o) = pack2<BF>(v[u].x, v[u].y);
       }
   }
   if (threadIdx.x == 0) cnt[counter] = 0;
 }
 
+template <bool BF>
 __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __restrict__ cnt,
                                               const half* __restrict__ bias,
                                               half* __restrict__ y, int M, int N, int width) {
-  finish_tile(ws, cnt, blockIdx.x, gridDim.y, bias, y, 0, M, N, blockIdx.x * width, width);
+  finish_tile<BF>(ws, cnt, blockIdx.x, gridDim.y, bias, y, 0, M, N, blockIdx.x * width, width);
 }
 
 // The split-K sum inside a thread-block cluster of blocks along the splits (sm_90), both
@@ -255,7 +365,7 @@ __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __res
 // split; bias added) or adds it into ws for the finish of the splits across clusters.
 // Replaces M x N fp32 atomics per split, the memory fence and the last block's pass with two
 // cluster barriers.
-template <int W, typename Store>
+template <bool BF, int W, typename Store>
 __device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
                                                const half* __restrict__ bias,
                                                half* __restrict__ y, float* __restrict__ ws,
@@ -277,11 +387,11 @@ __device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
     const int r = i / (W / 4), c = blockIdx.x * W + 4 * (i - r * (W / 4));
     if (whole) {
       if (bias != nullptr) {
-        s.x += __half2float(bias[c]), s.y += __half2float(bias[c + 1]);
-        s.z += __half2float(bias[c + 2]), s.w += __half2float(bias[c + 3]);
+        s.x += to_float<BF>(bias[c]), s.y += to_float<BF>(bias[c + 1]);
+        s.z += to_float<BF>(bias[c + 2]), s.w += to_float<BF>(bias[c + 3]);
       }
-      half2* o = reinterpret_cast<half2*>(y + (size_t)r * N + c);
-      o[0] = __floats2half2_rn(s.x, s.y), o[1] = __floats2half2_rn(s.z, s.w);
+      uint32_t* o = reinterpret_cast<uint32_t*>(y + (size_t)r * N + c);
+      o[0] = pack2<BF>(s.x, s.y), o[1] = pack2<BF>(s.z, s.w);
     } else {
       float* o = ws + (size_t)r * N + c;
       atomicAdd(o, s.x), atomicAdd(o + 1, s.y), atomicAdd(o + 2, s.z), atomicAdd(o + 3, s.w);

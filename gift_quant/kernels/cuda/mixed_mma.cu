@@ -1,4 +1,4 @@
-// Mixed-precision matmul on tensor cores for few rows (M <= 64), fp16 activations:
+// Mixed-precision matmul on tensor cores for few rows (M <= 64), fp16 or bf16 activations (BF):
 //
 //     y[M, N] = x @ dequant(W_q)^T + x[:, S] @ W_S^T (+ bias)
 //
@@ -16,7 +16,9 @@
 // one fp16 mul per weight; the weights are then exact, so the result is at least as accurate
 // as the fp16 reference). Otherwise (64 rows: no registers for a second accumulator; 32 rows at
 // 3 bits: measured faster) one mul applies the scale to the weight, rounding as the torch
-// reference rounds `(code - zero) * scale` in fp16.
+// reference rounds `(code - zero) * scale` in fp16 (in bf16, the scale rounded to bf16 first).
+// bf16 takes the codes to bits 0.. of each half (fragments.cuh, `unpack_pairs_low`): one shift
+// more per pair, then one subtraction.
 //
 // x is staged per block in shared memory by cp.async (rows padded, conflict-free ldmatrix);
 // the salient columns are gathered there too and their fp16 weights are repacked into the same
@@ -49,7 +51,7 @@ __device__ __forceinline__ void add_scaled(float (&acc)[MT][8][4], float (&grp)[
   }
 }
 
-template <int BITS, int MT, int WN, int PF>
+template <bool BF, int BITS, int MT, int WN, int PF>
 __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     mixed_mma_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
@@ -131,7 +133,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
         __cvta_generic_to_shared(xs + (r < R ? r : R) * ldx + (lane >> 4) * 8));
   }
 
-  // 3. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
+  // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: native.py)
   for (int qi = 0; qi < nq; ++qi) {
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
       uint32_t a[4];
       ldmatrix_x4(a, xa[m] + (nss * 64 + qi * 16) * 2);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) mma16816(acc[m][j], a, f[2 * j], f[2 * j + 1]);
+      for (int j = 0; j < 8; ++j) mma16816<BF>(acc[m][j], a, f[2 * j], f[2 * j + 1]);
     }
   }
 
@@ -190,18 +192,18 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
             const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
             const uint32_t sw[8] = {s0w.x, s0w.y, s0w.z, s0w.w, s1w.x, s1w.y, s1w.z, s1w.w};
 #pragma unroll
-            for (int j = 0; j < 8; ++j) sc[j] = __byte_perm(sw[j], 0, sel);
+            for (int j = 0; j < 8; ++j) sc[j] = from_fp16x2<BF>(__byte_perm(sw[j], 0, sel));
           }
           cur_group = grp;
-          zero_pairs<BITS>(zw, cz);
+          zero_pairs<BF, BITS>(zw, cz);
         }
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t f[16];
-          dequant_pairs<BITS>(w + st * BITS, cz, f);
+          dequant_pairs<BF, BITS>(w + st * BITS, cz, f);
           if constexpr (!SA) {
 #pragma unroll
-            for (int p2 = 0; p2 < 16; ++p2) f[p2] = h2u(__hmul2(u2h(f[p2]), u2h(sc[p2 >> 1])));
+            for (int p2 = 0; p2 < 16; ++p2) f[p2] = mul2<BF>(f[p2], sc[p2 >> 1]);
           }
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
@@ -209,7 +211,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
             ldmatrix_x4(a, xa[m] + (ss * 64 + st * 16) * 2);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-              mma16816(SA ? gacc[m][j] : acc[m][j], a, f[2 * j], f[2 * j + 1]);
+              mma16816<BF>(SA ? gacc[m][j] : acc[m][j], a, f[2 * j], f[2 * j + 1]);
           }
         }
       }
@@ -223,7 +225,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   // 5. output: lane holds rows m*16 + g (+8), columns b*64 + 8j + 2t (+1)
   if (csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
     constexpr int W = WN * 64;
-    cluster_reduce<W>(
+    cluster_reduce<BF, W>(
         [&](float* red) {
 #pragma unroll
           for (int m = 0; m < MT; ++m)
@@ -239,7 +241,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
             }
         },
         reinterpret_cast<float*>(xs), bias, y, ws, M, N, splits == csize);
-    if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, W);
+    if (splits > csize) finish_splits<BF>(ws, cnt, bias, y, M, N, W);
     return;
   }
   const int col0 = b * 64 + 2 * t;
@@ -254,8 +256,8 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
           for (int j = 0; j < 8; ++j) {
             const int c = col0 + 8 * j;
             float v0 = acc[m][j][2 * h], v1 = acc[m][j][2 * h + 1];
-            if (bias != nullptr) v0 += __half2float(bias[c]), v1 += __half2float(bias[c + 1]);
-            *reinterpret_cast<half2*>(y + (size_t)r * N + c) = __floats2half2_rn(v0, v1);
+            if (bias != nullptr) v0 += to_float<BF>(bias[c]), v1 += to_float<BF>(bias[c + 1]);
+            *reinterpret_cast<uint32_t*>(y + (size_t)r * N + c) = pack2<BF>(v0, v1);
           }
         }
       }
@@ -279,15 +281,15 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
         }
       }
     }
-  finish_splits(ws, cnt, bias, y, M, N, WN * 64);
+  finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
 }
 
-template <int BITS, int MT, int WN>
+template <bool BF, int BITS, int MT, int WN>
 int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, const uint4* wsp,
            const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M,
            int N, int K, int group, int splits, int csize, bool pdl, cudaStream_t stream) {
   constexpr int PF = MT == 1 ? 3 : 2;
-  auto kernel = mixed_mma_kernel<BITS, MT, WN, PF>;
+  auto kernel = mixed_mma_kernel<BF, BITS, MT, WN, PF>;
   const int S = K / 64;
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
@@ -306,30 +308,30 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
                    ss_per_split, R, csize);
 }
 
-template <int BITS, int MT>
+template <bool BF, int BITS, int MT>
 int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
           int* cnt, int M, int N, int K, int group, int splits, int csize, bool pdl,
           cudaStream_t s) {
   switch (wn) {
-    case 1: return launch<BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 1: return launch<BF, BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one block width (the code is the same)
-    case 2: return launch<BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 4: return launch<BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 2: return launch<BF, BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return launch<BF, BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #endif
     default: return -1;
   }
 }
 
-template <int BITS>
+template <bool BF, int BITS>
 int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
           int* cnt, int M, int N, int K, int group, int splits, int csize, bool pdl,
           cudaStream_t s) {
   switch (mt) {
-    case 1: return by_wn<BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 2: return by_wn<BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 4: return by_wn<BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 1: return by_wn<BF, BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 2: return by_wn<BF, BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return by_wn<BF, BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
     default: return -1;
   }
 }
@@ -340,8 +342,8 @@ int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint2* zp, const
 extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const void* scp,
                             const void* wsp,
                             const void* sidx, int nsal, const void* bias, void* y, void* ws,
-                            void* cnt, int M, int N, int K, int group, int bits, int wn,
-                            int splits, int csize, int pdl, void* stream) {
+                            void* cnt, int M, int N, int K, int group, int bits, int bf16,
+                            int wn, int splits, int csize, int pdl, void* stream) {
   if (M < 1 || M > 64 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   if (csize < 1 || csize > 16 || (csize > 1 && !device_has_clusters())) return -1;
@@ -357,10 +359,14 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
   auto* w = static_cast<float*>(ws);
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (bits) {
-    case 2: return by_mt<2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-    case 3: return by_mt<3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-    case 4: return by_mt<4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-    default: return -1;
-  }
+  auto run = [&](auto bf) {
+    constexpr bool BF = decltype(bf)::value;
+    switch (bits) {
+      case 2: return by_mt<BF, 2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 3: return by_mt<BF, 3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 4: return by_mt<BF, 4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      default: return -1;
+    }
+  };
+  return bf16 ? run(std::true_type{}) : run(std::false_type{});
 }

@@ -1,5 +1,5 @@
-// Mixed-precision matmul for very few rows (M <= 16), fp16 activations, on tensor cores with the
-// operands swapped:
+// Mixed-precision matmul for very few rows (M <= 16), fp16 or bf16 activations (BF), on tensor
+// cores with the operands swapped:
 //
 //     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
 //
@@ -46,7 +46,7 @@ __device__ __forceinline__ void column_scales(uint4 a, uint4 c, int g, uint32_t 
 
 // the 4 x NB MMAs of one k16 step: f = 16 pairs (n8 tile j, half h) = f[2 j + h], as B
 // fragments; each A fragment serves the NB 8-row tiles of x (words k, k + 4 of xr[n])
-template <int NB>
+template <bool BF, int NB>
 __device__ __forceinline__ void mma_swapped(float (&c)[NB][4][4], const uint32_t* f,
                                             const uint32_t* const (&xr)[NB], int k) {
   uint32_t b0[NB], b1[NB];
@@ -56,7 +56,7 @@ __device__ __forceinline__ void mma_swapped(float (&c)[NB][4][4], const uint32_t
   for (int i = 0; i < 4; ++i) {
     const uint32_t a[4] = {f[4 * i], f[4 * i + 2], f[4 * i + 1], f[4 * i + 3]};
 #pragma unroll
-    for (int n = 0; n < NB; ++n) mma16816(c[n][i], a, b0[n], b1[n]);
+    for (int n = 0; n < NB; ++n) mma16816<BF>(c[n][i], a, b0[n], b1[n]);
   }
 }
 
@@ -81,7 +81,7 @@ __device__ __forceinline__ void each_output(const float (&acc)[NB][4][4], int M,
 // warps, 80 registers, spill); 16 warps with two tiles (128)
 // CL: whether the cluster epilogue is compiled in (the launcher gives it to the default ring
 // depth only, the one the routes and the first-use timing use: it lengthens the compile)
-template <int BITS, int WN, int PF, int NB, bool CL>
+template <bool BF, int BITS, int WN, int PF, int NB, bool CL>
 __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
     mixed_mmv_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
       for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.0f, gacc[n][i][e] = 0.0f;
   }
 
-  // 2. salient k16 steps: fp16 fragments as stored (4 uint4 per lane)
+  // 2. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: native.py)
   for (int qi = 0; qi < nq; ++qi) {
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
@@ -153,13 +153,13 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
       const uint4 v = __ldg(wp + i * 32);
       f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
-    mma_swapped<NB>(acc, f, xr, (nss * 64 + qi * 16) / 2);
+    mma_swapped<BF, NB>(acc, f, xr, (nss * 64 + qi * 16) / 2);
   }
 
   // 3. the quantized k-steps; the group's scales and zero-points were loaded one group ahead
   uint32_t sc[8], cz[8][2];
   column_scales(sa, sb, g, sc);
-  zero_pairs<BITS>(zw, cz);
+  zero_pairs<BF, BITS>(zw, cz);
   if (grp < last_group) {
     sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
     zw = __ldg(zbase + (grp + 1) * gstride);
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
       add_scaled_mmv<NB>(acc, gacc, sc);
       grp = gs;
       column_scales(sa, sb, g, sc);
-      zero_pairs<BITS>(zw, cz);
+      zero_pairs<BF, BITS>(zw, cz);
       if (grp < last_group) {
         sa = __ldg(sbase + (grp + 1) * gstride), sb = __ldg(sbase + (grp + 1) * gstride + 1);
         zw = __ldg(zbase + (grp + 1) * gstride);
@@ -196,8 +196,8 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
       uint32_t f[16];
-      dequant_pairs<BITS>(w + st * BITS, cz, f);
-      mma_swapped<NB>(gacc, f, xr, ss * 32 + st * 8);  // k in x words
+      dequant_pairs<BF, BITS>(w + st * BITS, cz, f);
+      mma_swapped<BF, NB>(gacc, f, xr, ss * 32 + st * 8);  // k in x words
     }
   }
   if (nss > 0) add_scaled_mmv<NB>(acc, gacc, sc);
@@ -206,27 +206,27 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   // 4. output: acc[n][i][e] is column 64 b + 16 i + 8 (e / 2) + g, row 8 n + 2 t + e % 2
   if (CL && csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
     const int strip = warp * 64;  // the warp's first column in the block
-    cluster_reduce<WN * 64>(
+    cluster_reduce<BF, WN * 64>(
         [&](float* red) {
           each_output(acc, M, [&](float v, int r, int c) { red[r * WN * 64 + strip + c] = v; });
         },
         reinterpret_cast<float*>(smem), bias, y, ws, M, N, splits == csize);
-    if (splits > csize) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
+    if (splits > csize) finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
     return;
   }
   each_output(acc, M, [&](float v, int r, int c) {
     c += b * 64;
     if (splits == 1)
-      y[(size_t)r * N + c] = __float2half_rn(v + (bias != nullptr ? __half2float(bias[c]) : 0.0f));
+      y[(size_t)r * N + c] = from_float<BF>(v + (bias != nullptr ? to_float<BF>(bias[c]) : 0.0f));
     else
       atomicAdd(ws + (size_t)r * N + c, v);
   });
-  if (splits > 1) finish_splits(ws, cnt, bias, y, M, N, WN * 64);
+  if (splits > 1) finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
 }
 
 // PF: the ring's k-steps per warp, DEPTH x 16 bytes per lane (DEPTH / BITS k-steps, PF - 1 of
 // them in flight while one is computed)
-template <int BITS, int WN, int DEPTH>
+template <bool BF, int BITS, int WN, int DEPTH>
 int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
                float* ws, int* cnt, int M, int N, int K, int group, int splits, int csize,
@@ -254,35 +254,35 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
                      sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
   // one 8-row tile of x up to 8 rows, two up to 16
-  return M <= 8 ? run(mixed_mmv_kernel<BITS, WN, PF, 1, CL>, allowed[0])
-                : run(mixed_mmv_kernel<BITS, WN, PF, 2, CL>, allowed[1]);
+  return M <= 8 ? run(mixed_mmv_kernel<BF, BITS, WN, PF, 1, CL>, allowed[0])
+                : run(mixed_mmv_kernel<BF, BITS, WN, PF, 2, CL>, allowed[1]);
 }
 
-template <int BITS, int WN>
+template <bool BF, int BITS, int WN>
 int mmv_by_depth(int depth, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
                  const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y,
                  float* ws, int* cnt, int M, int N, int K, int group, int splits,
                  int csize, bool pdl, cudaStream_t s) {
   switch (depth) {
-    case 8: return launch_mmv<BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 8: return launch_mmv<BF, BITS, WN, 8>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one depth and block width (the same code)
-    case 16: return launch_mmv<BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 32: return launch_mmv<BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 16: return launch_mmv<BF, BITS, WN, 16>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 32: return launch_mmv<BF, BITS, WN, 32>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #endif
     default: return -1;
   }
 }
 
-template <int BITS>
+template <bool BF, int BITS>
 int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp,
               const uint4* scp, const uint4* wsp, const int* sidx, int nsal, const half* bias,
               half* y, float* ws, int* cnt, int M, int N, int K, int group, int splits,
               int csize, bool pdl, cudaStream_t s) {
   switch (wn) {
-    case 1: return mmv_by_depth<BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 1: return mmv_by_depth<BF, BITS, 1>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #ifndef GQ_COMPILE_CHECK
-    case 2: return mmv_by_depth<BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 4: return mmv_by_depth<BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 2: return mmv_by_depth<BF, BITS, 2>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return mmv_by_depth<BF, BITS, 4>(depth, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
 #endif
     default: return -1;
   }
@@ -294,8 +294,8 @@ int mmv_by_wn(int wn, int depth, const half* x, const uint4* qc, const uint2* zp
 extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const void* scp,
                             const void* wsp, const void* sidx, int nsal, const void* bias,
                             void* y, void* ws, void* cnt, int M, int N, int K, int group,
-                            int bits, int wn, int splits, int depth, int csize, int pdl,
-                            void* stream) {
+                            int bits, int bf16, int wn, int splits, int depth, int csize,
+                            int pdl, void* stream) {
   if (M < 1 || M > 16 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   if (csize < 1 || csize > 16) return -1;
@@ -311,10 +311,14 @@ extern "C" int gq_mixed_mmv(const void* x, const void* qc, const void* zp, const
   auto* w = static_cast<float*>(ws);
   auto* c = static_cast<int*>(cnt);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (bits) {
-    case 2: return mmv_by_wn<2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-    case 3: return mmv_by_wn<3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-    case 4: return mmv_by_wn<4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-    default: return -1;
-  }
+  auto run = [&](auto bf) {
+    constexpr bool BF = decltype(bf)::value;
+    switch (bits) {
+      case 2: return mmv_by_wn<BF, 2>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 3: return mmv_by_wn<BF, 3>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 4: return mmv_by_wn<BF, 4>(wn, depth, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      default: return -1;
+    }
+  };
+  return bf16 ? run(std::true_type{}) : run(std::false_type{});
 }

@@ -1,4 +1,5 @@
-// Mixed-precision matmul for many rows (M >= 64), fp16 activations, on Hopper's warpgroup MMA
+// Mixed-precision matmul for many rows (M >= 64), fp16 or bf16 activations (BF), on Hopper's
+// warpgroup MMA
 // (wgmma, sm_90a) with the operands swapped:
 //
 //     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
@@ -22,15 +23,16 @@
 // k-step s - 1 first: the asynchronous MMA reads its register operands until then), and one
 // block barrier per k-step both publishes the codes of k-step s + 1 and frees the slot of
 // k-step s - 1 for new copies. The weights
-// are exact (code - zero in fp16) times the scale in fp16, rounded as the torch reference
-// rounds `(code - zero) * scale`; products are summed in fp32.
+// are exact (code - zero in fp16 or bf16) times the scale in that type (bf16: the fp16 scale
+// rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
+// products are summed in fp32.
 //
 // The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
 // round-robin over the K splits): x's salient columns are gathered once per launch by a small
 // kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
 // tensor copies load (a gather by every block read x's scattered columns once per column
 // block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
-// fp16 weights' fragments as stored (native.py, `pack_salient`). One K
+// weights' fragments as stored (fp16, or bf16 for BF: native.py, `pack_salient`). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`).
 #include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)
@@ -121,59 +123,83 @@ __device__ __forceinline__ void wg_wait() {
   "+f"(d[o * 8]), "+f"(d[o * 8 + 1]), "+f"(d[o * 8 + 2]), "+f"(d[o * 8 + 3]),              \
       "+f"(d[o * 8 + 4]), "+f"(d[o * 8 + 5]), "+f"(d[o * 8 + 6]), "+f"(d[o * 8 + 7])
 
+#define GQ_WGMMA_64(TY) \
+  asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+  "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
+  : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+template <bool BF>
 __device__ __forceinline__ void wgmma_m64n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  if constexpr (BF) {
+    GQ_WGMMA_64("bf16");
+  } else {
+    GQ_WGMMA_64("f16");
+  }
 }
+#undef GQ_WGMMA_64
 
+#define GQ_WGMMA_128(TY) \
+  asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+  "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
+  : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3), GQ_D8(4), GQ_D8(5), GQ_D8(6), GQ_D8(7) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+template <bool BF>
 __device__ __forceinline__ void wgmma_m64n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-      : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3), GQ_D8(4), GQ_D8(5), GQ_D8(6), GQ_D8(7)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  if constexpr (BF) {
+    GQ_WGMMA_128("bf16");
+  } else {
+    GQ_WGMMA_128("f16");
+  }
 }
+#undef GQ_WGMMA_128
 
+#define GQ_WGMMA_256(TY) \
+  asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " " \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, " \
+  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, " \
+  "%125, %126, %127}, " \
+  "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n" \
+  : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3), GQ_D8(4), GQ_D8(5), GQ_D8(6), GQ_D8(7), \
+  GQ_D8(8), GQ_D8(9), GQ_D8(10), GQ_D8(11), GQ_D8(12), GQ_D8(13), GQ_D8(14), GQ_D8(15) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+template <bool BF>
 __device__ __forceinline__ void wgmma_m64n256(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "
-      "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, "
-      "%125, %126, %127}, "
-      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-      : GQ_D8(0), GQ_D8(1), GQ_D8(2), GQ_D8(3), GQ_D8(4), GQ_D8(5), GQ_D8(6), GQ_D8(7),
-        GQ_D8(8), GQ_D8(9), GQ_D8(10), GQ_D8(11), GQ_D8(12), GQ_D8(13), GQ_D8(14), GQ_D8(15)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  if constexpr (BF) {
+    GQ_WGMMA_256("bf16");
+  } else {
+    GQ_WGMMA_256("f16");
+  }
 }
+#undef GQ_WGMMA_256
 #undef GQ_D8
 
-template <int NT>
+template <bool BF, int NT>
 __device__ __forceinline__ void wgmma_tile(float (&d)[NT / 2], const uint32_t (&a)[4],
                                            uint64_t desc) {
   if constexpr (NT == 64)
-    wgmma_m64n64(d, a, desc);
+    wgmma_m64n64<BF>(d, a, desc);
   else if constexpr (NT == 128)
-    wgmma_m64n128(d, a, desc);
+    wgmma_m64n128<BF>(d, a, desc);
   else
-    wgmma_m64n256(d, a, desc);
+    wgmma_m64n256<BF>(d, a, desc);
 }
 
 // words[i] where i is warp-uniform (selects, not an indexed register array)
@@ -186,7 +212,7 @@ __device__ __forceinline__ uint32_t pick_word(const uint32_t* w, int i) {
 }
 #endif
 
-template <int BITS, int NT, int WGS>
+template <bool BF, int BITS, int NT, int WGS>
 __global__ void __launch_bounds__(WGS * 128, 1)
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
@@ -254,7 +280,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
 
   // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place).
   auto frags = [&](int it, uint32_t (&a)[4][4]) {
-    if (it < nps) {  // salient: the stored fp16 fragments (zeros past the last k16 step)
+    if (it < nps) {  // salient: the stored fragments (zeros past the last k16 step)
       const int q0 = (split + it * splits) * 4;
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
@@ -267,14 +293,16 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     const uint8_t* slot = smem + (it % STAGES) * SB;
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
     const uint32_t* cw = reinterpret_cast<const uint32_t*>(slot + XB + wg * WB) + lane * 4;
-    // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as 1024 + z in both halves;
-    // their scales in both halves
+    // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as MAGIC + z in both halves
+    // (1024 + z in fp16, 128 + z in bf16); their scales in both halves
+    constexpr uint32_t MAG = magic<BF>();
     const uint32_t zb = *reinterpret_cast<const uint16_t*>(slot + ZOFF + wg * 64 + g * 8 + 2 * wq);
-    const uint32_t zlo = (0x6400u | (zb & 0xFFu)) * 0x00010001u;
-    const uint32_t zhi = (0x6400u | (zb >> 8)) * 0x00010001u;
+    const uint32_t zlo = (MAG | (zb & 0xFFu)) * 0x00010001u;
+    const uint32_t zhi = (MAG | (zb >> 8)) * 0x00010001u;
     const uint2 sw = *reinterpret_cast<const uint2*>(slot + SOFF + wg * 128 +
                                                      ((g >> 1) * 16 + 4 * wq) * 2);
-    const uint32_t slo = __byte_perm(sw.x, 0, sel), shi = __byte_perm(sw.y, 0, sel);
+    const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
+    const uint32_t shi = from_fp16x2<BF>(__byte_perm(sw.y, 0, sel));
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
       uint32_t ws3[BITS];  // the step's words this warp reads (2 and 4 bits: one)
@@ -293,15 +321,15 @@ __global__ void __launch_bounds__(WGS * 128, 1)
       for (int u = 0; u < 4; ++u) {
         const uint32_t word = BITS == 3 ? pick_word<3>(ws3, widx[u]) : ws3[0];
         uint32_t raw = lop3_and_or(word >> wpos[u], (1u << BITS) - 1 | ((1u << BITS) - 1) << 16,
-                                   0x64006400u);
+                                   MAG * 0x00010001u);
         if constexpr (BITS == 3) {
           if (u == 3 && spread) {
             const uint32_t top = ((ws3[0] >> 15) & 0x00010001u) | ((ws3[1] >> 14) & 0x00020002u);
-            raw = lop3_and_or(ws3[2] >> 13, 0x00040004u, top | 0x64006400u);
+            raw = lop3_and_or(ws3[2] >> 13, 0x00040004u, top | MAG * 0x00010001u);
           }
         }
-        const half2 v = __hsub2(u2h(raw), u2h(u < 2 ? zlo : zhi));  // code - zero, exact
-        f[u] = h2u(__hmul2(v, u2h(u < 2 ? slo : shi)));
+        const uint32_t v = sub2<BF>(raw, u < 2 ? zlo : zhi);  // code - zero, exact
+        f[u] = mul2<BF>(v, u < 2 ? slo : shi);
       }
       a[st][0] = f[0], a[st][1] = f[2], a[st][2] = f[1], a[st][3] = f[3];
     }
@@ -314,7 +342,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     wg_fence();
 #pragma unroll
     for (int st = 0; st < 4; ++st)
-      wgmma_tile<NT>(acc, a[st], smem_desc_sw128(smem0 + (it % STAGES) * SB + st * 32));
+      wgmma_tile<BF, NT>(acc, a[st], smem_desc_sw128(smem0 + (it % STAGES) * SB + st * 32));
     wg_commit();
   };
 
@@ -375,8 +403,8 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     constexpr int LD = 72;  // halves per staged row (64 + 8: rows shift by 16 bytes)
     half* out = reinterpret_cast<half*>(smem);
     __syncthreads();  // every warp is done with the ring
-    const float bl = bias != nullptr ? __half2float(bias[c0]) : 0.0f;
-    const float bh = bias != nullptr ? __half2float(bias[c0 + 8]) : 0.0f;
+    const float bl = bias != nullptr ? to_float<BF>(bias[c0]) : 0.0f;
+    const float bh = bias != nullptr ? to_float<BF>(bias[c0 + 8]) : 0.0f;
     // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
     // columns 16 q + 8 h .. + 7 by rows 8 j .. 8 j + 7 (fragment row g, columns 2 t, 2 t + 1);
     // stored transposed, it is those rows' 16 bytes of columns. Four blocks per instruction:
@@ -388,7 +416,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
       for (int m = 0; m < 4; ++m) {
         const int i = 4 * (2 * p + (m >> 1)) + 2 * (m & 1);
         const float bb = m & 1 ? bh : bl;
-        v[m] = h2u(__floats2half2_rn(acc[i] + bb, acc[i + 1] + bb));
+        v[m] = pack2<BF>(acc[i] + bb, acc[i + 1] + bb);
       }
       const int m = lane >> 3, rr = lane & 7;
       const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(
@@ -423,7 +451,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     const float4 v = *reinterpret_cast<const float4*>(out32 + r * LDF + c4 * 4);
     atomicAdd(reinterpret_cast<float4*>(ws + (size_t)(row0 + r) * N + b0 * 64 + c4 * 4), v);
   }
-  finish_tile(ws, cnt, blockIdx.x, splits, bias, y, row0, min(NT, M - row0), N, b0 * 64, WGS * 64);
+  finish_tile<BF>(ws, cnt, blockIdx.x, splits, bias, y, row0, min(NT, M - row0), N, b0 * 64, WGS * 64);
 #else
   __trap();  // built without sm_90a: the library reports no warpgroup kernel (native.py)
 #endif
@@ -464,10 +492,10 @@ __global__ void __launch_bounds__(256)
   pdl_wait();
   if (i >= M * hw) return;
   const half* xr = x + static_cast<size_t>(r) * K;
-  half2 v = __floats2half2_rn(0.0f, 0.0f);
-  if (ca >= 0) v.x = __ldcg(xr + ca);
-  if (cb >= 0) v.y = __ldcg(xr + cb);
-  reinterpret_cast<half2*>(xs + static_cast<size_t>(r) * W)[c >> 1] = v;
+  // 16-bit elements moved as bits (fp16 or bf16), zeros (+0) past the last column
+  const auto* xb = reinterpret_cast<const unsigned short*>(xr);
+  const uint32_t lo = ca >= 0 ? __ldcg(xb + ca) : 0u, hi = cb >= 0 ? __ldcg(xb + cb) : 0u;
+  reinterpret_cast<uint32_t*>(xs + static_cast<size_t>(r) * W)[c >> 1] = lo | hi << 16;
 }
 
 // one launch's arguments (gq_mixed_wg)
@@ -486,23 +514,23 @@ struct WgCall {
   cudaStream_t stream;
 };
 
-// a row-major [rows, cols] fp16 tensor as a 2-D tensor map for the tensor copies: boxes of
-// 64 columns x NT rows, 128-byte swizzle, zeros past the last row
-bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt) {
+// a row-major [rows, cols] fp16 (bf16: BF) tensor as a 2-D tensor map for the tensor copies:
+// boxes of 64 columns x NT rows, 128-byte swizzle, zeros past the last row
+bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt, bool bf) {
   auto encode = tensor_map_encoder();
   if (encode == nullptr) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(half)};
   const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(nt)}, unit[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<half*>(base), dims, strides,
+  return encode(map, bf ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<half*>(base), dims, strides,
                 box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BITS, int NT, int WGS>
+template <bool BF, int BITS, int NT, int WGS>
 int launch_wg(const WgCall& a) {
-  auto kernel = mixed_wg_kernel<BITS, NT, WGS>;
+  auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS>;
   const int S = a.K / 64;
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
@@ -512,8 +540,8 @@ int launch_wg(const WgCall& a) {
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
   const int W = (a.nsal + 63) / 64 * 64;
   CUtensorMap xmap, smap;
-  if (!encode_rows(&xmap, a.x, a.K, a.M, NT)) return -1;
-  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT))) return -1;
+  if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
+  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
   if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   static size_t allowed[64] = {};
@@ -530,16 +558,16 @@ int launch_wg(const WgCall& a) {
                    a.M, a.N, a.K, group_magic(a.group), ss_per_split, T, xmap, smap);
 }
 
-template <int BITS>
+template <bool BF, int BITS>
 int by_tile(int nt, int wgs, const WgCall& a) {
   // 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
   // configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
   switch (nt * 10 + wgs) {
-    case 642: return launch_wg<BITS, 64, 2>(a);
-    case 644: return launch_wg<BITS, 64, 4>(a);
-    case 1282: return launch_wg<BITS, 128, 2>(a);
-    case 1284: return launch_wg<BITS, 128, 4>(a);
-    case 2562: return launch_wg<BITS, 256, 2>(a);
+    case 642: return launch_wg<BF, BITS, 64, 2>(a);
+    case 644: return launch_wg<BF, BITS, 64, 4>(a);
+    case 1282: return launch_wg<BF, BITS, 128, 2>(a);
+    case 1284: return launch_wg<BF, BITS, 128, 4>(a);
+    case 2562: return launch_wg<BF, BITS, 256, 2>(a);
     default: return -1;
   }
 }
@@ -552,7 +580,7 @@ int by_tile(int nt, int wgs, const WgCall& a) {
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
-                           int bits, int nt, int wgs, int splits, void* xs, int pdl,
+                           int bits, int bf16, int nt, int wgs, int splits, void* xs, int pdl,
                            void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31))
@@ -567,10 +595,14 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  K,                              group,
                  splits,                         pdl != 0,
                  static_cast<cudaStream_t>(stream)};
-  switch (bits) {
-    case 2: return by_tile<2>(nt, wgs, a);
-    case 3: return by_tile<3>(nt, wgs, a);
-    case 4: return by_tile<4>(nt, wgs, a);
-    default: return -1;
-  }
+  auto run = [&](auto bf) {
+    constexpr bool BF = decltype(bf)::value;
+    switch (bits) {
+      case 2: return by_tile<BF, 2>(nt, wgs, a);
+      case 3: return by_tile<BF, 3>(nt, wgs, a);
+      case 4: return by_tile<BF, 4>(nt, wgs, a);
+      default: return -1;
+    }
+  };
+  return bf16 ? run(std::true_type{}) : run(std::false_type{});
 }

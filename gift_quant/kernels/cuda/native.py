@@ -5,7 +5,8 @@ M <= 16 rows with the operands swapped (the weights as A, x as one or two 8-wide
 which needs half the MMAs and accumulators per weight up to 8 rows; ``mixed_wg.cu`` serves
 M >= 64 rows on Hopper's warpgroup MMA (sm_90a only), the weights as its register operand and
 x in tiles of 64 to 256 rows shared by two or four warpgroups. All three read the same packed
-words.
+words, and each is built for fp16 and for bf16 activations (x, bias and y in that type, the
+MMAs on it; the salient fragments converted once per layer, ``Packed.salient_as``).
 
 Built once by ``nvcc`` (found on PATH or under ``$CUDA_HOME``) for the GPU's own architecture
 (``sm_90a`` on compute capability 9.0, where the warpgroup MMA needs it),
@@ -32,7 +33,7 @@ import os
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -148,18 +149,18 @@ def pack_scales(scales: Tensor) -> Tensor:
     return v.transpose(2, 3).contiguous()
 
 
-def pack_salient(wst: Tensor) -> Tensor:
-    """W_S^T [k, N] -> fp16 B fragments as int32 [ceil(k/16), N/64, 4, 32, 4] (k padded with
-    zero rows): word p = 2 j + f of lane 4 g + t, at [q, b, p // 4, l, p % 4], is the fp16 pair
-    (rows 16 q + 8 f + 2 t, +1; column 8 j + g)."""
+def pack_salient(wst: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
+    """W_S^T [k, N] -> B fragments in ``dtype`` (fp16 or bf16: the activations' type), as
+    [ceil(k/16), N/64, 4, 32, 8] (k padded with zero rows): pair p = 2 j + f of lane 4 g + t,
+    at [q, b, p // 4, l, 2 (p % 4) ..], is (rows 16 q + 8 f + 2 t, +1; column 8 j + g)."""
     k, N = wst.shape
     pad = -k % 16
     w = torch.cat([wst, wst.new_zeros(pad, N)]) if pad else wst
     kq = w.shape[0]
-    v = w.to(torch.float16).reshape(kq // 16, 2, 4, 2, N // 64, 8, 8)  # q f t h | b j g
+    v = w.to(dtype).reshape(kq // 16, 2, 4, 2, N // 64, 8, 8)  # q f t h | b j g
     v = v.permute(0, 4, 6, 2, 5, 1, 3)  # q b g t j f h
     v = v.reshape(kq // 16, N // 64, 32, 4, 8).transpose(2, 3)  # word-vectors of all lanes
-    return v.contiguous().view(torch.int32)
+    return v.contiguous()
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ def pack_salient(wst: Tensor) -> Tensor:
 
 @dataclass
 class Packed:
-    """One layer's tensors in the kernel's layout."""
+    """One layer's tensors in the kernel's layout (``wsp``: the salient fragments, in the
+    activations' type: fp16 as packed, bf16 by :meth:`salient_as`)."""
 
     qc: Tensor
     zp: Tensor
@@ -180,6 +182,22 @@ class Packed:
     group: int
     K: int
     N: int
+    converted: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def salient_as(self, dtype: torch.dtype, build: bool = True) -> Tensor | None:
+        """The salient fragments in ``dtype`` (the same layout element by element): ``wsp``,
+        or a copy made once and kept (None where it is not made yet and ``build`` is off)."""
+        if self.wsp.dtype == dtype:
+            return self.wsp
+        if dtype not in self.converted and build:
+            self.converted[dtype] = self.wsp.to(dtype)
+        return self.converted.get(dtype)
+
+    def for_type(self, dtype: torch.dtype) -> Packed:
+        """This layout with its salient fragments in ``dtype`` (itself where they are)."""
+        if self.wsp.dtype == dtype:
+            return self
+        return replace(self, wsp=self.salient_as(dtype), converted={})
 
 
 def unsupported(layer) -> str | None:
@@ -208,7 +226,7 @@ def pack(
     if wst is not None and wst.numel():
         wsp, si, nsal = pack_salient(wst), sidx.to(torch.int32).contiguous(), wst.shape[0]
     else:
-        wsp = torch.zeros(1, 4, dtype=torch.int32, device=dev)
+        wsp = torch.zeros(1, 8, dtype=torch.float16, device=dev)
         si, nsal = torch.zeros(1, dtype=torch.int32, device=dev), 0
     return Packed(
         pack_codes(codes, bits),
@@ -231,11 +249,12 @@ def pack(
 _P, _I = ctypes.c_void_p, ctypes.c_int
 # the library's entry points (`extern "C"` in the sources; a test reads them there): x, codes,
 # zero-points, scales, salient weights, salient indices, nsal, bias, y, workspace, counters,
-# M, N, K, group, bits, then each kernel's configuration, pdl, stream
+# M, N, K, group, bits, bf16 (x, bias and y bf16, else fp16), then each kernel's
+# configuration, pdl, stream
 ENTRY_ARGS = {
-    "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 9 + [_P],  # wn, splits, csize
-    "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 8 + [_P, _I, _P],  # nt, wgs, splits, xs
+    "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
+    "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 9 + [_P, _I, _P],  # nt, wgs, splits, xs
 }
 
 
@@ -247,22 +266,23 @@ def _nvcc() -> str | None:
 
 
 def _build(nvcc: str, arch: str) -> Path:
+    """The three sources compiled side by side (each its own nvcc), then linked."""
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+    objects: list[str] = []
+
+    def compile_each(scratch: str) -> list[list[str]]:
+        objects[:] = [str(Path(scratch) / f"{f.stem}.o") for f in SOURCES]
+        return [
+            [nvcc, "-O3", gencode, "-Xcompiler", "-fPIC", "-c", "-o", o, str(f)]
+            for f, o in zip(SOURCES, objects, strict=True)
+        ]
+
     return cached_build(
         "mixed_mma",
         [*(f.read_text() for f in (HEADER, *SOURCES)), compiler_version(nvcc), arch],
-        lambda out: [
-            nvcc,
-            "-O3",
-            gencode,
-            "-shared",
-            "-Xcompiler",
-            "-fPIC",
-            "-o",
-            out,
-            *map(str, SOURCES),
-        ],
+        lambda out: [nvcc, gencode, "-shared", "-o", out, *objects],
         timeout=900,
+        parts=compile_each,
     )
 
 
@@ -299,11 +319,18 @@ def library(device: torch.device | None = None):
 
 
 def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
-    """y [M, N] fp16 through the library entry ``fn`` with ``config`` (written into ``out``
-    if given), on x2's device and torch's current stream there, as a programmatic dependent
-    launch where ``rules.dependent_launch`` says so."""
+    """y [M, N] in x2's type (fp16 or bf16) through the library entry ``fn`` with ``config``
+    (written into ``out`` if given), on x2's device and torch's current stream there, as a
+    programmatic dependent launch where ``rules.dependent_launch`` says so. The bias, ``out``
+    and the salient fragments must be in x2's type: anything else is refused, not cast."""
     M, K = x2.shape
-    y = out if out is not None else torch.empty(M, p.N, dtype=torch.float16, device=x2.device)
+    dt = x2.dtype
+    if dt not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{fn.__name__}: x is {dt}; the kernels take float16 or bfloat16")
+    for what, t in (("bias", bias), ("out", out), ("salient fragments", p.wsp)):
+        if t is not None and t.dtype != dt:
+            raise ValueError(f"{fn.__name__}: {what} is {t.dtype}, x is {dt}: they must match")
+    y = out if out is not None else torch.empty(M, p.N, dtype=dt, device=x2.device)
     if x2.data_ptr() % 16 or not x2.is_contiguous():
         x2 = x2.contiguous().clone()
     if x2.device.index != torch.cuda.current_device():  # the launch uses the current device
@@ -326,6 +353,7 @@ def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
         K,
         p.group,
         p.bits,
+        int(dt == torch.bfloat16),
         *config,
         int(dependent_launch(x2.device)),
         torch.cuda.current_stream(x2.device).cuda_stream,
@@ -368,7 +396,7 @@ def mixed_mma(
     cluster: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
-    """y [M, N] fp16 = x2 [M, K] fp16 @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias); ``ws``/``cnt``
+    """y [M, N] = x2 [M, K] @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias), fp16 or bf16; ``ws``/``cnt``
     are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``rules.choose``);
     ``cluster`` > 1 (sm_90+, dividing the splits the launch runs, at most 16): the splits add
     up in thread-block clusters of that many blocks."""
@@ -404,6 +432,6 @@ def mixed_wg(
         nt, wgs, splits = wg_choose(x2.shape[0], p.N, x2.shape[1])
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
-        xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=torch.float16, device=x2.device)
+        xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     return _launch(_state["lib"].gq_mixed_wg, x2, p, bias, ws, cnt, out, nt, wgs, splits, xs_ptr)

@@ -10,7 +10,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 * Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (one of the two CUDA
   kernels, the split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
   dequantize + cuBLAS), launched by ``run_route``.
-* Measured at first use (fp16 x, M in TUNE_M where the CUDA kernels are built, and M in
+* Measured at first use (fp16 or bf16 x, M in TUNE_M where the CUDA kernels are built, and M in
   WG_M where the warpgroup kernel is: ``routes.timed``): the first call of a layer shape and
   M bucket on a device times the CUDA kernels' configurations (``rules.mmv_configs``,
   ``rules.configs``, ``rules.wg_configs``) and the rule's Triton kernel, each replayed in a
@@ -149,8 +149,9 @@ def _build(layer, key: tuple) -> Prepared | None:
 
 def cuda_layout(layer) -> native.Packed | None:
     """The CUDA kernels' layout of ``layer`` (a second copy of the codes, the same size as the
-    first), built at its first fp16 call and kept in the layer's cache; None where the kernels
-    do not cover the layer or are not built (bf16 training never builds it)."""
+    first), built at its first fp16 call or bf16 call without autograd (``dequant_matmul``)
+    and kept in the layer's cache; None where the kernels do not cover the layer or are not
+    built (bf16 training never builds it)."""
     prep = prepare(layer)
     if prep is None or prep.cuda is not None or prep.cuda_checked:
         return None if prep is None else prep.cuda
@@ -181,16 +182,16 @@ def tuned_route(
     cuda: native.Packed,
     timer=None,
 ) -> str:
-    """The kernel for fp16 ``x2`` on a layer with the CUDA kernels' layout: ``route``'s rule
-    where ``routes.timed`` says no; else the fastest of ``tuning_names``, measured at the
-    first call of (device, shape, M bucket) and kept (``tuning.choose``; ``timer``: see
-    there)."""
+    """The kernel for ``x2`` (fp16 or bf16) on a layer with the CUDA kernels' layout:
+    ``route``'s rule where ``routes.timed`` says no; else the fastest of ``tuning_names``,
+    measured at the first call of (device, shape, M bucket, dtype) and kept
+    (``tuning.choose``; ``timer``: see there)."""
     M, K = x2.shape
     N = sz.shape[1]
     if not timed(M, N, native.wg_available()) or not (x2.is_cuda or timer):
         return route(M, N, K, bits, mma=True)
     nsal = 0 if wst is None else wst.shape[0]
-    k = tuning.key(x2.device.index, N, K, bits, group, nsal, M)
+    k = tuning.key(x2.device.index, N, K, bits, group, nsal, M, x2.dtype)
     name = tuning.kept(k)  # the hot path: one dict lookup
     if name is not None:
         return name
@@ -241,8 +242,9 @@ def run_route(
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:", "wg:")):
+        cuda = cuda.for_type(x2.dtype)
         ws, cnt = _workspace(x2.device, M * N)
-        b16 = None if bias is None else bias.to(torch.float16).contiguous()
+        b16 = None if bias is None else bias.to(x2.dtype).contiguous()
         if name.startswith("wg:"):
             return native.mixed_wg(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
         if name.startswith("mmv:"):
@@ -306,7 +308,7 @@ def _run(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    if cuda is not None and x.dtype == torch.float16:
+    if cuda is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
     else:
         name = route(M, N, K, bits)
@@ -409,8 +411,13 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
     prep = prepare(layer)
     if not _usable(x, prep):
         return reference.dequant_matmul(x, layer)
-    fp16 = x.dtype == torch.float16 and not torch.compiler.is_compiling()
-    c = cuda_layout(layer) if fp16 else prep.cuda
+    # the CUDA kernels' layout: built at the first fp16 call, and at the first bf16 call without
+    # autograd (inference; bf16 training keeps to the Triton kernels and their memory); its
+    # salient fragments in x's type (bf16: converted once, kept)
+    compiling = torch.compiler.is_compiling()
+    build = not compiling and (x.dtype == torch.float16 or not torch.is_grad_enabled())
+    c = cuda_layout(layer) if build else prep.cuda
+    cws = None if c is None else c.salient_as(x.dtype, build=not compiling)
     return mixed_matmul(
         x,
         prep.q,
@@ -421,7 +428,7 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
         layer.bias,
         prep.bits,
         prep.group,
-        *((c.qc, c.zp, c.scp, c.wsp) if c is not None else (None,) * 4),
+        *((c.qc, c.zp, c.scp, cws) if cws is not None else (None,) * 4),
     )
 
 

@@ -20,6 +20,8 @@ H200 (names only; ``ops`` launches what they name).
 
 from __future__ import annotations
 
+import torch
+
 from gift_quant.kernels.cuda import rules
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
@@ -158,13 +160,13 @@ def mma_config(name: str) -> tuple[int, ...]:
 
 
 def timed(M: int, N: int, wg: bool) -> bool:
-    """Whether fp16 calls of M rows on N columns are timed at first use where the CUDA kernels
-    are built (``wg``: the warpgroup kernel too)."""
+    """Whether calls of M rows on N columns (fp16 or bf16) are timed at first use where the
+    CUDA kernels are built (``wg``: the warpgroup kernel too)."""
     return TUNE_M[0] <= M <= TUNE_M[1] or (wg and WG_M[0] <= M <= WG_M[1] and N % 128 == 0)
 
 
 def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
-    """The kernels timed for fp16 M rows at first use where the CUDA kernels can serve them:
+    """The kernels timed for M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
     and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel), its
@@ -190,12 +192,15 @@ def route_in_force(
     mma: bool,
     device: int | None = 0,
     wg: bool = False,
+    *,
+    dtype: torch.dtype,
 ) -> str:
-    """The kernel fp16 calls of M rows take now: the measured choice where one was made
-    (``timed``, as ``tuned_route``; ``wg``: the warpgroup kernel is built), else ``route``'s
-    rule (what the tools record as the routes in force)."""
+    """The kernel calls of M rows with ``dtype`` activations take now: the measured choice
+    where one was made (``timed``, as ``tuned_route``; ``wg``: the warpgroup kernel is built),
+    else ``route``'s rule (what the tools record as the routes in force)."""
     kept = mma and timed(M, N, wg)
-    measured = tuning.kept(tuning.key(device, N, K, bits, group, nsal, M)) if kept else None
+    k = tuning.key(device, N, K, bits, group, nsal, M, dtype)
+    measured = tuning.kept(k) if kept else None
     return measured or route(M, N, K, bits, mma)
 
 

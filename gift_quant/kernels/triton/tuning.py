@@ -34,7 +34,8 @@ MAX_COPIES = 32  # the most weight copies (the layer counted): a 4096^2 W2 layer
 
 _kept: dict[tuple, str] = {}  # key -> kernel
 _timings: dict[tuple, dict[str, float]] = {}  # key -> {kernel: seconds} as measured
-_FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket")
+_FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket", "dtype")
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def m_bucket(M: int) -> int:
@@ -46,8 +47,11 @@ def m_bucket(M: int) -> int:
     return 1 << (M - 1).bit_length()
 
 
-def key(device, N: int, K: int, bits: int, group: int, nsal: int, M: int) -> tuple:
-    return (device, N, K, bits, group, nsal, m_bucket(M))
+def key(
+    device, N: int, K: int, bits: int, group: int, nsal: int, M: int, dtype: torch.dtype
+) -> tuple:
+    """What a measurement is kept for: the layer, the M bucket and the activations' type."""
+    return (device, N, K, bits, group, nsal, m_bucket(M), DTYPE_NAMES[dtype])
 
 
 def kept(k: tuple) -> str | None:
