@@ -4,9 +4,9 @@
                                                  [--resume FILE]
 
 Every ``mm`` configuration at M = 16, 40 and 64 and the GEMV at M = 1 and 4, for 2/3/4 bits x
-fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns; with ``--cuda``, in fp16, also
-every configuration of the CUDA kernels that the first-use timing may pick, at M = 2, 8, 16, 32,
-64 and 200): ``--iters`` inputs (fresh random x), each called twice; both calls checked
+fp16/bf16 on a 4096x4096 layer (group 128, 128 salient columns; with ``--cuda`` also every
+configuration of the CUDA kernels that the first-use timing may pick, at M = 2, 8, 16, 32, 64
+and 200): ``--iters`` inputs (fresh random x), each called twice; both calls checked
 against the float64 oracle (max |out - exact| <= 3 x max |ref - exact|, ref the torch
 reference in the same dtype; a NaN is an infinite error) and against each other (split-K sums
 in another order differ by rounding; two calls that differ by more than 4 x the reference's
@@ -58,10 +58,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cases(layer, dtype, cuda: bool) -> list[tuple[int, str]]:
-    """CASES, and with ``cuda`` (fp16, where the CUDA kernels are built) every configuration
-    of the CUDA kernels that the first-use timing may pick for this layer."""
+    """CASES, and with ``cuda`` (where the CUDA kernels are built) every configuration of the
+    CUDA kernels that the first-use timing may pick for this layer."""
     out = list(CASES)
-    if cuda and dtype == torch.float16 and triton_ops.cuda_layout(layer) is not None:
+    if cuda and triton_ops.cuda_layout(layer) is not None:
         N, K = layer.out_features, layer.in_features
         wg = native.wg_available()
         for M in CUDA_MS:
@@ -157,9 +157,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
-    ap.add_argument(
-        "--cuda", action="store_true", help="also every CUDA-kernel configuration (fp16)"
-    )
+    ap.add_argument("--cuda", action="store_true", help="also every CUDA-kernel configuration")
     ap.add_argument(
         "--resume", type=Path, help="an earlier stress_kernels.json: keep its rows, run the rest"
     )
