@@ -1,7 +1,11 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile [B ...]] [--fuse] [--bound] [--out DIR] [--workdir DIR] [--shared]
+        [--compile [B ...]] [--fuse] [--bound] [--dtype fp16|bf16] [--out DIR] [--workdir DIR]
+        [--shared]
+
+``--dtype bf16``: the same in bf16 (the dense model, the activations and the kernels' bf16
+builds; rows keyed "bf16", written to decode_h200_bf16.json).
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -47,7 +51,7 @@ from gift_quant.testing import run_environment  # noqa: E402
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_model(layers: int):
+def build_model(layers: int, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(
@@ -62,21 +66,19 @@ def build_model(layers: int):
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval()
 
 
 @torch.no_grad()
-def quantize_in_place(model, salient: int) -> None:
+def quantize_in_place(model, salient: int, dtype: torch.dtype) -> None:
     cfg = QuantConfig(method="rtn", bits=4, group_size=128, sym=True, mse_clip=False)
     rtn = QUANTIZERS.get("rtn")
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
             W = mod.weight.float()
             idx = torch.sort(torch.topk(W.norm(dim=0), salient).indices).values
-            layer = MixedLinear.from_quantized(
-                rtn(W, None, idx, cfg), mod.bias, dtype=torch.float16
-            )
+            layer = MixedLinear.from_quantized(rtn(W, None, idx, cfg), mod.bias, dtype=dtype)
             set_module(model, name, layer)
     torch.cuda.empty_cache()
 
@@ -256,6 +258,7 @@ def main() -> None:
         help="also time the fp16 model with its projections doing no work (the end-to-end "
         "ceiling of any weight format)",
     )
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="the model's")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
@@ -263,14 +266,17 @@ def main() -> None:
     if args.compile and not set(args.compile) <= set(args.batch):
         ap.error(f"--compile {args.compile}: each size must be one of --batch {args.batch}")
     env = run_environment(args.shared)  # before any work: a wrong GIFT_QUANT_COMMIT is refused
+    D = args.dtype  # the dense model's key in the runs and rows
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[D]
+    env["dtype"] = D
     t0 = time.time()
-    model = build_model(args.layers)
+    model = build_model(args.layers, dtype)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
     prompt = prompts[args.batch[0]]
     runs = {}  # model variant -> (eager, compiled) per batch
-    runs["fp16"] = timed(model, prompts, args)
-    print(f"fp16: {runs['fp16']}", flush=True)
-    quantize_in_place(model, args.salient)
+    runs[D] = timed(model, prompts, args)
+    print(f"{D}: {runs[D]}", flush=True)
+    quantize_in_place(model, args.salient, dtype)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gq-decode-"))
     workdir.mkdir(parents=True, exist_ok=True)
     export = save_quantized(model, workdir / "w4g128s128")
@@ -278,20 +284,20 @@ def main() -> None:
     torch.cuda.empty_cache()
     print(f"exported to {export} ({time.time() - t0:.0f}s)", flush=True)
     if args.fuse:  # the fp16 model again (same seed), its sibling Linears fused
-        model = build_model(args.layers)
+        model = build_model(args.layers, dtype)
         fuse_siblings(model, linear=True)
-        runs["fp16_fused"] = timed(model, prompts, args)
-        print(f"fp16 fused: {runs['fp16_fused']}", flush=True)
+        runs[f"{D}_fused"] = timed(model, prompts, args)
+        print(f"{D} fused: {runs[f'{D}_fused']}", flush=True)
         del model
         torch.cuda.empty_cache()
     if args.bound:
-        model = build_model(args.layers)
+        model = build_model(args.layers, dtype)
         strip_projections(model)
         runs["no_matmul"] = timed(model, prompts, args)
-        print(f"fp16 without projections: {runs['no_matmul']}", flush=True)
+        print(f"{D} without projections: {runs['no_matmul']}", flush=True)
         del model
         torch.cuda.empty_cache()
-    qmodel = load_quantized(export, device="cuda", dtype=torch.float16)
+    qmodel = load_quantized(export, device="cuda", dtype=dtype)
     n_mixed = len(mixed_modules(qmodel))
     shapes = layer_shapes(qmodel)
     rel = {"w4": triton_vs_torch(qmodel, prompt)}
@@ -317,24 +323,22 @@ def main() -> None:
                 continue
             row = dict(batch=b, **({"compiled": True} if compiled else {}), **got)
             if "w4" in got:
-                row["ratio"] = got["w4"]["tokens_per_s"] / got["fp16"]["tokens_per_s"]
+                row["ratio"] = got["w4"]["tokens_per_s"] / got[D]["tokens_per_s"]
             if args.fuse:
                 fused = got["w4_fused"]["tokens_per_s"]
-                row["ratio_fused"] = fused / got["fp16"]["tokens_per_s"]
-                row["ratio_fused_vs_fp16_fused"] = fused / got["fp16_fused"]["tokens_per_s"]
+                row["ratio_fused"] = fused / got[D]["tokens_per_s"]
+                row[f"ratio_fused_vs_{D}_fused"] = fused / got[f"{D}_fused"]["tokens_per_s"]
             if "no_matmul" in got:
-                row["bound"] = got["no_matmul"]["tokens_per_s"] / got["fp16"]["tokens_per_s"]
-                if "fp16_fused" in got:
-                    row["bound_vs_fp16_fused"] = (
-                        got["no_matmul"]["tokens_per_s"] / got["fp16_fused"]["tokens_per_s"]
+                row["bound"] = got["no_matmul"]["tokens_per_s"] / got[D]["tokens_per_s"]
+                if f"{D}_fused" in got:
+                    row[f"bound_vs_{D}_fused"] = (
+                        got["no_matmul"]["tokens_per_s"] / got[f"{D}_fused"]["tokens_per_s"]
                     )
             rows.append(row)
     res = dict(
         **env,
         routes={  # after the timed runs: the measured choices where the op made them
-            f"M={m} {n}x{k} w{b}": routes.route_in_force(
-                m, n, k, b, g, s, mma, wg=wg, dtype=torch.float16
-            )
+            f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma, wg=wg, dtype=dtype)
             for m in args.batch
             for n, k, b, g, s in sorted(shapes)
         },
@@ -347,14 +351,14 @@ def main() -> None:
         tuning=ops.tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
-    cols = [k for k in ("fp16", "fp16_fused", "w4", "w4_fused", "no_matmul") if k in runs]
+    cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", "no_matmul") if k in runs]
     ratios = [
         k
-        for k in ("ratio", "ratio_fused", "ratio_fused_vs_fp16_fused")
+        for k in ("ratio", "ratio_fused", f"ratio_fused_vs_{D}_fused")
         if args.fuse or k == "ratio"
     ]
     if args.bound:
-        ratios += ["bound"] + (["bound_vs_fp16_fused"] if args.fuse else [])
+        ratios += ["bound"] + ([f"bound_vs_{D}_fused"] if args.fuse else [])
     print("| batch | " + " | ".join([f"{c} tok/s" for c in cols] + ratios) + " |")
     print("|---" * (len(cols) + len(ratios) + 1) + "|")
     for r in res["rows"]:
@@ -364,9 +368,10 @@ def main() -> None:
         print(f"| {r['batch']}{mode} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "decode_h200.json.tmp"
+    name = "decode_h200.json" if D == "fp16" else f"decode_h200_{D}.json"
+    tmp = out / (name + ".tmp")
     tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / "decode_h200.json")
+    tmp.replace(out / name)
 
 
 if __name__ == "__main__":
