@@ -131,13 +131,11 @@ def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_bf16_kernels_read_code_minus_zero_and_round_the_scale_as_the_reference(bits) -> None:
-    """bf16 builds: the words ``pack_codes`` writes, read with the bf16 bit operations
-    (``unpack_pairs_low``, then one subtraction of 128 + zero), give code - zero at every
-    (k, n); times the fp16 scale rounded to bf16 (``from_fp16x2``, ``mul2``), bit for bit the
-    torch reference's bf16 weight."""
-    from gift_quant.kernels.reference import dequantize_codes
-
+def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> None:
+    """bf16 builds: the words ``pack_codes`` writes, read with the bf16 bit operations (a
+    mirror of ``unpack_pairs_low``, then one subtraction of 128 + zero, exact in bf16's 8
+    significant bits), give code - zero at every (k, n). (That the kernels then round as the
+    torch reference does is checked on the GPU, against the float64 oracle.)"""
     K, N, group = 128, 128, 64
     codes, zeros, scales, p, _ = random_cuda_layout(K, N, bits, group, seed=bits)
     assert all(bf16(0x4300 | z) == 128 + z for z in range(128))  # exact: 8 significant bits
@@ -158,10 +156,7 @@ def test_bf16_kernels_read_code_minus_zero_and_round_the_scale_as_the_reference(
                             k = ss * 64 + st * 16 + 8 * f + 2 * t + h
                             Q[k, b * 64 + 8 * j + g] = bf16(r[pr] >> (16 * h)) - bf16(0x4300 | z)
     g_idx = (torch.arange(K) // group).long()
-    exact = (codes - zeros[g_idx]).double()
-    assert np.array_equal(Q, exact.numpy())
-    w = torch.from_numpy(Q).to(torch.bfloat16) * scales[g_idx].half().to(torch.bfloat16)
-    assert torch.equal(w, dequantize_codes(codes, zeros, scales, g_idx, torch.bfloat16))
+    assert np.array_equal(Q, (codes - zeros[g_idx]).double().numpy())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -206,6 +201,47 @@ def test_zero_point_and_scale_layouts() -> None:
         b, j, g = n // 64, n % 64 // 8, n % 8
         assert int(zp[1, b, g, j]) == int(zeros[1, n])
         assert sc[1, b, g // 2, j, g % 2] == scales[1, n]
+
+
+def test_salient_fragments_convert_once_to_bf16_and_launches_refuse_other_types() -> None:
+    """bf16 launches read the fp16 fragments converted once per layer (element by element: the
+    same layout) and kept; bf16 fragments never convert back, and a launch whose bias, output
+    or fragments differ from x's type is refused before anything runs."""
+    K, N = 128, 64
+    wst = torch.randn(20, N).half()
+    p = native.pack(
+        torch.zeros(K, N, dtype=torch.int32),
+        torch.zeros(1, N, dtype=torch.int32),
+        torch.ones(1, N).half(),
+        wst,
+        torch.arange(20),
+        4,
+        128,
+    )
+    bf = p.salient_as(torch.bfloat16)
+    assert bf.dtype == torch.bfloat16 and torch.equal(bf, p.wsp.to(torch.bfloat16))
+    assert p.salient_as(torch.bfloat16) is bf  # kept
+    assert p.salient_as(torch.float16) is p.wsp
+    assert p.for_type(torch.bfloat16).wsp is bf and p.for_type(torch.float16) is p
+    q = native.Packed(p.qc, p.zp, p.scp, bf, p.sidx, p.nsal, 4, 128, K, N)
+    with pytest.raises(ValueError, match="only float16 ones convert"):
+        q.salient_as(torch.float16)
+
+    def never(*args):  # the library entry: must not be reached
+        raise AssertionError("launched")
+
+    never.__name__ = "gq_mixed_mma"
+    ws, cnt = torch.zeros(N), torch.zeros(4, dtype=torch.int32)
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    for bad in (
+        dict(p=p),  # fp16 fragments, bf16 x
+        dict(p=q, bias=torch.zeros(N).half()),
+        dict(p=q, out=torch.empty(2, N).half()),
+        dict(p=q, x=x.float()),
+    ):
+        args = dict(x=x, p=q, bias=None, out=None) | bad
+        with pytest.raises(ValueError, match="gq_mixed_mma"):
+            native._launch(never, args["x"], args["p"], args["bias"], ws, cnt, args["out"], 1, 1)
 
 
 def test_entry_points_are_called_with_their_declared_arguments() -> None:
@@ -281,6 +317,9 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
                 out = layer(x)  # the first call of a bucket times the candidates, runs one
             taken = routes.route_in_force(M, N, K, bits, 64, 37, mma=True, dtype=dtype)
             assert taken in routes.candidates(M, mma=True, N=N, K=K), taken
+            # measured under this dtype's own key (the CUDA kernels' builds among the timed)
+            key = ops.tuning.key(0, N, K, bits, 64, 37, M, dtype)
+            assert ops.tuning.kept(key) == taken, (M, dtype, taken)
             exact = oracle(x, layer)
             err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), exact)
             assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, dtype, err, ref_err)

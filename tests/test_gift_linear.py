@@ -151,3 +151,27 @@ def test_noise_choices_are_the_registered_kinds(monkeypatch):
     scale = torch.tensor([1.0, 3.0])
     got = sample_noise((2, 4), scale[:, None], "laplace", 0, torch.device("cpu"), torch.float32)
     assert torch.equal(got, scale[:, None].expand(2, 4))
+
+
+def test_training_drops_the_forms_an_evaluation_cached(gen):
+    """An evaluation before GIFT-SW (inference: no autograd) leaves cached forms on each
+    quantized layer -- on the CPU a dense or packed form, on a GPU the CUDA kernels' copy of
+    the codes; wrapping the layer for training drops them, so training does not hold them."""
+    layer = mixed_layer(gen)
+    x = torch.randn(3, 128, generator=gen)
+    with torch.no_grad():
+        want = layer(x)  # CPU inference: builds and caches a form
+    assert layer.__dict__.get("_cpu_cache")
+    stand_in = object()
+    try:
+        from gift_quant.kernels.triton import ops
+    except ImportError:
+        ops = None
+    if ops is not None and ops.prepare(layer) is not None:  # as a GPU evaluation leaves it
+        ops.prepare(layer).cuda = stand_in
+    GiftLinear.from_mixed(layer, "normal", bits=4)
+    assert not layer.__dict__.get("_cpu_cache")
+    if ops is not None and ops.prepare(layer) is not None:
+        assert ops.prepare(layer).cuda is None and not ops.prepare(layer).cuda_checked
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)  # built again where inference asks for it

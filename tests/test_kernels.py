@@ -363,8 +363,8 @@ def test_triton_under_cuda_graph_replay():
 def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     monkeypatch, stand_in_timer
 ):
-    """fp16 calls with the CUDA kernel's layout time its configurations and the rule's Triton
-    route once per (device, shape, M bucket) and keep the fastest; outside TUNE_M or with
+    """Calls with the CUDA kernel's layout time its configurations and the rule's Triton
+    route once per (device, shape, M bucket, dtype) and keep the fastest; outside TUNE_M or with
     GIFT_QUANT_TUNE=0 the rule serves. The timer here is a stand-in
     whose winner is set by the test (the CUDA-event timer needs a GPU)."""
     # the names below are those of a device without thread-block clusters, whatever this
@@ -568,3 +568,28 @@ def test_split_k_mm_is_right_in_every_call(name, bits, dtype):
     for _ in range(150):
         x = torch.randn(64, 4096, device="cuda", dtype=dtype)
         within_bound(ops.run_route(f"mm:{name}", x, *args), x, layer, w, b)
+
+
+def test_the_cuda_layout_is_built_for_fp16_calls_and_bf16_calls_without_autograd(monkeypatch):
+    """``dequant_matmul`` builds the CUDA kernels' layout at fp16 calls and at bf16 calls
+    without autograd (inference), never at bf16 calls with autograd (training keeps its
+    memory), and hands the op the salient fragments in x's type."""
+    layer, _, _ = make(128, 64, bits=4, group=32, salient=6, seed=4, dtype=BF16)
+    built, seen = [], []
+    z = torch.zeros(1, dtype=torch.int32)
+    layout = native.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 32, 128, 64)
+
+    def cuda_layout(lay):
+        built.append(lay)
+        return layout
+
+    monkeypatch.setattr(ops, "cuda_layout", cuda_layout)
+    monkeypatch.setattr(ops, "mixed_matmul", lambda x, *a: seen.append(a[-1]) or x)
+    x = torch.zeros(2, 128, dtype=BF16)
+    ops.dequant_matmul(x, layer)  # autograd on: training
+    assert built == [] and seen == [None]
+    with torch.no_grad():
+        ops.dequant_matmul(x, layer)
+    assert built == [layer] and seen[-1].dtype == BF16
+    ops.dequant_matmul(x.to(F16), layer)
+    assert built == [layer, layer] and seen[-1] is layout.wsp

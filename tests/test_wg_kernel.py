@@ -106,10 +106,10 @@ def test_warpgroup_rules_and_routes() -> None:
 
 
 def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch, stand_in_timer) -> None:
-    """Where the warpgroup kernel is built, fp16 calls of 33..512 rows time its configurations
-    and the table's route once per power-of-two M bucket and keep the fastest (a stand-in timer
-    whose winner the test sets); past 512 rows, on N not a multiple of 128, or where it is not
-    built, the rule serves untimed."""
+    """Where the warpgroup kernel is built, calls of 33..512 rows (fp16 here) time its
+    configurations and the table's route once per power-of-two M bucket and keep the fastest
+    (a stand-in timer whose winner the test sets); past 512 rows, on N not a multiple of
+    128, or where it is not built, the rule serves untimed."""
     from gift_quant.kernels.triton import ops
 
     monkeypatch.setattr(native, "wg_available", lambda: True)

@@ -1,4 +1,4 @@
-"""End-to-end decode speed of a 7B-shaped Llama: fp16 vs W4 g128 + 128 salient columns.
+"""End-to-end decode speed of a 7B-shaped Llama: fp16 (or bf16) vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
         [--compile [B ...]] [--fuse] [--bound] [--dtype fp16|bf16] [--out DIR] [--workdir DIR]

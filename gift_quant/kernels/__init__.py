@@ -9,7 +9,13 @@ from torch import Tensor
 
 from gift_quant.kernels import cpu, reference
 
-__all__ = ["Backend", "base_matmul", "dequant_matmul", "resolve_backend"]
+__all__ = [
+    "Backend",
+    "base_matmul",
+    "dequant_matmul",
+    "release_inference_forms",
+    "resolve_backend",
+]
 
 
 class Backend(StrEnum):
@@ -71,6 +77,18 @@ def dequant_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> T
     if chosen in _CPU:
         return _CPU[chosen](x, layer)
     return reference.dequant_matmul(x, layer)
+
+
+def release_inference_forms(layer) -> None:
+    """Drop what inference calls built and cached on ``layer`` beside its buffers (the CPU
+    kernels' cached forms; the CUDA kernels' copy of the codes): GIFT-SW calls this on each
+    layer it trains around, which an evaluation before training may have filled, so that
+    training does not hold that memory. The next inference call builds them again."""
+    layer.__dict__.pop("_cpu_cache", None)
+    if triton_available():
+        from gift_quant.kernels.triton import ops as triton_ops
+
+        triton_ops.release_cuda_layout(layer)
 
 
 def base_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +36,8 @@ def cached_build(
 ) -> Path:
     """The cached ``<stem>-<digest>.so``; built by ``command(output_path)`` when missing, after
     ``parts(scratch_dir)`` (compilations run side by side, each its own process: the
-    objects ``command`` links) where given. Raises RuntimeError with the compiler's last line
-    when a step fails."""
+    objects ``command`` links) where given, all within ``timeout`` seconds. Raises
+    RuntimeError with the compiler's last line when a step fails or time runs out."""
     from gift_quant.assets import cache_dir
 
     key = hashlib.sha256("\0".join(depends_on).encode()).hexdigest()[:16]
@@ -47,10 +49,11 @@ def cached_build(
     os.close(fd)
     log.info("building %s (once per machine; cached under %s)", target.name, target.parent)
     try:
+        deadline = time.monotonic() + timeout
         with tempfile.TemporaryDirectory(prefix=f".{stem}-", dir=target.parent) as scratch:
             if parts is not None:
-                _run_side_by_side(parts(scratch), timeout)
-            _run_side_by_side([command(tmp)], timeout)
+                _run_side_by_side(parts(scratch), deadline)
+            _run_side_by_side([command(tmp)], deadline)
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
@@ -59,20 +62,29 @@ def cached_build(
     return target
 
 
-def _run_side_by_side(commands: list[list[str]], timeout: int) -> None:
-    """Run the commands as concurrent processes; RuntimeError (the first failure's last line
-    of stderr) if any fails or ``timeout`` seconds pass, the others stopped."""
-    procs = [
-        subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=timeout)
-            if p.returncode:
-                raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else "failed")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+def _run_side_by_side(commands: list[list[str]], deadline: float) -> None:
+    """Run the commands as concurrent processes, each in its own process group; RuntimeError
+    (a failing command's last line of stderr) as soon as one fails or once the ``deadline``
+    (time.monotonic) passes, every group still running killed, its children (the compiler's
+    own stages) with it."""
+    with tempfile.TemporaryFile("w+") as log:
+        procs = [
+            subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            for c in commands
+        ]
+        try:
+            while None in (codes := [p.poll() for p in procs]):
+                if any(codes):  # one failed: the others are stopped below
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{Path(commands[0][0]).name} ran past the time allowed")
+                time.sleep(0.05)
+            if any(p.returncode for p in procs):
+                log.seek(0)
+                lines = log.read().strip().splitlines()
+                raise RuntimeError(lines[-1] if lines else "failed")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()

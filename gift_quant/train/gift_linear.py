@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gift_quant.kernels import Backend, base_matmul, triton_available
+from gift_quant.kernels import Backend, base_matmul, release_inference_forms, triton_available
 from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.noise import noise_step, sample_noise
@@ -109,6 +109,7 @@ class GiftLinear(nn.Module):
         delta = None
         if noise != "none":
             delta = noise_step(layer.dequantize(torch.float32), layer.salient_idx, bits)
+        release_inference_forms(layer)  # an evaluation's cached forms: not used in training
         return cls(
             layer,
             layer.salient_idx,

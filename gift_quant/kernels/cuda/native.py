@@ -186,10 +186,23 @@ class Packed:
 
     def salient_as(self, dtype: torch.dtype, build: bool = True) -> Tensor | None:
         """The salient fragments in ``dtype`` (the same layout element by element): ``wsp``,
-        or a copy made once and kept (None where it is not made yet and ``build`` is off)."""
+        or its bf16 copy, made once and kept (None where it is not made yet and ``build`` is
+        off). Only fp16 fragments are converted, to bf16, as the Triton kernels and the torch
+        reference convert the fp16 salient weights; not inside CUDA-graph capture (the copy
+        would only be written when the graph replays)."""
         if self.wsp.dtype == dtype:
             return self.wsp
+        if (self.wsp.dtype, dtype) != (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"salient fragments are {self.wsp.dtype}; only float16 ones convert (to "
+                f"bfloat16), not to {dtype}"
+            )
         if dtype not in self.converted and build:
+            if self.wsp.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "a layer's bf16 salient fragments are made at its first bf16 call: run it "
+                    "once before capturing a CUDA graph"
+                )
             self.converted[dtype] = self.wsp.to(dtype)
         return self.converted.get(dtype)
 

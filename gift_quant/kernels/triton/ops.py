@@ -151,7 +151,8 @@ def cuda_layout(layer) -> native.Packed | None:
     """The CUDA kernels' layout of ``layer`` (a second copy of the codes, the same size as the
     first), built at its first fp16 call or bf16 call without autograd (``dequant_matmul``)
     and kept in the layer's cache; None where the kernels do not cover the layer or are not
-    built (bf16 training never builds it)."""
+    built. bf16 training never builds it, and GIFT-SW drops one an evaluation before it built
+    (``kernels.release_inference_forms``)."""
     prep = prepare(layer)
     if prep is None or prep.cuda is not None or prep.cuda_checked:
         return None if prep is None else prep.cuda
@@ -167,6 +168,13 @@ def cuda_layout(layer) -> native.Packed | None:
         prep.cuda = packed
     prep.cuda_checked = True
     return prep.cuda
+
+
+def release_cuda_layout(layer) -> None:
+    """Forget ``layer``'s CUDA kernels' layout (``cuda_layout`` builds it again when asked)."""
+    cache = getattr(layer, "_triton_cache", None)
+    if cache:
+        cache.cuda, cache.cuda_checked = None, False
 
 
 def tuned_route(

@@ -3,18 +3,18 @@ H200 (names only; ``ops`` launches what they name).
 
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
   "cublas" (dequantize + cuBLAS), "mma:WNxS[cC]" (the CUDA tensor-core kernel with WN warps
-  per block and S K-splits, fp16 only, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
+  per block and S K-splits, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
   (sm_90); "wg:NTxWxS" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
   warpgroups per block, S K-splits; chosen only by measurement).
-* By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (fp16,
-  where the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
+* By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (where
+  the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
   the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
-* Measured at first use (fp16, M in TUNE_M where the CUDA kernels are built, and M in WG_M
-  where the warpgroup kernel is: ``timed``):
-  ``ops.tuned_route`` times ``tuning_names`` once per shape and M bucket (``tuning``);
+* Measured at first use (fp16 or bf16, M in TUNE_M where the CUDA kernels are built, and M in
+  WG_M where the warpgroup kernel is: ``timed``): ``ops.tuned_route`` times ``tuning_names``
+  once per shape, M bucket and dtype (``tuning``);
   ``route_in_force`` says which kernel a call takes now.
 """
 

@@ -1,7 +1,8 @@
 """First-use measurement of the kernel that serves a layer shape (pure torch; ``ops.tuned_route``
 supplies the candidates and how to launch them).
 
-A measurement is kept per (device, N, K, bits, group, salient count, M bucket) for the process:
+A measurement is kept per (device, N, K, bits, group, salient count, M bucket, activation
+dtype) for the process:
 the same call always takes the same kernel afterwards. Each candidate is launched once (Triton
 compiles there), then captured in a CUDA graph of at least GRAPH_CALLS launches back to back,
 cycling over copies of the layer's weights (at most MAX_COPIES) whose layout a candidate reads
