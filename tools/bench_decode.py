@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gift_quant.fused import fuse_siblings  # noqa: E402
 from gift_quant.io.export import save_quantized  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
+from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.modeling import set_module  # noqa: E402
 from gift_quant.quant import QUANTIZERS  # noqa: E402
@@ -267,7 +268,7 @@ def main() -> None:
         ap.error(f"--compile {args.compile}: each size must be one of --batch {args.batch}")
     env = run_environment(args.shared)  # before any work: a wrong GIFT_QUANT_COMMIT is refused
     D = args.dtype  # the dense model's key in the runs and rows
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[D]
+    dtype = ACTIVATION_DTYPES[D]
     env["dtype"] = D
     t0 = time.time()
     model = build_model(args.layers, dtype)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_variants import gemv_variants  # noqa: E402
 from kernel_tables import parse_shape, print_tables  # noqa: E402
 
+from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
@@ -71,7 +72,6 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 BITS = [4, 3, 2]
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP, NSAL, TARGET_BYTES = 128, 128, 1.5e9
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 OP = torch.ops.gift_quant.mixed_matmul
 
 
@@ -198,7 +198,7 @@ def routes_in_force(N: int, K: int, bits: int, dtype: torch.dtype) -> dict:
 
 
 def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
-    dtype = DTYPES[res["row_env"]["dtype"]]
+    dtype = ACTIVATION_DTYPES[res["row_env"]["dtype"]]
     fp = {M: time_cublas(N, K, M, dtype) for M in MS}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
@@ -376,7 +376,9 @@ def main() -> None:
     ap.add_argument("--skip-tinygemm", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds for candidate timing")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
-    ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="activations")
+    ap.add_argument(
+        "--dtype", default="fp16", choices=sorted(ACTIVATION_DTYPES), help="activations"
+    )
     ap.add_argument(
         "--name", help="result file under --out (kernels_h200.json, kernels_h200_bf16.json)"
     )
@@ -387,7 +389,7 @@ def main() -> None:
     except ValueError as exc:
         ap.error(str(exc))
     if args.profile:
-        return profile(args.profile, DTYPES[args.dtype])
+        return profile(args.profile, ACTIVATION_DTYPES[args.dtype])
     if args.markdown:
         return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
     MS[:] = [int(m) for m in args.ms.split(",")]
@@ -420,7 +422,7 @@ def main() -> None:
     )
     print(res["env"], flush=True)
     if args.warm:
-        warm(shapes, args.warm, args.candidates, DTYPES[args.dtype])
+        warm(shapes, args.warm, args.candidates, ACTIVATION_DTYPES[args.dtype])
     name = args.name or ("kernels_h200.json" if args.dtype == "fp16" else "kernels_h200_bf16.json")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

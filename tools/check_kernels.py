@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gift_quant.kernels import Backend, reference  # noqa: E402
+from gift_quant.kernels import ACTIVATION_DTYPES, Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
@@ -60,7 +60,6 @@ SHAPES = [  # (K, N, group, salient, bias)
     (1536, 960, 64, 37, True),
     (1024, 576, -1, 0, False),
 ]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FACTOR = ERROR_FACTOR
 
 
@@ -81,7 +80,7 @@ def check_case(args) -> list[dict]:
     """Routed kernels at MS; with ``cand``, every candidate kernel at CAND_MS instead."""
     bits, dname, shape_i, cand = args
     K, N, group, nsal, bias = SHAPES[shape_i]
-    dtype = DTYPES[dname]
+    dtype = ACTIVATION_DTYPES[dname]
     seed = 1000 * bits + 10 * shape_i + (dname == "bf16") + 7 * cand
     layer = random_mixed_linear(
         K,
@@ -218,8 +217,8 @@ def main() -> None:
         sys.exit(1 if bad else 0)
     env = run_environment(args.shared)
     t0 = time.time()
-    cases = [(b, d, s, 0) for b in (4, 3, 2) for d in DTYPES for s in range(len(SHAPES))]
-    cases += [(b, d, s, 1) for b in (4, 3, 2) for d in DTYPES for s in (0, 1)]
+    cases = [(b, d, s, 0) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in range(len(SHAPES))]
+    cases += [(b, d, s, 1) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in (0, 1)]
     rows = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for part in pool.imap_unordered(check_case, cases):

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gift_quant.kernels import reference  # noqa: E402
+from gift_quant.kernels import ACTIVATION_DTYPES, reference  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
@@ -54,10 +54,9 @@ from gift_quant.testing import (  # noqa: E402
 CASES = [(M, f"mm:{name}") for M in (16, 40, 64) for name in MM_CONFIGS]
 CASES += [(1, "gemv"), (4, "gemv")]
 CUDA_MS = (2, 8, 16, 32, 64, 200)  # --cuda: every CUDA-kernel configuration at these M
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def cases(layer, dtype, cuda: bool) -> list[tuple[int, str]]:
+def cases(layer, cuda: bool) -> list[tuple[int, str]]:
     """CASES, and with ``cuda`` (where the CUDA kernels are built) every configuration of the
     CUDA kernels that the first-use timing may pick for this layer."""
     out = list(CASES)
@@ -180,12 +179,12 @@ def main() -> None:
     t0 = time.time()
     print(f"{'bits':>4} {'dtype':5} {'M':>3} {'route':10} {'wrong':>6} {'nondet':>6} worst ratio")
     for bits in (2, 3, 4):
-        for dname, dtype in DTYPES.items():
+        for dname, dtype in ACTIVATION_DTYPES.items():
             layer = random_mixed_linear(
                 4096, 4096, bits=bits, num_salient=128, seed=bits, device="cuda", dtype=dtype
             )
             w = weights(layer, dtype)
-            for M, name in cases(layer, dtype, args.cuda):
+            for M, name in cases(layer, args.cuda):
                 if (bits, dname, M, name) in done:
                     continue
                 seed = case_seed(bits, dname, M, name)

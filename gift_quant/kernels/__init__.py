@@ -10,12 +10,17 @@ from torch import Tensor
 from gift_quant.kernels import cpu, reference
 
 __all__ = [
+    "ACTIVATION_DTYPES",
     "Backend",
     "base_matmul",
     "dequant_matmul",
     "release_inference_forms",
     "resolve_backend",
 ]
+
+
+# the activation types the GPU kernels take, by the short names the tools and records use
+ACTIVATION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Backend(StrEnum):

@@ -30,13 +30,14 @@ def compiler_version(compiler: str) -> str:
 def cached_build(
     stem: str,
     depends_on: list[str],
-    command: Callable[[str], list[str]],
+    command: Callable[[str, str], list[str]],
     timeout: int,
     parts: Callable[[str], list[list[str]]] | None = None,
 ) -> Path:
-    """The cached ``<stem>-<digest>.so``; built by ``command(output_path)`` when missing, after
-    ``parts(scratch_dir)`` (compilations run side by side, each its own process: the
-    objects ``command`` links) where given, all within ``timeout`` seconds. Raises
+    """The cached ``<stem>-<digest>.so``; built by ``command(output_path, scratch_dir)`` when
+    missing, after ``parts(scratch_dir)`` (compilations run side by side, each its own
+    process: the objects in scratch_dir that ``command`` links) where given, all within
+    ``timeout`` seconds. Raises
     RuntimeError with the compiler's last line when a step fails or time runs out."""
     from gift_quant.assets import cache_dir
 
@@ -53,7 +54,7 @@ def cached_build(
         with tempfile.TemporaryDirectory(prefix=f".{stem}-", dir=target.parent) as scratch:
             if parts is not None:
                 _run_side_by_side(parts(scratch), deadline)
-            _run_side_by_side([command(tmp)], deadline)
+            _run_side_by_side([command(tmp, scratch)], deadline)
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:

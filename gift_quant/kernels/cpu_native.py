@@ -94,7 +94,7 @@ def _build(cc: str) -> Path:
     return cached_build(
         "cpu_gemv",
         [SOURCE.read_text(), compiler_version(cc), _cpu_id(), platform.machine()],
-        lambda out: [cc, *flags, "-o", out, str(SOURCE)],
+        lambda out, _scratch: [cc, *flags, "-o", out, str(SOURCE)],
         timeout=300,
     )
 

@@ -129,6 +129,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
                : "r"(addr));
 }
 
+// The 16th pair of a 3-bit k16 step, whose code bit i sits at bit 15 of word i's halves
+// (native.py), in bits 0..2 of each half over the exponent bits `e`
+__device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
+  const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
+  return lop3_and_or(w[2] >> 13, 0x00040004u, top | e);
+}
+
 // Exponent (bit position in the half) of pair p once it is moved into bits 0..9.
 template <int BITS>
 __device__ __forceinline__ constexpr int pair_exp(int p) {
@@ -168,8 +175,7 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) r[5 * b + 3 + i] = lop3_and_or(hi, 0x00070007u << (3 * i), E);
     }
-    const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
-    r[15] = lop3_and_or(w[2] >> 13, 0x00040004u, top | E);
+    r[15] = spread_pair(w, E);
   }
 }
 
@@ -178,15 +184,12 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
 // unpack_pairs' codes left in place (up to bit 11)
 template <int BITS>
 __device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r) {
-  constexpr uint32_t E = 0x43004300u, MASK = ((1u << BITS) - 1) * 0x00010001u;
+  constexpr uint32_t E = magic<true>() * 0x00010001u, MASK = ((1u << BITS) - 1) * 0x00010001u;
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;  // pairs per word (native.py)
 #pragma unroll
   for (int p = 0; p < (BITS == 3 ? 15 : 16); ++p)
     r[p] = lop3_and_or(w[p / PER] >> (p % PER * BITS), MASK, E);
-  if constexpr (BITS == 3) {  // pair 15: bit i of the code at bit 15 of word i's halves
-    const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
-    r[15] = lop3_and_or(w[2] >> 13, 0x00040004u, top | E);
-  }
+  if constexpr (BITS == 3) r[15] = spread_pair(w, E);  // bit i of the code at bit 15 of word i
 }
 
 // The zero-point constants per (n8 tile j, fragment half f). fp16: -(1024 / 2^e + z) in both
@@ -200,7 +203,7 @@ __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
 #pragma unroll
     for (int f = 0; f < 2; ++f) {
       if constexpr (BF) {
-        cz[j][f] = (0x4300u | z) * 0x00010001u;
+        cz[j][f] = (magic<true>() | z) * 0x00010001u;
       } else {
         const uint32_t e = pair_exp<BITS>(2 * j + f);
         cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;

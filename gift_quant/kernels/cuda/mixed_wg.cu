@@ -323,10 +323,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
         uint32_t raw = lop3_and_or(word >> wpos[u], (1u << BITS) - 1 | ((1u << BITS) - 1) << 16,
                                    MAG * 0x00010001u);
         if constexpr (BITS == 3) {
-          if (u == 3 && spread) {
-            const uint32_t top = ((ws3[0] >> 15) & 0x00010001u) | ((ws3[1] >> 14) & 0x00020002u);
-            raw = lop3_and_or(ws3[2] >> 13, 0x00040004u, top | MAG * 0x00010001u);
-          }
+          if (u == 3 && spread) raw = spread_pair(ws3, MAG * 0x00010001u);
         }
         const uint32_t v = sub2<BF>(raw, u < 2 ? zlo : zhi);  // code - zero, exact
         f[u] = mul2<BF>(v, u < 2 ? slo : shi);

@@ -149,15 +149,16 @@ def pack_scales(scales: Tensor) -> Tensor:
     return v.transpose(2, 3).contiguous()
 
 
-def pack_salient(wst: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
-    """W_S^T [k, N] -> B fragments in ``dtype`` (fp16 or bf16: the activations' type), as
-    [ceil(k/16), N/64, 4, 32, 8] (k padded with zero rows): pair p = 2 j + f of lane 4 g + t,
-    at [q, b, p // 4, l, 2 (p % 4) ..], is (rows 16 q + 8 f + 2 t, +1; column 8 j + g)."""
+def pack_salient(wst: Tensor) -> Tensor:
+    """W_S^T [k, N] -> fp16 B fragments [ceil(k/16), N/64, 4, 32, 8] (k padded with zero
+    rows; bf16 launches convert them element by element, ``Packed.salient_as``): pair
+    p = 2 j + f of lane 4 g + t, at [q, b, p // 4, l, 2 (p % 4) ..], is (rows 16 q + 8 f + 2 t,
+    +1; column 8 j + g)."""
     k, N = wst.shape
     pad = -k % 16
     w = torch.cat([wst, wst.new_zeros(pad, N)]) if pad else wst
     kq = w.shape[0]
-    v = w.to(dtype).reshape(kq // 16, 2, 4, 2, N // 64, 8, 8)  # q f t h | b j g
+    v = w.to(torch.float16).reshape(kq // 16, 2, 4, 2, N // 64, 8, 8)  # q f t h | b j g
     v = v.permute(0, 4, 6, 2, 5, 1, 3)  # q b g t j f h
     v = v.reshape(kq // 16, N // 64, 32, 4, 8).transpose(2, 3)  # word-vectors of all lanes
     return v.contiguous()
@@ -281,21 +282,21 @@ def _nvcc() -> str | None:
 def _build(nvcc: str, arch: str) -> Path:
     """The three sources compiled side by side (each its own nvcc), then linked."""
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
-    objects: list[str] = []
 
-    def compile_each(scratch: str) -> list[list[str]]:
-        objects[:] = [str(Path(scratch) / f"{f.stem}.o") for f in SOURCES]
-        return [
-            [nvcc, "-O3", gencode, "-Xcompiler", "-fPIC", "-c", "-o", o, str(f)]
-            for f, o in zip(SOURCES, objects, strict=True)
-        ]
+    def obj(scratch: str, source: Path) -> str:
+        return str(Path(scratch) / f"{source.stem}.o")
 
     return cached_build(
         "mixed_mma",
         [*(f.read_text() for f in (HEADER, *SOURCES)), compiler_version(nvcc), arch],
-        lambda out: [nvcc, gencode, "-shared", "-o", out, *objects],
+        lambda out, scratch: (
+            [nvcc, gencode, "-shared", "-o", out] + [obj(scratch, f) for f in SOURCES]
+        ),
         timeout=900,
-        parts=compile_each,
+        parts=lambda scratch: [
+            [nvcc, "-O3", gencode, "-Xcompiler", "-fPIC", "-c", "-o", obj(scratch, f), str(f)]
+            for f in SOURCES
+        ],
     )
 
 

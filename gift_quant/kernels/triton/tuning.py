@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from gift_quant.kernels import ACTIVATION_DTYPES
+
 log = logging.getLogger(__name__)
 
 TUNE_REPS = 5
@@ -36,7 +38,7 @@ MAX_COPIES = 32  # the most weight copies (the layer counted): a 4096^2 W2 layer
 _kept: dict[tuple, str] = {}  # key -> kernel
 _timings: dict[tuple, dict[str, float]] = {}  # key -> {kernel: seconds} as measured
 _FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket", "dtype")
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPE_NAMES = {dtype: name for name, dtype in ACTIVATION_DTYPES.items()}
 
 
 def m_bucket(M: int) -> int:
@@ -52,7 +54,7 @@ def key(
     device, N: int, K: int, bits: int, group: int, nsal: int, M: int, dtype: torch.dtype
 ) -> tuple:
     """What a measurement is kept for: the layer, the M bucket and the activations' type."""
-    return (device, N, K, bits, group, nsal, m_bucket(M), DTYPE_NAMES[dtype])
+    return (device, N, K, bits, group, nsal, m_bucket(M), _DTYPE_NAMES[dtype])
 
 
 def kept(k: tuple) -> str | None:
