@@ -395,7 +395,8 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     timer.winner = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == timer.winner != rule_triton and len(timed) == 3  # bucket 17..32
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
-    # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 4 for M <= 2
+    # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 2 for M = 1;
+    # two rows have their own bucket, not 3-4's
     ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32, F16)] = "mma:4x4"
     timer.winner = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
@@ -407,9 +408,19 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
         want = routes.route(M, N, K, 4, mma=True)
         assert not want.startswith("mma:")
         assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None, dtype=F16) == want
-    # by rule, one row takes the GEMV, two the swapped kernel
+    # by rule, one row takes the GEMV, two the swapped kernel; two rows are timed at first
+    # use with the GEMV (the rule without the CUDA kernels) among the candidates
     assert routes.route(1, N, K, 4, mma=True) == "gemv"
     assert routes.route(2, N, K, 4, mma=True) == routes.mmv_name(*rules.mmv_choose(2, N, K))
+    timer.winner = "gemv"
+    assert pick(2) == "gemv" and len(timed) == 5
+    mmv2 = [routes.mmv_name(*c) for c in rules.mmv_configs(2, N, K)]
+    assert timed[4] == mmv2 + [routes.mma_name(*c) for c in rules.configs(2, N, K)] + ["gemv"]
+    assert routes.route_in_force(2, N, K, 4, 128, 0, True, device=None, dtype=F16) == "gemv"
+    assert routes.route_in_force(1, N, K, 4, 128, 0, True, device=None, dtype=F16) == "gemv"
+    assert routes.route_in_force(4, N, K, 4, 128, 0, True, device=None, dtype=F16) == "mma:2x16"
+    timed[4:] = []
+    timer.winner = "mma:2x16"
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
         return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
@@ -428,7 +439,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     assert len(timed) == 7 and timed[6] == timed[0]  # the same candidates as fp16 at 16 rows
     assert pick(16) == "mma:2x16"  # fp16 keeps its own
     timed[4:] = []
-    for M in (1, 2, 33, 64):  # outside TUNE_M: the rule (the GEMV, "mmv", Triton), never timed
+    for M in (1, 33, 64):  # outside TUNE_M: the rule (the GEMV, Triton), never timed
         assert pick(M) == routes.route(M, N, K, 4, mma=True)
     assert len(timed) == 4
     kept = {
@@ -437,6 +448,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     }
     fp16_kept = {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
         (4, 0, 128, 4),
+        (2, 0, 128, 4),
         (16, 0, 128, 3),
     }
     assert kept == {(*k, "fp16") for k in fp16_kept} | {(16, 0, 128, 4, "bf16")}

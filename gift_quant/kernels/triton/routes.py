@@ -57,14 +57,15 @@ GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see M
 MMV_M = (2, 8)
 MMV_WIDE_M = (9, 16)
 MMV_WIDE_WEIGHTS = 1 << 25
-# fp16 M where the kernel is measured at first use: 3..32, where the CUDA kernels beat the
+# M where the kernels are measured at first use: 2..32, where the CUDA kernels beat the
 # Triton kernels on the largest layers and lost on some others. Not M = 33..64: timed there
 # (round 16, clustered configurations included) the tensor-core kernel's best took 1.26-1.55x
-# the Triton route's time in all 24 cells (kernels_h200_r16a.json). Not M <= 2: there the two
-# kernels are within a few percent, and one launch timed after a flush read 11.5 us for
-# kernels that replay in 7-8 us, so the timing kept the slower one on 4096 x 4096
-# (docs/KERNELS-NOTES.md, round 8)
-TUNE_M = 3, 32
+# the Triton route's time in all 24 cells (kernels_h200_r16a.json). M = 2 since round 22: by
+# rule the swapped kernel served it, and in bf16 (b1bd854) the GEMV it replaced was up to 24%
+# faster on some shapes (the graph timing of round 15 had never been tried there; the single
+# launch after a flush it replaced had misread kernels at M <= 2, docs/KERNELS-NOTES.md,
+# round 8). Not M = 1: the GEMV by rule, 1.6% from the faster of the two on average
+TUNE_M = 2, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 # fp16 M where the warpgroup-MMA kernel's configurations are timed at first use beside the
 # table's route, where it is built (sm_90a, N a multiple of 128). Not by rule: its best
