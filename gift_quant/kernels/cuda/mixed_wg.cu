@@ -18,11 +18,11 @@
 // copies waited for every copy in flight: one memory latency per k-step).
 //
 // The block's codes, zero-points and scales stream through the same ring (`wg_stages` deep)
-// by cp.async. The A fragments have three sets of registers (two for 128-row tiles with four
-// warpgroups: `wg_frag_sets`): while the MMAs of k-steps s - 1 and s run, the warpgroup
-// dequantizes k-step s + 1 into the third (it waits for the MMAs of k-step s - 2 first: the
-// asynchronous MMA reads its register operands until then), and one block barrier per k-step
-// both publishes the codes of k-step s + 1 and frees the slot of k-step s - 2 for new copies. The weights
+// by cp.async. The A fragments are double buffered: while the MMAs of k-step s run, the
+// warpgroup dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of
+// k-step s - 1 first: the asynchronous MMA reads its register operands until then), and one
+// block barrier per k-step both publishes the codes of k-step s + 1 and frees the slot of
+// k-step s - 1 for new copies. The weights
 // are exact (code - zero in fp16 or bf16) times the scale in that type (bf16: the fp16 scale
 // rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
@@ -48,14 +48,6 @@ namespace {
 // k-step are dequantized one k-step before its MMAs, so the weights' copies run STAGES - 2
 // k-steps ahead of their use (one at the 3 slots 256-row tiles had before)
 __host__ __device__ constexpr int wg_stages(int nt) { return nt == 256 ? 6 : 8; }
-
-// sets of A fragments in registers: three (two k-steps' MMAs in flight while the next k-step
-// is dequantized) where the registers allow; two for 128-row tiles with four warpgroups (512
-// threads: at most 128 registers, 127 used with two sets). With two sets a k-step's
-// dequantization, the copies it issues and the block barrier had one k-step's MMAs to hide
-// behind; the profile of 28672 x 4096, M = 256 (round 22) found the k-step at about 1.55x
-// its MMA time, the warps stalled on the chain of that work (2 warps per scheduler)
-__host__ __device__ constexpr int wg_frag_sets(int nt, int wgs) { return nt == 128 && wgs == 4 ? 2 : 3; }
 
 __host__ __device__ constexpr int wg_slot_bytes(int bits, int nt, int wgs) {
   // x tile, then per strip: codes (32 lanes x BITS x 16 bytes), 64 zero-point bytes and 128
@@ -229,10 +221,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
                     int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
-  constexpr int STAGES = wg_stages(NT), THREADS = WGS * 128, SETS = wg_frag_sets(NT, WGS);
-  // copies run LOOK k-steps ahead: a k-step's slot is refilled once its MMAs are done, which
-  // the warpgroup knows for k-step it - (SETS - 1) when it waits at k-step it
-  constexpr int LOOK = STAGES - SETS + 1;
+  constexpr int STAGES = wg_stages(NT), THREADS = WGS * 128;
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
   constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word
@@ -354,7 +343,7 @@ __global__ void __launch_bounds__(WGS * 128, 1)
     wg_commit();
   };
 
-  // prologue: the slots' barriers; the first LOOK k-steps' copies, one commit group of
+  // prologue: the slots' barriers; the first STAGES - 1 k-steps' copies, one commit group of
   // weights each (the first group holds them all, issued before the wait for the previous
   // kernel), x by the tensor copies
   if (threadIdx.x == 0) {
@@ -364,50 +353,42 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   }
   __syncthreads();
 #pragma unroll
-  for (int p = 0; p < LOOK; ++p)
+  for (int p = 0; p < STAGES - 1; ++p)
     if (p < iters) issue_w(p);
   // a salient first k-step's fragments are weights as stored (global memory): loaded while
   // the previous kernel finishes
-  uint32_t a0[4][4], a1[4][4], a2[4][4];  // a2: with three sets only
+  uint32_t a0[4][4], a1[4][4];
   if (nps > 0) frags(0, a0);
   pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
-  for (int p = 0; p < LOOK; ++p) {
+  for (int p = 0; p < STAGES - 1; ++p) {
     if (p < iters) issue_x(p);
     commit_copies();
   }
   if (iters > 0) {
-    wait_copies<LOOK - 1>();
+    wait_copies<STAGES - 2>();
     __syncthreads();
     wait_x(0);
     if (nps == 0) frags(0, a0);
   }
-  // one k-step: its MMAs on `cur`, then (once k-step it - SETS + 2's MMAs are done) the next
-  // k-step's fragments into `nxt` while the MMAs still in flight run
+  // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
+  // k-step's fragments into `nxt` while they run
   auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
     mma(it, cur);
-    wg_wait<SETS - 1>();  // k-step it - SETS + 1's MMAs are done: `nxt` and its slot are free
+    wg_wait<1>();  // k-step it - 1's MMAs are done: `nxt` and its slot are free
     if (it + 1 < iters) {
-      wait_copies<LOOK - 2>();  // this thread's copies of k-step it + 1's weights
-      __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - SETS + 1
-      const int ahead = it + LOOK;
+      wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
+      __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
+      const int ahead = it + STAGES - 1;
       if (ahead < iters) issue_w(ahead), issue_x(ahead);
       commit_copies();
       wait_x(it + 1);
       frags(it + 1, nxt);
     }
   };
-  if constexpr (SETS == 3) {
-    for (int it = 0; it < iters; it += 3) {
-      step(it, a0, a1);
-      if (it + 1 < iters) step(it + 1, a1, a2);
-      if (it + 2 < iters) step(it + 2, a2, a0);
-    }
-  } else {
-    for (int it = 0; it < iters; it += 2) {
-      step(it, a0, a1);
-      if (it + 1 < iters) step(it + 1, a1, a0);
-    }
+  for (int it = 0; it < iters; it += 2) {
+    step(it, a0, a1);
+    if (it + 1 < iters) step(it + 1, a1, a0);
   }
   wg_wait<0>();
   wait_copies<0>();
