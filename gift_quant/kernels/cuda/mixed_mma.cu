@@ -22,8 +22,8 @@
 //
 // x is staged per block in shared memory by cp.async (rows padded, conflict-free ldmatrix);
 // the salient columns are gathered there too and their weights (fp16, or bf16 for BF) are
-// repacked into the same fragment layout, so they are extra k16 steps of the same loop. Weights stream through
-// registers, PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32
+// repacked into the same fragment layout, so they are extra k16 steps of the same loop.
+// Weights stream through registers, PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32
 // workspace; the last block of a column block adds the bias, writes y and zeroes the workspace
 // and its counter again (one launch, no memset), the same protocol as the Triton kernels. Or
 // (sm_90, `csize` > 1) the splits of a column block run as thread-block clusters of csize

@@ -173,7 +173,7 @@ def cuda_layout(layer) -> native.Packed | None:
 def release_cuda_layout(layer) -> None:
     """Forget ``layer``'s CUDA kernels' layout (``cuda_layout`` builds it again when asked)."""
     cache = getattr(layer, "_triton_cache", None)
-    if cache:
+    if cache:  # None: never prepared; False: the kernels do not cover the layer
         cache.cuda, cache.cuda_checked = None, False
 
 
