@@ -17,12 +17,17 @@
 // proxy, as the MMA reads, so no proxy fence stands in the loop (the fence after cp.async
 // copies waited for every copy in flight: one memory latency per k-step).
 //
-// The block's codes, zero-points and scales stream through the same ring (`wg_stages` deep)
-// by cp.async. The A fragments are double buffered: while the MMAs of k-step s run, the
-// warpgroup dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of
-// k-step s - 1 first: the asynchronous MMA reads its register operands until then), and one
-// block barrier per k-step both publishes the codes of k-step s + 1 and frees the slot of
-// k-step s - 1 for new copies. The weights
+// The block's codes, zero-points and scales stream through the same ring (`wg_stages` deep).
+// The A fragments are double buffered: while the MMAs of k-step s run, the warpgroup
+// dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of k-step
+// s - 1 first: the asynchronous MMA reads its register operands until then). Where a ninth
+// warp costs no registers (`wg_producer`: 64-row tiles at 2 and 4 bits, 128 x 2), that
+// producer warp issues every copy -- x by the tensor copy, the weights by three bulk copies,
+// all completing on the slot's full barrier -- and refills a slot once every consumer warp
+// has arrived on its empty barrier (the MMAs that read it are done): the consumers only wait,
+// dequantize and issue MMAs. Elsewhere every thread issues cp.async copies, and one block
+// barrier per k-step both publishes the codes of k-step s + 1 and frees the slot of k-step
+// s - 1 for new copies. The weights
 // are exact (code - zero in fp16 or bf16) times the scale in that type (bf16: the fp16 scale
 // rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
@@ -63,9 +68,39 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
                      : nt * (wgs * 64 + 4) * 4);
 }
 
-// mbarriers (shared-memory addresses) and the tensor copy that completes on them
-__device__ __forceinline__ void mbar_init(uint32_t bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+// A producer warp (the block's last, `WGS * 128` and up) issues every copy of the ring where it
+// costs the consumers neither registers nor occupancy: 64-row tiles at 2 and 4 bits and
+// 128-row tiles with two warpgroups. A ninth (seventeenth) warp puts a fifth warp on some
+// sub-partition of the SM: 64 x 2 keeps two blocks per SM at 96 registers a thread, which 3
+// bits exceed (101); 256-row tiles need 194-209, 128 x 4 (capped at 120) 127-128.
+__host__ __device__ constexpr bool wg_producer(int nt, int wgs, int bits) {
+  return (nt == 64 && bits != 3) || (nt == 128 && wgs == 2);
+}
+__host__ __device__ constexpr int wg_threads(int nt, int wgs, int bits) {
+  return wgs * 128 + (wg_producer(nt, wgs, bits) ? 32 : 0);
+}
+__host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) { return nt == 64 && wgs == 2 ? 2 : 1; }
+
+// mbarriers (shared-memory addresses) and the copies that complete on them
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// one arrival on the barrier, and `bytes` more to land before its phase completes
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared by the copy
+// engine, completing on the barrier
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
@@ -81,9 +116,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // box (64 columns x NT rows) of the 2-D tensor map at (column c0, row r0) into dst; the
 // barrier's phase completes once its `bytes` have landed
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int r0,
-                                            uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
+                                            uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
       "%3}], [%4];\n" ::"r"(dst),
@@ -202,6 +235,30 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[NT / 2], const uint32_t (&
     wgmma_m64n256<BF>(d, a, desc);
 }
 
+// shared-memory loads at a 32-bit shared address (the ring's per-thread bases are computed once)
+__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds_v2(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+// x as a value the compiler cannot recompute: without it, the producer kernels' consumers
+// recomputed their shared-memory addresses from the thread index in every k-step
+template <bool OPAQUE>
+__device__ __forceinline__ uint32_t kept(uint32_t x) {
+  if constexpr (OPAQUE) asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
+  return x;
+}
+
 // words[i] where i is warp-uniform (selects, not an indexed register array)
 template <int BITS>
 __device__ __forceinline__ uint32_t pick_word(const uint32_t* w, int i) {
@@ -213,7 +270,7 @@ __device__ __forceinline__ uint32_t pick_word(const uint32_t* w, int i) {
 #endif
 
 template <bool BF, int BITS, int NT, int WGS>
-__global__ void __launch_bounds__(WGS * 128, 1)
+__global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, WGS))
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
@@ -221,14 +278,17 @@ __global__ void __launch_bounds__(WGS * 128, 1)
                     int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
-  constexpr int STAGES = wg_stages(NT), THREADS = WGS * 128;
+  constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS, BITS);
+  constexpr bool PROD = wg_producer(NT, WGS, BITS);
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
   constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  __shared__ __align__(8) uint64_t full[STAGES];  // per slot: its x tile is in place
+  __shared__ __align__(8) uint64_t full[STAGES];  // per slot: its copies are in place
+  __shared__ __align__(8) uint64_t empty[PROD ? STAGES : 1];  // per slot: its reads are done
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
+  const bool producer = PROD && warp == WGS * 4;
   const int tile = blockIdx.x % T, cb = blockIdx.x / T;  // row tile (fastest), column block
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -240,7 +300,8 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
   uint8_t* smem = smem_raw + (smem0 - raw0);
-  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t bar0 = kept<PROD>(static_cast<uint32_t>(__cvta_generic_to_shared(full)));
+  const uint32_t ebar0 = kept<PROD>(static_cast<uint32_t>(__cvta_generic_to_shared(empty)));
 
   // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
   // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
@@ -264,12 +325,30 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   auto issue_x = [&](int it) {
     if (threadIdx.x != 0) return;
     const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
+    if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
     if (it < nps)
-      tma_load_2d(dst, &smap, (split + it * splits) * 64, row0, bar, XB);
+      tma_load_2d(dst, &smap, (split + it * splits) * 64, row0, bar);
     else
-      tma_load_2d(dst, &xmap, (s0 + it - nps) * 64, row0, bar, XB);
+      tma_load_2d(dst, &xmap, (s0 + it - nps) * 64, row0, bar);
   };
-  auto wait_x = [&](int it) { mbar_wait(bar0 + (it % STAGES) * 8, (it / STAGES) & 1); };
+  // The producer's copies of iteration `it`'s weights: three bulk copies (codes, zero-points,
+  // scales), and the slot's full barrier expecting them and the x tile
+  auto produce_w = [&](int it) {
+    const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
+    if (it < nps) {
+      mbar_expect(bar, XB);
+      return;
+    }
+    mbar_expect(bar, XB + WGS * (WB + 192));
+    const int s = s0 + it - nps;
+    const size_t gb = (size_t)group_of(s, gmagic) * B + b0;
+    bulk_load(dst + XB, qc + ((size_t)s * B + b0) * 32 * BITS, WGS * WB, bar);
+    bulk_load(dst + ZOFF, zp + gb * 4, WGS * 64, bar);
+    bulk_load(dst + SOFF, scp + gb * 8, WGS * 128, bar);
+  };
+  auto wait_x = [&](int it) {
+    mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
+  };
 
   // this warp's pairs 4 q + u: word and bit position within a k16 step's BITS words
   int widx[4], wpos[4];
@@ -278,7 +357,11 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   const bool spread = BITS == 3 && wq == 3;  // pair 15 of 3 bits: bit 15 of the three words
   const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
 
-  // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place).
+  // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place), from
+  // this thread's code words, zero-points and scales at these offsets of every slot
+  const uint32_t cw_at = kept<PROD>(smem0 + XB + wg * WB + lane * 16);
+  const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
+  const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
   auto frags = [&](int it, uint32_t (&a)[4][4]) {
     if (it < nps) {  // salient: the stored fragments (zeros past the last k16 step)
       const int q0 = (split + it * splits) * 4;
@@ -290,17 +373,16 @@ __global__ void __launch_bounds__(WGS * 128, 1)
       }
       return;
     }
-    const uint8_t* slot = smem + (it % STAGES) * SB;
+    const uint32_t so = static_cast<uint32_t>(it) % STAGES * SB;  // the slot's offset
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
-    const uint32_t* cw = reinterpret_cast<const uint32_t*>(slot + XB + wg * WB) + lane * 4;
+    auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as MAGIC + z in both halves
     // (1024 + z in fp16, 128 + z in bf16); their scales in both halves
     constexpr uint32_t MAG = magic<BF>();
-    const uint32_t zb = *reinterpret_cast<const uint16_t*>(slot + ZOFF + wg * 64 + g * 8 + 2 * wq);
+    const uint32_t zb = lds_u16(z_at + so);
     const uint32_t zlo = (MAG | (zb & 0xFFu)) * 0x00010001u;
     const uint32_t zhi = (MAG | (zb >> 8)) * 0x00010001u;
-    const uint2 sw = *reinterpret_cast<const uint2*>(slot + SOFF + wg * 128 +
-                                                     ((g >> 1) * 16 + 4 * wq) * 2);
+    const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
     const uint32_t shi = from_fp16x2<BF>(__byte_perm(sw.y, 0, sel));
 #pragma unroll
@@ -310,11 +392,11 @@ __global__ void __launch_bounds__(WGS * 128, 1)
 #pragma unroll
         for (int i = 0; i < 3; ++i) {
           const int wi = st * 3 + i;
-          ws3[i] = cw[(wi >> 2) * 128 + (wi & 3)];
+          ws3[i] = word(wi);
         }
       } else {
         const int wi = st * BITS + widx[0];
-        ws3[0] = cw[(wi >> 2) * 128 + (wi & 3)];
+        ws3[0] = word(wi);
       }
       uint32_t f[4];
 #pragma unroll
@@ -335,79 +417,132 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   float acc[NT / 2];
 #pragma unroll
   for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+  // the x tile's descriptors: slot p's k16 slice st is the ring's, its address field plus the
+  // offset in 16-byte units (no carry out of the 14-bit field: shared memory is below 256 KB)
+  const uint64_t desc0 = smem_desc_sw128(smem0);
+  const uint32_t dlo = kept<PROD>(static_cast<uint32_t>(desc0));
   auto mma = [&](int it, const uint32_t (&a)[4][4]) {
     wg_fence();
+    const uint32_t lo = dlo + static_cast<uint32_t>(it) % STAGES * (SB >> 4);
 #pragma unroll
     for (int st = 0; st < 4; ++st)
-      wgmma_tile<BF, NT>(acc, a[st], smem_desc_sw128(smem0 + (it % STAGES) * SB + st * 32));
+      wgmma_tile<BF, NT>(acc, a[st], (desc0 >> 32 << 32) | (lo + st * 2));
     wg_commit();
   };
 
-  // prologue: the slots' barriers; the first STAGES - 1 k-steps' copies, one commit group of
-  // weights each (the first group holds them all, issued before the wait for the previous
-  // kernel), x by the tensor copies
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int p = 0; p < STAGES; ++p) mbar_init(bar0 + p * 8);
+    for (int p = 0; p < STAGES; ++p) {
+      mbar_init(bar0 + p * 8, 1);
+      if (PROD) mbar_init(ebar0 + p * 8, WGS * 4);  // one arrival per consumer warp
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-#pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p)
-    if (p < iters) issue_w(p);
-  // a salient first k-step's fragments are weights as stored (global memory): loaded while
-  // the previous kernel finishes
   uint32_t a0[4][4], a1[4][4];
-  if (nps > 0) frags(0, a0);
-  pdl_wait();  // x (and xs) come from the previous kernels
-#pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p) {
-    if (p < iters) issue_x(p);
-    commit_copies();
-  }
-  if (iters > 0) {
-    wait_copies<STAGES - 2>();
-    __syncthreads();
-    wait_x(0);
-    if (nps == 0) frags(0, a0);
-  }
-  // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
-  // k-step's fragments into `nxt` while they run
-  auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-    mma(it, cur);
-    wg_wait<1>();  // k-step it - 1's MMAs are done: `nxt` and its slot are free
-    if (it + 1 < iters) {
-      wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
-      __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
-      const int ahead = it + STAGES - 1;
-      if (ahead < iters) issue_w(ahead), issue_x(ahead);
-      commit_copies();
-      wait_x(it + 1);
-      frags(it + 1, nxt);
+  if constexpr (PROD) {
+    if (producer) {
+      // every slot's weights first (not written by the previous kernel), then the x tiles;
+      // a slot is refilled once each consumer warp has arrived on its empty barrier (the
+      // MMAs that read it are done)
+      if (lane == 0)
+        for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p);
+      pdl_wait();  // every lane: the warp writes outputs in the epilogue
+      if (lane == 0) {
+        for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p);
+        for (int it = STAGES; it < iters; ++it) {
+          mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
+          produce_w(it);
+          issue_x(it);
+        }
+      }
+      __syncwarp();
+    } else {
+      if (nps > 0) frags(0, a0);  // salient: from global memory, before the wait
+      pdl_wait();
+      if (iters > 0) {
+        wait_x(0);
+        if (nps == 0) frags(0, a0);
+      }
+      // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
+      // released and the next k-step's fragments go into `nxt` while these MMAs run
+      auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
+        mma(it, cur);
+        wg_wait<1>();
+        if (it > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(it - 1) % STAGES * 8);
+        if (it + 1 < iters) {
+          wait_x(it + 1);
+          frags(it + 1, nxt);
+        }
+      };
+      for (int it = 0; it < iters; it += 2) {
+        step(it, a0, a1);
+        if (it + 1 < iters) step(it + 1, a1, a0);
+      }
+      wg_wait<0>();
+      pdl_launch_dependents();
     }
-  };
-  for (int it = 0; it < iters; it += 2) {
-    step(it, a0, a1);
-    if (it + 1 < iters) step(it + 1, a1, a0);
+  } else {
+    // every thread issues copies: the first STAGES - 1 k-steps', one commit group of weights each (the first group holds them all, issued before the wait for the previous
+    // kernel), x by the tensor copies
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p)
+      if (p < iters) issue_w(p);
+    // a salient first k-step's fragments are weights as stored (global memory): loaded while
+    // the previous kernel finishes
+    if (nps > 0) frags(0, a0);
+    pdl_wait();  // x (and xs) come from the previous kernels
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p) {
+      if (p < iters) issue_x(p);
+      commit_copies();
+    }
+    if (iters > 0) {
+      wait_copies<STAGES - 2>();
+      __syncthreads();
+      wait_x(0);
+      if (nps == 0) frags(0, a0);
+    }
+    // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
+    // k-step's fragments into `nxt` while they run
+    auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
+      mma(it, cur);
+      wg_wait<1>();  // k-step it - 1's MMAs are done: `nxt` and its slot are free
+      if (it + 1 < iters) {
+        wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
+        __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
+        const int ahead = it + STAGES - 1;
+        if (ahead < iters) issue_w(ahead), issue_x(ahead);
+        commit_copies();
+        wait_x(it + 1);
+        frags(it + 1, nxt);
+      }
+    };
+    for (int it = 0; it < iters; it += 2) {
+      step(it, a0, a1);
+      if (it + 1 < iters) step(it + 1, a1, a0);
+    }
+    wg_wait<0>();
+    wait_copies<0>();
+    pdl_launch_dependents();
   }
-  wg_wait<0>();
-  wait_copies<0>();
-  pdl_launch_dependents();
 
-  // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2
+  // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2.
+  // The producer warp holds no tile; it stores and adds its share of the staged one.
   const int c0 = b * 64 + 16 * wq + g;
   if (splits == 1) {
     constexpr int LD = 72;  // halves per staged row (64 + 8: rows shift by 16 bytes)
     half* out = reinterpret_cast<half*>(smem);
-    __syncthreads();  // every warp is done with the ring
-    const float bl = bias != nullptr ? to_float<BF>(bias[c0]) : 0.0f;
-    const float bh = bias != nullptr ? to_float<BF>(bias[c0 + 8]) : 0.0f;
+    __syncthreads();  // every warp is done with the ring (every copy landed: all were waited)
+    if (producer) pdl_launch_dependents();  // as the consumers did, past their loop
+    const float bl = bias != nullptr && !producer ? to_float<BF>(bias[c0]) : 0.0f;
+    const float bh = bias != nullptr && !producer ? to_float<BF>(bias[c0 + 8]) : 0.0f;
     // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
     // columns 16 q + 8 h .. + 7 by rows 8 j .. 8 j + 7 (fragment row g, columns 2 t, 2 t + 1);
     // stored transposed, it is those rows' 16 bytes of columns. Four blocks per instruction:
     // (j, h) = (2 p + m / 2, m % 2) for matrix m, whose row rr lane 8 m + rr addresses.
 #pragma unroll
-    for (int p = 0; p < NT / 16; ++p) {
+    for (int p = 0; p < NT / 16 && !producer; ++p) {
       uint32_t v[4];
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
@@ -437,8 +572,9 @@ __global__ void __launch_bounds__(WGS * 128, 1)
   constexpr int LDF = WGS * 64 + 4;
   float* out32 = reinterpret_cast<float*>(smem);
   __syncthreads();  // every warp is done with the ring
+  if (producer) pdl_launch_dependents();
 #pragma unroll
-  for (int i = 0; i < NT / 2; ++i)
+  for (int i = 0; i < NT / 2 && !producer; ++i)
     out32[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
         acc[i];
   __syncthreads();
@@ -550,7 +686,7 @@ int launch_wg(const WgCall& a) {
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
     if (rc) return rc;
   }
-  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks), splits), dim3(WGS * 128), smem,
+  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks), splits), dim3(wg_threads(NT, WGS, BITS)), smem,
                    a.stream, 1, a.pdl, a.qc, a.zp, a.scp, a.wsp, a.nsal, a.bias, a.y, a.ws, a.cnt,
                    a.M, a.N, a.K, group_magic(a.group), ss_per_split, T, xmap, smap);
 }
