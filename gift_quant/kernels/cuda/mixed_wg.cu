@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
   // tensor copy from x, or for a salient k-step from the gathered copy xs
   static_assert(wg_smem_bytes(BITS, NT, WGS) + 1024 <= 227 * 1024, "shared memory per block");
   auto issue_x = [&](int it) {
-    if (threadIdx.x != 0) return;
+    if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
     const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
     if (it < nps)
