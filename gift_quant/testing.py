@@ -96,17 +96,17 @@ def random_quantized(
 
 def random_cuda_layout(K: int, N: int, bits: int, group: int, seed: int):
     """Random codes [K, N], zero-points and fp16 scales [K / group, N] of a layer, the same
-    packed into the CUDA kernels' layout (``kernels.cuda.native.pack``, no salient columns),
+    packed into the CUDA kernels' layout (``kernels.cuda.layout.pack``, no salient columns),
     and the fp16 weights [K, N] they stand for (the reference dequantization, as float32
     numpy): ``(codes, zeros, scales, packed, weights)``."""
-    from gift_quant.kernels.cuda import native
+    from gift_quant.kernels.cuda import layout
     from gift_quant.kernels.reference import dequantize_codes
 
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (K, N), generator=gen, dtype=torch.int32)
     zeros = torch.randint(0, 2**bits, (K // group, N), generator=gen, dtype=torch.int32)
     scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
-    p = native.pack(codes, zeros, scales, None, None, bits, group)
+    p = layout.pack(codes, zeros, scales, None, None, bits, group)
     g_idx = torch.arange(K, dtype=torch.int32) // group
     ref = dequantize_codes(codes, zeros, scales, g_idx, torch.float16).float().numpy()
     return codes, zeros, scales, p, ref

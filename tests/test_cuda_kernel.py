@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gift_quant.kernels.cuda import native, rules
+from gift_quant.kernels.cuda import layout, native, rules
 from gift_quant.testing import random_cuda_layout
 
 E = 0x64006400
@@ -90,7 +90,7 @@ def lane_scales(words: np.ndarray, grp: int, b: int, row: int) -> list[list[np.f
     return [[f16(int(w)), f16(int(w) >> 16)] for w in words[grp, b, row]]
 
 
-def kernel_operands(p: native.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kernel_operands(p: layout.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the kernel forms, lane by lane, from the packed words: the exact weights
     code - zero [K, N] (what the MMAs see when the scale comes after them), the scale each
     accumulator column is multiplied by [G, N] (C-fragment read), and the fp16 weights
@@ -171,13 +171,13 @@ def test_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
     assert np.array_equal(col_scales, scales.float().numpy())
     # scale before it: bit for bit the reference (the fma and the mul round as it rounds)
     assert np.array_equal(weights, ref)
-    assert torch.equal(native.unpack_codes(p.qc, bits, K, N), codes)
+    assert torch.equal(layout.unpack_codes(p.qc, bits, K, N), codes)
 
 
 def test_salient_fragments_hold_ws_where_the_kernel_reads_them() -> None:
     k, N = 37, 128  # k not a multiple of 16: zero rows pad the last step
     wst = torch.randn(k, N).half()
-    frag = native.pack_salient(wst).view(torch.float16)  # [Q, B, 4, 32, 8 halves]
+    frag = layout.pack_salient(wst).view(torch.float16)  # [Q, B, 4, 32, 8 halves]
     padded = torch.cat([wst, torch.zeros(-k % 16, N, dtype=torch.float16)])
     for q in range(frag.shape[0]):
         for b in range(N // 64):
@@ -195,8 +195,8 @@ def test_zero_point_and_scale_layouts() -> None:
     G, N = 3, 128
     scales = torch.rand(G, N).half()
     zeros = torch.randint(0, 16, (G, N), dtype=torch.int32)
-    zp = native.pack_zeros(zeros)  # [G, N/64, 8 (g), 8 (j)]
-    sc = native.pack_scales(scales)  # [G, N/64, 4 (t), 8 (j), 2 (c)]
+    zp = layout.pack_zeros(zeros)  # [G, N/64, 8 (g), 8 (j)]
+    sc = layout.pack_scales(scales)  # [G, N/64, 4 (t), 8 (j), 2 (c)]
     for n in (0, 9, 63, 64, 127):
         b, j, g = n // 64, n % 64 // 8, n % 8
         assert int(zp[1, b, g, j]) == int(zeros[1, n])
@@ -209,7 +209,7 @@ def test_salient_fragments_convert_once_to_bf16_and_launches_refuse_other_types(
     or fragments differ from x's type is refused before anything runs."""
     K, N = 128, 64
     wst = torch.randn(20, N).half()
-    p = native.pack(
+    p = layout.pack(
         torch.zeros(K, N, dtype=torch.int32),
         torch.zeros(1, N, dtype=torch.int32),
         torch.ones(1, N).half(),
@@ -223,7 +223,7 @@ def test_salient_fragments_convert_once_to_bf16_and_launches_refuse_other_types(
     assert p.salient_as(torch.bfloat16) is bf  # kept
     assert p.salient_as(torch.float16) is p.wsp
     assert p.for_type(torch.bfloat16).wsp is bf and p.for_type(torch.float16) is p
-    q = native.Packed(p.qc, p.zp, p.scp, bf, p.sidx, p.nsal, 4, 128, K, N)
+    q = layout.Packed(p.qc, p.zp, p.scp, bf, p.sidx, p.nsal, 4, 128, K, N)
     with pytest.raises(ValueError, match="only float16 ones convert"):
         q.salient_as(torch.float16)
 
@@ -461,10 +461,10 @@ def test_swapped_kernel_mirror_gives_the_product(bits: int, group: int) -> None:
     scales = (torch.rand(K // group, N, generator=gen) * 0.02 + 1e-3).half()
     sidx = torch.randperm(K, generator=gen)[:k_sal].to(torch.int32)
     wst = torch.randn(k_sal, N, generator=gen).half()
-    p = native.pack(codes, zeros, scales, wst, sidx, bits, group)
+    p = layout.pack(codes, zeros, scales, wst, sidx, bits, group)
     exact, _, _ = kernel_operands(p)  # code - zero as the lanes form it, [K, N]
     sw = p.scp.view(torch.int32).numpy().astype(np.int64) & 0xFFFFFFFF
-    sal = native.pack_salient(wst).view(torch.float16).double().numpy()  # [Q, B, 4, 32, 8]
+    sal = layout.pack_salient(wst).view(torch.float16).double().numpy()  # [Q, B, 4, 32, 8]
     x = torch.randn(M, K, generator=gen).half().double().numpy()
     xz = np.vstack([x, np.zeros((8 - M, K))])  # B-operand rows past M read zeros
     xs = np.zeros((8, sal.shape[0] * 16))

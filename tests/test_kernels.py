@@ -28,7 +28,7 @@ from gift_quant.kernels import (  # noqa: E402
     reference,
     resolve_backend,
 )
-from gift_quant.kernels.cuda import native, rules  # noqa: E402
+from gift_quant.kernels.cuda import layout, native, rules  # noqa: E402
 from gift_quant.kernels.triton import mm, ops, routes  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
@@ -296,7 +296,7 @@ def test_op_backward_with_the_cuda_layout_passed():
     layer, w, _ = make(128, 64, bits=4, group=32, salient=6, seed=4, dtype=BF16)
     p = ops.prepare(layer)
     c = ops.cuda_layout(layer)
-    layout = (
+    tensors = (
         [c.qc, c.zp, c.scp, c.salient_as(BF16)]
         if c is not None
         else [torch.zeros(4, dtype=torch.int32, device=DEV) for _ in range(4)]
@@ -304,7 +304,7 @@ def test_op_backward_with_the_cuda_layout_passed():
     x0 = torch.randn(3, 128, device=DEV, dtype=BF16)
     gy = torch.randn(3, 64, device=DEV, dtype=BF16)
     grads = []
-    for extra in ([], layout):
+    for extra in ([], tensors):
         x = x0.clone().requires_grad_(True)
         args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, None, p.bits, p.group)
         ops.mixed_matmul(x, *args, *extra).backward(gy)
@@ -496,7 +496,7 @@ def test_mma_route_names_carry_the_configuration(monkeypatch):
     x = torch.zeros(4, 128, dtype=F16)
     sz = torch.zeros(2, 64, dtype=torch.int32)
     z = torch.zeros(1, dtype=torch.int32)
-    cuda = native.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 64, 128, 64)
+    cuda = layout.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 64, 128, 64)
     for name in ("mma:2x16", "mma:4x3", "mma:4x16c16"):
         ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=cuda)
     assert seen == [(2, 16, 1), (4, 3, 1), (4, 16, 16)]
@@ -589,11 +589,11 @@ def test_the_cuda_layout_is_built_for_fp16_calls_and_bf16_calls_without_autograd
     layer, _, _ = make(128, 64, bits=4, group=32, salient=6, seed=4, dtype=BF16)
     built, seen = [], []
     z = torch.zeros(1, dtype=torch.int32)
-    layout = native.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 32, 128, 64)
+    kept = layout.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 32, 128, 64)
 
     def cuda_layout(lay):
         built.append(lay)
-        return layout
+        return kept
 
     monkeypatch.setattr(ops, "cuda_layout", cuda_layout)
     monkeypatch.setattr(ops, "mixed_matmul", lambda x, *a: seen.append(a[-1]) or x)
@@ -604,4 +604,4 @@ def test_the_cuda_layout_is_built_for_fp16_calls_and_bf16_calls_without_autograd
         ops.dequant_matmul(x, layer)
     assert built == [layer] and seen[-1].dtype == BF16
     ops.dequant_matmul(x.to(F16), layer)
-    assert built == [layer, layer] and seen[-1] is layout.wsp
+    assert built == [layer, layer] and seen[-1] is kept.wsp

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gift_quant.kernels.cuda import native, rules
+from gift_quant.kernels.cuda import layout, native, rules
 from gift_quant.kernels.triton import routes
 from gift_quant.testing import random_cuda_layout
 
@@ -27,7 +27,7 @@ def f16(bits16: int) -> np.float16:
     return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
 
 
-def wg_weights(p: native.Packed) -> np.ndarray:
+def wg_weights(p: layout.Packed) -> np.ndarray:
     """The fp16 weights [K, N] the kernel gives the MMA, lane by lane (mixed_wg.cu)."""
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     per = {4: 4, 2: 8, 3: 5}[bits]

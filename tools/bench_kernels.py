@@ -49,7 +49,7 @@ from gemv_variants import gemv_variants  # noqa: E402
 from kernel_tables import parse_shape, print_tables  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
-from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.cuda import layout, native  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv  # noqa: E402
@@ -96,12 +96,12 @@ def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
     cuda = None
     if native.library() is not None:  # the CUDA kernel's layout (random words for copies)
         if codes:
-            cuda = native.pack(c, z, s, wst, sidx, bits, GROUP)
+            cuda = layout.pack(c, z, s, wst, sidx, bits, GROUP)
         else:
             shape = (K // 64, N // 64, bits, 32, 4)
             cq = torch.randint(-(2**31), 2**31 - 1, shape, device=dev, dtype=torch.int32)
-            czp, csc, cws = native.pack_zeros(z), native.pack_scales(s), native.pack_salient(wst)
-            cuda = native.Packed(cq, czp, csc, cws, sidx, NSAL, bits, GROUP, K, N)
+            czp, csc, cws = layout.pack_zeros(z), layout.pack_scales(s), layout.pack_salient(wst)
+            cuda = layout.Packed(cq, czp, csc, cws, sidx, NSAL, bits, GROUP, K, N)
     # the kernels launch as programmatic dependents on sm_90 and read their weights before they
     # wait for the kernel before them: the kernels that wrote these must be done (ops._settle)
     torch.cuda.synchronize()

@@ -1,7 +1,7 @@
 // What the kernels of this folder share (mixed_mma.cu: M <= 64 rows on the B side of the MMA;
 // mixed_mmv.cu: M <= 16 rows, the weights on the A side; mixed_wg.cu: M >= 64 on the warpgroup
 // MMA): the packed words' unpacking into 16-bit pairs, the zero-point constants, the staging
-// of x and the split-K finish. The layout itself is described in native.py.
+// of x and the split-K finish. The layout itself is described in layout.py.
 //
 // Activations, bias and y are 16-bit elements: fp16, or bf16 where a kernel's BF parameter
 // says so. They travel as `half` storage (staging and copies move bits); only the MMA's type,
@@ -130,7 +130,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
 }
 
 // The 16th pair of a 3-bit k16 step, whose code bit i sits at bit 15 of word i's halves
-// (native.py), in bits 0..2 of each half over the exponent bits `e`
+// (layout.py), in bits 0..2 of each half over the exponent bits `e`
 __device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
   const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
   return lop3_and_or(w[2] >> 13, 0x00040004u, top | e);
@@ -185,7 +185,7 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
 template <int BITS>
 __device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r) {
   constexpr uint32_t E = magic<true>() * 0x00010001u, MASK = ((1u << BITS) - 1) * 0x00010001u;
-  constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;  // pairs per word (native.py)
+  constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;  // pairs per word (layout.py)
 #pragma unroll
   for (int p = 0; p < (BITS == 3 ? 15 : 16); ++p)
     r[p] = lop3_and_or(w[p / PER] >> (p % PER * BITS), MASK, E);

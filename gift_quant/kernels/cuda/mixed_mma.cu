@@ -2,7 +2,7 @@
 //
 //     y[M, N] = x @ dequant(W_q)^T + x[:, S] @ W_S^T (+ bias)
 //
-// The codes are repacked once at load time (gift_quant/kernels/cuda/native.py, `pack_codes`)
+// The codes are repacked once at load time (gift_quant/kernels/cuda/layout.py, `pack_codes`)
 // so that the 32-bit words a lane loads hold exactly the B-operand pairs it gives
 // `mma.sync.m16n8k16`: no shared memory, no shuffle and no ldmatrix for the weights. One warp
 // owns a strip of 64 output columns; per k16 step each lane holds 16 pairs (8 n8 tiles x the
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
         __cvta_generic_to_shared(xs + (r < R ? r : R) * ldx + (lane >> 4) * 8));
   }
 
-  // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: native.py)
+  // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
   for (int qi = 0; qi < nq; ++qi) {
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];

@@ -3,7 +3,7 @@
 //
 //     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)
 //
-// The same packed words as mixed_mma.cu (native.py, `pack_codes`), read as the A operand of
+// The same packed words as mixed_mma.cu (layout.py, `pack_codes`), read as the A operand of
 // `mma.m16n8k16`: the B fragments of n8 tiles 2i and 2i+1 of a k16 step are, together, the A
 // fragment of 16 output columns (rows g and g + 8 of the A tile are columns 8 (2i) + g and
 // 8 (2i + 1) + g), so no repacking. x is the B operand, one or two tiles of 8 rows (NB): the
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
       for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.0f, gacc[n][i][e] = 0.0f;
   }
 
-  // 2. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: native.py)
+  // 2. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
   for (int qi = 0; qi < nq; ++qi) {
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];

@@ -7,7 +7,7 @@
 // The weights are wgmma's A operand, from registers. A block of WGS warpgroups covers WGS
 // adjacent 64-column strips for one tile of NT rows of x and one K split: warpgroup w computes
 // strip w, and its warp q dequantizes the strip's columns 16 q .. 16 q + 15 (A rows 16 q ..)
-// from the same packed words as the other two kernels (native.py, `pack_codes`): the pairs
+// from the same packed words as the other two kernels (layout.py, `pack_codes`): the pairs
 // 4 q .. 4 q + 3 of a k16 step are, in the order (0, 2, 1, 3), the A fragment of those 16
 // columns. x is the B operand, read by the MMA from shared memory: one tile per k-step shared
 // by the block's warpgroups (a block per strip re-read x for every 64 output columns: round
@@ -37,7 +37,7 @@
 // kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
 // tensor copies load (a gather by every block read x's scattered columns once per column
 // block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
-// weights' fragments as stored (fp16, or bf16 for BF: native.py, `pack_salient`). One K
+// weights' fragments as stored (fp16, or bf16 for BF: layout.py, `pack_salient`). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`).
 #include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the Triton backend needs the triton package") from exc
 
 from gift_quant.kernels import reference
-from gift_quant.kernels.cuda import native
+from gift_quant.kernels.cuda import layout, native
 from gift_quant.kernels.cuda.rules import dependent_launch_capable
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import gemv
@@ -88,7 +88,7 @@ class Prepared:
     group: int
     K: int
     N: int
-    cuda: native.Packed | None = None  # the CUDA kernels' layout (``cuda_layout``)
+    cuda: layout.Packed | None = None  # the CUDA kernels' layout (``cuda_layout``)
     cuda_checked: bool = False
 
 
@@ -147,7 +147,7 @@ def _build(layer, key: tuple) -> Prepared | None:
     return Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
 
 
-def cuda_layout(layer) -> native.Packed | None:
+def cuda_layout(layer) -> layout.Packed | None:
     """The CUDA kernels' layout of ``layer`` (a second copy of the codes, the same size as the
     first), built at its first fp16 call or bf16 call without autograd (``dequant_matmul``)
     and kept in the layer's cache; None where the kernels do not cover the layer or are not
@@ -158,12 +158,12 @@ def cuda_layout(layer) -> native.Packed | None:
         return None if prep is None else prep.cuda
     if (
         layer.qweight.is_cuda
-        and native.unsupported(layer) is None
+        and layout.unsupported(layer) is None
         and native.library(layer.qweight.device) is not None
     ):
         codes = unpack_rows(layer.qweight, prep.bits)
         zeros = unpack_cols(layer.qzeros, prep.bits)
-        packed = native.pack(codes, zeros, layer.scales, prep.wst, prep.sidx, prep.bits, prep.group)
+        packed = layout.pack(codes, zeros, layer.scales, prep.wst, prep.sidx, prep.bits, prep.group)
         _settle(layer.qweight.device)  # before it is kept: a refused layout is built again
         prep.cuda = packed
     prep.cuda_checked = True
@@ -187,7 +187,7 @@ def tuned_route(
     bias: Tensor | None,
     bits: int,
     group: int,
-    cuda: native.Packed,
+    cuda: layout.Packed,
     timer=None,
 ) -> str:
     """The kernel for ``x2`` (fp16 or bf16) on a layer with the CUDA kernels' layout:
@@ -242,7 +242,7 @@ def run_route(
     bits: int,
     group: int,
     out: Tensor | None = None,
-    cuda: native.Packed | None = None,
+    cuda: layout.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
     ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
@@ -309,7 +309,7 @@ def _run(
     bias: Tensor | None,
     bits: int,
     group: int,
-    cuda: native.Packed | None = None,
+    cuda: layout.Packed | None = None,
 ) -> Tensor:
     K, N = x.shape[-1], sz.shape[1]
     x2 = x.reshape(-1, K).contiguous()
@@ -352,7 +352,7 @@ def mixed_matmul(
         nsal = 0 if wst is None else wst.shape[0]
         si = sidx if sidx is not None else cq.new_zeros(1)
         K, N = x.shape[-1], sz.shape[1]
-        cuda = native.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
+        cuda = layout.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
     return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
