@@ -72,14 +72,16 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // costs the consumers neither registers nor occupancy: 64-row tiles at 2 and 4 bits and
 // 128-row tiles with two warpgroups. A ninth (seventeenth) warp puts a fifth warp on some
 // sub-partition of the SM: 64 x 2 keeps two blocks per SM at 96 registers a thread, which 3
-// bits exceed (101); 256-row tiles need 194-209, 128 x 4 (capped at 120) 127-128.
+// bits exceed (109-111); 256-row tiles need 194-209, 128 x 4 (capped at 96 too) 127-128.
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs, int bits) {
   return (nt == 64 && bits != 3) || (nt == 128 && wgs == 2);
 }
 __host__ __device__ constexpr int wg_threads(int nt, int wgs, int bits) {
   return wgs * 128 + (wg_producer(nt, wgs, bits) ? 32 : 0);
 }
-__host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) { return nt == 64 && wgs == 2 ? 2 : 1; }
+__host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) {
+  return nt == 64 && wgs == 2 ? 2 : 1;
+}
 
 // mbarriers (shared-memory addresses) and the copies that complete on them
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -98,8 +100,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
                                           uint32_t bar) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst), "l"(src), "r"(bytes), "r"(bar)
       : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -235,7 +237,9 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[NT / 2], const uint32_t (&
     wgmma_m64n256<BF>(d, a, desc);
 }
 
-// shared-memory loads at a 32-bit shared address (the ring's per-thread bases are computed once)
+// shared-memory loads at a 32-bit shared address (the ring's per-thread bases are computed
+// once); asm volatile, as the barrier waits are, so they stay after the wait that publishes
+// the slot
 __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   uint16_t v;
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
@@ -480,11 +484,12 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
         if (it + 1 < iters) step(it + 1, a1, a0);
       }
       wg_wait<0>();
-      pdl_launch_dependents();
+      pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
     }
   } else {
-    // every thread issues copies: the first STAGES - 1 k-steps', one commit group of weights each (the first group holds them all, issued before the wait for the previous
-    // kernel), x by the tensor copies
+    // every thread issues copies: the first STAGES - 1 k-steps', one commit group of weights
+    // each (the first group holds them all, issued before the wait for the previous kernel),
+    // x by the tensor copies
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p)
       if (p < iters) issue_w(p);
@@ -534,7 +539,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
     constexpr int LD = 72;  // halves per staged row (64 + 8: rows shift by 16 bytes)
     half* out = reinterpret_cast<half*>(smem);
     __syncthreads();  // every warp is done with the ring (every copy landed: all were waited)
-    if (producer) pdl_launch_dependents();  // as the consumers did, past their loop
     const float bl = bias != nullptr && !producer ? to_float<BF>(bias[c0]) : 0.0f;
     const float bh = bias != nullptr && !producer ? to_float<BF>(bias[c0 + 8]) : 0.0f;
     // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
@@ -572,7 +576,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
   constexpr int LDF = WGS * 64 + 4;
   float* out32 = reinterpret_cast<float*>(smem);
   __syncthreads();  // every warp is done with the ring
-  if (producer) pdl_launch_dependents();
 #pragma unroll
   for (int i = 0; i < NT / 2 && !producer; ++i)
     out32[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
