@@ -40,6 +40,28 @@ def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     assert "speed-up over cuBLAS bf16" in capsys.readouterr().out
 
 
+def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
+    """``bench_kernels --compare``: geometric means of new / base times over the cells both
+    runs timed, per M for the routed op and cuBLAS, per configuration without its K splits and
+    bit width for the candidates, and per M for each cell's fastest candidate."""
+
+    def run(us, cand):
+        cell = dict(N=64, K=128, bits=4)
+        rows = [dict(cell, M=M, us=u, cublas_us=10.0) for M, u in us.items()]
+        return dict(rows=rows, cand=[dict(cell, M=64, name=n, us=u) for n, u in cand.items()])
+
+    base = run({64: 8.0, 128: 9.0}, {"wg:64x2x1": 8.0, "wg:64x2x2": 1.0, "wg:128x4x1": 4.0})
+    new = run({64: 2.0, 256: 1.0}, {"wg:64x2x1": 2.0, "wg:64x2x2": 4.0, "wg:128x4x1": 3.0})
+    got = kernel_tables.compare(base, new)
+    assert got["routed"] == {64: 0.25} and got["cublas"] == {64: 1.0}  # M = 128, 256: one run
+    wg = got["candidates"]["wg:64x2 W4"]  # 2/8 and 4/1: geometric mean 1
+    assert wg["cells"] == 2 and abs(wg["geomean"] - 1.0) < 1e-12
+    assert (wg["min"], wg["max"]) == (0.25, 4.0)
+    assert got["candidates"]["wg:128x4 W4"]["geomean"] == 0.75
+    assert got["best_candidate"] == {64: 2.0}  # 2.0 (wg:64x2x1) against 1.0 (wg:64x2x2)
+    assert kernel_tables._family("mma:4x8c8") == "mma:4" and kernel_tables._family("gemv") == "gemv"
+
+
 def test_a_benchmark_shape_is_checked_before_any_work():
     """``bench_kernels --shape NxK``: a shape the benchmark can build, else a one-line error
     that says what would be right."""

@@ -4,6 +4,7 @@
         [--shape NxK ...] [--ms 1,2,...] [--bits 4,3,2] [--sweep] [--warm N] [--candidates]
         [--only PREFIX,...] [--skip-tinygemm] [--budget S] [--shared] [--dtype fp16|bf16]
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
+    python3 tools/bench_kernels.py --compare BASE.json NEW.json
 
 Protocol: every timed callable is captured R times in one CUDA graph, each time on its own copy
 of the layer (R * bytes >= 1.5 GB, so L2 does not hold the weights), and the per-call time is
@@ -26,7 +27,9 @@ Every JSON row records the commit, the versions, the GPU and CPU, whether the ma
 shared (``--shared``), the activation dtype and the routes in force.
 Results: ``kernels_h200.json`` (``kernels_h200_bf16.json`` with bf16) under ``--out`` (default
 benchmarks/results); ``--markdown FILE`` prints a saved run's tables (as in the README) and
-counts the targets on it (``kernel_tables.py``).
+counts the targets on it (``kernel_tables.py``); ``--compare BASE NEW`` prints the time ratios
+of two saved runs: the routed op and cuBLAS per M, each candidate configuration (the same one
+in both builds, with ``--candidates``) and each cell's fastest candidate.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_variants import gemv_variants  # noqa: E402
-from kernel_tables import parse_shape, print_tables  # noqa: E402
+from kernel_tables import parse_shape, print_comparison, print_tables  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
@@ -383,6 +386,9 @@ def main() -> None:
         "--name", help="result file under --out (kernels_h200.json, kernels_h200_bf16.json)"
     )
     ap.add_argument("--markdown", default=None, help="JSON of a run: print its tables, run none")
+    ap.add_argument(
+        "--compare", nargs=2, metavar=("BASE", "NEW"), help="JSON of two runs: their time ratios"
+    )
     args = ap.parse_args()
     try:
         shapes = [("custom", parse_shape(t, GROUP)) for t in args.shape] or SHAPES[args.shapes]
@@ -392,6 +398,10 @@ def main() -> None:
         return profile(args.profile, ACTIVATION_DTYPES[args.dtype])
     if args.markdown:
         return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
+    if args.compare:
+        base, new = (json.loads(Path(p).read_text()) for p in args.compare)
+        print_comparison(base, new)
+        return None
     MS[:] = [int(m) for m in args.ms.split(",")]
     BITS[:] = [int(b) for b in args.bits.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False

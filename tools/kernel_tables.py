@@ -1,12 +1,16 @@
 """Tables of a ``bench_kernels.py`` run, from its result dict alone (no GPU): the speed-up over
 cuBLAS in the run's dtype per shape group (fraction of the byte floor, or markdown as in the
 README), the fastest measured candidate and tinygemm beside ours, the issue's targets counted
-on it, and the Triton route tables derived from the candidates.
+on it, and the Triton route tables derived from the candidates; and two runs compared
+(``compare``: the same cells and candidate configurations timed before and after a change).
 
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
+    python3 tools/bench_kernels.py --compare BASE.json NEW.json
 """
 
 from __future__ import annotations
+
+import math
 
 
 def parse_shape(text: str, group: int = 128) -> tuple[int, int]:
@@ -117,3 +121,72 @@ def print_targets(rows: dict, ms: list[int]) -> None:
     if big:
         print(f"- M = 128–512: {min(big):.2f}–{max(big):.2f}×")
     print(f"- W3/W2 slower than W4 at M ≤ 64: {behind} cells")
+
+
+def _family(name: str) -> str:
+    """A candidate's configuration without its K splits: "wg:128x2x4" -> "wg:128x2",
+    "mma:4x8c8" -> "mma:4", "mmv:4x6d3" -> "mmv:4"; other names as they are."""
+    if name.startswith("wg:"):
+        return name.rsplit("x", 1)[0]
+    if name.startswith(("mma:", "mmv:")):
+        return name.split("x", 1)[0]
+    return name
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def compare(base: dict, new: dict) -> dict:
+    """Time ratios new / base of two runs (geometric means over the cells both timed): the
+    routed op ("rows") and cuBLAS per M (cuBLAS's ratio says how much the machine moved
+    between the runs), each candidate configuration without its K splits per bit width (the
+    same configuration in both builds: ``--candidates``), and each cell's fastest candidate
+    per M."""
+
+    def cell(r: dict) -> tuple:
+        return r["N"], r["K"], r["bits"], r["M"]
+
+    out: dict = {"routed": {}, "cublas": {}, "candidates": {}, "best_candidate": {}}
+    old_rows = {cell(r): r for r in base.get("rows", [])}
+    for key, field in (("routed", "us"), ("cublas", "cublas_us")):
+        per_m: dict = {}
+        for r in new.get("rows", []):
+            o = old_rows.get(cell(r))
+            if o and r.get(field) and o.get(field):
+                per_m.setdefault(r["M"], []).append(r[field] / o[field])
+        out[key] = {m: _geomean(v) for m, v in sorted(per_m.items())}
+    old_cand = {(*cell(c), c["name"]): c["us"] for c in base.get("cand", [])}
+    fams: dict = {}
+    for c in new.get("cand", []):
+        o = old_cand.get((*cell(c), c["name"]))
+        if o:
+            fams.setdefault((_family(c["name"]), c["bits"]), []).append(c["us"] / o)
+    out["candidates"] = {
+        f"{f} W{b}": dict(cells=len(v), geomean=_geomean(v), min=min(v), max=max(v))
+        for (f, b), v in sorted(fams.items())
+    }
+    old_best, new_best = best_candidates(base), best_candidates(new)
+    per_m = {}
+    for k, (us, _) in new_best.items():
+        if k in old_best:
+            per_m.setdefault(k[3], []).append(us / old_best[k][0])
+    out["best_candidate"] = {m: _geomean(v) for m, v in sorted(per_m.items())}
+    return out
+
+
+def print_comparison(base: dict, new: dict) -> dict:
+    """:func:`compare`, printed; returns it."""
+    got = compare(base, new)
+    commits = [
+        run["rows"][0].get("commit", "?")[:7] if run.get("rows") else "?" for run in (base, new)
+    ]
+    print(f"time ratio new / base ({commits[1]} / {commits[0]}), geometric mean")
+    for key in ("routed", "cublas", "best_candidate"):
+        if got[key]:
+            print(f"  {key}: " + " ".join(f"M={m} {r:.3f}" for m, r in got[key].items()))
+    if got["candidates"]:
+        print("  same configuration (cells, geomean, min, max):")
+        for name, s in got["candidates"].items():
+            print(f"    {name}: {s['cells']} {s['geomean']:.3f} {s['min']:.3f} {s['max']:.3f}")
+    return got
