@@ -444,6 +444,15 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
   }
   __syncthreads();
   uint32_t a0[4][4], a1[4][4];
+  // the main loop: `step` (the producer path's or the old one's) on alternating fragment
+  // sets, then every MMA retired
+  auto k_steps = [&](auto&& step) {
+    for (int it = 0; it < iters; it += 2) {
+      step(it, a0, a1);
+      if (it + 1 < iters) step(it + 1, a1, a0);
+    }
+    wg_wait<0>();
+  };
   if constexpr (PROD) {
     if (producer) {
       // every slot's weights first (not written by the previous kernel), then the x tiles;
@@ -479,11 +488,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
           frags(it + 1, nxt);
         }
       };
-      for (int it = 0; it < iters; it += 2) {
-        step(it, a0, a1);
-        if (it + 1 < iters) step(it + 1, a1, a0);
-      }
-      wg_wait<0>();
+      k_steps(step);
       pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
     }
   } else {
@@ -523,11 +528,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
         frags(it + 1, nxt);
       }
     };
-    for (int it = 0; it < iters; it += 2) {
-      step(it, a0, a1);
-      if (it + 1 < iters) step(it + 1, a1, a0);
-    }
-    wg_wait<0>();
+    k_steps(step);
     wait_copies<0>();
     pdl_launch_dependents();
   }
