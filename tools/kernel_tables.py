@@ -10,7 +10,7 @@ on it, and the Triton route tables derived from the candidates; and two runs com
 
 from __future__ import annotations
 
-import math
+from statistics import geometric_mean
 
 
 def parse_shape(text: str, group: int = 128) -> tuple[int, int]:
@@ -133,10 +133,6 @@ def _family(name: str) -> str:
     return name
 
 
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def compare(base: dict, new: dict) -> dict:
     """Time ratios new / base of two runs (geometric means over the cells both timed): the
     routed op ("rows") and cuBLAS per M (cuBLAS's ratio says how much the machine moved
@@ -147,7 +143,7 @@ def compare(base: dict, new: dict) -> dict:
     def cell(r: dict) -> tuple:
         return r["N"], r["K"], r["bits"], r["M"]
 
-    out: dict = {"routed": {}, "cublas": {}, "candidates": {}, "best_candidate": {}}
+    out: dict = {}
     old_rows = {cell(r): r for r in base.get("rows", [])}
     for key, field in (("routed", "us"), ("cublas", "cublas_us")):
         per_m: dict = {}
@@ -155,7 +151,7 @@ def compare(base: dict, new: dict) -> dict:
             o = old_rows.get(cell(r))
             if o and r.get(field) and o.get(field):
                 per_m.setdefault(r["M"], []).append(r[field] / o[field])
-        out[key] = {m: _geomean(v) for m, v in sorted(per_m.items())}
+        out[key] = {m: geometric_mean(v) for m, v in sorted(per_m.items())}
     old_cand = {(*cell(c), c["name"]): c["us"] for c in base.get("cand", [])}
     fams: dict = {}
     for c in new.get("cand", []):
@@ -163,7 +159,7 @@ def compare(base: dict, new: dict) -> dict:
         if o:
             fams.setdefault((_family(c["name"]), c["bits"]), []).append(c["us"] / o)
     out["candidates"] = {
-        f"{f} W{b}": dict(cells=len(v), geomean=_geomean(v), min=min(v), max=max(v))
+        f"{f} W{b}": dict(cells=len(v), geomean=geometric_mean(v), min=min(v), max=max(v))
         for (f, b), v in sorted(fams.items())
     }
     old_best, new_best = best_candidates(base), best_candidates(new)
@@ -171,7 +167,7 @@ def compare(base: dict, new: dict) -> dict:
     for k, (us, _) in new_best.items():
         if k in old_best:
             per_m.setdefault(k[3], []).append(us / old_best[k][0])
-    out["best_candidate"] = {m: _geomean(v) for m, v in sorted(per_m.items())}
+    out["best_candidate"] = {m: geometric_mean(v) for m, v in sorted(per_m.items())}
     return out
 
 

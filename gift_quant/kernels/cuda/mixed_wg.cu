@@ -310,13 +310,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
   // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
   // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
   // not written by the previous kernel, so the prologue issues them before pdl_wait.
+  // Where they come from: the codes of k-step s0 + it - nps, and the row of its group's
+  // zero-points and scales.
+  auto w_codes = [&](int it) { return qc + ((size_t)(s0 + it - nps) * B + b0) * 32 * BITS; };
+  auto w_group = [&](int it) { return (size_t)group_of(s0 + it - nps, gmagic) * B + b0; };
   auto issue_w = [&](int it) {
     if (it < nps) return;
     uint8_t* slot = smem + (it % STAGES) * SB;
-    const int s = s0 + it - nps;
-    const uint4* wp = qc + ((size_t)s * B + b0) * 32 * BITS;
+    const uint4* wp = w_codes(it);
     for (int i = threadIdx.x; i < WGS * 32 * BITS; i += THREADS) cp_async16(slot + XB + i * 16, wp + i);
-    const size_t gb = (size_t)group_of(s, gmagic) * B + b0;
+    const size_t gb = w_group(it);
     if (threadIdx.x < WGS * 4)
       cp_async16(slot + ZOFF + threadIdx.x * 16, zp + gb * 4 + threadIdx.x);
     else if (threadIdx.x < WGS * 12)
@@ -344,9 +347,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
       return;
     }
     mbar_expect(bar, XB + WGS * (WB + 192));
-    const int s = s0 + it - nps;
-    const size_t gb = (size_t)group_of(s, gmagic) * B + b0;
-    bulk_load(dst + XB, qc + ((size_t)s * B + b0) * 32 * BITS, WGS * WB, bar);
+    const size_t gb = w_group(it);
+    bulk_load(dst + XB, w_codes(it), WGS * WB, bar);
     bulk_load(dst + ZOFF, zp + gb * 4, WGS * 64, bar);
     bulk_load(dst + SOFF, scp + gb * 8, WGS * 128, bar);
   };
@@ -690,9 +692,10 @@ int launch_wg(const WgCall& a) {
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
     if (rc) return rc;
   }
-  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks), splits), dim3(wg_threads(NT, WGS, BITS)), smem,
-                   a.stream, 1, a.pdl, a.qc, a.zp, a.scp, a.wsp, a.nsal, a.bias, a.y, a.ws, a.cnt,
-                   a.M, a.N, a.K, group_magic(a.group), ss_per_split, T, xmap, smap);
+  const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS, BITS));
+  return launch_ex(kernel, grid, block, smem, a.stream, 1, a.pdl, a.qc, a.zp, a.scp, a.wsp, a.nsal,
+                   a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group), ss_per_split, T,
+                   xmap, smap);
 }
 
 template <bool BF, int BITS>
