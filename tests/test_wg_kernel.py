@@ -105,11 +105,13 @@ def test_warpgroup_rules_and_routes() -> None:
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
 
 
-def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch, stand_in_timer) -> None:
+def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_timer) -> None:
     """Where the warpgroup kernel is built, calls of 33..512 rows (fp16 here) time its
     configurations and the table's route once per power-of-two M bucket and keep the fastest
-    (a stand-in timer whose winner the test sets); past 512 rows, on N not a multiple of
-    128, or where it is not built, the rule serves untimed."""
+    (a stand-in timer whose winner the test sets); calls of 17..32 rows time its 64-row
+    configurations beside the other CUDA kernels'; past 512 rows, on N not a multiple of
+    128, or where it is not built, the rule serves untimed (and 17..32 rows time no
+    warpgroup configuration)."""
     from gift_quant.kernels.triton import ops
 
     monkeypatch.setattr(native, "wg_available", lambda: True)
@@ -137,9 +139,21 @@ def test_warpgroup_configurations_are_timed_past_32_rows(monkeypatch, stand_in_t
     for M in (513, 600):
         assert pick(M) == routes.route(M, N, K, 4, mma=True) == "cublas"
     assert pick(100, n=960) == routes.route(100, 960, K, 4, mma=True)  # 15 strips
+    timer.winner = "wg:64x2x4"  # bucket 17..32: the warpgroup kernel among the CUDA kernels
+    assert pick(20) == "wg:64x2x4" and len(timed) == 3
+    wgs = [n for n in timed[2] if n.startswith("wg:")]
+    assert wgs == [routes.wg_name(*c) for c in rules.wg_configs(20, N, K)] and len(wgs) > 2
+    assert all(routes.mma_config(n)[0] == 64 for n in wgs)
+    assert any(n.startswith("mma:") for n in timed[2]) and timed[2][-1] == routes.route(20, N, K, 4)
+    assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
+    assert "wg:64x2x4" in routes.candidates(32, mma=True, N=N, K=K, wg=True)
+    assert not any(n.startswith("wg:") for n in routes.candidates(16, mma=True, N=N, K=K, wg=True))
     monkeypatch.setattr(native, "wg_available", lambda: False)
     assert pick(300) == routes.route(300, N, K, 4, mma=True)
-    assert len(timed) == 2
+    assert len(timed) == 3
+    ops.tuning._kept.clear()
+    pick(20)  # timed again, without the warpgroup kernel
+    assert len(timed) == 4 and not any(n.startswith("wg:") for n in timed[3])
     assert ops.tuning.m_bucket(33) == 64 and ops.tuning.m_bucket(300) == 512
 
 

@@ -226,7 +226,7 @@ def tuned_route(
             copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
         return [launcher(w) for w in copies]
 
-    names = tuning_names(M, N, K, bits)
+    names = tuning_names(M, N, K, bits, wg=native.wg_available())
     return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
 
 

@@ -67,12 +67,14 @@ MMV_WIDE_WEIGHTS = 1 << 25
 # round 8). Not M = 1: the GEMV by rule, 1.6% from the faster of the two on average
 TUNE_M = 2, 32
 CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
-# fp16 M where the warpgroup-MMA kernel's configurations are timed at first use beside the
-# table's route, where it is built (sm_90a, N a multiple of 128). Not by rule: its best
+# M where the warpgroup-MMA kernel's configurations are timed at first use beside the other
+# candidates, where it is built (sm_90a, N a multiple of 128). Not by rule: its best
 # configuration varies by shape (round 17: the rule's took up to 1.5x the best one's time) and
-# the table's route stays the faster at some shapes. Not past 512 rows, where dequantizing for
-# cuBLAS pays (compute-bound, cuBLAS at about twice the kernel's MMA rate).
-WG_M = (33, 512)
+# the table's route stays the faster at some shapes. From 17 rows (the bucket 17..32, in its
+# 64-row tiles, rows past M zero-filled by the tensor copy): at 1174be4 its M = 64 time was
+# below the M = 32 route's in 8 fp16 cells. Not past 512 rows, where dequantizing for cuBLAS
+# pays (compute-bound, cuBLAS at about twice the kernel's MMA rate).
+WG_M = (17, 512)
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
 # Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
@@ -166,21 +168,23 @@ def timed(M: int, N: int, wg: bool) -> bool:
     return TUNE_M[0] <= M <= TUNE_M[1] or (wg and WG_M[0] <= M <= WG_M[1] and N % 128 == 0)
 
 
-def tuning_names(M: int, N: int, K: int, bits: int) -> list[str]:
+def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[str]:
     """The kernels timed for M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
-    and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel), its
-    configurations (``rules.wg_configs``) and the table's route."""
+    the warpgroup kernel's (``rules.wg_configs``, M in WG_M, where ``wg`` says it is built)
+    and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel) only the warpgroup
+    kernel's configurations and the table's route."""
+    wgs = [wg_name(*c) for c in rules.wg_configs(M, N, K)] if wg and M >= WG_M[0] else []
     if M > TUNE_M[1]:
-        return [*(wg_name(*c) for c in rules.wg_configs(M, N, K)), route(M, N, K, bits)]
+        return [*wgs, route(M, N, K, bits)]
     names = []
     if M <= rules.MMV_MAX_M:
         names += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
         names += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
     names += [mma_name(*c) for c in rules.configs(M, N, K)]
     names += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
-    return [*names, route(M, N, K, bits)]
+    return [*names, *wgs, route(M, N, K, bits)]
 
 
 def route_in_force(
@@ -210,8 +214,8 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = Fal
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
     (N, K) layer, and the swapped kernel's rule at each depth; with ``wg``, the warpgroup-MMA
-    kernel's configurations (``rules.wg_configs``) for M > 32."""
-    if wg and M > 32:
+    kernel's configurations (``rules.wg_configs``) for M in WG_M."""
+    if wg and WG_M[0] <= M <= WG_M[1]:
         return [*candidates(M, mma, N, K), *(wg_name(*c) for c in rules.wg_configs(M, N, K))]
     if mma and M <= rules.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
