@@ -21,15 +21,14 @@
 // The A fragments are double buffered: while the MMAs of k-step s run, the warpgroup
 // dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of k-step
 // s - 1 first: the asynchronous MMA reads its register operands until then). Where a ninth
-// warp costs no registers (`wg_producer`: 64-row tiles at 2 and 4 bits, 128 x 2), that
-// producer warp issues every copy -- x by the tensor copy, the weights by three bulk copies,
-// all completing on the slot's full barrier -- and refills a slot once every consumer warp
-// has arrived on its empty barrier (the MMAs that read it are done): the consumers only wait,
-// dequantize and issue MMAs. Elsewhere every thread issues cp.async copies, and one block
-// barrier per k-step both publishes the codes of k-step s + 1 and frees the slot of k-step
-// s - 1 for new copies. The weights
-// are exact (code - zero in fp16 or bf16) times the scale in that type (bf16: the fp16 scale
-// rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
+// warp costs no registers (`wg_producer`: 64-row tiles, 128 x 2), that producer warp issues
+// every copy -- x by the tensor copy, the weights by three bulk copies, all completing on the
+// slot's full barrier -- and refills a slot once every consumer warp has arrived on its empty
+// barrier (the MMAs that read it are done): the consumers only wait, dequantize and issue
+// MMAs. Elsewhere every thread issues cp.async copies, and one block barrier per k-step both
+// publishes the codes of k-step s + 1 and frees the slot of k-step s - 1 for new copies. The
+// weights are exact (code - zero in fp16 or bf16) times the scale in that type (bf16: the fp16
+// scale rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
 //
 // The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
@@ -69,15 +68,16 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 }
 
 // A producer warp (the block's last, `WGS * 128` and up) issues every copy of the ring where it
-// costs the consumers neither registers nor occupancy: 64-row tiles at 2 and 4 bits and
-// 128-row tiles with two warpgroups. A ninth (seventeenth) warp puts a fifth warp on some
-// sub-partition of the SM: 64 x 2 keeps two blocks per SM at 96 registers a thread, which 3
-// bits exceed (109-111); 256-row tiles need 194-209, 128 x 4 (capped at 96 too) 127-128.
-__host__ __device__ constexpr bool wg_producer(int nt, int wgs, int bits) {
-  return (nt == 64 && bits != 3) || (nt == 128 && wgs == 2);
+// costs the consumers neither registers nor occupancy: 64-row tiles and 128-row tiles with two
+// warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the SM:
+// 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
+// since each warp's pair positions are constants: 103-105 with selects between the words);
+// 256-row tiles need 194-197, 128 x 4 (capped at 96 too) 127-128.
+__host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
+  return nt == 64 || (nt == 128 && wgs == 2);
 }
-__host__ __device__ constexpr int wg_threads(int nt, int wgs, int bits) {
-  return wgs * 128 + (wg_producer(nt, wgs, bits) ? 32 : 0);
+__host__ __device__ constexpr int wg_threads(int nt, int wgs) {
+  return wgs * 128 + (wg_producer(nt, wgs) ? 32 : 0);
 }
 __host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) {
   return nt == 64 && wgs == 2 ? 2 : 1;
@@ -262,19 +262,10 @@ __device__ __forceinline__ uint32_t kept(uint32_t x) {
   if constexpr (OPAQUE) asm volatile("mov.b32 %0, %0;\n" : "+r"(x));
   return x;
 }
-
-// words[i] where i is warp-uniform (selects, not an indexed register array)
-template <int BITS>
-__device__ __forceinline__ uint32_t pick_word(const uint32_t* w, int i) {
-  uint32_t r = w[0];
-#pragma unroll
-  for (int j = 1; j < BITS; ++j) r = i == j ? w[j] : r;
-  return r;
-}
 #endif
 
 template <bool BF, int BITS, int NT, int WGS>
-__global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, WGS))
+__global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
@@ -282,8 +273,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
                     int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
-  constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS, BITS);
-  constexpr bool PROD = wg_producer(NT, WGS, BITS);
+  constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
+  constexpr bool PROD = wg_producer(NT, WGS);
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
   constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word
@@ -356,11 +347,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
   };
 
-  // this warp's pairs 4 q + u: word and bit position within a k16 step's BITS words
+  // this warp's pairs 4 q + u: word and bit position within a k16 step's BITS words (2 and 4
+  // bits; 3 bits take them as constants, in one copy of the code per warp of the warpgroup)
   int widx[4], wpos[4];
 #pragma unroll
   for (int u = 0; u < 4; ++u) widx[u] = (4 * wq + u) / PER, wpos[u] = (4 * wq + u) % PER * BITS;
-  const bool spread = BITS == 3 && wq == 3;  // pair 15 of 3 bits: bit 15 of the three words
   const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
 
   // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place), from
@@ -384,39 +375,57 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS, BITS), wg_min_blocks(NT, W
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as MAGIC + z in both halves
     // (1024 + z in fp16, 128 + z in bf16); their scales in both halves
-    constexpr uint32_t MAG = magic<BF>();
+    constexpr uint32_t MAG = magic<BF>(), E = MAG * 0x00010001u;
+    constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
     const uint32_t zlo = (MAG | (zb & 0xFFu)) * 0x00010001u;
     const uint32_t zhi = (MAG | (zb >> 8)) * 0x00010001u;
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
     const uint32_t shi = from_fp16x2<BF>(__byte_perm(sw.y, 0, sel));
-#pragma unroll
-    for (int st = 0; st < 4; ++st) {
-      uint32_t ws3[BITS];  // the step's words this warp reads (2 and 4 bits: one)
-      if constexpr (BITS == 3) {
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-          const int wi = st * 3 + i;
-          ws3[i] = word(wi);
-        }
-      } else {
-        const int wi = st * BITS + widx[0];
-        ws3[0] = word(wi);
-      }
+    // k16 step st's fragment from its four raw pairs (MAGIC + code in each half)
+    auto put = [&](int st, const uint32_t (&raw)[4]) {
       uint32_t f[4];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const uint32_t word = BITS == 3 ? pick_word<3>(ws3, widx[u]) : ws3[0];
-        uint32_t raw = lop3_and_or(word >> wpos[u], (1u << BITS) - 1 | ((1u << BITS) - 1) << 16,
-                                   MAG * 0x00010001u);
-        if constexpr (BITS == 3) {
-          if (u == 3 && spread) raw = spread_pair(ws3, MAG * 0x00010001u);
-        }
-        const uint32_t v = sub2<BF>(raw, u < 2 ? zlo : zhi);  // code - zero, exact
-        f[u] = mul2<BF>(v, u < 2 ? slo : shi);
-      }
+      for (int u = 0; u < 4; ++u)  // (code - zero, exact) * scale
+        f[u] = mul2<BF>(sub2<BF>(raw[u], u < 2 ? zlo : zhi), u < 2 ? slo : shi);
       a[st][0] = f[0], a[st][1] = f[2], a[st][2] = f[1], a[st][3] = f[3];
+    };
+    if constexpr (BITS == 3) {
+      // warp q's pairs 4 q .. 4 q + 3 lie in words (4 q) / 5 .. (4 q + 3) / 5 of a step, pair
+      // 15 (q = 3) in all three: each warp loads only its words, shifts by constants
+      auto steps = [&](auto qc) {
+        constexpr int q = decltype(qc)::value;
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+          uint32_t w[3] = {0, 0, 0};
+#pragma unroll
+          for (int i = 0; i < 3; ++i)
+            if (q == 3 || i == 4 * q / 5 || i == (4 * q + 3) / 5) w[i] = word(st * 3 + i);
+          uint32_t raw[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int pr = 4 * q + u;
+            raw[u] = pr == 15 ? spread_pair(w, E) : lop3_and_or(w[pr / 5] >> (pr % 5 * 3), MASK, E);
+          }
+          put(st, raw);
+        }
+      };
+      switch (wq) {  // warp-uniform: the warps meet again before the MMAs
+        case 0: steps(std::integral_constant<int, 0>{}); break;
+        case 1: steps(std::integral_constant<int, 1>{}); break;
+        case 2: steps(std::integral_constant<int, 2>{}); break;
+        default: steps(std::integral_constant<int, 3>{}); break;
+      }
+    } else {
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        const uint32_t w = word(st * BITS + widx[0]);  // the step's one word this warp reads
+        uint32_t raw[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) raw[u] = lop3_and_or(w >> wpos[u], MASK, E);
+        put(st, raw);
+      }
     }
   };
 
@@ -692,7 +701,7 @@ int launch_wg(const WgCall& a) {
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
     if (rc) return rc;
   }
-  const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS, BITS));
+  const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, 1, a.pdl, a.qc, a.zp, a.scp, a.wsp, a.nsal,
                    a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group), ss_per_split, T,
                    xmap, smap);
