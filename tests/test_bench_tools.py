@@ -32,9 +32,9 @@ def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     kernel_tables.print_tables({"rows": rows}, markdown=True)
     out = capsys.readouterr().out
     assert "| 64×128 | ours W4 | 1.60 | 0.90 |" in out
-    assert "- M = 16 ≥ 1.5×: 1 of 2 cells" in out
-    assert "- below 1.0× at M ≤ 64: 1 cells (0 at M = 16, 1 at M = 32)" in out
-    assert "- W3/W2 slower than W4 at M ≤ 64: 1 cells" in out
+    assert "- M = 16 ≥ 1.5×: 1 of 2 cells; below: 64×128 W2 1.45×" in out
+    assert "- below 1.0× at M ≤ 64: 1 cells (0 at M = 16, 1 at M = 32): 64×128 W4 M=32 0.90×" in out
+    assert "- W3/W2 slower than W4 at M ≤ 64: 1 cells, by at most 64×128 W2 M=16 1.10×" in out
     assert "speed-up over cuBLAS fp16" in out  # a run without a dtype: fp16, as before --dtype
     kernel_tables.print_tables({"rows": rows, "env": {"dtype": "bf16"}}, markdown=True)
     assert "speed-up over cuBLAS bf16" in capsys.readouterr().out

@@ -102,25 +102,41 @@ def print_tables(res: dict, markdown: bool = False) -> None:
 
 
 def print_targets(rows: dict, ms: list[int]) -> None:
-    """The issue's targets counted on a run's rows {(N, K, bits, M): row}."""
+    """The issue's targets counted on a run's rows {(N, K, bits, M): row}, with the cells that
+    miss them."""
     r = list(rows.values())
+
+    def cell(x: dict, value: float, m: bool = True) -> str:
+        return f"{x['N']}×{x['K']} W{x['bits']}" + (f" M={x['M']}" if m else "") + f" {value:.2f}×"
+
     m1 = {(x["N"], x["K"]): x["speedup"] for x in r if x["M"] == 1 and x["bits"] == 4}
     below = [x for x in r if x["M"] <= 64 and x["speedup"] < 1.0]
-    behind = sum(
-        1
+    behind = [
+        (x["us"] / rows[(N, K, 4, M)]["us"], x)
         for (N, K, b, M), x in rows.items()
         if b < 4 and M <= 64 and (N, K, 4, M) in rows and x["us"] > rows[(N, K, 4, M)]["us"]
-    )
+    ]
     big = [x["speedup"] for x in r if 128 <= x["M"] <= 512]
     m16 = [x for x in r if x["M"] == 16]
+    m16_short = [cell(x, x["speedup"], m=False) for x in m16 if x["speedup"] < 1.5]
     print("\nTargets on this run:")
     print("- M = 1, W4: " + ", ".join(f"{N}×{K} {v:.2f}×" for (N, K), v in m1.items()))
-    print(f"- M = 16 ≥ 1.5×: {sum(x['speedup'] >= 1.5 for x in m16)} of {len(m16)} cells")
+    print(
+        f"- M = 16 ≥ 1.5×: {len(m16) - len(m16_short)} of {len(m16)} cells"
+        + (f"; below: {', '.join(m16_short)}" if m16_short else "")
+    )
     per_m = ", ".join(f"{sum(x['M'] == M for x in below)} at M = {M}" for M in ms if M <= 64)
-    print(f"- below 1.0× at M ≤ 64: {len(below)} cells ({per_m})")
+    print(
+        f"- below 1.0× at M ≤ 64: {len(below)} cells ({per_m})"
+        + (": " + ", ".join(cell(x, x["speedup"]) for x in below) if below else "")
+    )
     if big:
         print(f"- M = 128–512: {min(big):.2f}–{max(big):.2f}×")
-    print(f"- W3/W2 slower than W4 at M ≤ 64: {behind} cells")
+    worst = max(behind, key=lambda t: t[0], default=None)
+    print(
+        f"- W3/W2 slower than W4 at M ≤ 64: {len(behind)} cells"
+        + (f", by at most {cell(worst[1], worst[0])} W4's time" if worst else "")
+    )
 
 
 def _family(name: str) -> str:
