@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import kernel_tables  # noqa: E402
 
@@ -141,3 +143,47 @@ def test_edge_logit_diff_is_between_onnxruntime_and_the_torch_loader(tmp_path):
     assert 0 < row["logits_max_abs_diff"] <= row["logits_max_abs"] * 2.0**-11
     assert row["ppl_match_3_significant_digits"]
     assert np.isfinite(row["ppl_onnxruntime"])
+
+
+def test_ab_kernels_base_tree_takes_the_base_kernel_sources(tmp_path):
+    """tools/ab_kernels.py: the base copy holds the base commit's (or directory's) kernel
+    sources and this tree's Python; a base without them is refused in one line."""
+    import subprocess
+
+    import ab_kernels
+
+    root = Path(__file__).resolve().parent.parent
+    names = ab_kernels.kernel_sources(root)
+    want = {"fragments.cuh", "mixed_mma.cu", "mixed_mmv.cu", "mixed_wg.cu"}
+    assert {n.name for n in names} == want
+    # a commit of a repository whose working tree has moved on since
+    repo = tmp_path / "repo"
+    (repo / ab_kernels.KERNELS).mkdir(parents=True)
+    for n in names:
+        (repo / n).write_text(f"// committed {n.name}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=repo, check=True)
+    for n in names:
+        (repo / n).write_text("// changed since\n")
+    got = ab_kernels.base_sources("HEAD", repo)
+    assert got == {n: f"// committed {n.name}\n".encode() for n in names}
+    with pytest.raises(ValueError, match="git has no"):
+        ab_kernels.base_sources("no-such-commit", repo)
+    # a directory of sources, then the copy of this tree with them in place
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in names:
+        (src / n.name).write_bytes((root / n).read_bytes())
+    (src / "mixed_wg.cu").write_text("// the base's warpgroup kernel\n")
+    tree = ab_kernels.base_tree(ab_kernels.base_sources(str(src), root), tmp_path / "base", root)
+    cuda = tree / ab_kernels.KERNELS
+    assert (cuda / "mixed_wg.cu").read_text() == "// the base's warpgroup kernel\n"
+    here = root / ab_kernels.KERNELS
+    assert (cuda / "mixed_mma.cu").read_bytes() == (here / "mixed_mma.cu").read_bytes()
+    for py in ("gift_quant/kernels/triton/routes.py", "tools/bench_kernels.py", "pyproject.toml"):
+        assert (tree / py).read_bytes() == (root / py).read_bytes()
+    (src / "mixed_mmv.cu").unlink()
+    with pytest.raises(ValueError, match="no mixed_mmv.cu there"):
+        ab_kernels.base_sources(str(src), root)
