@@ -11,6 +11,7 @@ W_S^T where the kernel reads it.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -291,6 +292,12 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         loops, writes = unwaited_operand_writes(sass)
         # 15 configurations x fp16/bf16 x 3 loops; no write to a fragment an MMA may still read
         assert loops >= 90 and writes == 0, (loops, writes)
+        # each kernel's MMAs are the main loop's two k-steps x 4 k16 slices, none copied into
+        # the 3-bit dequantization's per-warp branches (`.aligned`: every warp of a warpgroup
+        # must issue the same MMA instructions)
+        functions = re.split(r"\n\s*Function : ", sass)[1:]
+        counts = [len(re.findall(r"\bHGMMA\.", f)) for f in functions]
+        assert sorted(c for c in counts if c) == [8] * 30, counts
 
 
 @pytest.mark.gpu
