@@ -147,7 +147,8 @@ def test_edge_logit_diff_is_between_onnxruntime_and_the_torch_loader(tmp_path):
 
 def test_ab_kernels_base_tree_takes_the_base_kernel_sources(tmp_path):
     """tools/ab_kernels.py: the base copy holds the base commit's (or directory's) kernel
-    sources and this tree's Python; a base without them is refused in one line."""
+    sources and this tree's Python; a base without them, or one this tree's native.py and
+    layout could not call (other entry points, another layout), is refused in one line."""
     import subprocess
 
     import ab_kernels
@@ -159,27 +160,51 @@ def test_ab_kernels_base_tree_takes_the_base_kernel_sources(tmp_path):
     # a commit of a repository whose working tree has moved on since
     repo = tmp_path / "repo"
     (repo / ab_kernels.KERNELS).mkdir(parents=True)
+    entry = 'extern "C" int gq_f(const void* x,\n int n)'
     for n in names:
-        (repo / n).write_text(f"// committed {n.name}\n")
+        (repo / n).write_text(f"// committed {n.name}\n{entry}\n")
+    (repo / ab_kernels.LAYOUT).write_text("# layout\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+
+    def commit(message):
+        subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "base"], cwd=repo, check=True)
-    for n in names:
-        (repo / n).write_text("// changed since\n")
-    got = ab_kernels.base_sources("HEAD", repo)
-    assert got == {n: f"// committed {n.name}\n".encode() for n in names}
+    first = commit("base")
+    for n in names:  # the same entry points, laid out otherwise
+        (repo / n).write_text('// changed since\nextern "C" int gq_f(const void* x, int n)\n')
+    got, label = ab_kernels.base_sources("HEAD", repo)
+    assert got == {n: f"// committed {n.name}\n{entry}\n".encode() for n in names}
+    assert label == first
     with pytest.raises(ValueError, match="git has no"):
         ab_kernels.base_sources("no-such-commit", repo)
+    (repo / names[0]).write_text('extern "C" int gq_f(const void* x, int n, int m)\n')
+    with pytest.raises(ValueError, match=f"{names[0].name}'s extern .C. entry points differ"):
+        ab_kernels.base_sources(first, repo)
+    (repo / names[0]).write_text(entry + "\n")
+    (repo / ab_kernels.LAYOUT).write_text("# another layout\n")
+    with pytest.raises(ValueError, match="packed layout"):
+        ab_kernels.base_sources(first, repo)
     # a directory of sources, then the copy of this tree with them in place
     src = tmp_path / "src"
     src.mkdir()
     for n in names:
         (src / n.name).write_bytes((root / n).read_bytes())
-    (src / "mixed_wg.cu").write_text("// the base's warpgroup kernel\n")
-    tree = ab_kernels.base_tree(ab_kernels.base_sources(str(src), root), tmp_path / "base", root)
+    (src / "mixed_wg.cu").write_text(
+        "// the base's warpgroup kernel\n"
+        + "\n".join(
+            ab_kernels.entry_points((root / ab_kernels.KERNELS / "mixed_wg.cu").read_text())
+        )
+    )
+    got, label = ab_kernels.base_sources(str(src), root)
+    assert str(src) in label and "sha256" in label
+    tree = ab_kernels.base_tree(got, tmp_path / "base", root)
     cuda = tree / ab_kernels.KERNELS
-    assert (cuda / "mixed_wg.cu").read_text() == "// the base's warpgroup kernel\n"
+    assert (cuda / "mixed_wg.cu").read_text().startswith("// the base's warpgroup kernel\n")
     here = root / ab_kernels.KERNELS
     assert (cuda / "mixed_mma.cu").read_bytes() == (here / "mixed_mma.cu").read_bytes()
     for py in ("gift_quant/kernels/triton/routes.py", "tools/bench_kernels.py", "pyproject.toml"):

@@ -7,18 +7,24 @@ configurations are timed; prints the time ratios new / base (``bench_kernels --c
 
 A copy of this tree (``gift_quant``, ``tools``, ``pyproject.toml``) takes the base kernel
 sources (``gift_quant/kernels/cuda``: ``*.cu`` and ``fragments.cuh``); the two libraries build
-side by side, each under its own ``GIFT_QUANT_CACHE``; then ``tools/bench_kernels.py
---candidates --skip-tinygemm`` and the arguments after ``--`` run on the base copy, then on
-this tree, with ``GIFT_QUANT_TUNE=0`` (every configuration timed, the rules' choices routed).
-The base run records this tree's commit and ``GIFT_QUANT_AB_BASE=<base>`` among its switches.
-Results: ``ab_base.json`` and ``ab_new.json`` under ``--out`` (default benchmarks/results).
+side by side (the build cache keys each by a digest of its sources); then
+``tools/bench_kernels.py --candidates --skip-tinygemm`` and the arguments after ``--`` run on
+the base copy, then on this tree, with ``GIFT_QUANT_TUNE=0`` (every configuration timed, the
+rules' choices routed). Both builds are called through this tree's ``native.py`` and packed
+layout: a base whose ``extern "C"`` entry points differ, or (a commit) whose ``layout.py``
+differs, is refused before any build; a directory's sources must share this tree's layout.
+The base run records this tree's commit and ``GIFT_QUANT_AB_BASE`` (the base's full commit,
+or the directory and a digest of its sources) among its switches. Results: ``ab_base.json``
+and ``ab_new.json`` under ``--out`` (default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +33,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = Path("gift_quant/kernels/cuda")
+LAYOUT = KERNELS / "layout.py"
 BUILD = (
     "from gift_quant.kernels.cuda import native; "
     "assert native.library() is not None, 'the CUDA kernels did not build (no nvcc or GPU?)'"
 )
+OWN = ("--out", "--name", "--markdown", "--compare", "--profile")  # not passed on to the bench
 
 
 def kernel_sources(root: Path = ROOT) -> list[Path]:
@@ -42,27 +50,57 @@ def kernel_sources(root: Path = ROOT) -> list[Path]:
     )
 
 
-def base_sources(base: str, root: Path = ROOT) -> dict[Path, bytes]:
-    """{relative path: contents} of the kernel sources at ``base``: a directory holding them,
-    or a commit of ``root``'s repository. Refused (ValueError, one line) before any build."""
+def entry_points(text: str) -> list[str]:
+    """A source's ``extern "C"`` declarations, whitespace normalized."""
+    return [" ".join(d.split()) for d in re.findall(r'extern "C" int \w+\([^)]*\)', text)]
+
+
+def _git_show(base: str, rel: Path, root: Path) -> bytes:
+    got = subprocess.run(
+        ["git", "show", f"{base}:{rel.as_posix()}"], cwd=root, capture_output=True, timeout=60
+    )
+    if got.returncode != 0:
+        raise ValueError(
+            f"--base {base}: git has no {rel.as_posix()} there; name a commit of this "
+            "repository or a directory with the kernel sources"
+        )
+    return got.stdout
+
+
+def base_sources(base: str, root: Path = ROOT) -> tuple[dict[Path, bytes], str]:
+    """({relative path: contents} of the kernel sources at ``base``, what the base is: its
+    full commit, or the directory and a digest of the sources): a directory holding them, or
+    a commit of ``root``'s repository. Refused (ValueError, one line) before any build where
+    they are missing or this tree's ``native.py`` / ``layout.py`` could not call them."""
     names = kernel_sources(root)
     if Path(base).is_dir():
         missing = [n.name for n in names if not (Path(base) / n.name).is_file()]
         if missing:
             raise ValueError(f"--base {base}: no {', '.join(missing)} there")
-        return {n: (Path(base) / n.name).read_bytes() for n in names}
-    out = {}
-    for n in names:
-        got = subprocess.run(
-            ["git", "show", f"{base}:{n.as_posix()}"], cwd=root, capture_output=True, timeout=60
-        )
-        if got.returncode != 0:
+        out = {n: (Path(base) / n.name).read_bytes() for n in names}
+        digest = hashlib.sha256(b"".join(out[n] for n in names)).hexdigest()[:16]
+        label = f"{Path(base).resolve()} (sources sha256 {digest})"
+    else:
+        out = {n: _git_show(base, n, root) for n in names}
+        if _git_show(base, LAYOUT, root) != (root / LAYOUT).read_bytes():
             raise ValueError(
-                f"--base {base}: git has no {n.as_posix()} there; name a commit of this "
-                "repository or a directory with the kernel sources"
+                f"--base {base}: its packed layout ({LAYOUT.name}) differs from this tree's, "
+                "which both builds are given; compare commits that share it"
             )
-        out[n] = got.stdout
-    return out
+        label = subprocess.run(
+            ["git", "rev-parse", "--verify", f"{base}^{{commit}}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+    for n in names:
+        if entry_points(out[n].decode()) != entry_points((root / n).read_text()):
+            raise ValueError(
+                f"--base {base}: {n.name}'s extern \"C\" entry points differ from this tree's, "
+                "through which both builds are called; compare commits that share them"
+            )
+    return out, label
 
 
 def base_tree(sources: dict[Path, bytes], dest: Path, root: Path = ROOT) -> Path:
@@ -77,8 +115,8 @@ def base_tree(sources: dict[Path, bytes], dest: Path, root: Path = ROOT) -> Path
     return dest
 
 
-def _env(tree: Path, cache: Path, **extra: str) -> dict:
-    env = dict(os.environ, GIFT_QUANT_CACHE=str(cache), GIFT_QUANT_TUNE="0", **extra)
+def _env(tree: Path, **extra: str) -> dict:
+    env = dict(os.environ, GIFT_QUANT_TUNE="0", **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     return env
 
@@ -90,28 +128,30 @@ def main() -> None:
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then bench_kernels arguments")
     args = ap.parse_args()
     bench = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
+    own = [a for a in bench if a.split("=")[0] in OWN]
+    if own:
+        ap.error(f"{', '.join(own)} after --: the A/B sets these itself (use --out before --)")
     try:
-        sources = base_sources(args.base)
+        sources, label = base_sources(args.base)
     except ValueError as exc:
         ap.error(str(exc))
+    import torch
+
+    if not torch.cuda.is_available():
+        ap.error("no CUDA GPU here: the A/B builds and times the CUDA kernels on one")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gq-ab-") as tmp:
-        tmp = Path(tmp)
-        base = base_tree(sources, tmp / "base")
-        trees = {"base": base, "new": ROOT}
-        caches = {"base": tmp / "cache-base", "new": tmp / "cache-new"}
-        # the base copy has no git history: it records the commit this tree records (its
-        # Python is this tree's), and the base among its switches
-        sys.path.insert(0, str(ROOT))
-        from gift_quant.testing import run_environment
+    # the base copy has no git history: it records the commit this tree records (its Python
+    # is this tree's), and the base among its switches
+    sys.path.insert(0, str(ROOT))
+    from gift_quant.testing import run_environment
 
-        commit = run_environment(shared=False)["commit"]
-        extra = {"base": {"GIFT_QUANT_AB_BASE": args.base, "GIFT_QUANT_COMMIT": commit}, "new": {}}
-        if os.environ.get("GIFT_QUANT_CACHE"):
-            caches["new"] = Path(os.environ["GIFT_QUANT_CACHE"])
-        envs = {k: _env(trees[k], caches[k], **extra[k]) for k in trees}
-        print(f"building the two libraries side by side (base: {args.base})", flush=True)
+    commit = run_environment(shared=False)["commit"]
+    with tempfile.TemporaryDirectory(prefix="gq-ab-") as tmp:
+        trees = {"base": base_tree(sources, Path(tmp) / "base"), "new": ROOT}
+        extra = {"base": {"GIFT_QUANT_AB_BASE": label, "GIFT_QUANT_COMMIT": commit}, "new": {}}
+        envs = {k: _env(trees[k], **extra[k]) for k in trees}
+        print(f"building the two libraries side by side (base: {label})", flush=True)
         builds = {
             k: subprocess.Popen([sys.executable, "-c", BUILD], cwd=trees[k], env=envs[k])
             for k in trees
@@ -119,6 +159,7 @@ def main() -> None:
         if any(p.wait() != 0 for p in builds.values()):
             sys.exit("a build failed (see above); nothing timed")
         for k in ("base", "new"):
+            (out / f"ab_{k}.json").unlink(missing_ok=True)
             cmd = [sys.executable, str(trees[k] / "tools" / "bench_kernels.py"), "--candidates"]
             cmd += ["--skip-tinygemm", "--out", str(out), "--name", f"ab_{k}.json", *bench]
             print(f"timing the {k} build: {' '.join(cmd[1:])}", flush=True)
@@ -126,6 +167,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from kernel_tables import print_comparison
 
+    print(f"base: the kernels of {label}; new: this tree's ({commit})")
     runs = [json.loads((out / f"ab_{k}.json").read_text()) for k in ("base", "new")]
     print_comparison(*runs)
 

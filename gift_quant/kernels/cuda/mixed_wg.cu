@@ -70,8 +70,8 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // costs the consumers neither registers nor occupancy: 64-row tiles and 128-row tiles with two
 // warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the SM:
 // 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
-// since each warp's pair positions are constants: 103-105 with selects between the words);
-// 256-row tiles need 194-197, 128 x 4 (capped at 96 too) 127-128.
+// since each warp's pair positions are constants: 103-105 uncapped, 109-111 with the selects
+// between words before); 256-row tiles need 194-197, 128 x 4 (capped at 96 too) 127-128.
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return nt == 64 || (nt == 128 && wgs == 2);
 }
@@ -393,8 +393,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if constexpr (BITS == 3) {
       // warp q's pairs 4 q .. 4 q + 3 lie in words (4 q) / 5 .. (4 q + 3) / 5 of a step, pair
       // 15 (q = 3) in all three: each warp loads only its words, shifts by constants
-      auto steps = [&](auto qc) {
-        constexpr int q = decltype(qc)::value;
+      auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
+        constexpr int q = decltype(warp_q)::value;
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t w[3] = {0, 0, 0};
