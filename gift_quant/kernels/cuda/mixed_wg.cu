@@ -346,11 +346,12 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
   };
 
-  // this warp's pairs 4 q + u: word and bit position within a k16 step's BITS words (2 and 4
-  // bits; 3 bits take them as constants, in one copy of the code per warp of the warpgroup)
-  int widx[4], wpos[4];
+  // 2 and 4 bits: this warp's pairs 4 q + u lie in word (4 q) / PER of a k16 step's BITS words,
+  // at these bit positions (3 bits take them as constants, one copy of the code per warp)
+  const int widx = 4 * wq / PER;
+  int wpos[4];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) widx[u] = (4 * wq + u) / PER, wpos[u] = (4 * wq + u) % PER * BITS;
+  for (int u = 0; u < 4; ++u) wpos[u] = (4 * wq + u) % PER * BITS;
   const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
 
   // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place), from
@@ -419,7 +420,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     } else {
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
-        const uint32_t w = word(st * BITS + widx[0]);  // the step's one word this warp reads
+        const uint32_t w = word(st * BITS + widx);  // the step's one word this warp reads
         uint32_t raw[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) raw[u] = lop3_and_or(w >> wpos[u], MASK, E);

@@ -162,10 +162,16 @@ def mma_config(name: str) -> tuple[int, ...]:
     return int(wn), int(splits), int(cluster or 1)
 
 
+def _wg_serves(M: int, wg: bool) -> bool:
+    """Whether the warpgroup kernel's configurations are among the kernels for M rows (``wg``:
+    it is built)."""
+    return wg and WG_M[0] <= M <= WG_M[1]
+
+
 def timed(M: int, N: int, wg: bool) -> bool:
     """Whether calls of M rows on N columns (fp16 or bf16) are timed at first use where the
     CUDA kernels are built (``wg``: the warpgroup kernel too)."""
-    return TUNE_M[0] <= M <= TUNE_M[1] or (wg and WG_M[0] <= M <= WG_M[1] and N % 128 == 0)
+    return TUNE_M[0] <= M <= TUNE_M[1] or (_wg_serves(M, wg) and N % 128 == 0)
 
 
 def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[str]:
@@ -175,7 +181,7 @@ def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[st
     the warpgroup kernel's (``rules.wg_configs``, M in WG_M, where ``wg`` says it is built)
     and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel) only the warpgroup
     kernel's configurations and the table's route."""
-    wgs = [wg_name(*c) for c in rules.wg_configs(M, N, K)] if wg and M >= WG_M[0] else []
+    wgs = [wg_name(*c) for c in rules.wg_configs(M, N, K)] if _wg_serves(M, wg) else []
     if M > TUNE_M[1]:
         return [*wgs, route(M, N, K, bits)]
     names = []
@@ -215,7 +221,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = Fal
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
     (N, K) layer, and the swapped kernel's rule at each depth; with ``wg``, the warpgroup-MMA
     kernel's configurations (``rules.wg_configs``) for M in WG_M."""
-    if wg and WG_M[0] <= M <= WG_M[1]:
+    if _wg_serves(M, wg):
         return [*candidates(M, mma, N, K), *(wg_name(*c) for c in rules.wg_configs(M, N, K))]
     if mma and M <= rules.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
