@@ -82,10 +82,11 @@ def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> 
     assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
 
 
-def test_warpgroup_rules_and_routes() -> None:
+def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
-    blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS" round-trips; a candidate
-    only with ``wg``."""
+    blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS[cC]" round-trips; with
+    clusters (sm_90) each configuration that splits K also with its splits in one cluster; a
+    candidate only with ``wg``."""
     assert rules.wg_choose(64, 4096, 4096) == (64, 2, 5)  # 32 blocks x 5 splits (4 x 13 steps)
     assert rules.wg_choose(128, 28672, 4096) == (128, 2, 1)  # 224 blocks already
     assert rules.wg_choose(512, 4096, 4096) == (256, 2, 3)  # 2 tiles x 32 x 3 splits
@@ -99,8 +100,19 @@ def test_warpgroup_rules_and_routes() -> None:
                 assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
-                assert routes.mma_config(name) == (nt, wgs, splits)
+                assert routes.mma_config(name) == (nt, wgs, splits, 1) and "c" not in name
+    assert routes.wg_name(64, 2, 8, 8) == "wg:64x2x8c8"
+    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
+    monkeypatch.setattr(rules, "clusters_supported", lambda: True)
+    plain = rules.wg_configs(64, 4096, 4096)
+    assert rules.wg_cluster_configs(64, 4096, 4096) == [(*c, c[2]) for c in plain if c[2] > 1]
+    assert (64, 2, 8, 8) in rules.wg_cluster_configs(64, 4096, 4096)
+    assert rules.wg_cluster_configs(300, 1024, 128) == []  # 2 k-steps: no split
+    names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
+    assert "wg:64x2x8c8" in names and "wg:64x2x8" in names
+    monkeypatch.setattr(rules, "clusters_supported", lambda: False)
+    assert rules.wg_cluster_configs(64, 4096, 4096) == []
     assert "wg:64x4x1" in routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
 
@@ -115,6 +127,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     from gift_quant.kernels.triton import ops
 
     monkeypatch.setattr(native, "wg_available", lambda: True)
+    monkeypatch.setattr(rules, "clusters_supported", lambda: False)  # as on the CPU, any GPU
     N, K = 4096, 4096
     timer = stand_in_timer("wg:128x4x2")
     timed = timer.calls
@@ -146,14 +159,19 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     assert all(routes.mma_config(n)[0] == 64 for n in wgs)
     assert any(n.startswith("mma:") for n in timed[2]) and timed[2][-1] == routes.route(20, N, K, 4)
     assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
+    monkeypatch.setattr(rules, "clusters_supported", lambda: True)  # sm_90: clustered too
+    timer.winner = "wg:64x2x8c8"
+    assert pick(200) == "wg:64x2x8c8" and len(timed) == 4
+    assert {"wg:64x2x8", "wg:64x2x8c8"} <= set(timed[3])
+    monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert "wg:64x2x4" in routes.candidates(32, mma=True, N=N, K=K, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(16, mma=True, N=N, K=K, wg=True))
     monkeypatch.setattr(native, "wg_available", lambda: False)
     assert pick(300) == routes.route(300, N, K, 4, mma=True)
-    assert len(timed) == 3
+    assert len(timed) == 4
     ops.tuning._kept.clear()
     pick(20)  # timed again, without the warpgroup kernel
-    assert len(timed) == 4 and not any(n.startswith("wg:") for n in timed[3])
+    assert len(timed) == 5 and not any(n.startswith("wg:") for n in timed[4])
     assert ops.tuning.m_bucket(33) == 64 and ops.tuning.m_bucket(300) == 512
 
 
@@ -165,9 +183,11 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
     """mixed_wg.cu at M = 1..520 (partial tiles, several tiles), every configuration the rules
-    name plus the most splits at each tile; 37 salient columns (one salient k-step, zeros past
-    the last column), 600 (ten salient k-steps: with few K splits, tiles of every height load
-    some inside the main loop, into reused ring slots) and none; bias; fp16 and bf16."""
+    name plus the most splits at each tile, each that splits K also with its splits summed in
+    one cluster, and clusters of two tiling four splits (their sums then added by atomics);
+    37 salient columns (one salient k-step, zeros past the last column), 600 (ten salient
+    k-steps: with few K splits, tiles of every height load some inside the main loop, into
+    reused ring slots) and none; bias; fp16 and bf16."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -185,11 +205,13 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
             most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
             confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
-            for nt, wgs, splits in dict.fromkeys(confs):
+            confs = [(*c, 1) for c in confs] + [(*c, c[2]) for c in confs if c[2] > 1]
+            confs += [(64, 2, 4, 2), (128, 2, 4, 2)]  # clusters of 2 tiling 4 splits: + atomics
+            for nt, wgs, splits, cl in dict.fromkeys(confs):
                 if (N // 64) % wgs:
                     continue
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-                ops.run_route(routes.wg_name(nt, wgs, splits), *args, out=out, cuda=cuda)
+                ops.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)
-                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, nsal, err)
+                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, cl, nsal, err)

@@ -359,20 +359,21 @@ __device__ __forceinline__ void finish_splits(float* __restrict__ ws, int* __res
   finish_tile<BF>(ws, cnt, blockIdx.x, gridDim.y, bias, y, 0, M, N, blockIdx.x * width, width);
 }
 
-// The split-K sum inside a thread-block cluster of blocks along the splits (sm_90), both
-// kernels' alternative to the atomics and `finish_splits`: each block leaves its partial tile
-// (M rows x its W columns, fp32, row stride W) in its own shared memory at `red` (`store(red)`,
-// after a barrier: the staged x and rings there are done with), and block q of the cluster
-// adds slice q of the tile over the cluster's blocks (distributed shared memory, in rank
-// order: the same sum every run), then writes it to y (`whole`: the cluster holds every
-// split; bias added) or adds it into ws for the finish of the splits across clusters.
-// Replaces M x N fp32 atomics per split, the memory fence and the last block's pass with two
-// cluster barriers.
-template <bool BF, int W, typename Store>
+// The split-K sum inside a thread-block cluster of blocks along the splits (sm_90), the
+// kernels' alternative to the atomics and `finish_tile`: each block leaves its partial tile
+// (`rows` rows x its W columns, fp32, row stride LD) in its own shared memory at `red`
+// (`store(red)`, after a barrier: the staged x and rings there are done with), and block q of
+// the cluster adds slice q of the tile over the cluster's blocks (distributed shared memory,
+// in rank order: the same sum every run), then writes it to y at (row0, col0) (`whole`: the
+// cluster holds every split; bias added) or adds it into ws for the finish of the splits
+// across clusters. Replaces rows x W fp32 atomics per split, the memory fence and the last
+// block's pass with two cluster barriers.
+template <bool BF, int W, int LD = W, typename Store>
 __device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
                                                const half* __restrict__ bias,
                                                half* __restrict__ y, float* __restrict__ ws,
-                                               int M, int N, bool whole) {
+                                               int row0, int rows, int N, int col0, bool whole) {
+  static_assert(W % 4 == 0 && LD % 4 == 0, "float4 rows");
 #if __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -380,24 +381,24 @@ __device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
   store(red);
   cluster.sync();  // release / acquire: every block's tile is visible to the cluster
   const int C = static_cast<int>(cluster.num_blocks()), q = static_cast<int>(cluster.block_rank());
-  const int total = M * (W / 4), per = (total + C - 1) / C, end = min(total, (q + 1) * per);
+  const int total = rows * (W / 4), per = (total + C - 1) / C, end = min(total, (q + 1) * per);
   for (int i = q * per + static_cast<int>(threadIdx.x); i < end; i += blockDim.x) {
+    const int r = i / (W / 4), c4 = i - r * (W / 4), c = col0 + 4 * c4;
     float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int p = 0; p < C; ++p) {
-      const float4 v = *cluster.map_shared_rank(reinterpret_cast<float4*>(red) + i, p);
+      const float4 v = *cluster.map_shared_rank(reinterpret_cast<float4*>(red + r * LD) + c4, p);
       s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
     }
-    const int r = i / (W / 4), c = blockIdx.x * W + 4 * (i - r * (W / 4));
+    const size_t o = (size_t)(row0 + r) * N + c;
     if (whole) {
       if (bias != nullptr) {
         s.x += to_float<BF>(bias[c]), s.y += to_float<BF>(bias[c + 1]);
         s.z += to_float<BF>(bias[c + 2]), s.w += to_float<BF>(bias[c + 3]);
       }
-      uint32_t* o = reinterpret_cast<uint32_t*>(y + (size_t)r * N + c);
-      o[0] = pack2<BF>(s.x, s.y), o[1] = pack2<BF>(s.z, s.w);
+      uint32_t* out = reinterpret_cast<uint32_t*>(y + o);
+      out[0] = pack2<BF>(s.x, s.y), out[1] = pack2<BF>(s.z, s.w);
     } else {
-      float* o = ws + (size_t)r * N + c;
-      atomicAdd(o, s.x), atomicAdd(o + 1, s.y), atomicAdd(o + 2, s.z), atomicAdd(o + 3, s.w);
+      atomicAdd(reinterpret_cast<float4*>(ws + o), s);
     }
   }
   cluster.sync();  // no block leaves while another still reads its shared memory

@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
               }
             }
         },
-        reinterpret_cast<float*>(xs), bias, y, ws, M, N, splits == csize);
+        reinterpret_cast<float*>(xs), bias, y, ws, 0, M, N, blockIdx.x * W, splits == csize);
     if (splits > csize) finish_splits<BF>(ws, cnt, bias, y, M, N, W);
     return;
   }

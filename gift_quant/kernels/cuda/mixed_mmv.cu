@@ -210,7 +210,8 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
         [&](float* red) {
           each_output(acc, M, [&](float v, int r, int c) { red[r * WN * 64 + strip + c] = v; });
         },
-        reinterpret_cast<float*>(smem), bias, y, ws, M, N, splits == csize);
+        reinterpret_cast<float*>(smem), bias, y, ws, 0, M, N, blockIdx.x * WN * 64,
+        splits == csize);
     if (splits > csize) finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
     return;
   }

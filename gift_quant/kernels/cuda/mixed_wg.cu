@@ -37,7 +37,9 @@
 // block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
 // weights' fragments as stored (fp16, or bf16 for BF: layout.py, `pack_salient`). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
-// workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`).
+// workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`),
+// or (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
+// (`cluster_reduce`), the cluster's blocks writing y where the cluster holds every split.
 #include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)
 #include <cudaTypedefs.h>
 
@@ -269,7 +271,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T, const __grid_constant__ CUtensorMap xmap,
+                    int ss_per_split, int T, int csize,
+                    const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
@@ -583,23 +586,32 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     return;
   }
   // several K splits: the partial tile staged in fp32 (rows of 64 WGS + 4 floats: the lanes'
-  // stores hit 32 banks), then added into ws 16 bytes per atomic (a quarter of the atomics
-  // of one per element)
-  constexpr int LDF = WGS * 64 + 4;
+  // stores hit 32 banks); summed in the cluster (csize > 1: the splits of a tile run as
+  // clusters of csize blocks), or added into ws 16 bytes per atomic (a quarter of the atomics
+  // of one per element) and written by the tile's last block
+  constexpr int W = WGS * 64, LDF = W + 4;
   float* out32 = reinterpret_cast<float*>(smem);
-  __syncthreads();  // every warp is done with the ring
-#pragma unroll
-  for (int i = 0; i < NT / 2 && !producer; ++i)
-    out32[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
-        acc[i];
-  __syncthreads();
   const int rows = min(NT, M - row0);
-  for (int i = threadIdx.x; i < rows * WGS * 16; i += THREADS) {
-    const int r = i / (WGS * 16), c4 = i - r * (WGS * 16);
-    const float4 v = *reinterpret_cast<const float4*>(out32 + r * LDF + c4 * 4);
-    atomicAdd(reinterpret_cast<float4*>(ws + (size_t)(row0 + r) * N + b0 * 64 + c4 * 4), v);
+  auto stage = [&](float* red) {
+#pragma unroll
+    for (int i = 0; i < NT / 2 && !producer; ++i)
+      red[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
+          acc[i];
+  };
+  if (csize > 1) {  // launch-uniform
+    cluster_reduce<BF, W, LDF>(stage, out32, bias, y, ws, row0, rows, N, b0 * 64, splits == csize);
+    if (splits == csize) return;
+  } else {
+    __syncthreads();  // every warp is done with the ring
+    stage(out32);
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * WGS * 16; i += THREADS) {
+      const int r = i / (WGS * 16), c4 = i - r * (WGS * 16);
+      const float4 v = *reinterpret_cast<const float4*>(out32 + r * LDF + c4 * 4);
+      atomicAdd(reinterpret_cast<float4*>(ws + (size_t)(row0 + r) * N + b0 * 64 + c4 * 4), v);
+    }
   }
-  finish_tile<BF>(ws, cnt, blockIdx.x, splits, bias, y, row0, min(NT, M - row0), N, b0 * 64, WGS * 64);
+  finish_tile<BF>(ws, cnt, blockIdx.x, splits, bias, y, row0, rows, N, b0 * 64, W);
 #else
   __trap();  // built without sm_90a: the library reports no warpgroup kernel (native.py)
 #endif
@@ -657,7 +669,7 @@ struct WgCall {
   float* ws;
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
-  int M, N, K, group, splits;
+  int M, N, K, group, splits, csize;
   bool pdl;
   cudaStream_t stream;
 };
@@ -682,7 +694,7 @@ int launch_wg(const WgCall& a) {
   const int S = a.K / 64;
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
-  if ((a.N / 64) % WGS) return -1;  // whole column blocks
+  if ((a.N / 64) % WGS || splits % a.csize) return -1;  // whole column blocks; clusters tile the splits
   const int T = (a.M + NT - 1) / NT;
   const long blocks = static_cast<long>(T) * (a.N / 64 / WGS);
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
@@ -694,6 +706,7 @@ int launch_wg(const WgCall& a) {
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   static size_t allowed[64] = {};
   int rc = allow_smem(kernel, smem, allowed);
+  if (!rc) rc = allow_cluster(kernel, a.csize);
   if (rc) return rc;
   if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
@@ -702,9 +715,9 @@ int launch_wg(const WgCall& a) {
     if (rc) return rc;
   }
   const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
-  return launch_ex(kernel, grid, block, smem, a.stream, 1, a.pdl, a.qc, a.zp, a.scp, a.wsp, a.nsal,
-                   a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group), ss_per_split, T,
-                   xmap, smap);
+  return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
+                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
+                   ss_per_split, T, a.csize, xmap, smap);
 }
 
 template <bool BF, int BITS>
@@ -725,14 +738,17 @@ int by_tile(int nt, int wgs, const WgCall& a) {
 
 // Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a
 // build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
-// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0.
+// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
+// (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
+// many blocks.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
-                           int bits, int bf16, int nt, int wgs, int splits, void* xs, int pdl,
-                           void* stream) {
+                           int bits, int bf16, int nt, int wgs, int splits, int cluster,
+                           void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
-      static_cast<long long>(M) * N >= (1ll << 31))
+      static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16 ||
+      (cluster > 1 && !device_has_clusters()))
     return -1;
   const WgCall a{static_cast<const half*>(x),   static_cast<const uint4*>(qc),
                  static_cast<const uint4*>(zp), static_cast<const uint4*>(scp),
@@ -742,7 +758,8 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  static_cast<int*>(cnt),         static_cast<half*>(xs),
                  M,                              N,
                  K,                              group,
-                 splits,                         pdl != 0,
+                 splits,                         cluster,
+                 pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   auto run = [&](auto bf) {
     constexpr bool BF = decltype(bf)::value;

@@ -25,6 +25,7 @@ __all__ = [
     "mmv_cluster_configs",
     "mmv_configs",
     "wg_choose",
+    "wg_cluster_configs",
     "wg_configs",
 ]
 
@@ -241,3 +242,14 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
                 if splits <= max(1, K // 64 // 4) and c not in out:
                     out.append(c)
     return out
+
+
+def wg_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
+    """(rows per tile, warpgroups, splits, cluster) of the warpgroup-MMA kernel with a tile's
+    K splits summed in one thread-block cluster (sm_90): each configuration of ``wg_configs``
+    that splits K (at most 16 splits: sm_90's largest cluster), the cluster holding all its
+    splits. Tiling the splits with smaller clusters (then added by atomics) is not timed: for
+    the swapped kernel it lost every comparison (MMV_CLUSTER's note)."""
+    if not clusters_supported():
+        return []
+    return [(nt, wgs, s, s) for nt, wgs, s in wg_configs(M, N, K) if 1 < s <= 16]

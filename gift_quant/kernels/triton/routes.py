@@ -6,8 +6,9 @@ H200 (names only; ``ops`` launches what they name).
   per block and S K-splits, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
-  (sm_90); "wg:NTxWxS" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
-  warpgroups per block, S K-splits; chosen only by measurement).
+  (sm_90); "wg:NTxWxS[cC]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
+  warpgroups per block, S K-splits, summed in clusters of C blocks; chosen only by
+  measurement).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (where
   the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
@@ -144,16 +145,17 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
     )
 
 
-def wg_name(nt: int, wgs: int, splits: int) -> str:
-    return f"wg:{nt}x{wgs}x{splits}"
+def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1) -> str:
+    return f"wg:{nt}x{wgs}x{splits}" + ("" if cluster == 1 else f"c{cluster}")
 
 
 def mma_config(name: str) -> tuple[int, ...]:
     """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
-    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits) of "wg:NTxWxS"."""
+    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster) of "wg:NTxWxS[cC]"."""
     if name.startswith("wg:"):
-        nt, wgs, splits = name[3:].split("x")
-        return int(nt), int(wgs), int(splits)
+        nt, wgs, rest = name[3:].split("x")
+        splits, _, cluster = rest.partition("c")
+        return int(nt), int(wgs), int(splits), int(cluster or 1)
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
@@ -168,6 +170,13 @@ def _wg_serves(M: int, wg: bool) -> bool:
     return wg and WG_M[0] <= M <= WG_M[1]
 
 
+def _wg_names(M: int, N: int, K: int) -> list[str]:
+    """The warpgroup kernel's configurations for M rows: ``rules.wg_configs``, then those
+    with their splits in one cluster (``rules.wg_cluster_configs``, sm_90)."""
+    confs = [*rules.wg_configs(M, N, K), *rules.wg_cluster_configs(M, N, K)]
+    return [wg_name(*c) for c in confs]
+
+
 def timed(M: int, N: int, wg: bool) -> bool:
     """Whether calls of M rows on N columns (fp16 or bf16) are timed at first use where the
     CUDA kernels are built (``wg``: the warpgroup kernel too)."""
@@ -178,10 +187,10 @@ def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[st
     """The kernels timed for M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
-    the warpgroup kernel's (``rules.wg_configs``, M in WG_M, where ``wg`` says it is built)
+    the warpgroup kernel's (``_wg_names``, M in WG_M, where ``wg`` says it is built)
     and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel) only the warpgroup
     kernel's configurations and the table's route."""
-    wgs = [wg_name(*c) for c in rules.wg_configs(M, N, K)] if _wg_serves(M, wg) else []
+    wgs = _wg_names(M, N, K) if _wg_serves(M, wg) else []
     if M > TUNE_M[1]:
         return [*wgs, route(M, N, K, bits)]
     names = []
@@ -220,9 +229,9 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = Fal
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
     (N, K) layer, and the swapped kernel's rule at each depth; with ``wg``, the warpgroup-MMA
-    kernel's configurations (``rules.wg_configs``) for M in WG_M."""
+    kernel's configurations (``_wg_names``) for M in WG_M."""
     if _wg_serves(M, wg):
-        return [*candidates(M, mma, N, K), *(wg_name(*c) for c in rules.wg_configs(M, N, K))]
+        return [*candidates(M, mma, N, K), *_wg_names(M, N, K)]
     if mma and M <= rules.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
         out += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
