@@ -106,11 +106,12 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
     plain = rules.wg_configs(64, 4096, 4096)
-    assert rules.wg_cluster_configs(64, 4096, 4096) == [(*c, c[2]) for c in plain if c[2] > 1]
-    assert (64, 2, 8, 8) in rules.wg_cluster_configs(64, 4096, 4096)
+    clustered = rules.wg_cluster_configs(64, 4096, 4096)
+    assert clustered == [(*c, c[2]) for c in plain if 1 < c[2] <= rules.WG_CLUSTER_MAX]
+    assert (64, 2, 4, 4) in clustered and (64, 2, 8, 8) not in clustered  # 8: past the max
     assert rules.wg_cluster_configs(300, 1024, 128) == []  # 2 k-steps: no split
     names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
-    assert "wg:64x2x8c8" in names and "wg:64x2x8" in names
+    assert "wg:64x2x4c4" in names and "wg:64x2x8" in names and "wg:64x2x8c8" not in names
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert rules.wg_cluster_configs(64, 4096, 4096) == []
     assert "wg:64x4x1" in routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
@@ -160,9 +161,9 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     assert any(n.startswith("mma:") for n in timed[2]) and timed[2][-1] == routes.route(20, N, K, 4)
     assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)  # sm_90: clustered too
-    timer.winner = "wg:64x2x8c8"
-    assert pick(200) == "wg:64x2x8c8" and len(timed) == 4
-    assert {"wg:64x2x8", "wg:64x2x8c8"} <= set(timed[3])
+    timer.winner = "wg:64x2x4c4"
+    assert pick(200) == "wg:64x2x4c4" and len(timed) == 4
+    assert {"wg:64x2x4", "wg:64x2x4c4"} <= set(timed[3])
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert "wg:64x2x4" in routes.candidates(32, mma=True, N=N, K=K, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(16, mma=True, N=N, K=K, wg=True))

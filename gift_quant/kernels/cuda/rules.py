@@ -244,12 +244,22 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
     return out
 
 
+# The warpgroup kernel's splits summed in one cluster: timed at first use for configurations of
+# at most WG_CLUSTER_MAX splits. Each configuration clustered against itself with atomics
+# (kernels_h200_r25_wg_cluster.json: both shape groups, W4 and W3, M = 32-512) took 0.911x the
+# time in geometric mean with 2 splits (faster in 275 of 288 cells), 0.943x with 3 (12 of 12),
+# 1.054x with 4 (139 of 288), 0.930x with 5 (16 of 16), 1.122x with 8 (39 of 288, and in no
+# cell the fastest configuration): a block waits at the cluster barrier for the slowest of its
+# splits, and eight blocks of a cluster must find room in one GPC at once.
+WG_CLUSTER_MAX = 5
+
+
 def wg_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
     """(rows per tile, warpgroups, splits, cluster) of the warpgroup-MMA kernel with a tile's
     K splits summed in one thread-block cluster (sm_90): each configuration of ``wg_configs``
-    that splits K (at most 16 splits: sm_90's largest cluster), the cluster holding all its
-    splits. Tiling the splits with smaller clusters (then added by atomics) is not timed: for
-    the swapped kernel it lost every comparison (MMV_CLUSTER's note)."""
+    with 2..WG_CLUSTER_MAX splits, the cluster holding all its splits. Tiling the splits with
+    smaller clusters (then added by atomics) is not timed: for the swapped kernel it lost every
+    comparison (MMV_CLUSTER's note)."""
     if not clusters_supported():
         return []
-    return [(nt, wgs, s, s) for nt, wgs, s in wg_configs(M, N, K) if 1 < s <= 16]
+    return [(nt, wgs, s, s) for nt, wgs, s in wg_configs(M, N, K) if 1 < s <= WG_CLUSTER_MAX]
