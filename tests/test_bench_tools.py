@@ -215,3 +215,65 @@ def test_ab_kernels_base_tree_takes_the_base_kernel_sources(tmp_path):
     (src / "mixed_mmv.cu").unlink()
     with pytest.raises(ValueError, match="no mixed_mmv.cu there"):
         ab_kernels.base_sources(str(src), root)
+
+
+NCU_DETAILS = """==PROF== Connected to process 1
+{wg}
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    Duration                         us        17.47
+    Elapsed Cycles                cycle       33,347
+    Section: Launch Statistics
+    Grid Size                                                    256
+{gather}
+    Section: GPU Speed Of Light Throughput
+    Duration                         us         3.39
+{wg}
+    Section: GPU Speed Of Light Throughput
+    Duration                         us        17.76
+    Elapsed Cycles                cycle       33,007
+{wg}
+    Section: GPU Speed Of Light Throughput
+    Duration                         us        17.60
+""".format(
+    wg="  void <unnamed>::mixed_wg_kernel<0, 4, 64, 2>(const uint4 *, int) (32, 8, 1)x(288, 1, 1)"
+    ", Context 1, Stream 7, Device 0, CC 9.0",
+    gather="  <unnamed>::wg_gather_kernel(const __half *, int) (16, 1, 1)x(256, 1, 1), Context 1"
+    ", Stream 7, Device 0, CC 9.0",
+)
+
+
+def test_ncu_summary_takes_medians_per_kernel_and_stall_shares_per_instruction(tmp_path):
+    """tools/ncu_summary.py: the details page's metrics per kernel (median over its launches,
+    thousands separators read), and the source page's stall samples: each reason's share of
+    all samples, the instructions with the most, addresses written ADDR; a file that is not
+    the source page's CSV is refused with a one-line error."""
+    import ncu_summary
+
+    got = ncu_summary.details(NCU_DETAILS)
+    assert set(got) == {"mixed_wg_kernel", "wg_gather_kernel"}
+    assert got["mixed_wg_kernel"]["Duration"] == ("us", 17.60, 3)  # median of 17.47/17.76/17.60
+    assert got["mixed_wg_kernel"]["Elapsed Cycles"] == ("cycle", (33_347 + 33_007) / 2, 2)
+    assert got["mixed_wg_kernel"]["Grid Size"] == ("", 256.0, 1)
+    assert got["wg_gather_kernel"] == {"Duration": ("us", 3.39, 1)}
+    head = ["Address", "Source", ncu_summary.ALL_SAMPLES, "Instructions Executed"]
+    head += ["stall_barrier", "stall_long_sb", "stall_long_sb (Not Issued)"]
+    rows = [
+        ["0x10", "@!P1  BRA 0x7f1ff900d8c0", "6", "1280", "0", "6", "6"],
+        ["0x20", "UCGABAR_WAIT", "3", "1440", "3", "0", "0"],
+        ["0x30", "FADD R1, R2, R1", "1", "2,080", "0", "1", "1"],
+    ]
+    text = '"Kernel Name","k"\n' + "\n".join(",".join(f'"{c}"' for c in r) for r in [head, *rows])
+    s = ncu_summary.sass(text, top=2)
+    assert s["samples"] == 10 and s["instructions"] == 3
+    assert s["reasons"] == {"long_sb": 0.7, "barrier": 0.3}
+    assert [t["index"] for t in s["top"]] == [0, 1]
+    assert s["top"][0]["code"] == "@!P1  BRA ADDR" and s["top"][0]["executed"] == 1280
+    assert s["top"][0]["reasons"] == [("long_sb", 0.6)]
+    bad = tmp_path / "details.txt"
+    bad.write_text(NCU_DETAILS)
+    with pytest.raises(SystemExit, match="not ncu's --page source --csv output"):
+        ncu_summary.main(["sass", str(bad)])
+    with pytest.raises(SystemExit):
+        ncu_summary.main(["sass", str(tmp_path / "missing.csv")])
