@@ -207,7 +207,8 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
             confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
             confs = [(*c, 1) for c in confs] + [(*c, c[2]) for c in confs if c[2] > 1]
-            confs += [(64, 2, 4, 2), (128, 2, 4, 2)]  # clusters of 2 tiling 4 splits: + atomics
+            # clusters of 2 tiling 4 splits (+ atomics), with and without the producer warp
+            confs += [(64, 2, 4, 2), (128, 2, 4, 2), (128, 4, 4, 2), (256, 2, 4, 2)]
             for nt, wgs, splits, cl in dict.fromkeys(confs):
                 if (N // 64) % wgs:
                     continue

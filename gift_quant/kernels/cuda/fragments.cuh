@@ -405,7 +405,10 @@ __device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
   }
   // no block leaves while another still reads its shared memory: a relaxed arrival (the
   // release's fence waited for this thread's stores to y: 3% of the stall samples at 4096^2,
-  // M = 64); the remote loads it must follow are done, their values added before it
+  // M = 64). The PTX model does not order the remote loads before a relaxed arrival; what
+  // does is that every loaded value feeds the adds whose sum is stored before it (in-order
+  // issue: the arrival waits for the loads' data). Keep it so: no remote load here whose
+  // value is left unused, or used only after this barrier.
   asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
   asm volatile("barrier.cluster.wait;\n" ::: "memory");
 #else
