@@ -425,14 +425,23 @@ inline bool device_has_clusters() {
 }
 
 // Allow clusters of more than the portable 8 blocks for `kernel` where `csize` asks for them
-// (sm_90 allows 16): 0 or a cudaError_t.
+// (sm_90 allows 16) and `done` (the caller's, one per kernel: [64] devices) says it was not
+// yet on this device: 0 or a cudaError_t (-1 for a device index past 63).
 template <typename Kernel>
-int allow_cluster(Kernel* kernel, int csize) {
+int allow_cluster(Kernel* kernel, int csize, bool* done) {
   if (csize <= 8) return 0;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 0 || dev >= 64) return -1;
+  if (done[dev]) return 0;
   const cudaError_t rc =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (rc) cudaGetLastError();  // taken here: the next launch must not report it as its own
-  return static_cast<int>(rc);
+  if (rc) {
+    cudaGetLastError();  // taken here: the next launch must not report it as its own
+    return static_cast<int>(rc);
+  }
+  done[dev] = true;
+  return 0;
 }
 
 // floor(s / ssg) = umulhi(s, magic) for s, ssg < 2^16 with magic = ceil(2^32 / ssg); 0 stands

@@ -300,8 +300,9 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
+  static bool clustered[64] = {};   // per device: clusters past 8 blocks allowed
   int rc = allow_smem(kernel, smem, allowed);
-  if (!rc) rc = allow_cluster(kernel, csize);
+  if (!rc) rc = allow_cluster(kernel, csize, clustered);
   if (rc) return rc;
   return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, csize, pdl, x,
                    qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group_magic(group),

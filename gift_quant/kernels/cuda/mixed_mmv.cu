@@ -244,19 +244,20 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
                 (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[2][64] = {};  // per kernel and device: the shared memory allowed
+  static bool clustered[2][64] = {};  // per kernel and device: clusters past 8 blocks allowed
   const dim3 grid(N / 64 / WN, splits);
   const unsigned magic = group_magic(group);
-  auto run = [&](auto kernel, size_t* table) {
+  auto run = [&](auto kernel, size_t* table, bool* cl) {
     int rc = allow_smem(kernel, smem, table);
     if (rc) return rc;
-    rc = allow_cluster(kernel, csize);
+    rc = allow_cluster(kernel, csize, cl);
     if (rc) return rc;
     return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, csize, pdl, x, qc, zp, scp, wsp,
                      sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
   // one 8-row tile of x up to 8 rows, two up to 16
-  return M <= 8 ? run(mixed_mmv_kernel<BF, BITS, WN, PF, 1, CL>, allowed[0])
-                : run(mixed_mmv_kernel<BF, BITS, WN, PF, 2, CL>, allowed[1]);
+  return M <= 8 ? run(mixed_mmv_kernel<BF, BITS, WN, PF, 1, CL>, allowed[0], clustered[0])
+                : run(mixed_mmv_kernel<BF, BITS, WN, PF, 2, CL>, allowed[1], clustered[1]);
 }
 
 template <bool BF, int BITS, int WN>

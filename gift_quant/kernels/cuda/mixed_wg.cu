@@ -705,8 +705,9 @@ int launch_wg(const WgCall& a) {
   if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   static size_t allowed[64] = {};
+  static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
   int rc = allow_smem(kernel, smem, allowed);
-  if (!rc) rc = allow_cluster(kernel, a.csize);
+  if (!rc) rc = allow_cluster(kernel, a.csize, clustered);
   if (rc) return rc;
   if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
