@@ -144,15 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     for p in paths:
         if not p.is_file():
             ap.error(f"{p}: no such file (ncu's output saved as text or CSV)")
+    if args.what == "details":
+        for p in args.files:
+            print(f"== {p.name}")
+            print_details(p)
+        return
     try:
-        if args.what == "details":
-            for p in args.files:
-                print(f"== {p.name}")
-                print_details(p)
-        else:
-            print_sass(args.file, args.top)
+        print_sass(args.file, args.top)
     except ValueError as exc:
-        sys.exit(f"ncu_summary: {args.file if args.what == 'sass' else ''}: {exc}")
+        sys.exit(f"ncu_summary: {args.file}: {exc}")
 
 
 if __name__ == "__main__":
