@@ -137,26 +137,18 @@ __device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap* 
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar), "h"(mask)
       : "memory");
 }
-// one arrival on the barrier at `bar`'s offset in block `rank` of the cluster, ordered after
-// this thread's earlier memory operations (release at cluster scope)
+// one arrival on the barrier at `bar`'s offset in block `rank` of the cluster. Default
+// semantics (release at CTA scope), as CUTLASS's cluster pipelines arrive: what it orders is
+// the MMAs' reads of the slot (done: wgmma.wait_group returned) before the peer's tensor copy
+// overwrites it, and the copy is issued only once the peer's producer saw the phase complete.
+// At cluster scope the release compiled to MEMBAR.ALL.GPU in every consumer warp's k-step,
+// and the producer's acquire to an L1 invalidation per wait: 1.5x the time (round 26).
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
   asm volatile(
       "{\n.reg .b32 r;\nmapa.shared::cluster.u32 r, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [r];\n}\n" ::"r"(bar),
+      "mbarrier.arrive.shared::cluster.b64 _, [r];\n}\n" ::"r"(bar),
       "r"(rank)
       : "memory");
-}
-// mbar_wait for a barrier other blocks of the cluster arrive on (acquire at cluster scope)
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], "
-        "%2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 __device__ __forceinline__ void cluster_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
@@ -530,10 +522,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       if (lane == 0) {
         for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p);
         for (int it = STAGES; it < iters; ++it) {
-          if (mc > 1)
-            mbar_wait_cluster(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
-          else
-            mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
+          mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
           produce_w(it);
           issue_x(it);
         }
