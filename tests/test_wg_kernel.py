@@ -100,12 +100,9 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
                 assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
-                assert routes.mma_config(name) == (nt, wgs, splits, 1, 1) and "c" not in name
+                assert routes.mma_config(name) == (nt, wgs, splits, 1) and "c" not in name
     assert routes.wg_name(64, 2, 8, 8) == "wg:64x2x8c8"
-    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, 1)
-    assert routes.wg_name(64, 4, 5, 1, 2) == "wg:64x4x5m2"
-    assert routes.mma_config("wg:64x4x5m2") == (64, 4, 5, 1, 2)
-    assert routes.mma_config(routes.wg_name(128, 2, 3, 3, 4)) == (128, 2, 3, 3, 4)
+    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
     plain = rules.wg_configs(64, 4096, 4096)
@@ -115,16 +112,8 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert rules.wg_cluster_configs(300, 1024, 128) == []  # 2 k-steps: no split
     names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
     assert "wg:64x2x4c4" in names and "wg:64x2x8" in names and "wg:64x2x8c8" not in names
-    # x multicast: configurations with a producer warp, mc dividing the column blocks
-    cast = rules.wg_multicast_configs(64, 4096, 4096)
-    assert (64, 2, 8, 1, 2) in cast and (64, 4, 1, 1, 4) in cast and "wg:64x2x8m4" in names
-    assert all(rules.wg_producer(nt, w) and (4096 // 64 // w) % mc == 0 for nt, w, _, _, mc in cast)
-    assert {c[:3] for c in cast} == {c for c in plain if rules.wg_producer(c[0], c[1])}
-    assert rules.wg_multicast_configs(64, 896, 1536) == []  # 7 column blocks of two strips
-    assert not any(c[0] == 128 and c[1] == 4 for c in rules.wg_multicast_configs(128, 4096, 4096))
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert rules.wg_cluster_configs(64, 4096, 4096) == []
-    assert rules.wg_multicast_configs(64, 4096, 4096) == []
     assert "wg:64x4x1" in routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
 
@@ -196,9 +185,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
 def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
     """mixed_wg.cu at M = 1..520 (partial tiles, several tiles), every configuration the rules
     name plus the most splits at each tile, each that splits K also with its splits summed in
-    one cluster, clusters of two tiling four splits (their sums then added by atomics), and
-    each with a producer warp with x multicast over 2 and 4 column blocks (at M = 1, three
-    of four blocks load rows wholly past M);
+    one cluster, and clusters of two tiling four splits (their sums then added by atomics);
     37 salient columns (one salient k-step, zeros past the last column), 600 (ten salient
     k-steps: with few K splits, tiles of every height load some inside the main loop, into
     reused ring slots) and none; bias; fp16 and bf16."""
@@ -219,16 +206,14 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
             most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
             confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
-            cast = [(*c, 1, mc) for c in confs if rules.wg_producer(*c[:2]) for mc in (2, 4)]
-            confs = [(*c, 1, 1) for c in confs] + [(*c, c[2], 1) for c in confs if c[2] > 1]
+            confs = [(*c, 1) for c in confs] + [(*c, c[2]) for c in confs if c[2] > 1]
             # clusters of 2 tiling 4 splits (+ atomics), with and without the producer warp
-            confs += [(64, 2, 4, 2, 1), (128, 2, 4, 2, 1), (128, 4, 4, 2, 1), (256, 2, 4, 2, 1)]
-            for nt, wgs, splits, cl, mc in dict.fromkeys(confs + cast):
-                if (N // 64) % wgs or (N // 64 // wgs) % mc:
+            confs += [(64, 2, 4, 2), (128, 2, 4, 2), (128, 4, 4, 2), (256, 2, 4, 2)]
+            for nt, wgs, splits, cl in dict.fromkeys(confs):
+                if (N // 64) % wgs:
                     continue
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-                name = routes.wg_name(nt, wgs, splits, cl, mc)
-                ops.run_route(name, *args, out=out, cuda=cuda)
+                ops.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)
-                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, nsal, err)
+                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, cl, nsal, err)

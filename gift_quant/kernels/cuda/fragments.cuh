@@ -473,25 +473,19 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Thread-block cluster shape of a launch (not convertible from an int: a launch names the
-// dimension its clusters run along)
-struct Cluster {
-  int x, y;
-};
-
-// Launch `kernel` on `stream`: in clusters of `cluster.x` x `cluster.y` blocks (more than one:
-// sm_90), as a programmatic dependent (`pdl`: sm_90). A cudaError_t; a refused launch's error is
-// taken here, so that the next (ordinary) launch does not report it as its own.
+// Launch `kernel` on `stream`: in clusters of `cluster_y` blocks along y (> 1: sm_90), as a
+// programmatic dependent (`pdl`: sm_90). A cudaError_t; a refused launch's error is taken here,
+// so that the next (ordinary) launch does not report it as its own.
 template <typename... Params, typename... Args>
 int launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-              cudaStream_t stream, Cluster cluster, bool pdl, Args... args) {
+              cudaStream_t stream, int cluster_y, bool pdl, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   int n = 0;
-  if (cluster.x * cluster.y > 1) {
+  if (cluster_y > 1) {
     attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster.x, attr[n].val.clusterDim.y = cluster.y;
+    attr[n].val.clusterDim.x = 1, attr[n].val.clusterDim.y = cluster_y;
     attr[n++].val.clusterDim.z = 1;
   }
   if (pdl) {

@@ -304,7 +304,7 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   int rc = allow_smem(kernel, smem, allowed);
   if (!rc) rc = allow_cluster(kernel, csize, clustered);
   if (rc) return rc;
-  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, Cluster{1, csize}, pdl, x,
+  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, csize, pdl, x,
                    qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group_magic(group),
                    ss_per_split, R, csize);
 }

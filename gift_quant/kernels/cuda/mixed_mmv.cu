@@ -252,7 +252,7 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
     if (rc) return rc;
     rc = allow_cluster(kernel, csize, cl);
     if (rc) return rc;
-    return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, Cluster{1, csize}, pdl, x, qc, zp, scp, wsp,
+    return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, csize, pdl, x, qc, zp, scp, wsp,
                      sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
   // one 8-row tile of x up to 8 rows, two up to 16

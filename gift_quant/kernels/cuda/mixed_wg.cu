@@ -127,36 +127,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// The same box, NT / mc rows of it, into the same offset of every block in `mask` (of the
-// cluster), completing on each one's barrier at `bar`'s offset
-__device__ __forceinline__ void tma_load_2d_mc(uint32_t dst, const CUtensorMap* map, int c0,
-                                               int r0, uint32_t bar, uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
-      "cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar), "h"(mask)
-      : "memory");
-}
-// one arrival on the barrier at `bar`'s offset in block `rank` of the cluster. Default
-// semantics (release at CTA scope), as CUTLASS's cluster pipelines arrive: what it orders is
-// the MMAs' reads of the slot (done: wgmma.wait_group returned) before the peer's tensor copy
-// overwrites it, and the copy is issued only once the peer's producer saw the phase complete.
-// At cluster scope the release compiled to MEMBAR.ALL.GPU in every consumer warp's k-step,
-// and the producer's acquire to an L1 invalidation per wait: 1.5x the time (round 26).
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-  asm volatile(
-      "{\n.reg .b32 r;\nmapa.shared::cluster.u32 r, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [r];\n}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
-}
-__device__ __forceinline__ void cluster_arrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -301,7 +271,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T, int csize, int mc,
+                    int ss_per_split, int T, int csize,
                     const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
@@ -316,12 +286,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
   const bool producer = PROD && warp == WGS * 4;
-  // row tile (fastest), column block; with x multicast (mc > 1: the producer path, clusters
-  // of mc blocks along x), a cluster's blocks share the row tile: block r of the cluster takes
-  // column block mc c + r and loads rows r NT / mc .. of each x tile for all of them
-  const int mcx = PROD ? mc : 1;  // (1 without a producer warp: the launcher)
-  const int mr = static_cast<int>(blockIdx.x) % mcx, grp = static_cast<int>(blockIdx.x) / mcx;
-  const int tile = grp % T, cb = grp / T * mcx + mr;
+  const int tile = blockIdx.x % T, cb = blockIdx.x / T;  // row tile (fastest), column block
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
   const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;
@@ -361,13 +326,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
     const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
-    const CUtensorMap* map = it < nps ? &smap : &xmap;
-    const int c0 = it < nps ? (split + it * splits) * 64 : (s0 + it - nps) * 64;
-    if (PROD && mc > 1)  // this block's NT / mc rows, into every block of the cluster
-      tma_load_2d_mc(dst + mr * (XB / mc), map, c0, row0 + mr * (NT / mc), bar,
-                     static_cast<uint16_t>((1u << mc) - 1));
+    if (it < nps)
+      tma_load_2d(dst, &smap, (split + it * splits) * 64, row0, bar);
     else
-      tma_load_2d(dst, map, c0, row0, bar);
+      tma_load_2d(dst, &xmap, (s0 + it - nps) * 64, row0, bar);
   };
   // The producer's copies of iteration `it`'s weights: three bulk copies (codes, zero-points,
   // scales), and the slot's full barrier expecting them and the x tile
@@ -490,17 +452,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #pragma unroll
     for (int p = 0; p < STAGES; ++p) {
       mbar_init(bar0 + p * 8, 1);
-      // one arrival per consumer warp of each block whose x tiles land in the slot
-      if (PROD) mbar_init(ebar0 + p * 8, WGS * 4 * mc);
+      if (PROD) mbar_init(ebar0 + p * 8, WGS * 4);  // one arrival per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if (PROD && mc > 1) {  // every block's barriers are set up before any copy reaches them
-    cluster_arrive();
-    cluster_wait();
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   uint32_t a0[4][4], a1[4][4];
   // the main loop: `step` (the producer path's or the old one's) on alternating fragment
   // sets, then every MMA retired
@@ -540,14 +496,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
         mma(it, cur);
         wg_wait<1>();
-        if (it > 0) {  // the slot is free in this block, and in every block that fills it
-          const uint32_t eb = ebar0 + static_cast<uint32_t>(it - 1) % STAGES * 8;
-          if (mc > 1) {
-            if (lane < mc) mbar_arrive_cluster(eb, lane);
-          } else if (lane == 0) {
-            mbar_arrive(eb);
-          }
-        }
+        if (it > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(it - 1) % STAGES * 8);
         if (it + 1 < iters) {
           wait_x(it + 1);
           frags(it + 1, nxt);
@@ -597,11 +546,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     wait_copies<0>();
     pdl_launch_dependents();
   }
-  // x multicast: no block leaves while the others may still arrive on its empty barriers (its
-  // own wait is at the exit; every copy into its ring has landed: its consumers waited for
-  // each). Clusters along the splits (csize > 1) are not combined with it (the launcher).
-  const bool mcast = PROD && mc > 1;
-  if (mcast) cluster_arrive();
 
   // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2.
   // The producer warp holds no tile; it stores and adds its share of the staged one.
@@ -639,7 +583,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         *reinterpret_cast<uint4*>(y + (size_t)(row0 + r) * N + b0 * 64 + c * 8) =
             *reinterpret_cast<const uint4*>(out + ((c >> 3) * NT + r) * LD + (c & 7) * 8);
     }
-    if (mcast) cluster_wait();
     return;
   }
   // several K splits: the partial tile staged in fp32 (rows of 64 WGS + 4 floats: the lanes'
@@ -669,7 +612,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
   }
   finish_tile<BF>(ws, cnt, blockIdx.x, splits, bias, y, row0, rows, N, b0 * 64, W);
-  if (mcast) cluster_wait();
 #else
   __trap();  // built without sm_90a: the library reports no warpgroup kernel (native.py)
 #endif
@@ -727,7 +669,7 @@ struct WgCall {
   float* ws;
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
-  int M, N, K, group, splits, csize, mc;  // mc: x multicast across mc column blocks
+  int M, N, K, group, splits, csize;
   bool pdl;
   cudaStream_t stream;
 };
@@ -753,35 +695,30 @@ int launch_wg(const WgCall& a) {
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
   if ((a.N / 64) % WGS || splits % a.csize) return -1;  // whole column blocks; clusters tile the splits
-  // x multicast: the producer path, clusters of mc = 2 or 4 blocks along the column blocks
-  // (not with clusters along the splits), each loading NT / mc rows (whole 8-row swizzle atoms)
-  if (a.mc != 1 && (!wg_producer(NT, WGS) || a.csize != 1 || (a.mc != 2 && a.mc != 4) ||
-                    (a.N / 64 / WGS) % a.mc))
-    return -1;
   const int T = (a.M + NT - 1) / NT;
   const long blocks = static_cast<long>(T) * (a.N / 64 / WGS);
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
   const int W = (a.nsal + 63) / 64 * 64;
   CUtensorMap xmap, smap;
-  if (!encode_rows(&xmap, a.x, a.K, a.M, NT / a.mc, BF)) return -1;
-  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT / a.mc, BF))) return -1;
+  if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
+  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
   if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   static size_t allowed[64] = {};
   static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
   int rc = allow_smem(kernel, smem, allowed);
-  if (!rc) rc = allow_cluster(kernel, a.csize * a.mc, clustered);
+  if (!rc) rc = allow_cluster(kernel, a.csize, clustered);
   if (rc) return rc;
   if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
     rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
-                   0, a.stream, Cluster{1, 1}, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
+                   0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
     if (rc) return rc;
   }
   const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
-  return launch_ex(kernel, grid, block, smem, a.stream, Cluster{a.mc, a.csize}, a.pdl, a.qc,
-                   a.zp, a.scp, a.wsp, a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K,
-                   group_magic(a.group), ss_per_split, T, a.csize, a.mc, xmap, smap);
+  return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
+                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
+                   ss_per_split, T, a.csize, xmap, smap);
 }
 
 template <bool BF, int BITS>
@@ -804,16 +741,14 @@ int by_tile(int nt, int wgs, const WgCall& a) {
 // build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
 // for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
 // (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
-// many blocks. `multicast` (1, 2 or 4; 64-row tiles and 128 x 2, with cluster 1, the column
-// blocks a multiple of it): each x tile loaded once for that many column blocks, in clusters.
+// many blocks.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           int multicast, void* xs, int pdl, void* stream) {
+                           void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
-      static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16 ||
-      multicast < 1 || multicast > 4)
+      static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16)
     return -1;  // (clusters need sm_90: this kernel runs only where it was built for sm_90a)
   const WgCall a{static_cast<const half*>(x),   static_cast<const uint4*>(qc),
                  static_cast<const uint4*>(zp), static_cast<const uint4*>(scp),
@@ -824,7 +759,7 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  M,                              N,
                  K,                              group,
                  splits,                         cluster,
-                 multicast,                      pdl != 0,
+                 pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   auto run = [&](auto bf) {
     constexpr bool BF = decltype(bf)::value;

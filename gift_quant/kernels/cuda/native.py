@@ -70,7 +70,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P, _I, _P],  # .., multicast, xs
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P, _I, _P],  # .., cluster, xs
 }
 
 
@@ -236,25 +236,22 @@ def mixed_wg(
     wgs: int = 0,
     splits: int = 0,
     cluster: int = 1,
-    multicast: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
     :func:`wg_available`): tiles of ``nt`` (64, 128 or 256) rows of x, ``wgs`` warpgroups (64
     output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``); ``cluster``
     > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
-    thread-block clusters of that many blocks instead of the workspace's atomics; ``multicast``
-    (2 or 4, with ``cluster`` 1 and a producer warp: ``rules.wg_producer``) loads each x tile
-    once for that many column blocks, clustered along them. With salient
+    thread-block clusters of that many blocks instead of the workspace's atomics. With salient
     columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
     halves, which the kernel loads as it loads x."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
-        (nt, wgs, splits), cluster, multicast = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1, 1
+        (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, multicast, xs_ptr)
+    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, xs_ptr)

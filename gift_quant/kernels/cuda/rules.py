@@ -26,8 +26,6 @@ __all__ = [
     "mmv_configs",
     "wg_choose",
     "wg_cluster_configs",
-    "wg_multicast_configs",
-    "wg_producer",
     "wg_configs",
 ]
 
@@ -265,32 +263,3 @@ def wg_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]
     if not clusters_supported():
         return []
     return [(nt, wgs, s, s) for nt, wgs, s in wg_configs(M, N, K) if 1 < s <= WG_CLUSTER_MAX]
-
-
-def wg_producer(nt: int, wgs: int) -> bool:
-    """Whether the warpgroup kernel's blocks of ``nt`` rows and ``wgs`` warpgroups have a
-    producer warp issuing the ring's copies (mixed_wg.cu, ``wg_producer``): 64-row tiles, and
-    128-row tiles with two warpgroups."""
-    return nt == 64 or (nt == 128 and wgs == 2)
-
-
-# x multicast in the warpgroup kernel: the column blocks of a row tile in clusters of
-# WG_MULTICAST blocks, each loading 1 / mc of every x tile into all of them. At M = 64 on
-# 4096^2 each x tile is otherwise read by all 32 column blocks, two thirds of a block's bytes.
-WG_MULTICAST = (2, 4)
-
-
-def wg_multicast_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int, int]]:
-    """(rows per tile, warpgroups, splits, cluster, multicast) of the warpgroup-MMA kernel
-    with x multicast (sm_90): each configuration of ``wg_configs`` with a producer warp, at
-    each of WG_MULTICAST dividing its column blocks; its splits added by the atomics (not
-    combined with the clusters along the splits)."""
-    if not clusters_supported():
-        return []
-    return [
-        (nt, wgs, s, 1, mc)
-        for nt, wgs, s in wg_configs(M, N, K)
-        if wg_producer(nt, wgs)
-        for mc in WG_MULTICAST
-        if (N // 64 // wgs) % mc == 0
-    ]

@@ -6,9 +6,9 @@ H200 (names only; ``ops`` launches what they name).
   per block and S K-splits, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
-  (sm_90); "wg:NTxWxS[cC][mM]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
-  warpgroups per block, S K-splits, summed in clusters of C blocks; M > 1: each x tile
-  loaded once for M column blocks by multicast in clusters of M; chosen only by measurement).
+  (sm_90); "wg:NTxWxS[cC]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
+  warpgroups per block, S K-splits, summed in clusters of C blocks; chosen only by
+  measurement).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (where
   the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
@@ -145,23 +145,17 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
     )
 
 
-def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1, multicast: int = 1) -> str:
-    return (
-        f"wg:{nt}x{wgs}x{splits}"
-        + ("" if cluster == 1 else f"c{cluster}")
-        + ("" if multicast == 1 else f"m{multicast}")
-    )
+def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1) -> str:
+    return f"wg:{nt}x{wgs}x{splits}" + ("" if cluster == 1 else f"c{cluster}")
 
 
 def mma_config(name: str) -> tuple[int, ...]:
     """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
-    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster, multicast) of
-    "wg:NTxWxS[cC][mM]"."""
+    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster) of "wg:NTxWxS[cC]"."""
     if name.startswith("wg:"):
         nt, wgs, rest = name[3:].split("x")
-        rest, _, multicast = rest.partition("m")
         splits, _, cluster = rest.partition("c")
-        return int(nt), int(wgs), int(splits), int(cluster or 1), int(multicast or 1)
+        return int(nt), int(wgs), int(splits), int(cluster or 1)
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
@@ -178,13 +172,8 @@ def _wg_serves(M: int, wg: bool) -> bool:
 
 def _wg_names(M: int, N: int, K: int) -> list[str]:
     """The warpgroup kernel's configurations for M rows: ``rules.wg_configs``, then those
-    with their splits in one cluster (``rules.wg_cluster_configs``, sm_90), then those with x
-    multicast along the column blocks (``rules.wg_multicast_configs``, sm_90)."""
-    confs = [
-        *rules.wg_configs(M, N, K),
-        *rules.wg_cluster_configs(M, N, K),
-        *rules.wg_multicast_configs(M, N, K),
-    ]
+    with their splits in one cluster (``rules.wg_cluster_configs``, sm_90)."""
+    confs = [*rules.wg_configs(M, N, K), *rules.wg_cluster_configs(M, N, K)]
     return [wg_name(*c) for c in confs]
 
 
