@@ -67,6 +67,35 @@ def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
     assert kernel_tables._family("mmv:4x6d16") == "mmv:4" == kernel_tables._family("mmv:4x8")
 
 
+def test_a_k_sweep_splits_each_candidate_into_fixed_and_per_step_time(capsys):
+    """``bench_kernels --k-sweep``: over shapes that differ only in K, each candidate's times
+    on a line fixed + per_step * K / 64 give back that line; the fastest candidate and cuBLAS
+    per K; a candidate timed at fewer than three K, and an (N, M, bits) timed at fewer than three
+    K, get no fit."""
+
+    def cand(K, name, us, M=64):
+        return dict(N=4096, K=K, bits=4, M=M, name=name, us=us, cublas_us=K / 100)
+
+    rows = [cand(K, "wg:64x2x1", 4.5 + 0.32 * K / 64) for K in (1024, 2048, 4096, 8192)]
+    rows += [cand(K, "wg:64x2x8", 10.0 + 0.07 * K / 64) for K in (1024, 4096, 8192)]
+    rows += [cand(K, "wg:64x4x1", 1.0) for K in (1024, 2048)]  # two K: no fit
+    rows += [cand(K, "wg:64x2x1", 1.0, M=32) for K in (1024, 2048)]  # M = 32 at two K
+    got = kernel_tables.print_k_sweep({"cand": rows})
+    assert list(got) == [(4096, 64, 4)]
+    fits = got[(4096, 64, 4)]["fits"]
+    assert set(fits) == {"wg:64x2x1", "wg:64x2x8"}
+    assert abs(fits["wg:64x2x1"]["fixed_us"] - 4.5) < 1e-9
+    assert abs(fits["wg:64x2x1"]["per_step_us"] - 0.32) < 1e-12
+    assert abs(fits["wg:64x2x8"]["fixed_us"] - 10.0) < 1e-9 and fits["wg:64x2x8"]["ks"] == 3
+    best = got[(4096, 64, 4)]["best"]
+    assert best[1024] == ("wg:64x4x1", 1.0, 10.24)  # 1.0 beats 9.62 and 11.12
+    assert best[8192] == ("wg:64x2x8", 10.0 + 0.07 * 128, 81.92)  # 18.96 against 45.46
+    out = capsys.readouterr().out
+    assert "| wg:64x2x1 | 4 | 4.50 | 0.320 |" in out and "| 8192 | 81.9 | wg:64x2x8 | 19.0 |" in out
+    kernel_tables.print_k_sweep({"cand": rows[-2:]})
+    assert "no (N, M, bits) of this run was timed at three K" in capsys.readouterr().out
+
+
 def test_a_benchmark_shape_is_checked_before_any_work():
     """``bench_kernels --shape NxK``: a shape the benchmark can build, else a one-line error
     that says what would be right."""

@@ -29,7 +29,9 @@ Results: ``kernels_h200.json`` (``kernels_h200_bf16.json`` with bf16) under ``--
 benchmarks/results); ``--markdown FILE`` prints a saved run's tables (as in the README) and
 counts the targets on it (``kernel_tables.py``); ``--compare BASE NEW`` prints the time ratios
 of two saved runs: the routed op and cuBLAS per M, each candidate configuration (the same one
-in both builds, with ``--candidates``) and each cell's fastest candidate.
+in both builds, with ``--candidates``) and each cell's fastest candidate; ``--k-sweep FILE``
+splits each candidate's time in a run over shapes that differ only in K (``--shape NxK``
+repeated) into a fixed part and a part per 64 columns of K.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_variants import gemv_variants  # noqa: E402
-from kernel_tables import parse_shape, print_comparison, print_tables  # noqa: E402
+from kernel_tables import (  # noqa: E402
+    parse_shape,
+    print_comparison,
+    print_k_sweep,
+    print_tables,
+)
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
@@ -389,6 +396,11 @@ def main() -> None:
     ap.add_argument(
         "--compare", nargs=2, metavar=("BASE", "NEW"), help="JSON of two runs: their time ratios"
     )
+    ap.add_argument(
+        "--k-sweep",
+        metavar="FILE",
+        help="JSON of a --candidates run over shapes differing only in K: fixed, per-k-step times",
+    )
     args = ap.parse_args()
     try:
         shapes = [("custom", parse_shape(t, GROUP)) for t in args.shape] or SHAPES[args.shapes]
@@ -401,6 +413,9 @@ def main() -> None:
     if args.compare:
         base, new = (json.loads(Path(p).read_text()) for p in args.compare)
         print_comparison(base, new)
+        return None
+    if args.k_sweep:
+        print_k_sweep(json.loads(Path(args.k_sweep).read_text()))
         return None
     MS[:] = [int(m) for m in args.ms.split(",")]
     BITS[:] = [int(b) for b in args.bits.split(",")]

@@ -1,11 +1,13 @@
 """Tables of a ``bench_kernels.py`` run, from its result dict alone (no GPU): the speed-up over
 cuBLAS in the run's dtype per shape group (fraction of the byte floor, or markdown as in the
 README), the fastest measured candidate and tinygemm beside ours, the issue's targets counted
-on it, and the Triton route tables derived from the candidates; and two runs compared
-(``compare``: the same cells and candidate configurations timed before and after a change).
+on it, and the Triton route tables derived from the candidates; two runs compared
+(``compare``: the same cells and candidate configurations timed before and after a change); and
+a run over shapes that differ only in K split into a fixed and a per-k-step time (``k_sweep``).
 
     python3 tools/bench_kernels.py --markdown benchmarks/results/kernels_h200.json
     python3 tools/bench_kernels.py --compare BASE.json NEW.json
+    python3 tools/bench_kernels.py --k-sweep benchmarks/results/kernels_h200_r26_k_sweep.json
 """
 
 from __future__ import annotations
@@ -204,3 +206,65 @@ def print_comparison(base: dict, new: dict) -> dict:
         for name, s in got["candidates"].items():
             print(f"    {name}: {s['cells']} {s['geomean']:.3f} {s['min']:.3f} {s['max']:.3f}")
     return got
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (x, y) points (two x at least)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - slope * mx, slope
+
+
+def k_sweep(res: dict) -> dict:
+    """A candidate run over shapes that differ only in K (``--shape NxK`` repeated), per (N, M,
+    bits): cuBLAS's time and the fastest candidate at each K, and each candidate's times fitted
+    as fixed + per_step * K / 64 (least squares over the K it was timed at; at least three).
+    Without K splits per_step is one block's k-step, and fixed includes the salient k-steps."""
+    groups: dict = {}
+    for r in res.get("cand", []):
+        cell = groups.setdefault((r["N"], r["M"], r["bits"]), {}).setdefault(r["K"], {})
+        cell[r["name"]] = r["us"]
+        if r.get("cublas_us"):
+            cell[None] = r["cublas_us"]
+    out = {}
+    for key, by_k in sorted(groups.items()):
+        ks = sorted(by_k)
+        if len(ks) < 3:
+            continue
+        names = sorted({n for times in by_k.values() for n in times if n is not None})
+        fits = {}
+        for n in names:
+            points = [(k / 64, by_k[k][n]) for k in ks if n in by_k[k]]
+            if len({x for x, _ in points}) >= 3:
+                fixed, per_step = _line(points)
+                fits[n] = {"fixed_us": fixed, "per_step_us": per_step, "ks": len(points)}
+        best = {}
+        for k in ks:
+            timed = {n: u for n, u in by_k[k].items() if n is not None}
+            name = min(timed, key=timed.get)
+            best[k] = (name, timed[name], by_k[k].get(None))
+        out[key] = {"best": best, "fits": fits}
+    return out
+
+
+def print_k_sweep(res: dict) -> dict:
+    """``k_sweep`` as markdown: per (N, M, bits) a row per K (cuBLAS, the fastest candidate),
+    then each candidate's fixed and per-k-step time, smallest fixed first."""
+    sweep = k_sweep(res)
+    if not sweep:
+        print("no (N, M, bits) of this run was timed at three K or more (--shape NxK, repeated)")
+    for (N, M, bits), got in sweep.items():
+        print(f"\n### N = {N}, M = {M}, W{bits}\n")
+        print("| K | cuBLAS (us) | fastest candidate | its time (us) |")
+        print("|---:|---:|---|---:|")
+        for k, (name, us, cublas) in got["best"].items():
+            cb = "–" if cublas is None else f"{cublas:.1f}"
+            print(f"| {k} | {cb} | {name} | {us:.1f} |")
+        print("\n| candidate | K timed | fixed (us) | per k-step of K (us) |")
+        print("|---|---:|---:|---:|")
+        for name, f in sorted(got["fits"].items(), key=lambda t: t[1]["fixed_us"]):
+            print(f"| {name} | {f['ks']} | {f['fixed_us']:.2f} | {f['per_step_us']:.3f} |")
+    return sweep
