@@ -1,5 +1,6 @@
 """The benchmark tools' own logic (no GPU): what they derive from their measurements."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
     assert kernel_tables._family("mmv:4x6d16") == "mmv:4" == kernel_tables._family("mmv:4x8")
 
 
-def test_a_k_sweep_splits_each_candidate_into_fixed_and_per_step_time(capsys):
+def test_a_k_sweep_splits_each_candidate_into_fixed_and_per_step_time(capsys, tmp_path):
     """``bench_kernels --k-sweep``: over shapes that differ only in K, each candidate's times
     on a line fixed + per_step * K / 64 give back that line; the fastest candidate and cuBLAS
     per K; a candidate timed at fewer than three K, and an (N, M, bits) timed at fewer than three
@@ -94,6 +95,11 @@ def test_a_k_sweep_splits_each_candidate_into_fixed_and_per_step_time(capsys):
     assert "| wg:64x2x1 | 4 | 4.50 | 0.320 |" in out and "| 8192 | 81.9 | wg:64x2x8 | 19.0 |" in out
     kernel_tables.print_k_sweep({"cand": rows[-2:]})
     assert "no (N, M, bits) of this run was timed at three K" in capsys.readouterr().out
+    saved = tmp_path / "run.json"  # the saved-run view bench_kernels --k-sweep FILE prints
+    saved.write_text(json.dumps({"cand": rows}))
+    assert kernel_tables.show_saved(None, None, str(saved))
+    assert "| wg:64x2x8 | 3 | 10.00 | 0.070 |" in capsys.readouterr().out
+    assert not kernel_tables.show_saved(None, None, None) and capsys.readouterr().out == ""
 
 
 def test_a_benchmark_shape_is_checked_before_any_work():

@@ -51,12 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_variants import gemv_variants  # noqa: E402
-from kernel_tables import (  # noqa: E402
-    parse_shape,
-    print_comparison,
-    print_k_sweep,
-    print_tables,
-)
+from kernel_tables import parse_shape, print_tables, show_saved  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
@@ -396,11 +391,7 @@ def main() -> None:
     ap.add_argument(
         "--compare", nargs=2, metavar=("BASE", "NEW"), help="JSON of two runs: their time ratios"
     )
-    ap.add_argument(
-        "--k-sweep",
-        metavar="FILE",
-        help="JSON of a --candidates run over shapes differing only in K: fixed, per-k-step times",
-    )
+    ap.add_argument("--k-sweep", metavar="FILE", help="JSON of a run over K: fixed, per-step times")
     args = ap.parse_args()
     try:
         shapes = [("custom", parse_shape(t, GROUP)) for t in args.shape] or SHAPES[args.shapes]
@@ -408,14 +399,7 @@ def main() -> None:
         ap.error(str(exc))
     if args.profile:
         return profile(args.profile, ACTIVATION_DTYPES[args.dtype])
-    if args.markdown:
-        return print_tables(json.loads(Path(args.markdown).read_text()), markdown=True)
-    if args.compare:
-        base, new = (json.loads(Path(p).read_text()) for p in args.compare)
-        print_comparison(base, new)
-        return None
-    if args.k_sweep:
-        print_k_sweep(json.loads(Path(args.k_sweep).read_text()))
+    if show_saved(args.markdown, args.compare, args.k_sweep):
         return None
     MS[:] = [int(m) for m in args.ms.split(",")]
     BITS[:] = [int(b) for b in args.bits.split(",")]

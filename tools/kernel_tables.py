@@ -12,7 +12,9 @@ a run over shapes that differ only in K split into a fixed and a per-k-step time
 
 from __future__ import annotations
 
-from statistics import geometric_mean
+import json
+from pathlib import Path
+from statistics import geometric_mean, linear_regression
 
 
 def parse_shape(text: str, group: int = 128) -> tuple[int, int]:
@@ -208,45 +210,31 @@ def print_comparison(base: dict, new: dict) -> dict:
     return got
 
 
-def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(intercept, slope) of the least-squares line through (x, y) points (two x at least)."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return my - slope * mx, slope
-
-
 def k_sweep(res: dict) -> dict:
     """A candidate run over shapes that differ only in K (``--shape NxK`` repeated), per (N, M,
     bits): cuBLAS's time and the fastest candidate at each K, and each candidate's times fitted
     as fixed + per_step * K / 64 (least squares over the K it was timed at; at least three).
     Without K splits per_step is one block's k-step, and fixed includes the salient k-steps."""
-    groups: dict = {}
+    best = best_candidates(res)
+    cublas = {(r["N"], r["K"], r["bits"], r["M"]): r.get("cublas_us") for r in res.get("cand", [])}
+    times: dict = {}  # (N, M, bits) -> name -> [(K / 64, us)]
     for r in res.get("cand", []):
-        cell = groups.setdefault((r["N"], r["M"], r["bits"]), {}).setdefault(r["K"], {})
-        cell[r["name"]] = r["us"]
-        if r.get("cublas_us"):
-            cell[None] = r["cublas_us"]
+        points = times.setdefault((r["N"], r["M"], r["bits"]), {}).setdefault(r["name"], [])
+        points.append((r["K"] / 64, r["us"]))
     out = {}
-    for key, by_k in sorted(groups.items()):
-        ks = sorted(by_k)
+    for (N, M, bits), by_name in sorted(times.items()):
+        ks = sorted(k for n, k, b, m in best if (n, m, b) == (N, M, bits))
         if len(ks) < 3:
             continue
-        names = sorted({n for times in by_k.values() for n in times if n is not None})
         fits = {}
-        for n in names:
-            points = [(k / 64, by_k[k][n]) for k in ks if n in by_k[k]]
+        for name, points in sorted(by_name.items()):
             if len({x for x, _ in points}) >= 3:
-                fixed, per_step = _line(points)
-                fits[n] = {"fixed_us": fixed, "per_step_us": per_step, "ks": len(points)}
-        best = {}
-        for k in ks:
-            timed = {n: u for n, u in by_k[k].items() if n is not None}
-            name = min(timed, key=timed.get)
-            best[k] = (name, timed[name], by_k[k].get(None))
-        out[key] = {"best": best, "fits": fits}
+                per_step, fixed = linear_regression([x for x, _ in points], [y for _, y in points])
+                fits[name] = {"fixed_us": fixed, "per_step_us": per_step, "ks": len(points)}
+        rows = {
+            k: (best[N, k, bits, M][1], best[N, k, bits, M][0], cublas[N, k, bits, M]) for k in ks
+        }
+        out[N, M, bits] = {"best": rows, "fits": fits}
     return out
 
 
@@ -268,3 +256,19 @@ def print_k_sweep(res: dict) -> dict:
         for name, f in sorted(got["fits"].items(), key=lambda t: t[1]["fixed_us"]):
             print(f"| {name} | {f['ks']} | {f['fixed_us']:.2f} | {f['per_step_us']:.3f} |")
     return sweep
+
+
+def show_saved(markdown: str | None, compare: list[str] | None, sweep: str | None) -> bool:
+    """``bench_kernels``' views of saved runs (``--markdown FILE``, ``--compare BASE NEW``,
+    ``--k-sweep FILE``): print the one asked for; False where none was."""
+
+    def load(path: str) -> dict:
+        return json.loads(Path(path).read_text())
+
+    if markdown:
+        print_tables(load(markdown), markdown=True)
+    elif compare:
+        print_comparison(*map(load, compare))
+    elif sweep:
+        print_k_sweep(load(sweep))
+    return bool(markdown or compare or sweep)
