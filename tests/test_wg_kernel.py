@@ -82,6 +82,13 @@ def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> 
     assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
 
 
+def h200_clusters(nt: int, wgs: int, cluster: int) -> int:
+    """How many clusters of the warpgroup kernel an H200 holds at once: blocks per SM times
+    SMs per GPC (132 SMs in eight GPCs), rounded down per GPC."""
+    per_sm = 2 if (nt, wgs) == (64, 2) else 1
+    return sum(per_sm * sms // cluster for sms in (17, 17, 17, 17, 17, 17, 15, 15))
+
+
 def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
     blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS[cC]" round-trips; with
@@ -105,15 +112,24 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
-    plain = rules.wg_configs(64, 4096, 4096)
-    clustered = rules.wg_cluster_configs(64, 4096, 4096)
-    assert clustered == [(*c, c[2]) for c in plain if 1 < c[2] <= rules.WG_CLUSTER_MAX]
-    assert (64, 2, 4, 4) in clustered and (64, 2, 8, 8) not in clustered  # 8: past the max
-    assert rules.wg_cluster_configs(300, 1024, 128) == []  # 2 k-steps: no split
+
+    assert [h200_clusters(64, 2, c) for c in (2, 4, 8, 16)] == [132, 62, 30, 14]  # as measured
+    clustered = rules.wg_cluster_configs(64, 4096, 4096, h200_clusters)
+    # 32 tiles of 64 x 2 (32 clusters): up to 7 splits; 16 of 64 x 4 (one block per SM): 7
+    assert clustered == [(64, w, s, s) for w in (2, 4) for s in range(2, 8)]
+    # 5120 columns: 40 tiles of 64 x 2 (up to 6 splits), 20 of 64 x 4 (up to 5)
+    assert rules.wg_cluster_configs(64, 5120, 5120, h200_clusters) == [
+        *[(64, 2, s, s) for s in range(2, 7)],
+        *[(64, 4, s, s) for s in range(2, 6)],
+    ]
+    # 16 k-steps: at most 4 splits of 4; 5 runs as 4 (4 k-steps each)
+    assert [c[2] for c in rules.wg_cluster_configs(64, 4096, 1024, h200_clusters)] == [2, 3, 4] * 2
+    assert rules.wg_cluster_configs(300, 1024, 128, h200_clusters) == []  # 2 k-steps: no split
+    monkeypatch.setattr(native, "wg_max_clusters", h200_clusters)
     names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
-    assert "wg:64x2x4c4" in names and "wg:64x2x8" in names and "wg:64x2x8c8" not in names
+    assert "wg:64x2x7c7" in names and "wg:64x2x8" in names and "wg:64x2x8c8" not in names
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
-    assert rules.wg_cluster_configs(64, 4096, 4096) == []
+    assert rules.wg_cluster_configs(64, 4096, 4096, h200_clusters) == []
     assert "wg:64x4x1" in routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
 
@@ -161,9 +177,11 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     assert any(n.startswith("mma:") for n in timed[2]) and timed[2][-1] == routes.route(20, N, K, 4)
     assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)  # sm_90: clustered too
-    timer.winner = "wg:64x2x4c4"
-    assert pick(200) == "wg:64x2x4c4" and len(timed) == 4
-    assert {"wg:64x2x4", "wg:64x2x4c4"} <= set(timed[3])
+    monkeypatch.setattr(native, "wg_max_clusters", h200_clusters)
+    timer.winner = "wg:64x2x2c2"
+    assert pick(200) == "wg:64x2x2c2" and len(timed) == 4
+    assert {"wg:64x2x4", "wg:64x2x2c2"} <= set(timed[3])
+    assert "wg:64x2x4c4" not in timed[3]  # 128 clusters of 4: more than an H200 holds
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert "wg:64x2x4" in routes.candidates(32, mma=True, N=N, K=K, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(16, mma=True, N=N, K=K, wg=True))
@@ -207,8 +225,10 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
             confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
             confs = [(*c, 1) for c in confs] + [(*c, c[2]) for c in confs if c[2] > 1]
-            # clusters of 2 tiling 4 splits (+ atomics), with and without the producer warp
+            # clusters of 2 tiling 4 splits (+ atomics), with and without the producer warp;
+            # 3 splits, whose k-steps do not share evenly
             confs += [(64, 2, 4, 2), (128, 2, 4, 2), (128, 4, 4, 2), (256, 2, 4, 2)]
+            confs += [(64, 2, 3, 3), (64, 4, 3, 1), (128, 2, 3, 3)]
             for nt, wgs, splits, cl in dict.fromkeys(confs):
                 if (N // 64) % wgs:
                     continue

@@ -31,7 +31,7 @@
 // products are summed in fp32.
 //
 // The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
-// round-robin over the K splits): x's salient columns are gathered once per launch by a small
+// round-robin over the K splits, which share all k-steps evenly): x's salient columns are gathered once per launch by a small
 // kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
 // tensor copies load (a gather by every block read x's scattered columns once per column
 // block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
-                    int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T, int csize,
+                    int* __restrict__ cnt, int M, int N, int K, unsigned gmagic, int T,
+                    int csize,
                     const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
@@ -290,10 +290,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
   const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;
-  const int s0 = split * ss_per_split, nss = max(0, min(S, s0 + ss_per_split) - s0);
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
-  const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
-  const int iters = nps + nss;
+  // The S + QS k-steps shared evenly: split s runs `iters` of them (one more in the first
+  // (S + QS) % splits splits), first its salient ones (s, s + splits, ...: `nps`), then
+  // iters - nps quantized ones from s0 (the splits before it took s0 in all). A salient
+  // k-step counts as one in the balance: with an even share of the quantized ones per split,
+  // each salient one lengthened one split by a k-step, and the launch waits for its longest.
+  const int all = S + QS, per = all / splits, over = all % splits;
+  const int pper = QS / splits, pover = QS % splits;
+  const int iters = per + (split < over), nps = pper + (split < pover);
+  const int s0 = split * (per - pper) + min(split, over) - min(split, pover);
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
   uint8_t* smem = smem_raw + (smem0 - raw0);
@@ -688,10 +694,22 @@ bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The kernel of a configuration with its shared memory allowed and (clusters past the portable
+// 8 blocks) its non-portable cluster size, once per device: 0 or a cudaError_t
+template <bool BF, int BITS, int NT, int WGS>
+int prepare_wg(int csize) {
+  static size_t allowed[64] = {};
+  static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
+  const int rc = allow_smem(mixed_wg_kernel<BF, BITS, NT, WGS>, wg_smem_bytes(BITS, NT, WGS), allowed);
+  return rc ? rc : allow_cluster(mixed_wg_kernel<BF, BITS, NT, WGS>, csize, clustered);
+}
+
 template <bool BF, int BITS, int NT, int WGS>
 int launch_wg(const WgCall& a) {
   auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS>;
   const int S = a.K / 64;
+  // as many splits as K / splits k-steps each (rounded up) need: the count the configuration
+  // names (rules._runs); the kernel shares the k-steps among them evenly
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
   if ((a.N / 64) % WGS || splits % a.csize) return -1;  // whole column blocks; clusters tile the splits
@@ -704,10 +722,7 @@ int launch_wg(const WgCall& a) {
   if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
   if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
-  static size_t allowed[64] = {};
-  static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
-  int rc = allow_smem(kernel, smem, allowed);
-  if (!rc) rc = allow_cluster(kernel, a.csize, clustered);
+  int rc = prepare_wg<BF, BITS, NT, WGS>(a.csize);
   if (rc) return rc;
   if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
@@ -717,22 +732,58 @@ int launch_wg(const WgCall& a) {
   }
   const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
-                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   ss_per_split, T, a.csize, xmap, smap);
+                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group), T,
+                   a.csize, xmap, smap);
 }
 
-template <bool BF, int BITS>
-int by_tile(int nt, int wgs, const WgCall& a) {
-  // 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
-  // configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
+// How many clusters of `csize` blocks along the splits of a configuration the current device
+// holds at once (cudaOccupancyMaxActiveClusters): a launch of more runs its clusters in waves
+template <bool BF, int BITS, int NT, int WGS>
+int wg_clusters(int csize, int* out) {
+  if (const int rc = prepare_wg<BF, BITS, NT, WGS>(csize)) return rc;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, csize), cfg.blockDim = dim3(wg_threads(NT, WGS));
+  cfg.dynamicSmemBytes = wg_smem_bytes(BITS, NT, WGS);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = csize, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  const cudaError_t rc = cudaOccupancyMaxActiveClusters(out, mixed_wg_kernel<BF, BITS, NT, WGS>, &cfg);
+  if (rc) cudaGetLastError();
+  return static_cast<int>(rc);
+}
+
+// f(std::integral_constant<int, NT>, std::integral_constant<int, WGS>) for a compiled tile, or -1.
+// 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
+// configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
+template <typename F>
+int by_tile(int nt, int wgs, F&& f) {
+  using std::integral_constant;
   switch (nt * 10 + wgs) {
-    case 642: return launch_wg<BF, BITS, 64, 2>(a);
-    case 644: return launch_wg<BF, BITS, 64, 4>(a);
-    case 1282: return launch_wg<BF, BITS, 128, 2>(a);
-    case 1284: return launch_wg<BF, BITS, 128, 4>(a);
-    case 2562: return launch_wg<BF, BITS, 256, 2>(a);
+    case 642: return f(integral_constant<int, 64>{}, integral_constant<int, 2>{});
+    case 644: return f(integral_constant<int, 64>{}, integral_constant<int, 4>{});
+    case 1282: return f(integral_constant<int, 128>{}, integral_constant<int, 2>{});
+    case 1284: return f(integral_constant<int, 128>{}, integral_constant<int, 4>{});
+    case 2562: return f(integral_constant<int, 256>{}, integral_constant<int, 2>{});
     default: return -1;
   }
+}
+
+// f(bf16, bits, NT, WGS as integral constants) for a compiled configuration, or -1
+template <typename F>
+int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
+  auto run = [&](auto bf) {
+    auto tile = [&](auto b) {
+      return by_tile(nt, wgs, [&](auto t, auto w) { return f(bf, b, t, w); });
+    };
+    switch (bits) {
+      case 2: return tile(std::integral_constant<int, 2>{});
+      case 3: return tile(std::integral_constant<int, 3>{});
+      case 4: return tile(std::integral_constant<int, 4>{});
+      default: return -1;
+    }
+  };
+  return bf16 ? run(std::true_type{}) : run(std::false_type{});
 }
 
 }  // namespace
@@ -761,14 +812,18 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  splits,                         cluster,
                  pdl != 0,
                  static_cast<cudaStream_t>(stream)};
-  auto run = [&](auto bf) {
-    constexpr bool BF = decltype(bf)::value;
-    switch (bits) {
-      case 2: return by_tile<BF, 2>(nt, wgs, a);
-      case 3: return by_tile<BF, 3>(nt, wgs, a);
-      case 4: return by_tile<BF, 4>(nt, wgs, a);
-      default: return -1;
-    }
-  };
-  return bf16 ? run(std::true_type{}) : run(std::false_type{});
+  return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
+    return launch_wg<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
+                     decltype(w)::value>(a);
+  });
+}
+
+// How many clusters of `cluster` (1..16) blocks of a configuration (as gq_mixed_wg takes it)
+// the current device holds at once, into *out: 0 or a cudaError_t (-1: not compiled)
+extern "C" int gq_wg_max_clusters(int bits, int bf16, int nt, int wgs, int cluster, int* out) {
+  if (cluster < 1 || cluster > 16 || out == nullptr) return -1;
+  return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
+    return wg_clusters<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
+                       decltype(w)::value>(cluster, out);
+  });
 }

@@ -20,6 +20,7 @@ configurations a call takes (warps per block, K splits, clusters) are ``rules``'
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -48,6 +49,7 @@ __all__ = [
     "mixed_mmv",
     "mixed_wg",
     "wg_available",
+    "wg_max_clusters",
 ]
 
 SOURCES = tuple(
@@ -71,6 +73,7 @@ ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
     "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P, _I, _P],  # .., cluster, xs
+    "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
 }
 
 
@@ -224,6 +227,29 @@ def mixed_mma(
 def wg_available() -> bool:
     """Whether the loaded library has the warpgroup-MMA kernel (built for sm_90a)."""
     return _state.get("lib") is not None and _state.get("wg", False)
+
+
+def wg_max_clusters(nt: int, wgs: int, cluster: int) -> int:
+    """How many thread-block clusters of ``cluster`` blocks of the warpgroup kernel with
+    ``nt``-row tiles and ``wgs`` warpgroups the current device holds at once
+    (``cudaOccupancyMaxActiveClusters``; at 4 bits, whose ring is the largest: the blocks per
+    SM are the same at every width). A launch of more clusters runs them in waves."""
+    if not wg_available():
+        raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
+    return _max_clusters(torch.cuda.current_device(), nt, wgs, cluster)
+
+
+@functools.cache
+def _max_clusters(device: int, nt: int, wgs: int, cluster: int) -> int:
+    out = ctypes.c_int(0)
+    with torch.cuda.device(device):
+        rc = _state["lib"].gq_wg_max_clusters(4, 0, nt, wgs, cluster, ctypes.byref(out))
+    if rc:
+        raise RuntimeError(
+            f"cudaOccupancyMaxActiveClusters failed for wg:{nt}x{wgs} clusters of {cluster} "
+            f"(error {rc}; -1: not a compiled configuration)"
+        )
+    return out.value
 
 
 def mixed_wg(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -244,22 +245,34 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
     return out
 
 
-# The warpgroup kernel's splits summed in one cluster: timed at first use for configurations of
-# at most WG_CLUSTER_MAX splits. Each configuration clustered against itself with atomics
-# (kernels_h200_r25_wg_cluster.json: both shape groups, W4 and W3, M = 32-512) took 0.911x the
-# time in geometric mean with 2 splits (faster in 275 of 288 cells), 0.943x with 3 (12 of 12),
-# 1.054x with 4 (139 of 288), 0.930x with 5 (16 of 16), 1.122x with 8 (39 of 288, and in no
-# cell the fastest configuration): a block waits at the cluster barrier for the slowest of its
-# splits, and eight blocks of a cluster must find room in one GPC at once.
-WG_CLUSTER_MAX = 5
+# The warpgroup kernel's splits summed in one cluster: timed at first use at every split count
+# up to WG_CLUSTER_MAX (the portable cluster size) whose clusters the device holds all at once.
+# Round 25 timed each configuration clustered against itself with atomics
+# (kernels_h200_r25_wg_cluster.json, both shape groups, W4 and W3, M = 32-512): 0.911x the time
+# with 2 splits, 0.943x with 3, 1.054x with 4, 0.930x with 5 and 1.122x with 8 (never the
+# fastest). The losses were launches of more clusters than the H200 holds at once, which ran in
+# two waves (cudaOccupancyMaxActiveClusters for the 64 x 2 tiles, two blocks per SM: 132
+# clusters of 2, 62 of 4, 30 of 8; 4096^2 with 8 splits needs 32 of 8, or 64 of 4 when clusters
+# of 4 tile them).
+WG_CLUSTER_MAX = 8
 
 
-def wg_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
+def wg_cluster_configs(
+    M: int, N: int, K: int, max_clusters: Callable[[int, int, int], int]
+) -> list[tuple[int, int, int, int]]:
     """(rows per tile, warpgroups, splits, cluster) of the warpgroup-MMA kernel with a tile's
-    K splits summed in one thread-block cluster (sm_90): each configuration of ``wg_configs``
-    with 2..WG_CLUSTER_MAX splits, the cluster holding all its splits. Tiling the splits with
-    smaller clusters (then added by atomics) is not timed: for the swapped kernel it lost every
-    comparison (MMV_CLUSTER's note)."""
+    K splits summed in one thread-block cluster (sm_90): each tile and width of ``wg_configs``
+    at every split count from 2 to WG_CLUSTER_MAX (at least 4 k-steps each) whose clusters, one
+    per tile, the device holds at once (``max_clusters(nt, wgs, cluster)``: how many it holds).
+    Tiling the splits with smaller clusters (then added by atomics) is not timed: for the
+    swapped kernel it lost every comparison (MMV_CLUSTER's note)."""
     if not clusters_supported():
         return []
-    return [(nt, wgs, s, s) for nt, wgs, s in wg_configs(M, N, K) if 1 < s <= WG_CLUSTER_MAX]
+    out = []
+    for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
+        tiles = -(-M // nt) * (N // 64 // wgs)
+        counts = dict.fromkeys(_runs(K, s) for s in range(2, WG_CLUSTER_MAX + 1))
+        for s in counts:
+            if 1 < s <= max(1, K // 64 // 4) and tiles <= max_clusters(nt, wgs, s):
+                out.append((nt, wgs, s, s))
+    return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from gift_quant.kernels.cuda import rules
+from gift_quant.kernels.cuda import native, rules
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
 
@@ -173,7 +173,7 @@ def _wg_serves(M: int, wg: bool) -> bool:
 def _wg_names(M: int, N: int, K: int) -> list[str]:
     """The warpgroup kernel's configurations for M rows: ``rules.wg_configs``, then those
     with their splits in one cluster (``rules.wg_cluster_configs``, sm_90)."""
-    confs = [*rules.wg_configs(M, N, K), *rules.wg_cluster_configs(M, N, K)]
+    confs = [*rules.wg_configs(M, N, K), *rules.wg_cluster_configs(M, N, K, native.wg_max_clusters)]
     return [wg_name(*c) for c in confs]
 
 
