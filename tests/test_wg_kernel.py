@@ -82,11 +82,17 @@ def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> 
     assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
 
 
+# clusters of 2, 3, 4, 5, 6, 7, 8 and 16 blocks of the warpgroup kernel an H200 held at once
+# (cudaOccupancyMaxActiveClusters, round 27): 64 x 2 tiles run two blocks per SM, others one
+SIZES = (2, 3, 4, 5, 6, 7, 8, 16)
+H200_CLUSTERS = {
+    (64, 2): dict(zip(SIZES, (132, 79, 62, 47, 39, 32, 30, 14), strict=True)),
+    "other": dict(zip(SIZES, (66, 39, 30, 22, 17, 15, 15, 7), strict=True)),
+}
+
+
 def h200_clusters(nt: int, wgs: int, cluster: int) -> int:
-    """How many clusters of the warpgroup kernel an H200 holds at once: blocks per SM times
-    SMs per GPC (132 SMs in eight GPCs), rounded down per GPC."""
-    per_sm = 2 if (nt, wgs) == (64, 2) else 1
-    return sum(per_sm * sms // cluster for sms in (17, 17, 17, 17, 17, 17, 15, 15))
+    return H200_CLUSTERS.get((nt, wgs), H200_CLUSTERS["other"])[cluster]
 
 
 def test_warpgroup_rules_and_routes(monkeypatch) -> None:
@@ -113,14 +119,15 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
 
-    assert [h200_clusters(64, 2, c) for c in (2, 4, 8, 16)] == [132, 62, 30, 14]  # as measured
     clustered = rules.wg_cluster_configs(64, 4096, 4096, h200_clusters)
-    # 32 tiles of 64 x 2 (32 clusters): up to 7 splits; 16 of 64 x 4 (one block per SM): 7
-    assert clustered == [(64, w, s, s) for w in (2, 4) for s in range(2, 8)]
-    # 5120 columns: 40 tiles of 64 x 2 (up to 6 splits), 20 of 64 x 4 (up to 5)
+    # 32 tiles of 64 x 2 (32 clusters): up to 7 splits; 16 of 64 x 4 (one block per SM): 6
+    assert clustered == [
+        *[(64, 2, s, s) for s in range(2, 8)],
+        *[(64, 4, s, s) for s in range(2, 7)],
+    ]
+    # 5120 columns: 40 tiles of 64 x 2, 20 of 64 x 4: up to 5 splits at both widths
     assert rules.wg_cluster_configs(64, 5120, 5120, h200_clusters) == [
-        *[(64, 2, s, s) for s in range(2, 7)],
-        *[(64, 4, s, s) for s in range(2, 6)],
+        (64, w, s, s) for w in (2, 4) for s in range(2, 6)
     ]
     # 16 k-steps: at most 4 splits of 4; 5 runs as 4 (4 k-steps each)
     assert [c[2] for c in rules.wg_cluster_configs(64, 4096, 1024, h200_clusters)] == [2, 3, 4] * 2

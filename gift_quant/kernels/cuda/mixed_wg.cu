@@ -31,7 +31,7 @@
 // products are summed in fp32.
 //
 // The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
-// round-robin over the K splits, which share all k-steps evenly): x's salient columns are gathered once per launch by a small
+// round-robin over the K splits): x's salient columns are gathered once per launch by a small
 // kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
 // tensor copies load (a gather by every block read x's scattered columns once per column
 // block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
-                    int* __restrict__ cnt, int M, int N, int K, unsigned gmagic, int T,
-                    int csize,
+                    int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
+                    int ss_per_split, int T, int csize,
                     const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
@@ -290,16 +290,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
   const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;
+  const int s0 = split * ss_per_split, nss = max(0, min(S, s0 + ss_per_split) - s0);
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
-  // The S + QS k-steps shared evenly: split s runs `iters` of them (one more in the first
-  // (S + QS) % splits splits), first its salient ones (s, s + splits, ...: `nps`), then
-  // iters - nps quantized ones from s0 (the splits before it took s0 in all). A salient
-  // k-step counts as one in the balance: with an even share of the quantized ones per split,
-  // each salient one lengthened one split by a k-step, and the launch waits for its longest.
-  const int all = S + QS, per = all / splits, over = all % splits;
-  const int pper = QS / splits, pover = QS % splits;
-  const int iters = per + (split < over), nps = pper + (split < pover);
-  const int s0 = split * (per - pper) + min(split, over) - min(split, pover);
+  const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
+  const int iters = nps + nss;
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
   uint8_t* smem = smem_raw + (smem0 - raw0);
@@ -708,8 +702,6 @@ template <bool BF, int BITS, int NT, int WGS>
 int launch_wg(const WgCall& a) {
   auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS>;
   const int S = a.K / 64;
-  // as many splits as K / splits k-steps each (rounded up) need: the count the configuration
-  // names (rules._runs); the kernel shares the k-steps among them evenly
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
   if ((a.N / 64) % WGS || splits % a.csize) return -1;  // whole column blocks; clusters tile the splits
@@ -732,8 +724,8 @@ int launch_wg(const WgCall& a) {
   }
   const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
-                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group), T,
-                   a.csize, xmap, smap);
+                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
+                   ss_per_split, T, a.csize, xmap, smap);
 }
 
 // How many clusters of `csize` blocks along the splits of a configuration the current device
