@@ -120,17 +120,27 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
 
     clustered = rules.wg_cluster_configs(64, 4096, 4096, h200_clusters)
+    assert len(set(clustered)) == len(clustered)
     # 32 tiles of 64 x 2 (32 clusters): up to 7 splits; 16 of 64 x 4 (one block per SM): 6
-    assert clustered == [
-        *[(64, 2, s, s) for s in range(2, 8)],
-        *[(64, 4, s, s) for s in range(2, 7)],
-    ]
+    assert set(clustered) == {
+        (64, w, s, s) for w, top in ((2, 7), (4, 6)) for s in range(2, top + 1)
+    }
     # 5120 columns: 40 tiles of 64 x 2, 20 of 64 x 4: up to 5 splits at both widths
-    assert rules.wg_cluster_configs(64, 5120, 5120, h200_clusters) == [
+    assert set(rules.wg_cluster_configs(64, 5120, 5120, h200_clusters)) == {
         (64, w, s, s) for w in (2, 4) for s in range(2, 6)
-    ]
+    }
     # 16 k-steps: at most 4 splits of 4; 5 runs as 4 (4 k-steps each)
-    assert [c[2] for c in rules.wg_cluster_configs(64, 4096, 1024, h200_clusters)] == [2, 3, 4] * 2
+    assert sorted(c[2] for c in rules.wg_cluster_configs(64, 4096, 1024, h200_clusters)) == [
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+    ]
+    # up to 5 splits, clusters that run in waves are timed too (80 clusters of 4 here); past 5 not
+    large = rules.wg_cluster_configs(512, 5120, 13824, h200_clusters)
+    assert (256, 2, 4, 4) in large and not any(c[2] > 5 for c in large)
     assert rules.wg_cluster_configs(300, 1024, 128, h200_clusters) == []  # 2 k-steps: no split
     monkeypatch.setattr(native, "wg_max_clusters", h200_clusters)
     names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
@@ -185,10 +195,11 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)  # sm_90: clustered too
     monkeypatch.setattr(native, "wg_max_clusters", h200_clusters)
-    timer.winner = "wg:64x2x2c2"
-    assert pick(200) == "wg:64x2x2c2" and len(timed) == 4
-    assert {"wg:64x2x4", "wg:64x2x2c2"} <= set(timed[3])
-    assert "wg:64x2x4c4" not in timed[3]  # 128 clusters of 4: more than an H200 holds
+    timer.winner = "wg:64x2x4c4"
+    assert pick(200) == "wg:64x2x4c4" and len(timed) == 4
+    assert {"wg:64x2x4", "wg:64x2x4c4"} <= set(timed[3])
+    # 3 and 6 splits, not among wg_configs' counts, only where all 4 x 32 clusters fit: no
+    assert "wg:64x2x3c3" not in timed[3] and "wg:64x2x6c6" not in timed[3]
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert "wg:64x2x4" in routes.candidates(32, mma=True, N=N, K=K, wg=True)
     assert not any(n.startswith("wg:") for n in routes.candidates(16, mma=True, N=N, K=K, wg=True))

@@ -245,34 +245,42 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
     return out
 
 
-# The warpgroup kernel's splits summed in one cluster: timed at first use at every split count
-# up to WG_CLUSTER_MAX (the portable cluster size) whose clusters the device holds all at once.
-# Round 25 timed each configuration clustered against itself with atomics
-# (kernels_h200_r25_wg_cluster.json, both shape groups, W4 and W3, M = 32-512): 0.911x the time
-# with 2 splits, 0.943x with 3, 1.054x with 4, 0.930x with 5 and 1.122x with 8 (never the
-# fastest). The losses were launches of more clusters than the H200 holds at once, which ran in
-# two waves (cudaOccupancyMaxActiveClusters for the 64 x 2 tiles, two blocks per SM: 132
-# clusters of 2, 62 of 4, 30 of 8; 4096^2 with 8 splits needs 32 of 8, or 64 of 4 when clusters
-# of 4 tile them).
+# The warpgroup kernel's splits summed in one cluster, timed at first use: each configuration of
+# ``wg_configs`` with at most 5 splits, and every other split count up to WG_CLUSTER_MAX (the
+# portable cluster size) whose clusters the device holds all at once. Round 25 timed each
+# configuration clustered against itself with atomics (kernels_h200_r25_wg_cluster.json, both
+# shape groups, W4 and W3, M = 32-512): 0.911x the time with 2 splits, 0.943x with 3, 1.054x
+# with 4, 0.930x with 5 and 1.122x with 8 (never the fastest). Those 8-split launches needed
+# more clusters than an H200 holds at once (cudaOccupancyMaxActiveClusters at 64 x 2, two
+# blocks per SM: 132 clusters of 2, 62 of 4, 30 of 8; 4096^2 needs 32), so they ran in two
+# waves. The counts that fit (up to 7 splits on 4096^2 at M = 64) took M = 64 to 0.951x the
+# time and M = 32 to 0.981x (round 27). Past 5 splits a launch whose clusters do not fit is
+# not timed; up to 5 it still is: with long blocks (M = 256-512 on the large layers), clusters
+# of 2-4 in waves stayed the fastest configuration in some cells.
 WG_CLUSTER_MAX = 8
+WG_CLUSTER_WAVES = 5  # up to this many splits, clusters are timed whether or not they fit
 
 
 def wg_cluster_configs(
     M: int, N: int, K: int, max_clusters: Callable[[int, int, int], int]
 ) -> list[tuple[int, int, int, int]]:
     """(rows per tile, warpgroups, splits, cluster) of the warpgroup-MMA kernel with a tile's
-    K splits summed in one thread-block cluster (sm_90): each tile and width of ``wg_configs``
-    at every split count from 2 to WG_CLUSTER_MAX (at least 4 k-steps each) whose clusters, one
-    per tile, the device holds at once (``max_clusters(nt, wgs, cluster)``: how many it holds).
-    Tiling the splits with smaller clusters (then added by atomics) is not timed: for the
-    swapped kernel it lost every comparison (MMV_CLUSTER's note)."""
+    K splits summed in one thread-block cluster (sm_90): each configuration of ``wg_configs``
+    with 2..WG_CLUSTER_WAVES splits, then each of its tiles and widths at every other split
+    count up to WG_CLUSTER_MAX (at least 4 k-steps each) whose clusters, one per tile, the
+    device holds at once (``max_clusters(nt, wgs, cluster)``: how many it holds). Tiling the
+    splits with smaller clusters (then added by atomics) is not timed: for the swapped kernel
+    it lost every comparison (MMV_CLUSTER's note)."""
     if not clusters_supported():
         return []
-    out = []
-    for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
+    plain = wg_configs(M, N, K)
+    out = [(nt, wgs, s, s) for nt, wgs, s in plain if 1 < s <= WG_CLUSTER_WAVES]
+    for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in plain):
         tiles = -(-M // nt) * (N // 64 // wgs)
-        counts = dict.fromkeys(_runs(K, s) for s in range(2, WG_CLUSTER_MAX + 1))
-        for s in counts:
-            if 1 < s <= max(1, K // 64 // 4) and tiles <= max_clusters(nt, wgs, s):
-                out.append((nt, wgs, s, s))
+        for s in dict.fromkeys(_runs(K, s) for s in range(2, WG_CLUSTER_MAX + 1)):
+            c = (nt, wgs, s, s)
+            if c in out or not 1 < s <= max(1, K // 64 // 4):
+                continue
+            if tiles <= max_clusters(nt, wgs, s):
+                out.append(c)
     return out
