@@ -312,3 +312,23 @@ def test_ncu_summary_takes_medians_per_kernel_and_stall_shares_per_instruction(t
         ncu_summary.main(["sass", str(bad)])
     with pytest.raises(SystemExit):
         ncu_summary.main(["sass", str(tmp_path / "missing.csv")])
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--shapes", "4096x4000"], "multiple of 64 and K of the group"),
+        (["--ms", "16,x"], "invalid literal"),
+        (["--nsal", "128,"], "invalid literal"),
+    ],
+)
+def test_bench_configs_reads_every_argument_before_any_work(monkeypatch, argv, says):
+    """``bench_configs`` refuses a bad shape, M or salient count in one line before it asks
+    for a GPU or builds a layer (here on a machine without one: the message is the
+    argument's, not the missing GPU's)."""
+    import bench_configs
+
+    monkeypatch.setattr(sys, "argv", ["bench_configs.py", "--names", "wg:64x2x8", *argv])
+    with pytest.raises(SystemExit, match=says) as err:
+        bench_configs.main()
+    assert str(err.value).startswith("bench_configs: ") and "\n" not in str(err.value)
