@@ -99,7 +99,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     out = Path(args.out) / args.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    tmp = out.with_name(out.name + ".tmp")  # a temporary sibling, then a rename: never half a file
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(out)
     print(f"{len(rows)} rows in {time.time() - t0:.0f} s -> {out}")
 
 
