@@ -214,6 +214,25 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cluster_query_asks_the_device() -> None:
+    """``native.wg_max_clusters`` (cudaOccupancyMaxActiveClusters after the launch's own
+    shared-memory and cluster-size attributes): every compiled tile holds some clusters of 2 and
+    of 16 (the non-portable size), fewer the larger they are, two blocks per SM only at 64 x 2;
+    on an H200 exactly the counts measured in round 27."""
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for nt, wgs in [(64, 2), (64, 4), (128, 2), (128, 4), (256, 2)]:
+        counts = [native.wg_max_clusters(nt, wgs, c) for c in SIZES]
+        assert counts[-1] > 0 and counts == sorted(counts, reverse=True), (nt, wgs, counts)
+        per_sm = 2 if (nt, wgs) == (64, 2) else 1
+        assert all(n * c <= per_sm * sms for n, c in zip(counts, SIZES, strict=True)), counts
+        if "H200" in torch.cuda.get_device_name(0):
+            assert counts == [h200_clusters(nt, wgs, c) for c in SIZES], (nt, wgs, counts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, -1])
 @pytest.mark.parametrize("shape", [(1536, 896), (1024, 1024)], ids=["14strips", "16strips"])
@@ -244,7 +263,7 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
             confs = [(*c, 1) for c in confs] + [(*c, c[2]) for c in confs if c[2] > 1]
             # clusters of 2 tiling 4 splits (+ atomics), with and without the producer warp;
-            # 3 splits, whose k-steps do not share evenly
+            # 3 splits (at K = 1024 they run 6, 6 and 4 k-steps; at 1536, 8 each)
             confs += [(64, 2, 4, 2), (128, 2, 4, 2), (128, 4, 4, 2), (256, 2, 4, 2)]
             confs += [(64, 2, 3, 3), (64, 4, 3, 1), (128, 2, 3, 3)]
             for nt, wgs, splits, cl in dict.fromkeys(confs):

@@ -254,11 +254,12 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
 # more clusters than an H200 holds at once (cudaOccupancyMaxActiveClusters at 64 x 2, two
 # blocks per SM: 132 clusters of 2, 62 of 4, 30 of 8; 4096^2 needs 32), so they ran in two
 # waves. The counts that fit (up to 7 splits on 4096^2 at M = 64) took M = 64 to 0.951x the
-# time and M = 32 to 0.981x (round 27). Past 5 splits a launch whose clusters do not fit is
-# not timed; up to 5 it still is: with long blocks (M = 256-512 on the large layers), clusters
-# of 2-4 in waves stayed the fastest configuration in some cells.
+# time and M = 32 to 0.981x (round 27). The split counts of ``wg_configs`` (1, 2, 4, 8 and the
+# rule's) are clustered up to 5 splits whether or not the clusters fit: with long blocks
+# (M = 256-512 on the large layers), clusters of 2-4 in waves stayed the fastest configuration
+# in some cells. Every other count (3, 5, 6, 7, or 8 above) is timed only where they fit.
 WG_CLUSTER_MAX = 8
-WG_CLUSTER_WAVES = 5  # up to this many splits, clusters are timed whether or not they fit
+WG_CLUSTER_WAVES = 5  # wg_configs' counts up to this many splits: clustered, fit or not
 
 
 def wg_cluster_configs(

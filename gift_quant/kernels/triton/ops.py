@@ -35,6 +35,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -226,7 +227,9 @@ def tuned_route(
             copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
         return [launcher(w) for w in copies]
 
-    names = tuning_names(M, N, K, bits, wg=native.wg_available())
+    # the cluster queries ask the current device (CPU inputs: a stand-in timer's tests)
+    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+        names = tuning_names(M, N, K, bits, wg=native.wg_available())
     return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
 
 
