@@ -74,9 +74,6 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
 // since each warp's pair positions are constants: 103-105 uncapped, 109-111 with the selects
 // between words before); 256-row tiles need 194-197, 128 x 4 (capped at 96 too) 127-128.
-// the most salient k-steps a K split gathers itself (`own_gather`); more take the gather kernel
-constexpr int WG_GATHER_MAX = 2;
-
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return nt == 64 || (nt == 128 && wgs == 2);
 }
@@ -275,8 +272,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
                     int ss_per_split, int T, int csize,
-                    const unsigned short* __restrict__ xg, const int* __restrict__ sidx,
-                    int own_gather, const __grid_constant__ CUtensorMap xmap,
+                    const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
@@ -298,10 +294,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
   const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
-  // own_gather (launch-uniform; the host allows it where no split has more than WG_GATHER_MAX
-  // salient k-steps): the consumers gather this tile's salient columns of x into the salient
-  // k-steps' slots themselves, instead of a gather kernel before the launch
-  const bool gathers = own_gather && nps > 0;
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
   uint8_t* smem = smem_raw + (smem0 - raw0);
@@ -332,7 +324,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   static_assert(wg_smem_bytes(BITS, NT, WGS) + 1024 <= 227 * 1024, "shared memory per block");
   auto issue_x = [&](int it) {
     if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
-    if (gathers && it < nps) return;        // the consumers fill it (`gather_x`)
     const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
     if (it < nps)
@@ -345,7 +336,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   auto produce_w = [&](int it) {
     const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
     if (it < nps) {
-      if (!gathers) mbar_expect(bar, XB);  // else a consumer arrives once the tile is in
+      mbar_expect(bar, XB);
       return;
     }
     mbar_expect(bar, XB + WGS * (WB + 192));
@@ -441,51 +432,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
   };
 
-  // own_gather: rows row0 .. row0 + NT - 1 of the salient k-steps' 64 columns of x (zeros past
-  // M and past the last salient column) into their slots, in the tensor copy's swizzled layout,
-  // by the consumer threads (thread i: column i % 64, rows i / 64 + j CT / 64); `src` holds
-  // this thread's column of x for each salient k-step, read before the wait. Then a proxy
-  // fence (the MMA reads through the async proxy), a barrier of the consumers, and one arrival
-  // on each slot's full barrier where the tensor copy's bytes would have completed it.
-  constexpr int CT = WGS * 128, GJ = NT * 64 / CT;  // consumer threads, rows per thread
-  auto gather_x = [&](const int (&src)[WG_GATHER_MAX]) {
-    const int c = threadIdx.x & 63, r0 = threadIdx.x >> 6;
-#pragma unroll
-    for (int it = 0; it < WG_GATHER_MAX && it < nps; ++it) {
-      const uint32_t dst = smem0 + it * SB;
-#pragma unroll
-      for (int j0 = 0; j0 < GJ; j0 += 16) {
-        uint32_t v[GJ < 16 ? GJ : 16];
-#pragma unroll
-        for (int j = 0; j < (GJ < 16 ? GJ : 16); ++j) {
-          const int r = r0 + (j0 + j) * (CT / 64);
-          v[j] = src[it] >= 0 && row0 + r < M ? __ldcg(xg + (size_t)(row0 + r) * K + src[it]) : 0u;
-        }
-#pragma unroll
-        for (int j = 0; j < (GJ < 16 ? GJ : 16); ++j) {
-          const int r = r0 + (j0 + j) * (CT / 64);
-          const uint32_t a = dst + r * 128 + ((((c >> 3) ^ (r & 7)) << 4) | ((c & 7) << 1));
-          asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(a), "h"(static_cast<uint16_t>(v[j])) : "memory");
-        }
-      }
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    if constexpr (PROD)
-      asm volatile("bar.sync 1, %0;\n" ::"n"(CT) : "memory");  // the consumers only
-    else
-      __syncthreads();
-    if (threadIdx.x == 0)
-      for (int it = 0; it < nps; ++it) mbar_arrive(bar0 + it * 8);
-  };
-  // this thread's column of x for each salient k-step it gathers (-1: past the last)
-  auto gather_src = [&](int (&src)[WG_GATHER_MAX]) {
-#pragma unroll
-    for (int it = 0; it < WG_GATHER_MAX; ++it) {
-      const int col = (split + it * splits) * 64 + (threadIdx.x & 63);
-      src[it] = gathers && it < nps && col < nsal ? __ldg(sidx + col) : -1;
-    }
-  };
-
   float acc[NT / 2];
 #pragma unroll
   for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
@@ -540,10 +486,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       __syncwarp();
     } else {
       if (nps > 0) frags(0, a0);  // salient: from global memory, before the wait
-      int src[WG_GATHER_MAX];
-      gather_src(src);
       pdl_wait();
-      if (gathers) gather_x(src);
       if (iters > 0) {
         wait_x(0);
         if (nps == 0) frags(0, a0);
@@ -572,15 +515,12 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     // a salient first k-step's fragments are weights as stored (global memory): loaded while
     // the previous kernel finishes
     if (nps > 0) frags(0, a0);
-    int src[WG_GATHER_MAX];
-    gather_src(src);
     pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p) {
       if (p < iters) issue_x(p);
       commit_copies();
     }
-    if (gathers) gather_x(src);
     if (iters > 0) {
       wait_copies<STAGES - 2>();
       __syncthreads();
@@ -730,7 +670,6 @@ struct WgCall {
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
   int M, N, K, group, splits, csize;
-  bool own_gather;  // the blocks gather their salient columns (no gather kernel, xs unused)
   bool pdl;
   cudaStream_t stream;
 };
@@ -770,17 +709,14 @@ int launch_wg(const WgCall& a) {
   const long blocks = static_cast<long>(T) * (a.N / 64 / WGS);
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
   const int W = (a.nsal + 63) / 64 * 64;
-  // own_gather: each split's salient k-steps (round-robin) gathered by its blocks
-  if (a.own_gather && (W / 64 + splits - 1) / splits > WG_GATHER_MAX) return -1;
-  const bool gather_kernel = W > 0 && !a.own_gather;
   CUtensorMap xmap, smap;
   if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
-  if (gather_kernel && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
-  if (!gather_kernel) smap = xmap;  // not read
+  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
+  if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
   int rc = prepare_wg<BF, BITS, NT, WGS>(a.csize);
   if (rc) return rc;
-  if (gather_kernel) {
+  if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
     rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
@@ -789,8 +725,7 @@ int launch_wg(const WgCall& a) {
   const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   ss_per_split, T, a.csize, reinterpret_cast<const unsigned short*>(a.x), a.sidx,
-                   a.own_gather ? 1 : 0, xmap, smap);
+                   ss_per_split, T, a.csize, xmap, smap);
 }
 
 // How many clusters of `csize` blocks along the splits of a configuration the current device
@@ -847,15 +782,14 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 
 // Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a
 // build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
-// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0 and not
-// `own_gather`. `cluster` (1..16, dividing the splits the launch runs): the splits of a tile in
-// clusters of that many blocks. `own_gather`: no gather kernel; the blocks read x's salient
-// columns themselves (-1 where a split would gather more than WG_GATHER_MAX salient k-steps).
+// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
+// (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
+// many blocks.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           int own_gather, void* xs, int pdl, void* stream) {
+                           void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16)
     return -1;  // (clusters need sm_90: this kernel runs only where it was built for sm_90a)
@@ -868,7 +802,7 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  M,                              N,
                  K,                              group,
                  splits,                         cluster,
-                 own_gather != 0,                pdl != 0,
+                 pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return launch_wg<decltype(bf)::value, decltype(b)::value, decltype(t)::value,

@@ -72,7 +72,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P, _I, _P],  # .., own_gather, xs
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P, _I, _P],  # .., cluster, xs
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
 }
 
@@ -229,20 +229,6 @@ def wg_available() -> bool:
     return _state.get("lib") is not None and _state.get("wg", False)
 
 
-WG_GATHER_MAX = 2  # mixed_wg.cu's: the most salient k-steps a K split gathers itself
-
-
-def own_gather_fits(nsal: int, K: int, splits: int) -> bool:
-    """Whether the warpgroup kernel's blocks can gather ``nsal`` salient columns themselves
-    at ``splits`` K splits (as the launch runs them): at most WG_GATHER_MAX salient k-steps
-    of 64 columns per split, dealt round-robin."""
-    S = K // 64
-    per_split = -(-S // max(1, splits))  # k-steps per split, as launch_wg deals them
-    runs = -(-S // per_split) if S else 1
-    salient_steps = -(-nsal // 64)
-    return -(-salient_steps // runs) <= WG_GATHER_MAX
-
-
 def wg_max_clusters(nt: int, wgs: int, cluster: int) -> int:
     """How many thread-block clusters of ``cluster`` blocks of the warpgroup kernel with
     ``nt``-row tiles and ``wgs`` warpgroups the current device holds at once
@@ -283,7 +269,6 @@ def mixed_wg(
     wgs: int = 0,
     splits: int = 0,
     cluster: int = 1,
-    own_gather: bool = False,
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
@@ -292,21 +277,14 @@ def mixed_wg(
     > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
     thread-block clusters of that many blocks instead of the workspace's atomics. With salient
     columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
-    halves, which the kernel loads as it loads x; ``own_gather``: no such kernel, the blocks
-    read x's salient columns themselves (where no K split has more than two salient k-steps:
-    :func:`own_gather_fits`)."""
+    halves, which the kernel loads as it loads x."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
         (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
-    if own_gather and not own_gather_fits(p.nsal, x2.shape[1], splits):
-        raise ValueError(
-            f"own_gather: {p.nsal} salient columns over {splits} K splits puts more than "
-            f"{WG_GATHER_MAX} salient k-steps on a split; use the gather kernel"
-        )
     xs = None  # kept alive by this frame until the launches are queued
-    if p.nsal and not own_gather:
+    if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, int(own_gather), xs_ptr)
+    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, xs_ptr)
