@@ -401,17 +401,17 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   auto sal_fetch = [&](int it) {
     sal_mine = mine_of(rec_next);
     uint32_t m = sal_mine;
+    // every load unconditional (a thread without the position reads the first weight), so no
+    // select after it waits for it here
 #pragma unroll
     for (int j = 0; j < SAL_AHEAD; ++j) {
-      vlo[j] = vhi[j] = 0;
-      if (m) {
-        const int bit = __ffs(m) - 1;
-        m &= m - 1;
-        const uint16_t* w = sal_at(rank_in(rec_next, 8 * (bit >> 1) + 2 * t + (bit & 1)));
-        vlo[j] = __ldg(w), vhi[j] = __ldg(w + 4);
-      }
+      const int bit = m ? __ffs(m) - 1 : -1;
+      m &= m - 1;
+      const uint16_t* w =
+          bit < 0 ? ws16 : sal_at(rank_in(rec_next, 8 * (bit >> 1) + 2 * t + (bit & 1)));
+      vlo[j] = __ldg(w), vhi[j] = __ldg(w + 4);
     }
-    rec_next = it + 1 < nss ? __ldg(srec + s0 + it + 1) : make_int4(0, 0, 0, 0);
+    rec_next = __ldg(srec + s0 + min(it + 1, nss - 1));  // past the split's last: not used
   };
   // k-step it's fragments with this thread's salient weights in place
   auto sal_patch = [&](int it, uint32_t (&a)[4][4]) {
