@@ -65,8 +65,6 @@ def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
     assert kernel_tables._family("mma:4x8c8") == "mma:4c"
     assert kernel_tables._family("gemv") == "gemv"
     assert kernel_tables._family("wg:64x2x8c8") == "wg:64x2c"
-    assert kernel_tables._family("wg:64x2x6c6i") == "wg:64x2ci"
-    assert kernel_tables._family("wg:64x4x2i") == "wg:64x4i"
     assert kernel_tables._family("mmv:4x6d16") == "mmv:4" == kernel_tables._family("mmv:4x8")
 
 

@@ -192,33 +192,6 @@ def test_salient_fragments_hold_ws_where_the_kernel_reads_them() -> None:
                         assert got == want
 
 
-def test_salient_records_give_each_salient_column_its_rank() -> None:
-    """Per k-step of 64 columns, bit c of the mask says whether column 64 s + c is salient,
-    and the base plus the set bits below c is its place in ``sidx`` (the fragments' order):
-    decoded column by column here, every salient column once. Unsorted, repeated or
-    out-of-range columns get no records (the kernel then gathers instead)."""
-    K = 1024
-    sidx = torch.randperm(K)[:150].sort().values.to(torch.int32)
-    sidx[:5] = torch.tensor([0, 1, 2, 63, 64])  # both ends of the first k-steps
-    sidx = sidx.unique().to(torch.int32)
-    rec = layout.salient_records(sidx, K)
-    assert rec.shape == (K // 64, 4) and rec.dtype == torch.int32
-    ranks = {}
-    for s in range(K // 64):
-        lo, hi, base, zero = (int(v) & 0xFFFFFFFF for v in rec[s])
-        mask = lo | hi << 32
-        assert zero == 0
-        for c in range(64):
-            if mask >> c & 1:
-                ranks[64 * s + c] = base + bin(mask & ((1 << c) - 1)).count("1")
-    assert ranks == {int(col): r for r, col in enumerate(sidx)}
-    assert layout.salient_records(sidx.flip(0), K) is None
-    assert layout.salient_records(torch.tensor([3, 3, 9], dtype=torch.int32), K) is None
-    assert layout.salient_records(torch.tensor([3, K], dtype=torch.int32), K) is None
-    assert layout.salient_records(torch.zeros(0, dtype=torch.int32), K) is None
-    assert layout.salient_records(None, K) is None
-
-
 def test_zero_point_and_scale_layouts() -> None:
     G, N = 3, 128
     scales = torch.rand(G, N).half()

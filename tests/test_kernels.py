@@ -596,8 +596,7 @@ def test_the_cuda_layout_is_built_for_fp16_calls_and_bf16_calls_without_autograd
         return kept
 
     monkeypatch.setattr(ops, "cuda_layout", cuda_layout)
-    # the op's last two arguments: the salient fragments, the salient records
-    monkeypatch.setattr(ops, "mixed_matmul", lambda x, *a: seen.append(a[-2]) or x)
+    monkeypatch.setattr(ops, "mixed_matmul", lambda x, *a: seen.append(a[-1]) or x)
     x = torch.zeros(2, 128, dtype=BF16)
     ops.dequant_matmul(x, layer)  # autograd on: training
     assert built == [] and seen == [None]

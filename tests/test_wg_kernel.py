@@ -113,12 +113,9 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
                 assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
-                assert routes.mma_config(name) == (nt, wgs, splits, 1, False) and "c" not in name
+                assert routes.mma_config(name) == (nt, wgs, splits, 1) and "c" not in name
     assert routes.wg_name(64, 2, 8, 8) == "wg:64x2x8c8"
-    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, False)
-    assert routes.wg_name(64, 2, 6, 6, True) == "wg:64x2x6c6i"
-    assert routes.mma_config("wg:64x2x6c6i") == (64, 2, 6, 6, True)
-    assert routes.mma_config("wg:64x4x2i") == (64, 4, 2, 1, True)
+    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
 
@@ -246,9 +243,7 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
     one cluster, and clusters of two tiling four splits (their sums then added by atomics);
     37 salient columns (one salient k-step, zeros past the last column), 600 (ten salient
     k-steps: with few K splits, tiles of every height load some inside the main loop, into
-    reused ring slots) and none, each also with the salient weights in place of the quantized
-    ones (``salient_records``; 600 of 1024 or 1536 columns put many in most k-steps, more than
-    the kernel loads ahead); bias; fp16 and bf16."""
+    reused ring slots) and none; bias; fp16 and bf16."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -271,14 +266,11 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             # 3 splits (at K = 1024 they run 6, 6 and 4 k-steps; at 1536, 8 each)
             confs += [(64, 2, 4, 2), (128, 2, 4, 2), (128, 4, 4, 2), (256, 2, 4, 2)]
             confs += [(64, 2, 3, 3), (64, 4, 3, 1), (128, 2, 3, 3)]
-            # each also with the salient weights in place (no gather kernel)
-            confs = [(*c, False) for c in confs] + [(*c, True) for c in confs if nsal]
-            for nt, wgs, splits, cl, inplace in dict.fromkeys(confs):
+            for nt, wgs, splits, cl in dict.fromkeys(confs):
                 if (N // 64) % wgs:
                     continue
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-                name = routes.wg_name(nt, wgs, splits, cl, inplace)
-                ops.run_route(name, *args, out=out, cuda=cuda)
+                ops.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)
-                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, nsal, err)
+                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, cl, nsal, err)

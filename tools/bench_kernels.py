@@ -106,8 +106,7 @@ def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
             shape = (K // 64, N // 64, bits, 32, 4)
             cq = torch.randint(-(2**31), 2**31 - 1, shape, device=dev, dtype=torch.int32)
             czp, csc, cws = layout.pack_zeros(z), layout.pack_scales(s), layout.pack_salient(wst)
-            srec = layout.salient_records(sidx, K)
-            cuda = layout.Packed(cq, czp, csc, cws, sidx, NSAL, bits, GROUP, K, N, srec)
+            cuda = layout.Packed(cq, czp, csc, cws, sidx, NSAL, bits, GROUP, K, N)
     # the kernels launch as programmatic dependents on sm_90 and read their weights before they
     # wait for the kernel before them: the kernels that wrote these must be done (ops._settle)
     torch.cuda.synchronize()

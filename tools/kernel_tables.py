@@ -145,12 +145,11 @@ def print_targets(rows: dict, ms: list[int]) -> None:
 
 def _family(name: str) -> str:
     """A candidate's configuration without its K splits, "c" where they add up in clusters:
-    "wg:128x2x4" -> "wg:128x2", "wg:64x2x8c8" -> "wg:64x2c", "wg:64x2x6c6i" -> "wg:64x2ci"
-    (salient weights in place), "mma:4x8c8" -> "mma:4c", "mmv:4x6d3" -> "mmv:4"; other names
-    as they are."""
+    "wg:128x2x4" -> "wg:128x2", "wg:64x2x8c8" -> "wg:64x2c", "mma:4x8c8" -> "mma:4c",
+    "mmv:4x6d3" -> "mmv:4"; other names as they are."""
     cl = "c" if name.startswith(("wg:", "mma:", "mmv:")) and "c" in name.rsplit("x", 1)[1] else ""
     if name.startswith("wg:"):
-        return name.rsplit("x", 1)[0] + cl + ("i" if name.endswith("i") else "")
+        return name.rsplit("x", 1)[0] + cl
     if name.startswith(("mma:", "mmv:")):
         return name.split("x", 1)[0] + cl
     return name

@@ -25,7 +25,6 @@ __all__ = [
     "pack_codes",
     "pack_salient",
     "pack_scales",
-    "salient_records",
     "pack_zeros",
     "unpack_codes",
     "unsupported",
@@ -121,28 +120,6 @@ def pack_salient(wst: Tensor) -> Tensor:
     return v.contiguous()
 
 
-def salient_records(sidx: Tensor | None, K: int) -> Tensor | None:
-    """Salient columns [k] (ascending) -> int32 [K/64, 4]: per 64-deep k-step the mask of its
-    salient columns (bit c: column 64 s + c; low word, high word) and the salient rank of its
-    first (its place in ``sidx``, so in the salient fragments), then 0. The warpgroup kernel
-    puts the salient weights in place with them. None without salient columns, or where
-    ``sidx`` is not strictly increasing (the ranks would not be the fragments' order)."""
-    if sidx is None or sidx.numel() == 0:
-        return None
-    s = sidx.to(torch.int64)
-    if (s[1:] <= s[:-1]).any() or s[0] < 0 or s[-1] >= K:
-        return None
-    steps = K // 64
-    bits = torch.zeros(steps, 64, dtype=torch.int64, device=s.device)
-    bits[s // 64, s % 64] = 1
-    weights = 2 ** torch.arange(32, dtype=torch.int64, device=s.device)
-    lo, hi = (bits[:, :32] * weights).sum(1), (bits[:, 32:] * weights).sum(1)
-    counts = bits.sum(1)
-    base = torch.cumsum(counts, 0) - counts
-    rec = torch.stack([lo, hi, base, torch.zeros_like(base)], 1)
-    return torch.where(rec >= 2**31, rec - 2**32, rec).to(torch.int32).contiguous()
-
-
 # ------------------------------------------------------------------------------------------
 # the layer
 
@@ -150,8 +127,7 @@ def salient_records(sidx: Tensor | None, K: int) -> Tensor | None:
 @dataclass
 class Packed:
     """One layer's tensors in the kernel's layout (``wsp``: the salient fragments, in the
-    activations' type: fp16 as packed, bf16 by :meth:`salient_as`; ``srec``: the salient
-    records of :func:`salient_records`, or None)."""
+    activations' type: fp16 as packed, bf16 by :meth:`salient_as`)."""
 
     qc: Tensor
     zp: Tensor
@@ -163,7 +139,6 @@ class Packed:
     group: int
     K: int
     N: int
-    srec: Tensor | None = None
     converted: dict = field(default_factory=dict, repr=False, compare=False)
 
     def salient_as(self, dtype: torch.dtype, build: bool = True) -> Tensor | None:
@@ -234,5 +209,4 @@ def pack(
         group,
         K,
         N,
-        salient_records(si, K) if nsal else None,
     )

@@ -271,8 +271,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T, int csize, const int4* __restrict__ srec,
-                    int inplace, const __grid_constant__ CUtensorMap xmap,
+                    int ss_per_split, int T, int csize,
+                    const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
@@ -292,8 +292,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int S = K >> 6;
   const int s0 = split * ss_per_split, nss = max(0, min(S, s0 + ss_per_split) - s0);
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
-  // salient k-steps of this split (none in place: `inplace`, launch-uniform)
-  const int nps = !inplace && QS > split ? (QS - split + splits - 1) / splits : 0;
+  const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
@@ -363,80 +362,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t cw_at = kept<PROD>(smem0 + XB + wg * WB + lane * 16);
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
-  // In place (`inplace`): no salient k-steps; each salient weight replaces the quantized one at
-  // its position of the A fragments (the code there is the zero-point anyway), x's salient
-  // columns being in the x tiles already. srec[s] = (mask of the salient positions among
-  // k-step s's 64 columns, low word, high word; the salient rank of its first), the ranks in
-  // column order (layout.py, `salient_records`); the weights are read from the stored
-  // fragments (wsp: rank r, rows g and g + 8 of this warp's 16, two halves 8 bytes apart).
-  // Position k = 8 kk + 2 t + h of a k-step belongs to this thread (t): half h of a[kk / 2]
-  // [2 (kk % 2)] (row g) and [2 (kk % 2) + 1] (row g + 8). The weights of a k-step's first
-  // SAL_AHEAD positions of this thread are loaded one k-step ahead (`sal_fetch`), and the
-  // records two; a further position is read when patched.
-  constexpr int SAL_AHEAD = 2;
-  const auto* ws16 = reinterpret_cast<const uint16_t*>(wsp);
-  // rank r's weight for row g (row g + 8 four halves on)
-  auto sal_at = [&](int r) {
-    const int q = r >> 4, tt = (r >> 1) & 3, f = (r >> 3) & 1;
-    return ws16 + (((static_cast<size_t>(q) * B + b) * 4 + wq) * 32 + 4 * g + tt) * 8 + 2 * f +
-           (r & 1);
-  };
-  // the rank of position pos of a k-step with record rec
-  auto rank_in = [](const int4& rec, int pos) {
-    const uint64_t mask = static_cast<uint32_t>(rec.x) | static_cast<uint64_t>(static_cast<uint32_t>(rec.y)) << 32;
-    return rec.z + __popcll(mask & ((1ull << pos) - 1));
-  };
-  // this thread's positions 8 kk + 2 t + h of a k-step's record as bits 2 kk + h
-  auto mine_of = [&](const int4& rec) {
-    uint64_t m = (static_cast<uint32_t>(rec.x) | static_cast<uint64_t>(static_cast<uint32_t>(rec.y)) << 32) >> (2 * t);
-    m &= 0x0303030303030303ull;
-    m = (m | m >> 6) & 0x000F000F000F000Full;
-    m = (m | m >> 12) & 0x000000FF000000FFull;
-    return static_cast<uint32_t>(m | m >> 24) & 0xFFFFu;
-  };
-  int4 rec_next = make_int4(0, 0, 0, 0);  // the record of the k-step after the next
-  uint32_t sal_mine = 0;                  // the next k-step's positions of this thread
-  uint32_t vlo[SAL_AHEAD], vhi[SAL_AHEAD];
-  // k-step it's positions (from rec_next) and its first weights of this thread; it + 1's record
-  auto sal_fetch = [&](int it) {
-    sal_mine = mine_of(rec_next);
-    uint32_t m = sal_mine;
-    // every load unconditional (a thread without the position reads the first weight), so no
-    // select after it waits for it here
-#pragma unroll
-    for (int j = 0; j < SAL_AHEAD; ++j) {
-      const int bit = m ? __ffs(m) - 1 : -1;
-      m &= m - 1;
-      const uint16_t* w =
-          bit < 0 ? ws16 : sal_at(rank_in(rec_next, 8 * (bit >> 1) + 2 * t + (bit & 1)));
-      vlo[j] = __ldg(w), vhi[j] = __ldg(w + 4);
-    }
-    rec_next = __ldg(srec + s0 + min(it + 1, nss - 1));  // past the split's last: not used
-  };
-  // k-step it's fragments with this thread's salient weights in place
-  auto sal_patch = [&](int it, uint32_t (&a)[4][4]) {
-    uint32_t m = sal_mine;
-    for (int j = 0; m; ++j) {  // a few threads, rarely more than once
-      const int bit = __ffs(m) - 1, kk = bit >> 1, sh = (bit & 1) * 16;
-      m &= m - 1;
-      uint32_t lo = j == 0 ? vlo[0] : vlo[1], hi = j == 0 ? vhi[0] : vhi[1];
-      if (j >= SAL_AHEAD) {  // its record again, and the weight
-        const uint16_t* w = sal_at(rank_in(__ldg(srec + s0 + it), 8 * kk + 2 * t + (bit & 1)));
-        lo = __ldg(w), hi = __ldg(w + 4);
-      }
-      const uint32_t keep = 0xFFFF0000u >> sh;
-#pragma unroll
-      for (int st = 0; st < 4; ++st)
-#pragma unroll
-        for (int ii = 0; ii < 2; ++ii)
-          if (kk == 2 * st + ii) {
-            a[st][2 * ii] = (a[st][2 * ii] & keep) | lo << sh;
-            a[st][2 * ii + 1] = (a[st][2 * ii + 1] & keep) | hi << sh;
-          }
-    }
-  };
-  static_assert(SAL_AHEAD == 2, "sal_patch selects between two loaded weights");
-
   auto frags = [&](int it, uint32_t (&a)[4][4]) {
     if (it < nps) {  // salient: the stored fragments (zeros past the last k16 step)
       const int q0 = (split + it * splits) * 4;
@@ -505,10 +430,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         put(st, raw);
       }
     }
-    if (inplace) {  // launch-uniform
-      sal_patch(it, a);
-      if (it + 1 < iters) sal_fetch(it + 1);
-    }
   };
 
   float acc[NT / 2];
@@ -565,7 +486,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       __syncwarp();
     } else {
       if (nps > 0) frags(0, a0);  // salient: from global memory, before the wait
-      if (inplace && nss > 0) rec_next = __ldg(srec + s0), sal_fetch(0);  // also before it
       pdl_wait();
       if (iters > 0) {
         wait_x(0);
@@ -595,7 +515,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     // a salient first k-step's fragments are weights as stored (global memory): loaded while
     // the previous kernel finishes
     if (nps > 0) frags(0, a0);
-    if (inplace && nss > 0) rec_next = __ldg(srec + s0), sal_fetch(0);
     pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p) {
@@ -750,7 +669,6 @@ struct WgCall {
   float* ws;
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
-  const int4* srec;  // in place (non-null): the salient records (layout.py), no gather kernel
   int M, N, K, group, splits, csize;
   bool pdl;
   cudaStream_t stream;
@@ -790,7 +708,7 @@ int launch_wg(const WgCall& a) {
   const int T = (a.M + NT - 1) / NT;
   const long blocks = static_cast<long>(T) * (a.N / 64 / WGS);
   if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
-  const int W = a.srec != nullptr ? 0 : (a.nsal + 63) / 64 * 64;  // gathered salient columns
+  const int W = (a.nsal + 63) / 64 * 64;
   CUtensorMap xmap, smap;
   if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
   if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
@@ -807,8 +725,7 @@ int launch_wg(const WgCall& a) {
   const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   ss_per_split, T, a.csize, a.srec, a.srec != nullptr && a.nsal > 0 ? 1 : 0,
-                   xmap, smap);
+                   ss_per_split, T, a.csize, xmap, smap);
 }
 
 // How many clusters of `csize` blocks along the splits of a configuration the current device
@@ -865,16 +782,14 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 
 // Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a
 // build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
-// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0 and not in
-// place. `cluster` (1..16, dividing the splits the launch runs): the splits of a tile in
-// clusters of that many blocks. `srec` (K / 64 records of 4 ints, layout.py's
-// `salient_records`; the salient columns in ascending order), or null: the salient weights
-// replace the quantized ones in place, with no gather kernel and no salient k-steps.
+// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
+// (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
+// many blocks.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           const void* srec, void* xs, int pdl, void* stream) {
+                           void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16)
     return -1;  // (clusters need sm_90: this kernel runs only where it was built for sm_90a)
@@ -884,10 +799,10 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  nsal,                           static_cast<const half*>(bias),
                  static_cast<half*>(y),          static_cast<float*>(ws),
                  static_cast<int*>(cnt),         static_cast<half*>(xs),
-                 static_cast<const int4*>(srec), M,
-                 N,                              K,
-                 group,                          splits,
-                 cluster,                        pdl != 0,
+                 M,                              N,
+                 K,                              group,
+                 splits,                         cluster,
+                 pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return launch_wg<decltype(bf)::value, decltype(b)::value, decltype(t)::value,

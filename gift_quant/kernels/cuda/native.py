@@ -72,7 +72,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P, _P, _I, _P],  # .., srec, xs
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P, _I, _P],  # .., cluster, xs
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
 }
 
@@ -269,7 +269,6 @@ def mixed_wg(
     wgs: int = 0,
     splits: int = 0,
     cluster: int = 1,
-    inplace: bool = False,
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
@@ -278,23 +277,14 @@ def mixed_wg(
     > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
     thread-block clusters of that many blocks instead of the workspace's atomics. With salient
     columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
-    halves, which the kernel loads as it loads x; ``inplace``: the salient weights replace the
-    quantized ones in the kernel's weight fragments instead (``p.srec``; no gather kernel)."""
+    halves, which the kernel loads as it loads x."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
         (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
-    srec = None
-    if inplace and p.nsal:
-        if p.srec is None:
-            raise ValueError(
-                "in place: this layer's layout has no salient records (its salient columns "
-                "are not strictly increasing); use the gather kernel"
-            )
-        srec = p.srec.data_ptr()
     xs = None  # kept alive by this frame until the launches are queued
-    if p.nsal and srec is None:
+    if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, srec, xs_ptr)
+    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, xs_ptr)

@@ -346,24 +346,21 @@ def mixed_matmul(
     czp: Tensor | None = None,
     csc: Tensor | None = None,
     cws: Tensor | None = None,
-    csr: Tensor | None = None,
 ) -> Tensor:
     """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``
-    (``cq``, ``czp``, ``csc``, ``cws``, ``csr``: the CUDA kernel's codes, zero-points, scales,
-    salient fragments and salient records)."""
+    (``cq``, ``czp``, ``csc``, ``cws``: the CUDA kernel's codes, zero-points, scales and
+    salient fragments)."""
     cuda = None
     if cq is not None:
         nsal = 0 if wst is None else wst.shape[0]
         si = sidx if sidx is not None else cq.new_zeros(1)
         K, N = x.shape[-1], sz.shape[1]
-        cuda = layout.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N, csr)
+        cuda = layout.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
     return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
 @mixed_matmul.register_fake
-def _(
-    x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, czp=None, csc=None, cws=None, csr=None
-):
+def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, czp=None, csc=None, cws=None):
     return x.new_empty(*x.shape[:-1], sz.shape[1])
 
 
@@ -442,7 +439,7 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
         layer.bias,
         prep.bits,
         prep.group,
-        *((c.qc, c.zp, c.scp, cws, c.srec) if cws is not None else (None,) * 5),
+        *((c.qc, c.zp, c.scp, cws) if cws is not None else (None,) * 4),
     )
 
 

@@ -145,19 +145,17 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
     )
 
 
-def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1, inplace: bool = False) -> str:
-    return f"wg:{nt}x{wgs}x{splits}" + ("" if cluster == 1 else f"c{cluster}") + "i" * inplace
+def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1) -> str:
+    return f"wg:{nt}x{wgs}x{splits}" + ("" if cluster == 1 else f"c{cluster}")
 
 
 def mma_config(name: str) -> tuple[int, ...]:
     """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
-    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster, in place) of
-    "wg:NTxWxS[cC][i]" ("i": the salient weights in place, no gather kernel)."""
+    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster) of "wg:NTxWxS[cC]"."""
     if name.startswith("wg:"):
         nt, wgs, rest = name[3:].split("x")
-        inplace = rest.endswith("i")
-        splits, _, cluster = rest.removesuffix("i").partition("c")
-        return int(nt), int(wgs), int(splits), int(cluster or 1), inplace
+        splits, _, cluster = rest.partition("c")
+        return int(nt), int(wgs), int(splits), int(cluster or 1)
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
