@@ -35,7 +35,6 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -61,6 +60,7 @@ from gift_quant.kernels.triton.mm import (
 )
 from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.kernels.triton.routes import mma_config, route, timed, tuning_names
+from gift_quant.kernels.triton.tiles import on_device
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
@@ -227,8 +227,7 @@ def tuned_route(
             copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
         return [launcher(w) for w in copies]
 
-    # the cluster queries ask the current device (CPU inputs: a stand-in timer's tests)
-    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+    with on_device(x2.device):  # the cluster queries ask the current device
         names = tuning_names(M, N, K, bits, wg=native.wg_available())
     return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
 
