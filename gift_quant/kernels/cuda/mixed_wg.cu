@@ -20,7 +20,8 @@
 // The A fragments are double buffered: while the MMAs of k-step s run, the warpgroup
 // dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of k-step
 // s - 1 first: the asynchronous MMA reads its register operands until then). Where a ninth
-// warp costs no registers (`wg_producer`: 64-row tiles, 128 x 2), that producer warp issues
+// warp costs no registers (`wg_producer`: 64-row tiles, 128 x 2; 256-row tiles have a
+// producer warpgroup that hands its registers to the consumers), that producer warp issues
 // every copy -- x by the tensor copy, the weights by three bulk copies, all completing on the
 // slot's full barrier -- and refills a slot once every consumer warp has arrived on its empty
 // barrier (the MMAs that read it are done): the consumers only wait, dequantize and issue
@@ -73,13 +74,23 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the SM:
 // 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
 // since each warp's pair positions are constants: 103-105 uncapped, 109-111 with the selects
-// between words before); 256-row tiles need 194-197, 128 x 4 (capped at 96 too) 127-128.
+// between words before); 128 x 4 (capped at 96 too) needs 127-128. 256-row tiles need 194-197
+// a consumer thread, more than a ninth warp leaves them (168), so they get a producer
+// warpgroup whose registers the consumers take (`setmaxnreg`, as CUTLASS's warp-specialized
+// kernels do): 384 threads start at 168, the producer's drop to 56 and the consumers' rise to
+// 224 (56 + 2 x 224 = 3 x 168 per sub-partition; at 40 / 232, CUTLASS's split, the producer's
+// loop spilled 40 bytes). Only its first warp's lane 0 issues copies.
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
-  return nt == 64 || (nt == 128 && wgs == 2);
+  return nt == 64 || nt == 256 || (nt == 128 && wgs == 2);
+}
+__host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
+  return nt == 256 ? 4 : wg_producer(nt, wgs) ? 1 : 0;
 }
 __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
-  return wgs * 128 + (wg_producer(nt, wgs) ? 32 : 0);
+  return wgs * 128 + 32 * wg_producer_warps(nt, wgs);
 }
+// registers a thread of the producer warpgroup keeps, and a consumer thread takes
+constexpr int WG_PRODUCER_REGS = 56, WG_CONSUMER_REGS = 224;
 __host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) {
   return nt == 64 && wgs == 2 ? 2 : 1;
 }
@@ -92,6 +103,20 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
+}
+// the warpgroup's registers per thread set to R (all of its threads, warp-uniform)
+template <int R>
+__device__ __forceinline__ void regs_down() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void regs_up() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+// a barrier of the block's consumer threads only (named barrier 1: the producer warps go on)
+template <int COUNT>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(COUNT) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -285,7 +310,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   __shared__ __align__(8) uint64_t empty[PROD ? STAGES : 1];  // per slot: its reads are done
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
-  const bool producer = PROD && warp == WGS * 4;
+  const bool producer = PROD && warp >= WGS * 4;  // the producer warp(group)
+  const bool issuer = producer && warp == WGS * 4 && lane == 0;  // its copies' one thread
   const int tile = blockIdx.x % T, cb = blockIdx.x / T;  // row tile (fastest), column block
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -432,9 +458,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
   };
 
-  float acc[NT / 2];
-#pragma unroll
-  for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+  float acc[NT / 2];  // zeroed in the consumers' path (live only there: `k_steps`)
   // the x tile's descriptors: slot p's k16 slice st is the ring's, its address field plus the
   // offset in 16-byte units (no carry out of the 14-bit field: shared memory is below 256 KB)
   const uint64_t desc0 = smem_desc_sw128(smem0);
@@ -448,6 +472,52 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     wg_commit();
   };
 
+  // The epilogue's first half, in the consumer threads once their loop is done: the
+  // accumulators staged in shared memory over the ring, after a barrier of the consumers
+  // (each is done with the ring; every copy landed, all were waited). No code past it reads
+  // `acc`, so the producer warps, which hold no tile (at 256-row tiles they gave their
+  // registers away), join the block only for the stores.
+  // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2.
+  // One K split: y staged in fp16 (bf16), rows of 72 halves (64 + 8: rows shift by 16 bytes);
+  // several: the partial tile in fp32, rows of 64 WGS + 4 floats (the lanes' stores hit 32
+  // banks).
+  constexpr int LD = 72, W = WGS * 64, LDF = W + 4;
+  half* out = reinterpret_cast<half*>(smem);
+  float* out32 = reinterpret_cast<float*>(smem);
+  auto stage_acc = [&] {
+    consumers_sync<WGS * 128>();
+    if (splits > 1) {
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i)
+        out32[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
+            acc[i];
+      return;
+    }
+    const int c0 = b * 64 + 16 * wq + g;
+    const float bl = bias != nullptr ? to_float<BF>(bias[c0]) : 0.0f;
+    const float bh = bias != nullptr ? to_float<BF>(bias[c0 + 8]) : 0.0f;
+    // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
+    // columns 16 q + 8 h .. + 7 by rows 8 j .. 8 j + 7 (fragment row g, columns 2 t, 2 t + 1);
+    // stored transposed, it is those rows' 16 bytes of columns. Four blocks per instruction:
+    // (j, h) = (2 p + m / 2, m % 2) for matrix m, whose row rr lane 8 m + rr addresses.
+#pragma unroll
+    for (int p = 0; p < NT / 16; ++p) {
+      uint32_t v[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const int i = 4 * (2 * p + (m >> 1)) + 2 * (m & 1);
+        const float bb = m & 1 ? bh : bl;
+        v[m] = pack2<BF>(acc[i] + bb, acc[i + 1] + bb);
+      }
+      const int m = lane >> 3, rr = lane & 7;
+      const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(
+          out + (wg * NT + 8 * (2 * p + (m >> 1)) + rr) * LD + 16 * wq + 8 * (m & 1)));
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                   "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+                   : "memory");
+    }
+  };
+
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int p = 0; p < STAGES; ++p) {
@@ -458,9 +528,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   }
   __syncthreads();
   uint32_t a0[4][4], a1[4][4];
-  // the main loop: `step` (the producer path's or the old one's) on alternating fragment
-  // sets, then every MMA retired
+  // the main loop: the accumulators zeroed, `step` (the producer path's or the old one's) on
+  // alternating fragment sets, then every MMA retired
   auto k_steps = [&](auto&& step) {
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
     for (int it = 0; it < iters; it += 2) {
       step(it, a0, a1);
       if (it + 1 < iters) step(it + 1, a1, a0);
@@ -469,13 +541,14 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   };
   if constexpr (PROD) {
     if (producer) {
+      if constexpr (NT == 256) regs_down<WG_PRODUCER_REGS>();
       // every slot's weights first (not written by the previous kernel), then the x tiles;
       // a slot is refilled once each consumer warp has arrived on its empty barrier (the
       // MMAs that read it are done)
-      if (lane == 0)
+      if (issuer)
         for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p);
-      pdl_wait();  // every lane: the warp writes outputs in the epilogue
-      if (lane == 0) {
+      pdl_wait();  // every thread: the producer warps write outputs in the epilogue
+      if (issuer) {
         for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p);
         for (int it = STAGES; it < iters; ++it) {
           mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
@@ -485,6 +558,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       }
       __syncwarp();
     } else {
+      if constexpr (NT == 256) regs_up<WG_CONSUMER_REGS>();
       if (nps > 0) frags(0, a0);  // salient: from global memory, before the wait
       pdl_wait();
       if (iters > 0) {
@@ -504,6 +578,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       };
       k_steps(step);
       pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
+      stage_acc();
     }
   } else {
     // every thread issues copies: the first STAGES - 1 k-steps', one commit group of weights
@@ -545,37 +620,14 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     k_steps(step);
     wait_copies<0>();
     pdl_launch_dependents();
+    stage_acc();
   }
 
-  // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2.
-  // The producer warp holds no tile; it stores and adds its share of the staged one.
-  const int c0 = b * 64 + 16 * wq + g;
+  // The epilogue's second half, every thread once the consumers staged the tile: one K split
+  // writes y in 16-byte rows; several are summed in the cluster (csize > 1: the splits of a
+  // tile run as clusters of csize blocks), or added into ws 16 bytes per atomic (a quarter of
+  // the atomics of one per element) and written by the tile's last block
   if (splits == 1) {
-    constexpr int LD = 72;  // halves per staged row (64 + 8: rows shift by 16 bytes)
-    half* out = reinterpret_cast<half*>(smem);
-    __syncthreads();  // every warp is done with the ring (every copy landed: all were waited)
-    const float bl = bias != nullptr && !producer ? to_float<BF>(bias[c0]) : 0.0f;
-    const float bh = bias != nullptr && !producer ? to_float<BF>(bias[c0 + 8]) : 0.0f;
-    // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
-    // columns 16 q + 8 h .. + 7 by rows 8 j .. 8 j + 7 (fragment row g, columns 2 t, 2 t + 1);
-    // stored transposed, it is those rows' 16 bytes of columns. Four blocks per instruction:
-    // (j, h) = (2 p + m / 2, m % 2) for matrix m, whose row rr lane 8 m + rr addresses.
-#pragma unroll
-    for (int p = 0; p < NT / 16 && !producer; ++p) {
-      uint32_t v[4];
-#pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        const int i = 4 * (2 * p + (m >> 1)) + 2 * (m & 1);
-        const float bb = m & 1 ? bh : bl;
-        v[m] = pack2<BF>(acc[i] + bb, acc[i + 1] + bb);
-      }
-      const int m = lane >> 3, rr = lane & 7;
-      const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(
-          out + (wg * NT + 8 * (2 * p + (m >> 1)) + rr) * LD + 16 * wq + 8 * (m & 1)));
-      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-                   "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
-                   : "memory");
-    }
     __syncthreads();
     for (int i = threadIdx.x; i < NT * WGS * 8; i += THREADS) {
       const int r = i / (WGS * 8), c = i % (WGS * 8);
@@ -585,25 +637,12 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
     return;
   }
-  // several K splits: the partial tile staged in fp32 (rows of 64 WGS + 4 floats: the lanes'
-  // stores hit 32 banks); summed in the cluster (csize > 1: the splits of a tile run as
-  // clusters of csize blocks), or added into ws 16 bytes per atomic (a quarter of the atomics
-  // of one per element) and written by the tile's last block
-  constexpr int W = WGS * 64, LDF = W + 4;
-  float* out32 = reinterpret_cast<float*>(smem);
   const int rows = min(NT, M - row0);
-  auto stage = [&](float* red) {
-#pragma unroll
-    for (int i = 0; i < NT / 2 && !producer; ++i)
-      red[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
-          acc[i];
-  };
-  if (csize > 1) {  // launch-uniform
-    cluster_reduce<BF, W, LDF>(stage, out32, bias, y, ws, row0, rows, N, b0 * 64, splits == csize);
+  if (csize > 1) {  // launch-uniform; the tile is staged already (its barrier completes it)
+    cluster_reduce<BF, W, LDF>([](float*) {}, out32, bias, y, ws, row0, rows, N, b0 * 64,
+                               splits == csize);
     if (splits == csize) return;
   } else {
-    __syncthreads();  // every warp is done with the ring
-    stage(out32);
     __syncthreads();
     for (int i = threadIdx.x; i < rows * WGS * 16; i += THREADS) {
       const int r = i / (WGS * 16), c4 = i - r * (WGS * 16);
