@@ -305,7 +305,7 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -> None:
     from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops, routes
+    from gift_quant.kernels.triton import ops, routes, tuning
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
     if native.library() is None:
@@ -326,8 +326,8 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
             wg = native.wg_available()
             assert taken in routes.candidates(M, mma=True, N=N, K=K, wg=wg), taken
             # measured under this dtype's own key (the CUDA kernels' builds among the timed)
-            key = ops.tuning.key(0, N, K, bits, 64, 37, M, dtype)
-            assert ops.tuning.kept(key) == taken, (M, dtype, taken)
+            key = tuning.key(0, N, K, bits, 64, 37, M, dtype)
+            assert tuning.kept(key) == taken, (M, dtype, taken)
             exact = oracle(x, layer)
             err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), exact)
             assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, dtype, err, ref_err)
@@ -349,7 +349,7 @@ def assert_routes_match_the_oracle(names, x, layer, p, cuda) -> None:
     """Every kernel in ``names`` on x, written into a NaN-filled output, within ERROR_FACTOR of
     the torch reference's own error against the float64 oracle."""
     from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops
+    from gift_quant.kernels.triton import dispatch
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle
 
     M, N = x.shape[0], layer.out_features
@@ -357,7 +357,7 @@ def assert_routes_match_the_oracle(names, x, layer, p, cuda) -> None:
     args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
     for name in names:
         out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
-        ops.run_route(name, *args, out=out, cuda=cuda)
+        dispatch.run_route(name, *args, out=out, cuda=cuda)
         err, ref_err = kernel_error(out, ref, exact)
         assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, err, ref_err)
 

@@ -72,7 +72,7 @@ def test_chained_kernels_read_the_previous_output(monkeypatch, M: int, gemv_wait
     the previous kernel finished would read NaN or stale partial sums. ``gemv_wait="before"``:
     the GEMV waits before its k-loop, as it does past one wave (forced by a bound of 0)."""
     from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import gemv, ops
+    from gift_quant.kernels.triton import dispatch, gemv, ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
     if gemv_wait == "before":
@@ -101,7 +101,7 @@ def test_chained_kernels_read_the_previous_output(monkeypatch, M: int, gemv_wait
         x = x0
         for layer, (p, cuda), out in zip(layers, preps, outs, strict=True):
             args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-            ops.run_route(name, *args, out=out, cuda=cuda)
+            dispatch.run_route(name, *args, out=out, cuda=cuda)
             x = out
 
     def check(name: str, outs: list[torch.Tensor], how: str) -> None:

@@ -29,7 +29,7 @@ from gift_quant.kernels import (  # noqa: E402
     resolve_backend,
 )
 from gift_quant.kernels.cuda import layout, native, rules  # noqa: E402
-from gift_quant.kernels.triton import mm, ops, routes  # noqa: E402
+from gift_quant.kernels.triton import dispatch, mm, ops, routes, tuning  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
@@ -194,7 +194,7 @@ def test_route_kernels_match_the_oracle(name, bits, dtype, M, group, sym, nsal, 
     x = torch.randn(M, 256, device=DEV, dtype=dtype)
     out = torch.full((M, 64), float("nan"), device=DEV, dtype=dtype)
     args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-    ops.run_route(name, x, *args, out=out)
+    dispatch.run_route(name, x, *args, out=out)
     within_bound(out, x, layer, w, b)
 
 
@@ -378,7 +378,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
 
     def pick(M, nsal=0):
         wst = torch.zeros(nsal, N, dtype=F16) if nsal else None
-        return ops.tuned_route(x[:M], None, sz, wst, None, None, None, 4, 128, object(), timer)
+        return dispatch.tuned_route(x[:M], None, sz, wst, None, None, None, 4, 128, object(), timer)
 
     assert pick(16) == "mma:2x16"
     rule_triton = routes.route(16, N, K, 4)
@@ -397,7 +397,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
     # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 2 for M = 1;
     # two rows have their own bucket, not 3-4's
-    ops.tuning._kept[ops.tuning.key(None, N, K, 4, 128, 0, 32, F16)] = "mma:4x4"
+    tuning._kept[tuning.key(None, N, K, 4, 128, 0, 32, F16)] = "mma:4x4"
     timer.winner = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
     mmv4 = [routes.mmv_name(*c) for c in rules.mmv_configs(4, N, K)]
@@ -423,7 +423,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     timer.winner = "mma:2x16"
 
     def other(group=128, bits=4):  # the same shape and M with another group or width
-        return ops.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
+        return dispatch.tuned_route(x[:16], None, sz, None, None, None, None, bits, group, 0, timer)
 
     other(group=64)
     other(bits=3)
@@ -435,7 +435,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     )
     xb = torch.zeros(16, K, dtype=bf16)
     timer.winner = "mma:4x16"
-    assert ops.tuned_route(xb, None, sz, None, None, None, None, 4, 128, 0, timer) == "mma:4x16"
+    assert (
+        dispatch.tuned_route(xb, None, sz, None, None, None, None, 4, 128, 0, timer) == "mma:4x16"
+    )
     assert len(timed) == 7 and timed[6] == timed[0]  # the same candidates as fp16 at 16 rows
     assert pick(16) == "mma:2x16"  # fp16 keeps its own
     timed[4:] = []
@@ -443,8 +445,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
         assert pick(M) == routes.route(M, N, K, 4, mma=True)
     assert len(timed) == 4
     kept = {
-        (r["m_bucket"], r["salient"], r["group"], r["bits"], r["dtype"])
-        for r in ops.tuning.record()
+        (r["m_bucket"], r["salient"], r["group"], r["bits"], r["dtype"]) for r in tuning.record()
     }
     fp16_kept = {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
         (4, 0, 128, 4),
@@ -452,7 +453,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
         (16, 0, 128, 3),
     }
     assert kept == {(*k, "fp16") for k in fp16_kept} | {(16, 0, 128, 4, "bf16")}
-    first = next(r for r in ops.tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
+    first = next(r for r in tuning.record() if r["salient"] == 0 and r["m_bucket"] == 16)
     assert first["kept"] == "mma:2x16" and set(first["seconds"]) == set(timed[0])
     monkeypatch.setenv("GIFT_QUANT_TUNE", "0")
     assert (
@@ -498,7 +499,7 @@ def test_mma_route_names_carry_the_configuration(monkeypatch):
     z = torch.zeros(1, dtype=torch.int32)
     cuda = layout.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 64, 128, 64)
     for name in ("mma:2x16", "mma:4x3", "mma:4x16c16"):
-        ops.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=cuda)
+        dispatch.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=cuda)
     assert seen == [(2, 16, 1), (4, 3, 1), (4, 16, 16)]
 
 
@@ -543,7 +544,7 @@ def test_gemv_caps_its_registers_where_its_launch_exceeds_the_places(monkeypatch
     for nsal, capped in ((0, False), (120, False), (250, True)):  # 16, 20, 24 programs
         layer, w, b = make(1024, 256, bits=4, group=128, salient=nsal, seed=nsal)
         x = torch.randn(1, 1024, device=DEV, dtype=F16)
-        within_bound(ops.run_route("gemv", x, *_args(layer)), x, layer, w, b)
+        within_bound(dispatch.run_route("gemv", x, *_args(layer)), x, layer, w, b)
         cfg, grid = seen[-2], seen[-1]
         assert (grid[0] * grid[1] > g.CAP_ABOVE_PROGRAMS_PER_SM) is capped
         assert cfg.get("maxnreg") == (g.WIDE_MAXNREG if capped else None)
@@ -579,7 +580,7 @@ def test_split_k_mm_is_right_in_every_call(name, bits, dtype):
     args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
     for _ in range(150):
         x = torch.randn(64, 4096, device="cuda", dtype=dtype)
-        within_bound(ops.run_route(f"mm:{name}", x, *args), x, layer, w, b)
+        within_bound(dispatch.run_route(f"mm:{name}", x, *args), x, layer, w, b)
 
 
 def test_the_cuda_layout_is_built_for_fp16_calls_and_bf16_calls_without_autograd(monkeypatch):

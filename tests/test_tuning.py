@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gift_quant.kernels.triton import ops, tuning
+from gift_quant.kernels.triton import dispatch, ops, tuning
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.testing import graph_time_us, random_quantized
 
@@ -35,7 +35,9 @@ def test_first_use_timing_reads_what_the_graph_replay_reads(case) -> None:
 
     def launcher(p):
         def launch(kernel: str) -> None:
-            ops.run_route(kernel, x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, None, 4, 128, out=out)
+            dispatch.run_route(
+                kernel, x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, None, 4, 128, out=out
+            )
 
         return launch
 

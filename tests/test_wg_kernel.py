@@ -158,7 +158,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     configurations beside the other CUDA kernels'; past 512 rows, on N not a multiple of
     128, or where it is not built, the rule serves untimed (and 17..32 rows time no
     warpgroup configuration)."""
-    from gift_quant.kernels.triton import ops
+    from gift_quant.kernels.triton import dispatch, tuning
 
     monkeypatch.setattr(native, "wg_available", lambda: True)
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)  # as on the CPU, any GPU
@@ -169,7 +169,9 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
 
     def pick(M, n=N):
         sz = torch.zeros(1, n, dtype=torch.int32)
-        return ops.tuned_route(x[:M], None, sz, None, None, None, None, 4, 128, object(), timer)
+        return dispatch.tuned_route(
+            x[:M], None, sz, None, None, None, None, 4, 128, object(), timer
+        )
 
     assert pick(100) == "wg:128x4x2"
     want = [routes.wg_name(*c) for c in rules.wg_configs(100, N, K)] + [routes.route(100, N, K, 4)]
@@ -206,10 +208,10 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     monkeypatch.setattr(native, "wg_available", lambda: False)
     assert pick(300) == routes.route(300, N, K, 4, mma=True)
     assert len(timed) == 4
-    ops.tuning._kept.clear()
+    tuning._kept.clear()
     pick(20)  # timed again, without the warpgroup kernel
     assert len(timed) == 5 and not any(n.startswith("wg:") for n in timed[4])
-    assert ops.tuning.m_bucket(33) == 64 and ops.tuning.m_bucket(300) == 512
+    assert tuning.m_bucket(33) == 64 and tuning.m_bucket(300) == 512
 
 
 @pytest.mark.gpu
@@ -245,7 +247,7 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
     k-steps: with few K splits, tiles of every height load some inside the main loop, into
     reused ring slots) and none; bias; fp16 and bf16."""
     from gift_quant.kernels import reference
-    from gift_quant.kernels.triton import ops
+    from gift_quant.kernels.triton import dispatch, ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
     if native.library() is None or not native.wg_available():
@@ -271,6 +273,6 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
                     continue
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-                ops.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
+                dispatch.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)
                 assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, cl, nsal, err)

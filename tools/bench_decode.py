@@ -311,7 +311,7 @@ def main() -> None:
         runs["w4_fused"] = timed(qmodel, prompts, args)
         print(f"w4g128+s128 fused: {runs['w4_fused']}", flush=True)
     from gift_quant.kernels.cuda import native
-    from gift_quant.kernels.triton import ops, routes
+    from gift_quant.kernels.triton import routes, tuning
 
     shapes |= layer_shapes(qmodel)  # the fused layers' too
     mma = native.library() is not None
@@ -349,7 +349,7 @@ def main() -> None:
         rows=rows,
         logits_rel_diff_triton_vs_torch=rel["w4"],
         logits_rel_diff_triton_vs_torch_fused=rel.get("w4_fused"),
-        tuning=ops.tuning.record(),  # what the op measured at first use
+        tuning=tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
     cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", "no_matmul") if k in runs]

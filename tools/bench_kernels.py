@@ -55,8 +55,11 @@ from kernel_tables import parse_shape, print_tables, show_saved  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
-from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
-from gift_quant.kernels.triton import routes  # noqa: E402
+from gift_quant.kernels.triton import (  # noqa: E402
+    dispatch,  # noqa: E402
+    routes,
+    tuning,
+)
 from gift_quant.kernels.triton.gemv import gemv  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
@@ -176,7 +179,7 @@ def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:
 
 
 def run_config(x: torch.Tensor, L: dict, bits: int, name: str, cfg: dict):
-    ws, cnt = triton_ops._workspace(x.device, x.shape[0] * L["sz"].shape[1])
+    ws, cnt = dispatch.workspace(x.device, x.shape[0] * L["sz"].shape[1])
     return gemv(
         x, L["q"], L["sz"], L["wst"], L["sidx"], None, ws, cnt, bits=bits, group=GROUP, config=cfg
     )
@@ -259,7 +262,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
 
 
 def cand_call(name: str, x: torch.Tensor, L: dict, bits: int):
-    return triton_ops.run_route(
+    return dispatch.run_route(
         name,
         x,
         L["q"],
@@ -437,7 +440,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for group, (N, K) in shapes:
         bench_shape(group, N, K, args.sweep, res)
-        res["tuning"] = triton_ops.tuning.record()  # what the op measured at first use
+        res["tuning"] = tuning.record()  # what the op measured at first use
         tmp = out / (name + ".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         tmp.replace(out / name)

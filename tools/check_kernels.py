@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gift_quant.kernels import ACTIVATION_DTYPES, Backend, reference  # noqa: E402
 from gift_quant.kernels import dequant_matmul as dispatch  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.triton import dispatch as triton_dispatch  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
@@ -70,10 +71,10 @@ def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
     M, N = x.shape[0], layer.out_features
     args = (x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits)
     if name is None and prep.cuda is not None:
-        name = triton_ops.tuned_route(*args, prep.group, prep.cuda)
+        name = triton_dispatch.tuned_route(*args, prep.group, prep.cuda)
     name = name or routes.route(M, N, prep.K, prep.bits)
     out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
-    return triton_ops.run_route(name, *args, prep.group, out=out, cuda=prep.cuda), name
+    return triton_dispatch.run_route(name, *args, prep.group, out=out, cuda=prep.cuda), name
 
 
 def check_case(args) -> list[dict]:

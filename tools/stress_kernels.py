@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gift_quant.kernels import ACTIVATION_DTYPES, reference  # noqa: E402
 from gift_quant.kernels.cuda import native  # noqa: E402
+from gift_quant.kernels.triton import dispatch as triton_dispatch  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
 from gift_quant.kernels.triton.mm import MM_CONFIGS  # noqa: E402
@@ -92,8 +93,8 @@ def stress(layer, w, M: int, name: str, iters: int, seed: int) -> dict:
         x = torch.randn(M, K, device="cuda", dtype=ref_w.dtype, generator=gen)
         exact = oracle(x, layer, weight=exact_w)
         ref = reference.add_salient_and_bias(x, x @ ref_w, layer)  # reference.dequant_matmul
-        y1 = triton_ops.run_route(name, x, *args, cuda=p.cuda)
-        y2 = triton_ops.run_route(name, x, *args, cuda=p.cuda)
+        y1 = triton_dispatch.run_route(name, x, *args, cuda=p.cuda)
+        y2 = triton_dispatch.run_route(name, x, *args, cuda=p.cuda)
         for y in (y1, y2):  # both calls against the oracle (a NaN reads as an infinite error)
             err, ref_err = kernel_error(y, ref, exact)
             worst = max(worst, err / max(ref_err, 1e-12))

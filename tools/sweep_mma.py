@@ -54,8 +54,10 @@ from kernel_tables import parse_shape  # noqa: E402
 
 from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
-from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
-from gift_quant.kernels.triton import routes  # noqa: E402
+from gift_quant.kernels.triton import (
+    dispatch,  # noqa: E402
+    routes,  # noqa: E402
+)
 from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
 from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
@@ -125,7 +127,7 @@ def no_salient(x, base, copies, ccopies, ref, config, bits) -> dict:
     their salient columns left out: time, and the kernel's error against the oracle without them."""
     wn, splits, depth, cl = config
     M, N = x.shape[0], base["wst"].shape[1]
-    ws, cnt = triton_ops._workspace(x.device, M * N)
+    ws, cnt = dispatch.workspace(x.device, M * N)
     launch = partial(native.mixed_mmv, depth=depth, cluster=cl) if depth else native.mixed_mma
     bare = [replace(P, nsal=0) for P in ccopies]
     ref0 = ref - x.double()[:, base["sidx"].long()] @ base["wst"].double()
@@ -199,7 +201,7 @@ def main() -> None:
                     continue
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = reference(x, base)
-                ws, cnt = triton_ops._workspace(x.device, M * N)
+                ws, cnt = dispatch.workspace(x.device, M * N)
                 ref16 = (x @ w16 + x[:, base["sidx"].long()] @ base["wst"]).double()
                 t_op = graph_time_us([partial(ours, x, L, bits) for L in copies])
                 # the GEMV beside it where it may serve M (the route between them is measured)

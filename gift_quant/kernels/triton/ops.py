@@ -1,4 +1,4 @@
-"""Triton backend of ``dequant_matmul`` / ``base_matmul``: layouts, dispatch by M, custom ops.
+"""Triton backend of ``dequant_matmul`` / ``base_matmul``: layouts and custom ops.
 
 Importing this module raises ImportError where Triton is missing (``triton_available``).
 
@@ -6,24 +6,12 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
   version changes): the codes as stored for 2/4 bits, the 3-word units of ``ptx`` for
   3 bits; ``sz`` [G, N] int32 = fp16 scale bits | zero-point << 16; W_S^T [k, N]; the salient
   position of every input column. Layers the kernels do not cover (act-order ``g_idx``,
-  8 bits, widths not multiples of 64) run the torch reference.
-* Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (one of the two CUDA
-  kernels, the split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
-  dequantize + cuBLAS), launched by ``run_route``.
-* Measured at first use (fp16 or bf16 x, M in TUNE_M where the CUDA kernels are built, and M in
-  WG_M where the warpgroup kernel is: ``routes.timed``): the first call of a layer shape and
-  M bucket on a device times the CUDA kernels' configurations (``rules.mmv_configs``,
-  ``rules.configs``, ``rules.wg_configs``) and the rule's Triton kernel, each replayed in a
-  CUDA graph over copies of the weights that pass twice the L2 cache, and keeps the fastest
-  for the process (``tuned_route``, ``tuning``; the timings stay in ``tuning.record``).
-  From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
-  call inside CUDA-graph capture) keeps the rules instead.
+  8 bits, widths not multiples of 64) run the torch reference. The CUDA kernels' own layout
+  (``cuda_layout``) is built beside it where they are compiled.
+* Which kernel runs a call, and how it is launched: ``dispatch``.
 * ``torch.ops.gift_quant.mixed_matmul`` / ``base_matmul`` are custom ops (opaque to
   torch.compile, with fake implementations) and differentiable in x: grad_x = grad_y @ W runs
   through the same tiles (``mm.backward``; no dense copy of W is kept).
-* The kernels share one zero-initialised fp32 workspace per device that every launch leaves
-  zeroed; calls on one device must not overlap in time (one stream), and the first call of a
-  shape must happen before CUDA-graph capture (it compiles and may grow the workspace).
 * On sm_90 and later the GEMV and the CUDA kernels launch as programmatic dependents of the
   kernel before them (``rules.dependent_launch``): they read their weights while it finishes,
   and x and the workspace only after it is done. So a layer's layout, once built, is waited
@@ -35,7 +23,7 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,31 +36,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import layout, native
 from gift_quant.kernels.cuda.rules import dependent_launch_capable
-from gift_quant.kernels.triton import tuning
-from gift_quant.kernels.triton.gemv import gemv
-from gift_quant.kernels.triton.mm import (
-    MM_CONFIGS,
-    NOISE_KINDS,
-    backward,
-    dequantize,
-    mm,
-    mm_config,
-)
+from gift_quant.kernels.triton.dispatch import run
+from gift_quant.kernels.triton.mm import NOISE_KINDS, backward, dequantize
 from gift_quant.kernels.triton.ptx import pack_3bit
-from gift_quant.kernels.triton.routes import mma_config, route, timed, tuning_names
-from gift_quant.kernels.triton.tiles import on_device
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
     "base_matmul",
     "dequant_matmul",
     "noisy_weight_t",
+    "cuda_layout",
     "prepare",
-    "run_route",
-    "tuned_route",
 ]
-
-_WS_MIN_FLOATS = 1 << 22
 
 
 @dataclass
@@ -178,154 +153,6 @@ def release_cuda_layout(layer) -> None:
         cache.cuda, cache.cuda_checked = None, False
 
 
-def tuned_route(
-    x2: Tensor,
-    q: Tensor,
-    sz: Tensor,
-    wst: Tensor | None,
-    sidx: Tensor | None,
-    sal_pos: Tensor | None,
-    bias: Tensor | None,
-    bits: int,
-    group: int,
-    cuda: layout.Packed,
-    timer=None,
-) -> str:
-    """The kernel for ``x2`` (fp16 or bf16) on a layer with the CUDA kernels' layout:
-    ``route``'s rule where ``routes.timed`` says no; else the fastest of ``tuning_names``,
-    measured at the first call of (device, shape, M bucket, dtype) and kept
-    (``tuning.choose``; ``timer``: see there)."""
-    M, K = x2.shape
-    N = sz.shape[1]
-    if not timed(M, N, native.wg_available()) or not (x2.is_cuda or timer):
-        return route(M, N, K, bits, mma=True)
-    nsal = 0 if wst is None else wst.shape[0]
-    k = tuning.key(x2.device.index, N, K, bits, group, nsal, M, x2.dtype)
-    name = tuning.kept(k)  # the hot path: one dict lookup
-    if name is not None:
-        return name
-    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    _workspace(x2.device, M * N)  # sized here, on the caller's stream, not while timing
-
-    def launcher(w: tuple):
-        def launch(name: str) -> None:
-            run_route(name, x2, *w[:3], sidx, sal_pos, bias, bits, group, out=out, cuda=w[3])
-
-        return launch
-
-    def launches() -> list:
-        """One launcher per copy of the weights the timing cycles over (the layer's first):
-        enough copies that the layout a candidate reads (Triton's or the CUDA kernels', about
-        the same bytes) passes twice the L2 cache."""
-        own = [f.name for f in fields(cuda) if isinstance(getattr(cuda, f.name), Tensor)]
-        triton_bytes = sum(t.nbytes for t in (q, sz, wst) if t is not None)
-        cuda_bytes = sum(getattr(cuda, f).nbytes for f in own)
-        n = tuning.copies_for(min(triton_bytes, cuda_bytes), x2.device)
-        copies = [(q, sz, wst, cuda)]
-        for _ in range(n - 1):
-            c = replace(cuda, **{f: getattr(cuda, f).clone() for f in own})
-            copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
-        return [launcher(w) for w in copies]
-
-    with on_device(x2.device):  # the cluster queries ask the current device
-        names = tuning_names(M, N, K, bits, wg=native.wg_available())
-    return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
-
-
-def run_route(
-    name: str,
-    x2: Tensor,
-    q: Tensor,
-    sz: Tensor,
-    wst: Tensor | None,
-    sidx: Tensor | None,
-    sal_pos: Tensor | None,
-    bias: Tensor | None,
-    bits: int,
-    group: int,
-    out: Tensor | None = None,
-    cuda: layout.Packed | None = None,
-) -> Tensor:
-    """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
-    "wg:NTxWxS[cC]")."""
-    M, K = x2.shape
-    N = sz.shape[1]
-    if name.startswith(("mma:", "mmv:", "wg:")):
-        cuda = cuda.for_type(x2.dtype)
-        ws, cnt = _workspace(x2.device, M * N)
-        b16 = None if bias is None else bias.to(x2.dtype).contiguous()
-        if name.startswith("wg:"):
-            return native.mixed_wg(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
-        if name.startswith("mmv:"):
-            wn, splits, depth, cl = mma_config(name)
-            return native.mixed_mmv(
-                x2, cuda, b16, ws, cnt, wn, splits, out=out, depth=depth, cluster=cl
-            )
-        return native.mixed_mma(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
-    if name == "cublas":
-        w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)
-        if out is None:
-            return torch.addmm(bias.to(x2.dtype), x2, w) if bias is not None else x2 @ w
-        if bias is not None:
-            return torch.addmm(bias.to(x2.dtype), x2, w, out=out)
-        return torch.mm(x2, w, out=out)
-    ws, cnt = _workspace(x2.device, M * N)
-    kw = dict(bits=bits, group=group, out=out)
-    if name == "gemv":
-        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
-    if name.startswith("mm:"):
-        cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
-        return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
-    raise ValueError(f"unknown kernel {name!r}")
-
-
-_workspaces: dict[int, tuple[Tensor, Tensor]] = {}
-
-
-def _workspace(device: torch.device, floats: int) -> tuple[Tensor, Tensor]:
-    idx = device.index if device.index is not None else 0
-    ws = _workspaces.get(idx) if device.type == "cuda" else None
-    if ws is None or ws[0].numel() < floats:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "the Triton workspace must grow; run this shape once before capturing a CUDA graph"
-            )
-        n = max(_WS_MIN_FLOATS, floats)
-        ws = (
-            torch.zeros(n, dtype=torch.float32, device=device),
-            torch.zeros(1 << 16, dtype=torch.int32, device=device),
-        )
-        if device.type == "cuda":
-            _workspaces[idx] = ws
-    return ws
-
-
-def _run(
-    x: Tensor,
-    q: Tensor,
-    sz: Tensor,
-    wst: Tensor | None,
-    sidx: Tensor | None,
-    sal_pos: Tensor | None,
-    bias: Tensor | None,
-    bits: int,
-    group: int,
-    cuda: layout.Packed | None = None,
-) -> Tensor:
-    K, N = x.shape[-1], sz.shape[1]
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    if M == 0:
-        return x.new_empty(*x.shape[:-1], N)
-    if cuda is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
-    else:
-        name = route(M, N, K, bits)
-    y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda)
-    return y.reshape(*x.shape[:-1], N)
-
-
 # ------------------------------------------------------------------------------------------
 # custom ops
 
@@ -355,7 +182,7 @@ def mixed_matmul(
         si = sidx if sidx is not None else cq.new_zeros(1)
         K, N = x.shape[-1], sz.shape[1]
         cuda = layout.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
-    return _run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
+    return run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
 @mixed_matmul.register_fake
@@ -390,7 +217,7 @@ mixed_matmul.register_autograd(_mixed_backward, setup_context=_setup)
 @torch.library.custom_op("gift_quant::base_matmul", mutates_args=())
 def base_matmul_op(x: Tensor, q: Tensor, sz: Tensor, bits: int, group: int) -> Tensor:
     """x @ dequant(W)^T only (no salient product, no bias)."""
-    return _run(x, q, sz, None, None, None, None, bits, group)
+    return run(x, q, sz, None, None, None, None, bits, group)
 
 
 @base_matmul_op.register_fake

@@ -14,7 +14,7 @@ H200 (names only; ``ops`` launches what they name).
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
   the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
 * Measured at first use (fp16 or bf16, M in TUNE_M where the CUDA kernels are built, and M in
-  WG_M where the warpgroup kernel is: ``timed``): ``ops.tuned_route`` times ``tuning_names``
+  WG_M where the warpgroup kernel is: ``timed``): ``dispatch.tuned_route`` times ``tuning_names``
   once per shape, M bucket and dtype (``tuning``);
   ``route_in_force`` says which kernel a call takes now.
 """

@@ -1,4 +1,4 @@
-"""First-use measurement of the kernel that serves a layer shape (pure torch; ``ops.tuned_route``
+"""First-use measurement of the kernel that serves a layer shape (pure torch; ``dispatch.tuned_route``
 supplies the candidates and how to launch them).
 
 A measurement is kept per (device, N, K, bits, group, salient count, M bucket, activation
