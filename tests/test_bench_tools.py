@@ -332,3 +332,27 @@ def test_bench_configs_reads_every_argument_before_any_work(monkeypatch, argv, s
     with pytest.raises(SystemExit, match=says) as err:
         bench_configs.main()
     assert str(err.value).startswith("bench_configs: ") and "\n" not in str(err.value)
+
+
+def test_every_kernel_tool_imports_on_a_machine_without_a_gpu():
+    """Each script under tools/ that uses the kernels imports (its arguments are read only under
+    ``__main__``), and the kernel benchmark finds the custom op it times: a module that moved,
+    or an import whose side effect registered the op, breaks these tools on the GPU machine
+    first, where a run costs the most."""
+    import subprocess
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    uses = ("gift_quant.kernels", "import bench_kernels")
+    names = sorted(p.stem for p in tools.glob("*.py") if any(u in p.read_text() for u in uses))
+    assert {"bench_kernels", "bench_configs", "check_kernels", "bench_decode"} <= set(names)
+    code = (
+        f"import sys; sys.path.insert(0, {str(tools)!r})\n"
+        "import importlib\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import bench_kernels\n"
+        "print(bench_kernels.OP)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("gift_quant.mixed_matmul"), done.stdout

@@ -55,11 +55,8 @@ from kernel_tables import parse_shape, print_tables, show_saved  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
-from gift_quant.kernels.triton import (  # noqa: E402
-    dispatch,  # noqa: E402
-    routes,
-    tuning,
-)
+from gift_quant.kernels.triton import dispatch, routes, tuning  # noqa: E402
+from gift_quant.kernels.triton import ops as _ops  # noqa: E402, F401 (registers the custom ops)
 from gift_quant.kernels.triton.gemv import gemv  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402

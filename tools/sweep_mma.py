@@ -54,10 +54,7 @@ from kernel_tables import parse_shape  # noqa: E402
 
 from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
-from gift_quant.kernels.triton import (
-    dispatch,  # noqa: E402
-    routes,  # noqa: E402
-)
+from gift_quant.kernels.triton import dispatch, routes  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
 from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
