@@ -377,7 +377,8 @@ __device__ __forceinline__ void cluster_reduce(Store&& store, float* red,
 #if __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  __syncthreads();  // every warp is done with the shared memory the tile takes
+  __syncthreads();  // every warp is done with the shared memory the tile takes (or, where the
+                    // caller staged the tile itself and `store` does nothing, the tile is whole)
   store(red);
   cluster.sync();  // release / acquire: every block's tile is visible to the cluster
   const int C = static_cast<int>(cluster.num_blocks()), q = static_cast<int>(cluster.block_rank());

@@ -89,11 +89,16 @@ __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
 __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
   return wgs * 128 + 32 * wg_producer_warps(nt, wgs);
 }
-// registers a thread of the producer warpgroup keeps, and a consumer thread takes
+// registers a thread of the producer warpgroup keeps, and a consumer thread takes: the split
+// holds for 384 threads and one block per SM only (a consumer waiting in `setmaxnreg.inc` for
+// registers no warp gives back would wait forever)
 constexpr int WG_PRODUCER_REGS = 56, WG_CONSUMER_REGS = 224;
 __host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) {
   return nt == 64 && wgs == 2 ? 2 : 1;
 }
+static_assert((WG_PRODUCER_REGS + 2 * WG_CONSUMER_REGS) * 128 <= 65536 &&
+                  wg_threads(256, 2) == 384 && wg_min_blocks(256, 2) == 1,
+              "the 256-row tiles' register split");
 
 // mbarriers (shared-memory addresses) and the copies that complete on them
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -302,6 +307,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
   constexpr bool PROD = wg_producer(NT, WGS);
+  static_assert(NT != 256 || WGS == 2, "256-row tiles: two consumer warpgroups (registers)");
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
   constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word

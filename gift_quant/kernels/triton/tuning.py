@@ -1,5 +1,5 @@
-"""First-use measurement of the kernel that serves a layer shape (pure torch; ``dispatch.tuned_route``
-supplies the candidates and how to launch them).
+"""First-use measurement of the kernel that serves a layer shape (pure torch;
+``dispatch.tuned_route`` supplies the candidates and how to launch them).
 
 A measurement is kept per (device, N, K, bits, group, salient count, M bucket, activation
 dtype) for the process:
