@@ -80,11 +80,11 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // kernels do): 384 threads start at 168, the producer's drop to 56 and the consumers' rise to
 // 224 (56 + 2 x 224 = 3 x 168 per sub-partition; at 40 / 232, CUTLASS's split, the producer's
 // loop spilled 40 bytes). Only its first warp's lane 0 issues copies.
-__host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
-  return nt == 64 || nt == 256 || (nt == 128 && wgs == 2);
-}
 __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
-  return nt == 256 ? 4 : wg_producer(nt, wgs) ? 1 : 0;
+  return nt == 256 ? 4 : nt == 64 || (nt == 128 && wgs == 2) ? 1 : 0;
+}
+__host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
+  return wg_producer_warps(nt, wgs) > 0;
 }
 __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
   return wgs * 128 + 32 * wg_producer_warps(nt, wgs);
@@ -307,7 +307,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
   constexpr bool PROD = wg_producer(NT, WGS);
-  static_assert(NT != 256 || WGS == 2, "256-row tiles: two consumer warpgroups (registers)");
+  constexpr bool HANDOFF = wg_producer_warps(NT, WGS) == 4;  // its registers to the consumers
+  static_assert(!HANDOFF || WGS == 2, "a register handoff: two consumer warpgroups");
   constexpr int XB = NT * 128, WB = 32 * BITS * 16, SB = wg_slot_bytes(BITS, NT, WGS);
   constexpr int ZOFF = XB + WGS * WB, SOFF = ZOFF + WGS * 64;  // zero-points, scales
   constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;        // pairs per word
@@ -547,7 +548,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   };
   if constexpr (PROD) {
     if (producer) {
-      if constexpr (NT == 256) regs_down<WG_PRODUCER_REGS>();
+      if constexpr (HANDOFF) regs_down<WG_PRODUCER_REGS>();
       // every slot's weights first (not written by the previous kernel), then the x tiles;
       // a slot is refilled once each consumer warp has arrived on its empty barrier (the
       // MMAs that read it are done)
@@ -564,7 +565,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       }
       __syncwarp();
     } else {
-      if constexpr (NT == 256) regs_up<WG_CONSUMER_REGS>();
+      if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
       if (nps > 0) frags(0, a0);  // salient: from global memory, before the wait
       pdl_wait();
       if (iters > 0) {
