@@ -465,7 +465,15 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
   };
 
-  float acc[NT / 2];  // zeroed in the consumers' path (live only there: `k_steps`)
+  // Without a register handoff every thread zeroes its accumulators here and the consumers
+  // stage them in the epilogue below, with the block (round 30: 128-row tiles 0.96-0.99x the
+  // time of zeroing and staging them in the consumers' path); with it, no accumulator may
+  // live in the producer's 56 registers: zeroed and staged in the consumers' path alone
+  float acc[NT / 2];
+  if constexpr (!HANDOFF) {
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+  }
   // the x tile's descriptors: slot p's k16 slice st is the ring's, its address field plus the
   // offset in 16-byte units (no carry out of the 14-bit field: shared memory is below 256 KB)
   const uint64_t desc0 = smem_desc_sw128(smem0);
@@ -480,10 +488,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   };
 
   // The epilogue's first half, in the consumer threads once their loop is done: the
-  // accumulators staged in shared memory over the ring, after a barrier of the consumers
-  // (each is done with the ring; every copy landed, all were waited). No code past it reads
-  // `acc`, so the producer warps, which hold no tile (at 256-row tiles they gave their
-  // registers away), join the block only for the stores.
+  // accumulators staged in shared memory over the ring, after a barrier (each thread is done
+  // with the ring; every copy landed, all were waited). With a register handoff (256-row
+  // tiles) it is the consumers' own barrier, in their path: no code past it reads `acc`, so
+  // the producer warpgroup, which gave its registers away, joins only for the stores. The
+  // other tiles stage after a block barrier (or cluster_reduce's), in the consumer threads.
   // acc[i]: column 16 q + g + 8 ((i / 2) % 2) of the strip, row row0 + 8 (i / 4) + 2 t + i % 2.
   // One K split: y staged in fp16 (bf16), rows of 72 halves (64 + 8: rows shift by 16 bytes);
   // several: the partial tile in fp32, rows of 64 WGS + 4 floats (the lanes' stores hit 32
@@ -492,7 +501,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   half* out = reinterpret_cast<half*>(smem);
   float* out32 = reinterpret_cast<float*>(smem);
   auto stage_acc = [&] {
-    consumers_sync<WGS * 128>();
     if (splits > 1) {
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i)
@@ -538,8 +546,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // the main loop: the accumulators zeroed, `step` (the producer path's or the old one's) on
   // alternating fragment sets, then every MMA retired
   auto k_steps = [&](auto&& step) {
+    if constexpr (HANDOFF) {
 #pragma unroll
-    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+    }
     for (int it = 0; it < iters; it += 2) {
       step(it, a0, a1);
       if (it + 1 < iters) step(it + 1, a1, a0);
@@ -585,7 +595,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       };
       k_steps(step);
       pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
-      stage_acc();
+      if constexpr (HANDOFF) {
+        consumers_sync<WGS * 128>();
+        stage_acc();
+      }
     }
   } else {
     // every thread issues copies: the first STAGES - 1 k-steps', one commit group of weights
@@ -627,13 +640,19 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     k_steps(step);
     wait_copies<0>();
     pdl_launch_dependents();
-    stage_acc();
   }
 
   // The epilogue's second half, every thread once the consumers staged the tile: one K split
   // writes y in 16-byte rows; several are summed in the cluster (csize > 1: the splits of a
   // tile run as clusters of csize blocks), or added into ws 16 bytes per atomic (a quarter of
   // the atomics of one per element) and written by the tile's last block
+  auto stage_here = [&](float*) {  // without a handoff: the staging, in the consumer threads
+    if (!HANDOFF && !producer) stage_acc();
+  };
+  if (!HANDOFF && (splits == 1 || csize == 1)) {  // (clusters: after cluster_reduce's barrier)
+    __syncthreads();
+    stage_here(out32);
+  }
   if (splits == 1) {
     __syncthreads();
     for (int i = threadIdx.x; i < NT * WGS * 8; i += THREADS) {
@@ -645,8 +664,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     return;
   }
   const int rows = min(NT, M - row0);
-  if (csize > 1) {  // launch-uniform; the tile is staged already (its barrier completes it)
-    cluster_reduce<BF, W, LDF>([](float*) {}, out32, bias, y, ws, row0, rows, N, b0 * 64,
+  if (csize > 1) {  // launch-uniform; staged here (no handoff) or already (its barrier)
+    cluster_reduce<BF, W, LDF>(stage_here, out32, bias, y, ws, row0, rows, N, b0 * 64,
                                splits == csize);
     if (splits == csize) return;
   } else {
