@@ -95,6 +95,35 @@ def h200_clusters(nt: int, wgs: int, cluster: int) -> int:
     return H200_CLUSTERS.get((nt, wgs), H200_CLUSTERS["other"])[cluster]
 
 
+def h200_wave(nt: int, wgs: int) -> int:
+    """Blocks an H200 runs at once: 132 SMs, two blocks per SM at 64 x 2, one otherwise."""
+    return 264 if (nt, wgs) == (64, 2) else 132
+
+
+def test_a_split_tail_where_the_last_wave_is_partial() -> None:
+    """``rules.wg_tail_configs``: a tile and width whose whole tiles fill at least one wave and
+    leave a partial one get the tail count (2..4, at least 4 k-steps a split) whose last wave
+    is shortest, where it is shorter than a whole tile's."""
+    # 28672 x 4096, M = 512, 256-row tiles: 2 x 224 = 448 tiles = 3 x 132 + 52; 52 x 2 = 104
+    # blocks fit one wave of half a tile (4 splits: 208 blocks, two waves of a quarter: the same)
+    assert (256, 2, 1, 1, 2) in rules.wg_tail_configs(512, 28672, 4096, h200_wave)
+    # 13824 x 5120, M = 512: 2 x 108 = 216 = 132 + 84; 2 splits: 168 blocks, two waves of a half
+    # (no gain); 3 splits: 252 blocks, two waves of a third
+    assert (256, 2, 1, 1, 3) in rules.wg_tail_configs(512, 13824, 5120, h200_wave)
+    # 4096^2, M = 512: 2 x 32 = 64 tiles of 256 rows, 128 of 128 x 2: less than a wave
+    assert rules.wg_tail_configs(512, 4096, 4096, h200_wave) == []
+    # whole waves: 64 x 2 at M = 64 on 33792 columns: 264 tiles, exactly one wave of 264
+    assert not any(c[:2] == (64, 2) for c in rules.wg_tail_configs(64, 33792, 4096, h200_wave))
+    # 6 k-steps: no split of at least 4
+    assert rules.wg_tail_configs(512, 28672, 384, h200_wave) == []
+    for M, N, K in [(512, 28672, 4096), (256, 13824, 5120), (128, 28672, 4096)]:
+        for nt, wgs, splits, cluster, tail in rules.wg_tail_configs(M, N, K, h200_wave):
+            tiles, wave = -(-M // nt) * (N // 64 // wgs), h200_wave(nt, wgs)
+            last = tiles % wave
+            assert splits == cluster == 1 and 2 <= tail <= 4 and tiles > wave and last
+            assert -(-last * tail // wave) < tail  # the last wave shorter than a tile
+
+
 def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
     blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS[cC]" round-trips; with
@@ -113,9 +142,12 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
                 assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
-                assert routes.mma_config(name) == (nt, wgs, splits, 1) and "c" not in name
+                assert routes.mma_config(name) == (nt, wgs, splits, 1, 1)
+                assert "c" not in name and "t" not in name
     assert routes.wg_name(64, 2, 8, 8) == "wg:64x2x8c8"
-    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8)
+    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, 1)
+    assert routes.wg_name(256, 2, 1, 1, 3) == "wg:256x2x1t3"
+    assert routes.mma_config("wg:256x2x1t3") == (256, 2, 1, 1, 3)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
 
@@ -143,6 +175,7 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert (256, 2, 4, 4) in large and not any(c[2] > 5 for c in large)
     assert rules.wg_cluster_configs(300, 1024, 128, h200_clusters) == []  # 2 k-steps: no split
     monkeypatch.setattr(native, "wg_max_clusters", h200_clusters)
+    monkeypatch.setattr(native, "wg_wave_blocks", h200_wave)
     names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
     assert "wg:64x2x7c7" in names and "wg:64x2x8" in names and "wg:64x2x8c8" not in names
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
@@ -161,6 +194,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     from gift_quant.kernels.triton import dispatch, tuning
 
     monkeypatch.setattr(native, "wg_available", lambda: True)
+    monkeypatch.setattr(native, "wg_wave_blocks", h200_wave)
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)  # as on the CPU, any GPU
     N, K = 4096, 4096
     timer = stand_in_timer("wg:128x4x2")
@@ -276,3 +310,43 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
                 dispatch.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)
                 assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, cl, nsal, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "bits,dtype", [(4, torch.float16), (3, torch.float16), (4, torch.bfloat16)]
+)
+def test_a_split_tail_matches_the_oracle(bits, dtype) -> None:
+    """mixed_wg.cu with a split tail ("wg:NTxWx1tT"): 6144 columns, so that every tile and
+    width but 128 x 4 makes more tiles than the device runs at once at M = 520 (256 x 2: 144
+    tiles on an H200's 132) and the tiles past the last whole wave run as 2, 3 or 4 K splits,
+    added by the atomics beside whole tiles written directly; 37, 600 (salient k-steps spread
+    over the tail's splits) and no salient columns; bias; against the float64 oracle."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import dispatch, ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    K, N = 1024, 6144
+    ran_tail = 0
+    for nsal in (37, 600, 0):
+        kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=nsal > 0, device="cuda")
+        layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal, **kw)
+        p = ops.prepare(layer)
+        cuda = ops.cuda_layout(layer)
+        for M in (300, 520):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+            for nt, wgs in [(64, 2), (64, 4), (128, 2), (256, 2)]:
+                tiles = -(-M // nt) * (N // 64 // wgs)
+                ran_tail += tiles % native.wg_wave_blocks(nt, wgs) > 0
+                for tail in (2, 3, 4):
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+                    name = routes.wg_name(nt, wgs, 1, 1, tail)
+                    dispatch.run_route(name, *args, out=out, cuda=cuda)
+                    err, ref_err = kernel_error(out, ref, exact)
+                    assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, nsal, err)
+    assert ran_tail > 0  # some launch had tiles past its last whole wave

@@ -41,6 +41,8 @@
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`),
 // or (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
 // (`cluster_reduce`), the cluster's blocks writing y where the cluster holds every split.
+// A split tail (`tail` > 1, one split): the tiles past the device's last whole wave of blocks
+// run as `tail` K splits each through the workspace, the others whole, in one launch.
 #include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)
 #include <cudaTypedefs.h>
 
@@ -301,7 +303,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int ss_per_split, int T, int csize,
+                    int ss_per_split, int T, int csize, int tail0, int tail, int tail_ss,
                     const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
@@ -319,11 +321,18 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
   const bool producer = PROD && warp >= WGS * 4;  // the producer warp(group)
   const bool issuer = producer && warp == WGS * 4 && lane == 0;  // its copies' one thread
-  const int tile = blockIdx.x % T, cb = blockIdx.x / T;  // row tile (fastest), column block
+  // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
+  // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
+  // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
+  int tix = blockIdx.x, split = blockIdx.y, splits = gridDim.y, ssp = ss_per_split;
+  if (tix >= tail0) {
+    const int r = tix - tail0;
+    tix = tail0 + r / tail, split = r % tail, splits = tail, ssp = tail_ss;
+  }
+  const int tile = tix % T, cb = tix / T;  // row tile (fastest), column block
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
-  const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;
-  const int s0 = split * ss_per_split, nss = max(0, min(S, s0 + ss_per_split) - s0);
+  const int s0 = split * ssp, nss = max(0, min(S, s0 + ssp) - s0);
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
   const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
@@ -676,7 +685,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       atomicAdd(reinterpret_cast<float4*>(ws + (size_t)(row0 + r) * N + b0 * 64 + c4 * 4), v);
     }
   }
-  finish_tile<BF>(ws, cnt, blockIdx.x, splits, bias, y, row0, rows, N, b0 * 64, W);
+  finish_tile<BF>(ws, cnt, tix, splits, bias, y, row0, rows, N, b0 * 64, W);
 #else
   __trap();  // built without sm_90a: the library reports no warpgroup kernel (native.py)
 #endif
@@ -734,7 +743,7 @@ struct WgCall {
   float* ws;
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
-  int M, N, K, group, splits, csize;
+  int M, N, K, group, splits, csize, tail;
   bool pdl;
   cudaStream_t stream;
 };
@@ -763,6 +772,27 @@ int prepare_wg(int csize) {
   return rc ? rc : allow_cluster(mixed_wg_kernel<BF, BITS, NT, WGS>, csize, clustered);
 }
 
+// How many blocks of a configuration the current device runs at once (its SMs times the
+// blocks an SM holds, cudaOccupancyMaxActiveBlocksPerMultiprocessor after the launch's
+// shared-memory attribute), once per device; 0 where a query fails
+template <bool BF, int BITS, int NT, int WGS>
+int wave_blocks() {
+  static int per_device[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
+  if (per_device[dev] == 0) {
+    int sms = 0, per_sm = 0;
+    if (prepare_wg<BF, BITS, NT, WGS>(1) ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mixed_wg_kernel<BF, BITS, NT, WGS>,
+                                                      wg_threads(NT, WGS),
+                                                      wg_smem_bytes(BITS, NT, WGS)) != cudaSuccess)
+      return cudaGetLastError(), 0;
+    per_device[dev] = sms * per_sm;
+  }
+  return per_device[dev];
+}
+
 template <bool BF, int BITS, int NT, int WGS>
 int launch_wg(const WgCall& a) {
   auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS>;
@@ -770,9 +800,24 @@ int launch_wg(const WgCall& a) {
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
   if ((a.N / 64) % WGS || splits % a.csize) return -1;  // whole column blocks; clusters tile the splits
+  if (a.tail > 1 && (splits > 1 || a.csize > 1)) return -1;  // a split tail: whole tiles before it
   const int T = (a.M + NT - 1) / NT;
   const long blocks = static_cast<long>(T) * (a.N / 64 / WGS);
-  if (blocks > 0x7FFFFFFF || (splits > 1 && blocks > (1 << 16))) return -1;  // counters
+  if (blocks > 0x7FFFFFFF || ((splits > 1 || a.tail > 1) && blocks > (1 << 16))) return -1;  // counters
+  // a split tail: the tiles past the last whole wave run as `tail` K splits each (whole tiles
+  // everywhere where the tiles fill whole waves)
+  long full = blocks, grid_x = blocks;
+  int tail = 1, tail_ss = ss_per_split;
+  if (a.tail > 1) {
+    const int wave = wave_blocks<BF, BITS, NT, WGS>();
+    if (wave <= 0) return -1;
+    const long last = blocks % wave;
+    tail_ss = (S + a.tail - 1) / a.tail;
+    tail = (S + tail_ss - 1) / tail_ss;
+    full = blocks - last;
+    grid_x = full + last * tail;
+    if (grid_x > 0x7FFFFFFF) return -1;
+  }
   const int W = (a.nsal + 63) / 64 * 64;
   CUtensorMap xmap, smap;
   if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
@@ -787,10 +832,10 @@ int launch_wg(const WgCall& a) {
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
     if (rc) return rc;
   }
-  const dim3 grid(static_cast<unsigned>(blocks), splits), block(wg_threads(NT, WGS));
+  const dim3 grid(static_cast<unsigned>(grid_x), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   ss_per_split, T, a.csize, xmap, smap);
+                   ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, xmap, smap);
 }
 
 // How many clusters of `csize` blocks along the splits of a configuration the current device
@@ -849,14 +894,16 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
 // for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
 // (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
-// many blocks.
+// many blocks. `tail` (1..16; > 1 with one split and no cluster): the tiles past the last
+// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           void* xs, int pdl, void* stream) {
+                           int tail, void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
-      static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16)
+      static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16 || tail < 1 ||
+      tail > 16)
     return -1;  // (clusters need sm_90: this kernel runs only where it was built for sm_90a)
   const WgCall a{static_cast<const half*>(x),   static_cast<const uint4*>(qc),
                  static_cast<const uint4*>(zp), static_cast<const uint4*>(scp),
@@ -867,7 +914,7 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  M,                              N,
                  K,                              group,
                  splits,                         cluster,
-                 pdl != 0,
+                 tail,                           pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return launch_wg<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
@@ -882,5 +929,17 @@ extern "C" int gq_wg_max_clusters(int bits, int bf16, int nt, int wgs, int clust
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return wg_clusters<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
                        decltype(w)::value>(cluster, out);
+  });
+}
+
+// How many blocks of a configuration (as gq_mixed_wg takes it) the current device runs at
+// once, into *out (its SMs times the blocks an SM holds): 0 or -1 (not compiled, or a query
+// failed)
+extern "C" int gq_wg_wave_blocks(int bits, int bf16, int nt, int wgs, int* out) {
+  if (out == nullptr) return -1;
+  return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
+    *out = wave_blocks<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
+                       decltype(w)::value>();
+    return *out > 0 ? 0 : -1;
   });
 }

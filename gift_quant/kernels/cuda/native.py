@@ -72,8 +72,9 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P, _I, _P],  # .., cluster, xs
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P, _I, _P],  # .., tail, xs
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
+    "gq_wg_wave_blocks": [_I] * 4 + [_P],  # bits, bf16, nt, wgs; out
 }
 
 
@@ -259,6 +260,23 @@ def _max_clusters(device: int, nt: int, wgs: int, cluster: int) -> int:
     return out.value
 
 
+def wg_wave_blocks(nt: int, wgs: int) -> int:
+    """How many blocks of the warpgroup kernel with ``nt``-row tiles and ``wgs`` warpgroups the
+    current device runs at once (its SMs times the blocks an SM holds, at 4 bits: the same at
+    every width); 0 where the query fails."""
+    if not wg_available():
+        raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
+    return _wave_blocks(torch.cuda.current_device(), nt, wgs)
+
+
+@functools.cache
+def _wave_blocks(device: int, nt: int, wgs: int) -> int:
+    out = ctypes.c_int(0)
+    with torch.cuda.device(device):
+        rc = _state["lib"].gq_wg_wave_blocks(4, 0, nt, wgs, ctypes.byref(out))
+    return out.value if rc == 0 else 0
+
+
 def mixed_wg(
     x2: Tensor,
     p: Packed,
@@ -269,13 +287,16 @@ def mixed_wg(
     wgs: int = 0,
     splits: int = 0,
     cluster: int = 1,
+    tail: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
     :func:`wg_available`): tiles of ``nt`` (64, 128 or 256) rows of x, ``wgs`` warpgroups (64
     output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``); ``cluster``
     > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
-    thread-block clusters of that many blocks instead of the workspace's atomics. With salient
+    thread-block clusters of that many blocks instead of the workspace's atomics; ``tail`` > 1
+    (with one split and no cluster): the tiles past the device's last whole wave of blocks
+    (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics. With salient
     columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
     halves, which the kernel loads as it loads x."""
     if not wg_available():
@@ -287,4 +308,4 @@ def mixed_wg(
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, xs_ptr)
+    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, tail, xs_ptr)

@@ -145,17 +145,23 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
     )
 
 
-def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1) -> str:
-    return f"wg:{nt}x{wgs}x{splits}" + ("" if cluster == 1 else f"c{cluster}")
+def wg_name(nt: int, wgs: int, splits: int, cluster: int = 1, tail: int = 1) -> str:
+    return (
+        f"wg:{nt}x{wgs}x{splits}"
+        + ("" if cluster == 1 else f"c{cluster}")
+        + ("" if tail == 1 else f"t{tail}")
+    )
 
 
 def mma_config(name: str) -> tuple[int, ...]:
     """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
-    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster) of "wg:NTxWxS[cC]"."""
+    of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster, tail splits) of
+    "wg:NTxWxS[cC][tT]"."""
     if name.startswith("wg:"):
         nt, wgs, rest = name[3:].split("x")
+        rest, _, tail = rest.partition("t")
         splits, _, cluster = rest.partition("c")
-        return int(nt), int(wgs), int(splits), int(cluster or 1)
+        return int(nt), int(wgs), int(splits), int(cluster or 1), int(tail or 1)
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
@@ -171,9 +177,14 @@ def _wg_serves(M: int, wg: bool) -> bool:
 
 
 def _wg_names(M: int, N: int, K: int) -> list[str]:
-    """The warpgroup kernel's configurations for M rows: ``rules.wg_configs``, then those
-    with their splits in one cluster (``rules.wg_cluster_configs``, sm_90)."""
-    confs = [*rules.wg_configs(M, N, K), *rules.wg_cluster_configs(M, N, K, native.wg_max_clusters)]
+    """The warpgroup kernel's configurations for M rows: ``rules.wg_configs``, those with
+    their splits in one cluster (``rules.wg_cluster_configs``, sm_90), then those whose last,
+    partial wave of tiles runs split (``rules.wg_tail_configs``)."""
+    confs = [
+        *rules.wg_configs(M, N, K),
+        *rules.wg_cluster_configs(M, N, K, native.wg_max_clusters),
+        *rules.wg_tail_configs(M, N, K, native.wg_wave_blocks),
+    ]
     return [wg_name(*c) for c in confs]
 
 
