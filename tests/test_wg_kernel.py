@@ -101,8 +101,8 @@ def h200_wave(nt: int, wgs: int) -> int:
 
 
 def test_a_split_tail_where_the_last_wave_is_partial() -> None:
-    """``rules.wg_tail_configs``: a tile and width whose whole tiles fill at least one wave and
-    leave a partial one get the tail count (2..4, at least 4 k-steps a split) whose last wave
+    """``rules.wg_tail_configs``: a 256-row tile whose whole tiles fill at least one wave and
+    leave a partial one gets the tail count (2..4, at least 4 k-steps a split) whose last wave
     is shortest, where it is shorter than a whole tile's."""
     # 28672 x 4096, M = 512, 256-row tiles: 2 x 224 = 448 tiles = 3 x 132 + 52; 52 x 2 = 104
     # blocks fit one wave of half a tile (4 splits: 208 blocks, two waves of a quarter: the same)
@@ -112,11 +112,13 @@ def test_a_split_tail_where_the_last_wave_is_partial() -> None:
     assert (256, 2, 1, 1, 3) in rules.wg_tail_configs(512, 13824, 5120, h200_wave)
     # 4096^2, M = 512: 2 x 32 = 64 tiles of 256 rows, 128 of 128 x 2: less than a wave
     assert rules.wg_tail_configs(512, 4096, 4096, h200_wave) == []
-    # whole waves: 64 x 2 at M = 64 on 33792 columns: 264 tiles, exactly one wave of 264
-    assert not any(c[:2] == (64, 2) for c in rules.wg_tail_configs(64, 33792, 4096, h200_wave))
+    # whole waves: 256-row tiles at M = 512 on 16896 columns: 264 tiles, exactly two waves
+    assert rules.wg_tail_configs(512, 16896, 4096, h200_wave) == []
+    # 128-row tiles are not given a tail (28672 x 4096, M = 128: 224 tiles, 1.7 waves)
+    assert rules.wg_tail_configs(128, 28672, 4096, h200_wave) == []
     # 6 k-steps: no split of at least 4
     assert rules.wg_tail_configs(512, 28672, 384, h200_wave) == []
-    for M, N, K in [(512, 28672, 4096), (256, 13824, 5120), (128, 28672, 4096)]:
+    for M, N, K in [(512, 28672, 4096), (512, 13824, 5120), (512, 12288, 4096)]:
         for nt, wgs, splits, cluster, tail in rules.wg_tail_configs(M, N, K, h200_wave):
             tiles, wave = -(-M // nt) * (N // 64 // wgs), h200_wave(nt, wgs)
             last = tiles % wave

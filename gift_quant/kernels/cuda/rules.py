@@ -293,28 +293,36 @@ def wg_cluster_configs(
 # last wave takes about a tail-th of a tile's time instead of a whole one. ncu on `wg:256x2x1`
 # at 28672x4096 M = 512 (448 tiles, 3.39 waves of 132): the tensor pipe busy 71% of the
 # kernel's cycles and 87% of the SMs' active ones; the SMs idle 18% of the time, in the fourth
-# wave (ncu_h200_round30_wg256x2x1_m512.txt).
+# wave (ncu_h200_round30_wg256x2x1_m512.txt). Timed at 256-row tiles only: in round 30's
+# full bench first use kept a tail in 3 cells, all `wg:256x2x1t2`, and in its
+# configs_h200_r30_tail.json no 64- or 128-row tail was the fastest configuration of a cell.
 WG_TAIL_MAX = 4
+WG_TAIL_TILES = (256,)
 
 
 def wg_tail_configs(
     M: int, N: int, K: int, wave_blocks: Callable[[int, int], int]
 ) -> list[tuple[int, int, int, int, int]]:
-    """(rows per tile, warpgroups, 1, 1, tail) of the warpgroup-MMA kernel: each tile and
-    width of ``wg_configs`` whose whole tiles fill at least one wave of the device
-    (``wave_blocks(nt, wgs)``: the blocks it runs at once) and leave a partial one, with the
-    tail count in 2..WG_TAIL_MAX (at least 4 k-steps a split) that makes the last wave
-    shortest: ceil(R tail / wave) waves of 1 / tail of a tile. None where no count shortens
-    it."""
+    """(rows per tile, warpgroups, 1, 1, tail) of the warpgroup-MMA kernel: each tile (of
+    WG_TAIL_TILES) and width of ``wg_configs`` whose whole tiles fill at least one wave of the
+    device (``wave_blocks(nt, wgs)``: the blocks it runs at once) and leave a partial one,
+    with the tail count in 2..WG_TAIL_MAX (at least 4 k-steps a split) that makes the last
+    wave shortest: ceil(R tail / wave) waves of 1 / tail of a tile. None where no count
+    shortens it."""
     out = []
     for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
         tiles = -(-M // nt) * (N // 64 // wgs)
-        wave = wave_blocks(nt, wgs)
-        if wave <= 0 or tiles <= wave or tiles % wave == 0:
+        if nt not in WG_TAIL_TILES or tiles <= (wave := wave_blocks(nt, wgs)) or wave <= 0:
             continue
         last = tiles % wave
         counts = [t for t in range(2, WG_TAIL_MAX + 1) if -(-(K // 64) // t) >= 4]
-        best = min(counts, key=lambda t: (-(-last * t // wave)) / t, default=None)
-        if best is not None and -(-last * best // wave) < best:
+        best = min(counts, key=functools.partial(_last_wave, last, wave), default=None)
+        if last and best is not None and _last_wave(last, wave, best) < 1:
             out.append((nt, wgs, 1, 1, best))
     return out
+
+
+def _last_wave(last: int, wave: int, tail: int) -> float:
+    """The last wave's time, in tiles', of `last` tiles split `tail` ways on `wave` blocks
+    at once: ceil(last tail / wave) waves of 1 / tail of a tile."""
+    return -(-last * tail // wave) / tail

@@ -6,9 +6,9 @@ H200 (names only; ``ops`` launches what they name).
   per block and S K-splits, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
-  (sm_90); "wg:NTxWxS[cC]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
-  warpgroups per block, S K-splits, summed in clusters of C blocks; chosen only by
-  measurement).
+  (sm_90); "wg:NTxWxS[cC][tT]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
+  warpgroups per block, S K-splits, summed in clusters of C blocks; T > 1: the tiles past the
+  device's last whole wave as T K splits each; chosen only by measurement).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (where
   the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
