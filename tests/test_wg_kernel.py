@@ -126,6 +126,24 @@ def test_a_split_tail_where_the_last_wave_is_partial() -> None:
             assert -(-last * tail // wave) < tail  # the last wave shorter than a tile
 
 
+def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
+    """``rules.wg_stream_configs``: the 128- and 256-row tiles of two warpgroups of
+    ``wg_configs`` whose tiles are not a whole number of waves get a stream-K configuration."""
+    # 5120^2, M = 256: 40 tiles of 256 x 2, 80 of 128 x 2 (less than a wave of 132); 64-row
+    # tiles and four warpgroups are not compiled with the schedule
+    assert set(rules.wg_stream_configs(256, 5120, 5120, h200_wave)) == {
+        (128, 2, 1, 1, 1, True),
+        (256, 2, 1, 1, 1, True),
+    }
+    # 28672 x 4096, M = 512: 448 tiles = 3 x 132 + 52 (and 896 of 128 rows = 6 x 132 + 104)
+    assert (256, 2, 1, 1, 1, True) in rules.wg_stream_configs(512, 28672, 4096, h200_wave)
+    # whole waves: 264 tiles of 256 rows at M = 512 on 16896 columns, 528 of 128 rows
+    assert rules.wg_stream_configs(512, 16896, 4096, h200_wave) == []
+    # M = 64: the tiles of wg_configs are 64 rows only
+    assert rules.wg_stream_configs(64, 4096, 4096, h200_wave) == []
+    assert rules.wg_stream_configs(512, 4096, 4096, lambda nt, wgs: 0) == []  # no wave known
+
+
 def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
     blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS[cC]" round-trips; with
@@ -144,12 +162,14 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
                 assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
-                assert routes.mma_config(name) == (nt, wgs, splits, 1, 1)
-                assert "c" not in name and "t" not in name
+                assert routes.mma_config(name) == (nt, wgs, splits, 1, 1, False)
+                assert "c" not in name and "t" not in name and not name.endswith("s")
     assert routes.wg_name(64, 2, 8, 8) == "wg:64x2x8c8"
-    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, 1)
+    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, 1, False)
     assert routes.wg_name(256, 2, 1, 1, 3) == "wg:256x2x1t3"
-    assert routes.mma_config("wg:256x2x1t3") == (256, 2, 1, 1, 3)
+    assert routes.mma_config("wg:256x2x1t3") == (256, 2, 1, 1, 3, False)
+    assert routes.wg_name(256, 2, 1, 1, 1, True) == "wg:256x2x1s"
+    assert routes.mma_config("wg:128x2x1s") == (128, 2, 1, 1, 1, True)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
 
@@ -210,8 +230,10 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
         )
 
     assert pick(100) == "wg:128x4x2"
-    want = [routes.wg_name(*c) for c in rules.wg_configs(100, N, K)] + [routes.route(100, N, K, 4)]
+    confs = [*rules.wg_configs(100, N, K), *rules.wg_stream_configs(100, N, K, h200_wave)]
+    want = [routes.wg_name(*c) for c in confs] + [routes.route(100, N, K, 4)]
     assert timed == [want] and "wg:64x2x1" in want and not any("x256" in n for n in want)
+    assert "wg:128x2x1s" in want  # 32 tiles of 128 x 2: less than a wave
     assert pick(128) == "wg:128x4x2" and len(timed) == 1  # bucket 65..128: kept
     fp16 = torch.float16
     taken = routes.route_in_force(70, N, K, 4, 128, 0, True, device=None, wg=True, dtype=fp16)
@@ -352,3 +374,52 @@ def test_a_split_tail_matches_the_oracle(bits, dtype) -> None:
                     err, ref_err = kernel_error(out, ref, exact)
                     assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, nsal, err)
     assert ran_tail > 0  # some launch had tiles past its last whole wave
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "bits,dtype", [(4, torch.float16), (3, torch.float16), (4, torch.bfloat16)]
+)
+def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype) -> None:
+    """mixed_wg.cu with a stream-K schedule ("wg:NTx2x1s", 128- and 256-row tiles): fewer tiles
+    than a wave (so that every tile is shared, some by many blocks of one or two k-steps),
+    between one and two waves, and more than two (whole tiles before the shared ones); 37, 600
+    and no salient columns; bias; M not a multiple of the tile. Against the float64 oracle;
+    two runs give the same bits (the partial tiles are added in block order); the workspace
+    and counters are left zeroed, as the other kernels need them."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import dispatch, ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    shapes = [(300, 1024, 1024), (520, 6144, 512), (520, 16384, 256), (70, 256, 256)]
+    seen = set()
+    for M, N, K in shapes:
+        for nsal in (37, 600, 0):
+            kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=nsal > 0, device="cuda")
+            layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal + N, **kw)
+            p, cuda = ops.prepare(layer), ops.cuda_layout(layer)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+            for nt in (128, 256):
+                tiles, wave = -(-M // nt) * (N // 128), native.wg_wave_blocks(nt, 2)
+                if tiles % wave == 0:
+                    continue
+                seen.add((nt, min(tiles // wave, 2)))
+                name = routes.wg_name(nt, 2, 1, 1, 1, True)
+                outs = []
+                for _ in range(2):
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    dispatch.run_route(name, *args, out=out, cuda=cuda)
+                    outs.append(out)
+                err, ref_err = kernel_error(outs[0], ref, exact)
+                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, N, K, name, nsal, err)
+                assert torch.equal(outs[0], outs[1]), (M, N, K, name, nsal)
+                ws, cnt = dispatch.workspace(x.device, 0)
+                torch.cuda.synchronize()
+                assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
+    # on an H200 (132 blocks a wave): less than a wave, one to two, more than two
+    assert {w for _, w in seen} == {0, 1, 2}, seen

@@ -297,14 +297,14 @@ __device__ __forceinline__ uint32_t kept(uint32_t x) {
 }
 #endif
 
-template <bool BF, int BITS, int NT, int WGS>
+template <bool BF, int BITS, int NT, int WGS, bool SK = false>
 __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
                     int ss_per_split, int T, int csize, int tail0, int tail, int tail_ss,
-                    const __grid_constant__ CUtensorMap xmap,
+                    int sk0, const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
@@ -336,6 +336,25 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
   const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
+  // Stream-K (SK, a launch of one split): the flattened k-steps of the tiles, tile after tile
+  // (each tile's salient k-steps first, then its quantized ones: St = iters), are dealt out as
+  // contiguous ranges [u0, u1): the blocks below sk0 take one whole tile each, the launch's
+  // G = gridDim.x - sk0 others equal shares of the remaining tiles' k-steps. A block's range
+  // runs as segments, one per tile it touches; the segment that holds a tile's first k-step
+  // (its head) sums the partial tiles of the blocks after it that share the tile (each left in
+  // the workspace by its range's first segment) and writes y; so a block waits only on blocks
+  // launched after it, and only for their first segment, which waits on nothing.
+  int u0 = 0, u1 = 0;
+  auto sk_begin = [&](int j) {  // the first k-step of SK block j (j = G: the end)
+    const int G = static_cast<int>(gridDim.x) - sk0;
+    const long long U = static_cast<long long>(T * (N / 64 / WGS) - sk0) * iters;
+    return sk0 * iters + static_cast<int>(U * j / G);
+  };
+  if constexpr (SK) {
+    const int j = static_cast<int>(blockIdx.x) - sk0;
+    u0 = j < 0 ? static_cast<int>(blockIdx.x) * iters : sk_begin(j);
+    u1 = j < 0 ? u0 + iters : sk_begin(j + 1);
+  }
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
   uint8_t* smem = smem_raw + (smem0 - raw0);
@@ -347,14 +366,18 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // not written by the previous kernel, so the prologue issues them before pdl_wait.
   // Where they come from: the codes of k-step s0 + it - nps, and the row of its group's
   // zero-points and scales.
-  auto w_codes = [&](int it) { return qc + ((size_t)(s0 + it - nps) * B + b0) * 32 * BITS; };
-  auto w_group = [&](int it) { return (size_t)group_of(s0 + it - nps, gmagic) * B + b0; };
+  // (Ring slot r, data d: the same but in stream-K blocks, where r counts the block's k-steps
+  // and d the tile's, for the tile at row0 / column block b0 the arguments name.)
+  auto w_codes = [&](int d, int bb0) {
+    return qc + ((size_t)(s0 + d - nps) * B + bb0) * 32 * BITS;
+  };
+  auto w_group = [&](int d, int bb0) { return (size_t)group_of(s0 + d - nps, gmagic) * B + bb0; };
   auto issue_w = [&](int it) {
     if (it < nps) return;
     uint8_t* slot = smem + (it % STAGES) * SB;
-    const uint4* wp = w_codes(it);
+    const uint4* wp = w_codes(it, b0);
     for (int i = threadIdx.x; i < WGS * 32 * BITS; i += THREADS) cp_async16(slot + XB + i * 16, wp + i);
-    const size_t gb = w_group(it);
+    const size_t gb = w_group(it, b0);
     if (threadIdx.x < WGS * 4)
       cp_async16(slot + ZOFF + threadIdx.x * 16, zp + gb * 4 + threadIdx.x);
     else if (threadIdx.x < WGS * 12)
@@ -364,26 +387,26 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // n * 128 bytes with its 16-byte chunk c at chunk c ^ (n % 8) (the 128-byte swizzle), by one
   // tensor copy from x, or for a salient k-step from the gathered copy xs
   static_assert(wg_smem_bytes(BITS, NT, WGS) + 1024 <= 227 * 1024, "shared memory per block");
-  auto issue_x = [&](int it) {
+  auto issue_x = [&](int r, int d, int rr0) {
     if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
-    const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
+    const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
-    if (it < nps)
-      tma_load_2d(dst, &smap, (split + it * splits) * 64, row0, bar);
+    if (d < nps)
+      tma_load_2d(dst, &smap, (split + d * splits) * 64, rr0, bar);
     else
-      tma_load_2d(dst, &xmap, (s0 + it - nps) * 64, row0, bar);
+      tma_load_2d(dst, &xmap, (s0 + d - nps) * 64, rr0, bar);
   };
   // The producer's copies of iteration `it`'s weights: three bulk copies (codes, zero-points,
   // scales), and the slot's full barrier expecting them and the x tile
-  auto produce_w = [&](int it) {
-    const uint32_t dst = smem0 + (it % STAGES) * SB, bar = bar0 + (it % STAGES) * 8;
-    if (it < nps) {
+  auto produce_w = [&](int r, int d, int bb0) {
+    const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
+    if (d < nps) {
       mbar_expect(bar, XB);
       return;
     }
     mbar_expect(bar, XB + WGS * (WB + 192));
-    const size_t gb = w_group(it);
-    bulk_load(dst + XB, w_codes(it), WGS * WB, bar);
+    const size_t gb = w_group(d, bb0);
+    bulk_load(dst + XB, w_codes(d, bb0), WGS * WB, bar);
     bulk_load(dst + ZOFF, zp + gb * 4, WGS * 64, bar);
     bulk_load(dst + SOFF, scp + gb * 8, WGS * 128, bar);
   };
@@ -404,18 +427,18 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t cw_at = kept<PROD>(smem0 + XB + wg * WB + lane * 16);
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
-  auto frags = [&](int it, uint32_t (&a)[4][4]) {
-    if (it < nps) {  // salient: the stored fragments (zeros past the last k16 step)
-      const int q0 = (split + it * splits) * 4;
+  auto frags = [&](int r, int d, int bb, uint32_t (&a)[4][4]) {
+    if (d < nps) {  // salient: the stored fragments (zeros past the last k16 step)
+      const int q0 = (split + d * splits) * 4;
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (q0 + st < Q) v = __ldg(wsp + ((size_t)((q0 + st) * B + b) * 4 + wq) * 32 + lane);
+        if (q0 + st < Q) v = __ldg(wsp + ((size_t)((q0 + st) * B + bb) * 4 + wq) * 32 + lane);
         a[st][0] = v.x, a[st][1] = v.z, a[st][2] = v.y, a[st][3] = v.w;
       }
       return;
     }
-    const uint32_t so = static_cast<uint32_t>(it) % STAGES * SB;  // the slot's offset
+    const uint32_t so = static_cast<uint32_t>(r) % STAGES * SB;  // the slot's offset
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as MAGIC + z in both halves
@@ -565,31 +588,156 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
     wg_wait<0>();
   };
-  if constexpr (PROD) {
+  if constexpr (SK) {
+    static_assert(PROD, "stream-K: a producer warp(group) issues every copy");
+    const int St = iters, total = u1 - u0;
+    auto row_of = [&](int tx) { return tx % T * NT; };  // a tile's first row, first strip
+    auto strip_of = [&](int tx) { return tx / T * WGS; };
+    if (producer) {  // as below, over the block's range: slot r holds k-step u0 + r
+      if constexpr (HANDOFF) regs_down<WG_PRODUCER_REGS>();
+      // k-step d of the tile at row tile rt, column block cb, from the range's first on
+      int d, rt, cb;
+      auto first = [&] {
+        const int tx = u0 / St;
+        d = u0 - tx * St, rt = tx % T, cb = tx / T;
+      };
+      auto next = [&] {
+        if (++d == St) d = 0, ++rt == T ? rt = 0, ++cb : 0;
+      };
+      if (issuer) {
+        first();
+        for (int r = 0; r < STAGES && r < total; ++r, next()) produce_w(r, d, cb * WGS);
+      }
+      pdl_wait();
+      if (issuer) {
+        first();
+        for (int r = 0; r < total; ++r, next()) {
+          if (r >= STAGES) {
+            mbar_wait(ebar0 + (r % STAGES) * 8, ((r / STAGES) + 1) & 1);
+            produce_w(r, d, cb * WGS);
+          }
+          issue_x(r, d, rt * NT);
+        }
+      }
+      __syncwarp();
+      return;
+    }
+    if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
+    // A segment's end, from the registers (the ring stays the producer's): y written by the
+    // lanes in pairs of adjacent columns (the pair's other half from the lane of the next or
+    // previous column, lane ^ 4); a partial tile stored to this block's slot of the workspace
+    // in fragment order (a warp's 512 bytes contiguous per float4), then the warp's flag in
+    // cnt set (release); a head adds the slots of the blocks after it that share its tile, in
+    // block order (the same sum every run), zeroing each slot and flag for the next launch.
+    constexpr int CT = WGS * 128, NF = NT / 8;  // consumer threads; float4s a thread holds
+    const int j = static_cast<int>(blockIdx.x) - sk0;  // this SK block (< 0: one whole tile)
+    float4* const slots = reinterpret_cast<float4*>(ws);
+    auto write_y = [&](int tx) {
+      const int rr0 = row_of(tx), col = (strip_of(tx) + wg) * 64 + 16 * wq + g, odd = g & 1;
+      const float bl = bias != nullptr ? to_float<BF>(bias[col]) : 0.0f;
+      const float bh = bias != nullptr ? to_float<BF>(bias[col + 8]) : 0.0f;
+#pragma unroll
+      for (int i = 0; i < NT / 2; i += 2) {  // acc[i], acc[i + 1]: rows 2 t, 2 t + 1 of column
+        const float bb = (i >> 1) & 1 ? bh : bl;
+        const float v0 = acc[i] + bb, v1 = acc[i + 1] + bb;
+        const float other = __shfl_xor_sync(0xFFFFFFFFu, odd ? v0 : v1, 4);
+        const int row = rr0 + 8 * (i >> 2) + 2 * t + odd;
+        if (row < M)
+          *reinterpret_cast<uint32_t*>(y + (size_t)row * N + col + 8 * ((i >> 1) & 1) - odd) =
+              pack2<BF>(odd ? other : v0, odd ? v1 : other);
+      }
+    };
+    auto segment_end = [&](int tx, int d0, int d1) {
+      if (d0 > 0) {  // a later part of a tile: the partial tile for its head
+        float4* sl = slots + (size_t)j * NF * CT + threadIdx.x;
+#pragma unroll
+        for (int v = 0; v < NF; ++v)
+          __stcg(sl + v * CT, make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]));
+        __syncwarp();
+        if (lane == 0) {
+          __threadfence();
+          asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(cnt + j * WGS * 4 + warp), "r"(1)
+                       : "memory");
+        }
+        return;
+      }
+      if (d1 < St)  // the head of a tile that blocks after this one finish
+        for (int c = j + 1; sk_begin(c) < (tx + 1) * St; ++c) {
+          int* flag = cnt + c * WGS * 4 + warp;
+          for (uint32_t ready = 0; !ready;)
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(ready) : "l"(flag) : "memory");
+          float4* sl = slots + (size_t)c * NF * CT + threadIdx.x;
+#pragma unroll
+          for (int v = 0; v < NF; ++v) {
+            const float4 p = __ldcg(sl + v * CT);
+            acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
+            __stcg(sl + v * CT, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+          }
+          __syncwarp();
+          if (lane == 0) *flag = 0;
+        }
+      write_y(tx);
+    };
+    // the k-step in hand (tile tx, its k-step d), its segment's first, the warpgroup's strip
+    int tx = u0 / St, d = u0 - tx * St, d0 = d, bq = strip_of(tx) + wg;
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+    pdl_wait();
+    if (total > 0) {
+      wait_x(0);
+      frags(0, d, bq, a0);
+    }
+    // one k-step, as the producer path's below; at a tile's last k-step or the range's, once
+    // its MMAs are done, the segment's end (before the next k-step's fragments, so that they
+    // hold no registers through it)
+    auto step = [&](int r, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
+      mma(r, cur);
+      wg_wait<1>();
+      if (r > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(r - 1) % STAGES * 8);
+      if (++d == St || r + 1 == total) {
+        wg_wait<0>();
+        segment_end(tx, d0, d);
+#pragma unroll
+        for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+        if (d == St) d = 0, ++tx, bq = strip_of(tx) + wg;
+        d0 = 0;
+      }
+      if (r + 1 < total) {
+        wait_x(r + 1);
+        frags(r + 1, d, bq, nxt);
+      }
+    };
+    for (int r = 0; r < total; r += 2) {
+      step(r, a0, a1);
+      if (r + 1 < total) step(r + 1, a1, a0);
+    }
+    pdl_launch_dependents();
+    return;
+  } else if constexpr (PROD) {
     if (producer) {
       if constexpr (HANDOFF) regs_down<WG_PRODUCER_REGS>();
       // every slot's weights first (not written by the previous kernel), then the x tiles;
       // a slot is refilled once each consumer warp has arrived on its empty barrier (the
       // MMAs that read it are done)
       if (issuer)
-        for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p);
+        for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p, p, b0);
       pdl_wait();  // every thread: the producer warps write outputs in the epilogue
       if (issuer) {
-        for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p);
+        for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p, p, row0);
         for (int it = STAGES; it < iters; ++it) {
           mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
-          produce_w(it);
-          issue_x(it);
+          produce_w(it, it, b0);
+          issue_x(it, it, row0);
         }
       }
       __syncwarp();
     } else {
       if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
-      if (nps > 0) frags(0, a0);  // salient: from global memory, before the wait
+      if (nps > 0) frags(0, 0, b, a0);  // salient: from global memory, before the wait
       pdl_wait();
       if (iters > 0) {
         wait_x(0);
-        if (nps == 0) frags(0, a0);
+        if (nps == 0) frags(0, 0, b, a0);
       }
       // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
       // released and the next k-step's fragments go into `nxt` while these MMAs run
@@ -599,7 +747,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         if (it > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(it - 1) % STAGES * 8);
         if (it + 1 < iters) {
           wait_x(it + 1);
-          frags(it + 1, nxt);
+          frags(it + 1, it + 1, b, nxt);
         }
       };
       k_steps(step);
@@ -618,18 +766,18 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       if (p < iters) issue_w(p);
     // a salient first k-step's fragments are weights as stored (global memory): loaded while
     // the previous kernel finishes
-    if (nps > 0) frags(0, a0);
+    if (nps > 0) frags(0, 0, b, a0);
     pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p) {
-      if (p < iters) issue_x(p);
+      if (p < iters) issue_x(p, p, row0);
       commit_copies();
     }
     if (iters > 0) {
       wait_copies<STAGES - 2>();
       __syncthreads();
       wait_x(0);
-      if (nps == 0) frags(0, a0);
+      if (nps == 0) frags(0, 0, b, a0);
     }
     // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
     // k-step's fragments into `nxt` while they run
@@ -640,10 +788,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
         __syncthreads();  // every thread's copies of it + 1; every warpgroup past it - 1
         const int ahead = it + STAGES - 1;
-        if (ahead < iters) issue_w(ahead), issue_x(ahead);
+        if (ahead < iters) issue_w(ahead), issue_x(ahead, ahead, row0);
         commit_copies();
         wait_x(it + 1);
-        frags(it + 1, nxt);
+        frags(it + 1, it + 1, b, nxt);
       }
     };
     k_steps(step);
@@ -744,7 +892,7 @@ struct WgCall {
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
   int M, N, K, group, splits, csize, tail;
-  bool pdl;
+  bool stream_k, pdl;
   cudaStream_t stream;
 };
 
@@ -764,12 +912,19 @@ bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt,
 
 // The kernel of a configuration with its shared memory allowed and (clusters past the portable
 // 8 blocks) its non-portable cluster size, once per device: 0 or a cudaError_t
-template <bool BF, int BITS, int NT, int WGS>
+template <bool BF, int BITS, int NT, int WGS, bool SK = false>
 int prepare_wg(int csize) {
   static size_t allowed[64] = {};
   static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
-  const int rc = allow_smem(mixed_wg_kernel<BF, BITS, NT, WGS>, wg_smem_bytes(BITS, NT, WGS), allowed);
-  return rc ? rc : allow_cluster(mixed_wg_kernel<BF, BITS, NT, WGS>, csize, clustered);
+  auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS, SK>;
+  const int rc = allow_smem(kernel, wg_smem_bytes(BITS, NT, WGS), allowed);
+  return rc ? rc : allow_cluster(kernel, csize, clustered);
+}
+
+// the tiles compiled with a stream-K schedule: two warpgroups of 128 or 256 rows (a producer,
+// one block per SM)
+__host__ __device__ constexpr bool wg_stream_k(int nt, int wgs) {
+  return wgs == 2 && (nt == 128 || nt == 256);
 }
 
 // How many blocks of a configuration the current device runs at once (its SMs times the
@@ -793,9 +948,13 @@ int wave_blocks() {
   return per_device[dev];
 }
 
-template <bool BF, int BITS, int NT, int WGS>
+// A stream-K launch (SK): the tiles past the last whole wave but one (all of them where there are
+// fewer than two waves) shared by one wave of blocks, G of them, each at least one k-step;
+// the tiles before it whole, a block each. Workspace: G partial tiles (NT x 64 WGS floats
+// each, rows of the ws the caller sizes: `wg_stream_floats`), counters: G x 4 WGS flags.
+template <bool BF, int BITS, int NT, int WGS, bool SK>
 int launch_wg(const WgCall& a) {
-  auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS>;
+  auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS, SK>;
   const int S = a.K / 64;
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
@@ -818,13 +977,26 @@ int launch_wg(const WgCall& a) {
     grid_x = full + last * tail;
     if (grid_x > 0x7FFFFFFF) return -1;
   }
+  int sk0 = static_cast<int>(blocks);  // stream-K: the first block of the shared range
+  if constexpr (SK) {
+    // (the wave the caller sized the workspace by: gq_wg_wave_blocks at 4 bits, fp16)
+    const int wave = wave_blocks<false, 4, NT, WGS>();
+    if (wave <= 0 || splits > 1 || a.csize > 1 || a.tail > 1) return -1;
+    if (blocks % wave == 0 && blocks >= wave) return -1;  // whole waves: nothing to share
+    const long shared = blocks < 2l * wave ? blocks : wave + blocks % wave;
+    const long units = shared * (S + (a.nsal + 63) / 64);
+    const long g = units < wave ? units : wave;
+    sk0 = static_cast<int>(blocks - shared);
+    grid_x = sk0 + g;
+    if (g * WGS * 4 > (1 << 16)) return -1;  // flags
+  }
   const int W = (a.nsal + 63) / 64 * 64;
   CUtensorMap xmap, smap;
   if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
   if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
   if (W == 0) smap = xmap;  // not read
   const size_t smem = wg_smem_bytes(BITS, NT, WGS);
-  int rc = prepare_wg<BF, BITS, NT, WGS>(a.csize);
+  int rc = prepare_wg<BF, BITS, NT, WGS, SK>(a.csize);
   if (rc) return rc;
   if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
@@ -835,7 +1007,15 @@ int launch_wg(const WgCall& a) {
   const dim3 grid(static_cast<unsigned>(grid_x), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, xmap, smap);
+                   ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, sk0, xmap,
+                   smap);
+}
+
+template <bool BF, int BITS, int NT, int WGS>
+int launch_any(const WgCall& a) {
+  if (!a.stream_k) return launch_wg<BF, BITS, NT, WGS, false>(a);
+  if constexpr (wg_stream_k(NT, WGS)) return launch_wg<BF, BITS, NT, WGS, true>(a);
+  return -1;
 }
 
 // How many clusters of `csize` blocks along the splits of a configuration the current device
@@ -895,12 +1075,15 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
 // (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
 // many blocks. `tail` (1..16; > 1 with one split and no cluster): the tiles past the last
-// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each.
+// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `stream_k`
+// (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past
+// the last whole wave but one shared out by k-steps over one wave of blocks; `ws` must hold
+// that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           int tail, void* xs, int pdl, void* stream) {
+                           int tail, int stream_k, void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16 || tail < 1 ||
       tail > 16)
@@ -914,11 +1097,12 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  M,                              N,
                  K,                              group,
                  splits,                         cluster,
-                 tail,                           pdl != 0,
+                 tail,                           stream_k != 0,
+                 pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
-    return launch_wg<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
-                     decltype(w)::value>(a);
+    return launch_any<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
+                      decltype(w)::value>(a);
   });
 }
 

@@ -50,6 +50,8 @@ __all__ = [
     "mixed_wg",
     "wg_available",
     "wg_max_clusters",
+    "wg_stream_floats",
+    "wg_wave_blocks",
 ]
 
 SOURCES = tuple(
@@ -72,7 +74,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P, _I, _P],  # .., tail, xs
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 12 + [_P, _I, _P],  # .., stream_k, xs
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
     "gq_wg_wave_blocks": [_I] * 4 + [_P],  # bits, bf16, nt, wgs; out
 }
@@ -269,6 +271,13 @@ def wg_wave_blocks(nt: int, wgs: int) -> int:
     return _wave_blocks(torch.cuda.current_device(), nt, wgs)
 
 
+def wg_stream_floats(nt: int, wgs: int) -> int:
+    """The workspace a stream-K launch of ``nt`` x ``wgs`` tiles needs on the current device:
+    one partial tile (``nt`` x 64 ``wgs`` floats) per block of a wave; 0 where the wave query
+    fails (such a launch is refused)."""
+    return wg_wave_blocks(nt, wgs) * nt * wgs * 64
+
+
 @functools.cache
 def _wave_blocks(device: int, nt: int, wgs: int) -> int:
     out = ctypes.c_int(0)
@@ -288,6 +297,7 @@ def mixed_wg(
     splits: int = 0,
     cluster: int = 1,
     tail: int = 1,
+    stream_k: bool = False,
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
@@ -296,16 +306,25 @@ def mixed_wg(
     > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
     thread-block clusters of that many blocks instead of the workspace's atomics; ``tail`` > 1
     (with one split and no cluster): the tiles past the device's last whole wave of blocks
-    (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics. With salient
+    (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics;
+    ``stream_k`` (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the
+    tiles past the last whole wave but one are dealt out by k-steps over one wave of blocks,
+    whose partial tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient
     columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
     halves, which the kernel loads as it loads x."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
         (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
+    if stream_k and ws.numel() < (need := wg_stream_floats(nt, wgs)):
+        raise ValueError(
+            f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs a workspace of {need} "
+            f"floats (one partial tile per block of a wave); this one has {ws.numel()}"
+        )
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    return _launch(fn, x2, p, bias, ws, cnt, out, nt, wgs, splits, cluster, tail, xs_ptr)
+    config = (nt, wgs, splits, cluster, tail, int(stream_k))
+    return _launch(fn, x2, p, bias, ws, cnt, out, *config, xs_ptr)

@@ -27,6 +27,7 @@ __all__ = [
     "mmv_configs",
     "wg_choose",
     "wg_cluster_configs",
+    "wg_stream_configs",
     "wg_tail_configs",
     "wg_configs",
 ]
@@ -326,3 +327,28 @@ def _last_wave(last: int, wave: int, tail: int) -> float:
     """The last wave's time, in tiles', of `last` tiles split `tail` ways on `wave` blocks
     at once: ceil(last tail / wave) waves of 1 / tail of a tile."""
     return -(-last * tail // wave) / tail
+
+
+# Stream-K (round 31): a launch whose tiles leave the last wave of the device partial deals the
+# tiles past its last whole wave but one (every tile, below two waves) out by k-steps over one
+# wave of blocks, so that every SM gets the same number of k-steps; a tile shared by several
+# blocks is summed by the block holding its first k-step from the others' partial tiles in the
+# workspace. Round 30's split tail did this for the last wave only, with atomics, and kept
+# most of its cost (a split 256-row tile took about a whole tile's time). Compiled for the
+# tiles with a producer and two warpgroups (WG_STREAM_TILES).
+WG_STREAM_TILES = ((128, 2), (256, 2))
+
+
+def wg_stream_configs(
+    M: int, N: int, K: int, wave_blocks: Callable[[int, int], int]
+) -> list[tuple[int, int, int, int, int, bool]]:
+    """(rows per tile, warpgroups, 1, 1, 1, True) of the warpgroup-MMA kernel with a stream-K
+    schedule: each tile and width of ``wg_configs`` in WG_STREAM_TILES whose tiles do not fill
+    whole waves of the device (``wave_blocks(nt, wgs)``: the blocks it runs at once)."""
+    out = []
+    for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
+        if (nt, wgs) not in WG_STREAM_TILES or (wave := wave_blocks(nt, wgs)) <= 0:
+            continue
+        if (-(-M // nt) * (N // 64 // wgs)) % wave:
+            out.append((nt, wgs, 1, 1, 1, True))
+    return out

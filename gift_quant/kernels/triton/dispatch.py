@@ -63,7 +63,10 @@ def tuned_route(
     if name is not None:
         return name
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    workspace(x2.device, M * N)  # sized here, on the caller's stream, not while timing
+    with on_device(x2.device):  # the cluster and wave queries ask the current device
+        names = tuning_names(M, N, K, bits, wg=native.wg_available())
+        # sized here, on the caller's stream, not while timing
+        workspace(x2.device, max(_floats(n, M, N, x2.device) for n in names))
 
     def launcher(w: tuple):
         def launch(name: str) -> None:
@@ -85,8 +88,6 @@ def tuned_route(
             copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
         return [launcher(w) for w in copies]
 
-    with on_device(x2.device):  # the cluster queries ask the current device
-        names = tuning_names(M, N, K, bits, wg=native.wg_available())
     return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
 
 
@@ -106,12 +107,12 @@ def run_route(
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
     ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
-    "wg:NTxWxS[cC][tT]")."""
+    "wg:NTxWxS[cC][tT][s]")."""
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:", "wg:")):
         cuda = cuda.for_type(x2.dtype)
-        ws, cnt = workspace(x2.device, M * N)
+        ws, cnt = workspace(x2.device, _floats(name, M, N, x2.device))
         b16 = None if bias is None else bias.to(x2.dtype).contiguous()
         if name.startswith("wg:"):
             return native.mixed_wg(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
@@ -136,6 +137,15 @@ def run_route(
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
     raise ValueError(f"unknown kernel {name!r}")
+
+
+def _floats(name: str, M: int, N: int, device: torch.device) -> int:
+    """The workspace kernel ``name`` needs for M x N on ``device``: the split sums' M x N
+    floats, and a stream-K launch's partial tiles (one per block of a wave) where larger."""
+    if name.startswith("wg:") and (c := mma_config(name))[5]:
+        with on_device(device):
+            return max(M * N, native.wg_stream_floats(c[0], c[1]))
+    return M * N
 
 
 _WORKSPACES: dict[int, tuple[Tensor, Tensor]] = {}
