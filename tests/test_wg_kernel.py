@@ -384,7 +384,7 @@ def test_a_split_tail_matches_the_oracle(bits, dtype) -> None:
 def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype) -> None:
     """mixed_wg.cu with a stream-K schedule ("wg:NTx2x1s", 128- and 256-row tiles): fewer tiles
     than a wave (so that every tile is shared, some by many blocks of one or two k-steps),
-    between one and two waves, and more than two (whole tiles before the shared ones); 37, 600
+    between one and two waves, and more than two (whole tiles before the shared ones); 37, 200
     and no salient columns; bias; M not a multiple of the tile. Against the float64 oracle;
     two runs give the same bits (the partial tiles are added in block order); the workspace
     and counters are left zeroed, as the other kernels need them."""
@@ -397,7 +397,7 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
     shapes = [(300, 1024, 1024), (520, 6144, 512), (520, 16384, 256), (70, 256, 256)]
     seen = set()
     for M, N, K in shapes:
-        for nsal in (37, 600, 0):
+        for nsal in (37, 200, 0):  # 200: more salient k-steps than quantized ones at K = 256
             kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=nsal > 0, device="cuda")
             layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal + N, **kw)
             p, cuda = ops.prepare(layer), ops.cuda_layout(layer)

@@ -288,6 +288,27 @@ __device__ __forceinline__ uint2 lds_v2(uint32_t addr) {
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
+// a store only where `p` holds, without a branch (the stream-K epilogue's stores of the
+// accumulators: an access to them on a divergent path serializes every warpgroup MMA, ptxas
+// C7518), and a load with acquire semantics at the GPU's scope
+__device__ __forceinline__ void st_global_if(bool p, void* ptr, uint32_t v) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p st.global.b32 [%1], %2;\n}\n" ::"r"(
+                   static_cast<int>(p)),
+               "l"(ptr), "r"(v)
+               : "memory");
+}
+// lane ^ 4's value, in program order with the stores around it (asm volatile: the compiler
+// would otherwise issue all 64 of a 256-row tile first, holding a register each)
+__device__ __forceinline__ float shfl_xor4(float v) {
+  float o;
+  asm volatile("shfl.sync.bfly.b32 %0, %1, 4, 0x1f, 0xffffffff;\n" : "=f"(o) : "f"(v));
+  return o;
+}
+__device__ __forceinline__ uint32_t ld_acquire(const int* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 // x as a value the compiler cannot recompute: without it, the producer kernels' consumers
 // recomputed their shared-memory addresses from the thread index in every k-step
 template <bool OPAQUE>
@@ -345,10 +366,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // the workspace by its range's first segment) and writes y; so a block waits only on blocks
   // launched after it, and only for their first segment, which waits on nothing.
   int u0 = 0, u1 = 0;
-  auto sk_begin = [&](int j) {  // the first k-step of SK block j (j = G: the end)
-    const int G = static_cast<int>(gridDim.x) - sk0;
-    const long long U = static_cast<long long>(T * (N / 64 / WGS) - sk0) * iters;
-    return sk0 * iters + static_cast<int>(U * j / G);
+  auto sk_begin = [&](int j) {  // the first k-step of SK block j (j = G: the end); 32-bit
+    // (the launch checks U G < 2^31): a 64-bit division is a call, whose clobbers spill
+    const unsigned G = gridDim.x - sk0, U = (T * (N / 64 / WGS) - sk0) * iters;
+    return sk0 * iters + static_cast<int>(U * static_cast<unsigned>(j) / G);
   };
   if constexpr (SK) {
     const int j = static_cast<int>(blockIdx.x) - sk0;
@@ -640,11 +661,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       for (int i = 0; i < NT / 2; i += 2) {  // acc[i], acc[i + 1]: rows 2 t, 2 t + 1 of column
         const float bb = (i >> 1) & 1 ? bh : bl;
         const float v0 = acc[i] + bb, v1 = acc[i + 1] + bb;
-        const float other = __shfl_xor_sync(0xFFFFFFFFu, odd ? v0 : v1, 4);
+        const float other = shfl_xor4(odd ? v0 : v1);
         const int row = rr0 + 8 * (i >> 2) + 2 * t + odd;
-        if (row < M)
-          *reinterpret_cast<uint32_t*>(y + (size_t)row * N + col + 8 * ((i >> 1) & 1) - odd) =
-              pack2<BF>(odd ? other : v0, odd ? v1 : other);
+        st_global_if(row < M, y + (size_t)row * N + col + 8 * ((i >> 1) & 1) - odd,
+                     pack2<BF>(odd ? other : v0, odd ? v1 : other));
       }
     };
     auto segment_end = [&](int tx, int d0, int d1) {
@@ -664,52 +684,49 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       if (d1 < St)  // the head of a tile that blocks after this one finish
         for (int c = j + 1; sk_begin(c) < (tx + 1) * St; ++c) {
           int* flag = cnt + c * WGS * 4 + warp;
-          for (uint32_t ready = 0; !ready;)
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(ready) : "l"(flag) : "memory");
+          while (!__all_sync(0xFFFFFFFFu, ld_acquire(flag) != 0)) {
+          }
           float4* sl = slots + (size_t)c * NF * CT + threadIdx.x;
 #pragma unroll
-          for (int v = 0; v < NF; ++v) {
+          for (int v = 0; v < NF; ++v) {  // four loads in flight at a time (registers)
             const float4 p = __ldcg(sl + v * CT);
             acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
             __stcg(sl + v * CT, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+            if (v % 4 == 3) asm volatile("" ::: "memory");
           }
           __syncwarp();
           if (lane == 0) *flag = 0;
         }
       write_y(tx);
     };
-    // the k-step in hand (tile tx, its k-step d), its segment's first, the warpgroup's strip
-    int tx = u0 / St, d = u0 - tx * St, d0 = d, bq = strip_of(tx) + wg;
-#pragma unroll
-    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
     pdl_wait();
-    if (total > 0) {
-      wait_x(0);
-      frags(0, d, bq, a0);
-    }
-    // one k-step, as the producer path's below; at a tile's last k-step or the range's, once
-    // its MMAs are done, the segment's end (before the next k-step's fragments, so that they
-    // hold no registers through it)
-    auto step = [&](int r, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-      mma(r, cur);
-      wg_wait<1>();
-      if (r > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(r - 1) % STAGES * 8);
-      if (++d == St || r + 1 == total) {
-        wg_wait<0>();
-        segment_end(tx, d0, d);
+    // one segment a pass: its k-steps as the producer path's loop below (from fragment set a0,
+    // every MMA retired after it), then its end; the branch on the segment's kind stays out of
+    // the loop that issues the MMAs (an MMA wait on a path ptxas cannot prove convergent
+    // serializes every MMA of the kernel: C7518)
+    for (int r = 0, tx = u0 / St, d = u0 - tx * St; r < total; d = 0, ++tx) {
+      // ring slots r .. end - 1 hold the tile's k-steps d .. (slot rr: k-step rr + off)
+      const int end = min(r + St - d, total), off = d - r, bq = strip_of(tx) + wg;
 #pragma unroll
-        for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
-        if (d == St) d = 0, ++tx, bq = strip_of(tx) + wg;
-        d0 = 0;
+      for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+      wait_x(r);
+      frags(r, d, bq, a0);
+      auto step = [&](int rr, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
+        mma(rr, cur);
+        wg_wait<1>();
+        if (rr > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(rr - 1) % STAGES * 8);
+        if (rr + 1 < end) {
+          wait_x(rr + 1);
+          frags(rr + 1, rr + 1 + off, bq, nxt);
+        }
+      };
+      for (; r < end; r += 2) {
+        step(r, a0, a1);
+        if (r + 1 < end) step(r + 1, a1, a0);
       }
-      if (r + 1 < total) {
-        wait_x(r + 1);
-        frags(r + 1, d, bq, nxt);
-      }
-    };
-    for (int r = 0; r < total; r += 2) {
-      step(r, a0, a1);
-      if (r + 1 < total) step(r + 1, a1, a0);
+      r = end;
+      wg_wait<0>();
+      segment_end(tx, d, end + off);
     }
     pdl_launch_dependents();
     return;
@@ -986,6 +1003,7 @@ int launch_wg(const WgCall& a) {
     const long shared = blocks < 2l * wave ? blocks : wave + blocks % wave;
     const long units = shared * (S + (a.nsal + 63) / 64);
     const long g = units < wave ? units : wave;
+    if (units * g >= 0x7FFFFFFF) return -1;  // the kernel's 32-bit shares
     sk0 = static_cast<int>(blocks - shared);
     grid_x = sk0 + g;
     if (g * WGS * 4 > (1 << 16)) return -1;  // flags
