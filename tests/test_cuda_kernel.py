@@ -274,6 +274,8 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
             "-O3",
             "-gencode=arch=compute_90a,code=sm_90a",  # as the build on compute capability 9.0
             "-DGQ_COMPILE_CHECK",  # each bit width, row tile; one block width, depth (wg: all)
+            "-Xptxas",
+            "-v",  # registers, spills and ptxas's performance advisories per kernel
             "-cubin",
             "-o",
             str(out),
@@ -287,6 +289,18 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
     assert out.stat().st_size > 0
     if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
         from gift_quant.kernels.sass import cuobjdump, unwaited_operand_writes
+
+        # no kernel whose MMAs ptxas serializes (C7518: an MMA wait on a path it cannot prove
+        # convergent made round 31's first stream-K build wait out every MMA), and no spills
+        # but the stream-K 256-row tiles' few bytes (a shared-memory address reloaded per k-step)
+        assert "C7518" not in done.stderr, done.stderr[-2000:]
+        spills = re.findall(
+            r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", done.stderr, re.S
+        )
+        assert len(spills) >= 42, len(spills)
+        for name, stored in spills:
+            stream_k_256 = "Li256ELi2ELb1E" in name
+            assert int(stored) <= (16 if stream_k_256 else 0), (name, stored)
 
         sass = cuobjdump(out.read_bytes(), "-sass")
         loops, writes = unwaited_operand_writes(sass)
