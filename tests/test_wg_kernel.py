@@ -144,6 +144,22 @@ def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
     assert rules.wg_stream_configs(512, 4096, 4096, lambda nt, wgs: 0) == []  # no wave known
 
 
+def test_a_stream_k_launch_refuses_a_workspace_too_small(monkeypatch) -> None:
+    """``native.mixed_wg`` with ``stream_k``: a workspace short of one partial tile per block of
+    a wave, or counters short of one flag per MMA warp of each, is refused before any launch,
+    naming what it needs."""
+    monkeypatch.setattr(native, "wg_available", lambda: True)
+    monkeypatch.setattr(native, "wg_wave_blocks", h200_wave)
+    x = torch.zeros(300, 256, dtype=torch.float16)
+    need = 132 * 256 * 2 * 64
+    assert native.wg_stream_floats(256, 2) == need
+    small_ws, cnt = torch.zeros(need - 1), torch.zeros(1 << 16, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"needs a workspace of {need} floats"):
+        native.mixed_wg(x, None, None, small_ws, cnt, 256, 2, 1, stream_k=True)
+    with pytest.raises(ValueError, match="needs 1056 counters"):
+        native.mixed_wg(x, None, None, torch.zeros(need), cnt[:1000], 256, 2, 1, stream_k=True)
+
+
 def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     """The smallest tile holding M rows (64 / 128 / 256), two warpgroups; K split until the
     blocks fill the GPU, each split at least 4 k-steps; "wg:NTxWxS[cC]" round-trips; with

@@ -611,6 +611,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   };
   if constexpr (SK) {
     static_assert(PROD, "stream-K: a producer warp(group) issues every copy");
+    // a head waits on blocks launched after it: the launch's G shared blocks (one wave of the
+    // kernel without the schedule) must all fit on the GPU at once, so one block per SM here
+    // as there (shared memory holds two of neither)
+    static_assert(2 * (wg_smem_bytes(BITS, NT, WGS) + 1024) > 228 * 1024, "one block per SM");
     const int St = iters, total = u1 - u0;
     auto row_of = [&](int tx) { return tx % T * NT; };  // a tile's first row, first strip
     auto strip_of = [&](int tx) { return tx / T * WGS; };
@@ -688,11 +692,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
           }
           float4* sl = slots + (size_t)c * NF * CT + threadIdx.x;
 #pragma unroll
-          for (int v = 0; v < NF; ++v) {  // four loads in flight at a time (registers)
+          for (int v = 0; v < NF; ++v) {
             const float4 p = __ldcg(sl + v * CT);
             acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
             __stcg(sl + v * CT, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-            if (v % 4 == 3) asm volatile("" ::: "memory");
           }
           __syncwarp();
           if (lane == 0) *flag = 0;
@@ -1003,7 +1006,8 @@ int launch_wg(const WgCall& a) {
     const long shared = blocks < 2l * wave ? blocks : wave + blocks % wave;
     const long units = shared * (S + (a.nsal + 63) / 64);
     const long g = units < wave ? units : wave;
-    if (units * g >= 0x7FFFFFFF) return -1;  // the kernel's 32-bit shares
+    if (units * g >= 0x7FFFFFFF || blocks * (S + (a.nsal + 63) / 64) >= 0x7FFFFFFF)
+      return -1;  // the kernel's 32-bit shares and k-step indices
     sk0 = static_cast<int>(blocks - shared);
     grid_x = sk0 + g;
     if (g * WGS * 4 > (1 << 16)) return -1;  // flags

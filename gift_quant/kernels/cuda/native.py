@@ -321,6 +321,11 @@ def mixed_wg(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs a workspace of {need} "
             f"floats (one partial tile per block of a wave); this one has {ws.numel()}"
         )
+    if stream_k and cnt.numel() < (flags := wg_wave_blocks(nt, wgs) * wgs * 4):
+        raise ValueError(
+            f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
+            f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
+        )
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)

@@ -12,7 +12,9 @@
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
   call inside CUDA-graph capture) keeps the rules instead.
 * The kernels share one zero-initialised fp32 workspace per device that every launch leaves
-  zeroed (``workspace``); calls on one device must not overlap in time (one stream), and the
+  zeroed (``workspace``); calls on one device must not overlap in time (one stream: two
+  split-K launches at once would mix their sums, two stream-K launches could also wait on
+  each other's flags for ever), and the
   first call of a shape must happen before CUDA-graph capture (it compiles and may grow the
   workspace).
 """
