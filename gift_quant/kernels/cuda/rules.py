@@ -219,13 +219,18 @@ def _wg_widths(nt: int, N: int) -> list[int]:
     return [w for w in ((2,) if nt == 256 else (2, 4)) if (N // 64) % w == 0]
 
 
+def _wg_tiles(M: int, N: int, nt: int, wgs: int) -> int:
+    """Output tiles (blocks of one K split) of the warpgroup kernel: row tiles x column blocks."""
+    return -(-M // nt) * (N // 64 // wgs)
+
+
 def wg_choose(M: int, N: int, K: int) -> tuple[int, int, int]:
     """(rows per tile, warpgroups per block, K splits) of the warpgroup-MMA kernel by rule
     for a layer of N = 128 n columns: the smallest tile holding M rows (at most 256), two
     warpgroups, K split until about WG_TARGET_BLOCKS blocks, each split at least 4 k-steps."""
     nt = next((t for t in WG_TILES if M <= t), WG_TILES[-1])
     wgs = 2
-    blocks = -(-M // nt) * (N // 64 // wgs)
+    blocks = _wg_tiles(M, N, nt, wgs)
     splits = max(1, min(K // 64 // 4, -(-WG_TARGET_BLOCKS // blocks)))
     return nt, wgs, _runs(K, splits)
 
@@ -279,7 +284,7 @@ def wg_cluster_configs(
     plain = wg_configs(M, N, K)
     out = [(nt, wgs, s, s) for nt, wgs, s in plain if 1 < s <= WG_CLUSTER_WAVES]
     for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in plain):
-        tiles = -(-M // nt) * (N // 64 // wgs)
+        tiles = _wg_tiles(M, N, nt, wgs)
         for s in dict.fromkeys(_runs(K, s) for s in range(2, WG_CLUSTER_MAX + 1)):
             c = (nt, wgs, s, s)
             if c in out or not 1 < s <= max(1, K // 64 // 4):
@@ -312,7 +317,7 @@ def wg_tail_configs(
     shortens it."""
     out = []
     for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
-        tiles = -(-M // nt) * (N // 64 // wgs)
+        tiles = _wg_tiles(M, N, nt, wgs)
         if nt not in WG_TAIL_TILES or tiles <= (wave := wave_blocks(nt, wgs)) or wave <= 0:
             continue
         last = tiles % wave
@@ -349,6 +354,6 @@ def wg_stream_configs(
     for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
         if (nt, wgs) not in WG_STREAM_TILES or (wave := wave_blocks(nt, wgs)) <= 0:
             continue
-        if (-(-M // nt) * (N // 64 // wgs)) % wave:
+        if _wg_tiles(M, N, nt, wgs) % wave:
             out.append((nt, wgs, 1, 1, 1, True))
     return out

@@ -6,7 +6,7 @@ H200 (names only; ``ops`` launches what they name).
   per block and S K-splits, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
-  (sm_90); "wg:NTxWxS[cC][tT]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
+  (sm_90); "wg:NTxWxS[cC][tT][s]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
   warpgroups per block, S K-splits, summed in clusters of C blocks; T > 1: the tiles past the
   device's last whole wave as T K splits each; s: a stream-K schedule, the tiles of the last
   waves dealt out by k-steps; chosen only by measurement).
