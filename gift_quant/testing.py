@@ -335,6 +335,8 @@ def compile_for_gpu(
         if sass:
             loops, writes = unwaited_operand_writes(sass)
             use += f", {loops} MMA loops, {writes} writes to operands of MMAs not waited for"
+            if kernel is gemv._gemv_kernel:  # the next layer's weights into L2 (UBLKPF)
+                use += f", {sass.count('UBLKPF.L2')} L2 bulk prefetches"
         epilogues, unordered = unordered_workspace_zeroing(c.asm["ttgir"])
         if epilogues:
             use += f", {epilogues} split-K epilogues, {unordered} zeroing unordered"
@@ -370,11 +372,14 @@ def compile_for_gpu(
             const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
             # as launched on sm_90 (gemv.dependent_wait): M = 4 and M = 1 within one wave
             # waiting in the k-loop, M = 1 capped (past one wave) waiting before it
-            const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=True)
-            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+            # M = 1 with the next layer's L2 prefetch (three regions, as in decode)
+            const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=True, N_PF=0)
+            gtypes = types | {f"PF{i}": "i64" for i in range(3)}
+            gtypes |= {f"PF{i}_N": "i32" for i in range(3)}
+            out.append(build(gemv._gemv_kernel, gtypes, const, 1, 1))
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)
-            const |= dict(BLOCK_M=1, BLOCK_K=128, EVEN_M=True, ASM=asm, CONSTR=constr)
-            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+            const |= dict(BLOCK_M=1, BLOCK_K=128, EVEN_M=True, ASM=asm, CONSTR=constr, N_PF=3)
+            out.append(build(gemv._gemv_kernel, gtypes, const, 1, 1))
             const |= dict(BLOCK_K=64, WAIT_IN_LOOP=False)
-            out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
+            out.append(build(gemv._gemv_kernel, gtypes, const, 1, 1, gemv.WIDE_MAXNREG))
     return out
