@@ -185,14 +185,17 @@ def test_each_layer_learns_the_layer_called_after_it() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_the_gemv_prefetch_of_the_next_layer_changes_no_result() -> None:
+def test_the_gemv_prefetch_of_the_next_layer_changes_no_result(monkeypatch) -> None:
     """Four M = 1 layers chained, each GEMV bringing the next layer's codes, scales and
-    salient weights into L2 (the last the first's), eager and in a CUDA graph: every output
-    bit for bit the one without the prefetch. And through the layers' own calls
+    salient weights into L2 (the last the first's) in one bulk prefetch per region or line by
+    line, eager and in a CUDA graph: every output within the kernels' error bound of the
+    float64 oracle, as without the prefetch (the split-K sums add in a varying order, so two
+    runs need not agree bit for bit). And through the layers' own calls
     (``kernels.dequant_matmul``) twice: each layer learnt its successor, and the second pass,
-    which prefetches, gives the first's outputs."""
-    from gift_quant.kernels import dequant_matmul
+    which prefetches, is as accurate."""
+    from gift_quant.kernels import dequant_matmul, reference
     from gift_quant.kernels.triton import dispatch, ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle
 
     layers = _chain_layers(20)
     preps = [ops.prepare(layer) for layer in layers]
@@ -210,22 +213,31 @@ def test_the_gemv_prefetch_of_the_next_layer_changes_no_result() -> None:
     def outs() -> list[torch.Tensor]:
         return [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in layers]
 
+    def check(ys: list[torch.Tensor], how: str) -> None:
+        x = x0
+        for i, (layer, y) in enumerate(zip(layers, ys, strict=True)):
+            err, ref_err = kernel_error(y, reference.dequant_matmul(x, layer), oracle(x, layer))
+            assert err <= ERROR_FACTOR * ref_err + 1e-6, (how, i, err, ref_err)
+            x = y
+
     if rules.l2_prefetch(torch.device("cuda")):
         from gift_quant.kernels.triton.gemv import prefetch_regions
 
         assert len(prefetch_regions((preps[1].q, preps[1].sz, preps[1].wst), x0.device)) == 3
-    plain, pre = outs(), outs()
-    chain(plain, False)
-    chain(pre, True)
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(plain, pre, strict=True))
-    graphed = outs()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain(graphed, True)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
+    for mode in ("1", "lines"):
+        monkeypatch.setenv("GIFT_QUANT_L2_PREFETCH", mode)
+        for prefetch in (False, True):
+            ys = outs()
+            chain(ys, prefetch)
+            torch.cuda.synchronize()
+            check(ys, f"eager {mode} {prefetch}")
+        ys = outs()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain(ys, True)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(ys, f"graph {mode}")
 
     ops._last_called.clear()
     with torch.no_grad():
@@ -239,5 +251,6 @@ def test_the_gemv_prefetch_of_the_next_layer_changes_no_result() -> None:
     torch.cuda.synchronize()
     assert [m._next_called[0] for m in layers] == layers[1:] + layers[:1]
     assert len(ops.prefetch_next(layers[0], x0)) == 3
-    assert all(torch.equal(a, b) for a, b in zip(*passes, strict=True))
+    for ys in passes:
+        check(ys, "layers")
     ops._last_called.clear()

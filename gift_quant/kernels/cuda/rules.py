@@ -209,15 +209,16 @@ def dependent_launch(device: torch.device) -> bool:
 
 
 # The decode GEMV's prefetch of the next layer's weights into L2 (``l2_prefetch``): at most
-# this fraction of the device's L2 per call, so that what the next layer finds there is not
-# evicted by the rest of its own prefetch
+# this fraction of the device's L2 per call (``GIFT_QUANT_L2_PREFETCH_FRACTION`` overrides
+# it), so that what the next layer finds there is not evicted by the rest of its own prefetch
 L2_PREFETCH_FRACTION = 0.5
 
 
 def l2_prefetch(device: torch.device) -> bool:
     """Whether a decode-path kernel on ``device`` brings the weights of the layer that ran
     after it last time into L2 once its own weights are read (sm_90 and later:
-    ``cp.async.bulk.prefetch.L2``; ``GIFT_QUANT_L2_PREFETCH=0`` turns it off). The copies run
+    ``cp.async.bulk.prefetch.L2``; ``GIFT_QUANT_L2_PREFETCH=0`` turns it off, ``=lines``
+    prefetches line by line instead). The copies run
     while the kernels between the two layers (norms, rotary, attention) leave memory idle; a
     prefetch is a hint, so results never change."""
     return os.environ.get("GIFT_QUANT_L2_PREFETCH", "1") != "0" and dependent_launch_capable(device)

@@ -14,6 +14,7 @@ launched.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -206,23 +207,37 @@ def _unit_dot(
 
 
 @triton.jit
-def _l2_prefetch(addr, nbytes, pid, nprog):
+def _l2_prefetch(addr, nbytes, pid, nprog, LINES: tl.constexpr):
     """Program ``pid`` of ``nprog`` asks L2 for its share of the ``nbytes`` at global address
-    ``addr`` (both multiples of 16): one bulk prefetch by its first thread, which nothing
-    waits for."""
+    ``addr`` (both multiples of 16), which nothing waits for: one bulk prefetch by its first
+    thread, or (LINES) one ``prefetch.global.L2`` per 128-byte line, 32 lines a pass (one per
+    thread of the one-warp program)."""
     chunk = (nbytes // 16 + nprog - 1) // nprog * 16
     off = pid * chunk
     size = tl.minimum(chunk, nbytes - off)
     if size > 0:
-        tl.inline_asm_elementwise(
-            "{\n.reg .pred p;\n.reg .u32 t;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;\n"
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
-            "=r,l,r",
-            [addr + off, size],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
+        if LINES:
+            last = addr + off + size - 1
+            for start in range(0, size, 4096):
+                a = tl.minimum(addr + off + start + tl.arange(0, 32).to(tl.int64) * 128, last)
+                tl.inline_asm_elementwise(
+                    "prefetch.global.L2 [$1];\nmov.u32 $0, 0;",
+                    "=r,l",
+                    [a],
+                    dtype=tl.int32,
+                    is_pure=False,
+                    pack=1,
+                )
+        else:
+            tl.inline_asm_elementwise(
+                "{\n.reg .pred p;\n.reg .u32 t;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;\n"
+                "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
+                "=r,l,r",
+                [addr + off, size],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
 
 
 @triton.jit
@@ -272,6 +287,7 @@ def _gemv_kernel(
     PDL: tl.constexpr,
     WAIT_IN_LOOP: tl.constexpr,
     N_PF: tl.constexpr,
+    PF_LINES: tl.constexpr,
 ):
     """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
     sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
@@ -351,11 +367,11 @@ def _gemv_kernel(
         if pid_k < N_SPLIT:
             pid = pid_k * tl.num_programs(0) + pid_n
             nprog = N_SPLIT * tl.num_programs(0)
-            _l2_prefetch(PF0, PF0_N, pid, nprog)
+            _l2_prefetch(PF0, PF0_N, pid, nprog, PF_LINES)
             if N_PF > 1:
-                _l2_prefetch(PF1, PF1_N, pid, nprog)
+                _l2_prefetch(PF1, PF1_N, pid, nprog, PF_LINES)
             if N_PF > 2:
-                _l2_prefetch(PF2, PF2_N, pid, nprog)
+                _l2_prefetch(PF2, PF2_N, pid, nprog, PF_LINES)
     if PDL:
         gdc_launch_dependents()
     omask = (offs_m[:, None] < M) & nmask[None, :]
@@ -406,7 +422,14 @@ def prefetch_regions(tensors, device: torch.device) -> list[tuple[int, int]]:
     if not tensors or interpreting() or not l2_prefetch(device):
         return []
     ok = [t for t in tensors if t.device == device]
-    return plan_prefetch(ok, int(_l2_bytes(device) * L2_PREFETCH_FRACTION))
+    fraction = float(os.environ.get("GIFT_QUANT_L2_PREFETCH_FRACTION", L2_PREFETCH_FRACTION))
+    return plan_prefetch(ok, int(_l2_bytes(device) * fraction))
+
+
+def prefetch_by_lines() -> bool:
+    """``GIFT_QUANT_L2_PREFETCH=lines``: one prefetch instruction per 128-byte line instead of
+    one bulk prefetch per program and region."""
+    return os.environ.get("GIFT_QUANT_L2_PREFETCH") == "lines"
 
 
 def plan_prefetch(tensors, budget: int) -> list[tuple[int, int]]:
@@ -505,6 +528,7 @@ def gemv(
             PDL=wait is not None,
             WAIT_IN_LOOP=wait == "loop",
             N_PF=len(pf),
+            PF_LINES=prefetch_by_lines(),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
             **register_cap(cfg),
