@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 from itertools import product
 from pathlib import Path
@@ -336,9 +335,6 @@ def compile_for_gpu(
         if sass:
             loops, writes = unwaited_operand_writes(sass)
             use += f", {loops} MMA loops, {writes} writes to operands of MMAs not waited for"
-            if kernel is gemv._gemv_kernel:  # the next layer's weights into L2 (UBLKPF)
-                pf = sass.count("UBLKPF.L2"), len(re.findall(r"\bCCTL\.E\.PF2\b", sass))
-                use += f", {pf[0]} L2 bulk prefetches, {pf[1]} L2 line prefetches"
         epilogues, unordered = unordered_workspace_zeroing(c.asm["ttgir"])
         if epilogues:
             use += f", {epilogues} split-K epilogues, {unordered} zeroing unordered"
@@ -374,15 +370,11 @@ def compile_for_gpu(
             const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
             # as launched on sm_90 (gemv.dependent_wait): M = 4 and M = 1 within one wave
             # waiting in the k-loop, M = 1 capped (past one wave) waiting before it
-            # M = 1 with the next layer's L2 prefetch (three regions, as in decode)
-            const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=True, N_PF=0)
-            const |= dict(PF_LINES=False)
-            gtypes = types | {f"PF{i}": "i64" for i in range(3)}
-            gtypes |= {f"PF{i}_N": "i32" for i in range(3)}
-            out.append(build(gemv._gemv_kernel, gtypes, const, 1, 1))
+            const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=True)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)
-            const |= dict(BLOCK_M=1, BLOCK_K=128, EVEN_M=True, ASM=asm, CONSTR=constr, N_PF=3)
-            out.append(build(gemv._gemv_kernel, gtypes, const | dict(PF_LINES=False), 1, 1))
-            const |= dict(BLOCK_K=64, WAIT_IN_LOOP=False, PF_LINES=True)
-            out.append(build(gemv._gemv_kernel, gtypes, const, 1, 1, gemv.WIDE_MAXNREG))
+            const |= dict(BLOCK_M=1, BLOCK_K=128, EVEN_M=True, ASM=asm, CONSTR=constr)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1))
+            const |= dict(BLOCK_K=64, WAIT_IN_LOOP=False)
+            out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
     return out

@@ -97,16 +97,11 @@ def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
     """The M = 1 and M = 4 GEMV (inline PTX) as sm_90 launches them: waiting for the previous
     kernel in the first k-block (within one wave) and before the k-loop (capped, past one
     wave), W4 fp16, compiled for sm_90 without a GPU (the interpreter never takes the
-    dependent paths, nor the L2 prefetch of the next layer's weights)."""
+    dependent paths)."""
     lines = [x for x in _compile_for_gpu(4, "fp16", with_gemv=True) if x.startswith("_gemv")]
     assert len(lines) == 3, lines  # M = 4 and M = 1 waiting in the loop, M = 1 capped before
     waits = ["'WAIT_IN_LOOP': True" in x for x in lines]
     assert waits == [True, True, False] and all("'PDL': True" in x for x in lines), lines
     assert "maxnreg 80" in lines[2], lines
-    # M = 1 as decode launches it, with the next layer's three regions into L2: one bulk
-    # prefetch each, or (the capped build) line by line; M = 4 without
-    pf = [re.search(r", (\d+) L2 bulk prefetches, (\d+) L2 line prefetches", x) for x in lines]
-    pf = [(int(m.group(1)), int(m.group(2))) for m in pf]
-    assert pf[:2] == [(0, 0), (3, 0)] and pf[2][0] == 0 and pf[2][1] >= 3, lines
     for line in lines:  # its split-K epilogue zeroes the workspace after a barrier
         assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line

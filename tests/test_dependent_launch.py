@@ -20,26 +20,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 K = N = 1024  # square, so that each layer's output is the next layer's input
 
 
-def _chain_layers(seed: int) -> list:
-    """Four square W4 g128 layers with 32 salient columns and a bias, fp16, on the GPU."""
-    from gift_quant.testing import random_mixed_linear
-
-    return [
-        random_mixed_linear(
-            K,
-            N,
-            bits=4,
-            group_size=128,
-            num_salient=32,
-            bias=True,
-            seed=seed + i,
-            device="cuda",
-            dtype=torch.float16,
-        )
-        for i in range(4)
-    ]
-
-
 def _names(M: int) -> list[str]:
     from gift_quant.kernels.triton import routes
 
@@ -93,14 +73,27 @@ def test_chained_kernels_read_the_previous_output(monkeypatch, M: int, gemv_wait
     the GEMV waits before its k-loop, as it does past one wave (forced by a bound of 0)."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import dispatch, gemv, ops
-    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
 
     if gemv_wait == "before":
         monkeypatch.setattr(gemv, "PROGRAMS_PER_SM", 0)
     sm90 = torch.cuda.get_device_capability()[0] >= 9
     if os.environ.get("GIFT_QUANT_PDL", "1") != "0":  # the launches this test is about
         assert rules.dependent_launch(torch.device("cuda")) == sm90
-    layers = _chain_layers(10)
+    layers = [
+        random_mixed_linear(
+            K,
+            N,
+            bits=4,
+            group_size=128,
+            num_salient=32,
+            bias=True,
+            seed=10 + i,
+            device="cuda",
+            dtype=torch.float16,
+        )
+        for i in range(4)
+    ]
     preps = [(ops.prepare(layer), ops.cuda_layout(layer)) for layer in layers]
     x0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
 
@@ -139,118 +132,3 @@ def test_chained_kernels_read_the_previous_output(monkeypatch, M: int, gemv_wait
         graph.replay()
         torch.cuda.synchronize()
         check(name, outs, "graph")
-
-
-# ------------------------------------------------------------------------------------------
-# the decode GEMV's L2 prefetch of the next layer's weights
-
-
-def test_the_prefetch_plan_takes_the_smallest_first_within_the_budget() -> None:
-    """Three tensors, the smallest first; the one that passes the budget cut to whole 16-byte
-    units of what is left; a strided view and a misaligned one left out (a bulk prefetch
-    takes contiguous 16-byte aligned ranges)."""
-    from gift_quant.kernels.triton.gemv import plan_prefetch
-
-    big = torch.zeros(1 << 18, dtype=torch.int32)  # 1 MiB
-    mid = torch.zeros(25_000, dtype=torch.int32)  # 100,000 bytes
-    small = torch.zeros(1024, dtype=torch.int32)  # 4 KiB
-    strided = torch.zeros(64, 64, dtype=torch.int32).t()
-    odd = torch.zeros(4096, dtype=torch.int8)[1:]  # one byte past an aligned start
-    budget = 600_000
-    got = plan_prefetch([big, strided, mid, odd, small], budget)
-    rest = (budget - 4096 - 100_000) // 16 * 16
-    assert got == [(small.data_ptr(), 4096), (mid.data_ptr(), 100_000), (big.data_ptr(), rest)]
-    assert plan_prefetch([big, mid], 4096) == [(mid.data_ptr(), 4096)]
-    assert plan_prefetch([big], 15) == []
-
-
-def test_each_layer_learns_the_layer_called_after_it() -> None:
-    """``prefetch_next`` links each layer to the one called after it on the same device (the
-    last to the first across a step), relinks when the order changes, and keeps calls on
-    another device apart; it returns nothing to prefetch off CUDA."""
-    from gift_quant.kernels.triton import ops
-
-    ops._last_called.clear()
-    a, b, c, other = (torch.nn.Linear(2, 2) for _ in range(4))
-    x = torch.zeros(1, 2)
-    for layer in (a, b, c, a, b, c):
-        assert ops.prefetch_next(layer, x) == ()
-    assert [m._next_called[0] for m in (a, b, c)] == [b, c, a]
-    ops.prefetch_next(other, torch.zeros(1, 2, device="meta"))  # another device: no link
-    ops.prefetch_next(b, x)  # c -> b now
-    assert c._next_called[0] is b and not hasattr(other, "_next_called")
-    assert a not in dict(c.named_modules()).values()  # no submodule registered
-    ops._last_called.clear()
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_the_gemv_prefetch_of_the_next_layer_changes_no_result(monkeypatch) -> None:
-    """Four M = 1 layers chained, each GEMV bringing the next layer's codes, scales and
-    salient weights into L2 (the last the first's) in one bulk prefetch per region or line by
-    line, eager and in a CUDA graph: every output within the kernels' error bound of the
-    float64 oracle, as without the prefetch (the split-K sums add in a varying order, so two
-    runs need not agree bit for bit). And through the layers' own calls
-    (``kernels.dequant_matmul``) twice: each layer learnt its successor, and the second pass,
-    which prefetches, is as accurate."""
-    from gift_quant.kernels import dequant_matmul, reference
-    from gift_quant.kernels.triton import dispatch, ops
-    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle
-
-    layers = _chain_layers(20)
-    preps = [ops.prepare(layer) for layer in layers]
-    x0 = torch.randn(1, K, device="cuda", dtype=torch.float16)
-
-    def chain(outs: list[torch.Tensor], prefetch: bool) -> None:
-        x = x0
-        for i, (layer, p, out) in enumerate(zip(layers, preps, outs, strict=True)):
-            nxt = preps[(i + 1) % len(preps)]
-            pf = (nxt.q, nxt.sz, nxt.wst) if prefetch else ()
-            args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-            dispatch.run_route("gemv", *args, out=out, prefetch=pf)
-            x = out
-
-    def outs() -> list[torch.Tensor]:
-        return [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in layers]
-
-    def check(ys: list[torch.Tensor], how: str) -> None:
-        x = x0
-        for i, (layer, y) in enumerate(zip(layers, ys, strict=True)):
-            err, ref_err = kernel_error(y, reference.dequant_matmul(x, layer), oracle(x, layer))
-            assert err <= ERROR_FACTOR * ref_err + 1e-6, (how, i, err, ref_err)
-            x = y
-
-    if rules.l2_prefetch(torch.device("cuda")):
-        from gift_quant.kernels.triton.gemv import prefetch_regions
-
-        assert len(prefetch_regions((preps[1].q, preps[1].sz, preps[1].wst), x0.device)) == 3
-    for mode in ("1", "lines"):
-        monkeypatch.setenv("GIFT_QUANT_L2_PREFETCH", mode)
-        for prefetch in (False, True):
-            ys = outs()
-            chain(ys, prefetch)
-            torch.cuda.synchronize()
-            check(ys, f"eager {mode} {prefetch}")
-        ys = outs()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            chain(ys, True)
-        graph.replay()
-        torch.cuda.synchronize()
-        check(ys, f"graph {mode}")
-
-    ops._last_called.clear()
-    with torch.no_grad():
-        passes = []
-        for _ in range(2):
-            x, ys = x0, []
-            for layer in layers:
-                x = dequant_matmul(x, layer)
-                ys.append(x)
-            passes.append(ys)
-    torch.cuda.synchronize()
-    assert [m._next_called[0] for m in layers] == layers[1:] + layers[:1]
-    assert len(ops.prefetch_next(layers[0], x0)) == 3
-    for ys in passes:
-        check(ys, "layers")
-    ops._last_called.clear()

@@ -1,8 +1,8 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 (or bf16) vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile [B ...]] [--fuse] [--bound] [--prefetch-fractions F ...]
-        [--dtype fp16|bf16] [--out DIR] [--workdir DIR] [--shared]
+        [--compile [B ...]] [--fuse] [--bound] [--dtype fp16|bf16] [--out DIR] [--workdir DIR]
+        [--shared]
 
 ``--dtype bf16``: the same in bf16 (the dense model, the activations and the kernels' bf16
 builds; rows keyed "bf16", written to decode_h200_bf16.json).
@@ -18,11 +18,6 @@ of the replays, for every --batch (fp16 and W4 in the same run). The script also
 quantized model's logits against the torch backend. The JSON records the commit, the versions,
 GPU/CPU, whether the machine was shared, and the kernel
 route of every distinct (N, K) layer at every batch.
-
-``--prefetch-fractions F ...`` also times the W4 model (fused with ``--fuse``) with the decode
-GEMV's L2 prefetch of the next layer's weights within F x L2 (``GIFT_QUANT_L2_PREFETCH_FRACTION``;
-0: the prefetch off), each just before the run with the default, in the same process (rows
-keyed "..._pfF", with their ratio to the dense model and the default's gain over them).
 
 ``--bound`` also times the fp16 model with every decoder projection replaced by a stand-in that
 does no GPU work (it returns an unwritten tensor of the output's shape): the time of everything
@@ -209,22 +204,6 @@ def timed(model, prompts: dict, args, compile_it: bool = True) -> tuple[dict, di
     return eager, compiled
 
 
-def timed_with_prefetch(fraction: float, model, prompts: dict, args) -> tuple[dict, dict | None]:
-    """``timed`` with the decode GEMV's L2 prefetch within ``fraction`` of L2 (0: off); read
-    at each launch, so the graphs captured here and the compiled forward's launches take it."""
-    old = os.environ.get("GIFT_QUANT_L2_PREFETCH_FRACTION")
-    os.environ["GIFT_QUANT_L2_PREFETCH_FRACTION"] = str(fraction)
-    try:
-        out = timed(model, prompts, args)
-    finally:
-        if old is None:
-            del os.environ["GIFT_QUANT_L2_PREFETCH_FRACTION"]
-        else:
-            os.environ["GIFT_QUANT_L2_PREFETCH_FRACTION"] = old
-    print(f"the same with the L2 prefetch within {fraction:g} of L2: {out}", flush=True)
-    return out
-
-
 def layer_shapes(qmodel) -> set[tuple]:
     """(N, K, bits, group, salient columns) of every distinct quantized layer."""
     shapes = set()
@@ -280,14 +259,6 @@ def main() -> None:
         help="also time the fp16 model with its projections doing no work (the end-to-end "
         "ceiling of any weight format)",
     )
-    ap.add_argument(
-        "--prefetch-fractions",
-        type=float,
-        nargs="*",
-        default=[],
-        metavar="F",
-        help="also time the W4 model with the L2 prefetch within F x L2 (0: off)",
-    )
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="the model's")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--workdir", default=None)
@@ -331,18 +302,12 @@ def main() -> None:
     n_mixed = len(mixed_modules(qmodel))
     shapes = layer_shapes(qmodel)
     rel = {"w4": triton_vs_torch(qmodel, prompt)}
-    W = "w4_fused" if args.fuse else "w4"  # the W4 model the prefetch A/B times
-    if not args.fuse:
-        for f in args.prefetch_fractions:
-            runs[f"w4_pf{f:g}"] = timed_with_prefetch(f, qmodel, prompts, args)
     runs["w4"] = timed(qmodel, prompts, args, compile_it=not args.fuse)  # fused: compiled below
     print(f"w4g128+s128: {runs['w4']}", flush=True)
     fused_groups = []
     if args.fuse:
         fused_groups = fuse_siblings(qmodel)
         rel["w4_fused"] = triton_vs_torch(qmodel, prompt)
-        for f in args.prefetch_fractions:
-            runs[f"w4_fused_pf{f:g}"] = timed_with_prefetch(f, qmodel, prompts, args)
         runs["w4_fused"] = timed(qmodel, prompts, args)
         print(f"w4g128+s128 fused: {runs['w4_fused']}", flush=True)
     from gift_quant.kernels.cuda import native
@@ -364,10 +329,6 @@ def main() -> None:
                 fused = got["w4_fused"]["tokens_per_s"]
                 row["ratio_fused"] = fused / got[D]["tokens_per_s"]
                 row[f"ratio_fused_vs_{D}_fused"] = fused / got[f"{D}_fused"]["tokens_per_s"]
-            for f in args.prefetch_fractions:  # the default's gain over each fraction
-                if (k := f"{W}_pf{f:g}") in got:
-                    row[f"ratio_pf{f:g}"] = got[k]["tokens_per_s"] / got[D]["tokens_per_s"]
-                    row[f"gain_over_pf{f:g}"] = got[W]["tokens_per_s"] / got[k]["tokens_per_s"]
             if "no_matmul" in got:
                 row["bound"] = got["no_matmul"]["tokens_per_s"] / got[D]["tokens_per_s"]
                 if f"{D}_fused" in got:
@@ -391,15 +352,12 @@ def main() -> None:
         tuning=tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
-    pf = [f"{W}_pf{f:g}" for f in args.prefetch_fractions]
-    cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", *pf, "no_matmul") if k in runs]
+    cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", "no_matmul") if k in runs]
     ratios = [
         k
         for k in ("ratio", "ratio_fused", f"ratio_fused_vs_{D}_fused")
         if args.fuse or k == "ratio"
     ]
-    for f in args.prefetch_fractions:
-        ratios += [f"ratio_pf{f:g}", f"gain_over_pf{f:g}"]
     if args.bound:
         ratios += ["bound"] + ([f"bound_vs_{D}_fused"] if args.fuse else [])
     print("| batch | " + " | ".join([f"{c} tok/s" for c in cols] + ratios) + " |")

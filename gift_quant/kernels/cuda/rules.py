@@ -21,7 +21,6 @@ __all__ = [
     "configs",
     "dependent_launch",
     "dependent_launch_capable",
-    "l2_prefetch",
     "mma_cluster_configs",
     "mmv_choose",
     "mmv_cluster_configs",
@@ -206,22 +205,6 @@ def dependent_launch(device: torch.device) -> bool:
     previous kernel's writes (``griddepcontrol.wait``) before it reads x or touches its
     workspace, so results are those of an ordinary launch."""
     return os.environ.get("GIFT_QUANT_PDL", "1") != "0" and dependent_launch_capable(device)
-
-
-# The decode GEMV's prefetch of the next layer's weights into L2 (``l2_prefetch``): at most
-# this fraction of the device's L2 per call (``GIFT_QUANT_L2_PREFETCH_FRACTION`` overrides
-# it), so that what the next layer finds there is not evicted by the rest of its own prefetch
-L2_PREFETCH_FRACTION = 0.5
-
-
-def l2_prefetch(device: torch.device) -> bool:
-    """Whether a decode-path kernel on ``device`` brings the weights of the layer that ran
-    after it last time into L2 once its own weights are read (sm_90 and later:
-    ``cp.async.bulk.prefetch.L2``; ``GIFT_QUANT_L2_PREFETCH=0`` turns it off, ``=lines``
-    prefetches line by line instead). The copies run
-    while the kernels between the two layers (norms, rotary, attention) leave memory idle; a
-    prefetch is a hint, so results never change."""
-    return os.environ.get("GIFT_QUANT_L2_PREFETCH", "1") != "0" and dependent_launch_capable(device)
 
 
 # The warpgroup-MMA kernel (mixed_wg.cu, sm_90a): tiles of NT rows of x (WG_TILES), WGS

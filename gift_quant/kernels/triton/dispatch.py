@@ -106,12 +106,10 @@ def run_route(
     group: int,
     out: Tensor | None = None,
     cuda: layout.Packed | None = None,
-    prefetch: tuple = (),
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
     ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
-    "wg:NTxWxS[cC][tT][s]"; ``prefetch``: tensors the GEMV brings into L2 after its own
-    weights, ``gemv.prefetch_regions``)."""
+    "wg:NTxWxS[cC][tT][s]")."""
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:", "wg:")):
@@ -136,7 +134,7 @@ def run_route(
     ws, cnt = workspace(x2.device, M * N)
     kw = dict(bits=bits, group=group, out=out)
     if name == "gemv":
-        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, prefetch=prefetch, **kw)
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
@@ -184,7 +182,6 @@ def run(
     bits: int,
     group: int,
     cuda: layout.Packed | None = None,
-    prefetch: tuple = (),
 ) -> Tensor:
     K, N = x.shape[-1], sz.shape[1]
     x2 = x.reshape(-1, K).contiguous()
@@ -195,7 +192,5 @@ def run(
         name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
     else:
         name = route(M, N, K, bits)
-    y = run_route(
-        name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda, prefetch=prefetch
-    )
+    y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda)
     return y.reshape(*x.shape[:-1], N)

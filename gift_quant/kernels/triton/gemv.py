@@ -14,7 +14,6 @@ launched.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -22,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gift_quant.kernels.cuda.rules import L2_PREFETCH_FRACTION, dependent_launch, l2_prefetch
+from gift_quant.kernels.cuda.rules import dependent_launch
 from gift_quant.kernels.triton.ptx import deqdot_asm, plan
 from gift_quant.kernels.triton.tiles import interpreting, on_device, register_cap, store_output
 
@@ -207,40 +206,6 @@ def _unit_dot(
 
 
 @triton.jit
-def _l2_prefetch(addr, nbytes, pid, nprog, LINES: tl.constexpr):
-    """Program ``pid`` of ``nprog`` asks L2 for its share of the ``nbytes`` at global address
-    ``addr`` (both multiples of 16), which nothing waits for: one bulk prefetch by its first
-    thread, or (LINES) one ``prefetch.global.L2`` per 128-byte line, 32 lines a pass (one per
-    thread of the one-warp program)."""
-    chunk = (nbytes // 16 + nprog - 1) // nprog * 16
-    off = pid * chunk
-    size = tl.minimum(chunk, nbytes - off)
-    if size > 0:
-        if LINES:
-            last = addr + off + size - 1
-            for start in range(0, size, 4096):
-                a = tl.minimum(addr + off + start + tl.arange(0, 32).to(tl.int64) * 128, last)
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1];\nmov.u32 $0, 0;",
-                    "=r,l",
-                    [a],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
-        else:
-            tl.inline_asm_elementwise(
-                "{\n.reg .pred p;\n.reg .u32 t;\nmov.u32 t, %tid.x;\nsetp.eq.u32 p, t, 0;\n"
-                "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
-                "=r,l,r",
-                [addr + off, size],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-
-
-@triton.jit
 def _gemv_kernel(
     # pointers
     x_ptr,
@@ -253,13 +218,6 @@ def _gemv_kernel(
     ws_ptr,
     cnt_ptr,
     y_ptr,
-    # the next layer's weights to bring into L2: addresses and bytes
-    PF0,
-    PF0_N,
-    PF1,
-    PF1_N,
-    PF2,
-    PF2_N,
     # sizes
     M,
     N,
@@ -286,8 +244,6 @@ def _gemv_kernel(
     CONSTR: tl.constexpr,
     PDL: tl.constexpr,
     WAIT_IN_LOOP: tl.constexpr,
-    N_PF: tl.constexpr,
-    PF_LINES: tl.constexpr,
 ):
     """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
     sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
@@ -297,11 +253,7 @@ def _gemv_kernel(
     the workspace, in its first k-block after that block's weight loads (WAIT_IN_LOOP) or
     before its k-loop; the next kernel may launch once every program has reached its
     epilogue (a trigger at the start let the next kernel's programs take places while this
-    one still streamed its weights, and cost up to 23% on the largest layers).
-    N_PF regions (PF0 .. PF2: address, bytes) are brought into L2 once a K-split program is
-    done with its weights, each program a share (``_l2_prefetch``), the salient programs
-    (done first) none: the next layer's weights, read while the kernels between the two
-    layers run (``rules.l2_prefetch``)."""
+    one still streamed its weights, and cost up to 23% on the largest layers)."""
     UNIT_W: tl.constexpr = 3 if BITS == 3 else (2 if BITS == 4 else 1)
     UNIT_K: tl.constexpr = 32 if BITS == 3 else 16
     NSTEPS: tl.constexpr = 16 if BITS == 3 else 8
@@ -363,15 +315,6 @@ def _gemv_kernel(
                 xs = tl.load(x_ptr + m * K + sid, mask=jmask & (m < M), other=0.0)
                 part = tl.sum(xs.to(tl.float32)[:, None] * w, axis=0)
                 acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
-    if N_PF > 0:
-        if pid_k < N_SPLIT:
-            pid = pid_k * tl.num_programs(0) + pid_n
-            nprog = N_SPLIT * tl.num_programs(0)
-            _l2_prefetch(PF0, PF0_N, pid, nprog, PF_LINES)
-            if N_PF > 1:
-                _l2_prefetch(PF1, PF1_N, pid, nprog, PF_LINES)
-            if N_PF > 2:
-                _l2_prefetch(PF2, PF2_N, pid, nprog, PF_LINES)
     if PDL:
         gdc_launch_dependents()
     omask = (offs_m[:, None] < M) & nmask[None, :]
@@ -410,44 +353,6 @@ def _sms(device: torch.device) -> int:
     )
 
 
-@functools.cache
-def _l2_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
-def prefetch_regions(tensors, device: torch.device) -> list[tuple[int, int]]:
-    """(address, bytes) of ``tensors`` for the kernel's L2 prefetch on ``device``
-    (``plan_prefetch`` within L2_PREFETCH_FRACTION of its L2); [] where the prefetch is off
-    (``rules.l2_prefetch``) or under the interpreter."""
-    if not tensors or interpreting() or not l2_prefetch(device):
-        return []
-    ok = [t for t in tensors if t.device == device]
-    fraction = float(os.environ.get("GIFT_QUANT_L2_PREFETCH_FRACTION", L2_PREFETCH_FRACTION))
-    return plan_prefetch(ok, int(_l2_bytes(device) * fraction))
-
-
-def prefetch_by_lines() -> bool:
-    """``GIFT_QUANT_L2_PREFETCH=lines``: one prefetch instruction per 128-byte line instead of
-    one bulk prefetch per program and region."""
-    return os.environ.get("GIFT_QUANT_L2_PREFETCH") == "lines"
-
-
-def plan_prefetch(tensors, budget: int) -> list[tuple[int, int]]:
-    """(address, bytes) of at most three of ``tensors``, the smallest first, within ``budget``
-    bytes (the last one taken cut short): whole 16-byte units of contiguous tensors at 16-byte
-    aligned addresses (what ``cp.async.bulk.prefetch`` takes); the others are left out."""
-    out = []
-    for t in sorted(tensors, key=lambda t: t.nbytes):
-        if not t.is_contiguous() or t.data_ptr() % 16:
-            continue
-        n = min(t.nbytes, budget) // 16 * 16
-        if n == 0 or len(out) == 3:
-            break
-        out.append((t.data_ptr(), n))
-        budget -= n
-    return out
-
-
 def gemv(
     x: Tensor,
     q: Tensor,
@@ -462,11 +367,8 @@ def gemv(
     group: int,
     config: dict | None = None,
     out: Tensor | None = None,
-    prefetch=(),
 ) -> Tensor:
-    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias); M <= MAX_M; see the kernel.
-    ``prefetch``: tensors (the next layer's weights) to bring into L2 once this call's weights
-    are read (``prefetch_regions``)."""
+    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias); M <= MAX_M; see the kernel."""
     M, K = x.shape
     N = sz.shape[1]
     assert 1 <= M <= MAX_M and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16)
@@ -488,8 +390,6 @@ def gemv(
     wait = None
     if not interpreting() and dependent_launch(x.device):
         wait = dependent_wait(cfg, N, K, nsal, _sms(x.device))
-    pf = prefetch_regions(prefetch, x.device)
-    regions = [v for r in pf + [(0, 0)] * (3 - len(pf)) for v in r]
     with on_device(x.device):
         _gemv_kernel[grid](
             x,
@@ -502,7 +402,6 @@ def gemv(
             ws,
             cnt,
             y,
-            *regions,
             M,
             N,
             K,
@@ -527,8 +426,6 @@ def gemv(
             CONSTR=constr,
             PDL=wait is not None,
             WAIT_IN_LOOP=wait == "loop",
-            N_PF=len(pf),
-            PF_LINES=prefetch_by_lines(),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
             **register_cap(cfg),

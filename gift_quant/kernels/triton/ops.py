@@ -23,7 +23,6 @@ Importing this module raises ImportError where Triton is missing (``triton_avail
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +46,6 @@ __all__ = [
     "dequant_matmul",
     "noisy_weight_t",
     "cuda_layout",
-    "prefetch_next",
     "prepare",
 ]
 
@@ -174,26 +172,21 @@ def mixed_matmul(
     czp: Tensor | None = None,
     csc: Tensor | None = None,
     cws: Tensor | None = None,
-    pf0: Tensor | None = None,
-    pf1: Tensor | None = None,
-    pf2: Tensor | None = None,
 ) -> Tensor:
     """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``
     (``cq``, ``czp``, ``csc``, ``cws``: the CUDA kernel's codes, zero-points, scales and
-    salient fragments; ``pf0`` .. ``pf2``: the next layer's weights, which the decode GEMV
-    brings into L2 once it has read its own, ``prefetch_next``)."""
+    salient fragments)."""
     cuda = None
     if cq is not None:
         nsal = 0 if wst is None else wst.shape[0]
         si = sidx if sidx is not None else cq.new_zeros(1)
         K, N = x.shape[-1], sz.shape[1]
         cuda = layout.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
-    pf = tuple(t for t in (pf0, pf1, pf2) if t is not None)
-    return run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda, prefetch=pf)
+    return run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
 @mixed_matmul.register_fake
-def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, *layouts):
+def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, czp=None, csc=None, cws=None):
     return x.new_empty(*x.shape[:-1], sz.shape[1])
 
 
@@ -251,35 +244,10 @@ def _usable(x: Tensor, prep: Prepared | None) -> bool:
     return prep is not None and x.dtype in (torch.float16, torch.bfloat16)
 
 
-_last_called: dict[torch.device, weakref.ref] = {}  # device -> the layer it called last
-
-
-def prefetch_next(layer, x: Tensor) -> tuple:
-    """The weights (Triton layout: codes, scales and zero-points, salient weights) of the
-    layer whose call followed ``layer``'s last time on x's device, for the decode GEMV to
-    bring into L2 (``gemv.prefetch_regions``); () where none is known, prepared and on x's
-    CUDA device. The order is learnt from eager calls (not while compiling: a compiled or
-    graphed model uses what its eager warm-up learnt), so it follows the model's real call
-    order whatever its architecture; a wrong guess costs memory traffic, never a result."""
-    if not torch.compiler.is_compiling():
-        prev = _last_called.get(x.device)
-        prev = prev() if prev is not None else None
-        if prev is not None and prev is not layer:
-            if getattr(prev, "_next_called", (None,))[0] is not layer:
-                prev._next_called = (layer,)  # a tuple: not registered as a submodule
-        _last_called[x.device] = weakref.ref(layer)
-    nxt = getattr(layer, "_next_called", None)
-    cache = getattr(nxt[0], "_triton_cache", None) if nxt else None
-    if not x.is_cuda or not cache or cache.q.device != x.device:
-        return ()
-    return (cache.q, cache.sz) + ((cache.wst,) if cache.wst is not None else ())
-
-
 def dequant_matmul(x: Tensor, layer) -> Tensor:
     prep = prepare(layer)
     if not _usable(x, prep):
         return reference.dequant_matmul(x, layer)
-    pf = prefetch_next(layer, x)
     # the CUDA kernels' layout: built at the first fp16 call, and at the first bf16 call without
     # autograd (inference; bf16 training keeps to the Triton kernels and their memory); its
     # salient fragments in x's type (bf16: converted once, kept)
@@ -298,7 +266,6 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
         prep.bits,
         prep.group,
         *((c.qc, c.zp, c.scp, cws) if cws is not None else (None,) * 4),
-        *pf,
     )
 
 
