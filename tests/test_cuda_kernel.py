@@ -2,11 +2,11 @@
 
 The kernel itself needs a GPU (``tools/check_kernels.py``, ``tools/sweep_mma.py``); what CI can
 check is that the words ``pack_codes`` / ``pack_zeros`` / ``pack_scales`` write, read back with
-the kernel's own bit operations (a line-by-line Python mirror of ``unpack_pairs``, ``pair_exp``
-and the fp16 arithmetic of ``mixed_mma.cu``), give every weight at its (k, n) exactly: code -
-zero for the MMAs when the scale comes after them, with each accumulator column's own scale,
-and the torch reference's fp16 weight when it comes before; and that the salient fragments hold
-W_S^T where the kernel reads it.
+the kernel's own bit operations (a line-by-line Python mirror of ``unpack_pairs``,
+``slots_to_pairs``, ``pair_exp`` and the fp16 arithmetic of ``mixed_mma.cu``), give every
+weight at its (k, n) exactly: code - zero for the MMAs when the scale comes after them, with
+each accumulator column's own scale, and the torch reference's fp16 weight when it comes
+before; and that the salient fragments hold W_S^T where the kernel reads it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,18 @@ def pair_exp(bits: int, p: int) -> int:  # mixed_mma.cu: pair_exp<BITS>
     if bits == 2:
         return 2 * (p % 8) if p % 8 < 5 else 2 * (p % 8 - 5)
     return 0 if p == 15 else (3 * (p % 5) if p % 5 < 3 else 3 * (p % 5 - 3))
+
+
+def spread_pair_of(st: int) -> int:  # fragments.cuh: spread_pair_of
+    return 3 if st == 1 else 5 if st == 2 else 10 if st == 3 else 15
+
+
+def slots_to_pairs(bits: int, r: list[int], st: int) -> list[int]:  # fragments.cuh
+    r = list(r)
+    if bits == 3:
+        p = spread_pair_of(st)
+        r[p], r[15] = r[15], r[p]
+    return r
 
 
 def lop3(a: int, mask: int, bits: int) -> int:
@@ -116,6 +128,7 @@ def kernel_operands(p: layout.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
                         S[grp, b * 64 + 8 * j + 2 * t + c] = after[j][c]
                 for st in range(4):
                     r = unpack_pairs(bits, words[st * bits : (st + 1) * bits])
+                    r = slots_to_pairs(bits, r, st)
                     for pr in range(16):
                         j, f = pr >> 1, pr & 1
                         e = pair_exp(bits, pr)
@@ -150,6 +163,7 @@ def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> Non
                 words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
                 for st in range(4):
                     r = unpack_pairs_low(bits, words[st * bits : (st + 1) * bits])
+                    r = slots_to_pairs(bits, r, st)
                     for pr in range(16):
                         j, f = pr >> 1, pr & 1
                         z = int(zp[ss * 64 // group, b, g, j])

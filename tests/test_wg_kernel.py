@@ -3,8 +3,9 @@ words, mirrored on the CPU, its launch rules and routes; on an H200, its product
 float64 oracle.
 
 The CPU mirror repeats the kernel's per-warp bit operations line by line (warp q of a
-warpgroup takes the pairs 4 q + u of each k16 step from word (4 q + u) / per at bit
-((4 q + u) % per) * BITS, the 16th 3-bit pair from bit 15 of the three words; zero-point and
+warpgroup takes the pairs 4 q + u of each k16 step from their slots s (``pair_slot``: s = 4 q +
+u but for the 3-bit pair in the spread slot), word s / per at bit (s % per) * BITS, the 16th
+3-bit slot from bit 15 of the three words; zero-point and
 scale from the ring slot's copies of ``pack_zeros`` / ``pack_scales``, one 64-column strip per
 warpgroup) and places each weight where the wgmma A-fragment layout puts it; the oracle is the
 codes, zero-points and scales the words were packed from.
@@ -25,6 +26,11 @@ E = 0x64006400
 
 def f16(bits16: int) -> np.float16:
     return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
+
+
+def pair_slot(bits: int, st: int, p: int) -> int:  # fragments.cuh: pair_slot<BITS>
+    spread = 3 if st == 1 else 5 if st == 2 else 10 if st == 3 else 15
+    return p if bits != 3 else spread if p == 15 else 15 if p == spread else p
 
 
 def wg_weights(p: layout.Packed) -> np.ndarray:
@@ -54,12 +60,12 @@ def wg_weights(p: layout.Packed) -> np.ndarray:
                         w3 = words[st * bits : (st + 1) * bits]
                         f = []
                         for u in range(4):
-                            pr = 4 * warp + u
-                            if bits == 3 and pr == 15:  # bit i of the code: bit 15 of word i
+                            sl = pair_slot(bits, st, 4 * warp + u)
+                            if bits == 3 and sl == 15:  # bit i of the code: bit 15 of word i
                                 top = ((w3[0] >> 15) & 0x00010001) | ((w3[1] >> 14) & 0x00020002)
                                 raw = ((w3[2] >> 13) & 0x00040004) | top | E
                             else:
-                                raw = ((w3[pr // per] >> (pr % per * bits)) & mask) | E
+                                raw = ((w3[sl // per] >> (sl % per * bits)) & mask) | E
                             hi = u >= 2
                             halves = []
                             for h in range(2):

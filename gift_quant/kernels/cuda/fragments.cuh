@@ -136,6 +136,31 @@ __device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
   return lop3_and_or(w[2] >> 13, 0x00040004u, top | e);
 }
 
+// 3 bits: the pair that slot 15 (the spread one) holds in k16 step st, trading places with
+// pair 15 (layout.py, `SPREAD_PAIRS`): one pair of each warp's four (4 q .. 4 q + 3, the
+// warpgroup kernel's A rows) in turn, so that no warp builds every step's spread pair. Each
+// sits at bit 0 of its half once moved (exponent 0, as slot 15), so the constants per pair stay
+__host__ __device__ constexpr int spread_pair_of(int st) {
+  return st == 1 ? 3 : st == 2 ? 5 : st == 3 ? 10 : 15;
+}
+// the slot (field of the step's words) of pair p in k16 step st
+template <int BITS>
+__host__ __device__ constexpr int pair_slot(int st, int p) {
+  return BITS != 3 ? p : p == 15 ? spread_pair_of(st) : p == spread_pair_of(st) ? 15 : p;
+}
+// r (16 raw pairs by slot) into pair order for k16 step st (a constant once unrolled)
+template <int BITS>
+__device__ __forceinline__ void slots_to_pairs(uint32_t* r, int st) {
+  if constexpr (BITS == 3) {
+#pragma unroll
+    for (int p = 0; p < 15; ++p)
+      if (p == spread_pair_of(st)) {
+        const uint32_t v = r[p];
+        r[p] = r[15], r[15] = v;
+      }
+  }
+}
+
 // Exponent (bit position in the half) of pair p once it is moved into bits 0..9.
 template <int BITS>
 __device__ __forceinline__ constexpr int pair_exp(int p) {
@@ -144,7 +169,8 @@ __device__ __forceinline__ constexpr int pair_exp(int p) {
   return p == 15 ? 0 : ((p % 5) < 3 ? 3 * (p % 5) : 3 * (p % 5 - 3));  // 0,3,6 | (>>9) 0,3
 }
 
-// The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words.
+// The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words, by
+// slot (`slots_to_pairs` puts them in pair order).
 template <int BITS>
 __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
   constexpr uint32_t E = 0x64006400u;
@@ -179,9 +205,9 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
   }
 }
 
-// The 16 raw pairs of one k16 step with each code moved to bits 0.. of its half, over the
-// exponent bits of 128 in bf16 (128 + code, exact): bf16 has 7 mantissa bits, too few for
-// unpack_pairs' codes left in place (up to bit 11)
+// The 16 raw pairs (by slot) of one k16 step with each code moved to bits 0.. of its half,
+// over the exponent bits of 128 in bf16 (128 + code, exact): bf16 has 7 mantissa bits, too
+// few for unpack_pairs' codes left in place (up to bit 11)
 template <int BITS>
 __device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r) {
   constexpr uint32_t E = magic<true>() * 0x00010001u, MASK = ((1u << BITS) - 1) * 0x00010001u;
@@ -212,17 +238,19 @@ __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
   }
 }
 
-// code - zero of the 16 pairs of one k16 step (f16x2 or bf16x2, exact) from its BITS words
+// code - zero of the 16 pairs of k16 step st (f16x2 or bf16x2, exact) from its BITS words
 template <bool BF, int BITS>
 __device__ __forceinline__ void dequant_pairs(const uint32_t* w, const uint32_t (&cz)[8][2],
-                                              uint32_t* f) {
+                                              uint32_t* f, int st) {
   uint32_t r[16];
   if constexpr (BF) {
     unpack_pairs_low<BITS>(w, r);
+    slots_to_pairs<BITS>(r, st);
 #pragma unroll
     for (int p = 0; p < 16; ++p) f[p] = sub2<true>(r[p], cz[p >> 1][p & 1]);
   } else {
     unpack_pairs<BITS>(w, r);
+    slots_to_pairs<BITS>(r, st);
 #pragma unroll
     for (int p = 0; p < 16; ++p) {
       constexpr uint32_t one = 15u << 10;  // fp16 bits of 1.0; 2^-e: exponent - e

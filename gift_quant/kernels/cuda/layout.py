@@ -5,8 +5,9 @@ codes, zero-points, scales and salient fragments all three kernels read, made on
 ``pack_codes``: the codes of one 64-deep k-step and one 64-column strip, for one lane
 ``4 g + t`` of a warp, are BITS x 16 bytes: 4 k16 steps x BITS words; each word a list of
 (k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), at bit ``p * BITS`` of
-the word's two 16-bit halves (pair p = 2 j + f, 4 / 8 / 5 pairs per word for 4 / 2 / 3 bits; the
-16th 3-bit pair spread over bit 15 of the three words). Pair (j, f) of step st holds rows
+the word's two 16-bit halves (pair p = 2 j + f, 4 / 8 / 5 pairs per word for 4 / 2 / 3 bits; at
+3 bits the 16th field is spread over bit 15 of the three words, and the pair it holds turns with
+the k16 step: ``SPREAD_PAIRS``). Pair (j, f) of step st holds rows
 ``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
 lane's bytes are BITS 16-byte vectors, stored vector-major (vector i of the 32 lanes together),
 so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` inverts it.
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "SPREAD_PAIRS",
     "Packed",
     "pack",
     "pack_codes",
@@ -31,11 +33,33 @@ __all__ = [
 ]
 
 
-def _pair_fields(bits: int) -> list[tuple[int, int]]:
-    """(word, bit position in the half) of pair p = 0..15 within one k16 step's BITS words
-    (the 16th 3-bit pair has no single field: word -1)."""
+# 3 bits: the pair the spread field (slot 15) holds in k16 step st = 0..3; it trades places with
+# pair 15. One pair of each warp's four in turn (pairs 4 q .. 4 q + 3 are the A rows warp q of
+# the warpgroup kernel dequantizes), so no warp builds the spread pair of every step; each has
+# the spread field's exponent (bit 0 once moved), so the kernels' constants per pair stay.
+SPREAD_PAIRS = (15, 3, 5, 10)
+
+
+def _slot_fields(bits: int) -> list[tuple[int, int]]:
+    """(word, bit position in the half) of slot 0..15 within one k16 step's BITS words (the
+    16th 3-bit slot has no single field: word -1)."""
     per = {4: 4, 2: 8, 3: 5}[bits]
-    return [(-1, 15) if bits == 3 and p == 15 else (p // per, p % per * bits) for p in range(16)]
+    return [(-1, 15) if bits == 3 and s == 15 else (s // per, s % per * bits) for s in range(16)]
+
+
+def _slot_pairs(bits: int, st: int) -> list[int]:
+    """The pair in each slot of k16 step ``st`` (a swap, its own inverse)."""
+    order = list(range(16))
+    if bits == 3:
+        p = SPREAD_PAIRS[st]
+        order[15], order[p] = p, 15
+    return order
+
+
+def _by_slot(c: Tensor, bits: int) -> Tensor:
+    """[..., 4 steps, 16, 2] in pair order <-> slot order (either way: each step's map is a
+    swap)."""
+    return torch.stack([c[..., st, _slot_pairs(bits, st), :] for st in range(4)], dim=-3)
 
 
 def _fragment_order(t: Tensor) -> Tensor:
@@ -52,11 +76,11 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Codes [K, N] (0 .. 2^bits - 1) -> int32 [K/64, N/64, bits, 32, 4] in the kernel's
     layout (module docstring): lane l's 4 * bits words are [:, :, i, l, :] for i < bits."""
     K, N = codes.shape
-    c = _fragment_order(codes.to(torch.int64))  # [S, B, 32, 4, 16, 2]
+    c = _by_slot(_fragment_order(codes.to(torch.int64)), bits)  # [S, B, 32, 4, 16 slots, 2]
     words = torch.zeros(*c.shape[:4], bits, dtype=torch.int64, device=codes.device)
-    for p, (w, pos) in enumerate(_pair_fields(bits)):
+    for sl, (w, pos) in enumerate(_slot_fields(bits)):
         for h in range(2):
-            code = c[..., p, h]
+            code = c[..., sl, h]
             if w >= 0:
                 words[..., w] |= code << (16 * h + pos)
             else:  # bit i of the code at bit 15 of word i's half
@@ -74,7 +98,7 @@ def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
     words = words.reshape(K // 64, N // 64, 32, 4, bits) & 0xFFFFFFFF
     mask = (1 << bits) - 1
     pairs = []
-    for w, pos in _pair_fields(bits):
+    for w, pos in _slot_fields(bits):
         halves = []
         for h in range(2):
             if w >= 0:
@@ -82,7 +106,7 @@ def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
             else:
                 halves.append(sum(((words[..., i] >> (16 * h + 15)) & 1) << i for i in range(3)))
         pairs.append(torch.stack(halves, -1))
-    c = torch.stack(pairs, -2)  # [S, B, 32, 4, 16, 2] = s b (g t) st (j f) h
+    c = _by_slot(torch.stack(pairs, -2), bits)  # [S, B, 32, 4, 16, 2] = s b (g t) st (j f) h
     c = c.reshape(K // 64, N // 64, 8, 4, 4, 8, 2, 2)  # s b g t st j f h
     c = c.permute(0, 4, 6, 3, 7, 1, 5, 2)  # s st f t h | b j g
     return c.reshape(K, N).to(torch.int32)

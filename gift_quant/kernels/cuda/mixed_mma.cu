@@ -7,8 +7,9 @@
 // `mma.sync.m16n8k16`: no shared memory, no shuffle and no ldmatrix for the weights. One warp
 // owns a strip of 64 output columns; per k16 step each lane holds 16 pairs (8 n8 tiles x the
 // two k halves of the fragment), each pair a (k, k+1) couple of one column in the two halves
-// of a word lane, at bit position p * BITS of its half (3 bits: 5 pairs per word, the 16th pair
-// spread over bit 15 of the three words). A pair becomes an f16x2 by one lop3 with the exponent
+// of a word lane, at bit position p * BITS of its half (3 bits: 5 pairs per word, the 16th slot
+// spread over bit 15 of the three words, holding pair 15, 3, 5 or 10 by k16 step, that pair's
+// own slot pair 15: `pair_slot`). A pair becomes an f16x2 by one lop3 with the exponent
 // bits 0x6400 (1024 + code << e, exact), then one fma gives code - zero exactly. For 16 rows
 // (MT = 1), and 32 rows at 2 and 4 bits, the MMAs of one quantization group accumulate
 // x @ (code - zero) into their own fp32 registers, and the group's scales multiply that sum
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t f[16];
-          dequant_pairs<BF, BITS>(w + st * BITS, cz, f);
+          dequant_pairs<BF, BITS>(w + st * BITS, cz, f, st);
           if constexpr (!SA) {
 #pragma unroll
             for (int p2 = 0; p2 < 16; ++p2) f[p2] = mul2<BF>(f[p2], sc[p2 >> 1]);

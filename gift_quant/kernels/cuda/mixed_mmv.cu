@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
       uint32_t f[16];
-      dequant_pairs<BF, BITS>(w + st * BITS, cz, f);
+      dequant_pairs<BF, BITS>(w + st * BITS, cz, f, st);
       mma_swapped<BF, NB>(gacc, f, xr, ss * 32 + st * 8);  // k in x words
     }
   }

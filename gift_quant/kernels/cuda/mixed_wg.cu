@@ -481,21 +481,30 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       a[st][0] = f[0], a[st][1] = f[2], a[st][2] = f[1], a[st][3] = f[3];
     };
     if constexpr (BITS == 3) {
-      // warp q's pairs 4 q .. 4 q + 3 lie in words (4 q) / 5 .. (4 q + 3) / 5 of a step, pair
-      // 15 (q = 3) in all three: each warp loads only its words, shifts by constants
+      // warp q's pairs 4 q .. 4 q + 3 lie in slots 4 q .. 4 q + 3 of a step, but for the one
+      // that trades places with pair 15 (`pair_slot`: one warp's per step); slot s in word
+      // s / 5, slot 15 in all three: each warp loads only its words, shifts by constants
+      // (constants once the loop over st is unrolled)
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t w[3] = {0, 0, 0};
 #pragma unroll
-          for (int i = 0; i < 3; ++i)
-            if (q == 3 || i == 4 * q / 5 || i == (4 * q + 3) / 5) w[i] = word(st * 3 + i);
+          for (int i = 0; i < 3; ++i) {
+            bool used = false;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int sl = pair_slot<3>(st, 4 * q + u);
+              used = used || sl == 15 || sl / 5 == i;
+            }
+            if (used) w[i] = word(st * 3 + i);
+          }
           uint32_t raw[4];
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
-            const int pr = 4 * q + u;
-            raw[u] = pr == 15 ? spread_pair(w, E) : lop3_and_or(w[pr / 5] >> (pr % 5 * 3), MASK, E);
+            const int sl = pair_slot<3>(st, 4 * q + u);
+            raw[u] = sl == 15 ? spread_pair(w, E) : lop3_and_or(w[sl / 5] >> (sl % 5 * 3), MASK, E);
           }
           put(st, raw);
         }
