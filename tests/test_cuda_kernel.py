@@ -25,24 +25,33 @@ from gift_quant.testing import random_cuda_layout
 E = 0x64006400
 
 
-def pair_exp(bits: int, p: int) -> int:  # mixed_mma.cu: pair_exp<BITS>
+def slot_exp(bits: int, s: int) -> int:  # fragments.cuh: slot_exp<BITS>
     if bits == 4:
-        return (p % 4) % 2 * 4
+        return (s % 4) % 2 * 4
     if bits == 2:
-        return 2 * (p % 8) if p % 8 < 5 else 2 * (p % 8 - 5)
-    return 0 if p == 15 else (3 * (p % 5) if p % 5 < 3 else 3 * (p % 5 - 3))
+        return 2 * (s % 8) if s % 8 < 5 else 2 * (s % 8 - 5)
+    return 0 if s == 15 else (3 * (s % 5) if s % 5 < 3 else 3 * (s % 5 - 3))
+
+
+def pair_exp(bits: int, p: int) -> int:  # fragments.cuh: pair_exp<BITS>
+    return slot_exp(bits, pair_slot(bits, 0, p))
 
 
 def spread_pair_of(st: int) -> int:  # fragments.cuh: spread_pair_of
     return 3 if st == 1 else 5 if st == 2 else 10 if st == 3 else 15
 
 
+def pair_slot(bits: int, st: int, p: int) -> int:  # fragments.cuh: pair_slot<BITS>
+    if bits == 4:
+        return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1)
+    if bits == 2:
+        return (p & ~7) + (p & 1) * 4 + ((p >> 2) & 1) * 2 + ((p >> 1) & 1)
+    s = spread_pair_of(st)
+    return s if p == 15 else 15 if p == s else p
+
+
 def slots_to_pairs(bits: int, r: list[int], st: int) -> list[int]:  # fragments.cuh
-    r = list(r)
-    if bits == 3:
-        p = spread_pair_of(st)
-        r[p], r[15] = r[15], r[p]
-    return r
+    return [r[pair_slot(bits, st, p)] for p in range(16)]
 
 
 def lop3(a: int, mask: int, bits: int) -> int:

@@ -3,9 +3,11 @@ words, mirrored on the CPU, its launch rules and routes; on an H200, its product
 float64 oracle.
 
 The CPU mirror repeats the kernel's per-warp bit operations line by line (warp q of a
-warpgroup takes the pairs 4 q + u of each k16 step from their slots s (``pair_slot``: s = 4 q +
-u but for the 3-bit pair in the spread slot), word s / per at bit (s % per) * BITS, the 16th
-3-bit slot from bit 15 of the three words; zero-point and
+warpgroup takes the pairs 4 q + u of each k16 step from its word (4 q) / per: at 2 and 4 bits u
+= 0, 2 from the low byte of each half and u = 1, 3 from the high byte, each code read where it
+lies (fp16 exponent bits that make its bit count 1); at 3 bits from slot s (``pair_slot``: s = 4
+q + u but for the pair in the spread slot), word s / per at bit (s % per) * 3, the 16th slot from
+bit 15 of the three words; zero-point and
 scale from the ring slot's copies of ``pack_zeros`` / ``pack_scales``, one 64-column strip per
 warpgroup) and places each weight where the wgmma A-fragment layout puts it; the oracle is the
 codes, zero-points and scales the words were packed from.
@@ -28,9 +30,13 @@ def f16(bits16: int) -> np.float16:
     return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
 
 
-def pair_slot(bits: int, st: int, p: int) -> int:  # fragments.cuh: pair_slot<BITS>
+def pair_slot(st: int, p: int) -> int:  # fragments.cuh: pair_slot<3>
     spread = 3 if st == 1 else 5 if st == 2 else 10 if st == 3 else 15
-    return p if bits != 3 else spread if p == 15 else 15 if p == spread else p
+    return spread if p == 15 else 15 if p == spread else p
+
+
+def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
+    return (0x6400 - (e << 10)) * 0x00010001
 
 
 def wg_weights(p: layout.Packed) -> np.ndarray:
@@ -38,6 +44,8 @@ def wg_weights(p: layout.Packed) -> np.ndarray:
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     per = {4: 4, 2: 8, 3: 5}[bits]
     mask = ((1 << bits) - 1) * 0x00010001
+    h = 0  # the warp's half of its word (2 bits: q % 2), its codes' bit positions there
+    elo = ehi = 0
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
     zp = p.zp.numpy().reshape(-1, B, 64)  # the slot's 64 zero-point bytes [g][j]
     sc = p.scp.view(torch.int16).numpy().reshape(-1, B, 64)  # the slot's 64 scales [t'][j][c]
@@ -55,17 +63,27 @@ def wg_weights(p: layout.Packed) -> np.ndarray:
                     )
                     s4 = sc[grp, b, (g >> 1) * 16 + 4 * warp : (g >> 1) * 16 + 4 * warp + 4]
                     scale = [f16(int(s4[g & 1])), f16(int(s4[2 + (g & 1)]))]  # lo, hi columns
-                    zero = [f16(0x6400 | (zb & 0xFF)), f16(0x6400 | (zb >> 8))]
+                    if bits != 3:
+                        h = warp & 1 if bits == 2 else 0
+                        elo = 0 if bits == 4 else 4 * h
+                        ehi = elo + bits
+                    zero = [  # 2^(10 - e) + z: z at bit e of the mantissa
+                        f16(pos_magic(elo) | (zb & 0xFF) << elo),
+                        f16(pos_magic(ehi) | (zb >> 8) << ehi),
+                    ]
                     for st in range(4):
-                        w3 = words[st * bits : (st + 1) * bits]
+                        ws = words[st * bits : (st + 1) * bits]
                         f = []
                         for u in range(4):
-                            sl = pair_slot(bits, st, 4 * warp + u)
-                            if bits == 3 and sl == 15:  # bit i of the code: bit 15 of word i
-                                top = ((w3[0] >> 15) & 0x00010001) | ((w3[1] >> 14) & 0x00020002)
-                                raw = ((w3[2] >> 13) & 0x00040004) | top | E
+                            if bits != 3:  # the warp's word: u = 0, 2 at elo, ehi; 1, 3 >> 8
+                                w = ws[4 * warp // per] >> (8 * (u & 1))
+                                e = elo if u < 2 else ehi
+                                raw = (w & (mask << e)) | pos_magic(e)
+                            elif (sl := pair_slot(st, 4 * warp + u)) == 15:  # bit i: 15 of word i
+                                top = ((ws[0] >> 15) & 0x00010001) | ((ws[1] >> 14) & 0x00020002)
+                                raw = ((ws[2] >> 13) & 0x00040004) | top | E
                             else:
-                                raw = ((w3[sl // per] >> (sl % per * bits)) & mask) | E
+                                raw = ((ws[sl // per] >> (sl % per * bits)) & mask) | E
                             hi = u >= 2
                             halves = []
                             for h in range(2):

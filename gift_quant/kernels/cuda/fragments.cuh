@@ -136,37 +136,52 @@ __device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
   return lop3_and_or(w[2] >> 13, 0x00040004u, top | e);
 }
 
-// 3 bits: the pair that slot 15 (the spread one) holds in k16 step st, trading places with
-// pair 15 (layout.py, `SPREAD_PAIRS`): one pair of each warp's four (4 q .. 4 q + 3, the
-// warpgroup kernel's A rows) in turn, so that no warp builds every step's spread pair. Each
-// sits at bit 0 of its half once moved (exponent 0, as slot 15), so the constants per pair stay
+// Which slot (field of a k16 step's words: layout.py, `_slot_fields`) holds pair p = 2 j + f.
+// The warpgroup kernel's warp q dequantizes pairs 4 q + u (u = 0, 1: column 16 q + g, its two
+// k halves; u = 2, 3: column 16 q + 8 + g), and each column has one zero-point constant:
+// * 2 and 4 bits (layout.py, `_pair_slots`): u = 0, 2 in the low byte of each half, u = 1, 3
+//   at the same bits of the high byte, so u = 0, 1 share a bit position e (and so one
+//   constant; fp16 exponent bits that make the code there count in ones: `pos_magic`), and
+//   u = 2, 3 theirs; one shift by 8 per word.
+// * 3 bits: the pair in slot 15 (the spread one) turns with the k16 step st, trading places
+//   with pair 15 (`SPREAD_PAIRS`): one pair of each warp's four in turn, so no warp builds
+//   every step's spread pair. Each sits at bit 0 once moved, as slot 15, so the constants
+//   per pair stay.
 __host__ __device__ constexpr int spread_pair_of(int st) {
   return st == 1 ? 3 : st == 2 ? 5 : st == 3 ? 10 : 15;
 }
-// the slot (field of the step's words) of pair p in k16 step st
 template <int BITS>
 __host__ __device__ constexpr int pair_slot(int st, int p) {
-  return BITS != 3 ? p : p == 15 ? spread_pair_of(st) : p == spread_pair_of(st) ? 15 : p;
+  if (BITS == 4) return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1);
+  if (BITS == 2) return (p & ~7) + (p & 1) * 4 + ((p >> 2) & 1) * 2 + ((p >> 1) & 1);
+  return p == 15 ? spread_pair_of(st) : p == spread_pair_of(st) ? 15 : p;
 }
-// r (16 raw pairs by slot) into pair order for k16 step st (a constant once unrolled)
+// r (16 raw pairs by slot) into pair order for k16 step st (constants once unrolled)
 template <int BITS>
 __device__ __forceinline__ void slots_to_pairs(uint32_t* r, int st) {
-  if constexpr (BITS == 3) {
+  uint32_t t[16];
 #pragma unroll
-    for (int p = 0; p < 15; ++p)
-      if (p == spread_pair_of(st)) {
-        const uint32_t v = r[p];
-        r[p] = r[15], r[15] = v;
-      }
-  }
+  for (int p = 0; p < 16; ++p) t[p] = r[pair_slot<BITS>(st, p)];
+#pragma unroll
+  for (int p = 0; p < 16; ++p) r[p] = t[p];
 }
 
-// Exponent (bit position in the half) of pair p once it is moved into bits 0..9.
+// Exponent (bit position in the half) of slot s once unpack_pairs has moved it into bits 0..9,
+// and of pair p (its slot's: the same in every k16 step)
 template <int BITS>
-__device__ __forceinline__ constexpr int pair_exp(int p) {
-  if (BITS == 4) return (p % 4) % 2 * 4;                      // nibbles 0,1 | (>>8) 0,1
-  if (BITS == 2) return (p % 8) < 5 ? 2 * (p % 8) : 2 * (p % 8 - 5);  // 0..8 | (>>10) 0..4
-  return p == 15 ? 0 : ((p % 5) < 3 ? 3 * (p % 5) : 3 * (p % 5 - 3));  // 0,3,6 | (>>9) 0,3
+__host__ __device__ constexpr int slot_exp(int s) {
+  if (BITS == 4) return (s % 4) % 2 * 4;                      // nibbles 0,1 | (>>8) 0,1
+  if (BITS == 2) return (s % 8) < 5 ? 2 * (s % 8) : 2 * (s % 8 - 5);  // 0..8 | (>>10) 0..4
+  return s == 15 ? 0 : ((s % 5) < 3 ? 3 * (s % 5) : 3 * (s % 5 - 3));  // 0,3,6 | (>>9) 0,3
+}
+template <int BITS>
+__host__ __device__ constexpr int pair_exp(int p) {
+  return slot_exp<BITS>(pair_slot<BITS>(0, p));
+}
+// fp16 bits (both halves) whose mantissa bit e counts 1: 2^(10 - e) + (code << e) read as a
+// number is 2^(10 - e) + code, exactly (e + BITS <= 10)
+__host__ __device__ constexpr uint32_t pos_magic(int e) {
+  return (0x6400u - (static_cast<uint32_t>(e) << 10)) * 0x00010001u;
 }
 
 // The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words, by

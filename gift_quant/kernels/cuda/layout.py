@@ -5,9 +5,9 @@ codes, zero-points, scales and salient fragments all three kernels read, made on
 ``pack_codes``: the codes of one 64-deep k-step and one 64-column strip, for one lane
 ``4 g + t`` of a warp, are BITS x 16 bytes: 4 k16 steps x BITS words; each word a list of
 (k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), at bit ``p * BITS`` of
-the word's two 16-bit halves (pair p = 2 j + f, 4 / 8 / 5 pairs per word for 4 / 2 / 3 bits; at
-3 bits the 16th field is spread over bit 15 of the three words, and the pair it holds turns with
-the k16 step: ``SPREAD_PAIRS``). Pair (j, f) of step st holds rows
+the word's two 16-bit halves (4 / 8 / 5 pairs per word for 4 / 2 / 3 bits), pair p = 2 j + f in
+slot ``_pair_slots`` (fields in word order; at 3 bits the 16th field is spread over bit 15 of the
+three words, and the pair it holds turns with the k16 step). Pair (j, f) of step st holds rows
 ``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
 lane's bytes are BITS 16-byte vectors, stored vector-major (vector i of the 32 lanes together),
 so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` inverts it.
@@ -33,10 +33,10 @@ __all__ = [
 ]
 
 
-# 3 bits: the pair the spread field (slot 15) holds in k16 step st = 0..3; it trades places with
-# pair 15. One pair of each warp's four in turn (pairs 4 q .. 4 q + 3 are the A rows warp q of
-# the warpgroup kernel dequantizes), so no warp builds the spread pair of every step; each has
-# the spread field's exponent (bit 0 once moved), so the kernels' constants per pair stay.
+# 3 bits: the pair the spread slot (15) holds in k16 step st = 0..3; it trades places with pair
+# 15. One pair of each warp's four in turn (pairs 4 q .. 4 q + 3 are the A rows warp q of the
+# warpgroup kernel dequantizes), so no warp builds the spread pair of every step; each has the
+# spread slot's exponent (bit 0 once moved), so the kernels' constants per pair stay.
 SPREAD_PAIRS = (15, 3, 5, 10)
 
 
@@ -47,19 +47,30 @@ def _slot_fields(bits: int) -> list[tuple[int, int]]:
     return [(-1, 15) if bits == 3 and s == 15 else (s // per, s % per * bits) for s in range(16)]
 
 
-def _slot_pairs(bits: int, st: int) -> list[int]:
-    """The pair in each slot of k16 step ``st`` (a swap, its own inverse)."""
+def _pair_slots(bits: int, st: int) -> list[int]:
+    """The slot of each pair p = 2 j + f in k16 step ``st`` (fragments.cuh, ``pair_slot``).
+    2 and 4 bits: of warp q's pairs 4 q + u (u = 0, 1 one column's two k halves, 2, 3 the
+    other's), u = 0, 2 lie in the low byte of each half and u = 1, 3 at the same bits of its
+    high byte, so one column's codes share a bit position and one shift by 8 reaches both
+    bytes; 3 bits: ``SPREAD_PAIRS``."""
+    if bits == 4:
+        return [(p & ~3) + (p & 1) * 2 + ((p >> 1) & 1) for p in range(16)]
+    if bits == 2:
+        return [(p & ~7) + (p & 1) * 4 + ((p >> 2) & 1) * 2 + ((p >> 1) & 1) for p in range(16)]
     order = list(range(16))
-    if bits == 3:
-        p = SPREAD_PAIRS[st]
-        order[15], order[p] = p, 15
+    p = SPREAD_PAIRS[st]
+    order[15], order[p] = p, 15
     return order
 
 
-def _by_slot(c: Tensor, bits: int) -> Tensor:
-    """[..., 4 steps, 16, 2] in pair order <-> slot order (either way: each step's map is a
-    swap)."""
-    return torch.stack([c[..., st, _slot_pairs(bits, st), :] for st in range(4)], dim=-3)
+def _by_slot(c: Tensor, bits: int, inverse: bool = False) -> Tensor:
+    """[..., 4 steps, 16 pairs, 2] in pair order -> slot order (``inverse``: back)."""
+    steps = []
+    for st in range(4):
+        slots = _pair_slots(bits, st)
+        take = slots if inverse else sorted(range(16), key=slots.__getitem__)
+        steps.append(c[..., st, take, :])
+    return torch.stack(steps, dim=-3)
 
 
 def _fragment_order(t: Tensor) -> Tensor:
@@ -106,7 +117,7 @@ def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
             else:
                 halves.append(sum(((words[..., i] >> (16 * h + 15)) & 1) << i for i in range(3)))
         pairs.append(torch.stack(halves, -1))
-    c = _by_slot(torch.stack(pairs, -2), bits)  # [S, B, 32, 4, 16, 2] = s b (g t) st (j f) h
+    c = _by_slot(torch.stack(pairs, -2), bits, inverse=True)  # s b (g t) st (j f) h
     c = c.reshape(K // 64, N // 64, 8, 4, 4, 8, 2, 2)  # s b g t st j f h
     c = c.permute(0, 4, 6, 3, 7, 1, 5, 2)  # s st f t h | b j g
     return c.reshape(K, N).to(torch.int32)

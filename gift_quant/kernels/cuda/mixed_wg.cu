@@ -435,12 +435,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
   };
 
-  // 2 and 4 bits: this warp's pairs 4 q + u lie in word (4 q) / PER of a k16 step's BITS words,
-  // at these bit positions (3 bits take them as constants, one copy of the code per warp)
+  // 2 and 4 bits: this warp's pairs 4 q + u lie in word (4 q) / PER of a k16 step's BITS words
   const int widx = 4 * wq / PER;
-  int wpos[4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) wpos[u] = (4 * wq + u) % PER * BITS;
   const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
 
   // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place), from
@@ -462,18 +458,20 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     const uint32_t so = static_cast<uint32_t>(r) % STAGES * SB;  // the slot's offset
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
-    // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) as MAGIC + z in both halves
-    // (1024 + z in fp16, 128 + z in bf16); their scales in both halves
+    // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
+    // pairs hold the codes: MAGIC + z (1024 + z in fp16, 128 + z in bf16), or for a code read
+    // at bit e in fp16, 2^(10 - e) + z (`pos_magic`); their scales in both halves
     constexpr uint32_t MAG = magic<BF>(), E = MAG * 0x00010001u;
     constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
-    const uint32_t zlo = (MAG | (zb & 0xFFu)) * 0x00010001u;
-    const uint32_t zhi = (MAG | (zb >> 8)) * 0x00010001u;
+    auto zero = [](uint32_t z, int e) {
+      return BF ? (MAG | z) * 0x00010001u : pos_magic(e) | (z << e) * 0x00010001u;
+    };
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
     const uint32_t shi = from_fp16x2<BF>(__byte_perm(sw.y, 0, sel));
-    // k16 step st's fragment from its four raw pairs (MAGIC + code in each half)
-    auto put = [&](int st, const uint32_t (&raw)[4]) {
+    // k16 step st's fragment from its four raw pairs (u = 0, 1 of the lo column, 2, 3 hi)
+    auto put = [&](int st, const uint32_t (&raw)[4], uint32_t zlo, uint32_t zhi) {
       uint32_t f[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u)  // (code - zero, exact) * scale
@@ -487,6 +485,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       // (constants once the loop over st is unrolled)
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
+        const uint32_t zlo = zero(zb & 0xFFu, 0), zhi = zero(zb >> 8, 0);
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t w[3] = {0, 0, 0};
@@ -506,7 +505,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
             const int sl = pair_slot<3>(st, 4 * q + u);
             raw[u] = sl == 15 ? spread_pair(w, E) : lop3_and_or(w[sl / 5] >> (sl % 5 * 3), MASK, E);
           }
-          put(st, raw);
+          put(st, raw, zlo, zhi);
         }
       };
       switch (wq) {  // warp-uniform: the warps meet again before the MMAs
@@ -516,14 +515,34 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         default: steps(std::integral_constant<int, 3>{}); break;
       }
     } else {
+      // 2 and 4 bits: the step's one word this warp reads holds u = 0, 2 at bits ELO, EHI of
+      // the low byte of each half and u = 1, 3 at the same bits of the high byte (`pair_slot`).
+      // fp16 reads each code where it lies (one shift by 8 per word, `pos_magic`); bf16 (7
+      // mantissa bits) moves each to bit 0. h: the warp's half of its word (q % 2 at 2 bits)
+      auto steps = [&](auto half_c) {
+        constexpr int h = decltype(half_c)::value;
+        constexpr int ELO = BITS == 4 ? 0 : 4 * h, EHI = ELO + BITS;
+        const uint32_t zlo = zero(zb & 0xFFu, ELO), zhi = zero(zb >> 8, EHI);
 #pragma unroll
-      for (int st = 0; st < 4; ++st) {
-        const uint32_t w = word(st * BITS + widx);  // the step's one word this warp reads
-        uint32_t raw[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) raw[u] = lop3_and_or(w >> wpos[u], MASK, E);
-        put(st, raw);
-      }
+        for (int st = 0; st < 4; ++st) {
+          const uint32_t w = word(st * BITS + widx), w8 = w >> 8;
+          uint32_t raw[4];
+          if constexpr (BF) {
+            raw[0] = lop3_and_or(w >> ELO, MASK, E), raw[1] = lop3_and_or(w8 >> ELO, MASK, E);
+            raw[2] = lop3_and_or(w >> EHI, MASK, E), raw[3] = lop3_and_or(w8 >> EHI, MASK, E);
+          } else {
+            constexpr uint32_t MLO = MASK << ELO, MHI = MASK << EHI;
+            constexpr uint32_t ELOW = pos_magic(ELO), EHIW = pos_magic(EHI);
+            raw[0] = lop3_and_or(w, MLO, ELOW), raw[1] = lop3_and_or(w8, MLO, ELOW);
+            raw[2] = lop3_and_or(w, MHI, EHIW), raw[3] = lop3_and_or(w8, MHI, EHIW);
+          }
+          put(st, raw, zlo, zhi);
+        }
+      };
+      if (BITS == 2 && (wq & 1))  // warp-uniform, as the 3-bit switch
+        steps(std::integral_constant<int, 1>{});
+      else
+        steps(std::integral_constant<int, 0>{});
     }
   };
 
