@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
     auto zero = [](uint32_t z, int e) {
-      return BF ? (MAG | z) * 0x00010001u : pos_magic(e) | (z << e) * 0x00010001u;
+      return BF || e == 0 ? (MAG | z) * 0x00010001u : pos_magic(e) | (z << e) * 0x00010001u;
     };
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
@@ -479,13 +479,13 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       a[st][0] = f[0], a[st][1] = f[2], a[st][2] = f[1], a[st][3] = f[3];
     };
     if constexpr (BITS == 3) {
+      const uint32_t zlo0 = zero(zb & 0xFFu, 0), zhi0 = zero(zb >> 8, 0);  // codes at bit 0
       // warp q's pairs 4 q .. 4 q + 3 lie in slots 4 q .. 4 q + 3 of a step, but for the one
       // that trades places with pair 15 (`pair_slot`: one warp's per step); slot s in word
       // s / 5, slot 15 in all three: each warp loads only its words, shifts by constants
       // (constants once the loop over st is unrolled)
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
-        const uint32_t zlo = zero(zb & 0xFFu, 0), zhi = zero(zb >> 8, 0);
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t w[3] = {0, 0, 0};
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
             const int sl = pair_slot<3>(st, 4 * q + u);
             raw[u] = sl == 15 ? spread_pair(w, E) : lop3_and_or(w[sl / 5] >> (sl % 5 * 3), MASK, E);
           }
-          put(st, raw, zlo, zhi);
+          put(st, raw, zlo0, zhi0);
         }
       };
       switch (wq) {  // warp-uniform: the warps meet again before the MMAs
