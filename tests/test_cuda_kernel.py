@@ -58,7 +58,7 @@ def lop3(a: int, mask: int, bits: int) -> int:
     return (a & mask) | bits
 
 
-def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # mixed_mma.cu: unpack_pairs<BITS>
+def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: unpack_pairs<BITS>
     r = [0] * 16
     if bits == 4:
         for b in range(4):
@@ -93,7 +93,7 @@ def unpack_pairs_low(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: un
     per = {4: 4, 2: 8, 3: 5}[bits]
     mask = ((1 << bits) - 1) * 0x00010001
     r = [lop3(w[p // per] >> (p % per * bits), mask, 0x43004300) for p in range(16 - bits % 2)]
-    if bits == 3:  # pair 15: bit i of the code at bit 15 of word i's halves
+    if bits == 3:  # slot 15: bit i of the code at bit 15 of word i's halves
         top = ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002)
         r.append(lop3(w[2] >> 13, 0x00040004, top | 0x43004300))
     return r
@@ -310,6 +310,16 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.stat().st_size > 0
+    # no stack frame (a spill, or a register array indexed at run time: the pair reorders of
+    # fragments.cuh index by k16 step, a constant only once the loops over it are unrolled),
+    # but the stream-K 256-row warpgroup tiles' few bytes (below)
+    frames = re.findall(
+        r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame", done.stderr, re.S
+    )
+    assert len(frames) >= 12, len(frames)
+    for name, frame in frames:
+        stream_k_256 = source.name == "mixed_wg.cu" and "Li256ELi2ELb1E" in name
+        assert int(frame) <= (16 if stream_k_256 else 0), (name, frame)
     if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
         from gift_quant.kernels.sass import cuobjdump, unwaited_operand_writes
 

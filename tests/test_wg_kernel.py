@@ -39,13 +39,18 @@ def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
     return (0x6400 - (e << 10)) * 0x00010001
 
 
-def wg_weights(p: layout.Packed) -> np.ndarray:
-    """The fp16 weights [K, N] the kernel gives the MMA, lane by lane (mixed_wg.cu)."""
+def bf16(bits16: int) -> float:
+    return float(np.array([(bits16 & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
+    """The fp16 weights [K, N] the kernel gives the MMA, lane by lane (mixed_wg.cu); with
+    ``bf``, what its bf16 build forms before the scale: code - zero (exact in bf16)."""
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     per = {4: 4, 2: 8, 3: 5}[bits]
     mask = ((1 << bits) - 1) * 0x00010001
-    h = 0  # the warp's half of its word (2 bits: q % 2), its codes' bit positions there
-    elo = ehi = 0
+    elo = ehi = 0  # fp16: the bit positions the codes are read at (2 and 4 bits)
+    E_bf = 0x43004300  # bf16: 128 + code, each code moved to bit 0
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
     zp = p.zp.numpy().reshape(-1, B, 64)  # the slot's 64 zero-point bytes [g][j]
     sc = p.scp.view(torch.int16).numpy().reshape(-1, B, 64)  # the slot's 64 scales [t'][j][c]
@@ -71,6 +76,7 @@ def wg_weights(p: layout.Packed) -> np.ndarray:
                         f16(pos_magic(elo) | (zb & 0xFF) << elo),
                         f16(pos_magic(ehi) | (zb >> 8) << ehi),
                     ]
+                    zero_bf = [bf16(0x4300 | (zb & 0xFF)), bf16(0x4300 | (zb >> 8))]
                     for st in range(4):
                         ws = words[st * bits : (st + 1) * bits]
                         f = []
@@ -78,16 +84,23 @@ def wg_weights(p: layout.Packed) -> np.ndarray:
                             if bits != 3:  # the warp's word: u = 0, 2 at elo, ehi; 1, 3 >> 8
                                 w = ws[4 * warp // per] >> (8 * (u & 1))
                                 e = elo if u < 2 else ehi
-                                raw = (w & (mask << e)) | pos_magic(e)
+                                if bf:
+                                    raw = ((w >> e) & mask) | E_bf
+                                else:
+                                    raw = (w & (mask << e)) | pos_magic(e)
                             elif (sl := pair_slot(st, 4 * warp + u)) == 15:  # bit i: 15 of word i
                                 top = ((ws[0] >> 15) & 0x00010001) | ((ws[1] >> 14) & 0x00020002)
-                                raw = ((ws[2] >> 13) & 0x00040004) | top | E
+                                raw = ((ws[2] >> 13) & 0x00040004) | top | (E_bf if bf else E)
                             else:
-                                raw = ((ws[sl // per] >> (sl % per * bits)) & mask) | E
+                                sh = ws[sl // per] >> (sl % per * bits)
+                                raw = (sh & mask) | (E_bf if bf else E)
                             hi = u >= 2
                             halves = []
-                            for h in range(2):
-                                v = np.float16(f16(raw >> (16 * h)) - zero[hi])  # exact
+                            for half in range(2):
+                                if bf:  # 128 + code - (128 + zero), exact
+                                    halves.append(bf16(raw >> (16 * half)) - zero_bf[hi])
+                                    continue
+                                v = np.float16(f16(raw >> (16 * half)) - zero[hi])  # exact
                                 halves.append(np.float16(v * scale[hi]))
                             f.append(halves)
                         # A fragment {f0, f2, f1, f3}: a_i holds row g + 8 (i % 2) of the warp's
@@ -102,8 +115,12 @@ def wg_weights(p: layout.Packed) -> np.ndarray:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [64, 128])
 def test_warpgroup_kernel_reads_the_reference_weights(bits: int, group: int) -> None:
-    *_, p, ref = random_cuda_layout(256, 128, bits, group, seed=bits * 100 + group)
+    codes, zeros, _, p, ref = random_cuda_layout(256, 128, bits, group, seed=bits * 100 + group)
     assert np.array_equal(wg_weights(p), ref)  # every weight, bit for bit
+    # the bf16 build's bit operations: code - zero at every (k, n) (the scale's bf16 rounding
+    # is checked on the GPU, against the float64 oracle)
+    g_idx = (torch.arange(256) // group).long()
+    assert np.array_equal(wg_weights(p, bf=True), (codes - zeros[g_idx]).float().numpy())
 
 
 # clusters of 2, 3, 4, 5, 6, 7, 8 and 16 blocks of the warpgroup kernel an H200 held at once

@@ -129,7 +129,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
                : "r"(addr));
 }
 
-// The 16th pair of a 3-bit k16 step, whose code bit i sits at bit 15 of word i's halves
+// The pair in slot 15 of a 3-bit k16 step, whose code bit i sits at bit 15 of word i's halves
 // (layout.py), in bits 0..2 of each half over the exponent bits `e`
 __device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
   const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
@@ -178,6 +178,22 @@ template <int BITS>
 __host__ __device__ constexpr int pair_exp(int p) {
   return slot_exp<BITS>(pair_slot<BITS>(0, p));
 }
+// Each step's map is a permutation of the 16 slots, and a pair's exponent is its slot's in every
+// k16 step (the tensor-core and swapped kernels build their zero-point constants once a group)
+template <int BITS>
+__host__ __device__ constexpr bool pair_slots_hold() {
+  for (int st = 0; st < 4; ++st) {
+    int seen = 0;
+    for (int p = 0; p < 16; ++p) {
+      seen |= 1 << pair_slot<BITS>(st, p);
+      if (slot_exp<BITS>(pair_slot<BITS>(st, p)) != pair_exp<BITS>(p)) return false;
+    }
+    if (seen != 0xFFFF) return false;
+  }
+  return true;
+}
+static_assert(pair_slots_hold<2>() && pair_slots_hold<3>() && pair_slots_hold<4>(),
+              "the pair -> slot maps");
 // fp16 bits (both halves) whose mantissa bit e counts 1: 2^(10 - e) + (code << e) read as a
 // number is 2^(10 - e) + code, exactly (e + BITS <= 10)
 __host__ __device__ constexpr uint32_t pos_magic(int e) {
@@ -222,7 +238,7 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
 
 // The 16 raw pairs (by slot) of one k16 step with each code moved to bits 0.. of its half,
 // over the exponent bits of 128 in bf16 (128 + code, exact): bf16 has 7 mantissa bits, too
-// few for unpack_pairs' codes left in place (up to bit 11)
+// few for unpack_pairs' codes left in place (up to bit 9)
 template <int BITS>
 __device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r) {
   constexpr uint32_t E = magic<true>() * 0x00010001u, MASK = ((1u << BITS) - 1) * 0x00010001u;

@@ -4,10 +4,10 @@ codes, zero-points, scales and salient fragments all three kernels read, made on
 
 ``pack_codes``: the codes of one 64-deep k-step and one 64-column strip, for one lane
 ``4 g + t`` of a warp, are BITS x 16 bytes: 4 k16 steps x BITS words; each word a list of
-(k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), at bit ``p * BITS`` of
-the word's two 16-bit halves (4 / 8 / 5 pairs per word for 4 / 2 / 3 bits), pair p = 2 j + f in
-slot ``_pair_slots`` (fields in word order; at 3 bits the 16th field is spread over bit 15 of the
-three words, and the pair it holds turns with the k16 step). Pair (j, f) of step st holds rows
+(k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), slot s at bit ``s *
+BITS`` of the word's two 16-bit halves (4 / 8 / 5 slots per word for 4 / 2 / 3 bits), pair p =
+2 j + f in slot ``_pair_slots`` (at 3 bits the 16th slot is spread over bit 15 of the three
+words, and the pair it holds turns with the k16 step). Pair (j, f) of step st holds rows
 ``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
 lane's bytes are BITS 16-byte vectors, stored vector-major (vector i of the 32 lanes together),
 so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` inverts it.

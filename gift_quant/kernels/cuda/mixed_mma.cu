@@ -7,9 +7,9 @@
 // `mma.sync.m16n8k16`: no shared memory, no shuffle and no ldmatrix for the weights. One warp
 // owns a strip of 64 output columns; per k16 step each lane holds 16 pairs (8 n8 tiles x the
 // two k halves of the fragment), each pair a (k, k+1) couple of one column in the two halves
-// of a word lane, at bit position p * BITS of its half (3 bits: 5 pairs per word, the 16th slot
-// spread over bit 15 of the three words, holding pair 15, 3, 5 or 10 by k16 step, that pair's
-// own slot pair 15: `pair_slot`). A pair becomes an f16x2 by one lop3 with the exponent
+// of a word lane, in slot s at bit position s * BITS of its half (3 bits: 5 slots per word, the
+// 16th spread over bit 15 of the three words); which pair lies in which slot: `pair_slot`
+// (fragments.cuh), by k16 step at 3 bits. A pair becomes an f16x2 by one lop3 with the exponent
 // bits 0x6400 (1024 + code << e, exact), then one fma gives code - zero exactly. For 16 rows
 // (MT = 1), and 32 rows at 2 and 4 bits, the MMAs of one quantization group accumulate
 // x @ (code - zero) into their own fp32 registers, and the group's scales multiply that sum
