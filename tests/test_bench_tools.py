@@ -252,6 +252,46 @@ def test_ab_kernels_base_tree_takes_the_base_kernel_sources(tmp_path):
         ab_kernels.base_sources(str(src), root)
 
 
+def test_ab_kernels_whole_tree_takes_the_base_commit_python_and_all(tmp_path):
+    """tools/ab_kernels.py --whole-tree (a change of the packed layout): the base is the base
+    commit's own gift_quant, tools and pyproject.toml, not this tree's Python with its kernels;
+    or a directory holding them, used in place and labelled by a digest of its files; a base
+    that is neither is refused in one line."""
+    import subprocess
+
+    import ab_kernels
+
+    repo = tmp_path / "repo"
+    files = {"gift_quant/kernels/cuda/layout.py": "# base layout\n", "tools/t.py": "# tool\n"}
+    files["pyproject.toml"] = "[project]\n"
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    (repo / "README.md").write_text("not taken\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=repo, check=True)
+    sha = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    (repo / "gift_quant/kernels/cuda/layout.py").write_text("# moved on since\n")
+    tree, label, commit = ab_kernels.whole_tree("HEAD", tmp_path / "base", repo)
+    assert (label, commit) == (sha, sha)
+    assert {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()} == set(files)
+    assert (tree / "gift_quant/kernels/cuda/layout.py").read_text() == "# base layout\n"
+    with pytest.raises(ValueError, match="not a commit of this repository"):
+        ab_kernels.whole_tree("no-such-commit", tmp_path / "other", repo)
+    # a directory, in place: its digest follows its files
+    tree, label, commit = ab_kernels.whole_tree(str(repo), tmp_path / "unused", repo)
+    assert tree == repo.resolve() and "tree sha256" in label and label in commit
+    (repo / "tools/t.py").write_text("# another tool\n")
+    assert ab_kernels.whole_tree(str(repo), tmp_path / "unused", repo)[1] != label
+    (repo / "pyproject.toml").unlink()
+    with pytest.raises(ValueError, match="no pyproject.toml there"):
+        ab_kernels.whole_tree(str(repo), tmp_path / "unused", repo)
+
+
 NCU_DETAILS = """==PROF== Connected to process 1
 {wg}
     Section: GPU Speed Of Light Throughput

@@ -16,18 +16,26 @@ differs, is refused before any build; a directory's sources must share this tree
 The base run records this tree's commit and ``GIFT_QUANT_AB_BASE`` (the base's full commit,
 or the directory and a digest of its sources) among its switches. Results: ``ab_base.json``
 and ``ab_new.json`` under ``--out`` (default benchmarks/results).
+
+``--whole-tree``: the base is a whole tree -- its own ``gift_quant``, ``tools`` and
+``pyproject.toml``, so its own layout, entry points, routes and bench -- for a change of the
+packed layout itself: a commit (its files taken by ``git archive``; the base run records that
+commit) or a directory holding them (used in place; recorded by a digest of its files). The
+same configurations are timed where the two trees' rules and candidate lists agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -115,6 +123,47 @@ def base_tree(sources: dict[Path, bytes], dest: Path, root: Path = ROOT) -> Path
     return dest
 
 
+WHOLE = ("gift_quant", "tools", "pyproject.toml")
+
+
+def whole_tree(base: str, dest: Path, root: Path = ROOT) -> tuple[Path, str, str]:
+    """(tree, label, commit to record) of a whole base tree (``--whole-tree``): a directory
+    holding ``WHOLE``, used in place, or a commit of ``root``'s repository, its ``WHOLE``
+    written under ``dest``. Refused (ValueError, one line) before any build where a directory
+    lacks one of them or git does not know the commit."""
+    if Path(base).is_dir():
+        tree = Path(base).resolve()
+        missing = [n for n in WHOLE if not (tree / n).exists()]
+        if missing:
+            raise ValueError(f"--base {base} --whole-tree: no {', '.join(missing)} there")
+        digest = hashlib.sha256()
+        for f in sorted(p for n in WHOLE for p in [tree / n, *(tree / n).rglob("*")]):
+            if f.is_file() and "__pycache__" not in f.parts:
+                digest.update(f.relative_to(tree).as_posix().encode() + b"\0" + f.read_bytes())
+        label = f"{tree} (tree sha256 {digest.hexdigest()[:16]})"
+        return tree, label, f"unknown (a whole-tree A/B base: {label})"
+    got = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", f"{base}^{{commit}}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if got.returncode != 0:
+        raise ValueError(
+            f"--base {base} --whole-tree: not a commit of this repository; name one, or a "
+            "directory holding gift_quant, tools and pyproject.toml"
+        )
+    sha = got.stdout.strip()
+    archive = subprocess.run(
+        ["git", "archive", sha, *WHOLE], cwd=root, capture_output=True, timeout=120, check=True
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest, sha, sha
+
+
 def _env(tree: Path, **extra: str) -> dict:
     env = dict(os.environ, GIFT_QUANT_TUNE="0", **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
@@ -124,6 +173,11 @@ def _env(tree: Path, **extra: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="a commit, or a directory of kernel sources")
+    ap.add_argument(
+        "--whole-tree",
+        action="store_true",
+        help="the base's own gift_quant, tools and pyproject.toml (a layout change)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then bench_kernels arguments")
     args = ap.parse_args()
@@ -131,25 +185,32 @@ def main() -> None:
     own = [a for a in bench if a.split("=")[0] in OWN]
     if own:
         ap.error(f"{', '.join(own)} after --: the A/B sets these itself (use --out before --)")
-    try:
-        sources, label = base_sources(args.base)
-    except ValueError as exc:
-        ap.error(str(exc))
-    import torch
-
-    if not torch.cuda.is_available():
-        ap.error("no CUDA GPU here: the A/B builds and times the CUDA kernels on one")
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    # the base copy has no git history: it records the commit this tree records (its Python
-    # is this tree's), and the base among its switches
-    sys.path.insert(0, str(ROOT))
-    from gift_quant.testing import run_environment
-
-    commit = run_environment(shared=False)["commit"]
     with tempfile.TemporaryDirectory(prefix="gq-ab-") as tmp:
-        trees = {"base": base_tree(sources, Path(tmp) / "base"), "new": ROOT}
-        extra = {"base": {"GIFT_QUANT_AB_BASE": label, "GIFT_QUANT_COMMIT": commit}, "new": {}}
+        try:  # the base, checked and in place before any build
+            if args.whole_tree:
+                base, label, base_commit = whole_tree(args.base, Path(tmp) / "base")
+            else:
+                sources, label = base_sources(args.base)
+                base, base_commit = base_tree(sources, Path(tmp) / "base"), None
+        except ValueError as exc:
+            ap.error(str(exc))
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("no CUDA GPU here: the A/B builds and times the CUDA kernels on one")
+        out = Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        # a copy of this tree with the base's kernels has no git history: it records the commit
+        # this tree records (its Python is this tree's), and the base among its switches
+        sys.path.insert(0, str(ROOT))
+        from gift_quant.testing import run_environment
+
+        commit = run_environment(shared=False)["commit"]
+        trees = {"base": base, "new": ROOT}
+        extra = {
+            "base": {"GIFT_QUANT_AB_BASE": label, "GIFT_QUANT_COMMIT": base_commit or commit},
+            "new": {},
+        }
         envs = {k: _env(trees[k], **extra[k]) for k in trees}
         print(f"building the two libraries side by side (base: {label})", flush=True)
         builds = {
@@ -167,7 +228,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from kernel_tables import print_comparison
 
-    print(f"base: the kernels of {label}; new: this tree's ({commit})")
+    what = "the tree" if args.whole_tree else "the kernels"
+    print(f"base: {what} of {label}; new: this tree's ({commit})")
     runs = [json.loads((out / f"ab_{k}.json").read_text()) for k in ("base", "new")]
     print_comparison(*runs)
 
