@@ -23,6 +23,8 @@ from gift_quant.quant import QuantizedWeight
 
 __all__ = [
     "ERROR_FACTOR",
+    "as_bf16",
+    "as_fp16",
     "kernel_error",
     "oracle",
     "oracle_weight",
@@ -134,6 +136,21 @@ def oracle_weight(layer, base_only: bool = False) -> Tensor:
     if not base_only and layer.salient_idx.numel():
         w = w.index_add(0, layer.salient_idx.long(), layer.salient_weight.double().t())
     return w
+
+
+def as_fp16(bits16: int):
+    """The fp16 number whose bits are the low 16 of ``bits16``, as a numpy float16 (the CPU
+    mirrors of the kernels' bit operations then round as fp16 arithmetic does)."""
+    import numpy as np
+
+    return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
+
+
+def as_bf16(bits16: int) -> float:
+    """The bf16 number whose bits are the low 16 of ``bits16`` (exact as a float)."""
+    import numpy as np
+
+    return float(np.array([(bits16 & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
 
 
 def read_codes(packed: Tensor, bits: int) -> Tensor:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gift_quant.kernels.cuda import layout, native, rules
-from gift_quant.testing import random_cuda_layout
+from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 
 E = 0x64006400
 
@@ -99,17 +99,9 @@ def unpack_pairs_low(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: un
     return r
 
 
-def bf16(bits16: int) -> float:
-    return float(np.array([(bits16 & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
-
-
-def f16(bits16: int) -> np.float16:
-    return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
-
-
 def lane_scales(words: np.ndarray, grp: int, b: int, row: int) -> list[list[np.float16]]:
     """The 8 words of row ``row`` of the scale words [G, B, 4, 8], as (half 0, half 1) pairs."""
-    return [[f16(int(w)), f16(int(w) >> 16)] for w in words[grp, b, row]]
+    return [[as_fp16(int(w)), as_fp16(int(w) >> 16)] for w in words[grp, b, row]]
 
 
 def kernel_operands(p: layout.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,10 +134,10 @@ def kernel_operands(p: layout.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
                         j, f = pr >> 1, pr & 1
                         e = pair_exp(bits, pr)
                         z = int(zp[grp, b, g, j])
-                        cz = f16(0x8000 | (0x6400 - (e << 10)) | (z << e))
-                        inv = f16((15 - e) << 10)
+                        cz = as_fp16(0x8000 | (0x6400 - (e << 10)) | (z << e))
+                        inv = as_fp16((15 - e) << 10)
                         for h in range(2):
-                            raw = f16(r[pr] >> (16 * h))
+                            raw = as_fp16(r[pr] >> (16 * h))
                             q = np.float16(np.float32(raw) * np.float32(inv) + np.float32(cz))
                             k = ss * 64 + st * 16 + 8 * f + 2 * t + h
                             Q[k, b * 64 + 8 * j + g] = q
@@ -161,7 +153,7 @@ def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> Non
     torch reference does is checked on the GPU, against the float64 oracle.)"""
     K, N, group = 128, 128, 64
     codes, zeros, scales, p, _ = random_cuda_layout(K, N, bits, group, seed=bits)
-    assert all(bf16(0x4300 | z) == 128 + z for z in range(128))  # exact: 8 significant bits
+    assert all(as_bf16(0x4300 | z) == 128 + z for z in range(128))  # exact: 8 significant bits
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF
     zp = p.zp.numpy()
     Q = np.full((K, N), np.nan)
@@ -178,7 +170,8 @@ def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> Non
                         z = int(zp[ss * 64 // group, b, g, j])
                         for h in range(2):
                             k = ss * 64 + st * 16 + 8 * f + 2 * t + h
-                            Q[k, b * 64 + 8 * j + g] = bf16(r[pr] >> (16 * h)) - bf16(0x4300 | z)
+                            got = as_bf16(r[pr] >> (16 * h)) - as_bf16(0x4300 | z)
+                            Q[k, b * 64 + 8 * j + g] = got
     g_idx = (torch.arange(K) // group).long()
     assert np.array_equal(Q, (codes - zeros[g_idx]).double().numpy())
 
@@ -571,9 +564,8 @@ def test_swapped_kernel_mirror_gives_the_product(bits: int, group: int) -> None:
                     gacc[i] += ptx_mma_m16n8k16(f[:, [4 * i + o for o in order]], bo)
             grp = 64 * s // group
             for lane in range(32):  # column_scales: row g / 2 of the scale words, half g % 2
-                col_scale = [
-                    f16(int(sw[grp, b, g[lane] >> 1, j]) >> (16 * (g[lane] & 1))) for j in range(8)
-                ]
+                srow, shalf = g[lane] >> 1, g[lane] & 1
+                col_scale = [as_fp16(int(sw[grp, b, srow, j]) >> (16 * shalf)) for j in range(8)]
                 for i in range(4):
                     for e in range(4):
                         acc[i, lane, e] += float(col_scale[2 * i + (e >> 1)]) * gacc[i, lane, e]

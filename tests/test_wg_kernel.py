@@ -21,13 +21,9 @@ import torch
 
 from gift_quant.kernels.cuda import layout, native, rules
 from gift_quant.kernels.triton import routes
-from gift_quant.testing import random_cuda_layout
+from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 
 E = 0x64006400
-
-
-def f16(bits16: int) -> np.float16:
-    return np.array([bits16 & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
 
 
 def pair_slot(st: int, p: int) -> int:  # fragments.cuh: pair_slot<3>
@@ -37,10 +33,6 @@ def pair_slot(st: int, p: int) -> int:  # fragments.cuh: pair_slot<3>
 
 def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
     return (0x6400 - (e << 10)) * 0x00010001
-
-
-def bf16(bits16: int) -> float:
-    return float(np.array([(bits16 & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
 
 
 def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
@@ -67,16 +59,17 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                         | int(zp[grp, b, g * 8 + 2 * warp + 1]) << 8
                     )
                     s4 = sc[grp, b, (g >> 1) * 16 + 4 * warp : (g >> 1) * 16 + 4 * warp + 4]
-                    scale = [f16(int(s4[g & 1])), f16(int(s4[2 + (g & 1)]))]  # lo, hi columns
+                    # the lo and hi columns' scales
+                    scale = [as_fp16(int(s4[g & 1])), as_fp16(int(s4[2 + (g & 1)]))]
                     if bits != 3:
                         h = warp & 1 if bits == 2 else 0
                         elo = 0 if bits == 4 else 4 * h
                         ehi = elo + bits
                     zero = [  # 2^(10 - e) + z: z at bit e of the mantissa
-                        f16(pos_magic(elo) | (zb & 0xFF) << elo),
-                        f16(pos_magic(ehi) | (zb >> 8) << ehi),
+                        as_fp16(pos_magic(elo) | (zb & 0xFF) << elo),
+                        as_fp16(pos_magic(ehi) | (zb >> 8) << ehi),
                     ]
-                    zero_bf = [bf16(0x4300 | (zb & 0xFF)), bf16(0x4300 | (zb >> 8))]
+                    zero_bf = [as_bf16(0x4300 | (zb & 0xFF)), as_bf16(0x4300 | (zb >> 8))]
                     for st in range(4):
                         ws = words[st * bits : (st + 1) * bits]
                         f = []
@@ -98,9 +91,9 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                             halves = []
                             for half in range(2):
                                 if bf:  # 128 + code - (128 + zero), exact
-                                    halves.append(bf16(raw >> (16 * half)) - zero_bf[hi])
+                                    halves.append(as_bf16(raw >> (16 * half)) - zero_bf[hi])
                                     continue
-                                v = np.float16(f16(raw >> (16 * half)) - zero[hi])  # exact
+                                v = np.float16(as_fp16(raw >> (16 * half)) - zero[hi])  # exact
                                 halves.append(np.float16(v * scale[hi]))
                             f.append(halves)
                         # A fragment {f0, f2, f1, f3}: a_i holds row g + 8 (i % 2) of the warp's

@@ -194,10 +194,10 @@ __host__ __device__ constexpr bool pair_slots_hold() {
 }
 static_assert(pair_slots_hold<2>() && pair_slots_hold<3>() && pair_slots_hold<4>(),
               "the pair -> slot maps");
-// fp16 bits (both halves) whose mantissa bit e counts 1: 2^(10 - e) + (code << e) read as a
-// number is 2^(10 - e) + code, exactly (e + BITS <= 10)
+// fp16 bits (one half) whose mantissa bit e counts 1: 2^(10 - e) + (code << e) read as a number
+// is 2^(10 - e) + code, exactly (e + BITS <= 10); pos_magic(0) is 0x6400 (1024)
 __host__ __device__ constexpr uint32_t pos_magic(int e) {
-  return (0x6400u - (static_cast<uint32_t>(e) << 10)) * 0x00010001u;
+  return 0x6400u - (static_cast<uint32_t>(e) << 10);
 }
 
 // The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words, by
@@ -263,7 +263,7 @@ __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
         cz[j][f] = (magic<true>() | z) * 0x00010001u;
       } else {
         const uint32_t e = pair_exp<BITS>(2 * j + f);
-        cz[j][f] = (0x8000u | (0x6400u - (e << 10)) | (z << e)) * 0x00010001u;
+        cz[j][f] = (0x8000u | pos_magic(e) | (z << e)) * 0x00010001u;
       }
     }
   }

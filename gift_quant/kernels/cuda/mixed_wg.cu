@@ -464,8 +464,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     constexpr uint32_t MAG = magic<BF>(), E = MAG * 0x00010001u;
     constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
+    // (the same numbers either way at e = 0; ptxas takes each form with fewer instructions
+    // where it is used: 3 bits (e = 0) and 2/4 bits)
     auto zero = [](uint32_t z, int e) {
-      return BF || e == 0 ? (MAG | z) * 0x00010001u : pos_magic(e) | (z << e) * 0x00010001u;
+      constexpr uint32_t BOTH = 0x00010001u;
+      return BF || e == 0 ? (MAG | z) * BOTH : pos_magic(e) * BOTH | (z << e) * BOTH;
     };
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
@@ -532,7 +535,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
             raw[2] = lop3_and_or(w >> EHI, MASK, E), raw[3] = lop3_and_or(w8 >> EHI, MASK, E);
           } else {
             constexpr uint32_t MLO = MASK << ELO, MHI = MASK << EHI;
-            constexpr uint32_t ELOW = pos_magic(ELO), EHIW = pos_magic(EHI);
+            constexpr uint32_t ELOW = pos_magic(ELO) * 0x00010001u;
+            constexpr uint32_t EHIW = pos_magic(EHI) * 0x00010001u;
             raw[0] = lop3_and_or(w, MLO, ELOW), raw[1] = lop3_and_or(w8, MLO, ELOW);
             raw[2] = lop3_and_or(w, MHI, EHIW), raw[3] = lop3_and_or(w8, MHI, EHIW);
           }
