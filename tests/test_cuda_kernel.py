@@ -30,15 +30,15 @@ def slot_exp(bits: int, s: int) -> int:  # fragments.cuh: slot_exp<BITS>
         return (s % 4) % 2 * 4
     if bits == 2:
         return 2 * (s % 8) if s % 8 < 5 else 2 * (s % 8 - 5)
-    return 0 if s == 15 else (3 * (s % 5) if s % 5 < 3 else 3 * (s % 5 - 3))
+    return 3 if s >= 14 else 0 if s % 5 == 4 else (s % 5) % 2 * 3
 
 
 def pair_exp(bits: int, p: int) -> int:  # fragments.cuh: pair_exp<BITS>
     return slot_exp(bits, pair_slot(bits, 0, p))
 
 
-def spread_pair_of(st: int) -> int:  # fragments.cuh: spread_pair_of
-    return 3 if st == 1 else 5 if st == 2 else 10 if st == 3 else 15
+def w3_rest(st: int) -> int:  # fragments.cuh: w3_rest
+    return (st + 3) & 3
 
 
 def pair_slot(bits: int, st: int, p: int) -> int:  # fragments.cuh: pair_slot<BITS>
@@ -46,8 +46,10 @@ def pair_slot(bits: int, st: int, p: int) -> int:  # fragments.cuh: pair_slot<BI
         return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1)
     if bits == 2:
         return (p & ~7) + (p & 1) * 4 + ((p >> 2) & 1) * 2 + ((p >> 1) & 1)
-    s = spread_pair_of(st)
-    return s if p == 15 else 15 if p == s else p
+    q, u, rest = p >> 2, p & 3, w3_rest(st)
+    if q == rest:
+        return 15 if u == 3 else 5 * u + 4
+    return 5 * ((q - rest - 1) & 3) + (u & 1) * 2 + (u >> 1)
 
 
 def slots_to_pairs(bits: int, r: list[int], st: int) -> list[int]:  # fragments.cuh
@@ -78,13 +80,16 @@ def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: unpack
                 r[8 * b + 5 + i] = lop3(hi, 0x00030003 << (2 * i), E)
     else:
         for b in range(3):
-            hi = w[b] >> 9
-            for i in range(3):
-                r[5 * b + i] = lop3(w[b], 0x00070007 << (3 * i), E)
-            for i in range(2):
-                r[5 * b + 3 + i] = lop3(hi, 0x00070007 << (3 * i), E)
-        top = ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002)
-        r[15] = lop3(w[2] >> 13, 0x00040004, top | E)
+            w6 = w[b] >> 6
+            r[5 * b + 0] = lop3(w[b], 0x00070007, E)
+            r[5 * b + 1] = lop3(w[b], 0x00380038, E)
+            r[5 * b + 2] = lop3(w6, 0x00070007, E)
+            r[5 * b + 3] = lop3(w6, 0x00380038, E)
+        r[4] = lop3(w[0] >> 12, 0x00070007, E)
+        r[9] = lop3(w[1] >> 12, 0x00070007, E)
+        r[14] = lop3(w[2] >> 9, 0x00380038, E)
+        top = ((w[0] >> 12) & 0x00080008) | ((w[1] >> 11) & 0x00100010)  # spread_pair_at3
+        r[15] = lop3(w[2] >> 10, 0x00200020, top | E)
     return r
 
 

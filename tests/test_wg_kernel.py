@@ -5,9 +5,8 @@ float64 oracle.
 The CPU mirror repeats the kernel's per-warp bit operations line by line (warp q of a
 warpgroup takes the pairs 4 q + u of each k16 step from its word (4 q) / per: at 2 and 4 bits u
 = 0, 2 from the low byte of each half and u = 1, 3 from the high byte, each code read where it
-lies (fp16 exponent bits that make its bit count 1); at 3 bits from slot s (``pair_slot``: s = 4
-q + u but for the pair in the spread slot), word s / per at bit (s % per) * 3, the 16th slot from
-bit 15 of the three words; zero-point and
+lies (fp16 exponent bits that make its bit count 1); at 3 bits by the warp's role in the k16
+step (``w3_raw``), the lo column's codes at bit 0 and the hi column's at bit 3; zero-point and
 scale from the ring slot's copies of ``pack_zeros`` / ``pack_scales``, one 64-column strip per
 warpgroup) and places each weight where the wgmma A-fragment layout puts it; the oracle is the
 codes, zero-points and scales the words were packed from.
@@ -26,13 +25,32 @@ from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 E = 0x64006400
 
 
-def pair_slot(st: int, p: int) -> int:  # fragments.cuh: pair_slot<3>
-    spread = 3 if st == 1 else 5 if st == 2 else 10 if st == 3 else 15
-    return spread if p == 15 else 15 if p == spread else p
-
-
 def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
     return (0x6400 - (e << 10)) * 0x00010001
+
+
+def w3_raw(ws: list[int], warp: int, st: int, bf: bool) -> list[int]:
+    """3 bits: warp ``warp``'s four raw pairs u = 0..3 of k16 step ``st`` from the step's three
+    words (mixed_wg.cu, the 3-bit ``steps``): the warp (st + 3) % 4 reads bits 12..14 of the
+    three words and the pair spread over their bit 15; each other warp one word, u = 0, 2 at
+    bits 0, 3 and u = 1, 3 at the same bits of the word shifted by 6. fp16 leaves the hi
+    column's codes (u = 2, 3) at bit 3; bf16 moves every code to bit 0."""
+    m, e = 0x00070007, 0x43004300 if bf else E
+    e3 = e if bf else pos_magic(3)
+    rest = (st + 3) & 3
+    if warp == rest:
+        if bf:  # spread_pair: bit i of the code from bit 15 of word i, to bit i
+            top = ((ws[0] >> 15) & 0x00010001) | ((ws[1] >> 14) & 0x00020002)
+            spread = ((ws[2] >> 13) & 0x00040004) | top | e
+            return [(ws[0] >> 12) & m | e, (ws[1] >> 12) & m | e, (ws[2] >> 12) & m | e, spread]
+        top = ((ws[0] >> 12) & 0x00080008) | ((ws[1] >> 11) & 0x00100010)  # spread_pair_at3
+        spread = ((ws[2] >> 10) & 0x00200020) | top | e3
+        return [(ws[0] >> 12) & m | e, (ws[1] >> 12) & m | e, (ws[2] >> 9) & m << 3 | e3, spread]
+    w = ws[(warp - rest - 1) & 3]
+    w6 = w >> 6
+    if bf:
+        return [w & m | e, w6 & m | e, (w >> 3) & m | e, (w6 >> 3) & m | e]
+    return [w & m | e, w6 & m | e, w & m << 3 | e3, w6 & m << 3 | e3]
 
 
 def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
@@ -41,7 +59,7 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     per = {4: 4, 2: 8, 3: 5}[bits]
     mask = ((1 << bits) - 1) * 0x00010001
-    elo = ehi = 0  # fp16: the bit positions the codes are read at (2 and 4 bits)
+    elo, ehi = 0, 3  # fp16: the bit positions the codes are read at (3 bits: 0 and 3)
     E_bf = 0x43004300  # bf16: 128 + code, each code moved to bit 0
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
     zp = p.zp.numpy().reshape(-1, B, 64)  # the slot's 64 zero-point bytes [g][j]
@@ -72,6 +90,7 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                     zero_bf = [as_bf16(0x4300 | (zb & 0xFF)), as_bf16(0x4300 | (zb >> 8))]
                     for st in range(4):
                         ws = words[st * bits : (st + 1) * bits]
+                        raws = w3_raw(ws, warp, st, bf) if bits == 3 else []
                         f = []
                         for u in range(4):
                             if bits != 3:  # the warp's word: u = 0, 2 at elo, ehi; 1, 3 >> 8
@@ -81,12 +100,8 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                                     raw = ((w >> e) & mask) | E_bf
                                 else:
                                     raw = (w & (mask << e)) | pos_magic(e)
-                            elif (sl := pair_slot(st, 4 * warp + u)) == 15:  # bit i: 15 of word i
-                                top = ((ws[0] >> 15) & 0x00010001) | ((ws[1] >> 14) & 0x00020002)
-                                raw = ((ws[2] >> 13) & 0x00040004) | top | (E_bf if bf else E)
                             else:
-                                sh = ws[sl // per] >> (sl % per * bits)
-                                raw = (sh & mask) | (E_bf if bf else E)
+                                raw = raws[u]
                             hi = u >= 2
                             halves = []
                             for half in range(2):

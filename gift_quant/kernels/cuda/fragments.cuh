@@ -130,10 +130,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
 }
 
 // The pair in slot 15 of a 3-bit k16 step, whose code bit i sits at bit 15 of word i's halves
-// (layout.py), in bits 0..2 of each half over the exponent bits `e`
+// (layout.py), in bits 0..2 of each half over the exponent bits `e` (bf16, codes at bit 0) or
+// in bits 3..5 (`spread_pair_at3`: fp16, its pair read at exponent 3 as the slot's others)
 __device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
   const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
   return lop3_and_or(w[2] >> 13, 0x00040004u, top | e);
+}
+__device__ __forceinline__ uint32_t spread_pair_at3(const uint32_t* w, uint32_t e) {
+  const uint32_t top = ((w[0] >> 12) & 0x00080008u) | ((w[1] >> 11) & 0x00100010u);
+  return lop3_and_or(w[2] >> 10, 0x00200020u, top | e);
 }
 
 // Which slot (field of a k16 step's words: layout.py, `_slot_fields`) holds pair p = 2 j + f.
@@ -143,18 +148,21 @@ __device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
 //   at the same bits of the high byte, so u = 0, 1 share a bit position e (and so one
 //   constant; fp16 exponent bits that make the code there count in ones: `pos_magic`), and
 //   u = 2, 3 theirs; one shift by 8 per word.
-// * 3 bits: the pair in slot 15 (the spread one) turns with the k16 step st, trading places
-//   with pair 15 (`SPREAD_PAIRS`): one pair of each warp's four in turn, so no warp builds
-//   every step's spread pair. Each sits at bit 0 once moved, as slot 15, so the constants
-//   per pair stay.
-__host__ __device__ constexpr int spread_pair_of(int st) {
-  return st == 1 ? 3 : st == 2 ? 5 : st == 3 ? 10 : 15;
-}
+// * 3 bits: the warps have roles that turn with the k16 step st. Warp `w3_rest(st)` takes the
+//   rest of the three words, slots 4, 9, 14 (bits 12..14) and the spread slot 15 (u = 0, 1, 2,
+//   3); each other warp one word's slots 5 k .. 5 k + 3 (k = 0, 1, 2 in warp order after it),
+//   u = 0, 2, 1, 3 at bits 0, 3, 6, 9: u = 0, 1 at bit 0 and u = 2, 3 at bit 3 of the word and
+//   of the word shifted by 6. So in fp16 every code is read where it lies, the lo column's at
+//   exponent 0 and the hi column's at exponent 3 in both roles (slot 14 shifted by 9, the spread
+//   pair built at bit 3), and no warp loads all three words in every step.
+__host__ __device__ constexpr int w3_rest(int st) { return (st + 3) & 3; }
 template <int BITS>
 __host__ __device__ constexpr int pair_slot(int st, int p) {
   if (BITS == 4) return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1);
   if (BITS == 2) return (p & ~7) + (p & 1) * 4 + ((p >> 2) & 1) * 2 + ((p >> 1) & 1);
-  return p == 15 ? spread_pair_of(st) : p == spread_pair_of(st) ? 15 : p;
+  const int q = p >> 2, u = p & 3, rest = w3_rest(st);
+  if (q == rest) return u == 3 ? 15 : 5 * u + 4;
+  return 5 * ((q - rest - 1) & 3) + (u & 1) * 2 + (u >> 1);
 }
 // r (16 raw pairs by slot) into pair order for k16 step st (constants once unrolled)
 template <int BITS>
@@ -172,7 +180,7 @@ template <int BITS>
 __host__ __device__ constexpr int slot_exp(int s) {
   if (BITS == 4) return (s % 4) % 2 * 4;                      // nibbles 0,1 | (>>8) 0,1
   if (BITS == 2) return (s % 8) < 5 ? 2 * (s % 8) : 2 * (s % 8 - 5);  // 0..8 | (>>10) 0..4
-  return s == 15 ? 0 : ((s % 5) < 3 ? 3 * (s % 5) : 3 * (s % 5 - 3));  // 0,3,6 | (>>9) 0,3
+  return s >= 14 ? 3 : s % 5 == 4 ? 0 : (s % 5) % 2 * 3;  // 0,3 | (>>6) 0,3 | (>>12) 0; 14, 15: 3
 }
 template <int BITS>
 __host__ __device__ constexpr int pair_exp(int p) {
@@ -226,13 +234,16 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
   } else {
 #pragma unroll
     for (int b = 0; b < 3; ++b) {
-      const uint32_t hi = w[b] >> 9;
-#pragma unroll
-      for (int i = 0; i < 3; ++i) r[5 * b + i] = lop3_and_or(w[b], 0x00070007u << (3 * i), E);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) r[5 * b + 3 + i] = lop3_and_or(hi, 0x00070007u << (3 * i), E);
+      const uint32_t w6 = w[b] >> 6;
+      r[5 * b + 0] = lop3_and_or(w[b], 0x00070007u, E);
+      r[5 * b + 1] = lop3_and_or(w[b], 0x00380038u, E);
+      r[5 * b + 2] = lop3_and_or(w6, 0x00070007u, E);
+      r[5 * b + 3] = lop3_and_or(w6, 0x00380038u, E);
     }
-    r[15] = spread_pair(w, E);
+    r[4] = lop3_and_or(w[0] >> 12, 0x00070007u, E);
+    r[9] = lop3_and_or(w[1] >> 12, 0x00070007u, E);
+    r[14] = lop3_and_or(w[2] >> 9, 0x00380038u, E);
+    r[15] = spread_pair_at3(w, E);
   }
 }
 

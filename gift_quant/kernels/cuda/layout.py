@@ -7,8 +7,8 @@ codes, zero-points, scales and salient fragments all three kernels read, made on
 (k, k + 1) pairs of one column, one pair per (n8 tile j, fragment half f), slot s at bit ``s *
 BITS`` of the word's two 16-bit halves (4 / 8 / 5 slots per word for 4 / 2 / 3 bits), pair p =
 2 j + f in slot ``_pair_slots`` (at 3 bits the 16th slot is spread over bit 15 of the three
-words, and the pair it holds turns with the k16 step). Pair (j, f) of step st holds rows
-``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
+words, and which pairs lie in which slots turns with the k16 step). Pair (j, f) of step st
+holds rows ``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
 lane's bytes are BITS 16-byte vectors, stored vector-major (vector i of the 32 lanes together),
 so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` inverts it.
 """
@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SPREAD_PAIRS",
     "Packed",
     "pack",
     "pack_codes",
@@ -30,14 +29,14 @@ __all__ = [
     "pack_zeros",
     "unpack_codes",
     "unsupported",
+    "w3_rest",
 ]
 
 
-# 3 bits: the pair the spread slot (15) holds in k16 step st = 0..3; it trades places with pair
-# 15. One pair of each warp's four in turn (pairs 4 q .. 4 q + 3 are the A rows warp q of the
-# warpgroup kernel dequantizes), so no warp builds the spread pair of every step; each has the
-# spread slot's exponent (bit 0 once moved), so the kernels' constants per pair stay.
-SPREAD_PAIRS = (15, 3, 5, 10)
+def w3_rest(st: int) -> int:
+    """3 bits: the warpgroup kernel's warp that takes k16 step ``st``'s slots 4, 9, 14 and 15
+    (fragments.cuh, ``w3_rest``); the other three take one word each."""
+    return (st + 3) % 4
 
 
 def _slot_fields(bits: int) -> list[tuple[int, int]]:
@@ -52,15 +51,23 @@ def _pair_slots(bits: int, st: int) -> list[int]:
     2 and 4 bits: of warp q's pairs 4 q + u (u = 0, 1 one column's two k halves, 2, 3 the
     other's), u = 0, 2 lie in the low byte of each half and u = 1, 3 at the same bits of its
     high byte, so one column's codes share a bit position and one shift by 8 reaches both
-    bytes; 3 bits: ``SPREAD_PAIRS``."""
+    bytes. 3 bits: warp ``w3_rest(st)``'s pairs u = 0, 1, 2, 3 in slots 4, 9, 14, 15 (bits 12..14
+    of the three words, the spread slot); each other warp's in one word k (0, 1, 2 in warp
+    order after it), u = 0, 2, 1, 3 in slots 5 k .. 5 k + 3 (bits 0, 3, 6, 9): one column's
+    codes at bit 0 or 3 of the word and of the word shifted by 6 (the lo column at 0, the hi
+    at 3, as slot 14 shifted by 9 and the spread pair built at bit 3)."""
     if bits == 4:
         return [(p & ~3) + (p & 1) * 2 + ((p >> 1) & 1) for p in range(16)]
     if bits == 2:
         return [(p & ~7) + (p & 1) * 4 + ((p >> 2) & 1) * 2 + ((p >> 1) & 1) for p in range(16)]
-    order = list(range(16))
-    p = SPREAD_PAIRS[st]
-    order[15], order[p] = p, 15
-    return order
+    rest, slots = w3_rest(st), []
+    for p in range(16):
+        q, u = divmod(p, 4)
+        if q == rest:
+            slots.append((4, 9, 14, 15)[u])
+        else:
+            slots.append(5 * ((q - rest - 1) % 4) + (u & 1) * 2 + (u >> 1))
+    return slots
 
 
 def _by_slot(c: Tensor, bits: int, inverse: bool = False) -> Tensor:

@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
     // (the same numbers either way at e = 0; ptxas takes each form with fewer instructions
-    // where it is used: 3 bits (e = 0) and 2/4 bits)
+    // where it is used)
     auto zero = [](uint32_t z, int e) {
       constexpr uint32_t BOTH = 0x00010001u;
       return BF || e == 0 ? (MAG | z) * BOTH : pos_magic(e) * BOTH | (z << e) * BOTH;
@@ -482,33 +482,29 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       a[st][0] = f[0], a[st][1] = f[2], a[st][2] = f[1], a[st][3] = f[3];
     };
     if constexpr (BITS == 3) {
-      const uint32_t zlo0 = zero(zb & 0xFFu, 0), zhi0 = zero(zb >> 8, 0);  // codes at bit 0
-      // warp q's pairs 4 q .. 4 q + 3 lie in slots 4 q .. 4 q + 3 of a step, but for the one
-      // that trades places with pair 15 (`pair_slot`: one warp's per step); slot s in word
-      // s / 5, slot 15 in all three: each warp loads only its words, shifts by constants
-      // (constants once the loop over st is unrolled)
+      // the warp's role in each k16 step (`pair_slot`): warp w3_rest(st) reads bits 12..14 of
+      // the three words and the spread pair, each other warp one word (u = 0, 2 at bits 0, 3;
+      // u = 1, 3 at the same bits of the word shifted by 6). fp16 reads the lo column's codes
+      // at bit 0 and the hi column's at bit 3 in both roles; bf16 moves each to bit 0
+      const uint32_t zlo = zero(zb & 0xFFu, 0), zhi = zero(zb >> 8, 3);
+      constexpr uint32_t E3 = BF ? E : pos_magic(3) * 0x00010001u, M3 = BF ? MASK : MASK << 3;
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
-          uint32_t w[3] = {0, 0, 0};
-#pragma unroll
-          for (int i = 0; i < 3; ++i) {
-            bool used = false;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-              const int sl = pair_slot<3>(st, 4 * q + u);
-              used = used || sl == 15 || sl / 5 == i;
-            }
-            if (used) w[i] = word(st * 3 + i);
-          }
           uint32_t raw[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int sl = pair_slot<3>(st, 4 * q + u);
-            raw[u] = sl == 15 ? spread_pair(w, E) : lop3_and_or(w[sl / 5] >> (sl % 5 * 3), MASK, E);
+          if (q == w3_rest(st)) {  // a constant once the loop is unrolled
+            const uint32_t w[3] = {word(st * 3), word(st * 3 + 1), word(st * 3 + 2)};
+            raw[0] = lop3_and_or(w[0] >> 12, MASK, E), raw[1] = lop3_and_or(w[1] >> 12, MASK, E);
+            raw[2] = lop3_and_or(w[2] >> (BF ? 12 : 9), M3, E3);
+            raw[3] = BF ? spread_pair(w, E) : spread_pair_at3(w, E3);
+          } else {
+            const uint32_t w = word(st * 3 + ((q - w3_rest(st) - 1) & 3)), w6 = w >> 6;
+            raw[0] = lop3_and_or(w, MASK, E), raw[1] = lop3_and_or(w6, MASK, E);
+            raw[2] = lop3_and_or(BF ? w >> 3 : w, M3, E3);
+            raw[3] = lop3_and_or(BF ? w6 >> 3 : w6, M3, E3);
           }
-          put(st, raw, zlo0, zhi0);
+          put(st, raw, zlo, zhi);
         }
       };
       switch (wq) {  // warp-uniform: the warps meet again before the MMAs
