@@ -153,21 +153,6 @@ def as_bf16(bits16: int) -> float:
     return float(np.array([(bits16 & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
 
 
-def kernel_word_pos(bits: int, st: int, b: int) -> int:
-    """The CUDA kernels' position of word b of k16 step st among a lane's 4 * bits words of a
-    k-step, as fragments.cuh's ``word_pos`` computes it (a line-by-line mirror, for the tests
-    that read packed words the way the kernels do)."""
-    if bits != 3:
-        return st * bits + b
-    at = (-1, 8, 4, 10, 9, -1, 0, 2, 5, 1, -1, 6, 11, 3, 7, -1)
-    return at[4 * ((st + 3) & 3) + ((st + b) & 3)]
-
-
-def kernel_words_by_step(bits: int, loaded: list[int]) -> list[int]:
-    """fragments.cuh's ``words_by_step``: a k-step's words as loaded -> w[st * bits + b]."""
-    return [loaded[kernel_word_pos(bits, st, b)] for st in range(4) for b in range(bits)]
-
-
 def read_codes(packed: Tensor, bits: int) -> Tensor:
     """Codes [K, N] read bit by bit from GPTQ-packed int32 words [K*bits/32, N].
 

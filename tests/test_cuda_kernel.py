@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gift_quant.kernels.cuda import layout, native, rules
-from gift_quant.testing import as_bf16, as_fp16, kernel_words_by_step, random_cuda_layout
+from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 
 E = 0x64006400
 
@@ -126,8 +126,7 @@ def kernel_operands(p: layout.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
         for b in range(B):
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
-                loaded = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
-                words = kernel_words_by_step(bits, loaded)
+                words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
                 after = lane_scales(sw, grp, b, t)  # columns 8 j + 2 t + c
                 before = lane_scales(sw, grp, b, g >> 1)  # half g % 2: column 8 j + g
                 for j in range(8):
@@ -167,8 +166,7 @@ def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> Non
         for b in range(N // 64):
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
-                loaded = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
-                words = kernel_words_by_step(bits, loaded)
+                words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
                 for st in range(4):
                     r = unpack_pairs_low(bits, words[st * bits : (st + 1) * bits])
                     r = slots_to_pairs(bits, r, st)

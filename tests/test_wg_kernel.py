@@ -20,26 +20,13 @@ import torch
 
 from gift_quant.kernels.cuda import layout, native, rules
 from gift_quant.kernels.triton import routes
-from gift_quant.testing import as_bf16, as_fp16, kernel_word_pos, random_cuda_layout
+from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 
 E = 0x64006400
 
 
 def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
     return (0x6400 - (e << 10)) * 0x00010001
-
-
-def w3_loaded(words: list[int], warp: int) -> dict[int, int]:
-    """3 bits: the words (by position) warp ``warp`` loads of a lane's twelve (mixed_wg.cu): each
-    aligned half of a 16-byte vector holding a word it reads (``w3_reads``), whole."""
-    reads = {
-        kernel_word_pos(3, st, b)
-        for st in range(4)
-        for b in range(3)
-        if warp in ((st + 3) & 3, (st + b) & 3)
-    }
-    halves = {p // 2 for p in reads}
-    return {p: words[p] for p in range(12) if p // 2 in halves}
 
 
 def w3_raw(ws: list[int], warp: int, st: int, bf: bool) -> list[int]:
@@ -101,11 +88,8 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                         as_fp16(pos_magic(ehi) | (zb >> 8) << ehi),
                     ]
                     zero_bf = [as_bf16(0x4300 | (zb & 0xFF)), as_bf16(0x4300 | (zb >> 8))]
-                    # the words as the warp loads them, by position (`word_pos`; None: a word
-                    # it does not load, which the bit operations below must not read)
-                    at = w3_loaded(words, warp) if bits == 3 else dict(enumerate(words))
                     for st in range(4):
-                        ws = [at.get(kernel_word_pos(bits, st, i)) for i in range(bits)]
+                        ws = words[st * bits : (st + 1) * bits]
                         raws = w3_raw(ws, warp, st, bf) if bits == 3 else []
                         f = []
                         for u in range(4):

@@ -164,53 +164,6 @@ __host__ __device__ constexpr int pair_slot(int st, int p) {
   if (q == rest) return u == 3 ? 15 : 5 * u + 4;
   return 5 * ((q - rest - 1) & 3) + (u & 1) * 2 + (u >> 1);
 }
-// Where word b of k16 step st (b < BITS) lies among a lane's 4 BITS words of a k-step: its
-// BITS 16-byte vectors, position p = component p % 4 of vector p / 4 (layout.py,
-// `_word_positions`). 2 and 4 bits: in step order (p = st BITS + b; vector b holding word b of
-// the four steps, one load for a warpgroup warp's four words, made the swapped and tensor-core
-// kernels spill at 4 bits: every step then needs all four vectors). 3 bits: each word has two
-// readers, warp w3_rest(st) (bits 12..14) and the warp q = (st + b) % 4 (bits 0..11), and the
-// twelve (rest, q) pairs lie in aligned halves of the vectors so that a warpgroup warp loads
-// its six words in two loads (warps 0, 1, 2: one whole vector and one half) or three (warp 3:
-// three halves) instead of six (no assignment does better: a vector two warps skip would hold
-// only the other two warps' two pairs).
-template <int BITS>
-__host__ __device__ constexpr int word_pos(int st, int b) {
-  if (BITS != 3) return st * BITS + b;
-  // (rest, q) -> position: vector 0 (1,2) (2,1) | (1,3) (3,1); vector 1 (0,2) (2,0) | (2,3)
-  // (3,2); vector 2 (0,1) (1,0) | (0,3) (3,0)
-  constexpr int at[16] = {-1, 8, 4, 10, 9, -1, 0, 2, 5, 1, -1, 6, 11, 3, 7, -1};
-  return at[4 * w3_rest(st) + ((st + b) & 3)];
-}
-// 3 bits: whether warp q of the warpgroup kernel reads the word at position p
-__host__ __device__ constexpr bool w3_reads(int q, int p) {
-  for (int st = 0; st < 4; ++st)
-    for (int b = 0; b < 3; ++b)
-      if (word_pos<3>(st, b) == p && (q == w3_rest(st) || q == ((st + b) & 3))) return true;
-  return false;
-}
-template <int BITS>
-__host__ __device__ constexpr bool word_pos_holds() {
-  int seen = 0;
-  for (int st = 0; st < 4; ++st)
-    for (int b = 0; b < BITS; ++b) {
-      const int p = word_pos<BITS>(st, b);
-      if (p < 0 || p >= 4 * BITS) return false;
-      seen |= 1 << p;
-    }
-  return seen == (1 << (4 * BITS)) - 1;
-}
-static_assert(word_pos_holds<2>() && word_pos_holds<3>() && word_pos_holds<4>(),
-              "the word positions");
-// a k-step's 4 BITS words as loaded (position order) -> step order: w[st BITS + b]
-template <int BITS>
-__device__ __forceinline__ void words_by_step(const uint32_t* loaded, uint32_t* w) {
-#pragma unroll
-  for (int st = 0; st < 4; ++st)
-#pragma unroll
-    for (int b = 0; b < BITS; ++b) w[st * BITS + b] = loaded[word_pos<BITS>(st, b)];
-}
-
 // r (16 raw pairs by slot) into pair order for k16 step st (constants once unrolled)
 template <int BITS>
 __device__ __forceinline__ void slots_to_pairs(uint32_t* r, int st) {

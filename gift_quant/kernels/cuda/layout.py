@@ -9,10 +9,8 @@ BITS`` of the word's two 16-bit halves (4 / 8 / 5 slots per word for 4 / 2 / 3 b
 2 j + f in slot ``_pair_slots`` (at 3 bits the 16th slot is spread over bit 15 of the three
 words, and which pairs lie in which slots turns with the k16 step). Pair (j, f) of step st
 holds rows ``16 st + 8 f + 2 t`` (+1) of column ``8 j + g``: the B fragment of ``mma.m16n8k16``. The
-lane's bytes are BITS 16-byte vectors, word b of step st at position ``_word_positions`` (the
-warpgroup kernel's warps read theirs in the fewest loads), stored vector-major (vector i of the
-32 lanes together), so each load instruction of a warp reads 512 contiguous bytes.
-``unpack_codes`` inverts it.
+lane's bytes are BITS 16-byte vectors, stored vector-major (vector i of the 32 lanes together),
+so each load instruction of a warp reads 512 contiguous bytes. ``unpack_codes`` inverts it.
 """
 
 from __future__ import annotations
@@ -39,27 +37,6 @@ def w3_rest(st: int) -> int:
     """3 bits: the warpgroup kernel's warp that takes k16 step ``st``'s slots 4, 9, 14 and 15
     (fragments.cuh, ``w3_rest``); the other three take one word each."""
     return (st + 3) % 4
-
-
-# 3 bits: the position of the word read by warps (rest, q) -- w3_rest(st) for bits 12..14 and
-# q = (st + b) % 4 for bits 0..11 -- among the lane's 12 words of a k-step (fragments.cuh,
-# ``word_pos``): each warp's six words lie in aligned halves of the three 16-byte vectors,
-# warps 0, 1, 2 reading one whole vector and one half, warp 3 three halves
-_W3_WORD_AT = {
-    (1, 2): 0, (2, 1): 1, (1, 3): 2, (3, 1): 3,
-    (0, 2): 4, (2, 0): 5, (2, 3): 6, (3, 2): 7,
-    (0, 1): 8, (1, 0): 9, (0, 3): 10, (3, 0): 11,
-}  # fmt: skip
-
-
-def _word_positions(bits: int) -> list[int]:
-    """Where word b of k16 step st (index st * bits + b) lies among a lane's 4 * bits words of
-    a k-step (position p: component p % 4 of 16-byte vector p // 4): in step order at 2 and 4
-    bits; 3 bits: ``_W3_WORD_AT``, so that a warp of the warpgroup kernel loads its six words
-    in two or three loads."""
-    if bits != 3:
-        return list(range(4 * bits))
-    return [_W3_WORD_AT[(w3_rest(st), (st + b) % 4)] for st in range(4) for b in range(3)]
 
 
 def _slot_fields(bits: int) -> list[tuple[int, int]]:
@@ -128,19 +105,14 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
                 for i in range(3):
                     words[..., i] |= ((code >> i) & 1) << (16 * h + 15)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    # [S, B, 32 lanes, 4 steps x bits words] -> by position (``_word_positions``), then
-    # word-vector i (4 words) of all lanes together
-    words = words.reshape(K // 64, N // 64, 32, 4 * bits)
-    placed = torch.empty_like(words)
-    placed[..., _word_positions(bits)] = words
-    placed = placed.reshape(K // 64, N // 64, 32, bits, 4).transpose(2, 3)
-    return placed.contiguous()
+    # [S, B, 32 lanes, 4 steps x bits words] -> word-vector i (4 words) of all lanes together
+    words = words.reshape(K // 64, N // 64, 32, bits, 4).transpose(2, 3)
+    return words.contiguous()
 
 
 def unpack_codes(packed: Tensor, bits: int, K: int, N: int) -> Tensor:
     """The inverse of :func:`pack_codes`: codes [K, N] int32."""
     words = packed.to(torch.int64).reshape(K // 64, N // 64, bits, 32, 4).transpose(2, 3)
-    words = words.reshape(K // 64, N // 64, 32, 4 * bits)[..., _word_positions(bits)]
     words = words.reshape(K // 64, N // 64, 32, 4, bits) & 0xFFFFFFFF
     mask = (1 << bits) - 1
     pairs = []

@@ -160,13 +160,12 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     for (int p = 0; p < PF; ++p) {
       const int ss = s + p;
       if (ss < nss) {
-        uint32_t loaded[4 * BITS], w[4 * BITS];
+        uint32_t w[4 * BITS];
 #pragma unroll
         for (int i = 0; i < BITS; ++i) {
-          loaded[4 * i] = wbuf[p][i].x, loaded[4 * i + 1] = wbuf[p][i].y;
-          loaded[4 * i + 2] = wbuf[p][i].z, loaded[4 * i + 3] = wbuf[p][i].w;
+          w[4 * i] = wbuf[p][i].x, w[4 * i + 1] = wbuf[p][i].y;
+          w[4 * i + 2] = wbuf[p][i].z, w[4 * i + 3] = wbuf[p][i].w;
         }
-        words_by_step<BITS>(loaded, w);  // registers renamed, no instruction
         const uint2 zw = zbuf[p];
         const uint4 s0w = sbuf[SA ? 0 : p][0], s1w = sbuf[SA ? 0 : p][1];
         if (ss + PF < nss) {

@@ -167,14 +167,13 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   for (int ss = 0; ss < nss; ++ss) {
     // k-step ss has landed once at most PF - 2 later groups are pending
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PF - 2) : "memory");
-    uint32_t loaded[4 * BITS], w[4 * BITS];
+    uint32_t w[4 * BITS];
     const uint4* slot = ring + (ss % PF) * BITS * 32;
 #pragma unroll
     for (int i = 0; i < BITS; ++i) {
       const uint4 v = slot[i * 32];
-      loaded[4 * i] = v.x, loaded[4 * i + 1] = v.y, loaded[4 * i + 2] = v.z, loaded[4 * i + 3] = v.w;
+      w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
     }
-    words_by_step<BITS>(loaded, w);  // registers renamed, no instruction
     // k-step ss + PF - 1 into the slot k-step ss - 1 was read from (its words are consumed)
     const int nx = ss + PF - 1;
     if (nx < nss) {

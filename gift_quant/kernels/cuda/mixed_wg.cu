@@ -288,13 +288,6 @@ __device__ __forceinline__ uint2 lds_v2(uint32_t addr) {
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
-__device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
-  return v;
-}
 // a store only where `p` holds, without a branch (the stream-K epilogue's stores of the
 // accumulators: an access to them on a divergent path serializes every warpgroup MMA, ptxas
 // C7518), and a load with acquire semantics at the GPU's scope
@@ -463,11 +456,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       return;
     }
     const uint32_t so = static_cast<uint32_t>(r) % STAGES * SB;  // the slot's offset
-    // the lane's word at position p of the k-step (component p % 4 of its vector p / 4:
-    // `word_pos`), its vector v, or half h of it
-    auto word_at = [&](int p) { return lds_u32(cw_at + so + ((p >> 2) * 128 + (p & 3)) * 4); };
-    auto vec = [&](int v) { return lds_v4(cw_at + so + v * 512); };
-    auto vec_half = [&](int v, int h) { return lds_v2(cw_at + so + v * 512 + h * 8); };
+    // lane's word i of the k-step: component i % 4 of its uint4 i / 4
+    auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
     // pairs hold the codes: MAGIC + z (1024 + z in fp16, 128 + z in bf16), or for a code read
     // at bit e in fp16, 2^(10 - e) + z (`pos_magic`); their scales in both halves
@@ -500,32 +490,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       constexpr uint32_t E3 = BF ? E : pos_magic(3) * 0x00010001u, M3 = BF ? MASK : MASK << 3;
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
-        // the warp's six words of the k-step, by position, in the fewest loads: each aligned
-        // half of a vector it reads a word of, one load where it reads both halves
-        uint32_t pw[12];
-#pragma unroll
-        for (int v = 0; v < 3; ++v) {
-          const bool lo = w3_reads(q, 4 * v) || w3_reads(q, 4 * v + 1);
-          const bool hi = w3_reads(q, 4 * v + 2) || w3_reads(q, 4 * v + 3);
-          if (lo && hi) {
-            const uint4 x4 = vec(v);
-            pw[4 * v] = x4.x, pw[4 * v + 1] = x4.y, pw[4 * v + 2] = x4.z, pw[4 * v + 3] = x4.w;
-          } else if (lo || hi) {
-            const uint2 x2 = vec_half(v, hi);
-            pw[4 * v + 2 * hi] = x2.x, pw[4 * v + 2 * hi + 1] = x2.y;
-          }
-        }
-        auto word = [&](int st, int b) { return pw[word_pos<3>(st, b)]; };
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
           uint32_t raw[4];
           if (q == w3_rest(st)) {  // a constant once the loop is unrolled
-            const uint32_t w[3] = {word(st, 0), word(st, 1), word(st, 2)};
+            const uint32_t w[3] = {word(st * 3), word(st * 3 + 1), word(st * 3 + 2)};
             raw[0] = lop3_and_or(w[0] >> 12, MASK, E), raw[1] = lop3_and_or(w[1] >> 12, MASK, E);
             raw[2] = lop3_and_or(w[2] >> (BF ? 12 : 9), M3, E3);
             raw[3] = BF ? spread_pair(w, E) : spread_pair_at3(w, E3);
           } else {
-            const uint32_t w = word(st, (q - w3_rest(st) - 1) & 3), w6 = w >> 6;
+            const uint32_t w = word(st * 3 + ((q - w3_rest(st) - 1) & 3)), w6 = w >> 6;
             raw[0] = lop3_and_or(w, MASK, E), raw[1] = lop3_and_or(w6, MASK, E);
             raw[2] = lop3_and_or(BF ? w >> 3 : w, M3, E3);
             raw[3] = lop3_and_or(BF ? w6 >> 3 : w6, M3, E3);
@@ -550,7 +524,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         const uint32_t zlo = zero(zb & 0xFFu, ELO), zhi = zero(zb >> 8, EHI);
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
-          const uint32_t w = word_at(word_pos<BITS>(st, widx)), w8 = w >> 8;
+          const uint32_t w = word(st * BITS + widx), w8 = w >> 8;
           uint32_t raw[4];
           if constexpr (BF) {
             raw[0] = lop3_and_or(w >> ELO, MASK, E), raw[1] = lop3_and_or(w8 >> ELO, MASK, E);
