@@ -239,7 +239,8 @@ def test_ab_kernels_base_tree_takes_the_base_kernel_sources(tmp_path):
         )
     )
     got, label = ab_kernels.base_sources(str(src), root)
-    assert str(src) in label and "sha256" in label
+    # recorded by its name (outside the tree) and a digest: no machine's path in the results
+    assert label.startswith("src (sources sha256 ") and str(tmp_path) not in label
     tree = ab_kernels.base_tree(got, tmp_path / "base", root)
     cuda = tree / ab_kernels.KERNELS
     assert (cuda / "mixed_wg.cu").read_text().startswith("// the base's warpgroup kernel\n")
@@ -285,6 +286,7 @@ def test_ab_kernels_whole_tree_takes_the_base_commit_python_and_all(tmp_path):
     # a directory, in place: its digest follows its files
     tree, label, commit = ab_kernels.whole_tree(str(repo), tmp_path / "unused", repo)
     assert tree == repo.resolve() and "tree sha256" in label and label in commit
+    assert label.startswith(". (tree sha256 ")  # the tree's own root, not its path
     (repo / "tools/t.py").write_text("# another tool\n")
     assert ab_kernels.whole_tree(str(repo), tmp_path / "unused", repo)[1] != label
     (repo / "pyproject.toml").unlink()

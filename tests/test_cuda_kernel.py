@@ -286,6 +286,36 @@ def test_entry_points_are_called_with_their_declared_arguments() -> None:
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
+def test_the_kernels_pair_slots_are_the_layouts(tmp_path) -> None:
+    """fragments.cuh's own pair -> slot maps (``pair_slot<BITS>``, compiled for the host and
+    run) are the ones ``layout.pack_codes`` packs by, at every bit width and k16 step: the CPU
+    mirrors above repeat the C++ text, this ties them to the C++ itself."""
+    stub = tmp_path / "slots.cu"
+    stub.write_text(
+        f'#include "{(native.SOURCES[0].parent / "fragments.cuh").as_posix()}"\n'
+        "#include <cstdio>\n"
+        "template <int B> void show() {\n"
+        "  for (int st = 0; st < 4; ++st)\n"
+        '    for (int p = 0; p < 16; ++p) std::printf("%d ", pair_slot<B>(st, p));\n'
+        '  std::printf("\\n");\n'
+        "}\n"
+        "int main() { show<2>(); show<3>(); show<4>(); }\n"
+    )
+    exe = tmp_path / "slots"
+    done = subprocess.run(
+        ["nvcc", "-std=c++17", "-o", str(exe), str(stub)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True)
+    got = [list(map(int, line.split())) for line in run.stdout.splitlines()]
+    want = [[s for st in range(4) for s in layout._pair_slots(b, st)] for b in (2, 3, 4)]
+    assert got == want
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
 @pytest.mark.parametrize("source", native.SOURCES, ids=lambda p: p.name)
 def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
     out = tmp_path / "k.cubin"

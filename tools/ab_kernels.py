@@ -63,6 +63,13 @@ def entry_points(text: str) -> list[str]:
     return [" ".join(d.split()) for d in re.findall(r'extern "C" int \w+\([^)]*\)', text)]
 
 
+def _shown(directory: Path, root: Path = ROOT) -> str:
+    """How a base directory is recorded: relative to the tree where it lies inside it, else by
+    its name (the results carry no machine's paths; the digest beside it says what it held)."""
+    where = directory.resolve()
+    return where.relative_to(root).as_posix() if where.is_relative_to(root) else where.name
+
+
 def _git_show(base: str, rel: Path, root: Path) -> bytes:
     got = subprocess.run(
         ["git", "show", f"{base}:{rel.as_posix()}"], cwd=root, capture_output=True, timeout=60
@@ -87,7 +94,7 @@ def base_sources(base: str, root: Path = ROOT) -> tuple[dict[Path, bytes], str]:
             raise ValueError(f"--base {base}: no {', '.join(missing)} there")
         out = {n: (Path(base) / n.name).read_bytes() for n in names}
         digest = hashlib.sha256(b"".join(out[n] for n in names)).hexdigest()[:16]
-        label = f"{Path(base).resolve()} (sources sha256 {digest})"
+        label = f"{_shown(Path(base), root)} (sources sha256 {digest})"
     else:
         out = {n: _git_show(base, n, root) for n in names}
         if _git_show(base, LAYOUT, root) != (root / LAYOUT).read_bytes():
@@ -140,7 +147,7 @@ def whole_tree(base: str, dest: Path, root: Path = ROOT) -> tuple[Path, str, str
         for f in sorted(p for n in WHOLE for p in [tree / n, *(tree / n).rglob("*")]):
             if f.is_file() and "__pycache__" not in f.parts:
                 digest.update(f.relative_to(tree).as_posix().encode() + b"\0" + f.read_bytes())
-        label = f"{tree} (tree sha256 {digest.hexdigest()[:16]})"
+        label = f"{_shown(tree, root)} (tree sha256 {digest.hexdigest()[:16]})"
         return tree, label, f"unknown (a whole-tree A/B base: {label})"
     got = subprocess.run(
         ["git", "rev-parse", "--verify", "-q", f"{base}^{{commit}}"],
