@@ -29,7 +29,6 @@ __all__ = [
     "pack_zeros",
     "unpack_codes",
     "unsupported",
-    "w3_rest",
 ]
 
 

@@ -1,0 +1,105 @@
+"""The CUDA kernels' sources compiled where ``nvcc`` is (no GPU needed): each source for sm_90a
+as the build compiles it (no stack frame or spill but the known few bytes, no MMA ptxas
+serializes), and fragments.cuh's own pair -> slot maps, compiled for the host and run, equal to
+the ones ``layout.pack_codes`` packs by."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from gift_quant.kernels.cuda import layout, native
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
+def test_the_kernels_pair_slots_are_the_layouts(tmp_path) -> None:
+    """fragments.cuh's own pair -> slot maps (``pair_slot<BITS>``, compiled for the host and
+    run) are the ones ``layout.pack_codes`` packs by, at every bit width and k16 step: the CPU
+    mirrors above repeat the C++ text, this ties them to the C++ itself."""
+    stub = tmp_path / "slots.cu"
+    stub.write_text(
+        f'#include "{(native.SOURCES[0].parent / "fragments.cuh").as_posix()}"\n'
+        "#include <cstdio>\n"
+        "template <int B> void show() {\n"
+        "  for (int st = 0; st < 4; ++st)\n"
+        '    for (int p = 0; p < 16; ++p) std::printf("%d ", pair_slot<B>(st, p));\n'
+        '  std::printf("\\n");\n'
+        "}\n"
+        "int main() { show<2>(); show<3>(); show<4>(); }\n"
+    )
+    exe = tmp_path / "slots"
+    done = subprocess.run(
+        ["nvcc", "-std=c++17", "-o", str(exe), str(stub)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True)
+    got = [list(map(int, line.split())) for line in run.stdout.splitlines()]
+    want = [[s for st in range(4) for s in layout._pair_slots(b, st)] for b in (2, 3, 4)]
+    assert got == want
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
+@pytest.mark.parametrize("source", native.SOURCES, ids=lambda p: p.name)
+def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
+    out = tmp_path / "k.cubin"
+    done = subprocess.run(
+        [
+            "nvcc",
+            "-O3",
+            "-gencode=arch=compute_90a,code=sm_90a",  # as the build on compute capability 9.0
+            "-DGQ_COMPILE_CHECK",  # each bit width, row tile; one block width, depth (wg: all)
+            "-Xptxas",
+            "-v",  # registers, spills and ptxas's performance advisories per kernel
+            "-cubin",
+            "-o",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_size > 0
+    # no stack frame (a spill, or a register array indexed at run time: the pair reorders of
+    # fragments.cuh index by k16 step, a constant only once the loops over it are unrolled),
+    # but the stream-K 256-row warpgroup tiles' few bytes (below)
+    frames = re.findall(
+        r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame", done.stderr, re.S
+    )
+    assert len(frames) >= 12, len(frames)
+    for name, frame in frames:
+        stream_k_256 = source.name == "mixed_wg.cu" and "Li256ELi2ELb1E" in name
+        assert int(frame) <= (16 if stream_k_256 else 0), (name, frame)
+    if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
+        from gift_quant.kernels.sass import cuobjdump, unwaited_operand_writes
+
+        # no kernel whose MMAs ptxas serializes (C7518: an MMA wait on a path it cannot prove
+        # convergent made round 31's first stream-K build wait out every MMA), and no spills
+        # but the stream-K 256-row tiles' few bytes (a shared-memory address reloaded per k-step)
+        assert "C7518" not in done.stderr, done.stderr[-2000:]
+        spills = re.findall(
+            r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", done.stderr, re.S
+        )
+        assert len(spills) >= 42, len(spills)
+        for name, stored in spills:
+            stream_k_256 = "Li256ELi2ELb1E" in name
+            assert int(stored) <= (16 if stream_k_256 else 0), (name, stored)
+
+        sass = cuobjdump(out.read_bytes(), "-sass")
+        loops, writes = unwaited_operand_writes(sass)
+        # 15 configurations (and 6 with a stream-K schedule) x fp16/bf16 x 3 loops; no write to
+        # a fragment an MMA may still read
+        assert loops >= 126 and writes == 0, (loops, writes)
+        # each kernel's MMAs are the main loop's two k-steps x 4 k16 slices, none copied into
+        # the 3-bit dequantization's per-warp branches (`.aligned`: every warp of a warpgroup
+        # must issue the same MMA instructions)
+        functions = re.split(r"\n\s*Function : ", sass)[1:]
+        counts = [len(re.findall(r"\bHGMMA\.", f)) for f in functions]
+        assert sorted(c for c in counts if c) == [8] * 42, counts
