@@ -81,10 +81,9 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         from gift_quant.kernels.sass import cuobjdump, unwaited_operand_writes
 
         # no kernel whose MMAs ptxas serializes (C7518: an MMA wait on a path it cannot prove
-        # convergent made round 31's first stream-K build wait out every MMA; C7520: a
-        # register write between MMAs on such a path, for which it inserts a fence), no spills
+        # convergent made round 31's first stream-K build wait out every MMA), and no spills
         # but the stream-K 256-row tiles' few bytes (a shared-memory address reloaded per k-step)
-        assert "C7518" not in done.stderr and "C7520" not in done.stderr, done.stderr[-2000:]
+        assert "C7518" not in done.stderr, done.stderr[-2000:]
         spills = re.findall(
             r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", done.stderr, re.S
         )
@@ -98,14 +97,9 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         # 18 configurations (and 9 with a stream-K schedule) x fp16/bf16 x 3 loops; no write to
         # a fragment an MMA may still read
         assert loops >= 162 and writes == 0, (loops, writes)
-        # each kernel's MMAs are the main loop's two k-steps x 4 k16 slices (twice where the
-        # next k-step's fragments go between them, one k16 step after each MMA: 2 and 4 bits,
-        # the 128- and 256-row tiles with a producer), none copied into the 3-bit
-        # dequantization's per-warp branches (`.aligned`: every warp of a warpgroup must issue
-        # the same MMA instructions)
+        # each kernel's MMAs are the main loop's two k-steps x 4 k16 slices, none copied into
+        # the 3-bit dequantization's per-warp branches (`.aligned`: every warp of a warpgroup
+        # must issue the same MMA instructions)
         functions = re.split(r"\n\s*Function : ", sass)[1:]
-        counts = {f.split()[0]: len(re.findall(r"\bHGMMA\.", f)) for f in functions}
-        sliced = re.compile(r"mixed_wg_kernelILb[01]ELi[24]ELi(128ELi2|256ELi[12])E")
-        want = {n: 16 if sliced.search(n) else 8 for n, c in counts.items() if c}
-        assert len(want) == 54 and sum(c == 16 for c in want.values()) == 24, want
-        assert {n: c for n, c in counts.items() if c} == want
+        counts = [len(re.findall(r"\bHGMMA\.", f)) for f in functions]
+        assert sorted(c for c in counts if c) == [8] * 54, counts

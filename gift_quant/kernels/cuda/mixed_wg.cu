@@ -446,62 +446,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t cw_at = kept<PROD>(smem0 + XB + wg * WB + lane * 16);
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
-  // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
-  // pairs hold the codes: MAGIC + z (1024 + z in fp16, 128 + z in bf16), or for a code read at
-  // bit e in fp16, 2^(10 - e) + z (`pos_magic`); their scales in both halves
-  constexpr uint32_t MAG = magic<BF>(), E = MAG * 0x00010001u;
-  constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
-  // (the same numbers either way at e = 0; ptxas takes each form with fewer instructions where
-  // it is used)
-  auto zero = [](uint32_t z, int e) {
-    constexpr uint32_t BOTH = 0x00010001u;
-    return BF || e == 0 ? (MAG | z) * BOTH : pos_magic(e) * BOTH | (z << e) * BOTH;
-  };
-
-  // The k-step of the 128- and 256-row tiles with a producer at 2 and 4 bits (`k_step`): the
-  // next k-step's fragments one k16 step at a time, each after one of this k-step's MMAs, as
-  // CUTLASS's mixed-input main loop does, so that the warps dequantize while the tensor cores
-  // take each MMA, instead of issuing four MMAs and then dequantizing the whole next k-step
-  // while only the last one runs. Branch-free between the MMAs: a register written on a path
-  // ptxas cannot prove convergent across the warpgroup makes it serialize every MMA (C7520),
-  // so the 2-bit warps' halves (q % 2: u = 0, 2 at bits 4 h, 4 h + 2) are run-time values here,
-  // and 3 bits (a role per warp and k16 step) keep the whole-k-step order.
-  constexpr bool SLICED = PROD && NT != 64 && BITS != 3;
-  const int elo = BITS == 4 ? 0 : 4 * (wq & 1), ehi = elo + BITS;
-  const uint32_t mlo = MASK << elo, mhi = MASK << ehi;
-  const uint32_t elow = pos_magic(elo) * 0x00010001u, ehiw = pos_magic(ehi) * 0x00010001u;
-  struct Packed {
-    uint32_t w[4], zlo, zhi, slo, shi;  // the warp's word of each k16 step; zero-points, scales
-  };
-  auto load_q = [&](int r, Packed& p) {  // a quantized k-step in ring slot r
-    const uint32_t so = static_cast<uint32_t>(r) % STAGES * SB;
-    const uint32_t zb = lds_u16(z_at + so);
-    const uint2 sw = lds_v2(s_at + so);
-#pragma unroll
-    for (int st = 0; st < 4; ++st)
-      p.w[st] = lds_u32(cw_at + so + (((st * BITS + widx) >> 2) * 128 + ((st * BITS + widx) & 3)) * 4);
-    p.slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
-    p.shi = from_fp16x2<BF>(__byte_perm(sw.y, 0, sel));
-    p.zlo = zero(zb & 0xFFu, elo), p.zhi = zero(zb >> 8, ehi);
-  };
-  auto slice = [&](int st, const Packed& p, uint32_t (&f)[4]) {  // k16 step st
-    const uint32_t w = p.w[st], w8 = w >> 8;
-    uint32_t raw[4], v[4];
-    if constexpr (BF) {
-      raw[0] = lop3_and_or(w >> elo, MASK, E), raw[1] = lop3_and_or(w8 >> elo, MASK, E);
-      raw[2] = lop3_and_or(w >> ehi, MASK, E), raw[3] = lop3_and_or(w8 >> ehi, MASK, E);
-    } else {
-      raw[0] = lop3_and_or(w, mlo, elow), raw[1] = lop3_and_or(w8, mlo, elow);
-      raw[2] = lop3_and_or(w, mhi, ehiw), raw[3] = lop3_and_or(w8, mhi, ehiw);
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)  // (code - zero, exact) * scale
-      v[u] = mul2<BF>(sub2<BF>(raw[u], u < 2 ? p.zlo : p.zhi), u < 2 ? p.slo : p.shi);
-    f[0] = v[0], f[1] = v[2], f[2] = v[1], f[3] = v[3];
-  };
-  // a whole k-step's fragments at once (the first k-step, the 64-row tiles and the kernels
-  // without a producer; written out whole, as the 96- and 128-register tiles need it: built
-  // from `load` and `slice`, they spilled 12-56 bytes)
   auto frags = [&](int r, int d, int bb, uint32_t (&a)[4][4]) {
     if (d < nps) {  // salient: the stored fragments (zeros past the last k16 step)
       const int q0 = (split + d * splits) * 4;
@@ -516,7 +460,18 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     const uint32_t so = static_cast<uint32_t>(r) % STAGES * SB;  // the slot's offset
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
+    // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
+    // pairs hold the codes: MAGIC + z (1024 + z in fp16, 128 + z in bf16), or for a code read
+    // at bit e in fp16, 2^(10 - e) + z (`pos_magic`); their scales in both halves
+    constexpr uint32_t MAG = magic<BF>(), E = MAG * 0x00010001u;
+    constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
+    // (the same numbers either way at e = 0; ptxas takes each form with fewer instructions
+    // where it is used)
+    auto zero = [](uint32_t z, int e) {
+      constexpr uint32_t BOTH = 0x00010001u;
+      return BF || e == 0 ? (MAG | z) * BOTH : pos_magic(e) * BOTH | (z << e) * BOTH;
+    };
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
     const uint32_t shi = from_fp16x2<BF>(__byte_perm(sw.y, 0, sel));
@@ -613,46 +568,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     for (int st = 0; st < 4; ++st)
       wgmma_tile<BF, NT>(acc, a[st], (desc0 >> 32 << 32) | (lo + st * 2));
     wg_commit();
-  };
-  // The producer paths' k-step in ring slot r: its MMAs on `cur`; once the previous k-step's
-  // MMAs are done, its slot is released and the next k-step's fragments (where `more`: ring slot
-  // r + 1, data k-step d1, strip bb) go into `nxt` while these MMAs run: all four after the
-  // MMAs, or (SLICED, a quantized next k-step) each after one MMA, one commit group each
-  auto k_step = [&](int r, bool more, int d1, int bb, const uint32_t (&cur)[4][4],
-                    uint32_t (&nxt)[4][4]) {
-    if (!SLICED || !more || d1 < nps) {
-      mma(r, cur);
-      wg_wait<1>();
-      if (r > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(r - 1) % STAGES * 8);
-      if (more) {
-        wait_x(r + 1);
-        frags(r + 1, d1, bb, nxt);
-      }
-      return;
-    }
-    wg_fence();
-    const uint32_t lo = dlo + static_cast<uint32_t>(r) % STAGES * (SB >> 4);
-    wgmma_tile<BF, NT>(acc, cur[0], (desc0 >> 32 << 32) | lo);
-    wg_commit();
-    wg_wait<1>();  // every MMA but this one: k-step r - 1's, so `nxt` and its slot are free
-    if (r > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(r - 1) % STAGES * 8);
-    wait_x(r + 1);
-    Packed p;
-    load_q(r + 1, p);
-#pragma unroll
-    for (int st = 0; st < 4; ++st) {
-      slice(st, p, nxt[st]);
-      if (st < 3) {  // (a fence before each MMA, as CUTLASS issues them: registers were written)
-        wg_fence();
-        wgmma_tile<BF, NT>(acc, cur[st + 1], (desc0 >> 32 << 32) | (lo + (st + 1) * 2));
-        wg_commit();
-      }
-    }
-    // `cur` live to here: ptxas would otherwise reuse the registers of an MMA still in flight
-    // for the dequantization's values
-#pragma unroll
-    for (int st = 0; st < 4; ++st)
-      asm volatile("" ::"r"(cur[st][0]), "r"(cur[st][1]), "r"(cur[st][2]), "r"(cur[st][3]));
   };
 
   // The epilogue's first half, in the consumer threads once their loop is done: the
@@ -830,7 +745,13 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       wait_x(r);
       frags(r, d, bq, a0);
       auto step = [&](int rr, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-        k_step(rr, rr + 1 < end, rr + 1 + off, bq, cur, nxt);
+        mma(rr, cur);
+        wg_wait<1>();
+        if (rr > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(rr - 1) % STAGES * 8);
+        if (rr + 1 < end) {
+          wait_x(rr + 1);
+          frags(rr + 1, rr + 1 + off, bq, nxt);
+        }
       };
       for (; r < end; r += 2) {
         step(r, a0, a1);
@@ -868,9 +789,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         wait_x(0);
         if (nps == 0) frags(0, 0, b, a0);
       }
-      // one k-step: its MMAs on `cur`, the next k-step's fragments into `nxt` between them
+      // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
+      // released and the next k-step's fragments go into `nxt` while these MMAs run
       auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-        k_step(it, it + 1 < iters, it + 1, b, cur, nxt);
+        mma(it, cur);
+        wg_wait<1>();
+        if (it > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(it - 1) % STAGES * 8);
+        if (it + 1 < iters) {
+          wait_x(it + 1);
+          frags(it + 1, it + 1, b, nxt);
+        }
       };
       k_steps(step);
       pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
