@@ -87,19 +87,19 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         spills = re.findall(
             r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", done.stderr, re.S
         )
-        assert len(spills) >= 54, len(spills)
+        assert len(spills) >= 42, len(spills)
         for name, stored in spills:
             stream_k_256 = "Li256ELi2ELb1E" in name
             assert int(stored) <= (16 if stream_k_256 else 0), (name, stored)
 
         sass = cuobjdump(out.read_bytes(), "-sass")
         loops, writes = unwaited_operand_writes(sass)
-        # 18 configurations (and 9 with a stream-K schedule) x fp16/bf16 x 3 loops; no write to
+        # 15 configurations (and 6 with a stream-K schedule) x fp16/bf16 x 3 loops; no write to
         # a fragment an MMA may still read
-        assert loops >= 162 and writes == 0, (loops, writes)
+        assert loops >= 126 and writes == 0, (loops, writes)
         # each kernel's MMAs are the main loop's two k-steps x 4 k16 slices, none copied into
         # the 3-bit dequantization's per-warp branches (`.aligned`: every warp of a warpgroup
         # must issue the same MMA instructions)
         functions = re.split(r"\n\s*Function : ", sass)[1:]
         counts = [len(re.findall(r"\bHGMMA\.", f)) for f in functions]
-        assert sorted(c for c in counts if c) == [8] * 54, counts
+        assert sorted(c for c in counts if c) == [8] * 42, counts

@@ -178,11 +178,10 @@ def test_a_split_tail_where_the_last_wave_is_partial() -> None:
 def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
     """``rules.wg_stream_configs``: the 128- and 256-row tiles of two warpgroups of
     ``wg_configs`` whose tiles are not a whole number of waves get a stream-K configuration."""
-    # 5120^2, M = 256: 40 tiles of 256 x 2, 80 of 256 x 1 and of 128 x 2 (less than a wave of
-    # 132); 64-row tiles and four warpgroups are not compiled with the schedule
+    # 5120^2, M = 256: 40 tiles of 256 x 2, 80 of 128 x 2 (less than a wave of 132); 64-row
+    # tiles and four warpgroups are not compiled with the schedule
     assert set(rules.wg_stream_configs(256, 5120, 5120, h200_wave)) == {
         (128, 2, 1, 1, 1, True),
-        (256, 1, 1, 1, 1, True),
         (256, 2, 1, 1, 1, True),
     }
     # 28672 x 4096, M = 512: 448 tiles = 3 x 132 + 52 (and 896 of 128 rows = 6 x 132 + 104)
@@ -225,7 +224,7 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
             assert confs[0] == rules.wg_choose(M, N, K) and len(set(confs)) == len(confs)
             for nt, wgs, splits in confs:
                 assert nt in rules.WG_TILES and (nt == 64 or nt < 2 * M)
-                assert (N // 64) % wgs == 0 and (wgs in (1, 2) if nt == 256 else wgs in (2, 4))
+                assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
                 assert routes.mma_config(name) == (nt, wgs, splits, 1, 1, False)
@@ -348,7 +347,7 @@ def test_the_cluster_query_asks_the_device() -> None:
     if native.library() is None or not native.wg_available():
         pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for nt, wgs in [(64, 2), (64, 4), (128, 2), (128, 4), (256, 1), (256, 2)]:
+    for nt, wgs in [(64, 2), (64, 4), (128, 2), (128, 4), (256, 2)]:
         counts = [native.wg_max_clusters(nt, wgs, c) for c in SIZES]
         assert counts[-1] > 0 and counts == sorted(counts, reverse=True), (nt, wgs, counts)
         per_sm = 2 if (nt, wgs) == (64, 2) else 1
@@ -385,8 +384,8 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
         for M in (1, 63, 64, 65, 128, 300, 520):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
-            tiles = [(64, 2), (64, 4), (128, 2), (256, 1), (256, 2)]
-            confs = rules.wg_configs(M, N, K) + [(nt, w, K // 64 // 4) for nt, w in tiles]
+            most = [(nt, wgs, K // 64 // 4) for nt in rules.WG_TILES for wgs in (2, 4)]
+            confs = rules.wg_configs(M, N, K) + [c for c in most if c[1] == 2 or c[0] == 64]
             confs = [(*c, 1) for c in confs] + [(*c, c[2]) for c in confs if c[2] > 1]
             # clusters of 2 tiling 4 splits (+ atomics), with and without the producer warp;
             # 3 splits (at K = 1024 they run 6, 6 and 4 k-steps; at 1536, 8 each)
@@ -448,7 +447,7 @@ def test_a_split_tail_matches_the_oracle(bits, dtype) -> None:
     "bits,dtype", [(4, torch.float16), (3, torch.float16), (4, torch.bfloat16)]
 )
 def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype) -> None:
-    """mixed_wg.cu with a stream-K schedule ("wg:NTxWx1s", 128 x 2, 256 x 1, 256 x 2): fewer tiles
+    """mixed_wg.cu with a stream-K schedule ("wg:NTx2x1s", 128- and 256-row tiles): fewer tiles
     than a wave (so that every tile is shared, some by many blocks of one or two k-steps),
     between one and two waves, and more than two (whole tiles before the shared ones); 37, 200
     and no salient columns; bias; M not a multiple of the tile. Against the float64 oracle;
@@ -470,12 +469,12 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
             args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-            for nt, wgs in rules.WG_STREAM_TILES:
-                tiles, wave = -(-M // nt) * (N // 64 // wgs), native.wg_wave_blocks(nt, wgs)
+            for nt in (128, 256):
+                tiles, wave = -(-M // nt) * (N // 128), native.wg_wave_blocks(nt, 2)
                 if tiles % wave == 0:
                     continue
-                seen.add((nt, wgs, min(tiles // wave, 2)))
-                name = routes.wg_name(nt, wgs, 1, 1, 1, True)
+                seen.add((nt, min(tiles // wave, 2)))
+                name = routes.wg_name(nt, 2, 1, 1, 1, True)
                 outs = []
                 for _ in range(2):
                     out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
@@ -488,4 +487,4 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 torch.cuda.synchronize()
                 assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
     # on an H200 (132 blocks a wave): less than a wave, one to two, more than two
-    assert {w for _, _, w in seen} == {0, 1, 2}, seen
+    assert {w for _, w in seen} == {0, 1, 2}, seen

@@ -81,11 +81,9 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // warpgroup whose registers the consumers take (`setmaxnreg`, as CUTLASS's warp-specialized
 // kernels do): 384 threads start at 168, the producer's drop to 56 and the consumers' rise to
 // 224 (56 + 2 x 224 = 3 x 168 per sub-partition; at 40 / 232, CUTLASS's split, the producer's
-// loop spilled 40 bytes). Only its first warp's lane 0 issues copies. A 256-row tile of one
-// warpgroup (160 threads, one block per SM: up to 255 registers a thread) takes a producer
-// warp and no handoff.
+// loop spilled 40 bytes). Only its first warp's lane 0 issues copies.
 __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
-  return nt == 256 ? (wgs == 1 ? 1 : 4) : nt == 64 || (nt == 128 && wgs == 2) ? 1 : 0;
+  return nt == 256 ? 4 : nt == 64 || (nt == 128 && wgs == 2) ? 1 : 0;
 }
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return wg_producer_warps(nt, wgs) > 0;
@@ -971,10 +969,10 @@ int prepare_wg(int csize) {
   return rc ? rc : allow_cluster(kernel, csize, clustered);
 }
 
-// the tiles compiled with a stream-K schedule: 256 rows of one or two warpgroups, 128 rows of
-// two (a producer, one block per SM)
+// the tiles compiled with a stream-K schedule: two warpgroups of 128 or 256 rows (a producer,
+// one block per SM)
 __host__ __device__ constexpr bool wg_stream_k(int nt, int wgs) {
-  return nt == 256 || (wgs == 2 && nt == 128);
+  return wgs == 2 && (nt == 128 || nt == 256);
 }
 
 // How many blocks of a configuration the current device runs at once (its SMs times the
@@ -1088,7 +1086,7 @@ int wg_clusters(int csize, int* out) {
 }
 
 // f(std::integral_constant<int, NT>, std::integral_constant<int, WGS>) for a compiled tile, or -1.
-// 256-row tiles hold 128 accumulators per thread: one or two warpgroups per block. Every
+// 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
 // configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
 template <typename F>
 int by_tile(int nt, int wgs, F&& f) {
@@ -1098,7 +1096,6 @@ int by_tile(int nt, int wgs, F&& f) {
     case 644: return f(integral_constant<int, 64>{}, integral_constant<int, 4>{});
     case 1282: return f(integral_constant<int, 128>{}, integral_constant<int, 2>{});
     case 1284: return f(integral_constant<int, 128>{}, integral_constant<int, 4>{});
-    case 2561: return f(integral_constant<int, 256>{}, integral_constant<int, 1>{});
     case 2562: return f(integral_constant<int, 256>{}, integral_constant<int, 2>{});
     default: return -1;
   }
@@ -1129,7 +1126,7 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
 // many blocks. `tail` (1..16; > 1 with one split and no cluster): the tiles past the last
 // whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `stream_k`
-// (one split, no cluster or tail; 128 x 2, 256 x 1 and 256 x 2 tiles): the tiles past
+// (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past
 // the last whole wave but one shared out by k-steps over one wave of blocks; `ws` must hold
 // that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,

@@ -210,15 +210,13 @@ def dependent_launch(device: torch.device) -> bool:
 # The warpgroup-MMA kernel (mixed_wg.cu, sm_90a): tiles of NT rows of x (WG_TILES), WGS
 # warpgroups per block (each a 64-column strip, all sharing the block's x tile), K split where
 # the tiles and column blocks make too few blocks. Two or four warpgroups with 64- and 128-row
-# tiles (at most 128 registers a thread at four), one or two with 256-row tiles (128
-# accumulators; one warpgroup makes twice the blocks of two, for layers whose tiles of two
-# leave most of a wave idle).
+# tiles (at most 128 registers a thread at four), two with 256-row tiles (128 accumulators).
 WG_TILES = (64, 128, 256)
 WG_TARGET_BLOCKS = 132  # one block per SM of an H200
 
 
 def _wg_widths(nt: int, N: int) -> list[int]:
-    return [w for w in ((1, 2) if nt == 256 else (2, 4)) if (N // 64) % w == 0]
+    return [w for w in ((2,) if nt == 256 else (2, 4)) if (N // 64) % w == 0]
 
 
 def _wg_tiles(M: int, N: int, nt: int, wgs: int) -> int:
@@ -342,8 +340,8 @@ def _last_wave(last: int, wave: int, tail: int) -> float:
 # blocks is summed by the block holding its first k-step from the others' partial tiles in the
 # workspace. Round 30's split tail did this for the last wave only, with atomics, and kept
 # most of its cost (a split 256-row tile took about a whole tile's time). Compiled for the
-# tiles with a producer and two warpgroups, and the 256-row tiles of one (WG_STREAM_TILES).
-WG_STREAM_TILES = ((128, 2), (256, 1), (256, 2))
+# tiles with a producer and two warpgroups (WG_STREAM_TILES).
+WG_STREAM_TILES = ((128, 2), (256, 2))
 
 
 def wg_stream_configs(
