@@ -18,7 +18,7 @@ from gift_quant.kernels.cuda import layout, native
 def test_the_kernels_pair_slots_are_the_layouts(tmp_path) -> None:
     """fragments.cuh's own pair -> slot maps (``pair_slot<BITS>``, compiled for the host and
     run) are the ones ``layout.pack_codes`` packs by, at every bit width and k16 step: the CPU
-    mirrors above repeat the C++ text, this ties them to the C++ itself."""
+    mirrors in test_cuda_kernel.py repeat the C++ text, this ties them to the C++ itself."""
     stub = tmp_path / "slots.cu"
     stub.write_text(
         f'#include "{(native.SOURCES[0].parent / "fragments.cuh").as_posix()}"\n'
