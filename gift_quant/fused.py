@@ -10,17 +10,10 @@ column slices.
 
 Plain Linears are concatenated as they are (so an fp16 model can be compared fused with
 fused). The fused MixedLinear is exact: codes, scales, zero-points and biases are concatenated
-along the output dimension. Its salient columns (``salient="own"``, the default) are the
-members' own, one member's after another, so a column two members keep appears twice; each
-member's rows hold its own salient weights and zeros at the others' (block-diagonal). The
-decode GEMV then reads only its member's salient weights in each column block
-(``kernels.triton.gemv.salient_spans``), as the unfused layers would: for a 7B's q/k/v with 128
-random salient columns each, 12288 x 128 fp16 weights instead of 12288 x 374 for the union.
-``salient="union"`` keeps each column once (a member's entries at another member's salient
-columns are zero): fewer columns where the members' sets overlap much, which the batched
-kernels (all of whose column blocks read every salient column) read fewer bytes of. Either
-way a member's own quantized codes stay where they are, and a member's own salient columns
-hold the zero-point in the codes, so they dequantize to zero.
+along the output dimension, and its salient columns are the union of the members' (a member's
+entries at another member's salient columns are zero, and its own quantized codes stay where
+they are; a member's own salient columns hold the zero-point in the codes, so they dequantize
+to zero).
 Only layers with the same input width, bit width, group layout, device and dtypes are fused.
 A fused model is for inference: export the model before fusing it (``save_quantized`` refuses
 a fused one).
@@ -34,9 +27,7 @@ from torch import Tensor, nn
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.quant.packing import pack_cols, unpack_cols
 
-__all__ = ["SALIENT_FORMS", "FusedLinear", "FusedMember", "fuse_siblings", "is_fused"]
-
-SALIENT_FORMS = ("own", "union")  # a fused MixedLinear's salient columns (module docstring)
+__all__ = ["FusedLinear", "FusedMember", "fuse_siblings", "is_fused"]
 
 
 class FusedLinear(nn.Module):
@@ -117,9 +108,8 @@ def _compatible(a: nn.Module, b: nn.Module) -> bool:
     return same and bool(torch.equal(a.g_idx, b.g_idx))
 
 
-def concat(layers: list[nn.Module], salient: str = "own") -> nn.Module:
-    """The layer whose output is the members' outputs side by side (module docstring;
-    ``salient``: "own" or "union")."""
+def concat(layers: list[nn.Module]) -> nn.Module:
+    """The layer whose output is the members' outputs side by side (module docstring)."""
     first = layers[0]
     if type(first) is nn.Linear:
         w = first.weight
@@ -135,10 +125,7 @@ def concat(layers: list[nn.Module], salient: str = "own") -> nn.Module:
             if out.bias is not None:
                 out.bias.copy_(torch.cat([m.bias for m in layers]))
         return out.requires_grad_(False)
-    if salient not in SALIENT_FORMS:
-        raise ValueError(f"salient={salient!r}: expected one of {', '.join(SALIENT_FORMS)}")
-    own = torch.cat([m.salient_idx for m in layers])
-    union = torch.unique(own) if salient == "union" else own  # unique: sorted
+    union = torch.unique(torch.cat([m.salient_idx for m in layers]))  # sorted
     N = sum(m.out_features for m in layers)
     fused = MixedLinear(
         first.in_features,
@@ -160,16 +147,13 @@ def concat(layers: list[nn.Module], salient: str = "own") -> nn.Module:
         fused.g_idx.copy_(first.g_idx)
         fused.salient_idx.copy_(union)
         fused.salient_weight.zero_()
-        row = col = 0
+        row = 0
         for m in layers:
             if m.num_salient:
-                if salient == "union":
-                    pos = torch.searchsorted(union, m.salient_idx)
-                else:  # this member's block of columns
-                    pos = torch.arange(col, col + m.num_salient, device=union.device)
+                pos = torch.searchsorted(union, m.salient_idx)
                 rows = slice(row, row + m.out_features)
                 fused.salient_weight[rows, pos] = m.salient_weight
-            row, col = row + m.out_features, col + m.num_salient
+            row += m.out_features
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([m.bias for m in layers]))
     return fused
@@ -177,7 +161,7 @@ def concat(layers: list[nn.Module], salient: str = "own") -> nn.Module:
 
 @torch.no_grad()
 def fuse_siblings(
-    model: nn.Module, probe: dict | None = None, linear: bool = False, salient: str = "own"
+    model: nn.Module, probe: dict | None = None, linear: bool = False
 ) -> list[list[str]]:
     """Fuse every group of MixedLinear siblings (children of one module; ``linear``: plain
     ``nn.Linear`` siblings too) that one forward pass calls on the same input tensor; returns
@@ -185,10 +169,7 @@ def fuse_siblings(
 
     ``probe``: the keyword arguments of that forward pass (default: one token of id 0 on the
     model's device, for a causal LM). Groups whose layers differ in input width, bits, groups,
-    device, backend or bias are left alone. ``salient``: the fused layers' salient columns,
-    "own" or "union" (module docstring)."""
-    if salient not in SALIENT_FORMS:
-        raise ValueError(f"salient={salient!r}: expected one of {', '.join(SALIENT_FORMS)}")
+    device, backend or bias are left alone."""
     kinds = (MixedLinear, nn.Linear) if linear else (MixedLinear,)
     names = {m: n for n, m in model.named_modules() if type(m) in kinds}
     if not names:
@@ -222,7 +203,7 @@ def fuse_siblings(
         layers = [by_name[n] for n in members]
         if len(layers) < 2 or not all(_compatible(layers[0], m) for m in layers[1:]):
             continue
-        group = FusedLinear(concat(layers, salient), [m.out_features for m in layers])
+        group = FusedLinear(concat(layers), [m.out_features for m in layers])
         owner = by_name[parent] if parent else model
         for i, (n, layer) in enumerate(zip(members, layers, strict=True)):
             setattr(owner, n.rpartition(".")[2], FusedMember(group, i, layer))

@@ -21,8 +21,7 @@ class MixedLinear(nn.Module):
         qzeros: [G, N*bits/32] int32, zero-points packed along N.
         scales: [G, N] float16.
         g_idx: [K] int32, group of each input column.
-        salient_idx: [k] int32, sorted input columns kept in FP16 (a fused layer's: its
-            members' own, one member's after another; a column may appear twice).
+        salient_idx: [k] int32, sorted input columns kept in FP16.
         salient_weight: [N, k] float16.
 
     Parameter: ``bias`` [N] (model dtype, frozen: requires_grad False) or None. Being a
@@ -138,14 +137,14 @@ class MixedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight [N, K] this layer computes with: the dequantized codes plus the
-        salient columns (whose codes hold the zero-point, so they add to zero; a fused layer
-        keeps each member's own codes where the columns are not its own salient ones)."""
+        salient columns (whose codes hold the zero-point, so they add to zero; a fused layer's
+        union of salient columns keeps each member's own codes where they are not its own)."""
         w = dequantize_weight(
             self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype
         ).t()
         w = w.contiguous()
-        if self.num_salient:  # (index_add_: a fused layer's repeated columns add up)
-            w.index_add_(1, self.salient_idx.long(), self.salient_weight.to(dtype))
+        if self.num_salient:
+            w[:, self.salient_idx.long()] += self.salient_weight.to(dtype)
         return w
 
     def storage_bits(self) -> int:

@@ -365,8 +365,7 @@ def compile_for_gpu(
             i32 = {n: "i32" for n in ("M", "N", "K", "NSAL", "N_SPLIT", "N_SAL_PROGS")}
             ptrs = dict(x_ptr=ptr, y_ptr=ptr, bias_ptr=ptr, g_ptr=ptr, gx_ptr=ptr, out_ptr=ptr)
             ptrs |= dict(wst_ptr="*fp16", ws_ptr="*fp32", x32_ptr="*i32")
-            i32p = ("q_ptr", "sz_ptr", "sidx_ptr", "span_ptr", "cnt_ptr", "sal_pos_ptr")
-            ptrs |= {n: "*i32" for n in i32p}
+            ptrs |= {n: "*i32" for n in ("q_ptr", "sz_ptr", "sidx_ptr", "cnt_ptr", "sal_pos_ptr")}
             types = ptrs | i32
             for (name, spec), M in product((mm_configs or mm.MM_CONFIGS).items(), rows):
                 cfg = mm.mm_config(M, 4096, 4096, 128, **spec)  # <= 32 rows: acc rescaled
@@ -387,15 +386,12 @@ def compile_for_gpu(
             const = dict(act, BLOCK_M=4, BLOCK_N=128, BLOCK_K=32, EVEN_M=False, EVEN_N=True)
             const |= dict(HAS_BIAS=True, SAL_PER_PROG=64, SAL_CHUNK=32, STAGES=1, USE_ASM=True)
             # as launched on sm_90 (gemv.dependent_wait): M = 4 and M = 1 within one wave
-            # waiting in the k-loop, M = 1 capped (past one wave) waiting before it; M = 1 with
-            # a fused layer's salient spans
-            const |= dict(SPANS=False)
+            # waiting in the k-loop, M = 1 capped (past one wave) waiting before it
             const |= dict(ASM=asm, CONSTR=constr, PDL=True, WAIT_IN_LOOP=True)
             out.append(build(gemv._gemv_kernel, types, const, 1, 1))
             asm, constr = deqdot_asm(b, "bf16" if bf16 else "f16", 1)
             const |= dict(BLOCK_M=1, BLOCK_K=128, EVEN_M=True, ASM=asm, CONSTR=constr)
             out.append(build(gemv._gemv_kernel, types, const, 1, 1))
-            out.append(build(gemv._gemv_kernel, types, const | dict(SPANS=True), 1, 1))
             const |= dict(BLOCK_K=64, WAIT_IN_LOOP=False)
             out.append(build(gemv._gemv_kernel, types, const, 1, 1, gemv.WIDE_MAXNREG))
     return out

@@ -97,13 +97,11 @@ def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
     """The M = 1 and M = 4 GEMV (inline PTX) as sm_90 launches them: waiting for the previous
     kernel in the first k-block (within one wave) and before the k-loop (capped, past one
     wave), W4 fp16, compiled for sm_90 without a GPU (the interpreter never takes the
-    dependent paths); M = 1 also with a fused layer's salient spans."""
+    dependent paths)."""
     lines = [x for x in _compile_for_gpu(4, "fp16", with_gemv=True) if x.startswith("_gemv")]
-    # M = 4 and M = 1 waiting in the loop, M = 1 with spans, M = 1 capped waiting before it
-    assert len(lines) == 4, lines
+    assert len(lines) == 3, lines  # M = 4 and M = 1 waiting in the loop, M = 1 capped before
     waits = ["'WAIT_IN_LOOP': True" in x for x in lines]
-    assert waits == [True, True, True, False] and all("'PDL': True" in x for x in lines), lines
-    assert ["'SPANS': True" in x for x in lines] == [False, False, True, False], lines
-    assert "maxnreg 80" in lines[3], lines
+    assert waits == [True, True, False] and all("'PDL': True" in x for x in lines), lines
+    assert "maxnreg 80" in lines[2], lines
     for line in lines:  # its split-K epilogue zeroes the workspace after a barrier
         assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line

@@ -1,8 +1,8 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 (or bf16) vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile [B ...]] [--fuse [--fused-salient own|union ...]] [--bound]
-        [--dtype fp16|bf16] [--out DIR] [--workdir DIR] [--shared]
+        [--compile [B ...]] [--fuse] [--bound] [--dtype fp16|bf16] [--out DIR] [--workdir DIR]
+        [--shared]
 
 ``--dtype bf16``: the same in bf16 (the dense model, the activations and the kernels' bf16
 builds; rows keyed "bf16", written to decode_h200_bf16.json).
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gift_quant.fused import SALIENT_FORMS, fuse_siblings  # noqa: E402
+from gift_quant.fused import fuse_siblings  # noqa: E402
 from gift_quant.io.export import save_quantized  # noqa: E402
 from gift_quant.io.load import load_quantized  # noqa: E402
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
@@ -254,14 +254,6 @@ def main() -> None:
         "gift_quant.fused.fuse_siblings), the fp16 one as concatenated Linears",
     )
     ap.add_argument(
-        "--fused-salient",
-        nargs="+",
-        default=["own"],
-        choices=SALIENT_FORMS,
-        help="with --fuse: the fused layers' salient columns (gift_quant.fused), each form "
-        "timed in this run; the first is the row's w4_fused, another one w4_fused_<form>",
-    )
-    ap.add_argument(
         "--bound",
         action="store_true",
         help="also time the fp16 model with its projections doing no work (the end-to-end "
@@ -274,10 +266,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.compile and not set(args.compile) <= set(args.batch):
         ap.error(f"--compile {args.compile}: each size must be one of --batch {args.batch}")
-    if args.fused_salient != ["own"] and not args.fuse:
-        ap.error("--fused-salient times fused models: add --fuse")
-    if len(set(args.fused_salient)) != len(args.fused_salient):
-        ap.error(f"--fused-salient {args.fused_salient}: each form once")
     env = run_environment(args.shared)  # before any work: a wrong GIFT_QUANT_COMMIT is refused
     D = args.dtype  # the dense model's key in the runs and rows
     dtype = ACTIVATION_DTYPES[D]
@@ -317,17 +305,11 @@ def main() -> None:
     runs["w4"] = timed(qmodel, prompts, args, compile_it=not args.fuse)  # fused: compiled below
     print(f"w4g128+s128: {runs['w4']}", flush=True)
     fused_groups = []
-    for i, form in enumerate(args.fused_salient if args.fuse else []):
-        key = "w4_fused" if i == 0 else f"w4_fused_{form}"
-        if i:  # the export read again, fused in this form
-            del qmodel
-            torch.cuda.empty_cache()
-            qmodel = load_quantized(export, device="cuda", dtype=dtype)
-        fused_groups = fuse_siblings(qmodel, salient=form)
-        rel[key] = triton_vs_torch(qmodel, prompt)
-        runs[key] = timed(qmodel, prompts, args)
-        shapes |= layer_shapes(qmodel)
-        print(f"w4g128+s128 fused ({form} salient columns): {runs[key]}", flush=True)
+    if args.fuse:
+        fused_groups = fuse_siblings(qmodel)
+        rel["w4_fused"] = triton_vs_torch(qmodel, prompt)
+        runs["w4_fused"] = timed(qmodel, prompts, args)
+        print(f"w4g128+s128 fused: {runs['w4_fused']}", flush=True)
     from gift_quant.kernels.cuda import native
     from gift_quant.kernels.triton import routes, tuning
 
@@ -347,9 +329,6 @@ def main() -> None:
                 fused = got["w4_fused"]["tokens_per_s"]
                 row["ratio_fused"] = fused / got[D]["tokens_per_s"]
                 row[f"ratio_fused_vs_{D}_fused"] = fused / got[f"{D}_fused"]["tokens_per_s"]
-                for form in args.fused_salient[1:]:
-                    other = got[f"w4_fused_{form}"]["tokens_per_s"]
-                    row[f"ratio_fused_{form}"] = other / got[D]["tokens_per_s"]
             if "no_matmul" in got:
                 row["bound"] = got["no_matmul"]["tokens_per_s"] / got[D]["tokens_per_s"]
                 if f"{D}_fused" in got:
@@ -367,20 +346,18 @@ def main() -> None:
         layers=args.layers,
         mixed_layers=n_mixed,
         fused_groups_per_layer=[[n.rpartition(".")[2] for n in g] for g in fused_groups[:2]],
-        fused_salient=args.fused_salient if args.fuse else None,
         rows=rows,
         logits_rel_diff_triton_vs_torch=rel["w4"],
         logits_rel_diff_triton_vs_torch_fused=rel.get("w4_fused"),
         tuning=tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
-    others = [f"w4_fused_{f}" for f in args.fused_salient[1:]] if args.fuse else []
-    cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", *others, "no_matmul") if k in runs]
+    cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", "no_matmul") if k in runs]
     ratios = [
         k
         for k in ("ratio", "ratio_fused", f"ratio_fused_vs_{D}_fused")
         if args.fuse or k == "ratio"
-    ] + [f"ratio_fused_{f}" for f in (args.fused_salient[1:] if args.fuse else [])]
+    ]
     if args.bound:
         ratios += ["bound"] + ([f"bound_vs_{D}_fused"] if args.fuse else [])
     print("| batch | " + " | ".join([f"{c} tok/s" for c in cols] + ratios) + " |")

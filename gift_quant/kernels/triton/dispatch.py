@@ -50,7 +50,6 @@ def tuned_route(
     group: int,
     cuda: layout.Packed,
     timer=None,
-    span: tuple = (None, 0),
 ) -> str:
     """The kernel for ``x2`` (fp16 or bf16) on a layer with the CUDA kernels' layout:
     ``route``'s rule where ``routes.timed`` says no; else the fastest of ``tuning_names``,
@@ -73,9 +72,7 @@ def tuned_route(
 
     def launcher(w: tuple):
         def launch(name: str) -> None:
-            run_route(
-                name, x2, *w[:3], sidx, sal_pos, bias, bits, group, out=out, cuda=w[3], span=span
-            )
+            run_route(name, x2, *w[:3], sidx, sal_pos, bias, bits, group, out=out, cuda=w[3])
 
         return launch
 
@@ -109,13 +106,10 @@ def run_route(
     group: int,
     out: Tensor | None = None,
     cuda: layout.Packed | None = None,
-    span: tuple = (None, 0),
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
     ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
-    "wg:NTxWxS[cC][tT][s]"; ``span``: the GEMV's salient spans and their width,
-    ``gemv.salient_spans``). ``sal_pos`` None with ``wst`` given: a column is salient more than
-    once (a fused layer), each position's weights added."""
+    "wg:NTxWxS[cC][tT][s]")."""
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:", "wg:")):
@@ -132,8 +126,6 @@ def run_route(
         return native.mixed_mma(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
     if name == "cublas":
         w = dequantize(q, sz, wst, sal_pos, K, bits=bits, group=group, dtype=x2.dtype)
-        if wst is not None and sal_pos is None:  # (the codes there dequantize to 0)
-            w.index_add_(0, sidx.long(), wst.to(w.dtype))
         if out is None:
             return torch.addmm(bias.to(x2.dtype), x2, w) if bias is not None else x2 @ w
         if bias is not None:
@@ -142,7 +134,7 @@ def run_route(
     ws, cnt = workspace(x2.device, M * N)
     kw = dict(bits=bits, group=group, out=out)
     if name == "gemv":
-        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, span=span[0], span_width=span[1], **kw)
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
@@ -190,7 +182,6 @@ def run(
     bits: int,
     group: int,
     cuda: layout.Packed | None = None,
-    span: tuple = (None, 0),
 ) -> Tensor:
     K, N = x.shape[-1], sz.shape[1]
     x2 = x.reshape(-1, K).contiguous()
@@ -198,8 +189,8 @@ def run(
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
     if cuda is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda, span=span)
+        name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
     else:
         name = route(M, N, K, bits)
-    y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda, span=span)
+    y = run_route(name, x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda=cuda)
     return y.reshape(*x.shape[:-1], N)

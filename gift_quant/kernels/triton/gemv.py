@@ -46,34 +46,6 @@ PROGRAMS_PER_SM, CAP_ABOVE_PROGRAMS_PER_SM, WIDE_MAXNREG = 21, 23, 80
 SAL_PER_PROG, SAL_CHUNK = 64, 32
 
 
-def block_n_of(N: int) -> int:
-    """The GEMV's column block (output features per program) on a layer of N outputs."""
-    return 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
-
-
-def salient_spans(wst: Tensor) -> tuple[Tensor | None, int]:
-    """Per column block of the GEMV, the salient positions [lo, hi) whose weights are not all
-    zero there, as int32 [cdiv(N, BLOCK_N), 2], and the widest span; (None, k) where no block
-    spans fewer SAL_PER_PROG-column programs than all k do. A fused layer's members keep their
-    own salient columns one after another (``gift_quant.fused``), each zero on the others'
-    rows: its column blocks read their member's columns only. ``wst``: W_S^T [k, N]."""
-    k, N = wst.shape
-    bn = block_n_of(N)
-    nb = triton.cdiv(N, bn)
-    nz = torch.zeros(k, nb * bn, dtype=torch.bool, device=wst.device)
-    nz[:, :N] = wst != 0
-    used = nz.view(k, nb, bn).any(2).t()  # [nb, k]
-    any_ = used.any(1)
-    pos = torch.arange(k, device=wst.device)
-    lo = torch.where(used, pos, k).amin(1)
-    hi = torch.where(used, pos + 1, 0).amax(1)
-    lo, hi = torch.where(any_, lo, 0), torch.where(any_, hi, 0)
-    width = int((hi - lo).max()) if nb else 0
-    if triton.cdiv(width, SAL_PER_PROG) >= triton.cdiv(k, SAL_PER_PROG):
-        return None, k
-    return torch.stack([lo, hi], 1).to(torch.int32).contiguous(), width
-
-
 def _fit(block_k: int, K: int, group: int) -> int:
     while group % block_k or K % block_k:
         block_k //= 2
@@ -95,7 +67,7 @@ def gemv_config(
     kernels_h200_gemv_sweep_bk.json). At M = 1, a launch of more programs (``nsal`` salient
     columns included) than CAP_ABOVE_PROGRAMS_PER_SM per SM on ``sms`` SMs caps its registers."""
     block_m = triton.next_power_of_2(M)
-    block_n = block_n_of(N)
+    block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
     n_blocks = triton.cdiv(N, block_n)
     want = max(triton.cdiv(TARGET_PROGRAMS, n_blocks), triton.cdiv(K, K_PER_PROGRAM))
     tiles = [128, 64] if block_m == 1 else [{2: 64}.get(block_m, 32)]
@@ -242,7 +214,6 @@ def _gemv_kernel(
     sz_ptr,
     wst_ptr,
     sidx_ptr,
-    span_ptr,
     bias_ptr,
     ws_ptr,
     cnt_ptr,
@@ -267,7 +238,6 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SAL_PER_PROG: tl.constexpr,
     SAL_CHUNK: tl.constexpr,
-    SPANS: tl.constexpr,
     STAGES: tl.constexpr,
     USE_ASM: tl.constexpr,
     ASM: tl.constexpr,
@@ -277,9 +247,7 @@ def _gemv_kernel(
 ):
     """x [M, K] f16/bf16 (x32: its int32 view [M, K/2]); q [K/UNIT_K*UNIT_W, N] int32;
     sz [G, N] int32 = fp16 scale bits | zero << 16; wst [NSAL, N] fp16; sidx [NSAL] int32;
-    span [cdiv(N, BLOCK_N), 2] int32 (SPANS: the salient positions [lo, hi) each column
-    block reads, ``salient_spans``; else all NSAL); bias [N]; ws [M, N] fp32 zeros;
-    cnt [cdiv(N, BLOCK_N)] int32 zeros; y [M, N] like x.
+    bias [N]; ws [M, N] fp32 zeros; cnt [cdiv(N, BLOCK_N)] int32 zeros; y [M, N] like x.
     PDL (a programmatic dependent launch, ``rules.dependent_launch``; ``dependent_wait`` says
     where): each program waits for the previous kernel (``gdc_wait``) before it reads x and
     the workspace, in its first k-block after that block's weight loads (WAIT_IN_LOOP) or
@@ -331,16 +299,10 @@ def _gemv_kernel(
                 part = scale * tl.sum(d[m], axis=0)
                 acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
     else:
-        if SPANS:
-            lo = tl.load(span_ptr + 2 * pid_n)
-            hi = tl.load(span_ptr + 2 * pid_n + 1)
-        else:
-            lo = 0
-            hi = NSAL
-        j0 = lo + (pid_k - N_SPLIT) * SAL_PER_PROG
+        j0 = (pid_k - N_SPLIT) * SAL_PER_PROG
         for jj in tl.static_range(0, SAL_PER_PROG, SAL_CHUNK):
             offs_j = j0 + jj + tl.arange(0, SAL_CHUNK)
-            jmask = offs_j < hi
+            jmask = offs_j < NSAL
             sid = tl.load(sidx_ptr + offs_j, mask=jmask, other=0)
             w = tl.load(
                 wst_ptr + offs_j[:, None] * N + offs_n[None, :],
@@ -405,25 +367,18 @@ def gemv(
     group: int,
     config: dict | None = None,
     out: Tensor | None = None,
-    span: Tensor | None = None,
-    span_width: int = 0,
 ) -> Tensor:
-    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias); M <= MAX_M; see the kernel.
-    ``span``, ``span_width``: ``salient_spans(wst)`` (None: every block reads all salient
-    columns)."""
+    """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias); M <= MAX_M; see the kernel."""
     M, K = x.shape
     N = sz.shape[1]
     assert 1 <= M <= MAX_M and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16)
     assert q.dtype == torch.int32 and q.is_contiguous() and q.shape[1] == N
     assert sz.dtype == torch.int32 and sz.is_contiguous() and K % group == 0
     nsal = 0 if sidx is None else sidx.numel()
-    spans = span is not None and nsal > 0
-    width = span_width if spans else nsal  # salient columns a column block reads, at most
-    cfg = config or gemv_config(M, N, K, bits, group, width, _sms(x.device))
+    cfg = config or gemv_config(M, N, K, bits, group, nsal, _sms(x.device))
     assert K % cfg["BLOCK_K"] == 0 and group % cfg["BLOCK_K"] == 0
-    n_sal_progs = triton.cdiv(width, SAL_PER_PROG)
+    n_sal_progs = triton.cdiv(nsal, SAL_PER_PROG)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    assert not spans or (span.shape == (n_blocks, 2) and 0 <= width <= nsal)
     assert ws.numel() >= M * N and cnt.numel() >= n_blocks
     bf16 = x.dtype == torch.bfloat16
     kind = "bf16" if bf16 else "f16"
@@ -434,7 +389,7 @@ def gemv(
     grid = (n_blocks, cfg["n_split"] + n_sal_progs)
     wait = None
     if not interpreting() and dependent_launch(x.device):
-        wait = dependent_wait(cfg, N, K, width, _sms(x.device))
+        wait = dependent_wait(cfg, N, K, nsal, _sms(x.device))
     with on_device(x.device):
         _gemv_kernel[grid](
             x,
@@ -443,7 +398,6 @@ def gemv(
             sz,
             wst if nsal else sz,
             sidx if nsal else sz,
-            span if spans else sz,
             bias if bias is not None else sz,
             ws,
             cnt,
@@ -466,7 +420,6 @@ def gemv(
             HAS_BIAS=bias is not None,
             SAL_PER_PROG=SAL_PER_PROG,
             SAL_CHUNK=SAL_CHUNK,
-            SPANS=spans,
             STAGES=cfg["num_stages"],
             USE_ASM=not interpreting(),
             ASM=asm,

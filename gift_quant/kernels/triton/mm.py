@@ -418,8 +418,7 @@ def dequantize(
     delta: Tensor | None = None,
     seed: int = 0,
 ) -> Tensor:
-    """W^T [K, N] in ``dtype``, salient rows in place (``wst`` [k, N], ``sal_pos`` [K]; none
-    without ``sal_pos``); with
+    """W^T [K, N] in ``dtype``, salient rows in place (``wst`` [k, N], ``sal_pos`` [K]); with
     ``noise`` (a key of NOISE_KINDS), per-column noise of scale ``delta`` [N] fp32 on the
     other rows, drawn from ``seed``."""
     N = sz.shape[1]
@@ -428,7 +427,7 @@ def dequantize(
     kind = NOISE_KINDS[noise]
     assert not kind or (delta is not None and delta.dtype == torch.float32 and delta.numel() == N)
     out = torch.empty(K, N, device=q.device, dtype=dtype)
-    has_sal = wst is not None and wst.numel() > 0 and sal_pos is not None
+    has_sal = wst is not None and wst.numel() > 0
     with on_device(q.device):
         _dequant_kernel[(K // block_k, N // block_n)](
             q,

@@ -37,7 +37,6 @@ from gift_quant.kernels import reference
 from gift_quant.kernels.cuda import layout, native
 from gift_quant.kernels.cuda.rules import dependent_launch_capable
 from gift_quant.kernels.triton.dispatch import run
-from gift_quant.kernels.triton.gemv import salient_spans
 from gift_quant.kernels.triton.mm import NOISE_KINDS, backward, dequantize
 from gift_quant.kernels.triton.ptx import pack_3bit
 from gift_quant.quant.packing import unpack_cols, unpack_rows
@@ -60,13 +59,11 @@ class Prepared:
     sz: Tensor
     wst: Tensor | None
     sidx: Tensor | None
-    sal_pos: Tensor | None  # None where a column is salient twice (a fused layer's members)
+    sal_pos: Tensor | None
     bits: int
     group: int
     K: int
     N: int
-    span: Tensor | None = None  # the GEMV's salient span per column block (``salient_spans``)
-    span_width: int = 0
     cuda: layout.Packed | None = None  # the CUDA kernels' layout (``cuda_layout``)
     cuda_checked: bool = False
 
@@ -117,18 +114,13 @@ def _build(layer, key: tuple) -> Prepared | None:
     zeros = unpack_cols(layer.qzeros, bits)
     sz = (layer.scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF) | (zeros << 16)
     k = layer.salient_idx.numel()
-    wst = sidx = sal_pos = span = None
-    width = 0
+    wst = sidx = sal_pos = None
     if k:
         wst = layer.salient_weight.to(torch.float16).t().contiguous()
         sidx = layer.salient_idx.to(torch.int32).contiguous()
-        if torch.unique(sidx).numel() == k:  # one position per salient column
-            sal_pos = torch.full((K,), -1, dtype=torch.int32, device=q.device)
-            sal_pos[sidx.long()] = torch.arange(k, dtype=torch.int32, device=q.device)
-        span, width = salient_spans(wst)
-    prep = Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
-    prep.span, prep.span_width = span, width
-    return prep
+        sal_pos = torch.full((K,), -1, dtype=torch.int32, device=q.device)
+        sal_pos[sidx.long()] = torch.arange(k, dtype=torch.int32, device=q.device)
+    return Prepared(key, q.contiguous(), sz.contiguous(), wst, sidx, sal_pos, bits, group, K, N)
 
 
 def cuda_layout(layer) -> layout.Packed | None:
@@ -180,39 +172,21 @@ def mixed_matmul(
     czp: Tensor | None = None,
     csc: Tensor | None = None,
     cws: Tensor | None = None,
-    span: Tensor | None = None,
-    span_width: int = 0,
 ) -> Tensor:
     """x @ dequant(W)^T + x[..., S] @ W_S^T (+ bias) with the packed layout of ``prepare``
     (``cq``, ``czp``, ``csc``, ``cws``: the CUDA kernel's codes, zero-points, scales and
-    salient fragments; ``span``, ``span_width``: the GEMV's salient spans)."""
+    salient fragments)."""
     cuda = None
     if cq is not None:
         nsal = 0 if wst is None else wst.shape[0]
         si = sidx if sidx is not None else cq.new_zeros(1)
         K, N = x.shape[-1], sz.shape[1]
         cuda = layout.Packed(cq, czp, csc, cws, si, nsal, bits, group, K, N)
-    return run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda, (span, span_width))
+    return run(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
 
 
 @mixed_matmul.register_fake
-def _(
-    x,
-    q,
-    sz,
-    wst,
-    sidx,
-    sal_pos,
-    bias,
-    bits,
-    group,
-    cq=None,
-    czp=None,
-    csc=None,
-    cws=None,
-    span=None,
-    span_width=0,
-):
+def _(x, q, sz, wst, sidx, sal_pos, bias, bits, group, cq=None, czp=None, csc=None, cws=None):
     return x.new_empty(*x.shape[:-1], sz.shape[1])
 
 
@@ -292,8 +266,6 @@ def dequant_matmul(x: Tensor, layer) -> Tensor:
         prep.bits,
         prep.group,
         *((c.qc, c.zp, c.scp, cws) if cws is not None else (None,) * 4),
-        prep.span,
-        prep.span_width,
     )
 
 
@@ -307,8 +279,6 @@ def noisy_weight_t(
     prep = prepare(layer)
     if prep is None or dtype not in (torch.float16, torch.bfloat16) or noise not in NOISE_KINDS:
         return None  # the torch twin serves it (a registered noise kind the kernel lacks, say)
-    if prep.wst is not None and prep.sal_pos is None:
-        return None  # a column salient twice: the kernel places one row per column
     wst = wst.to(dtype).contiguous() if prep.sal_pos is not None else None
     return dequantize(
         prep.q,
