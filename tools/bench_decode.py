@@ -1,8 +1,8 @@
 """End-to-end decode speed of a 7B-shaped Llama: fp16 (or bf16) vs W4 g128 + 128 salient columns.
 
     PYTHONPATH=. python3 tools/bench_decode.py [--layers 32] [--tokens 128] [--batch 1 16]
-        [--compile [B ...]] [--fuse] [--bound] [--dtype fp16|bf16] [--out DIR] [--workdir DIR]
-        [--shared]
+        [--compile [B ...] [--inductor-pdl]] [--fuse] [--bound] [--dtype fp16|bf16]
+        [--out DIR] [--workdir DIR] [--shared]
 
 ``--dtype bf16``: the same in bf16 (the dense model, the activations and the kernels' bf16
 builds; rows keyed "bf16", written to decode_h200_bf16.json).
@@ -254,6 +254,13 @@ def main() -> None:
         "gift_quant.fused.fuse_siblings), the fp16 one as concatenated Linears",
     )
     ap.add_argument(
+        "--inductor-pdl",
+        action="store_true",
+        help="compile with inductor's programmatic dependent launch (its kernels wait for the "
+        "previous kernel only before their first dependent load and let the next one launch "
+        "early), for every model alike; the JSON gets the suffix _inductor_pdl",
+    )
+    ap.add_argument(
         "--bound",
         action="store_true",
         help="also time the fp16 model with its projections doing no work (the end-to-end "
@@ -266,10 +273,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.compile and not set(args.compile) <= set(args.batch):
         ap.error(f"--compile {args.compile}: each size must be one of --batch {args.batch}")
+    if args.inductor_pdl:
+        import torch._inductor.config as inductor
+
+        if not hasattr(inductor.triton, "enable_pdl"):
+            ap.error(f"--inductor-pdl: torch {torch.__version__}'s inductor has no PDL option")
+        if args.compile is None:
+            ap.error("--inductor-pdl changes compiled runs only: add --compile")
+        inductor.triton.enable_pdl = True
     env = run_environment(args.shared)  # before any work: a wrong GIFT_QUANT_COMMIT is refused
     D = args.dtype  # the dense model's key in the runs and rows
     dtype = ACTIVATION_DTYPES[D]
     env["dtype"] = D
+    env["inductor_pdl"] = args.inductor_pdl
     t0 = time.time()
     model = build_model(args.layers, dtype)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
@@ -369,7 +385,8 @@ def main() -> None:
         print(f"| {r['batch']}{mode} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "decode_h200.json" if D == "fp16" else f"decode_h200_{D}.json"
+    name = "decode_h200" + ("" if D == "fp16" else f"_{D}")
+    name += "_inductor_pdl.json" if args.inductor_pdl else ".json"
     tmp = out / (name + ".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(out / name)
