@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -132,7 +133,7 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
     compiled forward then sees only decode steps, with the static cache filled)."""
     forward = forward or model
     P = prompt.shape[1]
-    cache = make_cache(model, P + steps + 8)
+    cache = make_cache(model, P + steps + 12)
     out = model(
         input_ids=prompt,
         past_key_values=cache,
@@ -141,9 +142,11 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
     )
     ids = out.logits[:, -1:].argmax(-1)
     pos = torch.tensor([P], device="cuda")
+    logits = out.logits[:, -1].clone()  # the last step's, kept for the check below
 
     def step():
         o = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos)
+        logits.copy_(o.logits[:, -1])
         ids.copy_(o.logits[:, -1:].argmax(-1))
 
     for _ in range(3):  # warm-up: Triton compiles, workspaces, cache allocation
@@ -171,6 +174,17 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
         pos.add_(1)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    # the timed step checked: its logits against ``model`` run eagerly (no graph, not
+    # compiled) on the same ids at the same position, over a few more steps
+    rel = 0.0
+    for _ in range(4):
+        inp = ids.clone()
+        run()
+        got = logits.float()
+        ref = model(input_ids=inp, past_key_values=cache, use_cache=True, cache_position=pos)
+        ref = ref.logits[:, -1].float()
+        rel = max(rel, float((got - ref).norm() / ref.norm()))
+        pos.add_(1)
     return dict(
         mode=mode,
         batch=prompt.shape[0],
@@ -178,6 +192,8 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
         seconds=dt,
         tokens_per_s=prompt.shape[0] * steps / dt,
         ms_per_step=1e3 * dt / steps,
+        # (none where it is not a number: the no-projections model's logits are never written)
+        logits_rel_diff_vs_eager=rel if math.isfinite(rel) else None,
     )
 
 
@@ -368,6 +384,10 @@ def main() -> None:
         tuning=tuning.record(),  # what the op measured at first use
     )
     print(f"\n{args.layers} layers; logits triton vs torch rel {rel}")
+    for r in rows:  # each timed step's logits against its own model run eagerly
+        diffs = {k: v["logits_rel_diff_vs_eager"] for k, v in r.items() if isinstance(v, dict)}
+        mode = "compiled + graph" if r.get("compiled") else "graph"
+        print(f"batch {r['batch']} {mode}: logits rel diff vs eager {diffs}")
     cols = [k for k in (D, f"{D}_fused", "w4", "w4_fused", "no_matmul") if k in runs]
     ratios = [
         k
