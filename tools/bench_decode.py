@@ -130,7 +130,10 @@ def make_cache(model, max_len: int):
 def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -> dict:
     """Greedy decode after ``prompt``: one CUDA graph per step (eager if capture fails). The
     prompt goes through ``model``, the steps through ``forward`` (default: ``model``; a
-    compiled forward then sees only decode steps, with the static cache filled)."""
+    compiled forward then sees only decode steps, with the static cache filled). Before the
+    timing, four replays of the step are checked against ``model`` run eagerly (no graph, not
+    compiled) on a cache of its own fed the same tokens: the largest relative difference of
+    their logits is ``logits_rel_diff_vs_eager``."""
     forward = forward or model
     P = prompt.shape[1]
     cache = make_cache(model, P + steps + 12)
@@ -138,25 +141,32 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
         input_ids=prompt,
         past_key_values=cache,
         use_cache=True,
-        cache_position=torch.arange(P, device="cuda"),
+        cache_position=torch.arange(P, device=prompt.device),
     )
     ids = out.logits[:, -1:].argmax(-1)
-    pos = torch.tensor([P], device="cuda")
-    logits = out.logits[:, -1].clone()  # the last step's, kept for the check below
+    pos = torch.tensor([P], device=prompt.device)
+    logits = out.logits[:, -1].clone()  # the last step's
+    fed: list[torch.Tensor] = []  # every step's input ids, in order (for the check)
 
     def step():
         o = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos)
         logits.copy_(o.logits[:, -1])
         ids.copy_(o.logits[:, -1:].argmax(-1))
 
-    for _ in range(3):  # warm-up: Triton compiles, workspaces, cache allocation
-        step()
+    def untimed(run) -> torch.Tensor:  # one step outside the timing: its logits
+        fed.append(ids.clone())
+        run()
         pos.add_(1)
+        return logits.float().clone()
+
+    for _ in range(3):  # warm-up: Triton compiles, workspaces, cache allocation
+        untimed(step)
     mode, graph = "cuda-graph", None
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
+            fed.append(ids.clone())
             step()
         torch.cuda.current_stream().wait_stream(s)
         pos.add_(1)
@@ -167,6 +177,8 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
         print(f"graph capture failed ({exc!r:.200}); timing eager steps", flush=True)
         mode, graph = "eager", None
     run = graph.replay if graph is not None else step
+    got = [untimed(run) for _ in range(4)]
+    rel = check_against_eager(model, prompt, fed, got)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -174,17 +186,6 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
         pos.add_(1)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    # the timed step checked: its logits against ``model`` run eagerly (no graph, not
-    # compiled) on the same ids at the same position, over a few more steps
-    rel = 0.0
-    for _ in range(4):
-        inp = ids.clone()
-        run()
-        got = logits.float()
-        ref = model(input_ids=inp, past_key_values=cache, use_cache=True, cache_position=pos)
-        ref = ref.logits[:, -1].float()
-        rel = max(rel, float((got - ref).norm() / ref.norm()))
-        pos.add_(1)
     return dict(
         mode=mode,
         batch=prompt.shape[0],
@@ -195,6 +196,30 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, forward=None) -
         # (none where it is not a number: the no-projections model's logits are never written)
         logits_rel_diff_vs_eager=rel if math.isfinite(rel) else None,
     )
+
+
+@torch.no_grad()
+def check_against_eager(model, prompt, fed: list, got: list) -> float:
+    """``model`` run eagerly on a fresh cache: the prompt, then the ids ``fed`` one step each;
+    the largest relative difference between its logits at the last len(got) steps and
+    ``got``."""
+    P = prompt.shape[1]
+    cache = make_cache(model, P + len(fed) + 1)
+    model(
+        input_ids=prompt,
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=torch.arange(P, device=prompt.device),
+    )
+    rel = 0.0
+    for i, inp in enumerate(fed):
+        pos = torch.tensor([P + i], device=prompt.device)
+        ref = model(input_ids=inp, past_key_values=cache, use_cache=True, cache_position=pos)
+        j = i - (len(fed) - len(got))
+        if j >= 0:
+            ref = ref.logits[:, -1].float()
+            rel = max(rel, float((got[j] - ref).norm() / ref.norm()))
+    return rel
 
 
 def timed(model, prompts: dict, args, compile_it: bool = True) -> tuple[dict, dict | None]:
