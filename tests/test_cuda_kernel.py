@@ -415,6 +415,41 @@ def test_tensor_core_kernel_sums_its_splits_in_clusters(bits, group, shape, dtyp
         assert_routes_match_the_oracle(names, x, layer, p, cuda)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [64, -1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tensor_core_kernel_with_warps_sharing_a_strip(bits, group, dtype) -> None:
+    """mixed_mma.cu with KW warps on each strip (every built (strips, KW) pair), each a share
+    of its block's k-steps and salient steps, added in shared memory: with one split (y
+    written by the block), several (the atomics and the last block's finish) and, on sm_90,
+    one cluster or several; warps left without a k-step (24 k-steps, 8 warps a strip, 4 or 24
+    splits); M = 1..16, where it is built. Past M = 16 the launch is refused."""
+    from gift_quant.kernels.triton import dispatch, routes
+
+    if native.library() is None:
+        pytest.skip("the CUDA kernel is not built here (no nvcc)")
+    K, N = 1536, 1024  # 24 k-steps, 16 strips
+    layer, p, cuda = layer_and_layouts(K, N, bits, group, dtype)
+    clusters = (1, 2, 4) if torch.cuda.get_device_capability()[0] >= 9 else (1,)
+    names = [
+        routes.mma_name(wn, sp, c, kw)
+        for kw, widths in rules.MMA_KW.items()
+        for wn in widths
+        for sp in (1, 2, 3, 4, 24)
+        for c in clusters
+        if sp % c == 0
+    ]
+    for M in (1, 5, 8, 16):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        assert_routes_match_the_oracle(names, x, layer, p, cuda)
+    x = torch.randn(17, K, device="cuda", dtype=dtype)
+    ws, cnt = dispatch.workspace(x.device, 17 * N)
+    with pytest.raises(ValueError, match="warps per strip"):
+        native.mixed_mma(x, cuda.for_type(dtype), None, ws, cnt, 1, 4, kw=4)
+
+
 def ptx_mma_m16n8k16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """D = A @ B of ``mma.sync.m16n8k16`` from per-lane fragments laid out as the PTX ISA
     defines them: a [32 lanes, 4 registers, 2 halves], b [32, 2, 2] -> d [32, 4] (fp32
@@ -566,16 +601,19 @@ def test_cluster_configurations_are_named_and_offered_where_they_may_pay(monkeyp
 
 
 def test_tensor_core_cluster_configurations_are_named_and_offered(monkeypatch) -> None:
-    """'mma:WNxS[cC]' round-trips; the configurations with every split in one cluster (8 or 16
+    """'mma:WNxS[kKW][cC]' round-trips; the configurations with every split in one cluster (8 or 16
     blocks) are timed at first use for M = 5-32 on sm_90, at each block width the layer
     allows, where the launch runs exactly that many splits and x fits in shared memory."""
     from gift_quant.kernels.triton import routes
 
-    assert routes.mma_config("mma:4x16c16") == (4, 16, 16)
-    assert routes.mma_config("mma:2x12") == (2, 12, 1)
-    for c in [(4, 8, 8), (2, 16, 16), (1, 3, 1), (4, 32, 16)]:
+    assert routes.mma_config("mma:4x16c16") == (4, 16, 16, 1)
+    assert routes.mma_config("mma:2x12") == (2, 12, 1, 1)
+    assert routes.mma_config("mma:1x4k4c4") == (1, 4, 4, 4)
+    assert routes.mma_config("mma:2x8k2") == (2, 8, 1, 2)
+    for c in [(4, 8, 8, 1), (2, 16, 16, 1), (1, 3, 1, 1), (4, 32, 16, 1), (1, 2, 2, 8)]:
         assert routes.mma_config(routes.mma_name(*c)) == c
     assert routes.mma_name(2, 16) == "mma:2x16"
+    assert routes.mma_name(1, 4, 2, 4) == "mma:1x4k4c2"
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
     both = [(2, 8, 8), (2, 16, 16), (4, 8, 8), (4, 16, 16)]
     assert rules.mma_cluster_configs(16, 4096, 4096) == both

@@ -489,8 +489,8 @@ def test_cuda_kernel_configurations_fit_the_launch():
 def test_mma_route_names_carry_the_configuration(monkeypatch):
     seen = []
 
-    def fake(x2, p, bias, ws, cnt, wn=0, splits=0, cluster=1, out=None):
-        seen.append((wn, splits, cluster))
+    def fake(x2, p, bias, ws, cnt, wn=0, splits=0, cluster=1, kw=1, out=None):
+        seen.append((wn, splits, cluster, kw))
         return out
 
     monkeypatch.setattr(native, "mixed_mma", fake)
@@ -498,9 +498,9 @@ def test_mma_route_names_carry_the_configuration(monkeypatch):
     sz = torch.zeros(2, 64, dtype=torch.int32)
     z = torch.zeros(1, dtype=torch.int32)
     cuda = layout.Packed(z, z, z, torch.zeros(1, 8, dtype=F16), z, 0, 4, 64, 128, 64)
-    for name in ("mma:2x16", "mma:4x3", "mma:4x16c16"):
+    for name in ("mma:2x16", "mma:4x3", "mma:4x16c16", "mma:1x4k4c2"):
         dispatch.run_route(name, x, None, sz, None, None, None, None, 4, 64, cuda=cuda)
-    assert seen == [(2, 16, 1), (4, 3, 1), (4, 16, 16)]
+    assert seen == [(2, 16, 1, 1), (4, 3, 1, 1), (4, 16, 16, 1), (1, 4, 2, 4)]
 
 
 def test_gemv_k_tile_at_one_row_follows_the_split_balance():

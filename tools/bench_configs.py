@@ -4,7 +4,7 @@
         [--shapes 4096x4096,5120x5120] [--ms 1,16,32,64] [--nsal 0,128] [--bits 4] \\
         [--out DIR] [--name FILE] [--shared]
 
-Any configuration ``dispatch.run_route`` takes ("wg:NTxWxS[cC]", "mma:WNxS[cC]",
+Any configuration ``dispatch.run_route`` takes ("wg:NTxWxS[cC]", "mma:WNxS[kKW][cC]",
 "mmv:WNxS[dD][cC]", a Triton route), whether or not the route tables would time it at that M
 (``bench_kernels --candidates`` times only those), beside cuBLAS fp16, with the protocol of
 ``bench_kernels.py``: each callable captured once per copy of the layer in one CUDA graph

@@ -29,6 +29,11 @@
 // and its counter again (one launch, no memset), the same protocol as the Triton kernels. Or
 // (sm_90, `csize` > 1) the splits of a column block run as thread-block clusters of csize
 // blocks and add up in distributed shared memory (fragments.cuh, `cluster_reduce`).
+// KW > 1 (16-row tiles): KW warps share each strip, each taking a contiguous 1/KW of the
+// block's k-steps (and every KW-th of its salient steps) on the same staged x; they add up in
+// shared memory before the block's one share of the split-K sum, so a layer's k range can be
+// cut into fewer grid splits (fewer fp32 atomics, or a cluster small enough to place) at the
+// same number of warps streaming the weights.
 #include "fragments.cuh"
 
 namespace {
@@ -52,8 +57,15 @@ __device__ __forceinline__ void add_scaled(float (&acc)[MT][8][4], float (&grp)[
   }
 }
 
-template <bool BF, int BITS, int MT, int WN, int PF>
-__global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
+// KW > 1: registers as ptxas needs them (under the 168 of 12 warps per SM the 4-bit kernel
+// spills); the launches that use it run about 8 warps per SM
+template <int MT, int WN, int KW>
+constexpr int min_blocks() {
+  return KW > 1 ? 1 : MT == 1 ? 3 : 2;
+}
+
+template <bool BF, int BITS, int MT, int WN, int PF, int KW>
+__global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
     mixed_mma_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
                      const uint2* __restrict__ zp, const uint4* __restrict__ scp,
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
@@ -72,7 +84,9 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int B = N >> 6;                  // 64-column strips
-  const int b = blockIdx.x * WN + warp;  // this warp's strip
+  static_assert(KW == 1 || MT == 1, "warps share a strip on 16-row tiles only");
+  const int wi = warp % WN, kp = warp / WN;  // strip within the block; share of its k-steps
+  const int b = blockIdx.x * WN + wi;       // this warp's strip
   const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;  // 64-deep k-steps ("supersteps")
   const int s0 = split * ss_per_split;
@@ -81,13 +95,16 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int kcols = nss * 64 + nq * 16;
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
+  // this warp's k-steps of the block's: sb .. sb + nsw - 1 (KW > 1: a contiguous share)
+  const int per = (nss + KW - 1) / KW;
+  const int sb = min(nss, kp * per), nsw = min(nss, sb + per) - sb;
 
   // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
   // the weights), in flight during the x staging; none of it is written by the previous kernel,
   // so it is read before pdl_wait (fragments.cuh). Per k-step and strip, word-vector i of every
   // lane is contiguous (512 B per instruction).
   const size_t qstride = (size_t)B * 32 * BITS;  // uint4 per k-step (all strips)
-  const uint4* qp = qc + ((size_t)s0 * B + b) * 32 * BITS + lane;
+  const uint4* qp = qc + ((size_t)(s0 + sb) * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;  // per group: uint2 of zero-points, uint4 of scales
   const uint2* zbase = zp + (size_t)b * 8 + g;  // the zero-points of columns 8 j + g
   // the scales of columns 8 j + 2 t (+1) after the MMA, of columns 8 j + 2 (g / 2) (+1) before
@@ -97,10 +114,10 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   uint4 sbuf[SA ? 1 : PF][2];
 #pragma unroll
   for (int p = 0; p < PF; ++p) {
-    if (p < nss) {
+    if (p < nsw) {
 #pragma unroll
       for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
-      const unsigned grp = group_of(s0 + p, gmagic);
+      const unsigned grp = group_of(s0 + sb + p, gmagic);
       zbuf[p] = __ldg(zbase + grp * gstride);
       if constexpr (!SA) {
         sbuf[p][0] = __ldg(sbase + grp * gstride);
@@ -135,7 +152,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   }
 
   // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
-  for (int qi = 0; qi < nq; ++qi) {
+  for (int qi = kp; qi < nq; qi += KW) {
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
@@ -155,11 +172,11 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   // 4. the quantized k-steps
   uint32_t sc[8], cz[8][2];  // sc: both halves one column's scale (SA: 2 columns, C layout)
   unsigned cur_group = 0xFFFFFFFFu;
-  for (int s = 0; s < nss; s += PF) {
+  for (int s = 0; s < nsw; s += PF) {
 #pragma unroll
     for (int p = 0; p < PF; ++p) {
-      const int ss = s + p;
-      if (ss < nss) {
+      const int ss = s + p;  // of this warp's k-steps
+      if (ss < nsw) {
         uint32_t w[4 * BITS];
 #pragma unroll
         for (int i = 0; i < BITS; ++i) {
@@ -168,18 +185,18 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
         }
         const uint2 zw = zbuf[p];
         const uint4 s0w = sbuf[SA ? 0 : p][0], s1w = sbuf[SA ? 0 : p][1];
-        if (ss + PF < nss) {
+        if (ss + PF < nsw) {
 #pragma unroll
           for (int i = 0; i < BITS; ++i)
             wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
-          const unsigned grp = group_of(s0 + ss + PF, gmagic);
+          const unsigned grp = group_of(s0 + sb + ss + PF, gmagic);
           zbuf[p] = __ldg(zbase + grp * gstride);
           if constexpr (!SA) {
             sbuf[p][0] = __ldg(sbase + grp * gstride);
             sbuf[p][1] = __ldg(sbase + grp * gstride + 1);
           }
         }
-        const unsigned grp = group_of(s0 + ss, gmagic);
+        const unsigned grp = group_of(s0 + sb + ss, gmagic);
         if (grp != cur_group) {  // warp-uniform
           if constexpr (SA) {
             // the last group's sum times its scales; this group's scales, needed at its end
@@ -209,7 +226,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             uint32_t a[4];
-            ldmatrix_x4(a, xa[m] + (ss * 64 + st * 16) * 2);
+            ldmatrix_x4(a, xa[m] + ((sb + ss) * 64 + st * 16) * 2);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
               mma16816<BF>(SA ? gacc[m][j] : acc[m][j], a, f[2 * j], f[2 * j + 1]);
@@ -219,9 +236,35 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
     }
   }
   if constexpr (SA) {
-    if (nss > 0) add_scaled<MT>(acc, gacc, sc);
+    if (nsw > 0) add_scaled<MT>(acc, gacc, sc);
   }
   pdl_launch_dependents();  // the next kernel may start once every block is here
+  if constexpr (KW > 1) {  // the strip's shares add up in warp kp = 0's registers
+    constexpr int E = MT * 32;  // accumulators per lane
+    float* red = reinterpret_cast<float*>(xs);  // [(kp - 1) * WN + wi][e][lane]
+    __syncthreads();  // every warp is done with the staged x
+    if (kp > 0) {
+      float* mine = red + ((kp - 1) * WN + wi) * E * 32 + lane;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mine[((m * 8 + j) * 4 + e) * 32] = acc[m][j][e];
+    }
+    __syncthreads();
+    if (kp == 0) {
+      for (int q = 1; q < KW; ++q) {  // in share order: the same sum every run
+        const float* theirs = red + ((q - 1) * WN + wi) * E * 32 + lane;
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][j][e] += theirs[((m * 8 + j) * 4 + e) * 32];
+      }
+    }
+  }
 
   // 5. output: lane holds rows m*16 + g (+8), columns b*64 + 8j + 2t (+1)
   if (csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
@@ -233,10 +276,10 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int r = m * 16 + g + 8 * h;
-              if (r < M) {
+              if (r < M && kp == 0) {
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
-                  *reinterpret_cast<float2*>(red + r * W + warp * 64 + 8 * j + 2 * t) =
+                  *reinterpret_cast<float2*>(red + r * W + wi * 64 + 8 * j + 2 * t) =
                       make_float2(acc[m][j][2 * h], acc[m][j][2 * h + 1]);
               }
             }
@@ -247,6 +290,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   }
   const int col0 = b * 64 + 2 * t;
   if (splits == 1) {
+    if (kp > 0) return;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -269,7 +313,7 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = m * 16 + g + 8 * h;
-      if (r < M) {
+      if (r < M && kp == 0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           float* o = ws + (size_t)r * N + col0 + 8 * j;
@@ -285,12 +329,12 @@ __global__ void __launch_bounds__(WN * 32, MT == 1 ? 3 : 2)
   finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
 }
 
-template <bool BF, int BITS, int MT, int WN>
+template <bool BF, int BITS, int MT, int WN, int KW>
 int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, const uint4* wsp,
            const int* sidx, int nsal, const half* bias, half* y, float* ws, int* cnt, int M,
            int N, int K, int group, int splits, int csize, bool pdl, cudaStream_t stream) {
   constexpr int PF = MT == 1 ? 3 : 2;
-  auto kernel = mixed_mma_kernel<BF, BITS, MT, WN, PF>;
+  auto kernel = mixed_mma_kernel<BF, BITS, MT, WN, PF, KW>;
   const int S = K / 64;
   const int ss_per_split = (S + splits - 1) / splits;
   splits = (S + ss_per_split - 1) / ss_per_split;
@@ -300,40 +344,60 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
   size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
+  if (KW > 1) smem = max(smem, (size_t)(KW - 1) * WN * MT * 32 * 32 * sizeof(float));  // shares
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
   static bool clustered[64] = {};   // per device: clusters past 8 blocks allowed
   int rc = allow_smem(kernel, smem, allowed);
   if (!rc) rc = allow_cluster(kernel, csize, clustered);
   if (rc) return rc;
-  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * 32), smem, stream, csize, pdl, x,
-                   qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group_magic(group),
-                   ss_per_split, R, csize);
+  return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * KW * 32), smem, stream, csize,
+                   pdl, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K,
+                   group_magic(group), ss_per_split, R, csize);
 }
 
+// (warps per strip KW, strips per block WN): KW > 1 for 16-row tiles, up to 8 warps a block
 template <bool BF, int BITS, int MT>
-int by_wn(int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
+int by_wn(int wn, int kw, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
           const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
           int* cnt, int M, int N, int K, int group, int splits, int csize, bool pdl,
           cudaStream_t s) {
-  switch (wn) {
-    case 1: return launch<BF, BITS, MT, 1>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+#define GQ_MMA(WN, KW) \
+  launch<BF, BITS, MT, WN, KW>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s)
+  if (kw == 1) {
+    switch (wn) {
+      case 1: return GQ_MMA(1, 1);
 #ifndef GQ_COMPILE_CHECK  // the CPU test compiles one block width (the code is the same)
-    case 2: return launch<BF, BITS, MT, 2>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 4: return launch<BF, BITS, MT, 4>(x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+      case 2: return GQ_MMA(2, 1);
+      case 4: return GQ_MMA(4, 1);
 #endif
-    default: return -1;
+      default: return -1;
+    }
   }
+  if constexpr (MT == 1) {
+    switch (wn * 16 + kw) {
+      case 1 * 16 + 4: return GQ_MMA(1, 4);
+#ifndef GQ_COMPILE_CHECK
+      case 1 * 16 + 2: return GQ_MMA(1, 2);
+      case 1 * 16 + 8: return GQ_MMA(1, 8);
+      case 2 * 16 + 2: return GQ_MMA(2, 2);
+      case 2 * 16 + 4: return GQ_MMA(2, 4);
+#endif
+      default: return -1;
+    }
+  }
+#undef GQ_MMA
+  return -1;
 }
 
 template <bool BF, int BITS>
-int by_mt(int mt, int wn, const half* x, const uint4* qc, const uint2* zp, const uint4* scp,
-          const uint4* wsp, const int* sidx, int nsal, const half* bias, half* y, float* ws,
-          int* cnt, int M, int N, int K, int group, int splits, int csize, bool pdl,
-          cudaStream_t s) {
+int by_mt(int mt, int wn, int kw, const half* x, const uint4* qc, const uint2* zp,
+          const uint4* scp, const uint4* wsp, const int* sidx, int nsal, const half* bias,
+          half* y, float* ws, int* cnt, int M, int N, int K, int group, int splits, int csize,
+          bool pdl, cudaStream_t s) {
   switch (mt) {
-    case 1: return by_wn<BF, BITS, 1>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 2: return by_wn<BF, BITS, 2>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
-    case 4: return by_wn<BF, BITS, 4>(wn, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 1: return by_wn<BF, BITS, 1>(wn, kw, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 2: return by_wn<BF, BITS, 2>(wn, kw, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
+    case 4: return by_wn<BF, BITS, 4>(wn, kw, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K, group, splits, csize, pdl, s);
     default: return -1;
   }
 }
@@ -345,11 +409,12 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
                             const void* wsp,
                             const void* sidx, int nsal, const void* bias, void* y, void* ws,
                             void* cnt, int M, int N, int K, int group, int bits, int bf16,
-                            int wn, int splits, int csize, int pdl, void* stream) {
+                            int wn, int splits, int csize, int kw, int pdl, void* stream) {
   if (M < 1 || M > 64 || wn < 1 || N % (64 * wn) || K % 64 || group % 64 || K % group || splits < 1)
     return -1;
   if (csize < 1 || csize > 16 || (csize > 1 && !device_has_clusters())) return -1;
   const int mt = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+  if (kw < 1 || (kw > 1 && mt != 1)) return -1;
   auto* xh = static_cast<const half*>(x);
   auto* q = static_cast<const uint4*>(qc);
   auto* z = static_cast<const uint2*>(zp);
@@ -364,9 +429,9 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
   auto run = [&](auto bf) {
     constexpr bool BF = decltype(bf)::value;
     switch (bits) {
-      case 2: return by_mt<BF, 2>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-      case 3: return by_mt<BF, 3>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
-      case 4: return by_mt<BF, 4>(mt, wn, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 2: return by_mt<BF, 2>(mt, wn, kw, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 3: return by_mt<BF, 3>(mt, wn, kw, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
+      case 4: return by_mt<BF, 4>(mt, wn, kw, xh, q, z, sc, wp, si, nsal, bh, yh, w, c, M, N, K, group, splits, csize, pdl, s);
       default: return -1;
     }
   };

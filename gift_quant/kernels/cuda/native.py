@@ -34,6 +34,8 @@ from torch import Tensor
 from gift_quant.kernels.build import cached_build, compiler_version
 from gift_quant.kernels.cuda.layout import Packed
 from gift_quant.kernels.cuda.rules import (
+    MMA_KW,
+    MMA_KW_MAX_M,
     MMV_DEPTH,
     choose,
     dependent_launch,
@@ -72,7 +74,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 # M, N, K, group, bits, bf16 (x, bias and y bf16, else fp16), then each kernel's
 # configuration, pdl, stream
 ENTRY_ARGS = {
-    "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 10 + [_P],  # wn, splits, csize
+    "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, csize, kw
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
     "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 12 + [_P, _I, _P],  # .., stream_k, xs
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
@@ -216,15 +218,24 @@ def mixed_mma(
     wn: int = 0,
     splits: int = 0,
     cluster: int = 1,
+    kw: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
     """y [M, N] = x2 [M, K] @ dequant(W)^T + x2[:, S] @ W_S^T (+ bias), fp16 or bf16; ``ws``/``cnt``
     are the zeroed split-K workspace, ``wn``/``splits`` the configuration (0: ``rules.choose``);
     ``cluster`` > 1 (sm_90+, dividing the splits the launch runs, at most 16): the splits add
-    up in thread-block clusters of that many blocks."""
+    up in thread-block clusters of that many blocks; ``kw`` > 1 (M <= 16; ``rules.MMA_KW``):
+    that many warps share each strip, each a contiguous part of the block's k-steps, added up
+    in shared memory before the split-K sum."""
     if not wn:  # the rule's configuration, without clusters
-        (wn, splits), cluster = choose(x2.shape[0], p.N, x2.shape[1]), 1
-    return _launch(_state["lib"].gq_mixed_mma, x2, p, bias, ws, cnt, out, wn, splits, cluster)
+        (wn, splits), cluster, kw = choose(x2.shape[0], p.N, x2.shape[1]), 1, 1
+    if kw != 1 and (x2.shape[0] > MMA_KW_MAX_M or wn not in MMA_KW.get(kw, ())):
+        raise ValueError(
+            f"mixed_mma: {kw} warps per strip at {wn} strips a block and M={x2.shape[0]}; "
+            f"built: M <= {MMA_KW_MAX_M} with warps per strip: strips a block {MMA_KW}"
+        )
+    fn = _state["lib"].gq_mixed_mma
+    return _launch(fn, x2, p, bias, ws, cnt, out, wn, splits, cluster, kw)
 
 
 def wg_available() -> bool:

@@ -13,6 +13,8 @@ import torch
 
 __all__ = [
     "MAX_M",
+    "MMA_KW",
+    "MMA_KW_MAX_M",
     "MMV_DEPTH",
     "MMV_DEPTHS",
     "MMV_MAX_M",
@@ -64,6 +66,12 @@ MMV_CLUSTER = 8
 # atomic configuration.
 MMA_CLUSTER_M = (5, 32)
 MMA_CLUSTERS = (8, 16)
+# The tensor-core kernel with KW warps sharing each 64-column strip (16-row tiles, M <= 16),
+# each a contiguous share of the block's k-steps, added up in shared memory: the layer's k
+# range in KW times fewer K splits at the same number of warps. {KW: the strips per block
+# it is built with} (at most 8 warps a block).
+MMA_KW = {2: (1, 2), 4: (1, 2), 8: (1,)}
+MMA_KW_MAX_M = 16
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 
 

@@ -108,7 +108,7 @@ def run_route(
     cuda: layout.Packed | None = None,
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
-    ``cuda``: the CUDA kernels' layout, for "mma:WNxS[cC]", "mmv:WNxS[dD][cC]" and
+    ``cuda``: the CUDA kernels' layout, for "mma:WNxS[kKW][cC]", "mmv:WNxS[dD][cC]" and
     "wg:NTxWxS[cC][tT][s]")."""
     M, K = x2.shape
     N = sz.shape[1]

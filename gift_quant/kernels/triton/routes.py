@@ -2,8 +2,9 @@
 H200 (names only; ``ops`` launches what they name).
 
 * Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
-  "cublas" (dequantize + cuBLAS), "mma:WNxS[cC]" (the CUDA tensor-core kernel with WN warps
-  per block and S K-splits, where it is built) and "mmv:WNxS[dD][cC]" (the CUDA
+  "cublas" (dequantize + cuBLAS), "mma:WNxS[kKW][cC]" (the CUDA tensor-core kernel with WN
+  64-column strips per block and S K-splits, where it is built; KW warps per strip, each a
+  share of the block's k-steps, M <= 16) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
   (sm_90); "wg:NTxWxS[cC][tT][s]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
@@ -134,8 +135,12 @@ def route(M: int, N: int = 0, K: int = 0, bits: int = 0, mma: bool = False) -> s
     return "cublas"
 
 
-def mma_name(wn: int, splits: int, cluster: int = 1) -> str:
-    return f"mma:{wn}x{splits}" + ("" if cluster == 1 else f"c{cluster}")
+def mma_name(wn: int, splits: int, cluster: int = 1, kw: int = 1) -> str:
+    return (
+        f"mma:{wn}x{splits}"
+        + ("" if kw == 1 else f"k{kw}")
+        + ("" if cluster == 1 else f"c{cluster}")
+    )
 
 
 def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 1) -> str:
@@ -158,7 +163,8 @@ def wg_name(
 
 
 def mma_config(name: str) -> tuple[int, ...]:
-    """(warps per block, K splits, cluster) of "mma:WNxS[cC]"; (warps, splits, depth, cluster)
+    """(strips per block, K splits, cluster, warps per strip) of "mma:WNxS[kKW][cC]"; (warps,
+    splits, depth, cluster)
     of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster, tail splits,
     stream-K) of "wg:NTxWxS[cC][tT][s]"."""
     if name.startswith("wg:"):
@@ -172,7 +178,8 @@ def mma_config(name: str) -> tuple[int, ...]:
     splits, _, depth = rest.partition("d")
     if name.startswith("mmv:"):
         return int(wn), int(splits), int(depth or rules.MMV_DEPTH), int(cluster or 1)
-    return int(wn), int(splits), int(cluster or 1)
+    splits, _, kw = splits.partition("k")
+    return int(wn), int(splits), int(cluster or 1), int(kw or 1)
 
 
 def _wg_serves(M: int, wg: bool) -> bool:
