@@ -631,3 +631,26 @@ def test_tensor_core_cluster_configurations_are_named_and_offered(monkeypatch) -
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     names = routes.tuning_names(16, 4096, 4096, 4)
     assert not any(n.startswith("mma:") and "c" in n for n in names)
+
+
+def test_shared_strip_configurations_fill_one_wave(monkeypatch) -> None:
+    """The configurations with warps sharing a strip, timed at first use for M = 5-16: each
+    built (strips, KW) pair at the splits that fill one wave of about 8 warps per SM on 132
+    SMs (4096^2: 64 strips, 64 k-steps; 5120^2: 80 of each, 80 k-steps as 6 splits of 14 or
+    3 of 27), none where two splits (the x-staging minimum) already take more than a wave
+    (28672 x 4096), 2 splits also in one cluster of 2 (sm_90)."""
+    from gift_quant.kernels.triton import routes
+
+    monkeypatch.setattr(rules, "clusters_supported", lambda: True)
+    want = [(1, 8, 1, 2), (2, 8, 1, 2), (4, 8, 1, 2), (1, 4, 1, 4), (2, 4, 1, 4)]
+    assert rules.mma_kw_configs(16, 4096, 4096) == want + [(1, 2, 1, 8), (1, 2, 2, 8)]
+    assert rules.mma_kw_configs(5, 4096, 4096) == rules.mma_kw_configs(16, 4096, 4096)
+    assert rules.mma_kw_configs(4, 4096, 4096) == []  # M <= 4: no gain measured
+    assert rules.mma_kw_configs(17, 4096, 4096) == []  # 32-row tiles: not built
+    assert rules.mma_kw_configs(16, 28672, 4096) == []
+    want = [(1, 6, 1, 2), (2, 6, 1, 2), (4, 6, 1, 2), (1, 3, 1, 4), (2, 3, 1, 4)]
+    assert rules.mma_kw_configs(16, 5120, 5120) == want
+    assert "mma:2x4k4" in routes.tuning_names(16, 4096, 4096, 4)
+    assert "mma:1x2k8c2" in routes.candidates(8, mma=True, N=4096, K=4096)
+    monkeypatch.setattr(rules, "clusters_supported", lambda: False)
+    assert (1, 2, 2, 8) not in rules.mma_kw_configs(16, 4096, 4096)

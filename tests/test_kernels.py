@@ -384,7 +384,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     rule_triton = routes.route(16, N, K, 4)
     mmv16 = [routes.mmv_name(*c) for c in rules.mmv_configs(16, N, K)]
     mma16 = [routes.mma_name(*c) for c in rules.configs(16, N, K)]
-    assert timed == [mmv16 + mma16 + [rule_triton]]
+    kw16 = [routes.mma_name(*c) for c in rules.mma_kw_configs(16, N, K)]
+    assert kw16 == ["mma:1x8k2", "mma:2x8k2", "mma:4x8k2"]  # 4 and 8 warps a strip: 2 waves
+    assert timed == [mmv16 + mma16 + kw16 + [rule_triton]]
     assert pick(9) == "mma:2x16" and len(timed) == 1  # same bucket: kept, not timed again
     assert routes.route_in_force(12, N, K, 4, 128, 0, True, device=None, dtype=F16) == "mma:2x16"
     rule_12 = routes.route(12, N, K, 4)

@@ -381,6 +381,7 @@ int by_wn(int wn, int kw, const half* x, const uint4* qc, const uint2* zp, const
       case 1 * 16 + 8: return GQ_MMA(1, 8);
       case 2 * 16 + 2: return GQ_MMA(2, 2);
       case 2 * 16 + 4: return GQ_MMA(2, 4);
+      case 4 * 16 + 2: return GQ_MMA(4, 2);
 #endif
       default: return -1;
     }

@@ -14,7 +14,9 @@ import torch
 __all__ = [
     "MAX_M",
     "MMA_KW",
+    "MMA_KW_M",
     "MMA_KW_MAX_M",
+    "MMA_KW_WARPS",
     "MMV_DEPTH",
     "MMV_DEPTHS",
     "MMV_MAX_M",
@@ -24,6 +26,7 @@ __all__ = [
     "dependent_launch",
     "dependent_launch_capable",
     "mma_cluster_configs",
+    "mma_kw_configs",
     "mmv_choose",
     "mmv_cluster_configs",
     "mmv_configs",
@@ -70,8 +73,13 @@ MMA_CLUSTERS = (8, 16)
 # each a contiguous share of the block's k-steps, added up in shared memory: the layer's k
 # range in KW times fewer K splits at the same number of warps. {KW: the strips per block
 # it is built with} (at most 8 warps a block).
-MMA_KW = {2: (1, 2), 4: (1, 2), 8: (1,)}
+MMA_KW = {2: (1, 2, 4), 4: (1, 2), 8: (1,)}
 MMA_KW_MAX_M = 16
+# Timed at first use for M in MMA_KW_M: each pair at the splits that fill one wave of about
+# MMA_KW_WARPS warps per SM (ptxas gives these kernels 154-187 registers: 8-10 warps per SM),
+# alone and, where they are 2, in one cluster of 2.
+MMA_KW_M = (5, 16)
+MMA_KW_WARPS = 8
 TARGET_BLOCKS = 264  # about two blocks per SM of an H200 (132 SMs)
 
 
@@ -195,6 +203,29 @@ def mma_cluster_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
         for c in MMA_CLUSTERS
         if _runs(K, c) == c and _min_splits(M, K) <= c
     ]
+
+
+def mma_kw_configs(M: int, N: int, K: int) -> list[tuple[int, int, int, int]]:
+    """(strips per block, splits, cluster, warps per strip) of the tensor-core kernel with KW
+    warps sharing each strip, worth timing for M rows (MMA_KW_M): each built pair the layer's
+    strips allow, at the splits that fill about one wave of MMA_KW_WARPS warps per SM on an
+    H200's 132 SMs (never below the shared-memory minimum; none where that minimum takes
+    more than a wave), and with 2 splits in one cluster (sm_90)."""
+    if not MMA_KW_M[0] <= M <= MMA_KW_M[1]:
+        return []
+    strips, out = N // 64, []
+    for kw, widths in MMA_KW.items():
+        for wn in widths:
+            if strips % wn:
+                continue
+            wave, low = (TARGET_BLOCKS // 2) * max(1, MMA_KW_WARPS // (wn * kw)), _min_splits(M, K)
+            if strips // wn * low > wave:  # more than a wave at the fewest splits
+                continue
+            splits = _runs(K, max(low, min(K // 64, wave // (strips // wn))))
+            out.append((wn, splits, 1, kw))
+            if splits == 2 and clusters_supported():
+                out.append((wn, 2, 2, kw))
+    return out
 
 
 def dependent_launch_capable(device: torch.device) -> bool:

@@ -211,7 +211,8 @@ def timed(M: int, N: int, wg: bool) -> bool:
 def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[str]:
     """The kernels timed for M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
-    tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``),
+    tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``,
+    and with warps sharing a strip, ``rules.mma_kw_configs``),
     the warpgroup kernel's (``_wg_names``, M in WG_M, where ``wg`` says it is built)
     and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel) only the warpgroup
     kernel's configurations and the table's route."""
@@ -224,6 +225,7 @@ def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[st
         names += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
     names += [mma_name(*c) for c in rules.configs(M, N, K)]
     names += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
+    names += [mma_name(*c) for c in rules.mma_kw_configs(M, N, K)]
     return [*names, *wgs, route(M, N, K, bits)]
 
 
@@ -260,6 +262,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = Fal
     if mma and M <= rules.MAX_M:
         out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
         out += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
+        out += [mma_name(*c) for c in rules.mma_kw_configs(M, N, K)]
         if M <= rules.MMV_MAX_M:
             out += [mmv_name(*c) for c in rules.mmv_configs(M, N, K)]
             out += [mmv_name(*c) for c in rules.mmv_cluster_configs(M, N, K)]
