@@ -324,26 +324,60 @@ __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x, in
 // thread handles GATHER_BATCH elements at a time, their index loads issued together, then their
 // x loads: two memory round trips per batch (one element at a time made every element two
 // dependent round trips, about 12% of the stall samples at M = 16 on an H200). Row and column
-// advance by the block's width without dividing per element.
+// advance by the block's width without dividing per element. The indices are the layer's, not
+// the previous kernel's output: `salient_first` loads a thread's first batch of them before the
+// dependent wait, and `gather_salient` takes them from there (`first`).
 constexpr int GATHER_BATCH = 4;
+
+struct GatherWalk {  // the elements of a thread: (row, column) stepping by the block's width
+  int r, c, scols, total, dq, dr, bd;
+  __device__ __forceinline__ GatherWalk(int nq, int R)
+      : scols(nq * 16), total((R + 1) * nq * 16), bd(static_cast<int>(blockDim.x)) {
+    dq = bd / scols, dr = bd - dq * scols;  // (rows, columns) per step of bd elements
+    r = static_cast<int>(threadIdx.x) / scols, c = static_cast<int>(threadIdx.x) - r * scols;
+  }
+  // element u of the batch from i0: row << 16 | column, -1 past the end; then the next one
+  __device__ __forceinline__ int next(int i0, int u) {
+    const int rc = i0 + u * bd < total ? r << 16 | c : -1;
+    c += dr, r += dq;
+    if (c >= scols) c -= scols, ++r;
+    return rc;
+  }
+};
+
+// The column of x element rc (GatherWalk) reads, -1 for a zero (past M or the list).
+__device__ __forceinline__ int salient_col(int rc, const int* __restrict__ sidx, int nsal, int M,
+                                           int split, int splits) {
+  const int r = rc >> 16, c = rc & 0xFFFF;
+  const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
+  return rc >= 0 && r < M && j < nsal ? __ldg(sidx + j) : -1;
+}
+
+__device__ __forceinline__ void salient_first(int (&first)[GATHER_BATCH],
+                                              const int* __restrict__ sidx, int nsal, int M,
+                                              int R, int nq, int split, int splits) {
+  if (nq == 0) return;
+  GatherWalk w(nq, R);
+#pragma unroll
+  for (int u = 0; u < GATHER_BATCH; ++u)
+    first[u] = salient_col(w.next(threadIdx.x, u), sidx, nsal, M, split, splits);
+}
 
 __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict__ x,
                                                const int* __restrict__ sidx, int nsal, int M,
                                                int K, int R, int ldx, int kq, int nq,
-                                               int split, int splits) {
+                                               int split, int splits,
+                                               const int* first = nullptr) {
   if (nq == 0) return;  // no salient step in this split (block-uniform; no barrier here)
-  const int scols = nq * 16, total = (R + 1) * scols, bd = blockDim.x;
-  const int dq = bd / scols, dr = bd - dq * scols;  // (rows, columns) per step of bd elements
-  int r = threadIdx.x / scols, c = threadIdx.x - r * scols;
-  for (int i0 = threadIdx.x; i0 < total; i0 += GATHER_BATCH * bd) {
+  GatherWalk w(nq, R);
+  for (int i0 = threadIdx.x; i0 < w.total; i0 += GATHER_BATCH * w.bd) {
     int rc[GATHER_BATCH], col[GATHER_BATCH];  // row << 16 | column (-1: past the end); col of x
 #pragma unroll
     for (int u = 0; u < GATHER_BATCH; ++u) {
-      const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
-      rc[u] = i0 + u * bd < total ? r << 16 | c : -1;
-      col[u] = rc[u] >= 0 && r < M && j < nsal ? __ldg(sidx + j) : -1;  // -1: a zero
-      c += dr, r += dq;
-      if (c >= scols) c -= scols, ++r;
+      rc[u] = w.next(i0, u);
+      col[u] = first != nullptr && i0 == static_cast<int>(threadIdx.x)
+                   ? first[u]
+                   : salient_col(rc[u], sidx, nsal, M, split, splits);
     }
     half v[GATHER_BATCH];
 #pragma unroll

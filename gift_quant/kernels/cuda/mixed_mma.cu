@@ -127,10 +127,14 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   }
 
   // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
-  // salient columns
+  // salient columns (KW > 1: the first batch of their indices read before the wait; the
+  // others have no registers for it under their cap: 8 bytes of spills at 4 bits)
+  int first[GATHER_BATCH];
+  if constexpr (KW > 1) salient_first(first, sidx, nsal, M, R, nq, split, splits);
   pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
-  gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits);
+  gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits,
+                 KW > 1 ? first : nullptr);
   wait_copies_and_sync<0>();
 
   float acc[MT][8][4], gacc[MT][8][4];  // gacc: this group's x @ (code - zero) (SA only)
