@@ -58,7 +58,7 @@ __device__ __forceinline__ void add_scaled(float (&acc)[MT][8][4], float (&grp)[
 }
 
 // KW > 1: registers as ptxas needs them (under the 168 of 12 warps per SM the 4-bit kernel
-// spills; 6 k-steps in flight take up to 238); the launches that use it run about 8 warps per SM
+// spills; 6 k-steps in flight take up to 241); the launches that use it run about 8 warps per SM
 template <int MT, int WN, int KW>
 constexpr int min_blocks() {
   return KW > 1 ? 1 : MT == 1 ? 3 : 2;
@@ -339,7 +339,7 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
            int N, int K, int group, int splits, int csize, bool pdl, cudaStream_t stream) {
   // KW > 1: a warp's share is a few k-steps (4-7 in rules.mma_kw_configs), so all of it is
   // in flight from the start (one memory round trip, not two or three); 8 warps per SM leave
-  // the registers for it (192-238, no spills)
+  // the registers for it (194-241, no spills)
   constexpr int PF = KW > 1 ? 6 : MT == 1 ? 3 : 2;
   auto kernel = mixed_mma_kernel<BF, BITS, MT, WN, PF, KW>;
   const int S = K / 64;

@@ -76,7 +76,7 @@ MMA_CLUSTERS = (8, 16)
 MMA_KW = {2: (1, 2, 4), 4: (1, 2), 8: (1,)}
 MMA_KW_MAX_M = 16
 # Timed at first use for M in MMA_KW_M: each pair at the splits that fill one wave of about
-# MMA_KW_WARPS warps per SM (ptxas gives these kernels 166-238 registers: 8 warps per SM),
+# MMA_KW_WARPS warps per SM (ptxas gives these kernels 194-241 registers: 8 warps per SM),
 # alone and, where they are 2, in one cluster of 2.
 MMA_KW_M = (5, 16)
 MMA_KW_WARPS = 8
