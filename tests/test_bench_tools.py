@@ -63,6 +63,8 @@ def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
     assert got["candidates"]["wg:128x4 W4"]["geomean"] == 0.75
     assert got["best_candidate"] == {64: 2.0}  # 2.0 (wg:64x2x1) against 1.0 (wg:64x2x2)
     assert kernel_tables._family("mma:4x8c8") == "mma:4c"
+    assert kernel_tables._family("mma:2x4k4") == "mma:2k4" != kernel_tables._family("mma:2x4")
+    assert kernel_tables._family("mma:1x2k8c2") == "mma:1k8c"
     assert kernel_tables._family("gemv") == "gemv"
     assert kernel_tables._family("wg:64x2x8c8") == "wg:64x2c"
     assert kernel_tables._family("mmv:4x6d16") == "mmv:4" == kernel_tables._family("mmv:4x8")

@@ -146,12 +146,19 @@ def print_targets(rows: dict, ms: list[int]) -> None:
 def _family(name: str) -> str:
     """A candidate's configuration without its K splits, "c" where they add up in clusters:
     "wg:128x2x4" -> "wg:128x2", "wg:64x2x8c8" -> "wg:64x2c", "mma:4x8c8" -> "mma:4c",
-    "mmv:4x6d3" -> "mmv:4"; other names as they are."""
+    "mma:2x4k4" -> "mma:2k4" (warps sharing a strip kept apart), "mmv:4x6d3" -> "mmv:4"; other
+    names as they are."""
     cl = "c" if name.startswith(("wg:", "mma:", "mmv:")) and "c" in name.rsplit("x", 1)[1] else ""
     if name.startswith("wg:"):
         return name.rsplit("x", 1)[0] + cl
     if name.startswith(("mma:", "mmv:")):
-        return name.split("x", 1)[0] + cl
+        head, rest = name.split("x", 1)
+        kw = (
+            "k" + rest.split("k", 1)[1].split("c", 1)[0]
+            if name.startswith("mma:") and "k" in rest
+            else ""
+        )
+        return head + kw + cl
     return name
 
 
