@@ -12,6 +12,7 @@ a run over shapes that differ only in K split into a fixed and a per-k-step time
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from statistics import geometric_mean, linear_regression
@@ -269,8 +270,9 @@ def show_saved(markdown: str | None, compare: list[str] | None, sweep: str | Non
     """``bench_kernels``' views of saved runs (``--markdown FILE``, ``--compare BASE NEW``,
     ``--k-sweep FILE``): print the one asked for; False where none was."""
 
-    def load(path: str) -> dict:
-        return json.loads(Path(path).read_text())
+    def load(path: str) -> dict:  # superseded runs are kept gzipped (FILE.json.gz)
+        raw = Path(path).read_bytes()
+        return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)
 
     if markdown:
         print_tables(load(markdown), markdown=True)

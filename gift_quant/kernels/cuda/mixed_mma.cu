@@ -75,10 +75,10 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   // scale after the MMA (file comment). At 4 bits the second accumulator spills a few bytes
   // under the 168 registers of 3 blocks per SM (24 in round 7's build), and is still faster
   // than the scale on the weights (W4 M = 4: 1.27-1.67x without it, 1.35-1.85x with it:
-  // kernels_h200_w4_scale_before.json).
+  // kernels_h200_w4_scale_before.json.gz).
   // At 32 rows and 3 bits the scale on the weights was faster: every configuration of the
   // first-use timing on the eight shapes took 0.91-1.00x the time (W4 0.96-1.05x, W2
-  // 0.98-1.03x; kernels_h200_r16_sa1.json against kernels_h200_r16a.json)
+  // 0.98-1.03x; kernels_h200_r16_sa1.json against kernels_h200_r16a.json.gz)
   constexpr bool SA = MT == 1 || (MT == 2 && BITS != 3);
   extern __shared__ __align__(16) half xs[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -40,16 +40,17 @@ __all__ = [
 MAX_M = 64
 MMV_MAX_M = 16  # one 8-row tile of x up to 8 rows, two up to 16
 MMV_DEPTHS = (8, 16, 32)  # x 16 bytes of weights per lane in its shared-memory ring (mixed_mmv.cu)
-MMV_DEPTH = 8  # the fastest configuration had it in 23 of 24 cells of sweep_mmv_h200_m1_ring.json
+# the fastest configuration had it in 23 of 24 cells of sweep_mmv_h200_m1_ring.json.gz
+MMV_DEPTH = 8
 MMV_TARGET_WARPS = 2560  # about 20 warps per SM of an H200 (132 SMs): one wave
 # with two 8-row tiles of x (M > 8, 16 warps per SM): half as many; in the M = 12 / 16 sweep
-# (sweep_mmv_h200_m12_16.json) the rule at 2560 was 13% behind the best configuration on
+# (sweep_mmv_h200_m12_16.json.gz) the rule at 2560 was 13% behind the best configuration on
 # average, at 1280 it was the best wherever that configuration was measured
 MMV_TARGET_WARPS_TWO_TILES = 1280
 MMV_X_BYTES = 32 * 1024  # the most shared memory a block's staged x may take
 # The swapped kernel with its K splits summed in one thread-block cluster (sm_90), timed at
 # first use beside the atomic configurations for M = 5-16 where the layer has a multiple of
-# 8 x 64 input columns. In the H200 sweep (sweep_mmv_h200_cluster.json, W4, M = 1, 2, 4, 8,
+# 8 x 64 input columns. In the H200 sweep (sweep_mmv_h200_cluster.json.gz, W4, M = 1, 2, 4, 8,
 # 16, eight shapes) 8 splits in one cluster of 8 beat every atomic configuration by 15% on
 # 28672 x 4096 at M = 16, 4% on 12288 x 4096 at M = 16 and 1-5% on 13824 x 5120 at M = 2-16,
 # and lost elsewhere, by up to 31% in time; at M = 1-4 it lost on every other shape. Clusters
@@ -64,7 +65,7 @@ MMV_CLUSTER = 8
 # configurations for M = 5-32 (round 16): at M = 16 on 4096 x 4096 the atomic configurations
 # got faster from 4 to 16 splits and slower past it (tuning in kernels_h200.json), their
 # M x N fp32 atomics per split, fence and last-block pass the cost that grows. Kept in 10 of
-# the 72 cells at M = 8/16/32 of kernels_h200_r16a.json (5120 x 5120 at M = 8-32, 4096 x 4096
+# the 72 cells at M = 8/16/32 of kernels_h200_r16a.json.gz (5120 x 5120 at M = 8-32, 4096 x 4096
 # W2 and 5120 x 13824 W3/W2 at M = 16), taking 1.7-12.6% less time there than the best
 # atomic configuration.
 MMA_CLUSTER_M = (5, 32)
@@ -120,7 +121,7 @@ def configs(M: int, N: int, K: int) -> list[tuple[int, int]]:
     """The (warps per block, K splits) worth timing for M rows of an (N, K) layer: 2 and 4 warps
     where N allows them (1 otherwise), each at SPLIT_FACTORS x TARGET_BLOCKS blocks, never
     below the shared-memory minimum; ``choose``'s rule first. In the (warps, splits) sweep on
-    the H200 (sweep_mma_h200_configs.json) the best configuration was 1.11-1.45x the rule's
+    the H200 (sweep_mma_h200_configs.json.gz) the best configuration was 1.11-1.45x the rule's
     on 9 of 56 (shape, bits, M) cells (2 warps at M <= 8, more splits for 8192 x 28672), and
     no single rule found all of them."""
     strips = N // 64
@@ -294,7 +295,7 @@ def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
 # The warpgroup kernel's splits summed in one cluster, timed at first use: each configuration of
 # ``wg_configs`` with at most 5 splits, and every other split count up to WG_CLUSTER_MAX (the
 # portable cluster size) whose clusters the device holds all at once. Round 25 timed each
-# configuration clustered against itself with atomics (kernels_h200_r25_wg_cluster.json, both
+# configuration clustered against itself with atomics (kernels_h200_r25_wg_cluster.json.gz, both
 # shape groups, W4 and W3, M = 32-512): 0.911x the time with 2 splits, 0.943x with 3, 1.054x
 # with 4, 0.930x with 5 and 1.122x with 8 (never the fastest). Those 8-split launches needed
 # more clusters than an H200 holds at once (cudaOccupancyMaxActiveClusters at 64 x 2, two

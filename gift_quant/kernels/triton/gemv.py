@@ -36,8 +36,8 @@ K_PER_PROGRAM = 320  # at most about this many input columns per program
 # wave of 21 per SM. Measured at M = 1 with 128 salient columns (programs: K splits and salient
 # programs per column block), the cap against none: 24576 and 25600 x 4096 (2,880 and 3,000
 # programs) -5 to -6% at every bit width, 26624 and 27648 x 4096 (3,120 and 3,240) +9 to +13%
-# (kernels_h200_gemv_sweep_m1_r13.json); 28672 x 4096 (3,360) +14-17%, 8192 x 28672 (5,888)
-# +2-3%, the shapes of at most 1,944 programs up to -9% (kernels_h200_gemv_sweep_maxnreg.json,
+# (kernels_h200_gemv_sweep_m1_r13.json.gz); 28672 x 4096 (3,360) +14-17%, 8192 x 28672 (5,888)
+# +2-3%, the shapes of at most 1,944 programs up to -9% (kernels_h200_gemv_sweep_maxnreg.json.gz,
 # _wave.json), and a 7B decode's fused gate/up 22016 x 4096 with 246-255 salient columns
 # (2,924) cost batch-1 decode 1.6% (decode_h200_graphs_11ac32f_gateup_capped.json). So the cap
 # is taken above 23 programs per SM, between the losses (at most 22.7) and the gains (at least
@@ -64,7 +64,7 @@ def gemv_config(
     M = 1 BLOCK_K is 128 or 64, whichever shares the k-blocks more evenly over the splits (128
     on a tie): on the H200 an uneven share cost more than the smaller tile (5120^2 W4: 39
     splits of 40 blocks of 128, one split doing two, 10.15 us; of 80 blocks of 64, 8.86 us;
-    kernels_h200_gemv_sweep_bk.json). At M = 1, a launch of more programs (``nsal`` salient
+    kernels_h200_gemv_sweep_bk.json.gz). At M = 1, a launch of more programs (``nsal`` salient
     columns included) than CAP_ABOVE_PROGRAMS_PER_SM per SM on ``sms`` SMs caps its registers."""
     block_m = triton.next_power_of_2(M)
     block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
@@ -100,7 +100,7 @@ def dependent_wait(cfg: dict, N: int, K: int, nsal: int, sms: int) -> str | None
     # 4096^2 W4 6.08 against 6.26 us, ordinary 6.88; 12288 x 4096 W3 and W4 the other way, by 7% and
     # 4%), though it holds the first weights across the wait (W4 with 128-deep k-blocks: 168
     # registers instead of 96, W3 128); past one wave, where it had taken 32-36% longer at W4
-    # (kernels_h200_pdl_on_60614d2.json), the wait before the loop (96 registers, capped 80) beat
+    # (kernels_h200_pdl_on_60614d2.json.gz), the wait before the loop (96 registers, capped 80) beat
     # ordinary launches on both shapes at every width (28672 x 4096 W4 21.02 -> 20.23 us, 8192 x
     # 28672 W4 40.05 -> 38.64). The wait in the loop needs one pipeline stage (Triton issues the x
     # loads of later stages ahead of it) and a k-block for every program (an empty k-range would

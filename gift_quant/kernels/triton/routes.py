@@ -49,12 +49,12 @@ __all__ = [
 GEMV_MAX_M = 4  # M <= this: the decode GEMV, whatever the tables say (but see MMV_M)
 # fp16, where the CUDA kernels (kernels/cuda) are built, by rule: the swapped kernel "mmv" for
 # M = 2..8 (its rule beat the routes in force in all 48 cells at M = 4 and 8 and in 18 of 24
-# at M = 2: benchmarks/results/sweep_mmv_h200_m248.json; at M = 1 the GEMV stays, 1.6% from
-# the faster of the two on average against 6.9% for "mmv": sweep_mmv_h200_m1.json), and for
+# at M = 2: benchmarks/results/sweep_mmv_h200_m248.json.gz; at M = 1 the GEMV stays, 1.6% from
+# the faster of the two on average against 6.9% for "mmv": sweep_mmv_h200_m1.json.gz), and for
 # M = 9..16 (two 8-row tiles of x) on layers of at least MMV_WIDE_WEIGHTS weights: its best
 # configuration beat the routes then in force ("mma" by rule, or the first-use choice) in 30 of
 # 36 cells of the six wide benchmark shapes at M = 12 and 16, and its rule is that configuration
-# in every cell where the rule's was measured (sweep_mmv_h200_m12_16.json). On 4096 x 4096 the
+# in every cell where the rule's was measured (sweep_mmv_h200_m12_16.json.gz). On 4096 x 4096 the
 # Triton kernel was faster in 5 of 6 cells; on 5120 x 5120 (below the bound too) "mmv" won 5 of
 # 6, and the first-use timing, which includes it, finds that.
 MMV_M = (2, 8)
@@ -63,7 +63,7 @@ MMV_WIDE_WEIGHTS = 1 << 25
 # M where the kernels are measured at first use: 2..32, where the CUDA kernels beat the
 # Triton kernels on the largest layers and lost on some others. Not M = 33..64: timed there
 # (round 16, clustered configurations included) the tensor-core kernel's best took 1.26-1.55x
-# the Triton route's time in all 24 cells (kernels_h200_r16a.json). M = 2 since round 22: by
+# the Triton route's time in all 24 cells (kernels_h200_r16a.json.gz). M = 2 since round 22: by
 # rule the swapped kernel served it, and in bf16 (b1bd854) the GEMV it replaced was up to 24%
 # faster on some shapes (the graph timing of round 15 had never been tried there; the single
 # launch after a flush it replaced had misread kernels at M <= 2, docs/KERNELS-NOTES.md,
@@ -82,7 +82,7 @@ WG_M = (17, 512)
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
 # Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
 # tools/bench_kernels.py ``routes_from`` from the candidate timings in
-# benchmarks/results/kernels_h200_candidates.json (fastest candidate per measured M = 8, 16,
+# benchmarks/results/kernels_h200_candidates.json.gz (fastest candidate per measured M = 8, 16,
 # ..., 512), then "mm:t64k" (timed later, kernels_h200.json) where it was faster by more than
 # 3%. The defaults (other shapes) take per M the candidate with the best geometric-mean
 # speedup over the measured shapes. M = 33-64: "mm:t128wr" where it was more than 3% faster
