@@ -131,17 +131,6 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   // others have no registers for it under their cap: 8 bytes of spills at 4 bits)
   int first[GATHER_BATCH];
   if constexpr (KW > 1) salient_first(first, sidx, nsal, M, R, nq, split, splits);
-  // KW > 1: this warp's first salient k16 step's weight fragments too (the layer's, not the
-  // previous kernel's output), so that step waits on no load after the staging
-  auto salient_frags = [&](int qi, uint4 (&v)[4]) {
-    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __ldg(wp + i * 32);
-  };
-  uint4 sal0[4];
-  if constexpr (KW > 1) {
-    if (kp < nq) salient_frags(kp, sal0);
-  }
   pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
   gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits,
@@ -168,17 +157,13 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
 
   // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
   for (int qi = kp; qi < nq; qi += KW) {
-    uint4 v[4];
-    if (KW > 1 && qi == kp) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = sal0[i];
-    } else {
-      salient_frags(qi, v);
-    }
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      f[4 * i] = v[i].x, f[4 * i + 1] = v[i].y, f[4 * i + 2] = v[i].z, f[4 * i + 3] = v[i].w;
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = __ldg(wp + i * 32);
+      f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
+    }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       uint32_t a[4];
@@ -327,25 +312,6 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
       }
     return;
   }
-  // (KW > 1: warp kp = 0 holds the strip's sum; every warp takes part in the finish)
-#if __CUDA_ARCH__ >= 900
-  // 16-byte atomics (half as many operations): lanes t and t ^ 1 trade one pair, so the even
-  // lane adds columns 8 j + 4 (t / 2) .. + 3 of row g, the odd lane those of row g + 8
-  const bool odd = t & 1;
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const int r = m * 16 + g + (odd ? 8 : 0);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float* a = acc[m][j];
-      const float o0 = __shfl_xor_sync(0xFFFFFFFFu, odd ? a[0] : a[2], 1);
-      const float o1 = __shfl_xor_sync(0xFFFFFFFFu, odd ? a[1] : a[3], 1);
-      if (r < M && kp == 0)
-        atomicAdd(reinterpret_cast<float4*>(ws + (size_t)r * N + b * 64 + 8 * j + 4 * (t >> 1)),
-                  odd ? make_float4(o0, o1, a[2], a[3]) : make_float4(a[0], a[1], o0, o1));
-    }
-  }
-#else
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -355,12 +321,15 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           float* o = ws + (size_t)r * N + col0 + 8 * j;
+#if __CUDA_ARCH__ >= 900
+          atomicAdd(reinterpret_cast<float2*>(o), make_float2(acc[m][j][2 * h], acc[m][j][2 * h + 1]));
+#else
           atomicAdd(o, acc[m][j][2 * h]);
           atomicAdd(o + 1, acc[m][j][2 * h + 1]);
+#endif
         }
       }
     }
-#endif
   finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
 }
 
