@@ -70,6 +70,25 @@ def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
     assert kernel_tables._family("mmv:4x6d16") == "mmv:4" == kernel_tables._family("mmv:4x8")
 
 
+def test_compare_reads_a_superseded_run_kept_gzipped(capsys, tmp_path):
+    """``bench_kernels --compare BASE NEW`` with BASE as kept in benchmarks/results once a
+    later run superseded it (NAME.json.gz) prints what it prints for the plain file."""
+    import gzip
+
+    def run(us):
+        return {"rows": [dict(N=64, K=128, bits=4, M=16, us=us, cublas_us=10.0)]}
+
+    plain, packed, new = tmp_path / "a.json", tmp_path / "a.json.gz", tmp_path / "b.json"
+    plain.write_text(json.dumps(run(8.0)))
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    new.write_text(json.dumps(run(2.0)))
+    outs = []
+    for base in (plain, packed):
+        assert kernel_tables.show_saved(None, [str(base), str(new)], None)
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "M=16 0.250" in outs[0]
+
+
 def test_a_k_sweep_splits_each_candidate_into_fixed_and_per_step_time(capsys, tmp_path):
     """``bench_kernels --k-sweep``: over shapes that differ only in K, each candidate's times
     on a line fixed + per_step * K / 64 give back that line; the fastest candidate and cuBLAS
