@@ -996,6 +996,55 @@ int wave_blocks() {
   return per_device[dev];
 }
 
+// How many clusters of `csize` blocks along the splits of a configuration the current device
+// holds at once (cudaOccupancyMaxActiveClusters): a launch of more runs its clusters in waves.
+// `smem`: the blocks' dynamic shared memory (0: the configuration's own)
+template <bool BF, int BITS, int NT, int WGS>
+int wg_clusters(int csize, int* out, size_t smem = 0) {
+  if (const int rc = prepare_wg<BF, BITS, NT, WGS>(csize)) return rc;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, csize), cfg.blockDim = dim3(wg_threads(NT, WGS));
+  cfg.dynamicSmemBytes = smem ? smem : wg_smem_bytes(BITS, NT, WGS);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = csize, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  const cudaError_t rc = cudaOccupancyMaxActiveClusters(out, mixed_wg_kernel<BF, BITS, NT, WGS>, &cfg);
+  if (rc) cudaGetLastError();
+  return static_cast<int>(rc);
+}
+
+// 64 x 2 keeps two blocks per SM, so that launches of more blocks than SMs run in one wave;
+// a launch of no more blocks than SMs is given shared memory past half an SM's instead, one
+// block on each SM (where its clusters still fit at one block per SM): in round 38 the same
+// clustered launch of 96 blocks took about 2 us more on some machine starts than on others.
+// Returns that shared memory, or 0 where the configuration's own stands.
+constexpr size_t WG_SPREAD_SMEM = 116 * 1024;
+template <bool BF, int BITS, int NT, int WGS>
+size_t wg_spread_smem(long blocks, int csize) {
+  if constexpr (wg_min_blocks(NT, WGS) < 2) {
+    return 0;
+  } else {
+    static_assert(2 * (WG_SPREAD_SMEM + 1024) > 228 * 1024 && WG_SPREAD_SMEM > wg_smem_bytes(4, 64, 2),
+                  "one block per SM, and room for the ring");
+    static int sms[64] = {}, fit[64][17] = {};  // per device: SMs; clusters of c at one per SM
+    static size_t allowed[64] = {};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 || csize > 16)
+      return cudaGetLastError(), 0;
+    if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev))
+      return cudaGetLastError(), sms[dev] = 0, 0;
+    if (blocks > sms[dev]) return 0;
+    if (allow_smem(mixed_wg_kernel<BF, BITS, NT, WGS>, WG_SPREAD_SMEM, allowed)) return 0;
+    if (csize > 1) {
+      if (fit[dev][csize] == 0 && wg_clusters<BF, BITS, NT, WGS>(csize, &fit[dev][csize], WG_SPREAD_SMEM))
+        fit[dev][csize] = -1;  // the query failed: the configuration's own shared memory
+      if (blocks / csize > fit[dev][csize]) return 0;
+    }
+    return WG_SPREAD_SMEM;
+  }
+}
+
 // A stream-K launch (SK): the tiles past the last whole wave but one (all of them where there are
 // fewer than two waves) shared by one wave of blocks, G of them, each at least one k-step;
 // the tiles before it whole, a block each. Workspace: G partial tiles (NT x 64 WGS floats
@@ -1045,9 +1094,13 @@ int launch_wg(const WgCall& a) {
   if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
   if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
   if (W == 0) smap = xmap;  // not read
-  const size_t smem = wg_smem_bytes(BITS, NT, WGS);
+  size_t smem = wg_smem_bytes(BITS, NT, WGS);
   int rc = prepare_wg<BF, BITS, NT, WGS, SK>(a.csize);
   if (rc) return rc;
+  if constexpr (!SK) {
+    if (const size_t spread = wg_spread_smem<BF, BITS, NT, WGS>(grid_x * splits, a.csize))
+      smem = spread;
+  }
   if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
     rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
@@ -1066,23 +1119,6 @@ int launch_any(const WgCall& a) {
   if (!a.stream_k) return launch_wg<BF, BITS, NT, WGS, false>(a);
   if constexpr (wg_stream_k(NT, WGS)) return launch_wg<BF, BITS, NT, WGS, true>(a);
   return -1;
-}
-
-// How many clusters of `csize` blocks along the splits of a configuration the current device
-// holds at once (cudaOccupancyMaxActiveClusters): a launch of more runs its clusters in waves
-template <bool BF, int BITS, int NT, int WGS>
-int wg_clusters(int csize, int* out) {
-  if (const int rc = prepare_wg<BF, BITS, NT, WGS>(csize)) return rc;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(1, csize), cfg.blockDim = dim3(wg_threads(NT, WGS));
-  cfg.dynamicSmemBytes = wg_smem_bytes(BITS, NT, WGS);
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1, attr.val.clusterDim.y = csize, attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr, cfg.numAttrs = 1;
-  const cudaError_t rc = cudaOccupancyMaxActiveClusters(out, mixed_wg_kernel<BF, BITS, NT, WGS>, &cfg);
-  if (rc) cudaGetLastError();
-  return static_cast<int>(rc);
 }
 
 // f(std::integral_constant<int, NT>, std::integral_constant<int, WGS>) for a compiled tile, or -1.
