@@ -1037,8 +1037,10 @@ size_t wg_spread_smem(long blocks, int csize) {
     if (blocks > sms[dev]) return 0;
     if (allow_smem(mixed_wg_kernel<BF, BITS, NT, WGS>, WG_SPREAD_SMEM, allowed)) return 0;
     if (csize > 1) {
-      if (fit[dev][csize] == 0 && wg_clusters<BF, BITS, NT, WGS>(csize, &fit[dev][csize], WG_SPREAD_SMEM))
-        fit[dev][csize] = -1;  // the query failed: the configuration's own shared memory
+      if (fit[dev][csize] == 0 &&
+          (wg_clusters<BF, BITS, NT, WGS>(csize, &fit[dev][csize], WG_SPREAD_SMEM) ||
+           fit[dev][csize] <= 0))
+        fit[dev][csize] = -1;  // failed, or none fit: the configuration's own, without asking again
       if (blocks / csize > fit[dev][csize]) return 0;
     }
     return WG_SPREAD_SMEM;
