@@ -1027,14 +1027,12 @@ size_t wg_spread_smem(long blocks, int csize) {
   } else {
     static_assert(2 * (WG_SPREAD_SMEM + 1024) > 228 * 1024 && WG_SPREAD_SMEM > wg_smem_bytes(4, 64, 2),
                   "one block per SM, and room for the ring");
-    static int sms[64] = {}, fit[64][17] = {};  // per device: SMs; clusters of c at one per SM
+    static int fit[64][17] = {};  // per device: clusters of c blocks held at one block per SM
     static size_t allowed[64] = {};
+    const int wave = wave_blocks<BF, BITS, NT, WGS>();  // the SMs x the two blocks each holds
+    if (wave <= 0 || blocks > wave / 2 || csize > 16) return 0;
     int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64 || csize > 16)
-      return cudaGetLastError(), 0;
-    if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev))
-      return cudaGetLastError(), sms[dev] = 0, 0;
-    if (blocks > sms[dev]) return 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
     if (allow_smem(mixed_wg_kernel<BF, BITS, NT, WGS>, WG_SPREAD_SMEM, allowed)) return 0;
     if (csize > 1) {
       if (fit[dev][csize] == 0 &&
