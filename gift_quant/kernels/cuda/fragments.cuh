@@ -319,8 +319,8 @@ __device__ __forceinline__ void stage_x(half* xs, const half* __restrict__ x, in
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
-// The split's `nq` x 16 salient columns of x (k16 step first + c * stride of the salient list
-// holds its column c), gathered into columns kq.. of the staged rows (plain stores: the caller syncs). A
+// The split's `nq` x 16 salient columns of x (positions split + c * splits of the salient
+// list), gathered into columns kq.. of the staged rows (plain stores: the caller syncs). A
 // thread handles GATHER_BATCH elements at a time, their index loads issued together, then their
 // x loads: two memory round trips per batch (one element at a time made every element two
 // dependent round trips, about 12% of the stall samples at M = 16 on an H200). Row and column
@@ -347,26 +347,26 @@ struct GatherWalk {  // the elements of a thread: (row, column) stepping by the 
 
 // The column of x element rc (GatherWalk) reads, -1 for a zero (past M or the list).
 __device__ __forceinline__ int salient_col(int rc, const int* __restrict__ sidx, int nsal, int M,
-                                           int first, int stride) {
+                                           int split, int splits) {
   const int r = rc >> 16, c = rc & 0xFFFF;
-  const int j = (first + (c >> 4) * stride) * 16 + (c & 15);  // salient position
+  const int j = (split + (c >> 4) * splits) * 16 + (c & 15);  // salient position
   return rc >= 0 && r < M && j < nsal ? __ldg(sidx + j) : -1;
 }
 
 __device__ __forceinline__ void salient_first(int (&first)[GATHER_BATCH],
                                               const int* __restrict__ sidx, int nsal, int M,
-                                              int R, int nq, int q0, int stride) {
+                                              int R, int nq, int split, int splits) {
   if (nq == 0) return;
   GatherWalk w(nq, R);
 #pragma unroll
   for (int u = 0; u < GATHER_BATCH; ++u)
-    first[u] = salient_col(w.next(threadIdx.x, u), sidx, nsal, M, q0, stride);
+    first[u] = salient_col(w.next(threadIdx.x, u), sidx, nsal, M, split, splits);
 }
 
 __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict__ x,
                                                const int* __restrict__ sidx, int nsal, int M,
                                                int K, int R, int ldx, int kq, int nq,
-                                               int q0, int stride,
+                                               int split, int splits,
                                                const int* first = nullptr) {
   if (nq == 0) return;  // no salient step in this split (block-uniform; no barrier here)
   GatherWalk w(nq, R);
@@ -377,7 +377,7 @@ __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict_
       rc[u] = w.next(i0, u);
       col[u] = first != nullptr && i0 == static_cast<int>(threadIdx.x)
                    ? first[u]
-                   : salient_col(rc[u], sidx, nsal, M, q0, stride);
+                   : salient_col(rc[u], sidx, nsal, M, split, splits);
     }
     half v[GATHER_BATCH];
 #pragma unroll

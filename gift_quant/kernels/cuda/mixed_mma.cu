@@ -64,22 +64,6 @@ constexpr int min_blocks() {
   return KW > 1 ? 1 : MT == 1 ? 3 : 2;
 }
 
-// Split `split` of `splits`: the Q salient k16 steps and the S quantized k-steps (4 k16 steps
-// each) cut together into ranges of k16 steps that differ by at most one, salient ones first;
-// a quantized k-step goes to the range that holds its first k16 step. The split's salient
-// k16 steps p0 .. p0 + nq - 1, its quantized k-steps s0 .. s0 + nss - 1. (Round-robin salient
-// steps on top of equal quantized ranges put them on the longest splits: 5120^2 in 6 splits
-// with 128 salient columns, 58 k16 steps on the first where 56 do.)
-struct MmaSplit {
-  int p0, nq, s0, nss;
-  __host__ __device__ MmaSplit(int split, int splits, int S, int Q) {
-    const unsigned U = Q + 4 * S;  // (unsigned: 8 bytes of spills fewer in the 64-row kernels)
-    const int k0 = split * U / splits, k1 = (split + 1) * U / splits;
-    p0 = min(k0, Q), nq = max(0, min(k1, Q) - k0);
-    s0 = (max(k0, Q) - Q + 3) >> 2, nss = ((max(k1, Q) - Q + 3) >> 2) - s0;
-  }
-};
-
 template <bool BF, int BITS, int MT, int WN, int PF, int KW>
 __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
     mixed_mma_kernel(const half* __restrict__ x, const uint4* __restrict__ qc,
@@ -87,7 +71,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
-                     unsigned gmagic, int R, int csize) {
+                     unsigned gmagic, int ss_per_split, int R, int csize) {
   // scale after the MMA (file comment). At 4 bits the second accumulator spills a few bytes
   // under the 168 registers of 3 blocks per SM (24 in round 7's build), and is still faster
   // than the scale on the weights (W4 M = 4: 1.27-1.67x without it, 1.35-1.85x with it:
@@ -105,22 +89,22 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   const int b = blockIdx.x * WN + wi;       // this warp's strip
   const int split = blockIdx.y, splits = gridDim.y;
   const int S = K >> 6;  // 64-deep k-steps ("supersteps")
-  const int Q = (nsal + 15) >> 4;  // salient k16 steps
-  const MmaSplit part(split, splits, S, Q);
-  const int p0 = part.p0, nq = part.nq, s0 = part.s0, nss = part.nss;
+  const int s0 = split * ss_per_split;
+  const int nss = min(S, s0 + ss_per_split) - s0;
+  const int Q = (nsal + 15) >> 4;  // salient k16 steps, round-robin over the splits
+  const int nq = Q > split ? (Q - split + splits - 1) / splits : 0;
   const int kcols = nss * 64 + nq * 16;
   const int ldx = kcols + 8;  // row stride in halves: rows shift by 16 bytes mod 128
   // this warp's k-steps of the block's: sb .. sb + nsw - 1 (KW > 1: a contiguous share)
   const int per = (nss + KW - 1) / KW;
   const int sb = min(nss, kp * per), nsw = min(nss, sb + per) - sb;
-  const int kq = s0 + sb;  // the layer's k-step of this warp's first
 
   // 1. the first PF k-steps of this warp's weights, zero-points (and scales, when they go on
   // the weights), in flight during the x staging; none of it is written by the previous kernel,
   // so it is read before pdl_wait (fragments.cuh). Per k-step and strip, word-vector i of every
   // lane is contiguous (512 B per instruction).
   const size_t qstride = (size_t)B * 32 * BITS;  // uint4 per k-step (all strips)
-  const uint4* qp = qc + ((size_t)kq * B + b) * 32 * BITS + lane;
+  const uint4* qp = qc + ((size_t)(s0 + sb) * B + b) * 32 * BITS + lane;
   const size_t gstride = (size_t)B * 8;  // per group: uint2 of zero-points, uint4 of scales
   const uint2* zbase = zp + (size_t)b * 8 + g;  // the zero-points of columns 8 j + g
   // the scales of columns 8 j + 2 t (+1) after the MMA, of columns 8 j + 2 (g / 2) (+1) before
@@ -133,7 +117,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
     if (p < nsw) {
 #pragma unroll
       for (int i = 0; i < BITS; ++i) wbuf[p][i] = ld_stream(qp + p * qstride + i * 32);
-      const unsigned grp = group_of(kq + p, gmagic);
+      const unsigned grp = group_of(s0 + sb + p, gmagic);
       zbuf[p] = __ldg(zbase + grp * gstride);
       if constexpr (!SA) {
         sbuf[p][0] = __ldg(sbase + grp * gstride);
@@ -146,10 +130,10 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   // salient columns (KW > 1: the first batch of their indices read before the wait; the
   // others have no registers for it under their cap: 8 bytes of spills at 4 bits)
   int first[GATHER_BATCH];
-  if constexpr (KW > 1) salient_first(first, sidx, nsal, M, R, nq, p0, 1);
+  if constexpr (KW > 1) salient_first(first, sidx, nsal, M, R, nq, split, splits);
   pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
-  gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, p0, 1,
+  gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits,
                  KW > 1 ? first : nullptr);
   wait_copies_and_sync<0>();
 
@@ -173,7 +157,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
 
   // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
   for (int qi = kp; qi < nq; qi += KW) {
-    const uint4* wp = wsp + ((size_t)(p0 + qi) * B + b) * 128 + lane;
+    const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -189,9 +173,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
     }
   }
 
-  // 4. the quantized k-steps (xa from here on at this warp's first)
-#pragma unroll
-  for (int m = 0; m < MT; ++m) xa[m] += sb * 128;
+  // 4. the quantized k-steps
   uint32_t sc[8], cz[8][2];  // sc: both halves one column's scale (SA: 2 columns, C layout)
   unsigned cur_group = 0xFFFFFFFFu;
   for (int s = 0; s < nsw; s += PF) {
@@ -211,14 +193,14 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
 #pragma unroll
           for (int i = 0; i < BITS; ++i)
             wbuf[p][i] = ld_stream(qp + (ss + PF) * qstride + i * 32);
-          const unsigned grp = group_of(kq + ss + PF, gmagic);
+          const unsigned grp = group_of(s0 + sb + ss + PF, gmagic);
           zbuf[p] = __ldg(zbase + grp * gstride);
           if constexpr (!SA) {
             sbuf[p][0] = __ldg(sbase + grp * gstride);
             sbuf[p][1] = __ldg(sbase + grp * gstride + 1);
           }
         }
-        const unsigned grp = group_of(kq + ss, gmagic);
+        const unsigned grp = group_of(s0 + sb + ss, gmagic);
         if (grp != cur_group) {  // warp-uniform
           if constexpr (SA) {
             // the last group's sum times its scales; this group's scales, needed at its end
@@ -248,7 +230,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             uint32_t a[4];
-            ldmatrix_x4(a, xa[m] + (ss * 64 + st * 16) * 2);
+            ldmatrix_x4(a, xa[m] + ((sb + ss) * 64 + st * 16) * 2);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
               mma16816<BF>(SA ? gacc[m][j] : acc[m][j], a, f[2 * j], f[2 * j + 1]);
@@ -365,13 +347,9 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   splits = (S + ss_per_split - 1) / ss_per_split;
   if (splits % csize) return -1;  // clusters tile the splits
   const int Q = (nsal + 15) / 16;
-  int kcols = 0;  // the most columns a split stages
-  for (int i = 0; i < splits; ++i) {
-    const MmaSplit part(i, splits, S, Q);
-    kcols = max(kcols, part.nss * 64 + part.nq * 16);
-  }
+  const int nq = (Q + splits - 1) / splits;
   const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
-  size_t smem = (size_t)(R + 1) * (kcols + 8) * sizeof(half);
+  size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
   if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   if (KW > 1) smem = max(smem, (size_t)(KW - 1) * WN * MT * 32 * 32 * sizeof(float));  // shares
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
@@ -381,7 +359,7 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   if (rc) return rc;
   return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * KW * 32), smem, stream, csize,
                    pdl, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K,
-                   group_magic(group), R, csize);
+                   group_magic(group), ss_per_split, R, csize);
 }
 
 // (warps per strip KW, strips per block WN): KW > 1 for 16-row tiles, up to 8 warps a block

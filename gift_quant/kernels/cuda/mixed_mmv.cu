@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   uint2 zw = __ldg(zbase + grp * gstride);
   pdl_wait();  // x comes from the previous kernel
   stage_x(xs, x, M, K, M, ldx, s0 * 64, nss * 64);
-  gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);  // round-robin
+  gather_salient(xs, x, sidx, nsal, M, K, M, ldx, nss * 64, nq, split, splits);
   wait_copies_and_sync<0>();
 
   // this lane's B-fragment words per 8-row tile n: row 8 n + g (the zero row past M), input

@@ -31,8 +31,8 @@
 // scale rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
 //
-// The salient columns are extra k-steps before the quantized ones (64 of them per k-step; the
-// K splits cut the salient and quantized k-steps together into ranges of equal length): x's salient columns are gathered once per launch by a small
+// The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
+// round-robin over the K splits): x's salient columns are gathered once per launch by a small
 // kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
 // tensor copies load (a gather by every block read x's scattered columns once per column
 // block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
@@ -324,8 +324,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
                     const half* __restrict__ bias, half* __restrict__ y, float* __restrict__ ws,
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
-                    int kl, int kr, int T, int csize, int tail0, int tail, int tail_l,
-                    int tail_r, int sk0, const __grid_constant__ CUtensorMap xmap,
+                    int ss_per_split, int T, int csize, int tail0, int tail, int tail_ss,
+                    int sk0, const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
@@ -344,27 +344,19 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const bool issuer = producer && warp == WGS * 4 && lane == 0;  // its copies' one thread
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
-  // whole wave) runs as `tail` splits, added by the atomics. Their k-steps: kl each and one
-  // more for the first kr (tail_l, tail_r in the tail)
-  int tix = blockIdx.x, split = blockIdx.y, splits = gridDim.y, len = kl, rest = kr;
-  if (!SK && tix >= tail0) {  // (stream-K launches have no tail)
+  // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
+  int tix = blockIdx.x, split = blockIdx.y, splits = gridDim.y, ssp = ss_per_split;
+  if (tix >= tail0) {
     const int r = tix - tail0;
-    tix = tail0 + r / tail, split = r % tail, splits = tail, len = tail_l, rest = tail_r;
+    tix = tail0 + r / tail, split = r % tail, splits = tail, ssp = tail_ss;
   }
   const int tile = tix % T, cb = tix / T;  // row tile (fastest), column block
   const int B = N >> 6, b0 = cb * WGS, b = b0 + wg, row0 = tile * NT;
   const int S = K >> 6;
+  const int s0 = split * ssp, nss = max(0, min(S, s0 + ssp) - s0);
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
-  // The split's k-steps: iters of the tile's QS + S from k0 on, salient ones first, cut into
-  // `splits` ranges that differ by at most one k-step (the launch's kl = (QS + S) / splits,
-  // kr its remainder; each split one k-step at least). Its iteration d is the tile's k-step
-  // k0 + d: below QS the salient k-step k0 + d (a tile of the gathered copy), else the
-  // quantized k-step k0 + d - QS. (Round-robin salient k-steps on top of equal quantized
-  // ranges put one more k-step on the first splits: 4096^2 in 3 splits with 128 salient
-  // columns, 23 / 23 / 20 k-steps where 22 / 22 / 22 do. Lengths from the launch, no division
-  // here: a k0 divided out here stayed in a register, 8 bytes of spills in the 128 x 4 kernels.)
-  const int k0 = SK ? 0 : split * len + min(split, rest);  // (stream-K: one split)
-  const int iters = SK ? QS + S : len + (split < rest);
+  const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
+  const int iters = nps + nss;
   // Stream-K (SK, a launch of one split): the flattened k-steps of the tiles, tile after tile
   // (each tile's salient k-steps first, then its quantized ones: St = iters), are dealt out as
   // contiguous ranges [u0, u1): the blocks below sk0 take one whole tile each, the launch's
@@ -393,16 +385,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
   // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
   // not written by the previous kernel, so the prologue issues them before pdl_wait.
-  // Where they come from: the codes of k-step k0 + it - QS, and the row of its group's
+  // Where they come from: the codes of k-step s0 + it - nps, and the row of its group's
   // zero-points and scales.
   // (Ring slot r, data d: the same but in stream-K blocks, where r counts the block's k-steps
   // and d the tile's, for the tile at row0 / column block b0 the arguments name.)
   auto w_codes = [&](int d, int bb0) {
-    return qc + ((size_t)(k0 + d - QS) * B + bb0) * 32 * BITS;
+    return qc + ((size_t)(s0 + d - nps) * B + bb0) * 32 * BITS;
   };
-  auto w_group = [&](int d, int bb0) { return (size_t)group_of(k0 + d - QS, gmagic) * B + bb0; };
+  auto w_group = [&](int d, int bb0) { return (size_t)group_of(s0 + d - nps, gmagic) * B + bb0; };
   auto issue_w = [&](int it) {
-    if (k0 + it < QS) return;
+    if (it < nps) return;
     uint8_t* slot = smem + (it % STAGES) * SB;
     const uint4* wp = w_codes(it, b0);
     for (int i = threadIdx.x; i < WGS * 32 * BITS; i += THREADS) cp_async16(slot + XB + i * 16, wp + i);
@@ -420,16 +412,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
     const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
-    if (k0 + d < QS)
-      tma_load_2d(dst, &smap, (k0 + d) * 64, rr0, bar);
+    if (d < nps)
+      tma_load_2d(dst, &smap, (split + d * splits) * 64, rr0, bar);
     else
-      tma_load_2d(dst, &xmap, (k0 + d - QS) * 64, rr0, bar);
+      tma_load_2d(dst, &xmap, (s0 + d - nps) * 64, rr0, bar);
   };
   // The producer's copies of iteration `it`'s weights: three bulk copies (codes, zero-points,
   // scales), and the slot's full barrier expecting them and the x tile
   auto produce_w = [&](int r, int d, int bb0) {
     const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
-    if (k0 + d < QS) {
+    if (d < nps) {
       mbar_expect(bar, XB);
       return;
     }
@@ -453,8 +445,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
   auto frags = [&](int r, int d, int bb, uint32_t (&a)[4][4]) {
-    if (k0 + d < QS) {  // salient: the stored fragments (zeros past the last k16 step)
-      const int q0 = (k0 + d) * 4;
+    if (d < nps) {  // salient: the stored fragments (zeros past the last k16 step)
+      const int q0 = (split + d * splits) * 4;
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
         uint4 v = make_uint4(0, 0, 0, 0);
@@ -789,11 +781,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       __syncwarp();
     } else {
       if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
-      if (k0 < QS) frags(0, 0, b, a0);  // salient: from global memory, before the wait
+      if (nps > 0) frags(0, 0, b, a0);  // salient: from global memory, before the wait
       pdl_wait();
       if (iters > 0) {
         wait_x(0);
-        if (k0 >= QS) frags(0, 0, b, a0);
+        if (nps == 0) frags(0, 0, b, a0);
       }
       // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
       // released and the next k-step's fragments go into `nxt` while these MMAs run
@@ -822,7 +814,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       if (p < iters) issue_w(p);
     // a salient first k-step's fragments are weights as stored (global memory): loaded while
     // the previous kernel finishes
-    if (k0 < QS) frags(0, 0, b, a0);
+    if (nps > 0) frags(0, 0, b, a0);
     pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p) {
@@ -833,7 +825,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       wait_copies<STAGES - 2>();
       __syncthreads();
       wait_x(0);
-      if (k0 >= QS) frags(0, 0, b, a0);
+      if (nps == 0) frags(0, 0, b, a0);
     }
     // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
     // k-step's fragments into `nxt` while they run
@@ -1063,7 +1055,6 @@ int launch_wg(const WgCall& a) {
   const int S = a.K / 64;
   const int ss_per_split = (S + a.splits - 1) / a.splits;
   const int splits = (S + ss_per_split - 1) / ss_per_split;
-  const int U = S + (a.nsal + 63) / 64;  // the kernel cuts salient and quantized k-steps together
   if ((a.N / 64) % WGS || splits % a.csize) return -1;  // whole column blocks; clusters tile the splits
   if (a.tail > 1 && (splits > 1 || a.csize > 1)) return -1;  // a split tail: whole tiles before it
   const int T = (a.M + NT - 1) / NT;
@@ -1072,14 +1063,13 @@ int launch_wg(const WgCall& a) {
   // a split tail: the tiles past the last whole wave run as `tail` K splits each (whole tiles
   // everywhere where the tiles fill whole waves)
   long full = blocks, grid_x = blocks;
-  int tail = 1, tail_l = U, tail_r = 0;
+  int tail = 1, tail_ss = ss_per_split;
   if (a.tail > 1) {
     const int wave = wave_blocks<BF, BITS, NT, WGS>();
     if (wave <= 0) return -1;
     const long last = blocks % wave;
-    const int tail_ss = (S + a.tail - 1) / a.tail;
+    tail_ss = (S + a.tail - 1) / a.tail;
     tail = (S + tail_ss - 1) / tail_ss;
-    tail_l = U / tail, tail_r = U % tail;
     full = blocks - last;
     grid_x = full + last * tail;
     if (grid_x > 0x7FFFFFFF) return -1;
@@ -1120,8 +1110,8 @@ int launch_wg(const WgCall& a) {
   const dim3 grid(static_cast<unsigned>(grid_x), splits), block(wg_threads(NT, WGS));
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   U / splits, U % splits, T, a.csize, static_cast<int>(full), tail, tail_l, tail_r,
-                   sk0, xmap, smap);
+                   ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, sk0, xmap,
+                   smap);
 }
 
 template <bool BF, int BITS, int NT, int WGS>
