@@ -958,14 +958,15 @@ bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The kernel of a configuration with its shared memory allowed and (clusters past the portable
-// 8 blocks) its non-portable cluster size, once per device: 0 or a cudaError_t
+// The kernel of a configuration with `smem` bytes of dynamic shared memory allowed (0: its
+// own; one record per device of the most allowed, whichever size asks) and (clusters past the
+// portable 8 blocks) its non-portable cluster size, once per device: 0 or a cudaError_t
 template <bool BF, int BITS, int NT, int WGS, bool SK = false>
-int prepare_wg(int csize) {
+int prepare_wg(int csize, size_t smem = 0) {
   static size_t allowed[64] = {};
   static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
   auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS, SK>;
-  const int rc = allow_smem(kernel, wg_smem_bytes(BITS, NT, WGS), allowed);
+  const int rc = allow_smem(kernel, smem ? smem : wg_smem_bytes(BITS, NT, WGS), allowed);
   return rc ? rc : allow_cluster(kernel, csize, clustered);
 }
 
@@ -1001,7 +1002,7 @@ int wave_blocks() {
 // `smem`: the blocks' dynamic shared memory (0: the configuration's own)
 template <bool BF, int BITS, int NT, int WGS>
 int wg_clusters(int csize, int* out, size_t smem = 0) {
-  if (const int rc = prepare_wg<BF, BITS, NT, WGS>(csize)) return rc;
+  if (const int rc = prepare_wg<BF, BITS, NT, WGS>(csize, smem)) return rc;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(1, csize), cfg.blockDim = dim3(wg_threads(NT, WGS));
   cfg.dynamicSmemBytes = smem ? smem : wg_smem_bytes(BITS, NT, WGS);
@@ -1028,12 +1029,11 @@ size_t wg_spread_smem(long blocks, int csize) {
     static_assert(2 * (WG_SPREAD_SMEM + 1024) > 228 * 1024 && WG_SPREAD_SMEM > wg_smem_bytes(4, 64, 2),
                   "one block per SM, and room for the ring");
     static int fit[64][17] = {};  // per device: clusters of c blocks held at one block per SM
-    static size_t allowed[64] = {};
     const int wave = wave_blocks<BF, BITS, NT, WGS>();  // the SMs x the two blocks each holds
     if (wave <= 0 || blocks > wave / 2 || csize > 16) return 0;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
-    if (allow_smem(mixed_wg_kernel<BF, BITS, NT, WGS>, WG_SPREAD_SMEM, allowed)) return 0;
+    if (prepare_wg<BF, BITS, NT, WGS>(csize, WG_SPREAD_SMEM)) return 0;
     if (csize > 1) {
       if (fit[dev][csize] == 0 &&
           (wg_clusters<BF, BITS, NT, WGS>(csize, &fit[dev][csize], WG_SPREAD_SMEM) ||
