@@ -450,6 +450,37 @@ def test_tensor_core_kernel_with_warps_sharing_a_strip(bits, group, dtype) -> No
         native.mixed_mma(x, cuda.for_type(dtype), None, ws, cnt, 1, 4, kw=4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_salient_fragments_staged_in_shared_memory_or_read_in_place(bits, dtype) -> None:
+    """The tensor-core and swapped kernels copy a block's salient fragments into shared memory
+    before the dependent wait where that keeps the blocks an SM holds (``salient_room``), and
+    read them from global memory where it does not. 600 salient columns on K = 1024 (38
+    salient k16 steps): in one split a block's fragments take 38 x 2 KB a strip, past what
+    leaves the kernels their blocks per SM (read in place); in 16 splits 3 x 2 KB a strip
+    (staged); none (nothing staged); every block width, M = 1..64 (tensor-core) and 1..16
+    (swapped), against the oracle."""
+    from gift_quant.kernels.triton import ops, routes
+    from gift_quant.testing import random_mixed_linear
+
+    if native.library() is None:
+        pytest.skip("the CUDA kernel is not built here (no nvcc)")
+    K, N = 1024, 1024
+    for nsal in (600, 0):
+        kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=True, device="cuda")
+        layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal, **kw)
+        p, cuda = ops.prepare(layer), ops.cuda_layout(layer)
+        for M in (1, 8, 16, 32, 64):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            names = [routes.mma_name(wn, sp) for wn in (1, 2, 4) for sp in (1, 16)]
+            if M <= 16:
+                names += [routes.mmv_name(wn, sp) for wn in (1, 4) for sp in (1, 16)]
+                names += [routes.mma_name(wn, sp, 1, 2) for wn in (1, 2) for sp in (1, 16)]
+            assert_routes_match_the_oracle(names, x, layer, p, cuda)
+
+
 def ptx_mma_m16n8k16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """D = A @ B of ``mma.sync.m16n8k16`` from per-lane fragments laid out as the PTX ISA
     defines them: a [32 lanes, 4 registers, 2 halves], b [32, 2, 2] -> d [32, 4] (fp32
