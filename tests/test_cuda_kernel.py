@@ -454,14 +454,11 @@ def test_tensor_core_kernel_with_warps_sharing_a_strip(bits, group, dtype) -> No
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_salient_fragments_staged_in_shared_memory_or_read_in_place(bits, dtype) -> None:
-    """The tensor-core and swapped kernels copy a block's salient fragments into shared memory
-    before the dependent wait where that keeps the blocks an SM holds (``salient_room``), and
-    read them from global memory where it does not. 600 salient columns on K = 1024 (38
-    salient k16 steps): in one split a block's fragments take 38 x 2 KB a strip, past what
-    leaves the kernels their blocks per SM (read in place); in 16 splits 3 x 2 KB a strip
-    (staged); none (nothing staged); every block width, M = 1..64 (tensor-core) and 1..16
-    (swapped), against the oracle."""
+def test_many_salient_columns_in_one_split_or_sixteen(bits, dtype) -> None:
+    """The tensor-core and swapped kernels with 600 salient columns on K = 1024 (38 salient
+    k16 steps: all of them in one split's blocks, or 2-3 in each of 16), and none; every block
+    width, warps sharing a strip, M = 1..64 (tensor-core) and 1..16 (swapped), against the
+    oracle."""
     from gift_quant.kernels.triton import ops, routes
     from gift_quant.testing import random_mixed_linear
 

@@ -389,26 +389,6 @@ __device__ __forceinline__ void gather_salient(half* xs, const half* __restrict_
   }
 }
 
-// The stored fragments of a warp's salient k16 steps (4 uint4 per lane each; positions
-// split + qi * splits, qi = q0, q0 + dq, ... < nq) into shared memory by asynchronous copies,
-// at frag + ((qi * nw + slot) * 4 + i) * 32 + lane: they are the layer's weights, so they are
-// copied before the dependent wait, where read from global memory at their use each step was
-// one more memory round trip after x's staging. One commit group (empty or not); the caller's
-// wait for all copies covers it.
-// `on` false (the launch found no room: `salient_room`): the empty group only.
-__device__ __forceinline__ void stage_salient(bool on, uint4* frag, const uint4* __restrict__ wsp,
-                                              int B, int b, int split, int splits, int q0,
-                                              int nq, int dq, int nw, int slot) {
-  const int lane = threadIdx.x & 31;
-  for (int qi = on ? q0 : nq; qi < nq; qi += dq) {
-    const uint4* src = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
-    uint4* dst = frag + (qi * nw + slot) * 128 + lane;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(dst + i * 32, src + i * 32);
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
 // Wait until at most N of this thread's copy groups are pending, then a block barrier.
 template <int N>
 __device__ __forceinline__ void wait_copies_and_sync() {
@@ -621,25 +601,6 @@ int launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
   const cudaError_t rc = cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
   if (rc) cudaGetLastError();
   return static_cast<int>(rc);
-}
-
-// Whether `extra` bytes of shared memory a block (the salient fragments, `stage_salient`) fit
-// beside `smem` without fewer blocks per SM than `smem` alone allows, up to `want` blocks (the
-// kernel's target): the SM's shared memory read once per device.
-inline bool salient_room(size_t smem, size_t extra, int want) {
-  static int per_sm[64] = {}, per_block[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) return false;
-  if (per_sm[dev] == 0) {
-    cudaDeviceGetAttribute(&per_block[dev], cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    cudaDeviceGetAttribute(&per_sm[dev], cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  }
-  constexpr size_t reserved = 1024;  // the system's shared memory per block
-  auto blocks = [&](size_t s) {
-    return min(want, static_cast<int>(static_cast<size_t>(per_sm[dev]) / (s + reserved)));
-  };
-  return smem + extra <= static_cast<size_t>(per_block[dev]) && blocks(smem + extra) >= blocks(smem);
 }
 
 // Allow `smem` bytes of dynamic shared memory for `kernel` on the current device, where

@@ -23,8 +23,7 @@
 //
 // x is staged per block in shared memory by cp.async (rows padded, conflict-free ldmatrix);
 // the salient columns are gathered there too and their weights (fp16, or bf16 for BF) are
-// repacked into the same fragment layout, so they are extra k16 steps of the same loop; those
-// fragments are copied to shared memory (after x) before the dependent wait.
+// repacked into the same fragment layout, so they are extra k16 steps of the same loop.
 // Weights stream through registers, PF 64-deep k-steps ahead. Split-K partials are added into a zeroed fp32
 // workspace; the last block of a column block adds the bias, writes y and zeroes the workspace
 // and its counter again (one launch, no memset), the same protocol as the Triton kernels. Or
@@ -72,7 +71,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
-                     unsigned gmagic, int ss_per_split, int R, int csize, int sstage) {
+                     unsigned gmagic, int ss_per_split, int R, int csize) {
   // scale after the MMA (file comment). At 4 bits the second accumulator spills a few bytes
   // under the 168 registers of 3 blocks per SM (24 in round 7's build), and is still faster
   // than the scale on the weights (W4 M = 4: 1.27-1.67x without it, 1.35-1.85x with it:
@@ -130,9 +129,6 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   // 2. stage x: rows 0..R-1 (zeros past M) and a zero row R, this split's k range, then its
   // salient columns (KW > 1: the first batch of their indices read before the wait; the
   // others have no registers for it under their cap: 8 bytes of spills at 4 bits)
-  // the salient fragments, where the launch found room (sstage): [nq][WN][4][32] after x
-  uint4* sfrag = reinterpret_cast<uint4*>(xs + (R + 1) * ldx);
-  stage_salient(sstage, sfrag, wsp, B, b, split, splits, kp, nq, KW, WN, wi);
   int first[GATHER_BATCH];
   if constexpr (KW > 1) salient_first(first, sidx, nsal, M, R, nq, split, splits);
   pdl_wait();  // x comes from the previous kernel
@@ -159,15 +155,13 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
         __cvta_generic_to_shared(xs + (r < R ? r : R) * ldx + (lane >> 4) * 8));
   }
 
-  // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py),
-  // staged in shared memory before the wait (sstage) or read from global memory here
+  // 3. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
   for (int qi = kp; qi < nq; qi += KW) {
-    const uint4* sp = sfrag + (qi * WN + wi) * 128 + lane;
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint4 v = (sstage ? sp : wp)[i * 32];  // a generic load: shared or global
+      const uint4 v = __ldg(wp + i * 32);
       f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
 #pragma unroll
@@ -355,15 +349,9 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   const int Q = (nsal + 15) / 16;
   const int nq = (Q + splits - 1) / splits;
   const int R = min(16 * MT, (M + 7) / 8 * 8);  // rows staged (a zero row follows)
-  size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);  // x
-  const size_t frags = (size_t)nq * WN * 128 * sizeof(uint4);  // then the salient fragments
-  size_t later = 0;  // reused after the main loop: the partial tile, the shares
-  if (csize > 1) later = (size_t)M * WN * 64 * sizeof(float);
-  if (KW > 1) later = max(later, (size_t)(KW - 1) * WN * MT * 32 * 32 * sizeof(float));
-  const size_t base = max(smem, later);
-  const bool sstage =
-      frags > 0 && salient_room(base, max(smem + frags, later) - base, min_blocks<MT, WN, KW>());
-  smem = max(sstage ? smem + frags : smem, later);
+  size_t smem = (size_t)(R + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
+  if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
+  if (KW > 1) smem = max(smem, (size_t)(KW - 1) * WN * MT * 32 * 32 * sizeof(float));  // shares
   static size_t allowed[64] = {};  // per device: the dynamic shared memory already allowed
   static bool clustered[64] = {};   // per device: clusters past 8 blocks allowed
   int rc = allow_smem(kernel, smem, allowed);
@@ -371,7 +359,7 @@ int launch(const half* x, const uint4* qc, const uint2* zp, const uint4* scp, co
   if (rc) return rc;
   return launch_ex(kernel, dim3(N / 64 / WN, splits), dim3(WN * KW * 32), smem, stream, csize,
                    pdl, x, qc, zp, scp, wsp, sidx, nsal, bias, y, ws, cnt, M, N, K,
-                   group_magic(group), ss_per_split, R, csize, static_cast<int>(sstage));
+                   group_magic(group), ss_per_split, R, csize);
 }
 
 // (warps per strip KW, strips per block WN): KW > 1 for 16-row tiles, up to 8 warps a block

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
                      const uint4* __restrict__ wsp, const int* __restrict__ sidx, int nsal,
                      const half* __restrict__ bias, half* __restrict__ y,
                      float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K,
-                     unsigned gmagic, int ss_per_split, int csize, int sstage) {
+                     unsigned gmagic, int ss_per_split, int csize) {
   // shared memory: each warp's ring of PF k-steps of weights (BITS x 512 bytes each), then x
   extern __shared__ __align__(16) uint4 smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -115,10 +115,6 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
   const uint2* zbase = zp + (size_t)b * 8 + g;                  // columns 8 j + g
   const uint4* sbase = scp + ((size_t)b * 4 + (g >> 1)) * 2;  // columns 8 j + 2 (g / 2) (+1)
   const unsigned last_group = group_of(S - 1, gmagic);
-  // the salient fragments first (the oldest copy group: the ring's waits below count the others)
-  // (where the launch found room: sstage), [nq][WN][4][32] after x
-  uint4* sfrag = reinterpret_cast<uint4*>(xs + (M + 1) * ldx);
-  stage_salient(sstage, sfrag, wsp, B, b, split, splits, 0, nq, 1, WN, warp);
 #pragma unroll
   for (int p = 0; p < PF - 1; ++p) {
     if (p < nss)
@@ -150,12 +146,11 @@ __global__ void __launch_bounds__(WN * 32, (NB == 1 ? 20 : 16) / WN)
 
   // 2. salient k16 steps: fragments as stored (4 uint4 per lane; bf16 for BF: layout.py)
   for (int qi = 0; qi < nq; ++qi) {
-    const uint4* sp = sfrag + (qi * WN + warp) * 128 + lane;  // staged before the wait
     const uint4* wp = wsp + ((size_t)(split + qi * splits) * B + b) * 128 + lane;
     uint32_t f[16];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint4 v = (sstage ? sp : wp)[i * 32];  // a generic load: shared or global
+      const uint4 v = __ldg(wp + i * 32);
       f[4 * i] = v.x, f[4 * i + 1] = v.y, f[4 * i + 2] = v.z, f[4 * i + 3] = v.w;
     }
     mma_swapped<BF, NB>(acc, f, xr, (nss * 64 + qi * 16) / 2);
@@ -247,12 +242,7 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
   if (csize > 1 && (!CL || splits % csize)) return -1;  // and they tile the splits
   size_t smem = (size_t)WN * PF * BITS * 32 * sizeof(uint4) +
                 (size_t)(M + 1) * (ss_per_split * 64 + nq * 16 + 8) * sizeof(half);
-  const size_t frags = (size_t)nq * WN * 128 * sizeof(uint4);  // the salient fragments
-  const size_t later = csize > 1 ? (size_t)M * WN * 64 * sizeof(float) : 0;  // partial tile
-  const size_t base = max(smem, later);
-  const bool sstage = frags > 0 && salient_room(base, max(smem + frags, later) - base,
-                                                (M <= 8 ? 20 : 16) / WN);
-  smem = max(sstage ? smem + frags : smem, later);
+  if (csize > 1) smem = max(smem, (size_t)M * WN * 64 * sizeof(float));  // the partial tile
   static size_t allowed[2][64] = {};  // per kernel and device: the shared memory allowed
   static bool clustered[2][64] = {};  // per kernel and device: clusters past 8 blocks allowed
   const dim3 grid(N / 64 / WN, splits);
@@ -263,8 +253,7 @@ int launch_mmv(const half* x, const uint4* qc, const uint2* zp, const uint4* scp
     rc = allow_cluster(kernel, csize, cl);
     if (rc) return rc;
     return launch_ex(kernel, grid, dim3(WN * 32), smem, stream, csize, pdl, x, qc, zp, scp, wsp,
-                     sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize,
-                     static_cast<int>(sstage));
+                     sidx, nsal, bias, y, ws, cnt, M, N, K, magic, ss_per_split, csize);
   };
   // one 8-row tile of x up to 8 rows, two up to 16
   return M <= 8 ? run(mixed_mmv_kernel<BF, BITS, WN, PF, 1, CL>, allowed[0], clustered[0])
