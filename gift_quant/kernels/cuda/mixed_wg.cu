@@ -31,15 +31,12 @@
 // scale rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
 //
-// The salient columns are extra k-steps (64 of them per k-step, round-robin over the K
-// splits), their weights' fragments as stored (fp16, or bf16 for BF: layout.py,
-// `pack_salient`). 64-row tiles (a producer warp) run them after the quantized ones, and the
-// producer warp gathers their x tiles from x's scattered columns itself, into the ring slot,
-// while the consumers work through the quantized k-steps (`wg_in_gather`); the other tiles run
-// them first, their x tiles loaded by the same tensor copies from xs [M, 64 per salient
-// k-step] (zeros past the last), which a small kernel gathers once per launch before them (a
-// gather by every block of those tiles read x's scattered columns once per column block: at
-// 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors). One K
+// The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
+// round-robin over the K splits): x's salient columns are gathered once per launch by a small
+// kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
+// tensor copies load (a gather by every block read x's scattered columns once per column
+// block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
+// weights' fragments as stored (fp16, or bf16 for BF: layout.py, `pack_salient`). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`),
 // or (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
@@ -90,12 +87,6 @@ __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
 }
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return wg_producer_warps(nt, wgs) > 0;
-}
-// 64-row tiles with a producer warp, outside stream-K: that warp gathers x's salient columns
-// itself, into the ring slot of each salient k-step (which then comes last in its split), where
-// the other tiles read them from the copy a gather launch makes first (`wg_gather_kernel`)
-__host__ __device__ constexpr bool wg_in_gather(int nt, int wgs, bool sk) {
-  return nt == 64 && wg_producer_warps(nt, wgs) == 1 && !sk;
 }
 __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
   return wgs * 128 + 32 * wg_producer_warps(nt, wgs);
@@ -287,9 +278,6 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
   return v;
 }
-__device__ __forceinline__ void sts_u16(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(static_cast<uint16_t>(v)) : "memory");
-}
 __device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
@@ -338,8 +326,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
                     int ss_per_split, int T, int csize, int tail0, int tail, int tail_ss,
                     int sk0, const __grid_constant__ CUtensorMap xmap,
-                    const __grid_constant__ CUtensorMap smap, const half* __restrict__ x,
-                    const int* __restrict__ sidx) {
+                    const __grid_constant__ CUtensorMap smap) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
   constexpr bool PROD = wg_producer(NT, WGS);
@@ -355,9 +342,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
   const bool producer = PROD && warp >= WGS * 4;  // the producer warp(group)
   const bool issuer = producer && warp == WGS * 4 && lane == 0;  // its copies' one thread
-  // 64-row tiles with a producer warp (no stream-K): x's salient columns gathered by that warp
-  // into the ring slot of each salient k-step, which comes last in the split (`wg_in_gather`)
-  constexpr bool GATHER = wg_in_gather(NT, WGS, SK);
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
   // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
@@ -373,11 +357,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
   const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
-  // iteration d of the split: salient (its k-step split + sal_ix(d) splits of the gathered
-  // columns) or quantized (k-step s0 + q_ix(d)); the salient ones first, or last (GATHER)
-  auto is_sal = [&](int d) { return GATHER ? d >= nss : d < nps; };
-  auto sal_ix = [&](int d) { return GATHER ? d - nss : d; };
-  auto q_ix = [&](int d) { return GATHER ? d : d - nps; };
   // Stream-K (SK, a launch of one split): the flattened k-steps of the tiles, tile after tile
   // (each tile's salient k-steps first, then its quantized ones: St = iters), are dealt out as
   // contiguous ranges [u0, u1): the blocks below sk0 take one whole tile each, the launch's
@@ -406,18 +385,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
   // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
   // not written by the previous kernel, so the prologue issues them before pdl_wait.
-  // Where they come from: the codes of k-step s0 + q_ix(it), and the row of its group's
+  // Where they come from: the codes of k-step s0 + it - nps, and the row of its group's
   // zero-points and scales.
   // (Ring slot r, data d: the same but in stream-K blocks, where r counts the block's k-steps
   // and d the tile's, for the tile at row0 / column block b0 the arguments name.)
   auto w_codes = [&](int d, int bb0) {
-    return qc + ((size_t)(s0 + q_ix(d)) * B + bb0) * 32 * BITS;
+    return qc + ((size_t)(s0 + d - nps) * B + bb0) * 32 * BITS;
   };
-  auto w_group = [&](int d, int bb0) {
-    return (size_t)group_of(s0 + q_ix(d), gmagic) * B + bb0;
-  };
+  auto w_group = [&](int d, int bb0) { return (size_t)group_of(s0 + d - nps, gmagic) * B + bb0; };
   auto issue_w = [&](int it) {
-    if (is_sal(it)) return;
+    if (it < nps) return;
     uint8_t* slot = smem + (it % STAGES) * SB;
     const uint4* wp = w_codes(it, b0);
     for (int i = threadIdx.x; i < WGS * 32 * BITS; i += THREADS) cp_async16(slot + XB + i * 16, wp + i);
@@ -435,17 +412,17 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
     const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
-    if (is_sal(d))
-      tma_load_2d(dst, &smap, (split + sal_ix(d) * splits) * 64, rr0, bar);
+    if (d < nps)
+      tma_load_2d(dst, &smap, (split + d * splits) * 64, rr0, bar);
     else
-      tma_load_2d(dst, &xmap, (s0 + q_ix(d)) * 64, rr0, bar);
+      tma_load_2d(dst, &xmap, (s0 + d - nps) * 64, rr0, bar);
   };
   // The producer's copies of iteration `it`'s weights: three bulk copies (codes, zero-points,
   // scales), and the slot's full barrier expecting them and the x tile
   auto produce_w = [&](int r, int d, int bb0) {
     const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
-    if (is_sal(d)) {
-      if (!GATHER) mbar_expect(bar, XB);  // (GATHER: the gathering warp's arrival)
+    if (d < nps) {
+      mbar_expect(bar, XB);
       return;
     }
     mbar_expect(bar, XB + WGS * (WB + 192));
@@ -456,43 +433,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   };
   auto wait_x = [&](int it) {
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
-  };
-  // GATHER, the producer warp: x's salient columns of iteration `it` (rows row0 .., zeros past
-  // M and past the last salient column) into its slot as the tensor copy lays a tile (row n at
-  // n * 128 bytes, its 16-byte chunk c at chunk c ^ n % 8), lane l taking columns l and l + 32,
-  // 16 rows' loads in flight at a time; then the proxy fence (the MMAs read the slot through
-  // the async proxy) and the slot's one arrival
-  auto gather_x = [&](int it) {
-    const int p0 = (split + sal_ix(it) * splits) * 64;
-    const int ca = p0 + lane < nsal ? __ldg(sidx + p0 + lane) : -1;
-    const int cb = p0 + lane + 32 < nsal ? __ldg(sidx + p0 + lane + 32) : -1;
-    const uint32_t dst = smem0 + static_cast<uint32_t>(it) % STAGES * SB;
-    const auto* xb = reinterpret_cast<const unsigned short*>(x);
-    const int rows = min(NT, M - row0);
-#pragma unroll 1
-    for (int n0 = 0; n0 < rows; n0 += 16) {
-      uint32_t va[16], vb[16];
-#pragma unroll
-      for (int u = 0; u < 16; ++u) {
-        const size_t ro = static_cast<size_t>(row0 + n0 + u) * K;
-        const bool in = n0 + u < rows;
-        va[u] = in && ca >= 0 ? __ldcg(xb + ro + ca) : 0u;
-        vb[u] = in && cb >= 0 ? __ldcg(xb + ro + cb) : 0u;
-      }
-#pragma unroll
-      for (int u = 0; u < 16; ++u) {  // (n0 + u) % 8 = u % 8
-        const uint32_t row = dst + (n0 + u) * 128 + (lane & 7) * 2;
-        sts_u16(row + (((lane >> 3) ^ (u & 7)) << 4), va[u]);
-        sts_u16(row + ((((lane >> 3) + 4) ^ (u & 7)) << 4), vb[u]);
-      }
-    }
-    for (int n = (rows + 15) / 16 * 16 + lane / 8; n < NT; n += 4)  // zero rows: 4 a pass
-      asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst + n * 128 + (lane & 7) * 16),
-                   "r"(0u)
-                   : "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar0 + static_cast<uint32_t>(it) % STAGES * 8);
   };
 
   // 2 and 4 bits: this warp's pairs 4 q + u lie in word (4 q) / PER of a k16 step's BITS words
@@ -505,8 +445,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
   auto frags = [&](int r, int d, int bb, uint32_t (&a)[4][4]) {
-    if (is_sal(d)) {  // salient: the stored fragments (zeros past the last k16 step)
-      const int q0 = (split + sal_ix(d) * splits) * 4;
+    if (d < nps) {  // salient: the stored fragments (zeros past the last k16 step)
+      const int q0 = (split + d * splits) * 4;
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
         uint4 v = make_uint4(0, 0, 0, 0);
@@ -827,29 +767,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       // every slot's weights first (not written by the previous kernel), then the x tiles;
       // a slot is refilled once each consumer warp has arrived on its empty barrier (the
       // MMAs that read it are done)
-      if (issuer) {
+      if (issuer)
         for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p, p, b0);
-        if constexpr (GATHER)  // the salient steps' fragments (read at use) into L2
-          for (int d = nss; d < iters; ++d)
-            for (int q = (split + sal_ix(d) * splits) * 4, st = 0; st < 4 && q + st < Q; ++st)
-              asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(
-                               wsp + (size_t)((q + st) * B + b0) * 4 * 32),
-                           "r"(WGS * 4 * 32 * 16)
-                           : "memory");
-      }
       pdl_wait();  // every thread: the producer warps write outputs in the epilogue
-      if constexpr (GATHER) {  // the whole warp: lane 0's copies, everyone's gathers
-        for (int it = 0; it < iters; ++it) {
-          if (it >= STAGES) {
-            mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
-            if (lane == 0) produce_w(it, it, b0);
-          }
-          if (is_sal(it))
-            gather_x(it);
-          else if (lane == 0)
-            issue_x(it, it, row0);
-        }
-      } else if (issuer) {
+      if (issuer) {
         for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p, p, row0);
         for (int it = STAGES; it < iters; ++it) {
           mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
@@ -860,11 +781,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       __syncwarp();
     } else {
       if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
-      if (iters > 0 && is_sal(0)) frags(0, 0, b, a0);  // salient: global memory, before the wait
+      if (nps > 0) frags(0, 0, b, a0);  // salient: from global memory, before the wait
       pdl_wait();
       if (iters > 0) {
         wait_x(0);
-        if (!is_sal(0)) frags(0, 0, b, a0);
+        if (nps == 0) frags(0, 0, b, a0);
       }
       // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
       // released and the next k-step's fragments go into `nxt` while these MMAs run
@@ -1171,10 +1092,8 @@ int launch_wg(const WgCall& a) {
   const int W = (a.nsal + 63) / 64 * 64;
   CUtensorMap xmap, smap;
   if (!encode_rows(&xmap, a.x, a.K, a.M, NT, BF)) return -1;
-  constexpr bool GATHER = wg_in_gather(NT, WGS, SK);  // no gather launch, no copy xs
-  if (W > 0 && !GATHER && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF)))
-    return -1;
-  if (W == 0 || GATHER) smap = xmap;  // not read
+  if (W > 0 && (a.xs == nullptr || !encode_rows(&smap, a.xs, W, a.M, NT, BF))) return -1;
+  if (W == 0) smap = xmap;  // not read
   size_t smem = wg_smem_bytes(BITS, NT, WGS);
   int rc = prepare_wg<BF, BITS, NT, WGS, SK>(a.csize);
   if (rc) return rc;
@@ -1182,7 +1101,7 @@ int launch_wg(const WgCall& a) {
     if (const size_t spread = wg_spread_smem<BF, BITS, NT, WGS>(grid_x * splits, a.csize))
       smem = spread;
   }
-  if (W > 0 && !GATHER) {
+  if (W > 0) {
     const long threads = static_cast<long>(a.M) * (W / 2);
     rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
@@ -1192,7 +1111,7 @@ int launch_wg(const WgCall& a) {
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
                    ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, sk0, xmap,
-                   smap, a.x, a.sidx);
+                   smap);
 }
 
 template <bool BF, int BITS, int NT, int WGS>

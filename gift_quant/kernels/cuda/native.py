@@ -321,9 +321,8 @@ def mixed_wg(
     ``stream_k`` (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the
     tiles past the last whole wave but one are dealt out by k-steps over one wave of blocks,
     whose partial tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient
-    columns, 64-row tiles gather them from x themselves (the producer warp, into the ring);
-    for the other tiles a first small kernel gathers them into a buffer of M x 64
-    ceil(nsal / 64) halves, which the kernel loads as it loads x."""
+    columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
+    halves, which the kernel loads as it loads x."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
@@ -339,7 +338,7 @@ def mixed_wg(
             f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
         )
     xs = None  # kept alive by this frame until the launches are queued
-    if p.nsal:  # (64-row tiles leave it unused)
+    if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
