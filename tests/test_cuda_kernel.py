@@ -316,14 +316,16 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
         assert ops.prepare(layer).cuda is not None
 
 
-def layer_and_layouts(K: int, N: int, bits: int, group: int, dtype=torch.float16):
-    """A mixed layer in ``dtype`` (37 salient columns, bias) on the GPU, its Triton-side
-    ``prepare`` and its CUDA kernels' layout."""
+def layer_and_layouts(
+    K: int, N: int, bits: int, group: int, dtype=torch.float16, num_salient: int = 37
+):
+    """A mixed layer in ``dtype`` (``num_salient`` salient columns, bias) on the GPU, its
+    Triton-side ``prepare`` and its CUDA kernels' layout."""
     from gift_quant.kernels.triton import ops
     from gift_quant.testing import random_mixed_linear
 
-    kw = dict(bits=bits, group_size=group, num_salient=37, bias=True, seed=bits, device="cuda")
-    layer = random_mixed_linear(K, N, dtype=dtype, **kw)
+    kw = dict(bits=bits, group_size=group, num_salient=num_salient, bias=True, seed=bits)
+    layer = random_mixed_linear(K, N, dtype=dtype, device="cuda", **kw)
     return layer, ops.prepare(layer), ops.cuda_layout(layer)
 
 
@@ -459,16 +461,13 @@ def test_many_salient_columns_in_one_split_or_sixteen(bits, dtype) -> None:
     k16 steps: all of them in one split's blocks, or 2-3 in each of 16), and none; every block
     width, warps sharing a strip, M = 1..64 (tensor-core) and 1..16 (swapped), against the
     oracle."""
-    from gift_quant.kernels.triton import ops, routes
-    from gift_quant.testing import random_mixed_linear
+    from gift_quant.kernels.triton import routes
 
     if native.library() is None:
         pytest.skip("the CUDA kernel is not built here (no nvcc)")
     K, N = 1024, 1024
     for nsal in (600, 0):
-        kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=True, device="cuda")
-        layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal, **kw)
-        p, cuda = ops.prepare(layer), ops.cuda_layout(layer)
+        layer, p, cuda = layer_and_layouts(K, N, bits, 128, dtype, num_salient=nsal)
         for M in (1, 8, 16, 32, 64):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             names = [routes.mma_name(wn, sp) for wn in (1, 2, 4) for sp in (1, 16)]
