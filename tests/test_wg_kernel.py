@@ -488,3 +488,49 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
     # on an H200 (132 blocks a wave): less than a wave, one to two, more than two
     assert {w for _, w in seen} == {0, 1, 2}, seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (3, torch.bfloat16)])
+def test_blocks_gather_the_salient_columns_and_leave_the_counters_zeroed(bits, dtype) -> None:
+    """64-row tiles whose blocks are all on the GPU at once gather x's salient columns
+    themselves (a slice each, counted in the last two counters; their salient k-steps last):
+    launches of 16 to 256 blocks, one block per SM or two, clusters, several row tiles, and one
+    of more blocks than the device holds at once (the gather launch before it instead); 37 and
+    600 salient columns (10 salient k-steps: with 2 splits, some gathered inside the loop).
+    Each layer runs three times on different x in a row, each against the float64 oracle, and
+    the counters are zero after every launch (a count left over would let the next launch read
+    its salient columns before they are gathered)."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import dispatch, ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    K, N = 1024, 2048  # 16 k-steps, 32 strips
+    wave = native.wg_wave_blocks(64, 2)
+    for nsal in (37, 600):
+        kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=True, device="cuda")
+        layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal, **kw)
+        p, cuda = ops.prepare(layer), ops.cuda_layout(layer)
+        args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+        # (tile, strips a block, splits, cluster) at M <= 64: 16 blocks; 96 in clusters of 3
+        # and alone; 64 in clusters of 2; 256 (two a SM). At M = 320 (5 row tiles) 80 blocks,
+        # and 320-1,280, more than a wave of 64 x 2 tiles (264 on an H200) but one
+        confs = [(64, 4, 2, 1), (64, 2, 6, 3), (64, 2, 6, 1), (64, 4, 8, 2), (64, 2, 16, 1)]
+        for M in (17, 64, 320):
+            for nt, wgs, splits, cl in confs:
+                blocks = -(-M // nt) * (N // 64 // wgs) * splits
+                assert M < 320 or blocks > wave or wgs == 4
+                for _ in range(3):
+                    x = torch.randn(M, K, device="cuda", dtype=dtype)
+                    exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    name = routes.wg_name(nt, wgs, splits, cl)
+                    dispatch.run_route(name, x, *args, out=out, cuda=cuda)
+                    err, ref_err = kernel_error(out, ref, exact)
+                    assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, nsal, err)
+                    _, cnt = dispatch.workspace(x.device, 0)
+                    torch.cuda.synchronize()
+                    assert not cnt.any(), (M, name, nsal, cnt.nonzero().flatten().tolist())

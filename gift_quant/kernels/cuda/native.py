@@ -321,8 +321,10 @@ def mixed_wg(
     ``stream_k`` (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the
     tiles past the last whole wave but one are dealt out by k-steps over one wave of blocks,
     whose partial tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient
-    columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
-    halves, which the kernel loads as it loads x."""
+    columns, x's salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves,
+    which the kernel loads as it loads x: by a first small kernel, or (64-row tiles whose
+    blocks are all on the GPU at once) by the kernel's blocks, a slice each, counted in the
+    last two of ``cnt``'s 1 << 16 counters."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
@@ -336,6 +338,11 @@ def mixed_wg(
         raise ValueError(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
             f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
+        )
+    if p.nsal and cnt.numel() < 1 << 16:
+        raise ValueError(
+            f"mixed_wg: a layer with salient columns needs {1 << 16} counters (the last two "
+            f"count the blocks' gather); this one has {cnt.numel()}"
         )
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
