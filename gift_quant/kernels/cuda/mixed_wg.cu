@@ -35,9 +35,10 @@
 // splits), their weights' fragments as stored (fp16, or bf16 for BF: layout.py,
 // `pack_salient`), their x tiles loaded by the same tensor copies from xs [M, 64 per salient
 // k-step] (zeros past the last column). xs is gathered from x once per launch: by a small
-// kernel before this one, whose blocks then run the salient k-steps first; or (64-row tiles
-// whose launch is all on the GPU at once: `coop`) by the blocks themselves, a slice each after
-// the dependent wait, counted, and the salient k-steps run last, by when the count is whole (a
+// kernel before this one, whose blocks then run the salient k-steps first; or (64-row tiles,
+// where the caller asks for it, timed at first use as its own configuration, and the launch is
+// all on the GPU at once: `coop`) by the blocks themselves, a slice each after the dependent
+// wait, counted, and the salient k-steps run last, by when the count is whole (a
 // launch before the kernel put about 0.5-1.2 us on the chain at M = 32-64; a gather of each
 // block's own columns read x's scattered columns once per column block: at 28672 x 4096,
 // M = 256, 224 times, most of the kernel's global-load sectors). One K
@@ -93,8 +94,9 @@ __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return wg_producer_warps(nt, wgs) > 0;
 }
 // 64-row tiles with a producer warp, outside stream-K, may gather x's salient columns into xs
-// themselves, a slice each block (`coop`, where the launch's blocks are all on the GPU at once),
-// instead of a gather launch before them (`wg_gather_kernel`)
+// themselves, a slice each block (`coop`: where the caller asks, WG_BLOCKS_GATHER, and the
+// launch's blocks are all on the GPU at once), instead of a gather launch before them
+// (`wg_gather_kernel`)
 __host__ __device__ constexpr bool wg_in_gather(int nt, int wgs, bool sk) {
   return nt == 64 && wg_producer_warps(nt, wgs) == 1 && !sk;
 }
@@ -1019,6 +1021,9 @@ __global__ void __launch_bounds__(256)
 // lie far below)
 constexpr int WG_GATHER_COUNTERS = (1 << 16) - 2;
 
+// gq_mixed_wg's `schedule` bits
+constexpr int WG_STREAM_K = 1, WG_BLOCKS_GATHER = 2;
+
 // one launch's arguments (gq_mixed_wg)
 struct WgCall {
   const half* x;
@@ -1031,7 +1036,7 @@ struct WgCall {
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
   int M, N, K, group, splits, csize, tail;
-  bool stream_k, pdl;
+  bool stream_k, gather, pdl;  // gather: the blocks may gather xs themselves (`coop`)
   cudaStream_t stream;
 };
 
@@ -1215,7 +1220,8 @@ int launch_wg(const WgCall& a) {
   // the blocks gather xs themselves where all of them are on the GPU at once (`coop`)
   bool coop = false;
   if constexpr (wg_in_gather(NT, WGS, SK))
-    coop = W > 0 && wg_all_resident<BF, BITS, NT, WGS>(grid_x * splits, a.csize, smem);
+    coop = a.gather && W > 0 &&
+           wg_all_resident<BF, BITS, NT, WGS>(grid_x * splits, a.csize, smem);
   if (W > 0 && !coop) {
     const long threads = static_cast<long>(a.M) * (W / 2);
     rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
@@ -1276,15 +1282,18 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
 // (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
 // many blocks. `tail` (1..16; > 1 with one split and no cluster): the tiles past the last
-// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `stream_k`
-// (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past
-// the last whole wave but one shared out by k-steps over one wave of blocks; `ws` must hold
-// that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed.
+// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `schedule`:
+// WG_STREAM_K (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the
+// tiles past the last whole wave but one shared out by k-steps over one wave of blocks; `ws`
+// must hold that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves
+// them zeroed. WG_BLOCKS_GATHER (64-row tiles): where the launch's blocks are all on the GPU
+// at once, they gather x's salient columns themselves (`coop`), counted in the last two of
+// `cnt`'s 1 << 16 counters, instead of a gather launch before them.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           int tail, int stream_k, void* xs, int pdl, void* stream) {
+                           int tail, int schedule, void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16 || tail < 1 ||
       tail > 16)
@@ -1298,8 +1307,8 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  M,                              N,
                  K,                              group,
                  splits,                         cluster,
-                 tail,                           stream_k != 0,
-                 pdl != 0,
+                 tail,                           (schedule & WG_STREAM_K) != 0,
+                 (schedule & WG_BLOCKS_GATHER) != 0, pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return launch_any<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
