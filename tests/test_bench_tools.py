@@ -419,3 +419,39 @@ def test_every_kernel_tool_imports_on_a_machine_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("gift_quant.mixed_matmul"), done.stdout
+
+
+def test_ab_kernels_stops_a_side_past_its_limit_and_names_its_last_line(tmp_path, capsys):
+    """tools/ab_kernels.py's ``run_side``: a side's lines pass through as they come; one that
+    runs past ``--side-limit`` is stopped, and one that fails ends the A/B, each in one line
+    naming the side and the last line it printed (a kernel that never finishes holds its
+    process: round 41's A/B runs were cut by the device's limit with no word of where)."""
+    import os
+    import time
+
+    import ab_kernels
+
+    env = dict(os.environ)
+    hang = "print('cand wg:64x2x6c6 12.25us', flush=True)\nimport time\ntime.sleep(60)"
+    t0 = time.time()
+    with pytest.raises(SystemExit) as stopped:
+        ab_kernels.run_side("new", [sys.executable, "-c", hang], tmp_path, env, 3.0)
+    assert time.time() - t0 < 30
+    msg = str(stopped.value)
+    assert "the new build's timing ran past --side-limit 3 s" in msg
+    assert msg.endswith("its last line: cand wg:64x2x6c6 12.25us")
+    fail = "print('timing 4096x4096', flush=True)\nraise SystemExit(3)"
+    with pytest.raises(
+        SystemExit, match=r"base build's timing failed \(exit 3\).*timing 4096x4096"
+    ):
+        ab_kernels.run_side("base", [sys.executable, "-c", fail], tmp_path, env, None)
+    ab_kernels.run_side("base", [sys.executable, "-c", "print('done')"], tmp_path, env, 5.0)
+    assert "done" in capsys.readouterr().out
+    run = __import__("subprocess").run(
+        [sys.executable, "tools/ab_kernels.py", "--base", "HEAD", "--side-limit", "0"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "--side-limit 0: give a positive number of seconds" in run.stderr

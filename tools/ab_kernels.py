@@ -2,8 +2,8 @@
 sources and another commit's (or a directory's), both with this tree's Python, so the same
 configurations are timed; prints the time ratios new / base (``bench_kernels --compare``).
 
-    python3 tools/ab_kernels.py --base 0b7dc0d [--out DIR] -- --shapes tuned \\
-        --ms 32,64,128,256,512 --bits 4,3 --only wg,cublas
+    python3 tools/ab_kernels.py --base 0b7dc0d [--out DIR] [--side-limit S] -- \\
+        --shapes tuned --ms 32,64,128,256,512 --bits 4,3 --only wg,cublas
 
 A copy of this tree (``gift_quant``, ``tools``, ``pyproject.toml``) takes the base kernel
 sources (``gift_quant/kernels/cuda``: ``*.cu`` and ``fragments.cuh``); the two libraries build
@@ -13,6 +13,9 @@ the base copy, then on this tree, with ``GIFT_QUANT_TUNE=0`` (every configuratio
 rules' choices routed). Both builds are called through this tree's ``native.py`` and packed
 layout: a base whose ``extern "C"`` entry points differ, or (a commit) whose ``layout.py``
 differs, is refused before any build; a directory's sources must share this tree's layout.
+``--side-limit S``: each side's timing run is stopped after S seconds, and the A/B ends with a
+one-line error naming the side, how long it ran and the last line it printed (a kernel that
+never finishes holds its process: the last candidate printed is the one before it).
 The base run records this tree's commit and ``GIFT_QUANT_AB_BASE`` (the base's full commit,
 or the directory and a digest of its sources) among its switches. Results: ``ab_base.json``
 and ``ab_new.json`` under ``--out`` (default benchmarks/results).
@@ -37,6 +40,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +176,41 @@ def whole_tree(base: str, dest: Path, root: Path = ROOT) -> tuple[Path, str, str
     return dest, sha, sha
 
 
+def run_side(side: str, cmd: list[str], cwd: Path, env: dict, limit: float | None) -> None:
+    """Run one side's timing, its lines passed through as they come; SystemExit (one line)
+    where it fails, or runs past ``limit`` seconds (then stopped), naming the last line it
+    printed."""
+    t0, last = time.time(), ["(nothing)"]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def relay() -> None:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if line.strip():
+                last[0] = line.strip()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        reader.join(timeout=5)
+        sys.exit(
+            f"ab_kernels: the {side} build's timing ran past --side-limit {limit:g} s and was "
+            f"stopped; its last line: {last[0]}"
+        )
+    reader.join(timeout=5)
+    if rc != 0:
+        sys.exit(
+            f"ab_kernels: the {side} build's timing failed (exit {rc}) after "
+            f"{time.time() - t0:.0f} s; its last line: {last[0]}"
+        )
+
+
 def _env(tree: Path, **extra: str) -> dict:
     env = dict(os.environ, GIFT_QUANT_TUNE="0", **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
@@ -186,8 +226,16 @@ def main() -> None:
         help="the base's own gift_quant, tools and pyproject.toml (a layout change)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument(
+        "--side-limit",
+        type=float,
+        default=None,
+        help="seconds each side's timing may run before it is stopped (default: no limit)",
+    )
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then bench_kernels arguments")
     args = ap.parse_args()
+    if args.side_limit is not None and not args.side_limit > 0:
+        ap.error(f"--side-limit {args.side_limit:g}: give a positive number of seconds")
     bench = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
     own = [a for a in bench if a.split("=")[0] in OWN]
     if own:
@@ -231,7 +279,7 @@ def main() -> None:
             cmd = [sys.executable, str(trees[k] / "tools" / "bench_kernels.py"), "--candidates"]
             cmd += ["--skip-tinygemm", "--out", str(out), "--name", f"ab_{k}.json", *bench]
             print(f"timing the {k} build: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, cwd=trees[k], env=envs[k], check=True)
+            run_side(k, cmd, trees[k], envs[k], args.side_limit)
     sys.path.insert(0, str(ROOT / "tools"))
     from kernel_tables import print_comparison
 
