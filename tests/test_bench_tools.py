@@ -455,3 +455,41 @@ def test_ab_kernels_stops_a_side_past_its_limit_and_names_its_last_line(tmp_path
         timeout=60,
     )
     assert run.returncode == 2 and "--side-limit 0: give a positive number of seconds" in run.stderr
+
+
+def test_check_kernels_names_the_kernel_a_late_case_is_running(tmp_path, monkeypatch):
+    """tools/check_kernels.py: each worker notes the kernel case it is running in a file of its
+    own (cleared when its case is done); past ``--limit`` the check lists the notes left, the
+    longest running first, so a kernel that never finishes is named; a limit that is not a
+    positive number of seconds is refused before any work."""
+    import os
+    import subprocess
+    import time
+
+    import check_kernels
+
+    monkeypatch.setenv(check_kernels.PROGRESS, str(tmp_path))
+    check_kernels.note_progress("W4 fp16 4096x4096 M=32 candidate wg:64x2x6c6")
+    mine = tmp_path / f"{os.getpid()}.txt"
+    assert mine.read_text().split(" ", 1)[1] == "W4 fp16 4096x4096 M=32 candidate wg:64x2x6c6\n"
+    check_kernels.note_progress(None)  # the case done
+    assert not mine.exists() and check_kernels.stuck(tmp_path, time.time()) == []
+    now = time.time()
+    (tmp_path / "101.txt").write_text(
+        f"{now - 5:.3f} W3 bf16 1536x960 M=8 routed (the op's route)\n"
+    )
+    (tmp_path / "102.txt").write_text(f"{now - 400:.3f} W4 fp16 4096x4096 M=32 candidate x\n")
+    assert check_kernels.stuck(tmp_path, now) == [
+        "W4 fp16 4096x4096 M=32 candidate x (running 400 s)",
+        "W3 bf16 1536x960 M=8 routed (the op's route) (running 5 s)",
+    ]
+    monkeypatch.delenv(check_kernels.PROGRESS)
+    check_kernels.note_progress("outside a check: nowhere to write")  # no error, no file
+    run = subprocess.run(
+        [sys.executable, "tools/check_kernels.py", "--limit", "-3"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "--limit -3: give a positive number of seconds" in run.stderr

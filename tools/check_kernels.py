@@ -1,6 +1,6 @@
 """Correctness of the Triton kernels against the torch reference, on the GPU.
 
-    PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N] [--shared]
+    PYTHONPATH=. python3 tools/check_kernels.py [--out DIR] [--workers N] [--limit S] [--shared]
     PYTHONPATH=. python3 tools/check_kernels.py --compile-only     # no GPU needed
 
 Every bit width (2, 3, 4) x activation dtype (fp16, bf16) x M in {1, 2, 4, 8, 16, 24, 32, 64, 256} x
@@ -17,7 +17,10 @@ the float64 oracle and ref the torch reference in the same dtype; a NaN or an un
 element fails. Then: the custom op under CUDA-graph capture and replay, torch.compile, the
 backward of base_matmul, a NaN input propagating, and AUTO dispatch of MixedLinear. Writes
 check_kernels.json under --out (every row with the commit, versions, GPU/CPU and whether the
-machine was shared); exit status 1 on any failure. ``--compile-only`` compiles every kernel
+machine was shared); exit status 1 on any failure. ``--limit S`` (default 1800): the kernel
+cases not done after S seconds are reported, each with the kernel its worker was running and
+for how long (a kernel that never finishes holds its worker), and the check ends with status
+1, writing the rows it has. ``--compile-only`` compiles every kernel
 (2/3/4 bits, fp16/bf16, every mm configuration) for sm_90 with Triton's own ptxas and stops:
 it needs no GPU; exit status 1 where a kernel writes registers an MMA may still read or zeroes
 the split-K workspace before a barrier (``kernels.sass``).
@@ -31,6 +34,7 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +66,30 @@ SHAPES = [  # (K, N, group, salient, bias)
     (1024, 576, -1, 0, False),
 ]
 FACTOR = ERROR_FACTOR
+
+
+PROGRESS = "GQ_CHECK_PROGRESS_DIR"  # where each worker notes the kernel it is running
+
+
+def note_progress(what: str | None) -> None:
+    """This worker's current kernel case, one line in a file of its own under $PROGRESS (the
+    time first): what a case that does not finish was running; None: none (the file gone)."""
+    where = os.environ.get(PROGRESS)
+    if where:
+        note = Path(where, f"{os.getpid()}.txt")
+        if what is None:
+            note.unlink(missing_ok=True)
+        else:
+            note.write_text(f"{time.time():.3f} {what}\n")
+
+
+def stuck(where: Path, now: float) -> list[str]:
+    """One line per worker's last noted kernel case, the longest running first."""
+    notes = []
+    for f in where.glob("*.txt"):
+        t, _, what = f.read_text().strip().partition(" ")
+        notes.append((now - float(t), what))
+    return [f"{what} (running {age:.0f} s)" for age, what in sorted(notes, reverse=True)]
 
 
 def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
@@ -104,6 +132,9 @@ def check_case(args) -> list[dict]:
         wg = mma and native.wg_available()
         names = routes.candidates(M, mma=mma, N=N, K=K, wg=wg) if cand else [None]
         for name in names:
+            kind = "candidate" if cand else "routed"
+            shown = name or "(the op's route)"
+            note_progress(f"W{bits} {dname} {N}x{K} M={M} {kind} {shown}")
             x = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
             exact = oracle(x, layer)
             ref = reference.dequant_matmul(x, layer)
@@ -128,6 +159,7 @@ def check_case(args) -> list[dict]:
                     ok=bool(err <= FACTOR * ref_err + 1e-6),
                 )
             )
+    note_progress(None)
     return rows
 
 
@@ -204,7 +236,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and stop")
+    ap.add_argument(
+        "--limit", type=float, default=1800.0, help="seconds the kernel cases may take in all"
+    )
     args = ap.parse_args()
+    if not args.limit > 0:
+        ap.error(f"--limit {args.limit:g}: give a positive number of seconds")
     if args.compile_only:
         bad = 0
         for line in compile_for_gpu():
@@ -220,9 +257,18 @@ def main() -> None:
     t0 = time.time()
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in range(len(SHAPES))]
     cases += [(b, d, s, 1) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in (0, 1)]
-    rows = []
+    rows, late = [], []
+    progress = tempfile.TemporaryDirectory(prefix="gq-check-")
+    os.environ[PROGRESS] = progress.name  # the spawned workers inherit it
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        for part in pool.imap_unordered(check_case, cases):
+        parts = pool.imap_unordered(check_case, cases)
+        for _ in cases:
+            try:
+                part = parts.next(timeout=max(0.0, t0 + args.limit - time.time()))
+            except mp.TimeoutError:
+                late = stuck(Path(progress.name), time.time())
+                pool.terminate()
+                break
             rows += part
             for r in part:
                 flag = ("ok " if r["ok"] else "BAD") + ("c" if r["candidate"] else " ")
@@ -233,7 +279,11 @@ def main() -> None:
                     f"rel={r['rel']:.1e}",
                     flush=True,
                 )
-    extras = extra_checks()
+    if late:
+        print(f"\nthe kernel cases did not finish in --limit {args.limit:g} s; still running:")
+        for line in late:
+            print(f"  {line}", flush=True)
+    extras = extra_checks() if not late else []
     for e in extras:
         print(("ok  " if e["ok"] else "BAD ") + json.dumps(e), flush=True)
     routed = [r for r in rows if not r["candidate"]]
@@ -241,9 +291,10 @@ def main() -> None:
     tunable = [r for r in rows if r["candidate"] and r["route"].startswith(("mma", "mmv", "wg"))]
     bad = [r for r in routed + tunable if not r["ok"]] + [e for e in extras if not e["ok"]]
     bad_cand = sorted({r["route"] for r in rows if r["candidate"] and not r["ok"]})
-    worst = max(r["err"] / max(r["ref_err"], 1e-12) for r in routed)
+    worst = max((r["err"] / max(r["ref_err"], 1e-12) for r in routed), default=0.0)
     print(
-        f"\n{len(routed)} routed kernel cases, {len(extras)} extra checks, {len(bad)} failures; "
+        f"\n{len(routed)} routed kernel cases, {len(extras)} extra checks, {len(bad)} failures, "
+        f"{len(late)} kernel cases unfinished; "
         f"worst err / ref_err = {worst:.2f} (bound {FACTOR}); {time.time() - t0:.0f}s\n"
         f"{len(rows) - len(routed)} candidate cases ({len(tunable)} of them CUDA-kernel "
         f"configurations, counted above); failing: {bad_cand or 'none'}"
@@ -256,11 +307,12 @@ def main() -> None:
         extras=[{**e, **env} for e in extras],
         failures=len(bad),
         failing_candidates=bad_cand,
+        unfinished=late,
     )
     tmp = outdir / "check_kernels.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(outdir / "check_kernels.json")
-    sys.exit(1 if bad else 0)
+    sys.exit(1 if bad or late else 0)
 
 
 if __name__ == "__main__":
