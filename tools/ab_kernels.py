@@ -197,13 +197,14 @@ def run_side(side: str, cmd: list[str], cwd: Path, env: dict, limit: float | Non
         rc = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
-        reader.join(timeout=5)
+        rc = None
+    proc.wait()
+    reader.join(timeout=5)
+    if rc is None:
         sys.exit(
             f"ab_kernels: the {side} build's timing ran past --side-limit {limit:g} s and was "
             f"stopped; its last line: {last[0]}"
         )
-    reader.join(timeout=5)
     if rc != 0:
         sys.exit(
             f"ab_kernels: the {side} build's timing failed (exit {rc}) after "

@@ -257,7 +257,7 @@ def main() -> None:
     t0 = time.time()
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in range(len(SHAPES))]
     cases += [(b, d, s, 1) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in (0, 1)]
-    rows, late = [], []
+    rows, late, done = [], [], 0
     progress = tempfile.TemporaryDirectory(prefix="gq-check-")
     os.environ[PROGRESS] = progress.name  # the spawned workers inherit it
     with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -269,7 +269,7 @@ def main() -> None:
                 late = stuck(Path(progress.name), time.time())
                 pool.terminate()
                 break
-            rows += part
+            rows, done = rows + part, done + 1
             for r in part:
                 flag = ("ok " if r["ok"] else "BAD") + ("c" if r["candidate"] else " ")
                 print(
@@ -294,7 +294,7 @@ def main() -> None:
     worst = max((r["err"] / max(r["ref_err"], 1e-12) for r in routed), default=0.0)
     print(
         f"\n{len(routed)} routed kernel cases, {len(extras)} extra checks, {len(bad)} failures, "
-        f"{len(late)} kernel cases unfinished; "
+        f"{len(cases) - done} of {len(cases)} groups of kernel cases unfinished; "
         f"worst err / ref_err = {worst:.2f} (bound {FACTOR}); {time.time() - t0:.0f}s\n"
         f"{len(rows) - len(routed)} candidate cases ({len(tunable)} of them CUDA-kernel "
         f"configurations, counted above); failing: {bad_cand or 'none'}"
@@ -307,7 +307,8 @@ def main() -> None:
         extras=[{**e, **env} for e in extras],
         failures=len(bad),
         failing_candidates=bad_cand,
-        unfinished=late,
+        unfinished_groups=len(cases) - done,
+        still_running=late,
     )
     tmp = outdir / "check_kernels.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
