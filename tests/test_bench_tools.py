@@ -24,20 +24,22 @@ def test_route_tables_are_made_from_triton_candidates_only():
 
 def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     """The README's target counts come from the run's rows: M = 16 cells at >= 1.5x, cells
-    below 1.0x per M, 3/2-bit cells slower than the 4-bit one of the same shape and M."""
+    below 1.0x per M, M = 128-512 cells below 0.9x, 3/2-bit cells slower than the 4-bit one of
+    the same shape and M."""
 
     def row(bits, M, us, cublas_us):
         s = cublas_us / us
         return dict(N=64, K=128, bits=bits, M=M, us=us, cublas_us=cublas_us, speedup=s)
 
     rows = [row(4, 16, 10.0, 16.0), row(2, 16, 11.0, 16.0), row(4, 32, 10.0, 9.0)]
-    rows.append(row(2, 32, 9.0, 9.0))
+    rows += [row(2, 32, 9.0, 9.0), row(4, 128, 10.0, 8.0), row(2, 128, 10.0, 9.5)]
     kernel_tables.print_tables({"rows": rows}, markdown=True)
     out = capsys.readouterr().out
     assert "| 64×128 | ours W4 | 1.60 | 0.90 |" in out
     assert "- M = 16 ≥ 1.5×: 1 of 2 cells; below: 64×128 W2 1.45×" in out
     assert "- below 1.0× at M ≤ 64: 1 cells (0 at M = 16, 1 at M = 32): 64×128 W4 M=32 0.90×" in out
     assert "- W3/W2 slower than W4 at M ≤ 64: 1 cells, by at most 64×128 W2 M=16 1.10×" in out
+    assert "- M = 128–512: 0.80–0.95×, 1 of 2 cells below 0.9×" in out
     assert "speed-up over cuBLAS fp16" in out  # a run without a dtype: fp16, as before --dtype
     kernel_tables.print_tables({"rows": rows, "env": {"dtype": "bf16"}}, markdown=True)
     assert "speed-up over cuBLAS bf16" in capsys.readouterr().out

@@ -136,7 +136,9 @@ def print_targets(rows: dict, ms: list[int]) -> None:
         + (": " + ", ".join(cell(x, x["speedup"]) for x in below) if below else "")
     )
     if big:
-        print(f"- M = 128–512: {min(big):.2f}–{max(big):.2f}×")
+        short = sum(v < 0.9 for v in big)
+        span = f"{min(big):.2f}–{max(big):.2f}×"
+        print(f"- M = 128–512: {span}, {short} of {len(big)} cells below 0.9×")
     worst = max(behind, key=lambda t: t[0], default=None)
     print(
         f"- W3/W2 slower than W4 at M ≤ 64: {len(behind)} cells"
