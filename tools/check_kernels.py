@@ -83,6 +83,11 @@ def note_progress(what: str | None) -> None:
             note.write_text(f"{time.time():.3f} {what}\n")
 
 
+def notes_in(where: str) -> None:
+    """A worker's initializer: its progress notes go under ``where``."""
+    os.environ[PROGRESS] = where
+
+
 def stuck(where: Path, now: float) -> list[str]:
     """One line per worker's last noted kernel case, the longest running first."""
     notes = []
@@ -258,18 +263,20 @@ def main() -> None:
     cases = [(b, d, s, 0) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in range(len(SHAPES))]
     cases += [(b, d, s, 1) for b in (4, 3, 2) for d in ACTIVATION_DTYPES for s in (0, 1)]
     rows, late, done = [], [], 0
-    progress = tempfile.TemporaryDirectory(prefix="gq-check-")
-    os.environ[PROGRESS] = progress.name  # the spawned workers inherit it
-    with mp.get_context("spawn").Pool(args.workers) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="gq-check-") as notes,
+        mp.get_context("spawn").Pool(args.workers, initializer=notes_in, initargs=(notes,)) as pool,
+    ):
         parts = pool.imap_unordered(check_case, cases)
         for _ in cases:
             try:
                 part = parts.next(timeout=max(0.0, t0 + args.limit - time.time()))
             except mp.TimeoutError:
-                late = stuck(Path(progress.name), time.time())
+                late = stuck(Path(notes), time.time())
                 pool.terminate()
                 break
-            rows, done = rows + part, done + 1
+            rows += part
+            done += 1
             for r in part:
                 flag = ("ok " if r["ok"] else "BAD") + ("c" if r["candidate"] else " ")
                 print(
