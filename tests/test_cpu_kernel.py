@@ -29,7 +29,8 @@ CASES = [  # bits, group, sym, salient, bias
     (2, 128, True, 0, True),
 ]
 CPU_BACKENDS = [Backend.CPU, Backend.CPU_PACKED, Backend.CPU_DENSE, Backend.CPU_INT4]
-ROWS = [(1,), (2, 5), (5, 8)]  # 1 and 10 rows: the packed kernel under CPU; 40: dequantize
+# 1, 3 and 10 rows (4 + 4 + 2): the packed kernel under CPU, each of its row passes; 40: dequantize
+ROWS = [(1,), (3,), (2, 5), (5, 8)]
 
 
 def _check(out, ref, exact):
@@ -183,21 +184,21 @@ def test_the_parallel_split_computes_the_same_bits(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_cpu_head_reads_an_exact_fp16_copy(dtype):
-    head = torch.nn.Linear(64, 48, bias=False)
+    head = torch.nn.Linear(67, 48, bias=False)  # K not a multiple of the kernel's 4 sums
     with torch.no_grad():
         head.weight.copy_(head.weight.half().float())  # fp16 values, as an export stores them
     head = head.to(dtype)
     model = torch.nn.Module()
     model.get_output_embeddings = lambda: head
     assert set_cpu_head(model) and isinstance(head, cpu.CpuHead)
-    x = torch.randn(2, 3, 64).to(dtype)
-    exact = x.double() @ head.weight.double().t()
     with torch.no_grad():
-        ref = torch.nn.functional.linear(x, head.weight)
-        got = head(x)
-        assert head._cpu_cache["half"][1] is not None
-        _check(got, ref, exact)
-        big = torch.randn(40, 64).to(dtype)  # prefill: the plain matmul
+        for shape in [(1, 1), (3,), (2, 3)]:  # 1, 3 and 6 (4 + 2) rows: each row pass
+            x = torch.randn(*shape, 67).to(dtype)
+            ref = torch.nn.functional.linear(x, head.weight)
+            got = head(x)
+            assert head._cpu_cache["half"][1] is not None
+            _check(got, ref, x.double() @ head.weight.double().t())
+        big = torch.randn(40, 67).to(dtype)  # prefill: the plain matmul
         assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight))
     with torch.no_grad():
         head.weight.add_(1e-3)  # no longer fp16 values (fp32 case): nn.Linear again

@@ -6,7 +6,8 @@ passes, which dominates decode time on a CPU. For inference (no grad) on CPU ten
 * ``packed`` (``Backend.CPU_PACKED``): the codes stay at 4 bits (2- and 3-bit codes widened,
   which is exact) and a small C kernel (``cpu_gemv.c``, built once for this CPU, see
   ``cpu_native.py``) computes the whole mixed layer -- base, salient columns and bias -- for
-  a few rows in one call, in fp32: ``s_g * sum_k x_k (q_k - z_g)`` per group, ``q - z`` exact.
+  a few rows in one call, in fp32: ``s_g * (sum_k x_k q_k - z_g sum_k x_k)`` per group, each
+  ``x_k q_k`` one rounding.
   Decode reads 4 bits per weight instead of 32.
 * ``dense`` (``Backend.CPU_DENSE``): the weight dequantized once into the compute dtype and
   kept; the products are the reference's, so the outputs are bitwise equal to it. The speed of

@@ -116,7 +116,7 @@ def library():
                 raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
             lib = ctypes.CDLL(str(_build(cc)))
             ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.gq_mixed_gemm.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+            lib.gq_mixed_gemm.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
             lib.gq_mixed_gemm.restype = None
             lib.gq_dequantize.argtypes = [ptr, ptr, ctypes.c_int]
             lib.gq_dequantize.restype = None
@@ -156,6 +156,7 @@ class NativeLayer:
         K, N = layer.in_features, layer.out_features
         self.K, self.N = K, N
         group = K if layer.group_size == -1 else layer.group_size
+        self.G = K // group
         if layer.bits == 4:
             words = layer.qweight  # [K/8, N]: already 8 codes per word, row 8r+j at bits 4j
         else:  # widen 2/3-bit codes to 4 bits: the same integers
@@ -200,8 +201,11 @@ def mixed_gemm(x: Tensor, packed: NativeLayer, base_only: bool = False) -> Tenso
     the base product alone."""
     y = torch.empty(x.shape[:-1] + (packed.N,), dtype=torch.float32)
     rows = x.numel() // packed.K
+    scratch = torch.empty(rows * (packed.K + packed.G), dtype=torch.float32)
     ref = packed.base_ref if base_only else packed.full_ref
-    _state["lib"].gq_mixed_gemm(ref, x.data_ptr(), y.data_ptr(), rows, _threads(packed, rows))
+    _state["lib"].gq_mixed_gemm(
+        ref, x.data_ptr(), y.data_ptr(), rows, scratch.data_ptr(), _threads(packed, rows)
+    )
     return y
 
 
