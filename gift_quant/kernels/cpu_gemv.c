@@ -23,6 +23,7 @@
    is F16C's fp16 -> fp32 conversion, which GCC 12 would otherwise do one value at a time. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h> /* GCC 12 scalarizes the generic fp16 -> fp32 vector conversion */
@@ -144,12 +145,13 @@ static void prepare_rows(const layer_t *L, const float *x, float *xp, float *xsu
         }
 }
 
-/* y [M, N] = the mixed product of x [M, K] (rows contiguous), fp32; scratch: M * (K + G)
-   floats. */
-void gq_mixed_gemm(const layer_t *L, const float *x, float *y, int64_t M, float *scratch,
-                   int threads) {
+/* y [M, N] = the mixed product of x [M, K] (rows contiguous), fp32. Returns 0, or 1 when the
+   M * (K + G) floats of prepared rows could not be allocated (nothing written). */
+int gq_mixed_gemm(const layer_t *L, const float *x, float *y, int64_t M, int threads) {
     const int64_t blocks = L->N / NB;
-    float *xp = scratch, *xsum = scratch + M * L->K;
+    float *xp = malloc((size_t)(M * (L->K + L->G)) * sizeof(float));
+    if (!xp) return 1;
+    float *xsum = xp + M * L->K;
     prepare_rows(L, x, xp, xsum, M);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
@@ -164,6 +166,8 @@ void gq_mixed_gemm(const layer_t *L, const float *x, float *y, int64_t M, float 
             else block_rows(L, xm, xpm, xsm, L->K, ym, L->N, b, 1);
         }
     }
+    free(xp);
+    return 0;
 }
 
 /* wt [K, N] = dequant(W_q)^T in fp32 (salient columns 0, like the reference's). */

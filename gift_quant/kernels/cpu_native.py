@@ -116,8 +116,8 @@ def library():
                 raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
             lib = ctypes.CDLL(str(_build(cc)))
             ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.gq_mixed_gemm.argtypes = [ptr, ptr, ptr, i64, ptr, ctypes.c_int]
-            lib.gq_mixed_gemm.restype = None
+            lib.gq_mixed_gemm.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+            lib.gq_mixed_gemm.restype = ctypes.c_int
             lib.gq_dequantize.argtypes = [ptr, ptr, ctypes.c_int]
             lib.gq_dequantize.restype = None
             lib.gq_half_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
@@ -156,7 +156,6 @@ class NativeLayer:
         K, N = layer.in_features, layer.out_features
         self.K, self.N = K, N
         group = K if layer.group_size == -1 else layer.group_size
-        self.G = K // group
         if layer.bits == 4:
             words = layer.qweight  # [K/8, N]: already 8 codes per word, row 8r+j at bits 4j
         else:  # widen 2/3-bit codes to 4 bits: the same integers
@@ -201,11 +200,9 @@ def mixed_gemm(x: Tensor, packed: NativeLayer, base_only: bool = False) -> Tenso
     the base product alone."""
     y = torch.empty(x.shape[:-1] + (packed.N,), dtype=torch.float32)
     rows = x.numel() // packed.K
-    scratch = torch.empty(rows * (packed.K + packed.G), dtype=torch.float32)
     ref = packed.base_ref if base_only else packed.full_ref
-    _state["lib"].gq_mixed_gemm(
-        ref, x.data_ptr(), y.data_ptr(), rows, scratch.data_ptr(), _threads(packed, rows)
-    )
+    if _state["lib"].gq_mixed_gemm(ref, x.data_ptr(), y.data_ptr(), rows, _threads(packed, rows)):
+        raise MemoryError(f"the packed CPU kernel could not allocate {rows} prepared rows")
     return y
 
 
