@@ -81,6 +81,9 @@ def test_onnx_logits_match_the_in_memory_model_and_the_kv_cache_decodes(onnx_exp
 
     out, report = onnx_export
     assert report["widened_to_4_bits"] == {"3": 14} and "lossless" in report["note"]
+    # untied: the embedding and the output matrix each one fp16 table, transposed
+    assert report["tables"] == {"embedding": "float16", "output": "float16", "tied": False}
+    assert _tables(out / ONNX_FILE) == [([64, 512], "FLOAT16")] * 2
     expected = load_file(FIXTURES / "legacy_w3g32_asym" / "expected_logits.safetensors")
     ids, logits = expected["input_ids"], expected["logits"].numpy()
     sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
@@ -94,6 +97,62 @@ def test_onnx_logits_match_the_in_memory_model_and_the_kv_cache_decodes(onnx_exp
         got.append(step[0])
     decoded = np.concatenate(got, axis=1)
     assert np.abs(decoded - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def _tables(path) -> list:
+    """(dims, type) of the model's initializers as large as a 512 x 64 table."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return [
+        (list(t.dims), onnx.TensorProto.DataType.Name(t.data_type))
+        for t in model.graph.initializer
+        if np.prod(t.dims) >= 512 * 64
+    ]
+
+
+def test_a_tied_pair_is_one_fp16_table_and_the_logits_are_the_loaders(tmp_path):
+    """A model whose output matrix is its embedding: one [hidden, vocab] fp16 table in the
+    file, read by the gather and the output MatMul, and onnxruntime's logits equal (to fp32
+    rounding) those of the checkpoint loaded in torch."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gift_quant.io.load import load_quantized
+
+    src = tmp_path / "tied"
+    shutil.copytree(FIXTURES / "legacy_w3g32_asym", src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(src / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "onnx"
+    assert main(["export", str(src), "--format", "onnx", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "onnx_export.json").read_text())
+    assert report["tables"] == {"embedding": "float16", "output": "float16", "tied": True}
+    assert _tables(out / ONNX_FILE) == [([64, 512], "FLOAT16")]
+    model = load_quantized(src, dtype=torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.numpy()
+    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    got = sess.run(None, _feeds(report, ids))[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_tables_are_stored_in_fp16_only_where_that_is_exact():
+    from gift_quant.io.onnx import TransposedTable
+
+    halves = torch.randn(32, 16).half().float()
+    assert TransposedTable(halves).t.dtype == torch.float16
+    assert torch.equal(TransposedTable(halves)(), halves.t())
+    thirds = halves + 1e-4  # no longer fp16 values: kept in fp32
+    assert TransposedTable(thirds).t.dtype == torch.float32
+    assert torch.equal(TransposedTable(thirds)(), thirds.t())
 
 
 def test_onnx_export_refuses_act_order_and_an_existing_target(tmp_path, capsys):

@@ -8,7 +8,8 @@ run: export it to ONNX (``--work``/<name>-onnx, reused when present), then
   * logits of onnxruntime vs our loader (fp32) on one held-out window, max |diff|;
   * held-out perplexity by both, on the same non-overlapping 512-token windows of the embedded
     held-out Wikipedia articles (the first ``--ppl-tokens`` tokens);
-  * ONNX file size;
+  * ONNX file size, and what an onnxruntime session of it adds to a fresh process's resident
+    memory (default options, in a child process; Linux);
   * greedy decode tokens/s at batch 1 (16-token prompt, ``--decode`` new tokens, KV cache) and
     the time of a ``--prefill``-token prefill, for: fp32 torch (the unquantized model),
     onnxruntime, our torch CPU path (Backend.CPU, AUTO's pick) and the dequantize-every-call
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,6 +130,33 @@ def set_backend(model, backend: Backend) -> None:
     set_cpu_head(model, enabled=backend in (Backend.AUTO, Backend.CPU))
 
 
+SESSION_MEMORY = """
+import ctypes, sys
+import onnxruntime as ort
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) * 1024
+before = rss()
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while loading back to the system
+print(rss() - before)
+"""
+
+
+def session_bytes(onnx_dir: Path) -> int | None:
+    """What an onnxruntime session of the model adds to a fresh process's resident memory
+    (default session options; Linux only, else None), measured in a child process."""
+    if not sys.platform.startswith("linux"):
+        return None
+    done = subprocess.run(
+        [sys.executable, "-c", SESSION_MEMORY, str(onnx_dir / ONNX_FILE)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.split()[-1])
+
+
 def bench_export(src: Path, args, fp32, windows) -> dict:
     onnx_dir = Path(args.work) / f"{src.name}-onnx"
     t0 = time.perf_counter()
@@ -140,6 +169,7 @@ def bench_export(src: Path, args, fp32, windows) -> dict:
     row["onnx_bytes"] = sum(
         f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith(ONNX_FILE)
     )
+    row["onnx_session_bytes"] = session_bytes(onnx_dir)
     nll_ort = nll_torch = 0.0
     count = 0
     max_diff = max_ref = 0.0
@@ -293,6 +323,11 @@ def print_table(rows: list[dict]) -> None:
             f"{r['ppl_tokens']} tokens); logits max diff {r['logits_max_abs_diff']:.2e} "
             f"(max |logit| {r['logits_max_abs']:.1f}, within fp16 tolerance: "
             f"{r['logits_within_fp16_tolerance']}); onnx {r['onnx_bytes'] / 2**20:.1f} MiB"
+            + (
+                f", session {r['onnx_session_bytes'] / 2**20:.0f} MiB resident"
+                if r.get("onnx_session_bytes") is not None
+                else ""
+            )
         )
 
 

@@ -13,6 +13,13 @@ use: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq],
 prefill) -> ``logits`` [batch, seq, vocab], ``present.{i}.key|value``. Everything but the
 quantized Linears is computed in fp32. Positions come from the cache length, so a batch must
 not be left-padded (batch 1, or right-padded prompts of equal length).
+
+Tensors whose values are all fp16 values (an export stores its unquantized tensors in fp16) are
+written in fp16 and widened by a ``Cast`` that onnxruntime folds when it loads the model: the
+salient columns, and the token embedding and output matrix. Those two are written once,
+transposed ([hidden, vocab]), which the output MatMul reads as it is and the embedding gathers
+columns of, so a tied pair is one table on disk and in memory (as [vocab, hidden] with a
+transposed copy for the MatMul, onnxruntime would hold the table twice).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch import Tensor, nn
 
 from gift_quant.io.checkpoint import CheckpointError
 from gift_quant.io.export import atomic_directory
+from gift_quant.kernels.cpu import set_cpu_head
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.modeling import set_module
 from gift_quant.quant.packing import unpack_cols, unpack_rows
@@ -103,7 +111,7 @@ class OnnxMixedLinear(nn.Module):
         for name, t in pack_matmul_nbits(layer).items():
             self.register_buffer(name, t)
         self.register_buffer("salient_idx", layer.salient_idx.cpu().long())
-        self.register_buffer("salient_weight_t", layer.salient_weight.cpu().float().t().clone())
+        self.register_buffer("salient_weight_t", _narrowest(layer.salient_weight.cpu().t()))
         bias = None if layer.bias is None else layer.bias.detach().cpu().float().clone()
         self.register_buffer("bias", bias)
 
@@ -112,10 +120,77 @@ class OnnxMixedLinear(nn.Module):
             x, self.weight, self.scales, self.zero_points, self.K, self.N, self.block_size
         )
         if self.salient_idx.numel():
-            y = y + torch.index_select(x, -1, self.salient_idx) @ self.salient_weight_t
+            y = y + torch.index_select(x, -1, self.salient_idx) @ self.salient_weight_t.float()
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+def _narrowest(t: Tensor) -> Tensor:
+    """``t`` as fp16 when every value is an fp16 value (then exact), else as fp32; contiguous."""
+    t = t.detach()
+    half = t.to(torch.float16)
+    return (half if torch.equal(half.to(t.dtype), t) else t.float()).contiguous()
+
+
+class TransposedTable(nn.Module):
+    """A [vocab, hidden] matrix stored transposed, [hidden, vocab], in fp16 where exact."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("t", _narrowest(weight.t()))
+
+    def forward(self) -> Tensor:
+        return self.t.float()
+
+
+class TableEmbedding(nn.Module):
+    """Token embedding read from a :class:`TransposedTable`: its columns for the ids."""
+
+    def __init__(self, table: TransposedTable) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        # the stored table's columns, widened after the gather: the output MatMul's widened
+        # copy is then its alone (onnxruntime frees it once it has packed it for the MatMul)
+        rows = torch.index_select(self.table.t, 1, input_ids.reshape(-1)).float()
+        return rows.t().reshape(*input_ids.shape, rows.shape[0])
+
+
+class TableHead(nn.Module):
+    """Output Linear ``x @ W^T (+ bias)`` read from a :class:`TransposedTable`."""
+
+    def __init__(self, table: TransposedTable, bias: Tensor | None) -> None:
+        super().__init__()
+        self.table = table
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.table()
+        return y if self.bias is None else y + self.bias
+
+
+def use_transposed_tables(model: nn.Module) -> dict:
+    """Replace the token embedding and the output Linear (when they are a plain
+    ``nn.Embedding`` and ``nn.Linear``) by modules reading transposed tables, one table for a
+    tied pair; returns what was done, for the export report."""
+    set_cpu_head(model, enabled=False)  # the CPU inference head is a plain Linear again
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    done: dict = {}
+    table = None
+    if type(emb) is nn.Embedding and id(emb) in names:
+        table = TransposedTable(emb.weight)
+        set_module(model, names[id(emb)], TableEmbedding(table))
+        done["embedding"] = str(table.t.dtype).removeprefix("torch.")
+    if type(head) is nn.Linear and id(head) in names:
+        tied = table is not None and head.weight is emb.weight
+        head_table = table if tied else TransposedTable(head.weight)
+        set_module(model, names[id(head)], TableHead(head_table, head.bias))
+        done["output"] = str(head_table.t.dtype).removeprefix("torch.")
+        done["tied"] = tied
+    return done
 
 
 class DecoderWithPast(nn.Module):
@@ -186,6 +261,7 @@ def export_onnx(
     for name, m in list(model.named_modules()):
         if isinstance(m, MixedLinear):
             set_module(model, name, OnnxMixedLinear(m))
+    tables = use_transposed_tables(model)
     model.config.use_cache = True
     wrapper = DecoderWithPast(model).eval()
     L = wrapper.num_layers
@@ -235,6 +311,7 @@ def export_onnx(
                 if widened
                 else "all quantized layers are 4-bit"
             ),
+            "tables": tables,
             "kv_cache": {"num_layers": L, "kv_heads": kv_heads, "head_dim": head_dim},
             "inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key|value"],
             "outputs": ["logits", "present.{i}.key|value"],
