@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(engines); onnx: onnxruntime MatMulNBits model with a KV cache (CPU, [onnx] extra)",
     )
     x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto")
+    x.add_argument(
+        "--table-bits",
+        type=int,
+        choices=[16, 8],
+        default=None,
+        help="onnx only: the token embedding and output matrix in fp16 (16, exact; default) or "
+        "as 8-bit codes per block of 32 (8: a quarter of fp32's memory, not exact)",
+    )
     x.add_argument("--out", required=True, help="directory to create (must not exist)")
     _common(x)
 

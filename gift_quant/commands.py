@@ -223,11 +223,21 @@ def cmd_export(args) -> dict:
     from gift_quant.io.load import load_quantized
 
     out = Path(args.out)
+    if args.table_bits is not None and args.format != "onnx":
+        raise ValueError(
+            f"--table-bits applies to --format onnx, not {args.format}; drop it or export "
+            f"with --format onnx"
+        )
     check_new_out(out)
     if args.format == "onnx":
         from gift_quant.io.onnx import export_onnx
 
-        report = export_onnx(resolve_model_dir(args.dir), out, verify=not args.no_verify)
+        report = export_onnx(
+            resolve_model_dir(args.dir),
+            out,
+            verify=not args.no_verify,
+            table_bits=args.table_bits or 16,
+        )
         log.info("%s: %s", out, report["note"])
         return {"command": "export", "out": str(out), **report}
     model_dir = resolve_model_dir(args.dir)

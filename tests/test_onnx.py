@@ -111,16 +111,12 @@ def _tables(path) -> list:
     ]
 
 
-def test_a_tied_pair_is_one_fp16_table_and_the_logits_are_the_loaders(tmp_path):
-    """A model whose output matrix is its embedding: one [hidden, vocab] fp16 table in the
-    file, read by the gather and the output MatMul, and onnxruntime's logits equal (to fp32
-    rounding) those of the checkpoint loaded in torch."""
+def _tied_copy(tmp_path) -> Path:
+    """The w3 legacy fixture with its output matrix tied to its embedding."""
     import json
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from gift_quant.io.load import load_quantized
 
     src = tmp_path / "tied"
     shutil.copytree(FIXTURES / "legacy_w3g32_asym", src)
@@ -129,6 +125,18 @@ def test_a_tied_pair_is_one_fp16_table_and_the_logits_are_the_loaders(tmp_path):
     tensors = load_file(src / "model.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    return src
+
+
+def test_a_tied_pair_is_one_fp16_table_and_the_logits_are_the_loaders(tmp_path):
+    """A model whose output matrix is its embedding: one [hidden, vocab] fp16 table in the
+    file, read by the gather and the output MatMul, and onnxruntime's logits equal (to fp32
+    rounding) those of the checkpoint loaded in torch."""
+    import json
+
+    from gift_quant.io.load import load_quantized
+
+    src = _tied_copy(tmp_path)
     out = tmp_path / "onnx"
     assert main(["export", str(src), "--format", "onnx", "--out", str(out), "-q"]) == 0
     report = json.loads((out / "onnx_export.json").read_text())
@@ -142,6 +150,66 @@ def test_a_tied_pair_is_one_fp16_table_and_the_logits_are_the_loaders(tmp_path):
     sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
     got = sess.run(None, _feeds(report, ids))[0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_8_bit_tables_are_one_set_of_codes_and_the_logits_those_of_the_rounded_table(
+    tmp_path, capsys
+):
+    """``--table-bits 8``: the tied pair is one uint8 code tensor, read by GatherBlockQuantized
+    and an 8-bit MatMulNBits; every table value is within half a step of the checkpoint's; and
+    onnxruntime's logits are those of the checkpoint with its table replaced by the file's
+    codes, dequantized here from the initializers as the format says."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from gift_quant.io.load import load_quantized
+
+    src = _tied_copy(tmp_path)
+    out = tmp_path / "onnx8"
+    argv = ["export", str(src), "--format", "onnx", "--table-bits", "8", "--out", str(out)]
+    assert main([*argv, "-q"]) == 0
+    report = json.loads((out / "onnx_export.json").read_text())
+    assert report["tables"]["tied"] and "not exact" in report["tables"]["output"]
+    assert _tables(out / ONNX_FILE) == [([512, 2, 32], "UINT8")]
+    graph = onnx.load(str(out / ONNX_FILE)).graph
+    bits = {n.name: {a.name: a.i for a in n.attribute}.get("bits") for n in graph.node}
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and bits[n.name] == 8)
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    codes, scales, zeros = (init[name] for name in head.input[1:4])
+    step = scales.reshape(512, 2, 1).astype(np.float64)
+    table = (codes - zeros.reshape(512, 2, 1).astype(np.float64)) * step
+    model = load_quantized(src, dtype=torch.float32)
+    weight = model.get_input_embeddings().weight
+    assert np.all(
+        np.abs(table - weight.detach().double().numpy().reshape(512, 2, 32)) <= step / 2 + 1e-9
+    )
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    got = sess.run(None, _feeds(report, ids))[0]
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits.numpy()
+        weight.copy_(torch.from_numpy(table.reshape(512, 64)))
+        want = model(input_ids=ids).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(got - exact).max() > 1e-3 * np.abs(want).max()  # the rounding shows
+
+    # refused before anything is written for another format
+    bad = [
+        "export",
+        str(src),
+        "--format",
+        "mixed",
+        "--table-bits",
+        "8",
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert main([*bad, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--table-bits applies to --format onnx" in err and "\n" not in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_tables_are_stored_in_fp16_only_where_that_is_exact():

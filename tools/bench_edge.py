@@ -158,13 +158,14 @@ def session_bytes(onnx_dir: Path) -> int | None:
 
 
 def bench_export(src: Path, args, fp32, windows) -> dict:
-    onnx_dir = Path(args.work) / f"{src.name}-onnx"
+    bits = getattr(args, "table_bits", 16)
+    onnx_dir = Path(args.work) / (f"{src.name}-onnx" + ("" if bits == 16 else f"-t{bits}"))
     t0 = time.perf_counter()
-    report = export_onnx(src, onnx_dir) if not onnx_dir.exists() else None
+    report = export_onnx(src, onnx_dir, table_bits=bits) if not onnx_dir.exists() else None
     export_s = time.perf_counter() - t0 if report else None
     dec = OrtDecoder(onnx_dir, torch.get_num_threads())
     model = load_quantized(src, dtype=torch.float32)
-    row = {"export": src.name, "onnx_export_seconds": export_s}
+    row = {"export": src.name, "onnx_export_seconds": export_s, "onnx_table_bits": bits}
     row["bits"] = sorted({m.bits for m in model.modules() if isinstance(m, MixedLinear)})
     row["onnx_bytes"] = sum(
         f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith(ONNX_FILE)
@@ -267,6 +268,14 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=2048)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--prefill", type=int, default=512)
+    p.add_argument(
+        "--table-bits",
+        type=int,
+        choices=[16, 8],
+        default=16,
+        help="the ONNX exports' embedding and output matrix (8: not exact, so the two "
+        "perplexities differ by its rounding)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="rounds of the four timed paths")
     p.add_argument(
         "--threads", type=int, help="torch and onnxruntime threads (default: torch's, the cores)"

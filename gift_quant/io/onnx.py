@@ -20,6 +20,14 @@ salient columns, and the token embedding and output matrix. Those two are writte
 transposed ([hidden, vocab]), which the output MatMul reads as it is and the embedding gathers
 columns of, so a tied pair is one table on disk and in memory (as [vocab, hidden] with a
 transposed copy for the MatMul, onnxruntime would hold the table twice).
+
+``table_bits=8`` (opt-in, not exact) writes those two matrices instead as 8-bit codes per block
+of ``TABLE_BLOCK`` values along the hidden size, each block with its fp32 scale and 8-bit
+zero-point (round to nearest over the block's range, widened to include 0): the embedding is
+``com.microsoft::GatherBlockQuantized`` and the output Linear an 8-bit ``MatMulNBits``, a tied
+pair reading the same codes (onnxruntime 1.23 or later runs 8-bit GatherBlockQuantized). About
+a quarter of the fp32 table's memory; the logits then differ from the checkpoint's by that
+rounding, which the report's ``tables`` entry says.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from gift_quant.quant.packing import unpack_cols, unpack_rows
 __all__ = ["ONNX_FILE", "export_onnx", "onnx_unsupported", "pack_matmul_nbits"]
 
 ONNX_FILE = "model.onnx"
+TABLE_BITS = (16, 8)  # the embedding and output matrix: fp16 where exact (16), or 8-bit codes
+TABLE_BLOCK = 32  # values per scale and zero-point of an 8-bit table
 REPORT_FILE = "onnx_export.json"
 OPSET = 18
 
@@ -139,6 +149,7 @@ class TransposedTable(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.register_buffer("t", _narrowest(weight.t()))
+        self.stored = str(self.t.dtype).removeprefix("torch.")
 
     def forward(self) -> Tensor:
         return self.t.float()
@@ -171,24 +182,128 @@ class TableHead(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def use_transposed_tables(model: nn.Module) -> dict:
+def quantize_table(weight: Tensor, block: int = TABLE_BLOCK) -> dict[str, Tensor]:
+    """A [rows, cols] matrix as 8-bit codes per block of ``block`` columns: codes uint8 [rows,
+    cols/block, block], scales fp32 and zero-points uint8 [rows * cols/block]: asymmetric round
+    to nearest over [min(0, block min), max(0, block max)] (so 0 is a code; an all-zero block
+    gets scale 1)."""
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // block, block)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = (-lo / scale).round().clamp(0, 255)
+    codes = (w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).round().clamp(0, 255)
+    return {
+        "codes": codes.to(torch.uint8).contiguous(),
+        "scales": scale.reshape(-1).contiguous(),
+        "zero_points": zero.to(torch.uint8).reshape(-1).contiguous(),
+    }
+
+
+class QuantizedTable(nn.Module):
+    """A [vocab, hidden] matrix as 8-bit block codes (:func:`quantize_table`)."""
+
+    def __init__(self, weight: Tensor, block: int = TABLE_BLOCK) -> None:
+        super().__init__()
+        self.vocab, self.hidden = weight.shape
+        self.block = block
+        self.stored = f"uint8 codes, blocks of {block}, not exact (onnxruntime >= 1.23)"
+        for name, t in quantize_table(weight, block).items():
+            self.register_buffer(name, t)
+
+    def forward(self) -> Tensor:
+        """The dequantized matrix, fp32 [vocab, hidden] (the eager form)."""
+        blocks = self.hidden // self.block
+        zero = self.zero_points.float().reshape(self.vocab, blocks, 1)
+        scale = self.scales.reshape(self.vocab, blocks, 1)
+        return ((self.codes.float() - zero) * scale).reshape(self.vocab, self.hidden)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding from a :class:`QuantizedTable` (``GatherBlockQuantized`` in ONNX)."""
+
+    def __init__(self, table: QuantizedTable) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        t = self.table
+        if not torch.onnx.is_in_onnx_export():
+            return torch.nn.functional.embedding(input_ids, t())
+        blocks = t.hidden // t.block
+        rows = torch.onnx.ops.symbolic(
+            "com.microsoft::GatherBlockQuantized",
+            (
+                t.codes,
+                input_ids,
+                t.scales.reshape(t.vocab, blocks, 1),
+                t.zero_points.reshape(t.vocab, blocks, 1),
+            ),
+            {"gather_axis": 0, "quantize_axis": 2, "block_size": t.block, "bits": 8},
+            dtype=torch.float32,
+            shape=(*input_ids.shape, blocks, t.block),
+            version=1,
+        )
+        return rows.reshape(*input_ids.shape, t.hidden)
+
+
+class QuantizedHead(nn.Module):
+    """Output Linear from a :class:`QuantizedTable` (an 8-bit ``MatMulNBits`` in ONNX)."""
+
+    def __init__(self, table: QuantizedTable, bias: Tensor | None) -> None:
+        super().__init__()
+        self.table = table
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.table
+        if torch.onnx.is_in_onnx_export():
+            y = torch.onnx.ops.symbolic(
+                "com.microsoft::MatMulNBits",
+                (x, t.codes, t.scales, t.zero_points),
+                {"K": t.hidden, "N": t.vocab, "bits": 8, "block_size": t.block},
+                dtype=x.dtype,
+                shape=(*x.shape[:-1], t.vocab),
+                version=1,
+            )
+        else:
+            y = x @ t().t()
+        return y if self.bias is None else y + self.bias
+
+
+def use_tables(model: nn.Module, bits: int = 16) -> dict:
     """Replace the token embedding and the output Linear (when they are a plain
-    ``nn.Embedding`` and ``nn.Linear``) by modules reading transposed tables, one table for a
-    tied pair; returns what was done, for the export report."""
+    ``nn.Embedding`` and ``nn.Linear``) by modules reading one table each, one for a tied
+    pair: :class:`TransposedTable` (``bits=16``) or :class:`QuantizedTable` (``bits=8``;
+    the hidden size a multiple of ``TABLE_BLOCK``, else refused). Returns what was written,
+    for the export report."""
+    if bits not in TABLE_BITS:
+        raise ValueError(f"table bits {bits}: use one of {TABLE_BITS}")
     set_cpu_head(model, enabled=False)  # the CPU inference head is a plain Linear again
     names = {id(m): n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if bits == 16:
+        make, embedding, output = TransposedTable, TableEmbedding, TableHead
+    else:
+        make, embedding, output = QuantizedTable, QuantizedEmbedding, QuantizedHead
+        for m in (emb, head):
+            if m is not None and m.weight.shape[1] % TABLE_BLOCK:
+                raise CheckpointError(
+                    f"8-bit tables need a hidden size that is a multiple of {TABLE_BLOCK}, "
+                    f"not {m.weight.shape[1]}; export with --table-bits 16"
+                )
     done: dict = {}
     table = None
     if type(emb) is nn.Embedding and id(emb) in names:
-        table = TransposedTable(emb.weight)
-        set_module(model, names[id(emb)], TableEmbedding(table))
-        done["embedding"] = str(table.t.dtype).removeprefix("torch.")
+        table = make(emb.weight)
+        set_module(model, names[id(emb)], embedding(table))
+        done["embedding"] = table.stored
     if type(head) is nn.Linear and id(head) in names:
         tied = table is not None and head.weight is emb.weight
-        head_table = table if tied else TransposedTable(head.weight)
-        set_module(model, names[id(head)], TableHead(head_table, head.bias))
-        done["output"] = str(head_table.t.dtype).removeprefix("torch.")
+        head_table = table if tied else make(head.weight)
+        set_module(model, names[id(head)], output(head_table, head.bias))
+        done["output"] = head_table.stored
         done["tied"] = tied
     return done
 
@@ -244,9 +359,15 @@ def check_exportable(model: nn.Module, root: Path) -> dict[str, int]:
 
 
 def export_onnx(
-    src: str | Path, out: str | Path, *, tokenizer_files: bool = True, verify: bool = True
+    src: str | Path,
+    out: str | Path,
+    *,
+    tokenizer_files: bool = True,
+    verify: bool = True,
+    table_bits: int = 16,
 ) -> dict:
-    """Export the checkpoint ``src`` to ``out``/model.onnx (+ config, tokenizer, report).
+    """Export the checkpoint ``src`` to ``out``/model.onnx (+ config, tokenizer, report);
+    ``table_bits``: the embedding and output matrix in fp16 (16) or 8-bit codes (8).
 
     Checks the target and every layer first; writes into a hidden sibling renamed onto ``out``
     at the end, so a failed export leaves nothing behind. Returns the export report.
@@ -254,6 +375,8 @@ def export_onnx(
     from gift_quant.io.load import load_quantized
 
     src, out = Path(src), Path(out)
+    if table_bits not in TABLE_BITS:
+        raise ValueError(f"--table-bits {table_bits}: use one of {TABLE_BITS}")
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new --out directory or remove it")
     model = load_quantized(src, dtype=torch.float32, verify=verify)
@@ -261,7 +384,7 @@ def export_onnx(
     for name, m in list(model.named_modules()):
         if isinstance(m, MixedLinear):
             set_module(model, name, OnnxMixedLinear(m))
-    tables = use_transposed_tables(model)
+    tables = use_tables(model, table_bits)
     model.config.use_cache = True
     wrapper = DecoderWithPast(model).eval()
     L = wrapper.num_layers
