@@ -172,13 +172,16 @@ class TableEmbedding(nn.Module):
 class TableHead(nn.Module):
     """Output Linear ``x @ W^T (+ bias)`` read from a :class:`TransposedTable`."""
 
-    def __init__(self, table: TransposedTable, bias: Tensor | None) -> None:
+    def __init__(self, table: nn.Module, bias: Tensor | None) -> None:
         super().__init__()
         self.table = table
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
+    def product(self, x: Tensor) -> Tensor:
+        return x @ self.table()
+
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.table()
+        y = self.product(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -248,28 +251,21 @@ class QuantizedEmbedding(nn.Module):
         return rows.reshape(*input_ids.shape, t.hidden)
 
 
-class QuantizedHead(nn.Module):
+class QuantizedHead(TableHead):
     """Output Linear from a :class:`QuantizedTable` (an 8-bit ``MatMulNBits`` in ONNX)."""
 
-    def __init__(self, table: QuantizedTable, bias: Tensor | None) -> None:
-        super().__init__()
-        self.table = table
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    def forward(self, x: Tensor) -> Tensor:
+    def product(self, x: Tensor) -> Tensor:
         t = self.table
-        if torch.onnx.is_in_onnx_export():
-            y = torch.onnx.ops.symbolic(
-                "com.microsoft::MatMulNBits",
-                (x, t.codes, t.scales, t.zero_points),
-                {"K": t.hidden, "N": t.vocab, "bits": 8, "block_size": t.block},
-                dtype=x.dtype,
-                shape=(*x.shape[:-1], t.vocab),
-                version=1,
-            )
-        else:
-            y = x @ t().t()
-        return y if self.bias is None else y + self.bias
+        if not torch.onnx.is_in_onnx_export():
+            return x @ t().t()
+        return torch.onnx.ops.symbolic(
+            "com.microsoft::MatMulNBits",
+            (x, t.codes, t.scales, t.zero_points),
+            {"K": t.hidden, "N": t.vocab, "bits": 8, "block_size": t.block},
+            dtype=x.dtype,
+            shape=(*x.shape[:-1], t.vocab),
+            version=1,
+        )
 
 
 def use_tables(model: nn.Module, bits: int = 16) -> dict:
