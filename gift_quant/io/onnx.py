@@ -25,9 +25,11 @@ transposed copy for the MatMul, onnxruntime would hold the table twice).
 of ``TABLE_BLOCK`` values along the hidden size, each block with its fp32 scale and 8-bit
 zero-point (round to nearest over the block's range, widened to include 0): the embedding is
 ``com.microsoft::GatherBlockQuantized`` and the output Linear an 8-bit ``MatMulNBits``, a tied
-pair reading the same codes (onnxruntime 1.23 or later runs 8-bit GatherBlockQuantized). About
-a quarter of the fp32 table's memory; the logits then differ from the checkpoint's by that
-rounding, which the report's ``tables`` entry says.
+pair reading the same codes (onnxruntime 1.23 or later runs 8-bit GatherBlockQuantized). The
+output MatMul runs at accuracy level 4, its input rounded to int8 per block: onnxruntime has
+no fast 8-bit kernel for fp32 inputs (on an AVX2 CPU the 49152 x 576 head took 147 ms a call
+that way, 0.6 ms at level 4). About a quarter of the fp32 table's memory; the logits then
+differ from the checkpoint's by both roundings, which the report's ``tables`` entry says.
 """
 
 from __future__ import annotations
@@ -211,7 +213,10 @@ class QuantizedTable(nn.Module):
         super().__init__()
         self.vocab, self.hidden = weight.shape
         self.block = block
-        self.stored = f"uint8 codes, blocks of {block}, not exact (onnxruntime >= 1.23)"
+        self.stored = (
+            f"uint8 codes, blocks of {block}, output MatMul on int8 inputs; not exact "
+            f"(onnxruntime >= 1.23)"
+        )
         for name, t in quantize_table(weight, block).items():
             self.register_buffer(name, t)
 
@@ -261,7 +266,7 @@ class QuantizedHead(TableHead):
         return torch.onnx.ops.symbolic(
             "com.microsoft::MatMulNBits",
             (x, t.codes, t.scales, t.zero_points),
-            {"K": t.hidden, "N": t.vocab, "bits": 8, "block_size": t.block},
+            {"K": t.hidden, "N": t.vocab, "bits": 8, "block_size": t.block, "accuracy_level": 4},
             dtype=x.dtype,
             shape=(*x.shape[:-1], t.vocab),
             version=1,
