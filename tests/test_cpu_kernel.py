@@ -58,6 +58,25 @@ def test_cpu_paths_match_the_oracle(backend, bits, group, sym, k, bias):
             assert torch.equal(out, ref)
 
 
+def test_codes_at_the_zero_point_and_offset_inputs_keep_the_products_exact():
+    """Codes within one of their group's zero-point and inputs far from zero mean: a kernel
+    that took the zero-point off as z * sum(x) would subtract two large sums (up to 100x the
+    reference's error here); each x * (q - z) must stay one product in the sum."""
+    from gift_quant.quant.packing import pack_rows, unpack_cols, unpack_rows
+
+    layer = random_mixed_linear(256, 64, bits=4, group_size=64, num_salient=4, seed=5).float()
+    zeros = unpack_cols(layer.qzeros, 4)[layer.g_idx.long()]  # [K, N]
+    near = zeros + torch.randint(-1, 2, zeros.shape, generator=torch.Generator().manual_seed(0))
+    codes = near.clamp(0, 15).to(unpack_rows(layer.qweight, 4).dtype)
+    with torch.no_grad():
+        layer.qweight.copy_(pack_rows(codes, 4))
+    for i, rows in enumerate([(1,), (3,), (2, 5)]):
+        x = torch.randn(*rows, 256, generator=torch.Generator().manual_seed(i)) + 3
+        with torch.no_grad():
+            out = dequant_matmul(x, layer, Backend.CPU_PACKED)
+        _check(out, dequant_matmul(x, layer, Backend.TORCH), oracle(x, layer))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_activations_are_computed_in_fp32(dtype):
     layer = random_mixed_linear(256, 64, bits=4, group_size=64, num_salient=8, bias=True, seed=5)

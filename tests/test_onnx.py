@@ -185,9 +185,10 @@ def test_8_bit_tables_are_one_set_of_codes_and_the_logits_those_of_the_rounded_t
     table = (codes - zeros.reshape(512, 2, 1).astype(np.float64)) * step
     model = load_quantized(src, dtype=torch.float32)
     weight = model.get_input_embeddings().weight
-    assert np.all(
-        np.abs(table - weight.detach().double().numpy().reshape(512, 2, 32)) <= step / 2 + 1e-9
-    )
+    blocks = weight.detach().double().numpy().reshape(512, 2, 32)
+    assert np.all(np.abs(table - blocks) <= step / 2 + 1e-9)
+    span = np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)  # the checkpoint's
+    assert np.allclose(step[..., 0], span / 255, rtol=1e-6)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
     sess = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
     got = sess.run(None, _feeds(report, ids))[0]
@@ -218,6 +219,41 @@ def test_8_bit_tables_are_one_set_of_codes_and_the_logits_those_of_the_rounded_t
     err = capsys.readouterr().err.strip()
     assert "--table-bits applies to --format onnx" in err and "\n" not in err
     assert not (tmp_path / "m").exists()
+
+
+def _tiny_llama(hidden: int, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).half().float()
+
+
+def test_tables_refuse_or_leave_what_they_cannot_replace():
+    """8-bit tables refuse a hidden size that is not a multiple of 32; a head tied to an
+    embedding that is not a plain nn.Embedding (here a subclass, as a scaled embedding is) is
+    left as it is, not given a second table; a max_norm embedding is left as it is."""
+    from gift_quant.io.checkpoint import CheckpointError
+    from gift_quant.io.onnx import use_tables
+
+    with pytest.raises(CheckpointError, match="multiple of 32, not 48"):
+        use_tables(_tiny_llama(48, tied=False), 8)
+
+    class Scaled(torch.nn.Embedding):
+        pass
+
+    model = _tiny_llama(64, tied=True)
+    model.get_input_embeddings().__class__ = Scaled
+    assert use_tables(model, 16) == {}
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+    model = _tiny_llama(64, tied=False)
+    model.get_input_embeddings().max_norm = 1.0
+    done = use_tables(model, 16)
+    assert "embedding" not in done and done["output"] == "float16" and not done["tied"]
 
 
 def test_tables_are_stored_in_fp16_only_where_that_is_exact():

@@ -18,8 +18,9 @@ Tensors whose values are all fp16 values (an export stores its unquantized tenso
 written in fp16 and widened by a ``Cast`` that onnxruntime folds when it loads the model: the
 salient columns, and the token embedding and output matrix. Those two are written once,
 transposed ([hidden, vocab]), which the output MatMul reads as it is and the embedding gathers
-columns of, so a tied pair is one table on disk and in memory (as [vocab, hidden] with a
-transposed copy for the MatMul, onnxruntime would hold the table twice).
+columns of, so a tied pair is one table in the file. In memory onnxruntime then keeps the fp16
+table for the gather and one fp32 copy, packed, for the MatMul (with [vocab, hidden] and a
+transposed copy for the MatMul it kept two fp32 copies).
 
 ``table_bits=8`` (opt-in, not exact) writes those two matrices instead as 8-bit codes per block
 of ``TABLE_BLOCK`` values along the hidden size, each block with its fp32 scale and 8-bit
@@ -284,24 +285,30 @@ def use_tables(model: nn.Module, bits: int = 16) -> dict:
     set_cpu_head(model, enabled=False)  # the CPU inference head is a plain Linear again
     names = {id(m): n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # plain modules only (a subclass may scale, or be something else); a max_norm embedding
+    # renormalizes its rows as it looks them up
+    emb_ok = type(emb) is nn.Embedding and id(emb) in names and emb.max_norm is None
+    head_ok = type(head) is nn.Linear and id(head) in names
+    tied = emb_ok and head_ok and head.weight is emb.weight
+    if head_ok and not emb_ok and head.weight is getattr(emb, "weight", None):
+        head_ok = False  # tied to an embedding left as it is: a second table would not pay
     if bits == 16:
         make, embedding, output = TransposedTable, TableEmbedding, TableHead
     else:
         make, embedding, output = QuantizedTable, QuantizedEmbedding, QuantizedHead
-        for m in (emb, head):
-            if m is not None and m.weight.shape[1] % TABLE_BLOCK:
+        for ok, m in ((emb_ok, emb), (head_ok, head)):
+            if ok and m.weight.shape[1] % TABLE_BLOCK:
                 raise CheckpointError(
                     f"8-bit tables need a hidden size that is a multiple of {TABLE_BLOCK}, "
                     f"not {m.weight.shape[1]}; export with --table-bits 16"
                 )
     done: dict = {}
     table = None
-    if type(emb) is nn.Embedding and id(emb) in names:
+    if emb_ok:
         table = make(emb.weight)
         set_module(model, names[id(emb)], embedding(table))
         done["embedding"] = table.stored
-    if type(head) is nn.Linear and id(head) in names:
-        tied = table is not None and head.weight is emb.weight
+    if head_ok:
         head_table = table if tied else make(head.weight)
         set_module(model, names[id(head)], output(head_table, head.bias))
         done["output"] = head_table.stored

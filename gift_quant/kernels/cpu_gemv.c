@@ -1,16 +1,17 @@
 /* Mixed-precision GEMV/GEMM for a few rows on the CPU (kernels/cpu_native.py builds and loads it).
 
-   y[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] q[k, n] - z[g, n] sum_{k in g} x[m, k])
+   y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * (q[k, n] - z[g, n])
              + sum_j x[m, S_j] * W_S[n, j] + bias[n]
 
    Codes q (2, 3 or 4 bits; all widened to 4 bits, which is exact) stay packed. Code j of a word
    (bits 4j..4j+3) is masked in place, not shifted down: the int (w & 15 << 4j) is q * 16^j, an
-   exact float, and it multiplies x * 16^-j, prepared once per call (scaling by a power of two
-   is exact), so each product is x * q exactly as rounded as if q had been shifted down. The
-   products accumulate in fp32 per group (in several independent sums, so that the FMA units do
-   not wait on one chain), the zero-point comes off once per group as z * sum(x), and the
-   group's scale multiplies. Salient columns and bias are added in the same pass, so one call
-   computes the whole mixed layer.
+   exact float, and (q - z) * 16^j, with z * 16^j made once per group, is exact too. It
+   multiplies x * 16^-j, prepared once per call (a power-of-two scaling, exact barring
+   underflow), so each product is x * (q - z) as if q had been shifted down, fused into the
+   group's fp32 sum as before. The sums run in several independent chains (so that the FMA
+   units do not wait on one), added at the end of the group, which the group's scale then
+   multiplies. Salient columns and bias are added in the same pass, so one call computes the
+   whole mixed layer.
 
    Layout (built once per layer by cpu_native.pack):
      words  int32 [N/16][K/8][16]: word (b, r, i) holds the codes of input rows 8r..8r+7 of
@@ -36,7 +37,7 @@ typedef _Float16 v8h __attribute__((vector_size(16)));
 
 #define NB 16 /* output columns per block: two v8f accumulators per row */
 #define MR 4  /* rows per pass */
-/* Independent sums per row and 8 columns: an fp32 FMA takes 4 cycles and a core issues two a
+/* Independent sums per row and 8 columns: an fp32 FMA takes 4-5 cycles and a core issues two a
    cycle, so one chain per 8 columns would leave the FMA units waiting at one or two rows. */
 #define SETS(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
 
@@ -63,16 +64,17 @@ static inline v8f load_h(const uint16_t *p) {
 #endif
 }
 
+static const float pow16[8] = {1.f, 0x1p4f, 0x1p8f, 0x1p12f, 0x1p16f, 0x1p20f, 0x1p24f, 0x1p28f};
+
 /* Code j of each word as the float q * 16^j (exact: at most 4 significant bits). */
 static inline v8f code_at(v8i w, int j) {
-    if (j == 7) return __builtin_convertvector((v8i)((v8u)w >> 28), v8f) * 268435456.f;
+    if (j == 7) return __builtin_convertvector((v8i)((v8u)w >> 28), v8f) * pow16[7];
     return __builtin_convertvector(w & (15 << (4 * j)), v8f);
 }
 
 /* rows m0 .. m0+R-1 of one 16-column block b; xp: the rows prepared by prepare_rows */
-static inline void block_rows(const layer_t *L, const float *x, const float *xp,
-                              const float *xsum, int64_t ldx, float *y, int64_t ldy, int64_t b,
-                              int R) {
+static inline void block_rows(const layer_t *L, const float *x, const float *xp, int64_t ldx,
+                              float *y, int64_t ldy, int64_t b, int R) {
     const int64_t K = L->K, G = L->G, rows_per_group = L->group / 8;
     const int S = SETS(R);
     const int32_t *w = L->words + b * (K / 8) * NB;
@@ -80,6 +82,12 @@ static inline void block_rows(const layer_t *L, const float *x, const float *xp,
     v8f out0[MR], out1[MR];
     for (int m = 0; m < MR; m++) out0[m] = out1[m] = bcast(0.f);
     for (int64_t g = 0; g < G; g++) {
+        const v8f z0 = load_f(zb + g * NB), z1 = load_f(zb + g * NB + 8);
+        v8f zs0[8], zs1[8]; /* z * 16^j: exact */
+        for (int j = 0; j < 8; j++) {
+            zs0[j] = z0 * pow16[j];
+            zs1[j] = z1 * pow16[j];
+        }
         v8f a0[4][MR], a1[4][MR];
         for (int s = 0; s < 4; s++)
             for (int m = 0; m < MR; m++) a0[s][m] = a1[s][m] = bcast(0.f);
@@ -87,7 +95,7 @@ static inline void block_rows(const layer_t *L, const float *x, const float *xp,
             const v8i w0 = load_i(w + r * NB), w1 = load_i(w + r * NB + 8);
 #pragma GCC unroll 8
             for (int j = 0; j < 8; j++) {
-                const v8f d0 = code_at(w0, j), d1 = code_at(w1, j);
+                const v8f d0 = code_at(w0, j) - zs0[j], d1 = code_at(w1, j) - zs1[j];
                 for (int m = 0; m < R; m++) {
                     const v8f xv = bcast(xp[m * K + 8 * r + j]);
                     a0[j % S][m] += xv * d0;
@@ -95,16 +103,14 @@ static inline void block_rows(const layer_t *L, const float *x, const float *xp,
                 }
             }
         }
-        const v8f z0 = load_f(zb + g * NB), z1 = load_f(zb + g * NB + 8);
         const v8f s0 = load_f(sb + g * NB), s1 = load_f(sb + g * NB + 8);
         for (int m = 0; m < R; m++) {
             for (int s = 1; s < S; s++) {
                 a0[0][m] += a0[s][m];
                 a1[0][m] += a1[s][m];
             }
-            const v8f xs = bcast(xsum[m * G + g]);
-            out0[m] += s0 * (a0[0][m] - z0 * xs);
-            out1[m] += s1 * (a1[0][m] - z1 * xs);
+            out0[m] += s0 * a0[0][m];
+            out1[m] += s1 * a1[0][m];
         }
     }
     const uint16_t *sw = L->sal_w + b * L->k * NB;
@@ -130,40 +136,32 @@ static inline void block_rows(const layer_t *L, const float *x, const float *xp,
     }
 }
 
-/* xp [M, K] = x * 16^-(k % 8) and xsum [M, G] = each group's sum of x (in k order). */
-static void prepare_rows(const layer_t *L, const float *x, float *xp, float *xsum, int64_t M) {
+/* xp [M, K] = x * 16^-(k % 8). */
+static void prepare_rows(const float *x, float *xp, int64_t M, int64_t K) {
     static const float inv16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f,
                                    0x1p-16f, 0x1p-20f, 0x1p-24f, 0x1p-28f};
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < L->G; g++) {
-            float sum = 0.f;
-            for (int64_t k = g * L->group; k < (g + 1) * L->group; k++) {
-                xp[m * L->K + k] = x[m * L->K + k] * inv16[k % 8];
-                sum += x[m * L->K + k];
-            }
-            xsum[m * L->G + g] = sum;
-        }
+    for (int64_t i = 0; i < M * K; i++) xp[i] = x[i] * inv16[(i % K) % 8];
 }
 
 /* y [M, N] = the mixed product of x [M, K] (rows contiguous), fp32. Returns 0, or 1 when the
-   M * (K + G) floats of prepared rows could not be allocated (nothing written). */
+   M * K floats of prepared rows could not be allocated (nothing written). */
 int gq_mixed_gemm(const layer_t *L, const float *x, float *y, int64_t M, int threads) {
     const int64_t blocks = L->N / NB;
-    float *xp = malloc((size_t)(M * (L->K + L->G)) * sizeof(float));
+    if (M <= 0) return 0;
+    float *xp = malloc((size_t)(M * L->K) * sizeof(float));
     if (!xp) return 1;
-    float *xsum = xp + M * L->K;
-    prepare_rows(L, x, xp, xsum, M);
+    prepare_rows(x, xp, M, L->K);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int64_t left = M - m0;
-            const float *xm = x + m0 * L->K, *xpm = xp + m0 * L->K, *xsm = xsum + m0 * L->G;
+            const float *xm = x + m0 * L->K, *xpm = xp + m0 * L->K;
             float *ym = y + m0 * L->N;
             /* constant R lets the compiler keep the accumulators in registers */
-            if (left >= 4) block_rows(L, xm, xpm, xsm, L->K, ym, L->N, b, 4);
-            else if (left == 3) block_rows(L, xm, xpm, xsm, L->K, ym, L->N, b, 3);
-            else if (left == 2) block_rows(L, xm, xpm, xsm, L->K, ym, L->N, b, 2);
-            else block_rows(L, xm, xpm, xsm, L->K, ym, L->N, b, 1);
+            if (left >= 4) block_rows(L, xm, xpm, L->K, ym, L->N, b, 4);
+            else if (left == 3) block_rows(L, xm, xpm, L->K, ym, L->N, b, 3);
+            else if (left == 2) block_rows(L, xm, xpm, L->K, ym, L->N, b, 2);
+            else block_rows(L, xm, xpm, L->K, ym, L->N, b, 1);
         }
     }
     free(xp);
