@@ -14,7 +14,7 @@ passes, which dominates decode time on a CPU. For inference (no grad) on CPU ten
   an unquantized model, at its memory (fp32: 4 bytes per weight).
 * ``int4`` (``Backend.CPU_INT4``): torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``);
   2- and 3-bit codes widened, the zero-point folded as the kernel's float offset
-  ``scale * (8 - zero)``, exact in fp32. Only vectorised for some CPUs: 3.9-48x slower than an
+  ``scale * (8 - zero)``, exact in fp32. Only vectorised for some CPUs: 3.9-49x slower than an
   fp32 matmul at 1-64 rows on an AVX2 machine (docs/KERNELS-NOTES.md), so it is opt-in.
 
 ``Backend.CPU`` (what AUTO picks for CPU inference) routes per call: the packed kernel for up to

@@ -1,7 +1,7 @@
 """The packed CPU kernel (``cpu_gemv.c``): built once with the system C compiler, called by ctypes.
 
 torch's own low-bit CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
-only vectorised for some CPUs; on an AVX2 machine they were 1.9-48x slower than an fp32 matmul
+only vectorised for some CPUs; on an AVX2 machine they were 1.9-49x slower than an fp32 matmul
 (docs/KERNELS-NOTES.md). This small C file, compiled for the machine it runs on
 (``-O3 -march=native -fopenmp``, GCC or Clang vector extensions), reads the 4-bit codes and
 computes the whole mixed layer for a few rows in one call. Nothing here is needed to run a
