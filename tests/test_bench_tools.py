@@ -179,7 +179,7 @@ def test_edge_logit_diff_is_between_onnxruntime_and_the_torch_loader(tmp_path):
     windows = torch.randint(
         0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)
     )
-    args = argparse.Namespace(work=str(tmp_path), decode=2, prefill=16, repeats=1)
+    args = argparse.Namespace(work=str(tmp_path), decode=2, prefill=16, repeats=1, table_bits=16)
     shift = 0.5
     call = bench_edge.OrtDecoder.__call__
 

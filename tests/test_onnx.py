@@ -237,7 +237,7 @@ def test_tables_refuse_or_leave_what_they_cannot_replace():
     embedding that is not a plain nn.Embedding (here a subclass, as a scaled embedding is) is
     left as it is, not given a second table; a max_norm embedding is left as it is."""
     from gift_quant.io.checkpoint import CheckpointError
-    from gift_quant.io.onnx import use_tables
+    from gift_quant.io.onnx_tables import use_tables
 
     with pytest.raises(CheckpointError, match="multiple of 32, not 48"):
         use_tables(_tiny_llama(48, tied=False), 8)
@@ -257,7 +257,7 @@ def test_tables_refuse_or_leave_what_they_cannot_replace():
 
 
 def test_tables_are_stored_in_fp16_only_where_that_is_exact():
-    from gift_quant.io.onnx import TransposedTable
+    from gift_quant.io.onnx_tables import TransposedTable
 
     halves = torch.randn(32, 16).half().float()
     assert TransposedTable(halves).t.dtype == torch.float16

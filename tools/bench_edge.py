@@ -158,7 +158,7 @@ def session_bytes(onnx_dir: Path) -> int | None:
 
 
 def bench_export(src: Path, args, fp32, windows) -> dict:
-    bits = getattr(args, "table_bits", 16)
+    bits = args.table_bits
     onnx_dir = Path(args.work) / (f"{src.name}-onnx" + ("" if bits == 16 else f"-t{bits}"))
     t0 = time.perf_counter()
     report = export_onnx(src, onnx_dir, table_bits=bits) if not onnx_dir.exists() else None

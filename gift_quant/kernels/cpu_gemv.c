@@ -136,11 +136,12 @@ static inline void block_rows(const layer_t *L, const float *x, const float *xp,
     }
 }
 
-/* xp [M, K] = x * 16^-(k % 8). */
+/* xp [M, K] = x * 16^-(k % 8); K is a multiple of 8 (cpu_native.native_unsupported), so k % 8
+   is the flat index's. */
 static void prepare_rows(const float *x, float *xp, int64_t M, int64_t K) {
     static const float inv16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f,
                                    0x1p-16f, 0x1p-20f, 0x1p-24f, 0x1p-28f};
-    for (int64_t i = 0; i < M * K; i++) xp[i] = x[i] * inv16[(i % K) % 8];
+    for (int64_t i = 0; i < M * K; i++) xp[i] = x[i] * inv16[i % 8];
 }
 
 /* y [M, N] = the mixed product of x [M, K] (rows contiguous), fp32. Returns 0, or 1 when the
