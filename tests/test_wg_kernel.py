@@ -207,6 +207,60 @@ def test_a_stream_k_launch_refuses_a_workspace_too_small(monkeypatch) -> None:
         native.mixed_wg(x, None, None, small_ws, cnt, 256, 2, 1, stream_k=True)
     with pytest.raises(ValueError, match="needs 1056 counters"):
         native.mixed_wg(x, None, None, torch.zeros(need), cnt[:1000], 256, 2, 1, stream_k=True)
+    # the blocks' own salient gather: 64-row tiles without stream-K only
+    with pytest.raises(
+        ValueError, match="only in 64-row tiles without stream-K; this launch has 128-row"
+    ):
+        native.mixed_wg(x, None, None, torch.zeros(need), cnt, 128, 2, 1, gather=True)
+    with pytest.raises(ValueError, match="has 64-row tiles and stream-K"):
+        native.mixed_wg(x, None, None, torch.zeros(need), cnt, 64, 2, 1, stream_k=True, gather=True)
+
+
+def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
+    """``rules.wg_gather_configs``: the 64-row configurations of ``wg_configs`` and
+    ``wg_cluster_configs`` whose blocks an H200 holds all at once (clusters too), each with the
+    blocks' own gather ("...g"), none with a tail or stream-K; the names round-trip."""
+    monkeypatch.setattr(rules, "clusters_supported", lambda: True)
+    for M, N, K in [(32, 4096, 4096), (64, 4096, 4096), (64, 5120, 5120), (64, 28672, 4096)]:
+        confs = rules.wg_gather_configs(M, N, K, h200_wave, h200_clusters)
+        base = [(nt, w, s, 1) for nt, w, s in rules.wg_configs(M, N, K)]
+        base += rules.wg_cluster_configs(M, N, K, h200_clusters)
+        assert confs and len(set(confs)) == len(confs)
+        for nt, wgs, splits, cl, tail, sk, gather in confs:
+            assert (nt, wgs, splits, cl) in base and (tail, sk, gather) == (1, False, True)
+            tiles = -(-M // nt) * (N // 64 // wgs)
+            assert nt == 64 and tiles * splits <= h200_wave(nt, wgs)
+            assert cl == 1 or tiles <= h200_clusters(nt, wgs, cl)
+            name = routes.wg_name(nt, wgs, splits, cl, 1, False, True)
+            assert name.endswith("g") and routes.mma_config(name) == (
+                nt,
+                wgs,
+                splits,
+                cl,
+                1,
+                False,
+                True,
+            )
+        # every 64-row configuration that fits is there
+        fits = [
+            c
+            for c in base
+            if c[0] == 64
+            and -(-M // 64) * (N // 64 // c[1]) * c[2] <= h200_wave(64, c[1])
+            and (c[3] == 1 or -(-M // 64) * (N // 64 // c[1]) <= h200_clusters(64, c[1], c[3]))
+        ]
+        assert [c[:4] for c in confs] == fits
+    # 4096^2 at M = 64: 32 tiles of 64 x 2, in 3 splits (96 blocks, 32 clusters of 3)
+    assert (64, 2, 3, 3, 1, False, True) in rules.wg_gather_configs(
+        64, 4096, 4096, h200_wave, h200_clusters
+    )
+    # 28672 x 4096: 224 tiles of 64 x 2 fit one split (two blocks per SM), not two
+    wide = rules.wg_gather_configs(64, 28672, 4096, h200_wave, h200_clusters)
+    assert (64, 2, 1, 1, 1, False, True) in wide and not any(c[1] == 2 and c[2] > 1 for c in wide)
+    monkeypatch.setattr(native, "wg_max_clusters", h200_clusters)
+    monkeypatch.setattr(native, "wg_wave_blocks", h200_wave)
+    names = routes.candidates(64, mma=True, N=4096, K=4096, wg=True)
+    assert {"wg:64x2x3c3", "wg:64x2x3c3g", "wg:64x4x1g"} <= set(names)
 
 
 def test_warpgroup_rules_and_routes(monkeypatch) -> None:
@@ -227,14 +281,16 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
                 assert (N // 64) % wgs == 0 and (wgs == 2 or nt < 256)
                 assert splits == 1 or -(-(K // 64) // splits) >= 4
                 name = routes.wg_name(nt, wgs, splits)
-                assert routes.mma_config(name) == (nt, wgs, splits, 1, 1, False)
-                assert "c" not in name and "t" not in name and not name.endswith("s")
+                assert routes.mma_config(name) == (nt, wgs, splits, 1, 1, False, False)
+                assert "c" not in name and "t" not in name and not name.endswith(("s", "g"))
     assert routes.wg_name(64, 2, 8, 8) == "wg:64x2x8c8"
-    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, 1, False)
+    assert routes.mma_config("wg:64x2x8c8") == (64, 2, 8, 8, 1, False, False)
     assert routes.wg_name(256, 2, 1, 1, 3) == "wg:256x2x1t3"
-    assert routes.mma_config("wg:256x2x1t3") == (256, 2, 1, 1, 3, False)
+    assert routes.mma_config("wg:256x2x1t3") == (256, 2, 1, 1, 3, False, False)
     assert routes.wg_name(256, 2, 1, 1, 1, True) == "wg:256x2x1s"
-    assert routes.mma_config("wg:128x2x1s") == (128, 2, 1, 1, 1, True)
+    assert routes.mma_config("wg:128x2x1s") == (128, 2, 1, 1, 1, True, False)
+    assert routes.wg_name(64, 2, 3, 3, 1, False, True) == "wg:64x2x3c3g"
+    assert routes.mma_config("wg:64x4x8g") == (64, 4, 8, 1, 1, False, True)
     assert rules.wg_configs(128, 960, 1536) == []  # 15 strips: no block of two
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
 
@@ -296,6 +352,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
 
     assert pick(100) == "wg:128x4x2"
     confs = [*rules.wg_configs(100, N, K), *rules.wg_stream_configs(100, N, K, h200_wave)]
+    confs += rules.wg_gather_configs(100, N, K, h200_wave, h200_clusters)
     want = [routes.wg_name(*c) for c in confs] + [routes.route(100, N, K, 4)]
     assert timed == [want] and "wg:64x2x1" in want and not any("x256" in n for n in want)
     assert "wg:128x2x1s" in want  # 32 tiles of 128 x 2: less than a wave
@@ -314,7 +371,9 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     timer.winner = "wg:64x2x4"  # bucket 17..32: the warpgroup kernel among the CUDA kernels
     assert pick(20) == "wg:64x2x4" and len(timed) == 3
     wgs = [n for n in timed[2] if n.startswith("wg:")]
-    assert wgs == [routes.wg_name(*c) for c in rules.wg_configs(20, N, K)] and len(wgs) > 2
+    gathers = rules.wg_gather_configs(20, N, K, h200_wave, h200_clusters)
+    assert wgs == [routes.wg_name(*c) for c in [*rules.wg_configs(20, N, K), *gathers]]
+    assert len(wgs) > 2 and "wg:64x2x4g" in wgs
     assert all(routes.mma_config(n)[0] == 64 for n in wgs)
     assert any(n.startswith("mma:") for n in timed[2]) and timed[2][-1] == routes.route(20, N, K, 4)
     assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
@@ -488,3 +547,50 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
     # on an H200 (132 blocks a wave): less than a wave, one to two, more than two
     assert {w for _, w in seen} == {0, 1, 2}, seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (3, torch.bfloat16)])
+def test_blocks_gather_the_salient_columns_and_leave_the_counters_zeroed(bits, dtype) -> None:
+    """64-row tiles asked to ("wg:...g") whose blocks are all on the GPU at once gather x's
+    salient columns themselves (a slice each, counted in the last two counters; their salient
+    k-steps last):
+    launches of 16 to 256 blocks, one block per SM or two, clusters, several row tiles, and one
+    of more blocks than the device holds at once (the gather launch before it instead); 37 and
+    600 salient columns (10 salient k-steps: with 2 splits, some gathered inside the loop).
+    Each layer runs three times on different x in a row, each against the float64 oracle, and
+    the counters are zero after every launch (a count left over would let the next launch read
+    its salient columns before they are gathered)."""
+    from gift_quant.kernels import reference
+    from gift_quant.kernels.triton import dispatch, ops
+    from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
+
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    K, N = 1024, 2048  # 16 k-steps, 32 strips
+    wave = native.wg_wave_blocks(64, 2)
+    for nsal in (37, 600):
+        kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=True, device="cuda")
+        layer = random_mixed_linear(K, N, dtype=dtype, seed=bits + nsal, **kw)
+        p, cuda = ops.prepare(layer), ops.cuda_layout(layer)
+        args = (p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+        # (tile, strips a block, splits, cluster) at M <= 64: 16 blocks; 96 in clusters of 3
+        # and alone; 64 in clusters of 2; 256 (two a SM). At M = 320 (5 row tiles) 80 blocks,
+        # and 320-1,280, more than a wave of 64 x 2 tiles (264 on an H200) but one
+        confs = [(64, 4, 2, 1), (64, 2, 6, 3), (64, 2, 6, 1), (64, 4, 8, 2), (64, 2, 16, 1)]
+        for M in (17, 64, 320):
+            for nt, wgs, splits, cl in confs:
+                blocks = -(-M // nt) * (N // 64 // wgs) * splits
+                assert M < 320 or blocks > wave or wgs == 4
+                for _ in range(3):
+                    x = torch.randn(M, K, device="cuda", dtype=dtype)
+                    exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    name = routes.wg_name(nt, wgs, splits, cl, 1, False, True)
+                    dispatch.run_route(name, x, *args, out=out, cuda=cuda)
+                    err, ref_err = kernel_error(out, ref, exact)
+                    assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, name, nsal, err)
+                    _, cnt = dispatch.workspace(x.device, 0)
+                    torch.cuda.synchronize()
+                    assert not cnt.any(), (M, name, nsal, cnt.nonzero().flatten().tolist())

@@ -31,12 +31,17 @@
 // scale rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
 //
-// The salient columns are extra k-steps before the quantized ones (64 of them per k-step,
-// round-robin over the K splits): x's salient columns are gathered once per launch by a small
-// kernel into xs [M, 64 per salient k-step] (zeros past the last), whose tiles the same
-// tensor copies load (a gather by every block read x's scattered columns once per column
-// block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors); their
-// weights' fragments as stored (fp16, or bf16 for BF: layout.py, `pack_salient`). One K
+// The salient columns are extra k-steps (64 of them per k-step, round-robin over the K
+// splits), their weights' fragments as stored (fp16, or bf16 for BF: layout.py,
+// `pack_salient`), their x tiles loaded by the same tensor copies from xs [M, 64 per salient
+// k-step] (zeros past the last column). xs is gathered from x once per launch: by a small
+// kernel before this one, whose blocks then run the salient k-steps first; or (64-row tiles,
+// where the caller asks for it, timed at first use as its own configuration, and the launch is
+// all on the GPU at once: `coop`) by the blocks themselves, a slice each after the dependent
+// wait, counted, and the salient k-steps run last, by when the count is whole (a
+// launch before the kernel put about 0.5-1.2 us on the chain at M = 32-64; a gather of each
+// block's own columns read x's scattered columns once per column block: at 28672 x 4096,
+// M = 256, 224 times, most of the kernel's global-load sectors). One K
 // split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`),
 // or (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
@@ -87,6 +92,13 @@ __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
 }
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return wg_producer_warps(nt, wgs) > 0;
+}
+// 64-row tiles with a producer warp, outside stream-K, may gather x's salient columns into xs
+// themselves, a slice each block (`coop`: where the caller asks, WG_BLOCKS_GATHER, and the
+// launch's blocks are all on the GPU at once), instead of a gather launch before them
+// (`wg_gather_kernel`)
+__host__ __device__ constexpr bool wg_in_gather(int nt, int wgs, bool sk) {
+  return nt == 64 && wg_producer_warps(nt, wgs) == 1 && !sk;
 }
 __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
   return wgs * 128 + 32 * wg_producer_warps(nt, wgs);
@@ -326,7 +338,9 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     int* __restrict__ cnt, int M, int N, int K, unsigned gmagic,
                     int ss_per_split, int T, int csize, int tail0, int tail, int tail_ss,
                     int sk0, const __grid_constant__ CUtensorMap xmap,
-                    const __grid_constant__ CUtensorMap smap) {
+                    const __grid_constant__ CUtensorMap smap, const half* __restrict__ x,
+                    const int* __restrict__ sidx, half* __restrict__ xs, int* __restrict__ gcnt,
+                    int coop_launch) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
   constexpr bool PROD = wg_producer(NT, WGS);
@@ -342,6 +356,9 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int wg = warp >> 2, wq = warp & 3;                  // warpgroup (strip), warp in it
   const bool producer = PROD && warp >= WGS * 4;  // the producer warp(group)
   const bool issuer = producer && warp == WGS * 4 && lane == 0;  // its copies' one thread
+  // coop: the blocks gather xs together (a slice each, counted in gcnt[0]) after the dependent
+  // wait, and each split runs its salient k-steps last, by when the slices are in
+  const bool coop = wg_in_gather(NT, WGS, SK) && coop_launch != 0;
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
   // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
@@ -357,6 +374,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int Q = (nsal + 15) >> 4, QS = (nsal + 63) >> 6;  // salient k16 steps, k-steps
   const int nps = QS > split ? (QS - split + splits - 1) / splits : 0;
   const int iters = nps + nss;
+  // iteration d of the split: salient (its k-step split + sal_ix(d) splits of the gathered
+  // columns) or quantized (k-step s0 + q_ix(d)); the salient ones first, or last (coop)
+  auto is_sal = [&](int d) { return coop ? d >= nss : d < nps; };
+  auto sal_ix = [&](int d) { return coop ? d - nss : d; };
+  auto q_ix = [&](int d) { return coop ? d : d - nps; };
   // Stream-K (SK, a launch of one split): the flattened k-steps of the tiles, tile after tile
   // (each tile's salient k-steps first, then its quantized ones: St = iters), are dealt out as
   // contiguous ranges [u0, u1): the blocks below sk0 take one whole tile each, the launch's
@@ -385,16 +407,18 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // The copies of iteration `it` into its ring slot. Weights (quantized k-steps): the block's
   // strips' codes, zero-points and scales, each contiguous in the packed tensors; they are
   // not written by the previous kernel, so the prologue issues them before pdl_wait.
-  // Where they come from: the codes of k-step s0 + it - nps, and the row of its group's
+  // Where they come from: the codes of k-step s0 + q_ix(it), and the row of its group's
   // zero-points and scales.
   // (Ring slot r, data d: the same but in stream-K blocks, where r counts the block's k-steps
   // and d the tile's, for the tile at row0 / column block b0 the arguments name.)
   auto w_codes = [&](int d, int bb0) {
-    return qc + ((size_t)(s0 + d - nps) * B + bb0) * 32 * BITS;
+    return qc + ((size_t)(s0 + q_ix(d)) * B + bb0) * 32 * BITS;
   };
-  auto w_group = [&](int d, int bb0) { return (size_t)group_of(s0 + d - nps, gmagic) * B + bb0; };
+  auto w_group = [&](int d, int bb0) {
+    return (size_t)group_of(s0 + q_ix(d), gmagic) * B + bb0;
+  };
   auto issue_w = [&](int it) {
-    if (it < nps) return;
+    if (is_sal(it)) return;
     uint8_t* slot = smem + (it % STAGES) * SB;
     const uint4* wp = w_codes(it, b0);
     for (int i = threadIdx.x; i < WGS * 32 * BITS; i += THREADS) cp_async16(slot + XB + i * 16, wp + i);
@@ -412,16 +436,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if (!PROD && threadIdx.x != 0) return;  // the producer warp's lane 0, or thread 0
     const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
     if (!PROD) mbar_expect(bar, XB);  // the producer expects the slot's bytes at once
-    if (d < nps)
-      tma_load_2d(dst, &smap, (split + d * splits) * 64, rr0, bar);
+    if (is_sal(d))
+      tma_load_2d(dst, &smap, (split + sal_ix(d) * splits) * 64, rr0, bar);
     else
-      tma_load_2d(dst, &xmap, (s0 + d - nps) * 64, rr0, bar);
+      tma_load_2d(dst, &xmap, (s0 + q_ix(d)) * 64, rr0, bar);
   };
   // The producer's copies of iteration `it`'s weights: three bulk copies (codes, zero-points,
   // scales), and the slot's full barrier expecting them and the x tile
   auto produce_w = [&](int r, int d, int bb0) {
     const uint32_t dst = smem0 + (r % STAGES) * SB, bar = bar0 + (r % STAGES) * 8;
-    if (d < nps) {
+    if (is_sal(d)) {
       mbar_expect(bar, XB);
       return;
     }
@@ -434,6 +458,46 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   auto wait_x = [&](int it) {
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
   };
+  // coop, the producer warp after the dependent wait: this block's slice of xs [M, W] (pairs
+  // of columns, zeros past the last salient column), then one count in gcnt[0] (released by
+  // lane 0 after the warp's stores, as `finish_tile` releases a block's adds). Before its
+  // first salient tensor copy, lane 0 waits until every block's count is in (acquire; then the
+  // proxy fence, the copies reading through the async proxy); each block then counts once in
+  // gcnt[1] (a block without salient k-steps right after its slice), and the last one zeroes
+  // both for the next launch, whose blocks count only after their dependent wait: past this
+  // grid's end. Blocks wait only on blocks of their own launch, all of them on the GPU at once
+  // (the launch's condition), and only for their slice, which waits on nothing.
+  const int nblocks = static_cast<int>(gridDim.x * gridDim.y);
+  auto gather_slice = [&] {
+    const int W = QS * 64, hw = W / 2, pairs = M * hw, per = (pairs + nblocks - 1) / nblocks;
+    const int i0 = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x) * per;
+    const auto* xb = reinterpret_cast<const unsigned short*>(x);
+    for (int i = i0 + lane; i < min(pairs, i0 + per); i += 32) {
+      const int r = i / hw, c = (i - r * hw) * 2;
+      const int ca = c < nsal ? __ldg(sidx + c) : -1, cb = c + 1 < nsal ? __ldg(sidx + c + 1) : -1;
+      const size_t ro = static_cast<size_t>(r) * K;
+      const uint32_t lo = ca >= 0 ? __ldcg(xb + ro + ca) : 0u, hi = cb >= 0 ? __ldcg(xb + ro + cb) : 0u;
+      reinterpret_cast<uint32_t*>(xs + static_cast<size_t>(r) * W)[c >> 1] = lo | hi << 16;
+    }
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence();
+      atomicAdd(gcnt, 1);
+    }
+  };
+  auto done_reading = [&] {  // lane 0 (the fence: its own count in gcnt[0] first)
+    __threadfence();
+    if (atomicAdd(gcnt + 1, 1) == nblocks - 1) atomicExch(gcnt, 0), atomicExch(gcnt + 1, 0);
+  };
+  bool gathered = false;
+  auto await_slices = [&] {  // lane 0, before its first salient tensor copy
+    if (gathered) return;
+    while (static_cast<int>(ld_acquire(gcnt)) < nblocks) {
+    }
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    done_reading();
+    gathered = true;
+  };
 
   // 2 and 4 bits: this warp's pairs 4 q + u lie in word (4 q) / PER of a k16 step's BITS words
   const int widx = 4 * wq / PER;
@@ -445,8 +509,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
   auto frags = [&](int r, int d, int bb, uint32_t (&a)[4][4]) {
-    if (d < nps) {  // salient: the stored fragments (zeros past the last k16 step)
-      const int q0 = (split + d * splits) * 4;
+    if (is_sal(d)) {  // salient: the stored fragments (zeros past the last k16 step)
+      const int q0 = (split + sal_ix(d) * splits) * 4;
 #pragma unroll
       for (int st = 0; st < 4; ++st) {
         uint4 v = make_uint4(0, 0, 0, 0);
@@ -767,10 +831,34 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       // every slot's weights first (not written by the previous kernel), then the x tiles;
       // a slot is refilled once each consumer warp has arrived on its empty barrier (the
       // MMAs that read it are done)
-      if (issuer)
-        for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p, p, b0);
-      pdl_wait();  // every thread: the producer warps write outputs in the epilogue
       if (issuer) {
+        for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p, p, b0);
+        if (coop)  // the salient steps' fragments (read at use, last) into L2
+          for (int d = nss; d < iters; ++d)
+            for (int q = (split + sal_ix(d) * splits) * 4, st = 0; st < 4 && q + st < Q; ++st)
+              asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(
+                               wsp + (size_t)((q + st) * B + b0) * 4 * 32),
+                           "r"(WGS * 4 * 32 * 16)
+                           : "memory");
+      }
+      pdl_wait();  // every thread: the producer warps write outputs in the epilogue
+      if (coop && warp == WGS * 4) {  // the first slots' x tiles, the slice, then as below
+        if (issuer)
+          for (int p = 0; p < STAGES && p < iters; ++p)
+            if (!is_sal(p)) issue_x(p, p, row0);
+        gather_slice();
+        if (issuer) {
+          if (nps == 0) done_reading();
+          for (int p = 0; p < STAGES && p < iters; ++p)
+            if (is_sal(p)) await_slices(), issue_x(p, p, row0);
+          for (int it = STAGES; it < iters; ++it) {
+            mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
+            produce_w(it, it, b0);
+            if (is_sal(it)) await_slices();
+            issue_x(it, it, row0);
+          }
+        }
+      } else if (issuer) {
         for (int p = 0; p < STAGES && p < iters; ++p) issue_x(p, p, row0);
         for (int it = STAGES; it < iters; ++it) {
           mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
@@ -781,11 +869,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       __syncwarp();
     } else {
       if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
-      if (nps > 0) frags(0, 0, b, a0);  // salient: from global memory, before the wait
+      if (iters > 0 && is_sal(0)) frags(0, 0, b, a0);  // salient: global memory, before the wait
       pdl_wait();
       if (iters > 0) {
         wait_x(0);
-        if (nps == 0) frags(0, 0, b, a0);
+        if (!is_sal(0)) frags(0, 0, b, a0);
       }
       // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
       // released and the next k-step's fragments go into `nxt` while these MMAs run
@@ -928,6 +1016,14 @@ __global__ void __launch_bounds__(256)
   reinterpret_cast<uint32_t*>(xs + static_cast<size_t>(r) * W)[c >> 1] = lo | hi << 16;
 }
 
+// the two counters of the blocks' own gather (`coop`): the last two of the 1 << 16 counters
+// the caller gives (native.py; the tiles' counters of such a launch, one per block at most,
+// lie far below)
+constexpr int WG_GATHER_COUNTERS = (1 << 16) - 2;
+
+// gq_mixed_wg's `schedule` bits
+constexpr int WG_STREAM_K = 1, WG_BLOCKS_GATHER = 2;
+
 // one launch's arguments (gq_mixed_wg)
 struct WgCall {
   const half* x;
@@ -940,7 +1036,7 @@ struct WgCall {
   int* cnt;
   half* xs;  // M x 64 ceil(nsal / 64) halves for the gathered salient columns (nsal > 0)
   int M, N, K, group, splits, csize, tail;
-  bool stream_k, pdl;
+  bool stream_k, gather, pdl;  // gather: the blocks may gather xs themselves (`coop`)
   cudaStream_t stream;
 };
 
@@ -1045,6 +1141,26 @@ size_t wg_spread_smem(long blocks, int csize) {
   }
 }
 
+// Whether every block of a launch of `blocks` blocks in clusters of `csize` with `smem` bytes of
+// shared memory is on the GPU at once (blocks that wait on each other: `coop` in the kernel):
+// one block per SM where `wg_spread_smem` gave it that (it checked its clusters), otherwise
+// no more blocks than the device holds (`wave_blocks`) and, in clusters, no more clusters
+// (cudaOccupancyMaxActiveClusters, once per device and size)
+template <bool BF, int BITS, int NT, int WGS>
+bool wg_all_resident(long blocks, int csize, size_t smem) {
+  if (smem == WG_SPREAD_SMEM) return true;
+  const int wave = wave_blocks<BF, BITS, NT, WGS>();
+  if (wave <= 0 || blocks > wave || csize > 16) return false;
+  if (csize == 1) return true;
+  static int fit[64][17] = {};  // per device: clusters of c blocks held at once
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), false;
+  if (fit[dev][csize] == 0 &&
+      (wg_clusters<BF, BITS, NT, WGS>(csize, &fit[dev][csize]) || fit[dev][csize] <= 0))
+    fit[dev][csize] = -1;
+  return blocks / csize <= fit[dev][csize];
+}
+
 // A stream-K launch (SK): the tiles past the last whole wave but one (all of them where there are
 // fewer than two waves) shared by one wave of blocks, G of them, each at least one k-step;
 // the tiles before it whole, a block each. Workspace: G partial tiles (NT x 64 WGS floats
@@ -1101,7 +1217,12 @@ int launch_wg(const WgCall& a) {
     if (const size_t spread = wg_spread_smem<BF, BITS, NT, WGS>(grid_x * splits, a.csize))
       smem = spread;
   }
-  if (W > 0) {
+  // the blocks gather xs themselves where all of them are on the GPU at once (`coop`)
+  bool coop = false;
+  if constexpr (wg_in_gather(NT, WGS, SK))
+    coop = a.gather && W > 0 &&
+           wg_all_resident<BF, BITS, NT, WGS>(grid_x * splits, a.csize, smem);
+  if (W > 0 && !coop) {
     const long threads = static_cast<long>(a.M) * (W / 2);
     rc = launch_ex(wg_gather_kernel, dim3(static_cast<unsigned>((threads + 255) / 256)), dim3(256),
                    0, a.stream, 1, a.pdl, a.x, a.sidx, a.nsal, a.xs, a.M, a.K, W);
@@ -1111,7 +1232,7 @@ int launch_wg(const WgCall& a) {
   return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
                    a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
                    ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, sk0, xmap,
-                   smap);
+                   smap, a.x, a.sidx, a.xs, a.cnt + WG_GATHER_COUNTERS, static_cast<int>(coop));
 }
 
 template <bool BF, int BITS, int NT, int WGS>
@@ -1161,15 +1282,18 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
 // (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
 // many blocks. `tail` (1..16; > 1 with one split and no cluster): the tiles past the last
-// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `stream_k`
-// (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past
-// the last whole wave but one shared out by k-steps over one wave of blocks; `ws` must hold
-// that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed.
+// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `schedule`:
+// WG_STREAM_K (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the
+// tiles past the last whole wave but one shared out by k-steps over one wave of blocks; `ws`
+// must hold that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves
+// them zeroed. WG_BLOCKS_GATHER (64-row tiles): where the launch's blocks are all on the GPU
+// at once, they gather x's salient columns themselves (`coop`), counted in the last two of
+// `cnt`'s 1 << 16 counters, instead of a gather launch before them.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
                            int bits, int bf16, int nt, int wgs, int splits, int cluster,
-                           int tail, int stream_k, void* xs, int pdl, void* stream) {
+                           int tail, int schedule, void* xs, int pdl, void* stream) {
   if (M < 1 || N % 64 || K % 64 || group % 64 || K % group || splits < 1 || nsal < 0 ||
       static_cast<long long>(M) * N >= (1ll << 31) || cluster < 1 || cluster > 16 || tail < 1 ||
       tail > 16)
@@ -1183,8 +1307,8 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  M,                              N,
                  K,                              group,
                  splits,                         cluster,
-                 tail,                           stream_k != 0,
-                 pdl != 0,
+                 tail,                           (schedule & WG_STREAM_K) != 0,
+                 (schedule & WG_BLOCKS_GATHER) != 0, pdl != 0,
                  static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return launch_any<decltype(bf)::value, decltype(b)::value, decltype(t)::value,

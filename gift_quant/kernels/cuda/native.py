@@ -76,7 +76,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 ENTRY_ARGS = {
     "gq_mixed_mma": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, csize, kw
     "gq_mixed_mmv": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 11 + [_P],  # wn, splits, depth, csize
-    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 12 + [_P, _I, _P],  # .., stream_k, xs
+    "gq_mixed_wg": [_P] * 6 + [_I] + [_P] * 4 + [_I] * 12 + [_P, _I, _P],  # .., schedule, xs
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
     "gq_wg_wave_blocks": [_I] * 4 + [_P],  # bits, bf16, nt, wgs; out
 }
@@ -309,6 +309,7 @@ def mixed_wg(
     cluster: int = 1,
     tail: int = 1,
     stream_k: bool = False,
+    gather: bool = False,
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
@@ -321,8 +322,11 @@ def mixed_wg(
     ``stream_k`` (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the
     tiles past the last whole wave but one are dealt out by k-steps over one wave of blocks,
     whose partial tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient
-    columns, a first small kernel gathers them from x into a buffer of M x 64 ceil(nsal / 64)
-    halves, which the kernel loads as it loads x."""
+    columns, x's salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves,
+    which the kernel loads as it loads x: by a first small kernel, or (``gather``: 64-row
+    tiles, no stream-K; where the launch's blocks are all on the GPU at once, else as before)
+    by the kernel's blocks, a slice each, counted in the last two of ``cnt``'s 1 << 16
+    counters."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
@@ -337,10 +341,20 @@ def mixed_wg(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
             f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
         )
+    if gather and (nt != 64 or stream_k):
+        raise ValueError(
+            f"mixed_wg: the blocks gather the salient columns themselves only in 64-row tiles "
+            f"without stream-K; this launch has {nt}-row tiles{' and stream-K' * stream_k}"
+        )
+    if gather and p.nsal and cnt.numel() < 1 << 16:
+        raise ValueError(
+            f"mixed_wg: a layer with salient columns needs {1 << 16} counters (the last two "
+            f"count the blocks' gather); this one has {cnt.numel()}"
+        )
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    config = (nt, wgs, splits, cluster, tail, int(stream_k))
+    config = (nt, wgs, splits, cluster, tail, int(stream_k) | 2 * int(gather))  # `schedule`
     return _launch(fn, x2, p, bias, ws, cnt, out, *config, xs_ptr)

@@ -334,6 +334,35 @@ def wg_cluster_configs(
     return out
 
 
+# The blocks' own salient gather (round 41): in 64-row tiles with salient columns, a launch
+# whose blocks are all on the GPU at once may gather x's salient columns itself, a slice a
+# block after the dependent wait, with the salient k-steps last, instead of a small gather
+# launch before it (round 40's D1: that launch and its reads put 0.3-1.2 us on the chain at
+# M = 32-64 on 4096^2 and 5120^2; on 12288x4096 and 28672x4096 the blocks' gather took
+# 1.3-2.6% more time per configuration family). Timed at first use beside the same
+# configuration with the launch, so each layer takes the faster.
+def wg_gather_configs(
+    M: int,
+    N: int,
+    K: int,
+    wave_blocks: Callable[[int, int], int],
+    max_clusters: Callable[[int, int, int], int],
+) -> list[tuple[int, int, int, int, int, bool, bool]]:
+    """(64, warpgroups, splits, cluster, 1, False, True) of the warpgroup-MMA kernel: each
+    64-row configuration of ``wg_configs`` and ``wg_cluster_configs`` whose blocks the device
+    holds all at once (``wave_blocks(nt, wgs)``; in clusters, ``max_clusters(nt, wgs,
+    cluster)`` clusters), with the blocks gathering the salient columns themselves."""
+    plain = [(nt, wgs, s, 1) for nt, wgs, s in wg_configs(M, N, K)]
+    out = []
+    for nt, wgs, s, c in [*plain, *wg_cluster_configs(M, N, K, max_clusters)]:
+        tiles = _wg_tiles(M, N, nt, wgs)
+        if nt != 64 or tiles * s > wave_blocks(nt, wgs):
+            continue
+        if c == 1 or tiles <= max_clusters(nt, wgs, c):
+            out.append((nt, wgs, s, c, 1, False, True))
+    return out
+
+
 # A split tail (round 30): where a configuration's whole tiles fill W >= 1 waves of the device
 # and leave R more, those R tiles run as `tail` K splits each (added by the atomics), so the
 # last wave takes about a tail-th of a tile's time instead of a whole one. ncu on `wg:256x2x1`

@@ -109,7 +109,7 @@ def run_route(
 ) -> Tensor:
     """y [M, N] of x2 [M, K] through the kernel ``name`` (``out``: where to write, if given;
     ``cuda``: the CUDA kernels' layout, for "mma:WNxS[kKW][cC]", "mmv:WNxS[dD][cC]" and
-    "wg:NTxWxS[cC][tT][s]")."""
+    "wg:NTxWxS[cC][tT][s|g]")."""
     M, K = x2.shape
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:", "wg:")):

@@ -7,10 +7,11 @@ H200 (names only; ``ops`` launches what they name).
   share of the block's k-steps, M <= 16) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
-  (sm_90); "wg:NTxWxS[cC][tT][s]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
+  (sm_90); "wg:NTxWxS[cC][tT][s|g]" (the warpgroup-MMA kernel, sm_90a: tiles of NT rows of x, W
   warpgroups per block, S K-splits, summed in clusters of C blocks; T > 1: the tiles past the
   device's last whole wave as T K splits each; s: a stream-K schedule, the tiles of the last
-  waves dealt out by k-steps; chosen only by measurement).
+  waves dealt out by k-steps; g: the blocks gather x's salient columns themselves instead of
+  a gather launch before them; chosen only by measurement).
 * By rule (``route``): "mmv" for M in MMV_M, and for M in MMV_WIDE_M on wide layers (where
   the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
@@ -152,13 +153,20 @@ def mmv_name(wn: int, splits: int, depth: int = rules.MMV_DEPTH, cluster: int = 
 
 
 def wg_name(
-    nt: int, wgs: int, splits: int, cluster: int = 1, tail: int = 1, stream_k: bool = False
+    nt: int,
+    wgs: int,
+    splits: int,
+    cluster: int = 1,
+    tail: int = 1,
+    stream_k: bool = False,
+    gather: bool = False,
 ) -> str:
     return (
         f"wg:{nt}x{wgs}x{splits}"
         + ("" if cluster == 1 else f"c{cluster}")
         + ("" if tail == 1 else f"t{tail}")
         + ("s" if stream_k else "")
+        + ("g" if gather else "")
     )
 
 
@@ -166,13 +174,15 @@ def mma_config(name: str) -> tuple[int, ...]:
     """(strips per block, K splits, cluster, warps per strip) of "mma:WNxS[kKW][cC]"; (warps,
     splits, depth, cluster)
     of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster, tail splits,
-    stream-K) of "wg:NTxWxS[cC][tT][s]"."""
+    stream-K, the blocks' own salient gather) of "wg:NTxWxS[cC][tT][s|g]"."""
     if name.startswith("wg:"):
         nt, wgs, rest = name[3:].split("x")
+        gather = rest.endswith("g")
+        rest = rest.removesuffix("g")
         stream_k = rest.endswith("s")
         rest, _, tail = rest.removesuffix("s").partition("t")
         splits, _, cluster = rest.partition("c")
-        return int(nt), int(wgs), int(splits), int(cluster or 1), int(tail or 1), stream_k
+        return int(nt), int(wgs), int(splits), int(cluster or 1), int(tail or 1), stream_k, gather
     wn, rest = name[4:].split("x")
     rest, _, cluster = rest.partition("c")
     splits, _, depth = rest.partition("d")
@@ -191,13 +201,15 @@ def _wg_serves(M: int, wg: bool) -> bool:
 def _wg_names(M: int, N: int, K: int) -> list[str]:
     """The warpgroup kernel's configurations for M rows: ``rules.wg_configs``, those with
     their splits in one cluster (``rules.wg_cluster_configs``, sm_90), those whose last,
-    partial wave of tiles runs split (``rules.wg_tail_configs``), then those that share the
-    tiles of a partial wave by k-steps (``rules.wg_stream_configs``)."""
+    partial wave of tiles runs split (``rules.wg_tail_configs``), those that share the
+    tiles of a partial wave by k-steps (``rules.wg_stream_configs``), then the 64-row ones
+    whose blocks gather the salient columns themselves (``rules.wg_gather_configs``)."""
     confs = [
         *rules.wg_configs(M, N, K),
         *rules.wg_cluster_configs(M, N, K, native.wg_max_clusters),
         *rules.wg_tail_configs(M, N, K, native.wg_wave_blocks),
         *rules.wg_stream_configs(M, N, K, native.wg_wave_blocks),
+        *rules.wg_gather_configs(M, N, K, native.wg_wave_blocks, native.wg_max_clusters),
     ]
     return [wg_name(*c) for c in confs]
 
