@@ -594,3 +594,54 @@ def test_blocks_gather_the_salient_columns_and_leave_the_counters_zeroed(bits, d
                     _, cnt = dispatch.workspace(x.device, 0)
                     torch.cuda.synchronize()
                     assert not cnt.any(), (M, name, nsal, cnt.nonzero().flatten().tolist())
+
+
+# one process: a launch that never finishes would hang the test run, not fail it
+_BOUND_SCRIPT = """
+import sys, torch
+from functools import partial
+from gift_quant.kernels import reference
+from gift_quant.kernels.cuda import native
+from gift_quant.kernels.triton import dispatch, ops, routes
+from gift_quant.testing import ERROR_FACTOR, graph_time_us, kernel_error, oracle
+from gift_quant.testing import random_mixed_linear
+c = int(sys.argv[1])
+bound = native.wg_max_clusters(64, 2, c)
+N, K, M = 128 * bound, 64 * 4 * c, 32  # one cluster a column block: as many as the device holds
+layer = random_mixed_linear(K, N, bits=4, group_size=128, num_salient=128, bias=True,
+                            dtype=torch.float16, seed=c, device="cuda")
+p, cuda = ops.prepare(layer), ops.cuda_layout(layer)
+x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float16)
+name = routes.wg_name(64, 2, c, c, 1, False, True)
+args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
+graph_time_us([partial(dispatch.run_route, name, *args, out=out, cuda=cuda)] * 64, reps=3)
+torch.cuda.synchronize()
+err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), oracle(x, layer))
+print(name, bound, err, ref_err)
+sys.exit(0 if err <= ERROR_FACTOR * ref_err + 1e-6 else 1)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cluster", [2, 7])
+def test_a_blocks_gather_launch_at_the_cluster_bound_finishes(cluster) -> None:
+    """A launch whose blocks gather the salient columns themselves, with exactly as many
+    clusters as cudaOccupancyMaxActiveClusters says the device holds, replayed 64 times in a
+    row in a CUDA graph (each launch dependent on the one before: its clusters placed while
+    that one still holds SMs), finishes within the time limit and matches the oracle. Round
+    41's A/B runs stopped at such a launch (32 clusters of 7 on an H200) before the wait for
+    the other blocks' slices was bounded."""
+    import subprocess
+    import sys
+
+    if native.library() is None or not native.wg_available():
+        pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
+    run = subprocess.run(
+        [sys.executable, "-c", _BOUND_SCRIPT, str(cluster)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

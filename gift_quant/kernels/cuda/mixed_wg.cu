@@ -316,6 +316,15 @@ __device__ __forceinline__ float shfl_xor4(float v) {
   asm volatile("shfl.sync.bfly.b32 %0, %1, 4, 0x1f, 0xffffffff;\n" : "=f"(o) : "f"(v));
   return o;
 }
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+// how long a block of a launch whose blocks gather xs together (`coop`) waits for the others'
+// slices before it gathers all of xs itself: far past the slices' time (about a microsecond
+// after the dependent wait), so only blocks that have not started yet make it gather
+constexpr uint64_t WG_GATHER_WAIT_NS = 20000;
 __device__ __forceinline__ uint32_t ld_acquire(const int* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -465,20 +474,27 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // proxy fence, the copies reading through the async proxy); each block then counts once in
   // gcnt[1] (a block without salient k-steps right after its slice), and the last one zeroes
   // both for the next launch, whose blocks count only after their dependent wait: past this
-  // grid's end. Blocks wait only on blocks of their own launch, all of them on the GPU at once
-  // (the launch's condition), and only for their slice, which waits on nothing.
+  // grid's end. Blocks wait only on blocks of their own launch (meant to be on the GPU at once:
+  // the launch's condition), only for their slice, which waits on nothing, and for a bounded
+  // time (`await_slices`).
   const int nblocks = static_cast<int>(gridDim.x * gridDim.y);
-  auto gather_slice = [&] {
-    const int W = QS * 64, hw = W / 2, pairs = M * hw, per = (pairs + nblocks - 1) / nblocks;
-    const int i0 = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x) * per;
+  const int xs_w = QS * 64, xs_pairs = M * (xs_w / 2);
+  // pairs [i0, i1) of xs, every `step`-th from i0 on
+  auto gather_pairs = [&](int i0, int i1, int step) {
+    const int hw = xs_w / 2;
     const auto* xb = reinterpret_cast<const unsigned short*>(x);
-    for (int i = i0 + lane; i < min(pairs, i0 + per); i += 32) {
+    for (int i = i0; i < i1; i += step) {
       const int r = i / hw, c = (i - r * hw) * 2;
       const int ca = c < nsal ? __ldg(sidx + c) : -1, cb = c + 1 < nsal ? __ldg(sidx + c + 1) : -1;
       const size_t ro = static_cast<size_t>(r) * K;
       const uint32_t lo = ca >= 0 ? __ldcg(xb + ro + ca) : 0u, hi = cb >= 0 ? __ldcg(xb + ro + cb) : 0u;
-      reinterpret_cast<uint32_t*>(xs + static_cast<size_t>(r) * W)[c >> 1] = lo | hi << 16;
+      reinterpret_cast<uint32_t*>(xs + static_cast<size_t>(r) * xs_w)[c >> 1] = lo | hi << 16;
     }
+  };
+  auto gather_slice = [&] {
+    const int per = (xs_pairs + nblocks - 1) / nblocks;
+    const int i0 = static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x) * per;
+    gather_pairs(i0 + lane, min(xs_pairs, i0 + per), 32);
     __syncwarp();
     if (lane == 0) {
       __threadfence();
@@ -489,10 +505,21 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     __threadfence();
     if (atomicAdd(gcnt + 1, 1) == nblocks - 1) atomicExch(gcnt, 0), atomicExch(gcnt + 1, 0);
   };
+  // The wait is bounded (WG_GATHER_WAIT_NS): where the count is still short then (blocks of
+  // this launch not yet on the GPU, which `wg_all_resident` does not rule out: the clusters
+  // of a launch at cudaOccupancyMaxActiveClusters' bound placed while the kernel before it
+  // still held SMs), lane 0 gathers all of xs itself, the values the slices write, so no
+  // block waits on a block that cannot start
   bool gathered = false;
   auto await_slices = [&] {  // lane 0, before its first salient tensor copy
     if (gathered) return;
+    const uint64_t t0 = globaltimer_ns();
     while (static_cast<int>(ld_acquire(gcnt)) < nblocks) {
+      if (globaltimer_ns() - t0 > WG_GATHER_WAIT_NS) {
+        gather_pairs(0, xs_pairs, 1);
+        __threadfence();
+        break;
+      }
     }
     asm volatile("fence.proxy.async.global;\n" ::: "memory");
     done_reading();
