@@ -606,6 +606,7 @@ from gift_quant.kernels.triton import dispatch, ops, routes
 from gift_quant.testing import ERROR_FACTOR, graph_time_us, kernel_error, oracle
 from gift_quant.testing import random_mixed_linear
 c = int(sys.argv[1])
+assert native.library() is not None and native.wg_available()  # loads the library
 bound = native.wg_max_clusters(64, 2, c)
 N, K, M = 128 * bound, 64 * 4 * c, 32  # one cluster a column block: as many as the device holds
 layer = random_mixed_linear(K, N, bits=4, group_size=128, num_salient=128, bias=True,
