@@ -282,6 +282,16 @@ def test_entry_points_are_called_with_their_declared_arguments() -> None:
     assert declared == native.ENTRY_ARGS
 
 
+def test_the_schedule_bits_are_the_kernels() -> None:
+    """native.py's bits of gq_mixed_wg's ``schedule`` argument are the values mixed_wg.cu
+    tests them against: a bit that differed would launch stream-K for the blocks' gather."""
+    source = native.SOURCES[2].read_text()
+    assert native.SOURCES[2].name == "mixed_wg.cu"
+    found = re.search(r"constexpr int WG_STREAM_K = (\d+), WG_BLOCKS_GATHER = (\d+);", source)
+    assert found is not None
+    assert (int(found[1]), int(found[2])) == (native.WG_STREAM_K, native.WG_BLOCKS_GATHER)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("bits", [2, 3, 4])

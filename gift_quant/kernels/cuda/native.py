@@ -80,6 +80,8 @@ ENTRY_ARGS = {
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
     "gq_wg_wave_blocks": [_I] * 4 + [_P],  # bits, bf16, nt, wgs; out
 }
+# gq_mixed_wg's `schedule` bits (mixed_wg.cu's constants of the same names; a test compares them)
+WG_STREAM_K, WG_BLOCKS_GATHER = 1, 2
 
 
 def _nvcc() -> str | None:
@@ -356,5 +358,6 @@ def mixed_wg(
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    config = (nt, wgs, splits, cluster, tail, int(stream_k) | 2 * int(gather))  # `schedule`
+    schedule = WG_STREAM_K * int(stream_k) | WG_BLOCKS_GATHER * int(gather)
+    config = (nt, wgs, splits, cluster, tail, schedule)
     return _launch(fn, x2, p, bias, ws, cnt, out, *config, xs_ptr)
