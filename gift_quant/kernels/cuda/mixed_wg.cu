@@ -339,7 +339,10 @@ __device__ __forceinline__ uint32_t kept(uint32_t x) {
 }
 #endif
 
-template <bool BF, int BITS, int NT, int WGS, bool SK = false>
+// CO: the blocks gather xs themselves (`coop`, below), a kernel of its own so that the other
+// configurations' k-step loop keeps its plain indices (a run-time choice made every
+// configuration of 64-row tiles 1.02-1.04x the time in one A/B, round 44)
+template <bool BF, int BITS, int NT, int WGS, bool SK = false, bool CO = false>
 __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     mixed_wg_kernel(const uint4* __restrict__ qc, const uint4* __restrict__ zp,
                     const uint4* __restrict__ scp, const uint4* __restrict__ wsp, int nsal,
@@ -348,8 +351,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                     int ss_per_split, int T, int csize, int tail0, int tail, int tail_ss,
                     int sk0, const __grid_constant__ CUtensorMap xmap,
                     const __grid_constant__ CUtensorMap smap, const half* __restrict__ x,
-                    const int* __restrict__ sidx, half* __restrict__ xs, int* __restrict__ gcnt,
-                    int coop_launch) {
+                    const int* __restrict__ sidx, half* __restrict__ xs, int* __restrict__ gcnt) {
 #ifdef GQ_WGMMA
   constexpr int STAGES = wg_stages(NT), THREADS = wg_threads(NT, WGS);
   constexpr bool PROD = wg_producer(NT, WGS);
@@ -367,7 +369,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const bool issuer = producer && warp == WGS * 4 && lane == 0;  // its copies' one thread
   // coop: the blocks gather xs together (a slice each, counted in gcnt[0]) after the dependent
   // wait, and each split runs its salient k-steps last, by when the slices are in
-  const bool coop = wg_in_gather(NT, WGS, SK) && coop_launch != 0;
+  constexpr bool coop = CO;
+  static_assert(!CO || wg_in_gather(NT, WGS, SK), "the blocks' gather: 64-row tiles, a producer warp");
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
   // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
@@ -1084,11 +1087,11 @@ bool encode_rows(CUtensorMap* map, const half* base, int cols, int rows, int nt,
 // The kernel of a configuration with `smem` bytes of dynamic shared memory allowed (0: its
 // own; one record per device of the most allowed, whichever size asks) and (clusters past the
 // portable 8 blocks) its non-portable cluster size, once per device: 0 or a cudaError_t
-template <bool BF, int BITS, int NT, int WGS, bool SK = false>
+template <bool BF, int BITS, int NT, int WGS, bool SK = false, bool CO = false>
 int prepare_wg(int csize, size_t smem = 0) {
   static size_t allowed[64] = {};
   static bool clustered[64] = {};  // per device: clusters past 8 blocks allowed
-  auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS, SK>;
+  auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS, SK, CO>;
   const int rc = allow_smem(kernel, smem ? smem : wg_smem_bytes(BITS, NT, WGS), allowed);
   return rc ? rc : allow_cluster(kernel, csize, clustered);
 }
@@ -1256,10 +1259,19 @@ int launch_wg(const WgCall& a) {
     if (rc) return rc;
   }
   const dim3 grid(static_cast<unsigned>(grid_x), splits), block(wg_threads(NT, WGS));
-  return launch_ex(kernel, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
-                   a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
-                   ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, sk0, xmap,
-                   smap, a.x, a.sidx, a.xs, a.cnt + WG_GATHER_COUNTERS, static_cast<int>(coop));
+  auto go = [&](auto kern) {
+    return launch_ex(kern, grid, block, smem, a.stream, a.csize, a.pdl, a.qc, a.zp, a.scp, a.wsp,
+                     a.nsal, a.bias, a.y, a.ws, a.cnt, a.M, a.N, a.K, group_magic(a.group),
+                     ss_per_split, T, a.csize, static_cast<int>(full), tail, tail_ss, sk0, xmap,
+                     smap, a.x, a.sidx, a.xs, a.cnt + WG_GATHER_COUNTERS);
+  };
+  if constexpr (wg_in_gather(NT, WGS, SK)) {
+    if (coop) {  // its own kernel, allowed the same shared memory and cluster size
+      if ((rc = prepare_wg<BF, BITS, NT, WGS, SK, true>(a.csize, smem))) return rc;
+      return go(mixed_wg_kernel<BF, BITS, NT, WGS, SK, true>);
+    }
+  }
+  return go(kernel);
 }
 
 template <bool BF, int BITS, int NT, int WGS>
