@@ -91,6 +91,19 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         for name, stored in spills:
             stream_k_256 = "Li256ELi2ELb1E" in name
             assert int(stored) <= (16 if stream_k_256 else 0), (name, stored)
+        # the kernel whose blocks gather the salient columns (template CO, last) is launched where
+        # its plain twin's occupancy queries say every block is on the GPU at once: it must not
+        # take more registers than the twin in the units the SM allocates them (8 per thread)
+        used = dict(
+            re.findall(
+                r"Compiling entry function '(\w+)'.*?Used (\d+) registers", done.stderr, re.S
+            )
+        )
+        co = {name: int(n) for name, n in used.items() if "ELb0ELb1EEEv" in name}
+        assert len(co) == 12, sorted(co)
+        for name, regs in co.items():
+            twin = int(used[name.replace("ELb0ELb1EEEv", "ELb0ELb0EEEv")])
+            assert -(-regs // 8) <= -(-twin // 8), (name, regs, twin)
 
         sass = cuobjdump(out.read_bytes(), "-sass")
         loops, writes = unwaited_operand_writes(sass)

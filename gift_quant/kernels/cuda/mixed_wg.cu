@@ -1247,7 +1247,9 @@ int launch_wg(const WgCall& a) {
     if (const size_t spread = wg_spread_smem<BF, BITS, NT, WGS>(grid_x * splits, a.csize))
       smem = spread;
   }
-  // the blocks gather xs themselves where all of them are on the GPU at once (`coop`)
+  // the blocks gather xs themselves where all of them are on the GPU at once (`coop`); the
+  // occupancy queries ask the plain kernel, whose launch bounds, threads and shared memory the
+  // CO kernel shares (its registers no more in allocation units: test_cuda_compile.py)
   bool coop = false;
   if constexpr (wg_in_gather(NT, WGS, SK))
     coop = a.gather && W > 0 &&
