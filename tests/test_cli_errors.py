@@ -1,9 +1,13 @@
 """The README's bad-input table, row by row: every expected failure of the command line is one
-``error:`` line naming the fix with exit code 2 (Ctrl-C: one line, exit code 130), found before
-any expensive work, and nothing already written is lost or left half-written.
+``error:`` line naming the fix with exit code 2, found before any expensive work, and nothing
+already written is lost or left half-written; the Python API's errors (a damaged export given to
+``from_pretrained``, a kernel backend that cannot run here) likewise name the problem.
 
 Each row of ``CASES`` is (category, what is wrong, set-up returning the arguments, message
-regex, exit code); the README table is generated from the same rows (``readme_table``).
+regex, exit code); the README table is generated from the same rows (``readme_table``), from
+``KERNEL_CASES`` and from ``BEHAVIOUR``, whose interrupted, failed and repeated runs are tested in
+``test_cli_interrupts.py``. Fresh-process checks (nothing heavy imported) are in
+``test_cli_light_import.py``.
 """
 
 from __future__ import annotations
@@ -13,40 +17,15 @@ import math
 import os
 import re
 import shutil
-import signal
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import ROOT, TINY, build_tiny
 
 from gift_quant.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    *("--set", "calib.num_samples=4", "--set", "calib.seq_len=64"),
-    *("--set", "calib.batch_size=4", "--set", "quant.group_size=32"),
-    *("--set", "saliency.count=4", "--set", "eval.seq_len=64"),
-    *("--set", "eval.max_tokens=256", "--set", "calib.true_sequential=false"),
-]
-TRAIN = [
-    *("--set", "train.steps=4", "--set", "train.batch_size=1", "--set", "train.grad_accum=1"),
-    *("--set", "train.seq_len=32", "--set", "train.save_every=2"),
-]
-
-
-@pytest.fixture(scope="module")
-def export_dir(tiny_model_dirs, tmp_path_factory):
-    """One tiny w4 export written by the CLI; cases damage copies of it."""
-    out = tmp_path_factory.mktemp("exports") / "q"
-    assert (
-        main(["quantize", "--model", tiny_model_dirs("llama"), *TINY, "--out", str(out), "-q"]) == 0
-    )
-    return out
 
 
 class Ctx:
@@ -648,263 +627,6 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_failed_validation_then_corrected_rerun_just_works(tiny_model_dirs, tmp_path, capsys):
-    """The issue's poisoned run: group_size=100 used to leave recipe.yaml and eval_fp.json."""
-    model, out = tiny_model_dirs("llama"), str(tmp_path / "run")
-    bad = ["recover", "--model", model, *TINY, "--set", "train.method=none", "-q"]
-    assert main([*bad, "--set", "quant.group_size=100", "--out", out]) == 2
-    assert "does not divide" in capsys.readouterr().err and not Path(out).exists()
-    assert main([*bad, "--out", out, "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["model_dir"] == str(tmp_path / "run" / "quantized")
-    # the final output names the model and the next commands, which accept the run directory
-    assert report["next"][0] == f"python -m gift_quant eval {out}"
-    assert main(["inspect", out, "--json", "-q"]) == 0
-    inspected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert inspected["fp16_bytes"] == report["bytes_fp16"]
-    # a rerun of the finished run keeps its report byte for byte
-    before = (Path(out) / "report.json").read_bytes()
-    assert main([*bad, "--out", out, "--json"]) == 0
-    assert (Path(out) / "report.json").read_bytes() == before
-
-
-def test_ctrl_c_and_kill_9_during_training_resume(tiny_model_dirs, tmp_path, capsys, monkeypatch):
-    """Ctrl-C after the step-2 checkpoint names the step; a checkpoint write killed later
-    leaves a partial sibling that the rerun ignores (and removes) while resuming from step 2."""
-    import gift_quant.train.loop as loop
-
-    model, out = tiny_model_dirs("llama"), str(tmp_path / "run")
-    capsys.readouterr()  # the fixture's own output when it builds the model here
-    argv = ["recover", "--model", model, *TINY, *TRAIN, "--out", out, "-q"]
-    real = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_ctrl_c(*args, **kwargs):
-        result = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_ctrl_c)
-    assert main(argv) == 130
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["interrupted; rerun the same command to resume from step 2"]
-    # A kill -9 while the step-4 checkpoint was being written would leave what checkpoints
-    # are written into (a hidden sibling, renamed only when complete) half-full:
-    ckpts = Path(out) / "train" / "checkpoints"
-    partial = ckpts / ".step-000004.partial-999999999"
-    shutil.copytree(ckpts / "step-000002", partial)
-    (partial / "state.json").unlink()
-    assert main([*argv, "--json"]) == 0
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["resumed"] and report["invocations"] == 2
-    train = report["train"]
-    assert train["resumed_from"] == 2 and train["steps"] == 4 and train["counts"] == "whole run"
-    rows = [json.loads(x) for x in (Path(out) / "train/metrics.jsonl").read_text().splitlines()]
-    assert train["tokens"] == sum({r["step"]: r["tokens"] for r in rows}.values())
-    assert "resumed run: 2 invocations" in (Path(out) / "report.md").read_text()
-
-
-def test_ctrl_c_during_quantize_leaves_nothing(tiny_model_dirs, tmp_path, capsys, monkeypatch):
-    import gift_quant.io.export as export
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(export, "save_file", ctrl_c)
-    out = tmp_path / "q"
-    argv = ["quantize", "--model", tiny_model_dirs("llama"), *TINY, "--out", str(out), "-q"]
-    assert main(argv) == 130
-    assert capsys.readouterr().err.strip().endswith("rerun the same command")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_full_disk_on_export_is_one_line_and_leaves_nothing(
-    export_dir, tmp_path, capsys, monkeypatch
-):
-    import gift_quant.io.export as export
-
-    def full(tensors, path, metadata=None):
-        raise OSError(28, "No space left on device", str(path))
-
-    monkeypatch.setattr(export, "save_file", full)
-    out = tmp_path / "copy"
-    assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 2
-    line = capsys.readouterr().err.strip()
-    assert line.startswith("error: no space left on the device writing") and "\n" not in line
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
-    assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 0
-    # the copy keeps the run's recipe (eval's window length) and report
-    for name in ("recipe.yaml", "report.json"):
-        assert (out / name).read_text() == (export_dir / name).read_text()
-
-
-KILL_DURING_EXPORT = """
-import sys, time
-import gift_quant.io.export as export
-from gift_quant.io.load import load_quantized
-real = export.save_file
-def slow(*args, **kwargs):
-    real(*args, **kwargs)
-    print("written", flush=True)
-    time.sleep(600)
-export.save_file = slow
-export.save_quantized(load_quantized(sys.argv[1]), sys.argv[2])
-"""
-
-
-def test_kill_9_during_export_leaves_nothing_and_the_rerun_works(export_dir, tmp_path, capsys):
-    out = tmp_path / "copy"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_DURING_EXPORT, str(export_dir), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    try:
-        assert proc.stdout.readline().strip() == "written"  # one file is on disk
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert not out.exists()
-    assert [p.name.startswith(".copy.partial-") for p in tmp_path.iterdir()] == [True]
-    assert main(["export", str(export_dir), "--format", "mixed", "--out", str(out), "-q"]) == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # the killed writer's leftovers too
-    assert main(["inspect", str(out), "--json", "-q"]) == 0
-
-
-def test_gptq_lora_export_is_read_with_its_adapter(export_dir, tmp_path, capsys):
-    """eval/inspect on the engine view used to score the bare GPTQ base (k = 0 everywhere)."""
-    engine = tmp_path / "engine"
-    assert main(["export", str(export_dir), "--format", "gptq+lora", "--out", str(engine)]) == 0
-    capsys.readouterr()
-    runs = {}
-    for d in (export_dir, engine):
-        assert main(["inspect", str(d), "--json", "-q"]) == 0
-        runs[d] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [x["num_salient"] for x in runs[engine]["layers"]] == [
-        x["num_salient"] for x in runs[export_dir]["layers"]
-    ]
-    assert min(x["num_salient"] for x in runs[engine]["layers"]) == 4
-    assert "salient_lora/" in runs[engine]["adapter"]
-    ppl = {}
-    for d in (export_dir, engine):
-        assert main(["eval", str(d), "--seq-len", "64", "--max-tokens", "256", "--json", "-q"]) == 0
-        ppl[d] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
-    assert ppl[engine] == ppl[export_dir]
-
-
-def test_inspect_order_rounding_and_file_modes(export_dir, capsys):
-    assert main(["inspect", str(export_dir), "--json", "-q"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    names = [x["name"] for x in result["layers"]]
-    blocks = [int(n.split(".")[2]) for n in names]
-    assert blocks == sorted(blocks)
-    assert result["compression"] == round(result["compression"], 3)
-    umask = os.umask(0)
-    os.umask(umask)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in export_dir.rglob("*") if p.is_file()}
-    assert set(modes.values()) == {0o666 & ~umask}, modes
-    assert "manifest.json" in modes
-
-
-HEAVY = ("torch", "transformers", "numpy", "safetensors")
-# ``python -m gift_quant ARGS`` in a fresh process, then the exit code and the heavy modules
-# it imported on the last stdout line
-RUN_CLI = f"""
-import runpy, sys
-sys.argv = ["gift_quant", *sys.argv[1:]]
-try:
-    runpy.run_module("gift_quant", run_name="__main__", alter_sys=True)
-except SystemExit as exc:
-    code = exc.code
-print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))
-"""
-QUICK = [  # (arguments, exit code, what it prints)
-    (["--help"], 0, "recover"),
-    (["recover", "--help"], 0, "runs/recover"),
-    (["recover", "--set", "quant.bits=5"], 2, "quant.bits must be one of"),
-    (["recover", "--set", "quant.bitz=3"], 2, "did you mean 'quant.bits'"),
-    (["recover", "--recipe", "does-not-exist"], 2, "neither a file nor a shipped recipe"),
-    (["quantize", "--out", "q", "--set", "quant.method=awq"], 2, "quant.method must be one of"),
-    (["recover", "--set", "train.noise=laplace"], 2, "train.noise must be one of"),
-    (["recover", "--set", "saliency.metric=owq2"], 2, "did you mean 'owq'"),
-    (["recover", "--set", "saliency.layer_ratios={'(': 1}"], 2, "not a valid regular expression"),
-    (["quantize", "--out", "q", "--set", "model.exclude=['a[']"], 2, "model.exclude[0] is not"),
-    (["recover", "--set", "train.seq_len=1"], 2, "train.seq_len must be >= 2"),
-    (["recover", "--set", "eval.seq_len=1"], 2, "eval.seq_len must be >= 2"),
-    (["recover", "--set", "eval.text=[]"], 2, "eval.text is empty"),
-    (["recover", "--set", "eval.max_tokens=10"], 2, "at least one window of 512 tokens"),
-    (["quantize", "--out", "no/such/dir/q"], 2, "create it first (mkdir -p no/such/dir)"),
-]
-
-
-def test_import_does_not_load_torch():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    loaded = f"[m for m in {HEAVY!r} if m in sys.modules]"
-    code = f"import sys, gift_quant, gift_quant.cli; print({loaded})"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "[]", out.stderr
-
-
-@pytest.mark.parametrize("case", QUICK, ids=[" ".join(c[0]) for c in QUICK])
-def test_help_and_recipe_errors_do_not_load_torch(case, tmp_path):
-    """--help and every recipe error are answered without importing torch, transformers,
-    numpy or safetensors (the recipe's choices of quantizer and noise come from registries
-    that import their functions on first use)."""
-    argv, code, says = case
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", RUN_CLI, *argv],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    *printed, last = out.stdout.strip().splitlines()
-    assert last == f"{code} []", out.stderr[-2000:]
-    assert says in "\n".join(printed) + out.stderr
-    if code == 2:
-        assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
-    else:
-        assert out.stderr == ""
-
-
-def test_quiet_run_prints_nothing_on_stderr(tiny_model_dirs, tmp_path):
-    """-q silences transformers' "Loading weights" bar, and no third-party import notices
-    (torchao's missing extensions, torch's pytree deprecations) reach the user."""
-    text = tmp_path / "t.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    argv = ["eval", "--model", tiny_model_dirs("llama"), "--text", str(text), "--seq-len", "64"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "gift_quant", *argv, "-q"], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
-    assert "perplexity:" in out.stdout
-
-
-def test_from_pretrained_after_a_light_import(export_dir):
-    """The quantizer registers itself when transformers builds its registry, in a fresh
-    process where gift_quant was imported first, then transformers."""
-    code = (
-        "import sys, gift_quant; from transformers import AutoModelForCausalLM; "
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-        "print(type(m.model.layers[0].mlp.up_proj).__name__)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(export_dir)], env=env, capture_output=True, text=True
-    )
-    assert out.stdout.strip() == "MixedLinear", out.stderr[-2000:]
-
-
 def test_from_pretrained_verifies_the_manifest(export_dir, tmp_path):
     """transformers' loader would start from random weights for a deleted tensor (a warning);
     the quantizer checks the export's digests first."""
@@ -938,22 +660,6 @@ def test_kernel_choice_errors(case, export_dir):
     model = load_quantized(export_dir, backend=backend)
     with pytest.raises(error, match=message):
         model(torch.zeros(1, 4, dtype=torch.long))
-
-
-def test_short_training_text_is_refused_before_quantizing(tiny_model_dirs, tmp_path, capsys):
-    """The training file is read before the quantization stage (it used to be read after it),
-    and the run then takes the corrected text on the same command."""
-    short = tmp_path / "short.txt"
-    short.write_text("too short")
-    out = str(tmp_path / "run")
-    argv = ["recover", "--model", tiny_model_dirs("llama"), *TINY, *TRAIN, "--out", out, "-q"]
-    assert main([*argv, "--set", f"train.data={short}"]) == 2
-    err = capsys.readouterr().err
-    assert "the training text has" in err and "train.seq_len" in err
-    assert not (tmp_path / "run" / "quantized").exists()
-    long = tmp_path / "long.txt"
-    long.write_text("Enough words to fill a few training windows of thirty-two tokens. " * 60)
-    assert main([*argv, "--set", f"train.data={long}", "--json"]) == 0
 
 
 def test_eval_window_beyond_the_context_is_refused_before_loading(
@@ -1041,7 +747,8 @@ def test_tokenizer_files_of_every_kind_are_found(tmp_path):
         check_tokenizer_files(tmp_path, str(tmp_path))
 
 
-# Rows of the README table backed by the dedicated tests above: (area, case, outcome, exit).
+# Rows of the README table backed by the dedicated tests above and in test_cli_interrupts.py:
+# (area, case, outcome, exit).
 BEHAVIOUR = [
     (
         "interrupt",
