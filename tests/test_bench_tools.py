@@ -312,3 +312,38 @@ def test_every_kernel_tool_imports_on_a_machine_without_a_gpu():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("gift_quant.mixed_matmul"), done.stdout
+
+
+def test_decode_rows_of_a_run_stopped_part_way_keep_only_ratios_they_can_make(tmp_path):
+    """bench_decode writes its rows after each model's timings: a run stopped after the dense
+    and the unfused W4 model gives their ratio and no fused one; the finished run all ratios."""
+    import bench_decode
+
+    def speeds(eager, compiled=None):  # tokens/s per batch: (graphs, compiled + graphs)
+        per = lambda v: {b: {"tokens_per_s": t} for b, t in v.items()}  # noqa: E731
+        return per(eager), (per(compiled) if compiled else None)
+
+    runs = {"fp16": speeds({1: 100.0, 16: 1000.0}, {1: 200.0})}
+    runs["w4"] = speeds({1: 150.0, 16: 1200.0})
+    rows = bench_decode.table_rows(runs, [1, 16], "fp16")
+    assert [(r["batch"], r.get("compiled", False)) for r in rows] == [
+        (1, False),
+        (16, False),
+        (1, True),
+    ]
+    assert [r.get("ratio") for r in rows] == [1.5, 1.2, None]
+    assert not any("ratio_fused" in r or "bound" in r for r in rows)
+
+    runs["fp16_fused"] = speeds({1: 125.0, 16: 1000.0}, {1: 250.0})
+    runs["no_matmul"] = speeds({1: 400.0, 16: 2000.0}, {1: 800.0})
+    runs["w4_fused"] = speeds({1: 175.0, 16: 1500.0}, {1: 500.0})
+    rows = bench_decode.table_rows(runs, [1, 16], "fp16")
+    b1 = rows[0]
+    assert (b1["ratio"], b1["ratio_fused"], b1["ratio_fused_vs_fp16_fused"]) == (1.5, 1.75, 1.4)
+    assert (b1["bound"], b1["bound_vs_fp16_fused"]) == (4.0, 3.2)
+    compiled = rows[2]
+    assert "ratio" not in compiled and compiled["ratio_fused"] == 2.5
+
+    bench_decode.write_json(tmp_path / "out", "d.partial.json", {"rows": rows})
+    assert json.loads((tmp_path / "out" / "d.partial.json").read_text())["rows"][0]["batch"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.partial.json"]

@@ -17,7 +17,9 @@ step (greedy, the next token fed back inside the graph); tokens/s = batch * step
 of the replays, for every --batch (fp16 and W4 in the same run). The script also checks the
 quantized model's logits against the torch backend. The JSON records the commit, the versions,
 GPU/CPU, whether the machine was shared, and the kernel
-route of every distinct (N, K) layer at every batch.
+route of every distinct (N, K) layer at every batch. After each model's timings the rows so far
+go to ``NAME.partial.json`` ("complete": false), removed when the full JSON is written: a run
+stopped by a time limit keeps what it measured.
 
 ``--bound`` also times the fp16 model with every decoder projection replaced by a stand-in that
 does no GPU work (it returns an unwritten tensor of the output's shape): the time of everything
@@ -273,6 +275,43 @@ def compiled_batches(args) -> list[int]:
     return [b for b in args.batch if not args.compile or b in args.compile]
 
 
+def table_rows(runs: dict, batches: list[int], D: str) -> list[dict]:
+    """One row per (batch, eager or compiled) from the variants timed so far, with the ratios
+    whose variants are all there (a run cut short still gives rows; ``D``: the dense model's
+    key)."""
+    rows = []
+    for compiled in (False, True):
+        for b in batches:
+            got = {k: v[compiled][b] for k, v in runs.items() if v[compiled] and b in v[compiled]}
+            if D not in got:
+                continue
+            row = dict(batch=b, **({"compiled": True} if compiled else {}), **got)
+            dense = got[D]["tokens_per_s"]
+            if "w4" in got:
+                row["ratio"] = got["w4"]["tokens_per_s"] / dense
+            if "w4_fused" in got:
+                fused = got["w4_fused"]["tokens_per_s"]
+                row["ratio_fused"] = fused / dense
+                if f"{D}_fused" in got:
+                    row[f"ratio_fused_vs_{D}_fused"] = fused / got[f"{D}_fused"]["tokens_per_s"]
+            if "no_matmul" in got:
+                row["bound"] = got["no_matmul"]["tokens_per_s"] / dense
+                if f"{D}_fused" in got:
+                    row[f"bound_vs_{D}_fused"] = (
+                        got["no_matmul"]["tokens_per_s"] / got[f"{D}_fused"]["tokens_per_s"]
+                    )
+            rows.append(row)
+    return rows
+
+
+def write_json(out: Path, name: str, res: dict) -> None:
+    """``res`` to out/name through a temporary file (a reader never sees half a file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out / name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -327,13 +366,26 @@ def main() -> None:
     dtype = ACTIVATION_DTYPES[D]
     env["dtype"] = D
     env["inductor_pdl"] = args.inductor_pdl
+    out = Path(args.out)
+    name = "decode_h200" + ("" if D == "fp16" else f"_{D}")
+    name += "_inductor_pdl.json" if args.inductor_pdl else ".json"
+    # after each model's timings, the rows so far to NAME.partial.json (removed once NAME is
+    # written): a run stopped part-way, by a time limit or a crash, still leaves what it timed
+    partial = name.removesuffix(".json") + ".partial.json"
+
+    def timed_so_far(what: str) -> None:
+        print(f"{what}: {runs[what]} ({time.time() - t0:.0f}s)", flush=True)
+        rows = table_rows(runs, args.batch, D)
+        done = dict(complete=False, seconds=round(time.time() - t0, 1), layers=args.layers)
+        write_json(out, partial, dict(**env, **done, rows=rows))
+
     t0 = time.time()
     model = build_model(args.layers, dtype)
     prompts = {b: torch.randint(0, 32000, (b, 16), device="cuda") for b in args.batch}
     prompt = prompts[args.batch[0]]
     runs = {}  # model variant -> (eager, compiled) per batch
     runs[D] = timed(model, prompts, args)
-    print(f"{D}: {runs[D]}", flush=True)
+    timed_so_far(D)
     quantize_in_place(model, args.salient, dtype)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gq-decode-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -345,14 +397,14 @@ def main() -> None:
         model = build_model(args.layers, dtype)
         fuse_siblings(model, linear=True)
         runs[f"{D}_fused"] = timed(model, prompts, args)
-        print(f"{D} fused: {runs[f'{D}_fused']}", flush=True)
+        timed_so_far(f"{D}_fused")
         del model
         torch.cuda.empty_cache()
     if args.bound:
         model = build_model(args.layers, dtype)
         strip_projections(model)
         runs["no_matmul"] = timed(model, prompts, args)
-        print(f"{D} without projections: {runs['no_matmul']}", flush=True)
+        timed_so_far("no_matmul")
         del model
         torch.cuda.empty_cache()
     qmodel = load_quantized(export, device="cuda", dtype=dtype)
@@ -360,41 +412,23 @@ def main() -> None:
     shapes = layer_shapes(qmodel)
     rel = {"w4": triton_vs_torch(qmodel, prompt)}
     runs["w4"] = timed(qmodel, prompts, args, compile_it=not args.fuse)  # fused: compiled below
-    print(f"w4g128+s128: {runs['w4']}", flush=True)
+    timed_so_far("w4")
     fused_groups = []
     if args.fuse:
         fused_groups = fuse_siblings(qmodel)
         rel["w4_fused"] = triton_vs_torch(qmodel, prompt)
         runs["w4_fused"] = timed(qmodel, prompts, args)
-        print(f"w4g128+s128 fused: {runs['w4_fused']}", flush=True)
+        timed_so_far("w4_fused")
     from gift_quant.kernels.cuda import native
     from gift_quant.kernels.triton import routes, tuning
 
     shapes |= layer_shapes(qmodel)  # the fused layers' too
     mma = native.library() is not None
     wg = native.wg_available()
-    rows = []
-    for compiled in (False, True):
-        for b in args.batch:
-            got = {k: v[compiled][b] for k, v in runs.items() if v[compiled] and b in v[compiled]}
-            if not got:
-                continue
-            row = dict(batch=b, **({"compiled": True} if compiled else {}), **got)
-            if "w4" in got:
-                row["ratio"] = got["w4"]["tokens_per_s"] / got[D]["tokens_per_s"]
-            if args.fuse:
-                fused = got["w4_fused"]["tokens_per_s"]
-                row["ratio_fused"] = fused / got[D]["tokens_per_s"]
-                row[f"ratio_fused_vs_{D}_fused"] = fused / got[f"{D}_fused"]["tokens_per_s"]
-            if "no_matmul" in got:
-                row["bound"] = got["no_matmul"]["tokens_per_s"] / got[D]["tokens_per_s"]
-                if f"{D}_fused" in got:
-                    row[f"bound_vs_{D}_fused"] = (
-                        got["no_matmul"]["tokens_per_s"] / got[f"{D}_fused"]["tokens_per_s"]
-                    )
-            rows.append(row)
+    rows = table_rows(runs, args.batch, D)
     res = dict(
         **env,
+        complete=True,
         routes={  # after the timed runs: the measured choices where the op made them
             f"M={m} {n}x{k} w{b}": routes.route_in_force(m, n, k, b, g, s, mma, wg=wg, dtype=dtype)
             for m in args.batch
@@ -428,13 +462,8 @@ def main() -> None:
         cells = [f"{r[c]['tokens_per_s']:.1f}" if c in r else "-" for c in cols]
         cells += [f"{r[k]:.2f}x" if k in r else "-" for k in ratios]
         print(f"| {r['batch']}{mode} | " + " | ".join(cells) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "decode_h200" + ("" if D == "fp16" else f"_{D}")
-    name += "_inductor_pdl.json" if args.inductor_pdl else ".json"
-    tmp = out / (name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / name)
+    write_json(out, name, res)
+    (out / partial).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
