@@ -344,6 +344,6 @@ def test_decode_rows_of_a_run_stopped_part_way_keep_only_ratios_they_can_make(tm
     compiled = rows[2]
     assert "ratio" not in compiled and compiled["ratio_fused"] == 2.5
 
-    bench_decode.write_json(tmp_path / "out", "d.partial.json", {"rows": rows})
+    bench_decode.save_json(tmp_path / "out", "d.partial.json", {"rows": rows})
     assert json.loads((tmp_path / "out" / "d.partial.json").read_text())["rows"][0]["batch"] == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.partial.json"]

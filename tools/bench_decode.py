@@ -304,7 +304,7 @@ def table_rows(runs: dict, batches: list[int], D: str) -> list[dict]:
     return rows
 
 
-def write_json(out: Path, name: str, res: dict) -> None:
+def save_json(out: Path, name: str, res: dict) -> None:
     """``res`` to out/name through a temporary file (a reader never sees half a file)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (name + ".tmp")
@@ -377,7 +377,7 @@ def main() -> None:
         print(f"{what}: {runs[what]} ({time.time() - t0:.0f}s)", flush=True)
         rows = table_rows(runs, args.batch, D)
         done = dict(complete=False, seconds=round(time.time() - t0, 1), layers=args.layers)
-        write_json(out, partial, dict(**env, **done, rows=rows))
+        save_json(out, partial, dict(**env, **done, rows=rows))
 
     t0 = time.time()
     model = build_model(args.layers, dtype)
@@ -462,7 +462,7 @@ def main() -> None:
         cells = [f"{r[c]['tokens_per_s']:.1f}" if c in r else "-" for c in cols]
         cells += [f"{r[k]:.2f}x" if k in r else "-" for k in ratios]
         print(f"| {r['batch']}{mode} | " + " | ".join(cells) + " |")
-    write_json(out, name, res)
+    save_json(out, name, res)
     (out / partial).unlink(missing_ok=True)
 
 
