@@ -347,3 +347,22 @@ def test_decode_rows_of_a_run_stopped_part_way_keep_only_ratios_they_can_make(tm
     bench_decode.save_json(tmp_path / "out", "d.partial.json", {"rows": rows})
     assert json.loads((tmp_path / "out" / "d.partial.json").read_text())["rows"][0]["batch"] == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.partial.json"]
+
+
+def test_sass_loops_labels_kernels_and_shows_what_changed(capsys):
+    """tools/sass_loops.py names a kernel by its template arguments and, against an earlier
+    run's rows, prints "before -> now" where a count moved."""
+    import sass_loops
+
+    wg = "_ZN44_GLOBAL__N__aa48fb62_11_mixed_wg_cu_25678b8815mixed_wg_kernel"
+    wg += "ILb0ELi4ELi64ELi2ELb0ELb0EEEvPK5uint4"
+    assert sass_loops.label(wg) == "mixed_wg_kernel<0,4,64,2,0,0>"
+    assert sass_loops.label("_Z10gather_kerPKi") == "_Z10gather_kerPKi"
+    row = {"source": "mixed_wg.cu", "kernel": "k<1>", "registers": 94, "instructions": 415}
+    row |= {"mma": 8, "ops": {"R2UR": 2, "LDS": 12}}
+    base = {("mixed_wg.cu", "k<1>"): {**row, "instructions": 423, "ops": {"R2UR": 16, "LDS": 12}}}
+    base[("mixed_wg.cu", "k<2>")] = row
+    sass_loops.print_table([row], ["R2UR", "LDS"], base)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| k<1> | 94 | 423 -> 415 | 8 | 16 -> 2 | 12 |"
+    assert out[3] == "in the base run only: k<2>"

@@ -105,3 +105,58 @@ def test_the_decode_gemv_compiles_for_the_gpu_with_each_dependent_wait():
     assert "maxnreg 80" in lines[2], lines
     for line in lines:  # its split-K epilogue zeroes the workspace after a barrier
         assert line.endswith(", 1 split-K epilogues, 0 zeroing unordered"), line
+
+
+# Two functions as cuobjdump prints them: in the first, an outer loop (0x0040-0x0130) around an
+# inner one (0x0060-0x00f0) that issues the MMAs; the second has a loop but no MMA.
+_SASS = """
+        Function : _Z3twoPf
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0040*/                   S2R R0, SR_TID.X ;
+        /*0050*/                   ISETP.GE.AND P0, PT, R0, 0x4, PT ;
+        /*0060*/                   LDS R4, [R2] ;
+        /*0070*/                   LOP3.LUT R5, R4, 0xf000f, R6, 0xea, !PT ;
+        /*0080*/                   HADD2 R5, R5, -R7 ;
+        /*0090*/                   R2UR UR4, R8 ;
+        /*00a0*/                   HGMMA.64x64x16.F32 R24, R56, gdesc[UR4], R24 ;
+        /*00b0*/                   HGMMA.64x64x16.F32 R24, R60, gdesc[UR4], R24, gsb0 ;
+        /*00c0*/              @!P0 LOP3.LUT R9, R9, 0x7, RZ, 0xc0, !PT ;
+        /*00d0*/                   VIADD R2, R2, 0x1 ;
+        /*00e0*/                   ISETP.NE.AND P1, PT, R2, R3, PT ;
+        /*00f0*/               @P1 BRA 0x60 ;
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0110*/                   VIADD R0, R0, 0x1 ;
+        /*0120*/                   ISETP.NE.AND P2, PT, R0, R10, PT ;
+        /*0130*/               @P2 BRA 0x40 ;
+        /*0140*/                   EXIT ;
+        Function : _Z4nonePf
+        /*0000*/                   VIADD R0, R0, 0x1 ;
+        /*0010*/                   ISETP.NE.AND P0, PT, R0, R1, PT ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_the_shortest_loop_holding_the_mmas():
+    """``sass.main_loops`` (what ``tools/sass_loops.py`` tabulates): the inner loop of the
+    first function, 10 instructions counted by opcode (a predicated one by its opcode), and
+    nothing for the function without MMAs."""
+    loops = sass.main_loops(_SASS)
+    assert list(loops) == ["_Z3twoPf"]
+    assert loops["_Z3twoPf"] == {
+        "instructions": 10,
+        "mma": 2,
+        "ops": {
+            "LDS": 1,
+            "LOP3": 2,
+            "HADD2": 1,
+            "R2UR": 1,
+            "HGMMA": 2,
+            "VIADD": 1,
+            "ISETP": 1,
+            "BRA": 1,
+        },
+    }
+    # the walk for unwaited operand writes reads the same loops (both hold the MMAs), and no
+    # write to R56-R63 (their operand A) in either
+    assert sass.unwaited_operand_writes(_SASS) == (2, 0)

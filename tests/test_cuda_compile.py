@@ -78,7 +78,7 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         stream_k_256 = source.name == "mixed_wg.cu" and "Li256ELi2ELb1E" in name
         assert int(frame) <= (16 if stream_k_256 else 0), (name, frame)
     if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
-        from gift_quant.kernels.sass import cuobjdump, unwaited_operand_writes
+        from gift_quant.kernels.sass import cuobjdump, main_loops, unwaited_operand_writes
 
         # no kernel whose MMAs ptxas serializes (C7518: an MMA wait on a path it cannot prove
         # convergent made round 31's first stream-K build wait out every MMA), and no spills
@@ -117,3 +117,6 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         functions = re.split(r"\n\s*Function : ", sass)[1:]
         counts = [len(re.findall(r"\bHGMMA\.", f)) for f in functions]
         assert sorted(c for c in counts if c) == [8] * 54, counts
+        # and all 8 lie in the main loop that tools/sass_loops.py counts (its shortest loop
+        # holding MMAs: two k-steps, unrolled), in each of the 54
+        assert sorted(loop["mma"] for loop in main_loops(sass).values()) == [8] * 54

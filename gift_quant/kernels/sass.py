@@ -2,6 +2,7 @@
 (through the cuobjdump that Triton ships) and about Triton's TTGIR.
 
 * :func:`resource_usage`: registers and stack bytes (spills);
+* :func:`main_loops`: each kernel's main loop, its instructions by opcode (``tools/sass_loops.py``);
 * :func:`unwaited_operand_writes`: writes to registers that a warpgroup MMA may still read as
   its operand A (``tiles.settle``; triton-lang/triton#9433, ptxas before 13.3);
 * :func:`unordered_workspace_zeroing`: split-K epilogues that zero the workspace with no
@@ -17,6 +18,7 @@ from pathlib import Path
 
 __all__ = [
     "cuobjdump",
+    "main_loops",
     "resource_usage",
     "unordered_workspace_zeroing",
     "unwaited_operand_writes",
@@ -88,20 +90,53 @@ def _written(text: str) -> set[int]:
     return set(range(int(first[1]), int(first[1]) + width))
 
 
-def _unwaited_in_function(sass: str) -> tuple[int, int]:
+def _code(function: str) -> list[tuple[int, str]]:
+    """(address, instruction without its predicate) of each line of one function's SASS."""
     code = []
-    for line in sass.splitlines():
+    for line in function.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(.*?);", line)
         if m:
             code.append((int(m[1], 16), m[2].strip()))
-    loops = writes = 0
+    return code
+
+
+def _loops_with(code: list[tuple[int, str]], ops: tuple[str, ...]):
+    """The body (instructions in address order) of each loop -- a backward branch and the
+    code it jumps over -- that holds an instruction starting with one of ``ops``."""
     for at, text in code:
         m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
         if not m or int(m[1], 16) >= at:
             continue
         body = [t for a, t in code if int(m[1], 16) <= a <= at]
-        if not any(t.startswith("HGMMA") for t in body):
+        if any(t.startswith(ops) for t in body):
+            yield body
+
+
+def main_loops(sass: str) -> dict[str, dict]:
+    """Per function of a cubin's SASS that has one, its main loop: the shortest loop holding a
+    tensor-core MMA (``HGMMA``, ``HMMA``), as {"instructions", "mma", "ops"}: its length, its
+    MMAs and its instructions by opcode (the part before the first dot; ``BRA``,
+    ``LOP3``...). Static counts of the loop's code, every path through it included (a branch
+    that skips part of the body still counts both sides), not what a warp executes."""
+    out = {}
+    for function in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = function.split(None, 1)[0]
+        bodies = list(_loops_with(_code(function), ("HGMMA", "HMMA")))
+        if not bodies:
             continue
+        body = min(bodies, key=len)
+        ops: dict[str, int] = {}
+        for t in body:
+            op = t.split(None, 1)[0].split(".", 1)[0]
+            ops[op] = ops.get(op, 0) + 1
+        mma = ops.get("HGMMA", 0) + ops.get("HMMA", 0)
+        out[name] = {"instructions": len(body), "mma": mma, "ops": ops}
+    return out
+
+
+def _unwaited_in_function(sass: str) -> tuple[int, int]:
+    loops = writes = 0
+    for body in _loops_with(_code(sass), ("HGMMA",)):
         loops += 1
         groups, group = [], set()
         for walk in range(2):
