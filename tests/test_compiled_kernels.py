@@ -134,15 +134,27 @@ _SASS = """
         /*0010*/                   ISETP.NE.AND P0, PT, R0, R1, PT ;
         /*0020*/               @P0 BRA 0x0 ;
         /*0030*/                   EXIT ;
+        Function : _Z5mmaskPf
+        /*0000*/                   LDSM.16.M88.4 R8, [R2] ;
+        /*0010*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   LOP3.LUT R5, R4, 0x70007, R6, 0xea, !PT ;
+        /*0040*/                   HFMA2 R5, R5, R7, R9 ;
+        /*0050*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0060*/                   HMMA.16816.F32 R16, R4, R10, R16 ;
+        /*0070*/               @P1 BRA 0x30 ;
+        /*0080*/                   EXIT ;
 """
 
 
 def test_main_loop_is_the_shortest_loop_holding_the_mmas():
     """``sass.main_loops`` (what ``tools/sass_loops.py`` tabulates): the inner loop of the
-    first function, 10 instructions counted by opcode (a predicated one by its opcode), and
-    nothing for the function without MMAs."""
+    first function, 10 instructions counted by opcode (a predicated one by its opcode);
+    nothing for the function without MMAs; in the third, the loop that dequantizes (HFMA2),
+    not the shorter one of MMAs alone (a loop over the salient columns)."""
     loops = sass.main_loops(_SASS)
-    assert list(loops) == ["_Z3twoPf"]
+    assert list(loops) == ["_Z3twoPf", "_Z5mmaskPf"]
+    assert loops["_Z5mmaskPf"]["instructions"] == 5 and loops["_Z5mmaskPf"]["mma"] == 2
     assert loops["_Z3twoPf"] == {
         "instructions": 10,
         "mma": 2,
@@ -159,4 +171,4 @@ def test_main_loop_is_the_shortest_loop_holding_the_mmas():
     }
     # the walk for unwaited operand writes reads the same loops (both hold the MMAs), and no
     # write to R56-R63 (their operand A) in either
-    assert sass.unwaited_operand_writes(_SASS) == (2, 0)
+    assert sass.unwaited_operand_writes(_SASS) == (2, 0)  # (HMMA loops are not its concern)

@@ -114,8 +114,10 @@ def _loops_with(code: list[tuple[int, str]], ops: tuple[str, ...]):
 
 def main_loops(sass: str) -> dict[str, dict]:
     """Per function of a cubin's SASS that has one, its main loop: the shortest loop holding a
-    tensor-core MMA (``HGMMA``, ``HMMA``), as {"instructions", "mma", "ops"}: its length, its
-    MMAs and its instructions by opcode (the part before the first dot; ``BRA``,
+    tensor-core MMA (``HGMMA``, ``HMMA``) and the dequantization's packed half arithmetic
+    (``HADD2``, ``HFMA2``, ``HMUL2``; a loop over the fp16 salient columns alone has none), or
+    failing that the shortest holding an MMA, as {"instructions", "mma", "ops"}: its length,
+    its MMAs and its instructions by opcode (the part before the first dot; ``BRA``,
     ``LOP3``...). Static counts of the loop's code, every path through it included (a branch
     that skips part of the body still counts both sides), not what a warp executes."""
     out = {}
@@ -124,7 +126,8 @@ def main_loops(sass: str) -> dict[str, dict]:
         bodies = list(_loops_with(_code(function), ("HGMMA", "HMMA")))
         if not bodies:
             continue
-        body = min(bodies, key=len)
+        dequant = [b for b in bodies if any(t.startswith(("HADD2", "HFMA2", "HMUL2")) for t in b)]
+        body = min(dequant or bodies, key=len)
         ops: dict[str, int] = {}
         for t in body:
             op = t.split(None, 1)[0].split(".", 1)[0]
