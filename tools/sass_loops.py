@@ -128,7 +128,11 @@ def main() -> None:
             old = json.loads(args.compare.read_text())["rows"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--compare {args.compare}: not a JSON file this script wrote ({e})")
-        base = {(r["source"], r["kernel"]): r for r in old}
+        base = {  # what this run compiles and keeps: the others are not "gone"
+            (r["source"], r["kernel"]): r
+            for r in old
+            if (args.source is None or r["source"] in args.source) and pattern.search(r["kernel"])
+        }
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         ap.error("no nvcc on PATH: install the CUDA toolkit (12.8 or later, for sm_90a)")
