@@ -314,7 +314,7 @@ def test_every_kernel_tool_imports_on_a_machine_without_a_gpu():
     assert done.stdout.strip().endswith("gift_quant.mixed_matmul"), done.stdout
 
 
-def test_decode_rows_of_a_run_stopped_part_way_keep_only_ratios_they_can_make(tmp_path):
+def test_decode_rows_of_a_run_stopped_part_way_keep_only_ratios_they_can_make():
     """bench_decode writes its rows after each model's timings: a run stopped after the dense
     and the unfused W4 model gives their ratio and no fused one; the finished run all ratios."""
     import bench_decode
@@ -343,10 +343,6 @@ def test_decode_rows_of_a_run_stopped_part_way_keep_only_ratios_they_can_make(tm
     assert (b1["bound"], b1["bound_vs_fp16_fused"]) == (4.0, 3.2)
     compiled = rows[2]
     assert "ratio" not in compiled and compiled["ratio_fused"] == 2.5
-
-    bench_decode.save_json(tmp_path / "out", "d.partial.json", {"rows": rows})
-    assert json.loads((tmp_path / "out" / "d.partial.json").read_text())["rows"][0]["batch"] == 1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.partial.json"]
 
 
 def test_sass_loops_labels_kernels_and_shows_what_changed(capsys):

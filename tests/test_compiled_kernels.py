@@ -172,3 +172,20 @@ def test_main_loop_is_the_shortest_loop_holding_the_mmas():
     # the walk for unwaited operand writes reads the same loops (both hold the MMAs), and no
     # write to R56-R63 (their operand A) in either
     assert sass.unwaited_operand_writes(_SASS) == (2, 0)  # (HMMA loops are not its concern)
+
+
+def test_ptxas_usage_reads_each_kernels_block():
+    """``sass.ptxas_usage`` of a -v report: each kernel's own registers, stack and spills (the
+    lines after its name, not the next kernel's); a kernel with no properties line has none."""
+    report = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1aPf' for 'sm_90a'
+ptxas info    : Function properties for _Z1aPf
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 1024 bytes smem
+ptxas info    : Compiling entry function '_Z1bPf' for 'sm_90a'
+ptxas info    : Used 94 registers, used 1 barriers, 1024 bytes smem
+"""
+    assert sass.ptxas_usage(report) == {
+        "_Z1aPf": {"registers": 168, "stack": 8, "spill_stores": 4},
+        "_Z1bPf": {"registers": 94},
+    }

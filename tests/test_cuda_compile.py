@@ -44,65 +44,44 @@ def test_the_kernels_pair_slots_are_the_layouts(tmp_path) -> None:
     assert got == want
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler")
+@pytest.mark.skipif(native.find_nvcc() is None, reason="no CUDA compiler")
 @pytest.mark.parametrize("source", native.SOURCES, ids=lambda p: p.name)
 def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
+    from gift_quant.kernels.sass import cuobjdump, main_loops, ptxas_usage, unwaited_operand_writes
+
     out = tmp_path / "k.cubin"
-    done = subprocess.run(
-        [
-            "nvcc",
-            "-O3",
-            "-gencode=arch=compute_90a,code=sm_90a",  # as the build on compute capability 9.0
-            "-DGQ_COMPILE_CHECK",  # each bit width, row tile; one block width, depth (wg: all)
-            "-Xptxas",
-            "-v",  # registers, spills and ptxas's performance advisories per kernel
-            "-cubin",
-            "-o",
-            str(out),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # as the build on compute capability 9.0; each bit width, row tile, one block width and
+    # depth (wg: all); ptxas's registers, spills and performance advisories per kernel
+    done = native.compile_check(native.find_nvcc(), source, out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.stat().st_size > 0
+    usage = ptxas_usage(done.stderr)
     # no stack frame (a spill, or a register array indexed at run time: the pair reorders of
     # fragments.cuh index by k16 step, a constant only once the loops over it are unrolled),
     # but the stream-K 256-row warpgroup tiles' few bytes (below)
-    frames = re.findall(
-        r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame", done.stderr, re.S
-    )
+    frames = {name: u["stack"] for name, u in usage.items() if "stack" in u}
     assert len(frames) >= 12, len(frames)
-    for name, frame in frames:
+    for name, frame in frames.items():
         stream_k_256 = source.name == "mixed_wg.cu" and "Li256ELi2ELb1E" in name
-        assert int(frame) <= (16 if stream_k_256 else 0), (name, frame)
+        assert frame <= (16 if stream_k_256 else 0), (name, frame)
     if source.name == "mixed_wg.cu":  # warpgroup MMAs with the weights as register operand A
-        from gift_quant.kernels.sass import cuobjdump, main_loops, unwaited_operand_writes
-
         # no kernel whose MMAs ptxas serializes (C7518: an MMA wait on a path it cannot prove
         # convergent made round 31's first stream-K build wait out every MMA), and no spills
         # but the stream-K 256-row tiles' few bytes (a shared-memory address reloaded per k-step)
         assert "C7518" not in done.stderr, done.stderr[-2000:]
-        spills = re.findall(
-            r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", done.stderr, re.S
-        )
+        spills = {name: u["spill_stores"] for name, u in usage.items() if "spill_stores" in u}
         assert len(spills) >= 42, len(spills)
-        for name, stored in spills:
+        for name, stored in spills.items():
             stream_k_256 = "Li256ELi2ELb1E" in name
-            assert int(stored) <= (16 if stream_k_256 else 0), (name, stored)
+            assert stored <= (16 if stream_k_256 else 0), (name, stored)
         # the kernel whose blocks gather the salient columns (template CO, last) is launched where
         # its plain twin's occupancy queries say every block is on the GPU at once: it must not
         # take more registers than the twin in the units the SM allocates them (8 per thread)
-        used = dict(
-            re.findall(
-                r"Compiling entry function '(\w+)'.*?Used (\d+) registers", done.stderr, re.S
-            )
-        )
-        co = {name: int(n) for name, n in used.items() if "ELb0ELb1EEEv" in name}
+        used = {name: u["registers"] for name, u in usage.items() if "registers" in u}
+        co = {name: regs for name, regs in used.items() if "ELb0ELb1EEEv" in name}
         assert len(co) == 12, sorted(co)
         for name, regs in co.items():
-            twin = int(used[name.replace("ELb0ELb1EEEv", "ELb0ELb0EEEv")])
+            twin = used[name.replace("ELb0ELb1EEEv", "ELb0ELb0EEEv")]
             assert -(-regs // 8) <= -(-twin // 8), (name, regs, twin)
 
         sass = cuobjdump(out.read_bytes(), "-sass")
@@ -118,5 +97,5 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         counts = [len(re.findall(r"\bHGMMA\.", f)) for f in functions]
         assert sorted(c for c in counts if c) == [8] * 54, counts
         # and all 8 lie in the main loop that tools/sass_loops.py counts (its shortest loop
-        # holding MMAs: two k-steps, unrolled), in each of the 54
+        # holding MMAs and the dequantization: two k-steps, unrolled), in each of the 54
         assert sorted(loop["mma"] for loop in main_loops(sass).values()) == [8] * 54

@@ -86,8 +86,9 @@ def test_every_tool_that_writes_json_stamps_it():
         if tool.name == "provenance.py":
             continue
         text = tool.read_text()
-        if "write_json(" in text:
-            assert "add_arguments(" in text and "stamp(" in text, tool.name
+        if "write_json(" in text:  # provenance's stamp, or the kernel tools' run_environment
+            stamped = "add_arguments(" in text and "stamp(" in text
+            assert stamped or "run_environment(" in text, tool.name
             writers.add(tool.stem)
         elif "write_text(json" in text or "json.dump(" in text:
             assert "replace(" in text, f"{tool.name}: write to a temporary sibling, then rename"

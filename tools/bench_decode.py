@@ -30,7 +30,6 @@ with this model code ("bound" in the table).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,6 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import write_json  # noqa: E402
 
 from gift_quant.fused import fuse_siblings  # noqa: E402
 from gift_quant.io.export import save_quantized  # noqa: E402
@@ -304,14 +305,6 @@ def table_rows(runs: dict, batches: list[int], D: str) -> list[dict]:
     return rows
 
 
-def save_json(out: Path, name: str, res: dict) -> None:
-    """``res`` to out/name through a temporary file (a reader never sees half a file)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out / name)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -377,7 +370,7 @@ def main() -> None:
         print(f"{what}: {runs[what]} ({time.time() - t0:.0f}s)", flush=True)
         rows = table_rows(runs, args.batch, D)
         done = dict(complete=False, seconds=round(time.time() - t0, 1), layers=args.layers)
-        save_json(out, partial, dict(**env, **done, rows=rows))
+        write_json(out / partial, dict(**env, **done, rows=rows))
 
     t0 = time.time()
     model = build_model(args.layers, dtype)
@@ -462,7 +455,7 @@ def main() -> None:
         cells = [f"{r[c]['tokens_per_s']:.1f}" if c in r else "-" for c in cols]
         cells += [f"{r[k]:.2f}x" if k in r else "-" for k in ratios]
         print(f"| {r['batch']}{mode} | " + " | ".join(cells) + " |")
-    save_json(out, name, res)
+    write_json(out / name, res)
     (out / partial).unlink(missing_ok=True)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 from gift_quant.kernels.build import compiler_version  # noqa: E402
-from gift_quant.kernels.cuda.native import SOURCES  # noqa: E402
-from gift_quant.kernels.sass import cuobjdump, main_loops  # noqa: E402
+from gift_quant.kernels.cuda.native import SOURCES, compile_check, find_nvcc  # noqa: E402
+from gift_quant.kernels.sass import cuobjdump, main_loops, ptxas_usage  # noqa: E402
 
 OPS = "R2UR,LDS,LOP3,SHF,HADD2,HMUL2,IMAD,BRA"
 
@@ -53,12 +51,7 @@ def label(mangled: str) -> str:
 def compile_source(nvcc: str, source: Path, work: Path) -> tuple[str, str]:
     """(ptxas's -v report, the SASS) of ``source`` built for sm_90a with every configuration."""
     cubin = work / (source.stem + ".cubin")
-    done = subprocess.run(
-        [nvcc, "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-DGQ_COMPILE_CHECK"]
-        + ["-Xptxas", "-v", "-cubin", "-o", str(cubin), str(source)],
-        capture_output=True,
-        text=True,
-    )
+    done = compile_check(nvcc, source, cubin)
     if done.returncode != 0:
         raise SystemExit(f"sass_loops: nvcc failed on {source.name}:\n{done.stderr[-2000:]}")
     sass = cuobjdump(cubin.read_bytes(), "-sass")
@@ -69,18 +62,16 @@ def compile_source(nvcc: str, source: Path, work: Path) -> tuple[str, str]:
 
 def kernel_rows(source: Path, ptxas: str, sass: str) -> list[dict]:
     """One row per kernel with a main loop: registers, spill bytes, the loop's counts."""
-    regs = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", ptxas, re.S))
-    spills = dict(
-        re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", ptxas, re.S)
-    )
+    usage = ptxas_usage(ptxas)
     rows = []
     for name, loop in main_loops(sass).items():
+        used = usage.get(name, {})
         rows.append(
             {
                 "source": source.name,
                 "kernel": label(name),
-                "registers": int(regs[name]) if name in regs else None,
-                "spill_bytes": int(spills[name]) if name in spills else None,
+                "registers": used.get("registers"),
+                "spill_bytes": used.get("spill_stores"),
                 **loop,
             }
         )
@@ -133,9 +124,9 @@ def main() -> None:
             for r in old
             if (args.source is None or r["source"] in args.source) and pattern.search(r["kernel"])
         }
-    nvcc = shutil.which("nvcc")
+    nvcc = find_nvcc()
     if nvcc is None:
-        ap.error("no nvcc on PATH: install the CUDA toolkit (12.8 or later, for sm_90a)")
+        ap.error("no nvcc in $CUDA_HOME or on PATH: install the CUDA toolkit (12.8+, for sm_90a)")
     prov = provenance(shared_flag(ap, args))
     release = re.search(r"release [\d.]+, V[\d.]+", compiler_version(nvcc))
     prov["nvcc"] = release[0] if release else None  # the SASS depends on it

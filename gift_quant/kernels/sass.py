@@ -1,7 +1,8 @@
 """Reading compiled GPU code without a GPU: what the kernel checks report about a cubin
 (through the cuobjdump that Triton ships) and about Triton's TTGIR.
 
-* :func:`resource_usage`: registers and stack bytes (spills);
+* :func:`resource_usage`: registers and stack bytes (spills); :func:`ptxas_usage`: the same
+  from ptxas's report, per kernel;
 * :func:`main_loops`: each kernel's main loop, its instructions by opcode (``tools/sass_loops.py``);
 * :func:`unwaited_operand_writes`: writes to registers that a warpgroup MMA may still read as
   its operand A (``tiles.settle``; triton-lang/triton#9433, ptxas before 13.3);
@@ -19,6 +20,7 @@ from pathlib import Path
 __all__ = [
     "cuobjdump",
     "main_loops",
+    "ptxas_usage",
     "resource_usage",
     "unordered_workspace_zeroing",
     "unwaited_operand_writes",
@@ -88,6 +90,24 @@ def _written(text: str) -> set[int]:
     else:
         width = 1
     return set(range(int(first[1]), int(first[1]) + width))
+
+
+def ptxas_usage(report: str) -> dict[str, dict[str, int]]:
+    """Per kernel of ptxas's ``-v`` report (``cuda.native.compile_check``'s stderr), what it
+    states of "registers", "stack" (frame bytes) and "spill_stores" (bytes)."""
+    out: dict[str, dict[str, int]] = {}
+    for block in report.split("Compiling entry function '")[1:]:
+        name = block.split("'", 1)[0]
+        usage = out.setdefault(name, {})
+        for field, pattern in (
+            ("registers", r"Used (\d+) registers"),
+            ("stack", r"(\d+) bytes stack frame"),
+            ("spill_stores", r"(\d+) bytes spill stores"),
+        ):
+            m = re.search(pattern, block)
+            if m:
+                usage[field] = int(m[1])
+    return out
 
 
 def _code(function: str) -> list[tuple[int, str]]:

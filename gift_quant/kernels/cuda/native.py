@@ -46,6 +46,8 @@ from gift_quant.kernels.cuda.rules import (
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "compile_check",
+    "find_nvcc",
     "library",
     "mixed_mma",
     "mixed_mmv",
@@ -84,11 +86,25 @@ ENTRY_ARGS = {
 WG_STREAM_K, WG_BLOCKS_GATHER = 1, 2
 
 
-def _nvcc() -> str | None:
+def find_nvcc() -> str | None:
+    """The CUDA compiler the build uses: $CUDA_HOME's (or $CUDA_PATH's), else nvcc on PATH."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").is_file():
         return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def compile_check(nvcc: str, source: Path, cubin: Path) -> subprocess.CompletedProcess:
+    """``source`` compiled for sm_90a into ``cubin`` with every configuration the launches may
+    take (``-DGQ_COMPILE_CHECK``), ptxas's report per kernel on stderr (``-v``: registers,
+    stack, spills, its advisories; ``kernels.sass.ptxas_usage`` reads it). No GPU needed."""
+    return subprocess.run(
+        [nvcc, "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-DGQ_COMPILE_CHECK"]
+        + ["-Xptxas", "-v", "-cubin", "-o", str(cubin), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _build(nvcc: str, arch: str) -> Path:
@@ -127,7 +143,7 @@ def library(device: torch.device | None = None):
             major, minor = torch.cuda.get_device_capability(device)
             if major < 8:
                 raise RuntimeError(f"compute capability {major}.{minor} (needs 8.0+)")
-            nvcc = _nvcc()
+            nvcc = find_nvcc()
             if nvcc is None:
                 raise RuntimeError("no nvcc on PATH or under CUDA_HOME")
             # 9.0: the arch-specific target, which the warpgroup MMA (mixed_wg.cu) needs
