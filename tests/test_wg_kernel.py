@@ -25,31 +25,27 @@ from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 E = 0x64006400
 
 
-def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
-    return (0x6400 - (e << 10)) * 0x00010001
+def pos_magic(e: int, bf: bool = False) -> int:
+    """fragments.cuh's pos_magic (bf16: pos_magic_bf16), in both halves: 2^(10 - e) in fp16,
+    2^(7 - e) in bf16."""
+    return (0x4300 - (e << 7) if bf else 0x6400 - (e << 10)) * 0x00010001
 
 
 def w3_raw(ws: list[int], warp: int, st: int, bf: bool) -> list[int]:
     """3 bits: warp ``warp``'s four raw pairs u = 0..3 of k16 step ``st`` from the step's three
     words (mixed_wg.cu, the 3-bit ``steps``): the warp (st + 3) % 4 reads bits 12..14 of the
     three words and the pair spread over their bit 15; each other warp one word, u = 0, 2 at
-    bits 0, 3 and u = 1, 3 at the same bits of the word shifted by 6. fp16 leaves the hi
-    column's codes (u = 2, 3) at bit 3; bf16 moves every code to bit 0."""
-    m, e = 0x00070007, 0x43004300 if bf else E
-    e3 = e if bf else pos_magic(3)
+    bits 0, 3 and u = 1, 3 at the same bits of the word shifted by 6. Both builds leave the hi
+    column's codes (u = 2, 3) at bit 3, over the exponent bits of 2^(10 - 3) in fp16 and of
+    2^(7 - 3) in bf16."""
+    m, e, e3 = 0x00070007, pos_magic(0, bf), pos_magic(3, bf)
     rest = (st + 3) & 3
     if warp == rest:
-        if bf:  # spread_pair: bit i of the code from bit 15 of word i, to bit i
-            top = ((ws[0] >> 15) & 0x00010001) | ((ws[1] >> 14) & 0x00020002)
-            spread = ((ws[2] >> 13) & 0x00040004) | top | e
-            return [(ws[0] >> 12) & m | e, (ws[1] >> 12) & m | e, (ws[2] >> 12) & m | e, spread]
         top = ((ws[0] >> 12) & 0x00080008) | ((ws[1] >> 11) & 0x00100010)  # spread_pair_at3
         spread = ((ws[2] >> 10) & 0x00200020) | top | e3
         return [(ws[0] >> 12) & m | e, (ws[1] >> 12) & m | e, (ws[2] >> 9) & m << 3 | e3, spread]
     w = ws[(warp - rest - 1) & 3]
     w6 = w >> 6
-    if bf:
-        return [w & m | e, w6 & m | e, (w >> 3) & m | e, (w6 >> 3) & m | e]
     return [w & m | e, w6 & m | e, w & m << 3 | e3, w6 & m << 3 | e3]
 
 
@@ -87,7 +83,10 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                         as_fp16(pos_magic(elo) | (zb & 0xFF) << elo),
                         as_fp16(pos_magic(ehi) | (zb >> 8) << ehi),
                     ]
-                    zero_bf = [as_bf16(0x4300 | (zb & 0xFF)), as_bf16(0x4300 | (zb >> 8))]
+                    zero_bf = [  # 128 + z (2, 4 bits: each code moved to bit 0); at 3 bits
+                        as_bf16(0x4300 | (zb & 0xFF)),  # the hi column's 16 + z, z at bit 3
+                        as_bf16(0x4180 | (zb >> 8) << 3 if bits == 3 else 0x4300 | (zb >> 8)),
+                    ]
                     for st in range(4):
                         ws = words[st * bits : (st + 1) * bits]
                         raws = w3_raw(ws, warp, st, bf) if bits == 3 else []

@@ -207,6 +207,12 @@ static_assert(pair_slots_hold<2>() && pair_slots_hold<3>() && pair_slots_hold<4>
 __host__ __device__ constexpr uint32_t pos_magic(int e) {
   return 0x6400u - (static_cast<uint32_t>(e) << 10);
 }
+// The same in bf16 (7 mantissa bits): 2^(7 - e) + (code << e) reads 2^(7 - e) + code, exactly
+// for e + BITS <= 7 (3-bit codes at bit 0 or 3); pos_magic_bf16(0) is 0x4300 (128)
+__host__ __device__ constexpr uint32_t pos_magic_bf16(int e) {
+  return 0x4300u - (static_cast<uint32_t>(e) << 7);
+}
+static_assert(pos_magic_bf16(3) == 0x4180u, "16 in bf16");
 
 // The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words, by
 // slot (`slots_to_pairs` puts them in pair order).

@@ -562,7 +562,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     // where it is used)
     auto zero = [](uint32_t z, int e) {
       constexpr uint32_t BOTH = 0x00010001u;
-      return BF || e == 0 ? (MAG | z) * BOTH : pos_magic(e) * BOTH | (z << e) * BOTH;
+      if (e == 0 || (BF && BITS != 3)) return (MAG | z) * BOTH;  // bf16 2, 4 bits: at bit 0
+      return (BF ? pos_magic_bf16(e) : pos_magic(e)) * BOTH | (z << e) * BOTH;
     };
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
@@ -578,10 +579,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if constexpr (BITS == 3) {
       // the warp's role in each k16 step (`pair_slot`): warp w3_rest(st) reads bits 12..14 of
       // the three words and the spread pair, each other warp one word (u = 0, 2 at bits 0, 3;
-      // u = 1, 3 at the same bits of the word shifted by 6). fp16 reads the lo column's codes
-      // at bit 0 and the hi column's at bit 3 in both roles; bf16 moves each to bit 0
+      // u = 1, 3 at the same bits of the word shifted by 6). Both builds read the lo column's
+      // codes at bit 0 and the hi column's at bit 3 in both roles (3 + 3 bits fit bf16's 7)
       const uint32_t zlo = zero(zb & 0xFFu, 0), zhi = zero(zb >> 8, 3);
-      constexpr uint32_t E3 = BF ? E : pos_magic(3) * 0x00010001u, M3 = BF ? MASK : MASK << 3;
+      constexpr uint32_t E3 = (BF ? pos_magic_bf16(3) : pos_magic(3)) * 0x00010001u;
+      constexpr uint32_t M3 = MASK << 3;
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
 #pragma unroll
@@ -590,13 +592,13 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
           if (q == w3_rest(st)) {  // a constant once the loop is unrolled
             const uint32_t w[3] = {word(st * 3), word(st * 3 + 1), word(st * 3 + 2)};
             raw[0] = lop3_and_or(w[0] >> 12, MASK, E), raw[1] = lop3_and_or(w[1] >> 12, MASK, E);
-            raw[2] = lop3_and_or(w[2] >> (BF ? 12 : 9), M3, E3);
-            raw[3] = BF ? spread_pair(w, E) : spread_pair_at3(w, E3);
+            raw[2] = lop3_and_or(w[2] >> 9, M3, E3);
+            raw[3] = spread_pair_at3(w, E3);
           } else {
             const uint32_t w = word(st * 3 + ((q - w3_rest(st) - 1) & 3)), w6 = w >> 6;
             raw[0] = lop3_and_or(w, MASK, E), raw[1] = lop3_and_or(w6, MASK, E);
-            raw[2] = lop3_and_or(BF ? w >> 3 : w, M3, E3);
-            raw[3] = lop3_and_or(BF ? w6 >> 3 : w6, M3, E3);
+            raw[2] = lop3_and_or(w, M3, E3);
+            raw[3] = lop3_and_or(w6, M3, E3);
           }
           put(st, raw, zlo, zhi);
         }
