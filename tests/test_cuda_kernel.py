@@ -92,13 +92,29 @@ def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: unpack
 
 
 def unpack_pairs_low(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: unpack_pairs_low
-    """bf16: each pair's codes moved to bits 0.. of its halves, over 0x4300 (128.0)."""
-    per = {4: 4, 2: 8, 3: 5}[bits]
+    """bf16, 2 and 4 bits: each pair's codes moved to bits 0.. of its halves, over 0x4300
+    (128.0)."""
+    per = {4: 4, 2: 8}[bits]
     mask = ((1 << bits) - 1) * 0x00010001
-    r = [lop3(w[p // per] >> (p % per * bits), mask, 0x43004300) for p in range(16 - bits % 2)]
-    if bits == 3:  # slot 15: bit i of the code at bit 15 of word i's halves
-        top = ((w[0] >> 15) & 0x00010001) | ((w[1] >> 14) & 0x00020002)
-        r.append(lop3(w[2] >> 13, 0x00040004, top | 0x43004300))
+    return [lop3(w[p // per] >> (p % per * bits), mask, 0x43004300) for p in range(16)]
+
+
+def unpack_pairs_bf16_3(w: list[int]) -> list[int]:  # fragments.cuh: unpack_pairs_bf16_3
+    """bf16, 3 bits: each code read where unpack_pairs reads it, over the bf16 exponent bits
+    of 2^(7 - e) for its slot's exponent e (0x4300 at 0, 0x4180 at 3)."""
+    e0, e3 = 0x43004300, 0x41804180
+    r = [0] * 16
+    for b in range(3):
+        w6 = w[b] >> 6
+        r[5 * b + 0] = lop3(w[b], 0x00070007, e0)
+        r[5 * b + 1] = lop3(w[b], 0x00380038, e3)
+        r[5 * b + 2] = lop3(w6, 0x00070007, e0)
+        r[5 * b + 3] = lop3(w6, 0x00380038, e3)
+    r[4] = lop3(w[0] >> 12, 0x00070007, e0)
+    r[9] = lop3(w[1] >> 12, 0x00070007, e0)
+    r[14] = lop3(w[2] >> 9, 0x00380038, e3)
+    top = ((w[0] >> 12) & 0x00080008) | ((w[1] >> 11) & 0x00100010)  # spread_pair_at3
+    r[15] = lop3(w[2] >> 10, 0x00200020, top | e3)
     return r
 
 
@@ -151,9 +167,10 @@ def kernel_operands(p: layout.Packed) -> tuple[np.ndarray, np.ndarray, np.ndarra
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> None:
     """bf16 builds: the words ``pack_codes`` writes, read with the bf16 bit operations (a
-    mirror of ``unpack_pairs_low``, then one subtraction of 128 + zero, exact in bf16's 8
-    significant bits), give code - zero at every (k, n). (That the kernels then round as the
-    torch reference does is checked on the GPU, against the float64 oracle.)"""
+    mirror of ``unpack_pairs_low``, or at 3 bits ``unpack_pairs_bf16_3``, then one subtraction
+    of the zero-point over the same exponent bits, 128 + zero or 2^(7 - e) + zero, exact in
+    bf16's 8 significant bits), give code - zero at every (k, n). (That the kernels then round
+    as the torch reference does is checked on the GPU, against the float64 oracle.)"""
     K, N, group = 128, 128, 64
     codes, zeros, scales, p, _ = random_cuda_layout(K, N, bits, group, seed=bits)
     assert all(as_bf16(0x4300 | z) == 128 + z for z in range(128))  # exact: 8 significant bits
@@ -166,14 +183,17 @@ def test_bf16_kernels_read_code_minus_zero_where_the_layout_puts_it(bits) -> Non
                 g, t = lane >> 2, lane & 3
                 words = [int(v) for v in qc[ss, b, :, lane, :].reshape(-1)]
                 for st in range(4):
-                    r = unpack_pairs_low(bits, words[st * bits : (st + 1) * bits])
+                    ws = words[st * bits : (st + 1) * bits]
+                    r = unpack_pairs_bf16_3(ws) if bits == 3 else unpack_pairs_low(bits, ws)
                     r = slots_to_pairs(bits, r, st)
                     for pr in range(16):
                         j, f = pr >> 1, pr & 1
                         z = int(zp[ss * 64 // group, b, g, j])
+                        e = pair_exp(bits, pr) if bits == 3 else 0  # zero_pairs<true, BITS>
+                        zero = as_bf16((0x4300 - (e << 7)) | (z << e))
                         for h in range(2):
                             k = ss * 64 + st * 16 + 8 * f + 2 * t + h
-                            got = as_bf16(r[pr] >> (16 * h)) - as_bf16(0x4300 | z)
+                            got = as_bf16(r[pr] >> (16 * h)) - zero
                             Q[k, b * 64 + 8 * j + g] = got
     g_idx = (torch.arange(K) // group).long()
     assert np.array_equal(Q, (codes - zeros[g_idx]).double().numpy())

@@ -25,31 +25,34 @@ from gift_quant.testing import as_bf16, as_fp16, random_cuda_layout
 E = 0x64006400
 
 
-def pos_magic(e: int) -> int:  # fragments.cuh: 2^(10 - e) in fp16, both halves
-    return (0x6400 - (e << 10)) * 0x00010001
+def pos_magic(e: int, bf: bool = False) -> int:
+    """fragments.cuh's pos_magic (bf16: pos_magic_bf16), in both halves: 2^(10 - e) in fp16,
+    2^(7 - e) in bf16."""
+    return (0x4300 - (e << 7) if bf else 0x6400 - (e << 10)) * 0x00010001
+
+
+def zero_of(z: int, e: int, bf: bool) -> float:
+    """mixed_wg.cu's ``zero``: the zero-point as the raw pairs hold a code read at bit e,
+    2^(10 - e) + z in fp16 and 2^(7 - e) + z in bf16 (z at bit e of the mantissa)."""
+    bits16 = (pos_magic(e, bf) & 0xFFFF) | z << e
+    return as_bf16(bits16) if bf else as_fp16(bits16)
 
 
 def w3_raw(ws: list[int], warp: int, st: int, bf: bool) -> list[int]:
     """3 bits: warp ``warp``'s four raw pairs u = 0..3 of k16 step ``st`` from the step's three
     words (mixed_wg.cu, the 3-bit ``steps``): the warp (st + 3) % 4 reads bits 12..14 of the
     three words and the pair spread over their bit 15; each other warp one word, u = 0, 2 at
-    bits 0, 3 and u = 1, 3 at the same bits of the word shifted by 6. fp16 leaves the hi
-    column's codes (u = 2, 3) at bit 3; bf16 moves every code to bit 0."""
-    m, e = 0x00070007, 0x43004300 if bf else E
-    e3 = e if bf else pos_magic(3)
+    bits 0, 3 and u = 1, 3 at the same bits of the word shifted by 6. Both builds leave the hi
+    column's codes (u = 2, 3) at bit 3, over the exponent bits of 2^(10 - 3) in fp16 and of
+    2^(7 - 3) in bf16."""
+    m, e, e3 = 0x00070007, pos_magic(0, bf), pos_magic(3, bf)
     rest = (st + 3) & 3
     if warp == rest:
-        if bf:  # spread_pair: bit i of the code from bit 15 of word i, to bit i
-            top = ((ws[0] >> 15) & 0x00010001) | ((ws[1] >> 14) & 0x00020002)
-            spread = ((ws[2] >> 13) & 0x00040004) | top | e
-            return [(ws[0] >> 12) & m | e, (ws[1] >> 12) & m | e, (ws[2] >> 12) & m | e, spread]
         top = ((ws[0] >> 12) & 0x00080008) | ((ws[1] >> 11) & 0x00100010)  # spread_pair_at3
         spread = ((ws[2] >> 10) & 0x00200020) | top | e3
         return [(ws[0] >> 12) & m | e, (ws[1] >> 12) & m | e, (ws[2] >> 9) & m << 3 | e3, spread]
     w = ws[(warp - rest - 1) & 3]
     w6 = w >> 6
-    if bf:
-        return [w & m | e, w6 & m | e, (w >> 3) & m | e, (w6 >> 3) & m | e]
     return [w & m | e, w6 & m | e, w & m << 3 | e3, w6 & m << 3 | e3]
 
 
@@ -59,8 +62,8 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
     K, N, bits, B = p.K, p.N, p.bits, p.N // 64
     per = {4: 4, 2: 8, 3: 5}[bits]
     mask = ((1 << bits) - 1) * 0x00010001
-    elo, ehi = 0, 3  # fp16: the bit positions the codes are read at (3 bits: 0 and 3)
-    E_bf = 0x43004300  # bf16: 128 + code, each code moved to bit 0
+    rlo, rhi, pre = 0, 3, 0  # where the lo and hi columns' codes are read (3 bits: 0 and 3)
+    E_bf = 0x43004300  # bf16 at 4 bits: 128 + code, each code moved to bit 0
     qc = p.qc.numpy().astype(np.int64) & 0xFFFFFFFF  # [S, B, bits, 32, 4]
     zp = p.zp.numpy().reshape(-1, B, 64)  # the slot's 64 zero-point bytes [g][j]
     sc = p.scp.view(torch.int16).numpy().reshape(-1, B, 64)  # the slot's 64 scales [t'][j][c]
@@ -79,34 +82,36 @@ def wg_weights(p: layout.Packed, bf: bool = False) -> np.ndarray:
                     s4 = sc[grp, b, (g >> 1) * 16 + 4 * warp : (g >> 1) * 16 + 4 * warp + 4]
                     # the lo and hi columns' scales
                     scale = [as_fp16(int(s4[g & 1])), as_fp16(int(s4[2 + (g & 1)]))]
-                    if bits != 3:
+                    if bits != 3:  # u = 0, 2 at bits elo, ehi of the word's bytes
                         h = warp & 1 if bits == 2 else 0
                         elo = 0 if bits == 4 else 4 * h
                         ehi = elo + bits
-                    zero = [  # 2^(10 - e) + z: z at bit e of the mantissa
-                        as_fp16(pos_magic(elo) | (zb & 0xFF) << elo),
-                        as_fp16(pos_magic(ehi) | (zb >> 8) << ehi),
-                    ]
-                    zero_bf = [as_bf16(0x4300 | (zb & 0xFF)), as_bf16(0x4300 | (zb >> 8))]
+                        # read in place, but bf16: 2 bits at h = 1 after a shift by 2, 4 bits
+                        # each moved to bit 0 (read "at 0")
+                        pre = 2 * h if bf and bits == 2 else 0
+                        rlo, rhi = (0, 0) if bf and bits == 4 else (elo - pre, ehi - pre)
+                    zero = [zero_of(zb & 0xFF, rlo, bf), zero_of(zb >> 8, rhi, bf)]
                     for st in range(4):
                         ws = words[st * bits : (st + 1) * bits]
                         raws = w3_raw(ws, warp, st, bf) if bits == 3 else []
                         f = []
                         for u in range(4):
                             if bits != 3:  # the warp's word: u = 0, 2 at elo, ehi; 1, 3 >> 8
-                                w = ws[4 * warp // per] >> (8 * (u & 1))
-                                e = elo if u < 2 else ehi
-                                if bf:
-                                    raw = ((w >> e) & mask) | E_bf
+                                w = ws[4 * warp // per]
+                                if bf and bits == 4:
+                                    e = elo if u < 2 else ehi
+                                    raw = ((w >> 8 * (u & 1) >> e) & mask) | E_bf
                                 else:
-                                    raw = (w & (mask << e)) | pos_magic(e)
+                                    e = rlo if u < 2 else rhi
+                                    w = w >> pre >> 8 * (u & 1)
+                                    raw = (w & (mask << e)) | pos_magic(e, bf)
                             else:
                                 raw = raws[u]
                             hi = u >= 2
                             halves = []
                             for half in range(2):
-                                if bf:  # 128 + code - (128 + zero), exact
-                                    halves.append(as_bf16(raw >> (16 * half)) - zero_bf[hi])
+                                if bf:  # code - zero, exact
+                                    halves.append(as_bf16(raw >> (16 * half)) - zero[hi])
                                     continue
                                 v = np.float16(as_fp16(raw >> (16 * half)) - zero[hi])  # exact
                                 halves.append(np.float16(v * scale[hi]))

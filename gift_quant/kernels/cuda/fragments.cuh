@@ -130,12 +130,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* a, uint32_t addr) {
 }
 
 // The pair in slot 15 of a 3-bit k16 step, whose code bit i sits at bit 15 of word i's halves
-// (layout.py), in bits 0..2 of each half over the exponent bits `e` (bf16, codes at bit 0) or
-// in bits 3..5 (`spread_pair_at3`: fp16, its pair read at exponent 3 as the slot's others)
-__device__ __forceinline__ uint32_t spread_pair(const uint32_t* w, uint32_t e) {
-  const uint32_t top = ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u);
-  return lop3_and_or(w[2] >> 13, 0x00040004u, top | e);
-}
+// (layout.py), in bits 3..5 of each half over the exponent bits `e`: read at exponent 3, as
+// the slot's others
 __device__ __forceinline__ uint32_t spread_pair_at3(const uint32_t* w, uint32_t e) {
   const uint32_t top = ((w[0] >> 12) & 0x00080008u) | ((w[1] >> 11) & 0x00100010u);
   return lop3_and_or(w[2] >> 10, 0x00200020u, top | e);
@@ -207,6 +203,12 @@ static_assert(pair_slots_hold<2>() && pair_slots_hold<3>() && pair_slots_hold<4>
 __host__ __device__ constexpr uint32_t pos_magic(int e) {
   return 0x6400u - (static_cast<uint32_t>(e) << 10);
 }
+// The same in bf16 (7 mantissa bits): 2^(7 - e) + (code << e) reads 2^(7 - e) + code, exactly
+// for e + BITS <= 7 (3-bit codes at bit 0 or 3); pos_magic_bf16(0) is 0x4300 (128)
+__host__ __device__ constexpr uint32_t pos_magic_bf16(int e) {
+  return 0x4300u - (static_cast<uint32_t>(e) << 7);
+}
+static_assert(pos_magic_bf16(3) == 0x4180u, "16 in bf16");
 
 // The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words, by
 // slot (`slots_to_pairs` puts them in pair order).
@@ -249,20 +251,39 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
 
 // The 16 raw pairs (by slot) of one k16 step with each code moved to bits 0.. of its half,
 // over the exponent bits of 128 in bf16 (128 + code, exact): bf16 has 7 mantissa bits, too
-// few for unpack_pairs' codes left in place (up to bit 9)
+// few for unpack_pairs' 2- and 4-bit codes left in place (up to bit 8)
 template <int BITS>
 __device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r) {
+  static_assert(BITS != 3, "3 bits: unpack_pairs_bf16_3");
   constexpr uint32_t E = magic<true>() * 0x00010001u, MASK = ((1u << BITS) - 1) * 0x00010001u;
-  constexpr int PER = BITS == 4 ? 4 : BITS == 2 ? 8 : 5;  // pairs per word (layout.py)
+  constexpr int PER = BITS == 4 ? 4 : 8;  // pairs per word (layout.py)
 #pragma unroll
-  for (int p = 0; p < (BITS == 3 ? 15 : 16); ++p)
-    r[p] = lop3_and_or(w[p / PER] >> (p % PER * BITS), MASK, E);
-  if constexpr (BITS == 3) r[15] = spread_pair(w, E);  // bit i of the code at bit 15 of word i
+  for (int p = 0; p < 16; ++p) r[p] = lop3_and_or(w[p / PER] >> (p % PER * BITS), MASK, E);
+}
+
+// bf16, 3 bits: the 16 raw pairs (by slot) of one k16 step read where unpack_pairs reads them,
+// each over the bf16 exponent bits that make its code count in ones at its slot's exponent
+// (slot_exp: 0 or 3, and 3 + 3 bits fit bf16's 7): 2^(7 - e) + code, exact (`pos_magic_bf16`)
+__device__ __forceinline__ void unpack_pairs_bf16_3(const uint32_t* w, uint32_t* r) {
+  constexpr uint32_t E0 = pos_magic_bf16(0) * 0x00010001u, E3 = pos_magic_bf16(3) * 0x00010001u;
+#pragma unroll
+  for (int b = 0; b < 3; ++b) {
+    const uint32_t w6 = w[b] >> 6;
+    r[5 * b + 0] = lop3_and_or(w[b], 0x00070007u, E0);
+    r[5 * b + 1] = lop3_and_or(w[b], 0x00380038u, E3);
+    r[5 * b + 2] = lop3_and_or(w6, 0x00070007u, E0);
+    r[5 * b + 3] = lop3_and_or(w6, 0x00380038u, E3);
+  }
+  r[4] = lop3_and_or(w[0] >> 12, 0x00070007u, E0);
+  r[9] = lop3_and_or(w[1] >> 12, 0x00070007u, E0);
+  r[14] = lop3_and_or(w[2] >> 9, 0x00380038u, E3);
+  r[15] = spread_pair_at3(w, E3);
 }
 
 // The zero-point constants per (n8 tile j, fragment half f). fp16: -(1024 / 2^e + z) in both
 // halves, so that one hfma2 of a raw pair by 2^-e with it gives code - z exactly. bf16: 128 + z
-// in both halves (one subtraction, exact). zw: the zero-points of columns 8 j + g (one byte each).
+// in both halves (one subtraction, exact), at 3 bits 2^(7 - e) + z for the pair's exponent e.
+// zw: the zero-points of columns 8 j + g (one byte each).
 template <bool BF, int BITS>
 __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
 #pragma unroll
@@ -270,7 +291,10 @@ __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
     const uint32_t z = ((j < 4 ? zw.x : zw.y) >> (8 * (j & 3))) & 0xFFu;
 #pragma unroll
     for (int f = 0; f < 2; ++f) {
-      if constexpr (BF) {
+      if constexpr (BF && BITS == 3) {
+        const uint32_t e = pair_exp<BITS>(2 * j + f);
+        cz[j][f] = (pos_magic_bf16(e) | (z << e)) * 0x00010001u;
+      } else if constexpr (BF) {
         cz[j][f] = (magic<true>() | z) * 0x00010001u;
       } else {
         const uint32_t e = pair_exp<BITS>(2 * j + f);
@@ -286,7 +310,10 @@ __device__ __forceinline__ void dequant_pairs(const uint32_t* w, const uint32_t 
                                               uint32_t* f, int st) {
   uint32_t r[16];
   if constexpr (BF) {
-    unpack_pairs_low<BITS>(w, r);
+    if constexpr (BITS == 3)
+      unpack_pairs_bf16_3(w, r);
+    else
+      unpack_pairs_low<BITS>(w, r);
     slots_to_pairs<BITS>(r, st);
 #pragma unroll
     for (int p = 0; p < 16; ++p) f[p] = sub2<true>(r[p], cz[p >> 1][p & 1]);

@@ -18,8 +18,9 @@
 // as the fp16 reference). Otherwise (64 rows: no registers for a second accumulator; 32 rows at
 // 3 bits: measured faster) one mul applies the scale to the weight, rounding as the torch
 // reference rounds `(code - zero) * scale` in fp16 (in bf16, the scale rounded to bf16 first).
-// bf16 takes the codes to bits 0.. of each half (fragments.cuh, `unpack_pairs_low`): one shift
-// more per pair, then one subtraction.
+// bf16 takes 2- and 4-bit codes to bits 0.. of each half (fragments.cuh, `unpack_pairs_low`):
+// one shift more per pair, then one subtraction; 3-bit codes it reads where fp16 does, over
+// the exponent bits of their position (`unpack_pairs_bf16_3`), then one subtraction.
 //
 // x is staged per block in shared memory by cp.async (rows padded, conflict-free ldmatrix);
 // the salient columns are gathered there too and their weights (fp16, or bf16 for BF) are

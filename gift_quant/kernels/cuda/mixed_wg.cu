@@ -554,15 +554,17 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
     // pairs hold the codes: MAGIC + z (1024 + z in fp16, 128 + z in bf16), or for a code read
-    // at bit e in fp16, 2^(10 - e) + z (`pos_magic`); their scales in both halves
+    // at bit e, 2^(10 - e) + z in fp16 (`pos_magic`), 2^(7 - e) + z in bf16 (`pos_magic_bf16`);
+    // their scales in both halves
     constexpr uint32_t MAG = magic<BF>(), E = MAG * 0x00010001u;
     constexpr uint32_t MASK = (1u << BITS) - 1 | ((1u << BITS) - 1) << 16;
     const uint32_t zb = lds_u16(z_at + so);
     // (the same numbers either way at e = 0; ptxas takes each form with fewer instructions
     // where it is used)
-    auto zero = [](uint32_t z, int e) {
+    constexpr auto pos = [](int e) { return BF ? pos_magic_bf16(e) : pos_magic(e); };
+    auto zero = [&](uint32_t z, int e) {
       constexpr uint32_t BOTH = 0x00010001u;
-      return BF || e == 0 ? (MAG | z) * BOTH : pos_magic(e) * BOTH | (z << e) * BOTH;
+      return e == 0 ? (MAG | z) * BOTH : pos(e) * BOTH | (z << e) * BOTH;
     };
     const uint2 sw = lds_v2(s_at + so);
     const uint32_t slo = from_fp16x2<BF>(__byte_perm(sw.x, 0, sel));
@@ -578,10 +580,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if constexpr (BITS == 3) {
       // the warp's role in each k16 step (`pair_slot`): warp w3_rest(st) reads bits 12..14 of
       // the three words and the spread pair, each other warp one word (u = 0, 2 at bits 0, 3;
-      // u = 1, 3 at the same bits of the word shifted by 6). fp16 reads the lo column's codes
-      // at bit 0 and the hi column's at bit 3 in both roles; bf16 moves each to bit 0
+      // u = 1, 3 at the same bits of the word shifted by 6). Both builds read the lo column's
+      // codes at bit 0 and the hi column's at bit 3 in both roles (3 + 3 bits fit bf16's 7)
       const uint32_t zlo = zero(zb & 0xFFu, 0), zhi = zero(zb >> 8, 3);
-      constexpr uint32_t E3 = BF ? E : pos_magic(3) * 0x00010001u, M3 = BF ? MASK : MASK << 3;
+      constexpr uint32_t E3 = pos(3) * 0x00010001u;
+      constexpr uint32_t M3 = MASK << 3;
       auto steps = [&](auto warp_q) {  // std::integral_constant<int, q>
         constexpr int q = decltype(warp_q)::value;
 #pragma unroll
@@ -590,13 +593,13 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
           if (q == w3_rest(st)) {  // a constant once the loop is unrolled
             const uint32_t w[3] = {word(st * 3), word(st * 3 + 1), word(st * 3 + 2)};
             raw[0] = lop3_and_or(w[0] >> 12, MASK, E), raw[1] = lop3_and_or(w[1] >> 12, MASK, E);
-            raw[2] = lop3_and_or(w[2] >> (BF ? 12 : 9), M3, E3);
-            raw[3] = BF ? spread_pair(w, E) : spread_pair_at3(w, E3);
+            raw[2] = lop3_and_or(w[2] >> 9, M3, E3);
+            raw[3] = spread_pair_at3(w, E3);
           } else {
             const uint32_t w = word(st * 3 + ((q - w3_rest(st) - 1) & 3)), w6 = w >> 6;
             raw[0] = lop3_and_or(w, MASK, E), raw[1] = lop3_and_or(w6, MASK, E);
-            raw[2] = lop3_and_or(BF ? w >> 3 : w, M3, E3);
-            raw[3] = lop3_and_or(BF ? w6 >> 3 : w6, M3, E3);
+            raw[2] = lop3_and_or(w, M3, E3);
+            raw[3] = lop3_and_or(w6, M3, E3);
           }
           put(st, raw, zlo, zhi);
         }
@@ -610,25 +613,31 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     } else {
       // 2 and 4 bits: the step's one word this warp reads holds u = 0, 2 at bits ELO, EHI of
       // the low byte of each half and u = 1, 3 at the same bits of the high byte (`pair_slot`).
-      // fp16 reads each code where it lies (one shift by 8 per word, `pos_magic`); bf16 (7
-      // mantissa bits) moves each to bit 0. h: the warp's half of its word (q % 2 at 2 bits)
+      // Each code is read where it lies (one shift by 8 per word, `pos_magic`), but in bf16 (7
+      // mantissa bits): 2-bit codes at bits 4, 6 (h = 1) are read at 2, 4 of the word shifted
+      // by 2, and 4-bit codes, whose high nibble cannot fit (4 + 4 > 7), are each moved to
+      // bit 0. h: the warp's half of its word (q % 2 at 2 bits)
       auto steps = [&](auto half_c) {
         constexpr int h = decltype(half_c)::value;
         constexpr int ELO = BITS == 4 ? 0 : 4 * h, EHI = ELO + BITS;
-        const uint32_t zlo = zero(zb & 0xFFu, ELO), zhi = zero(zb >> 8, EHI);
+        constexpr bool LOW = BF && BITS == 4;
+        constexpr int PRE = BF && BITS == 2 ? 2 * h : 0;  // the word's shift before reading
+        constexpr int RLO = LOW ? 0 : ELO - PRE, RHI = LOW ? 0 : EHI - PRE;  // read at
+        const uint32_t zlo = zero(zb & 0xFFu, RLO), zhi = zero(zb >> 8, RHI);
 #pragma unroll
         for (int st = 0; st < 4; ++st) {
-          const uint32_t w = word(st * BITS + widx), w8 = w >> 8;
+          const uint32_t w = word(st * BITS + widx);
           uint32_t raw[4];
-          if constexpr (BF) {
+          if constexpr (LOW) {
+            const uint32_t w8 = w >> 8;
             raw[0] = lop3_and_or(w >> ELO, MASK, E), raw[1] = lop3_and_or(w8 >> ELO, MASK, E);
             raw[2] = lop3_and_or(w >> EHI, MASK, E), raw[3] = lop3_and_or(w8 >> EHI, MASK, E);
           } else {
-            constexpr uint32_t MLO = MASK << ELO, MHI = MASK << EHI;
-            constexpr uint32_t ELOW = pos_magic(ELO) * 0x00010001u;
-            constexpr uint32_t EHIW = pos_magic(EHI) * 0x00010001u;
-            raw[0] = lop3_and_or(w, MLO, ELOW), raw[1] = lop3_and_or(w8, MLO, ELOW);
-            raw[2] = lop3_and_or(w, MHI, EHIW), raw[3] = lop3_and_or(w8, MHI, EHIW);
+            const uint32_t wp = w >> PRE, w8 = w >> (8 + PRE);
+            constexpr uint32_t MLO = MASK << RLO, MHI = MASK << RHI;
+            constexpr uint32_t ELOW = pos(RLO) * 0x00010001u, EHIW = pos(RHI) * 0x00010001u;
+            raw[0] = lop3_and_or(wp, MLO, ELOW), raw[1] = lop3_and_or(w8, MLO, ELOW);
+            raw[2] = lop3_and_or(wp, MHI, EHIW), raw[3] = lop3_and_or(w8, MHI, EHIW);
           }
           put(st, raw, zlo, zhi);
         }
@@ -655,7 +664,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const uint32_t dlo = kept<PROD>(static_cast<uint32_t>(desc0));
   auto mma = [&](int it, const uint32_t (&a)[4][4]) {
     wg_fence();
-    const uint32_t lo = dlo + static_cast<uint32_t>(it) % STAGES * (SB >> 4);
+    // lane 0's value through a shuffle, which ptxas then keeps in uniform registers: the four
+    // descriptors by uniform adds instead of a register move each (8 R2UR a k-step -> 1)
+    const uint32_t lo =
+        __shfl_sync(0xFFFFFFFFu, dlo + static_cast<uint32_t>(it) % STAGES * (SB >> 4), 0);
 #pragma unroll
     for (int st = 0; st < 4; ++st)
       wgmma_tile<BF, NT>(acc, a[st], (desc0 >> 32 << 32) | (lo + st * 2));
