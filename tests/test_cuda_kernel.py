@@ -77,17 +77,24 @@ def unpack_pairs(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: unpack
             for i in range(3):
                 r[8 * b + 5 + i] = lop3(hi, 0x00030003 << (2 * i), E)
     else:
-        for b in range(3):
-            w6 = w[b] >> 6
-            r[5 * b + 0] = lop3(w[b], 0x00070007, E)
-            r[5 * b + 1] = lop3(w[b], 0x00380038, E)
-            r[5 * b + 2] = lop3(w6, 0x00070007, E)
-            r[5 * b + 3] = lop3(w6, 0x00380038, E)
-        r[4] = lop3(w[0] >> 12, 0x00070007, E)
-        r[9] = lop3(w[1] >> 12, 0x00070007, E)
-        r[14] = lop3(w[2] >> 9, 0x00380038, E)
-        top = ((w[0] >> 12) & 0x00080008) | ((w[1] >> 11) & 0x00100010)  # spread_pair_at3
-        r[15] = lop3(w[2] >> 10, 0x00200020, top | E)
+        r = unpack_pairs_3(w, E, E)
+    return r
+
+
+def unpack_pairs_3(w: list[int], e0: int, e3: int) -> list[int]:  # fragments.cuh: unpack_pairs_3
+    """3 bits: each code read where it lies, over ``e0`` (a slot at exponent 0) or ``e3``."""
+    r = [0] * 16
+    for b in range(3):
+        w6 = w[b] >> 6
+        r[5 * b + 0] = lop3(w[b], 0x00070007, e0)
+        r[5 * b + 1] = lop3(w[b], 0x00380038, e3)
+        r[5 * b + 2] = lop3(w6, 0x00070007, e0)
+        r[5 * b + 3] = lop3(w6, 0x00380038, e3)
+    r[4] = lop3(w[0] >> 12, 0x00070007, e0)
+    r[9] = lop3(w[1] >> 12, 0x00070007, e0)
+    r[14] = lop3(w[2] >> 9, 0x00380038, e3)
+    top = ((w[0] >> 12) & 0x00080008) | ((w[1] >> 11) & 0x00100010)  # spread_pair_at3
+    r[15] = lop3(w[2] >> 10, 0x00200020, top | e3)
     return r
 
 
@@ -102,20 +109,7 @@ def unpack_pairs_low(bits: int, w: list[int]) -> list[int]:  # fragments.cuh: un
 def unpack_pairs_bf16_3(w: list[int]) -> list[int]:  # fragments.cuh: unpack_pairs_bf16_3
     """bf16, 3 bits: each code read where unpack_pairs reads it, over the bf16 exponent bits
     of 2^(7 - e) for its slot's exponent e (0x4300 at 0, 0x4180 at 3)."""
-    e0, e3 = 0x43004300, 0x41804180
-    r = [0] * 16
-    for b in range(3):
-        w6 = w[b] >> 6
-        r[5 * b + 0] = lop3(w[b], 0x00070007, e0)
-        r[5 * b + 1] = lop3(w[b], 0x00380038, e3)
-        r[5 * b + 2] = lop3(w6, 0x00070007, e0)
-        r[5 * b + 3] = lop3(w6, 0x00380038, e3)
-    r[4] = lop3(w[0] >> 12, 0x00070007, e0)
-    r[9] = lop3(w[1] >> 12, 0x00070007, e0)
-    r[14] = lop3(w[2] >> 9, 0x00380038, e3)
-    top = ((w[0] >> 12) & 0x00080008) | ((w[1] >> 11) & 0x00100010)  # spread_pair_at3
-    r[15] = lop3(w[2] >> 10, 0x00200020, top | e3)
-    return r
+    return unpack_pairs_3(w, 0x43004300, 0x41804180)
 
 
 def lane_scales(words: np.ndarray, grp: int, b: int, row: int) -> list[list[np.float16]]:

@@ -210,6 +210,24 @@ __host__ __device__ constexpr uint32_t pos_magic_bf16(int e) {
 }
 static_assert(pos_magic_bf16(3) == 0x4180u, "16 in bf16");
 
+// 3 bits: the 16 raw pairs (by slot) of one k16 step from its three words, each code read
+// where it lies over `e0` (a slot at exponent 0) or `e3` (exponent 3: `slot_exp`)
+__device__ __forceinline__ void unpack_pairs_3(const uint32_t* w, uint32_t* r, uint32_t e0,
+                                               uint32_t e3) {
+#pragma unroll
+  for (int b = 0; b < 3; ++b) {
+    const uint32_t w6 = w[b] >> 6;
+    r[5 * b + 0] = lop3_and_or(w[b], 0x00070007u, e0);
+    r[5 * b + 1] = lop3_and_or(w[b], 0x00380038u, e3);
+    r[5 * b + 2] = lop3_and_or(w6, 0x00070007u, e0);
+    r[5 * b + 3] = lop3_and_or(w6, 0x00380038u, e3);
+  }
+  r[4] = lop3_and_or(w[0] >> 12, 0x00070007u, e0);
+  r[9] = lop3_and_or(w[1] >> 12, 0x00070007u, e0);
+  r[14] = lop3_and_or(w[2] >> 9, 0x00380038u, e3);
+  r[15] = spread_pair_at3(w, e3);
+}
+
 // The 16 raw pairs (0x6400 | code << e in each half) of one k16 step from its BITS words, by
 // slot (`slots_to_pairs` puts them in pair order).
 template <int BITS>
@@ -234,18 +252,7 @@ __device__ __forceinline__ void unpack_pairs(const uint32_t* w, uint32_t* r) {
       for (int i = 0; i < 3; ++i) r[8 * b + 5 + i] = lop3_and_or(hi, 0x00030003u << (2 * i), E);
     }
   } else {
-#pragma unroll
-    for (int b = 0; b < 3; ++b) {
-      const uint32_t w6 = w[b] >> 6;
-      r[5 * b + 0] = lop3_and_or(w[b], 0x00070007u, E);
-      r[5 * b + 1] = lop3_and_or(w[b], 0x00380038u, E);
-      r[5 * b + 2] = lop3_and_or(w6, 0x00070007u, E);
-      r[5 * b + 3] = lop3_and_or(w6, 0x00380038u, E);
-    }
-    r[4] = lop3_and_or(w[0] >> 12, 0x00070007u, E);
-    r[9] = lop3_and_or(w[1] >> 12, 0x00070007u, E);
-    r[14] = lop3_and_or(w[2] >> 9, 0x00380038u, E);
-    r[15] = spread_pair_at3(w, E);
+    unpack_pairs_3(w, r, E, E);  // fp16: 1024 + code << e, scaled by 2^-e after
   }
 }
 
@@ -265,19 +272,7 @@ __device__ __forceinline__ void unpack_pairs_low(const uint32_t* w, uint32_t* r)
 // each over the bf16 exponent bits that make its code count in ones at its slot's exponent
 // (slot_exp: 0 or 3, and 3 + 3 bits fit bf16's 7): 2^(7 - e) + code, exact (`pos_magic_bf16`)
 __device__ __forceinline__ void unpack_pairs_bf16_3(const uint32_t* w, uint32_t* r) {
-  constexpr uint32_t E0 = pos_magic_bf16(0) * 0x00010001u, E3 = pos_magic_bf16(3) * 0x00010001u;
-#pragma unroll
-  for (int b = 0; b < 3; ++b) {
-    const uint32_t w6 = w[b] >> 6;
-    r[5 * b + 0] = lop3_and_or(w[b], 0x00070007u, E0);
-    r[5 * b + 1] = lop3_and_or(w[b], 0x00380038u, E3);
-    r[5 * b + 2] = lop3_and_or(w6, 0x00070007u, E0);
-    r[5 * b + 3] = lop3_and_or(w6, 0x00380038u, E3);
-  }
-  r[4] = lop3_and_or(w[0] >> 12, 0x00070007u, E0);
-  r[9] = lop3_and_or(w[1] >> 12, 0x00070007u, E0);
-  r[14] = lop3_and_or(w[2] >> 9, 0x00380038u, E3);
-  r[15] = spread_pair_at3(w, E3);
+  unpack_pairs_3(w, r, pos_magic_bf16(0) * 0x00010001u, pos_magic_bf16(3) * 0x00010001u);
 }
 
 // The zero-point constants per (n8 tile j, fragment half f). fp16: -(1024 / 2^e + z) in both
