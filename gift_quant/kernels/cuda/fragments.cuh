@@ -286,11 +286,9 @@ __device__ __forceinline__ void zero_pairs(uint2 zw, uint32_t (&cz)[8][2]) {
     const uint32_t z = ((j < 4 ? zw.x : zw.y) >> (8 * (j & 3))) & 0xFFu;
 #pragma unroll
     for (int f = 0; f < 2; ++f) {
-      if constexpr (BF && BITS == 3) {
-        const uint32_t e = pair_exp<BITS>(2 * j + f);
+      if constexpr (BF) {  // 2- and 4-bit codes are moved to bit 0 (unpack_pairs_low)
+        const uint32_t e = BITS == 3 ? pair_exp<BITS>(2 * j + f) : 0;
         cz[j][f] = (pos_magic_bf16(e) | (z << e)) * 0x00010001u;
-      } else if constexpr (BF) {
-        cz[j][f] = (magic<true>() | z) * 0x00010001u;
       } else {
         const uint32_t e = pair_exp<BITS>(2 * j + f);
         cz[j][f] = (0x8000u | pos_magic(e) | (z << e)) * 0x00010001u;
