@@ -166,3 +166,18 @@ def test_a_wrong_caller_commit_is_refused(tmp_path, monkeypatch):
         caller_commit(tmp_path)
     monkeypatch.setenv("GIFT_QUANT_COMMIT", "1" * 40)
     assert caller_commit(tmp_path) == "1" * 40  # the copy's git lags behind its files: trusted
+
+
+@pytest.mark.parametrize(
+    ("name", "tag"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA GeForce RTX 4090", "4090"),
+        ("", "cpu"),
+    ],
+)
+def test_result_files_are_named_by_the_gpu_that_ran(name, tag):
+    # a default result name says which GPU measured it: an H100 run is not filed as an H200's
+    assert prov.gpu_tag(name) == tag

@@ -12,9 +12,9 @@ Any configuration ``dispatch.run_route`` takes ("wg:NTxWxS[cC]", "mma:WNxS[kKW][
 sets the salient columns per layer (0: none, so the salient k-steps and the warpgroup
 kernel's gather launch drop out: their cost is the difference). Each result is checked
 against the float64 product first (``BAD`` in the table when the relative error passes 5e-3).
-Prints one line per (shape, nsal, M); writes ``configs_h200.json`` (``--name``) under
-``--out`` (default benchmarks/results), every row with the commit, versions, GPU and CPU and
-whether the machine was shared.
+Prints one line per (shape, nsal, M); writes ``configs_<gpu>.json`` (``--name``; <gpu> the GPU's
+tag, h200 or h100) under ``--out`` (default benchmarks/results), every row with the commit,
+versions, GPU and CPU and whether the machine was shared.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bench  # noqa: E402
+from provenance import gpu_tag  # noqa: E402
 
 from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--nsal", default="128", help="salient columns per layer, comma-separated")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
-    ap.add_argument("--name", default="configs_h200.json")
+    ap.add_argument("--name", default=None, help="result file (default configs_<gpu>.json)")
     ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
     args = ap.parse_args()
     try:  # every argument read before any work
@@ -97,7 +98,7 @@ def main() -> None:
                 print(" | ".join(line), flush=True)
             del copies, base
             torch.cuda.empty_cache()
-    out = Path(args.out) / args.name
+    out = Path(args.out) / (args.name or f"configs_{gpu_tag()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")  # a temporary sibling, then a rename: never half a file
     tmp.write_text(json.dumps(rows, indent=1))

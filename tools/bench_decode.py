@@ -5,7 +5,7 @@
         [--out DIR] [--workdir DIR] [--shared]
 
 ``--dtype bf16``: the same in bf16 (the dense model, the activations and the kernels' bf16
-builds; rows keyed "bf16", written to decode_h200_bf16.json).
+builds; rows keyed "bf16", written to decode_<gpu>_bf16.json, <gpu> the GPU's tag: h200, h100).
 
 The model is built from a LlamaConfig (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab
 32000) with random weights on the GPU in fp16 and timed first. Then every Linear of every
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import write_json  # noqa: E402
+from provenance import gpu_tag, write_json  # noqa: E402
 
 from gift_quant.fused import fuse_siblings  # noqa: E402
 from gift_quant.io.export import save_quantized  # noqa: E402
@@ -360,7 +360,7 @@ def main() -> None:
     env["dtype"] = D
     env["inductor_pdl"] = args.inductor_pdl
     out = Path(args.out)
-    name = "decode_h200" + ("" if D == "fp16" else f"_{D}")
+    name = f"decode_{gpu_tag()}" + ("" if D == "fp16" else f"_{D}")
     name += "_inductor_pdl.json" if args.inductor_pdl else ".json"
     # after each model's timings, the rows so far to NAME.partial.json (removed once NAME is
     # written): a run stopped part-way, by a time limit or a crash, still leaves what it timed

@@ -25,13 +25,13 @@ under "cand": what the route tables are made from), until ``--budget`` seconds h
 their bf16 builds, chosen by their own first-use timing).
 Every JSON row records the commit, the versions, the GPU and CPU, whether the machine was
 shared (``--shared``), the activation dtype and the routes in force.
-Results: ``kernels_h200.json`` (``kernels_h200_bf16.json`` with bf16) under ``--out`` (default
-benchmarks/results); ``--markdown FILE`` prints a saved run's tables (as in the README) and
-counts the targets on it (``kernel_tables.py``); ``--compare BASE NEW`` prints the time ratios
-of two saved runs: the routed op and cuBLAS per M, each candidate configuration (the same one
-in both builds, with ``--candidates``) and each cell's fastest candidate; ``--k-sweep FILE``
-splits each candidate's time in a run over shapes that differ only in K (``--shape NxK``
-repeated) into a fixed part and a part per 64 columns of K.
+Results: ``kernels_<gpu>.json`` (``kernels_<gpu>_bf16.json`` with bf16; <gpu> the GPU's tag,
+h200 or h100) under ``--out`` (default benchmarks/results); ``--markdown FILE`` prints a saved
+run's tables (as in the README) and counts the targets on it (``kernel_tables.py``); ``--compare
+BASE NEW`` prints the time ratios of two saved runs: the routed op and cuBLAS per M, each
+candidate configuration (the same one in both builds, with ``--candidates``) and each cell's
+fastest candidate; ``--k-sweep FILE`` splits each candidate's time in a run over shapes that
+differ only in K (``--shape NxK`` repeated) into a fixed part and a part per 64 columns of K.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_variants import gemv_variants  # noqa: E402
 from kernel_tables import parse_shape, print_tables, show_saved  # noqa: E402
+from provenance import gpu_tag  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
@@ -385,7 +386,7 @@ def main() -> None:
         "--dtype", default="fp16", choices=sorted(ACTIVATION_DTYPES), help="activations"
     )
     ap.add_argument(
-        "--name", help="result file under --out (kernels_h200.json, kernels_h200_bf16.json)"
+        "--name", help="result file under --out (kernels_<gpu>.json, kernels_<gpu>_bf16.json)"
     )
     ap.add_argument("--markdown", default=None, help="JSON of a run: print its tables, run none")
     ap.add_argument(
@@ -432,7 +433,7 @@ def main() -> None:
     print(res["env"], flush=True)
     if args.warm:
         warm(shapes, args.warm, args.candidates, ACTIVATION_DTYPES[args.dtype])
-    name = args.name or ("kernels_h200.json" if args.dtype == "fp16" else "kernels_h200_bf16.json")
+    name = args.name or f"kernels_{gpu_tag()}" + ("" if args.dtype == "fp16" else "_bf16") + ".json"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for group, (N, K) in shapes:

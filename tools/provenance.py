@@ -22,11 +22,20 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["ENV", "add_arguments", "provenance", "shared_flag", "stamp", "write_json"]
+__all__ = [
+    "ENV",
+    "add_arguments",
+    "gpu_tag",
+    "provenance",
+    "shared_flag",
+    "stamp",
+    "write_json",
+]
 
 ENV = "BENCH_SHARED"
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +121,19 @@ def _static() -> dict:
         "gpu": gpu,
         "threads": torch.get_num_threads(),
     }
+
+
+def gpu_tag(name: str | None = None) -> str:
+    """A short tag for result file names: the first word of the GPU's name (``name``, else
+    CUDA device 0's) that holds a digit, lower-cased: "NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA H200" -> "h200", "NVIDIA GeForce RTX 4090" -> "4090"; "cpu" without a GPU."""
+    if name is None:
+        name = _static()["gpu"]
+    if not name:
+        return "cpu"
+    words = [w.lower() for w in re.split(r"[\s_-]+", name) if w and w.upper() != "NVIDIA"]
+    tag = next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "gpu")
+    return re.sub(r"[^a-z0-9]", "", tag) or "gpu"
 
 
 def provenance(shared: bool) -> dict:
