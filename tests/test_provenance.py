@@ -175,6 +175,8 @@ def test_a_wrong_caller_commit_is_refused(tmp_path, monkeypatch):
         ("NVIDIA H200", "h200"),
         ("NVIDIA A100-SXM4-80GB", "a100"),
         ("NVIDIA GeForce RTX 4090", "4090"),
+        ("TITAN RTX", "titan"),
+        ("NVIDIA", "gpu"),
         ("", "cpu"),
     ],
 )

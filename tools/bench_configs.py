@@ -57,6 +57,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_configs needs a CUDA device")
     env = run_environment(args.shared)
+    out = Path(args.out) / (args.name or f"configs_{gpu_tag()}.json")  # named before the work
     names, bits, rows, t0 = args.names.split(","), args.bits, [], time.time()
     for N, K in shapes:
         cublas = {}
@@ -98,7 +99,6 @@ def main() -> None:
                 print(" | ".join(line), flush=True)
             del copies, base
             torch.cuda.empty_cache()
-    out = Path(args.out) / (args.name or f"configs_{gpu_tag()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")  # a temporary sibling, then a rename: never half a file
     tmp.write_text(json.dumps(rows, indent=1))

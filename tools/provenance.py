@@ -126,13 +126,17 @@ def _static() -> dict:
 def gpu_tag(name: str | None = None) -> str:
     """A short tag for result file names: the first word of the GPU's name (``name``, else
     CUDA device 0's) that holds a digit, lower-cased: "NVIDIA H100 80GB HBM3" -> "h100",
-    "NVIDIA H200" -> "h200", "NVIDIA GeForce RTX 4090" -> "4090"; "cpu" without a GPU."""
+    "NVIDIA H200" -> "h200", "NVIDIA GeForce RTX 4090" -> "4090"; "cpu" without a GPU. The
+    tag is for names only (H100 PCIe and SXM both give "h100"); each row's ``gpu`` field holds
+    the full name."""
     if name is None:
-        name = _static()["gpu"]
-    if not name:
-        return "cpu"
+        import torch
+
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     words = [w.lower() for w in re.split(r"[\s_-]+", name) if w and w.upper() != "NVIDIA"]
-    tag = next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "gpu")
+    if not words:
+        return "cpu" if not name.strip() else "gpu"
+    tag = next((w for w in words if any(c.isdigit() for c in w)), words[0])
     return re.sub(r"[^a-z0-9]", "", tag) or "gpu"
 
 

@@ -51,6 +51,7 @@ from bench_kernels import (  # noqa: E402
     time_cublas,
 )
 from kernel_tables import parse_shape  # noqa: E402
+from provenance import gpu_tag  # noqa: E402
 
 from gift_quant.kernels.cuda import native, rules  # noqa: E402
 from gift_quant.kernels.reference import dequantize_codes  # noqa: E402
@@ -180,7 +181,7 @@ def main() -> None:
     Ms = [int(m) for m in args.ms.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name().split()[-1].lower()
+    gpu = gpu_tag()
     worst = 0.0
     for N, K in shapes:
         fp = {M: time_cublas(N, K, M, torch.float16) for M in Ms}
