@@ -215,7 +215,7 @@ def test_the_cpu_head_reads_an_exact_fp16_copy(dtype):
             x = torch.randn(*shape, 67).to(dtype)
             ref = torch.nn.functional.linear(x, head.weight)
             got = head(x)
-            assert head._cpu_cache["half"][1] is not None
+            assert cpu._HALF[head.weight][1] is not None
             _check(got, ref, x.double() @ head.weight.double().t())
         big = torch.randn(40, 67).to(dtype)  # prefill: the plain matmul
         assert torch.equal(head(big), torch.nn.functional.linear(big, head.weight))
@@ -223,9 +223,35 @@ def test_the_cpu_head_reads_an_exact_fp16_copy(dtype):
         head.weight.add_(1e-3)  # no longer fp16 values (fp32 case): nn.Linear again
         got = head(x)
     if dtype is torch.float32:
-        assert head._cpu_cache["half"][1] is None
+        assert cpu._HALF[head.weight][1] is None
         assert torch.equal(got, torch.nn.functional.linear(x, head.weight))
     assert set_cpu_head(model, enabled=False) and type(head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize(("bits", "group", "sym", "k", "bias"), [CASES[1], CASES[2]])
+def test_torch_compile_keeps_the_kernels_in_one_graph(bits, group, sym, k, bias):
+    # the kernels are ctypes calls, which Dynamo cannot trace: compiled, they are ops the graph
+    # keeps (fullgraph=True fails on any break), computing what the eager layers compute
+    layer = random_mixed_linear(
+        256, 64, bits=bits, group_size=group, num_salient=k, bias=bias, sym=sym, seed=bits
+    ).float()
+    head = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(head.weight.half().float())
+    head.__class__ = cpu.CpuHead
+    model = torch.nn.Sequential(layer, head)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+        layer.scales.mul_(2)  # copied in place: the compiled op sees it, as the eager layer does
+        head.weight.mul_(2)
+        got = compiled(x)
+        assert torch.equal(got, model(x))
+    assert torch.allclose(
+        got.double(), oracle(x, layer) @ head.weight.double().t(), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_int4_refuses_layouts_it_cannot_compute_exactly():

@@ -25,12 +25,19 @@ reference's products, so no dense copy of the model is kept. Layers the kernel c
 
 Each cache is keyed on the identity and version counter of the layer's tensors, so copying new
 values into a buffer (or replacing it) rebuilds it instead of computing with stale weights.
+
+Under ``torch.compile`` the kernel calls (ctypes, which Dynamo cannot trace) go through two
+opaque custom ops, ``gift_quant::cpu_mixed`` and ``gift_quant::cpu_head``, which take the
+layer's tensors and run the same code eagerly: a compiled decode step is one graph around them
+instead of a graph break at every layer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gift_quant.kernels import cpu_native
 from gift_quant.kernels.reference import add_salient_and_bias, dequantize_weight
@@ -39,6 +46,7 @@ from gift_quant.quant.packing import unpack_cols, unpack_rows
 __all__ = [
     "auto_matmul",
     "cached_form",
+    "compiled_matmul",
     "dense_matmul",
     "int4_matmul",
     "int4_unsupported",
@@ -164,26 +172,33 @@ class CpuHead(nn.Linear):
             and not torch.is_grad_enabled()
             and x.numel() <= PACKED_MAX_ROWS * self.in_features
         ):
-            half = _cached_head(self)
-            if half is not None:
-                xf = x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
-                y = cpu_native.half_gemm(xf, half)
-                return y if x.dtype is torch.float32 else y.to(x.dtype)
+            if torch.compiler.is_compiling():
+                return torch.ops.gift_quant.cpu_head(x, self.weight)
+            return _head_matmul(x, self.weight)
         return super().forward(x)
 
 
-def _cached_head(head: nn.Linear) -> cpu_native.HalfWeight | None:
-    w = head.weight
-    key = (id(w), w._version)
-    cache = head.__dict__.get("_cpu_cache")
-    if cache is None:
-        cache = head.__dict__["_cpu_cache"] = _Cache()
-    hit = cache.get("half")
-    if hit is None or hit[0] != key:
+_HALF = WeakIdKeyDictionary()  # head weight -> (version, form)
+
+
+def _half_weight(w: Tensor) -> cpu_native.HalfWeight | None:
+    """The kernel's fp16 copy of a head weight (None when a weight is not an fp16 value), built
+    once per weight and version."""
+    hit = _HALF.get(w)
+    if hit is None or hit[0] != w._version:
         with torch.no_grad():
             ok = cpu_native.half_unsupported(w) is None
-            hit = cache["half"] = (key, cpu_native.HalfWeight(w) if ok else None)
+            hit = _HALF[w] = (w._version, cpu_native.HalfWeight(w) if ok else None)
     return hit[1]
+
+
+def _head_matmul(x: Tensor, w: Tensor) -> Tensor:
+    half = _half_weight(w)
+    if half is None:
+        return F.linear(x, w)
+    xf = x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
+    y = cpu_native.half_gemm(xf, half)
+    return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 def set_cpu_head(model: nn.Module, enabled: bool = True) -> bool:
@@ -234,3 +249,69 @@ def int4_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, sz)
     y = y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
     return y if base_only else add_salient_and_bias(x, y, layer)
+
+
+# torch.compile: the kernel calls as opaque ops on the layer's tensors (module docstring)
+class _OpLayer:
+    """A layer's tensors and sizes as an op receives them: what the cached forms are built
+    from (the forms live in its ``_cpu_cache``, as on a layer)."""
+
+    def __init__(self, *args) -> None:  # _cpu_mixed's arguments after x, up to group_size
+        self.args = args
+        (self.qweight, self.qzeros, self.scales, self.g_idx, self.salient_idx) = args[:5]
+        (self.salient_weight, self.bias, self.bits, self.group_size) = args[5:]
+        self.in_features, self.out_features = self.g_idx.numel(), self.scales.shape[1]
+
+
+_OP_LAYERS = WeakIdKeyDictionary()  # qweight -> _OpLayer
+
+_MIXED_SCHEMA = (
+    "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor salient_idx, "
+    "Tensor salient_weight, Tensor? bias, int bits, int group_size, bool base_only) -> Tensor"
+)
+
+
+# defined with a plain CPU kernel (torch.library.custom_op's wrapper costs about 8 us more a
+# call, 1.7 ms a SmolLM2 decode step)
+_LIB = torch.library.Library("gift_quant", "DEF")
+_LIB.define("cpu_mixed" + _MIXED_SCHEMA)
+_LIB.define("cpu_head(Tensor x, Tensor weight) -> Tensor")
+
+
+def _cpu_mixed(x, *args):  # args: the layer's tensors, bits, group_size, base_only
+    layer = _OP_LAYERS.get(args[0])
+    # the same objects as last time, or a new view of the layer (its forms are rebuilt)
+    if layer is None or any(a is not b for a, b in zip(layer.args, args[:-1], strict=True)):
+        layer = _OP_LAYERS[args[0]] = _OpLayer(*args[:-1])
+    return auto_matmul(x, layer, args[-1])
+
+
+_LIB.impl("cpu_mixed", _cpu_mixed, "CPU")
+_LIB.impl("cpu_head", _head_matmul, "CPU")
+
+
+@torch.library.register_fake("gift_quant::cpu_mixed", lib=_LIB)
+def _(x, qweight, qzeros, scales, *args):
+    return x.new_empty(*x.shape[:-1], scales.shape[1])
+
+
+@torch.library.register_fake("gift_quant::cpu_head", lib=_LIB)
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def compiled_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
+    """``auto_matmul`` as an op ``torch.compile`` keeps in its graph (inference, CPU)."""
+    return torch.ops.gift_quant.cpu_mixed(
+        x,
+        layer.qweight,
+        layer.qzeros,
+        layer.scales,
+        layer.g_idx,
+        layer.salient_idx,
+        layer.salient_weight,
+        layer.bias,
+        layer.bits,
+        layer.group_size,
+        base_only,
+    )
