@@ -362,3 +362,18 @@ def test_sass_loops_labels_kernels_and_shows_what_changed(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "| k<1> | 94 | 423 -> 415 | 8 | 16 -> 2 | 12 |"
     assert out[3] == "in the base run only: k<2>"
+
+
+def test_bench_cpu_compile_refuses_a_directory_without_a_model_before_loading(
+    monkeypatch, capsys, tmp_path
+):
+    """``bench_cpu_compile`` names a directory that holds no model in one line, before it loads
+    the fp32 model or compiles anything."""
+    import bench_cpu_compile
+
+    monkeypatch.setattr(sys, "argv", ["bench_cpu_compile.py", str(tmp_path), "--idle"])
+    monkeypatch.setattr(bench_cpu_compile, "load_quantized", None)  # reached: a TypeError
+    with pytest.raises(SystemExit) as err:
+        bench_cpu_compile.main()
+    assert err.value.code == 2
+    assert f"{tmp_path} is not a model directory (no config.json)" in capsys.readouterr().err
