@@ -249,9 +249,31 @@ def test_torch_compile_keeps_the_kernels_in_one_graph(bits, group, sym, k, bias)
         head.weight.mul_(2)
         got = compiled(x)
         assert torch.equal(got, model(x))
-    assert torch.allclose(
-        got.double(), oracle(x, layer) @ head.weight.double().t(), rtol=1e-4, atol=1e-4
-    )
+        want = oracle(x, layer) @ head.weight.double().t()
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+        layer.qzeros = layer.qzeros.flip(0)  # a buffer replaced by a new tensor: seen too
+        assert torch.equal(compiled(x), model(x))
+        xs = torch.randn(2, 20, 256)  # 40 rows: the dequantize-then-matmul route, 3-D
+        assert torch.equal(compiled(xs), model(xs))
+
+
+def test_the_ops_forms_are_released_and_go_with_the_layer():
+    import gc
+
+    from gift_quant.kernels import release_inference_forms
+
+    layer = random_mixed_linear(128, 64, bits=4, group_size=32, num_salient=4, seed=5).float()
+    x = torch.randn(1, 128)
+    before = len(cpu._OP_CACHES)
+    with torch.no_grad():
+        assert torch.equal(cpu.compiled_matmul(x, layer), layer(x))  # the op, called eagerly
+        assert layer.qweight in cpu._OP_CACHES
+        release_inference_forms(layer)  # as GIFT-SW does before training
+        assert layer.qweight not in cpu._OP_CACHES
+        cpu.compiled_matmul(x, layer)
+    del layer
+    gc.collect()
+    assert len(cpu._OP_CACHES) == before  # no reference to the layer's tensors kept
 
 
 def test_int4_refuses_layouts_it_cannot_compute_exactly():

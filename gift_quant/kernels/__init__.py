@@ -94,6 +94,7 @@ def release_inference_forms(layer) -> None:
     layer it trains around, which an evaluation before training may have filled, so that
     training does not hold that memory. The next inference call builds them again."""
     layer.__dict__.pop("_cpu_cache", None)
+    cpu.release_op_forms(layer)
     if triton_available():
         from gift_quant.kernels.triton import ops as triton_ops
 

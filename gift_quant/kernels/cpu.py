@@ -253,17 +253,25 @@ def int4_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
 
 # torch.compile: the kernel calls as opaque ops on the layer's tensors (module docstring)
 class _OpLayer:
-    """A layer's tensors and sizes as an op receives them: what the cached forms are built
-    from (the forms live in its ``_cpu_cache``, as on a layer)."""
+    """A layer as an op call sees it: the call's tensors and sizes, and the forms cached for
+    the layer's codes (``_OP_CACHES``, keyed on the tensors' identities and versions as on a
+    layer: ``cached_form``). Made per call: no reference to the tensors outlives it, and
+    concurrent calls do not share one."""
 
-    def __init__(self, *args) -> None:  # _cpu_mixed's arguments after x, up to group_size
-        self.args = args
+    def __init__(self, args, cache: _Cache) -> None:  # args: _cpu_mixed's after x, to group_size
         (self.qweight, self.qzeros, self.scales, self.g_idx, self.salient_idx) = args[:5]
         (self.salient_weight, self.bias, self.bits, self.group_size) = args[5:]
         self.in_features, self.out_features = self.g_idx.numel(), self.scales.shape[1]
+        self._cpu_cache = cache
 
 
-_OP_LAYERS = WeakIdKeyDictionary()  # qweight -> _OpLayer
+_OP_CACHES = WeakIdKeyDictionary()  # a layer's qweight -> the forms built for it
+
+
+def release_op_forms(layer) -> None:
+    """Drop the forms the ops built for ``layer`` (``release_inference_forms``)."""
+    _OP_CACHES.pop(layer.qweight, None)
+
 
 _MIXED_SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor salient_idx, "
@@ -279,11 +287,10 @@ _LIB.define("cpu_head(Tensor x, Tensor weight) -> Tensor")
 
 
 def _cpu_mixed(x, *args):  # args: the layer's tensors, bits, group_size, base_only
-    layer = _OP_LAYERS.get(args[0])
-    # the same objects as last time, or a new view of the layer (its forms are rebuilt)
-    if layer is None or any(a is not b for a, b in zip(layer.args, args[:-1], strict=True)):
-        layer = _OP_LAYERS[args[0]] = _OpLayer(*args[:-1])
-    return auto_matmul(x, layer, args[-1])
+    cache = _OP_CACHES.get(args[0])
+    if cache is None:
+        cache = _OP_CACHES[args[0]] = _Cache()
+    return auto_matmul(x, _OpLayer(args[:-1], cache), args[-1])
 
 
 _LIB.impl("cpu_mixed", _cpu_mixed, "CPU")
