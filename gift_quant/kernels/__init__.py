@@ -73,16 +73,12 @@ def resolve_backend(requested: Backend | str, x: Tensor) -> Backend:
 def dequant_matmul(x: Tensor, layer, backend: Backend | str = Backend.AUTO) -> Tensor:
     """y = x @ dequant(W_q)^T + x[..., S] @ W_S^T + bias, by the chosen backend."""
     if backend is Backend.AUTO and x.device.type == "cpu" and not torch.is_grad_enabled():
-        if torch.compiler.is_compiling():  # the kernel as an op the graph keeps
-            return cpu.compiled_matmul(x, layer)
         return cpu.auto_matmul(x, layer)  # CPU inference, every decode step: skip the rest
     chosen = resolve_backend(backend, x)
     if chosen is Backend.TRITON:
         from gift_quant.kernels.triton import ops as triton_ops
 
         return triton_ops.dequant_matmul(x, layer)
-    if chosen is Backend.CPU and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return cpu.compiled_matmul(x, layer)
     if chosen in _CPU:
         return _CPU[chosen](x, layer)
     return reference.dequant_matmul(x, layer)

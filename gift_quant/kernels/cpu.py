@@ -146,6 +146,8 @@ def _run_packed(x: Tensor, layer, packed, base_only: bool) -> Tensor:
 
 def auto_matmul(x: Tensor, layer, base_only: bool = False) -> Tensor:
     """``Backend.CPU``: the fastest exact route for this call (module docstring)."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return compiled_matmul(x, layer, base_only)  # the same, as an op the graph keeps
     packed = _packed(layer)
     if packed is None:
         return dense_matmul(x, layer, base_only)
