@@ -467,6 +467,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     bulk_load(dst + ZOFF, zp + gb * 4, WGS * 64, bar);
     bulk_load(dst + SOFF, scp + gb * 8, WGS * 128, bar);
   };
+  auto wait_slot = [&](uint32_t sl, uint32_t parity) { mbar_wait(bar0 + sl * 8, parity); };
   auto wait_x = [&](int it) {
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
   };
@@ -533,12 +534,12 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   const int widx = 4 * wq / PER;
   const uint32_t sel = g & 1 ? 0x3232u : 0x1010u;
 
-  // The A fragments of iteration `it`'s four k16 steps (its slot's copies are in place), from
+  // The A fragments of k-step d, in ring slot sl (its copies are in place), from
   // this thread's code words, zero-points and scales at these offsets of every slot
   const uint32_t cw_at = kept<PROD>(smem0 + XB + wg * WB + lane * 16);
   const uint32_t z_at = kept<PROD>(smem0 + ZOFF + wg * 64 + g * 8 + 2 * wq);
   const uint32_t s_at = kept<PROD>(smem0 + SOFF + wg * 128 + ((g >> 1) * 16 + 4 * wq) * 2);
-  auto frags = [&](int r, int d, int bb, uint32_t (&a)[4][4]) {
+  auto frags = [&](uint32_t sl, int d, int bb, uint32_t (&a)[4][4]) {
     if (is_sal(d)) {  // salient: the stored fragments (zeros past the last k16 step)
       const int q0 = (split + sal_ix(d) * splits) * 4;
 #pragma unroll
@@ -549,7 +550,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       }
       return;
     }
-    const uint32_t so = static_cast<uint32_t>(r) % STAGES * SB;  // the slot's offset
+    const uint32_t so = sl * SB;  // the slot's offset
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
@@ -662,16 +663,32 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // offset in 16-byte units (no carry out of the 14-bit field: shared memory is below 256 KB)
   const uint64_t desc0 = smem_desc_sw128(smem0);
   const uint32_t dlo = kept<PROD>(static_cast<uint32_t>(desc0));
-  auto mma = [&](int it, const uint32_t (&a)[4][4]) {
+  auto mma = [&](uint32_t sl, const uint32_t (&a)[4][4]) {  // on ring slot sl
     wg_fence();
     // lane 0's value through a shuffle, which ptxas then keeps in uniform registers: the four
     // descriptors by uniform adds instead of a register move each (8 R2UR a k-step -> 1)
     const uint32_t lo =
-        __shfl_sync(0xFFFFFFFFu, dlo + static_cast<uint32_t>(it) % STAGES * (SB >> 4), 0);
+        __shfl_sync(0xFFFFFFFFu, dlo + sl * (SB >> 4), 0);
 #pragma unroll
     for (int st = 0; st < 4; ++st)
       wgmma_tile<BF, NT>(acc, a[st], (desc0 >> 32 << 32) | (lo + st * 2));
     wg_commit();
+  };
+
+  // ring iteration it's slot, the slots before and after it and the after one's phase parity.
+  // With 6 slots (256-row tiles) each `% STAGES` is a multiply-high, a shift and a
+  // multiply-add, and ptxas placed the previous slot's between the MMAs: there the steps take
+  // all four from one division (H100: 256-row tiles 0.98x the time at W4, M = 128-512). With
+  // 8 slots each is a mask, and the one division made 64- and 128-row tiles up to 1.8% slower:
+  // there the steps compute each where it is used, as before (`RING` false)
+  constexpr bool RING = (STAGES & (STAGES - 1)) != 0;
+  struct Ring {
+    uint32_t s, prev, next, next_parity;
+  };
+  auto ring = [](int it) {
+    const uint32_t u = static_cast<uint32_t>(it), q = u / STAGES, s = u - q * STAGES;
+    const bool wrap = s + 1 == STAGES;
+    return Ring{s, s == 0 ? STAGES - 1 : s - 1, wrap ? 0u : s + 1, (q + wrap) & 1};
   };
 
   // The epilogue's first half, in the consumer threads once their loop is done: the
@@ -847,14 +864,19 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
       wait_x(r);
-      frags(r, d, bq, a0);
+      frags(static_cast<uint32_t>(r) % STAGES, d, bq, a0);
       auto step = [&](int rr, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-        mma(rr, cur);
+        const Ring rg = ring(rr);
+        mma(RING ? rg.s : static_cast<uint32_t>(rr) % STAGES, cur);
         wg_wait<1>();
-        if (rr > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(rr - 1) % STAGES * 8);
+        if (rr > 0 && lane == 0)
+          mbar_arrive(ebar0 + (RING ? rg.prev : static_cast<uint32_t>(rr - 1) % STAGES) * 8);
         if (rr + 1 < end) {
-          wait_x(rr + 1);
-          frags(rr + 1, rr + 1 + off, bq, nxt);
+          if constexpr (RING)
+            wait_slot(rg.next, rg.next_parity);
+          else
+            wait_x(rr + 1);
+          frags(RING ? rg.next : static_cast<uint32_t>(rr + 1) % STAGES, rr + 1 + off, bq, nxt);
         }
       };
       for (; r < end; r += 2) {
@@ -911,21 +933,26 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       __syncwarp();
     } else {
       if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
-      if (iters > 0 && is_sal(0)) frags(0, 0, b, a0);  // salient: global memory, before the wait
+      if (iters > 0 && is_sal(0)) frags(0u, 0, b, a0);  // salient: global memory, before the wait
       pdl_wait();
       if (iters > 0) {
         wait_x(0);
-        if (!is_sal(0)) frags(0, 0, b, a0);
+        if (!is_sal(0)) frags(0u, 0, b, a0);
       }
       // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
       // released and the next k-step's fragments go into `nxt` while these MMAs run
       auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-        mma(it, cur);
+        const Ring rg = ring(it);
+        mma(RING ? rg.s : static_cast<uint32_t>(it) % STAGES, cur);
         wg_wait<1>();
-        if (it > 0 && lane == 0) mbar_arrive(ebar0 + static_cast<uint32_t>(it - 1) % STAGES * 8);
+        if (it > 0 && lane == 0)
+          mbar_arrive(ebar0 + (RING ? rg.prev : static_cast<uint32_t>(it - 1) % STAGES) * 8);
         if (it + 1 < iters) {
-          wait_x(it + 1);
-          frags(it + 1, it + 1, b, nxt);
+          if constexpr (RING)
+            wait_slot(rg.next, rg.next_parity);
+          else
+            wait_x(it + 1);
+          frags(RING ? rg.next : static_cast<uint32_t>(it + 1) % STAGES, it + 1, b, nxt);
         }
       };
       k_steps(step);
@@ -944,7 +971,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       if (p < iters) issue_w(p);
     // a salient first k-step's fragments are weights as stored (global memory): loaded while
     // the previous kernel finishes
-    if (nps > 0) frags(0, 0, b, a0);
+    if (nps > 0) frags(0u, 0, b, a0);
     pdl_wait();  // x (and xs) come from the previous kernels
 #pragma unroll
     for (int p = 0; p < STAGES - 1; ++p) {
@@ -955,12 +982,13 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       wait_copies<STAGES - 2>();
       __syncthreads();
       wait_x(0);
-      if (nps == 0) frags(0, 0, b, a0);
+      if (nps == 0) frags(0u, 0, b, a0);
     }
     // one k-step: its MMAs on `cur`, then (once the previous k-step's MMAs are done) the next
     // k-step's fragments into `nxt` while they run
     auto step = [&](int it, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
-      mma(it, cur);
+      const Ring rg = ring(it);
+      mma(RING ? rg.s : static_cast<uint32_t>(it) % STAGES, cur);
       wg_wait<1>();  // k-step it - 1's MMAs are done: `nxt` and its slot are free
       if (it + 1 < iters) {
         wait_copies<STAGES - 3>();  // this thread's copies of k-step it + 1's weights
@@ -968,8 +996,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         const int ahead = it + STAGES - 1;
         if (ahead < iters) issue_w(ahead), issue_x(ahead, ahead, row0);
         commit_copies();
-        wait_x(it + 1);
-        frags(it + 1, it + 1, b, nxt);
+        if constexpr (RING)
+          wait_slot(rg.next, rg.next_parity);
+        else
+          wait_x(it + 1);
+        frags(RING ? rg.next : static_cast<uint32_t>(it + 1) % STAGES, it + 1, b, nxt);
       }
     };
     k_steps(step);
