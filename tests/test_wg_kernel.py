@@ -252,13 +252,29 @@ def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
             for c in base
             if c[0] == 64
             and -(-M // 64) * (N // 64 // c[1]) * c[2] <= h200_wave(64, c[1])
-            and (c[3] == 1 or -(-M // 64) * (N // 64 // c[1]) <= h200_clusters(64, c[1], c[3]))
+            and (
+                c[3] == 1
+                or rules.wg_gather_fits(
+                    -(-M // 64) * (N // 64 // c[1]), c[3], h200_clusters(64, c[1], c[3])
+                )
+            )
         ]
         assert [c[:4] for c in confs] == fits
     # 4096^2 at M = 64: 32 tiles of 64 x 2, in 3 splits (96 blocks, 32 clusters of 3)
     assert (64, 2, 3, 3, 1, False, True) in rules.wg_gather_configs(
         64, 4096, 4096, h200_wave, h200_clusters
     )
+    # clusters leave an eighth of the device's free: 32 clusters of 7 are the bound (32), not
+    # gathered by the blocks (3.3x the time at first use in a benchmark's graph); 32 of 6 (of
+    # 39) are, and 40 tiles of 5120 x 5120 in clusters of 5 (of 47: 41 allowed)
+    down = rules.wg_gather_configs(64, 4096, 14336, h200_wave, h200_clusters)
+    assert (64, 2, 7, 7, 1, False, True) not in down and (64, 2, 6, 6, 1, False, True) in down
+    assert (64, 2, 7, 7) in rules.wg_cluster_configs(64, 4096, 14336, h200_clusters)
+    assert (64, 2, 5, 5, 1, False, True) in rules.wg_gather_configs(
+        64, 5120, 5120, h200_wave, h200_clusters
+    )
+    assert [rules.wg_gather_fits(t, 7, 32) for t in (28, 29, 32)] == [True, False, False]
+    assert rules.wg_gather_fits(300, 1, 0)  # one block a tile: the wave's test only
     # 28672 x 4096: 224 tiles of 64 x 2 fit one split (two blocks per SM), not two
     wide = rules.wg_gather_configs(64, 28672, 4096, h200_wave, h200_clusters)
     assert (64, 2, 1, 1, 1, False, True) in wide and not any(c[1] == 2 and c[2] > 1 for c in wide)

@@ -340,7 +340,24 @@ def wg_cluster_configs(
 # launch before it (round 40's D1: that launch and its reads put 0.3-1.2 us on the chain at
 # M = 32-64 on 4096^2 and 5120^2; on 12288x4096 and 28672x4096 the blocks' gather took
 # 1.3-2.6% more time per configuration family). Timed at first use beside the same
-# configuration with the launch, so each layer takes the faster.
+# configuration with the launch, so each layer takes the faster. In clusters, the launch leaves
+# an eighth of the clusters the device holds free (WG_GATHER_CLUSTER_SLACK): its clusters are
+# placed while the kernel before it still holds SMs (programmatic dependent launch), and at the
+# bound they need not all fit at once; the blocks that did start then spin the gather's bounded
+# wait (20 us) before the others can. First use missed it: on an H100, 4096x14336 W4 at M = 64,
+# `wg:64x2x7c7g` (32 clusters of 7, the device's bound) replayed at 24.5 us there and at 82.2
+# us in the benchmark's graph (bf16 25.2 and 83.3); 32 clusters of 6 (of 39) and 40 of 5 (of
+# 47) ran within 3% of their first-use times in the same runs.
+WG_GATHER_CLUSTER_SLACK = 8  # clusters left free: the device's count / this, rounded up
+
+
+def wg_gather_fits(tiles: int, cluster: int, held: int) -> bool:
+    """Whether ``tiles`` clusters of ``cluster`` blocks may gather the salient columns
+    themselves where the device holds ``held`` such clusters at once (one block a tile:
+    always; see WG_GATHER_CLUSTER_SLACK)."""
+    return cluster == 1 or tiles <= held - -(-held // WG_GATHER_CLUSTER_SLACK)
+
+
 def wg_gather_configs(
     M: int,
     N: int,
@@ -351,14 +368,15 @@ def wg_gather_configs(
     """(64, warpgroups, splits, cluster, 1, False, True) of the warpgroup-MMA kernel: each
     64-row configuration of ``wg_configs`` and ``wg_cluster_configs`` whose blocks the device
     holds all at once (``wave_blocks(nt, wgs)``; in clusters, ``max_clusters(nt, wgs,
-    cluster)`` clusters), with the blocks gathering the salient columns themselves."""
+    cluster)`` clusters, an eighth of them left free: ``wg_gather_fits``), with the blocks
+    gathering the salient columns themselves."""
     plain = [(nt, wgs, s, 1) for nt, wgs, s in wg_configs(M, N, K)]
     out = []
     for nt, wgs, s, c in [*plain, *wg_cluster_configs(M, N, K, max_clusters)]:
         tiles = _wg_tiles(M, N, nt, wgs)
         if nt != 64 or tiles * s > wave_blocks(nt, wgs):
             continue
-        if c == 1 or tiles <= max_clusters(nt, wgs, c):
+        if c == 1 or wg_gather_fits(tiles, c, max_clusters(nt, wgs, c)):
             out.append((nt, wgs, s, c, 1, False, True))
     return out
 
