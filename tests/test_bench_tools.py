@@ -1,5 +1,6 @@
 """The benchmark tools' own logic (no GPU): what they derive from their measurements."""
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import kernel_tables  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def test_route_tables_are_made_from_triton_candidates_only():
@@ -43,6 +46,27 @@ def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     assert "speed-up over cuBLAS fp16" in out  # a run without a dtype: fp16, as before --dtype
     kernel_tables.print_tables({"rows": rows, "env": {"dtype": "bf16"}}, markdown=True)
     assert "speed-up over cuBLAS bf16" in capsys.readouterr().out
+
+
+def test_cells_slower_than_at_first_use_are_named(capsys):
+    """A routed cell that ran more than 1.3x the time its first-use timing measured for the same
+    kernel is named under the targets: the H100 run at a8f35e5 kept wg:64x2x7c7g for 4096x14336
+    W4 M = 64 at 24.5 us and ran it at 82.2 us; its other cells stayed within 1.2x. M = 1 rows
+    are matched to the M = 2 bucket their first use was kept under."""
+    raw = (RESULTS / "kernels_h100_a8f35e5.json.gz").read_bytes()
+    res = json.loads(gzip.decompress(raw))
+    gaps = kernel_tables.first_use_gaps(res)
+    assert [g[1:6] for g in gaps] == [(4096, 14336, 4, 64, "wg:64x2x7c7g")]
+    assert 3.3 < gaps[0][0] < 3.4 and round(gaps[0][6], 1) == 82.2 and round(gaps[0][7], 1) == 24.5
+    every = kernel_tables.first_use_gaps(res, factor=0.0)  # each row matched to its first use
+    assert len(every) == len(res["rows"]) == 240 and sum(g[4] == 1 for g in every) == 24
+    kernel_tables.print_tables(res)
+    out = capsys.readouterr().out
+    assert (
+        "- routed cells over 1.3× their first-use time: 1\n  4096×14336 W4 M=64 wg:64x2x7c7g" in out
+    )
+    kernel_tables.print_tables({"rows": res["rows"][:3]})  # a run without its tuning record
+    assert "first-use time" not in capsys.readouterr().out
 
 
 def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():

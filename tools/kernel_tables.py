@@ -104,6 +104,48 @@ def print_tables(res: dict, markdown: bool = False) -> None:
             tiny = [ratio(c, c.get("tinygemm_us") if c else None) for c in cells.get(4, [])]
             line(f"{N}×{K} | tinygemm W4" if markdown else "tinygemm", tiny)
     print_targets(rows, ms)
+    print_first_use_gaps(res)
+
+
+# How much slower than its first-use time a routed cell may run in the benchmark before the
+# tables name it: the spread of a run is up to about 1.2x (long launches at M = 512 on the
+# largest shapes; round 51), a configuration that misbehaves in the benchmark's longer graphs
+# 3.3x (`wg:64x2x7c7g` at the cluster bound, round 51)
+FIRST_USE_GAP = 1.3
+
+
+def first_use_gaps(res: dict, factor: float = FIRST_USE_GAP) -> list[tuple]:
+    """(bench / first-use time, N, K, bits, M, route, bench us, first-use us) of every row of
+    a run whose routed kernel took more than ``factor`` times the time first use measured for
+    it (the run's ``tuning`` record, matched by shape, bits, M bucket and dtype), slowest
+    first: the first-use timing chose on a time the op does not run at."""
+    from gift_quant.kernels.triton.tuning import m_bucket
+
+    first = {
+        (t["N"], t["K"], t["bits"], t["m_bucket"], t["dtype"]): t["seconds"]
+        for t in res.get("tuning", [])
+    }
+    out = []
+    for r in res["rows"]:
+        key = (r["N"], r["K"], r["bits"], m_bucket(r["M"]), r.get("dtype", "fp16"))
+        seconds = first.get(key, {}).get(r["route"])
+        if seconds and r["us"] > factor * seconds * 1e6:
+            us = seconds * 1e6
+            out.append((r["us"] / us, r["N"], r["K"], r["bits"], r["M"], r["route"], r["us"], us))
+    return sorted(out, reverse=True)
+
+
+def print_first_use_gaps(res: dict) -> None:
+    if not res.get("tuning"):
+        return
+    gaps = first_use_gaps(res)
+    print(
+        f"- routed cells over {FIRST_USE_GAP}× their first-use time: {len(gaps)}"
+        + "".join(
+            f"\n  {N}×{K} W{b} M={M} {route}: {us:.2f} µs here, {fu:.2f} at first use ({g:.2f}×)"
+            for g, N, K, b, M, route, us, fu in gaps
+        )
+    )
 
 
 def print_targets(rows: dict, ms: list[int]) -> None:
