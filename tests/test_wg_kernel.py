@@ -255,7 +255,7 @@ def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
             and (
                 c[3] == 1
                 or rules.wg_gather_fits(
-                    -(-M // 64) * (N // 64 // c[1]), c[3], h200_clusters(64, c[1], c[3])
+                    -(-M // 64) * (N // 64 // c[1]), h200_clusters(64, c[1], c[3])
                 )
             )
         ]
@@ -273,8 +273,8 @@ def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
     assert (64, 2, 5, 5, 1, False, True) in rules.wg_gather_configs(
         64, 5120, 5120, h200_wave, h200_clusters
     )
-    assert [rules.wg_gather_fits(t, 7, 32) for t in (28, 29, 32)] == [True, False, False]
-    assert rules.wg_gather_fits(300, 1, 0)  # one block a tile: the wave's test only
+    assert [rules.wg_gather_fits(t, 32) for t in (28, 29, 32)] == [True, False, False]
+    assert [rules.wg_gather_fits(t, 47) for t in (41, 42)] == [True, False]
     # 28672 x 4096: 224 tiles of 64 x 2 fit one split (two blocks per SM), not two
     wide = rules.wg_gather_configs(64, 28672, 4096, h200_wave, h200_clusters)
     assert (64, 2, 1, 1, 1, False, True) in wide and not any(c[1] == 2 and c[2] > 1 for c in wide)

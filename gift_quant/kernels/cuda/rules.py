@@ -352,11 +352,10 @@ def wg_cluster_configs(
 WG_GATHER_CLUSTER_SLACK = 8  # clusters left free: the device's count / this, rounded up
 
 
-def wg_gather_fits(tiles: int, cluster: int, held: int) -> bool:
-    """Whether ``tiles`` clusters of ``cluster`` blocks may gather the salient columns
-    themselves where the device holds ``held`` such clusters at once (one block a tile:
-    always; see WG_GATHER_CLUSTER_SLACK)."""
-    return cluster == 1 or tiles <= held - -(-held // WG_GATHER_CLUSTER_SLACK)
+def wg_gather_fits(tiles: int, held: int) -> bool:
+    """Whether ``tiles`` clusters may gather the salient columns themselves where the device
+    holds ``held`` such clusters at once (WG_GATHER_CLUSTER_SLACK)."""
+    return tiles <= held - -(-held // WG_GATHER_CLUSTER_SLACK)
 
 
 def wg_gather_configs(
@@ -377,7 +376,7 @@ def wg_gather_configs(
         tiles = _wg_tiles(M, N, nt, wgs)
         if nt != 64 or tiles * s > wave_blocks(nt, wgs):
             continue
-        if c == 1 or wg_gather_fits(tiles, c, max_clusters(nt, wgs, c)):
+        if c == 1 or wg_gather_fits(tiles, max_clusters(nt, wgs, c)):
             out.append((nt, wgs, s, c, 1, False, True))
     return out
 
