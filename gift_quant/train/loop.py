@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gift_quant.modeling import check_context, resolve_dtype
 from gift_quant.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gift_quant.train.cross_entropy import causal_ce_sum
 from gift_quant.train.data import IGNORE, TrainBatch, build_train_data
 from gift_quant.train.distributed import Dist, no_sync, shard_rows, wrap
 from gift_quant.train.gift_linear import GiftLinear
@@ -87,19 +88,12 @@ def _loss_sums(logits: torch.Tensor, batch: TrainBatch, teacher_logits, kd_weigh
     student) if asked. Sums, not means: the caller divides by the label tokens of the whole
     optimizer step, so every label token weighs the same however the micro-batches and ranks
     split them (chat data labels only the assistant tokens, so rows differ)."""
-    logits = logits[:, :-1].float()
-    labels = batch.labels[:, 1:]
-    mask = labels != IGNORE
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
+    ce = causal_ce_sum(logits, batch.labels, IGNORE)
     if teacher_logits is None or kd_weight == 0:
         return ce, ce
+    mask = batch.labels[:, 1:] != IGNORE
     t = teacher_logits[:, :-1].float()[mask] / T
-    s = logits[mask] / T
+    s = logits[:, :-1].float()[mask] / T
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
     return (1 - kd_weight) * ce + kd_weight * kl * T * T, ce
 
