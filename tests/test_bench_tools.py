@@ -410,14 +410,16 @@ def test_bench_loss_checks_both_forms_and_records_its_run(tmp_path):
 
     out = tmp_path / "loss.json"
     tool = Path(__file__).resolve().parent.parent / "tools" / "bench_loss.py"
-    argv = ["--batch", "2", "--seq", "16", "--vocab", "512", "--rounds", "1", "--out", str(out)]
+    argv = ["--batch", "2", "--seq", "16", "--vocab", "512", "--rounds", "1", "--idle"]
+    argv += ["--out", str(out)]
     done = subprocess.run([sys.executable, str(tool), *argv], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["form"] for r in rows] == ["torch cross_entropy", "causal_ce_sum"]
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0
     assert all(r["loss_rel_diff"] < 1e-5 and r["grad_max_abs_diff"] < 1e-5 for r in rows)
-    assert all(r["commit"] and r["vocab"] == 512 and "shared" in r for r in rows)
+    assert all(r["provenance"]["commit"] and r["provenance"]["shared"] is False for r in rows)
+    assert all(r["vocab"] == 512 for r in rows)
     assert "| causal_ce_sum |" in done.stdout
 
 
@@ -425,5 +427,6 @@ def test_bench_loss_refuses_a_window_without_a_next_token():
     import subprocess
 
     tool = Path(__file__).resolve().parent.parent / "tools" / "bench_loss.py"
-    done = subprocess.run([sys.executable, str(tool), "--seq", "1"], capture_output=True, text=True)
+    argv = [sys.executable, str(tool), "--seq", "1", "--idle"]
+    done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode != 0 and "--seq >= 2" in done.stderr.strip().splitlines()[-1]

@@ -2,14 +2,14 @@
 training loop ran before) against ``causal_ce_sum`` (what it runs now), forward + backward.
 
     python tools/bench_loss.py [--batch 8] [--seq 256] [--vocab 49152] [--device cpu]
-        [--dtype fp32|bf16] [--rounds 5] [--out FILE.json] [--shared]
+        [--dtype fp32|bf16] [--rounds 5] [--out FILE.json] (--idle | --shared)
 
 Defaults: the README main command's training batch (8 x 256 tokens, SmolLM2's vocabulary).
 Time: the two alternate for --rounds rounds in one process, each on a fresh copy of the same
 logits; the median per form and the ratio. Memory: each form once more in a process of its
 own, the peak over the logits' own bytes (CPU: the process's peak resident memory; CUDA: the
 peak allocated). Both forms' results are checked against each other first. Prints a table;
-the JSON rows record the commit, the versions, the processors and --shared.
+each JSON row is stamped with the commit, the versions, the processors and --idle/--shared.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gift_quant.testing import run_environment  # noqa: E402
 from gift_quant.train.cross_entropy import causal_ce_sum  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import add_arguments, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IGNORE = -100
@@ -110,7 +112,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--shared", action="store_true", help="other work ran on the machine")
+    add_arguments(ap)
     ap.add_argument("--child", choices=sorted(FORMS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if min(args.batch, args.seq, args.vocab, args.rounds) < 1 or args.seq < 2:
@@ -118,7 +120,7 @@ def main() -> None:
     if args.child:
         return child(args)
     device = torch.device(args.device)
-    env = run_environment(args.shared)
+    prov = provenance(shared_flag(ap, args))
     logits, labels = inputs(args)
     _, la, ga = step("torch cross_entropy", logits, labels, device)
     _, lb, gb = step("causal_ce_sum", logits, labels, device)
@@ -171,15 +173,11 @@ def main() -> None:
                 ratio=med / ref,
                 peak_extra_mb=peaks[form],
                 **settings,
-                **env,
             )
         )
         print(f"| {form} | {med:.3f} | {med / ref:.2f} | {peaks[form]:.0f} |")
     if args.out:
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, [stamp(r, prov) for r in rows])}")
 
 
 if __name__ == "__main__":
