@@ -118,6 +118,47 @@ def test_gradients_match_autograd_through_an_explicit_noisy_weight(gen):
     assert torch.allclose(y, y2) and torch.allclose(gx, gx2) and torch.allclose(gw, gw2)
 
 
+def test_keeping_the_training_weight_for_backward_changes_nothing(gen):
+    """``keep_weight`` (the trainer's choice on the CPU) reuses the forward pass's noisy W^T in
+    the backward pass instead of rebuilding it from the seed: the same outputs and gradients,
+    bit for bit, and nothing held once the backward pass has run."""
+    layer = mixed_layer(gen)
+    x = torch.randn(2, 5, 128, generator=gen)
+    results = []
+    for keep in (False, True):
+        g = GiftLinear.from_mixed(layer, "normal", bits=4)
+        g.train()
+        g.noise_seed, g.keep_weight = 7, keep
+        xi = x.clone().requires_grad_(True)
+        y = g(xi)
+        graph_holds = y.grad_fn.next_functions[0][0].wt is not None  # _GiftMatmul's ctx
+        y.square().sum().backward()
+        results.append((y.detach(), xi.grad, g.salient_weight.grad, graph_holds))
+    (y0, gx0, gw0, held0), (y1, gx1, gw1, held1) = results
+    assert not held0 and held1
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
+
+
+def test_the_trainer_keeps_training_weights_only_on_the_cpu_and_where_they_fit(monkeypatch, gen):
+    from types import SimpleNamespace
+
+    from gift_quant.train import loop
+
+    gift = [GiftLinear.from_mixed(mixed_layer(gen), "normal", bits=4)]  # 64 x 128
+    cfg = SimpleNamespace(grad_checkpointing=False)
+    held = 64 * 128 * 2  # bf16
+    cpu, f16 = torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(loop, "_available_bytes", lambda: 4 * held)
+    assert loop._keep_weights(gift, cpu, f16, cfg)
+    monkeypatch.setattr(loop, "_available_bytes", lambda: 4 * held - 1)
+    assert not loop._keep_weights(gift, cpu, f16, cfg)
+    monkeypatch.setattr(loop, "_available_bytes", lambda: None)
+    assert not loop._keep_weights(gift, cpu, f16, cfg)
+    monkeypatch.setattr(loop, "_available_bytes", lambda: 1 << 40)
+    assert not loop._keep_weights(gift, torch.device("cuda"), f16, cfg)
+    assert not loop._keep_weights(gift, cpu, f16, SimpleNamespace(grad_checkpointing=True))
+
+
 def test_eval_computes_exactly_what_the_export_computes(gen):
     layer = mixed_layer(gen)
     g = GiftLinear.from_mixed(layer, "normal", bits=4)

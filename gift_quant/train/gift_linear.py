@@ -4,7 +4,8 @@ Only the salient columns train (fp32 master weights [N, k]). The rest stays froz
 packed quantized base of a MixedLinear ("post" mode: codes, scales and zeros never change), or
 a dense FP weight with the salient columns zeroed ("pre" mode). In training mode Gaussian (or
 uniform) noise with per-row scale delta_i/2 is added to the frozen non-salient weights at every
-forward pass; the noise is regenerated from its seed in backward, so it is never stored.
+forward pass; the noise is regenerated from its seed in backward, so it is never stored
+(unless ``keep_weight``: the forward pass's training weight is kept for the backward pass).
 
     y = x @ (W_base + noise)^T + x[..., S] @ W_S^T + bias
 
@@ -45,14 +46,19 @@ class _GiftMatmul(torch.autograd.Function):
         xs = x[..., layer.salient_idx]
         ctx.layer, ctx.seed = layer, seed
         ctx.save_for_backward(xs, ws)
-        return x @ layer.weight_t(x.dtype, seed, ws, x.device)
+        wt = layer.weight_t(x.dtype, seed, ws, x.device)
+        ctx.wt = wt if layer.keep_weight else None  # else rebuilt: the same seed, the same W^T
+        return x @ wt
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         xs, ws = ctx.saved_tensors
+        wt, ctx.wt = ctx.wt, None
         grad_x = grad_ws = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.layer.weight_t(grad_y.dtype, ctx.seed, ws, grad_y.device).t()
+            if wt is None:
+                wt = ctx.layer.weight_t(grad_y.dtype, ctx.seed, ws, grad_y.device)
+            grad_x = grad_y @ wt.t()
         if ctx.needs_input_grad[1]:
             g2 = grad_y.reshape(-1, grad_y.shape[-1])
             grad_ws = (g2.t() @ xs.reshape(-1, xs.shape[-1]).to(g2.dtype)).to(ws.dtype)
@@ -98,6 +104,9 @@ class GiftLinear(nn.Module):
         self.register_buffer("keep", keep, persistent=False)
         self.backend = Backend(backend)
         self.noise_seed = 0  # set by the trainer before every forward pass
+        # keep the forward pass's W^T for the backward pass instead of rebuilding it (the
+        # trainer's choice: on the CPU, where the rebuild's random numbers cost, if it fits)
+        self.keep_weight = False
         self._codes = self._zeros = None  # unpacked base codes for the torch path (lazy)
 
     # ------------------------------------------------------------------ construction

@@ -65,6 +65,42 @@ def noise_seed(seed: int, step: int, micro: int, layer: int) -> int:
     return (((seed * 1_000_003 + step) * 1_009 + micro) * 100_003 + layer) % (2**62)
 
 
+# On the CPU a GiftLinear rebuilds its training weight with torch's generator, which draws the
+# noise serially: each rebuild is about a tenth of a SmolLM2 step. The backward pass may reuse
+# the forward pass's weight instead (the same seed gives the same weight, so the result is the
+# same), holding every layer's W^T between the two passes: done where that is at most this
+# share of the memory available when training starts, and never with activation checkpointing
+# (whose point is not holding per-layer tensors between the passes).
+KEEP_WEIGHTS_SHARE = 0.25
+
+
+def _available_bytes() -> int | None:
+    """Memory available to a new allocation (Linux's MemAvailable), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _keep_weights(gift: list, device: torch.device, dtype: torch.dtype, cfg) -> bool:
+    """Whether the GiftLinear layers keep their training weight for the backward pass."""
+    if device.type != "cpu" or cfg.grad_checkpointing or not gift:
+        return False
+    held = sum(m.in_features * m.out_features for m in gift) * dtype.itemsize
+    available = _available_bytes()
+    keep = available is not None and held <= KEEP_WEIGHTS_SHARE * available
+    log.info(
+        "GIFT-SW training weights %s for the backward pass (%.0f MiB, %s MiB available)",
+        "kept" if keep else "rebuilt",
+        held / 2**20,
+        "?" if available is None else f"{available / 2**20:.0f}",
+    )
+    return keep
+
+
 def _frozen_to(model: nn.Module, dtype: torch.dtype) -> list:
     """Cast frozen parameters (biases of the quantized layers included) to the compute dtype;
     trainable ones stay fp32. Returns what :func:`_restore` needs to put the original tensors
@@ -140,6 +176,9 @@ def train(
     originals = _frozen_to(model, dtype)
     model.to(device)
     gift = [m for m in model.modules() if isinstance(m, GiftLinear)]
+    keep = _keep_weights(gift, device, dtype, cfg)
+    for m in gift:
+        m.keep_weight = keep
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -254,6 +293,8 @@ def train(
     if metrics is not None:
         metrics.close()
     model.eval()
+    for m in gift:
+        m.keep_weight = False
     _restore(originals)
     ran = cfg.steps - start
     report.steps = cfg.steps
