@@ -131,11 +131,12 @@ def test_keeping_the_training_weight_for_backward_changes_nothing(gen):
         g.noise_seed, g.keep_weight = 7, keep
         xi = x.clone().requires_grad_(True)
         y = g(xi)
-        graph_holds = y.grad_fn.next_functions[0][0].wt is not None  # _GiftMatmul's ctx
-        y.square().sum().backward()
-        results.append((y.detach(), xi.grad, g.salient_weight.grad, graph_holds))
-    (y0, gx0, gw0, held0), (y1, gx1, gw1, held1) = results
-    assert not held0 and held1
+        node = y.grad_fn.next_functions[0][0]  # _GiftMatmul's ctx
+        graph_holds = node.wt is not None
+        y.square().sum().backward(retain_graph=True)
+        results.append((y.detach(), xi.grad, g.salient_weight.grad, graph_holds, node.wt))
+    (y0, gx0, gw0, held0, _), (y1, gx1, gw1, held1, after) = results
+    assert not held0 and held1 and after is None  # released by the backward pass
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
 
 
@@ -145,18 +146,21 @@ def test_the_trainer_keeps_training_weights_only_on_the_cpu_and_where_they_fit(m
     from gift_quant.train import loop
 
     gift = [GiftLinear.from_mixed(mixed_layer(gen), "normal", bits=4)]  # 64 x 128
-    cfg = SimpleNamespace(grad_checkpointing=False)
+    cfg, model = SimpleNamespace(grad_checkpointing=False), torch.nn.Module()
     held = 64 * 128 * 2  # bf16
-    cpu, f16 = torch.device("cpu"), torch.bfloat16
-    monkeypatch.setattr(loop, "_available_bytes", lambda: 4 * held)
-    assert loop._keep_weights(gift, cpu, f16, cfg)
-    monkeypatch.setattr(loop, "_available_bytes", lambda: 4 * held - 1)
-    assert not loop._keep_weights(gift, cpu, f16, cfg)
-    monkeypatch.setattr(loop, "_available_bytes", lambda: None)
-    assert not loop._keep_weights(gift, cpu, f16, cfg)
-    monkeypatch.setattr(loop, "_available_bytes", lambda: 1 << 40)
-    assert not loop._keep_weights(gift, torch.device("cuda"), f16, cfg)
-    assert not loop._keep_weights(gift, cpu, f16, SimpleNamespace(grad_checkpointing=True))
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+
+    def keep(available, device=cpu, cfg=cfg, model=model, ranks=1):
+        monkeypatch.setattr(loop, "_available_bytes", lambda: available)
+        return loop._keep_weights(gift, model, device, bf16, cfg, ranks)
+
+    assert keep(4 * held) and not keep(4 * held - 1) and not keep(None)
+    assert keep(8 * held, ranks=2) and not keep(8 * held - 1, ranks=2)  # ranks share the host
+    assert not keep(1 << 40, device=torch.device("cuda"))
+    assert not keep(1 << 40, cfg=SimpleNamespace(grad_checkpointing=True))
+    checkpointed = torch.nn.Module()
+    checkpointed.is_gradient_checkpointing = True  # turned on on the model, not by the recipe
+    assert not keep(1 << 40, model=checkpointed)
 
 
 def test_eval_computes_exactly_what_the_export_computes(gen):

@@ -8,8 +8,9 @@ Defaults: the README main command's training batch (8 x 256 tokens, SmolLM2's vo
 Time: the two alternate for --rounds rounds in one process, each on a fresh copy of the same
 logits; the median per form and the ratio. Memory: each form once more in a process of its
 own, the peak over the logits' own bytes (CPU: the process's peak resident memory; CUDA: the
-peak allocated). Both forms' results are checked against each other first. Prints a table;
-each JSON row is stamped with the commit, the versions, the processors and --idle/--shared.
+peak allocated), in MiB. Both forms' results are checked against each other first; a run stops
+if they disagree. Prints a table; each JSON row is stamped with the commit, the versions, the
+processors and --idle/--shared.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def step(form, logits, labels, device):
     return time.perf_counter() - t0, loss.detach(), x.grad
 
 
-def rss_mb() -> float:
+def rss_mib() -> float:
     """This process's peak resident memory: VmHWM where Linux has it (ru_maxrss would carry the
     parent's peak across the exec that started this process), else ru_maxrss."""
     status = Path("/proc/self/status")
@@ -96,11 +97,11 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         held = torch.cuda.memory_allocated(device) / 2**20
     else:
-        held = rss_mb()  # the peak so far: when the logits were made
+        held = rss_mib()  # the peak so far: when the logits were made
     loss = FORMS[args.child](x, labels)
     (loss * 0.5).backward()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
-    print(json.dumps({"peak_extra_mb": peak - held}))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mib()
+    print(json.dumps({"peak_extra_mib": peak - held}))
 
 
 def main() -> None:
@@ -126,6 +127,11 @@ def main() -> None:
     _, lb, gb = step("causal_ce_sum", logits, labels, device)
     rel = float((la - lb).abs() / la.abs())
     gerr = float((ga.float() - gb.float()).abs().max())
+    # the same sum up to its order; the same gradient up to two roundings to the logits' dtype
+    if not rel <= 1e-5 or not gerr <= 2**-6 * float(ga.float().abs().max()):
+        raise SystemExit(
+            f"bench_loss: the two losses disagree (loss {rel:.1e}, gradient {gerr:.1e})"
+        )
     print(
         f"loss {float(la):.6g} / {float(lb):.6g} (relative difference {rel:.1e}), "
         f"largest gradient difference {gerr:.1e}",
@@ -139,11 +145,11 @@ def main() -> None:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--child"]
     peaks = {
         f: json.loads(subprocess.run([*cmd, f], capture_output=True, text=True, check=True).stdout)[
-            "peak_extra_mb"
+            "peak_extra_mib"
         ]
         for f in FORMS
     }
-    logits_mb = logits.numel() * logits.element_size() / 2**20
+    logits_mib = logits.numel() * logits.element_size() / 2**20
     ref = statistics.median(times["torch cross_entropy"])
     settings = dict(
         batch=args.batch,
@@ -152,16 +158,16 @@ def main() -> None:
         device=str(device),
         dtype=args.dtype,
         rounds=args.rounds,
-        logits_mb=logits_mb,
+        logits_mib=logits_mib,
         loss_rel_diff=rel,
         grad_max_abs_diff=gerr,
     )
     rows = []
     print(
         f"\n{args.batch} x {args.seq} tokens, vocabulary {args.vocab}, {args.dtype} logits "
-        f"({logits_mb:.0f} MB) on {device}; forward + backward, median of {args.rounds}\n"
+        f"({logits_mib:.0f} MiB) on {device}; forward + backward, median of {args.rounds}\n"
     )
-    print("| loss | seconds | x torch's time | peak memory past the logits (MB) |")
+    print("| loss | seconds | x torch's time | peak memory past the logits (MiB) |")
     print("|---|---:|---:|---:|")
     for form in FORMS:
         med = statistics.median(times[form])
@@ -171,7 +177,7 @@ def main() -> None:
                 seconds=med,
                 seconds_all=times[form],
                 ratio=med / ref,
-                peak_extra_mb=peaks[form],
+                peak_extra_mib=peaks[form],
                 **settings,
             )
         )

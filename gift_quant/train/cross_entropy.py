@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["causal_ce_sum"]
 
-CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}  # fp32 scratch per chunk (CPU: cache-sized)
+CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}  # fp32 chunk (CPU: cache-sized)
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -33,26 +34,34 @@ class _CrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         rows = max(1, CHUNK_BYTES.get(x.device.type, CHUNK_BYTES["cuda"]) // (4 * V))
         for r0 in range(0, x.shape[0], rows):
-            xc, out = x[r0 : r0 + rows].float(), grad[r0 : r0 + rows]  # xc: a view if fp32
-            c = out if out.dtype == torch.float32 else torch.empty_like(xc)
+            xc, out = x[r0 : r0 + rows].float(), grad[r0 : r0 + rows]
+            # fp32 logits: xc is a view of them, worked on in the gradient's rows; else xc is a
+            # copy of the chunk, worked on in place
+            c = out if out.dtype == torch.float32 else xc
             lab = y[r0 : r0 + rows]
             keep = lab != ignore_index
             at = torch.where(keep, lab, 0)[:, None]
             picked = xc.gather(1, at)
             m = xc.amax(1, keepdim=True)
             s = torch.sub(xc, m, out=c).exp_().sum(1, keepdim=True)
-            total += ((m + s.log() - picked).squeeze(1) * keep).sum()
+            # an ignored row adds nothing, whatever its logits hold (a masked -inf, a NaN in
+            # the last position, which predicts no label)
+            total += torch.where(keep, (m + s.log() - picked).squeeze(1), 0.0).sum()
             # softmax - onehot on the kept rows, zero on the others
-            c.mul_(keep[:, None] / s).scatter_add_(1, at, -keep[:, None].to(c.dtype))
+            c.div_(s).scatter_add_(1, at, -keep[:, None].to(c.dtype))
+            c.masked_fill_(~keep[:, None], 0.0)
             if c is not out:
                 out.copy_(c)
         ctx.grad = grad.view(logits.shape)
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor):
+        if ctx.grad is None:
+            raise RuntimeError("causal_ce_sum's backward runs once: its buffer became the gradient")
         grad, ctx.grad = ctx.grad, None  # used once: the buffer becomes the gradient
-        return grad.mul_(g.to(grad.dtype)), None, None
+        return grad.mul_(g), None, None
 
 
 def causal_ce_sum(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:

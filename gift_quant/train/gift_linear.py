@@ -47,7 +47,8 @@ class _GiftMatmul(torch.autograd.Function):
         ctx.layer, ctx.seed = layer, seed
         ctx.save_for_backward(xs, ws)
         wt = layer.weight_t(x.dtype, seed, ws, x.device)
-        ctx.wt = wt if layer.keep_weight else None  # else rebuilt: the same seed, the same W^T
+        # kept for grad_x if asked (else rebuilt there: the same seed gives the same W^T)
+        ctx.wt = wt if layer.keep_weight and ctx.needs_input_grad[0] else None
         return x @ wt
 
     @staticmethod

@@ -68,28 +68,40 @@ def noise_seed(seed: int, step: int, micro: int, layer: int) -> int:
 # On the CPU a GiftLinear rebuilds its training weight with torch's generator, which draws the
 # noise serially: each rebuild is about a tenth of a SmolLM2 step. The backward pass may reuse
 # the forward pass's weight instead (the same seed gives the same weight, so the result is the
-# same), holding every layer's W^T between the two passes: done where that is at most this
-# share of the memory available when training starts, and never with activation checkpointing
-# (whose point is not holding per-layer tensors between the passes).
+# same), holding every layer's W^T between the two passes: done where the ranks' copies together
+# take at most this share of the memory available when training starts, and never with
+# activation checkpointing (whose point is not holding per-layer tensors between the passes).
 KEEP_WEIGHTS_SHARE = 0.25
 
 
-def _available_bytes() -> int | None:
-    """Memory available to a new allocation (Linux's MemAvailable), or None if unknown."""
+def _read(path: str) -> str | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return Path(path).read_text()
+    except OSError:
+        return None
 
 
-def _keep_weights(gift: list, device: torch.device, dtype: torch.dtype, cfg) -> bool:
-    """Whether the GiftLinear layers keep their training weight for the backward pass."""
-    if device.type != "cpu" or cfg.grad_checkpointing or not gift:
+def _available_bytes() -> int | None:
+    """Memory available to a new allocation: Linux's MemAvailable, capped by this process's
+    cgroup (v2) limit less its use; None if unknown."""
+    meminfo = _read("/proc/meminfo") or ""
+    kb = [ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")]
+    if not kb or not kb[0].isdigit():
+        return None
+    available = int(kb[0]) * 1024
+    limit, used = _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+    if limit and used and limit.strip().isdigit() and used.strip().isdigit():
+        available = min(available, int(limit) - int(used))
+    return available
+
+
+def _keep_weights(gift: list, model: nn.Module, device, dtype, cfg, ranks: int) -> bool:
+    """Whether the GiftLinear layers keep their training weight for the backward pass (``ranks``
+    processes, taken to share this host's memory)."""
+    checkpointed = cfg.grad_checkpointing or getattr(model, "is_gradient_checkpointing", False)
+    if device.type != "cpu" or checkpointed or not gift:
         return False
-    held = sum(m.in_features * m.out_features for m in gift) * dtype.itemsize
+    held = sum(m.in_features * m.out_features for m in gift) * dtype.itemsize * ranks
     available = _available_bytes()
     keep = available is not None and held <= KEEP_WEIGHTS_SHARE * available
     log.info(
@@ -176,7 +188,7 @@ def train(
     originals = _frozen_to(model, dtype)
     model.to(device)
     gift = [m for m in model.modules() if isinstance(m, GiftLinear)]
-    keep = _keep_weights(gift, device, dtype, cfg)
+    keep = _keep_weights(gift, model, device, dtype, cfg, d.world)
     for m in gift:
         m.keep_weight = keep
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
