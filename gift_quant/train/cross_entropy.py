@@ -49,7 +49,7 @@ class _CrossEntropySum(torch.autograd.Function):
             total += torch.where(keep, (m + s.log() - picked).squeeze(1), 0.0).sum()
             # softmax - onehot on the kept rows, zero on the others
             c.div_(s).scatter_add_(1, at, -keep[:, None].to(c.dtype))
-            c.masked_fill_(~keep[:, None], 0.0)
+            c.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)  # the ignored rows only
             if c is not out:
                 out.copy_(c)
         ctx.grad = grad.view(logits.shape)
