@@ -158,8 +158,8 @@ def test_the_trainer_keeps_training_weights_only_on_the_cpu_and_where_they_fit(m
     assert keep(8 * held, ranks=2) and not keep(8 * held - 1, ranks=2)  # ranks share the host
     assert not keep(1 << 40, device=torch.device("cuda"))
     assert not keep(1 << 40, cfg=SimpleNamespace(grad_checkpointing=True))
-    checkpointed = torch.nn.Module()
-    checkpointed.is_gradient_checkpointing = True  # turned on on the model, not by the recipe
+    checkpointed = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    checkpointed[0].gradient_checkpointing = True  # turned on on the model, not by the recipe
     assert not keep(1 << 40, model=checkpointed)
 
 

@@ -98,7 +98,10 @@ def _available_bytes() -> int | None:
 def _keep_weights(gift: list, model: nn.Module, device, dtype, cfg, ranks: int) -> bool:
     """Whether the GiftLinear layers keep their training weight for the backward pass (``ranks``
     processes, taken to share this host's memory)."""
-    checkpointed = cfg.grad_checkpointing or getattr(model, "is_gradient_checkpointing", False)
+    # a transformers model checkpoints where its modules' `gradient_checkpointing` is set
+    checkpointed = cfg.grad_checkpointing or any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+    )
     if device.type != "cpu" or checkpointed or not gift:
         return False
     held = sum(m.in_features * m.out_features for m in gift) * dtype.itemsize * ranks
