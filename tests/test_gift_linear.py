@@ -141,26 +141,22 @@ def test_keeping_the_training_weight_for_backward_changes_nothing(gen):
 
 
 def test_the_trainer_keeps_training_weights_only_on_the_cpu_and_where_they_fit(monkeypatch, gen):
-    from types import SimpleNamespace
-
     from gift_quant.train import loop
 
     gift = [GiftLinear.from_mixed(mixed_layer(gen), "normal", bits=4)]  # 64 x 128
-    cfg, model = SimpleNamespace(grad_checkpointing=False), torch.nn.Module()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     held = 64 * 128 * 2  # bf16
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
 
-    def keep(available, device=cpu, cfg=cfg, model=model, ranks=1):
+    def keep(available, device=cpu, ranks=1):
         monkeypatch.setattr(loop, "_available_bytes", lambda: available)
-        return loop._keep_weights(gift, model, device, bf16, cfg, ranks)
+        return loop._keep_weights(gift, model, device, bf16, ranks)
 
     assert keep(4 * held) and not keep(4 * held - 1) and not keep(None)
     assert keep(8 * held, ranks=2) and not keep(8 * held - 1, ranks=2)  # ranks share the host
     assert not keep(1 << 40, device=torch.device("cuda"))
-    assert not keep(1 << 40, cfg=SimpleNamespace(grad_checkpointing=True))
-    checkpointed = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    checkpointed[0].gradient_checkpointing = True  # turned on on the model, not by the recipe
-    assert not keep(1 << 40, model=checkpointed)
+    model[0].gradient_checkpointing = True  # as transformers' gradient_checkpointing_enable sets
+    assert not keep(1 << 40)
 
 
 def test_eval_computes_exactly_what_the_export_computes(gen):

@@ -95,13 +95,12 @@ def _available_bytes() -> int | None:
     return available
 
 
-def _keep_weights(gift: list, model: nn.Module, device, dtype, cfg, ranks: int) -> bool:
+def _keep_weights(gift: list, model: nn.Module, device, dtype, ranks: int) -> bool:
     """Whether the GiftLinear layers keep their training weight for the backward pass (``ranks``
-    processes, taken to share this host's memory)."""
-    # a transformers model checkpoints where its modules' `gradient_checkpointing` is set
-    checkpointed = cfg.grad_checkpointing or any(
-        getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
-    )
+    processes, taken to share this host's memory). Asked once activation checkpointing is
+    set up: a transformers model checkpoints where its modules' `gradient_checkpointing` is
+    set, by the recipe's ``grad_checkpointing`` or by the caller."""
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if device.type != "cpu" or checkpointed or not gift:
         return False
     held = sum(m.in_features * m.out_features for m in gift) * dtype.itemsize * ranks
@@ -191,11 +190,11 @@ def train(
     originals = _frozen_to(model, dtype)
     model.to(device)
     gift = [m for m in model.modules() if isinstance(m, GiftLinear)]
-    keep = _keep_weights(gift, model, device, dtype, cfg, d.world)
-    for m in gift:
-        m.keep_weight = keep
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep = _keep_weights(gift, model, device, dtype, d.world)
+    for m in gift:
+        m.keep_weight = keep
 
     runner = wrap(model, d, cfg.parallel, device)  # the model itself when single-process
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them
