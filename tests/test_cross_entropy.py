@@ -18,14 +18,15 @@ def _oracle(logits, labels):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
-def test_loss_and_gradient_match_torch(monkeypatch, dtype, chunk_rows):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _check_against_torch(monkeypatch, dtype, chunk_rows, device):
     V = 300
-    monkeypatch.setitem(ce.CHUNK_BYTES, "cpu", 4 * V * chunk_rows)
+    monkeypatch.setitem(ce.CHUNK_BYTES, device, 4 * V * chunk_rows)
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(3, 17, V, generator=gen) * 4).to(dtype)
-    labels = torch.randint(0, V, (3, 17), generator=gen)
+    logits = (torch.randn(3, 17, V, generator=gen) * 4).to(device, dtype)
+    labels = torch.randint(0, V, (3, 17), generator=gen).to(device)
     labels[0, 5] = labels[2, :4] = -100  # chat data: only some tokens are labels
     a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     ours, ref = causal_ce_sum(a, labels, -100), _oracle(b, labels)
@@ -41,6 +42,20 @@ def test_loss_and_gradient_match_torch(monkeypatch, dtype, chunk_rows):
     torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=1e-7)
     assert a.grad[:, -1].abs().max() == 0  # the last position predicts nothing
     assert a.grad[2, :3].abs().max() == 0  # positions whose next token is no label
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
+def test_loss_and_gradient_match_torch(monkeypatch, dtype, chunk_rows):
+    _check_against_torch(monkeypatch, dtype, chunk_rows, "cpu")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
+def test_loss_and_gradient_match_torch_on_cuda(monkeypatch, dtype, chunk_rows):
+    _check_against_torch(monkeypatch, dtype, chunk_rows, "cuda")
 
 
 def test_every_label_ignored_gives_zero():
