@@ -181,6 +181,28 @@ def test_sweep_cluster_variants_divide_the_splits_and_appear_once():
     assert (2, 6, d, 4) not in confs  # 6 splits run as 6: 4 does not divide them
 
 
+@pytest.mark.parametrize("M, N, K", [(1, 5120, 5120), (2, 4096, 4096), (1, 28672, 4096)])
+def test_gemv_sweep_has_even_split_variants(M, N, K):
+    """``bench_kernels --sweep``'s GEMV variants include even shares of the k-blocks at the
+    largest split count up to the rule's and the next above it (within 1.3x), for each tile;
+    no configuration twice."""
+    from gemv_variants import gemv_variants
+
+    variants = gemv_variants(M, N, K, 4, 128, 128, 132)
+    configs = [c for _, c in variants]
+    assert all(configs.count(c) == 1 for c in configs)
+    rule = configs[0]["n_split"]
+    even = [c for name, c in variants if " even x" in name]
+    assert even, "no even-share variant"
+    for c in even:
+        n_kb = K // c["BLOCK_K"]
+        assert n_kb % c["n_split"] == 0 and c["n_split"] <= 1.3 * rule
+    below = {c["BLOCK_K"]: c["n_split"] for c in even if c["n_split"] <= rule}
+    for bk, s in below.items():  # the largest divisor of the k-blocks at most the rule's count
+        n_kb = K // bk
+        assert not any(n_kb % t == 0 for t in range(s + 1, rule + 1))
+
+
 def test_edge_logit_diff_is_between_onnxruntime_and_the_torch_loader(tmp_path):
     """``bench_edge``'s ``logits_max_abs_diff`` compares onnxruntime's logits with the torch
     loader's (not one runtime with itself): with onnxruntime's output shifted by a known amount

@@ -41,6 +41,17 @@ def gemv_variants(
             out.append((f"gemv bk={bk} split x2", split2))
     if M == 2:
         out.append(("gemv bk=32", {**base, "BLOCK_K": 32}))
+    # even shares: the rule's split count divides the k-blocks only by chance (round 53: on
+    # 5120^2 and at M = 2 on 4096^2 the uneven launches took up to 1.4x an even one's time)
+    for bk in (128, 64) if M == 1 else (64, 32):
+        n_kb = K // bk
+        if group % bk or n_kb == 0:
+            continue
+        divisors = [s for s in range(1, n_kb + 1) if n_kb % s == 0]
+        below = max(s for s in divisors if s <= base["n_split"])
+        above = [s for s in divisors if base["n_split"] < s <= 1.3 * base["n_split"]]
+        for s in [below] + above[:1]:
+            out.append((f"gemv bk={bk} even x{s}", {**base, "BLOCK_K": bk, "n_split": s}))
     if base.get("maxnreg"):
         out.append(("gemv uncapped", uncapped))
         one_wave = max(1, places // triton.cdiv(N, base["BLOCK_N"]) - sal)
