@@ -452,3 +452,30 @@ def test_bench_loss_refuses_a_window_without_a_next_token():
     argv = [sys.executable, str(tool), "--seq", "1", "--idle"]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode != 0 and "--seq >= 2" in done.stderr.strip().splitlines()[-1]
+
+
+def test_bench_rebuild_checks_both_forms_and_records_its_run(tmp_path):
+    """tools/bench_rebuild.py: the CPU kernel's and the torch twin's noise-free weights agree
+    bit for bit before either is timed; each JSON row carries the commit and the settings."""
+    import subprocess
+
+    from gift_quant.kernels import cpu_native
+
+    if cpu_native.library() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    out = tmp_path / "rebuild.json"
+    tool = Path(__file__).resolve().parent.parent / "tools" / "bench_rebuild.py"
+    argv = ["--shapes", "128x64,64x96", "--layers", "2", "--rounds", "1", "--idle"]
+    done = subprocess.run(
+        [sys.executable, str(tool), *argv, "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["form"] for r in rows] == ["torch twin", "CPU kernel"]
+    assert all(r["layers"] == 4 and r["elements"] == 2 * (128 * 64 + 64 * 96) for r in rows)
+    assert all(r["provenance"]["commit"] and r["provenance"]["shared"] is False for r in rows)
+    assert "| CPU kernel |" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, str(tool), "--shapes", "100x64", "--idle"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "--group 64 does not divide" in bad.stderr

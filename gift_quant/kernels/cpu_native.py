@@ -1,4 +1,5 @@
-"""The packed CPU kernel (``cpu_gemv.c``): built once with the system C compiler, called by ctypes.
+"""The CPU kernels (``cpu_gemv.c``, ``cpu_noise.c``): built once with the system C compiler into
+one library, called by ctypes.
 
 torch's own low-bit CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
 only vectorised for some CPUs; on an AVX2 machine they were 1.9-49x slower than an fp32 matmul
@@ -6,6 +7,9 @@ only vectorised for some CPUs; on an AVX2 machine they were 1.9-49x slower than 
 (``-O3 -march=native -fopenmp``, GCC or Clang vector extensions), reads the 4-bit codes and
 computes the whole mixed layer for a few rows in one call. Nothing here is needed to run a
 model: without a compiler :func:`library` returns None and the CPU backend uses the dense path.
+
+``cpu_noise.c`` rebuilds GIFT-SW's training weight (grid + seeded noise) in one pass, drawing
+the noise from Triton's generator at the GPU kernel's offsets (:func:`noisy_weight_t`).
 
 The shared object is cached under ``$GIFT_QUANT_CACHE/kernels/`` by a digest of the source,
 the compiler and the CPU, built into a temporary sibling and renamed (concurrent builders are
@@ -41,10 +45,14 @@ __all__ = [
     "library",
     "mixed_gemm",
     "native_unsupported",
+    "noise_draws",
+    "noisy_weight_t",
     "pack",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
+NOISE_SOURCE = Path(__file__).with_name("cpu_noise.c")
+NOISE_KINDS = {"none": 0, "normal": 1, "uniform": 2}  # cpu_noise.c's kind argument
 BLOCK_N = 16  # output columns per block (cpu_gemv.c: NB)
 # Weights x rows a call must touch before it is split over torch's threads (about 0.6 ms of
 # one core's work). A fork/join costs microseconds on an idle machine but milliseconds when
@@ -90,11 +98,13 @@ def _cpu_id() -> str:
 
 
 def _build(cc: str) -> Path:
-    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
+    # -fno-math-errno: sqrtf without an errno branch, so the noise loops vectorize
+    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
+    sources = [SOURCE, NOISE_SOURCE]
     return cached_build(
         "cpu_gemv",
-        [SOURCE.read_text(), compiler_version(cc), _cpu_id(), platform.machine()],
-        lambda out, _scratch: [cc, *flags, "-o", out, str(SOURCE)],
+        [*(s.read_text() for s in sources), compiler_version(cc), _cpu_id(), platform.machine()],
+        lambda out, _scratch: [cc, *flags, "-shared", "-fPIC", "-o", out, *map(str, sources)],
         timeout=300,
     )
 
@@ -122,6 +132,12 @@ def library():
             lib.gq_dequantize.restype = None
             lib.gq_half_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
             lib.gq_half_gemm.restype = None
+            u64, i32 = ctypes.c_uint64, ctypes.c_int
+            lib.gq_draw.argtypes = [u64, ctypes.c_uint32, i64, i32, ptr, i32]
+            lib.gq_draw.restype = None
+            lib.gq_noisy_weight_t.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32, u64, i32]
+            lib.gq_noisy_weight_t.argtypes += [ptr, i32]
+            lib.gq_noisy_weight_t.restype = None
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("packed CPU kernel unavailable (%s); using the dense CPU path", exc)
             lib = None
@@ -254,3 +270,66 @@ def half_gemm(x: Tensor, half: HalfWeight) -> Tensor:
     threads = torch.get_num_threads() if half.K * half.N * passes >= PARALLEL_MIN_WORK else 1
     _state["lib"].gq_half_gemm(half.ptr, half.K, half.N, x.data_ptr(), y.data_ptr(), rows, threads)
     return y
+
+
+def noise_draws(seed: int, offset: int, n: int, kind: str) -> Tensor:
+    """[n] fp32 unit draws at offsets ``offset .. offset + n - 1`` of Triton's generator:
+    ``tl.randn(seed, o) * 0.5`` ("normal") or ``tl.rand(seed, o) - 0.5`` ("uniform")."""
+    out = torch.empty(n, dtype=torch.float32)
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels could not be built on this machine")
+    lib.gq_draw(
+        seed & (2**64 - 1),
+        offset & (2**32 - 1),
+        n,
+        NOISE_KINDS[kind],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def noisy_weight_t(
+    codes: Tensor,
+    zeros: Tensor,
+    scales: Tensor,
+    group: int,
+    delta: Tensor | None,
+    kind: str,
+    seed: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """GIFT-SW's training weight W^T [K, N] in ``dtype`` (fp32 or bf16) in one pass:
+    ``scales[g] * (codes - zeros[g])`` (g = k // group) plus ``delta[n]`` times the noise
+    ``kind`` drawn from ``seed`` at offset k * N + n, as the GPU kernel draws it (salient rows
+    are the caller's). None where this kernel does not serve the call (the torch twin does)."""
+    lib = library()
+    if lib is None or dtype not in (torch.float32, torch.bfloat16) or kind not in NOISE_KINDS:
+        return None
+    K, N = codes.shape
+    if codes.dtype != torch.uint8 or K % group or zeros.shape != (K // group, N):
+        return None
+    if K * N >= 2**31:  # the offsets are int32 in the GPU kernel
+        return None
+    codes, zeros = codes.contiguous(), zeros.to(torch.int32).contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    d = None
+    if NOISE_KINDS[kind]:
+        d = delta.to(torch.float32).contiguous()
+    wt = torch.empty(K, N, dtype=dtype)
+    lib.gq_noisy_weight_t(
+        codes.data_ptr(),
+        zeros.data_ptr(),
+        scales.data_ptr(),
+        K,
+        N,
+        group,
+        None if d is None else d.data_ptr(),
+        NOISE_KINDS[kind],
+        seed & (2**64 - 1),
+        int(dtype == torch.bfloat16),
+        wt.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return wt

@@ -26,7 +26,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gift_quant.kernels import Backend, base_matmul, release_inference_forms, triton_available
+from gift_quant.kernels import (
+    Backend,
+    base_matmul,
+    cpu_native,
+    release_inference_forms,
+    triton_available,
+)
 from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.noise import noise_step, sample_noise
@@ -189,21 +195,56 @@ class GiftLinear(nn.Module):
             wt = triton_ops.noisy_weight_t(self.base, ws.t(), noise, self.delta, seed or 0, dtype)
             if wt is not None:
                 return wt
+        if self.base is not None and self._native(device or self.base.qweight.device):
+            wt = self._weight_t_native(dtype, noise, seed, ws)
+            if wt is not None:
+                return wt
         return self._weight_t_torch(dtype, noise, seed, ws)
 
     def _triton(self, device: torch.device) -> bool:
         wants = self.backend in (Backend.AUTO, Backend.TRITON)
         return device.type == "cuda" and wants and triton_available()
 
+    def _native(self, device: torch.device) -> bool:
+        return device.type == "cpu" and self.backend in (
+            Backend.AUTO,
+            Backend.CPU,
+            Backend.CPU_PACKED,
+        )
+
+    def _unpacked(self) -> tuple[Tensor, Tensor]:
+        """The base's codes [K, N] uint8 and zeros [G, N], unpacked once (frozen; integers,
+        not a float copy)."""
+        b = self.base
+        if self._codes is None or self._codes.device != b.qweight.device:
+            self._codes = unpack_rows(b.qweight, b.bits).to(torch.uint8)
+            self._zeros = unpack_cols(b.qzeros, b.bits)
+        return self._codes, self._zeros
+
+    def _weight_t_native(self, dtype, noise: str, seed: int | None, ws: Tensor) -> Tensor | None:
+        """The CPU kernel's rebuild in one pass (fp32 or bf16, contiguous groups), its noise
+        drawn as the GPU kernel draws it; None where it does not serve the layer."""
+        b = self.base
+        K = self.in_features
+        group = K if b.group_size == -1 else b.group_size
+        if K % group or not torch.equal(
+            b.g_idx, torch.arange(K, dtype=b.g_idx.dtype, device=b.g_idx.device) // group
+        ):
+            return None
+        codes, zeros = self._unpacked()
+        wt = cpu_native.noisy_weight_t(
+            codes, zeros, b.scales, group, self.delta, noise, seed or 0, dtype
+        )
+        if wt is None:
+            return None
+        return wt.index_copy_(0, self.salient_idx.long(), ws.t().to(dtype))
+
     def _weight_t_torch(self, dtype, noise: str, seed: int | None, ws: Tensor) -> Tensor:
-        """The torch twin of the Triton rebuild (CPU, fp32/fp64, layouts the kernels skip)."""
+        """The torch twin of the Triton and CPU rebuilds (fp64, layouts the kernels skip)."""
         if self.base is not None:
             b = self.base
-            if self._codes is None or self._codes.device != b.qweight.device:
-                # frozen: unpack once into uint8 codes (integers, not a float copy)
-                self._codes = unpack_rows(b.qweight, b.bits).to(torch.uint8)
-                self._zeros = unpack_cols(b.qzeros, b.bits)
-            wt = dequantize_codes(self._codes, self._zeros, b.scales, b.g_idx, dtype)
+            codes, zeros = self._unpacked()
+            wt = dequantize_codes(codes, zeros, b.scales, b.g_idx, dtype)
         else:
             wt = self.base_weight.to(dtype).t().contiguous()
         if noise != "none":
