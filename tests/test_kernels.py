@@ -7,6 +7,7 @@ from the raw codes, zero-points and scales (not from the packed buffers or the r
 a kernel's error may not exceed ``ERROR_FACTOR`` times the torch reference's own error.
 """
 
+import copy
 import os
 import struct
 
@@ -288,12 +289,12 @@ def test_cpu_training_weight_is_the_gpu_kernels(noise):
     from gift_quant.train.gift_linear import GiftLinear
 
     layer, _, _ = make(256, 128, bits=3, group=64, salient=6, seed=5, dtype=F16)
-    g = GiftLinear.from_mixed(layer.cpu(), noise, bits=3).train()
+    g = GiftLinear.from_mixed(copy.deepcopy(layer).cpu(), noise, bits=3).train()
     seed = None if noise == "none" else 11
     ws = g.salient_weight.detach()
     ours = g.weight_t(BF16, seed, ws)
     delta = None if g.delta is None else g.delta.to(DEV)
-    kernel = ops.noisy_weight_t(layer.to(DEV), ws.t().to(DEV), noise, delta, seed or 0, BF16).cpu()
+    kernel = ops.noisy_weight_t(layer, ws.t().to(DEV), noise, delta, seed or 0, BF16).cpu()
     assert (ours != kernel).float().mean() < 1e-3
     torch.testing.assert_close(ours.float(), kernel.float(), rtol=2**-7, atol=0)
     if noise != "none":  # and the noise is there
@@ -308,7 +309,7 @@ def test_cpu_rebuild_without_noise_is_the_torch_twins():
     from gift_quant.train.gift_linear import GiftLinear
 
     layer, _, _ = make(192, 96, bits=4, group=32, salient=4, seed=8, dtype=F16)
-    g = GiftLinear.from_mixed(layer.cpu(), "normal", bits=4).train()
+    g = GiftLinear.from_mixed(layer.cpu(), "normal", bits=4).train()  # (moves it: a CPU test)
     ws = g.salient_weight.detach()
     for dtype in (torch.float32, BF16):
         assert torch.equal(g.weight_t(dtype, None, ws), g._weight_t_torch(dtype, "none", None, ws))
