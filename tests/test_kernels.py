@@ -292,7 +292,8 @@ def test_cpu_training_weight_is_the_gpu_kernels(noise):
     g = GiftLinear.from_mixed(copy.deepcopy(layer).cpu(), noise, bits=3).train()
     seed = None if noise == "none" else 11
     ws = g.salient_weight.detach()
-    ours = g.weight_t(BF16, seed, ws)
+    ours = g._weight_t_native(BF16, noise, seed, ws)
+    assert ours is not None  # the CPU kernel served it (no silent fallback to the torch twin)
     delta = None if g.delta is None else g.delta.to(DEV)
     kernel = ops.noisy_weight_t(layer, ws.t().to(DEV), noise, delta, seed or 0, BF16).cpu()
     assert (ours != kernel).float().mean() < 1e-3
@@ -312,7 +313,8 @@ def test_cpu_rebuild_without_noise_is_the_torch_twins():
     g = GiftLinear.from_mixed(layer.cpu(), "normal", bits=4).train()  # (moves it: a CPU test)
     ws = g.salient_weight.detach()
     for dtype in (torch.float32, BF16):
-        assert torch.equal(g.weight_t(dtype, None, ws), g._weight_t_torch(dtype, "none", None, ws))
+        ours = g._weight_t_native(dtype, "none", None, ws)
+        assert ours is not None and torch.equal(ours, g._weight_t_torch(dtype, "none", None, ws))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -321,6 +323,49 @@ def test_cpu_rebuild_without_noise_is_the_torch_twins():
         assert torch.equal(g.weight_t(BF16, 5, ws), one)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("noise", ["normal", "uniform"])
+def test_cpu_training_weight_is_grid_plus_tritons_draws_at_k_n_plus_n(noise, dtype):
+    """Any width (here 160 output columns: not a multiple of the kernel's 64-counter blocks),
+    fp32 or bf16: the CPU kernel's weight is the torch twin's noise-free grid plus delta[n]
+    times Triton's own draw at offset k * N + n (``_draws``), added with one rounding, and the
+    salient rows are the trainable columns."""
+    from gift_quant.train.gift_linear import GiftLinear
+
+    K, N, seed = 96, 160, 12
+    layer, _, _ = make(K, N, bits=4, group=32, salient=3, seed=6, dtype=F16)
+    g = GiftLinear.from_mixed(copy.deepcopy(layer).cpu(), noise, bits=4).train()
+    ws = torch.randn_like(g.salient_weight)
+    ours = g._weight_t_native(dtype, noise, seed, ws)
+    assert ours is not None
+    r = torch.empty(K * N, device=DEV)
+    _draws[(triton.cdiv(K * N, 1024),)](
+        r, seed, 0, K * N, KIND=1 if noise == "normal" else 2, BLOCK=1024
+    )
+    grid = g._weight_t_torch(dtype, "none", None, ws).double()
+    want = (grid + r.cpu().view(K, N).double() * g.delta.double()[None, :]).to(dtype)
+    sal = g.salient_idx.long()
+    want[sal] = ws.t().to(dtype)
+    assert torch.equal(ours[sal], want[sal])
+    if dtype == torch.float32:  # the draws agree to ~5e-7, times delta
+        torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6 * float(g.delta.max()))
+    else:  # and in bf16 the same value but for a rare rounding tie
+        assert (ours != want).float().mean() < 1e-3
+        torch.testing.assert_close(ours.float(), want.float(), rtol=2**-7, atol=0)
+
+
+@needs_cpu_kernels
+def test_cpu_training_weight_refuses_a_wrong_noise_scale():
+    layer, _, _ = make(64, 64, bits=4, group=32, seed=1, dtype=F16)
+    codes = torch.zeros(64, 64, dtype=torch.uint8)
+    zeros, scales = torch.zeros(2, 64, dtype=torch.int32), torch.ones(2, 64)
+    with pytest.raises(ValueError, match=r"needs a per-column scale delta of shape \(64,\)"):
+        cpu_native.noisy_weight_t(codes, zeros, scales, 32, torch.ones(1), "normal", 0, BF16)
+    with pytest.raises(ValueError, match="outside the 64-bit range"):
+        cpu_native.noisy_weight_t(codes, zeros, scales, 32, torch.ones(64), "normal", 2**64, BF16)
 
 
 def test_gift_training_through_the_triton_rebuild_has_exact_gradients(monkeypatch):

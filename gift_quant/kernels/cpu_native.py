@@ -310,13 +310,22 @@ def noisy_weight_t(
     K, N = codes.shape
     if codes.dtype != torch.uint8 or K % group or zeros.shape != (K // group, N):
         return None
-    if K * N >= 2**31:  # the offsets are int32 in the GPU kernel
+    if scales.shape != zeros.shape or K * N >= 2**31:  # the GPU kernel's offsets are int32
         return None
+    noisy = NOISE_KINDS[kind] != 0
+    if noisy and (delta is None or delta.shape != (N,)):
+        got = None if delta is None else tuple(delta.shape)
+        raise ValueError(
+            f"noise {kind!r} needs a per-column scale delta of shape ({N},), got {got}"
+        )
+    tensors = (codes, zeros, scales) + ((delta,) if noisy else ())
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"noise seed {seed} is outside the 64-bit range Triton takes")
     codes, zeros = codes.contiguous(), zeros.to(torch.int32).contiguous()
     scales = scales.to(torch.float32).contiguous()
-    d = None
-    if NOISE_KINDS[kind]:
-        d = delta.to(torch.float32).contiguous()
+    d = delta.to(torch.float32).contiguous() if noisy else None
     wt = torch.empty(K, N, dtype=dtype)
     lib.gq_noisy_weight_t(
         codes.data_ptr(),

@@ -12,6 +12,9 @@
    0) and key (low, high 32 bits of the seed); a normal is the Box-Muller cosine of the first
    two words, both mapped to [0, 1) as tl's uint_to_uniform_float does.
 
+   The uniform draws' u * scale - 1/2 may be fused into one rounding (-ffp-contract=fast), as
+   the GPU compiler fuses it; Triton's interpreter does not (3e-8 apart).
+
    Plain C loops over blocks of LB counters, each step over the whole block, which GCC and Clang
    vectorize (-O3 -march=native -fno-math-errno); log and cos are Cephes' single-precision
    polynomials, written out so that they vectorize too. Rows are shared over OpenMP threads;
@@ -32,7 +35,7 @@ static inline int32_t as_int(float f) { int32_t b; memcpy(&b, &f, 4); return b; 
    scale that keeps INT32_MAX below 1.0: [0, 1) */
 static inline float uniform01(uint32_t u) {
     int32_t x = (int32_t)u;
-    x = x < 0 ? -x - 1 : x;
+    x = x < 0 ? ~x : x; /* -x - 1, defined for INT32_MIN too */
     return (float)x * 4.6566127342e-10f;
 }
 
@@ -141,7 +144,8 @@ void gq_noisy_weight_t(const uint8_t *codes, const int32_t *zeros, const float *
             for (int64_t l = 0; l < len; l++) {
                 float code = (float)(q[n0 + l] - z[n0 + l]);
                 float w = bf16 ? bf16_value(code * bf16_value(s[n0 + l])) : code * s[n0 + l];
-                row[l] = kind ? w + r[l] * delta[n0 + l] : w;
+                /* one rounding, as the GPU kernel's fused w + r * d */
+                row[l] = kind ? fmaf(r[l], delta[n0 + l], w) : w;
             }
             if (bf16) {
                 uint16_t *o = (uint16_t *)wt + k * N + n0;
