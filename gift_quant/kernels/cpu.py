@@ -41,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from gift_quant.kernels import cpu_native
 from gift_quant.kernels.reference import add_salient_and_bias, dequantize_weight
+from gift_quant.quant.base import contiguous_group
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
@@ -224,8 +225,7 @@ def int4_unsupported(layer) -> str | None:
         return f"group size {group} is not one of {INT4_GROUP_SIZES}"
     if K % 32 or layer.out_features % 8:
         return f"shape {layer.out_features}x{K} needs in % 32 == 0 and out % 8 == 0"
-    trivial = torch.arange(K, dtype=torch.int32, device=layer.g_idx.device) // group
-    if not torch.equal(layer.g_idx, trivial):
+    if contiguous_group(layer) is None:
         return "g_idx is not contiguous groups (act-order)"
     return None
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from gift_quant.kernels.build import cached_build, compiler_version
+from gift_quant.quant.base import contiguous_group
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ def native_unsupported(layer) -> str | None:
         return f"{layer.bits}-bit codes (the packed kernel reads 2, 3 or 4 bits)"
     if N % BLOCK_N or group % 8 or K % group:
         return f"shape {N}x{K}, group {group}: needs out % 16 == 0 and group % 8 == 0"
-    trivial = torch.arange(K, dtype=torch.int32, device=layer.g_idx.device) // group
-    if not torch.equal(layer.g_idx, trivial):
+    if contiguous_group(layer) is None:
         return "g_idx is not contiguous groups (act-order)"
     return None
 

@@ -17,7 +17,14 @@ from gift_quant.quant.grid import dequantize
 from gift_quant.quant.packing import pack_cols, pack_rows
 from gift_quant.registry import QUANTIZERS
 
-__all__ = ["QUANTIZERS", "QuantizedWeight", "Quantizer", "check_shape", "group_index"]
+__all__ = [
+    "QUANTIZERS",
+    "QuantizedWeight",
+    "Quantizer",
+    "check_shape",
+    "contiguous_group",
+    "group_index",
+]
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,17 @@ def group_index(in_features: int, group_size: int) -> Tensor:
     """g_idx for contiguous groups: [K] int32 with column k in group k // group_size."""
     g = in_features if group_size == -1 else group_size
     return torch.arange(in_features, dtype=torch.int32) // g
+
+
+def contiguous_group(layer) -> int | None:
+    """The group size of ``layer`` (anything with ``in_features``, ``group_size`` and ``g_idx``)
+    where its g_idx is :func:`group_index`'s contiguous groups, else None (act-order)."""
+    K = layer.in_features
+    group = K if layer.group_size == -1 else layer.group_size
+    if K % group:
+        return None
+    trivial = group_index(K, layer.group_size).to(layer.g_idx.device)
+    return group if torch.equal(layer.g_idx, trivial) else None
 
 
 def check_shape(in_features: int, out_features: int, group_size: int, name: str = "") -> None:

@@ -36,6 +36,7 @@ from gift_quant.kernels import (
 from gift_quant.kernels.reference import dequantize_codes
 from gift_quant.mixed_linear import MixedLinear
 from gift_quant.noise import noise_step, sample_noise
+from gift_quant.quant.base import contiguous_group
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = ["GiftLinear", "attach_gift", "detach_gift"]
@@ -114,7 +115,8 @@ class GiftLinear(nn.Module):
         # keep the forward pass's W^T for the backward pass instead of rebuilding it (the
         # trainer's choice: on the CPU, where the rebuild's random numbers cost, if it fits)
         self.keep_weight = False
-        self._codes = self._zeros = None  # unpacked base codes for the torch path (lazy)
+        # the base unpacked once for the CPU rebuilds (lazy): codes, zeros, contiguous group size
+        self._codes = self._zeros = self._group = None
 
     # ------------------------------------------------------------------ construction
 
@@ -212,28 +214,24 @@ class GiftLinear(nn.Module):
             Backend.CPU_PACKED,
         )
 
-    def _unpacked(self) -> tuple[Tensor, Tensor]:
-        """The base's codes [K, N] uint8 and zeros [G, N], unpacked once (frozen; integers,
-        not a float copy)."""
+    def _unpacked(self) -> tuple[Tensor, Tensor, int | None]:
+        """The base's codes [K, N] uint8, zeros [G, N] and contiguous group size (None for
+        act-order), found once (frozen; integers, not a float copy)."""
         b = self.base
         if self._codes is None or self._codes.device != b.qweight.device:
             self._codes = unpack_rows(b.qweight, b.bits).to(torch.uint8)
             self._zeros = unpack_cols(b.qzeros, b.bits)
-        return self._codes, self._zeros
+            self._group = contiguous_group(b)
+        return self._codes, self._zeros, self._group
 
     def _weight_t_native(self, dtype, noise: str, seed: int | None, ws: Tensor) -> Tensor | None:
         """The CPU kernel's rebuild in one pass (fp32 or bf16, contiguous groups), its noise
         drawn as the GPU kernel draws it; None where it does not serve the layer."""
-        b = self.base
-        K = self.in_features
-        group = K if b.group_size == -1 else b.group_size
-        if K % group or not torch.equal(
-            b.g_idx, torch.arange(K, dtype=b.g_idx.dtype, device=b.g_idx.device) // group
-        ):
+        codes, zeros, group = self._unpacked()
+        if group is None:
             return None
-        codes, zeros = self._unpacked()
         wt = cpu_native.noisy_weight_t(
-            codes, zeros, b.scales, group, self.delta, noise, seed or 0, dtype
+            codes, zeros, self.base.scales, group, self.delta, noise, seed or 0, dtype
         )
         if wt is None:
             return None
@@ -243,7 +241,7 @@ class GiftLinear(nn.Module):
         """The torch twin of the Triton and CPU rebuilds (fp64, layouts the kernels skip)."""
         if self.base is not None:
             b = self.base
-            codes, zeros = self._unpacked()
+            codes, zeros, _ = self._unpacked()
             wt = dequantize_codes(codes, zeros, b.scales, b.g_idx, dtype)
         else:
             wt = self.base_weight.to(dtype).t().contiguous()

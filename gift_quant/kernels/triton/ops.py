@@ -39,6 +39,7 @@ from gift_quant.kernels.cuda.rules import dependent_launch_capable
 from gift_quant.kernels.triton.dispatch import run
 from gift_quant.kernels.triton.mm import NOISE_KINDS, backward, dequantize
 from gift_quant.kernels.triton.ptx import pack_3bit
+from gift_quant.quant.base import contiguous_group
 from gift_quant.quant.packing import unpack_cols, unpack_rows
 
 __all__ = [
@@ -105,10 +106,9 @@ def _settle(device: torch.device) -> None:
 def _build(layer, key: tuple) -> Prepared | None:
     K, N, bits = layer.in_features, layer.out_features, layer.bits
     group = K if layer.group_size == -1 else layer.group_size
-    trivial = torch.arange(K, device=layer.g_idx.device, dtype=torch.int32) // group
-    if bits not in (2, 3, 4) or N % 64 or K % 32 or group % 32 or K % group:
+    if bits not in (2, 3, 4) or N % 64 or K % 32 or group % 32:
         return None
-    if not torch.equal(layer.g_idx, trivial):  # act-order: the reference handles it
+    if contiguous_group(layer) is None:  # act-order: the reference handles it
         return None
     q = layer.qweight if bits != 3 else pack_3bit(unpack_rows(layer.qweight, 3))
     zeros = unpack_cols(layer.qzeros, bits)
