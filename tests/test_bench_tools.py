@@ -203,6 +203,40 @@ def test_gemv_sweep_has_even_split_variants(M, N, K):
         assert not any(n_kb % t == 0 for t in range(s + 1, rule + 1))
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 5120, 5120), (2, 4096, 4096), (1, 4096, 11008)])
+def test_gemv_split_grid_times_the_rule_and_near_even_shares(M, N, K):
+    """``bench_gemv_splits``'s grid: the rule's configuration first, then per k-tile split
+    counts whose longest share of the k-blocks (``floor``/``ceil`` of the mean, as the kernel
+    deals them) is at most 6% over the mean, within half and twice the rule's target; no
+    configuration twice. The longest share is counted here from the kernel's own bounds."""
+    from bench_gemv_splits import grid
+
+    from gift_quant.kernels.triton.gemv import gemv_config
+
+    configs = grid(M, N, K, 128, 132, 128)
+    assert configs[0] == ("rule", gemv_config(M, N, K, 4, 128, 128, 132))
+    cfgs = [c for _, c in configs]
+    assert all(cfgs.count(c) == 1 for c in cfgs) and len(cfgs) > 4
+    for name, c in configs[1:]:
+        n_kb, s = K // c["BLOCK_K"], c["n_split"]
+        shares = [(i + 1) * n_kb // s - i * n_kb // s for i in range(s)]
+        assert sum(shares) == n_kb and max(shares) * s / n_kb <= 1.06, name
+        assert name == f"bk{c['BLOCK_K']}x{s}" and c["BLOCK_M"] == (1 if M == 1 else 2)
+
+
+def test_gemv_split_table_compares_each_cell_with_its_rule():
+    """The table's ratio is the fastest configuration's time over the rule's, per cell."""
+    from bench_gemv_splits import table
+
+    cell = dict(N=64, K=128, M=1, bits=4, nsal=0, dtype="fp16")
+    cfg = dict(BLOCK_K=64, n_split=2)
+    rows = [dict(cell, name="rule", cfg=cfg, us=10.0), dict(cell, name="bk32x4", cfg=cfg, us=8.0)]
+    rows += [dict(cell, nsal=128, name="rule", cfg=cfg, us=5.0)]
+    out = table(rows)
+    assert "| bk32x4 | 8.00 | 0.800 |" in out and "| rule | 5.00 | 1.000 |" in out
+    assert "geometric mean over 2 cells: 0.894" in out
+
+
 def test_edge_logit_diff_is_between_onnxruntime_and_the_torch_loader(tmp_path):
     """``bench_edge``'s ``logits_max_abs_diff`` compares onnxruntime's logits with the torch
     loader's (not one runtime with itself): with onnxruntime's output shifted by a known amount

@@ -37,7 +37,6 @@ from gift_quant.mixed_linear import MixedLinear  # noqa: E402
 from gift_quant.quant.packing import pack_rows  # noqa: E402
 from gift_quant.testing import ERROR_FACTOR, kernel_error, random_quantized  # noqa: E402
 
-
 if _SAVED is None:  # the rest of the test session runs without the variable
     os.environ.pop("TRITON_INTERPRET", None)
 else:

@@ -75,8 +75,16 @@ def gemv_config(
         (_fit(bk, K, group) for bk in tiles),
         key=lambda bk: (_imbalance(K // bk, min(K // bk, want)), -bk),
     )
-    n_split = min(K // block_k, want)
-    programs = n_blocks * (n_split + triton.cdiv(nsal, SAL_PER_PROG))
+    return split_config(M, N, nsal, sms, block_k, min(K // block_k, want))
+
+
+def split_config(M: int, N: int, nsal: int, sms: int, block_k: int, n_split: int) -> dict:
+    """The configuration with this k-tile and split count, the rest as the rule sets it (the
+    column tile from N, one warp, one stage, the register cap above CAP_ABOVE_PROGRAMS_PER_SM
+    programs per SM at M = 1)."""
+    block_m = triton.next_power_of_2(M)
+    block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
+    programs = triton.cdiv(N, block_n) * (n_split + triton.cdiv(nsal, SAL_PER_PROG))
     cap = block_m == 1 and programs > CAP_ABOVE_PROGRAMS_PER_SM * sms
     return dict(
         BLOCK_M=block_m,
