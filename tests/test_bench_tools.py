@@ -52,7 +52,8 @@ def test_cells_slower_than_at_first_use_are_named(capsys):
     """A routed cell that ran more than 1.3x the time its first-use timing measured for the same
     kernel is named under the targets: the H100 run at a8f35e5 kept wg:64x2x7c7g for 4096x14336
     W4 M = 64 at 24.5 us and ran it at 82.2 us; its other cells stayed within 1.2x. M = 1 rows
-    are matched to the M = 2 bucket their first use was kept under."""
+    of a run from before one row had a bucket of its own are matched to the M = 2 bucket their
+    first use was kept under."""
     raw = (RESULTS / "kernels_h100_a8f35e5.json.gz").read_bytes()
     res = json.loads(gzip.decompress(raw))
     gaps = kernel_tables.first_use_gaps(res)

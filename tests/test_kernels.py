@@ -31,6 +31,7 @@ from gift_quant.kernels import (  # noqa: E402
 )
 from gift_quant.kernels.cuda import layout, native, rules  # noqa: E402
 from gift_quant.kernels.triton import dispatch, mm, ops, routes, tuning  # noqa: E402
+from gift_quant.kernels.triton.gemv import gemv_names  # noqa: E402
 from gift_quant.kernels.triton.ptx import emulate, pack_3bit, plan, zero_consts  # noqa: E402
 from gift_quant.kernels.triton.tiles import interpreting  # noqa: E402
 from gift_quant.mixed_linear import MixedLinear  # noqa: E402
@@ -169,6 +170,9 @@ ROUTE_CASES = [
     ("gemv", 4, F16, 1, 64, False, 6, True),
     ("gemv", 3, BF16, 1, 32, True, 0, False),
     ("gemv", 2, F16, 3, -1, True, 5, True),
+    ("gemv:32x4", 4, F16, 1, 64, False, 6, True),  # the configurations timed at first use
+    ("gemv:64x3", 3, BF16, 2, 64, True, 5, False),  # (4 k-blocks over 3 splits: uneven)
+    ("gemv:128x2", 2, F16, 1, 128, False, 0, True),
     ("mm:t64k", 4, F16, 5, 64, False, 7, True),
     ("mm:t64k", 2, BF16, 16, 32, False, 3, False),
     ("mm:t64", 3, F16, 9, 128, False, 33, True),
@@ -398,8 +402,8 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     timer.winner = routes.route(32, N, K, 4)  # the rule's Triton kernel at 32 rows
     assert pick(32) == timer.winner != rule_triton and len(timed) == 3  # bucket 17..32
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
-    # M > 32 (a CUDA configuration, as a real measurement may keep) and bucket 2 for M = 1;
-    # two rows have their own bucket, not 3-4's
+    # M > 32 (a CUDA configuration, as a real measurement may keep); one row and two rows have
+    # buckets of their own, not 3-4's
     tuning._kept[tuning.key(None, N, K, 4, 128, 0, 32, F16)] = "mma:4x4"
     timer.winner = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
@@ -412,14 +416,17 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
         assert not want.startswith("mma:")
         assert routes.route_in_force(M, N, K, 4, 128, 0, True, device=None, dtype=F16) == want
     # by rule, one row takes the GEMV, two the swapped kernel; two rows are timed at first
-    # use with the GEMV (the rule without the CUDA kernels) among the candidates
+    # use with the GEMV (the rule without the CUDA kernels) and its other configurations
+    # among the candidates
     assert routes.route(1, N, K, 4, mma=True) == "gemv"
     assert routes.route(2, N, K, 4, mma=True) == routes.mmv_name(*rules.mmv_choose(2, N, K))
-    timer.winner = "gemv"
-    assert pick(2) == "gemv" and len(timed) == 5
+    gemvs2 = ["gemv", *gemv_names(2, N, K, 128)]
+    assert len(gemvs2) > 3 and all(n.startswith("gemv:") for n in gemvs2[1:])
+    timer.winner = gemvs2[2]
+    assert pick(2) == gemvs2[2] and len(timed) == 5
     mmv2 = [routes.mmv_name(*c) for c in rules.mmv_configs(2, N, K)]
-    assert timed[4] == mmv2 + [routes.mma_name(*c) for c in rules.configs(2, N, K)] + ["gemv"]
-    assert routes.route_in_force(2, N, K, 4, 128, 0, True, device=None, dtype=F16) == "gemv"
+    assert timed[4] == mmv2 + [routes.mma_name(*c) for c in rules.configs(2, N, K)] + gemvs2
+    assert routes.route_in_force(2, N, K, 4, 128, 0, True, device=None, dtype=F16) == gemvs2[2]
     assert routes.route_in_force(1, N, K, 4, 128, 0, True, device=None, dtype=F16) == "gemv"
     assert routes.route_in_force(4, N, K, 4, 128, 0, True, device=None, dtype=F16) == "mma:2x16"
     timed[4:] = []
@@ -444,15 +451,22 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     assert len(timed) == 7 and timed[6] == timed[0]  # the same candidates as fp16 at 16 rows
     assert pick(16) == "mma:2x16"  # fp16 keeps its own
     timed[4:] = []
-    for M in (1, 33, 64):  # outside TUNE_M: the rule (the GEMV, Triton), never timed
+    for M in (33, 64):  # outside TUNE_M: the rule (Triton), never timed
         assert pick(M) == routes.route(M, N, K, 4, mma=True)
     assert len(timed) == 4
+    # one row: only the GEMV's configurations, in a bucket of its own
+    gemvs1 = ["gemv", *gemv_names(1, N, K, 128)]
+    timer.winner = gemvs1[-1]
+    assert pick(1) == gemvs1[-1] and timed[4] == gemvs1
+    assert routes.route_in_force(1, N, K, 4, 128, 0, True, device=None, dtype=F16) == gemvs1[-1]
+    timed[4:] = []
     kept = {
         (r["m_bucket"], r["salient"], r["group"], r["bits"], r["dtype"]) for r in tuning.record()
     }
     fp16_kept = {(16, 0, 128, 4), (16, 128, 128, 4), (32, 0, 128, 4), (16, 0, 64, 4)} | {
         (4, 0, 128, 4),
         (2, 0, 128, 4),
+        (1, 0, 128, 4),
         (16, 0, 128, 3),
     }
     assert kept == {(*k, "fp16") for k in fp16_kept} | {(16, 0, 128, 4, "bf16")}
@@ -520,6 +534,50 @@ def test_gemv_k_tile_at_one_row_follows_the_split_balance():
     for K, group in ((576, 64), (1536, 128), (4160, 64), (14336, 128)):
         bk = gemv_config(1, 4096, K, 4, group)["BLOCK_K"]
         assert K % bk == 0 and group % bk == 0
+
+
+@pytest.mark.parametrize(
+    ("M", "N", "K", "group"),
+    [(1, 5120, 5120, 128), (2, 4096, 11008, 128), (1, 4096, 4096, 64), (1, 4096, 4160, 64)],
+)
+def test_gemv_configurations_timed_at_first_use_share_the_k_blocks_evenly(M, N, K, group):
+    """The GEMV's configurations timed beside its rule at one and two rows: k-tiles that divide
+    K and the group (128, 64, 32 at one row; 64, 32 at two), each split count dealing the
+    k-blocks within 3% of evenly (counted from the kernel's own split bounds), never the
+    rule's own configuration, each named once and launched as named."""
+    from gift_quant.kernels.triton import gemv as g
+
+    names = g.gemv_names(M, N, K, group)
+    rule = g.gemv_config(M, N, K, 4, group)
+    assert names and len(set(names)) == len(names)
+    for name in names:
+        cfg = g.named_config(name, M, N, 0, 132)
+        bk, s = cfg["BLOCK_K"], cfg["n_split"]
+        assert bk in ((128, 64, 32) if M == 1 else (64, 32)) and K % bk == 0 and group % bk == 0
+        n_kb = K // bk
+        shares = [(i + 1) * n_kb // s - i * n_kb // s for i in range(s)]
+        assert min(shares) >= 1 and max(shares) * s <= 1.03 * n_kb
+        assert (bk, s) != (rule["BLOCK_K"], rule["n_split"]) and name == f"gemv:{bk}x{s}"
+    assert g.gemv_names(3, N, K, group) == []
+
+
+def test_one_row_is_timed_among_the_gemv_configurations_without_the_cuda_kernels(
+    stand_in_timer,
+):
+    """Without the CUDA kernels' layout (no CUDA compiler) the GEMV's configurations are still
+    timed at one and two rows, and only they; more rows keep the rule untimed."""
+    N, K = 4096, 4096
+    timer = stand_in_timer(gemv_names(1, N, K, 128)[0])
+    x, sz = torch.zeros(8, K, dtype=F16), torch.zeros(1, N, dtype=torch.int32)
+
+    def pick(M):
+        return dispatch.tuned_route(x[:M], None, sz, None, None, None, None, 4, 128, None, timer)
+
+    assert pick(1) == timer.winner and timer.calls == [["gemv", *gemv_names(1, N, K, 128)]]
+    timer.winner = "gemv"
+    assert pick(2) == "gemv" and timer.calls[1] == ["gemv", *gemv_names(2, N, K, 128)]
+    assert pick(4) == routes.route(4, N, K, 4) == "gemv" and len(timer.calls) == 2
+    assert pick(16) == routes.route(16, N, K, 4) and len(timer.calls) == 2
 
 
 def test_gemv_caps_its_registers_where_its_launch_exceeds_the_places(monkeypatch):

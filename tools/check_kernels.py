@@ -59,7 +59,7 @@ from gift_quant.testing import (  # noqa: E402
 )
 
 MS = [1, 2, 4, 8, 16, 24, 32, 64, 256]
-CAND_MS = [1, 3, 5, 8, 16, 32, 64, 200]  # every kernel of routes.candidates(M), shapes 0 and 1
+CAND_MS = [1, 2, 3, 5, 8, 16, 32, 64, 200]  # every kernel of routes.candidates(M), shapes 0, 1
 SHAPES = [  # (K, N, group, salient, bias)
     (4096, 4096, 128, 128, False),
     (1536, 960, 64, 37, True),
@@ -135,7 +135,8 @@ def check_case(args) -> list[dict]:
     for M in CAND_MS if cand else MS:
         mma = prep.cuda is not None
         wg = mma and native.wg_available()
-        names = routes.candidates(M, mma=mma, N=N, K=K, wg=wg) if cand else [None]
+        grp = prep.group  # the layer's group (per-channel: K)
+        names = routes.candidates(M, mma=mma, N=N, K=K, wg=wg, group=grp) if cand else [None]
         for name in names:
             kind = "candidate" if cand else "routed"
             shown = name or "(the op's route)"

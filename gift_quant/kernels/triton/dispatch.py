@@ -3,12 +3,13 @@
 * Dispatch by M = rows of x: the kernel ``routes.route`` names by rule (one of the CUDA
   kernels, the split-K GEMV, the tensor-core kernel ``mm`` in one of the ``MM_CONFIGS``, or
   dequantize + cuBLAS), launched by ``run_route``.
-* Measured at first use (fp16 or bf16 x, M in TUNE_M where the CUDA kernels are built, and M in
-  WG_M where the warpgroup kernel is: ``routes.timed``): the first call of a layer shape and
-  M bucket on a device times the CUDA kernels' configurations (``rules.mmv_configs``,
-  ``rules.configs``, ``rules.wg_configs``) and the rule's Triton kernel, each replayed in a
-  CUDA graph over copies of the weights that pass twice the L2 cache, and keeps the fastest
-  for the process (``tuned_route``, ``tuning``; the timings stay in ``tuning.record``).
+* Measured at first use (fp16 or bf16 x, M in TUNE_M where the CUDA kernels are built, M in
+  WG_M where the warpgroup kernel is, and M <= 2 for the GEMV's configurations, with or
+  without the CUDA kernels: ``routes.timed``): the first call of a layer shape and M bucket on
+  a device times the CUDA kernels' configurations (``rules.mmv_configs``, ``rules.configs``,
+  ``rules.wg_configs``), the GEMV's (``gemv.gemv_names``) and the rule's Triton kernel, each
+  replayed in a CUDA graph over copies of the weights that pass twice the L2 cache, and keeps
+  the fastest for the process (``tuned_route``, ``tuning``; the timings stay in ``tuning.record``).
   From then on the same call always takes the same kernel. ``GIFT_QUANT_TUNE=0`` (or a first
   call inside CUDA-graph capture) keeps the rules instead.
 * The kernels share one zero-initialised fp32 workspace per device that every launch leaves
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from gift_quant.kernels.cuda import layout, native
 from gift_quant.kernels.triton import tuning
-from gift_quant.kernels.triton.gemv import gemv
+from gift_quant.kernels.triton.gemv import TUNED_M as GEMV_TUNED_M
+from gift_quant.kernels.triton.gemv import _sms, gemv, named_config
 from gift_quant.kernels.triton.mm import MM_CONFIGS, dequantize, mm, mm_config
 from gift_quant.kernels.triton.routes import mma_config, route, timed, tuning_names
 from gift_quant.kernels.triton.tiles import on_device
@@ -48,17 +50,18 @@ def tuned_route(
     bias: Tensor | None,
     bits: int,
     group: int,
-    cuda: layout.Packed,
+    cuda: layout.Packed | None,
     timer=None,
 ) -> str:
-    """The kernel for ``x2`` (fp16 or bf16) on a layer with the CUDA kernels' layout:
-    ``route``'s rule where ``routes.timed`` says no; else the fastest of ``tuning_names``,
-    measured at the first call of (device, shape, M bucket, dtype) and kept
-    (``tuning.choose``; ``timer``: see there)."""
+    """The kernel for ``x2`` (fp16 or bf16) on a layer, with the CUDA kernels' layout
+    (``cuda``) or without (None: the Triton kernels alone): ``route``'s rule where
+    ``routes.timed`` says no; else the fastest of ``tuning_names``, measured at the first call
+    of (device, shape, M bucket, dtype) and kept (``tuning.choose``; ``timer``: see there)."""
     M, K = x2.shape
     N = sz.shape[1]
-    if not timed(M, N, native.wg_available()) or not (x2.is_cuda or timer):
-        return route(M, N, K, bits, mma=True)
+    mma = cuda is not None
+    if not timed(M, N, native.wg_available(), mma) or not (x2.is_cuda or timer):
+        return route(M, N, K, bits, mma=mma)
     nsal = 0 if wst is None else wst.shape[0]
     k = tuning.key(x2.device.index, N, K, bits, group, nsal, M, x2.dtype)
     name = tuning.kept(k)  # the hot path: one dict lookup
@@ -66,7 +69,7 @@ def tuned_route(
         return name
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     with on_device(x2.device):  # the cluster and wave queries ask the current device
-        names = tuning_names(M, N, K, bits, wg=native.wg_available())
+        names = tuning_names(M, N, K, bits, wg=native.wg_available(), group=group, mma=mma)
         # sized here, on the caller's stream, not while timing
         workspace(x2.device, max(_floats(n, M, N, x2.device) for n in names))
 
@@ -80,17 +83,21 @@ def tuned_route(
         """One launcher per copy of the weights the timing cycles over (the layer's first):
         enough copies that the layout a candidate reads (Triton's or the CUDA kernels', about
         the same bytes) passes twice the L2 cache."""
-        own = [f.name for f in fields(cuda) if isinstance(getattr(cuda, f.name), Tensor)]
+        own = (
+            [f.name for f in fields(cuda) if isinstance(getattr(cuda, f.name), Tensor)]
+            if mma
+            else []
+        )
         triton_bytes = sum(t.nbytes for t in (q, sz, wst) if t is not None)
-        cuda_bytes = sum(getattr(cuda, f).nbytes for f in own)
+        cuda_bytes = sum(getattr(cuda, f).nbytes for f in own) if mma else triton_bytes
         n = tuning.copies_for(min(triton_bytes, cuda_bytes), x2.device)
         copies = [(q, sz, wst, cuda)]
         for _ in range(n - 1):
-            c = replace(cuda, **{f: getattr(cuda, f).clone() for f in own})
+            c = replace(cuda, **{f: getattr(cuda, f).clone() for f in own}) if mma else None
             copies.append((q.clone(), sz.clone(), None if wst is None else wst.clone(), c))
         return [launcher(w) for w in copies]
 
-    return tuning.choose(k, names, launches, route(M, N, K, bits, mma=True), x2.device, timer)
+    return tuning.choose(k, names, launches, route(M, N, K, bits, mma=mma), x2.device, timer)
 
 
 def run_route(
@@ -135,6 +142,10 @@ def run_route(
     kw = dict(bits=bits, group=group, out=out)
     if name == "gemv":
         return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
+    if name.startswith("gemv:"):
+        nsal = 0 if sidx is None else sidx.numel()
+        cfg = named_config(name, M, N, nsal, _sms(x2.device))
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
@@ -188,7 +199,8 @@ def run(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    if cuda is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if x.is_cuda and half and (cuda is not None or M <= GEMV_TUNED_M):
         name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
     else:
         name = route(M, N, K, bits)

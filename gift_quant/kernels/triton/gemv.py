@@ -78,6 +78,49 @@ def gemv_config(
     return split_config(M, N, nsal, sms, block_k, min(K // block_k, want))
 
 
+# Measured at first use beside the rule for M <= TUNED_M rows (``routes.tuning_names``): for
+# each k-tile the layer allows (128, 64 and 32 deep at one row, 64 and 32 at two), the split
+# counts nearest below and above the rule's target and half of it that deal the k-blocks within
+# EVEN_SHARE of evenly (the kernel gives each split floor or ceil of the mean, so the launch
+# waits for the longest). On an H100 (bench_gemv_splits.py over twelve shapes, 2/3/4 bits, 0 and
+# 128 salient columns, M = 1 and 2; gemv_splits_h100_62f7110.json) the fastest of these and the
+# rule took 0.918x the rule's time in geometric mean over 144 cells (the whole grid's fastest
+# 0.894x), while no fixed rule of this kind (one tile order, one target) beat the rule itself:
+# the best tile and count differ by shape, width and salient columns, so they are timed.
+TUNED_M, EVEN_SHARE = 2, 1.03
+
+
+def gemv_names(M: int, N: int, K: int, group: int) -> list[str]:
+    """The GEMV's configurations timed beside its rule ("gemv") for M rows of an (N, K) layer
+    with quantization groups of ``group``: "gemv:BKxS" (k-tile BK, S splits; see TUNED_M)."""
+    if M > TUNED_M:
+        return []
+    rule = gemv_config(M, N, K, 4, group)
+    want = max(
+        triton.cdiv(TARGET_PROGRAMS, triton.cdiv(N, rule["BLOCK_N"])),
+        triton.cdiv(K, K_PER_PROGRAM),
+    )
+    out: list[tuple[int, int]] = []
+    for bk in (128, 64, 32) if M == 1 else (64, 32):
+        if group % bk or K % bk:
+            continue
+        n_kb = K // bk
+        even = [s for s in range(1, n_kb + 1) if _imbalance(n_kb, s) <= EVEN_SHARE]
+        for target in (want, want / 2):
+            below = [s for s in even if s <= target]
+            above = [s for s in even if s >= target]
+            for s in ([max(below)] if below else []) + ([min(above)] if above else []):
+                if (bk, s) not in out and (bk, s) != (rule["BLOCK_K"], rule["n_split"]):
+                    out.append((bk, s))
+    return [f"gemv:{bk}x{s}" for bk, s in out]
+
+
+def named_config(name: str, M: int, N: int, nsal: int, sms: int) -> dict:
+    """The configuration a "gemv:BKxS" name stands for (``split_config``)."""
+    bk, s = (int(v) for v in name.removeprefix("gemv:").split("x"))
+    return split_config(M, N, nsal, sms, bk, s)
+
+
 def split_config(M: int, N: int, nsal: int, sms: int, block_k: int, n_split: int) -> dict:
     """The configuration with this k-tile and split count, the rest as the rule sets it (the
     column tile from N, one warp, one stage, the register cap above CAP_ABOVE_PROGRAMS_PER_SM

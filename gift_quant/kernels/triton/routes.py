@@ -1,9 +1,10 @@
 """Which kernel serves M rows of a quantized layer: the rules and the tables measured on the
 H200 (names only; ``ops`` launches what they name).
 
-* Kernel names: "gemv" (split-K GEMV), "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel),
-  "cublas" (dequantize + cuBLAS), "mma:WNxS[kKW][cC]" (the CUDA tensor-core kernel with WN
-  64-column strips per block and S K-splits, where it is built; KW warps per strip, each a
+* Kernel names: "gemv" (split-K GEMV by its rule; "gemv:BKxS": k-tile BK, S splits),
+  "mm:<MM_CONFIGS key>" (the Triton tensor-core kernel), "cublas" (dequantize + cuBLAS),
+  "mma:WNxS[kKW][cC]" (the CUDA tensor-core kernel with WN 64-column strips per block and S
+  K-splits, where it is built; KW warps per strip, each a
   share of the block's k-steps, M <= 16) and "mmv:WNxS[dD][cC]" (the CUDA
   kernel with the operands swapped, M <= 16; D x 16 bytes of weights per lane in its ring,
   default ``rules.MMV_DEPTH``); C > 1: the splits summed in thread-block clusters of C blocks
@@ -16,8 +17,9 @@ H200 (names only; ``ops`` launches what they name).
   the CUDA kernels are built); else the GEMV (M <= GEMV_MAX_M); dequantize + cuBLAS (M >=
   CUBLAS_MIN_M); between, ``ROUTES`` per (N, K, bits), measured on the H200 and shipped with
   the code (docs/KERNELS-NOTES.md), or ``DEFAULT_ROUTES``.
-* Measured at first use (fp16 or bf16, M in TUNE_M where the CUDA kernels are built, and M in
-  WG_M where the warpgroup kernel is: ``timed``): ``dispatch.tuned_route`` times ``tuning_names``
+* Measured at first use (fp16 or bf16, M in TUNE_M where the CUDA kernels are built, M in
+  WG_M where the warpgroup kernel is, and the GEMV's configurations "gemv:BKxS" at M <=
+  GEMV_TUNED_M everywhere: ``timed``): ``dispatch.tuned_route`` times ``tuning_names``
   once per shape, M bucket and dtype (``tuning``);
   ``route_in_force`` says which kernel a call takes now.
 """
@@ -29,6 +31,8 @@ import torch
 from gift_quant.kernels.cuda import native, rules
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import MAX_M as GEMV_LIMIT
+from gift_quant.kernels.triton.gemv import TUNED_M as GEMV_TUNED_M
+from gift_quant.kernels.triton.gemv import gemv_names
 
 __all__ = [
     "CUBLAS_MIN_M",
@@ -214,20 +218,30 @@ def _wg_names(M: int, N: int, K: int) -> list[str]:
     return [wg_name(*c) for c in confs]
 
 
-def timed(M: int, N: int, wg: bool) -> bool:
-    """Whether calls of M rows on N columns (fp16 or bf16) are timed at first use where the
-    CUDA kernels are built (``wg``: the warpgroup kernel too)."""
-    return TUNE_M[0] <= M <= TUNE_M[1] or (_wg_serves(M, wg) and N % 128 == 0)
+def timed(M: int, N: int, wg: bool, mma: bool = True) -> bool:
+    """Whether calls of M rows on N columns (fp16 or bf16) are timed at first use: where the
+    CUDA kernels are built (``mma``; ``wg``: the warpgroup kernel too) M in TUNE_M and WG_M,
+    and at any rate the GEMV's configurations at M <= GEMV_TUNED_M."""
+    if M <= GEMV_TUNED_M:
+        return True
+    return mma and (TUNE_M[0] <= M <= TUNE_M[1] or (_wg_serves(M, wg) and N % 128 == 0))
 
 
-def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[str]:
+def tuning_names(
+    M: int, N: int, K: int, bits: int, wg: bool = False, group: int = 128, mma: bool = True
+) -> list[str]:
     """The kernels timed for M rows at first use where the CUDA kernels can serve them:
     the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``,
     and with warps sharing a strip, ``rules.mma_kw_configs``),
     the warpgroup kernel's (``_wg_names``, M in WG_M, where ``wg`` says it is built)
     and the Triton rule; past 32 rows (``timed`` with the warpgroup kernel) only the warpgroup
-    kernel's configurations and the table's route."""
+    kernel's configurations and the table's route. Where the rule is the GEMV (M <=
+    GEMV_TUNED_M), its other configurations (``gemv.gemv_names``, for quantization groups of
+    ``group``) follow it; without the CUDA kernels (``mma`` false) only those are timed."""
+    gemvs = ["gemv", *gemv_names(M, N, K, group)]
+    if not mma or M < TUNE_M[0]:
+        return gemvs
     wgs = _wg_names(M, N, K) if _wg_serves(M, wg) else []
     if M > TUNE_M[1]:
         return [*wgs, route(M, N, K, bits)]
@@ -238,7 +252,8 @@ def tuning_names(M: int, N: int, K: int, bits: int, wg: bool = False) -> list[st
     names += [mma_name(*c) for c in rules.configs(M, N, K)]
     names += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
     names += [mma_name(*c) for c in rules.mma_kw_configs(M, N, K)]
-    return [*names, *wgs, route(M, N, K, bits)]
+    rule = route(M, N, K, bits)
+    return [*names, *wgs, *(gemvs if rule == "gemv" and M <= GEMV_TUNED_M else [rule])]
 
 
 def route_in_force(
@@ -257,22 +272,25 @@ def route_in_force(
     """The kernel calls of M rows with ``dtype`` activations take now: the measured choice
     where one was made (``timed``, as ``tuned_route``; ``wg``: the warpgroup kernel is built),
     else ``route``'s rule (what the tools record as the routes in force)."""
-    kept = mma and timed(M, N, wg)
+    kept = timed(M, N, wg, mma)
     k = tuning.key(device, N, K, bits, group, nsal, M, dtype)
     measured = tuning.kept(k) if kept else None
     return measured or route(M, N, K, bits, mma)
 
 
-def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = False) -> list[str]:
+def candidates(
+    M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = False, group: int = 128
+) -> list[str]:
     """The kernels the route tables choose among for M rows (measured by
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
     (N, K) layer, and the swapped kernel's rule at each depth; with ``wg``, the warpgroup-MMA
     kernel's configurations (``_wg_names``) for M in WG_M."""
     if _wg_serves(M, wg):
-        return [*candidates(M, mma, N, K), *_wg_names(M, N, K)]
+        return [*candidates(M, mma, N, K, group=group), *_wg_names(M, N, K)]
     if mma and M <= rules.MAX_M:
-        out = [*candidates(M), *(mma_name(*c) for c in rules.configs(M, N, K))]
+        out = [*candidates(M, N=N, K=K, group=group)]
+        out += [mma_name(*c) for c in rules.configs(M, N, K)]
         out += [mma_name(*c) for c in rules.mma_cluster_configs(M, N, K)]
         out += [mma_name(*c) for c in rules.mma_kw_configs(M, N, K)]
         if M <= rules.MMV_MAX_M:
@@ -282,7 +300,7 @@ def candidates(M: int, mma: bool = False, N: int = 0, K: int = 0, wg: bool = Fal
             out += [mmv_name(*rule, d) for d in rules.MMV_DEPTHS if d != rules.MMV_DEPTH]
         return out
     if M <= GEMV_MAX_M:
-        return ["gemv"]
+        return ["gemv", *(gemv_names(M, N, K, group) if N and K else [])]
     if M >= CUBLAS_MIN_M:
         return ["cublas"]
     out = ["gemv"] if M <= GEMV_LIMIT else []

@@ -44,10 +44,11 @@ _DTYPE_NAMES = {dtype: name for name, dtype in ACTIVATION_DTYPES.items()}
 def m_bucket(M: int) -> int:
     """The M a measurement is kept for: calls with M rows share the kernel of M_bucket rows
     (the CUDA kernel stages 16 rows for M <= 16, 32 for M <= 32; past 32, powers of two: the
-    warpgroup kernel's tiles are 64, 128 and 256 rows). M <= 2 apart from 3-4: the GEMV,
-    which reads the weights once per row, is a candidate there."""
+    warpgroup kernel's tiles are 64, 128 and 256 rows). One row and two apart from 3-4: the
+    GEMV, which reads the weights once per row, is a candidate there, in configurations of
+    their own (one row: ``gemv.gemv_names``)."""
     if M <= 32:
-        return 2 if M <= 2 else 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
+        return M if M <= 2 else 4 if M <= 4 else 8 if M <= 8 else 16 if M <= 16 else 32
     return 1 << (M - 1).bit_length()
 
 
