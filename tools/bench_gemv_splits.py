@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 tools/bench_gemv_splits.py --idle [--shapes all|NxK,...] [--ms 1,2]
         [--bits 4,3,2] [--nsal 0,128] [--dtype fp16|bf16] [--budget S] [--out DIR] [--name FILE]
-    python3 tools/bench_gemv_splits.py --table FILE     # a saved run's table, nothing timed
+    python3 tools/bench_gemv_splits.py --table FILE[.gz]  # a saved run's table, nothing timed
 
 The GEMV (``kernels/triton/gemv.py``) gives each of its ``n_split`` programs per column block
 a contiguous run of the layer's ``K / BLOCK_K`` k-blocks, ``floor`` or ``ceil`` of the mean,
@@ -25,6 +25,7 @@ stamped with the commit, versions, GPU and whether the machine was shared.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -188,7 +189,8 @@ def main() -> None:
     add_arguments(ap)
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        raw = Path(args.table).read_bytes()
+        print(table(json.loads(gzip.decompress(raw) if args.table.endswith(".gz") else raw)))
         return
     try:  # every argument read before any work
         shapes = (

@@ -82,11 +82,11 @@ def gemv_config(
 # each k-tile the layer allows (128, 64 and 32 deep at one row, 64 and 32 at two), the split
 # counts nearest below and above the rule's target and half of it that deal the k-blocks within
 # EVEN_SHARE of evenly (the kernel gives each split floor or ceil of the mean, so the launch
-# waits for the longest). On an H100 (bench_gemv_splits.py over twelve shapes, 2/3/4 bits, 0 and
-# 128 salient columns, M = 1 and 2; gemv_splits_h100_62f7110.json) the fastest of these and the
-# rule took 0.918x the rule's time in geometric mean over 144 cells (the whole grid's fastest
-# 0.894x), while no fixed rule of this kind (one tile order, one target) beat the rule itself:
-# the best tile and count differ by shape, width and salient columns, so they are timed.
+# waits for the longest). On an H100 (bench_gemv_splits.py over twelve shapes, 2/3/4 bits, 0
+# and 128 salient columns, M = 1 and 2; gemv_splits_h100_62f7110.json.gz) the fastest of these
+# and the rule took 0.918x the rule's time in geometric mean over 144 cells (the whole grid's
+# fastest 0.894x), while no fixed rule of this kind (one tile order, one target) beat the rule
+# itself: the best tile and count differ by shape, width and salient columns, so they are timed.
 TUNED_M, EVEN_SHARE = 2, 1.03
 
 
