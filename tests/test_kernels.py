@@ -172,7 +172,7 @@ ROUTE_CASES = [
     ("gemv", 2, F16, 3, -1, True, 5, True),
     ("gemv:32x4", 4, F16, 1, 64, False, 6, True),  # the configurations timed at first use
     ("gemv:64x3", 3, BF16, 2, 64, True, 5, False),  # (4 k-blocks over 3 splits: uneven)
-    ("gemv:128x2", 2, F16, 1, 128, False, 0, True),
+    ("gemv:64x4", 2, F16, 1, 128, False, 0, True),  # (the rule: 128 x 2)
     ("mm:t64k", 4, F16, 5, 64, False, 7, True),
     ("mm:t64k", 2, BF16, 16, 32, False, 3, False),
     ("mm:t64", 3, F16, 9, 128, False, 33, True),
@@ -369,9 +369,9 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     monkeypatch, stand_in_timer
 ):
     """Calls with the CUDA kernel's layout time its configurations and the rule's Triton
-    route once per (device, shape, M bucket, dtype) and keep the fastest; outside TUNE_M or with
-    GIFT_QUANT_TUNE=0 the rule serves. The timer here is a stand-in
-    whose winner is set by the test (the CUDA-event timer needs a GPU)."""
+    route once per (device, shape, M bucket, dtype) and keep the fastest (one row: the GEMV's
+    configurations); past TUNE_M or with GIFT_QUANT_TUNE=0 the rule serves. The timer here is
+    a stand-in whose winner is set by the test (the CUDA-event timer needs a GPU)."""
     # the names below are those of a device without thread-block clusters, whatever this
     # machine has (on sm_90 the clustered configurations join them: tested apart)
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
@@ -559,6 +559,50 @@ def test_gemv_configurations_timed_at_first_use_share_the_k_blocks_evenly(M, N, 
         assert min(shares) >= 1 and max(shares) * s <= 1.03 * n_kb
         assert (bk, s) != (rule["BLOCK_K"], rule["n_split"]) and name == f"gemv:{bk}x{s}"
     assert g.gemv_names(3, N, K, group) == []
+
+
+def test_a_named_gemv_configuration_is_the_one_launched(monkeypatch):
+    """ "gemv:BKxS" launches the GEMV with k-tile BK and S splits (not the rule's), and the
+    result is right."""
+    from gift_quant.kernels.triton import gemv as g
+
+    seen, real = [], dispatch.gemv
+
+    def spy(*a, config=None, **k):
+        seen.append(config)
+        return real(*a, config=config, **k)
+
+    monkeypatch.setattr(dispatch, "gemv", spy)
+    layer, w, b = make(256, 64, bits=4, group=128, salient=5, bias=True, seed=3)
+    x = torch.randn(1, 256, device=DEV, dtype=F16)
+    rule = g.gemv_config(1, 64, 256, 4, 128, 5)
+    assert (rule["BLOCK_K"], rule["n_split"]) == (128, 2) and "gemv:64x4" in gemv_names(
+        1, 64, 256, 128
+    )
+    within_bound(dispatch.run_route("gemv:64x4", x, *_args(layer)), x, layer, w, b)
+    assert (seen[-1]["BLOCK_K"], seen[-1]["n_split"], seen[-1]["BLOCK_M"]) == (64, 4, 1)
+    dispatch.run_route("gemv", x, *_args(layer))
+    assert seen[-1] is None  # the rule: the kernel's own configuration
+
+
+def test_calls_with_and_without_the_cuda_layout_keep_their_own_choice(stand_in_timer):
+    """A call without the CUDA kernels' layout (a training forward, a bf16 call under autograd)
+    never takes a CUDA kernel kept for the same shape with it, nor the reverse: each times its
+    own candidates."""
+    N, K = 4096, 4096
+    x, sz = torch.zeros(2, K, dtype=F16), torch.zeros(1, N, dtype=torch.int32)
+
+    def pick(cuda, timer):
+        return dispatch.tuned_route(x, None, sz, None, None, None, None, 4, 128, cuda, timer)
+
+    with_layout = stand_in_timer(routes.mmv_name(*rules.mmv_configs(2, N, K)[0]))
+    assert pick(object(), with_layout) == with_layout.winner
+    without = stand_in_timer(gemv_names(2, N, K, 128)[0])
+    assert pick(None, without) == without.winner  # timed anew, among the GEMV's
+    assert without.calls == [["gemv", *gemv_names(2, N, K, 128)]]
+    assert pick(object(), with_layout) == with_layout.winner and len(with_layout.calls) == 1
+    for mma, want in ((True, with_layout.winner), (False, without.winner)):
+        assert routes.route_in_force(2, N, K, 4, 128, 0, mma, device=None, dtype=F16) == want
 
 
 def test_one_row_is_timed_among_the_gemv_configurations_without_the_cuda_kernels(

@@ -58,6 +58,7 @@ from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
 from gift_quant.kernels.cuda import layout, native  # noqa: E402
 from gift_quant.kernels.triton import dispatch, routes, tuning  # noqa: E402
 from gift_quant.kernels.triton import ops as _ops  # noqa: E402, F401 (registers the custom ops)
+from gift_quant.kernels.triton.gemv import TUNED_M as GEMV_TUNED_M  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv  # noqa: E402
 from gift_quant.kernels.triton.mm import dequantize  # noqa: E402
 from gift_quant.kernels.triton.ptx import pack_3bit  # noqa: E402
@@ -248,7 +249,10 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
             )
             if sweep and M in SWEEP_MS and (bits == 4 or M == 1):
                 sweep_one(x, copies, bits, M, N, K, fp[M], res)
-            if res["opts"]["candidates"] and (M > routes.GEMV_MAX_M or copies[0]["cuda"]):
+            timed_gemv = M <= GEMV_TUNED_M  # the GEMV's configurations, with or without CUDA
+            if res["opts"]["candidates"] and (
+                M > routes.GEMV_MAX_M or copies[0]["cuda"] or timed_gemv
+            ):
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
         for row in shape_rows:
             row["routes_in_force"] = routes_in_force(N, K, bits, dtype)

@@ -63,7 +63,7 @@ def tuned_route(
     if not timed(M, N, native.wg_available(), mma) or not (x2.is_cuda or timer):
         return route(M, N, K, bits, mma=mma)
     nsal = 0 if wst is None else wst.shape[0]
-    k = tuning.key(x2.device.index, N, K, bits, group, nsal, M, x2.dtype)
+    k = tuning.key(x2.device.index, N, K, bits, group, nsal, M, x2.dtype, mma)
     name = tuning.kept(k)  # the hot path: one dict lookup
     if name is not None:
         return name

@@ -230,8 +230,8 @@ def timed(M: int, N: int, wg: bool, mma: bool = True) -> bool:
 def tuning_names(
     M: int, N: int, K: int, bits: int, wg: bool = False, group: int = 128, mma: bool = True
 ) -> list[str]:
-    """The kernels timed for M rows at first use where the CUDA kernels can serve them:
-    the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
+    """The kernels timed for M rows at first use (``mma``: where the CUDA kernels can serve
+    the call): the swapped kernel's configurations (M <= 16; with clusters where they may pay), the
     tensor-core kernel's (with its splits in one cluster too, ``rules.mma_cluster_configs``,
     and with warps sharing a strip, ``rules.mma_kw_configs``),
     the warpgroup kernel's (``_wg_names``, M in WG_M, where ``wg`` says it is built)
@@ -273,7 +273,7 @@ def route_in_force(
     where one was made (``timed``, as ``tuned_route``; ``wg``: the warpgroup kernel is built),
     else ``route``'s rule (what the tools record as the routes in force)."""
     kept = timed(M, N, wg, mma)
-    k = tuning.key(device, N, K, bits, group, nsal, M, dtype)
+    k = tuning.key(device, N, K, bits, group, nsal, M, dtype, mma)
     measured = tuning.kept(k) if kept else None
     return measured or route(M, N, K, bits, mma)
 
@@ -285,7 +285,9 @@ def candidates(
     ``tools/bench_kernels.py --candidates``, checked by ``tools/check_kernels.py``); with
     ``mma``, the CUDA kernels too, in every configuration ``tuned_route`` may time for the
     (N, K) layer, and the swapped kernel's rule at each depth; with ``wg``, the warpgroup-MMA
-    kernel's configurations (``_wg_names``) for M in WG_M."""
+    kernel's configurations (``_wg_names``) for M in WG_M. At M <= GEMV_TUNED_M, given N and
+    K, the GEMV's configurations for quantization groups of ``group`` (``gemv.gemv_names``)
+    follow "gemv", with or without ``mma``."""
     if _wg_serves(M, wg):
         return [*candidates(M, mma, N, K, group=group), *_wg_names(M, N, K)]
     if mma and M <= rules.MAX_M:

@@ -37,7 +37,7 @@ MAX_COPIES = 32  # the most weight copies (the layer counted): a 4096^2 W2 layer
 
 _kept: dict[tuple, str] = {}  # key -> kernel
 _timings: dict[tuple, dict[str, float]] = {}  # key -> {kernel: seconds} as measured
-_FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket", "dtype")
+_FIELDS = ("device", "N", "K", "bits", "group", "salient", "m_bucket", "dtype", "cuda_layout")
 _DTYPE_NAMES = {dtype: name for name, dtype in ACTIVATION_DTYPES.items()}
 
 
@@ -53,10 +53,20 @@ def m_bucket(M: int) -> int:
 
 
 def key(
-    device, N: int, K: int, bits: int, group: int, nsal: int, M: int, dtype: torch.dtype
+    device,
+    N: int,
+    K: int,
+    bits: int,
+    group: int,
+    nsal: int,
+    M: int,
+    dtype: torch.dtype,
+    cuda_layout: bool = True,
 ) -> tuple:
-    """What a measurement is kept for: the layer, the M bucket and the activations' type."""
-    return (device, N, K, bits, group, nsal, m_bucket(M), _DTYPE_NAMES[dtype])
+    """What a measurement is kept for: the layer, the M bucket, the activations' type and
+    whether the call has the CUDA kernels' layout (a call without it, a training forward say,
+    times the Triton kernels alone and must not take a CUDA kernel kept for a call with it)."""
+    return (device, N, K, bits, group, nsal, m_bucket(M), _DTYPE_NAMES[dtype], cuda_layout)
 
 
 def kept(k: tuple) -> str | None:
