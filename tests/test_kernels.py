@@ -551,7 +551,7 @@ def test_gemv_configurations_timed_at_first_use_share_the_k_blocks_evenly(M, N, 
     rule = g.gemv_config(M, N, K, 4, group)
     assert names and len(set(names)) == len(names)
     for name in names:
-        cfg = g.named_config(name, M, N, 0, 132)
+        cfg = g.split_config(M, N, 0, 132, *g.named_split(name))
         bk, s = cfg["BLOCK_K"], cfg["n_split"]
         assert bk in ((128, 64, 32) if M == 1 else (64, 32)) and K % bk == 0 and group % bk == 0
         n_kb = K // bk
@@ -563,26 +563,31 @@ def test_gemv_configurations_timed_at_first_use_share_the_k_blocks_evenly(M, N, 
 
 def test_a_named_gemv_configuration_is_the_one_launched(monkeypatch):
     """ "gemv:BKxS" launches the GEMV with k-tile BK and S splits (not the rule's), and the
-    result is right."""
+    result is right: the launch grid and tile are read at the kernel itself."""
     from gift_quant.kernels.triton import gemv as g
 
-    seen, real = [], dispatch.gemv
+    seen, real_kernel = [], g._gemv_kernel
 
-    def spy(*a, config=None, **k):
-        seen.append(config)
-        return real(*a, config=config, **k)
+    class Kernel:
+        def __getitem__(self, grid):
+            launch = real_kernel[grid]
 
-    monkeypatch.setattr(dispatch, "gemv", spy)
+            def call(*a, **k):
+                seen.append((grid, k["BLOCK_K"], k["BLOCK_M"]))
+                return launch(*a, **k)
+
+            return call
+
+    monkeypatch.setattr(g, "_gemv_kernel", Kernel())
     layer, w, b = make(256, 64, bits=4, group=128, salient=5, bias=True, seed=3)
     x = torch.randn(1, 256, device=DEV, dtype=F16)
     rule = g.gemv_config(1, 64, 256, 4, 128, 5)
-    assert (rule["BLOCK_K"], rule["n_split"]) == (128, 2) and "gemv:64x4" in gemv_names(
-        1, 64, 256, 128
-    )
+    assert (rule["BLOCK_K"], rule["n_split"]) == (128, 2)
+    assert "gemv:64x4" in gemv_names(1, 64, 256, 128)
     within_bound(dispatch.run_route("gemv:64x4", x, *_args(layer)), x, layer, w, b)
-    assert (seen[-1]["BLOCK_K"], seen[-1]["n_split"], seen[-1]["BLOCK_M"]) == (64, 4, 1)
-    dispatch.run_route("gemv", x, *_args(layer))
-    assert seen[-1] is None  # the rule: the kernel's own configuration
+    assert seen[-1] == ((1, 4 + 1), 64, 1)  # one column block: 4 splits + 1 salient program
+    within_bound(dispatch.run_route("gemv", x, *_args(layer)), x, layer, w, b)
+    assert seen[-1] == ((1, 2 + 1), 128, 1)  # the rule's
 
 
 def test_calls_with_and_without_the_cuda_layout_keep_their_own_choice(stand_in_timer):

@@ -44,32 +44,26 @@ from provenance import add_arguments, gpu_tag, provenance, shared_flag, stamp, w
 
 from gift_quant.kernels.triton import dispatch  # noqa: E402
 from gift_quant.kernels.triton.gemv import (  # noqa: E402
-    K_PER_PROGRAM,
-    TARGET_PROGRAMS,
+    TUNED_TILES,
     gemv,
     gemv_config,
+    imbalance,
     split_config,
+    split_target,
 )
 from gift_quant.testing import graph_time_us  # noqa: E402
 
 DECODE_SHAPES = [(22016, 4096), (4096, 11008), (6144, 4096), (14336, 4096)]
 ALL_SHAPES = [s for g in bench.GROUPS.values() for s in g] + DECODE_SHAPES
-TILES = {1: (128, 64, 32), 2: (64, 32)}  # k-tiles per M (more rows: fewer x registers)
 MAX_IMBALANCE, PER_TILE = 1.06, 6
-
-
-def imbalance(n_kb: int, n_split: int) -> float:
-    """The longest split's k-blocks over the mean."""
-    return math.ceil(n_kb / n_split) * n_split / n_kb
 
 
 def grid(M: int, N: int, K: int, nsal: int, sms: int, group: int) -> list[tuple[str, dict]]:
     """("rule", the rule's) first, then each k-tile with the split counts near the target."""
     rule = gemv_config(M, N, K, 4, group, nsal, sms)
     out = [("rule", rule)]
-    block_n = rule["BLOCK_N"]
-    want = max(triton.cdiv(TARGET_PROGRAMS, triton.cdiv(N, block_n)), triton.cdiv(K, K_PER_PROGRAM))
-    for bk in TILES.get(triton.next_power_of_2(M), (32,)):
+    want = split_target(N, K)
+    for bk in TUNED_TILES.get(triton.next_power_of_2(M), (32,)):
         if group % bk or K % bk:
             continue
         n_kb = K // bk

@@ -30,7 +30,7 @@ from torch import Tensor
 from gift_quant.kernels.cuda import layout, native
 from gift_quant.kernels.triton import tuning
 from gift_quant.kernels.triton.gemv import TUNED_M as GEMV_TUNED_M
-from gift_quant.kernels.triton.gemv import _sms, gemv, named_config
+from gift_quant.kernels.triton.gemv import gemv, named_split
 from gift_quant.kernels.triton.mm import MM_CONFIGS, dequantize, mm, mm_config
 from gift_quant.kernels.triton.routes import mma_config, route, timed, tuning_names
 from gift_quant.kernels.triton.tiles import on_device
@@ -88,9 +88,10 @@ def tuned_route(
             if mma
             else []
         )
-        triton_bytes = sum(t.nbytes for t in (q, sz, wst) if t is not None)
-        cuda_bytes = sum(getattr(cuda, f).nbytes for f in own) if mma else triton_bytes
-        n = tuning.copies_for(min(triton_bytes, cuda_bytes), x2.device)
+        nbytes = sum(t.nbytes for t in (q, sz, wst) if t is not None)
+        if own:
+            nbytes = min(nbytes, sum(getattr(cuda, f).nbytes for f in own))
+        n = tuning.copies_for(nbytes, x2.device)
         copies = [(q, sz, wst, cuda)]
         for _ in range(n - 1):
             c = replace(cuda, **{f: getattr(cuda, f).clone() for f in own}) if mma else None
@@ -143,9 +144,7 @@ def run_route(
     if name == "gemv":
         return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, **kw)
     if name.startswith("gemv:"):
-        nsal = 0 if sidx is None else sidx.numel()
-        cfg = named_config(name, M, N, nsal, _sms(x2.device))
-        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
+        return gemv(x2, q, sz, wst, sidx, bias, ws, cnt, split=named_split(name), **kw)
     if name.startswith("mm:"):
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)

@@ -52,9 +52,21 @@ def _fit(block_k: int, K: int, group: int) -> int:
     return block_k
 
 
-def _imbalance(n_kb: int, n_split: int) -> float:
+def imbalance(n_kb: int, n_split: int) -> float:
     """The longest split's k-blocks over the mean (1.0: every split does the same work)."""
     return triton.cdiv(n_kb, n_split) * n_split / n_kb
+
+
+def _block_n(N: int) -> int:
+    return 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
+
+
+def split_target(N: int, K: int) -> int:
+    """The split count the rule aims at: TARGET_PROGRAMS over the column blocks, at most
+    K_PER_PROGRAM input columns per program."""
+    return max(
+        triton.cdiv(TARGET_PROGRAMS, triton.cdiv(N, _block_n(N))), triton.cdiv(K, K_PER_PROGRAM)
+    )
 
 
 def gemv_config(
@@ -67,13 +79,11 @@ def gemv_config(
     kernels_h200_gemv_sweep_bk.json.gz). At M = 1, a launch of more programs (``nsal`` salient
     columns included) than CAP_ABOVE_PROGRAMS_PER_SM per SM on ``sms`` SMs caps its registers."""
     block_m = triton.next_power_of_2(M)
-    block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
-    n_blocks = triton.cdiv(N, block_n)
-    want = max(triton.cdiv(TARGET_PROGRAMS, n_blocks), triton.cdiv(K, K_PER_PROGRAM))
+    want = split_target(N, K)
     tiles = [128, 64] if block_m == 1 else [{2: 64}.get(block_m, 32)]
     block_k = min(
         (_fit(bk, K, group) for bk in tiles),
-        key=lambda bk: (_imbalance(K // bk, min(K // bk, want)), -bk),
+        key=lambda bk: (imbalance(K // bk, min(K // bk, want)), -bk),
     )
     return split_config(M, N, nsal, sms, block_k, min(K // block_k, want))
 
@@ -88,6 +98,7 @@ def gemv_config(
 # fastest 0.894x), while no fixed rule of this kind (one tile order, one target) beat the rule
 # itself: the best tile and count differ by shape, width and salient columns, so they are timed.
 TUNED_M, EVEN_SHARE = 2, 1.03
+TUNED_TILES = {1: (128, 64, 32), 2: (64, 32)}  # k-tiles per row count (rows: x registers)
 
 
 def gemv_names(M: int, N: int, K: int, group: int) -> list[str]:
@@ -96,16 +107,13 @@ def gemv_names(M: int, N: int, K: int, group: int) -> list[str]:
     if M > TUNED_M:
         return []
     rule = gemv_config(M, N, K, 4, group)
-    want = max(
-        triton.cdiv(TARGET_PROGRAMS, triton.cdiv(N, rule["BLOCK_N"])),
-        triton.cdiv(K, K_PER_PROGRAM),
-    )
+    want = split_target(N, K)
     out: list[tuple[int, int]] = []
-    for bk in (128, 64, 32) if M == 1 else (64, 32):
+    for bk in TUNED_TILES[M]:
         if group % bk or K % bk:
             continue
         n_kb = K // bk
-        even = [s for s in range(1, n_kb + 1) if _imbalance(n_kb, s) <= EVEN_SHARE]
+        even = [s for s in range(1, n_kb + 1) if imbalance(n_kb, s) <= EVEN_SHARE]
         for target in (want, want / 2):
             below = [s for s in even if s <= target]
             above = [s for s in even if s >= target]
@@ -115,18 +123,17 @@ def gemv_names(M: int, N: int, K: int, group: int) -> list[str]:
     return [f"gemv:{bk}x{s}" for bk, s in out]
 
 
-def named_config(name: str, M: int, N: int, nsal: int, sms: int) -> dict:
-    """The configuration a "gemv:BKxS" name stands for (``split_config``)."""
+def named_split(name: str) -> tuple[int, int]:
+    """(k-tile, splits) of a "gemv:BKxS" name (``gemv``'s ``split``)."""
     bk, s = (int(v) for v in name.removeprefix("gemv:").split("x"))
-    return split_config(M, N, nsal, sms, bk, s)
+    return bk, s
 
 
 def split_config(M: int, N: int, nsal: int, sms: int, block_k: int, n_split: int) -> dict:
     """The configuration with this k-tile and split count, the rest as the rule sets it (the
     column tile from N, one warp, one stage, the register cap above CAP_ABOVE_PROGRAMS_PER_SM
     programs per SM at M = 1)."""
-    block_m = triton.next_power_of_2(M)
-    block_n = 128 if N % 128 == 0 else 64 if N % 64 == 0 else 32
+    block_m, block_n = triton.next_power_of_2(M), _block_n(N)
     programs = triton.cdiv(N, block_n) * (n_split + triton.cdiv(nsal, SAL_PER_PROG))
     cap = block_m == 1 and programs > CAP_ABOVE_PROGRAMS_PER_SM * sms
     return dict(
@@ -417,6 +424,7 @@ def gemv(
     bits: int,
     group: int,
     config: dict | None = None,
+    split: tuple[int, int] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """y [M, N] = x [M, K] @ dequant^T (+ salient) (+ bias); M <= MAX_M; see the kernel."""
@@ -426,6 +434,8 @@ def gemv(
     assert q.dtype == torch.int32 and q.is_contiguous() and q.shape[1] == N
     assert sz.dtype == torch.int32 and sz.is_contiguous() and K % group == 0
     nsal = 0 if sidx is None else sidx.numel()
+    if config is None and split is not None:  # a k-tile and split count, the rest by the rule
+        config = split_config(M, N, nsal, _sms(x.device), *split)
     cfg = config or gemv_config(M, N, K, bits, group, nsal, _sms(x.device))
     assert K % cfg["BLOCK_K"] == 0 and group % cfg["BLOCK_K"] == 0
     n_sal_progs = triton.cdiv(nsal, SAL_PER_PROG)
