@@ -139,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed: gift_quant format; gptq+lora: plain GPTQ checkpoint + PEFT adapter "
         "(engines); onnx: onnxruntime MatMulNBits model with a KV cache (CPU, [onnx] extra)",
     )
-    x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto")
+    x.add_argument(
+        "--checkpoint-format",
+        choices=["auto", "gptq", "gptq_v2"],
+        default="auto",
+        help="GPTQ zero-point convention: gptq (v1, z - 1; symmetric grids), gptq_v2 (z as "
+        "is), auto (v1 where every layer is symmetric, else v2)",
+    )
     x.add_argument(
         "--table-bits",
         type=int,

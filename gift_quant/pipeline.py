@@ -209,21 +209,26 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
     """Run (or resume) the whole recovery job; returns the report dict (None on the ranks
     other than 0 of a multi-process run). A finished run's report is returned as it is."""
     out = Path(out_dir)
+    t_start = time.perf_counter()
+    # also converts the embedded model to its fp16 cache, on a machine's first run
     validate(recipe, out, new_out=False)
+    checked = time.perf_counter() - t_start
     finished = out / "report.json"
     if finished.is_file() and (out / "recipe.yaml").read_text() == recipe.to_yaml():
         log.info("%s finished earlier; its report is kept", out)
         return json.loads(finished.read_text()) if rank0() else None
-    t_start = time.perf_counter()
     try:
-        return _recover(recipe, out, progress, t_start)
+        return _recover(recipe, out, progress, t_start, checked)
     except BaseException:  # Ctrl-C, a kill by the scheduler, an error: count the time spent
         record_invocation(out, {}, time.perf_counter() - t_start)
         raise
 
 
-def _recover(recipe: Recipe, out_dir: Path, progress: bool, t_start: float) -> dict | None:
+def _recover(
+    recipe: Recipe, out_dir: Path, progress: bool, t_start: float, checked: float
+) -> dict | None:
     run = _Run(recipe, Path(out_dir), progress)
+    run.timings["check"] = checked  # the recipe and model checks before any stage
     d, tr = run.dist, recipe.train
     if d.enabled and (tr.mode == "pre" or (tr.parallel == "fsdp" and tr.method in ADAPTERS)):
         raise RecipeError(

@@ -156,7 +156,7 @@ def report_table(r: dict) -> str:
             f"{f(t.get('seconds_per_step'), '{:.2f}')} s/step, "
             f"{f(t.get('tokens_per_second'), '{:.0f}')} tokens/s, "
             f"{t.get('trainable_params')} trainable parameters, "
-            f"peak RSS {f(t.get('peak_rss_mb'), '{:.0f}')} MiB"
+            f"peak RSS by the end of training {f(t.get('peak_rss_mb'), '{:.0f}')} MiB"
             + (f" (resumed at step {t['resumed_from']})" if t.get("resumed_from") else "")
         )
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
