@@ -332,7 +332,7 @@ def test_layer_forward_takes_the_cuda_kernel_and_matches_the_oracle(bits: int) -
             wg = native.wg_available()
             assert taken in routes.candidates(M, mma=True, N=N, K=K, wg=wg), taken
             # measured under this dtype's own key (the CUDA kernels' builds among the timed)
-            key = tuning.key(0, N, K, bits, 64, 37, M, dtype)
+            key = tuning.key(0, N, K, bits, 64, 37, M, dtype, True)
             assert tuning.kept(key) == taken, (M, dtype, taken)
             exact = oracle(x, layer)
             err, ref_err = kernel_error(out, reference.dequant_matmul(x, layer), exact)

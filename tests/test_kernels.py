@@ -404,7 +404,7 @@ def test_first_use_timing_keeps_the_fastest_kernel_per_shape_and_m_bucket(
     # outside TUNE_M the op takes the rule, whatever the nearest bucket kept: bucket 32 for
     # M > 32 (a CUDA configuration, as a real measurement may keep); one row and two rows have
     # buckets of their own, not 3-4's
-    tuning._kept[tuning.key(None, N, K, 4, 128, 0, 32, F16)] = "mma:4x4"
+    tuning._kept[tuning.key(None, N, K, 4, 128, 0, 32, F16, True)] = "mma:4x4"
     timer.winner = "mma:2x16"
     assert pick(4) == "mma:2x16" and len(timed) == 4
     mmv4 = [routes.mmv_name(*c) for c in rules.mmv_configs(4, N, K)]

@@ -249,9 +249,9 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
             )
             if sweep and M in SWEEP_MS and (bits == 4 or M == 1):
                 sweep_one(x, copies, bits, M, N, K, fp[M], res)
-            timed_gemv = M <= GEMV_TUNED_M  # the GEMV's configurations, with or without CUDA
+            # a choice to time: the route tables' M, the CUDA kernels', the GEMV's configurations
             if res["opts"]["candidates"] and (
-                M > routes.GEMV_MAX_M or copies[0]["cuda"] or timed_gemv
+                M > routes.GEMV_MAX_M or copies[0]["cuda"] or M <= GEMV_TUNED_M
             ):
                 time_candidates(x, copies, bits, M, N, K, fp[M], res)
         for row in shape_rows:

@@ -48,7 +48,6 @@ from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import dispatch as triton_dispatch  # noqa: E402
 from gift_quant.kernels.triton import ops as triton_ops  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
-from gift_quant.kernels.triton.gemv import TUNED_M as GEMV_TUNED_M  # noqa: E402
 from gift_quant.kernels.triton.gemv import gemv_config  # noqa: E402
 from gift_quant.testing import (  # noqa: E402
     ERROR_FACTOR,
@@ -105,9 +104,8 @@ def run_routed(x: torch.Tensor, layer, name: str | None = None) -> torch.Tensor:
     prep = triton_ops.prepare(layer)
     M, N = x.shape[0], layer.out_features
     args = (x, prep.q, prep.sz, prep.wst, prep.sidx, prep.sal_pos, layer.bias, prep.bits)
-    if name is None and (prep.cuda is not None or M <= GEMV_TUNED_M):
+    if name is None:  # the rule where nothing is timed (routes.timed)
         name = triton_dispatch.tuned_route(*args, prep.group, prep.cuda)
-    name = name or routes.route(M, N, prep.K, prep.bits)
     out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
     return triton_dispatch.run_route(name, *args, prep.group, out=out, cuda=prep.cuda), name
 

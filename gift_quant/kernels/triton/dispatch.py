@@ -29,7 +29,6 @@ from torch import Tensor
 
 from gift_quant.kernels.cuda import layout, native
 from gift_quant.kernels.triton import tuning
-from gift_quant.kernels.triton.gemv import TUNED_M as GEMV_TUNED_M
 from gift_quant.kernels.triton.gemv import gemv, named_split
 from gift_quant.kernels.triton.mm import MM_CONFIGS, dequantize, mm, mm_config
 from gift_quant.kernels.triton.routes import mma_config, route, timed, tuning_names
@@ -198,8 +197,7 @@ def run(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    if x.is_cuda and half and (cuda is not None or M <= GEMV_TUNED_M):
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):  # the rule where not timed
         name = tuned_route(x2, q, sz, wst, sidx, sal_pos, bias, bits, group, cuda)
     else:
         name = route(M, N, K, bits)

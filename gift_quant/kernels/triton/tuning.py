@@ -61,7 +61,7 @@ def key(
     nsal: int,
     M: int,
     dtype: torch.dtype,
-    cuda_layout: bool = True,
+    cuda_layout: bool,
 ) -> tuple:
     """What a measurement is kept for: the layer, the M bucket, the activations' type and
     whether the call has the CUDA kernels' layout (a call without it, a training forward say,
