@@ -77,8 +77,8 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 }
 
 // A producer warp (the block's last, `WGS * 128` and up) issues every copy of the ring where it
-// costs the consumers neither registers nor occupancy: 64-row tiles and 128-row tiles with two
-// warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the SM:
+// costs the consumers neither registers nor occupancy: tiles of 64 rows or fewer and 128-row
+// tiles with two warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the SM:
 // 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
 // since each warp's pair positions are constants: 103-105 uncapped, 109-111 with the selects
 // between words before); 128 x 4 (capped at 96 too) needs 127-128. 256-row tiles need 194-197
@@ -88,7 +88,7 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 // 224 (56 + 2 x 224 = 3 x 168 per sub-partition; at 40 / 232, CUTLASS's split, the producer's
 // loop spilled 40 bytes). Only its first warp's lane 0 issues copies.
 __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
-  return nt == 256 ? 4 : nt == 64 || (nt == 128 && wgs == 2) ? 1 : 0;
+  return nt == 256 ? 4 : nt <= 64 || (nt == 128 && wgs == 2) ? 1 : 0;
 }
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return wg_producer_warps(nt, wgs) > 0;
@@ -108,7 +108,7 @@ __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
 // registers no warp gives back would wait forever)
 constexpr int WG_PRODUCER_REGS = 56, WG_CONSUMER_REGS = 224;
 __host__ __device__ constexpr int wg_min_blocks(int nt, int wgs) {
-  return nt == 64 && wgs == 2 ? 2 : 1;
+  return nt <= 64 && wgs == 2 ? 2 : 1;
 }
 static_assert((WG_PRODUCER_REGS + 2 * WG_CONSUMER_REGS) * 128 <= 65536 &&
                   wg_threads(256, 2) == 384 && wg_min_blocks(256, 2) == 1,
@@ -203,6 +203,42 @@ __device__ __forceinline__ void wg_wait() {
   "+f"(d[o * 8]), "+f"(d[o * 8 + 1]), "+f"(d[o * 8 + 2]), "+f"(d[o * 8 + 3]),              \
       "+f"(d[o * 8 + 4]), "+f"(d[o * 8 + 5]), "+f"(d[o * 8 + 6]), "+f"(d[o * 8 + 7])
 
+#define GQ_WGMMA_16(TY) \
+  asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " " \
+  "{%0, %1, %2, %3, %4, %5, %6, %7}, " \
+  "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
+  : GQ_D8(0) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+template <bool BF>
+__device__ __forceinline__ void wgmma_m64n16(float (&d)[8], const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (BF) {
+    GQ_WGMMA_16("bf16");
+  } else {
+    GQ_WGMMA_16("f16");
+  }
+}
+#undef GQ_WGMMA_16
+
+#define GQ_WGMMA_32(TY) \
+  asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " " \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
+  "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
+  : GQ_D8(0), GQ_D8(1) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+template <bool BF>
+__device__ __forceinline__ void wgmma_m64n32(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+  if constexpr (BF) {
+    GQ_WGMMA_32("bf16");
+  } else {
+    GQ_WGMMA_32("f16");
+  }
+}
+#undef GQ_WGMMA_32
+
 #define GQ_WGMMA_64(TY) \
   asm volatile( \
   "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
@@ -274,7 +310,11 @@ __device__ __forceinline__ void wgmma_m64n256(float (&d)[128], const uint32_t (&
 template <bool BF, int NT>
 __device__ __forceinline__ void wgmma_tile(float (&d)[NT / 2], const uint32_t (&a)[4],
                                            uint64_t desc) {
-  if constexpr (NT == 64)
+  if constexpr (NT == 16)
+    wgmma_m64n16<BF>(d, a, desc);
+  else if constexpr (NT == 32)
+    wgmma_m64n32<BF>(d, a, desc);
+  else if constexpr (NT == 64)
     wgmma_m64n64<BF>(d, a, desc);
   else if constexpr (NT == 128)
     wgmma_m64n128<BF>(d, a, desc);
@@ -1327,12 +1367,18 @@ int launch_any(const WgCall& a) {
 }
 
 // f(std::integral_constant<int, NT>, std::integral_constant<int, WGS>) for a compiled tile, or -1.
-// 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. Every
+// 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. 16- and
+// 32-row tiles (m64n16k16, m64n32k16: 8 and 16 accumulators, 70-80 registers) are named
+// configurations only, not yet among those the route tables time (rules.WG_TILES). Every
 // configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
 template <typename F>
 int by_tile(int nt, int wgs, F&& f) {
   using std::integral_constant;
   switch (nt * 10 + wgs) {
+    case 162: return f(integral_constant<int, 16>{}, integral_constant<int, 2>{});
+    case 164: return f(integral_constant<int, 16>{}, integral_constant<int, 4>{});
+    case 322: return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+    case 324: return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
     case 642: return f(integral_constant<int, 64>{}, integral_constant<int, 2>{});
     case 644: return f(integral_constant<int, 64>{}, integral_constant<int, 4>{});
     case 1282: return f(integral_constant<int, 128>{}, integral_constant<int, 2>{});

@@ -331,7 +331,7 @@ def mixed_wg(
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
-    :func:`wg_available`): tiles of ``nt`` (64, 128 or 256) rows of x, ``wgs`` warpgroups (64
+    :func:`wg_available`): tiles of ``nt`` (16, 32, 64, 128 or 256) rows of x, ``wgs`` warpgroups (64
     output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``); ``cluster``
     > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
     thread-block clusters of that many blocks instead of the workspace's atomics; ``tail`` > 1
