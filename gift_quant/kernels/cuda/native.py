@@ -331,20 +331,19 @@ def mixed_wg(
     out: Tensor | None = None,
 ) -> Tensor:
     """As :func:`mixed_mma` for any M, on the warpgroup MMA (``mixed_wg.cu``, sm_90a: see
-    :func:`wg_available`): tiles of ``nt`` (16, 32, 64, 128 or 256) rows of x, ``wgs`` warpgroups (64
-    output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``); ``cluster``
-    > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
+    :func:`wg_available`): tiles of ``nt`` (16, 32, 64, 128 or 256) rows of x, ``wgs``
+    warpgroups (64 output columns each) per block, ``splits`` K splits (0: ``rules.wg_choose``);
+    ``cluster`` > 1 (dividing the splits the launch runs, at most 16): a tile's splits add up in
     thread-block clusters of that many blocks instead of the workspace's atomics; ``tail`` > 1
     (with one split and no cluster): the tiles past the device's last whole wave of blocks
-    (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics;
-    ``stream_k`` (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the
-    tiles past the last whole wave but one are dealt out by k-steps over one wave of blocks,
-    whose partial tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient
-    columns, x's salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves,
-    which the kernel loads as it loads x: by a first small kernel, or (``gather``: 64-row
-    tiles, no stream-K; where the launch's blocks are all on the GPU at once, else as before)
-    by the kernel's blocks, a slice each, counted in the last two of ``cnt``'s 1 << 16
-    counters."""
+    (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics; ``stream_k``
+    (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the tiles past the
+    last whole wave but one are dealt out by k-steps over one wave of blocks, whose partial
+    tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient columns, x's
+    salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves, which the
+    kernel loads as it loads x: by a first small kernel, or (``gather``: 64-row tiles, no
+    stream-K; where the launch's blocks are all on the GPU at once, else as before) by the
+    kernel's blocks, a slice each, counted in the last two of ``cnt``'s 1 << 16 counters."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
