@@ -212,9 +212,9 @@ def test_a_stream_k_launch_refuses_a_workspace_too_small(monkeypatch) -> None:
         native.mixed_wg(x, None, None, small_ws, cnt, 256, 2, 1, stream_k=True)
     with pytest.raises(ValueError, match="needs 1056 counters"):
         native.mixed_wg(x, None, None, torch.zeros(need), cnt[:1000], 256, 2, 1, stream_k=True)
-    # the blocks' own salient gather: 64-row tiles without stream-K only
+    # the blocks' own salient gather: tiles of 64 rows or fewer without stream-K only
     with pytest.raises(
-        ValueError, match="only in 64-row tiles without stream-K; this launch has 128-row"
+        ValueError, match="64 rows or fewer without stream-K; this launch has 128-row"
     ):
         native.mixed_wg(x, None, None, torch.zeros(need), cnt, 128, 2, 1, gather=True)
     with pytest.raises(ValueError, match="has 64-row tiles and stream-K"):
@@ -488,7 +488,8 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
 def test_16_and_32_row_tiles_match_the_oracle(bits, dtype) -> None:
     """The 16- and 32-row tiles (wgmma m64n16k16 / m64n32k16; not yet among the timed
     configurations: named only), at M around and past one tile, one and four K splits, the
-    four summed in one cluster too; 37 salient columns and none."""
+    four summed in one cluster too, each with the blocks' own salient gather too; 37 salient
+    columns and none."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import dispatch, ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -503,12 +504,17 @@ def test_16_and_32_row_tiles_match_the_oracle(bits, dtype) -> None:
         for M in (1, 8, 15, 16, 17, 32, 33):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             exact, ref = oracle(x, layer), reference.dequant_matmul(x, layer)
-            for nt, wgs, splits, cl in [
-                (t, w, s, c) for t in (16, 32) for w in (2, 4) for s, c in ((1, 1), (4, 1), (4, 4))
+            for nt, wgs, splits, cl, gather in [
+                (t, w, s, c, gat)
+                for t in (16, 32)
+                for w in (2, 4)
+                for s, c in ((1, 1), (4, 1), (4, 4))
+                for gat in (False, True)
             ]:
                 out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
                 args = (x, p.q, p.sz, p.wst, p.sidx, p.sal_pos, layer.bias, p.bits, p.group)
-                dispatch.run_route(routes.wg_name(nt, wgs, splits, cl), *args, out=out, cuda=cuda)
+                name = routes.wg_name(nt, wgs, splits, cl, gather=gather)
+                dispatch.run_route(name, *args, out=out, cuda=cuda)
                 err, ref_err = kernel_error(out, ref, exact)
                 assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, nt, wgs, splits, cl, nsal, err)
 

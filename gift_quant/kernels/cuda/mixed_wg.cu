@@ -98,7 +98,7 @@ __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
 // launch's blocks are all on the GPU at once), instead of a gather launch before them
 // (`wg_gather_kernel`)
 __host__ __device__ constexpr bool wg_in_gather(int nt, int wgs, bool sk) {
-  return nt == 64 && wg_producer_warps(nt, wgs) == 1 && !sk;
+  return nt <= 64 && wg_producer_warps(nt, wgs) == 1 && !sk;
 }
 __host__ __device__ constexpr int wg_threads(int nt, int wgs) {
   return wgs * 128 + 32 * wg_producer_warps(nt, wgs);
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // coop: the blocks gather xs together (a slice each, counted in gcnt[0]) after the dependent
   // wait, and each split runs its salient k-steps last, by when the slices are in
   constexpr bool coop = CO;
-  static_assert(!CO || wg_in_gather(NT, WGS, SK), "the blocks' gather: 64-row tiles, a producer warp");
+  static_assert(!CO || wg_in_gather(NT, WGS, SK), "the blocks' gather: tiles of 64 rows or fewer, a producer warp");
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
   // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics

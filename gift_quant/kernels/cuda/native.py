@@ -341,9 +341,9 @@ def mixed_wg(
     last whole wave but one are dealt out by k-steps over one wave of blocks, whose partial
     tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient columns, x's
     salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves, which the
-    kernel loads as it loads x: by a first small kernel, or (``gather``: 64-row tiles, no
-    stream-K; where the launch's blocks are all on the GPU at once, else as before) by the
-    kernel's blocks, a slice each, counted in the last two of ``cnt``'s 1 << 16 counters."""
+    kernel loads as it loads x: by a first small kernel, or (``gather``: tiles of 64 rows or
+    fewer, no stream-K; where the launch's blocks are all on the GPU at once, else as before) by
+    the kernel's blocks, a slice each, counted in the last two of ``cnt``'s 1 << 16 counters."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
@@ -358,9 +358,10 @@ def mixed_wg(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
             f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
         )
-    if gather and (nt != 64 or stream_k):
+    if gather and (nt > 64 or stream_k):
         raise ValueError(
-            f"mixed_wg: the blocks gather the salient columns themselves only in 64-row tiles "
+            f"mixed_wg: the blocks gather the salient columns themselves only in tiles of 64 "
+            f"rows or fewer "
             f"without stream-K; this launch has {nt}-row tiles{' and stream-K' * stream_k}"
         )
     if gather and p.nsal and cnt.numel() < 1 << 16:
