@@ -20,8 +20,8 @@
 // The A fragments are double buffered: while the MMAs of k-step s run, the warpgroup
 // dequantizes k-step s + 1 into the other set of registers (it waits for the MMAs of k-step
 // s - 1 first: the asynchronous MMA reads its register operands until then). Where a ninth
-// warp costs no registers (`wg_producer`: 64-row tiles, 128 x 2; 256-row tiles have a
-// producer warpgroup that hands its registers to the consumers), that producer warp issues
+// warp costs no registers (`wg_producer`: tiles of 64 rows or fewer, 128 x 2; 256-row tiles
+// have a producer warpgroup that hands its registers to the consumers), that producer warp issues
 // every copy -- x by the tensor copy, the weights by three bulk copies, all completing on the
 // slot's full barrier -- and refills a slot once every consumer warp has arrived on its empty
 // barrier (the MMAs that read it are done): the consumers only wait, dequantize and issue
@@ -31,23 +31,22 @@
 // scale rounded to bf16 first), rounded as the torch reference rounds `(code - zero) * scale`;
 // products are summed in fp32.
 //
-// The salient columns are extra k-steps (64 of them per k-step, round-robin over the K
-// splits), their weights' fragments as stored (fp16, or bf16 for BF: layout.py,
-// `pack_salient`), their x tiles loaded by the same tensor copies from xs [M, 64 per salient
-// k-step] (zeros past the last column). xs is gathered from x once per launch: by a small
-// kernel before this one, whose blocks then run the salient k-steps first; or (64-row tiles,
-// where the caller asks for it, timed at first use as its own configuration, and the launch is
-// all on the GPU at once: `coop`) by the blocks themselves, a slice each after the dependent
-// wait, counted, and the salient k-steps run last, by when the count is whole (a
-// launch before the kernel put about 0.5-1.2 us on the chain at M = 32-64; a gather of each
-// block's own columns read x's scattered columns once per column block: at 28672 x 4096,
-// M = 256, 224 times, most of the kernel's global-load sectors). One K
-// split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
-// workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`),
-// or (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
-// (`cluster_reduce`), the cluster's blocks writing y where the cluster holds every split.
-// A split tail (`tail` > 1, one split): the tiles past the device's last whole wave of blocks
-// run as `tail` K splits each through the workspace, the others whole, in one launch.
+// The salient columns are extra k-steps (64 of them per k-step, round-robin over the K splits),
+// their weights' fragments as stored (fp16, or bf16 for BF: layout.py, `pack_salient`), their x
+// tiles loaded by the same tensor copies from xs [M, 64 per salient k-step] (zeros past the last
+// column). xs is gathered from x once per launch: by a small kernel before this one, whose blocks
+// then run the salient k-steps first; or (tiles of 64 rows or fewer, where the caller asks for it,
+// timed at first use as its own configuration, and the launch is all on the GPU at once: `coop`) by
+// the blocks themselves, a slice each after the dependent wait, counted, and the salient k-steps
+// run last, by when the count is whole (a launch before the kernel put about 0.5-1.2 us on the
+// chain at M = 32-64; a gather of each block's own columns read x's scattered columns once per
+// column block: at 28672 x 4096, M = 256, 224 times, most of the kernel's global-load sectors). One
+// K split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
+// workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`), or
+// (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
+// (`cluster_reduce`), the cluster's blocks writing y where the cluster holds every split. A split
+// tail (`tail` > 1, one split): the tiles past the device's last whole wave of blocks run as `tail`
+// K splits each through the workspace, the others whole, in one launch.
 #include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)
 #include <cudaTypedefs.h>
 
@@ -77,24 +76,24 @@ __host__ __device__ constexpr int wg_smem_bytes(int bits, int nt, int wgs) {
 }
 
 // A producer warp (the block's last, `WGS * 128` and up) issues every copy of the ring where it
-// costs the consumers neither registers nor occupancy: tiles of 64 rows or fewer and 128-row
-// tiles with two warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the SM:
-// 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
+// costs the consumers neither registers nor occupancy: tiles of 64 rows or fewer and 128-row tiles
+// with two warpgroups. A ninth (seventeenth) warp puts a fifth warp on some sub-partition of the
+// SM: 64 x 2 keeps two blocks per SM at 96 registers a thread, which every width fits in (3 bits
 // since each warp's pair positions are constants: 103-105 uncapped, 109-111 with the selects
-// between words before); 128 x 4 (capped at 96 too) needs 127-128. 256-row tiles need 194-197
-// a consumer thread, more than a ninth warp leaves them (168), so they get a producer
-// warpgroup whose registers the consumers take (`setmaxnreg`, as CUTLASS's warp-specialized
-// kernels do): 384 threads start at 168, the producer's drop to 56 and the consumers' rise to
-// 224 (56 + 2 x 224 = 3 x 168 per sub-partition; at 40 / 232, CUTLASS's split, the producer's
-// loop spilled 40 bytes). Only its first warp's lane 0 issues copies.
+// between words before); 128 x 4 (capped at 96 too) needs 127-128. 256-row tiles need 194-197 a
+// consumer thread, more than a ninth warp leaves them (168), so they get a producer warpgroup whose
+// registers the consumers take (`setmaxnreg`, as CUTLASS's warp-specialized kernels do): 384
+// threads start at 168, the producer's drop to 56 and the consumers' rise to 224 (56 + 2 x 224 = 3
+// x 168 per sub-partition; at 40 / 232, CUTLASS's split, the producer's loop spilled 40 bytes).
+// Only its first warp's lane 0 issues copies.
 __host__ __device__ constexpr int wg_producer_warps(int nt, int wgs) {
   return nt == 256 ? 4 : nt <= 64 || (nt == 128 && wgs == 2) ? 1 : 0;
 }
 __host__ __device__ constexpr bool wg_producer(int nt, int wgs) {
   return wg_producer_warps(nt, wgs) > 0;
 }
-// 64-row tiles with a producer warp, outside stream-K, may gather x's salient columns into xs
-// themselves, a slice each block (`coop`: where the caller asks, WG_BLOCKS_GATHER, and the
+// Tiles of 64 rows or fewer with a producer warp, outside stream-K, may gather x's salient columns
+// into xs themselves, a slice each block (`coop`: where the caller asks, WG_BLOCKS_GATHER, and the
 // launch's blocks are all on the GPU at once), instead of a gather launch before them
 // (`wg_gather_kernel`)
 __host__ __device__ constexpr bool wg_in_gather(int nt, int wgs, bool sk) {
@@ -410,7 +409,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // coop: the blocks gather xs together (a slice each, counted in gcnt[0]) after the dependent
   // wait, and each split runs its salient k-steps last, by when the slices are in
   constexpr bool coop = CO;
-  static_assert(!CO || wg_in_gather(NT, WGS, SK), "the blocks' gather: tiles of 64 rows or fewer, a producer warp");
+  static_assert(!CO || wg_in_gather(NT, WGS, SK),
+                "the blocks' gather: tiles of 64 rows or fewer, a producer warp");
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
   // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
@@ -1224,11 +1224,23 @@ int wg_clusters(int csize, int* out, size_t smem = 0) {
   return static_cast<int>(rc);
 }
 
-// 64 x 2 keeps two blocks per SM, so that launches of more blocks than SMs run in one wave;
-// a launch of no more blocks than SMs is given shared memory past half an SM's instead, one
-// block on each SM (where its clusters still fit at one block per SM): in round 38 the same
-// clustered launch of 96 blocks took about 2 us more on some machine starts than on others.
-// Returns that shared memory, or 0 where the configuration's own stands.
+// The current device's SM count, once per device; 0 where the query fails
+int sm_count() {
+  static int per_device[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
+  if (per_device[dev] == 0 &&
+      cudaDeviceGetAttribute(&per_device[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return cudaGetLastError(), per_device[dev] = 0;
+  return per_device[dev];
+}
+
+// Tiles of 64 rows or fewer at two warpgroups keep two blocks per SM or more (16 x 2: three),
+// so that launches of more blocks than SMs run in one wave; a launch of no more blocks than
+// SMs is given shared memory past half an SM's instead, one block on each SM (where its
+// clusters still fit at one block per SM): in round 38 the same clustered launch of 96 blocks
+// took about 2 us more on some machine starts than on others. Returns that shared memory, or
+// 0 where the configuration's own stands.
 constexpr size_t WG_SPREAD_SMEM = 116 * 1024;
 template <bool BF, int BITS, int NT, int WGS>
 size_t wg_spread_smem(long blocks, int csize) {
@@ -1238,8 +1250,9 @@ size_t wg_spread_smem(long blocks, int csize) {
     static_assert(2 * (WG_SPREAD_SMEM + 1024) > 228 * 1024 && WG_SPREAD_SMEM > wg_smem_bytes(4, 64, 2),
                   "one block per SM, and room for the ring");
     static int fit[64][17] = {};  // per device: clusters of c blocks held at one block per SM
-    const int wave = wave_blocks<BF, BITS, NT, WGS>();  // the SMs x the two blocks each holds
-    if (wave <= 0 || blocks > wave / 2 || csize > 16) return 0;
+    // no more blocks than SMs (not half a wave: a wave holds three blocks an SM at 16 x 2)
+    const int sms = sm_count();
+    if (sms <= 0 || blocks > sms || csize > 16) return 0;
     int dev = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
     if (prepare_wg<BF, BITS, NT, WGS>(csize, WG_SPREAD_SMEM)) return 0;
@@ -1407,18 +1420,18 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 
 }  // namespace
 
-// Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a
-// build for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room
-// for M x 64 ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster`
-// (1..16, dividing the splits the launch runs): the splits of a tile in clusters of that
-// many blocks. `tail` (1..16; > 1 with one split and no cluster): the tiles past the last
-// whole wave of the device (gq_wg_wave_blocks) run as that many K splits each. `schedule`:
-// WG_STREAM_K (one split, no cluster or tail; 128- and 256-row tiles of two warpgroups): the
-// tiles past the last whole wave but one shared out by k-steps over one wave of blocks; `ws`
-// must hold that many (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves
-// them zeroed. WG_BLOCKS_GATHER (64-row tiles): where the launch's blocks are all on the GPU
-// at once, they gather x's salient columns themselves (`coop`), counted in the last two of
-// `cnt`'s 1 << 16 counters, instead of a gather launch before them.
+// Returns a cudaError_t (0 = success), or -1 for arguments outside what was compiled. Needs a build
+// for sm_90a (the caller checks: on other targets the kernel body is empty). `xs`: room for M x 64
+// ceil(nsal / 64) halves (the gathered salient columns), when nsal > 0. `cluster` (1..16, dividing
+// the splits the launch runs): the splits of a tile in clusters of that many blocks. `tail` (1..16;
+// > 1 with one split and no cluster): the tiles past the last whole wave of the device
+// (gq_wg_wave_blocks) run as that many K splits each. `schedule`: WG_STREAM_K (one split, no
+// cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past the last whole wave
+// but one shared out by k-steps over one wave of blocks; `ws` must hold that many
+// (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed. WG_BLOCKS_GATHER
+// (tiles of 64 rows or fewer): where the launch's blocks are all on the GPU at once, they gather
+// x's salient columns themselves (`coop`), counted in the last two of `cnt`'s 1 << 16 counters,
+// instead of a gather launch before them.
 extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const void* scp,
                            const void* wsp, const void* sidx, int nsal, const void* bias,
                            void* y, void* ws, void* cnt, int M, int N, int K, int group,
