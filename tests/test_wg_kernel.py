@@ -150,8 +150,9 @@ def h200_clusters(nt: int, wgs: int, cluster: int) -> int:
 
 
 def h200_wave(nt: int, wgs: int) -> int:
-    """Blocks an H200 runs at once: 132 SMs, two blocks per SM at 64 x 2, one otherwise."""
-    return 264 if (nt, wgs) == (64, 2) else 132
+    """Blocks an H200 runs at once: 132 SMs, two blocks per SM at two warpgroups of 64 rows or
+    fewer (16 x 2 may hold three: not measured), one otherwise."""
+    return 264 if wgs == 2 and nt <= 64 else 132
 
 
 def test_a_split_tail_where_the_last_wave_is_partial() -> None:
@@ -222,7 +223,7 @@ def test_a_stream_k_launch_refuses_a_workspace_too_small(monkeypatch) -> None:
 
 
 def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
-    """``rules.wg_gather_configs``: the 64-row configurations of ``wg_configs`` and
+    """``rules.wg_gather_configs``: the configurations of 64 rows or fewer of ``wg_configs`` and
     ``wg_cluster_configs`` whose blocks an H200 holds all at once (clusters too), each with the
     blocks' own gather ("...g"), none with a tail or stream-K; the names round-trip."""
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)
@@ -234,7 +235,7 @@ def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
         for nt, wgs, splits, cl, tail, sk, gather in confs:
             assert (nt, wgs, splits, cl) in base and (tail, sk, gather) == (1, False, True)
             tiles = -(-M // nt) * (N // 64 // wgs)
-            assert nt == 64 and tiles * splits <= h200_wave(nt, wgs)
+            assert nt <= 64 and tiles * splits <= h200_wave(nt, wgs)
             assert cl == 1 or tiles <= h200_clusters(nt, wgs, cl)
             name = routes.wg_name(nt, wgs, splits, cl, 1, False, True)
             assert name.endswith("g") and routes.mma_config(name) == (
@@ -246,16 +247,16 @@ def test_the_blocks_gather_where_a_launch_fits_on_the_gpu(monkeypatch) -> None:
                 False,
                 True,
             )
-        # every 64-row configuration that fits is there
+        # every configuration of 64 rows or fewer that fits is there
         fits = [
             c
             for c in base
-            if c[0] == 64
-            and -(-M // 64) * (N // 64 // c[1]) * c[2] <= h200_wave(64, c[1])
+            if c[0] <= 64
+            and -(-M // c[0]) * (N // 64 // c[1]) * c[2] <= h200_wave(c[0], c[1])
             and (
                 c[3] == 1
                 or rules.wg_gather_fits(
-                    -(-M // 64) * (N // 64 // c[1]), h200_clusters(64, c[1], c[3])
+                    -(-M // c[0]) * (N // 64 // c[1]), h200_clusters(c[0], c[1], c[3])
                 )
             )
         ]
@@ -293,6 +294,10 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert rules.wg_choose(128, 28672, 4096) == (128, 2, 1)  # 224 blocks already
     assert rules.wg_choose(512, 4096, 4096) == (256, 2, 3)  # 2 tiles x 32 x 3 splits
     assert rules.wg_choose(200, 1024, 128) == (256, 2, 1)  # 2 k-steps: no split
+    assert rules.wg_choose(16, 4096, 4096)[0] == 64  # the rule: 64 rows and up
+    # 16- and 32-row tiles timed where M takes at most two of them
+    tiles = {M: {c[0] for c in rules.wg_configs(M, 4096, 4096)} for M in (9, 20, 33, 65)}
+    assert tiles == {9: {16, 64}, 20: {16, 32, 64}, 33: {32, 64}, 65: {64, 128}}
     for M in (33, 64, 65, 200, 512, 1000):
         for N, K in [(4096, 4096), (28672, 4096), (5120, 13824), (896, 1536)]:
             confs = rules.wg_configs(M, N, K)
@@ -318,15 +323,15 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     clustered = rules.wg_cluster_configs(64, 4096, 4096, h200_clusters)
     assert len(set(clustered)) == len(clustered)
     # 32 tiles of 64 x 2 (32 clusters): up to 7 splits; 16 of 64 x 4 (one block per SM): 6
-    assert set(clustered) == {
+    assert {c for c in clustered if c[0] == 64} == {
         (64, w, s, s) for w, top in ((2, 7), (4, 6)) for s in range(2, top + 1)
     }
     # 5120 columns: 40 tiles of 64 x 2, 20 of 64 x 4: up to 5 splits at both widths
-    assert set(rules.wg_cluster_configs(64, 5120, 5120, h200_clusters)) == {
-        (64, w, s, s) for w in (2, 4) for s in range(2, 6)
-    }
+    held = rules.wg_cluster_configs(64, 5120, 5120, h200_clusters)
+    assert {c for c in held if c[0] == 64} == {(64, w, s, s) for w in (2, 4) for s in range(2, 6)}
     # 16 k-steps: at most 4 splits of 4; 5 runs as 4 (4 k-steps each)
-    assert sorted(c[2] for c in rules.wg_cluster_configs(64, 4096, 1024, h200_clusters)) == [
+    short = rules.wg_cluster_configs(64, 4096, 1024, h200_clusters)
+    assert sorted(c[2] for c in short if c[0] == 64) == [
         2,
         2,
         3,
@@ -348,12 +353,12 @@ def test_warpgroup_rules_and_routes(monkeypatch) -> None:
     assert not any(n.startswith("wg:") for n in routes.candidates(64, mma=True, N=4096, K=4096))
 
 
-def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_timer) -> None:
+def test_warpgroup_configurations_are_timed_from_9_rows(monkeypatch, stand_in_timer) -> None:
     """Where the warpgroup kernel is built, calls of 33..512 rows (fp16 here) time its
     configurations and the table's route once per power-of-two M bucket and keep the fastest
-    (a stand-in timer whose winner the test sets); calls of 17..32 rows time its 64-row
-    configurations beside the other CUDA kernels'; past 512 rows, on N not a multiple of
-    128, or where it is not built, the rule serves untimed (and 17..32 rows time no
+    (a stand-in timer whose winner the test sets); calls of 9..32 rows time its configurations
+    of 64 rows or fewer beside the other CUDA kernels'; past 512 rows, on N not a multiple of
+    128, or where it is not built, the rule serves untimed (and 9..32 rows time no
     warpgroup configuration)."""
     from gift_quant.kernels.triton import dispatch, tuning
 
@@ -385,7 +390,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     assert untimed == routes.route(70, N, K, 4)
     timer.winner = routes.route(40, N, K, 4)  # the table's Triton kernel wins at 40 rows
     assert pick(40) == timer.winner and len(timed) == 2
-    assert all(routes.mma_config(n)[0] == 64 for n in timed[1][:-1])  # 64-row tiles only
+    assert {routes.mma_config(n)[0] for n in timed[1][:-1]} == {32, 64}  # 32 and 64 rows
     for M in (513, 600):
         assert pick(M) == routes.route(M, N, K, 4, mma=True) == "cublas"
     assert pick(100, n=960) == routes.route(100, 960, K, 4, mma=True)  # 15 strips
@@ -395,7 +400,7 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     gathers = rules.wg_gather_configs(20, N, K, h200_wave, h200_clusters)
     assert wgs == [routes.wg_name(*c) for c in [*rules.wg_configs(20, N, K), *gathers]]
     assert len(wgs) > 2 and "wg:64x2x4g" in wgs
-    assert all(routes.mma_config(n)[0] == 64 for n in wgs)
+    assert {routes.mma_config(n)[0] for n in wgs} == {16, 32, 64}
     assert any(n.startswith("mma:") for n in timed[2]) and timed[2][-1] == routes.route(20, N, K, 4)
     assert pick(32) == "wg:64x2x4" and len(timed) == 3  # the same bucket: kept
     monkeypatch.setattr(rules, "clusters_supported", lambda: True)  # sm_90: clustered too
@@ -407,7 +412,8 @@ def test_warpgroup_configurations_are_timed_from_17_rows(monkeypatch, stand_in_t
     assert "wg:64x2x3c3" not in timed[3] and "wg:64x2x6c6" not in timed[3]
     monkeypatch.setattr(rules, "clusters_supported", lambda: False)
     assert "wg:64x2x4" in routes.candidates(32, mma=True, N=N, K=K, wg=True)
-    assert not any(n.startswith("wg:") for n in routes.candidates(16, mma=True, N=N, K=K, wg=True))
+    assert "wg:16x2x4" in routes.candidates(16, mma=True, N=N, K=K, wg=True)
+    assert not any(n.startswith("wg:") for n in routes.candidates(8, mma=True, N=N, K=K, wg=True))
     monkeypatch.setattr(native, "wg_available", lambda: False)
     assert pick(300) == routes.route(300, N, K, 4, mma=True)
     assert len(timed) == 4

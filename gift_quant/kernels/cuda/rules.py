@@ -249,9 +249,14 @@ def dependent_launch(device: torch.device) -> bool:
 
 # The warpgroup-MMA kernel (mixed_wg.cu, sm_90a): tiles of NT rows of x (WG_TILES), WGS
 # warpgroups per block (each a 64-column strip, all sharing the block's x tile), K split where
-# the tiles and column blocks make too few blocks. Two or four warpgroups with 64- and 128-row
+# the tiles and column blocks make too few blocks. Two or four warpgroups with 16- to 128-row
 # tiles (at most 128 registers a thread at four), two with 256-row tiles (128 accumulators).
-WG_TILES = (64, 128, 256)
+# The rule takes 64 rows and up (WG_RULE_TILES); the 16- and 32-row tiles (WG_SMALL_TILES:
+# a 16-row ring keeps more weight bytes in flight per SM than the tensor-core kernel's 8 warps
+# at M = 16, round 54's profile) are timed where M takes at most two of them.
+WG_TILES = (16, 32, 64, 128, 256)
+WG_RULE_TILES = (64, 128, 256)
+WG_SMALL_TILES = (16, 32)
 WG_TARGET_BLOCKS = 132  # one block per SM of an H200
 
 
@@ -268,7 +273,7 @@ def wg_choose(M: int, N: int, K: int) -> tuple[int, int, int]:
     """(rows per tile, warpgroups per block, K splits) of the warpgroup-MMA kernel by rule
     for a layer of N = 128 n columns: the smallest tile holding M rows (at most 256), two
     warpgroups, K split until about WG_TARGET_BLOCKS blocks, each split at least 4 k-steps."""
-    nt = next((t for t in WG_TILES if M <= t), WG_TILES[-1])
+    nt = next((t for t in WG_RULE_TILES if M <= t), WG_RULE_TILES[-1])
     wgs = 2
     blocks = _wg_tiles(M, N, nt, wgs)
     splits = max(1, min(K // 64 // 4, -(-WG_TARGET_BLOCKS // blocks)))
@@ -277,13 +282,17 @@ def wg_choose(M: int, N: int, K: int) -> tuple[int, int, int]:
 
 def wg_configs(M: int, N: int, K: int) -> list[tuple[int, int, int]]:
     """The warpgroup-MMA kernel's configurations worth timing for M rows: the rule's, then
-    each tile up to the first that holds M rows, at each block width, at 1, 2, 4 and 8 K
-    splits (at least 4 k-steps each); none where N is not a multiple of 128."""
+    each tile of 64 rows and up to the first that holds M rows (none past the rule's at M <=
+    16) and the 16- and 32-row tiles of which M takes one or two (more than half of one), at
+    each block width, at 1, 2, 4 and 8 K splits (at least 4 k-steps each); none where N is not
+    a multiple of 128."""
     if N % 128:
         return []
     out = [wg_choose(M, N, K)]
-    top = next((i for i, t in enumerate(WG_TILES) if M <= t), len(WG_TILES) - 1)
-    for nt in WG_TILES[: top + 1]:
+    top = next((i for i, t in enumerate(WG_RULE_TILES) if M <= t), len(WG_RULE_TILES) - 1)
+    small = [t for t in WG_SMALL_TILES if t // 2 < M <= 2 * t]  # one or two row tiles
+    big = WG_RULE_TILES[: top + 1] if M > WG_SMALL_TILES[0] else ()  # at M <= 16 the rule's
+    for nt in [*small, *big]:
         for wgs in _wg_widths(nt, N):
             for splits in (1, 2, 4, 8):
                 c = (nt, wgs, _runs(K, splits))
@@ -365,16 +374,16 @@ def wg_gather_configs(
     wave_blocks: Callable[[int, int], int],
     max_clusters: Callable[[int, int, int], int],
 ) -> list[tuple[int, int, int, int, int, bool, bool]]:
-    """(64, warpgroups, splits, cluster, 1, False, True) of the warpgroup-MMA kernel: each
-    64-row configuration of ``wg_configs`` and ``wg_cluster_configs`` whose blocks the device
-    holds all at once (``wave_blocks(nt, wgs)``; in clusters, ``max_clusters(nt, wgs,
-    cluster)`` clusters, an eighth of them left free: ``wg_gather_fits``), with the blocks
-    gathering the salient columns themselves."""
+    """(rows, warpgroups, splits, cluster, 1, False, True) of the warpgroup-MMA kernel: each
+    configuration of ``wg_configs`` and ``wg_cluster_configs`` of 64 rows or fewer whose
+    blocks the device holds all at once (``wave_blocks(nt, wgs)``; in clusters,
+    ``max_clusters(nt, wgs, cluster)`` clusters, an eighth of them left free:
+    ``wg_gather_fits``), with the blocks gathering the salient columns themselves."""
     plain = [(nt, wgs, s, 1) for nt, wgs, s in wg_configs(M, N, K)]
     out = []
     for nt, wgs, s, c in [*plain, *wg_cluster_configs(M, N, K, max_clusters)]:
         tiles = _wg_tiles(M, N, nt, wgs)
-        if nt != 64 or tiles * s > wave_blocks(nt, wgs):
+        if nt > 64 or tiles * s > wave_blocks(nt, wgs):
             continue
         if c == 1 or wg_gather_fits(tiles, max_clusters(nt, wgs, c)):
             out.append((nt, wgs, s, c, 1, False, True))

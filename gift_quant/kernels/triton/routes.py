@@ -78,11 +78,12 @@ CUBLAS_MIN_M = 513  # M >= this: dequantize + cuBLAS
 # M where the warpgroup-MMA kernel's configurations are timed at first use beside the other
 # candidates, where it is built (sm_90a, N a multiple of 128). Not by rule: its best
 # configuration varies by shape (round 17: the rule's took up to 1.5x the best one's time) and
-# the table's route stays the faster at some shapes. From 17 rows (the bucket 17..32, in its
-# 64-row tiles, rows past M zero-filled by the tensor copy): at 1174be4 its M = 64 time was
-# below the M = 32 route's in 8 fp16 cells. Not past 512 rows, where dequantizing for cuBLAS
-# pays (compute-bound, cuBLAS at about twice the kernel's MMA rate).
-WG_M = (17, 512)
+# the table's route stays the faster at some shapes. From 9 rows (the bucket 9..16, in its
+# 16-row tiles, rows past M zero-filled by the tensor copy; 17..32 in 16-, 32- and 64-row
+# tiles): at 1174be4 its M = 64 time was below the M = 32 route's in 8 fp16 cells. Not past
+# 512 rows, where dequantizing for cuBLAS pays (compute-bound, cuBLAS at about twice the
+# kernel's MMA rate).
+WG_M = (9, 512)
 
 # Route tables: (largest M, kernel) per M bucket, for M in GEMV_MAX_M + 1 .. CUBLAS_MIN_M - 1.
 # Kernel names: "gemv", "cublas" (dequantize + cuBLAS), "mm:<MM_CONFIGS key>". Made by
