@@ -1,4 +1,4 @@
-// Mixed-precision matmul for many rows (timed from M = 17 on: routes.WG_M), fp16 or bf16
+// Mixed-precision matmul for many rows (timed from M = 9 on: routes.WG_M), fp16 or bf16
 // activations (BF), on Hopper's warpgroup MMA (wgmma, sm_90a) with the operands swapped:
 //
 //     y^T[N, M] = dequant(W_q) x^T + W_S x[:, S]^T (+ bias)

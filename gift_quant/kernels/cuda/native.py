@@ -3,8 +3,8 @@
 ``mixed_mma.cu`` serves M <= 64 rows with x as the MMA's A operand; ``mixed_mmv.cu`` serves
 M <= 16 rows with the operands swapped (the weights as A, x as one or two 8-wide B operands),
 which needs half the MMAs and accumulators per weight up to 8 rows; ``mixed_wg.cu`` serves
-any M on Hopper's warpgroup MMA (sm_90a only; timed at first use from 17 rows), the weights
-as its register operand and x in tiles of 64 to 256 rows shared by two or four warpgroups. All
+any M on Hopper's warpgroup MMA (sm_90a only; timed at first use from 9 rows), the weights
+as its register operand and x in tiles of 16 to 256 rows shared by two or four warpgroups. All
 three read the same packed words, and each is built for fp16 and for bf16 activations (x, bias
 and y in that type, the MMAs on it; the salient fragments converted once per layer,
 ``Packed.salient_as``).
