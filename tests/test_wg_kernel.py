@@ -492,8 +492,8 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_16_and_32_row_tiles_match_the_oracle(bits, dtype) -> None:
-    """The 16- and 32-row tiles (wgmma m64n16k16 / m64n32k16; not yet among the timed
-    configurations: named only), at M around and past one tile, one and four K splits, the
+    """The 16- and 32-row tiles (wgmma m64n16k16 / m64n32k16), each named, at M around and
+    past one tile, one and four K splits, the
     four summed in one cluster too, each with the blocks' own salient gather too (run twice in
     a row, the counters zero after each launch); 37 salient columns and none."""
     from gift_quant.kernels import reference

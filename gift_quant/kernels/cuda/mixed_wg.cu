@@ -1185,6 +1185,17 @@ __host__ __device__ constexpr bool wg_stream_k(int nt, int wgs) {
   return wgs == 2 && (nt == 128 || nt == 256);
 }
 
+// The current device's SM count, once per device; 0 where the query fails
+int sm_count() {
+  static int per_device[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
+  if (per_device[dev] == 0 &&
+      cudaDeviceGetAttribute(&per_device[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return cudaGetLastError(), per_device[dev] = 0;
+  return per_device[dev];
+}
+
 // How many blocks of a configuration the current device runs at once (its SMs times the
 // blocks an SM holds, cudaOccupancyMaxActiveBlocksPerMultiprocessor after the launch's
 // shared-memory attribute), once per device; 0 where a query fails
@@ -1194,9 +1205,9 @@ int wave_blocks() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
   if (per_device[dev] == 0) {
-    int sms = 0, per_sm = 0;
-    if (prepare_wg<BF, BITS, NT, WGS>(1) ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+    const int sms = sm_count();
+    int per_sm = 0;
+    if (sms <= 0 || prepare_wg<BF, BITS, NT, WGS>(1) ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mixed_wg_kernel<BF, BITS, NT, WGS>,
                                                       wg_threads(NT, WGS),
                                                       wg_smem_bytes(BITS, NT, WGS)) != cudaSuccess)
@@ -1224,17 +1235,6 @@ int wg_clusters(int csize, int* out, size_t smem = 0) {
   return static_cast<int>(rc);
 }
 
-// The current device's SM count, once per device; 0 where the query fails
-int sm_count() {
-  static int per_device[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return cudaGetLastError(), 0;
-  if (per_device[dev] == 0 &&
-      cudaDeviceGetAttribute(&per_device[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return cudaGetLastError(), per_device[dev] = 0;
-  return per_device[dev];
-}
-
 // Tiles of 64 rows or fewer at two warpgroups keep two blocks per SM or more (16 x 2: three),
 // so that launches of more blocks than SMs run in one wave; a launch of no more blocks than
 // SMs is given shared memory past half an SM's instead, one block on each SM (where its
@@ -1247,7 +1247,8 @@ size_t wg_spread_smem(long blocks, int csize) {
   if constexpr (wg_min_blocks(NT, WGS) < 2) {
     return 0;
   } else {
-    static_assert(2 * (WG_SPREAD_SMEM + 1024) > 228 * 1024 && WG_SPREAD_SMEM > wg_smem_bytes(4, 64, 2),
+    static_assert(2 * (WG_SPREAD_SMEM + 1024) > 228 * 1024 &&
+                      WG_SPREAD_SMEM >= wg_smem_bytes(BITS, NT, WGS),
                   "one block per SM, and room for the ring");
     static int fit[64][17] = {};  // per device: clusters of c blocks held at one block per SM
     // no more blocks than SMs (not half a wave: a wave holds three blocks an SM at 16 x 2)
@@ -1380,10 +1381,9 @@ int launch_any(const WgCall& a) {
 }
 
 // f(std::integral_constant<int, NT>, std::integral_constant<int, WGS>) for a compiled tile, or -1.
-// 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most. 16- and
-// 32-row tiles (m64n16k16, m64n32k16: 8 and 16 accumulators, 70-80 registers) are named
-// configurations only, not yet among those the route tables time (rules.WG_TILES). Every
-// configuration is compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
+// 256-row tiles hold 128 accumulators per thread: two warpgroups per block at most; 16- and
+// 32-row tiles (m64n16k16, m64n32k16) 8 and 16, 70-80 registers. Every configuration is
+// compiled by the CPU test too (GQ_COMPILE_CHECK: their static checks)
 template <typename F>
 int by_tile(int nt, int wgs, F&& f) {
   using std::integral_constant;
