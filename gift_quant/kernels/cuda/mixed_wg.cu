@@ -177,6 +177,20 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+#ifdef GQ_TRACE
+constexpr int GQ_TRACE_SLOTS = 32, GQ_TRACE_BLOCKS = 8192;
+__device__ unsigned long long gq_trace_buf[GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS];
+__device__ __forceinline__ void gq_trace_put(int i, unsigned long long v) {
+  const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0 && b < GQ_TRACE_BLOCKS) gq_trace_buf[b * GQ_TRACE_SLOTS + i] = v;
+}
+__device__ __forceinline__ unsigned gq_smid() {
+  unsigned s;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}
+#endif
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GQ_WGMMA 1
 
@@ -364,6 +378,16 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 // slices before it gathers all of xs itself: far past the slices' time (about a microsecond
 // after the dependent wait), so only blocks that have not started yet make it gather
 constexpr uint64_t WG_GATHER_WAIT_NS = 20000;
+#ifdef GQ_TRACE
+// A diagnosis build (native.build_defines): thread 0 of each block (a consumer) records the
+// global timer at points of its path, for tools/trace_wg.py; slot i of block b (blocks of the
+// launch in grid order) at gq_trace_buf[b * GQ_TRACE_SLOTS + i]
+#define GQ_TRACE_AT(i) gq_trace_put((i), globaltimer_ns())
+#define GQ_TRACE_VAL(i, v) gq_trace_put((i), static_cast<unsigned long long>(v))
+#else
+#define GQ_TRACE_AT(i)
+#define GQ_TRACE_VAL(i, v)
+#endif
 __device__ __forceinline__ uint32_t ld_acquire(const int* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -414,6 +438,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // The block's tile (linear index tix) and K split. Blocks below tail0 take tiles as the
   // launch splits them (gridDim.y); from it on, each of the last tiles (those past the last
   // whole wave) runs as `tail` splits of tail_ss k-steps, added by the atomics
+  GQ_TRACE_AT(0);  // (a diagnosis build: the block's start)
+  GQ_TRACE_VAL(29, gq_smid());
   int tix = blockIdx.x, split = blockIdx.y, splits = gridDim.y, ssp = ss_per_split;
   if (tix >= tail0) {
     const int r = tix - tail0;
@@ -894,6 +920,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       write_y(tx);
     };
     pdl_wait();
+    GQ_TRACE_AT(1);
     // one segment a pass: its k-steps as the producer path's loop below (from fragment set a0,
     // every MMA retired after it), then its end; the branch on the segment's kind stays out of
     // the loop that issues the MMAs (an MMA wait on a path ptxas cannot prove convergent
@@ -904,6 +931,10 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
       wait_x(r);
+#ifdef GQ_TRACE
+      const int seg_ = tx - u0 / St;  // this block's segment: its data in place, its k-steps
+      if (seg_ < 6) GQ_TRACE_AT(2 + 4 * seg_), GQ_TRACE_VAL(5 + 4 * seg_, d << 16 | (end - r));
+#endif
       frags(static_cast<uint32_t>(r) % STAGES, d, bq, a0);
       auto step = [&](int rr, const uint32_t (&cur)[4][4], uint32_t (&nxt)[4][4]) {
         const Ring rg = ring(rr);
@@ -925,9 +956,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       }
       r = end;
       wg_wait<0>();
+#ifdef GQ_TRACE
+      if (seg_ < 6) GQ_TRACE_AT(3 + 4 * seg_);  // its MMAs done
+#endif
       segment_end(tx, d, end + off);
+#ifdef GQ_TRACE
+      if (seg_ < 6) GQ_TRACE_AT(4 + 4 * seg_);  // its end (partial tile, or the sum and y)
+#endif
     }
     pdl_launch_dependents();
+    GQ_TRACE_AT(30);
     return;
   } else if constexpr (PROD) {
     if (producer) {
@@ -975,8 +1013,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
       if (iters > 0 && is_sal(0)) frags(0u, 0, b, a0);  // salient: global memory, before the wait
       pdl_wait();
+      GQ_TRACE_AT(1);
       if (iters > 0) {
         wait_x(0);
+        GQ_TRACE_AT(2);
+        GQ_TRACE_VAL(5, iters);
         if (!is_sal(0)) frags(0u, 0, b, a0);
       }
       // one k-step: its MMAs on `cur`; once the previous k-step's MMAs are done, its slot is
@@ -996,6 +1037,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         }
       };
       k_steps(step);
+      GQ_TRACE_AT(3);
       pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
       if constexpr (HANDOFF) {
         consumers_sync<WGS * 128>();
@@ -1067,13 +1109,17 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         *reinterpret_cast<uint4*>(y + (size_t)(row0 + r) * N + b0 * 64 + c * 8) =
             *reinterpret_cast<const uint4*>(out + ((c >> 3) * NT + r) * LD + (c & 7) * 8);
     }
+    GQ_TRACE_AT(30);
     return;
   }
   const int rows = min(NT, M - row0);
   if (csize > 1) {  // launch-uniform; staged here (no handoff) or already (its barrier)
     cluster_reduce<BF, W, LDF>(stage_here, out32, bias, y, ws, row0, rows, N, b0 * 64,
                                splits == csize);
-    if (splits == csize) return;
+    if (splits == csize) {
+      GQ_TRACE_AT(30);
+      return;
+    }
   } else {
     __syncthreads();
     for (int i = threadIdx.x; i < rows * WGS * 16; i += THREADS) {
@@ -1083,6 +1129,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
   }
   finish_tile<BF>(ws, cnt, tix, splits, bias, y, row0, rows, N, b0 * 64, W);
+  GQ_TRACE_AT(30);
 #else
   __trap();  // built without sm_90a: the library reports no warpgroup kernel (native.py)
 #endif
@@ -1486,3 +1533,15 @@ extern "C" int gq_wg_wave_blocks(int bits, int bf16, int nt, int wgs, int* out) 
     return *out > 0 ? 0 : -1;
   });
 }
+
+#ifdef GQ_TRACE
+// A diagnosis build's timelines (GQ_TRACE): `count` values of gq_trace_buf into dst (host
+// memory), then the buffer zeroed; 0 or a cudaError_t (-1: count out of range)
+extern "C" int gq_wg_trace(void* dst, int count) {
+  if (count < 0 || count > GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS) return -1;
+  const size_t bytes = static_cast<size_t>(count) * sizeof(unsigned long long);
+  if (const cudaError_t rc = cudaMemcpyFromSymbol(dst, gq_trace_buf, bytes)) return rc;
+  static unsigned long long zeros[GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS] = {};
+  return cudaMemcpyToSymbol(gq_trace_buf, zeros, sizeof(zeros));
+}
+#endif

@@ -107,22 +107,35 @@ def compile_check(nvcc: str, source: Path, cubin: Path) -> subprocess.CompletedP
     )
 
 
+def build_defines() -> list[str]:
+    """Macros the kernels are built with for diagnosis (``GIFT_QUANT_CUDA_DEFINES``,
+    comma-separated; ``GQ_TRACE``: the warpgroup kernel records each block's timeline for
+    ``tools/trace_wg.py``): part of the build's digest, so such a build is cached apart."""
+    names = [d for d in os.environ.get("GIFT_QUANT_CUDA_DEFINES", "").split(",") if d]
+    bad = [d for d in names if d not in ("GQ_TRACE",)]
+    if bad:
+        raise ValueError(f"GIFT_QUANT_CUDA_DEFINES: unknown macro(s) {bad}; known: GQ_TRACE")
+    return names
+
+
 def _build(nvcc: str, arch: str) -> Path:
     """The three sources compiled side by side (each its own nvcc), then linked."""
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+    defines = [f"-D{d}" for d in build_defines()]
 
     def obj(scratch: str, source: Path) -> str:
         return str(Path(scratch) / f"{source.stem}.o")
 
     return cached_build(
         "mixed_mma",
-        [*(f.read_text() for f in (HEADER, *SOURCES)), compiler_version(nvcc), arch],
+        [*(f.read_text() for f in (HEADER, *SOURCES)), compiler_version(nvcc), arch, *defines],
         lambda out, scratch: (
             [nvcc, gencode, "-shared", "-o", out] + [obj(scratch, f) for f in SOURCES]
         ),
         timeout=900,
         parts=lambda scratch: [
-            [nvcc, "-O3", gencode, "-Xcompiler", "-fPIC", "-c", "-o", obj(scratch, f), str(f)]
+            [nvcc, "-O3", gencode, *defines, "-Xcompiler", "-fPIC", "-c", "-o"]
+            + [obj(scratch, f), str(f)]
             for f in SOURCES
         ],
     )
