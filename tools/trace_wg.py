@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     add_arguments(ap)
     args = ap.parse_args()
+    shared = shared_flag(ap, args)
     names = [n for n in args.names.split(",") if n]
     try:
         N, K = (int(v) for v in args.shape.lower().split("x"))
@@ -129,7 +130,7 @@ def main() -> None:
     L = packed_layer(N, K, args.bits, codes=False)
     x = torch.randn(args.m, K, device="cuda", dtype=torch.float16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    prov = provenance(shared_flag(ap, args))
+    prov = provenance(shared)
     rows = []
     print(f"{N}x{K} W{args.bits} M={args.m} nsal={NSAL}, {sms} SMs")
     print(
