@@ -770,7 +770,8 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   constexpr int LD = 72, W = WGS * 64, LDF = W + 4;
   half* out = reinterpret_cast<half*>(smem);
   float* out32 = reinterpret_cast<float*>(smem);
-  auto stage_acc = [&] {
+  // (stage_at: for the strip bq's bias; a stream-K head stages the tile it sums)
+  auto stage_at = [&](int bq) {
     if (splits > 1) {
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i)
@@ -778,7 +779,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
             acc[i];
       return;
     }
-    const int c0 = b * 64 + 16 * wq + g;
+    const int c0 = bq * 64 + 16 * wq + g;
     const float bl = bias != nullptr ? to_float<BF>(bias[c0]) : 0.0f;
     const float bh = bias != nullptr ? to_float<BF>(bias[c0 + 8]) : 0.0f;
     // staged transposed by stmatrix: the pair (acc[4 j + 2 h], +1) is the m8n8 fragment of
@@ -800,6 +801,17 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
                    "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
                    : "memory");
+    }
+  };
+  auto stage_acc = [&] { stage_at(b); };
+  // the staged tile at rows rr0.., strips bb0.. written to y in 16-byte rows, by threads
+  // tid, tid + nthr, ...
+  auto store_y = [&](int rr0, int bb0, int tid, int nthr) {
+    for (int i = tid; i < NT * WGS * 8; i += nthr) {
+      const int r = i / (WGS * 8), c = i % (WGS * 8);
+      if (rr0 + r < M)
+        *reinterpret_cast<uint4*>(y + (size_t)(rr0 + r) * N + bb0 * 64 + c * 8) =
+            *reinterpret_cast<const uint4*>(out + ((c >> 3) * NT + r) * LD + (c & 7) * 8);
     }
   };
 
@@ -902,22 +914,37 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         }
         return;
       }
-      if (d1 < St)  // the head of a tile that blocks after this one finish
-        for (int c = j + 1; sk_begin(c) < (tx + 1) * St; ++c) {
-          int* flag = cnt + c * WGS * 4 + warp;
-          while (!__all_sync(0xFFFFFFFFu, ld_acquire(flag) != 0)) {
-          }
-          float4* sl = slots + (size_t)c * NF * CT + threadIdx.x;
-#pragma unroll
-          for (int v = 0; v < NF; ++v) {
-            const float4 p = __ldcg(sl + v * CT);
-            acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
-            __stcg(sl + v * CT, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
-          }
-          __syncwarp();
-          if (lane == 0) *flag = 0;
+      if (d1 == St) return write_y(tx);  // a whole tile
+      // The head of a tile that blocks after this one finish: the block's last segment, so
+      // the ring is free once every consumer warp is past its MMAs. Each thread copies the
+      // partial tiles' floats it adds into shared memory (cp.async: all in flight at once, no
+      // register holding them; round 57: the loads through registers, a few in flight beside
+      // 128 accumulators, took most of a head's 8-12 us), adds them from there, then the tile
+      // is staged and written to y in 16-byte rows as whole tiles are.
+      consumers_sync<CT>();
+      float4* const part = reinterpret_cast<float4*>(smem) + threadIdx.x;
+      for (int c = j + 1; sk_begin(c) < (tx + 1) * St; ++c) {
+        int* flag = cnt + c * WGS * 4 + warp;
+        while (!__all_sync(0xFFFFFFFFu, ld_acquire(flag) != 0)) {
         }
-      write_y(tx);
+        float4* sl = slots + (size_t)c * NF * CT + threadIdx.x;
+#pragma unroll
+        for (int v = 0; v < NF; ++v) cp_async16(part + v * CT, sl + v * CT);
+        commit_copies();
+        wait_copies<0>();
+#pragma unroll
+        for (int v = 0; v < NF; ++v) {
+          const float4 p = part[v * CT];
+          acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
+          __stcg(sl + v * CT, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+        }
+        __syncwarp();
+        if (lane == 0) *flag = 0;
+      }
+      consumers_sync<CT>();  // every thread's partial floats read: the staging may overwrite them
+      stage_at(strip_of(tx) + wg);
+      consumers_sync<CT>();
+      store_y(row_of(tx), strip_of(tx), threadIdx.x, CT);
     };
     pdl_wait();
     GQ_TRACE_AT(1);
@@ -1103,12 +1130,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   }
   if (splits == 1) {
     __syncthreads();
-    for (int i = threadIdx.x; i < NT * WGS * 8; i += THREADS) {
-      const int r = i / (WGS * 8), c = i % (WGS * 8);
-      if (row0 + r < M)
-        *reinterpret_cast<uint4*>(y + (size_t)(row0 + r) * N + b0 * 64 + c * 8) =
-            *reinterpret_cast<const uint4*>(out + ((c >> 3) * NT + r) * LD + (c & 7) * 8);
-    }
+    store_y(row0, b0, threadIdx.x, THREADS);
     GQ_TRACE_AT(30);
     return;
   }
