@@ -293,7 +293,7 @@ def test_entry_points_are_called_with_their_declared_arguments() -> None:
                 assert words[-2:-1] == ["*"] or words[:-1] == ["int"], (name, param)
                 kinds.append(ctypes.c_void_p if "*" in words else ctypes.c_int)
             declared[name] = kinds
-    assert declared == native.ENTRY_ARGS
+    assert declared == native.ENTRY_ARGS | native.TRACE_ARGS
 
 
 def test_the_schedule_bits_are_the_kernels() -> None:

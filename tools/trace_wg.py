@@ -47,9 +47,7 @@ def read_trace() -> list[list[int]]:
     """Each traced block's 32 slots (blocks in grid order, those that ran), then zeroed."""
     lib = native.library()
     buf = (ctypes.c_ulonglong * (SLOTS * BLOCKS))()
-    fn = lib.gq_wg_trace
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
-    if (rc := fn(buf, SLOTS * BLOCKS)) != 0:
+    if (rc := lib.gq_wg_trace(ctypes.addressof(buf), SLOTS * BLOCKS)) != 0:
         raise RuntimeError(f"gq_wg_trace failed (code {rc})")
     rows = [list(buf[b * SLOTS : (b + 1) * SLOTS]) for b in range(BLOCKS)]
     return [r for r in rows if r[0]]

@@ -82,6 +82,8 @@ ENTRY_ARGS = {
     "gq_wg_max_clusters": [_I] * 5 + [_P],  # bits, bf16, nt, wgs, cluster; out
     "gq_wg_wave_blocks": [_I] * 4 + [_P],  # bits, bf16, nt, wgs; out
 }
+# the entry points of a diagnosis build only (``build_defines``: GQ_TRACE)
+TRACE_ARGS = {"gq_wg_trace": [_P, _I]}  # dst (host), count
 # gq_mixed_wg's `schedule` bits (mixed_wg.cu's constants of the same names; a test compares them)
 WG_STREAM_K, WG_BLOCKS_GATHER, WG_SK_REMAINDER = 1, 2, 4
 
@@ -163,9 +165,10 @@ def library(device: torch.device | None = None):
             arch = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
             lib = ctypes.CDLL(str(_build(nvcc, arch)))
             _state["wg"] = arch == "90a"
-            for name, args in ENTRY_ARGS.items():
-                getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = ctypes.c_int
+            for name, args in (ENTRY_ARGS | TRACE_ARGS).items():
+                if name in ENTRY_ARGS or hasattr(lib, name):
+                    getattr(lib, name).argtypes = args
+                    getattr(lib, name).restype = ctypes.c_int
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.info("CUDA tensor-core kernel unavailable (%s); Triton serves every M", exc)
             lib = None
