@@ -183,9 +183,7 @@ def test_a_split_tail_where_the_last_wave_is_partial() -> None:
 
 def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
     """``rules.wg_stream_configs``: the 128- and 256-row tiles of two warpgroups of
-    ``wg_configs`` whose tiles are not a whole number of waves get a stream-K configuration,
-    and where they pass a wave, a second one that shares only the tiles past the last whole
-    wave (stream-K 2, "r")."""
+    ``wg_configs`` whose tiles are not a whole number of waves get a stream-K configuration."""
     # 5120^2, M = 256: 40 tiles of 256 x 2, 80 of 128 x 2 (less than a wave of 132); 64-row
     # tiles and four warpgroups are not compiled with the schedule
     assert set(rules.wg_stream_configs(256, 5120, 5120, h200_wave)) == {
@@ -193,10 +191,7 @@ def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
         (256, 2, 1, 1, 1, True),
     }
     # 28672 x 4096, M = 512: 448 tiles = 3 x 132 + 52 (and 896 of 128 rows = 6 x 132 + 104)
-    got = rules.wg_stream_configs(512, 28672, 4096, h200_wave)
-    assert {(256, 2, 1, 1, 1, 1), (256, 2, 1, 1, 1, 2), (128, 2, 1, 1, 1, 2)} <= set(got)
-    assert routes.wg_name(256, 2, 1, 1, 1, 2) == "wg:256x2x1r"
-    assert routes.mma_config("wg:256x2x1r") == (256, 2, 1, 1, 1, 2, False)
+    assert (256, 2, 1, 1, 1, True) in rules.wg_stream_configs(512, 28672, 4096, h200_wave)
     # whole waves: 264 tiles of 256 rows at M = 512 on 16896 columns, 528 of 128 rows
     assert rules.wg_stream_configs(512, 16896, 4096, h200_wave) == []
     # M = 64: the tiles of wg_configs are 64 rows only
@@ -582,8 +577,7 @@ def test_a_split_tail_matches_the_oracle(bits, dtype) -> None:
 def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype) -> None:
     """mixed_wg.cu with a stream-K schedule ("wg:NTx2x1s", 128- and 256-row tiles): fewer tiles
     than a wave (so that every tile is shared, some by many blocks of one or two k-steps),
-    between one and two waves, and more than two (whole tiles before the shared ones); past a
-    wave also "wg:NTx2x1r" (only the tiles past the last whole wave shared); 37, 200
+    between one and two waves, and more than two (whole tiles before the shared ones); 37, 200
     and no salient columns; bias; M not a multiple of the tile. Against the float64 oracle;
     two runs give the same bits (the partial tiles are added in block order); the workspace
     and counters are left zeroed, as the other kernels need them."""
@@ -607,23 +601,21 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 tiles, wave = -(-M // nt) * (N // 128), native.wg_wave_blocks(nt, 2)
                 if tiles % wave == 0:
                     continue
-                for mode in (1, 2) if tiles > wave else (1,):
-                    seen.add((nt, min(tiles // wave, 2), mode))
-                    name = routes.wg_name(nt, 2, 1, 1, 1, mode)
-                    outs = []
-                    for _ in range(2):
-                        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-                        dispatch.run_route(name, *args, out=out, cuda=cuda)
-                        outs.append(out)
-                    err, ref_err = kernel_error(outs[0], ref, exact)
-                    assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, N, K, name, nsal, err)
-                    assert torch.equal(outs[0], outs[1]), (M, N, K, name, nsal)
-                    ws, cnt = dispatch.workspace(x.device, 0)
-                    torch.cuda.synchronize()
-                    assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
-    # on an H200 (132 blocks a wave): less than a wave, one to two, more than two; "r" past one
-    assert {w for _, w, _ in seen} == {0, 1, 2}, seen
-    assert {w for _, w, mode in seen if mode == 2} == {1, 2}, seen
+                seen.add((nt, min(tiles // wave, 2)))
+                name = routes.wg_name(nt, 2, 1, 1, 1, True)
+                outs = []
+                for _ in range(2):
+                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    dispatch.run_route(name, *args, out=out, cuda=cuda)
+                    outs.append(out)
+                err, ref_err = kernel_error(outs[0], ref, exact)
+                assert err <= ERROR_FACTOR * ref_err + 1e-6, (M, N, K, name, nsal, err)
+                assert torch.equal(outs[0], outs[1]), (M, N, K, name, nsal)
+                ws, cnt = dispatch.workspace(x.device, 0)
+                torch.cuda.synchronize()
+                assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
+    # on an H200 (132 blocks a wave): less than a wave, one to two, more than two
+    assert {w for _, w in seen} == {0, 1, 2}, seen
 
 
 @pytest.mark.gpu

@@ -1204,7 +1204,7 @@ __global__ void __launch_bounds__(256)
 constexpr int WG_GATHER_COUNTERS = (1 << 16) - 2;
 
 // gq_mixed_wg's `schedule` bits
-constexpr int WG_STREAM_K = 1, WG_BLOCKS_GATHER = 2, WG_SK_REMAINDER = 4;
+constexpr int WG_STREAM_K = 1, WG_BLOCKS_GATHER = 2;
 
 // one launch's arguments (gq_mixed_wg)
 struct WgCall {
@@ -1220,7 +1220,6 @@ struct WgCall {
   int M, N, K, group, splits, csize, tail;
   bool stream_k, gather, pdl;  // gather: the blocks may gather xs themselves (`coop`)
   cudaStream_t stream;
-  bool sk_remainder;  // stream-K shares only the tiles past the last whole wave
 };
 
 // a row-major [rows, cols] fp16 (bf16: BF) tensor as a 2-D tensor map for the tensor copies:
@@ -1359,8 +1358,7 @@ bool wg_all_resident(long blocks, int csize, size_t smem) {
 }
 
 // A stream-K launch (SK): the tiles past the last whole wave but one (all of them where there are
-// fewer than two waves; with `sk_remainder`, past the last whole wave) shared by one wave of
-// blocks, G of them, each at least one k-step;
+// fewer than two waves) shared by one wave of blocks, G of them, each at least one k-step;
 // the tiles before it whole, a block each. Workspace: G partial tiles (NT x 64 WGS floats
 // each, rows of the ws the caller sizes: `wg_stream_floats`), counters: G x 4 WGS flags.
 template <bool BF, int BITS, int NT, int WGS, bool SK>
@@ -1394,10 +1392,7 @@ int launch_wg(const WgCall& a) {
     const int wave = wave_blocks<false, 4, NT, WGS>();
     if (wave <= 0 || splits > 1 || a.csize > 1 || a.tail > 1) return -1;
     if (blocks % wave == 0 && blocks >= wave) return -1;  // whole waves: nothing to share
-    // the tiles past the last whole wave but one, or (sk_remainder) past the last whole wave
-    const long shared = a.sk_remainder && blocks > wave ? blocks % wave
-                        : blocks < 2l * wave            ? blocks
-                                                        : wave + blocks % wave;
+    const long shared = blocks < 2l * wave ? blocks : wave + blocks % wave;
     const long units = shared * (S + (a.nsal + 63) / 64);
     const long g = units < wave ? units : wave;
     if (units * g >= 0x7FFFFFFF || blocks * (S + (a.nsal + 63) / 64) >= 0x7FFFFFFF)
@@ -1501,8 +1496,7 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // > 1 with one split and no cluster): the tiles past the last whole wave of the device
 // (gq_wg_wave_blocks) run as that many K splits each. `schedule`: WG_STREAM_K (one split, no
 // cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past the last whole wave
-// but one (with WG_SK_REMAINDER: past the last whole wave) shared out by k-steps over one wave
-// of blocks; `ws` must hold that many
+// but one shared out by k-steps over one wave of blocks; `ws` must hold that many
 // (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed. WG_BLOCKS_GATHER
 // (tiles of 64 rows or fewer): where the launch's blocks are all on the GPU at once, they gather
 // x's salient columns themselves (`coop`), counted in the last two of `cnt`'s 1 << 16 counters,
@@ -1527,7 +1521,7 @@ extern "C" int gq_mixed_wg(const void* x, const void* qc, const void* zp, const 
                  splits,                         cluster,
                  tail,                           (schedule & WG_STREAM_K) != 0,
                  (schedule & WG_BLOCKS_GATHER) != 0, pdl != 0,
-                 static_cast<cudaStream_t>(stream), (schedule & WG_SK_REMAINDER) != 0};
+                 static_cast<cudaStream_t>(stream)};
   return by_config(bits, bf16, nt, wgs, [&](auto bf, auto b, auto t, auto w) {
     return launch_any<decltype(bf)::value, decltype(b)::value, decltype(t)::value,
                       decltype(w)::value>(a);

@@ -85,7 +85,7 @@ ENTRY_ARGS = {
 # the entry points of a diagnosis build only (``build_defines``: GQ_TRACE)
 TRACE_ARGS = {"gq_wg_trace": [_P, _I]}  # dst (host), count
 # gq_mixed_wg's `schedule` bits (mixed_wg.cu's constants of the same names; a test compares them)
-WG_STREAM_K, WG_BLOCKS_GATHER, WG_SK_REMAINDER = 1, 2, 4
+WG_STREAM_K, WG_BLOCKS_GATHER = 1, 2
 
 
 def find_nvcc() -> str | None:
@@ -342,7 +342,7 @@ def mixed_wg(
     splits: int = 0,
     cluster: int = 1,
     tail: int = 1,
-    stream_k: int = 0,
+    stream_k: bool = False,
     gather: bool = False,
     out: Tensor | None = None,
 ) -> Tensor:
@@ -353,14 +353,13 @@ def mixed_wg(
     thread-block clusters of that many blocks instead of the workspace's atomics; ``tail`` > 1
     (with one split and no cluster): the tiles past the device's last whole wave of blocks
     (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics; ``stream_k``
-    (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): 1, the tiles past
-    the last whole wave but one (2: past the last whole wave) are dealt out by k-steps over one
-    wave of blocks, whose partial tiles meet in ``ws`` (at least :func:`wg_stream_floats`
-    floats). With salient columns, x's salient columns are gathered into a buffer of M x 64
-    ceil(nsal / 64) halves, which the kernel loads as it loads x: by a first small kernel, or
-    (``gather``: tiles of 64 rows or fewer, no stream-K; where the launch's blocks are all on
-    the GPU at once, else as before) by the kernel's blocks, a slice each, counted in the last
-    two of ``cnt``'s 1 << 16 counters."""
+    (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the tiles past the
+    last whole wave but one are dealt out by k-steps over one wave of blocks, whose partial
+    tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient columns, x's
+    salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves, which the
+    kernel loads as it loads x: by a first small kernel, or (``gather``: tiles of 64 rows or
+    fewer, no stream-K; where the launch's blocks are all on the GPU at once, else as before) by
+    the kernel's blocks, a slice each, counted in the last two of ``cnt``'s 1 << 16 counters."""
     if not wg_available():
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
@@ -379,7 +378,7 @@ def mixed_wg(
         raise ValueError(
             f"mixed_wg: the blocks gather the salient columns themselves only in tiles of 64 "
             f"rows or fewer "
-            f"without stream-K; this launch has {nt}-row tiles{' and stream-K' * bool(stream_k)}"
+            f"without stream-K; this launch has {nt}-row tiles{' and stream-K' * stream_k}"
         )
     if gather and p.nsal and cnt.numel() < 1 << 16:
         raise ValueError(
@@ -391,10 +390,6 @@ def mixed_wg(
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
     xs_ptr = None if xs is None else xs.data_ptr()
     fn = _state["lib"].gq_mixed_wg
-    schedule = (
-        WG_STREAM_K * int(stream_k > 0)
-        | WG_SK_REMAINDER * int(stream_k == 2)
-        | WG_BLOCKS_GATHER * int(gather)
-    )
+    schedule = WG_STREAM_K * int(stream_k) | WG_BLOCKS_GATHER * int(gather)
     config = (nt, wgs, splits, cluster, tail, schedule)
     return _launch(fn, x2, p, bias, ws, cnt, out, *config, xs_ptr)

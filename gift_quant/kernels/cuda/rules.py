@@ -436,28 +436,20 @@ def _last_wave(last: int, wave: int, tail: int) -> float:
 # blocks is summed by the block holding its first k-step from the others' partial tiles in the
 # workspace. Round 30's split tail did this for the last wave only, with atomics, and kept
 # most of its cost (a split 256-row tile took about a whole tile's time). Compiled for the
-# tiles with a producer and two warpgroups (WG_STREAM_TILES). Where the tiles pass a whole wave,
-# a second schedule shares only the tiles past the last whole wave (stream-K 2, "r"): the
-# whole waves run as whole tiles, with no partial tile to sum (round 57: a stream-K block's
-# k-steps ran about 6% slower than whole tiles' on 5120x13824 at M = 512, its L2 hit rate and
-# DRAM reads those of blocks spread over all of K).
+# tiles with a producer and two warpgroups (WG_STREAM_TILES).
 WG_STREAM_TILES = ((128, 2), (256, 2))
 
 
 def wg_stream_configs(
     M: int, N: int, K: int, wave_blocks: Callable[[int, int], int]
-) -> list[tuple[int, int, int, int, int, int]]:
-    """(rows per tile, warpgroups, 1, 1, 1, 1) of the warpgroup-MMA kernel with a stream-K
+) -> list[tuple[int, int, int, int, int, bool]]:
+    """(rows per tile, warpgroups, 1, 1, 1, True) of the warpgroup-MMA kernel with a stream-K
     schedule: each tile and width of ``wg_configs`` in WG_STREAM_TILES whose tiles do not fill
-    whole waves of the device (``wave_blocks(nt, wgs)``: the blocks it runs at once); and (...,
-    2), only the tiles past the last whole wave shared, where there are more tiles than a
-    wave."""
+    whole waves of the device (``wave_blocks(nt, wgs)``: the blocks it runs at once)."""
     out = []
     for nt, wgs in dict.fromkeys((nt, wgs) for nt, wgs, _ in wg_configs(M, N, K)):
         if (nt, wgs) not in WG_STREAM_TILES or (wave := wave_blocks(nt, wgs)) <= 0:
             continue
-        if (tiles := _wg_tiles(M, N, nt, wgs)) % wave:
-            out.append((nt, wgs, 1, 1, 1, 1))
-            if tiles > wave:
-                out.append((nt, wgs, 1, 1, 1, 2))
+        if _wg_tiles(M, N, nt, wgs) % wave:
+            out.append((nt, wgs, 1, 1, 1, True))
     return out

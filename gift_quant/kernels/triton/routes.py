@@ -163,14 +163,14 @@ def wg_name(
     splits: int,
     cluster: int = 1,
     tail: int = 1,
-    stream_k: int = 0,
+    stream_k: bool = False,
     gather: bool = False,
 ) -> str:
     return (
         f"wg:{nt}x{wgs}x{splits}"
         + ("" if cluster == 1 else f"c{cluster}")
         + ("" if tail == 1 else f"t{tail}")
-        + ("" if not stream_k else "r" if stream_k == 2 else "s")
+        + ("s" if stream_k else "")
         + ("g" if gather else "")
     )
 
@@ -179,14 +179,13 @@ def mma_config(name: str) -> tuple[int, ...]:
     """(strips per block, K splits, cluster, warps per strip) of "mma:WNxS[kKW][cC]"; (warps,
     splits, depth, cluster)
     of "mmv:WNxS[dD][cC]"; (rows per tile, warpgroups, splits, cluster, tail splits,
-    stream-K: 0, 1 "s" or 2 "r" (only the tiles past the last whole wave shared), the blocks' own
-    salient gather) of "wg:NTxWxS[cC][tT][s|r|g]"."""
+    stream-K, the blocks' own salient gather) of "wg:NTxWxS[cC][tT][s|g]"."""
     if name.startswith("wg:"):
         nt, wgs, rest = name[3:].split("x")
         gather = rest.endswith("g")
         rest = rest.removesuffix("g")
-        stream_k = 1 if rest.endswith("s") else 2 if rest.endswith("r") else 0
-        rest, _, tail = rest.removesuffix("s").removesuffix("r").partition("t")
+        stream_k = rest.endswith("s")
+        rest, _, tail = rest.removesuffix("s").partition("t")
         splits, _, cluster = rest.partition("c")
         return int(nt), int(wgs), int(splits), int(cluster or 1), int(tail or 1), stream_k, gather
     wn, rest = name[4:].split("x")
