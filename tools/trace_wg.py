@@ -35,12 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_kernels import NSAL, cand_call, packed_layer  # noqa: E402
+from kernel_tables import parse_shape  # noqa: E402
 from provenance import add_arguments, gpu_tag, provenance, shared_flag, stamp, write_json  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
 
 SLOTS, BLOCKS = 32, 8192  # mixed_wg.cu: GQ_TRACE_SLOTS, GQ_TRACE_BLOCKS
+# mixed_wg.cu's slots: 0 start, 1 the dependent wait, segment s at 2 + 4 s (data, MMAs done,
+# end, first k-step << 16 | k-steps; six segments at most), the SM, the exit
+SEGMENTS, SMID, EXIT = 6, 29, 30
 
 
 def read_trace() -> list[list[int]]:
@@ -56,25 +60,31 @@ def read_trace() -> list[list[int]]:
 def segments(row: list[int]) -> list[dict]:
     """A block's segments: data in place, MMAs done, end done (ns), first k-step, k-steps."""
     out = []
-    for s in range(7):
+    for s in range(SEGMENTS):
         t0, t1, t2, v = row[2 + 4 * s : 6 + 4 * s]
-        if not t0 or s * 4 + 5 >= 29:
+        if not t0:
             break
         out.append({"data": t0, "mma": t1, "end": t2, "d0": v >> 16, "steps": v & 0xFFFF})
-    if out and not out[-1]["end"] and row[30]:  # one segment, its end the block's epilogue
-        out[-1]["end"] = row[30]
+    if out and not out[-1]["end"] and row[EXIT]:  # one segment, its end the block's epilogue
+        out[-1]["end"] = row[EXIT]
     return out
 
 
 def summary(blocks: list[list[int]], steps_per_tile: int, sm_count: int) -> dict:
     t0 = min(r[0] for r in blocks)
-    exits = [r[30] for r in blocks if r[30]]
+    exits = [r[EXIT] for r in blocks if r[EXIT]]
     span = (max(exits) - t0) / 1e3 if exits else float("nan")
     per_step, ends = [], {"whole": [], "head": [], "partial": []}
+    firsts, lasts = [], []
     busy: dict[int, float] = {}
     for r in blocks:
-        busy[r[29]] = busy.get(r[29], 0.0) + ((r[30] or r[0]) - r[0]) / 1e3
-        for sg in segments(r):
+        busy[r[SMID]] = busy.get(r[SMID], 0.0) + ((r[EXIT] or r[0]) - r[0]) / 1e3
+        segs = segments(r)
+        if segs:
+            firsts.append(segs[0]["data"] - r[0])
+            if r[EXIT] >= segs[-1]["end"]:
+                lasts.append(r[EXIT] - segs[-1]["end"])
+        for sg in segs:
             if sg["mma"] and sg["steps"]:
                 per_step.append((sg["mma"] - sg["data"]) / sg["steps"])
             if sg["end"] and sg["mma"]:
@@ -86,9 +96,6 @@ def summary(blocks: list[list[int]], steps_per_tile: int, sm_count: int) -> dict
                     else "head"
                 )
                 ends[kind].append((sg["end"] - sg["mma"]) / 1e3)
-    firsts = [segments(r)[0]["data"] - r[0] for r in blocks if segments(r)]
-    lasts = [r[30] - segments(r)[-1]["end"] for r in blocks if r[30] and segments(r)]
-    lasts = [v for v in lasts if v >= 0]
     med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
     return {
         "blocks": len(blocks),
@@ -116,9 +123,9 @@ def main() -> None:
     shared = shared_flag(ap, args)
     names = [n for n in args.names.split(",") if n]
     try:
-        N, K = (int(v) for v in args.shape.lower().split("x"))
-    except ValueError:
-        ap.error(f"--shape {args.shape!r}: expected NxK, e.g. 13824x5120")
+        N, K = parse_shape(args.shape)
+    except ValueError as exc:
+        ap.error(f"--shape: {exc}")
     if bad := [n for n in names if not n.startswith("wg:")]:
         ap.error(f"--names: {bad} are not warpgroup configurations (wg:NTxWxS...)")
     if not torch.cuda.is_available() or native.library() is None or not native.wg_available():

@@ -1557,7 +1557,8 @@ extern "C" int gq_wg_trace(void* dst, int count) {
   if (count < 0 || count > GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS) return -1;
   const size_t bytes = static_cast<size_t>(count) * sizeof(unsigned long long);
   if (const cudaError_t rc = cudaMemcpyFromSymbol(dst, gq_trace_buf, bytes)) return rc;
-  static unsigned long long zeros[GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS] = {};
-  return cudaMemcpyToSymbol(gq_trace_buf, zeros, sizeof(zeros));
+  void* buf = nullptr;
+  if (const cudaError_t rc = cudaGetSymbolAddress(&buf, gq_trace_buf)) return rc;
+  return cudaMemset(buf, 0, sizeof(gq_trace_buf));
 }
 #endif
