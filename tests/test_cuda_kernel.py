@@ -240,7 +240,8 @@ def test_zero_point_and_scale_layouts() -> None:
 def test_salient_fragments_convert_once_to_bf16_and_launches_refuse_other_types() -> None:
     """bf16 launches read the fp16 fragments converted once per layer (element by element: the
     same layout) and kept; bf16 fragments never convert back, and a launch whose bias, output
-    or fragments differ from x's type is refused before anything runs."""
+    or fragments differ from x's type, or whose output is not a contiguous, 16-byte aligned
+    M x N tensor (the kernels write y in 16-byte rows), is refused before anything runs."""
     K, N = 128, 64
     wst = torch.randn(20, N).half()
     p = layout.pack(
@@ -272,6 +273,9 @@ def test_salient_fragments_convert_once_to_bf16_and_launches_refuse_other_types(
         dict(p=q, bias=torch.zeros(N).half()),
         dict(p=q, out=torch.empty(2, N).half()),
         dict(p=q, x=x.float()),
+        dict(p=q, out=torch.empty(3, N, dtype=torch.bfloat16)),  # M x N is 2 x 64
+        dict(p=q, out=torch.empty(N, 2, dtype=torch.bfloat16).t()),  # not contiguous
+        dict(p=q, out=torch.empty(2 * N + 1, dtype=torch.bfloat16)[1:].view(2, N)),  # 2 bytes off
     ):
         args = dict(x=x, p=q, bias=None, out=None) | bad
         with pytest.raises(ValueError, match="gq_mixed_mma"):

@@ -906,12 +906,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #pragma unroll
         for (int v = 0; v < NF; ++v)
           __stcg(sl + v * CT, make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]));
-        __syncwarp();
-        if (lane == 0) {
-          __threadfence();
+        __syncwarp();  // the warp's stores before lane 0's release (no SC fence: the release
+                       // store orders what happens before it, the lanes' stores by the barrier)
+        if (lane == 0)
           asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(cnt + j * WGS * 4 + warp), "r"(1)
                        : "memory");
-        }
         return;
       }
       if (d1 == St) return write_y(tx);  // a whole tile

@@ -188,6 +188,17 @@ def _launch(fn, x2: Tensor, p: Packed, bias, ws, cnt, out, *config) -> Tensor:
     for what, t in (("bias", bias), ("out", out), ("salient fragments", p.wsp)):
         if t is not None and t.dtype != dt:
             raise ValueError(f"{fn.__name__}: {what} is {t.dtype}, x is {dt}: they must match")
+    if out is not None and (
+        tuple(out.shape) != (M, p.N)
+        or not out.is_contiguous()
+        or out.data_ptr() % 16
+        or out.device != x2.device
+    ):  # the kernels write y in 16-byte rows of N elements
+        raise ValueError(
+            f"{fn.__name__}: out must be a contiguous, 16-byte aligned {M} x {p.N} tensor on "
+            f"{x2.device}; got {tuple(out.shape)} on {out.device} (contiguous: "
+            f"{out.is_contiguous()}, address % 16 = {out.data_ptr() % 16})"
+        )
     y = out if out is not None else torch.empty(M, p.N, dtype=dt, device=x2.device)
     if x2.data_ptr() % 16 or not x2.is_contiguous():
         x2 = x2.contiguous().clone()
