@@ -451,7 +451,8 @@ def test_the_cluster_query_asks_the_device() -> None:
 def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
     """mixed_wg.cu at M = 1..520 (partial tiles, several tiles), every configuration the rules
     name plus the most splits at each tile, each that splits K also with its splits summed in
-    one cluster, and clusters of two tiling four splits (their sums then added by atomics);
+    one cluster, clusters of two tiling four splits (their sums then added by atomics) and
+    two splits in a cluster of two (the blocks' exchange of strips);
     37 salient columns (one salient k-step, zeros past the last column), 600 (ten salient
     k-steps: with few K splits, tiles of every height load some inside the main loop, into
     reused ring slots) and none; bias; fp16 and bf16."""
@@ -477,6 +478,9 @@ def test_warpgroup_kernel_matches_the_oracle(bits, group, shape, dtype) -> None:
             # 3 splits (at K = 1024 they run 6, 6 and 4 k-steps; at 1536, 8 each)
             confs += [(64, 2, 4, 2), (128, 2, 4, 2), (128, 4, 4, 2), (256, 2, 4, 2)]
             confs += [(64, 2, 3, 3), (64, 4, 3, 1), (128, 2, 3, 3)]
+            # two splits in a cluster of two (128 and 256 rows: each block sends the other
+            # the strip it does not write)
+            confs += [(128, 2, 2, 2), (256, 2, 2, 2)]
             for nt, wgs, splits, cl in dict.fromkeys(confs):
                 if (N // 64) % wgs:
                     continue

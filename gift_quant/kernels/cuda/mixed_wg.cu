@@ -44,7 +44,9 @@
 // K split writes y through shared memory in 16-byte rows; several add into the zeroed fp32
 // workspace and the last block of each output tile writes it (fragments.cuh, `finish_tile`), or
 // (`csize` > 1, sm_90 clusters along the splits) add up in distributed shared memory
-// (`cluster_reduce`), the cluster's blocks writing y where the cluster holds every split. A split
+// (`cluster_reduce`), the cluster's blocks writing y where the cluster holds every split (two
+// splits of two warpgroups: each block sends the other the strip it does not write, `exchange`,
+// from registers). A split
 // tail (`tail` > 1, one split): the tiles past the device's last whole wave of blocks run as `tail`
 // K splits each through the workspace, the others whole, in one launch.
 #include <cuda.h>  // CUtensorMap (the encoder is the driver's, found through the runtime)
@@ -130,6 +132,12 @@ __device__ __forceinline__ void regs_down() {
 template <int R>
 __device__ __forceinline__ void regs_up() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+// a barrier of every thread of the cluster's blocks (release / acquire: each thread's writes
+// before it, to any block's shared memory, are seen by every thread after it)
+__device__ __forceinline__ void cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
 }
 // a barrier of the block's consumer threads only (named barrier 1: the producer warps go on)
 template <int COUNT>
@@ -768,11 +776,16 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // several: the partial tile in fp32, rows of 64 WGS + 4 floats (the lanes' stores hit 32
   // banks).
   constexpr int LD = 72, W = WGS * 64, LDF = W + 4;
+  // two clustered K splits of 128- or 256-row tiles of two warpgroups sum by `exchange`
+  // (launch-uniform), received at XRECV bytes into the ring
+  const bool xchg = WGS == 2 && NT >= 128 && !SK && csize == 2 && splits == 2;
+  constexpr int XRECV = WGS * NT * LD * 2;
+  static_assert(WGS != 2 || XRECV + NT * 256 <= STAGES * SB, "the exchange's tile fits the ring");
   half* out = reinterpret_cast<half*>(smem);
   float* out32 = reinterpret_cast<float*>(smem);
   // (stage_at: for the strip bq's bias; a stream-K head stages the tile it sums)
   auto stage_at = [&](int bq) {
-    if (splits > 1) {
+    if (splits > 1 && !xchg) {
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i)
         out32[(8 * (i >> 2) + 2 * t + (i & 1)) * LDF + wg * 64 + 16 * wq + g + 8 * ((i >> 1) & 1)] =
@@ -804,6 +817,55 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     }
   };
   auto stage_acc = [&] { stage_at(b); };
+  // strip w of the staged tile written to y in 16-byte rows, by threads tid, tid + nthr, ...
+  auto store_strip = [&](int w, int tid, int nthr) {
+    for (int i = tid; i < NT * 8; i += nthr) {
+      const int r = i >> 3, c = i & 7;
+      if (row0 + r < M)
+        *reinterpret_cast<uint4*>(y + (size_t)(row0 + r) * N + (b0 + w) * 64 + c * 8) =
+            *reinterpret_cast<const uint4*>(out + (w * NT + r) * LD + c * 8);
+    }
+  };
+  // Two K splits of two warpgroups in a cluster (`xchg`), in the consumer threads once their
+  // MMAs are done: after a cluster barrier (every block's ring is free), block q's warpgroup
+  // 1 - q sends its accumulators to block 1 - q (NT / 8 float4s a thread, thread i's v-th at
+  // XRECV + 2048 v + 16 i there: past the fp16 staging), and after a second barrier warpgroup q
+  // adds what it got to its own, stages strip q in fp16 and the consumers write it to y. 64 NT
+  // floats a block cross the cluster, as in cluster_reduce, but from registers: no fp32 staging
+  // of the whole tile, no read back of it, and no block reads another's memory after the second
+  // barrier, so none waits there for the others to leave.
+  auto exchange = [&] {
+    uint32_t q;
+    asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(q));
+    const uint32_t mine = smem0 + XRECV + (threadIdx.x & 127) * 16;
+    cluster_sync_all();  // every block's MMAs are done: its ring is free
+    if (wg != static_cast<int>(q)) {
+      uint32_t there;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                   : "=r"(there)
+                   : "r"(mine), "r"(static_cast<uint32_t>(wg)));
+#pragma unroll
+      for (int v = 0; v < NT / 8; ++v)
+        asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(there + v * 2048),
+                     "f"(acc[4 * v]), "f"(acc[4 * v + 1]), "f"(acc[4 * v + 2]), "f"(acc[4 * v + 3])
+                     : "memory");
+    }
+    cluster_sync_all();  // the sent accumulators are in place
+    if (wg == static_cast<int>(q)) {
+#pragma unroll
+      for (int v = 0; v < NT / 8; ++v) {
+        float4 p;
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=f"(p.x), "=f"(p.y), "=f"(p.z), "=f"(p.w)
+                     : "r"(mine + v * 2048)
+                     : "memory");
+        acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
+      }
+      stage_at(b);
+    }
+    consumers_sync<WGS * 128>();
+    store_strip(static_cast<int>(q), threadIdx.x, WGS * 128);
+  };
   // the staged tile at rows rr0.., strips bb0.. written to y in 16-byte rows, by threads
   // tid, tid + nthr, ...
   auto store_y = [&](int rr0, int bb0, int tid, int nthr) {
@@ -1065,7 +1127,9 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       k_steps(step);
       GQ_TRACE_AT(3);
       pdl_launch_dependents();  // a block's first call counts: the first consumer warp's
-      if constexpr (HANDOFF) {
+      if (xchg) {
+        exchange();
+      } else if constexpr (HANDOFF) {
         consumers_sync<WGS * 128>();
         stage_acc();
       }
@@ -1123,6 +1187,11 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   auto stage_here = [&](float*) {  // without a handoff: the staging, in the consumer threads
     if (!HANDOFF && !producer) stage_acc();
   };
+  if (xchg) {  // the consumers wrote y (`exchange`); the producer warps join its two barriers
+    if (producer) cluster_sync_all(), cluster_sync_all();
+    GQ_TRACE_AT(30);
+    return;
+  }
   if (!HANDOFF && (splits == 1 || csize == 1)) {  // (clusters: after cluster_reduce's barrier)
     __syncthreads();
     stage_here(out32);
