@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   // G = gridDim.x - sk0 others equal shares of the remaining tiles' k-steps. A block's range
   // runs as segments, one per tile it touches; the segment that holds a tile's first k-step
   // (its head) sums the partial tiles of the blocks after it that share the tile (each left in
-  // the workspace by its range's first segment) and writes y; so a block waits only on blocks
+  // the scratch by its range's first segment) and writes y; so a block waits only on blocks
   // launched after it, and only for their first segment, which waits on nothing.
   int u0 = 0, u1 = 0;
   auto sk_begin = [&](int j) {  // the first k-step of SK block j (j = G: the end); 32-bit
@@ -941,10 +941,12 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     if constexpr (HANDOFF) regs_up<WG_CONSUMER_REGS>();
     // A segment's end, from the registers (the ring stays the producer's): y written by the
     // lanes in pairs of adjacent columns (the pair's other half from the lane of the next or
-    // previous column, lane ^ 4); a partial tile stored to this block's slot of the workspace
+    // previous column, lane ^ 4); a partial tile stored to this block's slot of the scratch
     // in fragment order (a warp's 512 bytes contiguous per float4), then the warp's flag in
     // cnt set (release); a head adds the slots of the blocks after it that share its tile, in
-    // block order (the same sum every run), zeroing each slot and flag for the next launch.
+    // block order (the same sum every run), zeroing each flag for the next launch. The slots are
+    // a scratch buffer of the launch's own (native.mixed_wg), never the split kernels' zeroed
+    // workspace: left as they are (round 58: a head zeroed each 128 KB partial it read).
     constexpr int CT = WGS * 128, NF = NT / 8;  // consumer threads; float4s a thread holds
     const int j = static_cast<int>(blockIdx.x) - sk0;  // this SK block (< 0: one whole tile)
     float4* const slots = reinterpret_cast<float4*>(ws);
@@ -997,7 +999,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         for (int v = 0; v < NF; ++v) {
           const float4 p = part[v * CT];
           acc[4 * v] += p.x, acc[4 * v + 1] += p.y, acc[4 * v + 2] += p.z, acc[4 * v + 3] += p.w;
-          __stcg(sl + v * CT, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
         }
         __syncwarp();
         if (lane == 0) *flag = 0;
@@ -1428,7 +1429,8 @@ bool wg_all_resident(long blocks, int csize, size_t smem) {
 // A stream-K launch (SK): the tiles past the last whole wave but one (all of them where there are
 // fewer than two waves) shared by one wave of blocks, G of them, each at least one k-step;
 // the tiles before it whole, a block each. Workspace: G partial tiles (NT x 64 WGS floats
-// each, rows of the ws the caller sizes: `wg_stream_floats`), counters: G x 4 WGS flags.
+// each, in a scratch buffer (`ws` here) native.mixed_wg sizes by `wg_stream_floats` and no other
+// kernel reads; left unzeroed), counters: G x 4 WGS flags (left zeroed).
 template <bool BF, int BITS, int NT, int WGS, bool SK>
 int launch_wg(const WgCall& a) {
   auto kernel = mixed_wg_kernel<BF, BITS, NT, WGS, SK>;

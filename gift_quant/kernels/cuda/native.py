@@ -366,7 +366,9 @@ def mixed_wg(
     (:func:`wg_wave_blocks`) run as that many K splits each, added by the atomics; ``stream_k``
     (one split, no cluster or tail; 128- or 256-row tiles of two warpgroups): the tiles past the
     last whole wave but one are dealt out by k-steps over one wave of blocks, whose partial
-    tiles meet in ``ws`` (at least :func:`wg_stream_floats` floats). With salient columns, x's
+    tiles meet in a scratch buffer of the launch's own (:func:`wg_stream_floats` floats from
+    torch's caching allocator, left unzeroed: ``ws``, which the split kernels need zeroed, is
+    not touched), and in ``cnt``'s flags (left zeroed). With salient columns, x's
     salient columns are gathered into a buffer of M x 64 ceil(nsal / 64) halves, which the
     kernel loads as it loads x: by a first small kernel, or (``gather``: tiles of 64 rows or
     fewer, no stream-K; where the launch's blocks are all on the GPU at once, else as before) by
@@ -375,11 +377,6 @@ def mixed_wg(
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
         (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
-    if stream_k and ws.numel() < (need := wg_stream_floats(nt, wgs)):
-        raise ValueError(
-            f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs a workspace of {need} "
-            f"floats (one partial tile per block of a wave); this one has {ws.numel()}"
-        )
     if stream_k and cnt.numel() < (flags := wg_wave_blocks(nt, wgs) * wgs * 4):
         raise ValueError(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
@@ -396,6 +393,8 @@ def mixed_wg(
             f"mixed_wg: a layer with salient columns needs {1 << 16} counters (the last two "
             f"count the blocks' gather); this one has {cnt.numel()}"
         )
+    if stream_k:  # one partial tile per block of a wave (0 where the wave query failed: refused)
+        ws = torch.empty(wg_stream_floats(nt, wgs), dtype=torch.float32, device=x2.device)
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)

@@ -70,7 +70,7 @@ def tuned_route(
     with on_device(x2.device):  # the cluster and wave queries ask the current device
         names = tuning_names(M, N, K, bits, wg=native.wg_available(), group=group, mma=mma)
         # sized here, on the caller's stream, not while timing
-        workspace(x2.device, max(_floats(n, M, N, x2.device) for n in names))
+        workspace(x2.device, M * N)
 
     def launcher(w: tuple):
         def launch(name: str) -> None:
@@ -121,7 +121,7 @@ def run_route(
     N = sz.shape[1]
     if name.startswith(("mma:", "mmv:", "wg:")):
         cuda = cuda.for_type(x2.dtype)
-        ws, cnt = workspace(x2.device, _floats(name, M, N, x2.device))
+        ws, cnt = workspace(x2.device, M * N)  # (stream-K: a scratch of its own, native.py)
         b16 = None if bias is None else bias.to(x2.dtype).contiguous()
         if name.startswith("wg:"):
             return native.mixed_wg(x2, cuda, b16, ws, cnt, *mma_config(name), out=out)
@@ -148,15 +148,6 @@ def run_route(
         cfg = mm_config(M, N, K, group, **MM_CONFIGS[name[3:]])
         return mm(x2, q, sz, wst, sidx, bias, ws, cnt, config=cfg, **kw)
     raise ValueError(f"unknown kernel {name!r}")
-
-
-def _floats(name: str, M: int, N: int, device: torch.device) -> int:
-    """The workspace kernel ``name`` needs for M x N on ``device``: the split sums' M x N
-    floats, and a stream-K launch's partial tiles (one per block of a wave) where larger."""
-    if name.startswith("wg:") and (c := mma_config(name))[5]:
-        with on_device(device):
-            return max(M * N, native.wg_stream_floats(c[0], c[1]))
-    return M * N
 
 
 _WORKSPACES: dict[int, tuple[Tensor, Tensor]] = {}
