@@ -273,13 +273,18 @@ def test_salient_fragments_convert_once_to_bf16_and_launches_refuse_other_types(
         dict(p=q, bias=torch.zeros(N).half()),
         dict(p=q, out=torch.empty(2, N).half()),
         dict(p=q, x=x.float()),
-        dict(p=q, out=torch.empty(3, N, dtype=torch.bfloat16)),  # M x N is 2 x 64
-        dict(p=q, out=torch.empty(N, 2, dtype=torch.bfloat16).t()),  # not contiguous
-        dict(p=q, out=torch.empty(2 * N + 1, dtype=torch.bfloat16)[1:].view(2, N)),  # 2 bytes off
     ):
         args = dict(x=x, p=q, bias=None, out=None) | bad
         with pytest.raises(ValueError, match="gq_mixed_mma"):
             native._launch(never, args["x"], args["p"], args["bias"], ws, cnt, args["out"], 1, 1)
+    for out in (
+        torch.empty(3, N, dtype=torch.bfloat16),  # M x N is 2 x 64
+        torch.empty(N, 2, dtype=torch.bfloat16).t(),  # not contiguous
+        torch.empty(2 * N + 1, dtype=torch.bfloat16)[1:].view(2, N),  # 2 bytes off
+        torch.empty(2, N, dtype=torch.bfloat16, device="meta"),  # not on x's device
+    ):
+        with pytest.raises(ValueError, match="gq_mixed_mma: out must be a contiguous, 16-byte"):
+            native._launch(never, x, q, None, ws, cnt, out, 1, 1)
 
 
 def test_entry_points_are_called_with_their_declared_arguments() -> None:

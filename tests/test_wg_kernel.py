@@ -609,6 +609,12 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 outs = []
                 for _ in range(2):
                     out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+                    # NaN where the launch's scratch will be (the allocator's freed block of
+                    # that size): the partial tiles must not rely on what it held
+                    junk = torch.full(
+                        (native.wg_stream_floats(nt, 2),), float("nan"), device="cuda"
+                    )
+                    del junk
                     dispatch.run_route(name, *args, out=out, cuda=cuda)
                     outs.append(out)
                 err, ref_err = kernel_error(outs[0], ref, exact)

@@ -1567,7 +1567,8 @@ int by_config(int bits, int bf16, int nt, int wgs, F&& f) {
 // (gq_wg_wave_blocks) run as that many K splits each. `schedule`: WG_STREAM_K (one split, no
 // cluster or tail; 128- and 256-row tiles of two warpgroups): the tiles past the last whole wave
 // but one shared out by k-steps over one wave of blocks; `ws` must hold that many
-// (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, and leaves them zeroed. WG_BLOCKS_GATHER
+// (gq_wg_wave_blocks) partial tiles of nt x 64 wgs floats, a scratch no other kernel reads (left
+// unzeroed; `cnt`'s flags are left zeroed). WG_BLOCKS_GATHER
 // (tiles of 64 rows or fewer): where the launch's blocks are all on the GPU at once, they gather
 // x's salient columns themselves (`coop`), counted in the last two of `cnt`'s 1 << 16 counters,
 // instead of a gather launch before them.

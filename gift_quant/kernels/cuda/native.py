@@ -19,6 +19,7 @@ configurations a call takes (warps per block, K splits, clusters) are ``rules``'
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -377,7 +378,11 @@ def mixed_wg(
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
         (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
-    if stream_k and cnt.numel() < (flags := wg_wave_blocks(nt, wgs) * wgs * 4):
+    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+        # the wave queries ask the current device: x's, which the launch runs on
+        flags = wg_wave_blocks(nt, wgs) * wgs * 4 if stream_k else 0
+        need = wg_stream_floats(nt, wgs) if stream_k else 0
+    if stream_k and cnt.numel() < flags:
         raise ValueError(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
             f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
@@ -394,7 +399,7 @@ def mixed_wg(
             f"count the blocks' gather); this one has {cnt.numel()}"
         )
     if stream_k:  # one partial tile per block of a wave (0 where the wave query failed: refused)
-        ws = torch.empty(wg_stream_floats(nt, wgs), dtype=torch.float32, device=x2.device)
+        ws = torch.empty(need, dtype=torch.float32, device=x2.device)
     xs = None  # kept alive by this frame until the launches are queued
     if p.nsal:
         xs = torch.empty(x2.shape[0], -(-p.nsal // 64) * 64, dtype=x2.dtype, device=x2.device)
