@@ -378,11 +378,11 @@ def mixed_wg(
         raise RuntimeError("the warpgroup-MMA kernel needs a build for sm_90a")
     if not nt:
         (nt, wgs, splits), cluster = wg_choose(x2.shape[0], p.N, x2.shape[1]), 1
-    with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
-        # the wave queries ask the current device: x's, which the launch runs on
-        flags = wg_wave_blocks(nt, wgs) * wgs * 4 if stream_k else 0
-        need = wg_stream_floats(nt, wgs) if stream_k else 0
-    if stream_k and cnt.numel() < flags:
+    flags = need = 0
+    if stream_k:  # the wave queries ask the current device: x's, which the launch runs on
+        with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+            flags, need = wg_wave_blocks(nt, wgs) * wgs * 4, wg_stream_floats(nt, wgs)
+    if cnt.numel() < flags:
         raise ValueError(
             f"mixed_wg: a stream-K launch of {nt}x{wgs} tiles needs {flags} counters (a flag "
             f"per MMA warp of each block of a wave); this one has {cnt.numel()}"
