@@ -60,7 +60,7 @@ def parse_cell(text: str) -> tuple[int, int, int, int]:
 
 def launch(name: str, x, L: dict, bits: int, out=None):
     if name == "cublas":
-        return torch.matmul(x, L["w16"], out=out)
+        return torch.matmul(x, L["w16"].t(), out=out)  # nn.Linear's layout, as the bench
     return dispatch.run_route(
         name, x, L["q"], L["sz"], L["wst"], L["sidx"], L["sal_pos"], None, bits, bench.GROUP,
         out=out, cuda=L["cuda"],
@@ -73,7 +73,7 @@ def time_cell(N: int, K: int, bits: int, M: int, names: list[str]) -> dict:
     R = min(192, max(8, math.ceil(bench.TARGET_BYTES / bench.layer_bytes(N, K, bits, 1))))
     copies = [base] + [bench.packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
     for L in copies:  # cuBLAS reads fp16 weights of the layer's shape, one per copy
-        L["w16"] = torch.randn(K, N, device="cuda", dtype=torch.float16) * 0.02
+        L["w16"] = torch.randn(N, K, device="cuda", dtype=torch.float16)
     # the first use's copies: as many as pass twice L2 with the CUDA layout's bytes
     c = base["cuda"]
     own = sum(t.nbytes for t in (c.qc, c.zp, c.scp, c.wsp, c.sidx))
