@@ -11,7 +11,8 @@ call with an output of its own. Where the two disagree the first use can keep th
 This times each configuration (and cuBLAS) in one process under:
 
 - ``tune``: ``tuning._time`` as the first use runs it;
-- ``tune_R``: the same with the benchmark's number of copies;
+- ``tune_4n``, ``tune_R``: the same with four times its copies (at most the benchmark's), and
+  with the benchmark's number of copies;
 - ``bench``: ``graph_time_us`` over the benchmark's copies, a new output per call (its protocol);
 - ``bench_out``: the same into one output buffer;
 - ``bench_n``: the benchmark's protocol over the first use's number of copies.
@@ -42,7 +43,7 @@ from provenance import gpu_tag  # noqa: E402
 from gift_quant.kernels.triton import dispatch, tuning  # noqa: E402
 from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
 
-PROTOCOLS = ("tune", "tune_R", "bench", "bench_out", "bench_n")
+PROTOCOLS = ("tune", "tune_4n", "tune_R", "bench", "bench_out", "bench_n")
 
 
 def parse_cell(text: str) -> tuple[int, int, int, int]:
@@ -102,6 +103,9 @@ def time_cell(N: int, K: int, bits: int, M: int, names: list[str]) -> dict:
     t = tuning._time(ok, launchers(copies[:n]))
     for name in ok:
         res[name]["tune"] = t.get(name, math.nan) * 1e6
+    t = tuning._time(ok, launchers(copies[: min(R, 4 * n)]))
+    for name in ok:
+        res[name]["tune_4n"] = t.get(name, math.nan) * 1e6
     t = tuning._time(ok, launchers(copies))
     for name in ok:
         res[name]["tune_R"] = t.get(name, math.nan) * 1e6
