@@ -371,6 +371,27 @@ def test_bench_configs_reads_every_argument_before_any_work(monkeypatch, argv, s
     assert str(err.value).startswith("bench_configs: ") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("cells", "says"),
+    [
+        ("5120x5120:4", "expected NxK:bits:M"),
+        ("5120x5120:5:512", "bits must be 2, 3 or 4"),
+        ("5120x5120:4:0", "M at least 1"),
+        ("5120x5000:4:512", "multiple of 64"),
+    ],
+)
+def test_bench_tuning_reads_every_cell_before_any_work(monkeypatch, cells, says):
+    """``bench_tuning`` refuses a malformed cell in one line before it asks for a GPU (here on
+    a machine without one: the message is the cell's, not the missing GPU's)."""
+    import bench_tuning
+
+    argv = ["bench_tuning.py", "--cells", f"4096x4096:4:512,{cells}", "--names", "wg:256x2x1s"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=says) as err:
+        bench_tuning.main()
+    assert str(err.value).startswith("bench_tuning: ") and "\n" not in str(err.value)
+
+
 def test_every_kernel_tool_imports_on_a_machine_without_a_gpu():
     """Each script under tools/ that uses the kernels imports (its arguments are read only under
     ``__main__``), and the kernel benchmark finds the custom op it times: a module that moved,

@@ -50,10 +50,10 @@ def parse_cell(text: str) -> tuple[int, int, int, int]:
     """'NxK:bits:M' -> (N, K, bits, M)."""
     try:
         shape, bits, m = text.split(":")
-        N, K = bench.parse_shape(shape)
         bits, M = int(bits), int(m)
     except ValueError:
         raise ValueError(f"cell {text!r}: expected NxK:bits:M, e.g. 5120x5120:4:512") from None
+    N, K = bench.parse_shape(shape)  # its own one-line message
     if bits not in (2, 3, 4) or M < 1:
         raise ValueError(f"cell {text!r}: bits must be 2, 3 or 4 and M at least 1")
     return N, K, bits, M
