@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -63,9 +62,8 @@ def main() -> None:
         cublas = {}
         for nsal in nsals:
             bench.NSAL = nsal  # packed_layer and layer_bytes read it
-            base = bench.packed_layer(N, K, bits, codes=True)
-            R = min(192, max(8, math.ceil(bench.TARGET_BYTES / bench.layer_bytes(N, K, bits, 1))))
-            copies = [base] + [bench.packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+            copies = bench.rotated_copies(N, K, bits)
+            base = copies[0]
             for M in ms:
                 if M not in cublas:
                     cublas[M] = bench.time_cublas(N, K, M, torch.float16)

@@ -101,12 +101,8 @@ def run(args, shapes, ms, bits_list, nsals, dtype, out: Path, prov: dict) -> lis
                 if time.time() - t0 > args.budget:
                     print(f"budget spent: stopped before {N}x{K} W{bits} nsal={nsal}", flush=True)
                     return rows
-                base = bench.packed_layer(N, K, bits, codes=True)
-                nbytes = bench.layer_bytes(N, K, bits, 1)
-                R = min(192, max(8, math.ceil(bench.TARGET_BYTES / nbytes)))
-                copies = [base] + [
-                    bench.packed_layer(N, K, bits, codes=False) for _ in range(R - 1)
-                ]
+                copies = bench.rotated_copies(N, K, bits)
+                base = copies[0]
                 for M in todo:
                     x = torch.randn(M, K, device="cuda", dtype=dtype)
                     ref = bench.reference(x, base)

@@ -115,6 +115,12 @@ def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
     return dict(q=q, sz=sz, wst=wst, sidx=sidx, sal_pos=sal_pos, codes=c, s=s, z=z, cuda=cuda)
 
 
+def rotated_copies(N: int, K: int, bits: int) -> list[dict]:
+    """The layer (real codes), then copies of random words past TARGET_BYTES (8-192 in all)."""
+    R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
+    return [packed_layer(N, K, bits, codes=i == 0) for i in range(R)]
+
+
 def reference(x: torch.Tensor, L: dict) -> torch.Tensor:
     w = (L["codes"] - L["z"].repeat_interleave(GROUP, 0)).double()
     w = w * L["s"].double().repeat_interleave(GROUP, 0)
@@ -209,9 +215,8 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
     fp = {M: time_cublas(N, K, M, dtype) for M in MS}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
-        base = packed_layer(N, K, bits, codes=True)
-        R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
-        copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+        copies = rotated_copies(N, K, bits)
+        base = copies[0]
         shape_rows = []
         for M in MS:
             x = torch.randn(M, K, device="cuda", dtype=dtype)

@@ -69,10 +69,10 @@ def launch(name: str, x, L: dict, bits: int, out=None):
 
 
 def time_cell(N: int, K: int, bits: int, M: int, names: list[str]) -> dict:
-    """{name: {protocol: us}} for one cell (None where a configuration does not run)."""
-    base = bench.packed_layer(N, K, bits, codes=True)
-    R = min(192, max(8, math.ceil(bench.TARGET_BYTES / bench.layer_bytes(N, K, bits, 1))))
-    copies = [base] + [bench.packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+    """{name: {protocol: us}} for one cell: the configurations that ran and matched the
+    float64 product (NaN where the first use's timing left one out)."""
+    copies = bench.rotated_copies(N, K, bits)
+    base, R = copies[0], len(copies)
     for L in copies:  # cuBLAS reads fp16 weights of the layer's shape, one per copy
         L["w16"] = torch.randn(N, K, device="cuda", dtype=torch.float16)
     # the first use's copies: as many as pass twice L2 with the CUDA layout's bytes
@@ -100,15 +100,10 @@ def time_cell(N: int, K: int, bits: int, M: int, names: list[str]) -> dict:
     def launchers(cs):
         return [lambda nm, L=L: launch(nm, x, L, bits, out=out) for L in cs]
 
-    t = tuning._time(ok, launchers(copies[:n]))
-    for name in ok:
-        res[name]["tune"] = t.get(name, math.nan) * 1e6
-    t = tuning._time(ok, launchers(copies[: min(R, 4 * n)]))
-    for name in ok:
-        res[name]["tune_4n"] = t.get(name, math.nan) * 1e6
-    t = tuning._time(ok, launchers(copies))
-    for name in ok:
-        res[name]["tune_R"] = t.get(name, math.nan) * 1e6
+    for proto, cs in (("tune", copies[:n]), ("tune_4n", copies[: 4 * n]), ("tune_R", copies)):
+        t = tuning._time(ok, launchers(cs))
+        for name in ok:
+            res[name][proto] = t.get(name, math.nan) * 1e6
     few = [copies[i % n] for i in range(max(tuning.GRAPH_CALLS, n))]
     for name in ok:
         calls = [partial(launch, name, x, L, bits) for L in copies]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import replace
@@ -39,14 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import (  # noqa: E402
     GROUP,
     GROUPS,
-    TARGET_BYTES,
     cand_call,
     floor_us,
     layer_bytes,
     op_route,
     ours,
-    packed_layer,
     reference,
+    rotated_copies,
     run_config,
     time_cublas,
 )
@@ -186,9 +184,8 @@ def main() -> None:
     for N, K in shapes:
         fp = {M: time_cublas(N, K, M, torch.float16) for M in Ms}
         for bits in [int(b) for b in args.bits.split(",")]:
-            base = packed_layer(N, K, bits, codes=True)
-            R = min(192, max(8, math.ceil(TARGET_BYTES / layer_bytes(N, K, bits, 1))))
-            copies = [base] + [packed_layer(N, K, bits, codes=False) for _ in range(R - 1)]
+            copies = rotated_copies(N, K, bits)
+            base = copies[0]
             cbase = base["cuda"]
             ccopies = [L["cuda"] for L in copies]
             # the fp16 reference: the torch backend's dequantization, then a cuBLAS product
