@@ -279,7 +279,10 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
     and no salient columns; bias; M not a multiple of the tile. Against the float64 oracle;
     two runs give the same bits (the partial tiles are added in block order); the workspace the
     split kernels share is left zeroed (the partial tiles go to a scratch buffer of the
-    launch's own, whatever it held before) and so are the counters, as the other kernels need."""
+    launch's own, whatever it held before) and so are the counters, as the other kernels need.
+    On a 132-block wave (H100, H200) both kinds of schedule run: a lane per row tile (2, 3 or 4
+    row tiles, below two waves and past them, 1 to 17 k-steps a block) and one lane of 5 row
+    tiles (test_wg_rules.py checks the schedule's arithmetic on the CPU)."""
     from gift_quant.kernels import reference
     from gift_quant.kernels.triton import dispatch, ops
     from gift_quant.testing import ERROR_FACTOR, kernel_error, oracle, random_mixed_linear
@@ -287,7 +290,8 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
     if native.library() is None or not native.wg_available():
         pytest.skip("the warpgroup-MMA kernel is not built here (needs nvcc and sm_90a)")
     shapes = [(300, 1024, 1024), (520, 6144, 512), (520, 16384, 256), (70, 256, 256)]
-    seen = set()
+    shapes += [(300, 256, 256), (300, 7680, 256), (1000, 4096, 512)]
+    seen, lanes_seen = set(), set()
     for M, N, K in shapes:
         for nsal in (37, 200, 0):  # 200: more salient k-steps than quantized ones at K = 256
             kw = dict(bits=bits, group_size=128, num_salient=nsal, bias=nsal > 0, device="cuda")
@@ -301,6 +305,11 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 if tiles % wave == 0:
                     continue
                 seen.add((nt, min(tiles // wave, 2)))
+                T = -(-M // nt)
+                steps = K // 64 + -(-nsal // 64)
+                sk0 = 0 if tiles < 2 * wave else tiles - wave - tiles % wave
+                G = min((tiles - sk0) * steps, wave)
+                lanes_seen.add(T > 1 and G % T == 0 and sk0 % T == 0)
                 name = routes.wg_name(nt, 2, 1, 1, 1, True)
                 outs = []
                 for _ in range(2):
@@ -321,6 +330,8 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 assert not ws.any() and not cnt.any(), (M, N, K, name, nsal)
     # on an H200 (132 blocks a wave): less than a wave, one to two, more than two
     assert {w for _, w in seen} == {0, 1, 2}, seen
+    if native.wg_wave_blocks(128, 2) == 132:
+        assert lanes_seen == {True, False}, lanes_seen
 
 
 @pytest.mark.gpu

@@ -75,6 +75,104 @@ def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
     assert rules.wg_stream_configs(512, 4096, 4096, lambda nt, wgs: 0) == []  # no wave known
 
 
+def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple[int, int, int]:
+    """(T, sk0, G) of a stream-K launch as ``launch_wg`` in mixed_wg.cu sizes it (two
+    warpgroups; ``steps`` k-steps a tile): the tiles before the last whole wave but one whole,
+    the rest shared by one wave of blocks, each at least one k-step."""
+    T, cb = -(-M // nt), N // 128
+    blocks = T * cb
+    shared = blocks if blocks < 2 * wave else wave + blocks % wave
+    return T, blocks - shared, min(shared * steps, wave)
+
+
+def stream_k_segments(T: int, cb: int, sk0: int, G: int, St: int) -> dict:
+    """The kernel's stream-K arithmetic (mixed_wg.cu, SK), block by block: its lanes, its range
+    of k-steps, the segments it runs (tile, first k-step, end) and, for a head, the blocks whose
+    partial tiles it adds (the kernel's loop over c). Written after the kernel, line for line,
+    for the checks below, which do not know how the work is dealt out."""
+    out = {}
+    for bx in range(sk0 + G):
+        j = bx - sk0
+        if j < 0:
+            lanes, tile0, tstep, u0, u1 = 1, 0, 1, bx * St, bx * St + St
+        else:
+            lanes = T if G % T == 0 and sk0 % T == 0 else 1
+            U, GL = (T * cb - sk0) // lanes * St, G // lanes
+
+            def sk_begin(jj, U=U, GL=GL):
+                return U * jj // GL
+
+            tile0, tstep = sk0 + j % lanes, lanes
+            u0, u1 = sk_begin(j // lanes), sk_begin(j // lanes + 1)
+        segs, heads = [], []
+        r, i, d = 0, u0 // St, u0 - u0 // St * St
+        while r < u1 - u0:
+            end = min(r + St - d, u1 - u0)
+            tx = tile0 + i * tstep
+            segs.append((tx, d, end - r + d))
+            if j >= 0 and d == 0 and end - r < St:  # a head: the kernel's loop over c
+                c = j + lanes
+                while sk_begin(c // lanes) < (i + 1) * St:
+                    heads.append((tx, c))
+                    c += lanes
+            r, d, i = end, 0, i + 1
+        out[j] = dict(lanes=lanes, range=(u0, u1), segs=segs, heads=heads)
+    return out
+
+
+@pytest.mark.parametrize("nt", [128, 256])
+@pytest.mark.parametrize("nsal", [0, 37, 200])
+def test_stream_k_lanes_deal_every_k_step_once(nt: int, nsal: int) -> None:
+    """The stream-K schedule over the shapes its launches take on a 132-block wave (H100 and
+    H200) and on smaller and odd waves: every k-step of every tile runs exactly once; a block
+    leaves at most one partial tile, from its first segment, where it starts inside a tile; a
+    head adds exactly the partial tiles of its tile, all from blocks launched after it; and
+    with a lane per row tile, the blocks that hold one column block's row tiles run the same
+    k-steps at the same point of their ranges (so their weight reads meet in L2)."""
+    lanes_seen = set()
+    for wave in (132, 66, 50):
+        for M in (70, 128, 300, 520, 700, 1000):
+            for N, K in ((256, 256), (1024, 1024), (7680, 256), (16384, 512), (4096, 4096)):
+                St = K // 64 + (nsal + 63) // 64
+                T, sk0, G = stream_k_launch(M, N, nt, St, wave)
+                cb = N // 128
+                if T * cb % wave == 0 and T * cb >= wave:
+                    continue  # whole waves: the launch refuses a stream-K schedule
+                blocks = stream_k_segments(T, cb, sk0, G, St)
+                done = {}
+                partials = {}  # tile -> SK blocks that left a partial tile of it
+                for j, b in blocks.items():
+                    for n, (tx, d0, d1) in enumerate(b["segs"]):
+                        for d in range(d0, d1):
+                            assert (tx, d) not in done, (M, N, K, wave, j, tx, d)
+                            done[tx, d] = j
+                        if d0 > 0:
+                            assert n == 0 and j >= 0, (M, N, K, wave, j, b["segs"])
+                            partials.setdefault(tx, []).append(j)
+                assert set(done) == {(tx, d) for tx in range(T * cb) for d in range(St)}
+                heads = {}
+                for j, b in blocks.items():
+                    for tx, c in b["heads"]:
+                        assert c > j and c in partials.get(tx, []), (M, N, K, wave, j, tx, c)
+                        heads.setdefault(tx, []).append(c)
+                assert {tx: sorted(c) for tx, c in heads.items()} == {
+                    tx: sorted(c) for tx, c in partials.items()
+                }, (M, N, K, wave)
+                sk = [b for j, b in blocks.items() if j >= 0]
+                lanes = sk[0]["lanes"]
+                lanes_seen.add((wave, lanes > 1))
+                if lanes > 1:
+                    for j in range(0, G, lanes):  # one group: the same ranges, one column block
+                        group = [blocks[j + k] for k in range(lanes)]
+                        assert len({b["range"] for b in group}) == 1
+                        for n in range(len(group[0]["segs"])):
+                            cols = {b["segs"][n][0] // T for b in group}
+                            rows = {b["segs"][n][0] % T for b in group}
+                            assert len(cols) == 1 and len(rows) == lanes, (M, N, K, wave, j)
+    # both kinds of schedule were checked on the 132-block wave
+    assert {(132, True), (132, False)} <= lanes_seen, lanes_seen
+
+
 def test_a_stream_k_launch_refuses_too_few_counters(monkeypatch) -> None:
     """``native.mixed_wg`` with ``stream_k``: counters short of one flag per MMA warp of each
     block of a wave are refused before any launch, naming what it needs (the partial tiles go

@@ -465,24 +465,36 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
   auto is_sal = [&](int d) { return coop ? d >= nss : d < nps; };
   auto sal_ix = [&](int d) { return coop ? d - nss : d; };
   auto q_ix = [&](int d) { return coop ? d : d - nps; };
-  // Stream-K (SK, a launch of one split): the flattened k-steps of the tiles, tile after tile
-  // (each tile's salient k-steps first, then its quantized ones: St = iters), are dealt out as
-  // contiguous ranges [u0, u1): the blocks below sk0 take one whole tile each, the launch's
-  // G = gridDim.x - sk0 others equal shares of the remaining tiles' k-steps. A block's range
-  // runs as segments, one per tile it touches; the segment that holds a tile's first k-step
-  // (its head) sums the partial tiles of the blocks after it that share the tile (each left in
-  // the scratch by its range's first segment) and writes y; so a block waits only on blocks
-  // launched after it, and only for their first segment, which waits on nothing.
-  int u0 = 0, u1 = 0;
-  auto sk_begin = [&](int j) {  // the first k-step of SK block j (j = G: the end); 32-bit
-    // (the launch checks U G < 2^31): a 64-bit division is a call, whose clobbers spill
-    const unsigned G = gridDim.x - sk0, U = (T * (N / 64 / WGS) - sk0) * iters;
-    return sk0 * iters + static_cast<int>(U * static_cast<unsigned>(j) / G);
+  // Stream-K (SK, a launch of one split): the blocks below sk0 take one whole tile each; the
+  // launch's G = gridDim.x - sk0 others share the remaining tiles' k-steps. Those tiles are
+  // dealt out in L lanes: lane l holds the tiles sk0 + l, sk0 + l + L, ... (row tile fastest),
+  // their k-steps flattened tile after tile (each tile's salient k-steps first, then its
+  // quantized ones: St = iters), and its G / L blocks (SK blocks l, l + L, ...) take equal
+  // contiguous ranges [u0, u1) of them. L = T (a lane per row tile) where T divides G and sk0,
+  // so that every lane has the same range bounds: the blocks j .. j + T - 1 that hold one
+  // column block's row tiles run its k-steps in step and read its weights at about the same
+  // time (L2 serves all but the first read), as adjacent blocks do in the other schedules;
+  // else L = 1 (one lane: tile after tile). A block's range runs as segments, one per tile it
+  // touches; the segment that holds a tile's first k-step (its head) sums the partial tiles of
+  // the blocks after it in its lane that share the tile (each left in the scratch by its
+  // range's first segment) and writes y; so a block waits only on blocks launched after it,
+  // and only for their first segment, which waits on nothing.
+  int u0 = 0, u1 = 0, tile0 = 0, tstep = 1, lanes = 1;  // the block's i-th tile: tile0 + i tstep
+  auto sk_begin = [&](int jj) {  // the first k-step of a lane's jj-th block (jj = G / L: the
+    // end); 32-bit (the launch checks U G < 2^31): a 64-bit division is a call, whose clobbers
+    // spill
+    const unsigned G = (gridDim.x - sk0) / lanes, U = (T * (N / 64 / WGS) - sk0) / lanes * iters;
+    return static_cast<int>(U * static_cast<unsigned>(jj) / G);
   };
   if constexpr (SK) {
     const int j = static_cast<int>(blockIdx.x) - sk0;
-    u0 = j < 0 ? static_cast<int>(blockIdx.x) * iters : sk_begin(j);
-    u1 = j < 0 ? u0 + iters : sk_begin(j + 1);
+    if (j < 0) {
+      u0 = static_cast<int>(blockIdx.x) * iters, u1 = u0 + iters;
+    } else {
+      lanes = (static_cast<int>(gridDim.x) - sk0) % T == 0 && sk0 % T == 0 ? T : 1;
+      tile0 = sk0 + j % lanes, tstep = lanes;
+      u0 = sk_begin(j / lanes), u1 = sk_begin(j / lanes + 1);
+    }
   }
   const uint32_t raw0 = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t smem0 = (raw0 + 1023) & ~1023u;  // the ring, 1024-aligned
@@ -911,14 +923,15 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     auto strip_of = [&](int tx) { return tx / T * WGS; };
     if (producer) {  // as below, over the block's range: slot r holds k-step u0 + r
       if constexpr (HANDOFF) regs_down<WG_PRODUCER_REGS>();
-      // k-step d of the tile at row tile rt, column block cb, from the range's first on
+      // k-step d of the tile at row tile rt, column block cb, from the range's first on (the
+      // lane's next tile: the next column block at a lane per row tile, else the next tile)
       int d, rt, cb;
       auto first = [&] {
-        const int tx = u0 / St;
-        d = u0 - tx * St, rt = tx % T, cb = tx / T;
+        const int i = u0 / St, tx = tile0 + i * tstep;
+        d = u0 - i * St, rt = tx % T, cb = tx / T;
       };
       auto next = [&] {
-        if (++d == St) d = 0, ++rt == T ? rt = 0, ++cb : 0;
+        if (++d == St) d = 0, tstep == T ? ++cb : ++rt == T ? rt = 0, ++cb : 0;
       };
       if (issuer) {
         first();
@@ -964,7 +977,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                      pack2<BF>(odd ? other : v0, odd ? v1 : other));
       }
     };
-    auto segment_end = [&](int tx, int d0, int d1) {
+    auto segment_end = [&](int i, int tx, int d0, int d1) {  // the lane's i-th tile, tile tx
       if (d0 > 0) {  // a later part of a tile: the partial tile for its head
         float4* sl = slots + (size_t)j * NF * CT + threadIdx.x;
 #pragma unroll
@@ -986,7 +999,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       // is staged and written to y in 16-byte rows as whole tiles are.
       consumers_sync<CT>();
       float4* const part = reinterpret_cast<float4*>(smem) + threadIdx.x;
-      for (int c = j + 1; sk_begin(c) < (tx + 1) * St; ++c) {
+      for (int c = j + lanes; sk_begin(c / lanes) < (i + 1) * St; c += lanes) {
         int* flag = cnt + c * WGS * 4 + warp;
         while (!__all_sync(0xFFFFFFFFu, ld_acquire(flag) != 0)) {
         }
@@ -1014,14 +1027,15 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     // every MMA retired after it), then its end; the branch on the segment's kind stays out of
     // the loop that issues the MMAs (an MMA wait on a path ptxas cannot prove convergent
     // serializes every MMA of the kernel: C7518)
-    for (int r = 0, tx = u0 / St, d = u0 - tx * St; r < total; d = 0, ++tx) {
+    for (int r = 0, i = u0 / St, d = u0 - i * St; r < total; d = 0, ++i) {
       // ring slots r .. end - 1 hold the tile's k-steps d .. (slot rr: k-step rr + off)
+      const int tx = tile0 + i * tstep;
       const int end = min(r + St - d, total), off = d - r, bq = strip_of(tx) + wg;
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
       wait_x(r);
 #ifdef GQ_TRACE
-      const int seg_ = tx - u0 / St;  // this block's segment: its data in place, its k-steps
+      const int seg_ = i - u0 / St;  // this block's segment: its data in place, its k-steps
       if (seg_ < 6) GQ_TRACE_AT(2 + 4 * seg_), GQ_TRACE_VAL(5 + 4 * seg_, d << 16 | (end - r));
 #endif
       frags(static_cast<uint32_t>(r) % STAGES, d, bq, a0);
@@ -1048,7 +1062,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #ifdef GQ_TRACE
       if (seg_ < 6) GQ_TRACE_AT(3 + 4 * seg_);  // its MMAs done
 #endif
-      segment_end(tx, d, end + off);
+      segment_end(i, tx, d, end + off);
 #ifdef GQ_TRACE
       if (seg_ < 6) GQ_TRACE_AT(4 + 4 * seg_);  // its end (partial tile, or the sum and y)
 #endif
