@@ -977,7 +977,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
                      pack2<BF>(odd ? other : v0, odd ? v1 : other));
       }
     };
-    auto segment_end = [&](int i, int tx, int d0, int d1) {  // the lane's i-th tile, tile tx
+    auto segment_end = [&](int ti, int tx, int d0, int d1) {  // the lane's ti-th tile, tile tx
       if (d0 > 0) {  // a later part of a tile: the partial tile for its head
         float4* sl = slots + (size_t)j * NF * CT + threadIdx.x;
 #pragma unroll
@@ -999,7 +999,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       // is staged and written to y in 16-byte rows as whole tiles are.
       consumers_sync<CT>();
       float4* const part = reinterpret_cast<float4*>(smem) + threadIdx.x;
-      for (int c = j + lanes; sk_begin(c / lanes) < (i + 1) * St; c += lanes) {
+      for (int c = j + lanes; sk_begin(c / lanes) < (ti + 1) * St; c += lanes) {
         int* flag = cnt + c * WGS * 4 + warp;
         while (!__all_sync(0xFFFFFFFFu, ld_acquire(flag) != 0)) {
         }
@@ -1027,15 +1027,15 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     // every MMA retired after it), then its end; the branch on the segment's kind stays out of
     // the loop that issues the MMAs (an MMA wait on a path ptxas cannot prove convergent
     // serializes every MMA of the kernel: C7518)
-    for (int r = 0, i = u0 / St, d = u0 - i * St; r < total; d = 0, ++i) {
+    for (int r = 0, ti = u0 / St, d = u0 - ti * St; r < total; d = 0, ++ti) {
       // ring slots r .. end - 1 hold the tile's k-steps d .. (slot rr: k-step rr + off)
-      const int tx = tile0 + i * tstep;
+      const int tx = tile0 + ti * tstep;
       const int end = min(r + St - d, total), off = d - r, bq = strip_of(tx) + wg;
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
       wait_x(r);
 #ifdef GQ_TRACE
-      const int seg_ = i - u0 / St;  // this block's segment: its data in place, its k-steps
+      const int seg_ = ti - u0 / St;  // this block's segment: its data in place, its k-steps
       if (seg_ < 6) GQ_TRACE_AT(2 + 4 * seg_), GQ_TRACE_VAL(5 + 4 * seg_, d << 16 | (end - r));
 #endif
       frags(static_cast<uint32_t>(r) % STAGES, d, bq, a0);
@@ -1062,7 +1062,7 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
 #ifdef GQ_TRACE
       if (seg_ < 6) GQ_TRACE_AT(3 + 4 * seg_);  // its MMAs done
 #endif
-      segment_end(i, tx, d, end + off);
+      segment_end(ti, tx, d, end + off);
 #ifdef GQ_TRACE
       if (seg_ < 6) GQ_TRACE_AT(4 + 4 * seg_);  // its end (partial tile, or the sum and y)
 #endif
