@@ -205,6 +205,22 @@ def tiny_recipe(path: str, *overrides: str):
 
 
 # The command-line tests (test_cli_errors.py, test_cli_interrupts.py, test_cli_light_import.py)
+def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple | None:
+    """(T, sk0, G, lanes) of a stream-K launch of two-warpgroup tiles of ``nt`` rows, ``steps``
+    k-steps a tile, on a ``wave``-block device, as mixed_wg.cu sizes it: ``launch_wg`` keeps the
+    tiles before the last whole wave but one whole (sk0 blocks) and shares the rest among one
+    wave of G blocks, each at least one k-step; the kernel deals them out in a lane per row tile
+    where T divides G and sk0, else in one lane. None where the tiles fill whole waves (the
+    launch refuses a stream-K schedule)."""
+    T = -(-M // nt)
+    blocks = T * (N // 128)
+    if blocks % wave == 0 and blocks >= wave:
+        return None
+    shared = blocks if blocks < 2 * wave else wave + blocks % wave
+    sk0, G = blocks - shared, min(shared * steps, wave)
+    return T, sk0, G, T if G % T == 0 and sk0 % T == 0 else 1
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     *("--set", "calib.num_samples=4", "--set", "calib.seq_len=64"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import stream_k_launch
 
 from gift_quant.kernels.cuda import layout, native, rules
 from gift_quant.kernels.triton import routes
@@ -305,11 +306,8 @@ def test_stream_k_matches_the_oracle_and_leaves_the_workspace_zeroed(bits, dtype
                 if tiles % wave == 0:
                     continue
                 seen.add((nt, min(tiles // wave, 2)))
-                T = -(-M // nt)
-                steps = K // 64 + -(-nsal // 64)
-                sk0 = 0 if tiles < 2 * wave else tiles - wave - tiles % wave
-                G = min((tiles - sk0) * steps, wave)
-                lanes_seen.add(T > 1 and G % T == 0 and sk0 % T == 0)
+                lanes = stream_k_launch(M, N, nt, K // 64 + -(-nsal // 64), wave)[3]
+                lanes_seen.add(lanes > 1)
                 name = routes.wg_name(nt, 2, 1, 1, 1, True)
                 outs = []
                 for _ in range(2):

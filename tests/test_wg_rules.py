@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import stream_k_launch
 
 from gift_quant.kernels.cuda import native, rules
 from gift_quant.kernels.triton import routes
@@ -75,28 +76,18 @@ def test_stream_k_where_the_tiles_leave_a_partial_wave() -> None:
     assert rules.wg_stream_configs(512, 4096, 4096, lambda nt, wgs: 0) == []  # no wave known
 
 
-def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple[int, int, int]:
-    """(T, sk0, G) of a stream-K launch as ``launch_wg`` in mixed_wg.cu sizes it (two
-    warpgroups; ``steps`` k-steps a tile): the tiles before the last whole wave but one whole,
-    the rest shared by one wave of blocks, each at least one k-step."""
-    T, cb = -(-M // nt), N // 128
-    blocks = T * cb
-    shared = blocks if blocks < 2 * wave else wave + blocks % wave
-    return T, blocks - shared, min(shared * steps, wave)
-
-
-def stream_k_segments(T: int, cb: int, sk0: int, G: int, St: int) -> dict:
+def stream_k_segments(T: int, cb: int, sk0: int, G: int, lanes: int, St: int) -> dict:
     """The kernel's stream-K arithmetic (mixed_wg.cu, SK), block by block: its lanes, its range
     of k-steps, the segments it runs (tile, first k-step, end) and, for a head, the blocks whose
     partial tiles it adds (the kernel's loop over c). Written after the kernel, line for line,
-    for the checks below, which do not know how the work is dealt out."""
+    for the checks below, which do not know how the work is dealt out; ``lanes`` as the kernel
+    takes it (conftest.stream_k_launch)."""
     out = {}
     for bx in range(sk0 + G):
         j = bx - sk0
         if j < 0:
-            lanes, tile0, tstep, u0, u1 = 1, 0, 1, bx * St, bx * St + St
+            tile0, tstep, u0, u1 = 0, 1, bx * St, bx * St + St
         else:
-            lanes = T if G % T == 0 and sk0 % T == 0 else 1
             U, GL = (T * cb - sk0) // lanes * St, G // lanes
 
             def sk_begin(jj, U=U, GL=GL):
@@ -116,7 +107,7 @@ def stream_k_segments(T: int, cb: int, sk0: int, G: int, St: int) -> dict:
                     heads.append((tx, c))
                     c += lanes
             r, d, i = end, 0, i + 1
-        out[j] = dict(lanes=lanes, range=(u0, u1), segs=segs, heads=heads)
+        out[j] = dict(range=(u0, u1), segs=segs, heads=heads)
     return out
 
 
@@ -134,11 +125,12 @@ def test_stream_k_lanes_deal_every_k_step_once(nt: int, nsal: int) -> None:
         for M in (70, 128, 300, 520, 700, 1000):
             for N, K in ((256, 256), (1024, 1024), (7680, 256), (16384, 512), (4096, 4096)):
                 St = K // 64 + (nsal + 63) // 64
-                T, sk0, G = stream_k_launch(M, N, nt, St, wave)
-                cb = N // 128
-                if T * cb % wave == 0 and T * cb >= wave:
+                launch = stream_k_launch(M, N, nt, St, wave)
+                if launch is None:
                     continue  # whole waves: the launch refuses a stream-K schedule
-                blocks = stream_k_segments(T, cb, sk0, G, St)
+                T, sk0, G, lanes = launch
+                cb = N // 128
+                blocks = stream_k_segments(T, cb, sk0, G, lanes, St)
                 done = {}
                 partials = {}  # tile -> SK blocks that left a partial tile of it
                 for j, b in blocks.items():
@@ -158,8 +150,6 @@ def test_stream_k_lanes_deal_every_k_step_once(nt: int, nsal: int) -> None:
                 assert {tx: sorted(c) for tx, c in heads.items()} == {
                     tx: sorted(c) for tx, c in partials.items()
                 }, (M, N, K, wave)
-                sk = [b for j, b in blocks.items() if j >= 0]
-                lanes = sk[0]["lanes"]
                 lanes_seen.add((wave, lanes > 1))
                 if lanes > 1:
                     for j in range(0, G, lanes):  # one group: the same ranges, one column block
