@@ -156,10 +156,6 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
           "r"(dst), "l"(src), "r"(bytes), "r"(bar)
       : "memory");
 }
-// `bytes` (a multiple of 16, 16-byte aligned) of global memory into L2, not waited for
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
@@ -557,16 +553,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     bulk_load(dst + ZOFF, zp + gb * 4, WGS * 64, bar);
     bulk_load(dst + SOFF, scp + gb * 8, WGS * 128, bar);
   };
-  // The same weights into L2 only, a ring ahead of their copy (the producer, as it issues the
-  // copy of the k-step STAGES before): the copy then waits on L2, not on DRAM and the
-  // translation of a page the block has not touched yet
-  auto prefetch_w = [&](int d, int bb0) {
-    if (is_sal(d)) return;
-    const size_t gb = w_group(d, bb0);
-    prefetch_l2(w_codes(d, bb0), WGS * WB);
-    prefetch_l2(zp + gb * 4, WGS * 64);
-    prefetch_l2(scp + gb * 8, WGS * 128);
-  };
   auto wait_slot = [&](uint32_t sl, uint32_t parity) { mbar_wait(bar0 + sl * 8, parity); };
   auto wait_x = [&](int it) {
     mbar_wait(bar0 + static_cast<uint32_t>(it) % STAGES * 8, static_cast<uint32_t>(it) / STAGES & 1);
@@ -947,15 +933,9 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       auto next = [&] {
         if (++d == St) d = 0, tstep == T ? ++cb : ++rt == T ? rt = 0, ++cb : 0;
       };
-      auto prefetch_at = [&](int r) {  // k-step r of the range into L2 (a division: the
-        // producer's registers hold no second walk)
-        const int u = u0 + r, i = u / St;
-        prefetch_w(u - i * St, (tile0 + i * tstep) / T * WGS);
-      };
       if (issuer) {
         first();
         for (int r = 0; r < STAGES && r < total; ++r, next()) produce_w(r, d, cb * WGS);
-        for (int r = STAGES; r < 2 * STAGES && r < total; ++r) prefetch_at(r);
       }
       pdl_wait();
       if (issuer) {
@@ -964,7 +944,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
           if (r >= STAGES) {
             mbar_wait(ebar0 + (r % STAGES) * 8, ((r / STAGES) + 1) & 1);
             produce_w(r, d, cb * WGS);
-            if (r + STAGES < total) prefetch_at(r + STAGES);
           }
           issue_x(r, d, rt * NT);
         }
@@ -1099,11 +1078,13 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
       // MMAs that read it are done)
       if (issuer) {
         for (int p = 0; p < STAGES && p < iters; ++p) produce_w(p, p, b0);
-        for (int p = STAGES; p < 2 * STAGES && p < iters; ++p) prefetch_w(p, b0);
         if (coop)  // the salient steps' fragments (read at use, last) into L2
           for (int d = nss; d < iters; ++d)
             for (int q = (split + sal_ix(d) * splits) * 4, st = 0; st < 4 && q + st < Q; ++st)
-              prefetch_l2(wsp + (size_t)((q + st) * B + b0) * 4 * 32, WGS * 4 * 32 * 16);
+              asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(
+                               wsp + (size_t)((q + st) * B + b0) * 4 * 32),
+                           "r"(WGS * 4 * 32 * 16)
+                           : "memory");
       }
       pdl_wait();  // every thread: the producer warps write outputs in the epilogue
       if (coop && warp == WGS * 4) {  // the first slots' x tiles, the slice, then as below
@@ -1118,7 +1099,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
           for (int it = STAGES; it < iters; ++it) {
             mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
             produce_w(it, it, b0);
-            if (it + STAGES < iters) prefetch_w(it + STAGES, b0);
             if (is_sal(it)) await_slices();
             issue_x(it, it, row0);
           }
@@ -1128,7 +1108,6 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
         for (int it = STAGES; it < iters; ++it) {
           mbar_wait(ebar0 + (it % STAGES) * 8, ((it / STAGES) + 1) & 1);
           produce_w(it, it, b0);
-          if (it + STAGES < iters) prefetch_w(it + STAGES, b0);
           issue_x(it, it, row0);
         }
       }
