@@ -115,16 +115,13 @@ def stream_k_segments(T: int, cb: int, sk0: int, G: int, lanes: int, St: int) ->
 
 def producer_walk(u0: int, u1: int, St: int, T: int, tile0: int, tstep: int) -> list:
     """The stream-K producer's copies over a block's range (mixed_wg.cu, SK, `first` and
-    `next`), slot by slot: (k-step d, row tile rt, column block cb), each with the k-step its L2
-    prefetch (`prefetch_at`, by a division) names for that slot: (d, cb) of the same k-step."""
+    `next`), slot by slot: (k-step d, row tile rt, column block cb)."""
     i = u0 // St
     tx = tile0 + i * tstep
     d, rt, cb = u0 - i * St, tx % T, tx // T
     out = []
-    for r in range(u1 - u0):
-        u = u0 + r
-        ii = u // St
-        out.append(((d, rt, cb), (u - ii * St, (tile0 + ii * tstep) // T)))
+    for _ in range(u1 - u0):
+        out.append((d, rt, cb))
         d += 1
         if d == St:
             d = 0
@@ -145,7 +142,8 @@ def test_stream_k_lanes_deal_every_k_step_once(nt: int, nsal: int) -> None:
     leaves at most one partial tile, from its first segment, where it starts inside a tile; a
     head adds exactly the partial tiles of its tile, all from blocks launched after it; and
     with a lane per row tile, the blocks that hold one column block's row tiles run the same
-    k-steps at the same point of their ranges (so their weight reads meet in L2)."""
+    k-steps at the same point of their ranges (so their weight reads meet in L2); and each
+    block's producer copies, slot by slot, the k-steps its consumers run."""
     lanes_seen = set()
     for wave in (132, 66, 50):
         for M in (70, 128, 300, 520, 700, 1000):
@@ -168,11 +166,9 @@ def test_stream_k_lanes_deal_every_k_step_once(nt: int, nsal: int) -> None:
                             assert n == 0 and j >= 0, (M, N, K, wave, j, b["segs"])
                             partials.setdefault(tx, []).append(j)
                 assert set(done) == {(tx, d) for tx in range(T * cb) for d in range(St)}
-                for j, b in blocks.items():  # the producer copies what the consumers run, and
-                    # its L2 prefetch of slot r names slot r's k-step
+                for j, b in blocks.items():  # the producer copies what the consumers run
                     run = [(d, tx % T, tx // T) for tx, d0, d1 in b["segs"] for d in range(d0, d1)]
-                    assert [w for w, _ in b["walk"]] == run, (M, N, K, wave, j)
-                    assert all(p == (w[0], w[2]) for w, p in b["walk"]), (M, N, K, wave, j)
+                    assert b["walk"] == run, (M, N, K, wave, j)
                 heads = {}
                 for j, b in blocks.items():
                     for tx, c in b["heads"]:
