@@ -204,7 +204,6 @@ def tiny_recipe(path: str, *overrides: str):
     )
 
 
-# The command-line tests (test_cli_errors.py, test_cli_interrupts.py, test_cli_light_import.py)
 def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple | None:
     """(T, sk0, G, lanes) of a stream-K launch of two-warpgroup tiles of ``nt`` rows, ``steps``
     k-steps a tile, on a ``wave``-block device, as mixed_wg.cu sizes it: ``launch_wg`` keeps the
@@ -221,6 +220,7 @@ def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple | N
     return T, sk0, G, T if G % T == 0 and sk0 % T == 0 else 1
 
 
+# The command-line tests (test_cli_errors.py, test_cli_interrupts.py, test_cli_light_import.py)
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     *("--set", "calib.num_samples=4", "--set", "calib.seq_len=64"),
