@@ -1,0 +1,263 @@
+"""The SM clock and board power while one kernel runs back to back, read through NVML.
+
+    PYTHONPATH=. python3 tools/clock_load.py --idle \\
+        [--case 28672x4096:512:wg:256x2x1 --case 28672x4096:512:cublas ...] [--seconds 1.5]
+
+Question it answers: a kernel that keeps more SMs busy takes longer per unit of work -- our
+256-row whole tiles run a k-step in about 630 ns with 40 SMs busy and about 790 ns with all 132
+(an H100). Either the clock drops under the power limit (then the time per k-step in *cycles*
+stays the same, and cuBLAS pays the same) or something the SMs share, L2's bandwidth, paces them
+(then the cycles grow too).
+
+Each case ``NxK:M:NAME`` (W4 or ``--bits``, 128 salient columns, group 128: the kernel bench's
+layer) is timed twice: with the bench's protocol (``bench_kernels``: a CUDA graph over copies of
+the layer past 1.5 GB, median of 9 replays) and then replayed back to back for ``--seconds``
+while a thread samples the SM clock, power and the clock-event reasons through NVML every 5 ms.
+NAME is a configuration ``dispatch.run_route`` takes ("wg:256x2x1", ...), ``op`` (the routed op)
+or ``cublas`` (torch.matmul on fp16 weights of the same shape). Printed per case: both times, the
+clock (median and lowest), the power, the reasons seen, the fraction of the tensor pipe's dense
+peak (4096 fp16 FLOP a clock per SM on sm_90) at the measured clock, and for whole 256-row tiles
+the ns and cycles per k-step per wave. Writes ``clock_load_<gpu>.json`` (``--name``) under
+``--out``, each row with the commit, versions, GPU and the shared flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_kernels as bench  # noqa: E402
+from provenance import add_arguments, gpu_tag, shared_flag, write_json  # noqa: E402
+
+from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
+
+FLOP_PER_CLOCK_SM = 4096  # dense fp16/bf16 wgmma, sm_90 (989 TFLOP/s at 1830 MHz on 132 SMs)
+# NVML clock-event reasons (nvml.h, nvmlClocksEventReason*)
+REASONS = {
+    0x1: "idle",
+    0x2: "app-clocks",
+    0x4: "sw-power-cap",
+    0x8: "hw-slowdown",
+    0x20: "sw-thermal",
+    0x40: "hw-thermal",
+    0x80: "hw-power-brake",
+    0x100: "display-clocks",
+}
+
+
+class Nvml:
+    """The few NVML calls this needs, through ctypes (libnvidia-ml ships with the driver)."""
+
+    def __init__(self, uuid: str) -> None:
+        try:
+            self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        except OSError as exc:
+            raise SystemExit(f"clock_load: NVML (libnvidia-ml.so.1) not found: {exc}") from None
+        self._ok(self.lib.nvmlInit_v2(), "nvmlInit_v2")
+        self.dev = ctypes.c_void_p()
+        self._ok(
+            self.lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(self.dev)),
+            f"nvmlDeviceGetHandleByUUID({uuid})",
+        )
+
+    @staticmethod
+    def _ok(rc: int, what: str) -> None:
+        if rc != 0:
+            raise SystemExit(f"clock_load: {what} failed (NVML error {rc})")
+
+    def sample(self) -> tuple[int, float, int]:
+        """(SM clock MHz, power W, clock-event reasons bit mask)."""
+        clk, mw, why = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_ulonglong()
+        self._ok(self.lib.nvmlDeviceGetClockInfo(self.dev, 1, ctypes.byref(clk)), "clock")
+        self._ok(self.lib.nvmlDeviceGetPowerUsage(self.dev, ctypes.byref(mw)), "power")
+        self._ok(
+            self.lib.nvmlDeviceGetCurrentClocksThrottleReasons(self.dev, ctypes.byref(why)),
+            "clock-event reasons",
+        )
+        return clk.value, mw.value / 1e3, why.value
+
+
+def sampled(nvml: Nvml, run, seconds: float) -> tuple[float, list[tuple[int, float, int]]]:
+    """Call ``run()`` (one graph replay) back to back, one replay queued behind the one running,
+    for ``seconds``: NVML sampled every 5 ms from a thread over the second half (the clock
+    settled), which is also the half timed; (ms per replay there, samples)."""
+    samples, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            samples.append(nvml.sample())
+            time.sleep(0.005)
+
+    th = threading.Thread(target=poll, daemon=True)
+    start, prev, n, t0 = torch.cuda.Event(enable_timing=True), None, 0, time.time()
+    while time.time() - t0 < seconds:
+        if n == 0 and time.time() - t0 > seconds / 2:  # the timed half starts
+            start.record()
+            th.start()
+            n = 1
+        elif n:
+            n += 1
+        run()
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        if prev is not None:
+            prev.synchronize()
+        prev = done
+    prev.synchronize()
+    stop.set()
+    th.join()
+    if n == 0 or not samples:
+        raise SystemExit(f"clock_load: --seconds {seconds} too short for one timed replay")
+    return start.elapsed_time(prev) / n, samples
+
+
+def replay(calls: list):
+    """One CUDA graph over ``calls``, warmed; its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    return g
+
+
+def parse_case(spec: str) -> tuple[int, int, int, str]:
+    try:
+        shape, m, name = spec.split(":", 2)
+        N, K = bench.parse_shape(shape)
+        return N, K, int(m), name
+    except ValueError:
+        raise SystemExit(
+            f"clock_load: case {spec!r} is not NxK:M:NAME (e.g. 28672x4096:512:wg:256x2x1)"
+        ) from None
+
+
+def whole_256(name: str, N: int, K: int, M: int, sms: int) -> tuple[int, int, int] | None:
+    """(tiles, waves, k-steps a tile) for a whole-tile 256-row configuration (one block per SM),
+    else None."""
+    m = re.fullmatch(r"wg:256x(\d+)x1", name)
+    if not m:
+        return None
+    tiles = math.ceil(M / 256) * (N // (64 * int(m.group(1))))
+    return tiles, math.ceil(tiles / sms), K // 64 + math.ceil(bench.NSAL / 64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", action="append", default=[], metavar="NxK:M:NAME")
+    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
+    ap.add_argument("--seconds", type=float, default=1.5, help="back-to-back time per case")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    ap.add_argument("--name", default=None, help="result file (default clock_load_<gpu>.json)")
+    add_arguments(ap)
+    args = ap.parse_args()
+    shared = shared_flag(ap, args)
+    cases = [parse_case(c) for c in args.case]
+    if not cases:
+        ap.error("name at least one --case NxK:M:NAME")
+    if not torch.cuda.is_available():
+        raise SystemExit("clock_load needs a CUDA device")
+    props = torch.cuda.get_device_properties(0)
+    nvml = Nvml(f"GPU-{props.uuid}")
+    env, sms = run_environment(shared), props.multi_processor_count
+    out = Path(args.out) / (args.name or f"clock_load_{gpu_tag()}.json")
+    rows, copies, shape = [], None, None
+    print(
+        f"{'case':34s} {'bench us':>9s} {'back-to-back':>12s} {'MHz med/min':>12s} {'W':>5s} "
+        f"{'tensor %':>8s} {'ns/k-step':>9s} {'clk/k-step':>10s}  reasons"
+    )
+    for N, K, M, name in cases:
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        if name == "cublas":
+            R = min(256, max(8, math.ceil(bench.TARGET_BYTES / (2 * N * K))))
+            ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(R)]
+            ys = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in range(R)]
+            calls = [partial(torch.matmul, x, w.t(), out=y) for w, y in zip(ws, ys, strict=True)]
+            flop = 2.0 * M * N * K
+        else:
+            if shape != (N, K):
+                copies, shape = None, None
+                torch.cuda.empty_cache()
+                copies, shape = bench.rotated_copies(N, K, args.bits), (N, K)
+            ref = bench.reference(x, copies[0])
+            run = bench.ours if name == "op" else partial(bench.cand_call, name)
+            y = run(x, copies[0], args.bits)
+            rel = float((y.double() - ref).norm() / ref.norm())
+            if rel > 5e-3:
+                raise SystemExit(f"clock_load: {name} on {N}x{K} M={M}: relative error {rel:.1e}")
+            calls = [partial(run, x, L, args.bits) for L in copies]
+            flop = 2.0 * M * N * (K + bench.NSAL)
+        bench_us = graph_time_us(calls, reps=9)
+        g = replay(calls)
+        ms, samples = sampled(nvml, g.replay, args.seconds)
+        del g
+        us = ms * 1e3 / len(calls)
+        mhz = [s[0] for s in samples]
+        clk = statistics.median(mhz)
+        why = 0
+        for s in samples:
+            why |= s[2]
+        reasons = ",".join(v for k, v in REASONS.items() if why & k) or "none"
+        tensor = flop / (us * 1e-6 * clk * 1e6 * sms * FLOP_PER_CLOCK_SM)
+        row = dict(
+            env,
+            N=N,
+            K=K,
+            M=M,
+            bits=args.bits,
+            nsal=bench.NSAL,
+            name=name,
+            bench_us=bench_us,
+            us=us,
+            mhz_median=clk,
+            mhz_min=min(mhz),
+            mhz_max=max(mhz),
+            watts=statistics.median(s[1] for s in samples),
+            reasons=reasons,
+            samples=len(samples),
+            tensor_frac=tensor,
+            sms=sms,
+        )
+        geo = whole_256(name, N, K, M, sms)
+        tail = f"{'-':>9s} {'-':>10s}"
+        if geo:
+            tiles, waves, ksteps = geo
+            ns = us * 1e3 / (waves * ksteps)
+            row.update(
+                tiles=tiles, waves=waves, ksteps=ksteps, ns_kstep=ns, clk_kstep=ns * clk / 1e3
+            )
+            tail = f"{ns:9.0f} {ns * clk / 1e3:10.0f}"
+        rows.append(row)
+        print(
+            f"{f'{N}x{K} M={M} {name}':34s} {bench_us:9.1f} {us:12.1f} "
+            f"{f'{clk:.0f}/{min(mhz)}':>12s} {row['watts']:5.0f} {100 * tensor:8.1f} {tail}  "
+            f"{reasons}",
+            flush=True,
+        )
+        if name == "cublas":
+            del ws, ys
+    write_json(out, rows)
+    print(f"{len(rows)} rows -> {out}")
+
+
+if __name__ == "__main__":
+    main()
