@@ -535,3 +535,37 @@ def test_bench_rebuild_checks_both_forms_and_records_its_run(tmp_path):
         [sys.executable, str(tool), "--shapes", "100x64", "--idle"], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "--group 64 does not divide" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("28672x4096:512", "is not NxK:M:NAME"),
+        ("28672x4000:512:cublas", "multiple of 64 and K of the group"),
+        ("28672x4096:many:cublas", "invalid literal"),
+        ("28672x4096:0:op", "M must be at least 1"),
+    ],
+)
+def test_clock_load_reads_every_case_before_any_work(monkeypatch, case, says):
+    """``clock_load`` refuses a malformed case in one line before it asks for a GPU or NVML
+    (here on a machine without either: the message is the case's)."""
+    import clock_load
+
+    argv = ["clock_load.py", "--idle", "--case", "4096x4096:256:cublas", "--case", case]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=says) as err:
+        clock_load.main()
+    assert str(err.value).startswith("clock_load: ") and "\n" not in str(err.value)
+
+
+def test_clock_load_counts_waves_and_k_steps_of_whole_256_row_tiles():
+    """The per-k-step figures divide by the launch's waves and a tile's k-steps: 28672x4096 at
+    M = 512 is 2 row tiles x 224 column blocks of 128 = 448 tiles, 4 waves of 132 SMs, 64 + 2
+    salient k-steps; 4096^2 at M = 256 one wave of 32. Other configurations get none."""
+    import clock_load
+
+    assert clock_load.whole_256("wg:256x2x1", 28672, 4096, 512, 132) == (448, 4, 66)
+    assert clock_load.whole_256("wg:256x2x1", 4096, 4096, 256, 132) == (32, 1, 66)
+    assert clock_load.whole_256("wg:256x2x1", 5120, 13824, 300, 132) == (80, 1, 218)
+    for other in ("wg:256x2x1s", "wg:256x2x1t2", "wg:256x2x2c2", "wg:128x2x1", "cublas", "op"):
+        assert clock_load.whole_256(other, 28672, 4096, 512, 132) is None

@@ -141,14 +141,20 @@ def replay(calls: list):
 
 
 def parse_case(spec: str) -> tuple[int, int, int, str]:
-    try:
-        shape, m, name = spec.split(":", 2)
-        N, K = bench.parse_shape(shape)
-        return N, K, int(m), name
-    except ValueError:
+    """``NxK:M:NAME`` -> (N, K, M, NAME); SystemExit naming what is wrong, before any work."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[2]:
         raise SystemExit(
             f"clock_load: case {spec!r} is not NxK:M:NAME (e.g. 28672x4096:512:wg:256x2x1)"
-        ) from None
+        )
+    try:
+        N, K = bench.parse_shape(parts[0], bench.GROUP)
+        M = int(parts[1])
+    except ValueError as exc:
+        raise SystemExit(f"clock_load: case {spec!r}: {exc}") from None
+    if M < 1:
+        raise SystemExit(f"clock_load: case {spec!r}: M must be at least 1")
+    return N, K, M, parts[2]
 
 
 def whole_256(name: str, N: int, K: int, M: int, sms: int) -> tuple[int, int, int] | None:
