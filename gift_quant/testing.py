@@ -175,8 +175,9 @@ def kernel_error(out: Tensor, ref: Tensor, exact: Tensor) -> tuple[float, float]
     return err, float((ref.double() - exact).abs().max())
 
 
-def graph_time_us(calls: list, reps: int = 15) -> float:
-    """Median per-call time of ``calls`` (zero-argument callables) replayed in one graph."""
+def _graph(calls: list) -> torch.cuda.CUDAGraph:
+    """``calls`` (zero-argument callables) run twice on a side stream, then captured in one
+    CUDA graph, replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -191,6 +192,12 @@ def graph_time_us(calls: list, reps: int = 15) -> float:
             c()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def graph_time_us(calls: list, reps: int = 15) -> float:
+    """Median per-call time of ``calls`` (zero-argument callables) replayed in one graph."""
+    g = _graph(calls)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
@@ -201,6 +208,42 @@ def graph_time_us(calls: list, reps: int = 15) -> float:
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
     del g
     return sorted(times)[len(times) // 2]
+
+
+def sustained_time_us(calls: list, seconds: float, timed_half=None) -> float:
+    """Per-call time of ``calls`` replayed in one graph back to back (one replay queued behind
+    the one running) for ``seconds``, over the second half: by then the clock has settled where
+    the board's power limit holds it under this load. ``graph_time_us`` times a few replays, a
+    burst, from whatever clock the GPU had; a run of a long layer at full occupancy draws past
+    the power limit within it, so two kernels timed for different lengths of burst are not
+    timed alike. ``timed_half``: a context manager entered over the timed half (a sampler)."""
+    import contextlib
+    import time
+
+    g = _graph(calls)
+    start, prev, n, t0 = torch.cuda.Event(enable_timing=True), None, 0, time.time()
+    with contextlib.ExitStack() as stack:
+        while time.time() - t0 < seconds:
+            if n == 0 and time.time() - t0 > seconds / 2:  # the timed half starts
+                if prev is not None:
+                    prev.synchronize()
+                if timed_half is not None:
+                    stack.enter_context(timed_half)
+                start.record()
+                n = 1
+            elif n:
+                n += 1
+            g.replay()
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+            if prev is not None:
+                prev.synchronize()
+            prev = done
+        prev.synchronize()
+    del g
+    if n == 0:
+        raise ValueError(f"{seconds} s is too short for one timed replay")
+    return start.elapsed_time(prev) * 1e3 / (n * len(calls))
 
 
 RESULTS = ":(exclude,top)benchmarks/results"  # what the tools write: not the code that ran

@@ -45,7 +45,10 @@ def test_targets_are_counted_on_the_rows_of_a_run(capsys):
     assert "- M = 128–512: 0.80–0.95×, 1 of 2 cells below 0.9×" in out
     assert "speed-up over cuBLAS fp16" in out  # a run without a dtype: fp16, as before --dtype
     kernel_tables.print_tables({"rows": rows, "env": {"dtype": "bf16"}}, markdown=True)
-    assert "speed-up over cuBLAS bf16" in capsys.readouterr().out
+    assert "speed-up over cuBLAS bf16\n" in capsys.readouterr().out
+    # a run timed in steady state (--sustained) says so over its tables
+    kernel_tables.print_tables({"rows": rows, "env": {"protocol": "sustained 1 s"}}, markdown=True)
+    assert "speed-up over cuBLAS fp16, timed sustained 1 s\n" in capsys.readouterr().out
 
 
 def test_cells_slower_than_at_first_use_are_named(capsys):

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bench  # noqa: E402
 from provenance import add_arguments, gpu_tag, shared_flag, write_json  # noqa: E402
 
-from gift_quant.testing import graph_time_us, run_environment  # noqa: E402
+from gift_quant.testing import graph_time_us, run_environment, sustained_time_us  # noqa: E402
 
 FLOP_PER_CLOCK_SM = 4096  # dense fp16/bf16 wgmma, sm_90 (989 TFLOP/s at 1830 MHz on 132 SMs)
 # NVML clock-event reasons (nvml.h, nvmlClocksEventReason*)
@@ -90,54 +90,25 @@ class Nvml:
         return clk.value, mw.value / 1e3, why.value
 
 
-def sampled(nvml: Nvml, run, seconds: float) -> tuple[float, list[tuple[int, float, int]]]:
-    """Call ``run()`` (one graph replay) back to back, one replay queued behind the one running,
-    for ``seconds``: NVML sampled every 5 ms from a thread over the second half (the clock
-    settled), which is also the half timed; (ms per replay there, samples)."""
-    samples, stop = [], threading.Event()
+class Sampler:
+    """A context manager: NVML sampled every 5 ms from a thread while it is entered."""
 
-    def poll():
-        while not stop.is_set():
-            samples.append(nvml.sample())
+    def __init__(self, nvml: Nvml) -> None:
+        self.nvml, self.samples, self.stop = nvml, [], threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append(self.nvml.sample())
             time.sleep(0.005)
 
-    th = threading.Thread(target=poll, daemon=True)
-    start, prev, n, t0 = torch.cuda.Event(enable_timing=True), None, 0, time.time()
-    while time.time() - t0 < seconds:
-        if n == 0 and time.time() - t0 > seconds / 2:  # the timed half starts
-            start.record()
-            th.start()
-            n = 1
-        elif n:
-            n += 1
-        run()
-        done = torch.cuda.Event(enable_timing=True)
-        done.record()
-        if prev is not None:
-            prev.synchronize()
-        prev = done
-    prev.synchronize()
-    stop.set()
-    th.join()
-    if n == 0 or not samples:
-        raise SystemExit(f"clock_load: --seconds {seconds} too short for one timed replay")
-    return start.elapsed_time(prev) / n, samples
+    def __enter__(self) -> Sampler:
+        self.thread.start()
+        return self
 
-
-def replay(calls: list):
-    """One CUDA graph over ``calls``, warmed; its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    torch.cuda.synchronize()
-    return g
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def parse_case(spec: str) -> tuple[int, int, int, str]:
@@ -213,10 +184,11 @@ def main() -> None:
             calls = [partial(run, x, L, args.bits) for L in copies]
             flop = 2.0 * M * N * (K + bench.NSAL)
         bench_us = graph_time_us(calls, reps=9)
-        g = replay(calls)
-        ms, samples = sampled(nvml, g.replay, args.seconds)
-        del g
-        us = ms * 1e3 / len(calls)
+        sampler = Sampler(nvml)
+        us = sustained_time_us(calls, args.seconds, timed_half=sampler)
+        samples = sampler.samples
+        if not samples:
+            raise SystemExit(f"clock_load: no NVML sample in {args.seconds / 2} s")
         mhz = [s[0] for s in samples]
         clk = statistics.median(mhz)
         why = 0

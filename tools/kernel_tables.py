@@ -62,6 +62,7 @@ def print_tables(res: dict, markdown: bool = False) -> None:
     ms = sorted({k[3] for k in rows})
     bit_widths = sorted({k[2] for k in rows}, reverse=True)
     best = best_candidates(res)
+    protocol = res.get("env", {}).get("protocol", "burst")  # runs before --sustained: bursts
 
     def line(label: str, cells: list[str]) -> None:
         print(
@@ -80,6 +81,7 @@ def print_tables(res: dict, markdown: bool = False) -> None:
         print(
             f"\n{group} shapes: speed-up over cuBLAS {res.get('env', {}).get('dtype', 'fp16')}"
             + ("" if markdown else " (fraction of the byte floor)")
+            + (f", timed {protocol}" if protocol != "burst" else "")
             + "\n"
         )
         if markdown:
