@@ -10,9 +10,11 @@ H200 its worst case was 1.91x over 126 checked cases and 2.17x in one graph-repl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
+import time
 from itertools import product
 from pathlib import Path
 
@@ -217,9 +219,6 @@ def sustained_time_us(calls: list, seconds: float, timed_half=None) -> float:
     burst, from whatever clock the GPU had; a run of a long layer at full occupancy draws past
     the power limit within it, so two kernels timed for different lengths of burst are not
     timed alike. ``timed_half``: a context manager entered over the timed half (a sampler)."""
-    import contextlib
-    import time
-
     g = _graph(calls)
     start, prev, n, t0 = torch.cuda.Event(enable_timing=True), None, 0, time.time()
     with contextlib.ExitStack() as stack:
@@ -239,10 +238,10 @@ def sustained_time_us(calls: list, seconds: float, timed_half=None) -> float:
             if prev is not None:
                 prev.synchronize()
             prev = done
+        if n == 0:
+            raise ValueError(f"{seconds} s is too short for one timed replay")
         prev.synchronize()
     del g
-    if n == 0:
-        raise ValueError(f"{seconds} s is too short for one timed replay")
     return start.elapsed_time(prev) * 1e3 / (n * len(calls))
 
 

@@ -100,6 +100,19 @@ def test_two_runs_compare_cell_by_cell_and_configuration_by_configuration():
     assert kernel_tables._family("mmv:4x6d16") == "mmv:4" == kernel_tables._family("mmv:4x8")
 
 
+def test_a_comparison_of_runs_timed_differently_says_so(capsys):
+    """A burst run against a steady-state one (``--sustained``) compares the protocols as well
+    as the kernels: the comparison names both; runs timed alike (a run from before the option
+    counts as a burst) print no such line."""
+    rows = [dict(N=64, K=128, bits=4, M=64, us=2.0, cublas_us=10.0)]
+    burst, old = {"rows": rows, "env": {"protocol": "burst"}}, {"rows": rows}
+    steady = {"rows": rows, "env": {"protocol": "sustained 0.8 s"}}
+    kernel_tables.print_comparison(burst, steady)
+    assert "timed differently: base burst, new sustained 0.8 s" in capsys.readouterr().out
+    kernel_tables.print_comparison(old, burst)
+    assert "timed differently" not in capsys.readouterr().out
+
+
 def test_compare_reads_a_superseded_run_kept_gzipped(capsys, tmp_path):
     """``bench_kernels --compare BASE NEW`` with BASE as kept in benchmarks/results once a
     later run superseded it (NAME.json.gz) prints what it prints for the plain file."""

@@ -13,7 +13,7 @@ import torch
 
 from gift_quant.kernels.triton import dispatch, ops, tuning
 from gift_quant.mixed_linear import MixedLinear
-from gift_quant.testing import graph_time_us, random_quantized
+from gift_quant.testing import graph_time_us, random_quantized, sustained_time_us
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,6 +46,22 @@ def test_first_use_timing_reads_what_the_graph_replay_reads(case) -> None:
     calls = [lambda f=f: f(name) for f in launches] * 8
     replay = graph_time_us(calls) / 1e6
     assert 0.7 * replay <= first_use <= 1.3 * replay, (first_use, replay)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_steady_state_clock_reads_what_a_burst_reads_below_the_power_limit() -> None:
+    """``sustained_time_us`` (``bench_kernels --sustained``) times the same graph as
+    ``graph_time_us``, only for longer: on a small matmul, which keeps the board far from its
+    power limit, both read the same time within 30%; a window too short for one timed replay
+    is refused, not read as zero."""
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.float16)
+    ws = [torch.randn(1024, 1024, device="cuda", dtype=torch.float16) for _ in range(8)]
+    calls = [lambda w=w: x @ w.t() for w in ws]
+    burst, steady = graph_time_us(calls), sustained_time_us(calls, 0.4)
+    assert 0.7 * burst <= steady <= 1.3 * burst, (burst, steady)
+    with pytest.raises(ValueError, match="too short"):
+        sustained_time_us(calls, 1e-9)
 
 
 MIB = 1 << 20

@@ -256,6 +256,12 @@ def print_comparison(base: dict, new: dict) -> dict:
         run["rows"][0].get("commit", "?")[:7] if run.get("rows") else "?" for run in (base, new)
     ]
     print(f"time ratio new / base ({commits[1]} / {commits[0]}), geometric mean")
+    protocols = [run.get("env", {}).get("protocol", "burst") for run in (base, new)]
+    if protocols[0] != protocols[1]:  # runs before --sustained were bursts
+        print(
+            f"  timed differently: base {protocols[0]}, new {protocols[1]}: the ratios are the "
+            "protocol's as well as the kernels' (cuBLAS's ratio shows the protocol's share)"
+        )
     for key in ("routed", "cublas", "best_candidate"):
         if got[key]:
             print(f"  {key}: " + " ".join(f"M={m} {r:.3f}" for m, r in got[key].items()))
