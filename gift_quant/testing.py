@@ -218,30 +218,36 @@ def sustained_time_us(calls: list, seconds: float, timed_half=None) -> float:
     the board's power limit holds it under this load. ``graph_time_us`` times a few replays, a
     burst, from whatever clock the GPU had; a run of a long layer at full occupancy draws past
     the power limit within it, so two kernels timed for different lengths of burst are not
-    timed alike. ``timed_half``: a context manager entered over the timed half (a sampler)."""
+    timed alike. ``timed_half``: a context manager entered over the timed half (a sampler).
+    ValueError, before any GPU work, for ``seconds`` outside (0, 600]."""
+    if not 0 < seconds <= 600:
+        raise ValueError(f"{seconds} s: give a window of more than 0 and at most 600 seconds")
     g = _graph(calls)
-    start, prev, n, t0 = torch.cuda.Event(enable_timing=True), None, 0, time.time()
-    with contextlib.ExitStack() as stack:
-        while time.time() - t0 < seconds:
-            if n == 0 and time.time() - t0 > seconds / 2:  # the timed half starts
+    start, prev, n, t0 = torch.cuda.Event(enable_timing=True), None, 0, time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            while time.monotonic() - t0 < seconds:
+                if n == 0 and time.monotonic() - t0 > seconds / 2:  # the timed half starts
+                    if prev is not None:
+                        prev.synchronize()
+                    if timed_half is not None:
+                        stack.enter_context(timed_half)
+                    start.record()
+                    n = 1
+                elif n:
+                    n += 1
+                g.replay()
+                done = torch.cuda.Event(enable_timing=True)
+                done.record()
                 if prev is not None:
                     prev.synchronize()
-                if timed_half is not None:
-                    stack.enter_context(timed_half)
-                start.record()
-                n = 1
-            elif n:
-                n += 1
-            g.replay()
-            done = torch.cuda.Event(enable_timing=True)
-            done.record()
-            if prev is not None:
-                prev.synchronize()
-            prev = done
-        if n == 0:
-            raise ValueError(f"{seconds} s is too short for one timed replay")
-        prev.synchronize()
-    del g
+                prev = done
+            if n == 0:
+                raise ValueError(f"{seconds} s is too short for one timed replay")
+            prev.synchronize()
+    finally:
+        torch.cuda.synchronize()  # no replay left running, whatever happened
+        del g
     return start.elapsed_time(prev) * 1e3 / (n * len(calls))
 
 

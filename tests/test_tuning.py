@@ -52,12 +52,12 @@ def test_first_use_timing_reads_what_the_graph_replay_reads(case) -> None:
 @needs_cuda
 def test_the_steady_state_clock_reads_what_a_burst_reads_below_the_power_limit() -> None:
     """``sustained_time_us`` (``bench_kernels --sustained``) times the same graph as
-    ``graph_time_us``, only for longer: on a small matmul, which keeps the board far from its
+    ``graph_time_us``, only for longer: on M = 16 matmuls, which keep the board far from its
     power limit, both read the same time within 30%; a window too short for one timed replay
     is refused, not read as zero."""
-    x = torch.randn(16, 1024, device="cuda", dtype=torch.float16)
-    ws = [torch.randn(1024, 1024, device="cuda", dtype=torch.float16) for _ in range(8)]
-    calls = [lambda w=w: x @ w.t() for w in ws]
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    ws = [torch.randn(4096, 4096, device="cuda", dtype=torch.float16) for _ in range(8)]
+    calls = [lambda w=w: x @ w.t() for w in ws] * 8  # a replay of about 1 ms: no host gaps
     burst, steady = graph_time_us(calls), sustained_time_us(calls, 0.4)
     assert 0.7 * burst <= steady <= 1.3 * burst, (burst, steady)
     with pytest.raises(ValueError, match="too short"):

@@ -423,8 +423,13 @@ def main() -> None:
         "the second half timed (0: the burst protocol)",
     )
     args = ap.parse_args()
-    if args.sustained and args.sustained < 0.1:
-        ap.error(f"--sustained {args.sustained}: give at least 0.1 seconds (or 0 for a burst)")
+    if args.sustained and not 0.1 <= args.sustained <= 600:
+        ap.error(f"--sustained {args.sustained}: give 0.1 to 600 seconds (or 0 for a burst)")
+    if args.sustained and (args.candidates or args.sweep):
+        ap.error(
+            "--sustained times the op, cuBLAS and tinygemm only: run --candidates / --sweep "
+            "without it (their configurations are timed as bursts)"
+        )
     try:
         shapes = [("custom", parse_shape(t, GROUP)) for t in args.shape] or SHAPES[args.shapes]
     except ValueError as exc:

@@ -11,7 +11,7 @@ stays the same, and cuBLAS pays the same) or something the SMs share, L2's bandw
 
 Each case ``NxK:M:NAME`` (W4 or ``--bits``, 128 salient columns, group 128: the kernel bench's
 layer) is timed twice: with the bench's protocol (``bench_kernels``: a CUDA graph over copies of
-the layer past 1.5 GB, median of 9 replays) and then replayed back to back for ``--seconds``
+the layer past 1.5 GB, median of 15 replays) and then replayed back to back for ``--seconds``
 while a thread samples the SM clock, power and the clock-event reasons through NVML every 5 ms.
 NAME is a configuration ``dispatch.run_route`` takes ("wg:256x2x1", ...), ``op`` (the routed op)
 or ``cublas`` (torch.matmul on fp16 weights of the same shape). Printed per case: both times, the
@@ -78,6 +78,12 @@ class Nvml:
         if rc != 0:
             raise SystemExit(f"clock_load: {what} failed (NVML error {rc})")
 
+    def power_limit_w(self) -> float:
+        """The board's enforced power limit, W."""
+        mw = ctypes.c_uint()
+        self._ok(self.lib.nvmlDeviceGetEnforcedPowerLimit(self.dev, ctypes.byref(mw)), "limit")
+        return mw.value / 1e3
+
     def sample(self) -> tuple[int, float, int]:
         """(SM clock MHz, power W, clock-event reasons bit mask)."""
         clk, mw, why = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_ulonglong()
@@ -91,16 +97,21 @@ class Nvml:
 
 
 class Sampler:
-    """A context manager: NVML sampled every 5 ms from a thread while it is entered."""
+    """A context manager: NVML sampled every 5 ms from a thread while it is entered; a failed
+    read ends the sampling and is raised on exit (a thread's exception would go unseen)."""
 
     def __init__(self, nvml: Nvml) -> None:
         self.nvml, self.samples, self.stop = nvml, [], threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.error: BaseException | None = None
 
     def _poll(self) -> None:
-        while not self.stop.is_set():
-            self.samples.append(self.nvml.sample())
-            time.sleep(0.005)
+        try:
+            while not self.stop.is_set():
+                self.samples.append(self.nvml.sample())
+                time.sleep(0.005)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread in __exit__
+            self.error = exc
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -109,6 +120,8 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 def parse_case(spec: str) -> tuple[int, int, int, str]:
@@ -148,6 +161,8 @@ def main() -> None:
     add_arguments(ap)
     args = ap.parse_args()
     shared = shared_flag(ap, args)
+    if not 0.1 <= args.seconds <= 600:
+        ap.error(f"--seconds {args.seconds}: give 0.1 to 600 seconds a case")
     cases = [parse_case(c) for c in args.case]
     if not cases:
         ap.error("name at least one --case NxK:M:NAME")
@@ -155,7 +170,8 @@ def main() -> None:
         raise SystemExit("clock_load needs a CUDA device")
     props = torch.cuda.get_device_properties(0)
     nvml = Nvml(f"GPU-{props.uuid}")
-    env, sms = run_environment(shared), props.multi_processor_count
+    env, sms, limit = run_environment(shared), props.multi_processor_count, nvml.power_limit_w()
+    print(f"{props.name}: {sms} SMs, enforced power limit {limit:.0f} W", flush=True)
     out = Path(args.out) / (args.name or f"clock_load_{gpu_tag()}.json")
     rows, copies, shape = [], None, None
     print(
@@ -183,7 +199,7 @@ def main() -> None:
                 raise SystemExit(f"clock_load: {name} on {N}x{K} M={M}: relative error {rel:.1e}")
             calls = [partial(run, x, L, args.bits) for L in copies]
             flop = 2.0 * M * N * (K + bench.NSAL)
-        bench_us = graph_time_us(calls, reps=9)
+        bench_us = graph_time_us(calls)
         sampler = Sampler(nvml)
         us = sustained_time_us(calls, args.seconds, timed_half=sampler)
         samples = sampler.samples
@@ -210,6 +226,7 @@ def main() -> None:
             mhz_min=min(mhz),
             mhz_max=max(mhz),
             watts=statistics.median(s[1] for s in samples),
+            power_limit_w=limit,
             reasons=reasons,
             samples=len(samples),
             tensor_frac=tensor,
@@ -231,6 +248,7 @@ def main() -> None:
             f"{reasons}",
             flush=True,
         )
+        del calls
         if name == "cublas":
             del ws, ys
     write_json(out, rows)
