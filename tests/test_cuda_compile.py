@@ -101,3 +101,22 @@ def test_kernel_compiles_for_sm90(tmp_path, source) -> None:
         # and all 8 lie in the main loop that tools/sass_loops.py counts (its shortest loop
         # holding MMAs and the dequantization: two k-steps, unrolled), in each of the 102
         assert sorted(loop["mma"] for loop in main_loops(sass).values()) == [8] * 102
+
+
+def test_diagnosis_builds_take_only_the_known_macros(monkeypatch) -> None:
+    """``GIFT_QUANT_CUDA_DEFINES`` names diagnosis macros (part of the build's digest, so each
+    such build is cached apart); a name the kernels do not know is refused in one line naming
+    the known ones, before any build, and each known one appears in the warpgroup kernel."""
+    monkeypatch.setenv("GIFT_QUANT_CUDA_DEFINES", "GQ_TRACE,GQ_NO_DEQUANT")
+    assert native.build_defines() == ["GQ_TRACE", "GQ_NO_DEQUANT"]
+    monkeypatch.setenv("GIFT_QUANT_CUDA_DEFINES", "GQ_TRACE,GQ_NODEQ")
+    with pytest.raises(
+        ValueError, match=r"unknown macro\(s\) \['GQ_NODEQ'\]; known: GQ_TRACE, "
+    ) as e:
+        native.build_defines()
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("GIFT_QUANT_CUDA_DEFINES")
+    assert native.build_defines() == []
+    source = (native.HEADER.parent / "mixed_wg.cu").read_text()
+    for name in native.DIAGNOSIS_DEFINES:
+        assert f"#ifdef {name}" in source, name

@@ -639,6 +639,17 @@ __global__ void __launch_bounds__(wg_threads(NT, WGS), wg_min_blocks(NT, WGS))
     const uint32_t so = sl * SB;  // the slot's offset
     // lane's word i of the k-step: component i % 4 of its uint4 i / 4
     auto word = [&](int i) { return lds_u32(cw_at + so + ((i >> 2) * 128 + (i & 3)) * 4); };
+#ifdef GQ_NO_DEQUANT
+    // (a diagnosis build: each k16 step's word loaded as the fragments load it, then used as
+    // the fragment itself -- no unpacking, zero-point or scale arithmetic: wrong products from
+    // the same shared-memory loads and MMAs, for what the dequantization costs in time and power)
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      const uint32_t w = word(st * BITS);
+      a[st][0] = w, a[st][1] = w, a[st][2] = w, a[st][3] = w;
+    }
+    return;
+#endif
     // zero-points of columns 16 q + g (lo) and 16 q + 8 + g (hi) in both halves, as the raw
     // pairs hold the codes: MAGIC + z (1024 + z in fp16, 128 + z in bf16), or for a code read
     // at bit e, 2^(10 - e) + z in fp16 (`pos_magic`), 2^(7 - e) + z in bf16 (`pos_magic_bf16`);

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,14 +111,25 @@ def compile_check(nvcc: str, source: Path, cubin: Path) -> subprocess.CompletedP
     )
 
 
+# the macros of a diagnosis build (``build_defines``)
+DIAGNOSIS_DEFINES = {
+    "GQ_TRACE": "the warpgroup kernel records each block's timeline (tools/trace_wg.py)",
+    "GQ_NO_DEQUANT": "the warpgroup kernel uses its codes' words as the MMA fragments, "
+    "undequantized: wrong results, for what the dequantization costs (tools/clock_load.py)",
+}
+
+
 def build_defines() -> list[str]:
     """Macros the kernels are built with for diagnosis (``GIFT_QUANT_CUDA_DEFINES``,
-    comma-separated; ``GQ_TRACE``: the warpgroup kernel records each block's timeline for
-    ``tools/trace_wg.py``): part of the build's digest, so such a build is cached apart."""
+    comma-separated, of ``DIAGNOSIS_DEFINES``): part of the build's digest, so such a build is
+    cached apart."""
     names = [d for d in os.environ.get("GIFT_QUANT_CUDA_DEFINES", "").split(",") if d]
-    bad = [d for d in names if d not in ("GQ_TRACE",)]
+    bad = [d for d in names if d not in DIAGNOSIS_DEFINES]
     if bad:
-        raise ValueError(f"GIFT_QUANT_CUDA_DEFINES: unknown macro(s) {bad}; known: GQ_TRACE")
+        raise ValueError(
+            f"GIFT_QUANT_CUDA_DEFINES: unknown macro(s) {bad}; known: "
+            + ", ".join(DIAGNOSIS_DEFINES)
+        )
     return names
 
 
@@ -166,6 +178,13 @@ def library(device: torch.device | None = None):
             arch = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
             lib = ctypes.CDLL(str(_build(nvcc, arch)))
             _state["wg"] = arch == "90a"
+            if "GQ_NO_DEQUANT" in build_defines():  # never silently: its results are wrong
+                print(
+                    "gift_quant: GIFT_QUANT_CUDA_DEFINES=GQ_NO_DEQUANT, a diagnosis build: the "
+                    "warpgroup kernel's results are wrong",
+                    file=sys.stderr,
+                    flush=True,
+                )
             for name, args in (ENTRY_ARGS | TRACE_ARGS).items():
                 if name in ENTRY_ARGS or hasattr(lib, name):
                     getattr(lib, name).argtypes = args
