@@ -162,16 +162,18 @@ def op_route(M: int, N: int, K: int, bits: int, dtype: torch.dtype) -> str:
     )
 
 
-def time_cublas(N: int, K: int, M: int, dtype: torch.dtype) -> float:
+def cublas_calls(x: torch.Tensor, N: int) -> list:
+    """cuBLAS (``torch.matmul``) on x's type over weight copies [N, K] past TARGET_BYTES, each
+    into its own output: the callables the bench times against ours."""
+    M, K = x.shape
     R = min(256, max(8, math.ceil(TARGET_BYTES / (2 * N * K))))
-    ws = [torch.randn(N, K, device="cuda", dtype=dtype) for _ in range(R)]
-    x = torch.randn(M, K, device="cuda", dtype=dtype)
-    ys = [torch.empty(M, N, device="cuda", dtype=dtype) for _ in range(R)]
-    t = time_calls(
-        [lambda w=w, y=y: torch.matmul(x, w.t(), out=y) for w, y in zip(ws, ys, strict=True)]
-    )
-    del ws, ys
-    return t
+    ws = [torch.randn(N, K, device="cuda", dtype=x.dtype) for _ in range(R)]
+    ys = [torch.empty(M, N, device="cuda", dtype=x.dtype) for _ in range(R)]
+    return [partial(torch.matmul, x, w.t(), out=y) for w, y in zip(ws, ys, strict=True)]
+
+
+def time_cublas(N: int, K: int, M: int, dtype: torch.dtype) -> float:
+    return time_calls(cublas_calls(torch.randn(M, K, device="cuda", dtype=dtype), N))
 
 
 def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import math
+import operator
 import os
 import re
 import statistics
@@ -187,11 +189,7 @@ def main() -> None:
     for N, K, M, name in cases:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         if name == "cublas":
-            R = min(256, max(8, math.ceil(bench.TARGET_BYTES / (2 * N * K))))
-            ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(R)]
-            ys = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in range(R)]
-            calls = [partial(torch.matmul, x, w.t(), out=y) for w, y in zip(ws, ys, strict=True)]
-            flop = 2.0 * M * N * K
+            calls, flop = bench.cublas_calls(x, N), 2.0 * M * N * K
         else:
             if shape != (N, K):
                 copies, shape = None, None
@@ -213,9 +211,7 @@ def main() -> None:
             raise SystemExit(f"clock_load: no NVML sample in {args.seconds / 2} s")
         mhz = [s[0] for s in samples]
         clk = statistics.median(mhz)
-        why = 0
-        for s in samples:
-            why |= s[2]
+        why = functools.reduce(operator.or_, (s[2] for s in samples))
         reasons = ",".join(v for k, v in REASONS.items() if why & k) or "none"
         tensor = flop / (us * 1e-6 * clk * 1e6 * sms * FLOP_PER_CLOCK_SM)
         row = dict(
@@ -254,9 +250,7 @@ def main() -> None:
             f"{reasons}",
             flush=True,
         )
-        del calls
-        if name == "cublas":
-            del ws, ys
+        del calls  # (cuBLAS's weight copies with it)
     write_json(out, rows)
     print(f"{len(rows)} rows -> {out}")
 

@@ -62,7 +62,7 @@ def print_tables(res: dict, markdown: bool = False) -> None:
     ms = sorted({k[3] for k in rows})
     bit_widths = sorted({k[2] for k in rows}, reverse=True)
     best = best_candidates(res)
-    protocol = res.get("env", {}).get("protocol", "burst")  # runs before --sustained: bursts
+    protocol = _protocol(res)
 
     def line(label: str, cells: list[str]) -> None:
         print(
@@ -249,6 +249,12 @@ def compare(base: dict, new: dict) -> dict:
     return out
 
 
+def _protocol(res: dict) -> str:
+    """How a run timed its rows: "burst", or "sustained S s" (``--sustained``); runs from
+    before the option were bursts."""
+    return res.get("env", {}).get("protocol", "burst")
+
+
 def print_comparison(base: dict, new: dict) -> dict:
     """:func:`compare`, printed; returns it."""
     got = compare(base, new)
@@ -256,8 +262,8 @@ def print_comparison(base: dict, new: dict) -> dict:
         run["rows"][0].get("commit", "?")[:7] if run.get("rows") else "?" for run in (base, new)
     ]
     print(f"time ratio new / base ({commits[1]} / {commits[0]}), geometric mean")
-    protocols = [run.get("env", {}).get("protocol", "burst") for run in (base, new)]
-    if protocols[0] != protocols[1]:  # runs before --sustained were bursts
+    protocols = [_protocol(run) for run in (base, new)]
+    if protocols[0] != protocols[1]:
         print(
             f"  timed differently: base {protocols[0]}, new {protocols[1]}: the ratios are the "
             "protocol's as well as the kernels' (cuBLAS's ratio shows the protocol's share)"
