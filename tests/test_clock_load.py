@@ -106,3 +106,63 @@ def test_clock_load_counts_waves_and_k_steps_of_whole_256_row_tiles():
     assert clock_load.whole_256("wg:256x2x1", 5120, 13824, 300, 132) == (80, 1, 218)
     for other in ("wg:256x2x1s", "wg:256x2x1t2", "wg:256x2x2c2", "wg:128x2x1", "cublas", "op"):
         assert clock_load.whole_256(other, 28672, 4096, 512, 132) is None
+
+
+def _clock_row(name: str, us: float, watts: float, mhz: float, **extra) -> dict:
+    return dict(
+        gpu="NVIDIA H200", commit="0123456789ab", switches={}, N=4096, K=4096, M=512, bits=4,
+        name=name, us=us, watts=watts, mhz_median=mhz, reasons="sw-power-cap", **extra,
+    )  # fmt: skip
+
+
+def test_clock_load_compare_sets_two_runs_side_by_side(tmp_path, monkeypatch, capsys):
+    """``--compare BASE NEW`` (no GPU, no --idle needed) prints each case both runs hold, BASE ->
+    NEW, with the time ratio and the energy a launch (time x power): 44.0 us at 500 W is 22.0 mJ,
+    40.0 us at 400 W 16.0 mJ, 0.727x; a case only one run holds is left out, and a diagnosis
+    build's switch is named in the header."""
+    import json
+
+    import clock_load
+
+    base = [
+        _clock_row("wg:256x2x1", 44.0, 500.0, 1800, clk_kstep=1300.0),
+        _clock_row("cublas", 30.0, 690.0, 1400),
+    ]
+    new = [_clock_row("wg:256x2x1", 40.0, 400.0, 1980, clk_kstep=1310.0)]
+    new[0].update(switches={"GIFT_QUANT_CUDA_DEFINES": "GQ_NO_DEQUANT"}, reasons="none")
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(new))
+    argv = ["clock_load.py", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    clock_load.main()
+    out = capsys.readouterr().out.splitlines()
+    assert "GQ_NO_DEQUANT" in out[0] and "GQ_NO_DEQUANT" not in out[0].split("-> NEW")[0]
+    (line,) = [x for x in out if x.startswith("4096x4096 M=512 W4 wg:256x2x1")]
+    assert line.split()[4:] == [
+        "44.0", "->", "40.0", "0.909", "1800", "->", "1980", "500", "->", "400",
+        "1300", "->", "1310", "22.0", "->", "16.0", "0.727", "sw-power-cap", "->", "none",
+    ]  # fmt: skip
+    assert not [x for x in out if "cublas" in x]
+
+
+def test_clock_load_compare_refuses_runs_it_cannot_set_side_by_side(tmp_path):
+    """Two runs with no case in common, a file that is not JSON and one that is not a list of
+    rows are each refused in one line naming the file."""
+    import json
+
+    import clock_load
+
+    a, b, bad, other = (tmp_path / f for f in ("a.json", "b.json", "bad.json", "other.json"))
+    a.write_text(json.dumps([_clock_row("wg:256x2x1", 44.0, 500.0, 1800)]))
+    b.write_text(json.dumps([_clock_row("cublas", 30.0, 690.0, 1400)]))
+    bad.write_text("{not json")
+    other.write_text(json.dumps({"rows": []}))
+    for args, says in [
+        ((a, b), "share no case"),
+        ((a, bad), "bad.json"),
+        ((other, a), "not a clock_load result"),
+        ((a, tmp_path / "missing.json"), "missing.json"),
+    ]:
+        with pytest.raises(SystemExit, match=says) as err:
+            clock_load.compare(*map(str, args))
+        assert str(err.value).startswith("clock_load: --compare") and "\n" not in str(err.value)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 tools/clock_load.py --idle \\
         [--case 28672x4096:512:wg:256x2x1 --case 28672x4096:512:cublas ...] [--seconds 1.5]
+    PYTHONPATH=. python3 tools/clock_load.py --compare BASE.json NEW.json
 
 Question it answers: a kernel that keeps more SMs busy takes longer per unit of work -- our
 256-row whole tiles run a k-step in about 630 ns with 40 SMs busy and about 790 ns with all 132
@@ -21,6 +22,10 @@ the ns and cycles per k-step per wave. Writes ``clock_load_<gpu>.json`` (``--nam
 ``--out``, each row with the commit, versions, GPU and the shared flag. Each result is checked
 against the float64 product first, except in a diagnosis build that skips the dequantization
 (``GIFT_QUANT_CUDA_DEFINES=GQ_NO_DEQUANT``: what it costs in time and power, beside a normal run).
+
+``--compare BASE NEW`` (no GPU) prints the cases two runs share, each reading BASE -> NEW: the
+back-to-back time, clock, power, cycles per k-step and the energy a launch (time x power), with
+the time and energy ratios; a run's switches (a diagnosis build's) are named in the header.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import json
 import math
 import operator
 import os
@@ -156,6 +162,69 @@ def whole_256(name: str, N: int, K: int, M: int, sms: int) -> tuple[int, int, in
     return tiles, math.ceil(tiles / sms), K // 64 + math.ceil(bench.NSAL / 64)
 
 
+def _case_key(row: dict) -> tuple[int, int, int, int, str]:
+    return row["N"], row["K"], row["M"], row["bits"], row["name"]
+
+
+def _run_label(rows: dict) -> str:
+    """'GPU at commit' of a run's first row, with its switches (a diagnosis build's)."""
+    r = next(iter(rows.values()))
+    switches = ", ".join(f"{k}={v}" for k, v in (r.get("switches") or {}).items())
+    label = f"{r.get('gpu', '?')} at {str(r.get('commit', '?'))[:8]}"
+    return f"{label} ({switches})" if switches else label
+
+
+def compare(base_path: str, new_path: str) -> list[str]:
+    """The lines ``--compare`` prints: per case of BASE also in NEW (the same layer, M, bits and
+    configuration), each reading BASE -> NEW, and the time and energy ratios NEW / BASE (energy
+    a launch: the back-to-back time x the median power). SystemExit in one line where a file
+    cannot be read or the runs share no case."""
+    runs = []
+    for path in (base_path, new_path):
+        try:
+            rows = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"clock_load: --compare {path}: {exc}") from None
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+            raise SystemExit(f"clock_load: --compare {path}: not a clock_load result (rows)")
+        try:
+            runs.append({_case_key(r): r for r in rows})
+        except KeyError as exc:
+            raise SystemExit(f"clock_load: --compare {path}: a row lacks {exc}") from None
+    base, new = runs
+    shared = [k for k in base if k in new]
+    if not shared:
+        raise SystemExit(
+            f"clock_load: --compare: {base_path} and {new_path} share no case "
+            "(layer, M, bits and configuration)"
+        )
+
+    def arrow(b: float, n: float, fmt: str) -> str:
+        return f"{b:{fmt}} -> {n:{fmt}}"
+
+    lines = [
+        f"BASE {_run_label(base)} -> NEW {_run_label(new)}",
+        f"{'case':32s} {'back-to-back us':>17s} {'time':>6s} {'MHz':>12s} {'W':>10s} "
+        f"{'clk/k-step':>12s} {'mJ a launch':>14s} {'energy':>6s}  reasons",
+    ]
+    for key in shared:
+        b, n = base[key], new[key]
+        eb, en = b["us"] * b["watts"] / 1e3, n["us"] * n["watts"] / 1e3
+        clk = (
+            arrow(b["clk_kstep"], n["clk_kstep"], ".0f")
+            if b.get("clk_kstep") and n.get("clk_kstep")
+            else "-"
+        )
+        N, K, M, bits, name = key
+        lines.append(
+            f"{f'{N}x{K} M={M} W{bits} {name}':32s} {arrow(b['us'], n['us'], '.1f'):>17s} "
+            f"{n['us'] / b['us']:6.3f} {arrow(b['mhz_median'], n['mhz_median'], '.0f'):>12s} "
+            f"{arrow(b['watts'], n['watts'], '.0f'):>10s} {clk:>12s} "
+            f"{arrow(eb, en, '.1f'):>14s} {en / eb:6.3f}  {b['reasons']} -> {n['reasons']}"
+        )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", action="append", default=[], metavar="NxK:M:NAME")
@@ -163,8 +232,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5, help="back-to-back time per case")
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     ap.add_argument("--name", default=None, help="result file (default clock_load_<gpu>.json)")
+    ap.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BASE", "NEW"),
+        help="JSON of two runs: their cases side by side",
+    )
     add_arguments(ap)
     args = ap.parse_args()
+    if args.compare:
+        print("\n".join(compare(*args.compare)))
+        return
     shared = shared_flag(ap, args)
     if not 0.1 <= args.seconds <= 600:
         ap.error(f"--seconds {args.seconds}: give 0.1 to 600 seconds a case")
