@@ -113,6 +113,32 @@ def test_a_comparison_of_runs_timed_differently_says_so(capsys):
     assert "timed differently" not in capsys.readouterr().out
 
 
+def test_a_comparison_sets_each_cells_speed_up_side_by_side(capsys):
+    """``bench_kernels --compare`` prints the routed W4 cells' speed-ups over cuBLAS base ->
+    new (a row per shape, a column per M; "–" where a cell is not in both runs) and, at every width, the
+    cells below the targets' floors in each run: 1.0x up to M = 64, 0.9x at M = 128-512."""
+
+    def row(N, bits, M, us, cublas_us):
+        return dict(N=N, K=128, bits=bits, M=M, us=us, cublas_us=cublas_us)
+
+    base = {
+        "rows": [row(64, 4, 16, 10.0, 9.0), row(64, 4, 256, 10.0, 8.0), row(128, 3, 256, 4.0, 3.0)]
+    }
+    new = {
+        "rows": [row(64, 4, 16, 8.0, 9.0), row(64, 4, 256, 10.0, 9.5), row(128, 3, 256, 4.0, 4.0)]
+    }
+    new["rows"].append(row(128, 4, 16, 5.0, 10.0))  # in the new run only: not compared
+    for run in (base, new):
+        run["rows"].append(row(192, 4, 16, 2.0, 2.0))  # a shape timed at M = 16 alone
+    got = kernel_tables.print_comparison(base, new)
+    assert got["speedup"][(64, 128, 4, 16)] == (0.9, 1.125)
+    out = capsys.readouterr().out
+    assert "| 64×128 | 0.90 → 1.12 | 0.80 → 0.95 |" in out  # 9/10 -> 9/8; 8/10 -> 9.5/10
+    assert "| 192×128 | 1.00 → 1.00 | – |" in out and "128×128" not in out
+    assert "cells below 1.0× at M ≤ 64: base 1, new 0 of 2" in out
+    assert "cells below 0.9× at M = 128–512: base 2, new 0 of 2" in out  # 0.80, 0.75 -> 0.95, 1.0
+
+
 def test_compare_reads_a_superseded_run_kept_gzipped(capsys, tmp_path):
     """``bench_kernels --compare BASE NEW`` with BASE as kept in benchmarks/results once a
     later run superseded it (NAME.json.gz) prints what it prints for the plain file."""

@@ -215,8 +215,8 @@ def compare(base: dict, new: dict) -> dict:
     """Time ratios new / base of two runs (geometric means over the cells both timed): the
     routed op ("rows") and cuBLAS per M (cuBLAS's ratio says how much the machine moved
     between the runs), each candidate configuration without its K splits per bit width (the
-    same configuration in both builds: ``--candidates``), and each cell's fastest candidate
-    per M."""
+    same configuration in both builds: ``--candidates``), each cell's fastest candidate per M,
+    and each routed cell's speed-up over cuBLAS in both runs ("speedup": cell -> (base, new))."""
 
     def cell(r: dict) -> tuple:
         return r["N"], r["K"], r["bits"], r["M"]
@@ -230,6 +230,14 @@ def compare(base: dict, new: dict) -> dict:
             if o and r.get(field) and o.get(field):
                 per_m.setdefault(r["M"], []).append(r[field] / o[field])
         out[key] = {m: geometric_mean(v) for m, v in sorted(per_m.items())}
+    out["speedup"] = {
+        cell(r): (
+            old_rows[cell(r)]["cublas_us"] / old_rows[cell(r)]["us"],
+            r["cublas_us"] / r["us"],
+        )
+        for r in new.get("rows", [])
+        if cell(r) in old_rows and r.get("cublas_us") and old_rows[cell(r)].get("cublas_us")
+    }
     old_cand = {(*cell(c), c["name"]): c["us"] for c in base.get("cand", [])}
     fams: dict = {}
     for c in new.get("cand", []):
@@ -275,7 +283,33 @@ def print_comparison(base: dict, new: dict) -> dict:
         print("  same configuration (cells, geomean, min, max):")
         for name, s in got["candidates"].items():
             print(f"    {name}: {s['cells']} {s['geomean']:.3f} {s['min']:.3f} {s['max']:.3f}")
+    print_speedups(got["speedup"])
     return got
+
+
+# the targets' floors: (label, the M it spans, speed-up over cuBLAS)
+SPEEDUP_FLOORS = (("M ≤ 64", range(1, 65), 1.0), ("M = 128–512", range(128, 513), 0.9))
+
+
+def print_speedups(speedup: dict) -> None:
+    """The routed cells' speed-ups over cuBLAS base -> new: at W4 a markdown table (a row per
+    shape, a column per M), and at every width the cells below the targets' floors (1.0x up to
+    M = 64, 0.9x at M = 128-512) in each run."""
+    w4 = {k: v for k, v in speedup.items() if k[2] == 4}
+    if w4:
+        ms = sorted({k[3] for k in w4})
+        print("\nW4 speed-up over cuBLAS, base -> new:\n")
+        print("| shape | " + " | ".join(f"M={m}" for m in ms) + " |")
+        print("|---|" + "---|" * len(ms))
+        for N, K in dict.fromkeys((k[0], k[1]) for k in w4):
+            cells = (w4.get((N, K, 4, m)) for m in ms)
+            text = [f"{c[0]:.2f} → {c[1]:.2f}" if c else "–" for c in cells]
+            print(f"| {N}×{K} | " + " | ".join(text) + " |")
+    for label, span, floor in SPEEDUP_FLOORS:
+        cells = [v for k, v in speedup.items() if k[3] in span]
+        if cells:
+            base, new = (sum(c[i] < floor for c in cells) for i in (0, 1))
+            print(f"cells below {floor}× at {label}: base {base}, new {new} of {len(cells)}")
 
 
 def k_sweep(res: dict) -> dict:
