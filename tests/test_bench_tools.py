@@ -115,8 +115,9 @@ def test_a_comparison_of_runs_timed_differently_says_so(capsys):
 
 def test_a_comparison_sets_each_cells_speed_up_side_by_side(capsys):
     """``bench_kernels --compare`` prints the routed W4 cells' speed-ups over cuBLAS base ->
-    new (a row per shape, a column per M; "–" where a cell is not in both runs) and, at every width, the
-    cells below the targets' floors in each run: 1.0x up to M = 64, 0.9x at M = 128-512."""
+    new (a row per shape, a column per M; "–" where a cell is not in both runs) and, at every
+    width, the cells below the targets' floors in each run: 1.0x up to M = 64, 0.9x at M =
+    128-512."""
 
     def row(N, bits, M, us, cublas_us):
         return dict(N=N, K=128, bits=bits, M=M, us=us, cublas_us=cublas_us)

@@ -146,8 +146,8 @@ def test_clock_load_compare_sets_two_runs_side_by_side(tmp_path, monkeypatch, ca
 
 
 def test_clock_load_compare_refuses_runs_it_cannot_set_side_by_side(tmp_path):
-    """Two runs with no case in common, a file that is not JSON and one that is not a list of
-    rows are each refused in one line naming the file."""
+    """Two runs with no case in common, a file that is not JSON, one that is not a list of rows
+    and rows without a reading are each refused in one line naming the file."""
     import json
 
     import clock_load
@@ -157,7 +157,10 @@ def test_clock_load_compare_refuses_runs_it_cannot_set_side_by_side(tmp_path):
     b.write_text(json.dumps([_clock_row("cublas", 30.0, 690.0, 1400)]))
     bad.write_text("{not json")
     other.write_text(json.dumps({"rows": []}))
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([{"N": 4096, "K": 4096, "M": 512, "bits": 4, "name": "op"}]))
     for args, says in [
+        ((a, short), "rows without mhz_median, reasons, us, watts"),
         ((a, b), "share no case"),
         ((a, bad), "bad.json"),
         ((other, a), "not a clock_load result"),

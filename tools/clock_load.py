@@ -162,6 +162,9 @@ def whole_256(name: str, N: int, K: int, M: int, sms: int) -> tuple[int, int, in
     return tiles, math.ceil(tiles / sms), K // 64 + math.ceil(bench.NSAL / 64)
 
 
+ROW_FIELDS = ("N", "K", "M", "bits", "name", "us", "watts", "mhz_median", "reasons")
+
+
 def _case_key(row: dict) -> tuple[int, int, int, int, str]:
     return row["N"], row["K"], row["M"], row["bits"], row["name"]
 
@@ -187,10 +190,10 @@ def compare(base_path: str, new_path: str) -> list[str]:
             raise SystemExit(f"clock_load: --compare {path}: {exc}") from None
         if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
             raise SystemExit(f"clock_load: --compare {path}: not a clock_load result (rows)")
-        try:
-            runs.append({_case_key(r): r for r in rows})
-        except KeyError as exc:
-            raise SystemExit(f"clock_load: --compare {path}: a row lacks {exc}") from None
+        missing = sorted({f for r in rows for f in ROW_FIELDS if f not in r})
+        if missing:
+            raise SystemExit(f"clock_load: --compare {path}: rows without {', '.join(missing)}")
+        runs.append({_case_key(r): r for r in rows})
     base, new = runs
     shared = [k for k in base if k in new]
     if not shared:
@@ -241,6 +244,8 @@ def main() -> None:
     add_arguments(ap)
     args = ap.parse_args()
     if args.compare:
+        if args.case:
+            ap.error("--compare reads two saved runs: give it without --case")
         print("\n".join(compare(*args.compare)))
         return
     shared = shared_flag(ap, args)
