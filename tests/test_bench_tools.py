@@ -138,6 +138,13 @@ def test_a_comparison_sets_each_cells_speed_up_side_by_side(capsys):
     assert "| 192×128 | 1.00 → 1.00 | – |" in out and "128×128" not in out
     assert "cells below 1.0× at M ≤ 64: base 1, new 0 of 2" in out
     assert "cells below 0.9× at M = 128–512: base 2, new 0 of 2" in out  # 0.80, 0.75 -> 0.95, 1.0
+    assert "W4 speed-up over cuBLAS fp16, base -> new" in out and "different" not in out
+    bf16 = dict(new, env={"dtype": "bf16"})
+    kernel_tables.print_comparison(base, bf16)
+    out = capsys.readouterr().out
+    assert "different activations: base fp16, new bf16" in out and "cuBLAS fp16/bf16" in out
+    kernel_tables.print_comparison(base, {"rows": [row(256, 4, 1, 1.0, 2.0)]})
+    assert "no cell (N, K, bits, M) was timed in both runs" in capsys.readouterr().out
 
 
 def test_compare_reads_a_superseded_run_kept_gzipped(capsys, tmp_path):

@@ -142,7 +142,24 @@ def test_clock_load_compare_sets_two_runs_side_by_side(tmp_path, monkeypatch, ca
         "44.0", "->", "40.0", "0.909", "1800", "->", "1980", "500", "->", "400",
         "1300", "->", "1310", "22.0", "->", "16.0", "0.727", "sw-power-cap", "->", "none",
     ]  # fmt: skip
-    assert not [x for x in out if "cublas" in x]
+    assert out[-1] == "only in BASE: 4096x4096 M=512 W4 cublas"  # no row: one run has it
+
+
+def test_clock_load_compare_reads_gzipped_runs_and_rows_without_cycles(tmp_path, capsys):
+    """A superseded run kept gzipped reads as the plain file does; a case without cycles per
+    k-step (cuBLAS, the routed op) shows "-" there."""
+    import gzip
+    import json
+
+    import clock_load
+
+    rows = [_clock_row("cublas", 30.0, 690.0, 1400)]
+    plain, packed = tmp_path / "a.json", tmp_path / "a.json.gz"
+    plain.write_text(json.dumps(rows))
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    (line,) = [x for x in clock_load.compare(str(packed), str(plain)) if x.startswith("4096x")]
+    assert line.split()[4:12] == ["30.0", "->", "30.0", "1.000", "1400", "->", "1400", "690"]
+    assert line.split()[14] == "-"
 
 
 def test_clock_load_compare_refuses_runs_it_cannot_set_side_by_side(tmp_path):
@@ -157,15 +174,35 @@ def test_clock_load_compare_refuses_runs_it_cannot_set_side_by_side(tmp_path):
     b.write_text(json.dumps([_clock_row("cublas", 30.0, 690.0, 1400)]))
     bad.write_text("{not json")
     other.write_text(json.dumps({"rows": []}))
+    twice, zero = tmp_path / "twice.json", tmp_path / "zero.json"
+    twice.write_text(json.dumps([_clock_row("cublas", 30.0, 690.0, 1400)] * 2))
+    zero.write_text(json.dumps([_clock_row("cublas", 0.0, 690.0, 1400)]))
     short = tmp_path / "short.json"
     short.write_text(json.dumps([{"N": 4096, "K": 4096, "M": 512, "bits": 4, "name": "op"}]))
     for args, says in [
         ((a, short), "rows without mhz_median, reasons, us, watts"),
         ((a, b), "share no case"),
-        ((a, bad), "bad.json"),
-        ((other, a), "not a clock_load result"),
-        ((a, tmp_path / "missing.json"), "missing.json"),
+        ((a, bad), "bad.json: cannot read it as JSON"),
+        ((other, a), "expected a non-empty list of rows as clock_load writes"),
+        ((a, tmp_path / "missing.json"), "missing.json: cannot read it as JSON"),
+        ((twice, a), r"case \(4096, 4096, 512, 4, 'cublas'\) read more than once"),
+        ((zero, a), "a row's us or watts is not positive"),
     ]:
         with pytest.raises(SystemExit, match=says) as err:
             clock_load.compare(*map(str, args))
         assert str(err.value).startswith("clock_load: --compare") and "\n" not in str(err.value)
+
+
+def test_clock_load_compare_refuses_the_options_of_a_run(monkeypatch, capsys):
+    """``--compare`` reads two saved runs: a case, bit width, window or file name beside it
+    (which it would ignore) is refused in one usage line naming them."""
+    import clock_load
+
+    for extra, says in [
+        (["--case", "4096x4096:256:op"], "without --case"),
+        (["--bits", "2", "--seconds", "3"], "without --bits, --seconds"),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["clock_load.py", "--compare", "a.json", "b.json", *extra])
+        with pytest.raises(SystemExit) as err:
+            clock_load.main()
+        assert err.value.code == 2 and says in capsys.readouterr().err

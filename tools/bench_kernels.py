@@ -35,7 +35,8 @@ h200 or h100) under ``--out`` (default benchmarks/results); ``--markdown FILE`` 
 run's tables (as in the README) and counts the targets on it (``kernel_tables.py``); ``--compare
 BASE NEW`` prints the time ratios of two saved runs: the routed op and cuBLAS per M, each
 candidate configuration (the same one in both builds, with ``--candidates``) and each cell's
-fastest candidate; ``--k-sweep FILE`` splits each candidate's time in a run over shapes that
+fastest candidate, then the routed W4 speed-ups side by side and the cells below the targets'
+floors in each run; ``--k-sweep FILE`` splits each candidate's time in a run over shapes that
 differ only in K (``--shape NxK`` repeated) into a fixed part and a part per 64 columns of K.
 """
 
@@ -413,7 +414,10 @@ def main() -> None:
     )
     ap.add_argument("--markdown", default=None, help="JSON of a run: print its tables, run none")
     ap.add_argument(
-        "--compare", nargs=2, metavar=("BASE", "NEW"), help="JSON of two runs: their time ratios"
+        "--compare",
+        nargs=2,
+        metavar=("BASE", "NEW"),
+        help="JSON of two runs: time ratios, speed-ups side by side",
     )
     ap.add_argument("--k-sweep", metavar="FILE", help="JSON of a run over K: fixed, per-step times")
     ap.add_argument(

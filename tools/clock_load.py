@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import gzip
 import json
 import math
 import operator
@@ -173,27 +174,45 @@ def _run_label(rows: dict) -> str:
     """'GPU at commit' of a run's first row, with its switches (a diagnosis build's)."""
     r = next(iter(rows.values()))
     switches = ", ".join(f"{k}={v}" for k, v in (r.get("switches") or {}).items())
-    label = f"{r.get('gpu', '?')} at {str(r.get('commit', '?'))[:8]}"
+    label = f"{r.get('gpu', '?')} at {str(r.get('commit', '?'))[:7]}"
     return f"{label} ({switches})" if switches else label
 
 
 def compare(base_path: str, new_path: str) -> list[str]:
     """The lines ``--compare`` prints: per case of BASE also in NEW (the same layer, M, bits and
     configuration), each reading BASE -> NEW, and the time and energy ratios NEW / BASE (energy
-    a launch: the back-to-back time x the median power). SystemExit in one line where a file
-    cannot be read or the runs share no case."""
+    a launch: the back-to-back time x the median power), then the cases only one run holds.
+    SystemExit in one line where a file cannot be read, holds no readable rows or a case twice,
+    or the runs share no case."""
     runs = []
     for path in (base_path, new_path):
-        try:
-            rows = json.loads(Path(path).read_text())
+        try:  # superseded runs are kept gzipped (FILE.json.gz)
+            raw = Path(path).read_bytes()
+            rows = json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"clock_load: --compare {path}: {exc}") from None
+            raise SystemExit(
+                f"clock_load: --compare {path}: cannot read it as JSON: {exc}"
+            ) from None
         if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-            raise SystemExit(f"clock_load: --compare {path}: not a clock_load result (rows)")
+            raise SystemExit(
+                f"clock_load: --compare {path}: expected a non-empty list of rows as clock_load "
+                f"writes (clock_load_<gpu>.json), got {type(rows).__name__}; a bench_kernels run "
+                "goes to bench_kernels.py --compare"
+            )
         missing = sorted({f for r in rows for f in ROW_FIELDS if f not in r})
         if missing:
             raise SystemExit(f"clock_load: --compare {path}: rows without {', '.join(missing)}")
-        runs.append({_case_key(r): r for r in rows})
+        if not all(
+            isinstance(r[f], (int, float)) and r[f] > 0 for r in rows for f in ("us", "watts")
+        ):
+            raise SystemExit(f"clock_load: --compare {path}: a row's us or watts is not positive")
+        keys = [_case_key(r) for r in rows]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise SystemExit(
+                f"clock_load: --compare {path}: case {twice[0]} read more than once; keep one"
+            )
+        runs.append(dict(zip(keys, rows, strict=True)))
     base, new = runs
     shared = [k for k in base if k in new]
     if not shared:
@@ -207,8 +226,8 @@ def compare(base_path: str, new_path: str) -> list[str]:
 
     lines = [
         f"BASE {_run_label(base)} -> NEW {_run_label(new)}",
-        f"{'case':32s} {'back-to-back us':>17s} {'time':>6s} {'MHz':>12s} {'W':>10s} "
-        f"{'clk/k-step':>12s} {'mJ a launch':>14s} {'energy':>6s}  reasons",
+        f"{'case':32s} {'back-to-back us':>17s} {'n/b':>6s} {'MHz':>12s} {'W':>10s} "
+        f"{'clk/k-step':>12s} {'mJ a launch':>14s} {'n/b':>6s}  reasons",
     ]
     for key in shared:
         b, n = base[key], new[key]
@@ -225,6 +244,14 @@ def compare(base_path: str, new_path: str) -> list[str]:
             f"{arrow(b['watts'], n['watts'], '.0f'):>10s} {clk:>12s} "
             f"{arrow(eb, en, '.1f'):>14s} {en / eb:6.3f}  {b['reasons']} -> {n['reasons']}"
         )
+    for label, one, other in (("BASE", base, new), ("NEW", new, base)):
+        alone = [
+            f"{N}x{K} M={M} W{bits} {name}"
+            for N, K, M, bits, name in one
+            if (N, K, M, bits, name) not in other
+        ]
+        if alone:
+            lines.append(f"only in {label}: " + ", ".join(alone))
     return lines
 
 
@@ -244,8 +271,13 @@ def main() -> None:
     add_arguments(ap)
     args = ap.parse_args()
     if args.compare:
-        if args.case:
-            ap.error("--compare reads two saved runs: give it without --case")
+        given = [
+            f"--{k}"
+            for k in ("case", "bits", "seconds", "name")
+            if getattr(args, k) != ap.get_default(k)
+        ]
+        if given:
+            ap.error(f"--compare reads two saved runs: give it without {', '.join(given)}")
         print("\n".join(compare(*args.compare)))
         return
     shared = shared_flag(ap, args)

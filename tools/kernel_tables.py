@@ -236,7 +236,8 @@ def compare(base: dict, new: dict) -> dict:
             r["cublas_us"] / r["us"],
         )
         for r in new.get("rows", [])
-        if cell(r) in old_rows and r.get("cublas_us") and old_rows[cell(r)].get("cublas_us")
+        if cell(r) in old_rows
+        and all(x.get(f) for x in (r, old_rows[cell(r)]) for f in ("us", "cublas_us"))
     }
     old_cand = {(*cell(c), c["name"]): c["us"] for c in base.get("cand", [])}
     fams: dict = {}
@@ -255,6 +256,11 @@ def compare(base: dict, new: dict) -> dict:
             per_m.setdefault(k[3], []).append(us / old_best[k][0])
     out["best_candidate"] = {m: geometric_mean(v) for m, v in sorted(per_m.items())}
     return out
+
+
+def _dtype(res: dict) -> str:
+    """The activations a run timed (``--dtype``); runs from before the option were fp16."""
+    return res.get("env", {}).get("dtype", "fp16")
 
 
 def _protocol(res: dict) -> str:
@@ -276,6 +282,14 @@ def print_comparison(base: dict, new: dict) -> dict:
             f"  timed differently: base {protocols[0]}, new {protocols[1]}: the ratios are the "
             "protocol's as well as the kernels' (cuBLAS's ratio shows the protocol's share)"
         )
+    dtypes = [_dtype(run) for run in (base, new)]
+    if dtypes[0] != dtypes[1]:
+        print(
+            f"  different activations: base {dtypes[0]}, new {dtypes[1]}: each side's speed-up "
+            "is over its own cuBLAS"
+        )
+    if not got["speedup"] and not any(got[k] for k in ("routed", "cublas", "best_candidate")):
+        print("  no cell (N, K, bits, M) was timed in both runs: nothing to compare")
     for key in ("routed", "cublas", "best_candidate"):
         if got[key]:
             print(f"  {key}: " + " ".join(f"M={m} {r:.3f}" for m, r in got[key].items()))
@@ -283,7 +297,7 @@ def print_comparison(base: dict, new: dict) -> dict:
         print("  same configuration (cells, geomean, min, max):")
         for name, s in got["candidates"].items():
             print(f"    {name}: {s['cells']} {s['geomean']:.3f} {s['min']:.3f} {s['max']:.3f}")
-    print_speedups(got["speedup"])
+    print_speedups(got["speedup"], "/".join(dict.fromkeys(dtypes)))
     return got
 
 
@@ -291,14 +305,14 @@ def print_comparison(base: dict, new: dict) -> dict:
 SPEEDUP_FLOORS = (("M ≤ 64", range(1, 65), 1.0), ("M = 128–512", range(128, 513), 0.9))
 
 
-def print_speedups(speedup: dict) -> None:
+def print_speedups(speedup: dict, dtype: str = "fp16") -> None:
     """The routed cells' speed-ups over cuBLAS base -> new: at W4 a markdown table (a row per
     shape, a column per M), and at every width the cells below the targets' floors (1.0x up to
     M = 64, 0.9x at M = 128-512) in each run."""
     w4 = {k: v for k, v in speedup.items() if k[2] == 4}
     if w4:
         ms = sorted({k[3] for k in w4})
-        print("\nW4 speed-up over cuBLAS, base -> new:\n")
+        print(f"\nW4 speed-up over cuBLAS {dtype}, base -> new:\n")
         print("| shape | " + " | ".join(f"M={m}" for m in ms) + " |")
         print("|---|" + "---|" * len(ms))
         for N, K in dict.fromkeys((k[0], k[1]) for k in w4):
