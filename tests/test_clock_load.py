@@ -46,7 +46,7 @@ def test_clock_load_refuses_a_window_it_cannot_time(monkeypatch):
 def test_clock_load_sampler_hands_a_failed_read_to_the_caller():
     """An NVML read that fails in the sampling thread ends the sampling and is raised when the
     timed half ends, instead of leaving medians over part of the window unnoticed."""
-    import clock_load
+    import nvml_power
 
     class Flaky:
         def __init__(self):
@@ -55,20 +55,66 @@ def test_clock_load_sampler_hands_a_failed_read_to_the_caller():
         def sample(self):
             self.reads += 1
             if self.reads > 3:
-                raise SystemExit("clock_load: clock failed (NVML error 15)")
+                raise SystemExit("NVML: clock failed (error 15)")
             return 1980, 400.0, 0
 
-    sampler = clock_load.Sampler(Flaky())
-    with pytest.raises(SystemExit, match="NVML error 15"):
+    sampler = nvml_power.Sampler(Flaky())
+    with pytest.raises(SystemExit, match="error 15"):
         with sampler:
             while sampler.thread.is_alive():
                 sampler.thread.join(0.01)
     assert len(sampler.samples) == 3
-    healthy = clock_load.Sampler(type("Fine", (), {"sample": lambda self: (1980, 400.0, 0)})())
+    healthy = nvml_power.Sampler(type("Fine", (), {"sample": lambda self: (1980, 400.0, 0)})())
     with healthy:
         while len(healthy.samples) < 2:
             healthy.thread.join(0.01)
     assert healthy.error is None and healthy.samples[0] == (1980, 400.0, 0)
+
+
+def test_a_window_of_nvml_samples_reads_as_medians_and_the_reasons_seen():
+    """``nvml_power.summary``: the clock's median, lowest and highest, the power's median and
+    every clock-event reason any sample carried (0x4 power cap, 0x1 idle), in NVML's order."""
+    import nvml_power
+
+    got = nvml_power.summary([(1980, 500.0, 0x0), (1650, 690.0, 0x4), (1500, 695.0, 0x5)])
+    assert got == dict(
+        mhz_median=1650, mhz_min=1500, mhz_max=1980, watts=690.0, reasons="idle,sw-power-cap",
+        samples=3,
+    )  # fmt: skip
+    assert nvml_power.summary([(1980, 300.0, 0)])["reasons"] == "none"
+    with pytest.raises(ValueError, match="no NVML sample"):
+        nvml_power.summary([])
+
+
+def test_a_steady_state_bench_row_carries_the_boards_readings(monkeypatch):
+    """``bench_kernels --sustained`` reads NVML over each timing's timed half where it loaded
+    (``POWER``): the time is the timer's, the readings the sampler's; a burst, or a machine
+    without NVML, gives the time alone. (The timer is stood in for: no GPU here.)"""
+    import bench_kernels
+
+    class Board:
+        def sample(self):
+            return 1700, 688.0, 0x4
+
+    def timer(calls, seconds, timed_half=None):
+        assert seconds == 0.8
+        if timed_half is not None:
+            with timed_half:
+                while len(timed_half.samples) < 3:
+                    timed_half.thread.join(0.005)
+        return 12.5
+
+    monkeypatch.setattr(bench_kernels, "sustained_time_us", timer)
+    monkeypatch.setattr(bench_kernels, "graph_time_us", lambda calls: 9.0)
+    monkeypatch.setattr(bench_kernels, "SUSTAINED", 0.8)
+    monkeypatch.setattr(bench_kernels, "POWER", Board())
+    us, power = bench_kernels.time_with_power([])
+    assert us == 12.5 and power["watts"] == 688.0 and power["reasons"] == "sw-power-cap"
+    assert power["mhz_median"] == 1700 and power["samples"] >= 3
+    monkeypatch.setattr(bench_kernels, "POWER", None)
+    assert bench_kernels.time_with_power([]) == (12.5, None)
+    monkeypatch.setattr(bench_kernels, "SUSTAINED", 0.0)
+    assert bench_kernels.time_with_power([]) == (9.0, None) and bench_kernels.time_calls([]) == 9.0
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ the median graph replay divided by R (a burst of a few replays). With ``--sustai
 cuBLAS's and tinygemm's graphs are instead replayed back to back for S seconds and the second
 half timed: the clock then sits where the board's power limit holds it under that load (a large
 layer at M = 256-512 draws past the limit within a burst, and cuBLAS's bursts are shorter than
-ours: its copies are fewer), so each is timed alike in steady state; rows record the protocol.
+ours: its copies are fewer), so each is timed alike in steady state; rows record the protocol,
+and where NVML loads, the board's clock, power and clock-event reasons over the timed half
+(``power`` for ours, ``cublas_power``; ``nvml_power.summary``).
 cuBLAS fp16 (``torch.matmul``), tinygemm (``torch.ops.aten._weight_int4pack_mm``, 4-bit, bf16,
 g128) and ours (``torch.ops.gift_quant.mixed_matmul``: 2/3/4 bits, g128, 128 salient columns
 fused) are timed in the same process. "floor" is 2.0 us + bytes / 4.62 TB/s (launch latency
@@ -58,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_variants import gemv_variants  # noqa: E402
 from kernel_tables import parse_shape, print_tables, show_saved  # noqa: E402
+from nvml_power import Nvml, Sampler, summary  # noqa: E402
 from provenance import gpu_tag  # noqa: E402
 
 from gift_quant.kernels import ACTIVATION_DTYPES  # noqa: E402
@@ -86,13 +89,26 @@ BITS = [4, 3, 2]
 SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128)
 GROUP, NSAL, TARGET_BYTES = 128, 128, 1.5e9
 SUSTAINED = 0.0  # seconds of back-to-back replays per timing (--sustained); 0: a burst
+POWER: Nvml | None = None  # read over each sustained timing's timed half, where NVML loads
 OP = torch.ops.gift_quant.mixed_matmul
 
 
 def time_calls(calls: list) -> float:
     """Per-call time of ``calls`` under the run's protocol: a burst (``graph_time_us``) or,
     with ``--sustained``, steady state (``sustained_time_us``)."""
-    return sustained_time_us(calls, SUSTAINED) if SUSTAINED else graph_time_us(calls)
+    return time_with_power(calls)[0]
+
+
+def time_with_power(calls: list) -> tuple[float, dict | None]:
+    """``time_calls``' time and, in steady state where NVML loaded (``POWER``), the board's
+    clock, power and clock-event reasons over the timed half (``nvml_power.summary``)."""
+    if not SUSTAINED:
+        return graph_time_us(calls), None
+    if POWER is None:
+        return sustained_time_us(calls, SUSTAINED), None
+    sampler = Sampler(POWER)
+    us = sustained_time_us(calls, SUSTAINED, timed_half=sampler)
+    return us, summary(sampler.samples)
 
 
 def packed_layer(N: int, K: int, bits: int, codes: bool) -> dict:
@@ -174,7 +190,12 @@ def cublas_calls(x: torch.Tensor, N: int) -> list:
 
 
 def time_cublas(N: int, K: int, M: int, dtype: torch.dtype) -> float:
-    return time_calls(cublas_calls(torch.randn(M, K, device="cuda", dtype=dtype), N))
+    return cublas_with_power(N, K, M, dtype)[0]
+
+
+def cublas_with_power(N: int, K: int, M: int, dtype: torch.dtype) -> tuple[float, dict | None]:
+    """``time_cublas`` with ``time_with_power``'s readings."""
+    return time_with_power(cublas_calls(torch.randn(M, K, device="cuda", dtype=dtype), N))
 
 
 def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:
@@ -227,7 +248,8 @@ def routes_in_force(N: int, K: int, bits: int, dtype: torch.dtype) -> dict:
 
 def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
     dtype = ACTIVATION_DTYPES[res["row_env"]["dtype"]]
-    fp = {M: time_cublas(N, K, M, dtype) for M in MS}
+    fp_power = {M: cublas_with_power(N, K, M, dtype) for M in MS}
+    fp = {M: us for M, (us, _) in fp_power.items()}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:
         copies = rotated_copies(N, K, bits)
@@ -239,7 +261,7 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 (ours(x, base, bits).double() - reference(x, base)).norm()
                 / reference(x, base).norm()
             )
-            t = time_calls([partial(ours, x, L, bits) for L in copies])
+            t, power = time_with_power([partial(ours, x, L, bits) for L in copies])
             nb = layer_bytes(N, K, bits, M)
             row = record(
                 res,
@@ -259,8 +281,12 @@ def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
                 rel_err=rel,
                 tinygemm_us=tg.get(M) if bits == 4 else None,
             )
+            if power:  # steady state: the board over the timed half, ours and cuBLAS's
+                row.update(power=power, cublas_power=fp_power[M][1])
             shape_rows.append(row)
             tgs = f" tinygemm {tg[M]:6.2f}us x{fp[M] / tg[M]:4.2f}" if bits == 4 and M in tg else ""
+            if power:
+                tgs += f"  {power['watts']:.0f} W {power['mhz_median']:.0f} MHz {power['reasons']}"
             print(
                 f"{N:5d}x{K:<5d} W{bits} M={M:<3d} {row['route']:6s} ours {t:7.2f}us "
                 f"x{fp[M] / t:4.2f} vs cuBLAS {fp[M]:7.2f}us  floor {row['floor_frac']:4.0%}"
@@ -448,8 +474,13 @@ def main() -> None:
     BITS[:] = [int(b) for b in args.bits.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     p = torch.cuda.get_device_properties(0)
-    global SUSTAINED
+    global SUSTAINED, POWER
     SUSTAINED = args.sustained
+    if SUSTAINED:
+        try:
+            POWER = Nvml(f"GPU-{p.uuid}")
+        except SystemExit as exc:  # a machine without NVML: times only
+            print(f"no power readings: {exc}", flush=True)
     protocol = f"sustained {SUSTAINED:g} s" if SUSTAINED else "burst"
     row_env = dict(run_environment(args.shared), dtype=args.dtype, protocol=protocol)
     res = dict(

@@ -31,18 +31,12 @@ the time and energy ratios; a run's switches (a diagnosis build's) are named in 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import gzip
 import json
 import math
-import operator
 import os
 import re
-import statistics
 import sys
-import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -51,89 +45,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bench  # noqa: E402
+from nvml_power import Nvml, Sampler, summary  # noqa: E402
 from provenance import add_arguments, gpu_tag, shared_flag, write_json  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.testing import graph_time_us, run_environment, sustained_time_us  # noqa: E402
 
 FLOP_PER_CLOCK_SM = 4096  # dense fp16/bf16 wgmma, sm_90 (989 TFLOP/s at 1830 MHz on 132 SMs)
-# NVML clock-event reasons (nvml.h, nvmlClocksEventReason*)
-REASONS = {
-    0x1: "idle",
-    0x2: "app-clocks",
-    0x4: "sw-power-cap",
-    0x8: "hw-slowdown",
-    0x20: "sw-thermal",
-    0x40: "hw-thermal",
-    0x80: "hw-power-brake",
-    0x100: "display-clocks",
-}
-
-
-class Nvml:
-    """The few NVML calls this needs, through ctypes (libnvidia-ml ships with the driver)."""
-
-    def __init__(self, uuid: str) -> None:
-        try:
-            self.lib = ctypes.CDLL("libnvidia-ml.so.1")
-        except OSError as exc:
-            raise SystemExit(f"clock_load: NVML (libnvidia-ml.so.1) not found: {exc}") from None
-        self._ok(self.lib.nvmlInit_v2(), "nvmlInit_v2")
-        self.dev = ctypes.c_void_p()
-        self._ok(
-            self.lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(self.dev)),
-            f"nvmlDeviceGetHandleByUUID({uuid})",
-        )
-
-    @staticmethod
-    def _ok(rc: int, what: str) -> None:
-        if rc != 0:
-            raise SystemExit(f"clock_load: {what} failed (NVML error {rc})")
-
-    def power_limit_w(self) -> float:
-        """The board's enforced power limit, W."""
-        mw = ctypes.c_uint()
-        self._ok(self.lib.nvmlDeviceGetEnforcedPowerLimit(self.dev, ctypes.byref(mw)), "limit")
-        return mw.value / 1e3
-
-    def sample(self) -> tuple[int, float, int]:
-        """(SM clock MHz, power W, clock-event reasons bit mask)."""
-        clk, mw, why = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_ulonglong()
-        self._ok(self.lib.nvmlDeviceGetClockInfo(self.dev, 1, ctypes.byref(clk)), "clock")
-        self._ok(self.lib.nvmlDeviceGetPowerUsage(self.dev, ctypes.byref(mw)), "power")
-        self._ok(
-            self.lib.nvmlDeviceGetCurrentClocksThrottleReasons(self.dev, ctypes.byref(why)),
-            "clock-event reasons",
-        )
-        return clk.value, mw.value / 1e3, why.value
-
-
-class Sampler:
-    """A context manager: NVML sampled every 5 ms from a thread while it is entered; a failed
-    read ends the sampling and is raised on exit (a thread's exception would go unseen)."""
-
-    def __init__(self, nvml: Nvml) -> None:
-        self.nvml, self.samples, self.stop = nvml, [], threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.error: BaseException | None = None
-
-    def _poll(self) -> None:
-        try:
-            while not self.stop.is_set():
-                self.samples.append(self.nvml.sample())
-                time.sleep(0.005)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread in __exit__
-            self.error = exc
-
-    def __enter__(self) -> Sampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
 
 
 def parse_case(spec: str) -> tuple[int, int, int, str]:
@@ -321,13 +239,10 @@ def main() -> None:
         bench_us = graph_time_us(calls)
         sampler = Sampler(nvml)
         us = sustained_time_us(calls, args.seconds, timed_half=sampler)
-        samples = sampler.samples
-        if not samples:
+        if not sampler.samples:
             raise SystemExit(f"clock_load: no NVML sample in {args.seconds / 2} s")
-        mhz = [s[0] for s in samples]
-        clk = statistics.median(mhz)
-        why = functools.reduce(operator.or_, (s[2] for s in samples))
-        reasons = ",".join(v for k, v in REASONS.items() if why & k) or "none"
+        power = summary(sampler.samples)
+        clk, lowest, reasons = power["mhz_median"], power["mhz_min"], power["reasons"]
         tensor = flop / (us * 1e-6 * clk * 1e6 * sms * FLOP_PER_CLOCK_SM)
         row = dict(
             env,
@@ -339,13 +254,8 @@ def main() -> None:
             name=name,
             bench_us=bench_us,
             us=us,
-            mhz_median=clk,
-            mhz_min=min(mhz),
-            mhz_max=max(mhz),
-            watts=statistics.median(s[1] for s in samples),
+            **power,
             power_limit_w=limit,
-            reasons=reasons,
-            samples=len(samples),
             tensor_frac=tensor,
             sms=sms,
         )
@@ -361,7 +271,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{f'{N}x{K} M={M} {name}':34s} {bench_us:9.1f} {us:12.1f} "
-            f"{f'{clk:.0f}/{min(mhz)}':>12s} {row['watts']:5.0f} {100 * tensor:8.1f} {tail}  "
+            f"{f'{clk:.0f}/{lowest}':>12s} {row['watts']:5.0f} {100 * tensor:8.1f} {tail}  "
             f"{reasons}",
             flush=True,
         )
