@@ -25,7 +25,6 @@ stamped with the commit, versions, GPU and whether the machine was shared.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -40,7 +39,15 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bench  # noqa: E402
-from provenance import add_arguments, gpu_tag, provenance, shared_flag, stamp, write_json  # noqa: E402
+from provenance import (  # noqa: E402
+    add_arguments,
+    gpu_tag,
+    provenance,
+    read_json,
+    shared_flag,
+    stamp,
+    write_json,
+)
 
 from gift_quant.kernels.triton import dispatch  # noqa: E402
 from gift_quant.kernels.triton.gemv import (  # noqa: E402
@@ -142,7 +149,7 @@ def table(rows: list[dict]) -> str:
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["N"], r["K"], r["M"], r["bits"], r["nsal"], r["dtype"]), []).append(r)
-    lines = ["| shape | M | bits | nsal | rule | us | fastest | us | ratio |", "|---|" * 9]
+    lines = ["| shape | M | bits | nsal | rule | us | fastest | us | ratio |", "|" + "---|" * 9]
     logs = []
     for key in sorted(cells):
         N, K, M, bits, nsal, _ = key
@@ -179,8 +186,7 @@ def main() -> None:
     add_arguments(ap)
     args = ap.parse_args()
     if args.table:
-        raw = Path(args.table).read_bytes()
-        print(table(json.loads(gzip.decompress(raw) if args.table.endswith(".gz") else raw)))
+        print(table(read_json(args.table)))
         return
     try:  # every argument read before any work
         shapes = (

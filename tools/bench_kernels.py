@@ -190,12 +190,7 @@ def cublas_calls(x: torch.Tensor, N: int) -> list:
 
 
 def time_cublas(N: int, K: int, M: int, dtype: torch.dtype) -> float:
-    return cublas_with_power(N, K, M, dtype)[0]
-
-
-def cublas_with_power(N: int, K: int, M: int, dtype: torch.dtype) -> tuple[float, dict | None]:
-    """``time_cublas`` with ``time_with_power``'s readings."""
-    return time_with_power(cublas_calls(torch.randn(M, K, device="cuda", dtype=dtype), N))
+    return time_calls(cublas_calls(torch.randn(M, K, device="cuda", dtype=dtype), N))
 
 
 def time_tinygemm(N: int, K: int, Ms: list[int]) -> dict:
@@ -248,7 +243,10 @@ def routes_in_force(N: int, K: int, bits: int, dtype: torch.dtype) -> dict:
 
 def bench_shape(group: str, N: int, K: int, sweep: bool, res: dict) -> None:
     dtype = ACTIVATION_DTYPES[res["row_env"]["dtype"]]
-    fp_power = {M: cublas_with_power(N, K, M, dtype) for M in MS}
+    fp_power = {
+        M: time_with_power(cublas_calls(torch.randn(M, K, device="cuda", dtype=dtype), N))
+        for M in MS
+    }
     fp = {M: us for M, (us, _) in fp_power.items()}
     tg = {} if res["opts"]["skip_tinygemm"] else time_tinygemm(N, K, MS)
     for bits in BITS:

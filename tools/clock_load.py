@@ -31,8 +31,6 @@ the time and energy ratios; a run's switches (a diagnosis build's) are named in 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
 import os
 import re
@@ -46,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bench  # noqa: E402
 from nvml_power import Nvml, Sampler, summary  # noqa: E402
-from provenance import add_arguments, gpu_tag, shared_flag, write_json  # noqa: E402
+from provenance import add_arguments, gpu_tag, read_json, shared_flag, write_json  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.testing import graph_time_us, run_environment, sustained_time_us  # noqa: E402
@@ -104,9 +102,8 @@ def compare(base_path: str, new_path: str) -> list[str]:
     or the runs share no case."""
     runs = []
     for path in (base_path, new_path):
-        try:  # superseded runs are kept gzipped (FILE.json.gz)
-            raw = Path(path).read_bytes()
-            rows = json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)
+        try:
+            rows = read_json(path)
         except (OSError, ValueError) as exc:
             raise SystemExit(
                 f"clock_load: --compare {path}: cannot read it as JSON: {exc}"

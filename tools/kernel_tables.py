@@ -12,10 +12,9 @@ a run over shapes that differ only in K split into a fixed and a per-k-step time
 
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
 from statistics import geometric_mean, linear_regression
+
+from provenance import read_json
 
 
 def parse_shape(text: str, group: int = 128) -> tuple[int, int]:
@@ -79,7 +78,7 @@ def print_tables(res: dict, markdown: bool = False) -> None:
             (r["N"], r["K"]) for r in res["rows"] if r.get("shape_group", "tuned") == group
         )
         print(
-            f"\n{group} shapes: speed-up over cuBLAS {res.get('env', {}).get('dtype', 'fp16')}"
+            f"\n{group} shapes: speed-up over cuBLAS {_dtype(res)}"
             + ("" if markdown else " (fraction of the byte floor)")
             + (f", timed {protocol}" if protocol != "burst" else "")
             + "\n"
@@ -378,14 +377,10 @@ def show_saved(markdown: str | None, compare: list[str] | None, sweep: str | Non
     """``bench_kernels``' views of saved runs (``--markdown FILE``, ``--compare BASE NEW``,
     ``--k-sweep FILE``): print the one asked for; False where none was."""
 
-    def load(path: str) -> dict:  # superseded runs are kept gzipped (FILE.json.gz)
-        raw = Path(path).read_bytes()
-        return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)
-
     if markdown:
-        print_tables(load(markdown), markdown=True)
+        print_tables(read_json(markdown), markdown=True)
     elif compare:
-        print_comparison(*map(load, compare))
+        print_comparison(*map(read_json, compare))
     elif sweep:
-        print_k_sweep(load(sweep))
+        print_k_sweep(read_json(sweep))
     return bool(markdown or compare or sweep)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import importlib.metadata
 import json
 import os
@@ -168,6 +169,12 @@ def write_json(path: str | Path, obj) -> Path:
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_json(path: str | Path):
+    """A saved result, plain or gzipped (``FILE.json.gz``: superseded runs are kept so)."""
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw)
 
 
 if __name__ == "__main__":  # print this machine's stamp
