@@ -17,6 +17,46 @@
 
 namespace {
 
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+#ifdef GQ_TRACE
+// A diagnosis build (native.build_defines): thread 0 of each block records the global timer
+// at points of its path (tools/trace_wg.py, tools/trace_mma.py); slot i of block b (blocks of
+// the launch in grid order) at gq_trace_buf[b * GQ_TRACE_SLOTS + i], one buffer per source
+// file (this namespace is each file's own). Slots the kernels share: 27 (the split-K count's
+// answer is back), 28 (1: this block summed the splits), 29 (the SM), 30 (the exit).
+constexpr int GQ_TRACE_SLOTS = 32, GQ_TRACE_BLOCKS = 8192;
+__device__ unsigned long long gq_trace_buf[GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS];
+__device__ __forceinline__ void gq_trace_put(int i, unsigned long long v) {
+  const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0 && b < GQ_TRACE_BLOCKS) gq_trace_buf[b * GQ_TRACE_SLOTS + i] = v;
+}
+__device__ __forceinline__ unsigned gq_smid() {
+  unsigned s;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}
+#define GQ_TRACE_AT(i) gq_trace_put((i), globaltimer_ns())
+#define GQ_TRACE_VAL(i, v) gq_trace_put((i), static_cast<unsigned long long>(v))
+// `count` values of this file's buffer into dst (host memory), then the buffer zeroed: 0 or
+// a cudaError_t (-1: count out of range)
+inline int trace_read(void* dst, int count) {
+  if (count < 0 || count > GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS) return -1;
+  const size_t bytes = static_cast<size_t>(count) * sizeof(unsigned long long);
+  if (const cudaError_t rc = cudaMemcpyFromSymbol(dst, gq_trace_buf, bytes)) return rc;
+  void* buf = nullptr;
+  if (const cudaError_t rc = cudaGetSymbolAddress(&buf, gq_trace_buf)) return rc;
+  return cudaMemset(buf, 0, sizeof(gq_trace_buf));
+}
+#else
+#define GQ_TRACE_AT(i)
+#define GQ_TRACE_VAL(i, v)
+#endif
+
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t bits) {
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(bits));
@@ -443,6 +483,8 @@ __device__ __forceinline__ void finish_tile(float* __restrict__ ws, int* __restr
   if (threadIdx.x == 0) {
     __threadfence();  // release: the block's adds before the count
     last = atomicAdd(cnt + counter, 1) == parts - 1;
+    GQ_TRACE_AT(27);
+    GQ_TRACE_VAL(28, last);
     if (last) __threadfence();  // acquire: every block's adds before the reads below
   }
   __syncthreads();

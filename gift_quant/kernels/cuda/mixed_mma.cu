@@ -82,6 +82,8 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   // 0.98-1.03x; kernels_h200_r16_sa1.json against kernels_h200_r16a.json.gz)
   constexpr bool SA = MT == 1 || (MT == 2 && BITS != 3);
   extern __shared__ __align__(16) half xs[];
+  GQ_TRACE_AT(0);  // (a diagnosis build, tools/trace_mma.py: the block's start)
+  GQ_TRACE_VAL(29, gq_smid());
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int B = N >> 6;                  // 64-column strips
@@ -133,10 +135,12 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
   int first[GATHER_BATCH];
   if constexpr (KW > 1) salient_first(first, sidx, nsal, M, R, nq, split, splits);
   pdl_wait();  // x comes from the previous kernel
+  GQ_TRACE_AT(1);
   stage_x(xs, x, M, K, R, ldx, s0 * 64, nss * 64);
   gather_salient(xs, x, sidx, nsal, M, K, R, ldx, nss * 64, nq, split, splits,
                  KW > 1 ? first : nullptr);
   wait_copies_and_sync<0>();
+  GQ_TRACE_AT(2);  // x staged
 
   float acc[MT][8][4], gacc[MT][8][4];  // gacc: this group's x @ (code - zero) (SA only)
 #pragma unroll
@@ -174,6 +178,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
     }
   }
 
+  GQ_TRACE_AT(3);  // warp 0's salient steps issued
   // 4. the quantized k-steps
   uint32_t sc[8], cz[8][2];  // sc: both halves one column's scale (SA: 2 columns, C layout)
   unsigned cur_group = 0xFFFFFFFFu;
@@ -237,12 +242,16 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
               mma16816<BF>(SA ? gacc[m][j] : acc[m][j], a, f[2 * j], f[2 * j + 1]);
           }
         }
+#ifdef GQ_TRACE
+        if (ss == 0) GQ_TRACE_AT(4);  // warp 0's first k-step: its words here, its MMAs issued
+#endif
       }
     }
   }
   if constexpr (SA) {
     if (nsw > 0) add_scaled<MT>(acc, gacc, sc);
   }
+  GQ_TRACE_AT(5);  // warp 0's k-steps done
   pdl_launch_dependents();  // the next kernel may start once every block is here
   if constexpr (KW > 1) {  // the strip's shares add up in warp kp = 0's registers
     constexpr int E = MT * 32;  // accumulators per lane
@@ -270,6 +279,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
       }
     }
   }
+  GQ_TRACE_AT(6);  // the block's k-steps summed (KW > 1: the strip's shares)
 
   // 5. output: lane holds rows m*16 + g (+8), columns b*64 + 8j + 2t (+1)
   if (csize > 1) {  // launch-uniform: the cluster's splits add up in shared memory
@@ -291,6 +301,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
         },
         reinterpret_cast<float*>(xs), bias, y, ws, 0, M, N, blockIdx.x * W, splits == csize);
     if (splits > csize) finish_splits<BF>(ws, cnt, bias, y, M, N, W);
+    GQ_TRACE_AT(30);
     return;
   }
   const int col0 = b * 64 + 2 * t;
@@ -311,6 +322,7 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
           }
         }
       }
+    GQ_TRACE_AT(30);
     return;
   }
 #pragma unroll
@@ -331,7 +343,9 @@ __global__ void __launch_bounds__(WN * KW * 32, (min_blocks<MT, WN, KW>()))
         }
       }
     }
+  GQ_TRACE_AT(7);  // the block's atomics issued
   finish_splits<BF>(ws, cnt, bias, y, M, N, WN * 64);
+  GQ_TRACE_AT(30);
 }
 
 template <bool BF, int BITS, int MT, int WN, int KW>
@@ -446,3 +460,9 @@ extern "C" int gq_mixed_mma(const void* x, const void* qc, const void* zp, const
   };
   return bf16 ? run(std::true_type{}) : run(std::false_type{});
 }
+
+#ifdef GQ_TRACE
+// A diagnosis build's timelines (GQ_TRACE, fragments.cuh): `count` values of this file's
+// trace buffer into dst (host memory), then the buffer zeroed
+extern "C" int gq_mma_trace(void* dst, int count) { return trace_read(dst, count); }
+#endif

@@ -185,19 +185,6 @@ __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-#ifdef GQ_TRACE
-constexpr int GQ_TRACE_SLOTS = 32, GQ_TRACE_BLOCKS = 8192;
-__device__ unsigned long long gq_trace_buf[GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS];
-__device__ __forceinline__ void gq_trace_put(int i, unsigned long long v) {
-  const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0 && b < GQ_TRACE_BLOCKS) gq_trace_buf[b * GQ_TRACE_SLOTS + i] = v;
-}
-__device__ __forceinline__ unsigned gq_smid() {
-  unsigned s;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
-  return s;
-}
-#endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GQ_WGMMA 1
@@ -377,25 +364,10 @@ __device__ __forceinline__ float shfl_xor4(float v) {
   asm volatile("shfl.sync.bfly.b32 %0, %1, 4, 0x1f, 0xffffffff;\n" : "=f"(o) : "f"(v));
   return o;
 }
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
 // how long a block of a launch whose blocks gather xs together (`coop`) waits for the others'
 // slices before it gathers all of xs itself: far past the slices' time (about a microsecond
 // after the dependent wait), so only blocks that have not started yet make it gather
 constexpr uint64_t WG_GATHER_WAIT_NS = 20000;
-#ifdef GQ_TRACE
-// A diagnosis build (native.build_defines): thread 0 of each block (a consumer) records the
-// global timer at points of its path, for tools/trace_wg.py; slot i of block b (blocks of the
-// launch in grid order) at gq_trace_buf[b * GQ_TRACE_SLOTS + i]
-#define GQ_TRACE_AT(i) gq_trace_put((i), globaltimer_ns())
-#define GQ_TRACE_VAL(i, v) gq_trace_put((i), static_cast<unsigned long long>(v))
-#else
-#define GQ_TRACE_AT(i)
-#define GQ_TRACE_VAL(i, v)
-#endif
 __device__ __forceinline__ uint32_t ld_acquire(const int* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -1647,14 +1619,7 @@ extern "C" int gq_wg_wave_blocks(int bits, int bf16, int nt, int wgs, int* out) 
 }
 
 #ifdef GQ_TRACE
-// A diagnosis build's timelines (GQ_TRACE): `count` values of gq_trace_buf into dst (host
-// memory), then the buffer zeroed; 0 or a cudaError_t (-1: count out of range)
-extern "C" int gq_wg_trace(void* dst, int count) {
-  if (count < 0 || count > GQ_TRACE_BLOCKS * GQ_TRACE_SLOTS) return -1;
-  const size_t bytes = static_cast<size_t>(count) * sizeof(unsigned long long);
-  if (const cudaError_t rc = cudaMemcpyFromSymbol(dst, gq_trace_buf, bytes)) return rc;
-  void* buf = nullptr;
-  if (const cudaError_t rc = cudaGetSymbolAddress(&buf, gq_trace_buf)) return rc;
-  return cudaMemset(buf, 0, sizeof(gq_trace_buf));
-}
+// A diagnosis build's timelines (GQ_TRACE, fragments.cuh): `count` values of this file's
+// trace buffer into dst (host memory), then the buffer zeroed
+extern "C" int gq_wg_trace(void* dst, int count) { return trace_read(dst, count); }
 #endif

@@ -85,7 +85,7 @@ ENTRY_ARGS = {
     "gq_wg_wave_blocks": [_I] * 4 + [_P],  # bits, bf16, nt, wgs; out
 }
 # the entry points of a diagnosis build only (``build_defines``: GQ_TRACE)
-TRACE_ARGS = {"gq_wg_trace": [_P, _I]}  # dst (host), count
+TRACE_ARGS = {"gq_wg_trace": [_P, _I], "gq_mma_trace": [_P, _I]}  # dst (host), count
 # gq_mixed_wg's `schedule` bits (mixed_wg.cu's constants of the same names; a test compares them)
 WG_STREAM_K, WG_BLOCKS_GATHER = 1, 2
 
@@ -113,7 +113,8 @@ def compile_check(nvcc: str, source: Path, cubin: Path) -> subprocess.CompletedP
 
 # the macros of a diagnosis build (``build_defines``)
 DIAGNOSIS_DEFINES = {
-    "GQ_TRACE": "the warpgroup kernel records each block's timeline (tools/trace_wg.py)",
+    "GQ_TRACE": "the warpgroup kernel and the tensor-core kernel for few rows record each "
+    "block's timeline (tools/trace_wg.py, tools/trace_mma.py)",
     "GQ_NO_DEQUANT": "the warpgroup kernel uses its codes' words as the MMA fragments, "
     "undequantized: wrong results, for what the dequantization costs (tools/clock_load.py)",
 }
