@@ -23,7 +23,6 @@ commit, versions, GPU and whether the machine was shared).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import statistics
@@ -39,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_kernels import NSAL, cand_call, rotated_copies  # noqa: E402
-from kernel_tables import parse_shape  # noqa: E402
-from provenance import add_arguments, gpu_tag, provenance, shared_flag, stamp, write_json  # noqa: E402
+from provenance import gpu_tag, provenance, stamp, write_json  # noqa: E402
+from trace_wg import layer_args  # noqa: E402
 
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
@@ -100,24 +99,11 @@ def summary(blocks: list[list[int]]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="4096x4096", help="NxK")
-    ap.add_argument("--m", type=int, default=16, help="rows of x (1-64)")
-    ap.add_argument("--names", required=True, help="mma configurations, comma-separated")
-    ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
-    ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
-    add_arguments(ap)
-    args = ap.parse_args()
-    shared = shared_flag(ap, args)
-    names = [n for n in args.names.split(",") if n]
-    try:
-        N, K = parse_shape(args.shape)
-    except ValueError as exc:
-        ap.error(f"--shape: {exc}")
+    ap, args, shared, names, N, K = layer_args(
+        __doc__, "4096x4096", 16, "mma:", "tensor-core configurations (mma:WNxS[kKW][cC])"
+    )
     if not 1 <= args.m <= 64:
         ap.error(f"--m {args.m}: the kernel serves 1-64 rows")
-    if bad := [n for n in names if not n.startswith("mma:")]:
-        ap.error(f"--names: {bad} are not tensor-core configurations (mma:WNxS[kKW][cC])")
     for name in names:
         routes.mma_config(name)  # a clear error for a malformed name, before any GPU work
     if not torch.cuda.is_available() or native.library() is None:

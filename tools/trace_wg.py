@@ -111,11 +111,17 @@ def summary(blocks: list[list[int]], steps_per_tile: int, sm_count: int) -> dict
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="13824x5120", help="NxK")
-    ap.add_argument("--m", type=int, default=512)
-    ap.add_argument("--names", required=True, help="warpgroup configurations, comma-separated")
+def layer_args(
+    doc: str, shape: str, m: int, prefix: str, what: str
+) -> tuple[argparse.ArgumentParser, argparse.Namespace, bool, list[str], int, int]:
+    """The trace tools' common arguments (--shape, --m, --names, --bits, --out, the machine's
+    state) read, with a one-line usage error for a malformed shape or a configuration that is
+    not the tool's kernel's (``prefix``; ``what`` names them): (parser, args, shared, names,
+    N, K)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--shape", default=shape, help="NxK")
+    ap.add_argument("--m", type=int, default=m)
+    ap.add_argument("--names", required=True, help="configurations, comma-separated")
     ap.add_argument("--bits", type=int, default=4, choices=(2, 3, 4))
     ap.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     add_arguments(ap)
@@ -126,8 +132,15 @@ def main() -> None:
         N, K = parse_shape(args.shape)
     except ValueError as exc:
         ap.error(f"--shape: {exc}")
-    if bad := [n for n in names if not n.startswith("wg:")]:
-        ap.error(f"--names: {bad} are not warpgroup configurations (wg:NTxWxS...)")
+    if bad := [n for n in names if not n.startswith(prefix)]:
+        ap.error(f"--names: {bad} are not {what}")
+    return ap, args, shared, names, N, K
+
+
+def main() -> None:
+    _, args, shared, names, N, K = layer_args(
+        __doc__, "13824x5120", 512, "wg:", "warpgroup configurations (wg:NTxWxS...)"
+    )
     if not torch.cuda.is_available() or native.library() is None or not native.wg_available():
         sys.exit("trace_wg.py: needs a GPU with the warpgroup kernel (sm_90a) and nvcc")
     if not hasattr(native.library(), "gq_wg_trace"):
