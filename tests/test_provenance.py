@@ -87,7 +87,8 @@ def test_every_tool_that_writes_json_stamps_it():
             continue
         text = tool.read_text()
         if "write_json(" in text:  # provenance's stamp, or the kernel tools' run_environment
-            stamped = "add_arguments(" in text and "stamp(" in text
+            # the machine's-state arguments: provenance's, or through trace_wg's layer_args
+            stamped = ("add_arguments(" in text or "layer_args(" in text) and "stamp(" in text
             assert stamped or "run_environment(" in text, tool.name
             writers.add(tool.stem)
         elif "write_text(json" in text or "json.dump(" in text:
