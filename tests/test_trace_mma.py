@@ -53,6 +53,8 @@ def test_summary_reads_phases_from_each_block_and_from_the_launch(trace_mma):
         (["--names", "wg:64x2x3c3"], "not tensor-core configurations"),
         (["--names", "mma:2x4k4", "--m", "65"], "serves 1-64 rows"),
         (["--names", "mma:2x4k4", "--shape", "4096by4096"], "--shape"),
+        (["--names", "mma:2x"], "is not mma:WNxS[kKW][cC]"),
+        (["--names", "mma:2x4k4", "--m", "32"], "at 16 rows or fewer"),
     ],
 )
 def test_refuses_bad_arguments_before_any_work(trace_mma, monkeypatch, capsys, args, says):

@@ -73,7 +73,8 @@ def read_trace() -> list[list[int]]:
 def summary(blocks: list[list[int]]) -> dict:
     """Per phase: the median ns from each block's start, the median and latest from the
     launch's first start (blocks that recorded it); the span, the starts' spread, how many
-    blocks summed the splits."""
+    blocks summed the splits. A block's start may precede the end of the launch before it
+    (a programmatic dependent launch): its time to "dependent wait done" includes that wait."""
     t0 = min(r[0] for r in blocks)
     med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
     phases = {}
@@ -105,7 +106,14 @@ def main() -> None:
     if not 1 <= args.m <= 64:
         ap.error(f"--m {args.m}: the kernel serves 1-64 rows")
     for name in names:
-        routes.mma_config(name)  # a clear error for a malformed name, before any GPU work
+        try:  # a malformed name, or warps sharing a strip past 16 rows: refused before any work
+            kw = routes.mma_config(name)[3]
+        except ValueError:
+            ap.error(f"--names: {name} is not mma:WNxS[kKW][cC]")
+        if kw > 1 and args.m > 16:
+            ap.error(
+                f"--names: {name} shares strips (k{kw}), which the kernel does at 16 rows or fewer"
+            )
     if not torch.cuda.is_available() or native.library() is None:
         sys.exit("trace_mma.py: needs a GPU with the CUDA kernels built (nvcc)")
     if not hasattr(native.library(), "gq_mma_trace"):
@@ -124,6 +132,8 @@ def main() -> None:
         torch.cuda.synchronize()
         blocks = read_trace()
         del g
+        if not blocks:
+            sys.exit(f"trace_mma.py: {name} left no timeline (no block of the launch recorded one)")
         s = summary(blocks)
         print(
             f"\n{name}: {per_call:.2f} us a launch (graph), span {s['span_us']:.2f} us, "

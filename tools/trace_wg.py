@@ -41,7 +41,7 @@ from provenance import add_arguments, gpu_tag, provenance, shared_flag, stamp, w
 from gift_quant.kernels.cuda import native  # noqa: E402
 from gift_quant.kernels.triton import routes  # noqa: E402
 
-SLOTS, BLOCKS = 32, 8192  # mixed_wg.cu: GQ_TRACE_SLOTS, GQ_TRACE_BLOCKS
+SLOTS, BLOCKS = 32, 8192  # fragments.cuh: GQ_TRACE_SLOTS, GQ_TRACE_BLOCKS
 # mixed_wg.cu's slots: 0 start, 1 the dependent wait, segment s at 2 + 4 s (data, MMAs done,
 # end, first k-step << 16 | k-steps; six segments at most), the SM, the exit
 SEGMENTS, SMID, EXIT = 6, 29, 30

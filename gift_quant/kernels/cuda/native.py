@@ -114,7 +114,8 @@ def compile_check(nvcc: str, source: Path, cubin: Path) -> subprocess.CompletedP
 # the macros of a diagnosis build (``build_defines``)
 DIAGNOSIS_DEFINES = {
     "GQ_TRACE": "the warpgroup kernel and the tensor-core kernel for few rows record each "
-    "block's timeline (tools/trace_wg.py, tools/trace_mma.py)",
+    "block's timeline (tools/trace_wg.py, tools/trace_mma.py; the swapped kernel only its "
+    "split-K count, unread)",
     "GQ_NO_DEQUANT": "the warpgroup kernel uses its codes' words as the MMA fragments, "
     "undequantized: wrong results, for what the dequantization costs (tools/clock_load.py)",
 }
