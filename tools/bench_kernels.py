@@ -96,16 +96,14 @@ OP = torch.ops.gift_quant.mixed_matmul
 def time_calls(calls: list) -> float:
     """Per-call time of ``calls`` under the run's protocol: a burst (``graph_time_us``) or,
     with ``--sustained``, steady state (``sustained_time_us``)."""
-    return time_with_power(calls)[0]
+    return sustained_time_us(calls, SUSTAINED) if SUSTAINED else graph_time_us(calls)
 
 
 def time_with_power(calls: list) -> tuple[float, dict | None]:
     """``time_calls``' time and, in steady state where NVML loaded (``POWER``), the board's
     clock, power and clock-event reasons over the timed half (``nvml_power.summary``)."""
-    if not SUSTAINED:
-        return graph_time_us(calls), None
-    if POWER is None:
-        return sustained_time_us(calls, SUSTAINED), None
+    if not SUSTAINED or POWER is None:
+        return time_calls(calls), None
     sampler = Sampler(POWER)
     us = sustained_time_us(calls, SUSTAINED, timed_half=sampler)
     return us, summary(sampler.samples)
