@@ -204,6 +204,26 @@ def tiny_recipe(path: str, *overrides: str):
     )
 
 
+def stored_tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file, or in every one under a directory, read from
+    the files' own headers (each tensor's data_offsets)."""
+    import json
+    import struct
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(end - start for start, end in _offsets(header))
+    return total
+
+
+def _offsets(header: dict):
+    return [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+
+
 def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple | None:
     """(T, sk0, G, lanes) of a stream-K launch of two-warpgroup tiles of ``nt`` rows, ``steps``
     k-steps a tile, on a ``wave``-block device, as mixed_wg.cu sizes it: ``launch_wg`` keeps the

@@ -15,7 +15,12 @@ from gift_quant.quantize import quantize_model
 
 pytest.importorskip("peft")
 
-from gift_quant.train.lora import attach_lora, load_lora, matched_lora_rank  # noqa: E402
+from gift_quant.train.lora import (  # noqa: E402
+    adapter_params,
+    attach_lora,
+    load_lora,
+    matched_lora_rank,
+)
 
 IDS = torch.arange(1, 40).unsqueeze(0)
 
@@ -50,6 +55,9 @@ def test_matched_rank_is_the_closest_parameter_count(quantized_dir, dora):
     per_rank = sum(m.in_features + m.out_features for m in layers)
     magnitudes = sum(m.out_features for m in layers) if dora else 0
     assert counts[rank] == rank * per_rank + magnitudes
+    # the disk check's count (from shapes alone) is the one PEFT trains, at every rank
+    shapes = [(m.num_salient, m.out_features, m.in_features) for m in layers]
+    assert all(adapter_params(shapes, r, dora) == n for r, n in counts.items())
 
 
 def test_dora_on_the_packed_base_computes_dora_and_round_trips(quantized_dir, tmp_path):

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_recipe
+from conftest import FAMILIES, stored_tensor_bytes, tiny_recipe
 
 from gift_quant.data import eval_windows, load_documents, tokenize_documents
 from gift_quant.evaluate import perplexity
-from gift_quant.io.export import save_quantized
+from gift_quant.io.export import export_bytes, save_quantized
 from gift_quant.io.load import load_quantized
 from gift_quant.mixed_linear import MixedLinear
-from gift_quant.modeling import cast_params, decoder_blocks, find_targets, load_model
-from gift_quant.quantize import quantize_model
+from gift_quant.modeling import DTYPES, cast_params, decoder_blocks, find_targets, load_model
+from gift_quant.quantize import check_targets, quantize_model
+from gift_quant.validation import meta_model
 
 
 def logits32(model, ids):
@@ -49,6 +50,11 @@ def test_quantize_export_load_round_trip(family, tiny_model_dirs, tmp_path):
     assert torch.isfinite(ref).all()
     assert not torch.equal(ref, fp_logits)
     save_quantized(model, tmp_path / "export", tokenizer=tok, recipe=recipe)
+    # the size the run's disk check plans from the model's config alone is what was written
+    meta = meta_model(recipe.model)
+    plan = check_targets(meta, recipe.model, recipe.saliency, recipe.quant)[3]
+    planned = export_bytes(meta, plan, recipe.quant, DTYPES[recipe.model.dtype])
+    assert planned == stored_tensor_bytes(tmp_path / "export")
     loaded = load_quantized(tmp_path / "export", dtype=torch.float32)
     got = loaded(ids).logits
     assert torch.equal(got, ref), "the export computes exactly what the in-memory model does"

@@ -47,6 +47,7 @@ __all__ = [
     "SALIENT_FILE",
     "atomic_directory",
     "checkpoint_tensors",
+    "export_bytes",
     "gptq_block",
     "save_quantized",
     "tensor_digests",
@@ -256,6 +257,38 @@ def checkpoint_tensors(
         return {k: v.detach().cpu().contiguous() for k, v in d.items()}
 
     return cpu(main), cpu(salient)
+
+
+def export_bytes(model: nn.Module, plan: dict[str, int], quant, dtype: torch.dtype) -> int:
+    """Tensor bytes of the export of ``model`` -- full precision; its skeleton on the meta
+    device is enough -- once the Linears named in ``plan`` (name -> salient columns) are
+    quantized as ``quant`` says: their tensors as :class:`MixedLinear` holds them, every other
+    tensor of the state dict once (tied weights are one tensor) in ``dtype``. The files add
+    only their headers, the JSON files and the tokenizer."""
+    modules = dict(model.named_modules())
+    total, skip = 0, set()
+    for name, k in plan.items():
+        linear = modules[name]
+        layer = MixedLinear(
+            linear.in_features,
+            linear.out_features,
+            bits=quant.bits,
+            group_size=quant.group_size,
+            num_salient=k,
+            bias=linear.bias is not None,
+            sym=quant.sym,
+            dtype=dtype,
+            device="meta",
+        )
+        total += sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        skip.update(id(t) for t in linear.state_dict(keep_vars=True).values())
+    seen: set[int] = set()
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) in skip or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+    return total
 
 
 def write_model_files(

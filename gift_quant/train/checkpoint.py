@@ -30,9 +30,16 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gift_quant.io.export import atomic_directory
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["KEEP", "checkpoint_bytes", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _FULL = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+KEEP = 2  # checkpoints kept; a third is whole on disk before the oldest goes
+
+
+def checkpoint_bytes(trainable: int) -> int:
+    """Tensor bytes of one checkpoint of ``trainable`` parameters: fp32 master weights and
+    AdamW's two fp32 moments of each (the RNG state adds a few kilobytes)."""
+    return trainable * 4 * 3
 
 
 def _trainable_names(model: nn.Module) -> list[str]:
@@ -50,7 +57,7 @@ def save_checkpoint(
     optimizer,
     scheduler,
     fingerprint: dict,
-    keep: int = 2,
+    keep: int = KEEP,
     write: bool = True,
 ) -> Path:
     names = set(_trainable_names(model))

@@ -19,16 +19,26 @@ from torch import nn
 
 from gift_quant.mixed_linear import MixedLinear
 
-__all__ = ["attach_lora", "load_lora", "matched_lora_rank"]
+__all__ = ["adapter_params", "attach_lora", "load_lora", "matched_lora_rank", "matched_rank"]
 
 
 def matched_lora_rank(model: nn.Module, dora: bool = False) -> int:
     """The adapter rank whose trainable parameters come closest to the salient columns'."""
     layers = [m for m in model.modules() if isinstance(m, MixedLinear)]
-    salient = sum(m.num_salient * m.out_features for m in layers)
-    magnitudes = sum(m.out_features for m in layers) if dora else 0
-    per_rank = sum(m.in_features + m.out_features for m in layers)
+    return matched_rank([(m.num_salient, m.out_features, m.in_features) for m in layers], dora)
+
+
+def matched_rank(layers: list[tuple[int, int, int]], dora: bool = False) -> int:
+    """:func:`matched_lora_rank` of layers given as (salient columns k, N, K)."""
+    salient = sum(k * n for k, n, _ in layers)
+    magnitudes = sum(n for _, n, _ in layers) if dora else 0
+    per_rank = sum(n + k_in for _, n, k_in in layers)
     return max(1, round((salient - magnitudes) / per_rank))
+
+
+def adapter_params(layers: list[tuple[int, int, int]], rank: int, dora: bool = False) -> int:
+    """Trainable parameters of a rank-``rank`` adapter on layers given as (k, N, K)."""
+    return sum(rank * (n + k_in) + (n if dora else 0) for _, n, k_in in layers)
 
 
 def _peft():
