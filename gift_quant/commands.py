@@ -221,6 +221,7 @@ def cmd_export(args) -> dict:
     from gift_quant.io.export import save_quantized
     from gift_quant.io.gptq_lora import save_gptq_lora
     from gift_quant.io.load import load_quantized
+    from gift_quant.validation import check_space
 
     out = Path(args.out)
     if args.table_bits is not None and args.format != "onnx":
@@ -241,6 +242,9 @@ def cmd_export(args) -> dict:
         log.info("%s: %s", out, report["note"])
         return {"command": "export", "out": str(out), **report}
     model_dir = resolve_model_dir(args.dir)
+    # what either format writes again: the GPTQ and other weights (the mixed copy, all of it)
+    files = "*.safetensors" if args.format == "mixed" else "model*.safetensors"
+    check_space(out, {"export": sum(f.stat().st_size for f in model_dir.glob(files))})
     model = load_quantized(model_dir, verify=not args.no_verify)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)

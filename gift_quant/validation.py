@@ -8,6 +8,7 @@ behind, so the corrected rerun just works.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,9 +24,11 @@ __all__ = [
     "STAGE_OUTPUTS",
     "check_device",
     "check_finite_weights",
+    "check_space",
     "check_writable",
     "comparable",
     "meta_model",
+    "planned_writes",
     "recipe_conflict",
     "validate",
 ]
@@ -184,7 +187,7 @@ def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
         raise RecipeError(conflict)
     check_writable(out)
     meta = meta_model(recipe.model)
-    check_targets(meta, recipe.model, recipe.saliency, recipe.quant)
+    _, _, per_block, plan = check_targets(meta, recipe.model, recipe.saliency, recipe.quant)
     check_context(meta, recipe.calib.seq_len, "calib.seq_len")
     if not new_out:
         check_context(meta, recipe.eval.seq_len, "eval.seq_len")
@@ -192,6 +195,93 @@ def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
         check_context(meta, recipe.train.seq_len, "train.seq_len")
     if not new_out:  # quantize checks only its calibration source itself
         check_sources(recipe)
+    check_space(out, planned_writes(recipe, meta, per_block, plan, new_out=new_out))
+
+
+def trainable_params(recipe: Recipe, meta, per_block, plan: dict[str, int]) -> int:
+    """The parameters recover's training updates (what its checkpoints hold)."""
+    from gift_quant.train.lora import adapter_params, matched_rank
+    from gift_quant.train.norms import norm_modules
+
+    tr = recipe.train
+    layers = [
+        (plan[n], lin.out_features, lin.in_features) for t in per_block for n, lin in t.items()
+    ]
+    if tr.method == "gift":
+        norms = norm_modules(meta).values() if tr.norms else ()
+        extra = sum(p.numel() for m in norms for p in m.parameters(recurse=False))
+        return sum(k * n for k, n, _ in layers) + extra
+    dora = tr.method == "dora"
+    return adapter_params(layers, tr.lora_rank or matched_rank(layers, dora), dora)
+
+
+def planned_writes(recipe: Recipe, meta, per_block, plan: dict[str, int], *, new_out: bool):
+    """Tensor bytes a run writes into OUT, by what it writes them into: the export (quantize:
+    "export"), or recover's quantized/, model/ or lora_adapter/ and its training
+    checkpoints (as many as are on disk at once)."""
+    from gift_quant.io.export import export_bytes
+    from gift_quant.modeling import DTYPES
+    from gift_quant.train.checkpoint import KEEP, checkpoint_bytes
+
+    export = export_bytes(meta, plan, recipe.quant, DTYPES[recipe.model.dtype])
+    if new_out:
+        return {"export": export}
+    tr = recipe.train
+    writes = {} if tr.mode == "pre" else {"quantized/": export}
+    if tr.method == "none" or tr.steps == 0:
+        return writes
+    trainable = trainable_params(recipe, meta, per_block, plan)
+    if tr.method == "gift":
+        writes["model/"] = export
+    else:
+        writes["lora_adapter/"] = trainable * 4  # PEFT saves its fp32 weights
+    saves = {s for s in range(1, tr.steps + 1) if tr.save_every and s % tr.save_every == 0}
+    on_disk = min(len(saves | {tr.steps}), KEEP + 1)
+    writes["train/checkpoints/"] = on_disk * checkpoint_bytes(trainable)
+    return writes
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # unreachable
+
+
+def check_space(out: Path, writes: dict[str, int]) -> None:
+    """Refuse a run whose outputs cannot fit on OUT's file system: what ``writes``
+    (:func:`planned_writes`) holds, less what an earlier invocation already finished."""
+    done = {
+        "quantized/": (out / "quantized" / "config.json").is_file(),
+        "model/": (out / "model" / "config.json").is_file(),
+        "lora_adapter/": (out / "lora_adapter" / "adapter_config.json").is_file(),
+    }
+    final_done = done["model/"] or done["lora_adapter/"]
+    need = {}
+    for where, nbytes in writes.items():
+        if where == "train/checkpoints/":
+            ckpts = out / "train" / "checkpoints"
+            there = sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file())
+            nbytes = 0 if final_done else max(0, nbytes - there)
+        elif done.get(where):
+            nbytes = 0
+        if nbytes:
+            need[where] = nbytes
+    root = out.absolute()
+    while not root.exists():
+        root = root.parent
+    free = shutil.disk_usage(root).free
+    total = sum(need.values())
+    if total > free:
+        parts = ", ".join(f"{w} {_size(b)}" for w, b in need.items())
+        hint = ""
+        if "train/checkpoints/" in need:
+            hint = " (train.save_every=0 keeps one checkpoint, the last)"
+        raise RecipeError(
+            f"--out {out}: this command writes at least {_size(total)} there ({parts}) but {root} "
+            f"has {_size(free)} free; free some space or choose an --out on a larger disk{hint}"
+        )
 
 
 def comparable(recipe: Recipe) -> dict:

@@ -31,8 +31,9 @@ from gift_quant.cli import main
 class Ctx:
     """What a case's set-up may use: a scratch dir, the tiny model, a copy of the export."""
 
-    def __init__(self, tmp: Path, model: str, export: Path) -> None:
+    def __init__(self, tmp: Path, model: str, export: Path, monkeypatch=None) -> None:
         self.tmp, self.model, self._export = tmp, model, export
+        self.monkeypatch = monkeypatch
 
     def export(self) -> Path:
         copy = self.tmp / "export"
@@ -42,6 +43,12 @@ class Ctx:
 
     def out(self) -> str:
         return str(self.tmp / "out")
+
+    def small_disk(self, argv: list[str]) -> list[str]:
+        """``argv``, run where the file system reports 1 KiB free."""
+        usage = shutil.disk_usage(self.tmp)
+        self.monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1024))
+        return argv
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -411,6 +418,28 @@ CASES = [
     ),
     (
         "output",
+        "recover --out on a disk without room for the run's outputs (before loading)",
+        lambda c: c.small_disk(["recover", "--model", c.model, *TINY, "--out", c.out()]),
+        r"writes at least .* there \(quantized/ .*, model/ .*, train/checkpoints/ .*\) but .* "
+        r"has 1.0 KiB free; free some space or choose an --out on a larger disk \(train.save_every",
+        2,
+    ),
+    (
+        "output",
+        "quantize --out on a disk without room for the export (before loading)",
+        lambda c: c.small_disk(["quantize", "--model", c.model, *TINY, "--out", c.out()]),
+        r"this command writes at least .* there \(export .*\) but .* has 1.0 KiB free",
+        2,
+    ),
+    (
+        "output",
+        "export --out on a disk without room for the copy (before loading)",
+        lambda c: c.small_disk(["export", str(c.export()), "--format", "mixed", "--out", c.out()]),
+        r"this command writes at least .* there \(export .*\) but .* has 1.0 KiB free",
+        2,
+    ),
+    (
+        "output",
         "recover --out holds other files",
         lambda c: ["recover", "--model", c.model, *TINY, "--out", _occupied(c)],
         r"holds files that are not a recover run \('notes.txt'",
@@ -560,7 +589,7 @@ IDS = [f"{cat}: {what}" for cat, what, *_ in CASES]
 def test_bad_input(case, tiny_model_dirs, export_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, _, setup, message, code = case
-    c = Ctx(tmp_path, tiny_model_dirs("llama"), export_dir)
+    c = Ctx(tmp_path, tiny_model_dirs("llama"), export_dir, monkeypatch)
     argv = setup(c)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     t0 = time.perf_counter()

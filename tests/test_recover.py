@@ -3,16 +3,19 @@
 import importlib.util
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import stored_tensor_bytes, tiny_recipe
 from safetensors.torch import load_file
 
 from gift_quant.io.load import load_quantized
 from gift_quant.pipeline import recover
+from gift_quant.quantize import check_targets
 from gift_quant.run_report import dir_bytes
+from gift_quant.validation import check_space, meta_model, planned_writes, trainable_params
 
 TRAIN = [
     "train.steps=6",
@@ -27,6 +30,72 @@ TRAIN = [
 
 def run(path, out, *overrides):
     return recover(tiny_recipe(path, *TRAIN, *overrides), out, progress=False)
+
+
+def check_planned_writes(path, out, report, *overrides):
+    """What the disk check planned from the model's config alone, before the run, against
+    what the run wrote: each output's tensor bytes and the checkpoints on disk (steps 3 and 6,
+    both kept), and the trainable parameters against the training's own count."""
+    recipe = tiny_recipe(path, *TRAIN, *overrides)
+    meta = meta_model(recipe.model)
+    _, _, per_block, plan = check_targets(meta, recipe.model, recipe.saliency, recipe.quant)
+    writes = planned_writes(recipe, meta, per_block, plan, new_out=False)
+    assert trainable_params(recipe, meta, per_block, plan) == report["train"]["trainable_params"]
+    for where in ("quantized/", "model/", "lora_adapter/"):
+        written = stored_tensor_bytes(out / where) if (out / where).exists() else 0
+        assert writes.get(where, 0) == written, where
+    ckpts = sorted((out / "train/checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-000003", "step-000006"]
+    one = sum(
+        stored_tensor_bytes(ckpts[-1] / f"{f}.safetensors") for f in ("trainable", "optimizer")
+    )
+    assert writes["train/checkpoints/"] == 2 * one
+
+
+def test_the_disk_check_counts_only_what_is_left_to_write(tmp_path, monkeypatch):
+    """A resumed run needs room only for the outputs it has not finished; the checkpoints
+    already on disk count toward those it keeps."""
+    from gift_quant.recipe import RecipeError
+
+    out = tmp_path / "run"
+    (out / "quantized").mkdir(parents=True)
+    (out / "quantized/config.json").write_text("{}")
+    ckpt = out / "train/checkpoints/step-000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"x" * 10)
+    writes = {"quantized/": 1000, "model/": 100, "train/checkpoints/": 50}
+    usage = shutil.disk_usage(tmp_path)
+
+    def free(n):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=n))
+
+    free(140)
+    check_space(out, writes)  # model/ 100 + checkpoints 50 - 10 there
+    free(139)
+    with pytest.raises(RecipeError) as exc:
+        check_space(out, writes)
+    assert "at least 140 B there (model/ 100 B, train/checkpoints/ 40 B)" in str(exc.value)
+    assert f"but {tmp_path / 'run'} has 139 B free" in str(exc.value)
+    (out / "model").mkdir()
+    (out / "model/config.json").write_text("{}")
+    free(0)
+    check_space(out, writes)  # the final model is there: nothing is left to write
+
+
+def test_the_disk_check_plans_the_checkpoints_kept_at_once(tiny_model_dirs):
+    """Checkpoints every 2 of 10 steps: 5 are written, 3 are on disk at once (the two kept and
+    the new one before the oldest goes); every 3 of 6: 2; only at the end: 1."""
+
+    def planned(*train):
+        recipe = tiny_recipe(tiny_model_dirs("llama"), *TRAIN, *train)
+        meta = meta_model(recipe.model)
+        _, _, per_block, plan = check_targets(meta, recipe.model, recipe.saliency, recipe.quant)
+        return planned_writes(recipe, meta, per_block, plan, new_out=False)["train/checkpoints/"]
+
+    one = planned("train.save_every=0")
+    assert one > 0
+    assert planned() == 2 * one
+    assert planned("train.steps=10", "train.save_every=2") == 3 * one
 
 
 def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
@@ -59,6 +128,7 @@ def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
     )
     changed = [k for k in qs if k.endswith("salient_weight") and not torch.equal(qs[k], ms[k])]
     assert len(changed) == 14
+    check_planned_writes(tiny_model_dirs("llama"), out, report)
 
 
 def test_norms_train_beside_the_salient_columns(tiny_model_dirs, tmp_path):
@@ -82,6 +152,7 @@ def test_norms_train_beside_the_salient_columns(tiny_model_dirs, tmp_path):
     model = load_quantized(out / "model")
     w = model.get_submodule(norms[0].removesuffix(".weight")).weight.detach()
     assert torch.equal(w.to(m[norms[0]].dtype), m[norms[0]])
+    check_planned_writes(tiny_model_dirs("llama"), out, report, "train.norms=true")
 
 
 def test_norms_need_gift(tiny_model_dirs, tmp_path):
@@ -179,6 +250,7 @@ def test_recovery_variants(tiny_model_dirs, tmp_path, variant, capsys):
     # the recovered size is what a user deploys: a LoRA run's adapter plus the quantized model
     # it is served on, not the adapter alone
     out = tmp_path / "run"
+    check_planned_writes(tiny_model_dirs("qwen2"), out, report, *variant)
     table = (out / "report.md").read_text()
     if "lora" in variant[0]:
         adapter = dir_bytes(out / "lora_adapter")
