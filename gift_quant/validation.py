@@ -122,12 +122,13 @@ def meta_model(cfg):
     name = cfg.name_or_path or str(assets.default_model_dir())
     path = Path(name).expanduser()
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    config_kwargs = {}
     local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if path.suffix == ".gguf" or cfg.gguf_file:
         gguf = path if path.suffix == ".gguf" else path / cfg.gguf_file
         if not gguf.is_file():
             raise RecipeError(f"model {str(gguf)!r}: no such GGUF file")
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+        source, config_kwargs["gguf_file"] = str(gguf.parent), gguf.name
     elif local and not path.exists():
         raise RecipeError(
             f"model {name!r}: no such path; give a model directory, a .gguf file, "
@@ -141,7 +142,7 @@ def meta_model(cfg):
     else:
         source = name
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs, **config_kwargs)
     except (OSError, ValueError) as exc:
         if local:
             raise RecipeError(f"model {name!r}: unreadable config ({exc})") from exc

@@ -79,8 +79,15 @@ def test_gptq_matches_rtn_and_the_export_round_trips(smollm2, tmp_path):
     assert generated.shape[1] == prompt.shape[1] + 8
 
 
-def test_load_straight_from_the_gguf_file():
+def test_load_straight_from_the_gguf_file(tmp_path):
     from gift_quant.assets import smollm2_gguf
+    from gift_quant.validation import meta_model, validate
 
-    model, tok = load_model(load_recipe(None, [f"model.name_or_path={smollm2_gguf()}"]).model)
+    recipe = load_recipe(None, [f"model.name_or_path={smollm2_gguf()}"])
+    model, tok = load_model(recipe.model)
     assert len(decoder_blocks(model)[1]) == 30 and tok("hello").input_ids
+    # the checks before loading read the same skeleton from the file's metadata
+    grouped = load_recipe(None, [f"model.name_or_path={smollm2_gguf()}", "quant.group_size=64"])
+    validate(grouped, tmp_path / "q", new_out=True)
+    shapes = {k: v.shape for k, v in meta_model(recipe.model).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items()}
