@@ -217,7 +217,7 @@ def _zero_shot(args, model, tok, dtype) -> dict:
 def cmd_export(args) -> dict:
     from transformers import AutoTokenizer
 
-    from gift_quant.io.checkpoint import resolve_model_dir
+    from gift_quant.io.checkpoint import inspect_checkpoint, resolve_model_dir, tensor_bytes
     from gift_quant.io.export import save_quantized
     from gift_quant.io.gptq_lora import save_gptq_lora
     from gift_quant.io.load import load_quantized
@@ -243,8 +243,8 @@ def cmd_export(args) -> dict:
         return {"command": "export", "out": str(out), **report}
     model_dir = resolve_model_dir(args.dir)
     # what either format writes again: the GPTQ and other weights (the mixed copy, all of it)
-    files = "*.safetensors" if args.format == "mixed" else "model*.safetensors"
-    check_space(out, {"export": sum(f.stat().st_size for f in model_dir.glob(files))})
+    info = inspect_checkpoint(model_dir)
+    check_space(out, {"export": tensor_bytes(info, salient=args.format == "mixed")})
     model = load_quantized(model_dir, verify=not args.no_verify)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)

@@ -51,6 +51,7 @@ from gift_quant.train.norms import TrainedNorms
 from gift_quant.validation import (
     check_finite_weights,
     comparable,
+    finished_run,
     recipe_conflict,
     validate,
     without_runtime_keys,
@@ -213,10 +214,9 @@ def recover(recipe: Recipe, out_dir: str | Path, progress: bool = True) -> dict 
     # also converts the embedded model to its fp16 cache, on a machine's first run
     validate(recipe, out, new_out=False)
     checked = time.perf_counter() - t_start
-    finished = out / "report.json"
-    if finished.is_file() and (out / "recipe.yaml").read_text() == recipe.to_yaml():
+    if finished_run(out, recipe):
         log.info("%s finished earlier; its report is kept", out)
-        return json.loads(finished.read_text()) if rank0() else None
+        return json.loads((out / "report.json").read_text()) if rank0() else None
     try:
         return _recover(recipe, out, progress, t_start, checked)
     except BaseException:  # Ctrl-C, a kill by the scheduler, an error: count the time spent

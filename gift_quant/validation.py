@@ -27,6 +27,7 @@ __all__ = [
     "check_space",
     "check_writable",
     "comparable",
+    "finished_run",
     "meta_model",
     "planned_writes",
     "recipe_conflict",
@@ -196,7 +197,8 @@ def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
         check_context(meta, recipe.train.seq_len, "train.seq_len")
     if not new_out:  # quantize checks only its calibration source itself
         check_sources(recipe)
-    check_space(out, planned_writes(recipe, meta, per_block, plan, new_out=new_out))
+    if new_out or not finished_run(out, recipe):
+        check_space(out, planned_writes(recipe, meta, per_block, plan, new_out=new_out))
 
 
 def trainable_params(recipe: Recipe, meta, per_block, plan: dict[str, int]) -> int:
@@ -250,39 +252,88 @@ def _size(nbytes: float) -> str:
     raise AssertionError  # unreachable
 
 
+# where each of planned_writes' outputs goes, under OUT
+DESTINATIONS = {
+    "export": ".",
+    "quantized/": "quantized",
+    "model/": "model",
+    "lora_adapter/": "lora_adapter",
+    "train/checkpoints/": "train/checkpoints",
+}
+
+
+def _existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _reclaimable(out: Path) -> dict[int, int]:
+    """Bytes of a killed run's partial writes under OUT (and beside it), by file system: the
+    next write of the same target removes them before it starts."""
+    from gift_quant.io.export import stale_partials
+
+    beside = out.absolute().parent
+    stale = stale_partials(beside, out.name) if beside.is_dir() else []
+    for parent in (out, out / "train" / "checkpoints"):
+        stale += stale_partials(parent) if parent.is_dir() else []
+    reclaim: dict[int, int] = {}
+    for path in stale:
+        dev = path.stat().st_dev
+        reclaim[dev] = reclaim.get(dev, 0) + _bytes_under(path)
+    return reclaim
+
+
 def check_space(out: Path, writes: dict[str, int]) -> None:
-    """Refuse a run whose outputs cannot fit on OUT's file system: what ``writes``
-    (:func:`planned_writes`) holds, less what an earlier invocation already finished."""
+    """Refuse a run whose outputs cannot fit: what ``writes`` (:func:`planned_writes`) holds,
+    less what an earlier invocation already finished, against the free space (and a killed
+    run's partial writes) of each output's file system."""
     done = {
         "quantized/": (out / "quantized" / "config.json").is_file(),
         "model/": (out / "model" / "config.json").is_file(),
         "lora_adapter/": (out / "lora_adapter" / "adapter_config.json").is_file(),
     }
     final_done = done["model/"] or done["lora_adapter/"]
-    need = {}
+    by_fs: dict[int, tuple[Path, dict[str, int]]] = {}
     for where, nbytes in writes.items():
         if where == "train/checkpoints/":
             ckpts = out / "train" / "checkpoints"
-            there = sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file())
+            there = _bytes_under(ckpts) if ckpts.is_dir() else 0
             nbytes = 0 if final_done else max(0, nbytes - there)
         elif done.get(where):
             nbytes = 0
         if nbytes:
-            need[where] = nbytes
-    root = out.absolute()
-    while not root.exists():
-        root = root.parent
-    free = shutil.disk_usage(root).free
-    total = sum(need.values())
-    if total > free:
-        parts = ", ".join(f"{w} {_size(b)}" for w, b in need.items())
-        hint = ""
-        if "train/checkpoints/" in need:
-            hint = " (train.save_every=0 keeps one checkpoint, the last)"
-        raise RecipeError(
-            f"--out {out}: this command writes at least {_size(total)} there ({parts}) but {root} "
-            f"has {_size(free)} free; free some space or choose an --out on a larger disk{hint}"
-        )
+            root = _existing(out / DESTINATIONS[where])
+            by_fs.setdefault(root.stat().st_dev, (root, {}))[1][where] = nbytes
+    reclaim = _reclaimable(out) if by_fs else {}
+    for dev, (root, need) in by_fs.items():
+        free = shutil.disk_usage(root).free + reclaim.get(dev, 0)
+        total = sum(need.values())
+        if total > free:
+            parts = ", ".join(f"{w} {_size(b)}" for w, b in need.items())
+            hint = ""
+            if "train/checkpoints/" in need:
+                hint = " (train.save_every=0 keeps one checkpoint, the last)"
+            raise RecipeError(
+                f"--out {out}: this command writes at least {_size(total)} ({parts}) on the "
+                f"file system of {root}, which has {_size(free)} free; free some space or "
+                f"choose an --out on a larger disk{hint}"
+            )
+
+
+def finished_run(out: Path, recipe: Recipe) -> bool:
+    """Whether ``out`` holds this recipe's finished run (whose rerun only returns its report)."""
+    recipe_file = out / "recipe.yaml"
+    return (
+        (out / "report.json").is_file()
+        and recipe_file.is_file()
+        and recipe_file.read_text() == recipe.to_yaml()
+    )
 
 
 def comparable(recipe: Recipe) -> dict:

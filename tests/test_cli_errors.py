@@ -420,22 +420,25 @@ CASES = [
         "output",
         "recover --out on a disk without room for the run's outputs (before loading)",
         lambda c: c.small_disk(["recover", "--model", c.model, *TINY, "--out", c.out()]),
-        r"writes at least .* there \(quantized/ .*, model/ .*, train/checkpoints/ .*\) but .* "
-        r"has 1.0 KiB free; free some space or choose an --out on a larger disk \(train.save_every",
+        r"writes at least .* \(quantized/ .*, model/ .*, train/checkpoints/ .*\) on the file "
+        r"system of .*, which has 1.0 KiB free; free some space or choose an --out on a larger "
+        r"disk \(train.save_every",
         2,
     ),
     (
         "output",
         "quantize --out on a disk without room for the export (before loading)",
         lambda c: c.small_disk(["quantize", "--model", c.model, *TINY, "--out", c.out()]),
-        r"this command writes at least .* there \(export .*\) but .* has 1.0 KiB free",
+        r"this command writes at least .* \(export .*\) on the file system of .*, which has "
+        r"1.0 KiB free",
         2,
     ),
     (
         "output",
         "export --out on a disk without room for the copy (before loading)",
         lambda c: c.small_disk(["export", str(c.export()), "--format", "mixed", "--out", c.out()]),
-        r"this command writes at least .* there \(export .*\) but .* has 1.0 KiB free",
+        r"this command writes at least .* \(export .*\) on the file system of .*, which has "
+        r"1.0 KiB free",
         2,
     ),
     (

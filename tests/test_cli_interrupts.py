@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, stored_tensor_bytes
 
 from gift_quant.cli import main
 
@@ -118,6 +118,25 @@ def test_full_disk_on_export_is_one_line_and_leaves_nothing(
     # the copy keeps the run's recipe (eval's window length) and report
     for name in ("recipe.yaml", "report.json"):
         assert (out / name).read_text() == (export_dir / name).read_text()
+
+
+def test_export_needs_room_for_the_weights_it_writes_only(export_dir, tmp_path, monkeypatch):
+    """export's disk check counts the tensors the loader reads, from the files' headers: the
+    mixed copy all of them, gptq+lora all but the salient columns' file; a stray safetensors
+    file and a dangling link beside them change nothing."""
+    src = tmp_path / "src"
+    shutil.copytree(export_dir, src)
+    weights = stored_tensor_bytes(src)  # read before the strays are added
+    salient = stored_tensor_bytes(src / "salient.safetensors")
+    (src / "notes.safetensors").write_bytes(b"\0" * 10**6)
+    (src / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    usage = shutil.disk_usage(tmp_path)
+    for fmt, needed in (("mixed", weights), ("gptq+lora", weights - salient)):
+        argv = ["export", str(src), "--format", fmt, "--out", str(tmp_path / fmt), "-q"]
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, n=needed: usage._replace(free=n - 1))
+        assert main(argv) == 2 and not (tmp_path / fmt).exists()
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, n=needed: usage._replace(free=n))
+        assert main(argv) == 0 and (tmp_path / fmt / "config.json").is_file()
 
 
 KILL_DURING_EXPORT = """

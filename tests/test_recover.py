@@ -4,6 +4,8 @@ import importlib.util
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,8 +76,16 @@ def test_the_disk_check_counts_only_what_is_left_to_write(tmp_path, monkeypatch)
     free(139)
     with pytest.raises(RecipeError) as exc:
         check_space(out, writes)
-    assert "at least 140 B there (model/ 100 B, train/checkpoints/ 40 B)" in str(exc.value)
-    assert f"but {tmp_path / 'run'} has 139 B free" in str(exc.value)
+    assert "at least 140 B (model/ 100 B, train/checkpoints/ 40 B)" in str(exc.value)
+    assert f"on the file system of {tmp_path / 'run'}, which has 139 B free" in str(exc.value)
+    # a killed writer's partial model/ (the next write of model/ removes it) counts as free
+    writer = subprocess.Popen([sys.executable, "-c", "pass"])
+    writer.wait()
+    partial = out / f".model.partial-{writer.pid}"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"x")
+    check_space(out, writes)
+    shutil.rmtree(partial)
     (out / "model").mkdir()
     (out / "model/config.json").write_text("{}")
     free(0)
@@ -98,7 +108,7 @@ def test_the_disk_check_plans_the_checkpoints_kept_at_once(tiny_model_dirs):
     assert planned("train.steps=10", "train.save_every=2") == 3 * one
 
 
-def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
+def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path, monkeypatch):
     report = run(tiny_model_dirs("llama"), tmp_path / "run")
     # finite, and training changed what the evaluation sees (that it lowers the training loss
     # is test_oracles.py::test_recover_lowers_the_training_loss)
@@ -129,6 +139,12 @@ def test_recover_post_gift_end_to_end(tiny_model_dirs, tmp_path):
     changed = [k for k in qs if k.endswith("salient_weight") and not torch.equal(qs[k], ms[k])]
     assert len(changed) == 14
     check_planned_writes(tiny_model_dirs("llama"), out, report)
+    # a finished run's rerun writes nothing, so no disk is too small for it, even with the
+    # quantized start deleted to make room
+    shutil.rmtree(out / "quantized")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=0))
+    assert run(tiny_model_dirs("llama"), out) == report
 
 
 def test_norms_train_beside_the_salient_columns(tiny_model_dirs, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "read_headers",
     "resolve_model_dir",
     "stored_dtype",
+    "tensor_bytes",
     "verify_manifest",
 ]
 
@@ -323,3 +325,22 @@ def stored_dtype(info: CheckpointInfo) -> torch.dtype:
         if dtype in ("F16", "BF16", "F32") and not key.endswith((".scales", ".salient_weight")):
             return _DTYPE_NAMES[dtype]
     return torch.float16
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
+
+
+def tensor_bytes(info: CheckpointInfo, salient: bool = True) -> int:
+    """At least the tensor bytes that saving the model loaded from ``info`` writes again:
+    every tensor the loader reads (without the salient columns' file unless ``salient``), a
+    floating one at most at the size of the dtype the loader casts it to."""
+    cast = stored_dtype(info).itemsize
+    total = 0
+    for file, shape, dtype in info.tensors.values():
+        if not salient and file == info.salient_file:
+            continue
+        size = _ITEMSIZE.get(dtype, 1)
+        if dtype in ("F64", "F32", "F16", "BF16"):
+            size = min(size, cast)
+        total += math.prod(shape) * size
+    return total

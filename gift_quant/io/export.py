@@ -50,6 +50,7 @@ __all__ = [
     "export_bytes",
     "gptq_block",
     "save_quantized",
+    "stale_partials",
     "tensor_digests",
     "write_manifest",
     "write_model_files",
@@ -83,10 +84,8 @@ class atomic_directory:
             )
         if not self.target.parent.is_dir():
             raise FileNotFoundError(f"parent directory {self.target.parent} does not exist")
-        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
-            pid = stale.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):  # left by a killed writer
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in stale_partials(self.target.parent, self.target.name):
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
@@ -102,6 +101,17 @@ class atomic_directory:
                 raise
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def stale_partials(parent: Path, name: str = "*") -> list[Path]:
+    """The hidden partial siblings ``.<name>.partial-<pid>`` in ``parent`` whose writer no
+    longer runs (a killed run's; the next write of the same target removes them)."""
+    stale = []
+    for path in parent.glob(f".{name}.partial-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.append(path)
+    return stale
 
 
 def _alive(pid: int) -> bool:
@@ -265,10 +275,9 @@ def export_bytes(model: nn.Module, plan: dict[str, int], quant, dtype: torch.dty
     quantized as ``quant`` says: their tensors as :class:`MixedLinear` holds them, every other
     tensor of the state dict once (tied weights are one tensor) in ``dtype``. The files add
     only their headers, the JSON files and the tokenizer."""
-    modules = dict(model.named_modules())
     total, skip = 0, set()
     for name, k in plan.items():
-        linear = modules[name]
+        linear = model.get_submodule(name)
         layer = MixedLinear(
             linear.in_features,
             linear.out_features,
