@@ -198,7 +198,10 @@ def validate(recipe: Recipe, out: Path, *, new_out: bool) -> None:
     if not new_out:  # quantize checks only its calibration source itself
         check_sources(recipe)
     if new_out or not finished_run(out, recipe):
-        check_space(out, planned_writes(recipe, meta, per_block, plan, new_out=new_out))
+        writes = planned_writes(recipe, meta, per_block, plan, new_out=new_out)
+        several = "train/checkpoints/" in writes and checkpoints_on_disk(recipe.train) > 1
+        hint = " (train.save_every=0 keeps one checkpoint, the last)" if several else ""
+        check_space(out, writes, hint)
 
 
 def trainable_params(recipe: Recipe, meta, per_block, plan: dict[str, int]) -> int:
@@ -224,7 +227,7 @@ def planned_writes(recipe: Recipe, meta, per_block, plan: dict[str, int], *, new
     checkpoints (as many as are on disk at once)."""
     from gift_quant.io.export import export_bytes
     from gift_quant.modeling import DTYPES
-    from gift_quant.train.checkpoint import KEEP, checkpoint_bytes
+    from gift_quant.train.checkpoint import checkpoint_bytes
 
     export = export_bytes(meta, plan, recipe.quant, DTYPES[recipe.model.dtype])
     if new_out:
@@ -238,10 +241,16 @@ def planned_writes(recipe: Recipe, meta, per_block, plan: dict[str, int], *, new
         writes["model/"] = export
     else:
         writes["lora_adapter/"] = trainable * 4  # PEFT saves its fp32 weights
-    saves = {s for s in range(1, tr.steps + 1) if tr.save_every and s % tr.save_every == 0}
-    on_disk = min(len(saves | {tr.steps}), KEEP + 1)
-    writes["train/checkpoints/"] = on_disk * checkpoint_bytes(trainable)
+    writes["train/checkpoints/"] = checkpoints_on_disk(tr) * checkpoint_bytes(trainable)
     return writes
+
+
+def checkpoints_on_disk(tr: TrainConfig) -> int:
+    """How many training checkpoints are on disk at once, at most."""
+    from gift_quant.train.checkpoint import KEEP
+
+    saves = {s for s in range(1, tr.steps + 1) if tr.save_every and s % tr.save_every == 0}
+    return min(len(saves | {tr.steps}), KEEP + 1)
 
 
 def _size(nbytes: float) -> str:
@@ -289,10 +298,11 @@ def _reclaimable(out: Path) -> dict[int, int]:
     return reclaim
 
 
-def check_space(out: Path, writes: dict[str, int]) -> None:
+def check_space(out: Path, writes: dict[str, int], hint: str = "") -> None:
     """Refuse a run whose outputs cannot fit: what ``writes`` (:func:`planned_writes`) holds,
     less what an earlier invocation already finished, against the free space (and a killed
-    run's partial writes) of each output's file system."""
+    run's partial writes) of each output's file system. ``hint``: how the checkpoints could
+    take less."""
     done = {
         "quantized/": (out / "quantized" / "config.json").is_file(),
         "model/": (out / "model" / "config.json").is_file(),
@@ -316,13 +326,11 @@ def check_space(out: Path, writes: dict[str, int]) -> None:
         total = sum(need.values())
         if total > free:
             parts = ", ".join(f"{w} {_size(b)}" for w, b in need.items())
-            hint = ""
-            if "train/checkpoints/" in need:
-                hint = " (train.save_every=0 keeps one checkpoint, the last)"
+            tail = hint if "train/checkpoints/" in need else ""
             raise RecipeError(
                 f"--out {out}: this command writes at least {_size(total)} ({parts}) on the "
                 f"file system of {root}, which has {_size(free)} free; free some space or "
-                f"choose an --out on a larger disk{hint}"
+                f"choose an --out on a larger disk{tail}"
             )
 
 

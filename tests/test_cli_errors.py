@@ -607,6 +607,17 @@ def test_bad_input(case, tiny_model_dirs, export_dir, tmp_path, capsys, monkeypa
     assert seconds < 120
 
 
+def test_the_disk_refusal_suggests_fewer_checkpoints_only_where_there_are(
+    tiny_model_dirs, export_dir, tmp_path, capsys, monkeypatch
+):
+    c = Ctx(tmp_path, tiny_model_dirs("llama"), export_dir, monkeypatch)
+    for every, hint in (("10", True), ("0", False)):
+        argv = ["recover", "--model", c.model, *TINY, "--set", f"train.save_every={every}"]
+        assert main(c.small_disk([*argv, "--out", c.out(), "-q"])) == 2
+        line = capsys.readouterr().err.strip()
+        assert "train/checkpoints/" in line and ("train.save_every=0" in line) == hint, line
+
+
 def test_malformed_recipe_file_is_one_line_naming_where(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("quant:\n  bits: 3\n  group_size: [32\n")
