@@ -105,9 +105,7 @@ def check_device(spec: str, key: str = "model.device") -> None:
 
 
 def check_writable(out: Path) -> None:
-    parent = out.absolute()
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing(out)
     if not os.access(parent, os.W_OK):
         raise RecipeError(f"--out {out}: {parent} is not writable; choose another --out")
 
@@ -272,6 +270,7 @@ DESTINATIONS = {
 
 
 def _existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (where it would be made)."""
     path = path.absolute()
     while not path.exists():
         path = path.parent

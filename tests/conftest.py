@@ -216,12 +216,9 @@ def stored_tensor_bytes(path: Path) -> int:
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        total += sum(end - start for start, end in _offsets(header))
+        header.pop("__metadata__", None)
+        total += sum(end - start for start, end in (v["data_offsets"] for v in header.values()))
     return total
-
-
-def _offsets(header: dict):
-    return [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
 
 
 def stream_k_launch(M: int, N: int, nt: int, steps: int, wave: int) -> tuple | None:
